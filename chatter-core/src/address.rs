@@ -1,0 +1,206 @@
+//! Addresses as URLs: `tcp://host:port` and `unix:///path/to/socket`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::error::AddressError;
+
+/// Where to connect or listen.
+///
+/// ```
+/// use chatter_core::Address;
+///
+/// let tcp: Address = "tcp://127.0.0.1:7000".parse()?;
+/// assert_eq!(tcp, Address::Tcp { host: "127.0.0.1".into(), port: 7000 });
+/// let unix: Address = "unix:///run/app.sock".parse()?;
+/// assert_eq!(unix.to_string(), "unix:///run/app.sock");
+/// assert!("tcp://127.0.0.1".parse::<Address>().is_err()); // no port
+/// # Ok::<(), chatter_core::AddressError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Address {
+    /// `tcp://host:port`; IPv6 hosts in brackets (`tcp://[::1]:7000`).
+    Tcp {
+        /// Host name or IP address, without brackets.
+        host: String,
+        /// Port; 0 asks the system for a free one when listening.
+        port: u16,
+    },
+    /// `unix://PATH`, for example `unix:///tmp/app.sock`. An unnamed socket (the client
+    /// end of a Unix connection) has an empty path.
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+    },
+}
+
+impl FromStr for Address {
+    type Err = AddressError;
+
+    fn from_str(address: &str) -> Result<Self, AddressError> {
+        let malformed = |reason: &str| AddressError::Malformed {
+            address: address.to_string(),
+            reason: reason.to_string(),
+        };
+        let (scheme, rest) = address
+            .split_once("://")
+            .ok_or_else(|| malformed("expected scheme://…, for example tcp://127.0.0.1:7000"))?;
+        match scheme.to_ascii_lowercase().as_str() {
+            "tcp" => {
+                let (host, port) = split_host_port(address, rest)?;
+                Ok(Address::Tcp { host, port })
+            }
+            "unix" => {
+                if rest.is_empty() {
+                    return Err(malformed("missing socket path"));
+                }
+                Ok(Address::Unix {
+                    path: PathBuf::from(rest),
+                })
+            }
+            "tls" => Err(AddressError::Unsupported {
+                address: address.to_string(),
+                scheme: scheme.to_string(),
+            }),
+            _ => Err(AddressError::UnknownScheme {
+                address: address.to_string(),
+                scheme: scheme.to_string(),
+            }),
+        }
+    }
+}
+
+fn split_host_port(address: &str, rest: &str) -> Result<(String, u16), AddressError> {
+    let malformed = |reason: &str| AddressError::Malformed {
+        address: address.to_string(),
+        reason: reason.to_string(),
+    };
+    let missing_port = || AddressError::MissingPort {
+        address: address.to_string(),
+    };
+    if rest.contains(['/', '?', '#', '@']) {
+        return Err(malformed("expected only host:port after tcp://"));
+    }
+    let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| malformed("unclosed '[' in IPv6 host"))?;
+        match after.strip_prefix(':') {
+            Some(port) => (host, port),
+            None if after.is_empty() => return Err(missing_port()),
+            None => return Err(malformed("expected ':' after ']'")),
+        }
+    } else {
+        let (host, port) = rest.rsplit_once(':').ok_or_else(missing_port)?;
+        if host.contains(':') {
+            return Err(malformed("IPv6 hosts must be in brackets, e.g. tcp://[::1]:7000"));
+        }
+        (host, port)
+    };
+    if host.is_empty() {
+        return Err(malformed("missing host"));
+    }
+    if port.is_empty() {
+        return Err(missing_port());
+    }
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| malformed("port must be a number from 0 to 65535"))?;
+    Ok((host.to_string(), port))
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp://[{host}]:{port}")
+            }
+            Address::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            Address::Unix { path } => write!(f, "unix://{}", path.display()),
+        }
+    }
+}
+
+impl From<std::net::SocketAddr> for Address {
+    fn from(addr: std::net::SocketAddr) -> Self {
+        Address::Tcp {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+}
+
+/// Anything [`connect`](crate::connect) and [`listen`](crate::listen) accept as an address:
+/// strings (parsed as URLs) and [`Address`] values.
+pub trait ToAddress {
+    /// Parses or copies the address.
+    fn to_address(&self) -> Result<Address, AddressError>;
+}
+
+impl ToAddress for Address {
+    fn to_address(&self) -> Result<Address, AddressError> {
+        Ok(self.clone())
+    }
+}
+
+impl ToAddress for str {
+    fn to_address(&self) -> Result<Address, AddressError> {
+        self.parse()
+    }
+}
+
+impl ToAddress for String {
+    fn to_address(&self) -> Result<Address, AddressError> {
+        self.parse()
+    }
+}
+
+impl<T: ToAddress + ?Sized> ToAddress for &T {
+    fn to_address(&self) -> Result<Address, AddressError> {
+        (**self).to_address()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_addresses_parse_and_print_back() {
+        for a in [
+            "tcp://127.0.0.1:7000",
+            "tcp://localhost:0",
+            "tcp://[::1]:9",
+            "unix:///tmp/x.sock",
+            "unix://relative.sock",
+        ] {
+            assert_eq!(a.parse::<Address>().unwrap().to_string(), a);
+        }
+        assert_eq!(
+            "TCP://h:1".parse::<Address>().unwrap(),
+            Address::Tcp {
+                host: "h".into(),
+                port: 1
+            }
+        );
+    }
+
+    #[test]
+    fn bad_addresses_say_what_is_wrong() {
+        let err = |a: &str| a.parse::<Address>().unwrap_err();
+        assert!(matches!(err("tcp://127.0.0.1"), AddressError::MissingPort { .. }));
+        assert!(matches!(err("tcp://127.0.0.1:"), AddressError::MissingPort { .. }));
+        assert!(matches!(err("tcp://[::1]"), AddressError::MissingPort { .. }));
+        assert!(matches!(err("udp://127.0.0.1:1"), AddressError::UnknownScheme { .. }));
+        assert!(matches!(err("tls://127.0.0.1:1"), AddressError::Unsupported { .. }));
+        for a in ["127.0.0.1:80", "tcp://:80", "tcp://h:99999", "tcp://h:x", "tcp://::1:5", "tcp://h:1/p", "unix://", ""] {
+            assert!(matches!(err(a), AddressError::Malformed { .. }), "{a}: {:?}", err(a));
+        }
+        assert_eq!(
+            err("tcp://127.0.0.1").to_string(),
+            "address \"tcp://127.0.0.1\" has no port (expected tcp://host:port)"
+        );
+    }
+}

@@ -1,0 +1,69 @@
+//! # chatter-core
+//!
+//! Conversations over TCP and Unix sockets: the transport layer of the chatter RPC
+//! framework.
+//!
+//! Peers exchange messages (MessagePack payloads in length-delimited frames) grouped into
+//! *conversations*. Every message carries `first`, `last` and `token` flags: the side that
+//! holds the token may send, `token` passes the turn, `last` ends the conversation. These
+//! rules are enforced: sending out of turn is an error returned to the caller, and a peer
+//! that breaks them is disconnected with a protocol error. A message may carry a timeout:
+//! if the peer stays silent in that conversation for that long, [`Connection::next_timeout`]
+//! reports it.
+//!
+//! Connections also keep themselves honest: a handshake rejects peers that speak something
+//! else, keepalive pings detect a vanished peer, flow control bounds the memory a fast
+//! sender can make a slow receiver use, and every close carries its [`CloseCause`].
+//!
+//! ```
+//! use chatter_core::{connect, listen, Options, SendOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+//! let client = connect(&server.addresses()[0], Options::default()).await?;
+//! let peer = server.accept().await.expect("server is open");
+//!
+//! // The client asks, passing the turn; the server answers and ends the conversation.
+//! let conv = client.send("ping?", SendOptions::new().last(false)).await?;
+//! let request = peer.receive().await?;
+//! assert!(request.first && request.token && !request.last);
+//! peer.send("pong!", SendOptions::new().conversation(request.conversation)).await?;
+//!
+//! let reply = client.receive().await?;
+//! assert_eq!(reply.conversation, conv);
+//! assert_eq!(reply.decode::<String>()?, "pong!");
+//! client.close().await;
+//! server.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! The protocol logic is a sans-IO state machine in [`proto`]; `PROTOCOL.md` in this crate
+//! describes the wire format byte by byte.
+
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+#![forbid(unsafe_code)]
+
+mod address;
+mod connection;
+pub mod error;
+mod options;
+pub mod proto;
+mod server;
+mod transport;
+
+pub use address::{Address, ToAddress};
+pub use connection::{Connection, Conversation, Event, Msg, SendOptions};
+pub use error::{
+    AddressError, CloseCause, CloseCode, ConnectError, ConnectionClosed, DecodeError,
+    InvalidOptions, ListenError, ProtocolError, SendError,
+};
+pub use options::Options;
+pub use proto::Keepalive;
+pub use server::Server;
+pub use transport::{connect, listen};

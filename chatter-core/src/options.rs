@@ -1,0 +1,129 @@
+//! Connection and server settings.
+
+use std::time::Duration;
+
+use crate::error::InvalidOptions;
+use crate::proto::{Config, Keepalive};
+
+/// Settings for [`connect`](crate::connect) and [`listen`](crate::listen).
+///
+/// The defaults suit most services: 4 MiB maximum frame, 8 MiB receive window, a ping after
+/// 20 s of silence with 20 s to answer, 10 s to connect and 10 s to complete the handshake.
+///
+/// ```
+/// use std::time::Duration;
+/// use chatter_core::Options;
+///
+/// let options = Options::default()
+///     .keepalive(Duration::from_secs(5), Duration::from_secs(2))
+///     .receive_window(1 << 20)
+///     .max_frame_size(256 * 1024);
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub(crate) proto: Config,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) close_linger: Duration,
+    pub(crate) bind_connections: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            proto: Config::default(),
+            connect_timeout: Duration::from_secs(10),
+            close_linger: Duration::from_secs(2),
+            bind_connections: true,
+        }
+    }
+}
+
+impl Options {
+    /// The largest frame body accepted from the peer (default 4 MiB). Longer frames are a
+    /// protocol error, detected before anything is allocated for them.
+    pub fn max_frame_size(mut self, bytes: u32) -> Self {
+        self.proto.max_frame_size = bytes;
+        self
+    }
+
+    /// How many bytes of received, unconsumed messages a connection buffers (default 8 MiB).
+    /// A peer that has this much outstanding waits until the application receives.
+    pub fn receive_window(mut self, bytes: u32) -> Self {
+        self.proto.receive_window = bytes;
+        self
+    }
+
+    /// Ping after `interval` without receiving anything; close with
+    /// [`CloseCause::KeepaliveTimeout`](crate::CloseCause::KeepaliveTimeout) when nothing
+    /// arrives within `timeout` of the ping.
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.proto.keepalive = Some(Keepalive { interval, timeout });
+        self
+    }
+
+    /// Turns keepalive off: a silent peer is never declared dead.
+    pub fn no_keepalive(mut self) -> Self {
+        self.proto.keepalive = None;
+        self
+    }
+
+    /// How long the peer has to complete the handshake (default 10 s).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.proto.handshake_timeout = timeout;
+        self
+    }
+
+    /// How long [`connect`](crate::connect) waits for the transport to open (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a closing connection waits for the peer to acknowledge the close before
+    /// dropping the socket (default 2 s).
+    pub fn close_linger(mut self, linger: Duration) -> Self {
+        self.close_linger = linger;
+        self
+    }
+
+    /// How many conversations the peer may hold open at once (default 2^20).
+    pub fn max_conversations(mut self, limit: usize) -> Self {
+        self.proto.max_conversations = limit;
+        self
+    }
+
+    /// Whether closing a [`Server`](crate::Server) also closes the connections it accepted
+    /// (default true).
+    pub fn close_connections_with_server(mut self, yes: bool) -> Self {
+        self.bind_connections = yes;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), InvalidOptions> {
+        const MIN: u32 = 64;
+        if self.proto.max_frame_size < MIN {
+            return Err(InvalidOptions(format!(
+                "max_frame_size must be at least {MIN} bytes"
+            )));
+        }
+        if self.proto.receive_window < self.proto.max_frame_size {
+            return Err(InvalidOptions(format!(
+                "receive_window ({}) must be at least max_frame_size ({})",
+                self.proto.receive_window, self.proto.max_frame_size
+            )));
+        }
+        if let Some(k) = self.proto.keepalive {
+            if k.interval.is_zero() || k.timeout.is_zero() {
+                return Err(InvalidOptions(
+                    "keepalive interval and timeout must be non-zero (use no_keepalive to disable)"
+                        .into(),
+                ));
+            }
+        }
+        if self.proto.max_conversations == 0 {
+            return Err(InvalidOptions("max_conversations must be at least 1".into()));
+        }
+        Ok(())
+    }
+}

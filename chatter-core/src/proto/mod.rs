@@ -1,0 +1,700 @@
+//! The sans-IO protocol core: bytes and `now` in; bytes, events and the next deadline out.
+//!
+//! [`Protocol`] holds everything one side of a connection knows: the handshake, the
+//! conversations and whose turn it is in each, the timers, keepalive and flow control. It
+//! never touches a socket or reads the clock, so two instances can be stepped against each
+//! other in virtual time (see the tests at the end of this file). The async
+//! [`Connection`](crate::Connection) is a thin driver around it:
+//!
+//! 1. feed received bytes to [`Protocol::handle_input`],
+//! 2. call [`Protocol::handle_timeout`] when [`Protocol::poll_timeout`] has passed,
+//! 3. write what [`Protocol::take_output`] hands out,
+//! 4. deliver what [`Protocol::poll_event`] returns.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use bytes::BytesMut;
+//! use chatter_core::proto::{Config, Event, Protocol, SendArgs};
+//!
+//! let now = Instant::now();
+//! let (mut a, mut b) = (Protocol::new(Config::default(), now), Protocol::new(Config::default(), now));
+//! // Exchange hellos.
+//! let mut wire = BytesMut::new();
+//! a.take_output(&mut wire);
+//! b.handle_input(now, &mut wire);
+//! b.take_output(&mut wire);
+//! a.handle_input(now, &mut wire);
+//! assert!(matches!(a.poll_event(), Some(Event::Connected(_))));
+//! assert!(matches!(b.poll_event(), Some(Event::Connected(_))));
+//!
+//! // A one-shot message from a to b.
+//! a.send(now, SendArgs::new(), b"\xa2hi").unwrap();
+//! a.take_output(&mut wire);
+//! b.handle_input(now, &mut wire);
+//! let Some(Event::Message(msg)) = b.poll_event() else { panic!("no message") };
+//! assert!(msg.first && msg.last && msg.token);
+//! assert_eq!(&msg.payload[..], b"\xa2hi");
+//! ```
+
+pub mod frame;
+pub(crate) mod msgpack;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::{CloseCause, ProtocolError};
+use frame::{
+    CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_TOKEN, MAX_HELLO,
+};
+
+/// Settings of one side of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The largest frame body this side accepts (and announces in its hello).
+    pub max_frame_size: u32,
+    /// Bytes of received, unconsumed message bodies this side buffers. The peer stops
+    /// sending when it has used this credit up, until this side consumes messages.
+    pub receive_window: u32,
+    /// Ping after a quiet period; `None` disables keepalive.
+    pub keepalive: Option<Keepalive>,
+    /// How long the peer has to complete the handshake.
+    pub handshake_timeout: Duration,
+    /// How many conversations the peer may hold open at once.
+    pub max_conversations: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_frame_size: 4 * 1024 * 1024,
+            receive_window: 8 * 1024 * 1024,
+            keepalive: Some(Keepalive::default()),
+            handshake_timeout: Duration::from_secs(10),
+            max_conversations: 1 << 20,
+        }
+    }
+}
+
+/// Keepalive timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Send a ping when nothing was received for this long.
+    pub interval: Duration,
+    /// Close the connection when nothing arrives this long after a ping.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            interval: Duration::from_secs(20),
+            timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A conversation as one side sees it: who opened it and the id of its first message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConversationId {
+    /// True when this side opened (owns) the conversation.
+    pub owner: bool,
+    /// The id of the conversation's first message, in the owner's id sequence.
+    pub first: u64,
+}
+
+/// Arguments of [`Protocol::send`]. The default is a one-shot message: a new conversation,
+/// `last` and `token` set, no timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendArgs {
+    /// Continue this conversation; `None` opens a new one.
+    pub conversation: Option<ConversationId>,
+    /// End the conversation with this message.
+    pub last: bool,
+    /// Pass the turn to the peer (ignored with `last`).
+    pub token: bool,
+    /// Report a timeout if the peer sends nothing in the conversation for this long.
+    pub timeout: Option<Duration>,
+}
+
+impl SendArgs {
+    /// A one-shot message.
+    pub fn new() -> Self {
+        SendArgs {
+            conversation: None,
+            last: true,
+            token: true,
+            timeout: None,
+        }
+    }
+}
+
+impl Default for SendArgs {
+    fn default() -> Self {
+        SendArgs::new()
+    }
+}
+
+/// A received message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The conversation, from this side's point of view.
+    pub conversation: ConversationId,
+    /// The message opens a conversation the peer started.
+    pub first: bool,
+    /// The message ends the conversation.
+    pub last: bool,
+    /// The peer passed the turn to this side.
+    pub token: bool,
+    /// The payload bytes (MessagePack, by convention).
+    pub payload: Bytes,
+    /// Flow-control credit to give back with [`Protocol::release`] once consumed.
+    pub cost: u32,
+}
+
+/// What a [`Protocol`] reports.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// The handshake completed; carries the peer's hello.
+    Connected(Hello),
+    /// A message arrived.
+    Message(Message),
+    /// The peer sent nothing in this conversation before its timeout.
+    Timeout(ConversationId),
+    /// Flow-control credit arrived after a send was refused for lack of it.
+    Writable,
+    /// The connection ended. Nothing follows this event.
+    Closed(CloseCause),
+}
+
+/// Why [`Protocol::send`] refused a message. Nothing was queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SendRefused {
+    /// The connection is closed.
+    Closed,
+    /// The handshake has not completed.
+    NotReady,
+    /// The peer holds the token in this conversation.
+    NotYourTurn,
+    /// The conversation ended or never existed.
+    Ended,
+    /// The message can never fit the peer's limits.
+    TooLarge {
+        /// The frame body size.
+        size: usize,
+        /// The peer's limit.
+        max: u32,
+    },
+    /// Not enough flow-control credit now; an [`Event::Writable`] follows when there is more.
+    NoCredit,
+}
+
+/// Conversation state, kept only while a conversation is open:
+///
+/// ```text
+///                 send first (!last)                 recv first (!last)
+///   (absent) ───────────────────────► Open ◄──────────────────────────── (absent)
+///                                      │
+///        Turn::Local ──send(token)──► Turn::Remote ──recv(token)──► Turn::Local
+///        Turn::Local ──send(!token)─► Turn::Local     (and the same for recv)
+///                                      │
+///                  send or recv `last` │ (only by whoever holds the turn)
+///                                      ▼
+///                                  (absent)
+/// ```
+///
+/// One-shot messages (`first` and `last`) never create state. Because only the holder of
+/// the turn may send, no message can cross a `last` on the wire: anything that arrives for
+/// an absent conversation is a protocol error.
+#[derive(Debug)]
+struct ConvState {
+    turn: Turn,
+    timer: Option<TimerKey>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Local,
+    Remote,
+}
+
+type TimerKey = (Instant, u64);
+
+#[derive(Debug)]
+enum State {
+    Handshaking { deadline: Instant },
+    Open,
+    Closed,
+}
+
+/// One side of a connection, without I/O. See the [module docs](self).
+#[derive(Debug)]
+pub struct Protocol {
+    config: Config,
+    state: State,
+    peer: Hello,
+    next_tx_id: u64,
+    next_rx_id: u64,
+    conversations: HashMap<ConversationId, ConvState>,
+    peer_opened: usize,
+    timers: BTreeMap<TimerKey, ConversationId>,
+    timer_seq: u64,
+    last_rx: Instant,
+    ping_deadline: Option<Instant>,
+    send_credit: u64,
+    send_blocked: bool,
+    rx_used: u64,
+    rx_unannounced: u64,
+    out: BytesMut,
+    events: VecDeque<Event>,
+}
+
+impl Protocol {
+    /// Starts a connection: queues this side's hello.
+    pub fn new(config: Config, now: Instant) -> Self {
+        let mut out = BytesMut::new();
+        Frame::Hello(Hello {
+            max_frame_size: config.max_frame_size,
+            receive_window: config.receive_window,
+        })
+        .encode(&mut out);
+        Protocol {
+            state: State::Handshaking {
+                deadline: now + config.handshake_timeout,
+            },
+            config,
+            peer: Hello {
+                max_frame_size: 0,
+                receive_window: 0,
+            },
+            next_tx_id: 1,
+            next_rx_id: 1,
+            conversations: HashMap::new(),
+            peer_opened: 0,
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            last_rx: now,
+            ping_deadline: None,
+            send_credit: 0,
+            send_blocked: false,
+            rx_used: 0,
+            rx_unannounced: 0,
+            out,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The settings this side runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// True once the handshake completed and until the connection closes.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Open)
+    }
+
+    /// True once the connection ended.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Sends a message. On success the frame is queued for [`take_output`](Self::take_output)
+    /// and the conversation it belongs to is returned.
+    pub fn send(
+        &mut self,
+        now: Instant,
+        args: SendArgs,
+        payload: &[u8],
+    ) -> Result<ConversationId, SendRefused> {
+        match self.state {
+            State::Open => {}
+            State::Handshaking { .. } => return Err(SendRefused::NotReady),
+            State::Closed => return Err(SendRefused::Closed),
+        }
+        let id = self.next_tx_id;
+        let conversation = match args.conversation {
+            None => ConversationId {
+                owner: true,
+                first: id,
+            },
+            Some(c) => match self.conversations.get(&c) {
+                None => return Err(SendRefused::Ended),
+                Some(s) if s.turn == Turn::Remote => return Err(SendRefused::NotYourTurn),
+                Some(_) => c,
+            },
+        };
+        let mut flags = 0;
+        if conversation.owner {
+            flags |= FLAG_OWNER;
+        }
+        if args.token {
+            flags |= FLAG_TOKEN;
+        }
+        if args.last {
+            flags |= FLAG_LAST;
+        }
+        let header = MessageHeader {
+            id,
+            first: conversation.first,
+            flags,
+        };
+        let size = frame::message_body_len(header, payload.len());
+        let max = self.peer.max_frame_size.min(self.peer.receive_window);
+        if size > max as usize {
+            return Err(SendRefused::TooLarge { size, max });
+        }
+        if size as u64 > self.send_credit {
+            self.send_blocked = true;
+            return Err(SendRefused::NoCredit);
+        }
+        frame::encode_message(&mut self.out, header, payload);
+        self.next_tx_id += 1;
+        self.send_credit -= size as u64;
+
+        // Any send replaces the conversation's timer (REFERENCE.md §1.3 rule 2).
+        if args.last {
+            self.end_conversation(conversation);
+        } else {
+            let turn = if args.token { Turn::Remote } else { Turn::Local };
+            let state = self
+                .conversations
+                .entry(conversation)
+                .or_insert(ConvState { turn, timer: None });
+            state.turn = turn;
+            if let Some(key) = state.timer.take() {
+                self.timers.remove(&key);
+            }
+            if let Some(timeout) = args.timeout {
+                self.timer_seq += 1;
+                let key = (now + timeout, self.timer_seq);
+                state.timer = Some(key);
+                self.timers.insert(key, conversation);
+            }
+        }
+        Ok(conversation)
+    }
+
+    /// Feeds received bytes. Complete frames are consumed from `buf`; a partial frame stays
+    /// for the next call. After a close, input is discarded.
+    pub fn handle_input(&mut self, now: Instant, buf: &mut BytesMut) {
+        loop {
+            let max = match self.state {
+                State::Closed => {
+                    buf.clear();
+                    return;
+                }
+                State::Handshaking { .. } => MAX_HELLO,
+                State::Open => self.config.max_frame_size,
+            };
+            let preview = match self.state {
+                State::Handshaking { .. } => buf[..buf.len().min(16)].to_vec(),
+                _ => Vec::new(),
+            };
+            let handshaking = matches!(self.state, State::Handshaking { .. });
+            let result = frame::decode_frame(buf, max).and_then(|body| match body {
+                Some(body) => Frame::decode(body).map(Some),
+                None => Ok(None),
+            });
+            match result {
+                Ok(None) => return,
+                Ok(Some(frame)) => self.handle_frame(now, frame),
+                Err(e) if handshaking => {
+                    let e = match e {
+                        ProtocolError::UnsupportedVersion { .. } => e,
+                        _ => ProtocolError::NotChatter {
+                            first_bytes: preview,
+                        },
+                    };
+                    self.close_with(CloseCause::Protocol(e));
+                }
+                Err(e) => self.close_with(CloseCause::Protocol(e)),
+            }
+        }
+    }
+
+    /// The transport ended: a clean end of stream or an error.
+    pub fn handle_transport_closed(&mut self, cause: CloseCause) {
+        self.close_with(cause);
+    }
+
+    /// Fires every deadline that is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Closed => return,
+            State::Handshaking { deadline } => {
+                if now >= deadline {
+                    self.close_with(CloseCause::Protocol(ProtocolError::HandshakeTimeout));
+                }
+                return;
+            }
+            State::Open => {}
+        }
+        if let Some(keepalive) = self.config.keepalive {
+            match self.ping_deadline {
+                Some(deadline) if now >= deadline => {
+                    self.close_with(CloseCause::KeepaliveTimeout);
+                    return;
+                }
+                Some(_) => {}
+                None if now >= self.last_rx + keepalive.interval => {
+                    Frame::Ping.encode(&mut self.out);
+                    self.ping_deadline = Some(now + keepalive.timeout);
+                }
+                None => {}
+            }
+        }
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let conversation = entry.remove();
+            if let Some(state) = self.conversations.get_mut(&conversation) {
+                state.timer = None;
+            }
+            self.events.push_back(Event::Timeout(conversation));
+        }
+    }
+
+    /// The earliest instant at which [`handle_timeout`](Self::handle_timeout) has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Closed => None,
+            State::Handshaking { deadline } => Some(deadline),
+            State::Open => {
+                let keepalive = self.config.keepalive.map(|k| {
+                    self.ping_deadline
+                        .unwrap_or_else(|| self.last_rx + k.interval)
+                });
+                let timer = self.timers.keys().next().map(|k| k.0);
+                match (keepalive, timer) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        }
+    }
+
+    /// Hands out the bytes to write. Appends to `dst` (swapping buffers when `dst` is empty,
+    /// so the common case copies nothing).
+    pub fn take_output(&mut self, dst: &mut BytesMut) {
+        if dst.is_empty() {
+            std::mem::swap(dst, &mut self.out);
+        } else {
+            dst.extend_from_slice(&self.out);
+            self.out.clear();
+        }
+    }
+
+    /// True when [`take_output`](Self::take_output) has bytes to hand out.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Gives back the flow-control credit of consumed messages. `idle` says that nothing
+    /// received is left unconsumed, which returns all pending credit at once.
+    pub fn release(&mut self, cost: u32, idle: bool) {
+        if !self.is_open() {
+            return;
+        }
+        self.rx_used = self.rx_used.saturating_sub(cost as u64);
+        self.rx_unannounced += cost as u64;
+        let threshold = (self.config.receive_window as u64 / 4).max(1);
+        if self.rx_unannounced > 0 && (idle || self.rx_unannounced >= threshold) {
+            Frame::Window(self.rx_unannounced).encode(&mut self.out);
+            self.rx_unannounced = 0;
+        }
+    }
+
+    /// Closes the connection from this side. Queues a close frame carrying `reason`; no
+    /// timeout fires afterwards. Does nothing if already closed.
+    pub fn close(&mut self, code: CloseCode, reason: &str) {
+        if self.is_closed() {
+            return;
+        }
+        Frame::Close(code, reason.to_string()).encode(&mut self.out);
+        self.finish(CloseCause::Local);
+    }
+
+    fn close_with(&mut self, cause: CloseCause) {
+        if self.is_closed() {
+            return;
+        }
+        match &cause {
+            CloseCause::Protocol(e) => {
+                tracing::debug!(error = %e, "closing connection: protocol error");
+                Frame::Close(CloseCode::ProtocolError, e.to_string()).encode(&mut self.out);
+            }
+            CloseCause::KeepaliveTimeout => {
+                Frame::Close(CloseCode::KeepaliveTimeout, "keepalive timeout".into())
+                    .encode(&mut self.out);
+            }
+            CloseCause::Local => {
+                Frame::Close(CloseCode::Normal, "closed".into()).encode(&mut self.out);
+            }
+            CloseCause::Peer { .. } | CloseCause::Io(_) => {}
+        }
+        self.finish(cause);
+    }
+
+    fn finish(&mut self, cause: CloseCause) {
+        self.state = State::Closed;
+        self.conversations.clear();
+        self.timers.clear();
+        self.peer_opened = 0;
+        self.ping_deadline = None;
+        self.events.push_back(Event::Closed(cause));
+    }
+
+    fn handle_frame(&mut self, now: Instant, frame: Frame) {
+        self.last_rx = now;
+        self.ping_deadline = None;
+        if let State::Handshaking { .. } = self.state {
+            match frame {
+                Frame::Hello(hello) => {
+                    self.peer = hello;
+                    self.send_credit = hello.receive_window as u64;
+                    self.state = State::Open;
+                    self.events.push_back(Event::Connected(hello));
+                }
+                Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
+                other => self.protocol_error(ProtocolError::Unexpected(format!(
+                    "expected hello, got {}",
+                    kind_name(&other)
+                ))),
+            }
+            return;
+        }
+        match frame {
+            Frame::Message(header, payload) => {
+                if let Err(e) = self.handle_message(header, payload) {
+                    self.protocol_error(e);
+                }
+            }
+            Frame::Ping => Frame::Pong.encode(&mut self.out),
+            Frame::Pong => {}
+            Frame::Window(n) => {
+                let credit = self.send_credit.saturating_add(n);
+                if credit > self.peer.receive_window as u64 {
+                    self.protocol_error(ProtocolError::Unexpected(format!(
+                        "window update to {credit} bytes exceeds the announced window of {}",
+                        self.peer.receive_window
+                    )));
+                    return;
+                }
+                self.send_credit = credit;
+                if std::mem::take(&mut self.send_blocked) {
+                    self.events.push_back(Event::Writable);
+                }
+            }
+            Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
+            Frame::Hello(_) => {
+                self.protocol_error(ProtocolError::Unexpected("second hello".into()))
+            }
+        }
+    }
+
+    fn handle_message(&mut self, header: MessageHeader, payload: Bytes) -> Result<(), ProtocolError> {
+        if header.id != self.next_rx_id {
+            return Err(ProtocolError::BadMessageId {
+                got: header.id,
+                expected: self.next_rx_id,
+            });
+        }
+        self.next_rx_id += 1;
+        let cost = frame::message_body_len(header, payload.len()) as u32;
+        self.rx_used += cost as u64;
+        if self.rx_used > self.config.receive_window as u64 {
+            return Err(ProtocolError::WindowExceeded {
+                used: self.rx_used,
+                window: self.config.receive_window,
+            });
+        }
+        let peer_owns = header.flags & FLAG_OWNER != 0;
+        let token = header.flags & FLAG_TOKEN != 0;
+        let last = header.flags & FLAG_LAST != 0;
+        let conversation = ConversationId {
+            owner: !peer_owns,
+            first: header.first,
+        };
+        let first = peer_owns && header.first == header.id;
+        if first {
+            if !last {
+                if self.peer_opened >= self.config.max_conversations {
+                    return Err(ProtocolError::TooManyConversations {
+                        limit: self.config.max_conversations,
+                    });
+                }
+                self.peer_opened += 1;
+                let turn = if token { Turn::Local } else { Turn::Remote };
+                self.conversations
+                    .insert(conversation, ConvState { turn, timer: None });
+            }
+        } else {
+            let Some(state) = self.conversations.get_mut(&conversation) else {
+                return Err(ProtocolError::UnknownConversation {
+                    first: header.first,
+                    opened_by_peer: peer_owns,
+                });
+            };
+            if state.turn == Turn::Local {
+                return Err(ProtocolError::OutOfTurn {
+                    first: header.first,
+                    opened_by_peer: peer_owns,
+                });
+            }
+            // Any message received in the conversation cancels its timer (rule 3).
+            if let Some(key) = state.timer.take() {
+                self.timers.remove(&key);
+            }
+            if last {
+                self.end_conversation(conversation);
+            } else if token {
+                state.turn = Turn::Local;
+            }
+        }
+        self.events.push_back(Event::Message(Message {
+            conversation,
+            first,
+            last,
+            token,
+            payload,
+            cost,
+        }));
+        Ok(())
+    }
+
+    fn end_conversation(&mut self, conversation: ConversationId) {
+        if let Some(state) = self.conversations.remove(&conversation) {
+            if let Some(key) = state.timer {
+                self.timers.remove(&key);
+            }
+            if !conversation.owner {
+                self.peer_opened -= 1;
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, e: ProtocolError) {
+        self.close_with(CloseCause::Protocol(e));
+    }
+}
+
+fn kind_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello(_) => "hello",
+        Frame::Message(..) => "message",
+        Frame::Ping => "ping",
+        Frame::Pong => "pong",
+        Frame::Window(_) => "window",
+        Frame::Close(..) => "close",
+    }
+}

@@ -1,0 +1,1 @@
+//! Remote objects, calls and signals over chatter conversations (work in progress).
