@@ -95,7 +95,9 @@ fn split_host_port(address: &str, rest: &str) -> Result<(String, u16), AddressEr
     } else {
         let (host, port) = rest.rsplit_once(':').ok_or_else(missing_port)?;
         if host.contains(':') {
-            return Err(malformed("IPv6 hosts must be in brackets, e.g. tcp://[::1]:7000"));
+            return Err(malformed(
+                "IPv6 hosts must be in brackets, e.g. tcp://[::1]:7000",
+            ));
         }
         (host, port)
     };
@@ -190,13 +192,41 @@ mod tests {
     #[test]
     fn bad_addresses_say_what_is_wrong() {
         let err = |a: &str| a.parse::<Address>().unwrap_err();
-        assert!(matches!(err("tcp://127.0.0.1"), AddressError::MissingPort { .. }));
-        assert!(matches!(err("tcp://127.0.0.1:"), AddressError::MissingPort { .. }));
-        assert!(matches!(err("tcp://[::1]"), AddressError::MissingPort { .. }));
-        assert!(matches!(err("udp://127.0.0.1:1"), AddressError::UnknownScheme { .. }));
-        assert!(matches!(err("tls://127.0.0.1:1"), AddressError::Unsupported { .. }));
-        for a in ["127.0.0.1:80", "tcp://:80", "tcp://h:99999", "tcp://h:x", "tcp://::1:5", "tcp://h:1/p", "unix://", ""] {
-            assert!(matches!(err(a), AddressError::Malformed { .. }), "{a}: {:?}", err(a));
+        assert!(matches!(
+            err("tcp://127.0.0.1"),
+            AddressError::MissingPort { .. }
+        ));
+        assert!(matches!(
+            err("tcp://127.0.0.1:"),
+            AddressError::MissingPort { .. }
+        ));
+        assert!(matches!(
+            err("tcp://[::1]"),
+            AddressError::MissingPort { .. }
+        ));
+        assert!(matches!(
+            err("udp://127.0.0.1:1"),
+            AddressError::UnknownScheme { .. }
+        ));
+        assert!(matches!(
+            err("tls://127.0.0.1:1"),
+            AddressError::Unsupported { .. }
+        ));
+        for a in [
+            "127.0.0.1:80",
+            "tcp://:80",
+            "tcp://h:99999",
+            "tcp://h:x",
+            "tcp://::1:5",
+            "tcp://h:1/p",
+            "unix://",
+            "",
+        ] {
+            assert!(
+                matches!(err(a), AddressError::Malformed { .. }),
+                "{a}: {:?}",
+                err(a)
+            );
         }
         assert_eq!(
             err("tcp://127.0.0.1").to_string(),

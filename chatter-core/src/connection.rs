@@ -208,7 +208,11 @@ impl Connection {
 
     /// Sends raw payload bytes if the peer's receive window has room now; otherwise fails
     /// with [`SendError::WouldBlock`].
-    pub fn try_send(&self, payload: &[u8], options: SendOptions) -> Result<Conversation, SendError> {
+    pub fn try_send(
+        &self,
+        payload: &[u8],
+        options: SendOptions,
+    ) -> Result<Conversation, SendError> {
         self.shared().send(payload, options)
     }
 
@@ -246,28 +250,18 @@ impl Connection {
     }
 
     /// Closes the connection: the peer sees [`CloseCause::Peer`], pending sends fail, and
-    /// no conversation timeout fires afterwards. Returns when the transport is closed.
+    /// no conversation timeout fires afterwards. Returns when the transport is closed: the
+    /// peer acknowledged the close by closing its side, or [`Options::close_linger`] passed.
     pub async fn close(&self) {
-        self.shared().close(CloseCode::Normal, "closed by peer application");
-        self.closed().await;
+        self.shared()
+            .close(CloseCode::Normal, "closed by peer application");
+        self.wait_state(|inner| inner.finished.then_some(())).await;
     }
 
-    /// Waits until the connection is closed and returns why.
+    /// Waits until the connection is closed and returns why. Resolves as soon as the
+    /// connection stopped working, while the transport may still be shutting down.
     pub async fn closed(&self) -> CloseCause {
-        let shared = self.shared();
-        loop {
-            let mut changed = pin!(shared.state_changed.notified());
-            changed.as_mut().enable();
-            {
-                let inner = shared.lock();
-                if inner.finished {
-                    if let Some(cause) = &inner.cause {
-                        return cause.clone();
-                    }
-                }
-            }
-            changed.await;
-        }
+        self.wait_state(|inner| inner.cause.clone()).await
     }
 
     /// Why the connection closed, or `None` while it is open.
@@ -368,18 +362,20 @@ impl Connection {
 
     /// Waits for the handshake to complete.
     pub(crate) async fn handshake(&self) -> Result<(), CloseCause> {
+        self.wait_state(|inner| match &inner.cause {
+            Some(cause) => Some(Err(cause.clone())),
+            None => inner.connected.then_some(Ok(())),
+        })
+        .await
+    }
+
+    async fn wait_state<R>(&self, mut check: impl FnMut(&Inner) -> Option<R>) -> R {
         let shared = self.shared();
         loop {
             let mut changed = pin!(shared.state_changed.notified());
             changed.as_mut().enable();
-            {
-                let inner = shared.lock();
-                if let Some(cause) = &inner.cause {
-                    return Err(cause.clone());
-                }
-                if inner.connected {
-                    return Ok(());
-                }
+            if let Some(r) = check(&shared.lock()) {
+                return r;
             }
             changed.await;
         }
@@ -558,9 +554,9 @@ impl Shared {
                     }),
                 };
                 Err(match refused {
-                    SendRefused::Closed | SendRefused::NotReady => SendError::Closed(
-                        inner.cause.clone().unwrap_or(CloseCause::Local),
-                    ),
+                    SendRefused::Closed | SendRefused::NotReady => {
+                        SendError::Closed(inner.cause.clone().unwrap_or(CloseCause::Local))
+                    }
                     SendRefused::NotYourTurn => SendError::NotYourTurn(conv()),
                     SendRefused::Ended => SendError::ConversationEnded(conv()),
                     SendRefused::TooLarge { size, max } => SendError::TooLarge { size, max },
@@ -699,9 +695,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
             let read = this.poll_read(cx);
 
             // Everything that needs the protocol, under one lock.
-            let (closed, io_failed, deadline, wake) = {
+            let (closed, io_failed, keepalive_failed, deadline, wake) = {
                 let mut inner = this.shared.lock();
-                if !inner.driver.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                if !inner
+                    .driver
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
                     inner.driver = Some(cx.waker().clone());
                 }
                 match read {
@@ -712,10 +712,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
                     }
                     ReadOutcome::Eof => {
                         progress = true;
-                        inner.proto.handle_transport_closed(CloseCause::io(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "peer closed the connection without a close frame",
-                        )));
+                        inner
+                            .proto
+                            .handle_transport_closed(CloseCause::io(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "peer closed the connection without a close frame",
+                            )));
                     }
                     ReadOutcome::Failed(e) => {
                         progress = true;
@@ -732,8 +734,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
                 inner.proto.take_output(&mut this.write_buf);
                 let wake = inner.pump(this.shared.id);
                 let io_failed = matches!(inner.cause, Some(CloseCause::Io(_)));
+                let keepalive_failed = matches!(inner.cause, Some(CloseCause::KeepaliveTimeout));
                 let deadline = inner.proto.poll_timeout().map(Instant::from_std);
-                (inner.proto.is_closed(), io_failed, deadline, wake)
+                (
+                    inner.proto.is_closed(),
+                    io_failed,
+                    keepalive_failed,
+                    deadline,
+                    wake,
+                )
             };
             this.shared.notify(wake);
 
@@ -754,7 +763,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
             }
 
             if closed && this.write_buf.is_empty() && !this.need_flush {
-                let linger = *this.linger_deadline.get_or_insert(now + this.linger);
+                // A peer that stopped answering pings will not acknowledge a close either.
+                let linger = *this.linger_deadline.get_or_insert(
+                    now + if keepalive_failed {
+                        Duration::ZERO
+                    } else {
+                        this.linger
+                    },
+                );
                 if !this.shutdown {
                     match Pin::new(&mut this.io).poll_shutdown(cx) {
                         Poll::Ready(_) => {

@@ -9,8 +9,8 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
-use crate::Conversation;
 pub use crate::proto::frame::CloseCode;
+use crate::Conversation;
 
 /// Why a connection ended. Every operation on a closed connection reports it.
 #[derive(Debug, Clone, thiserror::Error)]

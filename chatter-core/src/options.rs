@@ -122,7 +122,9 @@ impl Options {
             }
         }
         if self.proto.max_conversations == 0 {
-            return Err(InvalidOptions("max_conversations must be at least 1".into()));
+            return Err(InvalidOptions(
+                "max_conversations must be at least 1".into(),
+            ));
         }
         Ok(())
     }

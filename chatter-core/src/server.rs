@@ -59,7 +59,10 @@ struct Tracked {
 impl Tracked {
     fn add(&self, conn: &Connection) {
         if self.enabled {
-            let mut list = self.connections.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut list = self
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if list.len() >= 64 && list.len().is_power_of_two() {
                 list.retain(|w| w.strong_count() > 0);
             }
@@ -68,7 +71,10 @@ impl Tracked {
     }
 
     fn take(&self) -> Vec<Connection> {
-        let mut list = self.connections.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut list = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         list.drain(..)
             .filter_map(|w| w.upgrade().map(Connection::from_handle))
             .collect()
@@ -193,7 +199,12 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-        for task in self.tasks.get_mut().unwrap_or_else(PoisonError::into_inner).drain(..) {
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
             task.abort();
         }
         for conn in self.tracked.take() {

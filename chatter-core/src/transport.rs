@@ -84,12 +84,7 @@ async fn open(address: &Address, options: &Options) -> io::Result<Connection> {
         Address::Unix { path } => {
             let stream = UnixStream::connect(path).await?;
             let local = unix_address(stream.local_addr().ok());
-            Ok(Connection::start(
-                stream,
-                local,
-                address.clone(),
-                options,
-            ))
+            Ok(Connection::start(stream, local, address.clone(), options))
         }
     }
 }

@@ -215,39 +215,39 @@ impl Frame {
     pub fn encode(&self, out: &mut BytesMut) {
         let start = begin(out);
         match self {
-                    Frame::Hello(h) => {
-                        msgpack::write_array_len(out, 5);
-                        msgpack::write_uint(out, KIND_HELLO);
-                        msgpack::write_str(out, MAGIC);
-                        msgpack::write_uint(out, VERSION);
-                        msgpack::write_uint(out, h.max_frame_size as u64);
-                        msgpack::write_uint(out, h.receive_window as u64);
-                    }
-                    Frame::Ping => {
-                        msgpack::write_array_len(out, 1);
-                        msgpack::write_uint(out, KIND_PING);
-                    }
-                    Frame::Pong => {
-                        msgpack::write_array_len(out, 1);
-                        msgpack::write_uint(out, KIND_PONG);
-                    }
-                    Frame::Window(n) => {
-                        msgpack::write_array_len(out, 2);
-                        msgpack::write_uint(out, KIND_WINDOW);
-                        msgpack::write_uint(out, *n);
-                    }
-                    Frame::Close(code, reason) => {
-                        msgpack::write_array_len(out, 3);
-                        msgpack::write_uint(out, KIND_CLOSE);
-                        msgpack::write_uint(out, code.to_wire());
-                        msgpack::write_str(out, reason);
-                    }
-                    Frame::Message(header, payload) => {
-                        out.truncate(start);
-                        return encode_message(out, *header, payload);
-                    }
-                }
-                finish(out, start);
+            Frame::Hello(h) => {
+                msgpack::write_array_len(out, 5);
+                msgpack::write_uint(out, KIND_HELLO);
+                msgpack::write_str(out, MAGIC);
+                msgpack::write_uint(out, VERSION);
+                msgpack::write_uint(out, h.max_frame_size as u64);
+                msgpack::write_uint(out, h.receive_window as u64);
+            }
+            Frame::Ping => {
+                msgpack::write_array_len(out, 1);
+                msgpack::write_uint(out, KIND_PING);
+            }
+            Frame::Pong => {
+                msgpack::write_array_len(out, 1);
+                msgpack::write_uint(out, KIND_PONG);
+            }
+            Frame::Window(n) => {
+                msgpack::write_array_len(out, 2);
+                msgpack::write_uint(out, KIND_WINDOW);
+                msgpack::write_uint(out, *n);
+            }
+            Frame::Close(code, reason) => {
+                msgpack::write_array_len(out, 3);
+                msgpack::write_uint(out, KIND_CLOSE);
+                msgpack::write_uint(out, code.to_wire());
+                msgpack::write_str(out, reason);
+            }
+            Frame::Message(header, payload) => {
+                out.truncate(start);
+                return encode_message(out, *header, payload);
+            }
+        }
+        finish(out, start);
     }
 }
 

@@ -45,9 +45,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::error::{CloseCause, ProtocolError};
-use frame::{
-    CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_TOKEN, MAX_HELLO,
-};
+use frame::{CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_TOKEN, MAX_HELLO};
 
 /// Settings of one side of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -359,7 +357,11 @@ impl Protocol {
         if args.last {
             self.end_conversation(conversation);
         } else {
-            let turn = if args.token { Turn::Remote } else { Turn::Local };
+            let turn = if args.token {
+                Turn::Remote
+            } else {
+                Turn::Local
+            };
             let state = self
                 .conversations
                 .entry(conversation)
@@ -602,7 +604,11 @@ impl Protocol {
         }
     }
 
-    fn handle_message(&mut self, header: MessageHeader, payload: Bytes) -> Result<(), ProtocolError> {
+    fn handle_message(
+        &mut self,
+        header: MessageHeader,
+        payload: Bytes,
+    ) -> Result<(), ProtocolError> {
         if header.id != self.next_rx_id {
             return Err(ProtocolError::BadMessageId {
                 got: header.id,
@@ -698,3 +704,6 @@ fn kind_name(frame: &Frame) -> &'static str {
         Frame::Close(..) => "close",
     }
 }
+
+#[cfg(test)]
+mod tests;

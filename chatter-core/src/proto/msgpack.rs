@@ -221,8 +221,8 @@ mod tests {
     fn skip_walks_nested_values_and_refuses_truncation() {
         // {"a": [1, 2.5, nil], "b": bin8(3)}
         let v = [
-            0x82, 0xa1, b'a', 0x93, 0x01, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0xc0, 0xa1, b'b', 0xc4,
-            3, 1, 2, 3,
+            0x82, 0xa1, b'a', 0x93, 0x01, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0xc0, 0xa1, b'b', 0xc4, 3,
+            1, 2, 3,
         ];
         let mut r = Reader::new(&v);
         r.skip().unwrap();

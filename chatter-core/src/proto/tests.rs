@@ -1,0 +1,702 @@
+//! Two sans-IO endpoints stepped against each other in virtual time.
+
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+
+use super::*;
+
+/// Two endpoints and a virtual clock.
+struct Pair {
+    now: Instant,
+    a: Protocol,
+    b: Protocol,
+}
+
+impl Pair {
+    fn new() -> Self {
+        Self::with(Config::default(), Config::default())
+    }
+
+    fn with(a: Config, b: Config) -> Self {
+        let now = Instant::now();
+        let mut pair = Pair {
+            now,
+            a: Protocol::new(a, now),
+            b: Protocol::new(b, now),
+        };
+        pair.flush();
+        assert!(matches!(pair.a.poll_event(), Some(Event::Connected(_))));
+        assert!(matches!(pair.b.poll_event(), Some(Event::Connected(_))));
+        pair
+    }
+
+    /// Delivers everything in flight, both ways, until both are quiet.
+    fn flush(&mut self) {
+        loop {
+            let mut wire = BytesMut::new();
+            self.a.take_output(&mut wire);
+            let moved_ab = !wire.is_empty();
+            self.b.handle_input(self.now, &mut wire);
+            let mut wire = BytesMut::new();
+            self.b.take_output(&mut wire);
+            let moved_ba = !wire.is_empty();
+            self.a.handle_input(self.now, &mut wire);
+            if !moved_ab && !moved_ba {
+                return;
+            }
+        }
+    }
+
+    /// Advances the clock, firing timers on both sides as they fall due.
+    fn advance(&mut self, by: Duration) {
+        let end = self.now + by;
+        loop {
+            let next = [self.a.poll_timeout(), self.b.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .filter(|&t| t <= end)
+                .min();
+            let Some(t) = next else { break };
+            self.now = self.now.max(t);
+            self.a.handle_timeout(self.now);
+            self.b.handle_timeout(self.now);
+            self.flush();
+        }
+        self.now = end;
+    }
+}
+
+fn events(p: &mut Protocol) -> Vec<Event> {
+    std::iter::from_fn(|| p.poll_event()).collect()
+}
+
+fn messages(p: &mut Protocol) -> Vec<Message> {
+    events(p)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+fn timeouts(p: &mut Protocol) -> Vec<ConversationId> {
+    events(p)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Timeout(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn closed(p: &mut Protocol) -> Option<CloseCause> {
+    events(p).into_iter().find_map(|e| match e {
+        Event::Closed(c) => Some(c),
+        _ => None,
+    })
+}
+
+fn open(last: bool, token: bool) -> SendArgs {
+    SendArgs {
+        last,
+        token,
+        ..SendArgs::new()
+    }
+}
+
+fn reply(conversation: ConversationId, last: bool, token: bool) -> SendArgs {
+    SendArgs {
+        conversation: Some(conversation),
+        last,
+        token,
+        timeout: None,
+    }
+}
+
+#[test]
+fn one_shot_message_carries_flags_and_owner() {
+    let mut p = Pair::new();
+    let conv = p.a.send(p.now, SendArgs::new(), b"\x01").unwrap();
+    assert_eq!(
+        conv,
+        ConversationId {
+            owner: true,
+            first: 1
+        }
+    );
+    p.flush();
+    let got = messages(&mut p.b);
+    assert_eq!(got.len(), 1);
+    let m = &got[0];
+    assert_eq!(
+        m.conversation,
+        ConversationId {
+            owner: false,
+            first: 1
+        }
+    );
+    assert!(m.first && m.last && m.token);
+    // One-shot conversations leave no state behind: continuing it is refused.
+    assert_eq!(
+        p.b.send(p.now, reply(m.conversation, true, true), b""),
+        Err(SendRefused::Ended)
+    );
+}
+
+#[test]
+fn token_passing_conversation_works_both_ways() {
+    let mut p = Pair::new();
+    // a opens and keeps the turn for two messages, then passes it.
+    let c = p.a.send(p.now, open(false, false), b"1").unwrap();
+    p.a.send(p.now, reply(c, false, true), b"2").unwrap();
+    p.flush();
+    let got = messages(&mut p.b);
+    assert_eq!(got.len(), 2);
+    assert!(got[0].first && !got[0].token && !got[0].last);
+    assert!(!got[1].first && got[1].token && !got[1].last);
+    let cb = got[0].conversation;
+    // a may not send now; b may.
+    assert_eq!(
+        p.a.send(p.now, reply(c, false, true), b"x"),
+        Err(SendRefused::NotYourTurn)
+    );
+    p.b.send(p.now, reply(cb, false, true), b"3").unwrap();
+    p.flush();
+    let got = messages(&mut p.a);
+    assert_eq!(got[0].conversation, c);
+    assert!(got[0].token && !got[0].first);
+    // a ends it; nobody may send afterwards.
+    p.a.send(p.now, reply(c, true, true), b"4").unwrap();
+    p.flush();
+    assert!(messages(&mut p.b)[0].last);
+    assert_eq!(
+        p.a.send(p.now, reply(c, true, true), b""),
+        Err(SendRefused::Ended)
+    );
+    assert_eq!(
+        p.b.send(p.now, reply(cb, true, true), b""),
+        Err(SendRefused::Ended)
+    );
+    assert!(p.a.is_open() && p.b.is_open());
+}
+
+#[test]
+fn both_sides_open_conversations_with_the_same_first_id() {
+    let mut p = Pair::new();
+    let ca = p.a.send(p.now, open(false, true), b"from a").unwrap();
+    let cb = p.b.send(p.now, open(false, true), b"from b").unwrap();
+    assert_eq!((ca.first, cb.first), (1, 1));
+    p.flush();
+    let at_b = messages(&mut p.b).remove(0);
+    let at_a = messages(&mut p.a).remove(0);
+    assert_eq!(
+        at_b.conversation,
+        ConversationId {
+            owner: false,
+            first: 1
+        }
+    );
+    assert_ne!(at_b.conversation, cb);
+    // Each answers the other's conversation; the answers land where they belong.
+    p.b.send(p.now, reply(at_b.conversation, true, true), b"b answers")
+        .unwrap();
+    p.a.send(p.now, reply(at_a.conversation, true, true), b"a answers")
+        .unwrap();
+    p.flush();
+    let m = messages(&mut p.a).remove(0);
+    assert_eq!((m.conversation, &m.payload[..]), (ca, &b"b answers"[..]));
+    let m = messages(&mut p.b).remove(0);
+    assert_eq!((m.conversation, &m.payload[..]), (cb, &b"a answers"[..]));
+}
+
+/// Encodes a message frame by hand, to act as a misbehaving peer.
+fn raw_message(id: u64, first: u64, flags: u8) -> BytesMut {
+    let mut out = BytesMut::new();
+    frame::encode_message(&mut out, MessageHeader { id, first, flags }, b"");
+    out
+}
+
+fn assert_protocol_error(p: &mut Protocol, check: impl Fn(&ProtocolError) -> bool) {
+    match closed(p) {
+        Some(CloseCause::Protocol(e)) if check(&e) => {}
+        other => panic!("expected a matching protocol error, got {other:?}"),
+    }
+    let mut out = BytesMut::new();
+    p.take_output(&mut out);
+    let body = frame::decode_frame(&mut out, u32::MAX).unwrap().unwrap();
+    assert!(matches!(
+        Frame::decode(body).unwrap(),
+        Frame::Close(CloseCode::ProtocolError, _)
+    ));
+}
+
+#[test]
+fn peer_sending_out_of_turn_is_a_protocol_error() {
+    let mut p = Pair::new();
+    // b opens a conversation and passes the token to a; then b sends in it again.
+    p.b.send(p.now, open(false, true), b"").unwrap();
+    p.flush();
+    let _ = events(&mut p.a);
+    let mut wire = raw_message(2, 1, FLAG_OWNER);
+    p.a.handle_input(p.now, &mut wire);
+    assert_protocol_error(&mut p.a, |e| {
+        matches!(
+            e,
+            ProtocolError::OutOfTurn {
+                first: 1,
+                opened_by_peer: true
+            }
+        )
+    });
+}
+
+#[test]
+fn peer_sending_after_last_or_in_unknown_conversation_is_a_protocol_error() {
+    let mut p = Pair::new();
+    p.b.send(p.now, SendArgs::new(), b"").unwrap();
+    p.flush();
+    let _ = events(&mut p.a);
+    // b continues the one-shot conversation 1 it already ended.
+    let mut wire = raw_message(2, 1, FLAG_OWNER | FLAG_LAST);
+    p.a.handle_input(p.now, &mut wire);
+    assert_protocol_error(&mut p.a, |e| {
+        matches!(e, ProtocolError::UnknownConversation { first: 1, .. })
+    });
+
+    let mut p = Pair::new();
+    // A reply in a conversation a never opened.
+    let mut wire = raw_message(1, 7, FLAG_LAST);
+    p.a.handle_input(p.now, &mut wire);
+    assert_protocol_error(&mut p.a, |e| {
+        matches!(
+            e,
+            ProtocolError::UnknownConversation {
+                first: 7,
+                opened_by_peer: false
+            }
+        )
+    });
+}
+
+#[test]
+fn message_ids_must_follow_in_sequence() {
+    let mut p = Pair::new();
+    let mut wire = raw_message(5, 5, FLAG_OWNER | FLAG_LAST);
+    p.a.handle_input(p.now, &mut wire);
+    assert_protocol_error(&mut p.a, |e| {
+        *e == ProtocolError::BadMessageId {
+            got: 5,
+            expected: 1,
+        }
+    });
+}
+
+#[test]
+fn conversation_timeout_follows_hat_chatter_rules() {
+    // REFERENCE.md §1.6 test_conversation_timeout.
+    let mut p = Pair::new();
+    let c =
+        p.a.send(
+            p.now,
+            SendArgs {
+                timeout: Some(Duration::from_secs(1)),
+                ..open(false, true)
+            },
+            b"",
+        )
+        .unwrap();
+    p.flush();
+    let at_b = messages(&mut p.b).remove(0);
+    // The reply (not last) cancels the timer and does not re-arm it.
+    p.b.send(p.now, reply(at_b.conversation, false, true), b"")
+        .unwrap();
+    p.flush();
+    assert_eq!(messages(&mut p.a)[0].conversation, c);
+    p.advance(Duration::from_secs(5));
+    assert!(timeouts(&mut p.a).is_empty());
+    // Two sends with short timeouts: the second replaces the first; exactly one fires.
+    let short = Duration::from_millis(1);
+    p.a.send(
+        p.now,
+        SendArgs {
+            conversation: Some(c),
+            last: false,
+            token: false,
+            timeout: Some(short),
+        },
+        b"",
+    )
+    .unwrap();
+    p.a.send(
+        p.now,
+        SendArgs {
+            conversation: Some(c),
+            last: false,
+            token: true,
+            timeout: Some(short),
+        },
+        b"",
+    )
+    .unwrap();
+    assert!(
+        timeouts(&mut p.a).is_empty(),
+        "nothing fires before time passes"
+    );
+    p.advance(Duration::from_millis(10));
+    assert_eq!(timeouts(&mut p.a), vec![c]);
+    p.advance(Duration::from_secs(10));
+    assert!(timeouts(&mut p.a).is_empty());
+}
+
+#[test]
+fn last_messages_never_arm_a_timeout_and_later_sends_replace_it() {
+    let mut p = Pair::new();
+    let t = Some(Duration::from_millis(5));
+    p.a.send(
+        p.now,
+        SendArgs {
+            timeout: t,
+            ..SendArgs::new()
+        },
+        b"",
+    )
+    .unwrap();
+    let c =
+        p.a.send(
+            p.now,
+            SendArgs {
+                timeout: t,
+                ..open(false, false)
+            },
+            b"",
+        )
+        .unwrap();
+    // A follow-up with `last` cancels the timer and sets none.
+    p.a.send(
+        p.now,
+        SendArgs {
+            conversation: Some(c),
+            last: true,
+            token: true,
+            timeout: t,
+        },
+        b"",
+    )
+    .unwrap();
+    p.advance(Duration::from_secs(1));
+    assert!(timeouts(&mut p.a).is_empty());
+    assert_eq!(
+        p.a.poll_timeout(),
+        Some(p.now - Duration::from_secs(1) + Duration::from_secs(20))
+    );
+}
+
+#[test]
+fn no_timeout_fires_after_close() {
+    let mut p = Pair::new();
+    p.a.send(
+        p.now,
+        SendArgs {
+            timeout: Some(Duration::from_millis(200)),
+            ..open(false, true)
+        },
+        b"",
+    )
+    .unwrap();
+    p.a.close(CloseCode::Normal, "bye");
+    p.flush();
+    p.advance(Duration::from_millis(400));
+    let evs = events(&mut p.a);
+    assert!(
+        matches!(evs.as_slice(), [Event::Closed(CloseCause::Local)]),
+        "{evs:?}"
+    );
+    assert_eq!(p.a.poll_timeout(), None);
+    assert!(
+        matches!(closed(&mut p.b), Some(CloseCause::Peer { code: CloseCode::Normal, reason }) if reason == "bye")
+    );
+}
+
+#[test]
+fn keepalive_pings_a_quiet_peer_and_closes_when_it_never_answers() {
+    let keepalive = Keepalive {
+        interval: Duration::from_secs(2),
+        timeout: Duration::from_secs(1),
+    };
+    let config = Config {
+        keepalive: Some(keepalive),
+        ..Config::default()
+    };
+    let mut p = Pair::with(
+        config.clone(),
+        Config {
+            keepalive: None,
+            ..Config::default()
+        },
+    );
+    // b answers pings: a stays open through many intervals.
+    p.advance(Duration::from_secs(30));
+    assert!(p.a.is_open() && p.b.is_open());
+
+    // A peer that never answers: feed a's output nowhere.
+    let now = Instant::now();
+    let mut a = Protocol::new(config, now);
+    let mut hello = BytesMut::new();
+    Frame::Hello(Hello {
+        max_frame_size: 1 << 20,
+        receive_window: 1 << 20,
+    })
+    .encode(&mut hello);
+    a.handle_input(now, &mut hello);
+    assert_eq!(a.poll_timeout(), Some(now + Duration::from_secs(2)));
+    a.handle_timeout(now + Duration::from_secs(2));
+    let mut out = BytesMut::new();
+    a.take_output(&mut out);
+    assert!(
+        out.ends_with(&[0, 0, 0, 2, 0x91, 0x02]),
+        "a ping went out: {out:02x?}"
+    );
+    assert_eq!(a.poll_timeout(), Some(now + Duration::from_secs(3)));
+    a.handle_timeout(now + Duration::from_secs(3));
+    assert!(matches!(closed(&mut a), Some(CloseCause::KeepaliveTimeout)));
+}
+
+#[test]
+fn a_slow_consumer_is_not_a_dead_peer() {
+    let keepalive = Keepalive {
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(1),
+    };
+    let config = Config {
+        keepalive: Some(keepalive),
+        receive_window: 1024,
+        max_frame_size: 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config.clone(), config);
+    // a fills b's window; b never consumes.
+    let mut sent = 0;
+    while p.a.send(p.now, SendArgs::new(), &[0u8; 100]).is_ok() {
+        sent += 1;
+    }
+    p.flush();
+    assert!(sent > 0);
+    assert_eq!(
+        p.a.send(p.now, SendArgs::new(), &[0u8; 100]),
+        Err(SendRefused::NoCredit)
+    );
+    p.advance(Duration::from_secs(60));
+    assert!(
+        p.a.is_open() && p.b.is_open(),
+        "keepalive kept working while the window was full"
+    );
+}
+
+#[test]
+fn flow_control_blocks_the_sender_until_the_receiver_consumes() {
+    let config = Config {
+        receive_window: 1000,
+        max_frame_size: 1000,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config.clone(), config);
+    let mut sent = 0;
+    while p.a.send(p.now, SendArgs::new(), &[7u8; 95]).is_ok() {
+        sent += 1;
+    }
+    assert_eq!(sent, 10, "10 bodies of 100 bytes fit a 1000-byte window");
+    p.flush();
+    let got = messages(&mut p.b);
+    assert_eq!(got.len(), 10);
+    assert!(got.iter().all(|m| m.cost == 100));
+    // Consuming some (but under a quarter of the window) returns nothing yet…
+    p.b.release(got[0].cost, false);
+    p.b.release(got[1].cost, false);
+    p.flush();
+    assert!(events(&mut p.a).is_empty());
+    // …a quarter does, and the blocked sender hears about it.
+    p.b.release(got[2].cost, false);
+    p.flush();
+    assert!(matches!(events(&mut p.a).as_slice(), [Event::Writable]));
+    assert!(p.a.send(p.now, SendArgs::new(), &[7u8; 95]).is_ok());
+    // Draining the queue returns everything left, whatever the threshold.
+    for m in &got[3..] {
+        p.b.release(m.cost, false);
+    }
+    p.b.release(0, true);
+    p.flush();
+    let mut n = 0;
+    while p.a.send(p.now, SendArgs::new(), &[7u8; 95]).is_ok() {
+        n += 1;
+    }
+    assert_eq!(n, 9);
+}
+
+#[test]
+fn a_peer_ignoring_the_window_is_a_protocol_error() {
+    let config = Config {
+        receive_window: 256,
+        max_frame_size: 256,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config, Config::default());
+    let mut wire = BytesMut::new();
+    for id in 1..=3 {
+        frame::encode_message(
+            &mut wire,
+            MessageHeader {
+                id,
+                first: id,
+                flags: FLAG_OWNER | FLAG_LAST,
+            },
+            &[0u8; 120],
+        );
+    }
+    p.a.handle_input(p.now, &mut wire);
+    assert_protocol_error(&mut p.a, |e| {
+        matches!(e, ProtocolError::WindowExceeded { window: 256, .. })
+    });
+}
+
+#[test]
+fn messages_too_large_for_the_peer_are_refused_locally() {
+    let small = Config {
+        receive_window: 128,
+        max_frame_size: 128,
+        ..Config::default()
+    };
+    let mut p = Pair::with(Config::default(), small);
+    assert_eq!(
+        p.a.send(p.now, SendArgs::new(), &[0u8; 200]),
+        Err(SendRefused::TooLarge {
+            size: 205,
+            max: 128
+        })
+    );
+    assert!(p.a.is_open());
+}
+
+#[test]
+fn oversized_frames_close_with_a_protocol_error() {
+    let config = Config {
+        max_frame_size: 64,
+        receive_window: 64,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config, Config::default());
+    let mut wire = BytesMut::new();
+    wire.put_u32(1 << 30);
+    p.a.handle_input(p.now, &mut wire);
+    assert_protocol_error(&mut p.a, |e| {
+        *e == ProtocolError::FrameTooLarge {
+            size: 1 << 30,
+            max: 64,
+        }
+    });
+}
+
+#[test]
+fn strangers_are_told_apart_from_chatter_peers() {
+    let now = Instant::now();
+    type Check = fn(&ProtocolError) -> bool;
+    let cases: [(&[u8], Check); 4] = [
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            |e| matches!(e, ProtocolError::NotChatter { first_bytes } if first_bytes.starts_with(b"GET / HTTP")),
+        ),
+        (&[1, 2, 3, 4], |e| {
+            matches!(e, ProtocolError::NotChatter { .. })
+        }),
+        (&[0, 0, 0, 3, 0x93, 0, 0xa1], |e| {
+            matches!(e, ProtocolError::NotChatter { .. })
+        }),
+        // A chatter hello of version 2.
+        (
+            &[
+                0, 0, 0, 13, 0x95, 0, 0xa7, b'c', b'h', b'a', b't', b't', b'e', b'r', 2, 1, 1,
+            ],
+            |e| *e == ProtocolError::UnsupportedVersion { peer: 2, ours: 1 },
+        ),
+    ];
+    for (bytes, check) in cases {
+        let mut p = Protocol::new(Config::default(), now);
+        let mut wire = BytesMut::from(bytes);
+        p.handle_input(now, &mut wire);
+        match closed(&mut p) {
+            Some(CloseCause::Protocol(e)) if check(&e) => {}
+            other => panic!("{bytes:02x?}: {other:?}"),
+        }
+    }
+    // Something other than a hello first, from a chatter peer.
+    let mut p = Protocol::new(Config::default(), now);
+    let mut wire = BytesMut::new();
+    Frame::Ping.encode(&mut wire);
+    p.handle_input(now, &mut wire);
+    assert!(matches!(
+        closed(&mut p),
+        Some(CloseCause::Protocol(ProtocolError::Unexpected(_)))
+    ));
+}
+
+#[test]
+fn a_handshake_that_never_completes_times_out() {
+    let now = Instant::now();
+    let mut p = Protocol::new(
+        Config {
+            handshake_timeout: Duration::from_secs(3),
+            ..Config::default()
+        },
+        now,
+    );
+    assert_eq!(p.poll_timeout(), Some(now + Duration::from_secs(3)));
+    p.handle_timeout(now + Duration::from_secs(2));
+    assert!(!p.is_closed());
+    p.handle_timeout(now + Duration::from_secs(3));
+    assert!(matches!(
+        closed(&mut p),
+        Some(CloseCause::Protocol(ProtocolError::HandshakeTimeout))
+    ));
+}
+
+#[test]
+fn input_split_at_every_byte_decodes_the_same() {
+    let mut p = Pair::new();
+    let c = p.a.send(p.now, open(false, false), b"hello").unwrap();
+    p.a.send(p.now, reply(c, true, true), b"world").unwrap();
+    let mut wire = BytesMut::new();
+    p.a.take_output(&mut wire);
+    let mut buf = BytesMut::new();
+    for b in wire {
+        buf.put_u8(b);
+        p.b.handle_input(p.now, &mut buf);
+    }
+    let got = messages(&mut p.b);
+    assert_eq!(
+        got.iter().map(|m| &m.payload[..]).collect::<Vec<_>>(),
+        [&b"hello"[..], b"world"]
+    );
+    assert!(p.b.is_open());
+}
+
+#[test]
+fn too_many_open_conversations_is_a_protocol_error() {
+    let mut p = Pair::with(
+        Config {
+            max_conversations: 2,
+            ..Config::default()
+        },
+        Config::default(),
+    );
+    for _ in 0..3 {
+        p.b.send(p.now, open(false, true), b"").unwrap();
+    }
+    p.flush();
+    assert!(matches!(
+        closed(&mut p.a),
+        Some(CloseCause::Protocol(ProtocolError::TooManyConversations {
+            limit: 2
+        }))
+    ));
+}
