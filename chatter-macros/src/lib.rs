@@ -1,1 +1,104 @@
-//! Procedural macros for chatter-rpc (work in progress).
+//! The `#[remote]` attribute of the chatter RPC framework. Use it through
+//! [`chatter_rpc::remote`](https://docs.rs/chatter-rpc); this crate holds only the macro.
+//!
+//! The code is organised like serde_derive: [`remote`] is the entry point, `ast` builds the
+//! model of the trait, `attr` parses attributes, `check` runs cross-item checks, and
+//! `expand` generates code. Every problem is a `syn::Error` on the offending tokens, and all
+//! of them are reported in one compile.
+
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+#![forbid(unsafe_code)]
+
+use proc_macro::TokenStream;
+
+mod ast;
+mod attr;
+mod check;
+mod ctxt;
+mod expand;
+
+/// Turns a trait into a remote interface: generates `{Trait}Client` and `{Trait}Server`.
+///
+/// Methods are `async fn name(&self, args..) -> T` or `-> Result<T, E>` (a type spelled
+/// `Result` with two arguments), where the arguments, `T` and `E` are owned serde types.
+/// A method marked `#[signal]` or `#[signal(ttl = "30s")]` (units `ms`, `s`, `m`, `h`)
+/// returns nothing and gets no reply. Doc comments and lint attributes are copied to the
+/// generated client methods.
+///
+/// ```ignore
+/// #[chatter_rpc::remote]
+/// pub trait Calculator {
+///     /// Adds.
+///     async fn add(&self, a: i64, b: i64) -> i64;
+///     async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError>;
+///     #[signal(ttl = "5s")]
+///     async fn log(&self, line: String);
+/// }
+/// ```
+///
+/// expands to (bodies elided, paths shortened from `::chatter_rpc::__private::…`):
+///
+/// ```ignore
+/// // The trait, with each `async fn` as `fn -> impl Future + Send` so handlers can be
+/// // spawned. Implement it with plain `async fn`s.
+/// pub trait Calculator {
+///     /// Adds.
+///     fn add(&self, a: i64, b: i64) -> impl Future<Output = i64> + Send;
+///     fn div(&self, a: i64, b: i64) -> impl Future<Output = Result<i64, CalcError>> + Send;
+///     fn log(&self, line: String) -> impl Future<Output = ()> + Send;
+/// }
+///
+/// /// Client of a remote `Calculator` object.
+/// #[derive(Clone, Debug)]
+/// pub struct CalculatorClient { /* peer, object name, deadline, ttl */ }
+///
+/// impl CalculatorClient {
+///     pub fn new(peer: &chatter_rpc::Peer, object: &str) -> Self;
+///     pub fn with_deadline(&self, deadline: Duration) -> Self; // per-call override
+///     pub fn with_ttl(&self, ttl: Duration) -> Self;           // per-send signal TTL
+///     pub fn deadline(&self) -> Duration;
+///     pub fn peer(&self) -> &chatter_rpc::Peer;
+///     pub fn object(&self) -> &str;
+///
+///     /// Adds.
+///     pub fn add(&self, a: i64, b: i64)
+///         -> impl Future<Output = Result<i64, CallError>> + Send + 'static;
+///     pub fn div(&self, a: i64, b: i64)
+///         -> impl Future<Output = Result<i64, CallError<CalcError>>> + Send + 'static;
+///     /// A signal: sent without waiting and without a reply.
+///     pub fn log(&self, line: String) -> Result<(), SignalError>;
+/// }
+///
+/// /// Serves any `impl Calculator` as a remote object.
+/// #[derive(Clone, Debug)]
+/// pub struct CalculatorServer<T> { /* Arc<T> */ }
+///
+/// impl<T> CalculatorServer<T> {
+///     pub fn new(object: T) -> Self;
+///     pub fn from_arc(object: Arc<T>) -> Self;
+///     pub fn object(&self) -> &Arc<T>;
+/// }
+///
+/// impl<T: Calculator + Send + Sync + 'static> chatter_rpc::Service for CalculatorServer<T> {}
+/// ```
+///
+/// Call futures own everything they need (`'static`), so they can be spawned or stored.
+/// The client methods' arguments are encoded when the method is called, not when the
+/// future is first polled.
+///
+/// Misuse is a compile error on the offending tokens: a method that is not `async`, a
+/// receiver other than `&self`, generic methods or traits, borrowed argument or return
+/// types, a signal with a return value, duplicate method names, names that clash with the
+/// generated client's methods (`new`, `with_deadline`, `with_ttl`, `deadline`, `peer`,
+/// `object`, `clone`, `fmt`), items other than methods, and unknown attributes.
+#[proc_macro_attribute]
+pub fn remote(args: TokenStream, input: TokenStream) -> TokenStream {
+    expand::remote(args.into(), input.into())
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}

@@ -1,1 +1,125 @@
-//! Remote objects, calls and signals over chatter conversations (work in progress).
+//! # chatter-rpc
+//!
+//! Remote objects, calls and signals over chatter conversations.
+//!
+//! Annotate a trait with [`#[remote]`](remote), implement it, register the implementation
+//! on a [`Peer`] (or [`serve`] it on every accepted connection), and call it from the other
+//! side through the generated client:
+//!
+//! ```
+//! use std::time::Duration;
+//! use chatter_rpc::{remote, serve, CallError, Peer, PeerOptions};
+//! use chatter_core::{connect, listen, Options};
+//!
+//! #[derive(Debug, serde::Serialize, serde::Deserialize)]
+//! pub enum CalcError { DivisionByZero }
+//!
+//! #[remote]
+//! pub trait Calculator {
+//!     async fn add(&self, a: i64, b: i64) -> i64;
+//!     async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError>;
+//!     #[signal(ttl = "5s")]
+//!     async fn log(&self, line: String);
+//! }
+//!
+//! struct Calc;
+//!
+//! impl Calculator for Calc {
+//!     async fn add(&self, a: i64, b: i64) -> i64 { a + b }
+//!     async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError> {
+//!         a.checked_div(b).ok_or(CalcError::DivisionByZero)
+//!     }
+//!     async fn log(&self, line: String) { println!("log: {line}"); }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let listener = listen("tcp://127.0.0.1:0", Options::default()).await?;
+//! let server = serve(listener, PeerOptions::default(), |peer: &Peer| {
+//!     peer.register("calc", CalculatorServer::new(Calc));
+//! });
+//!
+//! let peer = Peer::new(connect(&server.addresses()[0], Options::default()).await?);
+//! let calc = CalculatorClient::new(&peer, "calc");
+//! assert_eq!(calc.add(2, 3).await?, 5);
+//! assert!(matches!(
+//!     calc.div(1, 0).await,
+//!     Err(CallError::App { error: CalcError::DivisionByZero, .. })
+//! ));
+//! calc.log("done".into())?;
+//! // Per-call deadline:
+//! assert_eq!(calc.with_deadline(Duration::from_secs(1)).add(1, 1).await?, 2);
+//! peer.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Semantics
+//!
+//! - **Calls** map onto chatter conversations: the request opens a conversation and passes
+//!   the turn to the callee, the reply ends it. Every call has a deadline
+//!   ([`PeerOptions::default_deadline`], overridable per client with `with_deadline`). It
+//!   travels as a relative duration; the caller fails with [`CallError::DeadlineExceeded`]
+//!   when it passes, and the callee drops the handler's future when it passes on its side.
+//!   Dropping the call's future cancels the call: a cancel message makes the callee drop
+//!   the handler's future.
+//! - **Signals** are one-message conversations without a reply. Sending never waits: a
+//!   signal goes to the connection at once, or, while flow control holds it back, into a
+//!   bounded outbox. A signal not handed to the connection before its TTL runs out is
+//!   dropped and counted ([`PeerStats::signals_expired`]); the callee likewise drops a
+//!   signal that cannot start before its TTL ([`PeerStats::signals_expired_on_arrival`]).
+//!   A signal is never delivered late.
+//! - **Errors** are typed: [`CallError<E>`] carries the callee's `E` as the same type, with
+//!   the callee's [`RemoteContext`] (`Display` and `source()` chain), and separates every
+//!   framework failure. A panicking handler produces [`CallError::RemotePanic`]; the callee
+//!   keeps serving.
+//! - **Concurrency**: each call and signal runs in its own task on the callee, at most
+//!   [`PeerOptions::max_concurrent_handlers`] at once per connection.
+//! - **Symmetry**: both ends of a connection are [`Peer`]s; either can host objects and
+//!   call the other.
+//!
+//! The wire format of the RPC envelopes is described in `PROTOCOL.md` in this crate.
+
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+#![forbid(unsafe_code)]
+
+mod client;
+mod error;
+mod peer;
+mod server;
+mod service;
+mod wire;
+
+pub use chatter_macros::remote;
+pub use error::{CallError, RemoteContext, SignalError};
+pub use peer::{Peer, PeerOptions, PeerStats};
+pub use server::{serve, RpcServer};
+pub use service::Service;
+
+/// What `#[remote]`-generated code refers to. Not a public API: it may change in any
+/// release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::client::ClientCore;
+    pub use crate::service::{
+        decode_args, reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay, CtxError, CtxNone,
+        Dispatch,
+    };
+    pub use ::bytes::Bytes;
+    pub use ::core::clone::Clone;
+    pub use ::core::convert::Infallible;
+    pub use ::core::fmt;
+    pub use ::core::future::Future;
+    pub use ::core::marker::{Send, Sync};
+    pub use ::core::option::Option::{self, None, Some};
+    pub use ::core::result::Result::{self, Err, Ok};
+    pub use ::core::time::Duration;
+    pub use ::serde;
+    pub use ::std::boxed::Box;
+    pub use ::std::string::String;
+    pub use ::std::sync::Arc;
+}

@@ -1,0 +1,250 @@
+//! The model of a `#[remote]` trait, built from syn's AST. Shape errors of single items
+//! (non-async methods, receivers, generics, argument types) are recorded here; checks
+//! across items live in `check`.
+
+use syn::{
+    Attribute, Block, FnArg, GenericArgument, Ident, ItemTrait, Pat, PathArguments, ReturnType,
+    Signature, TraitItem, Type, TypeParamBound, Visibility,
+};
+
+use crate::attr;
+use crate::ctxt::Ctxt;
+
+/// A remote trait.
+pub(crate) struct Trait {
+    pub(crate) attrs: Vec<Attribute>,
+    pub(crate) vis: Visibility,
+    pub(crate) ident: Ident,
+    pub(crate) supertraits: Vec<TypeParamBound>,
+    pub(crate) methods: Vec<Method>,
+}
+
+/// One method of a remote trait.
+pub(crate) struct Method {
+    pub(crate) ident: Ident,
+    /// Docs and lint attributes, copied onto the trait method and the client method.
+    pub(crate) attrs: Vec<Attribute>,
+    /// `Some(ttl_ms)` for a signal.
+    pub(crate) signal: Option<Option<u64>>,
+    pub(crate) args: Vec<Arg>,
+    pub(crate) output: Output,
+    /// The return type as written (`None` for `()`), for error spans.
+    pub(crate) return_type: Option<Type>,
+    pub(crate) default: Option<Block>,
+}
+
+/// One argument (after `&self`).
+pub(crate) struct Arg {
+    pub(crate) pat: Pat,
+    pub(crate) ty: Type,
+}
+
+/// What a method returns.
+#[allow(clippy::large_enum_variant)] // one per method, built once per compile
+pub(crate) enum Output {
+    /// Nothing (`()`).
+    Unit,
+    /// A plain value.
+    Plain(Type),
+    /// `Result<T, E>`: `E` is the application error.
+    Result { ok: Type, err: Type },
+}
+
+impl Output {
+    /// The type the trait method's future resolves to.
+    pub(crate) fn full_type(&self, written: &Option<Type>) -> proc_macro2::TokenStream {
+        match (self, written) {
+            (_, Some(ty)) => quote::quote!(#ty),
+            _ => quote::quote!(()),
+        }
+    }
+}
+
+impl Trait {
+    /// Builds the model, recording every problem in `cx`.
+    pub(crate) fn from_ast(cx: &Ctxt, item: &ItemTrait) -> Trait {
+        if let Some(unsafety) = &item.unsafety {
+            cx.error_spanned_by(unsafety, "a remote trait cannot be `unsafe`");
+        }
+        if let Some(auto) = &item.auto_token {
+            cx.error_spanned_by(auto, "a remote trait cannot be an auto trait");
+        }
+        if !item.generics.params.is_empty() || item.generics.where_clause.is_some() {
+            cx.error_spanned_by(
+                &item.generics,
+                "a remote trait cannot be generic: name concrete argument and return types",
+            );
+        }
+        let mut methods = Vec::new();
+        for trait_item in &item.items {
+            match trait_item {
+                TraitItem::Fn(f) => {
+                    methods.push(Method::from_ast(cx, &f.attrs, &f.sig, f.default.as_ref()));
+                }
+                other => cx.error_spanned_by(
+                    other,
+                    "a remote trait can only contain methods (`async fn name(&self, ..)`)",
+                ),
+            }
+        }
+        Trait {
+            attrs: item.attrs.clone(),
+            vis: item.vis.clone(),
+            ident: item.ident.clone(),
+            supertraits: item.supertraits.iter().cloned().collect(),
+            methods,
+        }
+    }
+}
+
+impl Method {
+    fn from_ast(
+        cx: &Ctxt,
+        attrs: &[Attribute],
+        sig: &Signature,
+        default: Option<&Block>,
+    ) -> Method {
+        let attrs = attr::method_attrs(cx, attrs);
+        let name = &sig.ident;
+        if sig.asyncness.is_none() {
+            cx.error_spanned_by(
+                sig.fn_token,
+                format!("remote methods must be async: write `async fn {name}(&self, ..)`"),
+            );
+        }
+        if let Some(c) = &sig.constness {
+            cx.error_spanned_by(c, "remote methods cannot be `const`");
+        }
+        if let Some(u) = &sig.unsafety {
+            cx.error_spanned_by(u, "remote methods cannot be `unsafe`");
+        }
+        if let Some(abi) = &sig.abi {
+            cx.error_spanned_by(abi, "remote methods cannot have an ABI");
+        }
+        if let Some(v) = &sig.variadic {
+            cx.error_spanned_by(v, "remote methods cannot be variadic");
+        }
+        if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+            cx.error_spanned_by(
+                &sig.generics,
+                format!(
+                    "remote method `{name}` cannot be generic: both sides must agree on \
+                     concrete argument types"
+                ),
+            );
+        }
+
+        let mut inputs = sig.inputs.iter();
+        match inputs.next() {
+            Some(FnArg::Receiver(r)) => {
+                if r.colon_token.is_some() {
+                    cx.error_spanned_by(r, "write the receiver as `&self`");
+                } else if r.reference.is_none() {
+                    cx.error_spanned_by(
+                        r,
+                        "remote methods take `&self`; `self` by value is not supported \
+                         because the object serves many calls",
+                    );
+                } else if r.mutability.is_some() {
+                    cx.error_spanned_by(
+                        r,
+                        "remote methods take `&self`, not `&mut self`: calls run \
+                         concurrently; use interior mutability (e.g. a Mutex) for state",
+                    );
+                }
+            }
+            _ => cx.error_spanned_by(
+                name,
+                format!(
+                    "remote method `{name}` needs a `&self` receiver: `async fn {name}(&self, ..)`"
+                ),
+            ),
+        }
+        let mut args = Vec::new();
+        for input in inputs {
+            match input {
+                FnArg::Typed(pt) => {
+                    check_owned(cx, &pt.ty, "argument");
+                    args.push(Arg {
+                        pat: (*pt.pat).clone(),
+                        ty: (*pt.ty).clone(),
+                    });
+                }
+                FnArg::Receiver(r) => cx.error_spanned_by(r, "unexpected receiver"),
+            }
+        }
+
+        let (output, return_type) = match &sig.output {
+            ReturnType::Default => (Output::Unit, None),
+            ReturnType::Type(_, ty) => {
+                check_owned(cx, ty, "return type");
+                (classify(ty), Some((**ty).clone()))
+            }
+        };
+        Method {
+            ident: sig.ident.clone(),
+            attrs: attrs.passthrough,
+            signal: attrs.signal,
+            args,
+            output,
+            return_type,
+            default: default.cloned(),
+        }
+    }
+}
+
+/// `Result<T, E>` (a path ending in `Result` with two type arguments) or a plain type.
+fn classify(ty: &Type) -> Output {
+    if let Type::Tuple(t) = ty {
+        if t.elems.is_empty() {
+            return Output::Unit;
+        }
+    }
+    if let Type::Path(p) = ty {
+        if p.qself.is_none() {
+            if let Some(last) = p.path.segments.last() {
+                if last.ident == "Result" {
+                    if let PathArguments::AngleBracketed(a) = &last.arguments {
+                        let types: Vec<&Type> = a
+                            .args
+                            .iter()
+                            .filter_map(|g| match g {
+                                GenericArgument::Type(t) => Some(t),
+                                _ => None,
+                            })
+                            .collect();
+                        if let [ok, err] = types[..] {
+                            if a.args.len() == 2 {
+                                return Output::Result {
+                                    ok: ok.clone(),
+                                    err: err.clone(),
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Output::Plain(ty.clone())
+}
+
+/// Arguments and results cross the wire: they must be owned, nameable types.
+fn check_owned(cx: &Ctxt, ty: &Type, what: &str) {
+    match ty {
+        Type::Reference(r) => cx.error_spanned_by(
+            r,
+            format!(
+                "a remote {what} must be an owned type (it is decoded from the wire): \
+                 use `String` for `&str`, `Vec<T>` for `&[T]`, `T` for `&T`"
+            ),
+        ),
+        Type::ImplTrait(t) => cx.error_spanned_by(
+            t,
+            format!("a remote {what} cannot be `impl Trait`: name a concrete serde type"),
+        ),
+        Type::Paren(p) => check_owned(cx, &p.elem, what),
+        Type::Tuple(t) => t.elems.iter().for_each(|e| check_owned(cx, e, what)),
+        _ => {}
+    }
+}

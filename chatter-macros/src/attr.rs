@@ -1,0 +1,134 @@
+//! Attribute parsing: `#[remote(..)]` arguments and the attributes of trait methods.
+
+use proc_macro2::TokenStream;
+use syn::{Attribute, LitStr, Meta};
+
+use crate::ctxt::Ctxt;
+
+/// What the attributes of one trait method say.
+#[derive(Default)]
+pub(crate) struct MethodAttrs {
+    /// `Some` when the method is a signal; the inner value is its TTL in milliseconds.
+    pub(crate) signal: Option<Option<u64>>,
+    /// Attributes copied onto the generated items (docs, lints).
+    pub(crate) passthrough: Vec<Attribute>,
+}
+
+/// `#[remote]` takes no arguments.
+pub(crate) fn remote_args(cx: &Ctxt, args: TokenStream) {
+    if !args.is_empty() {
+        cx.error_spanned_by(
+            args,
+            "#[remote] takes no arguments; write `#[remote]` on the trait",
+        );
+    }
+}
+
+/// Lint and documentation attributes that are copied through unchanged.
+const PASSTHROUGH: &[&str] = &[
+    "doc",
+    "allow",
+    "warn",
+    "deny",
+    "expect",
+    "forbid",
+    "deprecated",
+];
+
+/// Parses the attributes of one method.
+pub(crate) fn method_attrs(cx: &Ctxt, attrs: &[Attribute]) -> MethodAttrs {
+    let mut out = MethodAttrs::default();
+    for attr in attrs {
+        let path = attr.path();
+        if path.is_ident("signal") {
+            if out.signal.is_some() {
+                cx.error_spanned_by(attr, "duplicate #[signal] attribute; keep one");
+                continue;
+            }
+            out.signal = Some(signal_ttl(cx, attr));
+        } else if PASSTHROUGH.iter().any(|p| path.is_ident(p)) {
+            out.passthrough.push(attr.clone());
+        } else {
+            cx.error_spanned_by(
+                attr,
+                "unsupported attribute on a remote method; supported are #[signal], \
+                 #[signal(ttl = \"30s\")], doc comments and lint attributes",
+            );
+        }
+    }
+    out
+}
+
+/// The TTL of `#[signal]` / `#[signal(ttl = "..")]`, in milliseconds.
+fn signal_ttl(cx: &Ctxt, attr: &Attribute) -> Option<u64> {
+    match &attr.meta {
+        Meta::Path(_) => None,
+        Meta::NameValue(nv) => {
+            cx.error_spanned_by(nv, "write #[signal] or #[signal(ttl = \"30s\")]");
+            None
+        }
+        Meta::List(_) => {
+            let mut ttl = None;
+            let parsed = attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("ttl") {
+                    let lit: LitStr = meta.value()?.parse()?;
+                    if ttl.is_some() {
+                        cx.error_spanned_by(&lit, "duplicate `ttl`; keep one");
+                    }
+                    match parse_duration(&lit.value()) {
+                        Some(ms) => ttl = Some(ms),
+                        None => cx.error_spanned_by(
+                            &lit,
+                            format!(
+                                "invalid duration {:?}: write a whole number followed by \
+                                 `ms`, `s`, `m` or `h`, for example \"30s\"",
+                                lit.value()
+                            ),
+                        ),
+                    }
+                    Ok(())
+                } else {
+                    Err(meta.error("unsupported signal option; the only option is `ttl = \"30s\"`"))
+                }
+            });
+            if let Err(e) = parsed {
+                cx.syn_error(e);
+            }
+            ttl
+        }
+    }
+}
+
+/// Parses `"500ms"`, `"30s"`, `"2m"`, `"1h"` into milliseconds.
+pub(crate) fn parse_duration(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = s.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let scale = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    number.checked_mul(scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Some(30_000));
+        assert_eq!(parse_duration("500ms"), Some(500));
+        assert_eq!(parse_duration("2m"), Some(120_000));
+        assert_eq!(parse_duration("1h"), Some(3_600_000));
+        assert_eq!(parse_duration("1 s"), Some(1_000));
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("1.5s"), None);
+        assert_eq!(parse_duration("5d"), None);
+    }
+}

@@ -1,0 +1,74 @@
+//! Checks across the whole trait, after the model is built.
+
+use std::collections::HashSet;
+
+use crate::ast::{Output, Trait};
+use crate::ctxt::Ctxt;
+
+/// Inherent methods of the generated client; a remote method with one of these names
+/// would be shadowed or clash.
+pub(crate) const CLIENT_METHODS: &[&str] = &[
+    "new",
+    "with_deadline",
+    "with_ttl",
+    "peer",
+    "object",
+    "deadline",
+    "clone",
+    "fmt",
+];
+
+/// Runs every cross-item check.
+pub(crate) fn check(cx: &Ctxt, tr: &Trait) {
+    duplicate_names(cx, tr);
+    generated_name_clashes(cx, tr);
+    signals_return_nothing(cx, tr);
+}
+
+fn duplicate_names(cx: &Ctxt, tr: &Trait) {
+    let mut seen = HashSet::new();
+    for m in &tr.methods {
+        let name = m.ident.to_string();
+        if !seen.insert(name.clone()) {
+            cx.error_spanned_by(
+                &m.ident,
+                format!("duplicate method name `{name}`: remote methods are called by name"),
+            );
+        }
+    }
+}
+
+fn generated_name_clashes(cx: &Ctxt, tr: &Trait) {
+    for m in &tr.methods {
+        let name = m.ident.to_string();
+        if CLIENT_METHODS.contains(&name.as_str()) {
+            cx.error_spanned_by(
+                &m.ident,
+                format!(
+                    "method name `{name}` clashes with `{}Client::{name}`, which #[remote] \
+                     generates; rename the method",
+                    tr.ident
+                ),
+            );
+        } else if name.starts_with("__") {
+            cx.error_spanned_by(
+                &m.ident,
+                format!("method name `{name}`: names starting with `__` are reserved"),
+            );
+        }
+    }
+}
+
+fn signals_return_nothing(cx: &Ctxt, tr: &Trait) {
+    for m in &tr.methods {
+        if m.signal.is_some() && !matches!(m.output, Output::Unit) {
+            if let Some(ty) = &m.return_type {
+                cx.error_spanned_by(
+                    ty,
+                    "a signal has no reply, so it cannot return a value: remove the return \
+                     type, or remove #[signal] to make it a call",
+                );
+            }
+        }
+    }
+}

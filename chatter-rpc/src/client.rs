@@ -1,0 +1,183 @@
+//! The runtime half of generated clients.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{CallError, RemoteContext, SignalError};
+use crate::peer::{Outcome, Peer};
+use crate::wire::{self, FailureKind, Reply};
+
+/// What a generated `{Trait}Client` wraps: a peer, the remote object's name, and the
+/// client's deadline and signal TTL overrides. Generated code only.
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct ClientCore {
+    peer: Peer,
+    object: Arc<str>,
+    deadline: Option<Duration>,
+    ttl: Option<Duration>,
+}
+
+impl fmt::Debug for ClientCore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("object", &self.object)
+            .field("deadline", &self.deadline())
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientCore {
+    pub fn new(peer: &Peer, object: &str) -> Self {
+        ClientCore {
+            peer: peer.clone(),
+            object: object.into(),
+            deadline: None,
+            ttl: None,
+        }
+    }
+
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    pub fn object(&self) -> &str {
+        &self.object
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+            .unwrap_or(self.peer.inner.options.default_deadline)
+    }
+
+    pub fn with_deadline(&self, deadline: Duration) -> Self {
+        ClientCore {
+            deadline: Some(deadline),
+            ..self.clone()
+        }
+    }
+
+    pub fn with_ttl(&self, ttl: Duration) -> Self {
+        ClientCore {
+            ttl: Some(ttl),
+            ..self.clone()
+        }
+    }
+
+    /// A call of a method returning `Result<T, E>`.
+    pub fn call<A, T, E>(
+        &self,
+        method: &'static str,
+        args: &A,
+    ) -> impl Future<Output = Result<T, CallError<E>>> + Send + 'static
+    where
+        A: Serialize + ?Sized,
+        T: DeserializeOwned + Send + 'static,
+        E: DeserializeOwned + Send + 'static,
+    {
+        self.call_with(method, args, |error, remote| {
+            match wire::decode_value::<E>(error) {
+                Ok(error) => CallError::App { error, remote },
+                Err(e) => CallError::BadReply { what: e.0 },
+            }
+        })
+    }
+
+    /// A call of a method returning a plain `T`.
+    pub fn call_plain<A, T>(
+        &self,
+        method: &'static str,
+        args: &A,
+    ) -> impl Future<Output = Result<T, CallError<Infallible>>> + Send + 'static
+    where
+        A: Serialize + ?Sized,
+        T: DeserializeOwned + Send + 'static,
+    {
+        self.call_with(method, args, |_, remote| CallError::BadReply {
+            what: format!("unexpected application error from a method without one: {remote}"),
+        })
+    }
+
+    /// Sends a signal (never waits; see [`Peer`] for TTL rules).
+    pub fn signal<A: Serialize + ?Sized>(
+        &self,
+        method: &'static str,
+        default_ttl: Option<Duration>,
+        args: &A,
+    ) -> Result<(), SignalError> {
+        let inner = &self.peer.inner;
+        let ttl = self
+            .ttl
+            .or(default_ttl)
+            .unwrap_or(inner.options.default_signal_ttl);
+        let payload = wire::encode_request(wire::SIGNAL, &self.object, method, ttl, args)
+            .map_err(|e| SignalError::BadArguments { what: e.0 })?;
+        inner.signal(payload, ttl)
+    }
+
+    fn call_with<A, T, E>(
+        &self,
+        method: &'static str,
+        args: &A,
+        app: impl FnOnce(&[u8], RemoteContext) -> CallError<E> + Send + 'static,
+    ) -> impl Future<Output = Result<T, CallError<E>>> + Send + 'static
+    where
+        A: Serialize + ?Sized,
+        T: DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+    {
+        let deadline = self.deadline();
+        let encoded = wire::encode_request(wire::CALL, &self.object, method, deadline, args);
+        let inner = self.peer.inner.clone();
+        let object = self.object.clone();
+        async move {
+            let payload = encoded.map_err(|e| CallError::BadArguments { what: e.0 })?;
+            let reply = match inner.call(&payload, deadline).await {
+                Outcome::Reply(reply) => reply,
+                Outcome::Deadline => return Err(CallError::DeadlineExceeded),
+                Outcome::Lost(cause) => return Err(CallError::ConnectionLost(cause)),
+                Outcome::Protocol(what) => return Err(CallError::Protocol(what)),
+            };
+            match wire::decode_reply(&reply) {
+                Ok(Reply::Ok(value)) => {
+                    wire::decode_value(value).map_err(|e| CallError::BadReply { what: e.0 })
+                }
+                Ok(Reply::AppError { context, error }) => Err(app(error, context)),
+                Ok(Reply::Failure { kind, message }) => {
+                    Err(failure(kind, message, &object, method))
+                }
+                Err(e) => Err(CallError::Protocol(e.0)),
+            }
+        }
+    }
+}
+
+fn failure<E>(
+    kind: Result<FailureKind, u8>,
+    message: String,
+    object: &str,
+    method: &str,
+) -> CallError<E> {
+    match kind {
+        Ok(FailureKind::DeadlineExceeded) => CallError::DeadlineExceeded,
+        Ok(FailureKind::Cancelled) => CallError::Cancelled,
+        Ok(FailureKind::NoSuchObject) => CallError::NoSuchObject {
+            object: object.to_owned(),
+        },
+        Ok(FailureKind::NoSuchMethod) => CallError::NoSuchMethod {
+            object: object.to_owned(),
+            method: method.to_owned(),
+        },
+        Ok(FailureKind::BadArguments) => CallError::BadArguments { what: message },
+        Ok(FailureKind::RemotePanic) => CallError::RemotePanic { message },
+        Ok(FailureKind::Protocol) => CallError::Protocol(message),
+        Err(kind) => CallError::Protocol(format!("unknown failure kind {kind}: {message}")),
+    }
+}

@@ -1,0 +1,232 @@
+//! Errors of calls and signals.
+
+use std::convert::Infallible;
+use std::fmt;
+
+use chatter_core::CloseCause;
+
+/// Why a remote call failed.
+///
+/// `E` is the application's error type: the `E` of a method declared as returning
+/// `Result<T, E>`. It arrives as the same typed value the callee returned, in
+/// [`CallError::App`], together with the callee's [`RemoteContext`]. Everything else is a
+/// framework failure with its own variant. Methods that return a plain `T` use
+/// `CallError<Infallible>` (the default), which has no app variant to match.
+///
+/// ```
+/// use chatter_rpc::CallError;
+///
+/// fn describe(err: &CallError<String>) -> String {
+///     match err {
+///         CallError::App { error, .. } => format!("the calculator said no: {error}"),
+///         CallError::DeadlineExceeded => "too slow".into(),
+///         other => format!("framework failure: {other}"),
+///     }
+/// }
+/// # assert_eq!(describe(&CallError::DeadlineExceeded), "too slow");
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError<E = Infallible> {
+    /// The callee's handler returned `Err(error)`.
+    #[error("remote error: {remote}")]
+    App {
+        /// The application error, decoded as the type the method declares.
+        error: E,
+        /// The callee's description of the error (its `Display` and `source()` chain).
+        remote: RemoteContext,
+    },
+    /// The call's deadline passed before a reply arrived (on either side).
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
+    /// The callee cancelled the call (for example because its peer was shutting down).
+    #[error("call cancelled by the callee")]
+    Cancelled,
+    /// The connection closed before the reply arrived, or was closed when the call started.
+    #[error("connection lost: {0}")]
+    ConnectionLost(CloseCause),
+    /// The callee hosts no object under this name.
+    #[error("no such object: `{object}`")]
+    NoSuchObject {
+        /// The object name the call addressed.
+        object: String,
+    },
+    /// The object has no method with this name.
+    #[error("no such method: `{object}.{method}`")]
+    NoSuchMethod {
+        /// The object name the call addressed.
+        object: String,
+        /// The method name.
+        method: String,
+    },
+    /// The arguments could not be encoded (here) or decoded (by the callee).
+    #[error("bad arguments: {what}")]
+    BadArguments {
+        /// What failed, for example the decode error with the method name.
+        what: String,
+    },
+    /// The reply could not be decoded as the declared return or error type.
+    #[error("bad reply: {what}")]
+    BadReply {
+        /// What failed.
+        what: String,
+    },
+    /// The callee's handler panicked; the callee keeps serving.
+    #[error("remote handler panicked: {message}")]
+    RemotePanic {
+        /// The panic message.
+        message: String,
+    },
+    /// The peer broke the RPC protocol (a malformed envelope, an unknown error kind, …).
+    #[error("RPC protocol error: {0}")]
+    Protocol(String),
+}
+
+impl<E> CallError<E> {
+    /// The application error, if this is one.
+    pub fn app(&self) -> Option<&E> {
+        match self {
+            CallError::App { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// Converts into the application error, if this is one.
+    pub fn into_app(self) -> Option<E> {
+        match self {
+            CallError::App { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// True for failures where the callee may or may not have run the handler to completion
+    /// (deadline exceeded, connection lost): the call's effect is unknown.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            CallError::DeadlineExceeded | CallError::ConnectionLost(_)
+        )
+    }
+
+    /// Converts a framework failure into the same failure with another app error type.
+    /// App errors are converted with `f`.
+    pub fn map_app<F>(self, f: impl FnOnce(E) -> F) -> CallError<F> {
+        match self {
+            CallError::App { error, remote } => CallError::App {
+                error: f(error),
+                remote,
+            },
+            CallError::DeadlineExceeded => CallError::DeadlineExceeded,
+            CallError::Cancelled => CallError::Cancelled,
+            CallError::ConnectionLost(c) => CallError::ConnectionLost(c),
+            CallError::NoSuchObject { object } => CallError::NoSuchObject { object },
+            CallError::NoSuchMethod { object, method } => {
+                CallError::NoSuchMethod { object, method }
+            }
+            CallError::BadArguments { what } => CallError::BadArguments { what },
+            CallError::BadReply { what } => CallError::BadReply { what },
+            CallError::RemotePanic { message } => CallError::RemotePanic { message },
+            CallError::Protocol(m) => CallError::Protocol(m),
+        }
+    }
+}
+
+/// The callee's description of an application error, like snakeMQ's
+/// `__remote_traceback__`: the error's `Display` and the `Display` of each error in its
+/// `source()` chain, outermost first.
+///
+/// The chain is filled when the error type implements [`std::error::Error`]; for types that
+/// only implement [`Display`](fmt::Display) it is empty, and for types that implement
+/// neither, `message` is empty too.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteContext {
+    /// The error's `Display`.
+    pub message: String,
+    /// The `Display` of each `source()`, outermost first.
+    pub chain: Vec<String>,
+}
+
+impl fmt::Display for RemoteContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.message.is_empty() {
+            f.write_str("(no description)")?;
+        } else {
+            f.write_str(&self.message)?;
+        }
+        for cause in &self.chain {
+            write!(f, ": caused by: {cause}")?;
+        }
+        Ok(())
+    }
+}
+
+impl RemoteContext {
+    /// The context of an error value: its `Display` and its `source()` chain.
+    pub fn of(error: &(dyn std::error::Error + '_)) -> Self {
+        let mut chain = Vec::new();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            chain.push(cause.to_string());
+            source = cause.source();
+        }
+        RemoteContext {
+            message: error.to_string(),
+            chain,
+        }
+    }
+}
+
+/// Why a signal was not queued for sending.
+///
+/// A signal that was accepted can still be dropped later, when its TTL runs out before it
+/// could be handed to the connection; that is counted in
+/// [`PeerStats::signals_expired`](crate::PeerStats::signals_expired), not reported here.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignalError {
+    /// The connection is closed.
+    #[error("connection lost: {0}")]
+    ConnectionLost(CloseCause),
+    /// The arguments could not be encoded.
+    #[error("bad arguments: {what}")]
+    BadArguments {
+        /// What failed.
+        what: String,
+    },
+    /// The outbox of signals waiting for flow-control credit is full
+    /// ([`PeerOptions::max_queued_signals`](crate::PeerOptions::max_queued_signals)).
+    #[error("signal outbox is full")]
+    OutboxFull,
+    /// The signal is larger than the connection's maximum frame.
+    #[error("signal too large: {0}")]
+    TooLarge(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("inner")]
+    struct Inner;
+
+    #[test]
+    fn context_walks_the_source_chain() {
+        let ctx = RemoteContext::of(&Outer(Inner));
+        assert_eq!(ctx.message, "outer");
+        assert_eq!(ctx.chain, vec!["inner".to_string()]);
+        assert_eq!(ctx.to_string(), "outer: caused by: inner");
+    }
+
+    #[test]
+    fn errors_are_send_sync_static() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<CallError<String>>();
+        check::<CallError>();
+        check::<SignalError>();
+    }
+}

@@ -1,0 +1,806 @@
+//! [`Peer`]: one end of an RPC connection. Hosts objects, makes calls, sends signals.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatter_core::{
+    CloseCause, Connection, ConnectionClosed, Conversation, Event, Msg, SendError, SendOptions,
+};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::time::Instant;
+
+use crate::service::{CatchUnwind, Dispatch, Service};
+use crate::wire::{self, FailureKind, Incoming};
+
+/// Settings of a [`Peer`].
+///
+/// ```
+/// use std::time::Duration;
+/// use chatter_rpc::PeerOptions;
+///
+/// let options = PeerOptions::default()
+///     .default_deadline(Duration::from_secs(5))
+///     .max_concurrent_handlers(16);
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerOptions {
+    pub(crate) default_deadline: Duration,
+    pub(crate) default_signal_ttl: Duration,
+    pub(crate) max_concurrent_handlers: usize,
+    pub(crate) max_queued_signals: usize,
+}
+
+impl Default for PeerOptions {
+    fn default() -> Self {
+        PeerOptions {
+            default_deadline: Duration::from_secs(30),
+            default_signal_ttl: Duration::from_secs(30),
+            max_concurrent_handlers: 256,
+            max_queued_signals: 1024,
+        }
+    }
+}
+
+impl PeerOptions {
+    /// The deadline of calls made through this peer's clients unless a client overrides it
+    /// (default 30 s). It travels to the callee as a relative duration.
+    pub fn default_deadline(mut self, deadline: Duration) -> Self {
+        self.default_deadline = deadline;
+        self
+    }
+
+    /// The TTL of signals whose method has no `#[signal(ttl = "..")]` and whose client sets
+    /// none (default 30 s).
+    pub fn default_signal_ttl(mut self, ttl: Duration) -> Self {
+        self.default_signal_ttl = ttl;
+        self
+    }
+
+    /// How many handlers (calls and signals) of this connection run at once (default 256,
+    /// at least 1). Further requests wait for a slot until their deadline or TTL.
+    pub fn max_concurrent_handlers(mut self, limit: usize) -> Self {
+        self.max_concurrent_handlers = limit.clamp(1, Semaphore::MAX_PERMITS);
+        self
+    }
+
+    /// How many signals may wait for flow-control credit (default 1024). A signal sent
+    /// while the outbox is full fails with
+    /// [`SignalError::OutboxFull`](crate::SignalError::OutboxFull).
+    pub fn max_queued_signals(mut self, limit: usize) -> Self {
+        self.max_queued_signals = limit;
+        self
+    }
+}
+
+/// Counters of a [`Peer`], from [`Peer::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerStats {
+    /// Signals handed to the connection.
+    pub signals_sent: u64,
+    /// Signals dropped on this side because their TTL ran out before the connection could
+    /// take them (flow control): never delivered late.
+    pub signals_expired: u64,
+    /// Signals refused because the outbox was full.
+    pub signals_rejected: u64,
+    /// Signals received whose handler ran.
+    pub signals_delivered: u64,
+    /// Signals received but dropped because their TTL ran out before a handler slot was
+    /// free.
+    pub signals_expired_on_arrival: u64,
+    /// Signals received for an unknown object or method, with bad arguments, or whose
+    /// handler panicked.
+    pub signals_failed: u64,
+    /// Calls received (whatever their outcome).
+    pub calls_received: u64,
+    /// Handlers (calls or signals) that panicked.
+    pub handler_panics: u64,
+}
+
+/// One end of an RPC connection.
+///
+/// A peer wraps a chatter-core [`Connection`] and owns its receive side. It hosts objects
+/// registered under names ([`register`](Self::register)) and is what generated clients
+/// call through (`{Trait}Client::new(&peer, "name")`). Both ends of a connection are
+/// peers, so both can host objects and call the other at the same time.
+///
+/// `Peer` is cheap to clone. The connection closes when [`close`](Self::close) is called,
+/// when the other side closes it, or when the last `Peer` clone (and the last client made
+/// from it) is dropped.
+///
+/// ```
+/// use chatter_rpc::{Peer, PeerOptions};
+/// use chatter_core::{connect, listen, Options};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+/// let a = Peer::new(connect(&server.addresses()[0], Options::default()).await?);
+/// let b = Peer::with_options(server.accept().await.expect("open"), PeerOptions::default());
+/// // register objects on `b` (a `{Trait}Server`), call them from `a` (a `{Trait}Client`)…
+/// a.close().await;
+/// assert!(b.closed().await.to_string().contains("closed by peer"));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Peer {
+    pub(crate) inner: Arc<Inner>,
+    _owner: Arc<Owner>,
+}
+
+impl fmt::Debug for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Peer")
+            .field("connection", &self.inner.conn)
+            .field("objects", &self.objects())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peer {
+    /// Wraps a connection with default options. Must be called inside a tokio runtime: it
+    /// starts the peer's receive task.
+    pub fn new(connection: Connection) -> Self {
+        Peer::with_options(connection, PeerOptions::default())
+    }
+
+    /// Wraps a connection. Must be called inside a tokio runtime.
+    pub fn with_options(connection: Connection, options: PeerOptions) -> Self {
+        let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            conn: connection.clone(),
+            handlers: Semaphore::new(options.max_concurrent_handlers),
+            options,
+            objects: RwLock::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
+            inflight: Mutex::new(InFlight::default()),
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+            outbox: outbox_tx,
+            queued: Arc::new(Queued::default()),
+            stats: Arc::new(Stats::default()),
+            shutdown: Notify::new(),
+        });
+        tokio::spawn(run_outbox(
+            connection,
+            outbox_rx,
+            inner.queued.clone(),
+            inner.stats.clone(),
+        ));
+        tokio::spawn(run_reader(inner.clone()));
+        Peer {
+            _owner: Arc::new(Owner(inner.clone())),
+            inner,
+        }
+    }
+
+    /// Hosts `object` under `name`, replacing (and returning true for) an object already
+    /// registered under it. Calls already running on the old object finish.
+    pub fn register(&self, name: impl Into<String>, object: impl Service) -> bool {
+        write(&self.inner.objects)
+            .insert(name.into(), Arc::new(object))
+            .is_some()
+    }
+
+    /// Stops hosting the object under `name`; returns whether there was one.
+    pub fn unregister(&self, name: &str) -> bool {
+        write(&self.inner.objects).remove(name).is_some()
+    }
+
+    /// The names of the hosted objects, sorted.
+    pub fn objects(&self) -> Vec<String> {
+        let mut names: Vec<String> = read(&self.inner.objects).keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The underlying connection (for its addresses or close cause). Do not receive from
+    /// it: the peer owns the receive side.
+    pub fn connection(&self) -> &Connection {
+        &self.inner.conn
+    }
+
+    /// This peer's options.
+    pub fn options(&self) -> &PeerOptions {
+        &self.inner.options
+    }
+
+    /// A snapshot of the peer's counters.
+    pub fn stats(&self) -> PeerStats {
+        self.inner.stats.snapshot()
+    }
+
+    /// Waits until every signal accepted so far was handed to the connection or dropped
+    /// because its TTL ran out.
+    pub async fn flush_signals(&self) {
+        let q = &self.inner.queued;
+        loop {
+            let mut drained = pin!(q.drained.notified());
+            drained.as_mut().enable();
+            if q.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    /// Closes gracefully: running call handlers are cancelled (their callers get
+    /// [`CallError::Cancelled`](crate::CallError::Cancelled)), their replies are sent (for
+    /// at most 5 s), then the connection closes. Calls this side is waiting for fail with
+    /// [`CallError::ConnectionLost`](crate::CallError::ConnectionLost).
+    pub async fn close(&self) {
+        self.inner.close_gracefully().await;
+    }
+
+    /// Waits until the connection is closed and returns why.
+    pub async fn closed(&self) -> CloseCause {
+        self.inner.conn.closed().await
+    }
+}
+
+/// Dropped with the last user-held `Peer`: asks the receive task to close.
+struct Owner(Arc<Inner>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.shutdown.notify_one();
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) conn: Connection,
+    pub(crate) options: PeerOptions,
+    objects: RwLock<HashMap<String, Arc<dyn Service>>>,
+    /// Calls this side made that wait for a reply, by conversation first id.
+    pending: Mutex<Pending>,
+    /// Call handlers running on this side, by the caller's conversation first id.
+    inflight: Mutex<InFlight>,
+    /// Running call handler tasks (for graceful close).
+    active: AtomicUsize,
+    idle: Notify,
+    handlers: Semaphore,
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    queued: Arc<Queued>,
+    pub(crate) stats: Arc<Stats>,
+    shutdown: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    closed: Option<CloseCause>,
+    calls: HashMap<u64, Slot>,
+}
+
+/// The state of one outgoing call.
+enum Slot {
+    /// The caller waits.
+    Waiting(oneshot::Sender<Outcome>),
+    /// The outcome arrived before the caller registered (it raced the send's return).
+    Arrived(Outcome),
+    /// The caller gave up (dropped or deadline); the reply still ends the conversation.
+    Abandoned,
+}
+
+/// How an outgoing call ended, as seen by the receive task.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Reply(Bytes),
+    Deadline,
+    Lost(CloseCause),
+    Protocol(String),
+}
+
+#[derive(Default)]
+struct InFlight {
+    closing: bool,
+    /// Dropping the sender cancels the handler.
+    calls: HashMap<u64, oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct Queued {
+    count: AtomicUsize,
+    drained: Notify,
+}
+
+/// Something the outbox task sends: a signal (with its expiry) or a control message.
+struct Outgoing {
+    payload: Bytes,
+    options: SendOptions,
+    /// Signals only: drop (and count) if not handed over by then.
+    expires: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) signals_sent: AtomicU64,
+    signals_expired: AtomicU64,
+    pub(crate) signals_rejected: AtomicU64,
+    signals_delivered: AtomicU64,
+    signals_expired_on_arrival: AtomicU64,
+    signals_failed: AtomicU64,
+    calls_received: AtomicU64,
+    handler_panics: AtomicU64,
+}
+
+impl Stats {
+    fn snapshot(&self) -> PeerStats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PeerStats {
+            signals_sent: l(&self.signals_sent),
+            signals_expired: l(&self.signals_expired),
+            signals_rejected: l(&self.signals_rejected),
+            signals_delivered: l(&self.signals_delivered),
+            signals_expired_on_arrival: l(&self.signals_expired_on_arrival),
+            signals_failed: l(&self.signals_failed),
+            calls_received: l(&self.calls_received),
+            handler_panics: l(&self.handler_panics),
+        }
+    }
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Inner {
+    /// Sends a request and waits for its outcome. The caller's future owns a guard: if it is
+    /// dropped before the outcome, the callee is told to cancel.
+    pub(crate) async fn call(self: &Arc<Self>, payload: &[u8], deadline: Duration) -> Outcome {
+        let options = SendOptions::new().last(false).timeout(deadline);
+        let conv = match self.conn.try_send(payload, options) {
+            Ok(conv) => conv,
+            Err(SendError::WouldBlock) => {
+                match tokio::time::timeout(deadline, self.conn.send_bytes(payload, options)).await {
+                    Ok(Ok(conv)) => conv,
+                    Ok(Err(e)) => return send_failure(e),
+                    Err(_) => return Outcome::Deadline,
+                }
+            }
+            Err(e) => return send_failure(e),
+        };
+        let id = conv.first_id();
+        let rx = {
+            let mut pending = lock(&self.pending);
+            if let Some(Slot::Arrived(outcome)) = pending.calls.remove(&id) {
+                return outcome;
+            }
+            if let Some(cause) = &pending.closed {
+                return Outcome::Lost(cause.clone());
+            }
+            let (tx, rx) = oneshot::channel();
+            pending.calls.insert(id, Slot::Waiting(tx));
+            rx
+        };
+        let mut guard = CallGuard {
+            inner: self,
+            id,
+            armed: true,
+        };
+        let outcome = rx.await;
+        guard.armed = false;
+        outcome
+            .unwrap_or_else(|_| Outcome::Lost(self.conn.close_cause().unwrap_or(CloseCause::Local)))
+    }
+
+    /// Hands a message to the connection now if it has credit, else to the outbox.
+    pub(crate) fn send_soon(&self, payload: Bytes, options: SendOptions) {
+        match self.conn.try_send(&payload, options) {
+            Err(SendError::WouldBlock) => {
+                let _ = self.outbox.send(Outgoing {
+                    payload,
+                    options,
+                    expires: None,
+                });
+            }
+            Err(e) => tracing::debug!("chatter-rpc: dropping a control message: {e}"),
+            Ok(_) => {}
+        }
+    }
+
+    /// Sends a signal without waiting: directly when nothing is queued before it and the
+    /// connection has credit, else through the outbox (dropped if `ttl` runs out first).
+    pub(crate) fn signal(
+        &self,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> Result<(), crate::error::SignalError> {
+        use crate::error::SignalError;
+        if self.queued.count.load(Ordering::Acquire) == 0 {
+            match self.conn.try_send(&payload, SendOptions::new()) {
+                Ok(_) => {
+                    bump(&self.stats.signals_sent);
+                    return Ok(());
+                }
+                Err(SendError::WouldBlock) => {}
+                Err(SendError::Closed(cause)) => return Err(SignalError::ConnectionLost(cause)),
+                Err(e) => return Err(SignalError::TooLarge(e.to_string())),
+            }
+        }
+        if ttl.is_zero() {
+            bump(&self.stats.signals_expired);
+            return Ok(());
+        }
+        if self.queued.count.load(Ordering::Acquire) >= self.options.max_queued_signals {
+            bump(&self.stats.signals_rejected);
+            return Err(SignalError::OutboxFull);
+        }
+        self.queued.count.fetch_add(1, Ordering::AcqRel);
+        let item = Outgoing {
+            payload,
+            options: SendOptions::new(),
+            expires: Some(Instant::now() + ttl),
+        };
+        if self.outbox.send(item).is_err() {
+            self.queued.count.fetch_sub(1, Ordering::AcqRel);
+            let cause = self.conn.close_cause().unwrap_or(CloseCause::Local);
+            return Err(SignalError::ConnectionLost(cause));
+        }
+        Ok(())
+    }
+
+    async fn close_gracefully(&self) {
+        {
+            let mut inflight = lock(&self.inflight);
+            inflight.closing = true;
+            inflight.calls.clear();
+        }
+        let wait_idle = async {
+            loop {
+                let mut idle = pin!(self.idle.notified());
+                idle.as_mut().enable();
+                if self.active.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, wait_idle).await;
+        self.conn.close().await;
+    }
+
+    fn on_message(self: &Arc<Self>, msg: Msg) {
+        if msg.conversation.is_owner() {
+            self.on_reply(msg);
+        } else {
+            self.on_request(msg);
+        }
+    }
+
+    fn on_reply(&self, msg: Msg) {
+        let outcome = if msg.last {
+            Outcome::Reply(msg.payload)
+        } else {
+            Outcome::Protocol("the callee answered without ending the call".into())
+        };
+        self.settle(msg.conversation.first_id(), outcome);
+    }
+
+    fn on_timeout(&self, conv: Conversation) {
+        if conv.is_owner() {
+            self.settle(conv.first_id(), Outcome::Deadline);
+        }
+    }
+
+    /// Delivers an outcome to the waiting caller.
+    fn settle(&self, id: u64, outcome: Outcome) {
+        let mut pending = lock(&self.pending);
+        let is_reply = matches!(outcome, Outcome::Reply(_));
+        match pending.calls.remove(&id) {
+            Some(Slot::Waiting(tx)) => {
+                if !is_reply {
+                    // The reply will still come and end the conversation.
+                    pending.calls.insert(id, Slot::Abandoned);
+                }
+                drop(pending);
+                let _ = tx.send(outcome);
+            }
+            Some(Slot::Abandoned) if !is_reply => {
+                pending.calls.insert(id, Slot::Abandoned);
+            }
+            Some(Slot::Abandoned) => {}
+            Some(Slot::Arrived(first)) => {
+                pending.calls.insert(id, Slot::Arrived(first));
+            }
+            None => {
+                pending.calls.insert(id, Slot::Arrived(outcome));
+            }
+        }
+    }
+
+    fn on_request(self: &Arc<Self>, msg: Msg) {
+        let conv = msg.conversation;
+        let open = msg.token && !msg.last;
+        match wire::decode_incoming(&msg.payload) {
+            Ok(Incoming::Call { deadline, .. }) if open && msg.first => {
+                bump(&self.stats.calls_received);
+                let (tx, rx) = oneshot::channel();
+                {
+                    let mut inflight = lock(&self.inflight);
+                    if inflight.closing {
+                        drop(inflight);
+                        self.reply(
+                            conv,
+                            wire::encode_failure(FailureKind::Cancelled, "closing"),
+                        );
+                        return;
+                    }
+                    inflight.calls.insert(conv.first_id(), tx);
+                }
+                self.active.fetch_add(1, Ordering::AcqRel);
+                let deadline = Instant::now() + deadline;
+                tokio::spawn(run_call(self.clone(), conv, msg.payload, deadline, rx));
+            }
+            Ok(Incoming::Signal { ttl, .. }) if msg.last => {
+                let expires = Instant::now() + ttl;
+                tokio::spawn(run_signal(self.clone(), msg.payload, expires));
+            }
+            Ok(Incoming::Cancel { call }) if msg.last => {
+                // Dropping the sender wakes the handler task, which drops the handler.
+                lock(&self.inflight).calls.remove(&call);
+            }
+            Ok(other) => {
+                let what = format!("misplaced envelope {other:?}");
+                self.protocol_error(conv, open, &what);
+            }
+            Err(e) => self.protocol_error(conv, open, &e.0),
+        }
+    }
+
+    fn protocol_error(&self, conv: Conversation, open: bool, what: &str) {
+        tracing::warn!("chatter-rpc: protocol error from peer: {what}");
+        if open {
+            self.reply(conv, wire::encode_failure(FailureKind::Protocol, what));
+        }
+    }
+
+    fn reply(&self, conv: Conversation, payload: Bytes) {
+        self.send_soon(payload, SendOptions::new().conversation(conv));
+    }
+
+    fn lookup(&self, object: &str) -> Option<Arc<dyn Service>> {
+        read(&self.objects).get(object).cloned()
+    }
+
+    /// The connection closed: fail waiting calls, cancel handlers, drop hosted objects
+    /// (which may hold clients of this peer).
+    fn finish(&self, cause: CloseCause) {
+        let waiting: Vec<_> = {
+            let mut pending = lock(&self.pending);
+            pending.closed = Some(cause.clone());
+            pending.calls.drain().collect()
+        };
+        for (_, slot) in waiting {
+            if let Slot::Waiting(tx) = slot {
+                let _ = tx.send(Outcome::Lost(cause.clone()));
+            }
+        }
+        {
+            let mut inflight = lock(&self.inflight);
+            inflight.closing = true;
+            inflight.calls.clear();
+        }
+        write(&self.objects).clear();
+    }
+}
+
+/// How long a graceful close waits for cancelled handlers to send their replies.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Tells the callee to cancel a call whose future was dropped.
+struct CallGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut pending = lock(&self.inner.pending);
+        if let Some(slot @ Slot::Waiting(_)) = pending.calls.get_mut(&self.id) {
+            *slot = Slot::Abandoned;
+            drop(pending);
+            self.inner
+                .send_soon(wire::encode_cancel(self.id), SendOptions::new());
+        }
+    }
+}
+
+fn send_failure(e: SendError) -> Outcome {
+    match e {
+        SendError::Closed(cause) => Outcome::Lost(cause),
+        other => Outcome::Protocol(other.to_string()),
+    }
+}
+
+async fn run_reader(inner: Arc<Inner>) {
+    let mut closing = false;
+    let cause = loop {
+        let event = if closing {
+            inner.conn.next_event().await
+        } else {
+            tokio::select! {
+                event = inner.conn.next_event() => event,
+                () = inner.shutdown.notified() => {
+                    closing = true;
+                    let inner = inner.clone();
+                    tokio::spawn(async move { inner.close_gracefully().await });
+                    continue;
+                }
+            }
+        };
+        match event {
+            Ok(Event::Message(msg)) => inner.on_message(msg),
+            Ok(Event::Timeout(conv)) => inner.on_timeout(conv),
+            Ok(_) => {}
+            Err(ConnectionClosed(cause)) => break cause,
+        }
+    };
+    inner.finish(cause);
+}
+
+async fn run_call(
+    inner: Arc<Inner>,
+    conv: Conversation,
+    payload: Bytes,
+    deadline: Instant,
+    mut cancel: oneshot::Receiver<()>,
+) {
+    let work = async {
+        let Ok(Incoming::Call {
+            object,
+            method,
+            args,
+            ..
+        }) = wire::decode_incoming(&payload)
+        else {
+            return wire::encode_failure(FailureKind::Protocol, "envelope changed");
+        };
+        let Ok(_permit) = inner.handlers.acquire().await else {
+            return wire::encode_failure(FailureKind::Cancelled, "closing");
+        };
+        let Some(service) = inner.lookup(object) else {
+            return wire::encode_failure(FailureKind::NoSuchObject, object);
+        };
+        let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            service.__dispatch(method, args)
+        }));
+        let handler = match dispatch {
+            Ok(Dispatch::Call(handler)) => handler,
+            Ok(Dispatch::Signal(_)) => {
+                let what = format!("`{method}` is a signal: send it, do not call it");
+                return wire::encode_failure(FailureKind::Protocol, &what);
+            }
+            Ok(Dispatch::NoSuchMethod) => {
+                return wire::encode_failure(FailureKind::NoSuchMethod, method)
+            }
+            Ok(Dispatch::BadArguments(what)) => {
+                return wire::encode_failure(FailureKind::BadArguments, &what)
+            }
+            Err(panic) => {
+                bump(&inner.stats.handler_panics);
+                let message = crate::service::panic_message(panic.as_ref());
+                return wire::encode_failure(FailureKind::RemotePanic, &message);
+            }
+        };
+        match CatchUnwind(handler).await {
+            Ok(reply) => reply,
+            Err(message) => {
+                bump(&inner.stats.handler_panics);
+                wire::encode_failure(FailureKind::RemotePanic, &message)
+            }
+        }
+    };
+    let reply = tokio::select! {
+        biased;
+        _ = &mut cancel => wire::encode_failure(FailureKind::Cancelled, "cancelled"),
+        () = tokio::time::sleep_until(deadline) => {
+            wire::encode_failure(FailureKind::DeadlineExceeded, "deadline exceeded")
+        }
+        reply = work => reply,
+    };
+    lock(&inner.inflight).calls.remove(&conv.first_id());
+    let options = SendOptions::new().conversation(conv);
+    let sent = match inner.conn.try_send(&reply, options) {
+        Err(SendError::WouldBlock) => inner.conn.send_bytes(&reply, options).await,
+        other => other,
+    };
+    if let Err(e) = sent {
+        tracing::debug!("chatter-rpc: reply not sent: {e}");
+    }
+    if inner.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        inner.idle.notify_waiters();
+    }
+}
+
+async fn run_signal(inner: Arc<Inner>, payload: Bytes, expires: Instant) {
+    let Ok(Incoming::Signal {
+        object,
+        method,
+        args,
+        ..
+    }) = wire::decode_incoming(&payload)
+    else {
+        return;
+    };
+    let permit = tokio::time::timeout_at(expires, inner.handlers.acquire()).await;
+    let (Ok(Ok(_permit)), false) = (permit, Instant::now() > expires) else {
+        bump(&inner.stats.signals_expired_on_arrival);
+        return;
+    };
+    let failed = |why: &str| {
+        tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
+        bump(&inner.stats.signals_failed);
+    };
+    let Some(service) = inner.lookup(object) else {
+        return failed("no such object");
+    };
+    let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        service.__dispatch(method, args)
+    }));
+    match dispatch {
+        Ok(Dispatch::Signal(handler)) => {
+            bump(&inner.stats.signals_delivered);
+            if let Err(message) = CatchUnwind(handler).await {
+                bump(&inner.stats.handler_panics);
+                failed(&format!("handler panicked: {message}"));
+            }
+        }
+        Ok(Dispatch::Call(_)) => failed("the method is a call, not a signal"),
+        Ok(Dispatch::NoSuchMethod) => failed("no such method"),
+        Ok(Dispatch::BadArguments(what)) => failed(&what),
+        Err(_) => {
+            bump(&inner.stats.handler_panics);
+            failed("argument decoding panicked");
+        }
+    }
+}
+
+async fn run_outbox(
+    conn: Connection,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    queued: Arc<Queued>,
+    stats: Arc<Stats>,
+) {
+    while let Some(item) = rx.recv().await {
+        let Some(expires) = item.expires else {
+            let _ = conn.send_bytes(&item.payload, item.options).await;
+            continue;
+        };
+        if Instant::now() >= expires {
+            bump(&stats.signals_expired);
+        } else {
+            match tokio::time::timeout_at(expires, conn.send_bytes(&item.payload, item.options))
+                .await
+            {
+                Ok(Ok(_)) => bump(&stats.signals_sent),
+                Ok(Err(e)) => tracing::debug!("chatter-rpc: signal not sent: {e}"),
+                Err(_) => bump(&stats.signals_expired),
+            }
+        }
+        if queued.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            queued.drained.notify_waiters();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}

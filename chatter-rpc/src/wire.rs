@@ -1,0 +1,377 @@
+//! The RPC envelopes carried in chatter-core message payloads (see `PROTOCOL.md`).
+//!
+//! Every envelope is a MessagePack array whose first element says what it is. User values
+//! (arguments, return values, application errors) are embedded as MessagePack values
+//! encoded with rmp-serde (structs as maps), never as nested byte strings, so a payload is
+//! encoded in one pass into one buffer.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::RemoteContext;
+
+/// Envelope kinds: the first element of a message from caller to callee.
+pub(crate) const CALL: u8 = 0;
+pub(crate) const SIGNAL: u8 = 1;
+pub(crate) const CANCEL: u8 = 2;
+
+/// Reply statuses: the first element of a reply.
+pub(crate) const OK: u8 = 0;
+pub(crate) const APP_ERROR: u8 = 1;
+pub(crate) const FAILURE: u8 = 2;
+
+/// Framework failure kinds in a `FAILURE` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum FailureKind {
+    DeadlineExceeded = 1,
+    Cancelled = 2,
+    NoSuchObject = 3,
+    NoSuchMethod = 4,
+    BadArguments = 5,
+    RemotePanic = 6,
+    Protocol = 7,
+}
+
+impl FailureKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => FailureKind::DeadlineExceeded,
+            2 => FailureKind::Cancelled,
+            3 => FailureKind::NoSuchObject,
+            4 => FailureKind::NoSuchMethod,
+            5 => FailureKind::BadArguments,
+            6 => FailureKind::RemotePanic,
+            7 => FailureKind::Protocol,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded caller-to-callee envelope. `args` borrows the payload.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Incoming<'a> {
+    Call {
+        object: &'a str,
+        method: &'a str,
+        deadline: Duration,
+        args: &'a [u8],
+    },
+    Signal {
+        object: &'a str,
+        method: &'a str,
+        ttl: Duration,
+        args: &'a [u8],
+    },
+    Cancel {
+        call: u64,
+    },
+}
+
+/// A decoded reply. Values borrow the payload.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reply<'a> {
+    Ok(&'a [u8]),
+    AppError {
+        context: RemoteContext,
+        error: &'a [u8],
+    },
+    Failure {
+        kind: Result<FailureKind, u8>,
+        message: String,
+    },
+}
+
+/// Why an envelope or a value could not be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WireError(pub(crate) String);
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `[0, object, method, deadline_ms, args]` (call) or `[1, object, method, ttl_ms, args]`
+/// (signal).
+pub(crate) fn encode_request<A: Serialize + ?Sized>(
+    kind: u8,
+    object: &str,
+    method: &str,
+    duration: Duration,
+    args: &A,
+) -> Result<Bytes, WireError> {
+    let mut w = BytesMut::with_capacity(32 + object.len() + method.len()).writer();
+    header(&mut w, 5, kind);
+    infallible(rmp::encode::write_str(&mut w, object));
+    infallible(rmp::encode::write_str(&mut w, method));
+    infallible(rmp::encode::write_uint(&mut w, millis(duration)).map(drop));
+    value(&mut w, args)?;
+    Ok(w.into_inner().freeze())
+}
+
+/// `[2, call]`: cancel the call whose conversation's first message had id `call`.
+pub(crate) fn encode_cancel(call: u64) -> Bytes {
+    let mut w = BytesMut::with_capacity(11).writer();
+    header(&mut w, 2, CANCEL);
+    infallible(rmp::encode::write_uint(&mut w, call).map(drop));
+    w.into_inner().freeze()
+}
+
+/// `[0, value]`.
+pub(crate) fn encode_ok<T: Serialize + ?Sized>(v: &T) -> Result<Bytes, WireError> {
+    let mut w = BytesMut::with_capacity(16).writer();
+    header(&mut w, 2, OK);
+    value(&mut w, v)?;
+    Ok(w.into_inner().freeze())
+}
+
+/// `[1, [message, [chain...]], error]`.
+pub(crate) fn encode_app_error<E: Serialize + ?Sized>(
+    error: &E,
+    context: &RemoteContext,
+) -> Result<Bytes, WireError> {
+    let mut w = BytesMut::with_capacity(64).writer();
+    header(&mut w, 3, APP_ERROR);
+    infallible(rmp::encode::write_array_len(&mut w, 2).map(drop));
+    infallible(rmp::encode::write_str(&mut w, &context.message));
+    infallible(rmp::encode::write_array_len(&mut w, len32(context.chain.len())).map(drop));
+    for cause in &context.chain {
+        infallible(rmp::encode::write_str(&mut w, cause));
+    }
+    value(&mut w, error)?;
+    Ok(w.into_inner().freeze())
+}
+
+/// `[2, kind, message]`.
+pub(crate) fn encode_failure(kind: FailureKind, message: &str) -> Bytes {
+    let mut w = BytesMut::with_capacity(8 + message.len()).writer();
+    header(&mut w, 3, FAILURE);
+    infallible(rmp::encode::write_uint(&mut w, kind as u64).map(drop));
+    infallible(rmp::encode::write_str(&mut w, message));
+    w.into_inner().freeze()
+}
+
+/// Decodes a caller-to-callee envelope.
+pub(crate) fn decode_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
+    let mut rd = payload;
+    let len = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("envelope", e))?;
+    let kind: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("envelope kind", e))?;
+    match (kind, len) {
+        (CALL | SIGNAL, 5) => {
+            let (object, rest) = read_str(rd, "object name")?;
+            let (method, rest) = read_str(rest, "method name")?;
+            let mut rd = rest;
+            let ms: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("duration", e))?;
+            let duration = Duration::from_millis(ms);
+            if rd.is_empty() {
+                return Err(WireError("missing arguments".into()));
+            }
+            Ok(if kind == CALL {
+                Incoming::Call {
+                    object,
+                    method,
+                    deadline: duration,
+                    args: rd,
+                }
+            } else {
+                Incoming::Signal {
+                    object,
+                    method,
+                    ttl: duration,
+                    args: rd,
+                }
+            })
+        }
+        (CANCEL, 2) => {
+            let call: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("call id", e))?;
+            Ok(Incoming::Cancel { call })
+        }
+        (kind, len) => Err(WireError(format!(
+            "unknown envelope kind {kind} with {len} elements"
+        ))),
+    }
+}
+
+/// Decodes a reply envelope.
+pub(crate) fn decode_reply(payload: &[u8]) -> Result<Reply<'_>, WireError> {
+    let mut rd = payload;
+    let len = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("reply", e))?;
+    let status: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("reply status", e))?;
+    match (status, len) {
+        (OK, 2) if !rd.is_empty() => Ok(Reply::Ok(rd)),
+        (APP_ERROR, 3) => {
+            let n = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("error context", e))?;
+            if n != 2 {
+                return Err(WireError("error context must have 2 elements".into()));
+            }
+            let (message, rest) = read_str(rd, "error message")?;
+            let mut rd = rest;
+            let n = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("error chain", e))?;
+            let mut chain = Vec::with_capacity(n.min(64) as usize);
+            for _ in 0..n {
+                let (cause, rest) = read_str(rd, "error chain")?;
+                chain.push(cause.to_owned());
+                rd = rest;
+            }
+            if rd.is_empty() {
+                return Err(WireError("missing application error value".into()));
+            }
+            Ok(Reply::AppError {
+                context: RemoteContext {
+                    message: message.to_owned(),
+                    chain,
+                },
+                error: rd,
+            })
+        }
+        (FAILURE, 3) => {
+            let kind: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("failure kind", e))?;
+            let (message, _) = read_str(rd, "failure message")?;
+            Ok(Reply::Failure {
+                kind: FailureKind::from_u8(kind).ok_or(kind),
+                message: message.to_owned(),
+            })
+        }
+        (status, len) => Err(WireError(format!(
+            "unknown reply status {status} with {len} elements"
+        ))),
+    }
+}
+
+/// Decodes one embedded user value.
+pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    rmp_serde::from_slice(bytes)
+        .map_err(|e| WireError(format!("cannot decode {}: {e}", std::any::type_name::<T>())))
+}
+
+fn header(w: &mut bytes::buf::Writer<BytesMut>, len: u32, kind: u8) {
+    infallible(rmp::encode::write_array_len(w, len).map(drop));
+    infallible(rmp::encode::write_uint(w, u64::from(kind)).map(drop));
+}
+
+fn value<T: Serialize + ?Sized>(
+    w: &mut bytes::buf::Writer<BytesMut>,
+    v: &T,
+) -> Result<(), WireError> {
+    v.serialize(&mut rmp_serde::Serializer::new(w).with_struct_map())
+        .map_err(|e| WireError(format!("cannot encode {}: {e}", std::any::type_name::<T>())))
+}
+
+/// Writing into a `BytesMut` cannot fail; the header helpers return `Result` only because
+/// they are generic over writers.
+fn infallible<T, E>(r: Result<T, E>) {
+    let _ = r;
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn read_str<'a>(rd: &'a [u8], what: &str) -> Result<(&'a str, &'a [u8]), WireError> {
+    rmp::decode::read_str_from_slice(rd).map_err(|e| WireError(format!("bad {what}: {e:?}")))
+}
+
+fn bad(what: &str, e: impl std::fmt::Display) -> WireError {
+    WireError(format!("bad {what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_round_trip_and_hex() {
+        let bytes = encode_request(
+            CALL,
+            "calc",
+            "add",
+            Duration::from_millis(1500),
+            &(2i64, 3i64),
+        )
+        .unwrap();
+        // [0, "calc", "add", 1500, [2, 3]]
+        assert_eq!(
+            bytes.as_ref(),
+            b"\x95\x00\xa4calc\xa3add\xcd\x05\xdc\x92\x02\x03".as_ref()
+        );
+        let Incoming::Call {
+            object,
+            method,
+            deadline,
+            args,
+        } = decode_incoming(&bytes).unwrap()
+        else {
+            panic!("not a call")
+        };
+        assert_eq!((object, method), ("calc", "add"));
+        assert_eq!(deadline, Duration::from_millis(1500));
+        assert_eq!(decode_value::<(i64, i64)>(args).unwrap(), (2, 3));
+    }
+
+    #[test]
+    fn signal_and_cancel_round_trip() {
+        let bytes = encode_request(SIGNAL, "o", "m", Duration::from_secs(30), &()).unwrap();
+        assert!(matches!(
+            decode_incoming(&bytes).unwrap(),
+            Incoming::Signal { ttl, .. } if ttl == Duration::from_secs(30)
+        ));
+        let bytes = encode_cancel(300);
+        assert_eq!(bytes.as_ref(), b"\x92\x02\xcd\x01\x2c".as_ref());
+        assert_eq!(
+            decode_incoming(&bytes).unwrap(),
+            Incoming::Cancel { call: 300 }
+        );
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let ok = encode_ok(&5i64).unwrap();
+        assert_eq!(ok.as_ref(), b"\x92\x00\x05".as_ref());
+        assert_eq!(decode_reply(&ok).unwrap(), Reply::Ok(b"\x05"));
+
+        let ctx = RemoteContext {
+            message: "outer".into(),
+            chain: vec!["inner".into()],
+        };
+        let err = encode_app_error("nope", &ctx).unwrap();
+        let Reply::AppError { context, error } = decode_reply(&err).unwrap() else {
+            panic!("not an app error")
+        };
+        assert_eq!(context, ctx);
+        assert_eq!(decode_value::<String>(error).unwrap(), "nope");
+
+        let f = encode_failure(FailureKind::NoSuchMethod, "sub");
+        assert_eq!(
+            decode_reply(&f).unwrap(),
+            Reply::Failure {
+                kind: Ok(FailureKind::NoSuchMethod),
+                message: "sub".into()
+            }
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for input in [
+            &b""[..],
+            b"\xc1",
+            b"\x95\x00",
+            b"\x95\x00\xa4cal",
+            b"\x92\x09\x00",
+            b"\x93\x01\x92\xa1x",
+            b"\x93\x02\x63\xa1x",
+            b"\x95\x00\xa1o\xa1m\x01",
+        ] {
+            assert!(decode_incoming(input).is_err(), "{input:x?}");
+            assert!(decode_reply(input).is_err() || input == b"\x93\x02\x63\xa1x");
+        }
+    }
+}
