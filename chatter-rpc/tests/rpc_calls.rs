@@ -1,0 +1,288 @@
+//! End-to-end calls over TCP on 127.0.0.1: values, typed errors, every framework failure,
+//! panics, cancellation, deadlines, concurrency and symmetric peers.
+
+mod common;
+
+use std::time::Duration;
+
+use chatter_core::Options;
+use chatter_rpc::{remote, serve, CallError, Peer, PeerOptions};
+use common::{pair, pair_with, within, Calc, CalcError, CalculatorClient, CalculatorServer};
+use tokio::time::Instant;
+
+/// The calculator as an older or newer client sees it: methods the server lacks and
+/// methods whose types disagree with the server's.
+#[remote]
+pub trait Mismatched {
+    /// The server's `add` takes integers.
+    async fn add(&self, a: String, b: String) -> i64;
+    /// The server has no `sub`.
+    async fn sub(&self, a: i64, b: i64) -> i64;
+    /// The server's `div` returns `Result<i64, _>`.
+    async fn div(&self, a: i64, b: i64) -> Result<String, CalcError>;
+}
+
+#[tokio::test(start_paused = true)]
+async fn call_returns_value() {
+    let p = pair().await;
+    assert_eq!(p.calc.add(2, 3).await.unwrap(), 5);
+    assert_eq!(p.calc.add(-7, 7).await.unwrap(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn app_error_arrives_typed_with_remote_context() {
+    let p = pair().await;
+    assert_eq!(p.calc.div(7, 2).await.unwrap(), 3);
+
+    let err = p.calc.div(1, 0).await.unwrap_err();
+    let CallError::App { error, remote } = err else {
+        panic!("expected an app error, got {err:?}");
+    };
+    assert_eq!(error, CalcError::DivisionByZero);
+    assert_eq!(remote.message, "division by zero");
+    assert!(remote.chain.is_empty());
+
+    let err = p.calc.div(i64::MIN, -1).await.unwrap_err();
+    let CallError::App { error, remote } = err else {
+        panic!("expected an app error, got {err:?}");
+    };
+    assert!(matches!(error, CalcError::Overflow { ref op, .. } if op == "div"));
+    assert_eq!(remote.message, "overflow in div");
+    assert_eq!(
+        remote.chain,
+        vec!["-9223372036854775808 / -1 does not fit in i64".to_string()]
+    );
+    assert!(remote
+        .to_string()
+        .contains("caused by: -9223372036854775808"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_such_object() {
+    let p = pair().await;
+    let ghost = CalculatorClient::new(&p.client, "ghost");
+    let err = ghost.add(1, 2).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::NoSuchObject { object } if object == "ghost"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_such_method() {
+    let p = pair().await;
+    let old = MismatchedClient::new(&p.client, "calc");
+    let err = old.sub(1, 2).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::NoSuchMethod { object, method } if object == "calc" && method == "sub"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_arguments_say_what_failed() {
+    let p = pair().await;
+    let wrong = MismatchedClient::new(&p.client, "calc");
+    let err = wrong.add("1".into(), "2".into()).await.unwrap_err();
+    let CallError::BadArguments { what } = &err else {
+        panic!("expected bad arguments, got {err:?}");
+    };
+    assert!(what.contains("`add`"), "{what}");
+    assert!(what.contains("i64"), "{what}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_reply_says_what_failed() {
+    let p = pair().await;
+    let wrong = MismatchedClient::new(&p.client, "calc");
+    let err = wrong.div(4, 2).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::BadReply { what } if what.contains("String")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn handler_panic_is_an_error_reply_and_the_peer_keeps_serving() {
+    let p = pair().await;
+    let err = p.calc.explode("kaboom".into()).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::RemotePanic { message } if message == "kaboom"),
+        "{err:?}"
+    );
+    assert_eq!(p.calc.add(1, 1).await.unwrap(), 2);
+    assert_eq!(p.server.stats().handler_panics, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn connection_lost_while_waiting() {
+    let mut p = pair().await;
+    let call = tokio::spawn(p.calc.wait("w".into()));
+    assert_eq!(within(p.probe.started.recv()).await.unwrap(), "w");
+    // Close the transport under the server peer, without a graceful RPC close.
+    p.server.connection().close().await;
+    let err = call.await.unwrap().unwrap_err();
+    assert!(matches!(err, CallError::ConnectionLost(_)), "{err:?}");
+    // The server dropped the handler when the connection went away.
+    assert_eq!(within(p.probe.dropped.recv()).await.unwrap(), "w");
+}
+
+#[tokio::test(start_paused = true)]
+async fn callee_cancels_on_graceful_close() {
+    let mut p = pair().await;
+    let call = tokio::spawn(p.calc.wait("w".into()));
+    assert_eq!(within(p.probe.started.recv()).await.unwrap(), "w");
+    p.server.close().await;
+    let err = call.await.unwrap().unwrap_err();
+    assert!(matches!(err, CallError::Cancelled), "{err:?}");
+    assert_eq!(within(p.probe.dropped.recv()).await.unwrap(), "w");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_call_future_cancels_the_handler() {
+    let mut p = pair().await;
+    let call = tokio::spawn(p.calc.wait("doomed".into()));
+    assert_eq!(within(p.probe.started.recv()).await.unwrap(), "doomed");
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    // The callee dropped the handler's future (the guard inside it recorded that) …
+    assert_eq!(within(p.probe.dropped.recv()).await.unwrap(), "doomed");
+    // … and keeps serving.
+    assert_eq!(p.calc.add(2, 2).await.unwrap(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadline_exceeded_while_the_handler_sleeps() {
+    let mut p = pair().await;
+    let start = Instant::now();
+    let err = p
+        .calc
+        .with_deadline(Duration::from_secs(1))
+        .sleep(60)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::DeadlineExceeded), "{err:?}");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    // The callee stops working on it once its copy of the deadline passes.
+    assert_eq!(within(p.probe.dropped.recv()).await.unwrap(), "sleep 60");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    // The default deadline still applies to other calls.
+    assert_eq!(p.calc.sleep(1).await.unwrap(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn default_deadline_comes_from_peer_options() {
+    let (client_conn, server_conn) = common::connections(Options::default()).await;
+    let server = Peer::new(server_conn);
+    let (calc, _probe) = Calc::new();
+    server.register("calc", CalculatorServer::new(calc));
+    let client = Peer::with_options(
+        client_conn,
+        PeerOptions::default().default_deadline(Duration::from_secs(2)),
+    );
+    let calc = CalculatorClient::new(&client, "calc");
+    assert_eq!(calc.deadline(), Duration::from_secs(2));
+    let err = calc.sleep(3).await.unwrap_err();
+    assert!(matches!(err, CallError::DeadlineExceeded), "{err:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_handler_does_not_block_others() {
+    let mut p = pair().await;
+    let slow = tokio::spawn(p.calc.wait("slow".into()));
+    assert_eq!(within(p.probe.started.recv()).await.unwrap(), "slow");
+    for i in 0..10 {
+        assert_eq!(p.calc.add(i, 1).await.unwrap(), i + 1);
+    }
+    p.probe.release.notify_waiters();
+    assert_eq!(slow.await.unwrap().unwrap(), "slow");
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_handler_limit_is_per_connection() {
+    let mut p = pair_with(
+        PeerOptions::default().max_concurrent_handlers(1),
+        Options::default(),
+    )
+    .await;
+    let slow = tokio::spawn(p.calc.wait("slot".into()));
+    assert_eq!(within(p.probe.started.recv()).await.unwrap(), "slot");
+    // The only handler slot is taken: another call waits for it until its deadline.
+    let err = p
+        .calc
+        .with_deadline(Duration::from_secs(1))
+        .add(1, 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::DeadlineExceeded), "{err:?}");
+    p.probe.release.notify_waiters();
+    assert_eq!(slow.await.unwrap().unwrap(), "slot");
+    assert_eq!(p.calc.add(1, 1).await.unwrap(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn thousand_concurrent_calls_complete_with_correct_results() {
+    let p = pair().await;
+    let calls: Vec<_> = (0..1000i64)
+        .map(|i| tokio::spawn(p.calc.add(i, i * 2)))
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap().unwrap(), i as i64 * 3);
+    }
+    assert_eq!(p.server.stats().calls_received, 1000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn both_sides_call_each_other_over_one_connection() {
+    let p = pair().await;
+    let (calc, _probe) = Calc::new();
+    p.client.register("calc", CalculatorServer::new(calc));
+    let back = CalculatorClient::new(&p.server, "calc");
+    let (a, b) = tokio::join!(p.calc.add(1, 2), back.add(10, 20));
+    assert_eq!((a.unwrap(), b.unwrap()), (3, 30));
+    // Interleaved, many at once, in both directions.
+    let mut calls = Vec::new();
+    for i in 0..50 {
+        calls.push(tokio::spawn(p.calc.add(i, 1)));
+        calls.push(tokio::spawn(back.add(i, 2)));
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn serve_hosts_objects_on_every_connection() {
+    let listener = chatter_core::listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .unwrap();
+    let server = serve(listener, PeerOptions::default(), |peer: &Peer| {
+        let (calc, _probe) = Calc::new();
+        peer.register("calc", CalculatorServer::new(calc));
+    });
+    let address = server.addresses()[0].clone();
+    for i in 0..3 {
+        let conn = chatter_core::connect(&address, Options::default())
+            .await
+            .unwrap();
+        let peer = Peer::new(conn);
+        let calc = CalculatorClient::new(&peer, "calc");
+        assert_eq!(calc.add(i, i).await.unwrap(), 2 * i);
+        peer.close().await;
+    }
+    server.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_every_peer_handle_closes_the_connection() {
+    let p = pair().await;
+    let server = p.server.clone();
+    drop(p.calc);
+    drop(p.client);
+    let cause = server.closed().await;
+    assert!(cause.to_string().contains("closed by peer"), "{cause}");
+}
