@@ -4,8 +4,11 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
+use chatter_core::tls::{ClientTls, ServerTls};
 use chatter_core::{connect, listen, Connection, Options, Server};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
 /// The transports every end-to-end scenario runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +17,8 @@ pub enum Transport {
     Tcp,
     /// `unix://` a fresh path in the temp directory
     Unix,
+    /// `tls://127.0.0.1:0` with a test CA, server name `localhost`
+    Tls,
 }
 
 impl Transport {
@@ -22,6 +27,23 @@ impl Transport {
         match self {
             Transport::Tcp => "tcp://127.0.0.1:0".to_string(),
             Transport::Unix => format!("unix://{}", unix_path().display()),
+            Transport::Tls => "tls://127.0.0.1:0".to_string(),
+        }
+    }
+
+    /// `options` plus whatever a server on this transport needs.
+    pub fn server_options(self, options: Options) -> Options {
+        match self {
+            Transport::Tls => options.tls_server(pki().server_tls()),
+            _ => options,
+        }
+    }
+
+    /// `options` plus whatever a client on this transport needs.
+    pub fn client_options(self, options: Options) -> Options {
+        match self {
+            Transport::Tls => options.tls_client(pki().client_tls()),
+            _ => options,
         }
     }
 }
@@ -42,12 +64,18 @@ pub async fn pair_with(
     server_options: Options,
     client_options: Options,
 ) -> (Server, Connection, Connection) {
-    let server = listen(transport.listen_address(), server_options)
-        .await
-        .expect("listen");
-    let client = connect(&server.addresses()[0], client_options)
-        .await
-        .expect("connect");
+    let server = listen(
+        transport.listen_address(),
+        transport.server_options(server_options),
+    )
+    .await
+    .expect("listen");
+    let client = connect(
+        &server.addresses()[0],
+        transport.client_options(client_options),
+    )
+    .await
+    .expect("connect");
     let accepted = server.accept().await.expect("accept");
     (server, client, accepted)
 }
@@ -57,20 +85,140 @@ pub async fn pair(transport: Transport) -> (Server, Connection, Connection) {
     pair_with(transport, Options::default(), Options::default()).await
 }
 
-/// Runs a scenario `async fn name(t: Transport)` as one test per transport.
-#[macro_export]
-macro_rules! both_transports {
-    ($($name:ident),* $(,)?) => {
-        mod tcp {
-            $(#[tokio::test(start_paused = true)]
-            async fn $name() {
-                super::$name($crate::Transport::Tcp).await
-            })*
+/// A certificate and its private key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The private key, PEM.
+    pub key_pem: String,
+}
+
+/// A certificate authority that issues test certificates, generated at run time.
+pub struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("cert_pem", &self.cert_pem)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// A fresh CA with the given common name.
+    pub fn new(name: &str) -> Self {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("self-signed CA");
+        Ca {
+            cert_pem: cert.pem(),
+            cert,
+            key,
         }
-        mod unix {
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses).
+    pub fn server(&self, names: &[&str]) -> Identity {
+        self.issue(names, ExtendedKeyUsagePurpose::ServerAuth, false)
+    }
+
+    /// A client certificate with the given common name.
+    pub fn client(&self, name: &str) -> Identity {
+        self.issue(&[name], ExtendedKeyUsagePurpose::ClientAuth, false)
+    }
+
+    /// A server certificate for `names` that expired in 2020.
+    pub fn expired_server(&self, names: &[&str]) -> Identity {
+        self.issue(names, ExtendedKeyUsagePurpose::ServerAuth, true)
+    }
+
+    fn issue(&self, names: &[&str], usage: ExtendedKeyUsagePurpose, expired: bool) -> Identity {
+        let key = KeyPair::generate().expect("key");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, &names[0]);
+        params.extended_key_usages = vec![usage];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        }
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("signed");
+        Identity {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
+
+/// The shared test PKI: one CA, a server certificate for `localhost` and `127.0.0.1`, and a
+/// client certificate.
+#[derive(Debug)]
+pub struct Pki {
+    /// The CA.
+    pub ca: Ca,
+    /// The server's identity.
+    pub server: Identity,
+    /// A client's identity.
+    pub client: Identity,
+}
+
+impl Pki {
+    /// Server settings that present [`Pki::server`].
+    pub fn server_tls(&self) -> ServerTls {
+        ServerTls::from_pem(
+            self.server.cert_pem.as_bytes(),
+            self.server.key_pem.as_bytes(),
+        )
+        .expect("server TLS")
+    }
+
+    /// Client settings that trust [`Pki::ca`] and verify the name `localhost`.
+    pub fn client_tls(&self) -> ClientTls {
+        ClientTls::from_ca_pem(self.ca.cert_pem.as_bytes())
+            .expect("client TLS")
+            .server_name("localhost")
+    }
+}
+
+/// The shared test PKI, generated once per test binary.
+pub fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let ca = Ca::new("chatter test CA");
+        let server = ca.server(&["localhost", "127.0.0.1"]);
+        let client = ca.client("test-client");
+        Pki { ca, server, client }
+    })
+}
+
+/// Runs a scenario `async fn name(t: Transport)` as one test per transport (TCP, Unix, TLS).
+#[macro_export]
+macro_rules! all_transports {
+    ($($name:ident),* $(,)?) => {
+        $crate::all_transports!(@one tcp Tcp $($name),*);
+        $crate::all_transports!(@one unix Unix $($name),*);
+        $crate::all_transports!(@one tls Tls $($name),*);
+    };
+    (@one $module:ident $transport:ident $($name:ident),*) => {
+        mod $module {
             $(#[tokio::test(start_paused = true)]
             async fn $name() {
-                super::$name($crate::Transport::Unix).await
+                super::$name($crate::Transport::$transport).await
             })*
         }
     };

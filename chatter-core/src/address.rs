@@ -28,6 +28,13 @@ pub enum Address {
         /// Port; 0 asks the system for a free one when listening.
         port: u16,
     },
+    /// `tls://host:port`: TCP with TLS (see [`crate::tls`]).
+    Tls {
+        /// Host name or IP address, without brackets; the default TLS server name.
+        host: String,
+        /// Port; 0 asks the system for a free one when listening.
+        port: u16,
+    },
     /// `unix://PATH`, for example `unix:///tmp/app.sock`. An unnamed socket (the client
     /// end of a Unix connection) has an empty path.
     Unix {
@@ -60,10 +67,10 @@ impl FromStr for Address {
                     path: PathBuf::from(rest),
                 })
             }
-            "tls" => Err(AddressError::Unsupported {
-                address: address.to_string(),
-                scheme: scheme.to_string(),
-            }),
+            "tls" => {
+                let (host, port) = split_host_port(address, rest)?;
+                Ok(Address::Tls { host, port })
+            }
             _ => Err(AddressError::UnknownScheme {
                 address: address.to_string(),
                 scheme: scheme.to_string(),
@@ -120,6 +127,10 @@ impl fmt::Display for Address {
                 write!(f, "tcp://[{host}]:{port}")
             }
             Address::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            Address::Tls { host, port } if host.contains(':') => {
+                write!(f, "tls://[{host}]:{port}")
+            }
+            Address::Tls { host, port } => write!(f, "tls://{host}:{port}"),
             Address::Unix { path } => write!(f, "unix://{}", path.display()),
         }
     }
@@ -175,6 +186,7 @@ mod tests {
             "tcp://127.0.0.1:7000",
             "tcp://localhost:0",
             "tcp://[::1]:9",
+            "tls://example.com:7443",
             "unix:///tmp/x.sock",
             "unix://relative.sock",
         ] {
@@ -209,8 +221,8 @@ mod tests {
             AddressError::UnknownScheme { .. }
         ));
         assert!(matches!(
-            err("tls://127.0.0.1:1"),
-            AddressError::Unsupported { .. }
+            err("tls://127.0.0.1"),
+            AddressError::MissingPort { .. }
         ));
         for a in [
             "127.0.0.1:80",

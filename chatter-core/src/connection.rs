@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::error::{CloseCause, CloseCode, ConnectionClosed, DecodeError, SendError};
 use crate::proto::{ConversationId, Event as ProtoEvent, Protocol, SendArgs, SendRefused};
+use crate::tls::CertificateDer;
 use crate::{Address, Options};
 
 /// A conversation on one connection: who opened it and the id of its first message.
@@ -249,6 +250,12 @@ impl Connection {
         &self.shared().remote
     }
 
+    /// The certificate chain the peer presented (DER, leaf first), on TLS connections
+    /// where it presented one; `None` on other transports.
+    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        self.shared().peer_certificates.as_deref()
+    }
+
     /// Closes the connection: the peer sees [`CloseCause::Peer`], pending sends fail, and
     /// no conversation timeout fires afterwards. Returns when the transport is closed: the
     /// peer acknowledged the close by closing its side, or [`Options::close_linger`] passed.
@@ -318,7 +325,12 @@ impl Connection {
 
     /// Starts the driver for an open transport. The returned connection is usable once
     /// [`handshake`](Self::handshake) returned `Ok`.
-    pub(crate) fn start<S>(io: S, local: Address, remote: Address, options: &Options) -> Self
+    pub(crate) fn start<S>(
+        io: S,
+        (local, remote): (Address, Address),
+        peer_certificates: Option<Vec<CertificateDer<'static>>>,
+        options: &Options,
+    ) -> Self
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -327,6 +339,7 @@ impl Connection {
             id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
             local,
             remote,
+            peer_certificates,
             inner: Mutex::new(Inner {
                 proto: Protocol::new(options.proto.clone(), now.into_std()),
                 messages: VecDeque::new(),
@@ -414,6 +427,7 @@ struct Shared {
     id: u64,
     local: Address,
     remote: Address,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
     inner: Mutex<Inner>,
     /// Messages, timeouts or the close became available.
     readable: Notify,

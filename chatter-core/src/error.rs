@@ -34,14 +34,25 @@ pub enum CloseCause {
     /// The peer broke the protocol (or never spoke it).
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtocolError),
+    /// The TLS handshake failed (untrusted or expired certificate, wrong name, missing
+    /// client certificate, a peer that does not speak TLS, …).
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     /// The transport failed, including a peer that vanished without a close frame.
     #[error("I/O error: {0}")]
     Io(Arc<io::Error>),
 }
 
 impl CloseCause {
+    /// Classifies a transport error: TLS failures (alerts, bad records) get their own cause.
     pub(crate) fn io(err: io::Error) -> Self {
-        CloseCause::Io(Arc::new(err))
+        match err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(tls) => CloseCause::Tls(tls.to_string()),
+            None => CloseCause::Io(Arc::new(err)),
+        }
     }
 
     /// True when this side closed the connection on purpose.
@@ -166,26 +177,20 @@ pub enum AddressError {
         reason: String,
     },
     /// A scheme other than `tcp`, `unix` (or `tls`, once available).
-    #[error("unknown scheme {scheme:?} in address {address:?} (expected tcp:// or unix://)")]
+    #[error(
+        "unknown scheme {scheme:?} in address {address:?} (expected tcp://, tls:// or unix://)"
+    )]
     UnknownScheme {
         /// The address as given.
         address: String,
         /// The scheme found.
         scheme: String,
     },
-    /// A `tcp://` address without a port.
+    /// A `tcp://` or `tls://` address without a port.
     #[error("address {address:?} has no port (expected tcp://host:port)")]
     MissingPort {
         /// The address as given.
         address: String,
-    },
-    /// A scheme this build cannot serve yet.
-    #[error("{scheme}:// addresses are not supported by this build of chatter-core ({address:?})")]
-    Unsupported {
-        /// The address as given.
-        address: String,
-        /// The scheme.
-        scheme: String,
     },
 }
 
@@ -204,6 +209,9 @@ pub enum ConnectError {
     /// The options are unusable.
     #[error(transparent)]
     Options(#[from] InvalidOptions),
+    /// The TLS configuration is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The transport could not be opened (refused, unreachable, …).
     #[error("cannot connect to {address}: {source}")]
     Io {
@@ -218,7 +226,7 @@ pub enum ConnectError {
         /// The address connected to.
         address: String,
     },
-    /// The transport opened, but the chatter handshake failed.
+    /// The transport opened, but the TLS or chatter handshake failed.
     #[error("handshake with {address} failed: {cause}")]
     Handshake {
         /// The address connected to.
@@ -238,6 +246,9 @@ pub enum ListenError {
     /// The options are unusable.
     #[error(transparent)]
     Options(#[from] InvalidOptions),
+    /// The TLS configuration is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Binding failed (address in use, permission denied, …).
     #[error("cannot listen on {address}: {source}")]
     Io {

@@ -1,6 +1,6 @@
 //! # chatter-core
 //!
-//! Conversations over TCP and Unix sockets: the transport layer of the chatter RPC
+//! Conversations over TCP, TLS and Unix sockets: the transport layer of the chatter RPC
 //! framework.
 //!
 //! Peers exchange messages (MessagePack payloads in length-delimited frames) grouped into
@@ -55,6 +55,7 @@ pub mod error;
 mod options;
 pub mod proto;
 mod server;
+pub mod tls;
 mod transport;
 
 pub use address::{Address, ToAddress};
@@ -65,5 +66,5 @@ pub use error::{
 };
 pub use options::Options;
 pub use proto::Keepalive;
-pub use server::Server;
+pub use server::{Rejection, Server};
 pub use transport::{connect, listen};

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::error::InvalidOptions;
 use crate::proto::{Config, Keepalive};
+use crate::tls::{ClientTls, ServerTls};
 
 /// Settings for [`connect`](crate::connect) and [`listen`](crate::listen).
 ///
@@ -20,12 +21,14 @@ use crate::proto::{Config, Keepalive};
 ///     .max_frame_size(256 * 1024);
 /// # let _ = options;
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Options {
     pub(crate) proto: Config,
     pub(crate) connect_timeout: Duration,
     pub(crate) close_linger: Duration,
     pub(crate) bind_connections: bool,
+    pub(crate) tls_server: Option<ServerTls>,
+    pub(crate) tls_client: Option<ClientTls>,
 }
 
 impl Default for Options {
@@ -35,6 +38,8 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(10),
             close_linger: Duration::from_secs(2),
             bind_connections: true,
+            tls_server: None,
+            tls_client: None,
         }
     }
 }
@@ -68,7 +73,8 @@ impl Options {
         self
     }
 
-    /// How long the peer has to complete the handshake (default 10 s).
+    /// How long the peer has to complete the handshake (default 10 s). On `tls://` this
+    /// bounds the TLS handshake and, separately, the chatter handshake after it.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
         self.proto.handshake_timeout = timeout;
         self
@@ -97,6 +103,18 @@ impl Options {
     /// (default true).
     pub fn close_connections_with_server(mut self, yes: bool) -> Self {
         self.bind_connections = yes;
+        self
+    }
+
+    /// TLS settings for [`listen`](crate::listen) on a `tls://` address.
+    pub fn tls_server(mut self, tls: ServerTls) -> Self {
+        self.tls_server = Some(tls);
+        self
+    }
+
+    /// TLS settings for [`connect`](crate::connect) to a `tls://` address.
+    pub fn tls_client(mut self, tls: ClientTls) -> Self {
+        self.tls_client = Some(tls);
         self
     }
 

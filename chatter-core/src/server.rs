@@ -11,13 +11,28 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use tokio_rustls::TlsAcceptor;
+
 use crate::connection::Handle;
-use crate::error::{CloseCode, ListenError};
-use crate::transport::unix_address;
+use crate::error::{CloseCause, CloseCode, InvalidOptions, ListenError, ProtocolError};
+use crate::transport::{tcp_addresses, unix_address};
 use crate::{Address, Connection, Options};
 
 /// How many handshaken connections wait for [`Server::accept`] before handshakes pause.
 const ACCEPT_QUEUE: usize = 128;
+
+/// How many handshake failures [`Server::next_rejection`] keeps; older ones are dropped.
+const REJECTION_QUEUE: usize = 64;
+
+/// A peer that connected but failed the TLS or chatter handshake and was disconnected.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Rejection {
+    /// Where the peer connected from.
+    pub remote: Address,
+    /// Why it was disconnected.
+    pub cause: CloseCause,
+}
 
 /// A listening endpoint. Accepted connections have completed the handshake; peers that
 /// fail it are disconnected (and logged) without disturbing anyone else.
@@ -43,6 +58,7 @@ const ACCEPT_QUEUE: usize = 128;
 pub struct Server {
     addresses: Vec<Address>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<Connection>>,
+    rejections: tokio::sync::Mutex<mpsc::Receiver<Rejection>>,
     tracked: Arc<Tracked>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -103,6 +119,20 @@ impl Server {
         }
     }
 
+    /// The next peer that failed its handshake (logged at warn level either way), or `None`
+    /// once the server is closed. Only the latest failures are kept.
+    pub async fn next_rejection(&self) -> Option<Rejection> {
+        let mut stop = self.stop.subscribe();
+        let mut rejections = tokio::select! {
+            guard = self.rejections.lock() => guard,
+            _ = stop.wait_for(|&s| s) => return None,
+        };
+        tokio::select! {
+            r = rejections.recv() => r,
+            _ = stop.wait_for(|&s| s) => None,
+        }
+    }
+
     /// True once [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         *self.stop.borrow()
@@ -143,6 +173,17 @@ impl Server {
             source,
         };
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+        let (rejected, rejections) = mpsc::channel(REJECTION_QUEUE);
+        let tls = match (&address, &options.tls_server) {
+            (Address::Tls { .. }, Some(tls)) => Some(TlsAcceptor::from(tls.config()?)),
+            (Address::Tls { .. }, None) => {
+                return Err(InvalidOptions(format!(
+                    "{name} is a TLS address: pass TLS settings with Options::tls_server"
+                ))
+                .into())
+            }
+            _ => None,
+        };
         let (stop, _) = watch::channel(false);
         let tracked = Arc::new(Tracked {
             enabled: options.bind_connections,
@@ -154,11 +195,13 @@ impl Server {
         let ctx = AcceptContext {
             options,
             tx,
+            rejected,
+            tls,
             tracked: tracked.clone(),
             stop: stop.subscribe(),
         };
         match &address {
-            Address::Tcp { host, port } => {
+            Address::Tcp { host, port } | Address::Tls { host, port } => {
                 let mut last = None;
                 let resolved = tokio::net::lookup_host((host.as_str(), *port))
                     .await
@@ -166,7 +209,14 @@ impl Server {
                 for addr in resolved {
                     match TcpListener::bind(addr).await {
                         Ok(listener) => {
-                            addresses.push(listener.local_addr().map_err(io_error)?.into());
+                            let local = listener.local_addr().map_err(io_error)?;
+                            addresses.push(match address {
+                                Address::Tls { .. } => Address::Tls {
+                                    host: local.ip().to_string(),
+                                    port: local.port(),
+                                },
+                                _ => local.into(),
+                            });
                             tasks.push(tokio::spawn(accept_loop(listener, ctx.clone())));
                         }
                         Err(e) => last = Some(e),
@@ -188,6 +238,7 @@ impl Server {
         Ok(Server {
             addresses,
             incoming: tokio::sync::Mutex::new(rx),
+            rejections: tokio::sync::Mutex::new(rejections),
             tracked,
             stop,
             tasks: Mutex::new(tasks),
@@ -218,31 +269,33 @@ impl Drop for Server {
 struct AcceptContext {
     options: Options,
     tx: mpsc::Sender<Connection>,
+    rejected: mpsc::Sender<Rejection>,
+    tls: Option<TlsAcceptor>,
     tracked: Arc<Tracked>,
     stop: watch::Receiver<bool>,
 }
 
 trait Listener: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, Address, Address)>> + Send;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, (Address, Address))>> + Send;
 }
 
 impl Listener for TcpListener {
     type Io = tokio::net::TcpStream;
-    async fn accept(&self) -> io::Result<(Self::Io, Address, Address)> {
-        let (stream, remote) = TcpListener::accept(self).await?;
+    async fn accept(&self) -> io::Result<(Self::Io, (Address, Address))> {
+        let (stream, _) = TcpListener::accept(self).await?;
         stream.set_nodelay(true)?;
-        let local = stream.local_addr()?.into();
-        Ok((stream, local, remote.into()))
+        let addrs = tcp_addresses(&stream, false)?;
+        Ok((stream, addrs))
     }
 }
 
 impl Listener for UnixListener {
     type Io = tokio::net::UnixStream;
-    async fn accept(&self) -> io::Result<(Self::Io, Address, Address)> {
+    async fn accept(&self) -> io::Result<(Self::Io, (Address, Address))> {
         let (stream, remote) = UnixListener::accept(self).await?;
         let local = unix_address(stream.local_addr().ok());
-        Ok((stream, local, unix_address(Some(remote))))
+        Ok((stream, (local, unix_address(Some(remote)))))
     }
 }
 
@@ -253,21 +306,8 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((io, local, remote)) => {
-                let conn = Connection::start(io, local, remote, &ctx.options);
-                ctx.tracked.add(&conn);
-                let tx = ctx.tx.clone();
-                tokio::spawn(async move {
-                    match conn.handshake().await {
-                        // If the server closed meanwhile, the connection is dropped (closed).
-                        Ok(()) => drop(tx.send(conn).await),
-                        Err(cause) => tracing::warn!(
-                            remote = %conn.remote_address(),
-                            %cause,
-                            "rejected connection: handshake failed"
-                        ),
-                    }
-                });
+            Ok((io, addrs)) => {
+                tokio::spawn(establish(io, addrs, ctx.clone()));
             }
             Err(e) => {
                 // Typically out of file descriptors: back off instead of spinning.
@@ -278,5 +318,48 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
                 }
             }
         }
+    }
+}
+
+/// Completes the TLS (if any) and chatter handshakes of an accepted transport, then queues
+/// the connection for [`Server::accept`].
+async fn establish<S>(io: S, (local, remote): (Address, Address), ctx: AcceptContext)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tls_url = |a: Address| match a {
+        Address::Tcp { host, port } if ctx.tls.is_some() => Address::Tls { host, port },
+        other => other,
+    };
+    let (local, remote) = (tls_url(local), tls_url(remote));
+    let reject = |cause: CloseCause| {
+        tracing::warn!(%remote, %cause, "rejected connection: handshake failed");
+        let _ = ctx.rejected.try_send(Rejection {
+            remote: remote.clone(),
+            cause,
+        });
+    };
+    let conn = match &ctx.tls {
+        None => Connection::start(io, (local, remote.clone()), None, &ctx.options),
+        Some(acceptor) => {
+            let timeout = ctx.options.proto.handshake_timeout;
+            match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+                Ok(Ok(stream)) => {
+                    let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+                    Connection::start(stream, (local, remote.clone()), certs, &ctx.options)
+                }
+                Ok(Err(e)) => return reject(CloseCause::Tls(e.to_string())),
+                Err(_) => return reject(CloseCause::Protocol(ProtocolError::HandshakeTimeout)),
+            }
+        }
+    };
+    if *ctx.stop.borrow() {
+        return; // The server closed meanwhile; dropping the connection closes it.
+    }
+    ctx.tracked.add(&conn);
+    match conn.handshake().await {
+        // If the server closed meanwhile, the connection is dropped (closed).
+        Ok(()) => drop(ctx.tx.send(conn).await),
+        Err(cause) => reject(cause),
     }
 }

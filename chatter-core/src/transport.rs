@@ -1,16 +1,19 @@
 //! Opening transports: [`connect`] and [`listen`].
 
+use std::future::Future;
 use std::io;
 
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::TlsConnector;
 
-use crate::error::{ConnectError, ListenError};
+use crate::error::{CloseCause, ConnectError, InvalidOptions, ListenError, ProtocolError};
 use crate::server::Server;
 use crate::{Address, Connection, Options, ToAddress};
 
 /// Connects to a peer and completes the chatter handshake.
 ///
-/// `address` is `tcp://host:port` or `unix:///path`. Fails with a clear [`ConnectError`]
+/// `address` is `tcp://host:port`, `tls://host:port` (with [`Options::tls_client`]) or
+/// `unix:///path`. Fails with a clear [`ConnectError`]
 /// when the address is malformed, nothing listens there, connecting takes longer than
 /// [`Options::connect_timeout`], or the peer does not speak chatter.
 ///
@@ -26,22 +29,92 @@ pub async fn connect(
     let address = address.to_address()?;
     options.validate()?;
     let name = address.to_string();
-    let opened = tokio::time::timeout(options.connect_timeout, open(&address, &options))
-        .await
-        .map_err(|_| ConnectError::Timeout {
-            address: name.clone(),
-        })?;
-    let conn = opened.map_err(|source| ConnectError::Io {
-        address: name.clone(),
-        source,
-    })?;
+    let conn = match &address {
+        Address::Tcp { host, port } => {
+            let stream = within(&options, &name, tcp_connect(host, *port)).await?;
+            let addrs = io_result(&name, tcp_addresses(&stream, false))?;
+            Connection::start(stream, addrs, None, &options)
+        }
+        Address::Tls { host, port } => {
+            let tls = options.tls_client.as_ref().ok_or_else(|| {
+                InvalidOptions(format!(
+                    "{name} is a TLS address: pass TLS settings with Options::tls_client"
+                ))
+            })?;
+            let server_name = tls.name_for(host).map_err(InvalidOptions)?;
+            let connector = TlsConnector::from(tls.config()?);
+            let stream = within(&options, &name, tcp_connect(host, *port)).await?;
+            let addrs = io_result(&name, tcp_addresses(&stream, true))?;
+            let handshake = connector.connect(server_name, stream);
+            let stream = match tokio::time::timeout(options.proto.handshake_timeout, handshake)
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(handshake_failed(&name, CloseCause::Tls(e.to_string()))),
+                Err(_) => {
+                    return Err(handshake_failed(
+                        &name,
+                        CloseCause::Protocol(ProtocolError::HandshakeTimeout),
+                    ))
+                }
+            };
+            let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+            Connection::start(stream, addrs, certs, &options)
+        }
+        Address::Unix { path } => {
+            let stream = within(&options, &name, UnixStream::connect(path)).await?;
+            let local = unix_address(stream.local_addr().ok());
+            Connection::start(stream, (local, address.clone()), None, &options)
+        }
+    };
     conn.handshake()
         .await
-        .map_err(|cause| ConnectError::Handshake {
-            address: name,
-            cause,
-        })?;
+        .map_err(|cause| handshake_failed(&name, cause))?;
     Ok(conn)
+}
+
+fn handshake_failed(address: &str, cause: CloseCause) -> ConnectError {
+    ConnectError::Handshake {
+        address: address.to_string(),
+        cause,
+    }
+}
+
+fn io_result<T>(address: &str, r: io::Result<T>) -> Result<T, ConnectError> {
+    r.map_err(|source| ConnectError::Io {
+        address: address.to_string(),
+        source,
+    })
+}
+
+/// Runs a transport-level connect within the connect timeout.
+async fn within<T>(
+    options: &Options,
+    address: &str,
+    fut: impl Future<Output = io::Result<T>>,
+) -> Result<T, ConnectError> {
+    match tokio::time::timeout(options.connect_timeout, fut).await {
+        Ok(r) => io_result(address, r),
+        Err(_) => Err(ConnectError::Timeout {
+            address: address.to_string(),
+        }),
+    }
+}
+
+async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "host name resolved to no address")
+    }))
 }
 
 /// Listens for peers; see [`Server`].
@@ -62,31 +135,18 @@ pub async fn listen(address: impl ToAddress, options: Options) -> Result<Server,
     Server::bind(address, options).await
 }
 
-async fn open(address: &Address, options: &Options) -> io::Result<Connection> {
-    match address {
-        Address::Tcp { host, port } => {
-            let mut last = None;
-            for addr in tokio::net::lookup_host((host.as_str(), *port)).await? {
-                match TcpStream::connect(addr).await {
-                    Ok(stream) => {
-                        stream.set_nodelay(true)?;
-                        let local = stream.local_addr()?.into();
-                        let remote = stream.peer_addr()?.into();
-                        return Ok(Connection::start(stream, local, remote, options));
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last.unwrap_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, "host name resolved to no address")
-            }))
+/// The local and remote address of a TCP stream, as `tcp://` or (under TLS) `tls://` URLs.
+pub(crate) fn tcp_addresses(stream: &TcpStream, tls: bool) -> io::Result<(Address, Address)> {
+    let url = |addr: std::net::SocketAddr| {
+        let host = addr.ip().to_string();
+        let port = addr.port();
+        if tls {
+            Address::Tls { host, port }
+        } else {
+            Address::Tcp { host, port }
         }
-        Address::Unix { path } => {
-            let stream = UnixStream::connect(path).await?;
-            let local = unix_address(stream.local_addr().ok());
-            Ok(Connection::start(stream, local, address.clone(), options))
-        }
-    }
+    };
+    Ok((url(stream.local_addr()?), url(stream.peer_addr()?)))
 }
 
 pub(crate) fn unix_address(addr: Option<tokio::net::unix::SocketAddr>) -> Address {

@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use chatter_core::{Event, Options, SendError, SendOptions};
-use tests::{both_transports, pair, pair_with, Transport};
+use tests::{all_transports, pair, pair_with, Transport};
 
-both_transports!(
+all_transports!(
     out_of_turn_and_after_last_sends_are_rejected,
     token_passing_works_both_ways,
     both_sides_open_conversations_concurrently,

@@ -6,11 +6,11 @@ use chatter_core::{
     connect, listen, Address, AddressError, CloseCause, CloseCode, ConnectError, ListenError,
     Options, ProtocolError, SendError, SendOptions,
 };
-use tests::{both_transports, pair, pair_with, Transport};
+use tests::{all_transports, pair, pair_with, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-both_transports!(
+all_transports!(
     addresses_are_reported_on_both_ends,
     server_close_closes_accepted_connections_and_later_connects_fail,
     one_shot_send_and_receive_carry_flags_and_owner,
@@ -65,7 +65,9 @@ async fn server_close_closes_accepted_connections_and_later_connects_fail(t: Tra
         }
         other => panic!("client saw {other:?}"),
     }
-    let err = connect(&addr, Options::default()).await.unwrap_err();
+    let err = connect(&addr, t.client_options(Options::default()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ConnectError::Io { .. }), "{err}");
 }
 

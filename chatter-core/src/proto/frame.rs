@@ -462,3 +462,447 @@ mod tests {
         );
     }
 }
+/// Every hex example in `chatter-core/PROTOCOL.md`, checked against the real encoder (and,
+/// for the decoding examples and the complete exchange, the real decoder and state machine).
+/// Each expected string must also appear verbatim in the document, so neither can drift.
+#[cfg(test)]
+mod protocol_doc_examples {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::error::CloseCause;
+    use crate::proto::{Config, Event, Protocol, SendArgs};
+
+    const DOC: &str = include_str!("../../PROTOCOL.md");
+
+    fn hex(bytes: &[u8]) -> String {
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        hex.join(" ")
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        s.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    }
+
+    fn in_doc(text: &str) {
+        assert!(DOC.contains(text), "PROTOCOL.md does not contain {text:?}");
+    }
+
+    /// Encodes `frame`, compares with `expected` and checks the document shows it.
+    fn check(frame: Frame, expected: &str) {
+        let mut out = BytesMut::new();
+        frame.encode(&mut out);
+        assert_eq!(hex(&out), expected, "encoding of {frame:?}");
+        in_doc(expected);
+        // The documented bytes decode back to the same frame.
+        let mut buf = BytesMut::from(&out[..]);
+        let body = decode_frame(&mut buf, u32::MAX).unwrap().unwrap();
+        assert!(buf.is_empty());
+        if let Frame::Message(header, payload) = &frame {
+            assert_eq!(message_body_len(*header, payload.len()), body.len());
+        }
+        assert_eq!(Frame::decode(body).unwrap(), frame);
+    }
+
+    fn message(id: u64, first: u64, flags: u8, payload: &'static [u8]) -> Frame {
+        Frame::Message(
+            MessageHeader { id, first, flags },
+            Bytes::from_static(payload),
+        )
+    }
+
+    /// Splits a byte stream into hex strings, one per frame (length prefix included).
+    fn frames(bytes: &[u8]) -> Vec<String> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while !buf.is_empty() {
+            let body = decode_frame(&mut buf, u32::MAX).unwrap().unwrap();
+            let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&body);
+            out.push(hex(&frame));
+        }
+        out
+    }
+
+    const HELLO: &str =
+        "00 00 00 15 95 00 a7 63 68 61 74 74 65 72 01 ce 00 40 00 00 ce 00 80 00 00";
+
+    #[test]
+    fn hello_with_default_settings() {
+        let defaults = Config::default();
+        check(
+            Frame::Hello(Hello {
+                max_frame_size: defaults.max_frame_size,
+                receive_window: defaults.receive_window,
+            }),
+            HELLO,
+        );
+        assert_eq!(
+            (defaults.max_frame_size, defaults.receive_window),
+            (4 << 20, 8 << 20)
+        );
+    }
+
+    #[test]
+    fn one_shot_message() {
+        check(
+            message(1, 1, FLAG_OWNER | FLAG_TOKEN | FLAG_LAST, b"\xa2hi"),
+            "00 00 00 08 94 01 01 01 07 a2 68 69",
+        );
+    }
+
+    #[test]
+    fn request_and_reply() {
+        check(
+            message(130, 130, FLAG_OWNER | FLAG_TOKEN, b"\x92\xa4echo\xa2hi"),
+            "00 00 00 10 94 01 cc 82 cc 82 03 92 a4 65 63 68 6f a2 68 69",
+        );
+        check(
+            message(300, 130, FLAG_TOKEN | FLAG_LAST, b"\xa2hi"),
+            "00 00 00 0b 94 01 cd 01 2c cc 82 06 a2 68 69",
+        );
+    }
+
+    #[test]
+    fn longer_conversation_table() {
+        check(
+            message(4, 4, FLAG_OWNER, b"\x01"),
+            "00 00 00 06 94 01 04 04 01 01",
+        );
+        check(
+            message(5, 4, FLAG_OWNER | FLAG_TOKEN, b"\x02"),
+            "00 00 00 06 94 01 05 04 03 02",
+        );
+        check(message(2, 4, 0, b"\x03"), "00 00 00 06 94 01 02 04 00 03");
+        check(
+            message(3, 4, FLAG_TOKEN, b"\x04"),
+            "00 00 00 06 94 01 03 04 02 04",
+        );
+        check(
+            message(6, 4, FLAG_OWNER | FLAG_LAST, b"\xc0"),
+            "00 00 00 06 94 01 06 04 05 c0",
+        );
+    }
+
+    #[test]
+    fn longer_conversation_is_accepted_by_the_state_machine() {
+        let now = Instant::now();
+        let (mut a, mut b) = connected_pair(now);
+        let mut wire = BytesMut::new();
+        // A has sent three messages before, B one.
+        for _ in 0..3 {
+            a.send(now, SendArgs::new(), b"\xc0").unwrap();
+        }
+        b.send(now, SendArgs::new(), b"\xc0").unwrap();
+        deliver(&mut a, &mut b, now);
+        deliver(&mut b, &mut a, now);
+        drain_events(&mut a);
+        drain_events(&mut b);
+
+        let keep = |conversation| SendArgs {
+            conversation,
+            last: false,
+            token: false,
+            timeout: None,
+        };
+        let conv = a.send(now, keep(None), b"\x01").unwrap();
+        let pass = SendArgs {
+            token: true,
+            ..keep(Some(conv))
+        };
+        a.send(now, pass, b"\x02").unwrap();
+        a.take_output(&mut wire);
+        assert_eq!(
+            frames(&wire),
+            [
+                "00 00 00 06 94 01 04 04 01 01",
+                "00 00 00 06 94 01 05 04 03 02"
+            ]
+        );
+        b.handle_input(now, &mut wire);
+        let received = drain_events(&mut b);
+        let Event::Message(m) = &received[0] else {
+            panic!("{received:?}")
+        };
+        assert!(m.first && !m.token && !m.last);
+        let theirs = m.conversation;
+        b.send(now, keep(Some(theirs)), b"\x03").unwrap();
+        let pass = SendArgs {
+            token: true,
+            ..keep(Some(theirs))
+        };
+        b.send(now, pass, b"\x04").unwrap();
+        b.take_output(&mut wire);
+        let sent = frames(&wire);
+        // Window frames may come first (credit returned as b's application consumed).
+        let messages: Vec<&String> = sent
+            .iter()
+            .filter(|f| !f.starts_with("00 00 00 03 92 04"))
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "00 00 00 06 94 01 02 04 00 03",
+                "00 00 00 06 94 01 03 04 02 04"
+            ]
+        );
+        a.handle_input(now, &mut wire);
+        drain_events(&mut a);
+        let last = SendArgs {
+            last: true,
+            ..keep(Some(conv))
+        };
+        a.send(now, last, b"\xc0").unwrap();
+        a.take_output(&mut wire);
+        assert_eq!(
+            frames(&wire).last().unwrap(),
+            "00 00 00 06 94 01 06 04 05 c0"
+        );
+        b.handle_input(now, &mut wire);
+        let received = drain_events(&mut b);
+        assert!(
+            matches!(received.last(), Some(Event::Message(m)) if m.last),
+            "{received:?}"
+        );
+        assert!(a.is_open() && b.is_open());
+    }
+
+    #[test]
+    fn ping_and_pong() {
+        check(Frame::Ping, "00 00 00 02 91 02");
+        check(Frame::Pong, "00 00 00 02 91 03");
+    }
+
+    #[test]
+    fn window() {
+        check(Frame::Window(12), "00 00 00 03 92 04 0c");
+        check(Frame::Window(2 << 20), "00 00 00 07 92 04 ce 00 20 00 00");
+        // A quarter of the default window is the threshold for sending window frames.
+        assert_eq!(Config::default().receive_window / 4, 2 << 20);
+    }
+
+    #[test]
+    fn close() {
+        check(
+            Frame::Close(CloseCode::GoingAway, "server closing".into()),
+            "00 00 00 12 93 05 03 ae 73 65 72 76 65 72 20 63 6c 6f 73 69 6e 67",
+        );
+        let reason = ProtocolError::BadMessageId {
+            got: 3,
+            expected: 2,
+        }
+        .to_string();
+        assert_eq!(reason, "message id 3 where 2 was expected");
+        in_doc(&reason);
+        check(
+            Frame::Close(CloseCode::ProtocolError, reason),
+            "00 00 00 26 93 05 01 d9 21 6d 65 73 73 61 67 65 20 69 64 20 33 20 77 68 65 72 65 \
+             20 32 20 77 61 73 20 65 78 70 65 63 74 65 64",
+        );
+        check(
+            Frame::Close(CloseCode::Normal, "closed by peer application".into()),
+            "00 00 00 1e 93 05 00 ba 63 6c 6f 73 65 64 20 62 79 20 70 65 65 72 20 61 70 70 6c \
+             69 63 61 74 69 6f 6e",
+        );
+    }
+
+    #[test]
+    fn decoder_examples() {
+        let one_shot = message(1, 1, FLAG_OWNER | FLAG_TOKEN | FLAG_LAST, b"\xa2hi");
+        let accepted = [
+            (
+                "94 01 cf 00 00 00 00 00 00 00 01 cc 01 cd 00 07 a2 68 69",
+                one_shot.clone(),
+            ),
+            ("95 01 01 01 07 a3 66 6f 6f a2 68 69", one_shot),
+            ("92 02 c0", Frame::Ping),
+            ("dc 00 01 02", Frame::Ping),
+        ];
+        for (body, frame) in accepted {
+            in_doc(&format!("| `{body}` |"));
+            assert_eq!(
+                Frame::decode(Bytes::from(unhex(body))).unwrap(),
+                frame,
+                "{body}"
+            );
+        }
+        let rejected = [
+            ("91 02 00", "1 bytes after the header"),
+            ("94 01 01 01 08", "message flags 0x8 set unknown bits"),
+            (
+                "94 01 d0 01 01 07",
+                "expected an unsigned integer, found type byte 0xd0",
+            ),
+            ("91 06", "unknown frame kind 6"),
+        ];
+        for (body, message) in rejected {
+            in_doc(&format!("| `{body}` |"));
+            let err = Frame::decode(Bytes::from(unhex(body))).unwrap_err();
+            assert!(err.to_string().contains(message), "{body}: {err}");
+        }
+        in_doc("expected an unsigned integer, found type byte 0xd0");
+        in_doc("message flags 0x8 set unknown bits");
+        // Non-canonical encodings still cost what the canonical encoding would (§8.1).
+        assert_eq!(
+            message_body_len(
+                MessageHeader {
+                    id: 1,
+                    first: 1,
+                    flags: 7
+                },
+                3
+            ),
+            8
+        );
+    }
+
+    #[test]
+    fn http_request_is_not_chatter() {
+        in_doc("`47 45 54 20`");
+        in_doc("1 195 725 856");
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+        assert_eq!(
+            decode_frame(&mut buf, MAX_HELLO).unwrap_err(),
+            ProtocolError::FrameTooLarge {
+                size: 1_195_725_856,
+                max: 256
+            }
+        );
+        // Through the state machine: reported as "does not speak chatter", closed with code 1.
+        let now = Instant::now();
+        let mut p = Protocol::new(Config::default(), now);
+        let mut out = BytesMut::new();
+        p.take_output(&mut out);
+        p.handle_input(now, &mut BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]));
+        let events = drain_events(&mut p);
+        let Some(Event::Closed(CloseCause::Protocol(e))) = events.last() else {
+            panic!("{events:?}")
+        };
+        assert!(e
+            .to_string()
+            .starts_with("peer does not speak chatter (first bytes: 47 45 54 20"));
+        out.clear();
+        p.take_output(&mut out);
+        let mut buf = out.clone();
+        let body = decode_frame(&mut buf, u32::MAX).unwrap().unwrap();
+        assert!(matches!(
+            Frame::decode(body).unwrap(),
+            Frame::Close(CloseCode::ProtocolError, _)
+        ));
+    }
+
+    fn drain_events(p: &mut Protocol) -> Vec<Event> {
+        std::iter::from_fn(|| p.poll_event()).collect()
+    }
+
+    fn deliver(from: &mut Protocol, to: &mut Protocol, now: Instant) {
+        let mut wire = BytesMut::new();
+        from.take_output(&mut wire);
+        to.handle_input(now, &mut wire);
+        assert!(wire.is_empty());
+    }
+
+    fn connected_pair(now: Instant) -> (Protocol, Protocol) {
+        let mut a = Protocol::new(Config::default(), now);
+        let mut b = Protocol::new(Config::default(), now);
+        deliver(&mut a, &mut b, now);
+        deliver(&mut b, &mut a, now);
+        assert!(matches!(drain_events(&mut a)[..], [Event::Connected(_)]));
+        assert!(matches!(drain_events(&mut b)[..], [Event::Connected(_)]));
+        (a, b)
+    }
+
+    /// §13, replayed with two state machines: every frame each side writes is the one
+    /// documented, in the documented order.
+    #[test]
+    fn complete_exchange() {
+        const REQUEST: &str = "00 00 00 0c 94 01 01 01 03 93 a3 61 64 64 02 03";
+        const WINDOW_12: &str = "00 00 00 03 92 04 0c";
+        const REPLY: &str = "00 00 00 06 94 01 01 01 06 05";
+        const WINDOW_6: &str = "00 00 00 03 92 04 06";
+        const CLOSE: &str = "00 00 00 1e 93 05 00 ba 63 6c 6f 73 65 64 20 62 79 20 70 65 65 \
+                             72 20 61 70 70 6c 69 63 61 74 69 6f 6e";
+        let lines = [
+            ("C → S", HELLO),
+            ("S → C", HELLO),
+            ("C → S", REQUEST),
+            ("S → C", WINDOW_12),
+            ("S → C", REPLY),
+            ("C → S", WINDOW_6),
+            ("C → S", CLOSE),
+        ];
+        let listing: Vec<String> = lines.iter().map(|(d, f)| format!("{d}  {f}")).collect();
+        in_doc(&format!("```text\n{}\n```", listing.join("\n")));
+
+        let now = Instant::now();
+        let mut c = Protocol::new(Config::default(), now);
+        let mut s = Protocol::new(Config::default(), now);
+        let (mut to_s, mut to_c) = (BytesMut::new(), BytesMut::new());
+
+        // 1. Hellos, both ways, without waiting.
+        c.take_output(&mut to_s);
+        s.take_output(&mut to_c);
+        assert_eq!(frames(&to_s), [HELLO]);
+        assert_eq!(frames(&to_c), [HELLO]);
+        s.handle_input(now, &mut to_s);
+        c.handle_input(now, &mut to_c);
+        assert!(matches!(drain_events(&mut c)[..], [Event::Connected(_)]));
+        assert!(matches!(drain_events(&mut s)[..], [Event::Connected(_)]));
+
+        // 2. The request, with a local 5 s timeout.
+        let request = SendArgs {
+            conversation: None,
+            last: false,
+            token: true,
+            timeout: Some(Duration::from_secs(5)),
+        };
+        let conv = c.send(now, request, b"\x93\xa3add\x02\x03").unwrap();
+        assert!(conv.owner && conv.first == 1);
+        c.take_output(&mut to_s);
+        assert_eq!(frames(&to_s), [REQUEST]);
+        s.handle_input(now, &mut to_s);
+        let events = drain_events(&mut s);
+        let [Event::Message(req)] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert!(req.first && req.token && !req.last && req.cost == 12);
+        assert!(!req.conversation.owner && req.conversation.first == 1);
+
+        // 3. + 4. S's application takes the request (queue now empty) and replies.
+        s.release(req.cost, true);
+        let reply = SendArgs {
+            conversation: Some(req.conversation),
+            ..SendArgs::new()
+        };
+        s.send(now, reply, b"\x05").unwrap();
+        s.take_output(&mut to_c);
+        assert_eq!(frames(&to_c), [WINDOW_12, REPLY]);
+        c.handle_input(now, &mut to_c);
+        let events = drain_events(&mut c);
+        let [Event::Message(rep)] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert!(rep.last && rep.conversation == conv && rep.cost == 6);
+
+        // The reply cancelled the 5 s timer.
+        c.handle_timeout(now + Duration::from_secs(6));
+        assert!(drain_events(&mut c).is_empty());
+
+        // 5. + 6. C's application takes the reply, then closes.
+        c.release(rep.cost, true);
+        c.close(CloseCode::Normal, "closed by peer application");
+        c.take_output(&mut to_s);
+        assert_eq!(frames(&to_s), [WINDOW_6, CLOSE]);
+        s.handle_input(now, &mut to_s);
+        let events = drain_events(&mut s);
+        let [Event::Closed(CloseCause::Peer { code, reason })] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(*code, CloseCode::Normal);
+        assert_eq!(reason, "closed by peer application");
+        // No close frame is sent back.
+        assert!(!s.has_output());
+    }
+}

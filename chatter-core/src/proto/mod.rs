@@ -542,7 +542,7 @@ impl Protocol {
             CloseCause::Local => {
                 Frame::Close(CloseCode::Normal, "closed".into()).encode(&mut self.out);
             }
-            CloseCause::Peer { .. } | CloseCause::Io(_) => {}
+            CloseCause::Peer { .. } | CloseCause::Tls(_) | CloseCause::Io(_) => {}
         }
         self.finish(cause);
     }
