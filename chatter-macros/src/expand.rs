@@ -246,7 +246,7 @@ fn server(tr: &Trait) -> TokenStream {
                     #p::Ok(__decoded) => __decoded,
                     #p::Err(__failed) => return __failed,
                 };
-                let __this = #p::Arc::clone(&self.__object);
+                let __this = #p::Clone::clone(&self.__object);
                 #p::Dispatch::#variant(#p::Box::pin(async move { #body }))
             }
         }
@@ -276,7 +276,7 @@ fn server(tr: &Trait) -> TokenStream {
 
         impl<__T> #p::Clone for #server<__T> {
             fn clone(&self) -> Self {
-                #server { __object: #p::Arc::clone(&self.__object) }
+                #server { __object: #p::Clone::clone(&self.__object) }
             }
         }
 

@@ -1,0 +1,8 @@
+use chatter_rpc::remote;
+
+#[remote]
+pub trait Calc {
+    async fn add(a: i64, b: i64) -> i64;
+}
+
+fn main() {}

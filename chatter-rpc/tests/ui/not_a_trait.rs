@@ -1,0 +1,6 @@
+use chatter_rpc::remote;
+
+#[remote]
+pub struct Calc;
+
+fn main() {}
