@@ -359,6 +359,25 @@ mod tests {
     }
 
     #[test]
+    fn protocol_md_examples() {
+        assert_eq!(
+            encode_failure(FailureKind::NoSuchMethod, "sub").as_ref(),
+            b"\x93\x02\x04\xa3sub".as_ref()
+        );
+        let ctx = RemoteContext {
+            message: "outer".into(),
+            chain: vec!["inner".into()],
+        };
+        assert_eq!(
+            encode_app_error("nope", &ctx).unwrap().as_ref(),
+            b"\x93\x01\x92\xa5outer\x91\xa5inner\xa4nope".as_ref()
+        );
+        // No arguments: nil.
+        let bytes = encode_request(CALL, "o", "m", Duration::ZERO, &()).unwrap();
+        assert_eq!(bytes.as_ref(), b"\x95\x00\xa1o\xa1m\x00\xc0".as_ref());
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         for input in [
             &b""[..],

@@ -286,3 +286,35 @@ async fn dropping_every_peer_handle_closes_the_connection() {
     let cause = server.closed().await;
     assert!(cause.to_string().contains("closed by peer"), "{cause}");
 }
+
+/// A peer written from PROTOCOL.md alone: raw chatter-core messages with hand-made
+/// envelopes. Malformed requests get a protocol-error reply; the peer keeps serving.
+#[tokio::test(start_paused = true)]
+async fn raw_envelopes_from_protocol_md_and_malformed_requests() {
+    use chatter_core::SendOptions;
+    let (raw, server_conn) = common::connections(Options::default()).await;
+    let server = Peer::new(server_conn);
+    let (calc, _probe) = Calc::new();
+    server.register("calc", CalculatorServer::new(calc));
+
+    let request = SendOptions::new().last(false);
+    for garbage in [&b"\x93\x09"[..], b"\xc1", b"\x95\x00\xa4calc"] {
+        let conv = raw.send_bytes(garbage, request).await.unwrap();
+        let reply = within(raw.receive()).await.unwrap();
+        assert_eq!(reply.conversation, conv);
+        assert!(reply.last);
+        assert_eq!(&reply.payload[..3], b"\x93\x02\x07", "{:x?}", reply.payload);
+    }
+    // A garbage one-shot message has no reply (nobody may answer it) and breaks nothing.
+    raw.send_bytes(b"\x01\x02", SendOptions::new())
+        .await
+        .unwrap();
+
+    // add(2, 3) with a 1.5 s deadline, byte for byte as in PROTOCOL.md.
+    let add = b"\x95\x00\xa4calc\xa3add\xcd\x05\xdc\x92\x02\x03";
+    let conv = raw.send_bytes(add, request).await.unwrap();
+    let reply = within(raw.receive()).await.unwrap();
+    assert_eq!(reply.conversation, conv);
+    assert_eq!(reply.payload.as_ref(), b"\x92\x00\x05");
+    assert!(server.connection().close_cause().is_none());
+}
