@@ -460,7 +460,7 @@ impl Inner {
     /// Takes the next message and gives its flow-control credit back.
     fn pop_message(&mut self) -> Option<Msg> {
         let msg = self.messages.pop_front()?;
-        self.proto.release(msg.cost, self.messages.is_empty());
+        self.proto.release(msg.cost);
         Some(msg)
     }
 

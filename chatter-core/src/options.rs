@@ -119,7 +119,7 @@ impl Options {
     }
 
     pub(crate) fn validate(&self) -> Result<(), InvalidOptions> {
-        const MIN: u32 = 64;
+        const MIN: u32 = crate::proto::MIN_LIMIT;
         if self.proto.max_frame_size < MIN {
             return Err(InvalidOptions(format!(
                 "max_frame_size must be at least {MIN} bytes"

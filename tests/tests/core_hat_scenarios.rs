@@ -211,7 +211,7 @@ async fn conversation_timeout_sequence(t: Transport) {
 
 // test_connection_close_when_queue_blocking.
 async fn closing_with_a_full_receive_side_is_prompt_and_the_peer_sees_it(t: Transport) {
-    let small = Options::default().receive_window(1024).max_frame_size(1024);
+    let small = Options::default().receive_window(2048).max_frame_size(1024);
     let (_server, client, accepted) = pair_with(t, Options::default(), small).await;
     // Fill the client's receive window; the client reads one message and no more.
     while accepted.try_send(&[0u8; 200], SendOptions::new()).is_ok() {}

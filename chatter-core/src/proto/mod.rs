@@ -47,6 +47,12 @@ use bytes::{Bytes, BytesMut};
 use crate::error::{CloseCause, ProtocolError};
 use frame::{CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_TOKEN, MAX_HELLO};
 
+/// The smallest `max_frame_size` and `receive_window` a peer may announce.
+pub const MIN_LIMIT: u32 = 64;
+
+/// Close reasons longer than this are cut.
+const MAX_CLOSE_REASON: usize = 1024;
+
 /// Settings of one side of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -380,9 +386,15 @@ impl Protocol {
         Ok(conversation)
     }
 
-    /// Feeds received bytes. Complete frames are consumed from `buf`; a partial frame stays
-    /// for the next call. After a close, input is discarded.
+    /// Feeds received bytes: call it whenever new bytes arrived, with everything received
+    /// and not yet consumed. Complete frames are consumed from `buf`; a partial frame stays
+    /// for the next call. Arriving bytes count as a sign of life for keepalive even before
+    /// their frame is complete. After a close, input is discarded.
     pub fn handle_input(&mut self, now: Instant, buf: &mut BytesMut) {
+        if self.is_open() && !buf.is_empty() {
+            self.last_rx = now;
+            self.ping_deadline = None;
+        }
         loop {
             let max = match self.state {
                 State::Closed => {
@@ -398,12 +410,15 @@ impl Protocol {
             };
             let handshaking = matches!(self.state, State::Handshaking { .. });
             let result = frame::decode_frame(buf, max).and_then(|body| match body {
-                Some(body) => Frame::decode(body).map(Some),
+                Some(body) => {
+                    let len = body.len();
+                    Frame::decode(body).map(|f| Some((f, len)))
+                }
                 None => Ok(None),
             });
             match result {
                 Ok(None) => return,
-                Ok(Some(frame)) => self.handle_frame(now, frame),
+                Ok(Some((frame, body_len))) => self.handle_frame(now, frame, body_len),
                 Err(e) if handshaking => {
                     let e = match e {
                         ProtocolError::UnsupportedVersion { .. } => e,
@@ -501,19 +516,32 @@ impl Protocol {
         self.events.pop_front()
     }
 
-    /// Gives back the flow-control credit of consumed messages. `idle` says that nothing
-    /// received is left unconsumed, which returns all pending credit at once.
-    pub fn release(&mut self, cost: u32, idle: bool) {
+    /// Gives back the flow-control credit of a consumed message.
+    ///
+    /// Credit returns in chunks, to keep window frames rare: once the unannounced credit
+    /// reaches a quarter of the window, or earlier if holding it back could leave the peer
+    /// unable to send a frame of the maximum size while this side has nothing buffered.
+    pub fn release(&mut self, cost: u32) {
         if !self.is_open() {
             return;
         }
         self.rx_used = self.rx_used.saturating_sub(cost as u64);
         self.rx_unannounced += cost as u64;
-        let threshold = (self.config.receive_window as u64 / 4).max(1);
-        if self.rx_unannounced > 0 && (idle || self.rx_unannounced >= threshold) {
+        if self.rx_unannounced > 0 && self.rx_unannounced >= self.window_threshold() {
             Frame::Window(self.rx_unannounced).encode(&mut self.out);
             self.rx_unannounced = 0;
         }
+    }
+
+    /// Unannounced credit at which a window frame is sent: a quarter window, but never so
+    /// much that `receive_window - unannounced < max_frame_size` (the peer could then be
+    /// stuck with a maximum-size message while this side waits for more to consume).
+    fn window_threshold(&self) -> u64 {
+        let window = self.config.receive_window as u64;
+        let max_frame = self.config.max_frame_size as u64;
+        (window / 4)
+            .min(window.saturating_sub(max_frame) + 1)
+            .max(1)
     }
 
     /// Closes the connection from this side. Queues a close frame carrying `reason`; no
@@ -522,7 +550,7 @@ impl Protocol {
         if self.is_closed() {
             return;
         }
-        Frame::Close(code, reason.to_string()).encode(&mut self.out);
+        self.send_close(code, reason);
         self.finish(CloseCause::Local);
     }
 
@@ -533,18 +561,33 @@ impl Protocol {
         match &cause {
             CloseCause::Protocol(e) => {
                 tracing::debug!(error = %e, "closing connection: protocol error");
-                Frame::Close(CloseCode::ProtocolError, e.to_string()).encode(&mut self.out);
+                self.send_close(CloseCode::ProtocolError, &e.to_string());
             }
             CloseCause::KeepaliveTimeout => {
-                Frame::Close(CloseCode::KeepaliveTimeout, "keepalive timeout".into())
-                    .encode(&mut self.out);
+                self.send_close(CloseCode::KeepaliveTimeout, "keepalive timeout");
             }
             CloseCause::Local => {
-                Frame::Close(CloseCode::Normal, "closed".into()).encode(&mut self.out);
+                self.send_close(CloseCode::Normal, "closed");
             }
             CloseCause::Peer { .. } | CloseCause::Tls(_) | CloseCause::Io(_) => {}
         }
         self.finish(cause);
+    }
+
+    /// Queues a close frame whose reason is cut (at a character boundary) to fit what the
+    /// peer accepts: its `max_frame_size`, or the hello limit before its hello arrived.
+    fn send_close(&mut self, code: CloseCode, reason: &str) {
+        let limit = match self.state {
+            State::Open => self.peer.max_frame_size,
+            _ => MAX_HELLO,
+        };
+        // Array, kind, code (up to 9 bytes) and a str32 header leave this much for text.
+        let room = (limit as usize).saturating_sub(16).min(MAX_CLOSE_REASON);
+        let mut end = reason.len().min(room);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        Frame::Close(code, reason[..end].to_string()).encode(&mut self.out);
     }
 
     fn finish(&mut self, cause: CloseCause) {
@@ -556,11 +599,17 @@ impl Protocol {
         self.events.push_back(Event::Closed(cause));
     }
 
-    fn handle_frame(&mut self, now: Instant, frame: Frame) {
+    fn handle_frame(&mut self, now: Instant, frame: Frame, body_len: usize) {
         self.last_rx = now;
         self.ping_deadline = None;
         if let State::Handshaking { .. } = self.state {
             match frame {
+                Frame::Hello(hello) if hello.max_frame_size < MIN_LIMIT || hello.receive_window < MIN_LIMIT => {
+                    self.protocol_error(ProtocolError::Malformed(format!(
+                        "hello announces max_frame_size {} and receive_window {}; both must be at least {MIN_LIMIT}",
+                        hello.max_frame_size, hello.receive_window
+                    )))
+                }
                 Frame::Hello(hello) => {
                     self.peer = hello;
                     self.send_credit = hello.receive_window as u64;
@@ -577,7 +626,7 @@ impl Protocol {
         }
         match frame {
             Frame::Message(header, payload) => {
-                if let Err(e) = self.handle_message(header, payload) {
+                if let Err(e) = self.handle_message(header, payload, body_len) {
                     self.protocol_error(e);
                 }
             }
@@ -608,6 +657,7 @@ impl Protocol {
         &mut self,
         header: MessageHeader,
         payload: Bytes,
+        body_len: usize,
     ) -> Result<(), ProtocolError> {
         if header.id != self.next_rx_id {
             return Err(ProtocolError::BadMessageId {
@@ -616,7 +666,8 @@ impl Protocol {
             });
         }
         self.next_rx_id += 1;
-        let cost = frame::message_body_len(header, payload.len()) as u32;
+        // The frame's real body length: a peer may encode headers less compactly than we do.
+        let cost = body_len as u32;
         self.rx_used += cost as u64;
         if self.rx_used > self.config.receive_window as u64 {
             return Err(ProtocolError::WindowExceeded {

@@ -498,7 +498,7 @@ fn a_slow_consumer_is_not_a_dead_peer() {
 fn flow_control_blocks_the_sender_until_the_receiver_consumes() {
     let config = Config {
         receive_window: 1000,
-        max_frame_size: 1000,
+        max_frame_size: 500,
         ..Config::default()
     };
     let mut p = Pair::with(config.clone(), config);
@@ -511,27 +511,135 @@ fn flow_control_blocks_the_sender_until_the_receiver_consumes() {
     let got = messages(&mut p.b);
     assert_eq!(got.len(), 10);
     assert!(got.iter().all(|m| m.cost == 100));
-    // Consuming some (but under a quarter of the window) returns nothing yet…
-    p.b.release(got[0].cost, false);
-    p.b.release(got[1].cost, false);
+    // Consuming under a quarter of the window returns nothing yet…
+    p.b.release(got[0].cost);
+    p.b.release(got[1].cost);
     p.flush();
     assert!(events(&mut p.a).is_empty());
     // …a quarter does, and the blocked sender hears about it.
-    p.b.release(got[2].cost, false);
+    p.b.release(got[2].cost);
     p.flush();
     assert!(matches!(events(&mut p.a).as_slice(), [Event::Writable]));
-    assert!(p.a.send(p.now, SendArgs::new(), &[7u8; 95]).is_ok());
-    // Draining the queue returns everything left, whatever the threshold.
-    for m in &got[3..] {
-        p.b.release(m.cost, false);
-    }
-    p.b.release(0, true);
-    p.flush();
-    let mut n = 0;
+    let mut more = 0;
     while p.a.send(p.now, SendArgs::new(), &[7u8; 95]).is_ok() {
-        n += 1;
+        more += 1;
     }
-    assert_eq!(n, 9);
+    assert_eq!(more, 3);
+}
+
+#[test]
+fn held_back_credit_never_blocks_a_maximum_size_message() {
+    // A window barely larger than the maximum frame: credit must come back almost at once.
+    let config = Config {
+        receive_window: 1000,
+        max_frame_size: 900,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config.clone(), config);
+    for _ in 0..10 {
+        p.a.send(p.now, SendArgs::new(), &[1u8; 95]).unwrap();
+        p.flush();
+        let m = messages(&mut p.b).remove(0);
+        p.b.release(m.cost);
+        p.flush();
+        let _ = events(&mut p.a);
+    }
+    // Everything was consumed: a maximum-size message must fit.
+    p.a.send(p.now, SendArgs::new(), &[2u8; 895]).unwrap();
+}
+
+#[test]
+fn credit_is_charged_by_the_real_body_length() {
+    // A peer that encodes its header with wider integers than needed is charged what it
+    // sent, and gets exactly that back.
+    let config = Config {
+        receive_window: 256,
+        max_frame_size: 256,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config, Config::default());
+    let mut wire = BytesMut::new();
+    // [1, id=1 as uint16, first=1 as uint16, flags 0x07] + 3 payload bytes: 11-byte body.
+    wire.put_slice(
+        &[
+            0, 0, 0, 11, 0x94, 0x01, 0xcd, 0, 1, 0xcd, 0, 1, 0x07, 1, 2, 3,
+        ][..],
+    );
+    wire.truncate(4 + 11);
+    p.a.handle_input(p.now, &mut wire);
+    let m = messages(&mut p.a).remove(0);
+    assert_eq!(m.cost, 11);
+}
+
+#[test]
+fn a_hello_with_unusable_limits_is_refused() {
+    let now = Instant::now();
+    let mut p = Protocol::new(Config::default(), now);
+    let mut wire = BytesMut::new();
+    Frame::Hello(Hello {
+        max_frame_size: 0,
+        receive_window: 1 << 20,
+    })
+    .encode(&mut wire);
+    p.handle_input(now, &mut wire);
+    assert!(matches!(
+        closed(&mut p),
+        Some(CloseCause::Protocol(ProtocolError::Malformed(m))) if m.contains("at least 64")
+    ));
+}
+
+#[test]
+fn close_reasons_are_cut_to_fit_the_peer() {
+    let small = Config {
+        max_frame_size: 64,
+        receive_window: 64,
+        ..Config::default()
+    };
+    let mut p = Pair::with(Config::default(), small);
+    let long = "é".repeat(100);
+    p.a.close(CloseCode::Normal, &long);
+    p.flush();
+    match closed(&mut p.b) {
+        Some(CloseCause::Peer { reason, .. }) => {
+            assert!(!reason.is_empty() && reason.len() <= 48 && long.starts_with(&reason));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_slowly_arriving_large_frame_keeps_the_connection_alive() {
+    let keepalive = Keepalive {
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(1),
+    };
+    let config = Config {
+        keepalive: Some(keepalive),
+        ..Config::default()
+    };
+    let mut p = Pair::with(config, Config::default());
+    let mut wire = BytesMut::new();
+    frame::encode_message(
+        &mut wire,
+        MessageHeader {
+            id: 1,
+            first: 1,
+            flags: FLAG_OWNER | FLAG_LAST,
+        },
+        &[0u8; 1000],
+    );
+    // One chunk every 1.5 s: more than interval + timeout would pass between whole frames.
+    let mut buf = BytesMut::new();
+    for chunk in wire.chunks(100) {
+        p.now += Duration::from_millis(1500);
+        buf.put_slice(chunk);
+        p.a.handle_input(p.now, &mut buf);
+        p.a.handle_timeout(p.now);
+        assert!(p.a.is_open());
+        let mut out = BytesMut::new();
+        p.a.take_output(&mut out); // pings go nowhere: the peer is busy sending
+    }
+    assert_eq!(messages(&mut p.a).len(), 1);
 }
 
 #[test]
