@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{CallError, RemoteContext, SignalError};
-use crate::peer::{Outcome, Peer};
+use crate::peer::{Outcome, Peer, MAX_DURATION};
 use crate::wire::{self, FailureKind, Reply};
 
 /// What a generated `{Trait}Client` wraps: a peer, the remote object's name, and the
@@ -55,6 +55,7 @@ impl ClientCore {
     pub fn deadline(&self) -> Duration {
         self.deadline
             .unwrap_or(self.peer.inner.options.default_deadline)
+            .min(MAX_DURATION)
     }
 
     pub fn with_deadline(&self, deadline: Duration) -> Self {
@@ -116,7 +117,8 @@ impl ClientCore {
         let ttl = self
             .ttl
             .or(default_ttl)
-            .unwrap_or(inner.options.default_signal_ttl);
+            .unwrap_or(inner.options.default_signal_ttl)
+            .min(MAX_DURATION);
         let payload = wire::encode_request(wire::SIGNAL, &self.object, method, ttl, args)
             .map_err(|e| SignalError::BadArguments { what: e.0 })?;
         inner.signal(payload, ttl)

@@ -435,7 +435,7 @@ impl Inner {
         let item = Outgoing {
             payload,
             options: SendOptions::new(),
-            expires: Some(Instant::now() + ttl),
+            expires: Some(after(ttl)),
         };
         if self.outbox.send(item).is_err() {
             self.queued.count.fetch_sub(1, Ordering::AcqRel);
@@ -534,11 +534,11 @@ impl Inner {
                     inflight.calls.insert(conv.first_id(), tx);
                 }
                 self.active.fetch_add(1, Ordering::AcqRel);
-                let deadline = Instant::now() + deadline;
+                let deadline = after(deadline);
                 tokio::spawn(run_call(self.clone(), conv, msg.payload, deadline, rx));
             }
             Ok(Incoming::Signal { ttl, .. }) if msg.last => {
-                let expires = Instant::now() + ttl;
+                let expires = after(ttl);
                 tokio::spawn(run_signal(self.clone(), msg.payload, expires));
             }
             Ok(Incoming::Cancel { call }) if msg.last => {
@@ -792,6 +792,17 @@ async fn run_outbox(
         }
     }
 }
+
+/// `now + d`, saturating at a far future instead of overflowing (`d` may come from the
+/// network).
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d.min(MAX_DURATION))
+        .unwrap_or(now + Duration::from_secs(86_400))
+}
+
+/// Durations are capped at about 30 years: "forever" without risking clock overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(30 * 365 * 86_400);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)

@@ -316,5 +316,11 @@ async fn raw_envelopes_from_protocol_md_and_malformed_requests() {
     let reply = within(raw.receive()).await.unwrap();
     assert_eq!(reply.conversation, conv);
     assert_eq!(reply.payload.as_ref(), b"\x92\x00\x05");
+
+    // A deadline of u64::MAX ms is "forever", not an overflow.
+    let forever = b"\x95\x00\xa4calc\xa3add\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x92\x02\x03";
+    raw.send_bytes(forever, request).await.unwrap();
+    let reply = within(raw.receive()).await.unwrap();
+    assert_eq!(reply.payload.as_ref(), b"\x92\x00\x05");
     assert!(server.connection().close_cause().is_none());
 }
