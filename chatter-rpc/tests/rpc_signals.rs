@@ -122,3 +122,49 @@ async fn full_outbox_rejects_and_counts() {
     assert!(rejected > 0);
     assert_eq!(client.stats().signals_rejected, rejected);
 }
+
+#[chatter_rpc::remote]
+pub trait Fragile {
+    #[signal]
+    async fn crash(&self, message: String);
+    async fn alive(&self) -> bool;
+}
+
+struct Crashy;
+
+impl Fragile for Crashy {
+    async fn crash(&self, message: String) {
+        panic!("{message}")
+    }
+    async fn alive(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn panicking_signal_handler_is_counted_and_the_peer_keeps_serving() {
+    let (client_conn, server_conn) = common::connections(Options::default()).await;
+    let server = Peer::new(server_conn);
+    server.register("fragile", FragileServer::new(Crashy));
+    let client = FragileClient::new(&Peer::new(client_conn), "fragile");
+    client.crash("signal boom".into()).unwrap();
+    // Calls after the signal are answered; the signal's handler ran (and panicked) first
+    // or concurrently, so wait for the counter through a few round trips.
+    assert!(client.alive().await.unwrap());
+    within(async {
+        while server.stats().handler_panics == 0 {
+            assert!(client.alive().await.unwrap());
+        }
+    })
+    .await;
+    let stats = server.stats();
+    assert_eq!((stats.handler_panics, stats.signals_failed), (1, 1));
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn check<T: Send + Sync + Clone + 'static>() {}
+    check::<Peer>();
+    check::<CalculatorClient>();
+    check::<CalculatorServer<Calc>>();
+}
