@@ -265,6 +265,14 @@ impl Connection {
         self.wait_state(|inner| inner.finished.then_some(())).await;
     }
 
+    /// Closes the connection like [`close`](Self::close), telling the peer why: for example
+    /// [`CloseCode::ProtocolError`] when a layer above detected a violation of its own
+    /// protocol. The reason is cut to fit the peer's frame limit.
+    pub async fn close_with(&self, code: CloseCode, reason: &str) {
+        self.shared().close(code, reason);
+        self.wait_state(|inner| inner.finished.then_some(())).await;
+    }
+
     /// Waits until the connection is closed and returns why. Resolves as soon as the
     /// connection stopped working, while the transport may still be shutting down.
     pub async fn closed(&self) -> CloseCause {
@@ -289,12 +297,13 @@ impl Connection {
         Arc::downgrade(&self.handle)
     }
 
-    pub(crate) fn from_handle(handle: Arc<Handle>) -> Self {
-        Connection { handle }
+    /// Starts closing without waiting.
+    pub(crate) fn start_close(&self, code: CloseCode, reason: &str) {
+        self.shared().close(code, reason);
     }
 
-    pub(crate) fn close_with(&self, code: CloseCode, reason: &str) {
-        self.shared().close(code, reason);
+    pub(crate) fn from_handle(handle: Arc<Handle>) -> Self {
+        Connection { handle }
     }
 
     async fn next<R>(

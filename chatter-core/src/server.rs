@@ -152,7 +152,7 @@ impl Server {
         }
         let conns = self.tracked.take();
         for conn in &conns {
-            conn.close_with(CloseCode::GoingAway, "server closing");
+            conn.start_close(CloseCode::GoingAway, "server closing");
         }
         for conn in &conns {
             conn.closed().await;
@@ -259,7 +259,7 @@ impl Drop for Server {
             task.abort();
         }
         for conn in self.tracked.take() {
-            conn.close_with(CloseCode::GoingAway, "server closing");
+            conn.start_close(CloseCode::GoingAway, "server closing");
         }
         self.remove_socket_files();
     }

@@ -94,6 +94,11 @@ mod server;
 mod service;
 mod wire;
 
+/// The transport layer, re-exported so that `chatter-rpc` is the only chatter dependency an
+/// application needs.
+pub use chatter_core::{
+    self, connect, listen, tls, Address, CloseCause, Connection, Options, Server,
+};
 pub use chatter_macros::remote;
 pub use error::{CallError, RemoteContext, SignalError};
 pub use peer::{Peer, PeerOptions, PeerStats};
@@ -123,3 +128,8 @@ pub mod __private {
     pub use ::std::string::String;
     pub use ::std::sync::Arc;
 }
+
+/// The README's examples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -475,3 +475,19 @@ fn hello() -> Vec<u8> {
         0x40, 0, 0, 0xce, 0, 0x80, 0, 0,
     ]
 }
+
+#[tokio::test(start_paused = true)]
+async fn close_with_tells_the_peer_why() {
+    let (_server, client, accepted) = pair(Transport::Tcp).await;
+    client
+        .close_with(CloseCode::ProtocolError, "bad RPC envelope")
+        .await;
+    match accepted.closed().await {
+        CloseCause::Peer { code, reason } => {
+            assert_eq!(code, CloseCode::ProtocolError);
+            assert_eq!(reason, "bad RPC envelope");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(client.closed().await.is_local());
+}
