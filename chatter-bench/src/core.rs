@@ -1,0 +1,185 @@
+//! `chatter-core`: raw conversations. A call is a request sent with `last(false)` (passing
+//! the turn) and a reply in its conversation that ends it; a one-way message is a one-shot
+//! message. Payloads are raw bytes (`send_bytes`), as in the raw echo.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chatter_core::{connect, listen, Connection, Options, SendOptions};
+use tokio::sync::Semaphore;
+
+use crate::harness::{
+    idle_rss, nanos, run_connections, share, Done, LocalFuture, Measured, ServerInfo,
+};
+use crate::raw::request;
+use crate::tls::Tls;
+use crate::workload::{Kind, Spec};
+
+/// Options for both ends: the defaults, plus TLS when asked.
+pub fn options(tls: Option<&Tls>, server: bool) -> Options {
+    let options = Options::default();
+    match tls {
+        Some(t) if server => options.tls_server(t.chatter_server.clone()),
+        Some(t) => options.tls_client(t.chatter_client.clone()),
+        None => options,
+    }
+}
+
+pub fn scheme(tls: bool) -> &'static str {
+    if tls {
+        "tls"
+    } else {
+        "tcp"
+    }
+}
+
+pub fn server(
+    spec: Spec,
+    done: Arc<Done>,
+    tls: Option<Tls>,
+) -> LocalFuture<(ServerInfo, Box<dyn Any>)> {
+    Box::pin(async move {
+        let listener = listen(
+            format!("{}://127.0.0.1:0", scheme(spec.tls)),
+            options(tls.as_ref(), true),
+        )
+        .await
+        .expect("listen (chatter-core)");
+        let addr = listener.addresses()[0].to_string();
+        let listener = Arc::new(listener);
+        let counter = done.clone();
+        let accept = {
+            let listener = listener.clone();
+            tokio::task::spawn_local(async move {
+                while let Some(conn) = listener.accept().await {
+                    tokio::task::spawn_local(serve(conn, counter.clone()));
+                }
+            })
+        };
+        let info = ServerInfo { addr, done };
+        (info, Box::new((listener, accept)) as Box<dyn Any>)
+    })
+}
+
+/// Answers every request in its conversation with the request's bytes; counts one-shot
+/// messages.
+async fn serve(conn: Connection, done: Arc<Done>) {
+    while let Ok(msg) = conn.receive().await {
+        if msg.last {
+            done.add(1);
+            continue;
+        }
+        let reply = SendOptions::new().conversation(msg.conversation);
+        if conn.send_bytes(&msg.payload, reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn open(addr: &str, tls: Option<&Tls>) -> Connection {
+    connect(addr, options(tls, false))
+        .await
+        .expect("connect (chatter-core)")
+}
+
+/// `n` calls with at most `window` in flight; the latency of each. The server answers in
+/// order, so replies match the requests first in, first out.
+async fn pipeline(conn: &Connection, window: usize, n: u64, req: &Bytes) -> Vec<u32> {
+    let mut lat = Vec::with_capacity(n as usize);
+    let request = SendOptions::new().last(false);
+    if window <= 1 {
+        for _ in 0..n {
+            let t = Instant::now();
+            let conv = conn.send_bytes(req, request).await.expect("send (core)");
+            let reply = conn.receive().await.expect("reply (core)");
+            assert_eq!(reply.conversation, conv);
+            assert_eq!(reply.payload.len(), req.len());
+            lat.push(nanos(t));
+        }
+        return lat;
+    }
+    let sent_at = RefCell::new(VecDeque::with_capacity(window));
+    let credit = Semaphore::new(window);
+    let writer = async {
+        for _ in 0..n {
+            credit.acquire().await.expect("credit").forget();
+            sent_at.borrow_mut().push_back(Instant::now());
+            conn.send_bytes(req, request).await.expect("send (core)");
+        }
+    };
+    let reader = async {
+        for _ in 0..n {
+            let reply = conn.receive().await.expect("reply (core)");
+            debug_assert_eq!(reply.payload.len(), req.len());
+            let t = sent_at.borrow_mut().pop_front().expect("a call in flight");
+            lat.push(nanos(t));
+            credit.add_permits(1);
+        }
+    };
+    tokio::join!(writer, reader);
+    lat
+}
+
+pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Measured> {
+    Box::pin(async move {
+        let req = request(&spec);
+        match spec.kind {
+            Kind::Calls => {
+                let mut jobs = Vec::new();
+                for i in 0..spec.conns {
+                    let conn = open(&info.addr, tls.as_ref()).await;
+                    let req = req.clone();
+                    let n = share(spec.total, spec.conns, i);
+                    jobs.push(move |barrier: Arc<tokio::sync::Barrier>| async move {
+                        pipeline(&conn, spec.window, spec.warmup, &req).await;
+                        barrier.wait().await;
+                        pipeline(&conn, spec.window, n, &req).await
+                    });
+                }
+                let (elapsed, latencies) = run_connections(jobs).await;
+                Measured {
+                    ops: spec.total,
+                    bytes_per_op: spec.payload as u64,
+                    elapsed,
+                    latencies,
+                    rss_per_conn: None,
+                }
+            }
+            Kind::OneWay => {
+                let conn = open(&info.addr, tls.as_ref()).await;
+                let start = Instant::now();
+                for i in 0..spec.total {
+                    conn.send_bytes(&req, SendOptions::new())
+                        .await
+                        .expect("send (core)");
+                    // A producer loop lets the connection's driver move bytes now and then.
+                    if i % 256 == 255 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                let end = info.done.wait().await;
+                Measured {
+                    ops: spec.total,
+                    elapsed: end - start,
+                    ..Measured::default()
+                }
+            }
+            Kind::Idle => {
+                idle_rss(spec.conns, || async {
+                    let mut conns = Vec::with_capacity(spec.conns);
+                    for _ in 0..spec.conns {
+                        let conn = open(&info.addr, None).await;
+                        pipeline(&conn, 1, 1, &req).await;
+                        conns.push(conn);
+                    }
+                    Box::new(conns) as Box<dyn Any>
+                })
+                .await
+            }
+        }
+    })
+}

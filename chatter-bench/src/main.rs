@@ -1,0 +1,233 @@
+//! chatter-bench: chatter-core and chatter-rpc side by side with a raw framed TCP echo and
+//! tarpc, on the workloads of issue 5. See `BENCHMARKS.md` at the workspace root.
+//!
+//! ```text
+//! cargo run --release -p chatter-bench -- [--quick] [--runs N] [--only latency,pipelined,...]
+//!     [--systems raw,tarpc,core,rpc] [--layouts split,onecore] [--out DIR]
+//! ```
+//!
+//! Every measurement runs in a fresh child process (this binary with `--child`), so peak
+//! RSS, allocator state and sockets of one measurement never leak into the next. In the
+//! child, server and client are two current-thread tokio runtimes on two threads, pinned
+//! per layout, talking over 127.0.0.1. The parent runs the systems alternately, `--runs`
+//! times, and reports medians and ratios.
+
+mod core;
+mod harness;
+mod raw;
+mod report;
+mod rpc;
+mod tls;
+mod workload;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{cpu_count, percentile, Layout, Measured};
+use report::{Results, Sample};
+use workload::{System, Workload};
+
+struct Args {
+    quick: bool,
+    runs: usize,
+    workloads: Vec<Workload>,
+    systems: Vec<System>,
+    layouts: Vec<Layout>,
+    out: std::path::PathBuf,
+}
+
+const USAGE: &str = "usage: chatter-bench [--quick] [--runs N] [--only WORKLOAD,...] \
+[--systems raw,tarpc,core,rpc] [--layouts split,onecore] [--out DIR]
+workloads: latency, pipelined, fanin, payload, signals, idle, tls-pipelined, tls-payload";
+
+fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
+    let value = value.unwrap_or_else(|| panic!("{what} needs a value\n{USAGE}"));
+    value
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| parse(s).unwrap_or_else(|| panic!("unknown {what} {s:?}\n{USAGE}")))
+        .collect()
+}
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
+    let mut args = Args {
+        quick: false,
+        runs: 0,
+        workloads: workload::ALL.to_vec(),
+        systems: workload::SYSTEMS.to_vec(),
+        layouts: vec![Layout::Split, Layout::OneCore],
+        out: "target/bench".into(),
+    };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => args.quick = true,
+            "--runs" => {
+                args.runs = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .unwrap_or_else(|| panic!("--runs needs a positive number\n{USAGE}"))
+            }
+            "--only" => args.workloads = list(it.next(), "workload", Workload::parse),
+            "--systems" => args.systems = list(it.next(), "system", System::parse),
+            "--layouts" => args.layouts = list(it.next(), "layout", Layout::parse),
+            "--out" => args.out = it.next().expect("--out needs a directory").into(),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => panic!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if args.runs == 0 {
+        args.runs = if args.quick { 1 } else { 3 };
+    }
+    // Keep the canonical order whatever order they were given in.
+    args.systems
+        .sort_by_key(|s| workload::SYSTEMS.iter().position(|x| x == s));
+    args
+}
+
+fn main() {
+    let mut argv = std::env::args().skip(1).peekable();
+    if argv.peek().map(String::as_str) == Some("--child") {
+        argv.next();
+        child(argv);
+        return;
+    }
+    let mut args = parse_args(argv);
+    let cpus = cpu_count();
+    if cpus < 2 && args.layouts.contains(&Layout::Split) {
+        eprintln!("only {cpus} CPU available: running the onecore layout only");
+        args.layouts.retain(|&l| l == Layout::OneCore);
+    }
+    let started = Instant::now();
+    let mut results = Results::default();
+    for &layout in &args.layouts {
+        for &w in &args.workloads {
+            for run in 0..args.runs {
+                for &s in args.systems.iter().filter(|s| s.runs(w)) {
+                    match run_child(layout, w, s, args.quick) {
+                        Ok(sample) => {
+                            eprintln!(
+                                "{:>8} {:>13} {:>12} run {}: {}",
+                                layout.name(),
+                                w.name(),
+                                s.name(),
+                                run + 1,
+                                sample.describe(w)
+                            );
+                            results.add(layout, w, s, sample);
+                        }
+                        Err(e) => eprintln!(
+                            "{:>8} {:>13} {:>12} run {}: FAILED: {e}",
+                            layout.name(),
+                            w.name(),
+                            s.name(),
+                            run + 1
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let md = report::markdown(&results, &args.layouts, &args.systems, args.runs, &command);
+    let svg = report::svg(&results, &args.layouts, &args.systems);
+    println!("{md}");
+    std::fs::create_dir_all(&args.out).expect("create the output directory");
+    std::fs::write(args.out.join("results.md"), &md).expect("write results.md");
+    std::fs::write(args.out.join("bench-ratios.svg"), &svg).expect("write bench-ratios.svg");
+    eprintln!(
+        "wrote {} and {} in {:.0} s",
+        args.out.join("results.md").display(),
+        args.out.join("bench-ratios.svg").display(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Runs one measurement in a child process and parses its result line.
+fn run_child(layout: Layout, w: Workload, s: System, quick: bool) -> Result<Sample, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["--child", w.name(), s.name(), layout.name()]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("spawn the child: {e}"))?;
+    let limit = Duration::from_secs(if quick { 60 } else { 300 });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("timed out after {} s", limit.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        stdout.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    }
+    if !status.success() {
+        return Err(format!("child exited with {status}"));
+    }
+    out.lines()
+        .find_map(Sample::parse)
+        .ok_or_else(|| format!("no RESULT line in {out:?}"))
+}
+
+/// The child: one measurement, printed as a `RESULT` line.
+fn child(mut argv: impl Iterator<Item = String>) {
+    let mut next = |what: &str| {
+        argv.next()
+            .unwrap_or_else(|| panic!("--child needs {what}"))
+    };
+    let w = Workload::parse(&next("a workload")).expect("workload");
+    let s = System::parse(&next("a system")).expect("system");
+    let layout = Layout::parse(&next("a layout")).expect("layout");
+    let quick = argv.next().as_deref() == Some("--quick");
+    let spec = w.spec(quick);
+    harness::raise_nofile();
+    let tls = spec.tls.then(tls::Tls::generate);
+    let done = harness::Done::new(spec.total);
+    let server_tls = tls.clone();
+    let server: harness::ServerFn = match s {
+        System::Raw => Box::new(move || raw::server(spec, done, server_tls)),
+        System::Core => Box::new(move || core::server(spec, done, server_tls)),
+        System::Rpc => Box::new(move || rpc::server(spec, done, server_tls)),
+        System::Tarpc => unimplemented!("tarpc"),
+    };
+    let client: harness::ClientFn = match s {
+        System::Raw => Box::new(move |info| raw::client(spec, info, tls)),
+        System::Core => Box::new(move |info| core::client(spec, info, tls)),
+        System::Rpc => Box::new(move |info| rpc::client(spec, info, tls)),
+        System::Tarpc => unimplemented!("tarpc"),
+    };
+    harness::reset_peak_rss();
+    let mut m: Measured = harness::run_pair(layout, server, client);
+    let peak = harness::proc_status_bytes("VmHWM");
+    m.latencies.sort_unstable();
+    let secs = m.elapsed.as_secs_f64();
+    let sample = Sample {
+        ops_per_s: m.ops as f64 / secs,
+        mb_per_s: (m.ops * m.bytes_per_op) as f64 / secs / 1e6,
+        p50_ns: percentile(&m.latencies, 50.0) as f64,
+        p99_ns: percentile(&m.latencies, 99.0) as f64,
+        peak_rss: peak as f64,
+        rss_per_conn: m.rss_per_conn.unwrap_or(0.0),
+    };
+    println!("{}", sample.line());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // The server thread and its connections are left as they are: exit at once.
+    std::process::exit(0);
+}

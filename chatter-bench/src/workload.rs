@@ -1,0 +1,198 @@
+//! The workloads of issue 5 and their sizes.
+
+/// One of the measured workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    Latency,
+    Pipelined,
+    Fanin,
+    Payload,
+    Signals,
+    Idle,
+    TlsPipelined,
+    TlsPayload,
+}
+
+pub const ALL: [Workload; 8] = [
+    Workload::Latency,
+    Workload::Pipelined,
+    Workload::Fanin,
+    Workload::Payload,
+    Workload::Signals,
+    Workload::Idle,
+    Workload::TlsPipelined,
+    Workload::TlsPayload,
+];
+
+/// What a workload does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Calls (request and reply), `window` in flight per connection.
+    Calls,
+    /// One-way messages counted at the receiver.
+    OneWay,
+    /// Connections opened and left idle.
+    Idle,
+}
+
+/// The size of a workload.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    pub workload: Workload,
+    pub kind: Kind,
+    pub conns: usize,
+    /// Calls in flight per connection.
+    pub window: usize,
+    /// Operations in the measured phase (all connections together).
+    pub total: u64,
+    /// Unmeasured calls per connection before the measured phase.
+    pub warmup: u64,
+    /// Payload bytes per call (0: `add(i32, i32)`, 8 bytes of arguments).
+    pub payload: usize,
+    pub tls: bool,
+}
+
+/// Payload size of the payload workloads.
+pub const PAYLOAD: usize = 64 * 1024;
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Latency => "latency",
+            Workload::Pipelined => "pipelined",
+            Workload::Fanin => "fanin",
+            Workload::Payload => "payload",
+            Workload::Signals => "signals",
+            Workload::Idle => "idle",
+            Workload::TlsPipelined => "tls-pipelined",
+            Workload::TlsPayload => "tls-payload",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Workload> {
+        ALL.into_iter().find(|w| w.name() == s)
+    }
+
+    /// What the table reports for this workload, and whether more is better.
+    pub fn metric(self) -> (&'static str, bool) {
+        match self {
+            Workload::Latency => ("p50 µs", false),
+            Workload::Pipelined | Workload::Fanin | Workload::TlsPipelined => ("kcalls/s", true),
+            Workload::Payload | Workload::TlsPayload => ("MB/s", true),
+            Workload::Signals => ("kmsgs/s", true),
+            Workload::Idle => ("KB/conn", false),
+        }
+    }
+
+    /// The target ratio to raw from issue 5.
+    pub fn target(self) -> f64 {
+        match self {
+            Workload::Latency | Workload::Idle => 1.25,
+            _ => 0.8,
+        }
+    }
+
+    pub fn spec(self, quick: bool) -> Spec {
+        let q = |full: u64, small: u64| if quick { small } else { full };
+        let base = Spec {
+            workload: self,
+            kind: Kind::Calls,
+            conns: 1,
+            window: 1,
+            total: 0,
+            warmup: 0,
+            payload: 0,
+            tls: false,
+        };
+        match self {
+            Workload::Latency => Spec {
+                total: q(20_000, 500),
+                warmup: q(2_000, 50),
+                ..base
+            },
+            Workload::Pipelined => Spec {
+                window: 256,
+                total: q(300_000, 5_000),
+                warmup: q(20_000, 500),
+                ..base
+            },
+            Workload::Fanin => Spec {
+                conns: 64,
+                window: 16,
+                total: q(300_000, 5_000),
+                warmup: q(200, 16),
+                ..base
+            },
+            Workload::Payload => Spec {
+                window: 16,
+                total: q(20_000, 200),
+                warmup: q(1_000, 20),
+                payload: PAYLOAD,
+                ..base
+            },
+            Workload::Signals => Spec {
+                kind: Kind::OneWay,
+                total: q(1_000_000, 10_000),
+                ..base
+            },
+            Workload::Idle => Spec {
+                kind: Kind::Idle,
+                conns: q(5_000, 200) as usize,
+                ..base
+            },
+            Workload::TlsPipelined => Spec {
+                tls: true,
+                ..Workload::Pipelined.spec(quick)
+            },
+            Workload::TlsPayload => Spec {
+                tls: true,
+                ..Workload::Payload.spec(quick)
+            },
+        }
+        .with_name(self)
+    }
+}
+
+impl Spec {
+    fn with_name(mut self, w: Workload) -> Spec {
+        self.workload = w;
+        self
+    }
+}
+
+/// A system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum System {
+    Raw,
+    Tarpc,
+    Core,
+    Rpc,
+}
+
+pub const SYSTEMS: [System; 4] = [System::Raw, System::Tarpc, System::Core, System::Rpc];
+
+impl System {
+    pub fn name(self) -> &'static str {
+        match self {
+            System::Raw => "raw",
+            System::Tarpc => "tarpc",
+            System::Core => "chatter-core",
+            System::Rpc => "chatter-rpc",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<System> {
+        match s {
+            "raw" => Some(System::Raw),
+            "tarpc" => Some(System::Tarpc),
+            "core" | "chatter-core" => Some(System::Core),
+            "rpc" | "chatter-rpc" => Some(System::Rpc),
+            _ => None,
+        }
+    }
+
+    /// Whether this system takes part in `w` (tarpc has no TLS transport here).
+    pub fn runs(self, w: Workload) -> bool {
+        !(self == System::Tarpc && matches!(w, Workload::TlsPipelined | Workload::TlsPayload))
+    }
+}
