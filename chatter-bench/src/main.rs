@@ -17,6 +17,7 @@ mod harness;
 mod raw;
 mod report;
 mod rpc;
+mod tarpc_sys;
 mod tls;
 mod workload;
 
@@ -30,6 +31,7 @@ use workload::{System, Workload};
 
 struct Args {
     quick: bool,
+    raw_batched: bool,
     runs: usize,
     workloads: Vec<Workload>,
     systems: Vec<System>,
@@ -37,7 +39,8 @@ struct Args {
     out: std::path::PathBuf,
 }
 
-const USAGE: &str = "usage: chatter-bench [--quick] [--runs N] [--only WORKLOAD,...] \
+const USAGE: &str =
+    "usage: chatter-bench [--quick] [--raw-per-frame] [--runs N] [--only WORKLOAD,...] \
 [--systems raw,tarpc,core,rpc] [--layouts split,onecore] [--out DIR]
 workloads: latency, pipelined, fanin, payload, signals, idle, tls-pipelined, tls-payload";
 
@@ -53,6 +56,7 @@ fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>)
 fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
     let mut args = Args {
         quick: false,
+        raw_batched: true,
         runs: 0,
         workloads: workload::ALL.to_vec(),
         systems: workload::SYSTEMS.to_vec(),
@@ -62,6 +66,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => args.quick = true,
+            "--raw-per-frame" => args.raw_batched = false,
             "--runs" => {
                 args.runs = it
                     .next()
@@ -108,7 +113,7 @@ fn main() {
         for &w in &args.workloads {
             for run in 0..args.runs {
                 for &s in args.systems.iter().filter(|s| s.runs(w)) {
-                    match run_child(layout, w, s, args.quick) {
+                    match run_child(layout, w, s, args.quick, args.raw_batched) {
                         Ok(sample) => {
                             eprintln!(
                                 "{:>8} {:>13} {:>12} run {}: {}",
@@ -148,12 +153,21 @@ fn main() {
 }
 
 /// Runs one measurement in a child process and parses its result line.
-fn run_child(layout: Layout, w: Workload, s: System, quick: bool) -> Result<Sample, String> {
+fn run_child(
+    layout: Layout,
+    w: Workload,
+    s: System,
+    quick: bool,
+    raw_batched: bool,
+) -> Result<Sample, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(exe);
     cmd.args(["--child", w.name(), s.name(), layout.name()]);
     if quick {
         cmd.arg("--quick");
+    }
+    if !raw_batched {
+        cmd.arg("--raw-per-frame");
     }
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -194,8 +208,12 @@ fn child(mut argv: impl Iterator<Item = String>) {
     let w = Workload::parse(&next("a workload")).expect("workload");
     let s = System::parse(&next("a system")).expect("system");
     let layout = Layout::parse(&next("a layout")).expect("layout");
-    let quick = argv.next().as_deref() == Some("--quick");
-    let spec = w.spec(quick);
+    let flags: Vec<String> = argv.collect();
+    let quick = flags.iter().any(|f| f == "--quick");
+    let spec = workload::Spec {
+        raw_batched: !flags.iter().any(|f| f == "--raw-per-frame"),
+        ..w.spec(quick)
+    };
     harness::raise_nofile();
     let tls = spec.tls.then(tls::Tls::generate);
     let done = harness::Done::new(spec.total);
@@ -204,13 +222,13 @@ fn child(mut argv: impl Iterator<Item = String>) {
         System::Raw => Box::new(move || raw::server(spec, done, server_tls)),
         System::Core => Box::new(move || core::server(spec, done, server_tls)),
         System::Rpc => Box::new(move || rpc::server(spec, done, server_tls)),
-        System::Tarpc => unimplemented!("tarpc"),
+        System::Tarpc => Box::new(move || tarpc_sys::server(spec, done, server_tls)),
     };
     let client: harness::ClientFn = match s {
         System::Raw => Box::new(move |info| raw::client(spec, info, tls)),
         System::Core => Box::new(move |info| core::client(spec, info, tls)),
         System::Rpc => Box::new(move |info| rpc::client(spec, info, tls)),
-        System::Tarpc => unimplemented!("tarpc"),
+        System::Tarpc => Box::new(move |info| tarpc_sys::client(spec, info, tls)),
     };
     harness::reset_peak_rss();
     let mut m: Measured = harness::run_pair(layout, server, client);

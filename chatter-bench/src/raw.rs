@@ -65,6 +65,8 @@ pub fn server(
                     let framed = Framed::new(io, LengthDelimitedCodec::new());
                     if spec.kind == Kind::OneWay {
                         count(framed, &counter).await
+                    } else if spec.raw_batched {
+                        echo_batched(framed).await
                     } else {
                         echo(framed).await
                     }
@@ -76,8 +78,17 @@ pub fn server(
     })
 }
 
-/// Echoes every frame; replies to everything that arrived together in one write.
+/// Echoes every frame as it comes, the idiomatic way: `send` (write and flush) per frame.
 async fn echo(mut framed: Framed<Box<dyn Io>, LengthDelimitedCodec>) {
+    while let Some(Ok(frame)) = framed.next().await {
+        if framed.send(frame.freeze()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Echoes every frame; replies to everything that arrived together in one write.
+async fn echo_batched(mut framed: Framed<Box<dyn Io>, LengthDelimitedCodec>) {
     while let Some(Ok(frame)) = framed.next().await {
         if framed.feed(frame.freeze()).await.is_err() {
             return;
@@ -123,13 +134,16 @@ async fn open(addr: &str, tls: Option<&Tls>) -> (Reader, Writer) {
     )
 }
 
-/// `n` echo calls with at most `window` in flight; the latency of each.
+/// `n` echo calls with at most `window` in flight; the latency of each. Batched: requests
+/// that may go together are written together, otherwise each is sent (written and
+/// flushed) on its own.
 async fn pipeline(
     rd: &mut Reader,
     wr: &mut Writer,
     window: usize,
     n: u64,
     req: &Bytes,
+    batched: bool,
 ) -> Vec<u32> {
     let mut lat = Vec::with_capacity(n as usize);
     if window <= 1 {
@@ -148,6 +162,12 @@ async fn pipeline(
         let mut sent = 0;
         while sent < n {
             credit.acquire().await.expect("credit").forget();
+            if !batched {
+                sent_at.borrow_mut().push_back(Instant::now());
+                wr.send(req.clone()).await.expect("send (raw)");
+                sent += 1;
+                continue;
+            }
             let more = (credit.available_permits() as u64).min(n - sent - 1);
             if more > 0 {
                 credit
@@ -189,9 +209,17 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                     let req = req.clone();
                     let n = share(spec.total, spec.conns, i);
                     jobs.push(move |barrier: Arc<tokio::sync::Barrier>| async move {
-                        pipeline(&mut rd, &mut wr, spec.window, spec.warmup, &req).await;
+                        pipeline(
+                            &mut rd,
+                            &mut wr,
+                            spec.window,
+                            spec.warmup,
+                            &req,
+                            spec.raw_batched,
+                        )
+                        .await;
                         barrier.wait().await;
-                        pipeline(&mut rd, &mut wr, spec.window, n, &req).await
+                        pipeline(&mut rd, &mut wr, spec.window, n, &req, spec.raw_batched).await
                     });
                 }
                 let (elapsed, latencies) = run_connections(jobs).await;
@@ -207,7 +235,11 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                 let (_rd, mut wr) = open(&info.addr, tls.as_ref()).await;
                 let start = Instant::now();
                 for _ in 0..spec.total {
-                    wr.feed(req.clone()).await.expect("send (raw)");
+                    if spec.raw_batched {
+                        wr.feed(req.clone()).await.expect("send (raw)");
+                    } else {
+                        wr.send(req.clone()).await.expect("send (raw)");
+                    }
                 }
                 SinkExt::<Bytes>::flush(&mut wr).await.expect("flush (raw)");
                 let end = info.done.wait().await;
@@ -222,7 +254,7 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                     let mut conns = Vec::with_capacity(spec.conns);
                     for _ in 0..spec.conns {
                         let (mut rd, mut wr) = open(&info.addr, None).await;
-                        pipeline(&mut rd, &mut wr, 1, 1, &req).await;
+                        pipeline(&mut rd, &mut wr, 1, 1, &req, false).await;
                         conns.push((rd, wr));
                     }
                     Box::new(conns) as Box<dyn Any>

@@ -50,6 +50,9 @@ pub struct Spec {
     /// Payload bytes per call (0: `add(i32, i32)`, 8 bytes of arguments).
     pub payload: usize,
     pub tls: bool,
+    /// raw writes together what may go together (the default, its physical limit) instead
+    /// of one `send` (write and flush) per frame (`--raw-per-frame`).
+    pub raw_batched: bool,
 }
 
 /// Payload size of the payload workloads.
@@ -103,6 +106,7 @@ impl Workload {
             warmup: 0,
             payload: 0,
             tls: false,
+            raw_batched: true,
         };
         match self {
             Workload::Latency => Spec {
