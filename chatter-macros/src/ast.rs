@@ -26,6 +26,8 @@ pub(crate) struct Method {
     pub(crate) attrs: Vec<Attribute>,
     /// `Some(ttl_ms)` for a signal.
     pub(crate) signal: Option<Option<u64>>,
+    /// `#[idempotent]` (its attribute, for error spans).
+    pub(crate) idempotent: Option<Attribute>,
     pub(crate) args: Vec<Arg>,
     pub(crate) output: Output,
     /// The return type as written (`None` for `()`), for error spans.
@@ -185,6 +187,7 @@ impl Method {
             ident: sig.ident.clone(),
             attrs: attrs.passthrough,
             signal: attrs.signal,
+            idempotent: attrs.idempotent,
             args,
             output,
             return_type,

@@ -10,6 +10,8 @@ use crate::ctxt::Ctxt;
 pub(crate) struct MethodAttrs {
     /// `Some` when the method is a signal; the inner value is its TTL in milliseconds.
     pub(crate) signal: Option<Option<u64>>,
+    /// `#[idempotent]`: calls may be re-sent when their outcome is unknown.
+    pub(crate) idempotent: Option<Attribute>,
     /// Attributes copied onto the generated items (docs, lints).
     pub(crate) passthrough: Vec<Attribute>,
 }
@@ -46,13 +48,20 @@ pub(crate) fn method_attrs(cx: &Ctxt, attrs: &[Attribute]) -> MethodAttrs {
                 continue;
             }
             out.signal = Some(signal_ttl(cx, attr));
+        } else if path.is_ident("idempotent") {
+            if !matches!(attr.meta, Meta::Path(_)) {
+                cx.error_spanned_by(attr, "write #[idempotent], without arguments");
+            } else if out.idempotent.is_some() {
+                cx.error_spanned_by(attr, "duplicate #[idempotent] attribute; keep one");
+            }
+            out.idempotent = Some(attr.clone());
         } else if PASSTHROUGH.iter().any(|p| path.is_ident(p)) {
             out.passthrough.push(attr.clone());
         } else {
             cx.error_spanned_by(
                 attr,
                 "unsupported attribute on a remote method; supported are #[signal], \
-                 #[signal(ttl = \"30s\")], doc comments and lint attributes",
+                 #[signal(ttl = \"30s\")], #[idempotent], doc comments and lint attributes",
             );
         }
     }

@@ -23,6 +23,20 @@ pub(crate) fn check(cx: &Ctxt, tr: &Trait) {
     duplicate_names(cx, tr);
     generated_name_clashes(cx, tr);
     signals_return_nothing(cx, tr);
+    signals_are_not_idempotent(cx, tr);
+}
+
+fn signals_are_not_idempotent(cx: &Ctxt, tr: &Trait) {
+    for m in &tr.methods {
+        if let (Some(_), Some(attr)) = (&m.signal, &m.idempotent) {
+            cx.error_spanned_by(
+                attr,
+                "#[idempotent] applies to calls (it lets a call whose outcome is unknown be \
+                 sent again); signals are re-sent only with duplicate detection: remove \
+                 #[idempotent]",
+            );
+        }
+    }
 }
 
 fn duplicate_names(cx: &Ctxt, tr: &Trait) {

@@ -10,7 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{CallError, RemoteContext, SignalError};
-use crate::peer::{Outcome, Peer, MAX_DURATION};
+use crate::outbox::Sent;
+use crate::peer::{Outcome, MAX_DURATION};
+use crate::reconnect::Target;
 use crate::wire::{self, FailureKind, Reply};
 
 /// What a generated `{Trait}Client` wraps: a peer, the remote object's name, and the
@@ -18,8 +20,9 @@ use crate::wire::{self, FailureKind, Reply};
 #[doc(hidden)]
 #[derive(Clone)]
 pub struct ClientCore {
-    peer: Peer,
+    peer: Target,
     object: Arc<str>,
+    idempotent: bool,
     deadline: Option<Duration>,
     ttl: Option<Duration>,
 }
@@ -35,17 +38,27 @@ impl fmt::Debug for ClientCore {
 }
 
 impl ClientCore {
-    pub fn new(peer: &Peer, object: &str) -> Self {
+    pub fn new(peer: impl Into<Target>, object: &str) -> Self {
         ClientCore {
-            peer: peer.clone(),
+            peer: peer.into(),
             object: object.into(),
+            idempotent: false,
             deadline: None,
             ttl: None,
         }
     }
 
-    pub fn peer(&self) -> &Peer {
+    pub fn peer(&self) -> &Target {
         &self.peer
+    }
+
+    /// The same client, allowed to re-send calls whose outcome is unknown (for methods
+    /// marked `#[idempotent]`).
+    pub fn idempotent(&self) -> Self {
+        ClientCore {
+            idempotent: true,
+            ..self.clone()
+        }
     }
 
     pub fn object(&self) -> &str {
@@ -54,7 +67,7 @@ impl ClientCore {
 
     pub fn deadline(&self) -> Duration {
         self.deadline
-            .unwrap_or(self.peer.inner.options.default_deadline)
+            .unwrap_or(self.peer.peer_options().default_deadline)
             .min(MAX_DURATION)
     }
 
@@ -112,16 +125,23 @@ impl ClientCore {
         method: &'static str,
         default_ttl: Option<Duration>,
         args: &A,
-    ) -> Result<(), SignalError> {
-        let inner = &self.peer.inner;
+    ) -> Result<Sent, SignalError> {
         let ttl = self
             .ttl
             .or(default_ttl)
-            .unwrap_or(inner.options.default_signal_ttl)
+            .unwrap_or(self.peer.peer_options().default_signal_ttl)
             .min(MAX_DURATION);
         let payload = wire::encode_request(wire::SIGNAL, &self.object, method, ttl, args)
             .map_err(|e| SignalError::BadArguments { what: e.0 })?;
-        inner.signal(payload, ttl)
+        match &self.peer {
+            Target::Peer(peer) => {
+                if peer.inner.hooks.is_shutting_down() {
+                    return Err(SignalError::ShuttingDown);
+                }
+                peer.inner.signal(payload, ttl).map(|()| Sent::untracked())
+            }
+            Target::Reconnecting(peer) => peer.signal(payload, ttl),
+        }
     }
 
     fn call_with<A, T, E>(
@@ -137,24 +157,58 @@ impl ClientCore {
     {
         let deadline = self.deadline();
         let encoded = wire::encode_request(wire::CALL, &self.object, method, deadline, args);
-        let inner = self.peer.inner.clone();
+        let target = self.peer.clone();
+        let idempotent = self.idempotent;
         let object = self.object.clone();
         async move {
             let payload = encoded.map_err(|e| CallError::BadArguments { what: e.0 })?;
+            let inner = match target {
+                Target::Peer(peer) => peer.inner,
+                Target::Reconnecting(peer) => {
+                    let reply = peer.call(payload, deadline, idempotent).await;
+                    return finish(
+                        reply.map_err(|e| e.map_app(|n| match n {})),
+                        app,
+                        &object,
+                        method,
+                    );
+                }
+            };
+            if inner.hooks.is_shutting_down() {
+                return Err(CallError::ShuttingDown);
+            }
             let reply = match inner.call(&payload, deadline).await {
                 Outcome::Reply(reply) => reply,
                 Outcome::Deadline => return Err(CallError::DeadlineExceeded),
-                Outcome::Lost(cause) => return Err(CallError::ConnectionLost(cause)),
+                Outcome::Lost(cause) | Outcome::NotSent(cause) => {
+                    return Err(CallError::ConnectionLost(cause))
+                }
                 Outcome::Protocol(what) => return Err(CallError::Protocol(what)),
             };
+            finish(Ok(reply), app, &object, method)
+        }
+    }
+}
+
+/// Decodes a reply (or passes a framework failure through).
+fn finish<T, E>(
+    reply: Result<bytes::Bytes, CallError<E>>,
+    app: impl FnOnce(&[u8], RemoteContext) -> CallError<E>,
+    object: &str,
+    method: &str,
+) -> Result<T, CallError<E>>
+where
+    T: DeserializeOwned,
+{
+    let reply = reply?;
+    {
+        {
             match wire::decode_reply(&reply) {
                 Ok(Reply::Ok(value)) => {
                     wire::decode_value(value).map_err(|e| CallError::BadReply { what: e.0 })
                 }
                 Ok(Reply::AppError { context, error }) => Err(app(error, context)),
-                Ok(Reply::Failure { kind, message }) => {
-                    Err(failure(kind, message, &object, method))
-                }
+                Ok(Reply::Failure { kind, message }) => Err(failure(kind, message, object, method)),
                 Err(e) => Err(CallError::Protocol(e.0)),
             }
         }
@@ -180,6 +234,7 @@ fn failure<E>(
         Ok(FailureKind::BadArguments) => CallError::BadArguments { what: message },
         Ok(FailureKind::RemotePanic) => CallError::RemotePanic { message },
         Ok(FailureKind::Protocol) => CallError::Protocol(message),
+        Ok(FailureKind::ShuttingDown) => CallError::ShuttingDown,
         Err(kind) => CallError::Protocol(format!("unknown failure kind {kind}: {message}")),
     }
 }

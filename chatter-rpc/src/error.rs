@@ -80,6 +80,22 @@ pub enum CallError<E = Infallible> {
     /// The peer broke the RPC protocol (a malformed envelope, an unknown error kind, …).
     #[error("RPC protocol error: {0}")]
     Protocol(String),
+    /// A [`ReconnectingPeer`](crate::ReconnectingPeer) was not connected and did not
+    /// reconnect within the call's deadline (or gave up reconnecting). The request was
+    /// never sent.
+    #[error("not connected (gave up waiting for a reconnect within the deadline): {last_error}")]
+    NotConnected {
+        /// Why the last connection or connection attempt failed.
+        last_error: String,
+    },
+    /// The connection was lost after the request was sent and before the reply arrived:
+    /// the callee may or may not have run the call. It was not re-sent (calls are at most
+    /// once unless the method is `#[idempotent]`).
+    #[error("connection lost, outcome unknown: {0}")]
+    OutcomeUnknown(CloseCause),
+    /// The peer (this side or the callee) is shutting down and takes no new calls.
+    #[error("shutting down: the call was refused")]
+    ShuttingDown,
 }
 
 impl<E> CallError<E> {
@@ -104,7 +120,9 @@ impl<E> CallError<E> {
     pub fn is_outcome_unknown(&self) -> bool {
         matches!(
             self,
-            CallError::DeadlineExceeded | CallError::ConnectionLost(_)
+            CallError::DeadlineExceeded
+                | CallError::ConnectionLost(_)
+                | CallError::OutcomeUnknown(_)
         )
     }
 
@@ -127,6 +145,9 @@ impl<E> CallError<E> {
             CallError::BadReply { what } => CallError::BadReply { what },
             CallError::RemotePanic { message } => CallError::RemotePanic { message },
             CallError::Protocol(m) => CallError::Protocol(m),
+            CallError::NotConnected { last_error } => CallError::NotConnected { last_error },
+            CallError::OutcomeUnknown(c) => CallError::OutcomeUnknown(c),
+            CallError::ShuttingDown => CallError::ShuttingDown,
         }
     }
 }
@@ -200,6 +221,49 @@ pub enum SignalError {
     /// The signal is larger than the connection's maximum frame.
     #[error("signal too large: {0}")]
     TooLarge(String),
+    /// The peer is shutting down or closed and takes no new signals.
+    #[error("shutting down: the signal was refused")]
+    ShuttingDown,
+    /// A [`ReconnectingPeer`](crate::ReconnectingPeer) gave up reconnecting (its
+    /// [`Backoff`](crate::Backoff) ran out) and is closed.
+    #[error("not connected and not reconnecting: {0}")]
+    NotConnected(String),
+    /// The persistent store could not record the signal (so it was not accepted).
+    #[error("signal store: {0}")]
+    Store(String),
+}
+
+/// Why an acknowledged send ([`Sent::acknowledged`](crate::Sent::acknowledged)) did not
+/// end with the remote handler having run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AckError {
+    /// The signal was sent through a plain [`Peer`](crate::Peer), whose signals are not
+    /// acknowledged; send it through a [`ReconnectingPeer`](crate::ReconnectingPeer).
+    #[error("not supported: signals sent through a plain Peer are not acknowledged; use a ReconnectingPeer")]
+    NotSupported,
+    /// No acknowledgement within the time given to `acknowledged`. The signal stays queued
+    /// (it may still be delivered, or expire).
+    #[error("no acknowledgement within the timeout")]
+    Timeout,
+    /// The TTL ran out first. `maybe_delivered` is true when a copy had been sent on a
+    /// connection that was lost before its acknowledgement arrived.
+    #[error("signal expired (maybe delivered: {maybe_delivered})")]
+    Expired {
+        /// Whether the receiver may have run it anyway.
+        maybe_delivered: bool,
+    },
+    /// The receiver could not run it: no such object or method, bad arguments, or the
+    /// handler panicked.
+    #[error("the receiver could not handle the signal")]
+    Failed,
+    /// Dropped on this side before an acknowledgement: evicted from a full outbox
+    /// ([`WhenFull::DropOldest`](crate::WhenFull::DropOldest)) or the peer closed.
+    #[error("signal dropped before acknowledgement (maybe delivered: {maybe_delivered})")]
+    Dropped {
+        /// Whether the receiver may have run it anyway.
+        maybe_delivered: bool,
+    },
 }
 
 #[cfg(test)]
@@ -228,5 +292,6 @@ mod tests {
         check::<CallError<String>>();
         check::<CallError>();
         check::<SignalError>();
+        check::<AckError>();
     }
 }

@@ -89,9 +89,12 @@
 
 mod client;
 mod error;
+mod outbox;
 mod peer;
+mod reconnect;
 mod server;
 mod service;
+mod store;
 mod wire;
 
 /// The transport layer, re-exported so that `chatter-rpc` is the only chatter dependency an
@@ -100,8 +103,13 @@ pub use chatter_core::{
     self, connect, listen, tls, Address, CloseCause, Connection, Options, Server,
 };
 pub use chatter_macros::remote;
-pub use error::{CallError, RemoteContext, SignalError};
+pub use error::{AckError, CallError, RemoteContext, SignalError};
+pub use outbox::{Sent, SignalId};
 pub use peer::{Peer, PeerOptions, PeerStats};
+pub use reconnect::{
+    Backoff, ConnectionState, Events, PeerEvent, ReconnectError, ReconnectOptions, ReconnectStats,
+    ReconnectingPeer, Target, WhenFull,
+};
 pub use server::{serve, RpcServer};
 pub use service::Service;
 
@@ -116,7 +124,7 @@ pub mod __private {
     };
     pub use ::bytes::Bytes;
     pub use ::core::clone::Clone;
-    pub use ::core::convert::Infallible;
+    pub use ::core::convert::{Infallible, Into};
     pub use ::core::fmt;
     pub use ::core::future::Future;
     pub use ::core::marker::{Send, Sync};

@@ -17,6 +17,11 @@ use tokio::time::Instant;
 use crate::service::{CatchUnwind, Dispatch, Service};
 use crate::wire::{self, FailureKind, Incoming};
 
+mod reliable;
+mod shutdown;
+
+pub(crate) use reliable::{AckSink, Hooks};
+
 /// Settings of a [`Peer`].
 ///
 /// ```
@@ -34,6 +39,7 @@ pub struct PeerOptions {
     pub(crate) default_signal_ttl: Duration,
     pub(crate) max_concurrent_handlers: usize,
     pub(crate) max_queued_signals: usize,
+    pub(crate) ordered_signals: bool,
 }
 
 impl Default for PeerOptions {
@@ -43,6 +49,7 @@ impl Default for PeerOptions {
             default_signal_ttl: Duration::from_secs(30),
             max_concurrent_handlers: 256,
             max_queued_signals: 1024,
+            ordered_signals: false,
         }
     }
 }
@@ -74,6 +81,15 @@ impl PeerOptions {
     /// [`SignalError::OutboxFull`](crate::SignalError::OutboxFull).
     pub fn max_queued_signals(mut self, limit: usize) -> Self {
         self.max_queued_signals = limit;
+        self
+    }
+
+    /// Handles the signals this peer receives one after another, in the order they
+    /// arrived (default false: each signal runs in its own task, concurrently). With a
+    /// [`ReconnectingPeer`](crate::ReconnectingPeer) on the other side, arrival order is
+    /// send order, also across reconnects.
+    pub fn ordered_signals(mut self, ordered: bool) -> Self {
+        self.ordered_signals = ordered;
         self
     }
 }
@@ -166,6 +182,7 @@ impl Peer {
             queued: Arc::new(Queued::default()),
             stats: Arc::new(Stats::default()),
             shutdown: Notify::new(),
+            hooks: Hooks::default(),
         });
         tokio::spawn(run_outbox(
             connection,
@@ -269,6 +286,8 @@ pub(crate) struct Inner {
     queued: Arc<Queued>,
     pub(crate) stats: Arc<Stats>,
     shutdown: Notify,
+    /// Reliable delivery and graceful shutdown state (`peer/reliable.rs`, `peer/shutdown.rs`).
+    pub(crate) hooks: Hooks,
 }
 
 #[derive(Default)]
@@ -293,12 +312,16 @@ pub(crate) enum Outcome {
     Reply(Bytes),
     Deadline,
     Lost(CloseCause),
+    /// The request was never handed to the connection.
+    NotSent(CloseCause),
     Protocol(String),
 }
 
 #[derive(Default)]
 struct InFlight {
     closing: bool,
+    /// Set by a graceful shutdown: new calls are refused with "shutting down".
+    shutting_down: bool,
     /// Dropping the sender cancels the handler.
     calls: HashMap<u64, oneshot::Sender<()>>,
 }
@@ -524,11 +547,13 @@ impl Inner {
                 {
                     let mut inflight = lock(&self.inflight);
                     if inflight.closing {
+                        let refusal = if inflight.shutting_down {
+                            wire::encode_failure(FailureKind::ShuttingDown, "shutting down")
+                        } else {
+                            wire::encode_failure(FailureKind::Cancelled, "closing")
+                        };
                         drop(inflight);
-                        self.reply(
-                            conv,
-                            wire::encode_failure(FailureKind::Cancelled, "closing"),
-                        );
+                        self.reply(conv, refusal);
                         return;
                     }
                     inflight.calls.insert(conv.first_id(), tx);
@@ -539,7 +564,15 @@ impl Inner {
             }
             Ok(Incoming::Signal { ttl, .. }) if msg.last => {
                 let expires = after(ttl);
-                tokio::spawn(run_signal(self.clone(), msg.payload, expires));
+                self.spawn_signal(run_signal(self.clone(), msg.payload, expires));
+            }
+            Ok(Incoming::Reliable { .. }) if msg.last => self.on_reliable(msg.payload),
+            Ok(Incoming::Ack {
+                stream,
+                seq,
+                status,
+            }) if msg.last => {
+                self.hooks.on_ack(stream, seq, status);
             }
             Ok(Incoming::Cancel { call }) if msg.last => {
                 // Dropping the sender wakes the handler task, which drops the handler.
@@ -617,7 +650,7 @@ impl Drop for CallGuard<'_> {
 
 fn send_failure(e: SendError) -> Outcome {
     match e {
-        SendError::Closed(cause) => Outcome::Lost(cause),
+        SendError::Closed(cause) => Outcome::NotSent(cause),
         other => Outcome::Protocol(other.to_string()),
     }
 }

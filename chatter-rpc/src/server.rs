@@ -1,7 +1,9 @@
 //! [`serve`]: accept connections and serve objects on each.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use chatter_core::{Address, Server};
 use tokio::task::JoinHandle;
@@ -33,12 +35,25 @@ where
     F: Fn(&Peer) + Send + Sync + 'static,
 {
     let listener = Arc::new(listener);
+    let peers: Arc<Mutex<Vec<Peer>>> = Arc::default();
+    let shutting_down = Arc::new(AtomicBool::new(false));
     let accept = {
         let listener = listener.clone();
+        let peers = peers.clone();
+        let shutting_down = shutting_down.clone();
         tokio::spawn(async move {
             while let Some(conn) = listener.accept().await {
                 let peer = Peer::with_options(conn, options.clone());
+                if shutting_down.load(Ordering::Acquire) {
+                    // Accepted during a graceful shutdown: refuse its calls clearly.
+                    peer.inner.begin_shutdown();
+                }
                 setup(&peer);
+                {
+                    let mut peers = peers.lock().unwrap_or_else(PoisonError::into_inner);
+                    peers.retain(|p| !p.connection().is_closed());
+                    peers.push(peer.clone());
+                }
                 // The peer lives as long as its connection.
                 tokio::spawn(async move {
                     peer.closed().await;
@@ -46,13 +61,20 @@ where
             }
         })
     };
-    RpcServer { listener, accept }
+    RpcServer {
+        listener,
+        accept,
+        peers,
+        shutting_down,
+    }
 }
 
 /// A running [`serve`] loop.
 pub struct RpcServer {
     listener: Arc<Server>,
     accept: JoinHandle<()>,
+    peers: Arc<Mutex<Vec<Peer>>>,
+    shutting_down: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for RpcServer {
@@ -72,6 +94,41 @@ impl RpcServer {
     /// Stops accepting and closes the listener (and, with chatter-core's default options,
     /// the connections it accepted).
     pub async fn close(&self) {
+        self.accept.abort();
+        self.listener.close().await;
+    }
+
+    /// Shuts down gracefully: every connection (and any accepted from now on) refuses new
+    /// calls with [`CallError::ShuttingDown`](crate::CallError::ShuttingDown); calls in
+    /// flight get up to `grace` to finish and reply; queued signals get what is left of
+    /// it; then the connections and the listener close. See [`Peer::shutdown`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use chatter_rpc::{listen, serve, Options, Peer, PeerOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = serve(listen("tcp://127.0.0.1:0", Options::default()).await?,
+    ///     PeerOptions::default(), |_: &Peer| {});
+    /// server.shutdown(Duration::from_secs(10)).await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::Release);
+        let peers: Vec<Peer> = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for peer in &peers {
+            peer.inner.begin_shutdown();
+        }
+        let mut all = tokio::task::JoinSet::new();
+        for peer in peers {
+            all.spawn(async move { peer.shutdown(grace).await });
+        }
+        while all.join_next().await.is_some() {}
         self.accept.abort();
         self.listener.close().await;
     }

@@ -13,10 +13,15 @@ use serde::Serialize;
 
 use crate::error::RemoteContext;
 
+pub(crate) mod reliable;
+pub(crate) use reliable::{encode_ack, encode_reliable, rewrite_deadline, AckStatus};
+
 /// Envelope kinds: the first element of a message from caller to callee.
 pub(crate) const CALL: u8 = 0;
 pub(crate) const SIGNAL: u8 = 1;
 pub(crate) const CANCEL: u8 = 2;
+pub(crate) const RELIABLE: u8 = 3;
+pub(crate) const ACK: u8 = 4;
 
 /// Reply statuses: the first element of a reply.
 pub(crate) const OK: u8 = 0;
@@ -34,6 +39,7 @@ pub(crate) enum FailureKind {
     BadArguments = 5,
     RemotePanic = 6,
     Protocol = 7,
+    ShuttingDown = 8,
 }
 
 impl FailureKind {
@@ -46,6 +52,7 @@ impl FailureKind {
             5 => FailureKind::BadArguments,
             6 => FailureKind::RemotePanic,
             7 => FailureKind::Protocol,
+            8 => FailureKind::ShuttingDown,
             _ => return None,
         })
     }
@@ -68,6 +75,21 @@ pub(crate) enum Incoming<'a> {
     },
     Cancel {
         call: u64,
+    },
+    /// A signal with the sender's stream id and sequence number, answered by an `Ack`.
+    Reliable {
+        stream: u64,
+        seq: u64,
+        object: &'a str,
+        method: &'a str,
+        ttl: Duration,
+        args: &'a [u8],
+    },
+    /// The receiver of a reliable signal finished with it.
+    Ack {
+        stream: u64,
+        seq: u64,
+        status: u8,
     },
 }
 
@@ -190,6 +212,8 @@ pub(crate) fn decode_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError>
             let call: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("call id", e))?;
             Ok(Incoming::Cancel { call })
         }
+        (RELIABLE, 7) => reliable::decode_reliable(rd),
+        (ACK, 4) => reliable::decode_ack(rd),
         (kind, len) => Err(WireError(format!(
             "unknown envelope kind {kind} with {len} elements"
         ))),

@@ -45,7 +45,7 @@ async fn sending_a_signal_never_waits_for_the_handler() {
 /// out in the outbox, and they are dropped and counted, never sent late.
 #[tokio::test(start_paused = true)]
 async fn signal_whose_ttl_expires_before_delivery_is_dropped_and_counted() {
-    let listen_options = Options::default().max_frame_size(4096).receive_window(4096);
+    let listen_options = Options::default().max_frame_size(2048).receive_window(4096);
     let (client_conn, server_conn) = common::connections(listen_options).await;
     let client = Peer::new(client_conn);
     let calc = CalculatorClient::new(&client, "calc").with_ttl(Duration::from_secs(1));
@@ -106,7 +106,7 @@ async fn signal_on_a_closed_connection_fails() {
 
 #[tokio::test(start_paused = true)]
 async fn full_outbox_rejects_and_counts() {
-    let listen_options = Options::default().max_frame_size(4096).receive_window(4096);
+    let listen_options = Options::default().max_frame_size(2048).receive_window(4096);
     let (client_conn, _server_conn) = common::connections(listen_options).await;
     let client = Peer::with_options(client_conn, PeerOptions::default().max_queued_signals(2));
     let calc = CalculatorClient::new(&client, "calc");
@@ -114,7 +114,7 @@ async fn full_outbox_rejects_and_counts() {
     let mut rejected = 0;
     for _ in 0..10 {
         match calc.note(text.clone()) {
-            Ok(()) => {}
+            Ok(_sent) => {}
             Err(SignalError::OutboxFull) => rejected += 1,
             Err(e) => panic!("{e:?}"),
         }
@@ -146,7 +146,7 @@ async fn panicking_signal_handler_is_counted_and_the_peer_keeps_serving() {
     let (client_conn, server_conn) = common::connections(Options::default()).await;
     let server = Peer::new(server_conn);
     server.register("fragile", FragileServer::new(Crashy));
-    let client = FragileClient::new(&Peer::new(client_conn), "fragile");
+    let client = FragileClient::new(Peer::new(client_conn), "fragile");
     client.crash("signal boom".into()).unwrap();
     // Calls after the signal are answered; the signal's handler ran (and panicked) first
     // or concurrently, so wait for the counter through a few round trips.

@@ -1,0 +1,179 @@
+//! The persistent signal store of a [`ReconnectingPeer`](crate::ReconnectingPeer): one
+//! SQLite file (WAL journal, `synchronous = FULL`), written before `send` returns and
+//! cleared only by the receiver's acknowledgement.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// A signal loaded from the store at start-up.
+pub(crate) struct Stored {
+    pub(crate) seq: u64,
+    pub(crate) payload: Vec<u8>,
+    /// Wall-clock expiry, milliseconds since the Unix epoch.
+    pub(crate) expires_ms: u64,
+}
+
+/// What a store holds when it is opened.
+pub(crate) struct Loaded {
+    pub(crate) stream: u64,
+    pub(crate) next_seq: u64,
+    pub(crate) signals: Vec<Stored>,
+}
+
+pub(crate) struct Store {
+    db: Connection,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+fn err(e: rusqlite::Error) -> String {
+    e.to_string()
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`; a new store gets `fresh_stream` as
+    /// its stream id.
+    pub(crate) fn open(path: &Path, fresh_stream: u64) -> Result<(Store, Loaded), String> {
+        let db = Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        db.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        db.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS chatter_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS chatter_signals (
+                 seq INTEGER PRIMARY KEY, expires_ms INTEGER NOT NULL, payload BLOB NOT NULL);",
+        )
+        .map_err(err)?;
+        let get = |key: &str| -> Result<Option<i64>, String> {
+            db.query_row(
+                "SELECT value FROM chatter_meta WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)
+        };
+        let stream = match get("stream")? {
+            Some(v) => v as u64,
+            None => {
+                db.execute(
+                    "INSERT INTO chatter_meta (key, value) VALUES ('stream', ?1)",
+                    [fresh_stream as i64],
+                )
+                .map_err(err)?;
+                fresh_stream
+            }
+        };
+        let mut next_seq = get("next_seq")?.map_or(1, |v| v as u64).max(1);
+        let mut signals = Vec::new();
+        {
+            let mut stmt = db
+                .prepare("SELECT seq, expires_ms, payload FROM chatter_signals ORDER BY seq")
+                .map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(Stored {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        expires_ms: r.get::<_, i64>(1)? as u64,
+                        payload: r.get(2)?,
+                    })
+                })
+                .map_err(err)?;
+            for row in rows {
+                let row = row.map_err(err)?;
+                next_seq = next_seq.max(row.seq + 1);
+                signals.push(row);
+            }
+        }
+        Ok((
+            Store { db },
+            Loaded {
+                stream,
+                next_seq,
+                signals,
+            },
+        ))
+    }
+
+    /// Records a signal durably (one transaction, synced) before it is accepted.
+    pub(crate) fn insert(
+        &mut self,
+        seq: u64,
+        payload: &[u8],
+        expires_ms: u64,
+    ) -> Result<(), String> {
+        let tx = self.db.transaction().map_err(err)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO chatter_signals (seq, expires_ms, payload) VALUES (?1, ?2, ?3)",
+            params![seq as i64, expires_ms as i64, payload],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO chatter_meta (key, value) VALUES ('next_seq', ?1)",
+            [(seq + 1) as i64],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Forgets a signal (acknowledged, expired or dropped).
+    pub(crate) fn delete(&mut self, seq: u64) {
+        if let Err(e) = self
+            .db
+            .execute("DELETE FROM chatter_signals WHERE seq = ?1", [seq as i64])
+        {
+            tracing::warn!("chatter-rpc: signal store: cannot delete signal {seq}: {e}");
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, `d` from now (saturating).
+pub(crate) fn wall_ms_after(d: Duration) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    u64::try_from(now.saturating_add(d.as_millis())).unwrap_or(u64::MAX)
+}
+
+/// How long until the wall-clock instant `ms` (zero if it passed).
+pub(crate) fn wall_ms_remaining(ms: u64) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    Duration::from_millis(u64::try_from(u128::from(ms).saturating_sub(now)).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_sequence_survive_reopen() {
+        let dir = std::env::temp_dir().join(format!("chatter-store-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let (mut store, loaded) = Store::open(&dir, 42).expect("open");
+        assert_eq!((loaded.stream, loaded.next_seq), (42, 1));
+        store.insert(1, b"one", 10).expect("insert");
+        store.insert(2, b"two", 20).expect("insert");
+        store.delete(1);
+        store.delete(2);
+        drop(store);
+        let (mut store, loaded) = Store::open(&dir, 7).expect("reopen");
+        assert_eq!((loaded.stream, loaded.next_seq), (42, 3));
+        assert!(loaded.signals.is_empty());
+        store.insert(3, b"three", 30).expect("insert");
+        drop(store);
+        let (_, loaded) = Store::open(&dir, 7).expect("reopen");
+        assert_eq!(loaded.signals.len(), 1);
+        assert_eq!(loaded.signals[0].payload, b"three");
+        assert_eq!(loaded.next_seq, 4);
+        let _ = std::fs::remove_file(&dir);
+    }
+}

@@ -1,0 +1,201 @@
+//! The envelopes of reliable delivery (see `PROTOCOL.md`, "Reliable signals"):
+//! `[3, stream, seq, object, method, ttl_ms, args]` and `[4, stream, seq, status]`.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{bad, header, infallible, millis, read_str, Incoming, WireError};
+
+/// What the receiver of a reliable signal did with it (the `status` of an ack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum AckStatus {
+    /// The handler ran to its end.
+    Handled = 0,
+    /// The TTL ran out before a handler could start: dropped, never run.
+    Expired = 1,
+    /// Not run: no such object or method, bad arguments, or the handler panicked.
+    Failed = 2,
+}
+
+impl AckStatus {
+    pub(crate) fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => AckStatus::Handled,
+            1 => AckStatus::Expired,
+            2 => AckStatus::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// Re-wraps a plain signal envelope `[1, object, method, ttl_ms, args]` as the reliable
+/// `[3, stream, seq, object, method, ttl_ms, args]`, with `ttl` (the time it has left).
+pub(crate) fn encode_reliable(
+    stream: u64,
+    seq: u64,
+    signal: &[u8],
+    ttl: Duration,
+) -> Result<Bytes, WireError> {
+    let Ok(Incoming::Signal {
+        object,
+        method,
+        args,
+        ..
+    }) = super::decode_incoming(signal)
+    else {
+        return Err(WireError("not a signal envelope".into()));
+    };
+    let mut w = BytesMut::with_capacity(48 + object.len() + method.len() + args.len()).writer();
+    header(&mut w, 7, super::RELIABLE);
+    infallible(rmp::encode::write_uint(&mut w, stream).map(drop));
+    infallible(rmp::encode::write_uint(&mut w, seq).map(drop));
+    infallible(rmp::encode::write_str(&mut w, object));
+    infallible(rmp::encode::write_str(&mut w, method));
+    infallible(rmp::encode::write_uint(&mut w, millis(ttl)).map(drop));
+    let mut buf = w.into_inner();
+    buf.extend_from_slice(args);
+    Ok(buf.freeze())
+}
+
+/// The same call envelope `[0, object, method, deadline_ms, args]` with another deadline
+/// (what is left of it after waiting for a reconnect).
+pub(crate) fn rewrite_deadline(call: &[u8], deadline: Duration) -> Result<Bytes, WireError> {
+    let Ok(Incoming::Call {
+        object,
+        method,
+        args,
+        ..
+    }) = super::decode_incoming(call)
+    else {
+        return Err(WireError("not a call envelope".into()));
+    };
+    let mut w = BytesMut::with_capacity(32 + object.len() + method.len() + args.len()).writer();
+    header(&mut w, 5, super::CALL);
+    infallible(rmp::encode::write_str(&mut w, object));
+    infallible(rmp::encode::write_str(&mut w, method));
+    infallible(rmp::encode::write_uint(&mut w, millis(deadline)).map(drop));
+    let mut buf = w.into_inner();
+    buf.extend_from_slice(args);
+    Ok(buf.freeze())
+}
+
+/// `[4, stream, seq, status]`.
+pub(crate) fn encode_ack(stream: u64, seq: u64, status: AckStatus) -> Bytes {
+    let mut w = BytesMut::with_capacity(24).writer();
+    header(&mut w, 4, super::ACK);
+    infallible(rmp::encode::write_uint(&mut w, stream).map(drop));
+    infallible(rmp::encode::write_uint(&mut w, seq).map(drop));
+    infallible(rmp::encode::write_uint(&mut w, status as u64).map(drop));
+    w.into_inner().freeze()
+}
+
+/// The rest of a kind-3 envelope, after `[3,`.
+pub(super) fn decode_reliable(mut rd: &[u8]) -> Result<Incoming<'_>, WireError> {
+    let stream: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("stream id", e))?;
+    let seq: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("sequence number", e))?;
+    let (object, rest) = read_str(rd, "object name")?;
+    let (method, rest) = read_str(rest, "method name")?;
+    let mut rd = rest;
+    let ms: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("ttl", e))?;
+    if rd.is_empty() {
+        return Err(WireError("missing arguments".into()));
+    }
+    Ok(Incoming::Reliable {
+        stream,
+        seq,
+        object,
+        method,
+        ttl: Duration::from_millis(ms),
+        args: rd,
+    })
+}
+
+/// The rest of a kind-4 envelope, after `[4,`.
+pub(super) fn decode_ack(mut rd: &[u8]) -> Result<Incoming<'_>, WireError> {
+    let stream: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("stream id", e))?;
+    let seq: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("sequence number", e))?;
+    let status: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("ack status", e))?;
+    Ok(Incoming::Ack {
+        stream,
+        seq,
+        status,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{decode_incoming, decode_value, encode_request, SIGNAL};
+
+    #[test]
+    fn protocol_md_reliable_examples() {
+        let plain = encode_request(SIGNAL, "log", "line", Duration::from_secs(5), &("hi",))
+            .expect("encodes");
+        let bytes = encode_reliable(7, 300, &plain, Duration::from_millis(4000)).expect("ok");
+        // [3, 7, 300, "log", "line", 4000, ["hi"]]
+        assert_eq!(
+            bytes.as_ref(),
+            b"\x97\x03\x07\xcd\x01\x2c\xa3log\xa4line\xcd\x0f\xa0\x91\xa2hi".as_ref()
+        );
+        let Incoming::Reliable {
+            stream,
+            seq,
+            object,
+            method,
+            ttl,
+            args,
+        } = decode_incoming(&bytes).expect("decodes")
+        else {
+            panic!("not a reliable signal")
+        };
+        assert_eq!((stream, seq, object, method), (7, 300, "log", "line"));
+        assert_eq!(ttl, Duration::from_secs(4));
+        assert_eq!(decode_value::<(String,)>(args).expect("args").0, "hi");
+
+        let ack = encode_ack(7, 300, AckStatus::Handled);
+        assert_eq!(ack.as_ref(), b"\x94\x04\x07\xcd\x01\x2c\x00".as_ref());
+        assert_eq!(
+            decode_incoming(&ack).expect("decodes"),
+            Incoming::Ack {
+                stream: 7,
+                seq: 300,
+                status: 0
+            }
+        );
+    }
+
+    #[test]
+    fn reliable_garbage_is_an_error() {
+        for input in [
+            &b"\x97\x03"[..],
+            b"\x97\x03\x07",
+            b"\x97\x03\x07\x01\xa1o\xa1m\x05",
+            b"\x94\x04\x07\x01",
+            b"\x94\x04\xc1\x01\x00",
+            b"\x97\x03\x07\x01\xa1o\xa1m\xcc",
+        ] {
+            assert!(decode_incoming(input).is_err(), "{input:x?}");
+        }
+        assert!(encode_reliable(1, 1, b"\x92\x02\x01", Duration::ZERO).is_err());
+        assert!(rewrite_deadline(b"\x92\x02\x01", Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn deadline_rewrite_keeps_the_rest() {
+        let call = encode_request(
+            crate::wire::CALL,
+            "calc",
+            "add",
+            Duration::from_millis(1500),
+            &(2i64, 3i64),
+        )
+        .expect("encodes");
+        let shorter = rewrite_deadline(&call, Duration::from_millis(200)).expect("rewrites");
+        assert_eq!(
+            shorter.as_ref(),
+            b"\x95\x00\xa4calc\xa3add\xcc\xc8\x92\x02\x03".as_ref()
+        );
+    }
+}
