@@ -2,6 +2,9 @@
 
 #![warn(missing_docs)]
 
+pub mod numbers;
+pub mod proxy;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;

@@ -1,0 +1,45 @@
+//! Sends persistent signals `number(from..to)` through a `ReconnectingPeer` with a store,
+//! printing `stored N` once `send` returned for `N` (so the signal is on disk). Then waits
+//! until every stored signal was acknowledged, prints `flushed`, and exits.
+//!
+//! Usage: `reliable-sender ADDRESS STORE FROM TO`. The crash test kills it with SIGKILL in
+//! the middle and starts it again on the same store.
+
+use std::io::Write;
+use std::time::Duration;
+
+use chatter_rpc::{Backoff, Options, PeerOptions, ReconnectOptions, ReconnectingPeer};
+use tests::numbers::NumbersClient;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, address, store, from, to] = &args[..] else {
+        return Err("usage: reliable-sender ADDRESS STORE FROM TO".into());
+    };
+    let (from, to): (u64, u64) = (from.parse()?, to.parse()?);
+    let peer = ReconnectingPeer::new(
+        address.as_str(),
+        Options::default(),
+        PeerOptions::default(),
+        ReconnectOptions::default()
+            .store(store)
+            .outbox_capacity(100_000)
+            .backoff(Backoff::exponential(
+                Duration::from_millis(10),
+                Duration::from_millis(200),
+            )),
+    )?;
+    let numbers = NumbersClient::new(&peer, "numbers");
+    let mut out = std::io::stdout().lock();
+    for n in from..to {
+        numbers.number(n)?;
+        writeln!(out, "stored {n}")?;
+        out.flush()?;
+    }
+    drop(out);
+    tokio::time::timeout(Duration::from_secs(60), peer.flush()).await?;
+    println!("flushed");
+    peer.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
