@@ -197,6 +197,11 @@ impl Connection {
         options: SendOptions,
     ) -> Result<Conversation, SendError> {
         let shared = self.shared();
+        // Register for a wake-up only once credit ran out: most sends never wait.
+        match shared.send(payload, options) {
+            Err(SendError::WouldBlock) => {}
+            other => return other,
+        }
         loop {
             let mut writable = pin!(shared.writable.notified());
             writable.as_mut().enable();
@@ -311,22 +316,30 @@ impl Connection {
         mut take: impl FnMut(&mut Inner) -> Option<R>,
     ) -> Result<R, ConnectionClosed> {
         let shared = self.shared();
+        let mut attempt = || {
+            let mut inner = shared.lock();
+            if let Some(item) = take(&mut inner) {
+                let wake = inner.driver_wake();
+                drop(inner);
+                if let Some(w) = wake {
+                    w.wake();
+                }
+                return Some(Ok(item));
+            }
+            inner
+                .cause
+                .as_ref()
+                .map(|cause| Err(ConnectionClosed(cause.clone())))
+        };
+        // Register for a wake-up only when nothing is ready: under load nothing waits.
+        if let Some(result) = attempt() {
+            return result;
+        }
         loop {
             let mut readable = pin!(shared.readable.notified());
             readable.as_mut().enable();
-            {
-                let mut inner = shared.lock();
-                if let Some(item) = take(&mut inner) {
-                    let wake = inner.driver_wake();
-                    drop(inner);
-                    if let Some(w) = wake {
-                        w.wake();
-                    }
-                    return Ok(item);
-                }
-                if let Some(cause) = &inner.cause {
-                    return Err(ConnectionClosed(cause.clone()));
-                }
+            if let Some(result) = attempt() {
+                return result;
             }
             readable.await;
         }
@@ -351,6 +364,7 @@ impl Connection {
             peer_certificates,
             inner: Mutex::new(Inner {
                 proto: Protocol::new(options.proto.clone(), now.into_std()),
+                clock: now.into_std(),
                 messages: VecDeque::new(),
                 timeouts: VecDeque::new(),
                 driver: None,
@@ -393,6 +407,9 @@ impl Connection {
 
     async fn wait_state<R>(&self, mut check: impl FnMut(&Inner) -> Option<R>) -> R {
         let shared = self.shared();
+        if let Some(r) = check(&shared.lock()) {
+            return r;
+        }
         loop {
             let mut changed = pin!(shared.state_changed.notified());
             changed.as_mut().enable();
@@ -449,6 +466,8 @@ struct Shared {
 #[derive(Debug)]
 struct Inner {
     proto: Protocol,
+    /// The driver's latest clock reading, for sends that arm no timer.
+    clock: std::time::Instant,
     messages: VecDeque<Msg>,
     timeouts: VecDeque<Conversation>,
     driver: Option<Waker>,
@@ -556,7 +575,12 @@ impl Shared {
         };
         let mut inner = self.lock();
         let was_idle = !inner.proto.has_output();
-        match inner.proto.send(Instant::now().into_std(), args, payload) {
+        // The clock is only needed to arm a timeout, and reading it is a measurable cost.
+        let now = match args.timeout {
+            Some(_) => Instant::now().into_std(),
+            None => inner.clock,
+        };
+        match inner.proto.send(now, args, payload) {
             Ok(id) => {
                 let waker = if was_idle { inner.driver.clone() } else { None };
                 drop(inner);
@@ -727,6 +751,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
                 {
                     inner.driver = Some(cx.waker().clone());
                 }
+                inner.clock = now.into_std();
                 match read {
                     ReadOutcome::Nothing => {}
                     ReadOutcome::Data => {
@@ -818,7 +843,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
                     (a, b) => a.or(b),
                 };
                 if let Some(deadline) = deadline {
-                    if this.sleep_deadline != Some(deadline) {
+                    // Deadlines mostly move later (keepalive after every frame received), so
+                    // the timer only moves earlier; if it fires early, nothing is due and
+                    // the next round arms the later deadline.
+                    if this.sleep_deadline.is_none_or(|armed| deadline < armed) {
                         this.sleep.as_mut().reset(deadline);
                         this.sleep_deadline = Some(deadline);
                     }

@@ -52,8 +52,10 @@ impl Options {
         self
     }
 
-    /// How many bytes of received, unconsumed messages a connection buffers (default 8 MiB).
-    /// A peer that has this much outstanding waits until the application receives.
+    /// How many bytes of received, unconsumed messages a connection buffers (default 8 MiB);
+    /// each message counts its frame body plus 64 bytes of overhead. A peer that has this
+    /// much outstanding waits until the application receives. Must be at least
+    /// `max_frame_size + 64`.
     pub fn receive_window(mut self, bytes: u32) -> Self {
         self.proto.receive_window = bytes;
         self
@@ -125,9 +127,11 @@ impl Options {
                 "max_frame_size must be at least {MIN} bytes"
             )));
         }
-        if self.proto.receive_window < self.proto.max_frame_size {
+        let overhead = crate::proto::MESSAGE_OVERHEAD;
+        if (self.proto.receive_window as u64) < self.proto.max_frame_size as u64 + overhead as u64 {
             return Err(InvalidOptions(format!(
-                "receive_window ({}) must be at least max_frame_size ({})",
+                "receive_window ({}) must be at least max_frame_size ({}) + {overhead} (the \
+                 per-message overhead), or a maximum-size message could never be sent",
                 self.proto.receive_window, self.proto.max_frame_size
             )));
         }

@@ -445,7 +445,7 @@ async fn a_slow_consumer_does_not_trip_keepalive_on_either_side() {
     let options = Options::default()
         .keepalive(Duration::from_secs(1), Duration::from_secs(1))
         .receive_window(4096)
-        .max_frame_size(4096);
+        .max_frame_size(2048);
     let (_server, client, accepted) = pair_with(Transport::Tcp, options.clone(), options).await;
     // The client fills the server's window; the server does not read for a minute.
     let producer = tokio::spawn({

@@ -253,15 +253,25 @@ impl Frame {
 
 /// Encodes a message frame without building a [`Frame`] first.
 pub(crate) fn encode_message(out: &mut BytesMut, header: MessageHeader, payload: &[u8]) {
-    out.reserve(LENGTH_PREFIX + 24 + payload.len());
-    let start = begin(out);
-    msgpack::write_array_len(out, 4);
-    msgpack::write_uint(out, KIND_MESSAGE);
-    msgpack::write_uint(out, header.id);
-    msgpack::write_uint(out, header.first);
-    msgpack::write_uint(out, header.flags as u64);
+    // Prefix and header are assembled on the stack and appended in one go: this runs once
+    // per message.
+    const ROOM: usize = LENGTH_PREFIX + 2 + 9 + 9 + 2;
+    let mut head = [0u8; ROOM];
+    let unused = {
+        let mut w: &mut [u8] = &mut head[LENGTH_PREFIX..];
+        msgpack::write_array_len(&mut w, 4);
+        msgpack::write_uint(&mut w, KIND_MESSAGE);
+        msgpack::write_uint(&mut w, header.id);
+        msgpack::write_uint(&mut w, header.first);
+        msgpack::write_uint(&mut w, header.flags as u64);
+        w.len()
+    };
+    let head_len = ROOM - unused;
+    let body_len = (head_len - LENGTH_PREFIX + payload.len()) as u32;
+    head[..LENGTH_PREFIX].copy_from_slice(&body_len.to_be_bytes());
+    out.reserve(head_len + payload.len());
+    out.put_slice(&head[..head_len]);
     out.put_slice(payload);
-    finish(out, start);
 }
 
 /// The body length of a message frame with this header and payload length.
@@ -440,7 +450,7 @@ mod protocol_doc_examples {
 
     use super::*;
     use crate::error::CloseCause;
-    use crate::proto::{Config, Event, Protocol, SendArgs};
+    use crate::proto::{Config, Event, Protocol, SendArgs, MESSAGE_OVERHEAD};
 
     const DOC: &str = include_str!("../../PROTOCOL.md");
 
@@ -832,7 +842,7 @@ mod protocol_doc_examples {
         let [Event::Message(req)] = &events[..] else {
             panic!("{events:?}")
         };
-        assert!(req.first && req.token && !req.last && req.cost == 12);
+        assert!(req.first && req.token && !req.last && req.cost == 12 + MESSAGE_OVERHEAD);
         assert!(!req.conversation.owner && req.conversation.first == 1);
 
         // 3. S's application takes the request and replies. 12 bytes of credit are far
@@ -850,7 +860,7 @@ mod protocol_doc_examples {
         let [Event::Message(rep)] = &events[..] else {
             panic!("{events:?}")
         };
-        assert!(rep.last && rep.conversation == conv && rep.cost == 6);
+        assert!(rep.last && rep.conversation == conv && rep.cost == 6 + MESSAGE_OVERHEAD);
 
         // The reply cancelled the 5 s timer.
         c.handle_timeout(now + Duration::from_secs(6));

@@ -40,6 +40,7 @@ pub mod frame;
 pub(crate) mod msgpack;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -49,6 +50,11 @@ use frame::{CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_
 
 /// The smallest `max_frame_size` and `receive_window` a peer may announce.
 pub const MIN_LIMIT: u32 = 64;
+
+/// Flow-control bytes charged per message on top of its body length: what a queued message
+/// costs the receiver beyond its bytes, so that the window bounds real memory even for tiny
+/// messages.
+pub const MESSAGE_OVERHEAD: u32 = 64;
 
 /// Close reasons longer than this are cut.
 const MAX_CLOSE_REASON: usize = 1024;
@@ -153,7 +159,8 @@ pub struct Message {
     pub token: bool,
     /// The payload bytes (MessagePack, by convention).
     pub payload: Bytes,
-    /// Flow-control credit to give back with [`Protocol::release`] once consumed.
+    /// Flow-control credit to give back with [`Protocol::release`] once consumed: the body
+    /// length plus [`MESSAGE_OVERHEAD`].
     pub cost: u32,
 }
 
@@ -242,7 +249,7 @@ pub struct Protocol {
     peer: Hello,
     next_tx_id: u64,
     next_rx_id: u64,
-    conversations: HashMap<ConversationId, ConvState>,
+    conversations: HashMap<ConversationId, ConvState, BuildHasherDefault<IdHasher>>,
     peer_opened: usize,
     timers: BTreeMap<TimerKey, ConversationId>,
     timer_seq: u64,
@@ -276,7 +283,7 @@ impl Protocol {
             },
             next_tx_id: 1,
             next_rx_id: 1,
-            conversations: HashMap::new(),
+            conversations: HashMap::default(),
             peer_opened: 0,
             timers: BTreeMap::new(),
             timer_seq: 0,
@@ -307,7 +314,8 @@ impl Protocol {
     }
 
     /// Sends a message. On success the frame is queued for [`take_output`](Self::take_output)
-    /// and the conversation it belongs to is returned.
+    /// and the conversation it belongs to is returned. `now` is only read to arm
+    /// `args.timeout`.
     pub fn send(
         &mut self,
         now: Instant,
@@ -347,17 +355,22 @@ impl Protocol {
             flags,
         };
         let size = frame::message_body_len(header, payload.len());
-        let max = self.peer.max_frame_size.min(self.peer.receive_window);
-        if size > max as usize {
-            return Err(SendRefused::TooLarge { size, max });
+        let cost = size as u64 + MESSAGE_OVERHEAD as u64;
+        let max = (self.peer.max_frame_size as u64)
+            .min((self.peer.receive_window as u64).saturating_sub(MESSAGE_OVERHEAD as u64));
+        if size as u64 > max {
+            return Err(SendRefused::TooLarge {
+                size,
+                max: max as u32,
+            });
         }
-        if size as u64 > self.send_credit {
+        if cost > self.send_credit {
             self.send_blocked = true;
             return Err(SendRefused::NoCredit);
         }
         frame::encode_message(&mut self.out, header, payload);
         self.next_tx_id += 1;
-        self.send_credit -= size as u64;
+        self.send_credit -= cost;
 
         // Any send replaces the conversation's timer (REFERENCE.md §1.3 rule 2).
         if args.last {
@@ -534,14 +547,13 @@ impl Protocol {
     }
 
     /// Unannounced credit at which a window frame is sent: a quarter window, but never so
-    /// much that `receive_window - unannounced < max_frame_size` (the peer could then be
-    /// stuck with a maximum-size message while this side waits for more to consume).
+    /// much that `receive_window - unannounced` falls below the cost of a maximum-size
+    /// message (the peer could then be stuck with one while this side waits for more to
+    /// consume).
     fn window_threshold(&self) -> u64 {
         let window = self.config.receive_window as u64;
-        let max_frame = self.config.max_frame_size as u64;
-        (window / 4)
-            .min(window.saturating_sub(max_frame) + 1)
-            .max(1)
+        let max_cost = self.config.max_frame_size as u64 + MESSAGE_OVERHEAD as u64;
+        (window / 4).min(window.saturating_sub(max_cost) + 1).max(1)
     }
 
     /// Closes the connection from this side. Queues a close frame carrying `reason`; no
@@ -667,7 +679,7 @@ impl Protocol {
         }
         self.next_rx_id += 1;
         // The frame's real body length: a peer may encode headers less compactly than we do.
-        let cost = body_len as u32;
+        let cost = body_len as u32 + MESSAGE_OVERHEAD;
         self.rx_used += cost as u64;
         if self.rx_used > self.config.receive_window as u64 {
             return Err(ProtocolError::WindowExceeded {
@@ -742,6 +754,39 @@ impl Protocol {
 
     fn protocol_error(&mut self, e: ProtocolError) {
         self.close_with(CloseCause::Protocol(e));
+    }
+}
+
+/// Hashes conversation ids. They are sequence numbers that each side's counter assigns (a
+/// received opening id must be the next one), so the peer cannot choose colliding keys and
+/// SipHash's protection would only cost time: it was a fifth of the per-message work.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl IdHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.add(b as u64);
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
     }
 }
 

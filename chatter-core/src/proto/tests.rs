@@ -497,8 +497,8 @@ fn a_slow_consumer_is_not_a_dead_peer() {
 #[test]
 fn flow_control_blocks_the_sender_until_the_receiver_consumes() {
     let config = Config {
-        receive_window: 1000,
-        max_frame_size: 500,
+        receive_window: 1640,
+        max_frame_size: 800,
         ..Config::default()
     };
     let mut p = Pair::with(config.clone(), config);
@@ -506,11 +506,14 @@ fn flow_control_blocks_the_sender_until_the_receiver_consumes() {
     while p.a.send(p.now, SendArgs::new(), &[7u8; 95]).is_ok() {
         sent += 1;
     }
-    assert_eq!(sent, 10, "10 bodies of 100 bytes fit a 1000-byte window");
+    assert_eq!(
+        sent, 10,
+        "10 messages costing 100 + 64 bytes fill a 1640-byte window"
+    );
     p.flush();
     let got = messages(&mut p.b);
     assert_eq!(got.len(), 10);
-    assert!(got.iter().all(|m| m.cost == 100));
+    assert!(got.iter().all(|m| m.cost == 164));
     // Consuming under a quarter of the window returns nothing yet…
     p.b.release(got[0].cost);
     p.b.release(got[1].cost);
@@ -568,7 +571,7 @@ fn credit_is_charged_by_the_real_body_length() {
     wire.truncate(4 + 11);
     p.a.handle_input(p.now, &mut wire);
     let m = messages(&mut p.a).remove(0);
-    assert_eq!(m.cost, 11);
+    assert_eq!(m.cost, 11 + MESSAGE_OVERHEAD);
 }
 
 #[test]
@@ -680,7 +683,7 @@ fn messages_too_large_for_the_peer_are_refused_locally() {
         p.a.send(p.now, SendArgs::new(), &[0u8; 200]),
         Err(SendRefused::TooLarge {
             size: 205,
-            max: 128
+            max: 128 - MESSAGE_OVERHEAD
         })
     );
     assert!(p.a.is_open());
