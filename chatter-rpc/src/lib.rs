@@ -76,6 +76,12 @@
 //!   [`PeerOptions::max_concurrent_handlers`] at once per connection.
 //! - **Symmetry**: both ends of a connection are [`Peer`]s; either can host objects and
 //!   call the other.
+//! - **Reliable delivery**: a [`ReconnectingPeer`] reconnects by itself, makes calls wait
+//!   for a reconnect within their deadline ([`CallError::NotConnected`],
+//!   [`CallError::OutcomeUnknown`], `#[idempotent]` methods re-sent), keeps signals in an
+//!   acknowledged outbox (optionally persistent on disk) until the receiver's handler
+//!   finished, and reports the ones whose TTL ran out. Peers and servers shut down
+//!   gracefully (`shutdown(grace)`).
 //!
 //! The wire format of the RPC envelopes is described in `PROTOCOL.md` in this crate.
 

@@ -957,6 +957,8 @@ impl Shared {
             }
         }
         self.room.notify_waiters();
+        // Objects may hold clients of this peer: let the cycle go.
+        lock(&self.objects).clear();
         self.set_link(|l| {
             l.peer = None;
             l.state = ConnectionState::Closed;

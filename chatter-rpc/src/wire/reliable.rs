@@ -167,6 +167,15 @@ mod tests {
     }
 
     #[test]
+    fn protocol_md_shutting_down_example() {
+        use crate::wire::{encode_failure, FailureKind};
+        assert_eq!(
+            encode_failure(FailureKind::ShuttingDown, "shutting down").as_ref(),
+            b"\x93\x02\x08\xadshutting down".as_ref()
+        );
+    }
+
+    #[test]
     fn reliable_garbage_is_an_error() {
         for input in [
             &b"\x97\x03"[..],
