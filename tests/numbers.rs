@@ -13,6 +13,9 @@ pub trait Numbers {
     /// Records `n` (the receiver keeps every number in handling order).
     #[signal(ttl = "60s")]
     async fn number(&self, n: u64);
+    /// Sleeps `ms` (on the tokio clock), then records `n` like `number`.
+    #[signal(ttl = "60s")]
+    async fn paced(&self, n: u64, ms: u64);
     /// Sleeps `ms` (on the tokio clock), then returns how many times it was called.
     async fn slow(&self, ms: u64) -> u64;
     /// Like `slow`, but may be re-sent when its outcome is unknown.
@@ -35,6 +38,8 @@ pub struct Recorder {
     pub entered: Arc<Notify>,
     /// Gets each number when its handler starts, before the gate.
     pub arrivals: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
+    /// Gets each number of `paced` once it was recorded.
+    pub recorded: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
     /// Notified (one permit each) when `slow` or `slow_idempotent` starts.
     pub started: Arc<Notify>,
 }
@@ -75,6 +80,17 @@ impl Numbers for Recorder {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(n);
+    }
+
+    async fn paced(&self, n: u64, ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        self.handled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(n);
+        if let Some(recorded) = &self.recorded {
+            let _ = recorded.send(n);
+        }
     }
 
     async fn slow(&self, ms: u64) -> u64 {

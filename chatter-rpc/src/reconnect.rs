@@ -238,6 +238,12 @@ impl ReconnectOptions {
     /// deleted only when the receiver acknowledged it (or its TTL ran out). Signals still
     /// in the file are loaded and re-sent when a peer is started on it again, for example
     /// after a crash. Without a store, the outbox is in memory only.
+    ///
+    /// Cost: each send and each acknowledgement is one synced SQLite transaction on the
+    /// calling task's thread (WAL journal, `synchronous = FULL`: durable against a crash of
+    /// the process and of the machine), so persistent signals are bounded by the disk's
+    /// sync rate. A signal's TTL keeps counting while the process is down (wall clock):
+    /// one that ran out meanwhile is dropped and counted at the next start.
     pub fn store(mut self, path: impl Into<PathBuf>) -> Self {
         self.store = Some(path.into());
         self

@@ -633,6 +633,59 @@ async fn graceful_shutdown_lets_a_slow_call_finish_and_refuses_new_ones() {
     server.close().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn ordered_signals_are_handled_one_at_a_time_in_send_order() {
+    for ordered in [false, true] {
+        let (recorded_tx, mut recorded) = mpsc::unbounded_channel();
+        let rec = Recorder {
+            recorded: Some(recorded_tx),
+            ..Recorder::default()
+        };
+        let (server, addr, _accepted) =
+            numbers_server(PeerOptions::default().ordered_signals(ordered), rec.clone()).await;
+        let address = format!("tcp://{addr}");
+        // Earlier signals take longer: handled concurrently, they finish in reverse.
+        let plain = Peer::new(
+            connect(&address, Options::default())
+                .await
+                .expect("connect"),
+        );
+        let numbers = NumbersClient::new(&plain, "numbers");
+        for n in 0..5 {
+            numbers.paced(n, 50 - 10 * n).expect("sent");
+        }
+        let rp = reconnecting(
+            &address,
+            Duration::from_secs(5),
+            ReconnectOptions::default(),
+        );
+        let reliable = NumbersClient::new(&rp, "numbers");
+        for n in 10..15 {
+            reliable.paced(n, 50 - 10 * (n - 10)).expect("queued");
+        }
+        for _ in 0..10 {
+            recorded.recv().await.expect("recorded");
+        }
+        rp.flush().await;
+        let handled = rec.handled();
+        let plain_order: Vec<u64> = handled.iter().copied().filter(|n| *n < 10).collect();
+        let reliable_order: Vec<u64> = handled.iter().copied().filter(|n| *n >= 10).collect();
+        if ordered {
+            assert_eq!(plain_order, vec![0, 1, 2, 3, 4]);
+            assert_eq!(reliable_order, vec![10, 11, 12, 13, 14]);
+        } else {
+            assert_eq!(plain_order, vec![4, 3, 2, 1, 0], "concurrent by default");
+            assert_eq!(
+                reliable_order,
+                vec![14, 13, 12, 11, 10],
+                "concurrent by default"
+            );
+        }
+        rp.close().await;
+        server.close().await;
+    }
+}
+
 /// Reads the sender's stdout lines into a channel (on a thread: the pipe is blocking).
 fn lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     let stdout = child.stdout.take().expect("piped stdout");
@@ -733,6 +786,18 @@ async fn persistent_signals_survive_sigkill_of_the_sender() {
     );
     assert_eq!(old, (0..old.len() as u64).collect::<Vec<_>>());
     assert_eq!(new, (1_000..1_050).collect::<Vec<_>>());
+    // Acknowledged signals were deleted from the store: nothing is left to re-send.
+    let reopened = ReconnectingPeer::new(
+        &address,
+        Options::default(),
+        PeerOptions::default(),
+        ReconnectOptions::default()
+            .store(&store)
+            .backoff(Backoff::never()),
+    )
+    .expect("the store opens");
+    assert_eq!(reopened.queued(), 0);
+    reopened.close().await;
     server.close().await;
     remove_store();
 }
