@@ -165,7 +165,8 @@ impl Backoff {
         *rng ^= *rng >> 27;
         let unit = (rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
         let factor = 1.0 + self.jitter * (2.0 * unit - 1.0);
-        Some(base.mul_f64(factor.max(0.0)).min(MAX_DURATION))
+        let jittered = Duration::try_from_secs_f64(base.as_secs_f64() * factor.max(0.0));
+        Some(jittered.unwrap_or(MAX_DURATION).min(MAX_DURATION))
     }
 }
 
@@ -530,7 +531,7 @@ impl ReconnectingPeer {
                 outbox.next_seq = loaded.next_seq;
                 let now = Instant::now();
                 for s in loaded.signals {
-                    let left = store::wall_ms_remaining(s.expires_ms);
+                    let left = store::wall_ms_remaining(s.expires_ms).min(MAX_DURATION);
                     if left.is_zero() {
                         db.delete(s.seq);
                         loaded_expired.push(s.seq);
@@ -1210,6 +1211,8 @@ mod tests {
             assert!(d >= base / 2 && d <= base * 3 / 2, "{d:?} vs {base:?}");
         }
         assert_eq!(Backoff::never().delay(0, &mut rng), None);
+        let huge = Backoff::exponential(Duration::MAX, Duration::MAX).jitter(1.0);
+        assert!(huge.delay(40, &mut rng).is_some(), "no overflow");
         let three = b.max_attempts(3);
         assert!(three.delay(2, &mut rng).is_some());
         assert_eq!(three.delay(3, &mut rng), None);
