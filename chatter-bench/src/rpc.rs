@@ -141,7 +141,7 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                 for i in 0..spec.total {
                     loop {
                         match client.note(1, 2) {
-                            Ok(()) => break,
+                            Ok(_) => break,
                             // Flow control holds signals back: wait until the outbox drains.
                             Err(SignalError::OutboxFull) => peer.flush_signals().await,
                             Err(e) => panic!("signal (chatter-rpc): {e}"),

@@ -2,9 +2,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::pin::pin;
+use std::future::Future;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +16,7 @@ use chatter_core::{
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 
-use crate::service::{CatchUnwind, Dispatch, Service};
+use crate::service::{BoxFuture, CatchUnwind, Dispatch, Service};
 use crate::wire::{self, FailureKind, Incoming};
 
 mod reliable;
@@ -380,7 +382,13 @@ impl Inner {
         let conv = match self.conn.try_send(payload, options) {
             Ok(conv) => conv,
             Err(SendError::WouldBlock) => {
-                match tokio::time::timeout(deadline, self.conn.send_bytes(payload, options)).await {
+                // Rare (the peer's window is full). Boxed so that its timer and wait state do
+                // not make every call future larger: callers move these futures around.
+                let wait = Box::pin(tokio::time::timeout(
+                    deadline,
+                    self.conn.send_bytes(payload, options),
+                ));
+                match wait.await {
                     Ok(Ok(conv)) => conv,
                     Ok(Err(e)) => return send_failure(e),
                     Err(_) => return Outcome::Deadline,
@@ -541,7 +549,12 @@ impl Inner {
         let conv = msg.conversation;
         let open = msg.token && !msg.last;
         match wire::decode_incoming(&msg.payload) {
-            Ok(Incoming::Call { deadline, .. }) if open && msg.first => {
+            Ok(Incoming::Call {
+                deadline,
+                object,
+                method,
+                args,
+            }) if open && msg.first => {
                 bump(&self.stats.calls_received);
                 let (tx, rx) = oneshot::channel();
                 {
@@ -555,6 +568,57 @@ impl Inner {
                         drop(inflight);
                         self.reply(conv, refusal);
                         return;
+                    }
+                    // Fast path: with a handler slot free now, start the handler right here.
+                    // One that completes on its first poll (most do) is answered without a
+                    // task, a timer or a cancel channel; one that waits continues in a task.
+                    if !deadline.is_zero() {
+                        if let Ok(permit) = self.handlers.try_acquire() {
+                            drop(inflight);
+                            let handler = match self.start_call(object, method, args) {
+                                Ok(handler) => handler,
+                                Err(refusal) => {
+                                    drop(permit);
+                                    self.reply(conv, refusal);
+                                    return;
+                                }
+                            };
+                            let mut handler = CatchUnwind(handler);
+                            let mut cx = Context::from_waker(Waker::noop());
+                            match Pin::new(&mut handler).poll(&mut cx) {
+                                Poll::Ready(result) => {
+                                    drop(permit);
+                                    let reply = self.handler_result(result);
+                                    self.reply(conv, reply);
+                                    return;
+                                }
+                                Poll::Pending => {
+                                    let mut inflight = lock(&self.inflight);
+                                    if inflight.closing {
+                                        // A graceful close began meanwhile: cancel.
+                                        drop((inflight, handler, permit));
+                                        let cancelled =
+                                            wire::encode_failure(FailureKind::Cancelled, "closing");
+                                        self.reply(conv, cancelled);
+                                        return;
+                                    }
+                                    inflight.calls.insert(conv.first_id(), tx);
+                                    drop(inflight);
+                                    // The task gives the slot back when the handler is done.
+                                    permit.forget();
+                                    self.active.fetch_add(1, Ordering::AcqRel);
+                                    let deadline = after(deadline);
+                                    tokio::spawn(finish_call(
+                                        self.clone(),
+                                        conv,
+                                        handler,
+                                        deadline,
+                                        rx,
+                                    ));
+                                    return;
+                                }
+                            }
+                        }
                     }
                     inflight.calls.insert(conv.first_id(), tx);
                 }
@@ -584,6 +648,48 @@ impl Inner {
             }
             Err(e) => self.protocol_error(conv, open, &e.0),
         }
+    }
+
+    /// Finds the object and method of a call and starts its handler, or returns the failure
+    /// reply that says why it cannot run.
+    fn start_call(
+        &self,
+        object: &str,
+        method: &str,
+        args: &[u8],
+    ) -> Result<BoxFuture<Bytes>, Bytes> {
+        let Some(service) = self.lookup(object) else {
+            return Err(wire::encode_failure(FailureKind::NoSuchObject, object));
+        };
+        let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            service.__dispatch(method, args)
+        }));
+        match dispatch {
+            Ok(Dispatch::Call(handler)) => Ok(handler),
+            Ok(Dispatch::Signal(_)) => {
+                let what = format!("`{method}` is a signal: send it, do not call it");
+                Err(wire::encode_failure(FailureKind::Protocol, &what))
+            }
+            Ok(Dispatch::NoSuchMethod) => {
+                Err(wire::encode_failure(FailureKind::NoSuchMethod, method))
+            }
+            Ok(Dispatch::BadArguments(what)) => {
+                Err(wire::encode_failure(FailureKind::BadArguments, &what))
+            }
+            Err(panic) => {
+                bump(&self.stats.handler_panics);
+                let message = crate::service::panic_message(panic.as_ref());
+                Err(wire::encode_failure(FailureKind::RemotePanic, &message))
+            }
+        }
+    }
+
+    /// The reply for a handler's outcome (its encoded reply, or the message of its panic).
+    fn handler_result(&self, result: Result<Bytes, String>) -> Bytes {
+        result.unwrap_or_else(|message| {
+            bump(&self.stats.handler_panics);
+            wire::encode_failure(FailureKind::RemotePanic, &message)
+        })
     }
 
     fn protocol_error(&self, conv: Conversation, open: bool, what: &str) {
@@ -701,46 +807,48 @@ async fn run_call(
         let Ok(_permit) = inner.handlers.acquire().await else {
             return wire::encode_failure(FailureKind::Cancelled, "closing");
         };
-        let Some(service) = inner.lookup(object) else {
-            return wire::encode_failure(FailureKind::NoSuchObject, object);
-        };
-        let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            service.__dispatch(method, args)
-        }));
-        let handler = match dispatch {
-            Ok(Dispatch::Call(handler)) => handler,
-            Ok(Dispatch::Signal(_)) => {
-                let what = format!("`{method}` is a signal: send it, do not call it");
-                return wire::encode_failure(FailureKind::Protocol, &what);
-            }
-            Ok(Dispatch::NoSuchMethod) => {
-                return wire::encode_failure(FailureKind::NoSuchMethod, method)
-            }
-            Ok(Dispatch::BadArguments(what)) => {
-                return wire::encode_failure(FailureKind::BadArguments, &what)
-            }
-            Err(panic) => {
-                bump(&inner.stats.handler_panics);
-                let message = crate::service::panic_message(panic.as_ref());
-                return wire::encode_failure(FailureKind::RemotePanic, &message);
-            }
-        };
-        match CatchUnwind(handler).await {
-            Ok(reply) => reply,
-            Err(message) => {
-                bump(&inner.stats.handler_panics);
-                wire::encode_failure(FailureKind::RemotePanic, &message)
-            }
+        match inner.start_call(object, method, args) {
+            Ok(handler) => inner.handler_result(CatchUnwind(handler).await),
+            Err(refusal) => refusal,
         }
     };
-    let reply = tokio::select! {
+    let reply = race_call(work, &mut cancel, deadline).await;
+    send_call_reply(&inner, conv, reply).await;
+}
+
+/// Continues a call whose handler the fast path started and that did not finish on its
+/// first poll; gives its handler slot back when done.
+async fn finish_call(
+    inner: Arc<Inner>,
+    conv: Conversation,
+    handler: CatchUnwind<dyn Future<Output = Bytes> + Send>,
+    deadline: Instant,
+    mut cancel: oneshot::Receiver<()>,
+) {
+    let work = async { inner.handler_result(handler.await) };
+    let reply = race_call(work, &mut cancel, deadline).await;
+    inner.handlers.add_permits(1);
+    send_call_reply(&inner, conv, reply).await;
+}
+
+/// Runs a call's work until it finishes, is cancelled or passes its deadline.
+async fn race_call(
+    work: impl Future<Output = Bytes>,
+    cancel: &mut oneshot::Receiver<()>,
+    deadline: Instant,
+) -> Bytes {
+    tokio::select! {
         biased;
-        _ = &mut cancel => wire::encode_failure(FailureKind::Cancelled, "cancelled"),
+        _ = cancel => wire::encode_failure(FailureKind::Cancelled, "cancelled"),
         () = tokio::time::sleep_until(deadline) => {
             wire::encode_failure(FailureKind::DeadlineExceeded, "deadline exceeded")
         }
         reply = work => reply,
-    };
+    }
+}
+
+/// Sends a spawned call's reply and retires the call.
+async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Bytes) {
     lock(&inner.inflight).calls.remove(&conv.first_id());
     let options = SendOptions::new().conversation(conv);
     let sent = match inner.conn.try_send(&reply, options) {
