@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -170,7 +170,6 @@ impl Peer {
 
     /// Wraps a connection. Must be called inside a tokio runtime.
     pub fn with_options(connection: Connection, options: PeerOptions) -> Self {
-        let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             conn: connection.clone(),
             handlers: Semaphore::new(options.max_concurrent_handlers),
@@ -180,18 +179,13 @@ impl Peer {
             inflight: Mutex::new(InFlight::default()),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
-            outbox: outbox_tx,
+            outbox: OnceLock::new(),
+            runtime: tokio::runtime::Handle::current(),
             queued: Arc::new(Queued::default()),
             stats: Arc::new(Stats::default()),
             shutdown: Notify::new(),
             hooks: Hooks::default(),
         });
-        tokio::spawn(run_outbox(
-            connection,
-            outbox_rx,
-            inner.queued.clone(),
-            inner.stats.clone(),
-        ));
         tokio::spawn(run_reader(inner.clone()));
         Peer {
             _owner: Arc::new(Owner(inner.clone())),
@@ -284,7 +278,11 @@ pub(crate) struct Inner {
     active: AtomicUsize,
     idle: Notify,
     handlers: Semaphore,
-    outbox: mpsc::UnboundedSender<Outgoing>,
+    /// Messages waiting for flow-control credit; its task starts on first use, so that
+    /// idle connections do not pay for it.
+    outbox: OnceLock<mpsc::UnboundedSender<Outgoing>>,
+    /// Where the outbox task starts (signals may be sent from outside the runtime).
+    runtime: tokio::runtime::Handle,
     queued: Arc<Queued>,
     pub(crate) stats: Arc<Stats>,
     shutdown: Notify,
@@ -420,11 +418,25 @@ impl Inner {
             .unwrap_or_else(|_| Outcome::Lost(self.conn.close_cause().unwrap_or(CloseCause::Local)))
     }
 
+    /// The outbox, started on first use.
+    fn outbox(&self) -> &mpsc::UnboundedSender<Outgoing> {
+        self.outbox.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.runtime.spawn(run_outbox(
+                self.conn.clone(),
+                rx,
+                self.queued.clone(),
+                self.stats.clone(),
+            ));
+            tx
+        })
+    }
+
     /// Hands a message to the connection now if it has credit, else to the outbox.
     pub(crate) fn send_soon(&self, payload: Bytes, options: SendOptions) {
         match self.conn.try_send(&payload, options) {
             Err(SendError::WouldBlock) => {
-                let _ = self.outbox.send(Outgoing {
+                let _ = self.outbox().send(Outgoing {
                     payload,
                     options,
                     expires: None,
@@ -468,7 +480,7 @@ impl Inner {
             options: SendOptions::new(),
             expires: Some(after(ttl)),
         };
-        if self.outbox.send(item).is_err() {
+        if self.outbox().send(item).is_err() {
             self.queued.count.fetch_sub(1, Ordering::AcqRel);
             let cause = self.conn.close_cause().unwrap_or(CloseCause::Local);
             return Err(SignalError::ConnectionLost(cause));

@@ -52,12 +52,10 @@ where
                 {
                     let mut peers = peers.lock().unwrap_or_else(PoisonError::into_inner);
                     peers.retain(|p| !p.connection().is_closed());
-                    peers.push(peer.clone());
+                    // Held here, the peer lives as long as its connection (closed ones
+                    // are dropped at the next accept).
+                    peers.push(peer);
                 }
-                // The peer lives as long as its connection.
-                tokio::spawn(async move {
-                    peer.closed().await;
-                });
             }
         })
     };
