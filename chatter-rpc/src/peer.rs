@@ -638,7 +638,40 @@ impl Inner {
                 let deadline = after(deadline);
                 tokio::spawn(run_call(self.clone(), conv, msg.payload, deadline, rx));
             }
-            Ok(Incoming::Signal { ttl, .. }) if msg.last => {
+            Ok(Incoming::Signal {
+                ttl,
+                object,
+                method,
+                args,
+            }) if msg.last => {
+                // Fast path, as for calls: unordered signals with a free handler slot start
+                // here, and only a handler that waits gets a task.
+                if !self.options.ordered_signals && !ttl.is_zero() {
+                    if let Ok(permit) = self.handlers.try_acquire() {
+                        let Some(handler) = self.start_signal(object, method, args) else {
+                            return;
+                        };
+                        let mut handler = CatchUnwind(handler);
+                        let mut cx = Context::from_waker(Waker::noop());
+                        match Pin::new(&mut handler).poll(&mut cx) {
+                            Poll::Ready(result) => {
+                                drop(permit);
+                                self.signal_result(result, object, method);
+                            }
+                            Poll::Pending => {
+                                permit.forget();
+                                let (inner, object, method) =
+                                    (self.clone(), object.to_owned(), method.to_owned());
+                                tokio::spawn(async move {
+                                    let result = handler.await;
+                                    inner.handlers.add_permits(1);
+                                    inner.signal_result(result, &object, &method);
+                                });
+                            }
+                        }
+                        return;
+                    }
+                }
                 let expires = after(ttl);
                 self.spawn_signal(run_signal(self.clone(), msg.payload, expires));
             }
@@ -693,6 +726,47 @@ impl Inner {
                 let message = crate::service::panic_message(panic.as_ref());
                 Err(wire::encode_failure(FailureKind::RemotePanic, &message))
             }
+        }
+    }
+
+    /// Finds the object and method of a signal and starts its handler; counts and logs why
+    /// when it cannot run.
+    fn start_signal(&self, object: &str, method: &str, args: &[u8]) -> Option<BoxFuture<()>> {
+        let failed = |why: &str| {
+            tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
+            bump(&self.stats.signals_failed);
+        };
+        let Some(service) = self.lookup(object) else {
+            failed("no such object");
+            return None;
+        };
+        let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            service.__dispatch(method, args)
+        }));
+        match dispatch {
+            Ok(Dispatch::Signal(handler)) => {
+                bump(&self.stats.signals_delivered);
+                return Some(handler);
+            }
+            Ok(Dispatch::Call(_)) => failed("the method is a call, not a signal"),
+            Ok(Dispatch::NoSuchMethod) => failed("no such method"),
+            Ok(Dispatch::BadArguments(what)) => failed(&what),
+            Err(_) => {
+                bump(&self.stats.handler_panics);
+                failed("argument decoding panicked");
+            }
+        }
+        None
+    }
+
+    /// Counts a signal handler that panicked.
+    fn signal_result(&self, result: Result<(), String>, object: &str, method: &str) {
+        if let Err(message) = result {
+            bump(&self.stats.handler_panics);
+            bump(&self.stats.signals_failed);
+            tracing::warn!(
+                "chatter-rpc: signal `{object}.{method}` not delivered: handler panicked: {message}"
+            );
         }
     }
 
@@ -890,31 +964,9 @@ async fn run_signal(inner: Arc<Inner>, payload: Bytes, expires: Instant) {
         bump(&inner.stats.signals_expired_on_arrival);
         return;
     };
-    let failed = |why: &str| {
-        tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
-        bump(&inner.stats.signals_failed);
-    };
-    let Some(service) = inner.lookup(object) else {
-        return failed("no such object");
-    };
-    let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        service.__dispatch(method, args)
-    }));
-    match dispatch {
-        Ok(Dispatch::Signal(handler)) => {
-            bump(&inner.stats.signals_delivered);
-            if let Err(message) = CatchUnwind(handler).await {
-                bump(&inner.stats.handler_panics);
-                failed(&format!("handler panicked: {message}"));
-            }
-        }
-        Ok(Dispatch::Call(_)) => failed("the method is a call, not a signal"),
-        Ok(Dispatch::NoSuchMethod) => failed("no such method"),
-        Ok(Dispatch::BadArguments(what)) => failed(&what),
-        Err(_) => {
-            bump(&inner.stats.handler_panics);
-            failed("argument decoding panicked");
-        }
+    if let Some(handler) = inner.start_signal(object, method, args) {
+        let result = CatchUnwind(handler).await;
+        inner.signal_result(result, object, method);
     }
 }
 
