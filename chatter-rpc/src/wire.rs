@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -126,29 +126,29 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
     duration: Duration,
     args: &A,
 ) -> Result<Bytes, WireError> {
-    let mut w = BytesMut::with_capacity(32 + object.len() + method.len()).writer();
+    let mut w = Vec::with_capacity(32 + object.len() + method.len());
     header(&mut w, 5, kind);
     infallible(rmp::encode::write_str(&mut w, object));
     infallible(rmp::encode::write_str(&mut w, method));
     infallible(rmp::encode::write_uint(&mut w, millis(duration)).map(drop));
     value(&mut w, args)?;
-    Ok(w.into_inner().freeze())
+    Ok(Bytes::from(w))
 }
 
 /// `[2, call]`: cancel the call whose conversation's first message had id `call`.
 pub(crate) fn encode_cancel(call: u64) -> Bytes {
-    let mut w = BytesMut::with_capacity(11).writer();
+    let mut w = Vec::with_capacity(11);
     header(&mut w, 2, CANCEL);
     infallible(rmp::encode::write_uint(&mut w, call).map(drop));
-    w.into_inner().freeze()
+    Bytes::from(w)
 }
 
 /// `[0, value]`.
 pub(crate) fn encode_ok<T: Serialize + ?Sized>(v: &T) -> Result<Bytes, WireError> {
-    let mut w = BytesMut::with_capacity(16).writer();
+    let mut w = Vec::with_capacity(16);
     header(&mut w, 2, OK);
     value(&mut w, v)?;
-    Ok(w.into_inner().freeze())
+    Ok(Bytes::from(w))
 }
 
 /// `[1, [message, [chain...]], error]`.
@@ -156,7 +156,7 @@ pub(crate) fn encode_app_error<E: Serialize + ?Sized>(
     error: &E,
     context: &RemoteContext,
 ) -> Result<Bytes, WireError> {
-    let mut w = BytesMut::with_capacity(64).writer();
+    let mut w = Vec::with_capacity(64);
     header(&mut w, 3, APP_ERROR);
     infallible(rmp::encode::write_array_len(&mut w, 2).map(drop));
     infallible(rmp::encode::write_str(&mut w, &context.message));
@@ -165,16 +165,16 @@ pub(crate) fn encode_app_error<E: Serialize + ?Sized>(
         infallible(rmp::encode::write_str(&mut w, cause));
     }
     value(&mut w, error)?;
-    Ok(w.into_inner().freeze())
+    Ok(Bytes::from(w))
 }
 
 /// `[2, kind, message]`.
 pub(crate) fn encode_failure(kind: FailureKind, message: &str) -> Bytes {
-    let mut w = BytesMut::with_capacity(8 + message.len()).writer();
+    let mut w = Vec::with_capacity(8 + message.len());
     header(&mut w, 3, FAILURE);
     infallible(rmp::encode::write_uint(&mut w, kind as u64).map(drop));
     infallible(rmp::encode::write_str(&mut w, message));
-    w.into_inner().freeze()
+    Bytes::from(w)
 }
 
 /// Decodes a caller-to-callee envelope.
@@ -272,20 +272,17 @@ pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireE
         .map_err(|e| WireError(format!("cannot decode {}: {e}", std::any::type_name::<T>())))
 }
 
-fn header(w: &mut bytes::buf::Writer<BytesMut>, len: u32, kind: u8) {
+fn header(w: &mut Vec<u8>, len: u32, kind: u8) {
     infallible(rmp::encode::write_array_len(w, len).map(drop));
     infallible(rmp::encode::write_uint(w, u64::from(kind)).map(drop));
 }
 
-fn value<T: Serialize + ?Sized>(
-    w: &mut bytes::buf::Writer<BytesMut>,
-    v: &T,
-) -> Result<(), WireError> {
+fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
     v.serialize(&mut rmp_serde::Serializer::new(w).with_struct_map())
         .map_err(|e| WireError(format!("cannot encode {}: {e}", std::any::type_name::<T>())))
 }
 
-/// Writing into a `BytesMut` cannot fail; the header helpers return `Result` only because
+/// Writing into a `Vec` cannot fail; the header helpers return `Result` only because
 /// they are generic over writers.
 fn infallible<T, E>(r: Result<T, E>) {
     let _ = r;

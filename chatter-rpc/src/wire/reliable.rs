@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::{bad, header, infallible, millis, read_str, Incoming, WireError};
 
@@ -47,16 +47,15 @@ pub(crate) fn encode_reliable(
     else {
         return Err(WireError("not a signal envelope".into()));
     };
-    let mut w = BytesMut::with_capacity(48 + object.len() + method.len() + args.len()).writer();
+    let mut w = Vec::with_capacity(48 + object.len() + method.len() + args.len());
     header(&mut w, 7, super::RELIABLE);
     infallible(rmp::encode::write_uint(&mut w, stream).map(drop));
     infallible(rmp::encode::write_uint(&mut w, seq).map(drop));
     infallible(rmp::encode::write_str(&mut w, object));
     infallible(rmp::encode::write_str(&mut w, method));
     infallible(rmp::encode::write_uint(&mut w, millis(ttl)).map(drop));
-    let mut buf = w.into_inner();
-    buf.extend_from_slice(args);
-    Ok(buf.freeze())
+    w.extend_from_slice(args);
+    Ok(Bytes::from(w))
 }
 
 /// The same call envelope `[0, object, method, deadline_ms, args]` with another deadline
@@ -71,24 +70,23 @@ pub(crate) fn rewrite_deadline(call: &[u8], deadline: Duration) -> Result<Bytes,
     else {
         return Err(WireError("not a call envelope".into()));
     };
-    let mut w = BytesMut::with_capacity(32 + object.len() + method.len() + args.len()).writer();
+    let mut w = Vec::with_capacity(32 + object.len() + method.len() + args.len());
     header(&mut w, 5, super::CALL);
     infallible(rmp::encode::write_str(&mut w, object));
     infallible(rmp::encode::write_str(&mut w, method));
     infallible(rmp::encode::write_uint(&mut w, millis(deadline)).map(drop));
-    let mut buf = w.into_inner();
-    buf.extend_from_slice(args);
-    Ok(buf.freeze())
+    w.extend_from_slice(args);
+    Ok(Bytes::from(w))
 }
 
 /// `[4, stream, seq, status]`.
 pub(crate) fn encode_ack(stream: u64, seq: u64, status: AckStatus) -> Bytes {
-    let mut w = BytesMut::with_capacity(24).writer();
+    let mut w = Vec::with_capacity(24);
     header(&mut w, 4, super::ACK);
     infallible(rmp::encode::write_uint(&mut w, stream).map(drop));
     infallible(rmp::encode::write_uint(&mut w, seq).map(drop));
     infallible(rmp::encode::write_uint(&mut w, status as u64).map(drop));
-    w.into_inner().freeze()
+    Bytes::from(w)
 }
 
 /// The rest of a kind-3 envelope, after `[3,`.
