@@ -10,6 +10,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use chatter_core::proto::IdBuildHasher;
 use chatter_core::{
     CloseCause, Connection, ConnectionClosed, Conversation, Event, Msg, SendError, SendOptions,
 };
@@ -293,7 +294,7 @@ pub(crate) struct Inner {
 #[derive(Default)]
 struct Pending {
     closed: Option<CloseCause>,
-    calls: HashMap<u64, Slot>,
+    calls: HashMap<u64, Slot, IdBuildHasher>,
 }
 
 /// The state of one outgoing call.
@@ -323,7 +324,7 @@ struct InFlight {
     /// Set by a graceful shutdown: new calls are refused with "shutting down".
     shutting_down: bool,
     /// Dropping the sender cancels the handler.
-    calls: HashMap<u64, oneshot::Sender<()>>,
+    calls: HashMap<u64, oneshot::Sender<()>, IdBuildHasher>,
 }
 
 #[derive(Default)]
