@@ -21,7 +21,8 @@ use crate::{Address, Connection, Options};
 /// How many handshaken connections wait for [`Server::accept`] before handshakes pause.
 const ACCEPT_QUEUE: usize = 128;
 
-/// How many handshake failures [`Server::next_rejection`] keeps; older ones are dropped.
+/// How many handshake failures [`Server::next_rejection`] holds; further ones are only
+/// logged until the application takes some.
 const REJECTION_QUEUE: usize = 64;
 
 /// A peer that connected but failed the TLS or chatter handshake and was disconnected.
@@ -120,7 +121,8 @@ impl Server {
     }
 
     /// The next peer that failed its handshake (logged at warn level either way), or `None`
-    /// once the server is closed. Only the latest failures are kept.
+    /// once the server is closed. At most 64 wait to be taken; failures beyond that are
+    /// only logged.
     pub async fn next_rejection(&self) -> Option<Rejection> {
         let mut stop = self.stop.subscribe();
         let mut rejections = tokio::select! {
