@@ -234,14 +234,7 @@ impl Peer {
     /// because its TTL ran out.
     pub async fn flush_signals(&self) {
         let q = &self.inner.queued;
-        loop {
-            let mut drained = pin!(q.drained.notified());
-            drained.as_mut().enable();
-            if q.count.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            drained.await;
-        }
+        until_zero(&q.count, &q.drained).await;
     }
 
     /// Closes gracefully: running call handlers are cancelled (their callers get
@@ -495,17 +488,7 @@ impl Inner {
             inflight.closing = true;
             inflight.calls.clear();
         }
-        let wait_idle = async {
-            loop {
-                let mut idle = pin!(self.idle.notified());
-                idle.as_mut().enable();
-                if self.active.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                idle.await;
-            }
-        };
-        let _ = tokio::time::timeout(CLOSE_GRACE, wait_idle).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, until_zero(&self.active, &self.idle)).await;
         self.conn.close().await;
     }
 
@@ -813,6 +796,18 @@ impl Inner {
             inflight.calls.clear();
         }
         write(&self.objects).clear();
+    }
+}
+
+/// Waits until `count` is zero. Whoever brings it to zero calls `zero.notify_waiters()`.
+pub(crate) async fn until_zero(count: &AtomicUsize, zero: &Notify) {
+    loop {
+        let mut notified = pin!(zero.notified());
+        notified.as_mut().enable();
+        if count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        notified.await;
     }
 }
 

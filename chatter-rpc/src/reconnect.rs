@@ -714,16 +714,7 @@ impl ReconnectingPeer {
         let sh = &self.shared;
         let deadline = Instant::now() + grace.min(MAX_DURATION);
         sh.shutting_down.store(true, Ordering::Release);
-        let calls_done = async {
-            loop {
-                let mut idle = pin!(sh.calls_idle.notified());
-                idle.as_mut().enable();
-                if sh.calls.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                idle.await;
-            }
-        };
+        let calls_done = crate::peer::until_zero(&sh.calls, &sh.calls_idle);
         let _ = tokio::time::timeout_at(deadline, calls_done).await;
         let _ = tokio::time::timeout_at(deadline, self.flush()).await;
         let peer = self.peer();

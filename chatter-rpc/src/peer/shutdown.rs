@@ -1,6 +1,5 @@
 //! Graceful shutdown of a [`Peer`].
 
-use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -52,13 +51,6 @@ impl Inner {
 
     /// Waits until no call handler runs.
     async fn wait_idle(&self) {
-        loop {
-            let mut idle = pin!(self.idle.notified());
-            idle.as_mut().enable();
-            if self.active.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            idle.await;
-        }
+        super::until_zero(&self.active, &self.idle).await;
     }
 }
