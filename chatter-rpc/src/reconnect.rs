@@ -1023,6 +1023,10 @@ async fn supervise(sh: Arc<Shared>, acks: crate::peer::AckSink) {
                 format!("connect to {}: {e}", sh.address)
             }
         };
+        if *stop.borrow() {
+            // Closed or shut down on purpose: no reconnect (and no Reconnecting event).
+            break;
+        }
         let Some(delay) = sh.reconnect.backoff.delay(failures, &mut rng) else {
             sh.set_link(|l| {
                 l.peer = None;

@@ -801,3 +801,31 @@ async fn persistent_signals_survive_sigkill_of_the_sender() {
     server.close().await;
     remove_store();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_shut_down_on_purpose_does_not_reconnect() {
+    let (_server, addr, _accepted) =
+        numbers_server(PeerOptions::default(), Recorder::default()).await;
+    let rp = reconnecting(
+        &format!("tcp://{addr}"),
+        Duration::from_secs(5),
+        ReconnectOptions::default().backoff(fast()),
+    );
+    let mut events = rp.events();
+    assert!(matches!(
+        next_event(&mut events).await,
+        PeerEvent::Connected { .. }
+    ));
+    rp.shutdown(Duration::from_secs(1)).await;
+    // Whatever the shutdown reports, it is never a reconnect attempt (wait well past the
+    // backoff's delays).
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+        assert!(
+            !matches!(
+                event,
+                PeerEvent::Reconnecting { .. } | PeerEvent::Connected { .. }
+            ),
+            "{event:?} after shutdown"
+        );
+    }
+}
