@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use chatter_core::tls::{ClientTls, ServerTls};
-use chatter_core::{connect, listen, Connection, Options, Server};
+use chatter_core::{connect, listen, Connection, Options, SendOptions, Server};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
 /// The transports every end-to-end scenario runs over.
@@ -86,6 +86,19 @@ pub async fn pair_with(
 /// [`pair_with`] default options.
 pub async fn pair(transport: Transport) -> (Server, Connection, Connection) {
     pair_with(transport, Options::default(), Options::default()).await
+}
+
+/// Sends `text` as a one-shot message from `from` and asserts that `to` receives it: the
+/// connection (or, after some fault, the server) still works.
+pub async fn assert_delivers(from: &Connection, to: &Connection, text: &str) {
+    from.send(text, SendOptions::new()).await.expect("send");
+    let got: String = to
+        .receive()
+        .await
+        .expect("receive")
+        .decode()
+        .expect("a string");
+    assert_eq!(got, text);
 }
 
 /// A certificate and its private key, PEM-encoded.

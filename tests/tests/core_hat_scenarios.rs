@@ -6,7 +6,7 @@ use chatter_core::{
     connect, listen, Address, AddressError, CloseCause, CloseCode, ConnectError, ListenError,
     Options, ProtocolError, SendError, SendOptions,
 };
-use tests::{all_transports, pair, pair_with, Transport};
+use tests::{all_transports, assert_delivers, pair, pair_with, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -76,16 +76,7 @@ async fn connections_survive_server_close_when_asked() {
     let options = Options::default().close_connections_with_server(false);
     let (server, client, accepted) = pair_with(Transport::Tcp, options, Options::default()).await;
     server.close().await;
-    client.send("still here", SendOptions::new()).await.unwrap();
-    assert_eq!(
-        accepted
-            .receive()
-            .await
-            .unwrap()
-            .decode::<String>()
-            .unwrap(),
-        "still here"
-    );
+    assert_delivers(&client, &accepted, "still here").await;
 }
 
 // test_wrong_address: a missing port and an unknown scheme fail connect and listen.
@@ -329,16 +320,7 @@ async fn garbage_bytes_close_that_connection_and_the_server_keeps_serving() {
         .await
         .unwrap();
     let accepted = server.accept().await.unwrap();
-    client.send("fine", SendOptions::new()).await.unwrap();
-    assert_eq!(
-        accepted
-            .receive()
-            .await
-            .unwrap()
-            .decode::<String>()
-            .unwrap(),
-        "fine"
-    );
+    assert_delivers(&client, &accepted, "fine").await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -428,16 +410,7 @@ async fn keepalive_keeps_a_quiet_but_healthy_connection_open() {
     let (_server, client, accepted) = pair_with(Transport::Tcp, options.clone(), options).await;
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(!client.is_closed() && !accepted.is_closed());
-    client.send("alive", SendOptions::new()).await.unwrap();
-    assert_eq!(
-        accepted
-            .receive()
-            .await
-            .unwrap()
-            .decode::<String>()
-            .unwrap(),
-        "alive"
-    );
+    assert_delivers(&client, &accepted, "alive").await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -7,7 +7,7 @@ use chatter_core::{
     connect, listen, Address, CloseCause, ConnectError, ListenError, Options, ProtocolError,
     Rejection, SendOptions, Server,
 };
-use tests::{pki, Ca, Identity};
+use tests::{assert_delivers, pki, Ca, Identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn server_tls(id: &Identity) -> ServerTls {
@@ -50,16 +50,7 @@ async fn still_serves(server: &Server) {
     .await
     .unwrap();
     let accepted = server.accept().await.unwrap();
-    client.send("ok?", SendOptions::new()).await.unwrap();
-    assert_eq!(
-        accepted
-            .receive()
-            .await
-            .unwrap()
-            .decode::<String>()
-            .unwrap(),
-        "ok?"
-    );
+    assert_delivers(&client, &accepted, "ok?").await;
 }
 
 #[tokio::test]
