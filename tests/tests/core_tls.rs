@@ -37,6 +37,16 @@ fn tls_cause(err: &ConnectError) -> &str {
     }
 }
 
+/// Connects with the shared test client settings, which must fail.
+async fn refused_to_test_client(server: &Server) -> ConnectError {
+    connect(
+        &server.addresses()[0],
+        Options::default().tls_client(pki().client_tls()),
+    )
+    .await
+    .expect_err("the connection must be refused")
+}
+
 async fn rejection(server: &Server) -> Rejection {
     server.next_rejection().await.expect("server still open")
 }
@@ -152,12 +162,7 @@ async fn optional_client_certificates_are_verified_when_presented() {
 #[tokio::test]
 async fn an_untrusted_server_certificate_is_refused() {
     let server = tls_server(server_tls(&Ca::new("another CA").server(&["localhost"]))).await;
-    let err = connect(
-        &server.addresses()[0],
-        Options::default().tls_client(pki().client_tls()),
-    )
-    .await
-    .unwrap_err();
+    let err = refused_to_test_client(&server).await;
     assert!(tls_cause(&err).contains("UnknownIssuer"), "{err}");
     assert!(matches!(rejection(&server).await.cause, CloseCause::Tls(_)));
 }
@@ -165,12 +170,7 @@ async fn an_untrusted_server_certificate_is_refused() {
 #[tokio::test]
 async fn a_certificate_for_another_name_is_refused() {
     let server = tls_server(server_tls(&pki().ca.server(&["other.example"]))).await;
-    let err = connect(
-        &server.addresses()[0],
-        Options::default().tls_client(pki().client_tls()),
-    )
-    .await
-    .unwrap_err();
+    let err = refused_to_test_client(&server).await;
     assert!(tls_cause(&err).contains("not valid for name"), "{err}");
     // The name defaults to the host in the URL: connecting by name works only if it matches.
     let by_name = ClientTls::from_ca_pem(pki().ca.cert_pem.as_bytes()).unwrap();
@@ -198,12 +198,7 @@ async fn the_server_name_defaults_to_the_host_in_the_url() {
 #[tokio::test]
 async fn an_expired_certificate_is_refused() {
     let server = tls_server(server_tls(&pki().ca.expired_server(&["localhost"]))).await;
-    let err = connect(
-        &server.addresses()[0],
-        Options::default().tls_client(pki().client_tls()),
-    )
-    .await
-    .unwrap_err();
+    let err = refused_to_test_client(&server).await;
     assert!(tls_cause(&err).contains("certificate expired"), "{err}");
 }
 
@@ -215,12 +210,7 @@ async fn a_missing_client_certificate_is_refused_when_required() {
         .require_client_certificates(pki.ca.cert_pem.as_bytes())
         .unwrap();
     let server = tls_server(tls).await;
-    let err = connect(
-        &server.addresses()[0],
-        Options::default().tls_client(pki.client_tls()),
-    )
-    .await
-    .unwrap_err();
+    let err = refused_to_test_client(&server).await;
     // With TLS 1.3 the client learns it from the server's alert after its own handshake.
     let message = tls_cause(&err);
     assert!(message.contains("CertificateRequired"), "{err}");
