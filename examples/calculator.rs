@@ -115,8 +115,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("slow_square(5) = {}", calc.slow_square(5, 10).await?);
 
-    calc.log("hello from the client".into())?;
-    calc.log("and again".into())?;
+    calc.log("hello from the client".into()).await?;
+    calc.log("and again".into()).await?;
     // Calls and signals travel in order on one connection, but handlers run concurrently:
     // wait until both signal handlers have run.
     while calc.logged().await? < 2 {

@@ -97,7 +97,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let journal = JournalClient::new(&peer, "journal");
 
     journal
-        .write("first line".into())?
+        .write("first line".into())
+        .await?
         .acknowledged(Duration::from_secs(5))
         .await?;
     println!("client: server #1 has {} line(s)", journal.lines().await?);
@@ -109,7 +110,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // While the server is down: signals queue up, a call waits for the reconnect.
     let mut sent = Vec::new();
     for n in 1..=3 {
-        sent.push(journal.write(format!("written while the server was down ({n})"))?);
+        sent.push(
+            journal
+                .write(format!("written while the server was down ({n})"))
+                .await?,
+        );
     }
     println!("client: {} signal(s) waiting in the outbox", peer.queued());
     let call = tokio::spawn(journal.instance());

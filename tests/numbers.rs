@@ -13,6 +13,9 @@ pub trait Numbers {
     /// Records `n` (the receiver keeps every number in handling order).
     #[signal(ttl = "60s")]
     async fn number(&self, n: u64);
+    /// Like `number`, but persistent: with a store, on disk before the send completes.
+    #[signal(ttl = "60s", persistent)]
+    async fn durable(&self, n: u64);
     /// Sleeps `ms` (on the tokio clock), then records `n` like `number`.
     #[signal(ttl = "60s")]
     async fn paced(&self, n: u64, ms: u64);
@@ -80,6 +83,10 @@ impl Numbers for Recorder {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(n);
+    }
+
+    async fn durable(&self, n: u64) {
+        self.number(n).await;
     }
 
     async fn paced(&self, n: u64, ms: u64) {

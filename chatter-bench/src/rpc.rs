@@ -140,7 +140,7 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                 let start = Instant::now();
                 for i in 0..spec.total {
                     loop {
-                        match client.note(1, 2) {
+                        match client.note(1, 2).await {
                             Ok(_) => break,
                             // Flow control holds signals back: wait until the outbox drains.
                             Err(SignalError::OutboxFull) => peer.flush_signals().await,

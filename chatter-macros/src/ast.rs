@@ -24,8 +24,8 @@ pub(crate) struct Method {
     pub(crate) ident: Ident,
     /// Docs and lint attributes, copied onto the trait method and the client method.
     pub(crate) attrs: Vec<Attribute>,
-    /// `Some(ttl_ms)` for a signal.
-    pub(crate) signal: Option<Option<u64>>,
+    /// `Some` for a signal: its TTL and whether it is persistent.
+    pub(crate) signal: Option<crate::attr::SignalAttr>,
     /// `#[idempotent]` (its attribute, for error spans).
     pub(crate) idempotent: Option<Attribute>,
     pub(crate) args: Vec<Arg>,

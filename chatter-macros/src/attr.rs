@@ -8,12 +8,21 @@ use crate::ctxt::Ctxt;
 /// What the attributes of one trait method say.
 #[derive(Default)]
 pub(crate) struct MethodAttrs {
-    /// `Some` when the method is a signal; the inner value is its TTL in milliseconds.
-    pub(crate) signal: Option<Option<u64>>,
+    /// `Some` when the method is a signal.
+    pub(crate) signal: Option<SignalAttr>,
     /// `#[idempotent]`: calls may be re-sent when their outcome is unknown.
     pub(crate) idempotent: Option<Attribute>,
     /// Attributes copied onto the generated items (docs, lints).
     pub(crate) passthrough: Vec<Attribute>,
+}
+
+/// What `#[signal(..)]` says.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct SignalAttr {
+    /// `ttl = ".."`, in milliseconds.
+    pub(crate) ttl_ms: Option<u64>,
+    /// `persistent`: stored before sending returns (with a store).
+    pub(crate) persistent: bool,
 }
 
 /// `#[remote]` takes no arguments.
@@ -47,7 +56,7 @@ pub(crate) fn method_attrs(cx: &Ctxt, attrs: &[Attribute]) -> MethodAttrs {
                 cx.error_spanned_by(attr, "duplicate #[signal] attribute; keep one");
                 continue;
             }
-            out.signal = Some(signal_ttl(cx, attr));
+            out.signal = Some(signal_attr(cx, attr));
         } else if path.is_ident("idempotent") {
             if !matches!(attr.meta, Meta::Path(_)) {
                 cx.error_spanned_by(attr, "write #[idempotent], without arguments");
@@ -61,23 +70,28 @@ pub(crate) fn method_attrs(cx: &Ctxt, attrs: &[Attribute]) -> MethodAttrs {
             cx.error_spanned_by(
                 attr,
                 "unsupported attribute on a remote method; supported are #[signal], \
-                 #[signal(ttl = \"30s\")], #[idempotent], doc comments and lint attributes",
+                 #[signal(ttl = \"30s\", persistent)], #[idempotent], doc comments and lint \
+                 attributes",
             );
         }
     }
     out
 }
 
-/// The TTL of `#[signal]` / `#[signal(ttl = "..")]`, in milliseconds.
-fn signal_ttl(cx: &Ctxt, attr: &Attribute) -> Option<u64> {
+/// The options of `#[signal]` / `#[signal(ttl = "..", persistent)]`.
+fn signal_attr(cx: &Ctxt, attr: &Attribute) -> SignalAttr {
     match &attr.meta {
-        Meta::Path(_) => None,
+        Meta::Path(_) => SignalAttr::default(),
         Meta::NameValue(nv) => {
-            cx.error_spanned_by(nv, "write #[signal] or #[signal(ttl = \"30s\")]");
-            None
+            cx.error_spanned_by(
+                nv,
+                "write #[signal], #[signal(ttl = \"30s\")] or #[signal(persistent)]",
+            );
+            SignalAttr::default()
         }
         Meta::List(_) => {
             let mut ttl = None;
+            let mut persistent = false;
             let parsed = attr.parse_nested_meta(|meta| {
                 if meta.path.is_ident("ttl") {
                     let lit: LitStr = meta.value()?.parse()?;
@@ -96,14 +110,29 @@ fn signal_ttl(cx: &Ctxt, attr: &Attribute) -> Option<u64> {
                         ),
                     }
                     Ok(())
+                } else if meta.path.is_ident("persistent") {
+                    if meta.input.peek(syn::Token![=]) || meta.input.peek(syn::token::Paren) {
+                        return Err(meta.error("write `persistent` without a value"));
+                    }
+                    if persistent {
+                        cx.error_spanned_by(&meta.path, "duplicate `persistent`; keep one");
+                    }
+                    persistent = true;
+                    Ok(())
                 } else {
-                    Err(meta.error("unsupported signal option; the only option is `ttl = \"30s\"`"))
+                    Err(meta.error(
+                        "unsupported signal option; the options are `ttl = \"30s\"` and \
+                         `persistent`",
+                    ))
                 }
             });
             if let Err(e) = parsed {
                 cx.syn_error(e);
             }
-            ttl
+            SignalAttr {
+                ttl_ms: ttl,
+                persistent,
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ pub(crate) const CLIENT_METHODS: &[&str] = &[
     "new",
     "with_deadline",
     "with_ttl",
+    "persistent",
     "peer",
     "object",
     "deadline",

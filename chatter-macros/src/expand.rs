@@ -108,19 +108,31 @@ fn client(tr: &Trait) -> TokenStream {
         let attrs = &m.attrs;
         let idents = arg_idents(m);
         let tys: Vec<_> = m.args.iter().map(|a| &a.ty).collect();
-        if let Some(ttl) = m.signal {
-            let ttl = match ttl {
+        if let Some(signal) = m.signal {
+            let ttl = match signal.ttl_ms {
                 Some(ms) => quote!(#p::Some(#p::Duration::from_millis(#ms))),
                 None => quote!(#p::None),
             };
+            let persistent = signal.persistent;
+            let kind = if persistent {
+                "A persistent signal: stored (with a store) before the future resolves"
+            } else {
+                "A signal: queued when awaited"
+            };
+            let doc = format!(
+                "{kind}, without a reply; waits only for room in a full outbox under \
+                 `WhenFull::Wait`."
+            );
             quote! {
                 #(#attrs)*
                 ///
-                /// A signal: sent without waiting and without a reply.
+                #[doc = #doc]
                 #vis fn #name(&self, #(#idents: #tys),*)
-                    -> #p::Result<::chatter_rpc::Sent, ::chatter_rpc::SignalError>
+                    -> impl #p::Future<
+                        Output = #p::Result<::chatter_rpc::Sent, ::chatter_rpc::SignalError>,
+                    > + #p::Send + 'static
                 {
-                    self.__core.signal(#wire_name, #ttl, &(#(#idents,)*))
+                    self.__core.signal(#wire_name, #ttl, #persistent, &(#(#idents,)*))
                 }
             }
         } else {
@@ -189,6 +201,12 @@ fn client(tr: &Trait) -> TokenStream {
             /// The same client with another TTL for its signals.
             #vis fn with_ttl(&self, ttl: #p::Duration) -> Self {
                 #client { __core: self.__core.with_ttl(ttl) }
+            }
+
+            /// The same client with every signal persistent, as if each were marked
+            /// `#[signal(persistent)]`.
+            #vis fn persistent(&self) -> Self {
+                #client { __core: self.__core.persistent() }
             }
 
             /// The deadline of this client's calls.

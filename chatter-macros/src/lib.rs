@@ -27,7 +27,10 @@ mod expand;
 /// Methods are `async fn name(&self, args..) -> T` or `-> Result<T, E>` (a type spelled
 /// `Result` with two arguments), where the arguments, `T` and `E` are owned serde types.
 /// A method marked `#[signal]` or `#[signal(ttl = "30s")]` (units `ms`, `s`, `m`, `h`)
-/// returns nothing and gets no reply. Doc comments and lint attributes are copied to the
+/// returns nothing and gets no reply; `#[signal(persistent)]` (alone or after the TTL)
+/// makes it persistent: through a
+/// [`ReconnectingPeer`](../chatter_rpc/struct.ReconnectingPeer.html) with a store, it is
+/// written to disk before the send completes. Doc comments and lint attributes are copied to the
 /// generated client methods.
 ///
 /// ```ignore
@@ -38,6 +41,8 @@ mod expand;
 ///     async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError>;
 ///     #[signal(ttl = "5s")]
 ///     async fn log(&self, line: String);
+///     #[signal(ttl = "1h", persistent)]
+///     async fn audit(&self, line: String);
 /// }
 /// ```
 ///
@@ -51,6 +56,7 @@ mod expand;
 ///     fn add(&self, a: i64, b: i64) -> impl Future<Output = i64> + Send;
 ///     fn div(&self, a: i64, b: i64) -> impl Future<Output = Result<i64, CalcError>> + Send;
 ///     fn log(&self, line: String) -> impl Future<Output = ()> + Send;
+///     fn audit(&self, line: String) -> impl Future<Output = ()> + Send;
 /// }
 ///
 /// /// Client of a remote `Calculator` object.
@@ -61,6 +67,7 @@ mod expand;
 ///     pub fn new(peer: &chatter_rpc::Peer, object: &str) -> Self;
 ///     pub fn with_deadline(&self, deadline: Duration) -> Self; // per-call override
 ///     pub fn with_ttl(&self, ttl: Duration) -> Self;           // per-send signal TTL
+///     pub fn persistent(&self) -> Self;                        // every signal persistent
 ///     pub fn deadline(&self) -> Duration;
 ///     pub fn peer(&self) -> &chatter_rpc::Peer;
 ///     pub fn object(&self) -> &str;
@@ -70,8 +77,11 @@ mod expand;
 ///         -> impl Future<Output = Result<i64, CallError>> + Send + 'static;
 ///     pub fn div(&self, a: i64, b: i64)
 ///         -> impl Future<Output = Result<i64, CallError<CalcError>>> + Send + 'static;
-///     /// A signal: sent without waiting and without a reply.
-///     pub fn log(&self, line: String) -> Result<(), SignalError>;
+///     /// A signal: queued when awaited, without a reply; ...
+///     pub fn log(&self, line: String)
+///         -> impl Future<Output = Result<Sent, SignalError>> + Send + 'static;
+///     pub fn audit(&self, line: String)
+///         -> impl Future<Output = Result<Sent, SignalError>> + Send + 'static;
 /// }
 ///
 /// /// Serves any `impl Calculator` as a remote object.
@@ -87,15 +97,17 @@ mod expand;
 /// impl<T: Calculator + Send + Sync + 'static> chatter_rpc::Service for CalculatorServer<T> {}
 /// ```
 ///
-/// Call futures own everything they need (`'static`), so they can be spawned or stored.
-/// The client methods' arguments are encoded when the method is called, not when the
-/// future is first polled.
+/// Call and signal futures own everything they need (`'static`), so they can be spawned
+/// or stored. The client methods' arguments are encoded when the method is called, not
+/// when the future is first polled; a signal is queued when its future is first polled,
+/// and the future is ready at once unless a full outbox makes it wait for room
+/// (`WhenFull::Wait`).
 ///
 /// Misuse is a compile error on the offending tokens: a method that is not `async`, a
 /// receiver other than `&self`, generic methods or traits, borrowed argument or return
 /// types, a signal with a return value, duplicate method names, names that clash with the
-/// generated client's methods (`new`, `with_deadline`, `with_ttl`, `deadline`, `peer`,
-/// `object`, `clone`, `fmt`), items other than methods, and unknown attributes.
+/// generated client's methods (`new`, `with_deadline`, `with_ttl`, `persistent`,
+/// `deadline`, `peer`, `object`, `clone`, `fmt`), items other than methods, and unknown attributes.
 #[proc_macro_attribute]
 pub fn remote(args: TokenStream, input: TokenStream) -> TokenStream {
     expand::remote(args.into(), input.into())

@@ -23,6 +23,7 @@ pub struct ClientCore {
     peer: Target,
     object: Arc<str>,
     idempotent: bool,
+    persistent: bool,
     deadline: Option<Duration>,
     ttl: Option<Duration>,
 }
@@ -33,6 +34,7 @@ impl fmt::Debug for ClientCore {
             .field("object", &self.object)
             .field("deadline", &self.deadline())
             .field("ttl", &self.ttl)
+            .field("persistent", &self.persistent)
             .finish_non_exhaustive()
     }
 }
@@ -43,6 +45,7 @@ impl ClientCore {
             peer: peer.into(),
             object: object.into(),
             idempotent: false,
+            persistent: false,
             deadline: None,
             ttl: None,
         }
@@ -57,6 +60,14 @@ impl ClientCore {
     pub fn idempotent(&self) -> Self {
         ClientCore {
             idempotent: true,
+            ..self.clone()
+        }
+    }
+
+    /// The same client, sending every signal as persistent.
+    pub fn persistent(&self) -> Self {
+        ClientCore {
+            persistent: true,
             ..self.clone()
         }
     }
@@ -119,28 +130,35 @@ impl ClientCore {
         })
     }
 
-    /// Sends a signal (never waits; see [`Peer`] for TTL rules).
+    /// Sends a signal: encodes the arguments now, queues the signal when first polled
+    /// (see [`Peer`](crate::Peer) and [`ReconnectingPeer`](crate::ReconnectingPeer) for
+    /// TTL, outbox and persistence rules).
     pub fn signal<A: Serialize + ?Sized>(
         &self,
         method: &'static str,
         default_ttl: Option<Duration>,
+        persistent: bool,
         args: &A,
-    ) -> Result<Sent, SignalError> {
+    ) -> impl Future<Output = Result<Sent, SignalError>> + Send + 'static {
         let ttl = self
             .ttl
             .or(default_ttl)
             .unwrap_or(self.peer.peer_options().default_signal_ttl)
             .min(MAX_DURATION);
-        let payload = wire::encode_request(wire::SIGNAL, &self.object, method, ttl, args)
-            .map_err(|e| SignalError::BadArguments { what: e.0 })?;
-        match &self.peer {
-            Target::Peer(peer) => {
-                if peer.inner.hooks.is_shutting_down() {
-                    return Err(SignalError::ShuttingDown);
+        let encoded = wire::encode_request(wire::SIGNAL, &self.object, method, ttl, args);
+        let target = self.peer.clone();
+        let persistent = persistent || self.persistent;
+        async move {
+            let payload = encoded.map_err(|e| SignalError::BadArguments { what: e.0 })?;
+            match target {
+                Target::Peer(peer) => {
+                    if peer.inner.hooks.is_shutting_down() {
+                        return Err(SignalError::ShuttingDown);
+                    }
+                    peer.inner.signal(payload, ttl).map(|()| Sent::untracked())
                 }
-                peer.inner.signal(payload, ttl).map(|()| Sent::untracked())
+                Target::Reconnecting(peer) => peer.signal(payload, ttl, persistent).await,
             }
-            Target::Reconnecting(peer) => peer.signal(payload, ttl),
         }
     }
 

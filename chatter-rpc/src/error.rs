@@ -231,6 +231,10 @@ pub enum SignalError {
     /// The persistent store could not record the signal (so it was not accepted).
     #[error("signal store: {0}")]
     Store(String),
+    /// The signal's TTL ran out while it waited for room in a full outbox
+    /// ([`WhenFull::Wait`](crate::WhenFull::Wait)): it was never queued.
+    #[error("the signal expired while waiting for room in the outbox")]
+    Expired,
 }
 
 /// Why an acknowledged send ([`Sent::acknowledged`](crate::Sent::acknowledged)) did not

@@ -46,7 +46,7 @@
 //!     calc.div(1, 0).await,
 //!     Err(CallError::App { error: CalcError::DivisionByZero, .. })
 //! ));
-//! calc.log("done".into())?;
+//! calc.log("done".into()).await?;
 //! // Per-call deadline:
 //! assert_eq!(calc.with_deadline(Duration::from_secs(1)).add(1, 1).await?, 2);
 //! peer.close().await;
@@ -62,9 +62,10 @@
 //!   when it passes, and the callee drops the handler's future when it passes on its side.
 //!   Dropping the call's future cancels the call: a cancel message makes the callee drop
 //!   the handler's future.
-//! - **Signals** are one-message conversations without a reply. Sending never waits: a
-//!   signal goes to the connection at once, or, while flow control holds it back, into a
-//!   bounded outbox. A signal not handed to the connection before its TTL runs out is
+//! - **Signals** are one-message conversations without a reply. A signal's future only
+//!   queues it: the signal goes to the connection at once, or, while flow control holds
+//!   it back, into a bounded outbox (through a [`ReconnectingPeer`], a full outbox can
+//!   make the future wait for room: [`WhenFull::Wait`]). A signal not handed to the connection before its TTL runs out is
 //!   dropped and counted ([`PeerStats::signals_expired`]); the callee likewise drops a
 //!   signal that cannot start before its TTL ([`PeerStats::signals_expired_on_arrival`]).
 //!   A signal is never delivered late.

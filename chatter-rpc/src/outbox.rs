@@ -118,6 +118,8 @@ pub(crate) struct Item {
     pub(crate) expires: Instant,
     /// The connection generation it was last sent on.
     pub(crate) sent_gen: Option<u64>,
+    /// Stored in the peer's store (deleted from it when it leaves the outbox).
+    pub(crate) persistent: bool,
     pub(crate) ack: Option<oneshot::Sender<Delivery>>,
 }
 

@@ -174,14 +174,16 @@ impl Backoff {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WhenFull {
-    /// Refuse it with [`SignalError::OutboxFull`] (the default). To *wait* for room
-    /// instead, await [`ReconnectingPeer::wait_for_room`] before sending: signal methods
-    /// never block.
+    /// Refuse it with [`SignalError::OutboxFull`] (the default).
     #[default]
     Error,
     /// Drop the oldest queued signal (reported as [`PeerEvent::SignalDropped`]) to make
     /// room.
     DropOldest,
+    /// Wait for room: the signal's future resolves once the signal is queued. If its TTL
+    /// runs out first, it fails with [`SignalError::Expired`] (and is counted as expired),
+    /// never queued.
+    Wait,
 }
 
 /// Settings of a [`ReconnectingPeer`] beyond the connection's [`Options`] and the
@@ -235,13 +237,18 @@ impl ReconnectOptions {
         self
     }
 
-    /// Makes every signal persistent: written to this SQLite file before `send` returns,
-    /// deleted only when the receiver acknowledged it (or its TTL ran out). Signals still
-    /// in the file are loaded and re-sent when a peer is started on it again, for example
-    /// after a crash. Without a store, the outbox is in memory only.
+    /// Stores *persistent* signals (methods marked `#[signal(persistent)]`, or any signal
+    /// sent through a generated client's `persistent()`) in this SQLite file: each
+    /// is written before its send completes and deleted only when the receiver
+    /// acknowledged it (or its TTL ran out). Signals still in the file are loaded and
+    /// re-sent when a peer is started on it again, for example after a crash of the
+    /// process. Other signals stay in memory (they are lost with the process), but the
+    /// store keeps the sender's stream id, so a restarted sender continues its stream and
+    /// the receiver keeps discarding duplicates. Without a store, every signal is in
+    /// memory only.
     ///
-    /// Cost: each send and each acknowledgement is one synced SQLite transaction on the
-    /// calling task's thread (WAL journal, `synchronous = FULL`: durable against a crash of
+    /// Cost: each persistent send and each of its acknowledgements is one synced SQLite
+    /// transaction on the calling task's thread (WAL journal, `synchronous = FULL`: durable against a crash of
     /// the process and of the machine), so persistent signals are bounded by the disk's
     /// sync rate. A signal's TTL keeps counting while the process is down (wall clock):
     /// one that ran out meanwhile is dropped and counted at the next start.
@@ -442,8 +449,8 @@ struct Shared {
 ///   the receiver discards duplicates by id. A signal whose TTL runs out while it waits
 ///   is dropped and reported (counter and [`PeerEvent::SignalExpired`]); the receiver
 ///   likewise never starts a handler after the TTL. With a
-///   [`store`](ReconnectOptions::store), signals are persistent and survive a crash.
-///   The returned [`Sent`] can wait for the acknowledgement.
+///   [`store`](ReconnectOptions::store), persistent signals survive a crash of the
+///   process. The returned [`Sent`] can wait for the acknowledgement.
 ///
 /// ```
 /// use std::time::Duration;
@@ -476,7 +483,7 @@ struct Shared {
 /// )?;
 /// let greeter = GreeterClient::new(&peer, "greeter");
 /// assert_eq!(greeter.hello("you".into()).await?, "hello you");
-/// let sent = greeter.note("remember this".into())?;
+/// let sent = greeter.note("remember this".into()).await?;
 /// sent.acknowledged(Duration::from_secs(5)).await?; // the handler ran
 /// peer.shutdown(Duration::from_secs(5)).await;
 /// # Ok(()) }
@@ -543,6 +550,7 @@ impl ReconnectingPeer {
                         expires: now + left,
                         // A previous run may have sent it.
                         sent_gen: Some(0),
+                        persistent: true,
                         ack: None,
                     });
                 }
@@ -681,8 +689,8 @@ impl ReconnectingPeer {
         &self.shared.peer_options
     }
 
-    /// Waits until the outbox has room for one more signal (the "wait" policy for a full
-    /// outbox: signal methods themselves never block).
+    /// Waits until the outbox has room for one more signal (signal futures do this
+    /// themselves under [`WhenFull::Wait`]).
     pub async fn wait_for_room(&self) {
         loop {
             let mut room = pin!(self.shared.room.notified());
@@ -805,8 +813,38 @@ impl ReconnectingPeer {
         }
     }
 
-    /// Queues a signal (generated clients call this).
-    pub(crate) fn signal(&self, payload: Bytes, ttl: Duration) -> Result<Sent, SignalError> {
+    /// Queues a signal (generated clients call this). Ready at once, except under
+    /// [`WhenFull::Wait`] with a full outbox: then it waits for room, at most `ttl`.
+    pub(crate) async fn signal(
+        &self,
+        payload: Bytes,
+        ttl: Duration,
+        persistent: bool,
+    ) -> Result<Sent, SignalError> {
+        let sh = &self.shared;
+        let expires = Instant::now() + ttl;
+        loop {
+            let mut room = pin!(sh.room.notified());
+            room.as_mut().enable();
+            match self.try_signal(&payload, expires, persistent) {
+                Err(SignalError::OutboxFull) if sh.reconnect.when_full == WhenFull::Wait => {}
+                done => return done,
+            }
+            if tokio::time::timeout_at(expires, room).await.is_err() {
+                bump(&sh.counters.expired);
+                return Err(SignalError::Expired);
+            }
+        }
+    }
+
+    /// Queues a signal if the outbox has room (or makes room, under
+    /// [`WhenFull::DropOldest`]).
+    fn try_signal(
+        &self,
+        payload: &Bytes,
+        expires: Instant,
+        persistent: bool,
+    ) -> Result<Sent, SignalError> {
         let sh = &self.shared;
         if sh.shutting_down.load(Ordering::Acquire) {
             return Err(SignalError::ShuttingDown);
@@ -815,34 +853,49 @@ impl ReconnectingPeer {
             let last_error = sh.link.borrow().last_error.clone();
             return Err(SignalError::NotConnected(last_error));
         }
-        let (tx, rx) = oneshot::channel();
         let mut evicted = None;
-        let seq = {
+        let (seq, rx) = {
             let mut outbox = lock(&sh.outbox);
             if outbox.items.len() >= sh.capacity {
                 match sh.reconnect.when_full {
-                    WhenFull::Error => {
-                        bump(&sh.counters.rejected);
+                    WhenFull::Error | WhenFull::Wait => {
+                        if sh.reconnect.when_full == WhenFull::Error {
+                            bump(&sh.counters.rejected);
+                        }
                         return Err(SignalError::OutboxFull);
                     }
                     WhenFull::DropOldest => evicted = outbox.items.pop_front(),
                 }
             }
             let seq = outbox.next_seq;
+            let persistent = persistent && sh.store.is_some();
             if let Some(store) = &sh.store {
-                lock(store)
-                    .insert(seq, &payload, store::wall_ms_after(ttl))
-                    .map_err(SignalError::Store)?;
+                let mut store = lock(store);
+                let stored = if persistent {
+                    let left = expires.saturating_duration_since(Instant::now());
+                    store.insert(seq, payload, store::wall_ms_after(left))
+                } else {
+                    store.reserve(seq)
+                };
+                if let Err(e) = stored {
+                    // Nothing was queued: put an evicted signal back where it was.
+                    if let Some(item) = evicted.take() {
+                        outbox.items.push_front(item);
+                    }
+                    return Err(SignalError::Store(e));
+                }
             }
+            let (tx, rx) = oneshot::channel();
             outbox.next_seq += 1;
             outbox.items.push_back(Item {
                 seq,
-                payload,
-                expires: Instant::now() + ttl,
+                payload: payload.clone(),
+                expires,
                 sent_gen: None,
+                persistent,
                 ack: Some(tx),
             });
-            seq
+            (seq, rx)
         };
         bump(&sh.counters.queued);
         if let Some(mut item) = evicted {
@@ -853,7 +906,7 @@ impl ReconnectingPeer {
                 id: sh.id(item.seq),
                 maybe_delivered,
             });
-            sh.forget(item.seq);
+            sh.forget(&item);
         }
         sh.changed.notify_waiters();
         Ok(Sent::tracked(sh.id(seq), rx))
@@ -885,9 +938,9 @@ impl Shared {
 
     /// Deletes a signal from the store and announces the room (after the signal's outcome
     /// was counted and reported, so that `flush` returns with everything accounted for).
-    fn forget(&self, seq: u64) {
-        if let Some(store) = &self.store {
-            lock(store).delete(seq);
+    fn forget(&self, item: &Item) {
+        if let (true, Some(store)) = (item.persistent, &self.store) {
+            lock(store).delete(item.seq);
         }
         self.room.notify_waiters();
     }
@@ -903,7 +956,7 @@ impl Shared {
             id: self.id(seq),
             maybe_delivered,
         });
-        self.forget(seq);
+        self.forget(&item);
     }
 
     fn on_ack(&self, seq: u64, status: u8) {
@@ -931,7 +984,7 @@ impl Shared {
                 self.emit(PeerEvent::SignalFailed { id: self.id(seq) });
             }
         }
-        self.forget(seq);
+        self.forget(&item);
     }
 
     fn set_link(&self, f: impl FnOnce(&mut Link)) {
@@ -946,7 +999,7 @@ impl Shared {
         for mut item in left {
             let maybe_delivered = item.sent_gen.is_some();
             item.settle(Delivery::Dropped { maybe_delivered });
-            if self.store.is_none() {
+            if !item.persistent {
                 bump(&self.counters.dropped);
                 self.emit(PeerEvent::SignalDropped {
                     id: self.id(item.seq),

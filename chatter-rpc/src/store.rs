@@ -1,6 +1,14 @@
 //! The persistent signal store of a [`ReconnectingPeer`](crate::ReconnectingPeer): one
-//! SQLite file (WAL journal, `synchronous = FULL`), written before `send` returns and
-//! cleared only by the receiver's acknowledgement.
+//! SQLite file (WAL journal, `synchronous = FULL`). A persistent signal is written before
+//! its send completes and deleted only by the receiver's acknowledgement (or its expiry).
+//!
+//! The store also keeps the sender's stream id and a *sequence ceiling*: every sequence
+//! number the stream may have used is below it. Signals that are not persistent take
+//! sequence numbers too, without being stored, so the ceiling is raised in blocks of
+//! [`RESERVE`] (one synced write per block). After a restart the stream continues at the
+//! ceiling, above anything sent before the crash: the receiver's duplicate detection
+//! (which keeps the highest sequence number it accepted per stream) never mistakes a new
+//! signal for an old one.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,7 +32,12 @@ pub(crate) struct Loaded {
 
 pub(crate) struct Store {
     db: Connection,
+    /// Every sequence number below this may have been used (durably recorded).
+    ceiling: u64,
 }
+
+/// How many sequence numbers one write of the ceiling reserves.
+pub(crate) const RESERVE: u64 = 4096;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,6 +82,8 @@ impl Store {
                 fresh_stream
             }
         };
+        // The key says "next_seq" for compatibility with stores of earlier versions, which
+        // kept the next sequence number there; it is the ceiling now.
         let mut next_seq = get("next_seq")?.map_or(1, |v| v as u64).max(1);
         let mut signals = Vec::new();
         {
@@ -91,7 +106,10 @@ impl Store {
             }
         }
         Ok((
-            Store { db },
+            Store {
+                db,
+                ceiling: next_seq,
+            },
             Loaded {
                 stream,
                 next_seq,
@@ -100,7 +118,8 @@ impl Store {
         ))
     }
 
-    /// Records a signal durably (one transaction, synced) before it is accepted.
+    /// Records a persistent signal durably (one transaction, synced) before it is
+    /// accepted, raising the ceiling past it if needed.
     pub(crate) fn insert(
         &mut self,
         seq: u64,
@@ -113,12 +132,30 @@ impl Store {
             params![seq as i64, expires_ms as i64, payload],
         )
         .map_err(err)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO chatter_meta (key, value) VALUES ('next_seq', ?1)",
-            [(seq + 1) as i64],
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)
+        let ceiling = if seq >= self.ceiling {
+            let ceiling = seq.saturating_add(RESERVE);
+            set_ceiling(&tx, ceiling)?;
+            Some(ceiling)
+        } else {
+            None
+        };
+        tx.commit().map_err(err)?;
+        if let Some(ceiling) = ceiling {
+            self.ceiling = ceiling;
+        }
+        Ok(())
+    }
+
+    /// Makes sure `seq` is below the durable ceiling before a signal that is not stored
+    /// uses it (a synced write once per [`RESERVE`] signals).
+    pub(crate) fn reserve(&mut self, seq: u64) -> Result<(), String> {
+        if seq < self.ceiling {
+            return Ok(());
+        }
+        let ceiling = seq.saturating_add(RESERVE);
+        set_ceiling(&self.db, ceiling)?;
+        self.ceiling = ceiling;
+        Ok(())
     }
 
     /// Forgets a signal (acknowledged, expired or dropped).
@@ -130,6 +167,15 @@ impl Store {
             tracing::warn!("chatter-rpc: signal store: cannot delete signal {seq}: {e}");
         }
     }
+}
+
+fn set_ceiling(db: &Connection, ceiling: u64) -> Result<(), String> {
+    db.execute(
+        "INSERT OR REPLACE INTO chatter_meta (key, value) VALUES ('next_seq', ?1)",
+        [i64::try_from(ceiling).unwrap_or(i64::MAX)],
+    )
+    .map(drop)
+    .map_err(err)
 }
 
 /// Milliseconds since the Unix epoch, `d` from now (saturating).
@@ -165,15 +211,35 @@ mod tests {
         store.delete(1);
         store.delete(2);
         drop(store);
+        // The ceiling, not the last stored signal, decides where the stream continues:
+        // signals 3.. may have been sent unstored before the restart.
         let (mut store, loaded) = Store::open(&dir, 7).expect("reopen");
-        assert_eq!((loaded.stream, loaded.next_seq), (42, 3));
+        assert_eq!((loaded.stream, loaded.next_seq), (42, 1 + RESERVE));
         assert!(loaded.signals.is_empty());
-        store.insert(3, b"three", 30).expect("insert");
+        let seq = loaded.next_seq;
+        store.insert(seq, b"three", 30).expect("insert");
         drop(store);
         let (_, loaded) = Store::open(&dir, 7).expect("reopen");
         assert_eq!(loaded.signals.len(), 1);
         assert_eq!(loaded.signals[0].payload, b"three");
-        assert_eq!(loaded.next_seq, 4);
+        assert_eq!(loaded.next_seq, seq + RESERVE);
         let _ = std::fs::remove_file(&dir);
+    }
+
+    #[test]
+    fn unstored_signals_reserve_their_sequence_numbers_in_blocks() {
+        let path = std::env::temp_dir().join(format!("chatter-store-r-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let (mut store, loaded) = Store::open(&path, 9).expect("open");
+        assert_eq!(loaded.next_seq, 1);
+        for seq in 1..=RESERVE + 10 {
+            store.reserve(seq).expect("reserve");
+        }
+        drop(store);
+        let (_, loaded) = Store::open(&path, 9).expect("reopen");
+        // Past every sequence number used, within one block.
+        assert!(loaded.next_seq > RESERVE + 10, "{}", loaded.next_seq);
+        assert!(loaded.next_seq <= 2 * RESERVE + 10, "{}", loaded.next_seq);
+        let _ = std::fs::remove_file(&path);
     }
 }

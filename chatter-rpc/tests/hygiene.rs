@@ -69,5 +69,5 @@ async fn hostile_scope_still_works() {
         "5"
     );
     client.nothing().await.unwrap();
-    client.ping(1).unwrap();
+    client.ping(1).await.unwrap();
 }

@@ -13,12 +13,12 @@ use common::{pair, pair_with, within, Calc, CalculatorClient, CalculatorServer};
 async fn signals_are_delivered_in_order() {
     let mut p = pair().await;
     for v in 1..=5 {
-        p.calc.record(v).unwrap();
+        p.calc.record(v).await.unwrap();
     }
     for v in 1..=5 {
         assert_eq!(within(p.probe.recorded.recv()).await.unwrap(), v);
     }
-    p.calc.note("hello".into()).unwrap();
+    p.calc.note("hello".into()).await.unwrap();
     assert_eq!(within(p.probe.notes.recv()).await.unwrap(), "hello");
     assert_eq!(p.client.stats().signals_sent, 6);
     assert_eq!(p.server.stats().signals_delivered, 6);
@@ -35,7 +35,7 @@ async fn sending_a_signal_never_waits_for_the_handler() {
     assert_eq!(within(p.probe.started.recv()).await.unwrap(), "busy");
     // The callee's only handler slot is taken; sending returns at once all the same
     // (`record` is not async: there is nothing to wait for).
-    p.calc.record(7).unwrap();
+    p.calc.record(7).await.unwrap();
     p.probe.release.notify_waiters();
     busy.await.unwrap().unwrap();
     assert_eq!(within(p.probe.recorded.recv()).await.unwrap(), 7);
@@ -51,7 +51,7 @@ async fn signal_whose_ttl_expires_before_delivery_is_dropped_and_counted() {
     let calc = CalculatorClient::new(&client, "calc").with_ttl(Duration::from_secs(1));
     let text = "x".repeat(1000);
     for i in 0..10 {
-        calc.note(format!("{i} {text}")).unwrap();
+        calc.note(format!("{i} {text}")).await.unwrap();
     }
     assert!(client.stats().signals_sent < 10, "{:?}", client.stats());
     client.flush_signals().await;
@@ -85,8 +85,8 @@ async fn signal_expiring_at_the_callee_is_not_delivered_late() {
     .await;
     let busy = tokio::spawn(p.calc.wait("busy".into()));
     assert_eq!(within(p.probe.started.recv()).await.unwrap(), "busy");
-    p.calc.note("too late".into()).unwrap(); // ttl = "1s" from the trait
-                                             // Virtual time: everything due within 2 s runs before this returns.
+    p.calc.note("too late".into()).await.unwrap(); // ttl = "1s" from the trait
+                                                   // Virtual time: everything due within 2 s runs before this returns.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(p.server.stats().signals_expired_on_arrival, 1);
     p.probe.release.notify_waiters();
@@ -100,7 +100,7 @@ async fn signal_expiring_at_the_callee_is_not_delivered_late() {
 async fn signal_on_a_closed_connection_fails() {
     let p = pair().await;
     p.client.close().await;
-    let err = p.calc.record(1).unwrap_err();
+    let err = p.calc.record(1).await.unwrap_err();
     assert!(matches!(err, SignalError::ConnectionLost(_)), "{err:?}");
 }
 
@@ -113,7 +113,7 @@ async fn full_outbox_rejects_and_counts() {
     let text = "x".repeat(1000);
     let mut rejected = 0;
     for _ in 0..10 {
-        match calc.note(text.clone()) {
+        match calc.note(text.clone()).await {
             Ok(_sent) => {}
             Err(SignalError::OutboxFull) => rejected += 1,
             Err(e) => panic!("{e:?}"),
@@ -147,7 +147,7 @@ async fn panicking_signal_handler_is_counted_and_the_peer_keeps_serving() {
     let server = Peer::new(server_conn);
     server.register("fragile", FragileServer::new(Crashy));
     let client = FragileClient::new(Peer::new(client_conn), "fragile");
-    client.crash("signal boom".into()).unwrap();
+    client.crash("signal boom".into()).await.unwrap();
     // Calls after the signal are answered; the signal's handler ran (and panicked) first
     // or concurrently, so wait for the counter through a few round trips.
     assert!(client.alive().await.unwrap());

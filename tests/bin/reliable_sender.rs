@@ -1,4 +1,4 @@
-//! Sends persistent signals `number(from..to)` through a `ReconnectingPeer` with a store,
+//! Sends persistent signals `durable(from..to)` through a `ReconnectingPeer` with a store,
 //! printing `stored N` once `send` returned for `N` (so the signal is on disk). Then waits
 //! until every stored signal was acknowledged, prints `flushed`, and exits.
 //!
@@ -33,7 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let numbers = NumbersClient::new(&peer, "numbers");
     let mut out = std::io::stdout().lock();
     for n in from..to {
-        numbers.number(n)?;
+        numbers.durable(n).await?;
         writeln!(out, "stored {n}")?;
         out.flush()?;
     }

@@ -155,7 +155,7 @@ async fn call_while_disconnected_waits_for_the_reconnect_within_its_deadline() {
     assert!(matches!(err, CallError::NotConnected { .. }), "{err:?}");
     assert!(err.to_string().contains("gave up"), "{err}");
     assert_eq!(start.elapsed(), Duration::ZERO);
-    let refused = NumbersClient::new(&once, "numbers").number(4);
+    let refused = NumbersClient::new(&once, "numbers").number(4).await;
     assert!(
         matches!(refused, Err(SignalError::NotConnected(_))),
         "{refused:?}"
@@ -298,10 +298,10 @@ async fn thousands_of_signals_through_repeated_cuts_arrive_once_in_order_or_are_
     for n in 0..N {
         let sent = match n {
             // Already expired: must be reported, never delivered.
-            n if n % 97 == 0 => numbers.with_ttl(Duration::ZERO).number(n),
+            n if n % 97 == 0 => numbers.with_ttl(Duration::ZERO).number(n).await,
             // Tight: delivered or reported, either way.
-            n if n % 13 == 0 => numbers.with_ttl(Duration::from_millis(5)).number(n),
-            n => numbers.number(n),
+            n if n % 13 == 0 => numbers.with_ttl(Duration::from_millis(5)).number(n).await,
+            n => numbers.number(n).await,
         }
         .expect("queued");
         ids.insert(sent.id().expect("tracked"), n);
@@ -387,9 +387,9 @@ async fn signals_whose_ttl_runs_out_while_disconnected_are_reported_not_delivere
     let mut events = rp.events();
     let numbers = NumbersClient::new(&rp, "numbers");
     let short = numbers.with_ttl(Duration::from_secs(1));
-    let a = short.number(1).expect("queued");
-    let b = short.number(2).expect("queued");
-    let c = numbers.number(3).expect("queued");
+    let a = short.number(1).await.expect("queued");
+    let b = short.number(2).await.expect("queued");
+    let c = numbers.number(3).await.expect("queued");
     let (a_id, b_id) = (a.id().expect("id"), b.id().expect("id"));
     assert_eq!(b_id.seq, a_id.seq + 1);
     assert_eq!(
@@ -421,7 +421,7 @@ async fn signals_whose_ttl_runs_out_while_disconnected_are_reported_not_delivere
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_full_outbox_refuses_or_drops_the_oldest_as_configured() {
+async fn a_full_outbox_refuses_drops_the_oldest_or_waits_as_configured() {
     let rec = Recorder::default();
     let (server, addr, _accepted) = numbers_server(PeerOptions::default(), rec.clone()).await;
     let proxy = Proxy::start(addr).await;
@@ -435,9 +435,12 @@ async fn a_full_outbox_refuses_or_drops_the_oldest_as_configured() {
             .outbox_capacity(2),
     );
     let numbers = NumbersClient::new(&refusing, "numbers");
-    numbers.number(1).expect("queued");
-    numbers.number(2).expect("queued");
-    assert!(matches!(numbers.number(3), Err(SignalError::OutboxFull)));
+    numbers.number(1).await.expect("queued");
+    numbers.number(2).await.expect("queued");
+    assert!(matches!(
+        numbers.number(3).await,
+        Err(SignalError::OutboxFull)
+    ));
     assert_eq!(refusing.stats().signals_rejected, 1);
 
     let dropping = reconnecting(
@@ -450,10 +453,13 @@ async fn a_full_outbox_refuses_or_drops_the_oldest_as_configured() {
     );
     let mut events = dropping.events();
     let numbers = NumbersClient::new(&dropping, "numbers");
-    let first = numbers.number(10).expect("queued");
+    let first = numbers.number(10).await.expect("queued");
     let first_id = first.id().expect("id");
-    numbers.number(11).expect("queued");
-    let last = numbers.number(12).expect("queued, dropping the oldest");
+    numbers.number(11).await.expect("queued");
+    let last = numbers
+        .number(12)
+        .await
+        .expect("queued, dropping the oldest");
     assert_eq!(
         first.acknowledged(Duration::from_secs(1)).await,
         Err(AckError::Dropped {
@@ -471,20 +477,58 @@ async fn a_full_outbox_refuses_or_drops_the_oldest_as_configured() {
         }
     }
 
-    // Waiting for room: the "wait" policy.
+    // Waiting for room: the signal's future resolves once it is queued, or fails when
+    // its TTL runs out first.
+    let waiting = reconnecting(
+        &proxy.address(),
+        Duration::from_secs(5),
+        ReconnectOptions::default()
+            .backoff(fast())
+            .outbox_capacity(2)
+            .when_full(WhenFull::Wait),
+    );
+    let numbers = NumbersClient::new(&waiting, "numbers");
+    numbers.number(20).await.expect("queued");
+    numbers.number(21).await.expect("queued");
+    let start = tokio::time::Instant::now();
+    assert!(matches!(
+        numbers
+            .with_ttl(Duration::from_millis(300))
+            .number(22)
+            .await,
+        Err(SignalError::Expired)
+    ));
+    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    assert_eq!(waiting.stats().signals_expired, 1);
+    assert_eq!(waiting.stats().signals_rejected, 0);
+    let blocked = tokio::spawn({
+        let numbers = numbers.clone();
+        async move { numbers.number(23).await }
+    });
     let room = tokio::spawn({
         let refusing = refusing.clone();
         async move { refusing.wait_for_room().await }
     });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!blocked.is_finished(), "waits while the outbox is full");
+    assert_eq!(waiting.queued(), 2);
     proxy.refuse(false);
     last.acknowledged(Duration::from_secs(30))
         .await
         .expect("delivered");
     room.await.expect("room after delivery");
+    blocked
+        .await
+        .expect("the task")
+        .expect("queued once there was room")
+        .acknowledged(Duration::from_secs(30))
+        .await
+        .expect("delivered");
     refusing.flush().await;
+    waiting.flush().await;
     let mut handled = rec.handled();
     handled.sort_unstable();
-    assert_eq!(handled, vec![1, 2, 11, 12]);
+    assert_eq!(handled, vec![1, 2, 11, 12, 20, 21, 23]);
     server.close().await;
 }
 
@@ -502,7 +546,7 @@ async fn acknowledged_send_resolves_when_the_handler_finished() {
         ReconnectOptions::default(),
     );
     let numbers = NumbersClient::new(&rp, "numbers");
-    let sent = numbers.number(5).expect("queued");
+    let sent = numbers.number(5).await.expect("queued");
     let mut ack = tokio::spawn(sent.acknowledged(Duration::from_secs(30)));
     rec.entered.notified().await;
     assert!(
@@ -523,6 +567,7 @@ async fn acknowledged_send_resolves_when_the_handler_finished() {
     );
     let sent = NumbersClient::new(&plain, "numbers")
         .number(6)
+        .await
         .expect("sent");
     assert_eq!(sent.id(), None);
     assert_eq!(
@@ -550,6 +595,7 @@ async fn acknowledged_send_fails_instead_of_hanging_when_the_receiver_dies() {
     let sent = numbers
         .with_ttl(Duration::from_secs(20))
         .number(1)
+        .await
         .expect("queued");
     rec.entered.notified().await; // received, handler not finished
                                   // The receiver dies before its handler finished, and does not come back.
@@ -618,7 +664,7 @@ async fn graceful_shutdown_lets_a_slow_call_finish_and_refuses_new_ones() {
     );
     let numbers = NumbersClient::new(&rp, "numbers");
     for n in 0..5 {
-        numbers.number(n).expect("queued");
+        numbers.number(n).await.expect("queued");
     }
     rp.shutdown(Duration::from_secs(5)).await;
     let mut handled = rec.handled();
@@ -629,7 +675,10 @@ async fn graceful_shutdown_lets_a_slow_call_finish_and_refuses_new_ones() {
         numbers.echo(1).await,
         Err(CallError::ShuttingDown)
     ));
-    assert!(matches!(numbers.number(9), Err(SignalError::ShuttingDown)));
+    assert!(matches!(
+        numbers.number(9).await,
+        Err(SignalError::ShuttingDown)
+    ));
     server.close().await;
 }
 
@@ -652,7 +701,7 @@ async fn ordered_signals_are_handled_one_at_a_time_in_send_order() {
         );
         let numbers = NumbersClient::new(&plain, "numbers");
         for n in 0..5 {
-            numbers.paced(n, 50 - 10 * n).expect("sent");
+            numbers.paced(n, 50 - 10 * n).await.expect("sent");
         }
         let rp = reconnecting(
             &address,
@@ -661,7 +710,7 @@ async fn ordered_signals_are_handled_one_at_a_time_in_send_order() {
         );
         let reliable = NumbersClient::new(&rp, "numbers");
         for n in 10..15 {
-            reliable.paced(n, 50 - 10 * (n - 10)).expect("queued");
+            reliable.paced(n, 50 - 10 * (n - 10)).await.expect("queued");
         }
         for _ in 0..10 {
             recorded.recv().await.expect("recorded");
@@ -684,6 +733,76 @@ async fn ordered_signals_are_handled_one_at_a_time_in_send_order() {
         rp.close().await;
         server.close().await;
     }
+}
+
+/// A store path of this test process (removed with its journal files by `remove`).
+fn temp_store(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("chatter-{name}-{}.sqlite", std::process::id()));
+    remove_store(&path);
+    path
+}
+
+fn remove_store(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_persistent_signals_are_stored_and_a_restarted_stream_is_not_taken_for_old() {
+    let rec = Recorder::default();
+    let (server, addr, _accepted) = numbers_server(PeerOptions::default(), rec.clone()).await;
+    let proxy = Proxy::start(addr).await;
+    let store = temp_store("mixed");
+    let with_store = || ReconnectOptions::default().backoff(fast()).store(&store);
+
+    // Run 1: one persistent signal, then plain ones; all delivered.
+    let first = reconnecting(&proxy.address(), Duration::from_secs(5), with_store());
+    let numbers = NumbersClient::new(&first, "numbers");
+    numbers.durable(1).await.expect("stored");
+    for n in 2..=5 {
+        numbers.number(n).await.expect("queued");
+    }
+    first.flush().await;
+    assert_eq!(first.stats().signals_acknowledged, 5);
+    first.close().await;
+
+    // Run 2, while the receiver is unreachable: a persistent and a plain signal wait,
+    // then the peer closes (as a crash would end it).
+    proxy.refuse(true);
+    let second = reconnecting(&proxy.address(), Duration::from_secs(5), with_store());
+    let stream = second.stream_id();
+    let numbers = NumbersClient::new(&second, "numbers");
+    numbers.durable(10).await.expect("stored");
+    numbers.number(11).await.expect("queued");
+    assert_eq!(second.queued(), 2);
+    second.close().await;
+    assert_eq!(
+        second.stats().signals_dropped,
+        1,
+        "the plain signal is gone"
+    );
+
+    // Run 3: only the persistent signal was stored; it comes back, and the stream goes on
+    // above every sequence number used before (run 1 used some without storing them), so
+    // the receiver takes nothing new for a duplicate.
+    proxy.refuse(false);
+    let third = reconnecting(&proxy.address(), Duration::from_secs(5), with_store());
+    assert_eq!(third.stream_id(), stream, "the stream id is stored");
+    assert_eq!(third.queued(), 1);
+    let numbers = NumbersClient::new(&third, "numbers");
+    let durable = numbers.durable(12).await.expect("stored");
+    let plain = numbers.number(13).await.expect("queued");
+    for sent in [durable, plain] {
+        sent.acknowledged(Duration::from_secs(30))
+            .await
+            .expect("handled, not discarded as a duplicate");
+    }
+    third.flush().await;
+    assert_eq!(rec.handled(), vec![1, 2, 3, 4, 5, 10, 12, 13]);
+    third.close().await;
+    server.close().await;
+    remove_store(&store);
 }
 
 /// Reads the sender's stdout lines into a channel (on a thread: the pipe is blocking).
@@ -728,13 +847,7 @@ async fn persistent_signals_survive_sigkill_of_the_sender() {
     let (server, addr, _accepted) =
         numbers_server(PeerOptions::default().ordered_signals(true), rec.clone()).await;
     let address = format!("tcp://{addr}");
-    let store = std::env::temp_dir().join(format!("chatter-crash-{}.sqlite", std::process::id()));
-    let remove_store = || {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", store.display()));
-        }
-    };
-    remove_store();
+    let store = temp_store("crash");
 
     let mut first = sender(&address, &store, 0, 400);
     let out = lines(&mut first);
@@ -799,7 +912,7 @@ async fn persistent_signals_survive_sigkill_of_the_sender() {
     assert_eq!(reopened.queued(), 0);
     reopened.close().await;
     server.close().await;
-    remove_store();
+    remove_store(&store);
 }
 
 #[tokio::test(start_paused = true)]
