@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::error::{CallError, RemoteContext, SignalError};
 use crate::outbox::Sent;
-use crate::peer::{Outcome, MAX_DURATION};
+use crate::peer::{lock, Outcome, MAX_DURATION};
 use crate::reconnect::Target;
 use crate::wire::{self, FailureKind, Reply};
 
@@ -152,10 +152,21 @@ impl ClientCore {
             let payload = encoded.map_err(|e| SignalError::BadArguments { what: e.0 })?;
             match target {
                 Target::Peer(peer) => {
-                    if peer.inner.hooks.is_shutting_down() {
+                    let inner = &peer.inner;
+                    if inner.hooks.is_shutting_down() {
                         return Err(SignalError::ShuttingDown);
                     }
-                    peer.inner.signal(payload, ttl).map(|()| Sent::untracked())
+                    if !inner.options.acknowledged_signals {
+                        return inner.signal(payload, ttl).map(|()| Sent::untracked());
+                    }
+                    let (reliable, sent) = lock(&inner.hooks.tracked).track(&payload, ttl)?;
+                    match inner.signal(reliable, ttl) {
+                        Ok(()) => Ok(sent),
+                        Err(e) => {
+                            lock(&inner.hooks.tracked).untrack(&sent);
+                            Err(e)
+                        }
+                    }
                 }
                 Target::Reconnecting(peer) => peer.signal(payload, ttl, persistent).await,
             }

@@ -242,9 +242,11 @@ pub enum SignalError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AckError {
-    /// The signal was sent through a plain [`Peer`](crate::Peer), whose signals are not
-    /// acknowledged; send it through a [`ReconnectingPeer`](crate::ReconnectingPeer).
-    #[error("not supported: signals sent through a plain Peer are not acknowledged; use a ReconnectingPeer")]
+    /// The signal was sent through a plain [`Peer`](crate::Peer) whose signals are not
+    /// acknowledged: turn on
+    /// [`PeerOptions::acknowledged_signals`](crate::PeerOptions::acknowledged_signals), or
+    /// send it through a [`ReconnectingPeer`](crate::ReconnectingPeer).
+    #[error("not supported: this Peer's signals are not acknowledged; set PeerOptions::acknowledged_signals or use a ReconnectingPeer")]
     NotSupported,
     /// No acknowledgement within the time given to `acknowledged`. The signal stays queued
     /// (it may still be delivered, or expire).
@@ -267,6 +269,13 @@ pub enum AckError {
     Dropped {
         /// Whether the receiver may have run it anyway.
         maybe_delivered: bool,
+    },
+    /// A plain [`Peer`](crate::Peer)'s connection closed before the acknowledgement
+    /// arrived: the receiver may or may not have run it (a plain peer does not re-send).
+    #[error("connection lost before the acknowledgement (maybe delivered): {cause}")]
+    ConnectionLost {
+        /// Why the connection closed.
+        cause: String,
     },
 }
 

@@ -30,12 +30,18 @@ impl fmt::Display for SignalId {
 }
 
 /// How a queued signal ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Delivery {
     Handled,
-    Expired { maybe_delivered: bool },
+    Expired {
+        maybe_delivered: bool,
+    },
     Failed,
-    Dropped { maybe_delivered: bool },
+    Dropped {
+        maybe_delivered: bool,
+    },
+    /// A plain peer's connection closed before the acknowledgement arrived.
+    Lost(chatter_core::CloseCause),
 }
 
 /// A signal accepted for sending: its id, and a way to wait until the receiver's handler
@@ -59,7 +65,9 @@ pub struct Sent {
 }
 
 impl Sent {
-    /// A signal sent through a plain [`Peer`](crate::Peer): no id, no acknowledgement.
+    /// A signal sent through a plain [`Peer`](crate::Peer) without
+    /// [`acknowledged_signals`](crate::PeerOptions::acknowledged_signals): no id, no
+    /// acknowledgement.
     pub(crate) fn untracked() -> Sent {
         Sent {
             id: None,
@@ -74,7 +82,8 @@ impl Sent {
         }
     }
 
-    /// The signal's id (`None` for signals sent through a plain [`Peer`](crate::Peer)).
+    /// The signal's id (`None` for signals sent through a plain [`Peer`](crate::Peer)
+    /// without [`acknowledged_signals`](crate::PeerOptions::acknowledged_signals)).
     /// Expiry events ([`PeerEvent::SignalExpired`](crate::PeerEvent::SignalExpired)) name
     /// signals by this id.
     pub fn id(&self) -> Option<SignalId> {
@@ -86,9 +95,11 @@ impl Sent {
     /// Fails with [`AckError::Timeout`] when no acknowledgement came in time (the signal
     /// stays queued), [`AckError::Expired`] when its TTL ran out first (for example
     /// because the receiver died and did not come back), [`AckError::Failed`] when the
-    /// receiver could not run it, [`AckError::Dropped`] when this side dropped it, and
-    /// [`AckError::NotSupported`] for signals sent through a plain
-    /// [`Peer`](crate::Peer). It never waits longer than `timeout`.
+    /// receiver could not run it, [`AckError::Dropped`] when this side dropped it,
+    /// [`AckError::ConnectionLost`] when a plain peer's connection closed first, and
+    /// [`AckError::NotSupported`] for signals sent through a plain [`Peer`](crate::Peer)
+    /// without [`acknowledged_signals`](crate::PeerOptions::acknowledged_signals). It
+    /// never waits longer than `timeout`.
     pub async fn acknowledged(self, timeout: Duration) -> Result<(), AckError> {
         let Some(ack) = self.ack else {
             return Err(AckError::NotSupported);
@@ -106,6 +117,9 @@ impl Sent {
             Ok(Ok(Delivery::Dropped { maybe_delivered })) => {
                 Err(AckError::Dropped { maybe_delivered })
             }
+            Ok(Ok(Delivery::Lost(cause))) => Err(AckError::ConnectionLost {
+                cause: cause.to_string(),
+            }),
         }
     }
 }

@@ -43,6 +43,7 @@ pub struct PeerOptions {
     pub(crate) max_concurrent_handlers: usize,
     pub(crate) max_queued_signals: usize,
     pub(crate) ordered_signals: bool,
+    pub(crate) acknowledged_signals: bool,
 }
 
 impl Default for PeerOptions {
@@ -53,6 +54,7 @@ impl Default for PeerOptions {
             max_concurrent_handlers: 256,
             max_queued_signals: 1024,
             ordered_signals: false,
+            acknowledged_signals: false,
         }
     }
 }
@@ -93,6 +95,19 @@ impl PeerOptions {
     /// send order, also across reconnects.
     pub fn ordered_signals(mut self, ordered: bool) -> Self {
         self.ordered_signals = ordered;
+        self
+    }
+
+    /// Sends this peer's signals as *acknowledged* signals, like libchirp's synchronous
+    /// mode (default false): each carries an id, the receiver acknowledges it once its
+    /// handler finished (and discards duplicates), and the [`Sent`](crate::Sent) it
+    /// returns can wait for that with [`acknowledged`](crate::Sent::acknowledged), which
+    /// fails with [`AckError::ConnectionLost`](crate::AckError::ConnectionLost) if the
+    /// connection closes first. A plain peer never re-sends: for signals that survive
+    /// disconnects, send through a [`ReconnectingPeer`](crate::ReconnectingPeer) (whose
+    /// signals are always acknowledged). Costs one acknowledgement message per signal.
+    pub fn acknowledged_signals(mut self, acknowledged: bool) -> Self {
+        self.acknowledged_signals = acknowledged;
         self
     }
 }
@@ -421,6 +436,7 @@ impl Inner {
                 rx,
                 self.queued.clone(),
                 self.stats.clone(),
+                self.hooks.tracked.clone(),
             ));
             tx
         })
@@ -462,6 +478,7 @@ impl Inner {
         }
         if ttl.is_zero() {
             bump(&self.stats.signals_expired);
+            lock(&self.hooks.tracked).expired_unsent(&payload);
             return Ok(());
         }
         if self.queued.count.load(Ordering::Acquire) >= self.options.max_queued_signals {
@@ -796,6 +813,7 @@ impl Inner {
             inflight.calls.clear();
         }
         write(&self.objects).clear();
+        lock(&self.hooks.tracked).connection_lost(&cause);
     }
 }
 
@@ -971,22 +989,30 @@ async fn run_outbox(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     queued: Arc<Queued>,
     stats: Arc<Stats>,
+    tracked: Arc<Mutex<reliable::Tracked>>,
 ) {
     while let Some(item) = rx.recv().await {
         let Some(expires) = item.expires else {
             let _ = conn.send_bytes(&item.payload, item.options).await;
             continue;
         };
-        if Instant::now() >= expires {
-            bump(&stats.signals_expired);
-        } else {
-            match tokio::time::timeout_at(expires, conn.send_bytes(&item.payload, item.options))
+        let expired = Instant::now() >= expires
+            || match tokio::time::timeout_at(expires, conn.send_bytes(&item.payload, item.options))
                 .await
             {
-                Ok(Ok(_)) => bump(&stats.signals_sent),
-                Ok(Err(e)) => tracing::debug!("chatter-rpc: signal not sent: {e}"),
-                Err(_) => bump(&stats.signals_expired),
-            }
+                Ok(Ok(_)) => {
+                    bump(&stats.signals_sent);
+                    false
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!("chatter-rpc: signal not sent: {e}");
+                    false
+                }
+                Err(_) => true,
+            };
+        if expired {
+            bump(&stats.signals_expired);
+            lock(&tracked).expired_unsent(&item.payload);
         }
         if queued.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             queued.drained.notify_waiters();
@@ -1005,7 +1031,7 @@ fn after(d: Duration) -> Instant {
 /// Durations are capped at about 30 years: "forever" without risking clock overflow.
 pub(crate) const MAX_DURATION: Duration = Duration::from_secs(30 * 365 * 86_400);
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 

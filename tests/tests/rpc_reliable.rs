@@ -578,6 +578,67 @@ async fn acknowledged_send_resolves_when_the_handler_finished() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_plain_peer_with_acknowledged_signals_learns_each_outcome() {
+    // The server side pushes signals to a connected client (which hosts the object):
+    // a plain `Peer` with `acknowledged_signals(true)`, like libchirp's synchronous mode.
+    let listener = listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .expect("listen");
+    let client = Peer::new(
+        connect(&listener.addresses()[0], Options::default())
+            .await
+            .expect("connect"),
+    );
+    let gate = Arc::new(Semaphore::new(1));
+    let rec = Recorder {
+        gate: Some(gate.clone()),
+        ..Recorder::default()
+    };
+    client.register("numbers", NumbersServer::new(rec.clone()));
+    let server = Peer::with_options(
+        listener.accept().await.expect("accept"),
+        PeerOptions::default().acknowledged_signals(true),
+    );
+    let numbers = NumbersClient::new(&server, "numbers");
+
+    // Handled: resolves once the handler finished.
+    let first = numbers.number(1).await.expect("sent");
+    let id = first.id().expect("an acknowledged signal has an id");
+    first
+        .acknowledged(Duration::from_secs(5))
+        .await
+        .expect("handled");
+    assert_eq!(rec.handled(), vec![1]);
+
+    // The receiver cannot run it: no such object.
+    let missing = NumbersClient::new(&server, "nothing")
+        .number(2)
+        .await
+        .expect("sent");
+    assert_eq!(missing.id().expect("id").seq, id.seq + 1);
+    assert_eq!(
+        missing.acknowledged(Duration::from_secs(5)).await,
+        Err(AckError::Failed)
+    );
+
+    // The receiver goes away while its handler waits: the sender learns it, no hang.
+    let pending = numbers.number(4).await.expect("sent");
+    rec.entered.notified().await; // for 1
+    rec.entered.notified().await; // for 4: started, held by the gate
+    client.close().await;
+    let lost = pending.acknowledged(Duration::from_secs(60)).await;
+    assert!(
+        matches!(lost, Err(AckError::ConnectionLost { .. })),
+        "{lost:?}"
+    );
+    assert!(matches!(
+        numbers.number(5).await,
+        Err(SignalError::ConnectionLost(_))
+    ));
+    assert_eq!(rec.handled(), vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn acknowledged_send_fails_instead_of_hanging_when_the_receiver_dies() {
     let gate = Arc::new(Semaphore::new(0));
     let rec = Recorder {
