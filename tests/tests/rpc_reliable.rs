@@ -639,6 +639,42 @@ async fn a_plain_peer_with_acknowledged_signals_learns_each_outcome() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_plain_peers_acknowledged_signal_that_expires_unsent_is_reported() {
+    // The receiver never reads (a bare connection), so flow control holds signals back
+    // once its small window is used up; those still waiting when their TTL runs out are
+    // dropped, and their senders learn it.
+    let listener = listen(
+        "tcp://127.0.0.1:0",
+        Options::default()
+            .max_frame_size(1024)
+            .receive_window(8 * 1024),
+    )
+    .await
+    .expect("listen");
+    let sender = Peer::with_options(
+        connect(&listener.addresses()[0], Options::default())
+            .await
+            .expect("connect"),
+        PeerOptions::default().acknowledged_signals(true),
+    );
+    let _silent = listener.accept().await.expect("accept");
+    let numbers = NumbersClient::new(&sender, "numbers").with_ttl(Duration::from_secs(1));
+    let mut sent = Vec::new();
+    for n in 0..200 {
+        sent.push(numbers.number(n).await.expect("accepted"));
+    }
+    assert!(sender.stats().signals_sent < 200, "{:?}", sender.stats());
+    let last = sent.pop().expect("sent");
+    assert_eq!(
+        last.acknowledged(Duration::from_secs(10)).await,
+        Err(AckError::Expired {
+            maybe_delivered: false
+        })
+    );
+    assert!(sender.stats().signals_expired > 0, "{:?}", sender.stats());
+}
+
+#[tokio::test(start_paused = true)]
 async fn acknowledged_send_fails_instead_of_hanging_when_the_receiver_dies() {
     let gate = Arc::new(Semaphore::new(0));
     let rec = Recorder {
