@@ -1,5 +1,6 @@
 //! [`Peer`]: one end of an RPC connection. Hosts objects, makes calls, sends signals.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -290,12 +291,15 @@ struct Pending {
     calls: HashMap<u64, Slot, IdBuildHasher>,
 }
 
-/// The state of one outgoing call.
+/// The state of one outgoing call. The outcome is handed over in the slot itself (the
+/// caller's future polls it), not through a channel: no allocation per call.
 enum Slot {
-    /// The caller waits.
-    Waiting(oneshot::Sender<Outcome>),
-    /// The outcome arrived before the caller registered (it raced the send's return).
-    Arrived(Outcome),
+    /// The caller waits; wake it when the outcome arrives.
+    Waiting(Waker),
+    /// The outcome, not yet taken by the caller (it may have arrived before the caller
+    /// registered: it raced the send's return). With `then_abandon`, the reply is still to
+    /// come and end the conversation: the slot stays `Abandoned` once the outcome is taken.
+    Arrived { outcome: Outcome, then_abandon: bool },
     /// The caller gave up (dropped or deadline); the reply still ends the conversation.
     Abandoned,
 }
@@ -389,27 +393,53 @@ impl Inner {
             Err(e) => return send_failure(e),
         };
         let id = conv.first_id();
-        let rx = {
-            let mut pending = lock(&self.pending);
-            if let Some(Slot::Arrived(outcome)) = pending.calls.remove(&id) {
-                return outcome;
-            }
-            if let Some(cause) = &pending.closed {
-                return Outcome::Lost(cause.clone());
-            }
-            let (tx, rx) = oneshot::channel();
-            pending.calls.insert(id, Slot::Waiting(tx));
-            rx
-        };
+        // Created before the first poll of the wait, which registers the slot in the same
+        // poll as the send: a dropped call always leaves its slot `Abandoned`.
         let mut guard = CallGuard {
             inner: self,
             id,
             armed: true,
         };
-        let outcome = rx.await;
+        let outcome = std::future::poll_fn(|cx| self.poll_outcome(id, cx)).await;
         guard.armed = false;
         outcome
-            .unwrap_or_else(|_| Outcome::Lost(self.conn.close_cause().unwrap_or(CloseCause::Local)))
+    }
+
+    /// Takes the outcome of call `id` if it arrived, else registers (or refreshes) the
+    /// caller's waker.
+    fn poll_outcome(&self, id: u64, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut pending = lock(&self.pending);
+        let closed = pending.closed.clone();
+        match pending.calls.entry(id) {
+            Entry::Occupied(mut slot) => match slot.get_mut() {
+                Slot::Waiting(waker) => {
+                    if !waker.will_wake(cx.waker()) {
+                        *waker = cx.waker().clone();
+                    }
+                    Poll::Pending
+                }
+                Slot::Arrived { then_abandon, .. } => {
+                    let outcome = if *then_abandon {
+                        std::mem::replace(slot.get_mut(), Slot::Abandoned)
+                    } else {
+                        slot.remove()
+                    };
+                    let Slot::Arrived { outcome, .. } = outcome else {
+                        unreachable!("matched as arrived")
+                    };
+                    Poll::Ready(outcome)
+                }
+                // Only the caller abandons its slot, and then it does not poll any more.
+                Slot::Abandoned => Poll::Ready(Outcome::Lost(closed.unwrap_or(CloseCause::Local))),
+            },
+            Entry::Vacant(slot) => match closed {
+                Some(cause) => Poll::Ready(Outcome::Lost(cause)),
+                None => {
+                    slot.insert(Slot::Waiting(cx.waker().clone()));
+                    Poll::Pending
+                }
+            },
+        }
     }
 
     /// The outbox, started on first use.
@@ -519,24 +549,38 @@ impl Inner {
     fn settle(&self, id: u64, outcome: Outcome) {
         let mut pending = lock(&self.pending);
         let is_reply = matches!(outcome, Outcome::Reply(_));
-        match pending.calls.remove(&id) {
-            Some(Slot::Waiting(tx)) => {
-                if !is_reply {
-                    // The reply will still come and end the conversation.
-                    pending.calls.insert(id, Slot::Abandoned);
+        match pending.calls.entry(id) {
+            Entry::Occupied(mut slot) => match slot.get() {
+                Slot::Waiting(_) => {
+                    let arrived = Slot::Arrived {
+                        outcome,
+                        // Not a reply: the reply will still come and end the conversation.
+                        then_abandon: !is_reply,
+                    };
+                    let Slot::Waiting(waker) = std::mem::replace(slot.get_mut(), arrived) else {
+                        unreachable!("matched as waiting")
+                    };
+                    drop(pending);
+                    waker.wake();
                 }
-                drop(pending);
-                let _ = tx.send(outcome);
-            }
-            Some(Slot::Abandoned) if !is_reply => {
-                pending.calls.insert(id, Slot::Abandoned);
-            }
-            Some(Slot::Abandoned) => {}
-            Some(Slot::Arrived(first)) => {
-                pending.calls.insert(id, Slot::Arrived(first));
-            }
-            None => {
-                pending.calls.insert(id, Slot::Arrived(outcome));
+                Slot::Abandoned if is_reply => {
+                    slot.remove();
+                }
+                Slot::Abandoned => {}
+                Slot::Arrived { .. } => {
+                    // The first outcome wins; a reply after it ends the conversation.
+                    if let Slot::Arrived { then_abandon, .. } = slot.get_mut() {
+                        if is_reply {
+                            *then_abandon = false;
+                        }
+                    }
+                }
+            },
+            Entry::Vacant(slot) => {
+                slot.insert(Slot::Arrived {
+                    outcome,
+                    then_abandon: !is_reply,
+                });
             }
         }
     }
@@ -552,8 +596,8 @@ impl Inner {
                 args,
             }) if open && msg.first => {
                 bump(&self.stats.calls_received);
-                let (tx, rx) = oneshot::channel();
-                {
+                // The cancel channel is made only for handlers that continue in a task.
+                let rx = {
                     let mut inflight = lock(&self.inflight);
                     if inflight.closing {
                         let refusal = if inflight.shutting_down {
@@ -598,6 +642,7 @@ impl Inner {
                                         self.reply(conv, cancelled);
                                         return;
                                     }
+                                    let (tx, rx) = oneshot::channel();
                                     inflight.calls.insert(conv.first_id(), tx);
                                     drop(inflight);
                                     // The task gives the slot back when the handler is done.
@@ -616,8 +661,10 @@ impl Inner {
                             }
                         }
                     }
+                    let (tx, rx) = oneshot::channel();
                     inflight.calls.insert(conv.first_id(), tx);
-                }
+                    rx
+                };
                 self.active.fetch_add(1, Ordering::AcqRel);
                 let deadline = after(deadline);
                 tokio::spawn(run_call(self.clone(), conv, msg.payload, deadline, rx));
@@ -780,15 +827,32 @@ impl Inner {
     /// The connection closed: fail waiting calls, cancel handlers, drop hosted objects
     /// (which may hold clients of this peer).
     fn finish(&self, cause: CloseCause) {
-        let waiting: Vec<_> = {
+        let mut wakers = Vec::new();
+        {
             let mut pending = lock(&self.pending);
             pending.closed = Some(cause.clone());
-            pending.calls.drain().collect()
-        };
-        for (_, slot) in waiting {
-            if let Slot::Waiting(tx) = slot {
-                let _ = tx.send(Outcome::Lost(cause.clone()));
-            }
+            // Waiting callers get the close cause; outcomes not yet taken stay for their
+            // callers; abandoned calls are forgotten.
+            pending.calls.retain(|_, slot| match slot {
+                Slot::Waiting(_) => {
+                    let lost = Slot::Arrived {
+                        outcome: Outcome::Lost(cause.clone()),
+                        then_abandon: false,
+                    };
+                    if let Slot::Waiting(waker) = std::mem::replace(slot, lost) {
+                        wakers.push(waker);
+                    }
+                    true
+                }
+                Slot::Arrived { then_abandon, .. } => {
+                    *then_abandon = false;
+                    true
+                }
+                Slot::Abandoned => false,
+            });
+        }
+        for waker in wakers {
+            waker.wake();
         }
         {
             let mut inflight = lock(&self.inflight);
@@ -827,11 +891,24 @@ impl Drop for CallGuard<'_> {
             return;
         }
         let mut pending = lock(&self.inner.pending);
-        if let Some(slot @ Slot::Waiting(_)) = pending.calls.get_mut(&self.id) {
-            *slot = Slot::Abandoned;
-            drop(pending);
-            self.inner
-                .send_soon(wire::encode_cancel(self.id), SendOptions::new());
+        let Entry::Occupied(mut slot) = pending.calls.entry(self.id) else {
+            return;
+        };
+        match slot.get() {
+            Slot::Waiting(_) => {
+                *slot.get_mut() = Slot::Abandoned;
+                drop(pending);
+                self.inner
+                    .send_soon(wire::encode_cancel(self.id), SendOptions::new());
+            }
+            // The outcome arrived but was not taken; the reply may still have to come.
+            Slot::Arrived {
+                then_abandon: true, ..
+            } => *slot.get_mut() = Slot::Abandoned,
+            Slot::Arrived { .. } => {
+                slot.remove();
+            }
+            Slot::Abandoned => {}
         }
     }
 }

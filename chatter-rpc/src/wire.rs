@@ -5,6 +5,7 @@
 //! encoded with rmp-serde (structs as maps), never as nested byte strings, so a payload is
 //! encoded in one pass into one buffer.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -126,13 +127,13 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
     duration: Duration,
     args: &A,
 ) -> Result<Bytes, WireError> {
-    let mut w = Vec::with_capacity(32 + object.len() + method.len());
-    header(&mut w, 5, kind);
-    infallible(rmp::encode::write_str(&mut w, object));
-    infallible(rmp::encode::write_str(&mut w, method));
-    infallible(rmp::encode::write_uint(&mut w, millis(duration)).map(drop));
-    value(&mut w, args)?;
-    Ok(Bytes::from(w))
+    encode(|w| {
+        header(w, 5, kind);
+        infallible(rmp::encode::write_str(&mut *w, object));
+        infallible(rmp::encode::write_str(&mut *w, method));
+        infallible(rmp::encode::write_uint(&mut *w, millis(duration)).map(drop));
+        value(w, args)
+    })
 }
 
 /// `[2, call]`: cancel the call whose conversation's first message had id `call`.
@@ -145,10 +146,10 @@ pub(crate) fn encode_cancel(call: u64) -> Bytes {
 
 /// `[0, value]`.
 pub(crate) fn encode_ok<T: Serialize + ?Sized>(v: &T) -> Result<Bytes, WireError> {
-    let mut w = Vec::with_capacity(16);
-    header(&mut w, 2, OK);
-    value(&mut w, v)?;
-    Ok(Bytes::from(w))
+    encode(|w| {
+        header(w, 2, OK);
+        value(w, v)
+    })
 }
 
 /// `[1, [message, [chain...]], error]`.
@@ -175,6 +176,37 @@ pub(crate) fn encode_failure(kind: FailureKind, message: &str) -> Bytes {
     infallible(rmp::encode::write_uint(&mut w, kind as u64).map(drop));
     infallible(rmp::encode::write_str(&mut w, message));
     Bytes::from(w)
+}
+
+/// Envelopes up to this size are built in a per-thread scratch buffer and copied into an
+/// allocation of their exact size; larger ones take the buffer itself, without a copy.
+const SCRATCH_MAX: usize = 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `build` on an empty buffer and returns what it wrote.
+///
+/// `Bytes::from(Vec)` allocates a shared header besides the vector unless the vector's
+/// length equals its capacity, which an encoder cannot know in advance: an envelope would
+/// cost two allocations. Built in the reused scratch buffer and copied, it costs one.
+fn encode(build: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>) -> Result<Bytes, WireError> {
+    SCRATCH.with(|scratch| {
+        let Ok(mut w) = scratch.try_borrow_mut() else {
+            // Re-entered (a value's `Serialize` encoded an envelope itself): a fresh buffer.
+            let mut w = Vec::new();
+            build(&mut w)?;
+            return Ok(Bytes::from(w));
+        };
+        w.clear();
+        build(&mut w)?;
+        Ok(if w.len() <= SCRATCH_MAX {
+            Bytes::copy_from_slice(&w)
+        } else {
+            Bytes::from(std::mem::take(&mut *w))
+        })
+    })
 }
 
 /// Decodes a caller-to-callee envelope.
