@@ -299,7 +299,10 @@ enum Slot {
     /// The outcome, not yet taken by the caller (it may have arrived before the caller
     /// registered: it raced the send's return). With `then_abandon`, the reply is still to
     /// come and end the conversation: the slot stays `Abandoned` once the outcome is taken.
-    Arrived { outcome: Outcome, then_abandon: bool },
+    Arrived {
+        outcome: Outcome,
+        then_abandon: bool,
+    },
     /// The caller gave up (dropped or deadline); the reply still ends the conversation.
     Abandoned,
 }

@@ -38,8 +38,9 @@
 
 pub mod frame;
 pub(crate) mod msgpack;
+mod timers;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::error::{CloseCause, ProtocolError};
 use frame::{CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_TOKEN, MAX_HELLO};
+use timers::{TimerKey, Timers};
 
 /// The smallest `max_frame_size` and `receive_window` a peer may announce.
 pub const MIN_LIMIT: u32 = 64;
@@ -232,8 +234,6 @@ enum Turn {
     Remote,
 }
 
-type TimerKey = (Instant, u64);
-
 #[derive(Debug)]
 enum State {
     Handshaking { deadline: Instant },
@@ -251,8 +251,7 @@ pub struct Protocol {
     next_rx_id: u64,
     conversations: HashMap<ConversationId, ConvState, IdBuildHasher>,
     peer_opened: usize,
-    timers: BTreeMap<TimerKey, ConversationId>,
-    timer_seq: u64,
+    timers: Timers,
     last_rx: Instant,
     ping_deadline: Option<Instant>,
     send_credit: u64,
@@ -285,8 +284,7 @@ impl Protocol {
             next_rx_id: 1,
             conversations: HashMap::default(),
             peer_opened: 0,
-            timers: BTreeMap::new(),
-            timer_seq: 0,
+            timers: Timers::default(),
             last_rx: now,
             ping_deadline: None,
             send_credit: 0,
@@ -387,13 +385,16 @@ impl Protocol {
                 .or_insert(ConvState { turn, timer: None });
             state.turn = turn;
             if let Some(key) = state.timer.take() {
-                self.timers.remove(&key);
+                self.timers.remove(key);
             }
             if let Some(timeout) = args.timeout {
-                self.timer_seq += 1;
-                let key = (now + timeout, self.timer_seq);
-                state.timer = Some(key);
-                self.timers.insert(key, conversation);
+                state.timer = Some(self.timers.insert(now + timeout, conversation));
+                let conversations = &mut self.conversations;
+                self.timers.compact(|moved, key| {
+                    if let Some(state) = conversations.get_mut(&moved) {
+                        state.timer = Some(key);
+                    }
+                });
             }
         }
         Ok(conversation)
@@ -477,11 +478,7 @@ impl Protocol {
                 None => {}
             }
         }
-        while let Some(entry) = self.timers.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let conversation = entry.remove();
+        while let Some(conversation) = self.timers.pop_due(now) {
             if let Some(state) = self.conversations.get_mut(&conversation) {
                 state.timer = None;
             }
@@ -499,7 +496,7 @@ impl Protocol {
                     self.ping_deadline
                         .unwrap_or_else(|| self.last_rx + k.interval)
                 });
-                let timer = self.timers.keys().next().map(|k| k.0);
+                let timer = self.timers.first();
                 match (keepalive, timer) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -722,7 +719,7 @@ impl Protocol {
             }
             // Any message received in the conversation cancels its timer (rule 3).
             if let Some(key) = state.timer.take() {
-                self.timers.remove(&key);
+                self.timers.remove(key);
             }
             if last {
                 self.end_conversation(conversation);
@@ -744,7 +741,7 @@ impl Protocol {
     fn end_conversation(&mut self, conversation: ConversationId) {
         if let Some(state) = self.conversations.remove(&conversation) {
             if let Some(key) = state.timer {
-                self.timers.remove(&key);
+                self.timers.remove(key);
             }
             if !conversation.owner {
                 self.peer_opened -= 1;
