@@ -923,14 +923,20 @@ fn send_failure(e: SendError) -> Outcome {
     }
 }
 
+/// How many events the receive task takes from the connection at once.
+const READ_BATCH: usize = 64;
+
 async fn run_reader(inner: Arc<Inner>) {
     let mut closing = false;
+    // Events are taken in batches: one connection lock and one wake-up registration (here
+    // and for the shutdown signal) per batch, not per message.
+    let mut events = Vec::with_capacity(READ_BATCH);
     let cause = loop {
-        let event = if closing {
-            inner.conn.next_event().await
+        let batch = if closing {
+            inner.conn.next_events(&mut events, READ_BATCH).await
         } else {
             tokio::select! {
-                event = inner.conn.next_event() => event,
+                batch = inner.conn.next_events(&mut events, READ_BATCH) => batch,
                 () = inner.shutdown.notified() => {
                     closing = true;
                     let inner = inner.clone();
@@ -939,11 +945,15 @@ async fn run_reader(inner: Arc<Inner>) {
                 }
             }
         };
-        match event {
-            Ok(Event::Message(msg)) => inner.on_message(msg),
-            Ok(Event::Timeout(conv)) => inner.on_timeout(conv),
-            Ok(_) => {}
-            Err(ConnectionClosed(cause)) => break cause,
+        if let Err(ConnectionClosed(cause)) = batch {
+            break cause;
+        }
+        for event in events.drain(..) {
+            match event {
+                Event::Message(msg) => inner.on_message(msg),
+                Event::Timeout(conv) => inner.on_timeout(conv),
+                _ => {}
+            }
         }
     };
     inner.finish(cause);
