@@ -410,6 +410,14 @@ impl Protocol {
             self.ping_deadline = None;
         }
         loop {
+            if let State::Open = self.state {
+                // Most frames are plain messages: split them off without the general decoder.
+                let max = self.config.max_frame_size;
+                if let Some((header, payload, body_len)) = frame::split_plain_message(buf, max) {
+                    self.handle_frame(now, Frame::Message(header, payload), body_len);
+                    continue;
+                }
+            }
             let max = match self.state {
                 State::Closed => {
                     buf.clear();
