@@ -211,6 +211,14 @@ fn encode(build: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>) -> Result<B
 
 /// Decodes a caller-to-callee envelope.
 pub(crate) fn decode_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
+    match decode_plain_request(payload) {
+        Some(request) => Ok(request),
+        None => decode_any_incoming(payload),
+    }
+}
+
+/// Decodes a caller-to-callee envelope in any valid MessagePack form.
+fn decode_any_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
     let mut rd = payload;
     let len = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("envelope", e))?;
     let kind: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("envelope kind", e))?;
@@ -250,6 +258,60 @@ pub(crate) fn decode_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError>
             "unknown envelope kind {kind} with {len} elements"
         ))),
     }
+}
+
+/// Decodes a call or signal in the form encoders write for short names (fixarray, fixstr
+/// names, an unsigned duration), the common case, without the general MessagePack reader.
+/// `None` for anything else, left to the general decoder (which also makes the errors).
+fn decode_plain_request(payload: &[u8]) -> Option<Incoming<'_>> {
+    let (&[len, kind], rest) = payload.split_first_chunk::<2>()?;
+    if len != 0x95 || !(kind == CALL || kind == SIGNAL) {
+        return None;
+    }
+    let (object, rest) = plain_str(rest)?;
+    let (method, rest) = plain_str(rest)?;
+    let (&tag, rest) = rest.split_first()?;
+    let (ms, args) = match tag {
+        0x00..=0x7f => (u64::from(tag), rest),
+        0xcc..=0xcf => {
+            let n = 1 << (tag - 0xcc);
+            let (bytes, args) = rest.split_at_checked(n)?;
+            (
+                bytes.iter().fold(0, |acc, &b| (acc << 8) | u64::from(b)),
+                args,
+            )
+        }
+        _ => return None,
+    };
+    if args.is_empty() {
+        return None;
+    }
+    let duration = Duration::from_millis(ms);
+    Some(if kind == CALL {
+        Incoming::Call {
+            object,
+            method,
+            deadline: duration,
+            args,
+        }
+    } else {
+        Incoming::Signal {
+            object,
+            method,
+            ttl: duration,
+            args,
+        }
+    })
+}
+
+/// A fixstr (under 32 bytes) of valid UTF-8 and what follows it.
+fn plain_str(rd: &[u8]) -> Option<(&str, &[u8])> {
+    let (&tag, rest) = rd.split_first()?;
+    if !(0xa0..=0xbf).contains(&tag) {
+        return None;
+    }
+    let (s, rest) = rest.split_at_checked(usize::from(tag & 0x1f))?;
+    Some((std::str::from_utf8(s).ok()?, rest))
 }
 
 /// Decodes a reply envelope.
@@ -428,6 +490,34 @@ mod tests {
         // No arguments: nil.
         let bytes = encode_request(CALL, "o", "m", Duration::ZERO, &()).unwrap();
         assert_eq!(bytes.as_ref(), b"\x95\x00\xa1o\xa1m\x00\xc0".as_ref());
+    }
+
+    #[test]
+    fn plain_requests_decode_as_the_general_decoder_does() {
+        let long = "o".repeat(40);
+        for (kind, object, ms) in [
+            (CALL, "calc", 0),
+            (SIGNAL, "calc", 127),
+            (CALL, "x", 200),
+            (SIGNAL, "y", 70_000),
+            (CALL, "z", u64::MAX),
+            (CALL, long.as_str(), 5),
+        ] {
+            let bytes =
+                encode_request(kind, object, "m", Duration::from_millis(ms), &(1, 2)).unwrap();
+            let plain = decode_plain_request(&bytes);
+            // Long names are left to the general decoder.
+            assert_eq!(plain.is_some(), object.len() < 32, "{object}");
+            if let Some(plain) = plain {
+                assert_eq!(Ok(plain), decode_any_incoming(&bytes));
+            }
+        }
+        // Signed durations and bad UTF-8 are not plain.
+        assert!(decode_plain_request(b"\x95\x00\xa1o\xa1m\xd0\x05\xc0").is_none());
+        assert!(decode_plain_request(b"\x95\x00\xa1\xff\xa1m\x05\xc0").is_none());
+        assert!(decode_plain_request(b"\x95\x00\xa1o\xa1m\x05").is_none());
+        assert!(decode_incoming(b"\x95\x00\xa1o\xa1m\xd0\x05\xc0").is_ok());
+        assert!(decode_incoming(b"\x95\x00\xa1\xff\xa1m\x05\xc0").is_err());
     }
 
     #[test]
