@@ -6,7 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -177,6 +177,7 @@ impl Peer {
             handlers: Semaphore::new(options.max_concurrent_handlers),
             options,
             objects: RwLock::new(HashMap::new()),
+            objects_generation: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             inflight: Mutex::new(InFlight::default()),
             active: AtomicUsize::new(0),
@@ -198,14 +199,18 @@ impl Peer {
     /// Hosts `object` under `name`, replacing (and returning true for) an object already
     /// registered under it. Calls already running on the old object finish.
     pub fn register(&self, name: impl Into<String>, object: impl Service) -> bool {
-        write(&self.inner.objects)
-            .insert(name.into(), Arc::new(object))
-            .is_some()
+        let mut objects = write(&self.inner.objects);
+        let replaced = objects.insert(name.into(), Arc::new(object)).is_some();
+        self.inner.objects_changed();
+        replaced
     }
 
     /// Stops hosting the object under `name`; returns whether there was one.
     pub fn unregister(&self, name: &str) -> bool {
-        write(&self.inner.objects).remove(name).is_some()
+        let mut objects = write(&self.inner.objects);
+        let removed = objects.remove(name).is_some();
+        self.inner.objects_changed();
+        removed
     }
 
     /// The names of the hosted objects, sorted.
@@ -265,6 +270,8 @@ pub(crate) struct Inner {
     pub(crate) conn: Connection,
     pub(crate) options: PeerOptions,
     objects: RwLock<HashMap<String, Arc<dyn Service>>>,
+    /// Bumped whenever `objects` changes; invalidates the receive task's [`LastObject`].
+    objects_generation: AtomicU64,
     /// Calls this side made that wait for a reply, by conversation first id.
     pending: Mutex<Pending>,
     /// Call handlers running on this side, by the caller's conversation first id.
@@ -325,6 +332,17 @@ struct InFlight {
     shutting_down: bool,
     /// Dropping the sender cancels the handler.
     calls: HashMap<u64, oneshot::Sender<()>, IdBuildHasher>,
+}
+
+/// The receive task's memo of the object it looked up last: most connections talk to one
+/// object, and a hit skips the lock, the SipHash of the name and the map probe. Valid while
+/// `Inner::objects_generation` is unchanged; holds the object weakly, so that unregistering
+/// it still drops it.
+#[derive(Default)]
+struct LastObject {
+    generation: u64,
+    name: String,
+    service: Option<Weak<dyn Service>>,
 }
 
 #[derive(Default)]
@@ -525,11 +543,11 @@ impl Inner {
         self.conn.close().await;
     }
 
-    fn on_message(self: &Arc<Self>, msg: Msg) {
+    fn on_message(self: &Arc<Self>, msg: Msg, last: &mut LastObject) {
         if msg.conversation.is_owner() {
             self.on_reply(msg);
         } else {
-            self.on_request(msg);
+            self.on_request(msg, last);
         }
     }
 
@@ -588,7 +606,7 @@ impl Inner {
         }
     }
 
-    fn on_request(self: &Arc<Self>, msg: Msg) {
+    fn on_request(self: &Arc<Self>, msg: Msg, last: &mut LastObject) {
         let conv = msg.conversation;
         let open = msg.token && !msg.last;
         match wire::decode_incoming(&msg.payload) {
@@ -618,7 +636,7 @@ impl Inner {
                     if !deadline.is_zero() {
                         if let Ok(permit) = self.handlers.try_acquire() {
                             drop(inflight);
-                            let handler = match self.start_call(object, method, args) {
+                            let handler = match self.start_call(object, method, args, Some(last)) {
                                 Ok(handler) => handler,
                                 Err(refusal) => {
                                     drop(permit);
@@ -682,7 +700,8 @@ impl Inner {
                 // here, and only a handler that waits gets a task.
                 if !self.options.ordered_signals && !ttl.is_zero() {
                     if let Ok(permit) = self.handlers.try_acquire() {
-                        let Some(handler) = self.start_signal(object, method, args) else {
+                        let Some(handler) = self.start_signal(object, method, args, Some(last))
+                        else {
                             return;
                         };
                         let mut handler = CatchUnwind(handler);
@@ -736,8 +755,9 @@ impl Inner {
         object: &str,
         method: &str,
         args: &[u8],
+        last: Option<&mut LastObject>,
     ) -> Result<BoxFuture<Bytes>, Bytes> {
-        let Some(service) = self.lookup(object) else {
+        let Some(service) = self.lookup_with(object, last) else {
             return Err(wire::encode_failure(FailureKind::NoSuchObject, object));
         };
         let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -765,12 +785,18 @@ impl Inner {
 
     /// Finds the object and method of a signal and starts its handler; counts and logs why
     /// when it cannot run.
-    fn start_signal(&self, object: &str, method: &str, args: &[u8]) -> Option<BoxFuture<()>> {
+    fn start_signal(
+        &self,
+        object: &str,
+        method: &str,
+        args: &[u8],
+        last: Option<&mut LastObject>,
+    ) -> Option<BoxFuture<()>> {
         let failed = |why: &str| {
             tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
             bump(&self.stats.signals_failed);
         };
-        let Some(service) = self.lookup(object) else {
+        let Some(service) = self.lookup_with(object, last) else {
             failed("no such object");
             return None;
         };
@@ -827,6 +853,30 @@ impl Inner {
         read(&self.objects).get(object).cloned()
     }
 
+    /// [`lookup`](Self::lookup) through the receive task's memo, when there is one.
+    fn lookup_with(&self, object: &str, last: Option<&mut LastObject>) -> Option<Arc<dyn Service>> {
+        let Some(last) = last else {
+            return self.lookup(object);
+        };
+        let generation = self.objects_generation.load(Ordering::Acquire);
+        if last.generation == generation && last.name == object {
+            if let Some(service) = last.service.as_ref().and_then(Weak::upgrade) {
+                return Some(service);
+            }
+        }
+        let service = self.lookup(object)?;
+        last.generation = generation;
+        last.name.clear();
+        last.name.push_str(object);
+        last.service = Some(Arc::downgrade(&service));
+        Some(service)
+    }
+
+    /// Invalidates the receive task's memo; call after changing `objects`.
+    fn objects_changed(&self) {
+        self.objects_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The connection closed: fail waiting calls, cancel handlers, drop hosted objects
     /// (which may hold clients of this peer).
     fn finish(&self, cause: CloseCause) {
@@ -863,6 +913,7 @@ impl Inner {
             inflight.calls.clear();
         }
         write(&self.objects).clear();
+        self.objects_changed();
     }
 }
 
@@ -931,6 +982,7 @@ async fn run_reader(inner: Arc<Inner>) {
     // Events are taken in batches: one connection lock and one wake-up registration (here
     // and for the shutdown signal) per batch, not per message.
     let mut events = Vec::with_capacity(READ_BATCH);
+    let mut last = LastObject::default();
     let cause = loop {
         let batch = if closing {
             inner.conn.next_events(&mut events, READ_BATCH).await
@@ -950,7 +1002,7 @@ async fn run_reader(inner: Arc<Inner>) {
         }
         for event in events.drain(..) {
             match event {
-                Event::Message(msg) => inner.on_message(msg),
+                Event::Message(msg) => inner.on_message(msg, &mut last),
                 Event::Timeout(conv) => inner.on_timeout(conv),
                 _ => {}
             }
@@ -979,7 +1031,7 @@ async fn run_call(
         let Ok(_permit) = inner.handlers.acquire().await else {
             return wire::encode_failure(FailureKind::Cancelled, "closing");
         };
-        match inner.start_call(object, method, args) {
+        match inner.start_call(object, method, args, None) {
             Ok(handler) => inner.handler_result(CatchUnwind(handler).await),
             Err(refusal) => refusal,
         }
@@ -1050,7 +1102,7 @@ async fn run_signal(inner: Arc<Inner>, payload: Bytes, expires: Instant) {
         bump(&inner.stats.signals_expired_on_arrival);
         return;
     };
-    if let Some(handler) = inner.start_signal(object, method, args) {
+    if let Some(handler) = inner.start_signal(object, method, args, None) {
         let result = CatchUnwind(handler).await;
         inner.signal_result(result, object, method);
     }
@@ -1105,4 +1157,102 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::service::reply_ok;
+    use crate::wire::{decode_reply, decode_value, Reply};
+
+    /// Answers every call with `value`; records its drop.
+    struct Fixed {
+        value: i32,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Service for Fixed {
+        fn __dispatch(&self, _method: &str, _args: &[u8]) -> Dispatch {
+            let value = self.value;
+            Dispatch::Call(Box::pin(async move { reply_ok(&value) }))
+        }
+    }
+
+    impl Drop for Fixed {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::Release);
+        }
+    }
+
+    /// Two connected peers, and the listener (dropping it closes the accepted side).
+    async fn pair() -> (Peer, Peer, chatter_core::Server) {
+        let options = chatter_core::Options::default();
+        let server = chatter_core::listen("tcp://127.0.0.1:0", options.clone())
+            .await
+            .expect("listen");
+        let a = chatter_core::connect(&server.addresses()[0], options)
+            .await
+            .expect("connect");
+        let b = server.accept().await.expect("accept");
+        (Peer::new(a), Peer::new(b), server)
+    }
+
+    /// Calls `object` through `caller` and returns the value, or the failure kind.
+    async fn call(caller: &Peer, object: &str) -> Result<i32, Option<FailureKind>> {
+        let request = wire::encode_request(wire::CALL, object, "get", Duration::from_secs(5), &())
+            .expect("encode");
+        let outcome = caller.inner.call(&request, Duration::from_secs(5)).await;
+        let Outcome::Reply(reply) = outcome else {
+            panic!("no reply: {outcome:?}");
+        };
+        match decode_reply(&reply).expect("reply") {
+            Reply::Ok(v) => Ok(decode_value(v).expect("value")),
+            Reply::Failure { kind, .. } => Err(kind.ok()),
+            Reply::AppError { .. } => Err(None),
+        }
+    }
+
+    #[tokio::test]
+    async fn replacing_and_unregistering_objects_take_effect_on_the_next_call() {
+        let (caller, callee, _server) = pair().await;
+        let first_dropped = Arc::new(AtomicBool::new(false));
+        let second_dropped = Arc::new(AtomicBool::new(false));
+        callee.register(
+            "o",
+            Fixed {
+                value: 1,
+                dropped: first_dropped.clone(),
+            },
+        );
+        assert_eq!(call(&caller, "o").await, Ok(1));
+        assert_eq!(call(&caller, "o").await, Ok(1));
+        assert!(callee.register(
+            "o",
+            Fixed {
+                value: 2,
+                dropped: second_dropped.clone(),
+            },
+        ));
+        assert!(
+            first_dropped.load(Ordering::Acquire),
+            "replaced object dropped"
+        );
+        assert_eq!(call(&caller, "o").await, Ok(2));
+        assert!(callee.unregister("o"));
+        // The receive task's memo does not keep the object alive.
+        assert!(
+            second_dropped.load(Ordering::Acquire),
+            "unregistered object dropped"
+        );
+        assert_eq!(
+            call(&caller, "o").await,
+            Err(Some(FailureKind::NoSuchObject))
+        );
+        assert_eq!(
+            call(&caller, "other").await,
+            Err(Some(FailureKind::NoSuchObject))
+        );
+    }
 }
