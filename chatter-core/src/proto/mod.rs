@@ -40,6 +40,7 @@ pub mod frame;
 pub(crate) mod msgpack;
 mod timers;
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
@@ -326,16 +327,23 @@ impl Protocol {
             State::Closed => return Err(SendRefused::Closed),
         }
         let id = self.next_tx_id;
-        let conversation = match args.conversation {
+        // An existing conversation is looked up once, for the turn check and the update.
+        let existing = match args.conversation {
+            None => None,
+            Some(c) => match self.conversations.entry(c) {
+                Entry::Vacant(_) => return Err(SendRefused::Ended),
+                Entry::Occupied(s) if s.get().turn == Turn::Remote => {
+                    return Err(SendRefused::NotYourTurn)
+                }
+                Entry::Occupied(s) => Some(s),
+            },
+        };
+        let conversation = match &existing {
             None => ConversationId {
                 owner: true,
                 first: id,
             },
-            Some(c) => match self.conversations.get(&c) {
-                None => return Err(SendRefused::Ended),
-                Some(s) if s.turn == Turn::Remote => return Err(SendRefused::NotYourTurn),
-                Some(_) => c,
-            },
+            Some(s) => *s.key(),
         };
         let mut flags = 0;
         if conversation.owner {
@@ -372,17 +380,24 @@ impl Protocol {
 
         // Any send replaces the conversation's timer (REFERENCE.md §1.3 rule 2).
         if args.last {
-            self.end_conversation(conversation);
+            // A one-shot message (no existing conversation) has no state to end.
+            if let Some(s) = existing {
+                let state = s.remove();
+                self.ended(conversation, state);
+            }
         } else {
             let turn = if args.token {
                 Turn::Remote
             } else {
                 Turn::Local
             };
-            let state = self
-                .conversations
-                .entry(conversation)
-                .or_insert(ConvState { turn, timer: None });
+            let state = match existing {
+                Some(s) => s.into_mut(),
+                None => self
+                    .conversations
+                    .entry(conversation)
+                    .or_insert(ConvState { turn, timer: None }),
+            };
             state.turn = turn;
             if let Some(key) = state.timer.take() {
                 self.timers.remove(key);
@@ -713,12 +728,14 @@ impl Protocol {
                     .insert(conversation, ConvState { turn, timer: None });
             }
         } else {
-            let Some(state) = self.conversations.get_mut(&conversation) else {
+            // One lookup for the checks and the update or end.
+            let Entry::Occupied(mut entry) = self.conversations.entry(conversation) else {
                 return Err(ProtocolError::UnknownConversation {
                     first: header.first,
                     opened_by_peer: peer_owns,
                 });
             };
+            let state = entry.get_mut();
             if state.turn == Turn::Local {
                 return Err(ProtocolError::OutOfTurn {
                     first: header.first,
@@ -730,7 +747,8 @@ impl Protocol {
                 self.timers.remove(key);
             }
             if last {
-                self.end_conversation(conversation);
+                let state = entry.remove();
+                self.ended(conversation, state);
             } else if token {
                 state.turn = Turn::Local;
             }
@@ -746,14 +764,13 @@ impl Protocol {
         Ok(())
     }
 
-    fn end_conversation(&mut self, conversation: ConversationId) {
-        if let Some(state) = self.conversations.remove(&conversation) {
-            if let Some(key) = state.timer {
-                self.timers.remove(key);
-            }
-            if !conversation.owner {
-                self.peer_opened -= 1;
-            }
+    /// Cleans up after a conversation whose state was just removed.
+    fn ended(&mut self, conversation: ConversationId, state: ConvState) {
+        if let Some(key) = state.timer {
+            self.timers.remove(key);
+        }
+        if !conversation.owner {
+            self.peer_opened -= 1;
         }
     }
 
