@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -180,6 +180,7 @@ impl Peer {
             objects_generation: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             inflight: Mutex::new(InFlight::default()),
+            closing: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
             outbox: OnceLock::new(),
@@ -276,6 +277,9 @@ pub(crate) struct Inner {
     pending: Mutex<Pending>,
     /// Call handlers running on this side, by the caller's conversation first id.
     inflight: Mutex<InFlight>,
+    /// Set with `inflight.closing` by a close (a graceful shutdown sets
+    /// `hooks.shutting_down` first): lets the call fast path skip the `inflight` lock.
+    closing: AtomicBool,
     /// Running call handler tasks (for graceful close).
     active: AtomicUsize,
     idle: Notify,
@@ -537,6 +541,7 @@ impl Inner {
         {
             let mut inflight = lock(&self.inflight);
             inflight.closing = true;
+            self.closing.store(true, Ordering::Release);
             inflight.calls.clear();
         }
         let _ = tokio::time::timeout(CLOSE_GRACE, until_zero(&self.active, &self.idle)).await;
@@ -617,6 +622,57 @@ impl Inner {
                 args,
             }) if open && msg.first => {
                 bump(&self.stats.calls_received);
+                // Fast path: with a handler slot free now, start the handler right here. One
+                // that completes on its first poll (most do) is answered without a task, a
+                // timer, a cancel channel or the `inflight` lock; one that waits continues in
+                // a task. While closing, the slow path below refuses the call.
+                if !deadline.is_zero() && !self.is_closing() {
+                    if let Ok(permit) = self.handlers.try_acquire() {
+                        let handler = match self.start_call(object, method, args, Some(last)) {
+                            Ok(handler) => handler,
+                            Err(refusal) => {
+                                drop(permit);
+                                self.reply(conv, refusal);
+                                return;
+                            }
+                        };
+                        let mut handler = CatchUnwind(handler);
+                        let mut cx = Context::from_waker(Waker::noop());
+                        match Pin::new(&mut handler).poll(&mut cx) {
+                            Poll::Ready(result) => {
+                                drop(permit);
+                                let reply = self.handler_result(result);
+                                self.reply(conv, reply);
+                            }
+                            Poll::Pending => {
+                                let mut inflight = lock(&self.inflight);
+                                if inflight.closing {
+                                    // A graceful close began meanwhile: cancel.
+                                    drop((inflight, handler, permit));
+                                    let cancelled =
+                                        wire::encode_failure(FailureKind::Cancelled, "closing");
+                                    self.reply(conv, cancelled);
+                                    return;
+                                }
+                                let (tx, rx) = oneshot::channel();
+                                inflight.calls.insert(conv.first_id(), tx);
+                                drop(inflight);
+                                // The task gives the slot back when the handler is done.
+                                permit.forget();
+                                self.active.fetch_add(1, Ordering::AcqRel);
+                                let deadline = after(deadline);
+                                tokio::spawn(finish_call(
+                                    self.clone(),
+                                    conv,
+                                    handler,
+                                    deadline,
+                                    rx,
+                                ));
+                            }
+                        }
+                        return;
+                    }
+                }
                 // The cancel channel is made only for handlers that continue in a task.
                 let rx = {
                     let mut inflight = lock(&self.inflight);
@@ -629,58 +685,6 @@ impl Inner {
                         drop(inflight);
                         self.reply(conv, refusal);
                         return;
-                    }
-                    // Fast path: with a handler slot free now, start the handler right here.
-                    // One that completes on its first poll (most do) is answered without a
-                    // task, a timer or a cancel channel; one that waits continues in a task.
-                    if !deadline.is_zero() {
-                        if let Ok(permit) = self.handlers.try_acquire() {
-                            drop(inflight);
-                            let handler = match self.start_call(object, method, args, Some(last)) {
-                                Ok(handler) => handler,
-                                Err(refusal) => {
-                                    drop(permit);
-                                    self.reply(conv, refusal);
-                                    return;
-                                }
-                            };
-                            let mut handler = CatchUnwind(handler);
-                            let mut cx = Context::from_waker(Waker::noop());
-                            match Pin::new(&mut handler).poll(&mut cx) {
-                                Poll::Ready(result) => {
-                                    drop(permit);
-                                    let reply = self.handler_result(result);
-                                    self.reply(conv, reply);
-                                    return;
-                                }
-                                Poll::Pending => {
-                                    let mut inflight = lock(&self.inflight);
-                                    if inflight.closing {
-                                        // A graceful close began meanwhile: cancel.
-                                        drop((inflight, handler, permit));
-                                        let cancelled =
-                                            wire::encode_failure(FailureKind::Cancelled, "closing");
-                                        self.reply(conv, cancelled);
-                                        return;
-                                    }
-                                    let (tx, rx) = oneshot::channel();
-                                    inflight.calls.insert(conv.first_id(), tx);
-                                    drop(inflight);
-                                    // The task gives the slot back when the handler is done.
-                                    permit.forget();
-                                    self.active.fetch_add(1, Ordering::AcqRel);
-                                    let deadline = after(deadline);
-                                    tokio::spawn(finish_call(
-                                        self.clone(),
-                                        conv,
-                                        handler,
-                                        deadline,
-                                        rx,
-                                    ));
-                                    return;
-                                }
-                            }
-                        }
                     }
                     let (tx, rx) = oneshot::channel();
                     inflight.calls.insert(conv.first_id(), tx);
@@ -872,6 +876,11 @@ impl Inner {
         Some(service)
     }
 
+    /// True once a close or a graceful shutdown began: calls are refused.
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire) || self.hooks.is_shutting_down()
+    }
+
     /// Invalidates the receive task's memo; call after changing `objects`.
     fn objects_changed(&self) {
         self.objects_generation.fetch_add(1, Ordering::AcqRel);
@@ -910,6 +919,7 @@ impl Inner {
         {
             let mut inflight = lock(&self.inflight);
             inflight.closing = true;
+            self.closing.store(true, Ordering::Release);
             inflight.calls.clear();
         }
         write(&self.objects).clear();
