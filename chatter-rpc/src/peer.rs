@@ -15,7 +15,7 @@ use chatter_core::proto::IdBuildHasher;
 use chatter_core::{
     CloseCause, Connection, ConnectionClosed, Conversation, Event, Msg, SendError, SendOptions,
 };
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::service::{BoxFuture, CatchUnwind, Dispatch, Service};
@@ -548,12 +548,26 @@ impl Inner {
         self.conn.close().await;
     }
 
-    fn on_message(self: &Arc<Self>, msg: Msg, last: &mut LastObject) {
+    fn on_message<'a>(
+        self: &'a Arc<Self>,
+        msg: Msg,
+        last: &mut LastObject,
+        slot: &mut Option<SemaphorePermit<'a>>,
+    ) {
         if msg.conversation.is_owner() {
             self.on_reply(msg);
         } else {
-            self.on_request(msg, last);
+            self.on_request(msg, last, slot);
         }
+    }
+
+    /// A handler slot for a handler run inline: the one the receive task kept from the
+    /// previous inline handler of this batch, or a free one.
+    fn inline_slot<'a>(
+        &'a self,
+        slot: &mut Option<SemaphorePermit<'a>>,
+    ) -> Option<SemaphorePermit<'a>> {
+        slot.take().or_else(|| self.handlers.try_acquire().ok())
     }
 
     fn on_reply(&self, msg: Msg) {
@@ -611,7 +625,12 @@ impl Inner {
         }
     }
 
-    fn on_request(self: &Arc<Self>, msg: Msg, last: &mut LastObject) {
+    fn on_request<'a>(
+        self: &'a Arc<Self>,
+        msg: Msg,
+        last: &mut LastObject,
+        slot: &mut Option<SemaphorePermit<'a>>,
+    ) {
         let conv = msg.conversation;
         let open = msg.token && !msg.last;
         match wire::decode_incoming(&msg.payload) {
@@ -627,11 +646,11 @@ impl Inner {
                 // timer, a cancel channel or the `inflight` lock; one that waits continues in
                 // a task. While closing, the slow path below refuses the call.
                 if !deadline.is_zero() && !self.is_closing() {
-                    if let Ok(permit) = self.handlers.try_acquire() {
+                    if let Some(permit) = self.inline_slot(slot) {
                         let handler = match self.start_call(object, method, args, Some(last)) {
                             Ok(handler) => handler,
                             Err(refusal) => {
-                                drop(permit);
+                                *slot = Some(permit);
                                 self.reply(conv, refusal);
                                 return;
                             }
@@ -640,7 +659,7 @@ impl Inner {
                         let mut cx = Context::from_waker(Waker::noop());
                         match Pin::new(&mut handler).poll(&mut cx) {
                             Poll::Ready(result) => {
-                                drop(permit);
+                                *slot = Some(permit);
                                 let reply = self.handler_result(result);
                                 self.reply(conv, reply);
                             }
@@ -703,16 +722,17 @@ impl Inner {
                 // Fast path, as for calls: unordered signals with a free handler slot start
                 // here, and only a handler that waits gets a task.
                 if !self.options.ordered_signals && !ttl.is_zero() {
-                    if let Ok(permit) = self.handlers.try_acquire() {
+                    if let Some(permit) = self.inline_slot(slot) {
                         let Some(handler) = self.start_signal(object, method, args, Some(last))
                         else {
+                            *slot = Some(permit);
                             return;
                         };
                         let mut handler = CatchUnwind(handler);
                         let mut cx = Context::from_waker(Waker::noop());
                         match Pin::new(&mut handler).poll(&mut cx) {
                             Poll::Ready(result) => {
-                                drop(permit);
+                                *slot = Some(permit);
                                 self.signal_result(result, object, method);
                             }
                             Poll::Pending => {
@@ -1010,13 +1030,18 @@ async fn run_reader(inner: Arc<Inner>) {
         if let Err(ConnectionClosed(cause)) = batch {
             break cause;
         }
+        // A handler slot taken for an inline handler is kept for the next one of the
+        // batch (giving a tokio semaphore permit back takes its waiter lock), and given
+        // back before waiting for the next batch.
+        let mut slot = None;
         for event in events.drain(..) {
             match event {
-                Event::Message(msg) => inner.on_message(msg, &mut last),
+                Event::Message(msg) => inner.on_message(msg, &mut last, &mut slot),
                 Event::Timeout(conv) => inner.on_timeout(conv),
                 _ => {}
             }
         }
+        drop(slot);
     };
     inner.finish(cause);
 }
