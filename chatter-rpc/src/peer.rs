@@ -6,7 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -339,14 +339,32 @@ struct InFlight {
 }
 
 /// The receive task's memo of the object it looked up last: most connections talk to one
-/// object, and a hit skips the lock, the SipHash of the name and the map probe. Valid while
-/// `Inner::objects_generation` is unchanged; holds the object weakly, so that unregistering
-/// it still drops it.
+/// object, and a hit skips the lock, the SipHash of the name, the map probe and the
+/// reference count updates. Valid while `Inner::objects_generation` is unchanged; holds the
+/// object only while the receive task handles one batch of messages (it is cleared before
+/// the task waits for the next), so that unregistering an object still drops it.
 #[derive(Default)]
 struct LastObject {
     generation: u64,
     name: String,
-    service: Option<Weak<dyn Service>>,
+    service: Option<Arc<dyn Service>>,
+}
+
+/// An object found by a lookup: borrowed from the receive task's memo, or owned.
+enum Found<'a> {
+    Memo(&'a dyn Service),
+    Owned(Arc<dyn Service>),
+}
+
+impl std::ops::Deref for Found<'_> {
+    type Target = dyn Service;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Found::Memo(service) => *service,
+            Found::Owned(service) => &**service,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -878,22 +896,20 @@ impl Inner {
     }
 
     /// [`lookup`](Self::lookup) through the receive task's memo, when there is one.
-    fn lookup_with(&self, object: &str, last: Option<&mut LastObject>) -> Option<Arc<dyn Service>> {
+    fn lookup_with<'a>(&self, object: &str, last: Option<&'a mut LastObject>) -> Option<Found<'a>> {
         let Some(last) = last else {
-            return self.lookup(object);
+            return self.lookup(object).map(Found::Owned);
         };
         let generation = self.objects_generation.load(Ordering::Acquire);
-        if last.generation == generation && last.name == object {
-            if let Some(service) = last.service.as_ref().and_then(Weak::upgrade) {
-                return Some(service);
-            }
+        let hit = last.generation == generation && last.name == object;
+        if !hit || last.service.is_none() {
+            let service = self.lookup(object)?;
+            last.generation = generation;
+            last.name.clear();
+            last.name.push_str(object);
+            last.service = Some(service);
         }
-        let service = self.lookup(object)?;
-        last.generation = generation;
-        last.name.clear();
-        last.name.push_str(object);
-        last.service = Some(Arc::downgrade(&service));
-        Some(service)
+        last.service.as_deref().map(Found::Memo)
     }
 
     /// True once a close or a graceful shutdown began: calls are refused.
@@ -1042,6 +1058,7 @@ async fn run_reader(inner: Arc<Inner>) {
             }
         }
         drop(slot);
+        last.service = None;
     };
     inner.finish(cause);
 }
