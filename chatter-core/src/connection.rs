@@ -124,7 +124,6 @@ pub struct Msg {
     pub token: bool,
     /// The raw payload (MessagePack when sent with [`Connection::send`]).
     pub payload: Bytes,
-    cost: u32,
 }
 
 impl Msg {
@@ -417,15 +416,17 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let now = Instant::now();
+        let id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(Shared {
-            id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             local,
             remote,
             peer_certificates,
             inner: Mutex::new(Inner {
                 proto: Protocol::new(options.proto.clone(), now.into_std()),
                 clock: now.into_std(),
-                messages: VecDeque::new(),
+                connection: id,
+                messages_seen: 0,
                 timeouts: VecDeque::new(),
                 driver: None,
                 connected: false,
@@ -528,7 +529,10 @@ struct Inner {
     proto: Protocol,
     /// The driver's latest clock reading, for sends that arm no timer.
     clock: std::time::Instant,
-    messages: VecDeque<Msg>,
+    /// This connection's id (for the conversations of received messages).
+    connection: u64,
+    /// `proto.messages_received()` when the readers were last told about messages.
+    messages_seen: u64,
     timeouts: VecDeque<Conversation>,
     driver: Option<Waker>,
     connected: bool,
@@ -545,36 +549,39 @@ struct Wake {
 }
 
 impl Inner {
-    /// Takes the next message and gives its flow-control credit back.
+    /// Takes the next message and gives its flow-control credit back. Messages stay in the
+    /// protocol's queue until taken (no second queue to move them through).
     fn pop_message(&mut self) -> Option<Msg> {
-        let msg = self.messages.pop_front()?;
-        self.proto.release(msg.cost);
-        Some(msg)
+        let m = self.proto.poll_message()?;
+        self.proto.release(m.cost);
+        Some(Msg {
+            conversation: Conversation {
+                connection: self.connection,
+                id: m.conversation,
+            },
+            first: m.first,
+            last: m.last,
+            token: m.token,
+            payload: m.payload,
+        })
     }
 
-    /// Moves protocol events into the queues; says who to wake.
+    /// Moves protocol events other than messages into the queues; says who to wake.
     fn pump(&mut self, connection: u64) -> Wake {
         let mut wake = Wake::default();
-        while let Some(event) = self.proto.poll_event() {
+        let received = self.proto.messages_received();
+        if received != self.messages_seen {
+            self.messages_seen = received;
+            wake.readable = true;
+        }
+        while let Some(event) = self.proto.poll_other_event() {
             match event {
                 ProtoEvent::Connected(_) => {
                     self.connected = true;
                     wake.state = true;
                 }
-                ProtoEvent::Message(m) => {
-                    self.messages.push_back(Msg {
-                        conversation: Conversation {
-                            connection,
-                            id: m.conversation,
-                        },
-                        first: m.first,
-                        last: m.last,
-                        token: m.token,
-                        payload: m.payload,
-                        cost: m.cost,
-                    });
-                    wake.readable = true;
-                }
+                // Messages are taken from the protocol by `pop_message`.
+                ProtoEvent::Message(_) => {}
                 ProtoEvent::Timeout(id) => {
                     self.timeouts.push_back(Conversation { connection, id });
                     wake.readable = true;

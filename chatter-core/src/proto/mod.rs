@@ -260,7 +260,15 @@ pub struct Protocol {
     rx_used: u64,
     rx_unannounced: u64,
     out: BytesMut,
-    events: VecDeque<Event>,
+    /// Events other than messages, each with the number of messages received before it,
+    /// so that [`poll_event`](Self::poll_event) returns everything in order.
+    events: VecDeque<(u64, Event)>,
+    /// Received messages, kept apart so that a driver can take them with
+    /// [`poll_message`](Self::poll_message) without an [`Event`] around each.
+    messages: VecDeque<Message>,
+    /// Messages received, and taken, since the start.
+    messages_received: u64,
+    messages_taken: u64,
 }
 
 impl Protocol {
@@ -294,6 +302,9 @@ impl Protocol {
             rx_unannounced: 0,
             out,
             events: VecDeque::new(),
+            messages: VecDeque::new(),
+            messages_received: 0,
+            messages_taken: 0,
         }
     }
 
@@ -505,7 +516,7 @@ impl Protocol {
             if let Some(state) = self.conversations.get_mut(&conversation) {
                 state.timer = None;
             }
-            self.events.push_back(Event::Timeout(conversation));
+            self.push_event(Event::Timeout(conversation));
         }
     }
 
@@ -546,7 +557,42 @@ impl Protocol {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        match self.events.front() {
+            // No message was received before the next other event: that event is next.
+            Some(&(before, _)) if before <= self.messages_taken => self.poll_other_event(),
+            _ => match self.poll_message() {
+                Some(message) => Some(Event::Message(message)),
+                None => self.poll_other_event(),
+            },
+        }
+    }
+
+    /// The next received message, if any, ahead of other events.
+    ///
+    /// For drivers that keep messages apart from the other events (as the async
+    /// [`Connection`](crate::Connection) does): messages come out in order, without an
+    /// [`Event`] around each. Use it with [`poll_other_event`](Self::poll_other_event)
+    /// instead of [`poll_event`](Self::poll_event).
+    pub fn poll_message(&mut self) -> Option<Message> {
+        let message = self.messages.pop_front()?;
+        self.messages_taken += 1;
+        Some(message)
+    }
+
+    /// The next event that is not a message, if any, ahead of messages received before it.
+    pub fn poll_other_event(&mut self) -> Option<Event> {
+        self.events.pop_front().map(|(_, event)| event)
+    }
+
+    /// How many messages were received since the start: a driver that takes messages with
+    /// [`poll_message`](Self::poll_message) learns from it that new ones arrived.
+    pub fn messages_received(&self) -> u64 {
+        self.messages_received
+    }
+
+    /// Queues an event that is not a message.
+    fn push_event(&mut self, event: Event) {
+        self.events.push_back((self.messages_received, event));
     }
 
     /// Gives back the flow-control credit of a consumed message.
@@ -628,7 +674,7 @@ impl Protocol {
         self.timers.clear();
         self.peer_opened = 0;
         self.ping_deadline = None;
-        self.events.push_back(Event::Closed(cause));
+        self.push_event(Event::Closed(cause));
     }
 
     fn handle_frame(&mut self, now: Instant, frame: Frame, body_len: usize) {
@@ -646,7 +692,7 @@ impl Protocol {
                     self.peer = hello;
                     self.send_credit = hello.receive_window as u64;
                     self.state = State::Open;
-                    self.events.push_back(Event::Connected(hello));
+                    self.push_event(Event::Connected(hello));
                 }
                 Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
                 other => self.protocol_error(ProtocolError::Unexpected(format!(
@@ -675,7 +721,7 @@ impl Protocol {
                 }
                 self.send_credit = credit;
                 if std::mem::take(&mut self.send_blocked) {
-                    self.events.push_back(Event::Writable);
+                    self.push_event(Event::Writable);
                 }
             }
             Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
@@ -753,14 +799,15 @@ impl Protocol {
                 state.turn = Turn::Local;
             }
         }
-        self.events.push_back(Event::Message(Message {
+        self.messages_received += 1;
+        self.messages.push_back(Message {
             conversation,
             first,
             last,
             token,
             payload,
             cost,
-        }));
+        });
         Ok(())
     }
 
