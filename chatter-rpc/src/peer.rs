@@ -1043,22 +1043,36 @@ async fn run_reader(inner: Arc<Inner>) {
                 }
             }
         };
-        if let Err(ConnectionClosed(cause)) = batch {
-            break cause;
-        }
+        let full = match batch {
+            Ok(n) => n == READ_BATCH,
+            Err(ConnectionClosed(cause)) => break cause,
+        };
         // A handler slot taken for an inline handler is kept for the next one of the
         // batch (giving a tokio semaphore permit back takes its waiter lock), and given
         // back before waiting for the next batch.
         let mut slot = None;
+        // Calls or replies (anything but one-shot messages such as signals) in the batch.
+        let mut calls = false;
         for event in events.drain(..) {
             match event {
-                Event::Message(msg) => inner.on_message(msg, &mut last, &mut slot),
+                Event::Message(msg) => {
+                    calls |= !(msg.first && msg.last);
+                    inner.on_message(msg, &mut last, &mut slot);
+                }
                 Event::Timeout(conv) => inner.on_timeout(conv),
                 _ => {}
             }
         }
         drop(slot);
         last.service = None;
+        if full && calls {
+            // More calls or replies wait. Let the connection's driver write this batch's
+            // replies (and the callers woken here send new calls) before handling the
+            // rest, so that the other side can work meanwhile: without it, with both
+            // sides on their own CPU, a deep pipeline turns into stop-and-go (measured:
+            // pipelined calls, split layout, -40%). Signals need no such turn.
+            tokio::task::yield_now().await;
+        }
     };
     inner.finish(cause);
 }
