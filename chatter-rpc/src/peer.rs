@@ -1027,7 +1027,8 @@ async fn run_reader(inner: Arc<Inner>) {
     let mut closing = false;
     // Events are taken in batches: one connection lock and one wake-up registration (here
     // and for the shutdown signal) per batch, not per message.
-    let mut events = Vec::with_capacity(READ_BATCH);
+    // Grows with the batches actually seen: an idle connection keeps a small one.
+    let mut events = Vec::new();
     let mut last = LastObject::default();
     let cause = loop {
         let batch = if closing {
