@@ -210,10 +210,20 @@ fn child(mut argv: impl Iterator<Item = String>) {
     let layout = Layout::parse(&next("a layout")).expect("layout");
     let flags: Vec<String> = argv.collect();
     let quick = flags.iter().any(|f| f == "--quick");
-    let spec = workload::Spec {
+    let mut spec = workload::Spec {
         raw_batched: !flags.iter().any(|f| f == "--raw-per-frame"),
         ..w.spec(quick)
     };
+    // `--total N` overrides the measured count: two counts under callgrind give the
+    // instructions per operation as a difference, free of start-up costs.
+    if let Some(n) = flags
+        .iter()
+        .position(|f| f == "--total")
+        .and_then(|i| flags.get(i + 1))
+        .and_then(|n| n.parse().ok())
+    {
+        spec.total = n;
+    }
     harness::raise_nofile();
     let tls = spec.tls.then(tls::Tls::generate);
     let done = harness::Done::new(spec.total);

@@ -1,10 +1,11 @@
 //! [`Peer`]: one end of an RPC connection. Hosts objects, makes calls, sends signals.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use chatter_core::proto::IdBuildHasher;
 use chatter_core::{
     CloseCause, Connection, ConnectionClosed, Conversation, Event, Msg, SendError, SendOptions,
 };
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::service::{BoxFuture, CatchUnwind, Dispatch, Service};
@@ -191,8 +192,10 @@ impl Peer {
             handlers: Semaphore::new(options.max_concurrent_handlers),
             options,
             objects: RwLock::new(HashMap::new()),
+            objects_generation: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             inflight: Mutex::new(InFlight::default()),
+            closing: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
             outbox: OnceLock::new(),
@@ -212,14 +215,18 @@ impl Peer {
     /// Hosts `object` under `name`, replacing (and returning true for) an object already
     /// registered under it. Calls already running on the old object finish.
     pub fn register(&self, name: impl Into<String>, object: impl Service) -> bool {
-        write(&self.inner.objects)
-            .insert(name.into(), Arc::new(object))
-            .is_some()
+        let mut objects = write(&self.inner.objects);
+        let replaced = objects.insert(name.into(), Arc::new(object)).is_some();
+        self.inner.objects_changed();
+        replaced
     }
 
     /// Stops hosting the object under `name`; returns whether there was one.
     pub fn unregister(&self, name: &str) -> bool {
-        write(&self.inner.objects).remove(name).is_some()
+        let mut objects = write(&self.inner.objects);
+        let removed = objects.remove(name).is_some();
+        self.inner.objects_changed();
+        removed
     }
 
     /// The names of the hosted objects, sorted.
@@ -279,10 +286,15 @@ pub(crate) struct Inner {
     pub(crate) conn: Connection,
     pub(crate) options: PeerOptions,
     objects: RwLock<HashMap<String, Arc<dyn Service>>>,
+    /// Bumped whenever `objects` changes; invalidates the receive task's [`LastObject`].
+    objects_generation: AtomicU64,
     /// Calls this side made that wait for a reply, by conversation first id.
     pending: Mutex<Pending>,
     /// Call handlers running on this side, by the caller's conversation first id.
     inflight: Mutex<InFlight>,
+    /// Set with `inflight.closing` by a close (a graceful shutdown sets
+    /// `hooks.shutting_down` first): lets the call fast path skip the `inflight` lock.
+    closing: AtomicBool,
     /// Running call handler tasks (for graceful close).
     active: AtomicUsize,
     idle: Notify,
@@ -305,12 +317,18 @@ struct Pending {
     calls: HashMap<u64, Slot, IdBuildHasher>,
 }
 
-/// The state of one outgoing call.
+/// The state of one outgoing call. The outcome is handed over in the slot itself (the
+/// caller's future polls it), not through a channel: no allocation per call.
 enum Slot {
-    /// The caller waits.
-    Waiting(oneshot::Sender<Outcome>),
-    /// The outcome arrived before the caller registered (it raced the send's return).
-    Arrived(Outcome),
+    /// The caller waits; wake it when the outcome arrives.
+    Waiting(Waker),
+    /// The outcome, not yet taken by the caller (it may have arrived before the caller
+    /// registered: it raced the send's return). With `then_abandon`, the reply is still to
+    /// come and end the conversation: the slot stays `Abandoned` once the outcome is taken.
+    Arrived {
+        outcome: Outcome,
+        then_abandon: bool,
+    },
     /// The caller gave up (dropped or deadline); the reply still ends the conversation.
     Abandoned,
 }
@@ -333,6 +351,35 @@ struct InFlight {
     shutting_down: bool,
     /// Dropping the sender cancels the handler.
     calls: HashMap<u64, oneshot::Sender<()>, IdBuildHasher>,
+}
+
+/// The receive task's memo of the object it looked up last: most connections talk to one
+/// object, and a hit skips the lock, the SipHash of the name, the map probe and the
+/// reference count updates. Valid while `Inner::objects_generation` is unchanged; holds the
+/// object only while the receive task handles one batch of messages (it is cleared before
+/// the task waits for the next), so that unregistering an object still drops it.
+#[derive(Default)]
+struct LastObject {
+    generation: u64,
+    name: String,
+    service: Option<Arc<dyn Service>>,
+}
+
+/// An object found by a lookup: borrowed from the receive task's memo, or owned.
+enum Found<'a> {
+    Memo(&'a dyn Service),
+    Owned(Arc<dyn Service>),
+}
+
+impl std::ops::Deref for Found<'_> {
+    type Target = dyn Service;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Found::Memo(service) => *service,
+            Found::Owned(service) => &**service,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -404,27 +451,53 @@ impl Inner {
             Err(e) => return send_failure(e),
         };
         let id = conv.first_id();
-        let rx = {
-            let mut pending = lock(&self.pending);
-            if let Some(Slot::Arrived(outcome)) = pending.calls.remove(&id) {
-                return outcome;
-            }
-            if let Some(cause) = &pending.closed {
-                return Outcome::Lost(cause.clone());
-            }
-            let (tx, rx) = oneshot::channel();
-            pending.calls.insert(id, Slot::Waiting(tx));
-            rx
-        };
+        // Created before the first poll of the wait, which registers the slot in the same
+        // poll as the send: a dropped call always leaves its slot `Abandoned`.
         let mut guard = CallGuard {
             inner: self,
             id,
             armed: true,
         };
-        let outcome = rx.await;
+        let outcome = std::future::poll_fn(|cx| self.poll_outcome(id, cx)).await;
         guard.armed = false;
         outcome
-            .unwrap_or_else(|_| Outcome::Lost(self.conn.close_cause().unwrap_or(CloseCause::Local)))
+    }
+
+    /// Takes the outcome of call `id` if it arrived, else registers (or refreshes) the
+    /// caller's waker.
+    fn poll_outcome(&self, id: u64, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut pending = lock(&self.pending);
+        let closed = pending.closed.clone();
+        match pending.calls.entry(id) {
+            Entry::Occupied(mut slot) => match slot.get_mut() {
+                Slot::Waiting(waker) => {
+                    if !waker.will_wake(cx.waker()) {
+                        *waker = cx.waker().clone();
+                    }
+                    Poll::Pending
+                }
+                Slot::Arrived { then_abandon, .. } => {
+                    let outcome = if *then_abandon {
+                        std::mem::replace(slot.get_mut(), Slot::Abandoned)
+                    } else {
+                        slot.remove()
+                    };
+                    let Slot::Arrived { outcome, .. } = outcome else {
+                        unreachable!("matched as arrived")
+                    };
+                    Poll::Ready(outcome)
+                }
+                // Only the caller abandons its slot, and then it does not poll any more.
+                Slot::Abandoned => Poll::Ready(Outcome::Lost(closed.unwrap_or(CloseCause::Local))),
+            },
+            Entry::Vacant(slot) => match closed {
+                Some(cause) => Poll::Ready(Outcome::Lost(cause)),
+                None => {
+                    slot.insert(Slot::Waiting(cx.waker().clone()));
+                    Poll::Pending
+                }
+            },
+        }
     }
 
     /// The outbox, started on first use.
@@ -503,18 +576,33 @@ impl Inner {
         {
             let mut inflight = lock(&self.inflight);
             inflight.closing = true;
+            self.closing.store(true, Ordering::Release);
             inflight.calls.clear();
         }
         let _ = tokio::time::timeout(CLOSE_GRACE, until_zero(&self.active, &self.idle)).await;
         self.conn.close().await;
     }
 
-    fn on_message(self: &Arc<Self>, msg: Msg) {
+    fn on_message<'a>(
+        self: &'a Arc<Self>,
+        msg: Msg,
+        last: &mut LastObject,
+        slot: &mut Option<SemaphorePermit<'a>>,
+    ) {
         if msg.conversation.is_owner() {
             self.on_reply(msg);
         } else {
-            self.on_request(msg);
+            self.on_request(msg, last, slot);
         }
+    }
+
+    /// A handler slot for a handler run inline: the one the receive task kept from the
+    /// previous inline handler of this batch, or a free one.
+    fn inline_slot<'a>(
+        &'a self,
+        slot: &mut Option<SemaphorePermit<'a>>,
+    ) -> Option<SemaphorePermit<'a>> {
+        slot.take().or_else(|| self.handlers.try_acquire().ok())
     }
 
     fn on_reply(&self, msg: Msg) {
@@ -536,29 +624,48 @@ impl Inner {
     fn settle(&self, id: u64, outcome: Outcome) {
         let mut pending = lock(&self.pending);
         let is_reply = matches!(outcome, Outcome::Reply(_));
-        match pending.calls.remove(&id) {
-            Some(Slot::Waiting(tx)) => {
-                if !is_reply {
-                    // The reply will still come and end the conversation.
-                    pending.calls.insert(id, Slot::Abandoned);
+        match pending.calls.entry(id) {
+            Entry::Occupied(mut slot) => match slot.get() {
+                Slot::Waiting(_) => {
+                    let arrived = Slot::Arrived {
+                        outcome,
+                        // Not a reply: the reply will still come and end the conversation.
+                        then_abandon: !is_reply,
+                    };
+                    let Slot::Waiting(waker) = std::mem::replace(slot.get_mut(), arrived) else {
+                        unreachable!("matched as waiting")
+                    };
+                    drop(pending);
+                    waker.wake();
                 }
-                drop(pending);
-                let _ = tx.send(outcome);
-            }
-            Some(Slot::Abandoned) if !is_reply => {
-                pending.calls.insert(id, Slot::Abandoned);
-            }
-            Some(Slot::Abandoned) => {}
-            Some(Slot::Arrived(first)) => {
-                pending.calls.insert(id, Slot::Arrived(first));
-            }
-            None => {
-                pending.calls.insert(id, Slot::Arrived(outcome));
+                Slot::Abandoned if is_reply => {
+                    slot.remove();
+                }
+                Slot::Abandoned => {}
+                Slot::Arrived { .. } => {
+                    // The first outcome wins; a reply after it ends the conversation.
+                    if let Slot::Arrived { then_abandon, .. } = slot.get_mut() {
+                        if is_reply {
+                            *then_abandon = false;
+                        }
+                    }
+                }
+            },
+            Entry::Vacant(slot) => {
+                slot.insert(Slot::Arrived {
+                    outcome,
+                    then_abandon: !is_reply,
+                });
             }
         }
     }
 
-    fn on_request(self: &Arc<Self>, msg: Msg) {
+    fn on_request<'a>(
+        self: &'a Arc<Self>,
+        msg: Msg,
+        last: &mut LastObject,
+        slot: &mut Option<SemaphorePermit<'a>>,
+    ) {
         let conv = msg.conversation;
         let open = msg.token && !msg.last;
         match wire::decode_incoming(&msg.payload) {
@@ -569,8 +676,59 @@ impl Inner {
                 args,
             }) if open && msg.first => {
                 bump(&self.stats.calls_received);
-                let (tx, rx) = oneshot::channel();
-                {
+                // Fast path: with a handler slot free now, start the handler right here. One
+                // that completes on its first poll (most do) is answered without a task, a
+                // timer, a cancel channel or the `inflight` lock; one that waits continues in
+                // a task. While closing, the slow path below refuses the call.
+                if !deadline.is_zero() && !self.is_closing() {
+                    if let Some(permit) = self.inline_slot(slot) {
+                        let handler = match self.start_call(object, method, args, Some(last)) {
+                            Ok(handler) => handler,
+                            Err(refusal) => {
+                                *slot = Some(permit);
+                                self.reply(conv, refusal);
+                                return;
+                            }
+                        };
+                        let mut handler = CatchUnwind(handler);
+                        let mut cx = Context::from_waker(Waker::noop());
+                        match Pin::new(&mut handler).poll(&mut cx) {
+                            Poll::Ready(result) => {
+                                *slot = Some(permit);
+                                let reply = self.handler_result(result);
+                                self.reply(conv, reply);
+                            }
+                            Poll::Pending => {
+                                let mut inflight = lock(&self.inflight);
+                                if inflight.closing {
+                                    // A graceful close began meanwhile: cancel.
+                                    drop((inflight, handler, permit));
+                                    let cancelled =
+                                        wire::encode_failure(FailureKind::Cancelled, "closing");
+                                    self.reply(conv, cancelled);
+                                    return;
+                                }
+                                let (tx, rx) = oneshot::channel();
+                                inflight.calls.insert(conv.first_id(), tx);
+                                drop(inflight);
+                                // The task gives the slot back when the handler is done.
+                                permit.forget();
+                                self.active.fetch_add(1, Ordering::AcqRel);
+                                let deadline = after(deadline);
+                                tokio::spawn(finish_call(
+                                    self.clone(),
+                                    conv,
+                                    handler,
+                                    deadline,
+                                    rx,
+                                ));
+                            }
+                        }
+                        return;
+                    }
+                }
+                // The cancel channel is made only for handlers that continue in a task.
+                let rx = {
                     let mut inflight = lock(&self.inflight);
                     if inflight.closing {
                         let refusal = if inflight.shutting_down {
@@ -582,59 +740,10 @@ impl Inner {
                         self.reply(conv, refusal);
                         return;
                     }
-                    // Fast path: with a handler slot free now, start the handler right here.
-                    // One that completes on its first poll (most do) is answered without a
-                    // task, a timer or a cancel channel; one that waits continues in a task.
-                    if !deadline.is_zero() {
-                        if let Ok(permit) = self.handlers.try_acquire() {
-                            drop(inflight);
-                            let handler = match self.start_call(object, method, args) {
-                                Ok(handler) => handler,
-                                Err(refusal) => {
-                                    drop(permit);
-                                    self.reply(conv, refusal);
-                                    return;
-                                }
-                            };
-                            let mut handler = CatchUnwind(handler);
-                            let mut cx = Context::from_waker(Waker::noop());
-                            match Pin::new(&mut handler).poll(&mut cx) {
-                                Poll::Ready(result) => {
-                                    drop(permit);
-                                    let reply = self.handler_result(result);
-                                    self.reply(conv, reply);
-                                    return;
-                                }
-                                Poll::Pending => {
-                                    let mut inflight = lock(&self.inflight);
-                                    if inflight.closing {
-                                        // A graceful close began meanwhile: cancel.
-                                        drop((inflight, handler, permit));
-                                        let cancelled =
-                                            wire::encode_failure(FailureKind::Cancelled, "closing");
-                                        self.reply(conv, cancelled);
-                                        return;
-                                    }
-                                    inflight.calls.insert(conv.first_id(), tx);
-                                    drop(inflight);
-                                    // The task gives the slot back when the handler is done.
-                                    permit.forget();
-                                    self.active.fetch_add(1, Ordering::AcqRel);
-                                    let deadline = after(deadline);
-                                    tokio::spawn(finish_call(
-                                        self.clone(),
-                                        conv,
-                                        handler,
-                                        deadline,
-                                        rx,
-                                    ));
-                                    return;
-                                }
-                            }
-                        }
-                    }
+                    let (tx, rx) = oneshot::channel();
                     inflight.calls.insert(conv.first_id(), tx);
-                }
+                    rx
+                };
                 self.active.fetch_add(1, Ordering::AcqRel);
                 let deadline = after(deadline);
                 tokio::spawn(run_call(self.clone(), conv, msg.payload, deadline, rx));
@@ -648,15 +757,17 @@ impl Inner {
                 // Fast path, as for calls: unordered signals with a free handler slot start
                 // here, and only a handler that waits gets a task.
                 if !self.options.ordered_signals && !ttl.is_zero() {
-                    if let Ok(permit) = self.handlers.try_acquire() {
-                        let Some(handler) = self.start_signal(object, method, args) else {
+                    if let Some(permit) = self.inline_slot(slot) {
+                        let Some(handler) = self.start_signal(object, method, args, Some(last))
+                        else {
+                            *slot = Some(permit);
                             return;
                         };
                         let mut handler = CatchUnwind(handler);
                         let mut cx = Context::from_waker(Waker::noop());
                         match Pin::new(&mut handler).poll(&mut cx) {
                             Poll::Ready(result) => {
-                                drop(permit);
+                                *slot = Some(permit);
                                 self.signal_result(result, object, method);
                             }
                             Poll::Pending => {
@@ -703,8 +814,9 @@ impl Inner {
         object: &str,
         method: &str,
         args: &[u8],
+        last: Option<&mut LastObject>,
     ) -> Result<BoxFuture<Bytes>, Bytes> {
-        let Some(service) = self.lookup(object) else {
+        let Some(service) = self.lookup_with(object, last) else {
             return Err(wire::encode_failure(FailureKind::NoSuchObject, object));
         };
         let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -732,12 +844,18 @@ impl Inner {
 
     /// Finds the object and method of a signal and starts its handler; counts and logs why
     /// when it cannot run.
-    fn start_signal(&self, object: &str, method: &str, args: &[u8]) -> Option<BoxFuture<()>> {
+    fn start_signal(
+        &self,
+        object: &str,
+        method: &str,
+        args: &[u8],
+        last: Option<&mut LastObject>,
+    ) -> Option<BoxFuture<()>> {
         let failed = |why: &str| {
             tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
             bump(&self.stats.signals_failed);
         };
-        let Some(service) = self.lookup(object) else {
+        let Some(service) = self.lookup_with(object, last) else {
             failed("no such object");
             return None;
         };
@@ -794,25 +912,71 @@ impl Inner {
         read(&self.objects).get(object).cloned()
     }
 
+    /// [`lookup`](Self::lookup) through the receive task's memo, when there is one.
+    fn lookup_with<'a>(&self, object: &str, last: Option<&'a mut LastObject>) -> Option<Found<'a>> {
+        let Some(last) = last else {
+            return self.lookup(object).map(Found::Owned);
+        };
+        let generation = self.objects_generation.load(Ordering::Acquire);
+        let hit = last.generation == generation && last.name == object;
+        if !hit || last.service.is_none() {
+            let service = self.lookup(object)?;
+            last.generation = generation;
+            last.name.clear();
+            last.name.push_str(object);
+            last.service = Some(service);
+        }
+        last.service.as_deref().map(Found::Memo)
+    }
+
+    /// True once a close or a graceful shutdown began: calls are refused.
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire) || self.hooks.is_shutting_down()
+    }
+
+    /// Invalidates the receive task's memo; call after changing `objects`.
+    fn objects_changed(&self) {
+        self.objects_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The connection closed: fail waiting calls, cancel handlers, drop hosted objects
     /// (which may hold clients of this peer).
     fn finish(&self, cause: CloseCause) {
-        let waiting: Vec<_> = {
+        let mut wakers = Vec::new();
+        {
             let mut pending = lock(&self.pending);
             pending.closed = Some(cause.clone());
-            pending.calls.drain().collect()
-        };
-        for (_, slot) in waiting {
-            if let Slot::Waiting(tx) = slot {
-                let _ = tx.send(Outcome::Lost(cause.clone()));
-            }
+            // Waiting callers get the close cause; outcomes not yet taken stay for their
+            // callers; abandoned calls are forgotten.
+            pending.calls.retain(|_, slot| match slot {
+                Slot::Waiting(_) => {
+                    let lost = Slot::Arrived {
+                        outcome: Outcome::Lost(cause.clone()),
+                        then_abandon: false,
+                    };
+                    if let Slot::Waiting(waker) = std::mem::replace(slot, lost) {
+                        wakers.push(waker);
+                    }
+                    true
+                }
+                Slot::Arrived { then_abandon, .. } => {
+                    *then_abandon = false;
+                    true
+                }
+                Slot::Abandoned => false,
+            });
+        }
+        for waker in wakers {
+            waker.wake();
         }
         {
             let mut inflight = lock(&self.inflight);
             inflight.closing = true;
+            self.closing.store(true, Ordering::Release);
             inflight.calls.clear();
         }
         write(&self.objects).clear();
+        self.objects_changed();
         lock(&self.hooks.tracked).connection_lost(&cause);
     }
 }
@@ -845,11 +1009,24 @@ impl Drop for CallGuard<'_> {
             return;
         }
         let mut pending = lock(&self.inner.pending);
-        if let Some(slot @ Slot::Waiting(_)) = pending.calls.get_mut(&self.id) {
-            *slot = Slot::Abandoned;
-            drop(pending);
-            self.inner
-                .send_soon(wire::encode_cancel(self.id), SendOptions::new());
+        let Entry::Occupied(mut slot) = pending.calls.entry(self.id) else {
+            return;
+        };
+        match slot.get() {
+            Slot::Waiting(_) => {
+                *slot.get_mut() = Slot::Abandoned;
+                drop(pending);
+                self.inner
+                    .send_soon(wire::encode_cancel(self.id), SendOptions::new());
+            }
+            // The outcome arrived but was not taken; the reply may still have to come.
+            Slot::Arrived {
+                then_abandon: true, ..
+            } => *slot.get_mut() = Slot::Abandoned,
+            Slot::Arrived { .. } => {
+                slot.remove();
+            }
+            Slot::Abandoned => {}
         }
     }
 }
@@ -861,14 +1038,22 @@ fn send_failure(e: SendError) -> Outcome {
     }
 }
 
+/// How many events the receive task takes from the connection at once.
+const READ_BATCH: usize = 64;
+
 async fn run_reader(inner: Arc<Inner>) {
     let mut closing = false;
+    // Events are taken in batches: one connection lock and one wake-up registration (here
+    // and for the shutdown signal) per batch, not per message.
+    // Grows with the batches actually seen: an idle connection keeps a small one.
+    let mut events = Vec::new();
+    let mut last = LastObject::default();
     let cause = loop {
-        let event = if closing {
-            inner.conn.next_event().await
+        let batch = if closing {
+            inner.conn.next_events(&mut events, READ_BATCH).await
         } else {
             tokio::select! {
-                event = inner.conn.next_event() => event,
+                batch = inner.conn.next_events(&mut events, READ_BATCH) => batch,
                 () = inner.shutdown.notified() => {
                     closing = true;
                     let inner = inner.clone();
@@ -877,11 +1062,35 @@ async fn run_reader(inner: Arc<Inner>) {
                 }
             }
         };
-        match event {
-            Ok(Event::Message(msg)) => inner.on_message(msg),
-            Ok(Event::Timeout(conv)) => inner.on_timeout(conv),
-            Ok(_) => {}
+        let full = match batch {
+            Ok(n) => n == READ_BATCH,
             Err(ConnectionClosed(cause)) => break cause,
+        };
+        // A handler slot taken for an inline handler is kept for the next one of the
+        // batch (giving a tokio semaphore permit back takes its waiter lock), and given
+        // back before waiting for the next batch.
+        let mut slot = None;
+        // Calls or replies (anything but one-shot messages such as signals) in the batch.
+        let mut calls = false;
+        for event in events.drain(..) {
+            match event {
+                Event::Message(msg) => {
+                    calls |= !(msg.first && msg.last);
+                    inner.on_message(msg, &mut last, &mut slot);
+                }
+                Event::Timeout(conv) => inner.on_timeout(conv),
+                _ => {}
+            }
+        }
+        drop(slot);
+        last.service = None;
+        if full && calls {
+            // More calls or replies wait. Let the connection's driver write this batch's
+            // replies (and the callers woken here send new calls) before handling the
+            // rest, so that the other side can work meanwhile: without it, with both
+            // sides on their own CPU, a deep pipeline turns into stop-and-go (measured:
+            // pipelined calls, split layout, -40%). Signals need no such turn.
+            tokio::task::yield_now().await;
         }
     };
     inner.finish(cause);
@@ -907,7 +1116,7 @@ async fn run_call(
         let Ok(_permit) = inner.handlers.acquire().await else {
             return wire::encode_failure(FailureKind::Cancelled, "closing");
         };
-        match inner.start_call(object, method, args) {
+        match inner.start_call(object, method, args, None) {
             Ok(handler) => inner.handler_result(CatchUnwind(handler).await),
             Err(refusal) => refusal,
         }
@@ -978,7 +1187,7 @@ async fn run_signal(inner: Arc<Inner>, payload: Bytes, expires: Instant) {
         bump(&inner.stats.signals_expired_on_arrival);
         return;
     };
-    if let Some(handler) = inner.start_signal(object, method, args) {
+    if let Some(handler) = inner.start_signal(object, method, args, None) {
         let result = CatchUnwind(handler).await;
         inner.signal_result(result, object, method);
     }
@@ -1041,4 +1250,102 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::service::reply_ok;
+    use crate::wire::{decode_reply, decode_value, Reply};
+
+    /// Answers every call with `value`; records its drop.
+    struct Fixed {
+        value: i32,
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Service for Fixed {
+        fn __dispatch(&self, _method: &str, _args: &[u8]) -> Dispatch {
+            let value = self.value;
+            Dispatch::Call(Box::pin(async move { reply_ok(&value) }))
+        }
+    }
+
+    impl Drop for Fixed {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::Release);
+        }
+    }
+
+    /// Two connected peers, and the listener (dropping it closes the accepted side).
+    async fn pair() -> (Peer, Peer, chatter_core::Server) {
+        let options = chatter_core::Options::default();
+        let server = chatter_core::listen("tcp://127.0.0.1:0", options.clone())
+            .await
+            .expect("listen");
+        let a = chatter_core::connect(&server.addresses()[0], options)
+            .await
+            .expect("connect");
+        let b = server.accept().await.expect("accept");
+        (Peer::new(a), Peer::new(b), server)
+    }
+
+    /// Calls `object` through `caller` and returns the value, or the failure kind.
+    async fn call(caller: &Peer, object: &str) -> Result<i32, Option<FailureKind>> {
+        let request = wire::encode_request(wire::CALL, object, "get", Duration::from_secs(5), &())
+            .expect("encode");
+        let outcome = caller.inner.call(&request, Duration::from_secs(5)).await;
+        let Outcome::Reply(reply) = outcome else {
+            panic!("no reply: {outcome:?}");
+        };
+        match decode_reply(&reply).expect("reply") {
+            Reply::Ok(v) => Ok(decode_value(v).expect("value")),
+            Reply::Failure { kind, .. } => Err(kind.ok()),
+            Reply::AppError { .. } => Err(None),
+        }
+    }
+
+    #[tokio::test]
+    async fn replacing_and_unregistering_objects_take_effect_on_the_next_call() {
+        let (caller, callee, _server) = pair().await;
+        let first_dropped = Arc::new(AtomicBool::new(false));
+        let second_dropped = Arc::new(AtomicBool::new(false));
+        callee.register(
+            "o",
+            Fixed {
+                value: 1,
+                dropped: first_dropped.clone(),
+            },
+        );
+        assert_eq!(call(&caller, "o").await, Ok(1));
+        assert_eq!(call(&caller, "o").await, Ok(1));
+        assert!(callee.register(
+            "o",
+            Fixed {
+                value: 2,
+                dropped: second_dropped.clone(),
+            },
+        ));
+        assert!(
+            first_dropped.load(Ordering::Acquire),
+            "replaced object dropped"
+        );
+        assert_eq!(call(&caller, "o").await, Ok(2));
+        assert!(callee.unregister("o"));
+        // The receive task's memo does not keep the object alive.
+        assert!(
+            second_dropped.load(Ordering::Acquire),
+            "unregistered object dropped"
+        );
+        assert_eq!(
+            call(&caller, "o").await,
+            Err(Some(FailureKind::NoSuchObject))
+        );
+        assert_eq!(
+            call(&caller, "other").await,
+            Err(Some(FailureKind::NoSuchObject))
+        );
+    }
 }

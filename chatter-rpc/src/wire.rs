@@ -5,6 +5,7 @@
 //! encoded with rmp-serde (structs as maps), never as nested byte strings, so a payload is
 //! encoded in one pass into one buffer.
 
+use std::cell::RefCell;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -126,13 +127,13 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
     duration: Duration,
     args: &A,
 ) -> Result<Bytes, WireError> {
-    let mut w = Vec::with_capacity(32 + object.len() + method.len());
-    header(&mut w, 5, kind);
-    infallible(rmp::encode::write_str(&mut w, object));
-    infallible(rmp::encode::write_str(&mut w, method));
-    infallible(rmp::encode::write_uint(&mut w, millis(duration)).map(drop));
-    value(&mut w, args)?;
-    Ok(Bytes::from(w))
+    encode(|w| {
+        header(w, 5, kind);
+        put_str(w, object);
+        put_str(w, method);
+        put_uint(w, millis(duration));
+        value(w, args)
+    })
 }
 
 /// `[2, call]`: cancel the call whose conversation's first message had id `call`.
@@ -145,10 +146,10 @@ pub(crate) fn encode_cancel(call: u64) -> Bytes {
 
 /// `[0, value]`.
 pub(crate) fn encode_ok<T: Serialize + ?Sized>(v: &T) -> Result<Bytes, WireError> {
-    let mut w = Vec::with_capacity(16);
-    header(&mut w, 2, OK);
-    value(&mut w, v)?;
-    Ok(Bytes::from(w))
+    encode(|w| {
+        header(w, 2, OK);
+        value(w, v)
+    })
 }
 
 /// `[1, [message, [chain...]], error]`.
@@ -177,8 +178,47 @@ pub(crate) fn encode_failure(kind: FailureKind, message: &str) -> Bytes {
     Bytes::from(w)
 }
 
+/// Envelopes up to this size are built in a per-thread scratch buffer and copied into an
+/// allocation of their exact size; larger ones take the buffer itself, without a copy.
+const SCRATCH_MAX: usize = 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `build` on an empty buffer and returns what it wrote.
+///
+/// `Bytes::from(Vec)` allocates a shared header besides the vector unless the vector's
+/// length equals its capacity, which an encoder cannot know in advance: an envelope would
+/// cost two allocations. Built in the reused scratch buffer and copied, it costs one.
+fn encode(build: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>) -> Result<Bytes, WireError> {
+    SCRATCH.with(|scratch| {
+        let Ok(mut w) = scratch.try_borrow_mut() else {
+            // Re-entered (a value's `Serialize` encoded an envelope itself): a fresh buffer.
+            let mut w = Vec::new();
+            build(&mut w)?;
+            return Ok(Bytes::from(w));
+        };
+        w.clear();
+        build(&mut w)?;
+        Ok(if w.len() <= SCRATCH_MAX {
+            Bytes::copy_from_slice(&w)
+        } else {
+            Bytes::from(std::mem::take(&mut *w))
+        })
+    })
+}
+
 /// Decodes a caller-to-callee envelope.
 pub(crate) fn decode_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
+    match decode_plain_request(payload) {
+        Some(request) => Ok(request),
+        None => decode_any_incoming(payload),
+    }
+}
+
+/// Decodes a caller-to-callee envelope in any valid MessagePack form.
+fn decode_any_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
     let mut rd = payload;
     let len = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("envelope", e))?;
     let kind: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("envelope kind", e))?;
@@ -220,8 +260,68 @@ pub(crate) fn decode_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError>
     }
 }
 
+/// Decodes a call or signal in the form encoders write for short names (fixarray, fixstr
+/// names, an unsigned duration), the common case, without the general MessagePack reader.
+/// `None` for anything else, left to the general decoder (which also makes the errors).
+fn decode_plain_request(payload: &[u8]) -> Option<Incoming<'_>> {
+    let (&[len, kind], rest) = payload.split_first_chunk::<2>()?;
+    if len != 0x95 || !(kind == CALL || kind == SIGNAL) {
+        return None;
+    }
+    let (object, rest) = plain_str(rest)?;
+    let (method, rest) = plain_str(rest)?;
+    let (&tag, rest) = rest.split_first()?;
+    let (ms, args) = match tag {
+        0x00..=0x7f => (u64::from(tag), rest),
+        0xcc..=0xcf => {
+            let n = 1 << (tag - 0xcc);
+            let (bytes, args) = rest.split_at_checked(n)?;
+            (
+                bytes.iter().fold(0, |acc, &b| (acc << 8) | u64::from(b)),
+                args,
+            )
+        }
+        _ => return None,
+    };
+    if args.is_empty() {
+        return None;
+    }
+    let duration = Duration::from_millis(ms);
+    Some(if kind == CALL {
+        Incoming::Call {
+            object,
+            method,
+            deadline: duration,
+            args,
+        }
+    } else {
+        Incoming::Signal {
+            object,
+            method,
+            ttl: duration,
+            args,
+        }
+    })
+}
+
+/// A fixstr (under 32 bytes) of valid UTF-8 and what follows it.
+fn plain_str(rd: &[u8]) -> Option<(&str, &[u8])> {
+    let (&tag, rest) = rd.split_first()?;
+    if !(0xa0..=0xbf).contains(&tag) {
+        return None;
+    }
+    let (s, rest) = rest.split_at_checked(usize::from(tag & 0x1f))?;
+    Some((std::str::from_utf8(s).ok()?, rest))
+}
+
 /// Decodes a reply envelope.
 pub(crate) fn decode_reply(payload: &[u8]) -> Result<Reply<'_>, WireError> {
+    // The common case, `[0, value]` as encoders write it, without the generic reader.
+    if let [0x92, OK, value @ ..] = payload {
+        if !value.is_empty() {
+            return Ok(Reply::Ok(value));
+        }
+    }
     let mut rd = payload;
     let len = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("reply", e))?;
     let status: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("reply status", e))?;
@@ -272,9 +372,47 @@ pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireE
         .map_err(|e| WireError(format!("cannot decode {}: {e}", std::any::type_name::<T>())))
 }
 
+/// The array header and kind of an envelope. Envelope headers are written by hand, in the
+/// shortest forms as rmp writes them, because rmp's generic writers cost several times more
+/// on this path, run for every call, reply and signal.
 fn header(w: &mut Vec<u8>, len: u32, kind: u8) {
-    infallible(rmp::encode::write_array_len(w, len).map(drop));
-    infallible(rmp::encode::write_uint(w, u64::from(kind)).map(drop));
+    if len < 16 && kind < 0x80 {
+        w.extend_from_slice(&[0x90 | len as u8, kind]);
+    } else {
+        infallible(rmp::encode::write_array_len(&mut *w, len).map(drop));
+        put_uint(w, u64::from(kind));
+    }
+}
+
+/// A MessagePack string in its shortest form (as `rmp::encode::write_str`).
+fn put_str(w: &mut Vec<u8>, s: &str) {
+    if s.len() < 32 {
+        w.reserve(1 + s.len());
+        w.push(0xa0 | s.len() as u8);
+        w.extend_from_slice(s.as_bytes());
+    } else {
+        infallible(rmp::encode::write_str(w, s));
+    }
+}
+
+/// A MessagePack unsigned integer in its shortest form (as `rmp::encode::write_uint`).
+fn put_uint(w: &mut Vec<u8>, v: u64) {
+    match v {
+        0..=0x7f => w.push(v as u8),
+        0x80..=0xff => w.extend_from_slice(&[0xcc, v as u8]),
+        0x100..=0xffff => {
+            w.push(0xcd);
+            w.extend_from_slice(&(v as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            w.push(0xce);
+            w.extend_from_slice(&(v as u32).to_be_bytes());
+        }
+        _ => {
+            w.push(0xcf);
+            w.extend_from_slice(&v.to_be_bytes());
+        }
+    }
 }
 
 fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
@@ -396,6 +534,58 @@ mod tests {
         // No arguments: nil.
         let bytes = encode_request(CALL, "o", "m", Duration::ZERO, &()).unwrap();
         assert_eq!(bytes.as_ref(), b"\x95\x00\xa1o\xa1m\x00\xc0".as_ref());
+    }
+
+    #[test]
+    fn hand_written_headers_match_rmp() {
+        for v in [0, 1, 127, 128, 255, 256, 65_535, 65_536, 1 << 32, u64::MAX] {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            put_uint(&mut ours, v);
+            rmp::encode::write_uint(&mut theirs, v).unwrap();
+            assert_eq!(ours, theirs, "{v}");
+        }
+        for len in [0, 1, 31, 32, 255, 256, 70_000] {
+            let s = "x".repeat(len);
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            put_str(&mut ours, &s);
+            rmp::encode::write_str(&mut theirs, &s).unwrap();
+            assert_eq!(ours, theirs, "{len}");
+        }
+        for (len, kind) in [(2, 0), (5, 4), (15, 127), (16, 0), (3, 128)] {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            header(&mut ours, len, kind);
+            rmp::encode::write_array_len(&mut theirs, len).unwrap();
+            rmp::encode::write_uint(&mut theirs, u64::from(kind)).unwrap();
+            assert_eq!(ours, theirs, "{len} {kind}");
+        }
+    }
+
+    #[test]
+    fn plain_requests_decode_as_the_general_decoder_does() {
+        let long = "o".repeat(40);
+        for (kind, object, ms) in [
+            (CALL, "calc", 0),
+            (SIGNAL, "calc", 127),
+            (CALL, "x", 200),
+            (SIGNAL, "y", 70_000),
+            (CALL, "z", u64::MAX),
+            (CALL, long.as_str(), 5),
+        ] {
+            let bytes =
+                encode_request(kind, object, "m", Duration::from_millis(ms), &(1, 2)).unwrap();
+            let plain = decode_plain_request(&bytes);
+            // Long names are left to the general decoder.
+            assert_eq!(plain.is_some(), object.len() < 32, "{object}");
+            if let Some(plain) = plain {
+                assert_eq!(Ok(plain), decode_any_incoming(&bytes));
+            }
+        }
+        // Signed durations and bad UTF-8 are not plain.
+        assert!(decode_plain_request(b"\x95\x00\xa1o\xa1m\xd0\x05\xc0").is_none());
+        assert!(decode_plain_request(b"\x95\x00\xa1\xff\xa1m\x05\xc0").is_none());
+        assert!(decode_plain_request(b"\x95\x00\xa1o\xa1m\x05").is_none());
+        assert!(decode_incoming(b"\x95\x00\xa1o\xa1m\xd0\x05\xc0").is_ok());
+        assert!(decode_incoming(b"\x95\x00\xa1\xff\xa1m\x05\xc0").is_err());
     }
 
     #[test]

@@ -253,25 +253,100 @@ impl Frame {
 
 /// Encodes a message frame without building a [`Frame`] first.
 pub(crate) fn encode_message(out: &mut BytesMut, header: MessageHeader, payload: &[u8]) {
-    // Prefix and header are assembled on the stack and appended in one go: this runs once
-    // per message.
-    const ROOM: usize = LENGTH_PREFIX + 2 + 9 + 9 + 2;
+    // Prefix and header are assembled on the stack, with plain stores rather than through
+    // `BufMut` (this runs once per message), and appended in one go.
+    const ROOM: usize = LENGTH_PREFIX + 2 + 9 + 9 + 9;
     let mut head = [0u8; ROOM];
-    let unused = {
-        let mut w: &mut [u8] = &mut head[LENGTH_PREFIX..];
-        msgpack::write_array_len(&mut w, 4);
-        msgpack::write_uint(&mut w, KIND_MESSAGE);
-        msgpack::write_uint(&mut w, header.id);
-        msgpack::write_uint(&mut w, header.first);
-        msgpack::write_uint(&mut w, header.flags as u64);
-        w.len()
-    };
-    let head_len = ROOM - unused;
-    let body_len = (head_len - LENGTH_PREFIX + payload.len()) as u32;
+    head[LENGTH_PREFIX] = 0x94; // fixarray of 4
+    head[LENGTH_PREFIX + 1] = KIND_MESSAGE as u8;
+    let mut at = LENGTH_PREFIX + 2;
+    for v in [header.id, header.first, header.flags as u64] {
+        at = put_uint(&mut head, at, v);
+    }
+    let body_len = (at - LENGTH_PREFIX + payload.len()) as u32;
     head[..LENGTH_PREFIX].copy_from_slice(&body_len.to_be_bytes());
-    out.reserve(head_len + payload.len());
-    out.put_slice(&head[..head_len]);
-    out.put_slice(payload);
+    out.reserve(ROOM + payload.len());
+    // Copying the whole array (a fixed size: a few moves) and cutting it back is cheaper
+    // than a copy of a variable length (a call to memcpy).
+    let start = out.len();
+    out.extend_from_slice(&head);
+    out.truncate(start + at);
+    out.extend_from_slice(payload);
+}
+
+/// Writes `v` as a MessagePack uint in its shortest form (as [`msgpack::write_uint`]) at
+/// `buf[at..]`, which has room for 9 bytes; returns the position after it.
+fn put_uint(buf: &mut [u8], at: usize, v: u64) -> usize {
+    let (tag, len) = match v {
+        0..=0x7f => {
+            buf[at] = v as u8;
+            return at + 1;
+        }
+        0x80..=0xff => (0xcc, 1),
+        0x100..=0xffff => (0xcd, 2),
+        0x1_0000..=0xffff_ffff => (0xce, 4),
+        _ => (0xcf, 8),
+    };
+    buf[at] = tag;
+    buf[at + 1..at + 1 + len].copy_from_slice(&v.to_be_bytes()[8 - len..]);
+    at + 1 + len
+}
+
+/// Splits the next frame off `buf` when it is a complete message frame with a plain header
+/// (`[1, id, first, flags]` as a fixarray, what every encoder writes) of at most `max`
+/// bytes: the common case, decoded without building a [`Frame`] and with one reference
+/// count update for the payload. Returns the header, the payload and the body length.
+///
+/// Returns `None`, consuming nothing, for anything else (an incomplete frame, another kind,
+/// appended header fields, unknown flags, a frame above `max`): [`decode_frame`] and
+/// [`Frame::decode`] then handle it, errors included.
+pub(crate) fn split_plain_message(
+    buf: &mut BytesMut,
+    max: u32,
+) -> Option<(MessageHeader, Bytes, usize)> {
+    let prefix = buf.get(..LENGTH_PREFIX)?;
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+    if len > max {
+        return None;
+    }
+    let body = buf.get(LENGTH_PREFIX..LENGTH_PREFIX + len as usize)?;
+    if body.get(..2)? != [0x94, KIND_MESSAGE as u8] {
+        return None;
+    }
+    let mut at = 2;
+    let id = uint_at(body, &mut at)?;
+    let first = uint_at(body, &mut at)?;
+    let flags = uint_at(body, &mut at)?;
+    if flags > u8::MAX as u64 || flags as u8 & !FLAGS_KNOWN != 0 {
+        return None;
+    }
+    // Split the whole frame off and skip its head in the `Bytes`: cheaper than advancing
+    // the `BytesMut` first.
+    let mut payload = buf.split_to(LENGTH_PREFIX + len as usize).freeze();
+    payload.advance(LENGTH_PREFIX + at);
+    let header = MessageHeader {
+        id,
+        first,
+        flags: flags as u8,
+    };
+    Some((header, payload, len as usize))
+}
+
+/// Reads a MessagePack uint at `body[*at..]`, advancing `at`; `None` if it is not one or
+/// runs past the end.
+fn uint_at(body: &[u8], at: &mut usize) -> Option<u64> {
+    let (&tag, rest) = body.get(*at..)?.split_first()?;
+    // One arm per width, so that each reads a fixed number of bytes.
+    let (v, len) = match tag {
+        0x00..=0x7f => (tag as u64, 0),
+        0xcc => (*rest.first()? as u64, 1),
+        0xcd => (u16::from_be_bytes(*rest.first_chunk()?) as u64, 2),
+        0xce => (u32::from_be_bytes(*rest.first_chunk()?) as u64, 4),
+        0xcf => (u64::from_be_bytes(*rest.first_chunk()?), 8),
+        _ => return None,
+    };
+    *at += 1 + len;
+    Some(v)
 }
 
 /// The body length of a message frame with this header and payload length.
@@ -373,6 +448,56 @@ mod tests {
             encode_message(&mut out, header, b"abc");
             assert_eq!(out.len() - LENGTH_PREFIX, message_body_len(header, 3));
         }
+    }
+
+    #[test]
+    fn plain_messages_split_like_the_general_decoder() {
+        let mut all = BytesMut::new();
+        for (id, first, flags) in [(1, 1, 7), (200, 3, 1), (70_000, 300, 2), (u64::MAX, 5, 0)] {
+            let header = MessageHeader { id, first, flags };
+            encode_message(&mut all, header, b"payload");
+        }
+        let mut general = all.clone();
+        while !all.is_empty() {
+            let (header, payload, body_len) = split_plain_message(&mut all, 1 << 20).unwrap();
+            let body = decode_frame(&mut general, 1 << 20).unwrap().unwrap();
+            assert_eq!(body.len(), body_len);
+            assert_eq!(
+                Frame::decode(body).unwrap(),
+                Frame::Message(header, payload)
+            );
+        }
+        assert!(general.is_empty());
+    }
+
+    #[test]
+    fn anything_but_a_complete_plain_message_is_left_to_the_general_decoder() {
+        let mut message = BytesMut::new();
+        let header = MessageHeader {
+            id: 1,
+            first: 1,
+            flags: 0,
+        };
+        encode_message(&mut message, header, b"abc");
+        let cases: Vec<Vec<u8>> = vec![
+            message[..message.len() - 1].to_vec(), // incomplete
+            encoded(&Frame::Ping),                 // another kind
+            b"\x00\x00\x00\x08\x95\x01\x02\x01\x00\xa1xP".to_vec(), // extension field
+            b"\x00\x00\x00\x05\x94\x01\x01\x01\x08".to_vec(), // unknown flag
+            b"\x00\x00\x00\x05\x94\x01\x01\xd0\x00".to_vec(), // signed int
+            b"\x00\x00\x00\x04\x94\x01\x01\xcd".to_vec(), // truncated uint
+            b"\x00\x00\x00\x00".to_vec(),          // empty body
+        ];
+        for case in cases {
+            let mut buf = BytesMut::from(&case[..]);
+            assert!(
+                split_plain_message(&mut buf, 1 << 20).is_none(),
+                "{case:02x?}"
+            );
+            assert_eq!(&buf[..], &case[..], "consumed nothing");
+        }
+        let mut big = message.clone();
+        assert!(split_plain_message(&mut big, 4).is_none(), "above max");
     }
 
     #[test]

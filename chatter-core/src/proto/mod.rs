@@ -38,8 +38,10 @@
 
 pub mod frame;
 pub(crate) mod msgpack;
+mod timers;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
@@ -47,6 +49,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::error::{CloseCause, ProtocolError};
 use frame::{CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_TOKEN, MAX_HELLO};
+use timers::{TimerKey, Timers};
 
 /// The smallest `max_frame_size` and `receive_window` a peer may announce.
 pub const MIN_LIMIT: u32 = 64;
@@ -232,8 +235,6 @@ enum Turn {
     Remote,
 }
 
-type TimerKey = (Instant, u64);
-
 #[derive(Debug)]
 enum State {
     Handshaking { deadline: Instant },
@@ -251,8 +252,7 @@ pub struct Protocol {
     next_rx_id: u64,
     conversations: HashMap<ConversationId, ConvState, IdBuildHasher>,
     peer_opened: usize,
-    timers: BTreeMap<TimerKey, ConversationId>,
-    timer_seq: u64,
+    timers: Timers,
     last_rx: Instant,
     ping_deadline: Option<Instant>,
     send_credit: u64,
@@ -260,7 +260,15 @@ pub struct Protocol {
     rx_used: u64,
     rx_unannounced: u64,
     out: BytesMut,
-    events: VecDeque<Event>,
+    /// Events other than messages, each with the number of messages received before it,
+    /// so that [`poll_event`](Self::poll_event) returns everything in order.
+    events: VecDeque<(u64, Event)>,
+    /// Received messages, kept apart so that a driver can take them with
+    /// [`poll_message`](Self::poll_message) without an [`Event`] around each.
+    messages: VecDeque<Message>,
+    /// Messages received, and taken, since the start.
+    messages_received: u64,
+    messages_taken: u64,
 }
 
 impl Protocol {
@@ -285,8 +293,7 @@ impl Protocol {
             next_rx_id: 1,
             conversations: HashMap::default(),
             peer_opened: 0,
-            timers: BTreeMap::new(),
-            timer_seq: 0,
+            timers: Timers::default(),
             last_rx: now,
             ping_deadline: None,
             send_credit: 0,
@@ -295,6 +302,9 @@ impl Protocol {
             rx_unannounced: 0,
             out,
             events: VecDeque::new(),
+            messages: VecDeque::new(),
+            messages_received: 0,
+            messages_taken: 0,
         }
     }
 
@@ -328,16 +338,23 @@ impl Protocol {
             State::Closed => return Err(SendRefused::Closed),
         }
         let id = self.next_tx_id;
-        let conversation = match args.conversation {
+        // An existing conversation is looked up once, for the turn check and the update.
+        let existing = match args.conversation {
+            None => None,
+            Some(c) => match self.conversations.entry(c) {
+                Entry::Vacant(_) => return Err(SendRefused::Ended),
+                Entry::Occupied(s) if s.get().turn == Turn::Remote => {
+                    return Err(SendRefused::NotYourTurn)
+                }
+                Entry::Occupied(s) => Some(s),
+            },
+        };
+        let conversation = match &existing {
             None => ConversationId {
                 owner: true,
                 first: id,
             },
-            Some(c) => match self.conversations.get(&c) {
-                None => return Err(SendRefused::Ended),
-                Some(s) if s.turn == Turn::Remote => return Err(SendRefused::NotYourTurn),
-                Some(_) => c,
-            },
+            Some(s) => *s.key(),
         };
         let mut flags = 0;
         if conversation.owner {
@@ -374,26 +391,36 @@ impl Protocol {
 
         // Any send replaces the conversation's timer (REFERENCE.md §1.3 rule 2).
         if args.last {
-            self.end_conversation(conversation);
+            // A one-shot message (no existing conversation) has no state to end.
+            if let Some(s) = existing {
+                let state = s.remove();
+                self.ended(conversation, state);
+            }
         } else {
             let turn = if args.token {
                 Turn::Remote
             } else {
                 Turn::Local
             };
-            let state = self
-                .conversations
-                .entry(conversation)
-                .or_insert(ConvState { turn, timer: None });
+            let state = match existing {
+                Some(s) => s.into_mut(),
+                None => self
+                    .conversations
+                    .entry(conversation)
+                    .or_insert(ConvState { turn, timer: None }),
+            };
             state.turn = turn;
             if let Some(key) = state.timer.take() {
-                self.timers.remove(&key);
+                self.timers.remove(key);
             }
             if let Some(timeout) = args.timeout {
-                self.timer_seq += 1;
-                let key = (now + timeout, self.timer_seq);
-                state.timer = Some(key);
-                self.timers.insert(key, conversation);
+                state.timer = Some(self.timers.insert(now + timeout, conversation));
+                let conversations = &mut self.conversations;
+                self.timers.compact(|moved, key| {
+                    if let Some(state) = conversations.get_mut(&moved) {
+                        state.timer = Some(key);
+                    }
+                });
             }
         }
         Ok(conversation)
@@ -409,6 +436,14 @@ impl Protocol {
             self.ping_deadline = None;
         }
         loop {
+            if let State::Open = self.state {
+                // Most frames are plain messages: split them off without the general decoder.
+                let max = self.config.max_frame_size;
+                if let Some((header, payload, body_len)) = frame::split_plain_message(buf, max) {
+                    self.handle_frame(now, Frame::Message(header, payload), body_len);
+                    continue;
+                }
+            }
             let max = match self.state {
                 State::Closed => {
                     buf.clear();
@@ -477,15 +512,11 @@ impl Protocol {
                 None => {}
             }
         }
-        while let Some(entry) = self.timers.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let conversation = entry.remove();
+        while let Some(conversation) = self.timers.pop_due(now) {
             if let Some(state) = self.conversations.get_mut(&conversation) {
                 state.timer = None;
             }
-            self.events.push_back(Event::Timeout(conversation));
+            self.push_event(Event::Timeout(conversation));
         }
     }
 
@@ -499,7 +530,7 @@ impl Protocol {
                     self.ping_deadline
                         .unwrap_or_else(|| self.last_rx + k.interval)
                 });
-                let timer = self.timers.keys().next().map(|k| k.0);
+                let timer = self.timers.first();
                 match (keepalive, timer) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -526,7 +557,42 @@ impl Protocol {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        match self.events.front() {
+            // No message was received before the next other event: that event is next.
+            Some(&(before, _)) if before <= self.messages_taken => self.poll_other_event(),
+            _ => match self.poll_message() {
+                Some(message) => Some(Event::Message(message)),
+                None => self.poll_other_event(),
+            },
+        }
+    }
+
+    /// The next received message, if any, ahead of other events.
+    ///
+    /// For drivers that keep messages apart from the other events (as the async
+    /// [`Connection`](crate::Connection) does): messages come out in order, without an
+    /// [`Event`] around each. Use it with [`poll_other_event`](Self::poll_other_event)
+    /// instead of [`poll_event`](Self::poll_event).
+    pub fn poll_message(&mut self) -> Option<Message> {
+        let message = self.messages.pop_front()?;
+        self.messages_taken += 1;
+        Some(message)
+    }
+
+    /// The next event that is not a message, if any, ahead of messages received before it.
+    pub fn poll_other_event(&mut self) -> Option<Event> {
+        self.events.pop_front().map(|(_, event)| event)
+    }
+
+    /// How many messages were received since the start: a driver that takes messages with
+    /// [`poll_message`](Self::poll_message) learns from it that new ones arrived.
+    pub fn messages_received(&self) -> u64 {
+        self.messages_received
+    }
+
+    /// Queues an event that is not a message.
+    fn push_event(&mut self, event: Event) {
+        self.events.push_back((self.messages_received, event));
     }
 
     /// Gives back the flow-control credit of a consumed message.
@@ -608,7 +674,7 @@ impl Protocol {
         self.timers.clear();
         self.peer_opened = 0;
         self.ping_deadline = None;
-        self.events.push_back(Event::Closed(cause));
+        self.push_event(Event::Closed(cause));
     }
 
     fn handle_frame(&mut self, now: Instant, frame: Frame, body_len: usize) {
@@ -626,7 +692,7 @@ impl Protocol {
                     self.peer = hello;
                     self.send_credit = hello.receive_window as u64;
                     self.state = State::Open;
-                    self.events.push_back(Event::Connected(hello));
+                    self.push_event(Event::Connected(hello));
                 }
                 Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
                 other => self.protocol_error(ProtocolError::Unexpected(format!(
@@ -655,7 +721,7 @@ impl Protocol {
                 }
                 self.send_credit = credit;
                 if std::mem::take(&mut self.send_blocked) {
-                    self.events.push_back(Event::Writable);
+                    self.push_event(Event::Writable);
                 }
             }
             Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
@@ -708,12 +774,14 @@ impl Protocol {
                     .insert(conversation, ConvState { turn, timer: None });
             }
         } else {
-            let Some(state) = self.conversations.get_mut(&conversation) else {
+            // One lookup for the checks and the update or end.
+            let Entry::Occupied(mut entry) = self.conversations.entry(conversation) else {
                 return Err(ProtocolError::UnknownConversation {
                     first: header.first,
                     opened_by_peer: peer_owns,
                 });
             };
+            let state = entry.get_mut();
             if state.turn == Turn::Local {
                 return Err(ProtocolError::OutOfTurn {
                     first: header.first,
@@ -722,33 +790,34 @@ impl Protocol {
             }
             // Any message received in the conversation cancels its timer (rule 3).
             if let Some(key) = state.timer.take() {
-                self.timers.remove(&key);
+                self.timers.remove(key);
             }
             if last {
-                self.end_conversation(conversation);
+                let state = entry.remove();
+                self.ended(conversation, state);
             } else if token {
                 state.turn = Turn::Local;
             }
         }
-        self.events.push_back(Event::Message(Message {
+        self.messages_received += 1;
+        self.messages.push_back(Message {
             conversation,
             first,
             last,
             token,
             payload,
             cost,
-        }));
+        });
         Ok(())
     }
 
-    fn end_conversation(&mut self, conversation: ConversationId) {
-        if let Some(state) = self.conversations.remove(&conversation) {
-            if let Some(key) = state.timer {
-                self.timers.remove(&key);
-            }
-            if !conversation.owner {
-                self.peer_opened -= 1;
-            }
+    /// Cleans up after a conversation whose state was just removed.
+    fn ended(&mut self, conversation: ConversationId, state: ConvState) {
+        if let Some(key) = state.timer {
+            self.timers.remove(key);
+        }
+        if !conversation.owner {
+            self.peer_opened -= 1;
         }
     }
 

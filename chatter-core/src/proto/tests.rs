@@ -811,3 +811,51 @@ fn too_many_open_conversations_is_a_protocol_error() {
         }))
     ));
 }
+
+#[test]
+fn events_come_out_in_order_and_messages_can_be_taken_apart() {
+    let mut pair = Pair::new();
+    // a: message, timeout of its request, message, then the close: in that order.
+    pair.a.send(pair.now, SendArgs::new(), b"\x01").unwrap();
+    let request = SendArgs {
+        last: false,
+        timeout: Some(Duration::from_millis(10)),
+        ..SendArgs::new()
+    };
+    pair.b.send(pair.now, request, b"\x02").unwrap();
+    pair.flush();
+    pair.advance(Duration::from_millis(20));
+    pair.a.send(pair.now, SendArgs::new(), b"\x03").unwrap();
+    pair.a.close(CloseCode::Normal, "bye");
+    pair.flush();
+    let kinds: Vec<String> = events(&mut pair.b)
+        .into_iter()
+        .map(|e| match e {
+            Event::Message(m) => format!("message {:02x}", m.payload[0]),
+            Event::Timeout(_) => "timeout".into(),
+            Event::Closed(_) => "closed".into(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["message 01", "timeout", "message 03", "closed"],
+        "poll_event keeps the order"
+    );
+
+    // Taken apart, messages come out in order, and the other events in order.
+    let mut pair = Pair::new();
+    pair.a.send(pair.now, SendArgs::new(), b"\x01").unwrap();
+    pair.a.send(pair.now, SendArgs::new(), b"\x02").unwrap();
+    pair.a.close(CloseCode::Normal, "bye");
+    pair.flush();
+    let received = pair.b.messages_received();
+    assert_eq!(received, 2);
+    assert!(matches!(pair.b.poll_other_event(), Some(Event::Closed(_))));
+    assert_eq!(pair.b.poll_other_event().map(|_| ()), None);
+    let payloads: Vec<u8> = std::iter::from_fn(|| pair.b.poll_message())
+        .map(|m| m.payload[0])
+        .collect();
+    assert_eq!(payloads, [1, 2]);
+    assert!(pair.b.poll_event().is_none());
+}
