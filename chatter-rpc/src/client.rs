@@ -194,7 +194,10 @@ impl ClientCore {
             let inner = match target {
                 Target::Peer(peer) => peer.inner,
                 Target::Reconnecting(peer) => {
-                    let reply = peer.call(payload, deadline, idempotent).await;
+                    // Boxed: inline, its state (about 550 bytes) would make every call
+                    // future that large, plain-peer calls included, and copying it shows
+                    // in profiles.
+                    let reply = Box::pin(peer.call(payload, deadline, idempotent)).await;
                     return finish(
                         reply.map_err(|e| e.map_app(|n| match n {})),
                         app,

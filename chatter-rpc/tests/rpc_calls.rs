@@ -324,3 +324,15 @@ async fn raw_envelopes_from_protocol_md_and_malformed_requests() {
     assert_eq!(reply.payload.as_ref(), b"\x92\x00\x05");
     assert!(server.connection().close_cause().is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn call_futures_stay_small() {
+    // Call futures are moved around by every executor and combinator: their size is a cost
+    // per call. The reconnecting path (large) is boxed so plain calls do not carry it.
+    let p = pair().await;
+    let call = p.calc.add(1, 2);
+    let size = std::mem::size_of_val(&call);
+    println!("call future: {size} bytes");
+    assert!(size <= 320, "a call future takes {size} bytes");
+    assert_eq!(call.await.expect("reply"), 3);
+}
