@@ -334,6 +334,7 @@ pub(crate) fn split_plain_message(
 
 /// Reads a MessagePack uint at `body[*at..]`, advancing `at`; `None` if it is not one or
 /// runs past the end.
+#[inline(always)]
 fn uint_at(body: &[u8], at: &mut usize) -> Option<u64> {
     let (&tag, rest) = body.get(*at..)?.split_first()?;
     // One arm per width, so that each reads a fixed number of bytes.

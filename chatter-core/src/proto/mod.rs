@@ -440,7 +440,12 @@ impl Protocol {
                 // Most frames are plain messages: split them off without the general decoder.
                 let max = self.config.max_frame_size;
                 if let Some((header, payload, body_len)) = frame::split_plain_message(buf, max) {
-                    self.handle_frame(now, Frame::Message(header, payload), body_len);
+                    // What `handle_frame` would do, minus its keepalive update: in the open
+                    // state that was done above for this `now`, and nothing in this loop
+                    // re-arms a ping.
+                    if let Err(e) = self.handle_message(header, payload, body_len) {
+                        self.protocol_error(e);
+                    }
                     continue;
                 }
             }
