@@ -253,43 +253,85 @@ impl Frame {
 
 /// Encodes a message frame without building a [`Frame`] first.
 pub(crate) fn encode_message(out: &mut BytesMut, header: MessageHeader, payload: &[u8]) {
-    // Prefix and header are assembled on the stack, with plain stores rather than through
-    // `BufMut` (this runs once per message), and appended in one go.
-    const ROOM: usize = LENGTH_PREFIX + 2 + 9 + 9 + 9;
-    let mut head = [0u8; ROOM];
-    head[LENGTH_PREFIX] = 0x94; // fixarray of 4
-    head[LENGTH_PREFIX + 1] = KIND_MESSAGE as u8;
-    let mut at = LENGTH_PREFIX + 2;
-    for v in [header.id, header.first, header.flags as u64] {
-        at = put_uint(&mut head, at, v);
+    MessageHead::new(header, payload.len()).append(out, payload);
+}
+
+/// The length prefix and header of a message frame, assembled on the stack with plain
+/// stores (this runs once per message): the sender learns the frame's size from it before
+/// deciding to queue the frame, without encoding the header twice.
+pub(crate) struct MessageHead {
+    bytes: [u8; HEAD_ROOM],
+    len: usize,
+}
+
+/// Room for the length prefix and the largest plain message header.
+const HEAD_ROOM: usize = LENGTH_PREFIX + 2 + 9 + 9 + 9;
+
+impl MessageHead {
+    #[inline]
+    pub(crate) fn new(header: MessageHeader, payload_len: usize) -> Self {
+        let mut bytes = [0u8; HEAD_ROOM];
+        bytes[LENGTH_PREFIX] = 0x94; // fixarray of 4
+        bytes[LENGTH_PREFIX + 1] = KIND_MESSAGE as u8;
+        let mut at = LENGTH_PREFIX + 2;
+        at = put_uint(&mut bytes, at, header.id);
+        at = put_uint(&mut bytes, at, header.first);
+        at = put_uint(&mut bytes, at, header.flags as u64);
+        let body_len = (at - LENGTH_PREFIX + payload_len) as u32;
+        bytes[..LENGTH_PREFIX].copy_from_slice(&body_len.to_be_bytes());
+        MessageHead { bytes, len: at }
     }
-    let body_len = (at - LENGTH_PREFIX + payload.len()) as u32;
-    head[..LENGTH_PREFIX].copy_from_slice(&body_len.to_be_bytes());
-    out.reserve(ROOM + payload.len());
-    // Copying the whole array (a fixed size: a few moves) and cutting it back is cheaper
-    // than a copy of a variable length (a call to memcpy).
-    let start = out.len();
-    out.extend_from_slice(&head);
-    out.truncate(start + at);
-    out.extend_from_slice(payload);
+
+    /// The frame's body length with a payload of `payload_len` bytes.
+    #[inline]
+    pub(crate) fn body_len(&self, payload_len: usize) -> usize {
+        self.len - LENGTH_PREFIX + payload_len
+    }
+
+    /// Appends the frame to `out`; `payload` must be as long as announced to [`Self::new`].
+    #[inline]
+    pub(crate) fn append(&self, out: &mut BytesMut, payload: &[u8]) {
+        out.reserve(HEAD_ROOM + payload.len());
+        // Copying the whole array (a fixed size: a few moves) and cutting it back is cheaper
+        // than a copy of a variable length (a call to memcpy).
+        let start = out.len();
+        out.extend_from_slice(&self.bytes);
+        out.truncate(start + self.len);
+        out.extend_from_slice(payload);
+    }
 }
 
 /// Writes `v` as a MessagePack uint in its shortest form (as [`msgpack::write_uint`]) at
-/// `buf[at..]`, which has room for 9 bytes; returns the position after it.
-fn put_uint(buf: &mut [u8], at: usize, v: u64) -> usize {
-    let (tag, len) = match v {
+/// `buf[at..]`, which has room for 9 bytes; returns the position after it. Each width is
+/// its own fixed-size store (a copy of a variable length would call memcpy).
+#[inline(always)]
+fn put_uint(buf: &mut [u8; HEAD_ROOM], at: usize, v: u64) -> usize {
+    match v {
         0..=0x7f => {
             buf[at] = v as u8;
-            return at + 1;
+            at + 1
         }
-        0x80..=0xff => (0xcc, 1),
-        0x100..=0xffff => (0xcd, 2),
-        0x1_0000..=0xffff_ffff => (0xce, 4),
-        _ => (0xcf, 8),
-    };
-    buf[at] = tag;
-    buf[at + 1..at + 1 + len].copy_from_slice(&v.to_be_bytes()[8 - len..]);
-    at + 1 + len
+        0x80..=0xff => {
+            buf[at] = 0xcc;
+            buf[at + 1] = v as u8;
+            at + 2
+        }
+        0x100..=0xffff => {
+            buf[at] = 0xcd;
+            buf[at + 1..at + 3].copy_from_slice(&(v as u16).to_be_bytes());
+            at + 3
+        }
+        0x1_0000..=0xffff_ffff => {
+            buf[at] = 0xce;
+            buf[at + 1..at + 5].copy_from_slice(&(v as u32).to_be_bytes());
+            at + 5
+        }
+        _ => {
+            buf[at] = 0xcf;
+            buf[at + 1..at + 9].copy_from_slice(&v.to_be_bytes());
+            at + 9
+        }
+    }
 }
 
 /// Splits the next frame off `buf` when it is a complete message frame with a plain header
@@ -351,6 +393,7 @@ fn uint_at(body: &[u8], at: &mut usize) -> Option<u64> {
 }
 
 /// The body length of a message frame with this header and payload length.
+#[cfg(test)]
 pub(crate) fn message_body_len(header: MessageHeader, payload_len: usize) -> usize {
     fn uint_len(v: u64) -> usize {
         match v {

@@ -248,6 +248,9 @@ pub struct Protocol {
     config: Config,
     state: State,
     peer: Hello,
+    /// The largest message body the peer accepts: its frame limit, and its window less the
+    /// per-message overhead (set from its hello).
+    send_max: u64,
     next_tx_id: u64,
     next_rx_id: u64,
     conversations: HashMap<ConversationId, ConvState, IdBuildHasher>,
@@ -289,6 +292,7 @@ impl Protocol {
                 max_frame_size: 0,
                 receive_window: 0,
             },
+            send_max: 0,
             next_tx_id: 1,
             next_rx_id: 1,
             conversations: HashMap::default(),
@@ -371,21 +375,20 @@ impl Protocol {
             first: conversation.first,
             flags,
         };
-        let size = frame::message_body_len(header, payload.len());
+        let head = frame::MessageHead::new(header, payload.len());
+        let size = head.body_len(payload.len());
         let cost = size as u64 + MESSAGE_OVERHEAD as u64;
-        let max = (self.peer.max_frame_size as u64)
-            .min((self.peer.receive_window as u64).saturating_sub(MESSAGE_OVERHEAD as u64));
-        if size as u64 > max {
+        if size as u64 > self.send_max {
             return Err(SendRefused::TooLarge {
                 size,
-                max: max as u32,
+                max: self.send_max as u32,
             });
         }
         if cost > self.send_credit {
             self.send_blocked = true;
             return Err(SendRefused::NoCredit);
         }
-        frame::encode_message(&mut self.out, header, payload);
+        head.append(&mut self.out, payload);
         self.next_tx_id += 1;
         self.send_credit -= cost;
 
@@ -695,6 +698,9 @@ impl Protocol {
                 }
                 Frame::Hello(hello) => {
                     self.peer = hello;
+                    self.send_max = (hello.max_frame_size as u64).min(
+                        (hello.receive_window as u64).saturating_sub(MESSAGE_OVERHEAD as u64),
+                    );
                     self.send_credit = hello.receive_window as u64;
                     self.state = State::Open;
                     self.push_event(Event::Connected(hello));
