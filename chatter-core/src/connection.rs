@@ -377,8 +377,11 @@ impl Connection {
         let shared = self.shared();
         let mut attempt = || {
             let mut inner = shared.lock();
+            // Taking gives credit back, which may queue a window frame. Output that was
+            // already queued had its driver wake-up when it was queued (as in `send`).
+            let was_idle = !inner.proto.has_output();
             if let Some(item) = take(&mut inner) {
-                let wake = inner.driver_wake();
+                let wake = inner.driver_wake(was_idle);
                 drop(inner);
                 if let Some(w) = wake {
                     w.wake();
@@ -600,9 +603,10 @@ impl Inner {
         wake
     }
 
-    /// The driver's waker, when the protocol has output for it to write.
-    fn driver_wake(&mut self) -> Option<Waker> {
-        if self.proto.has_output() || self.proto.is_closed() {
+    /// The driver's waker, when the protocol has new output for it to write (it had none
+    /// before if `was_idle`).
+    fn driver_wake(&mut self, was_idle: bool) -> Option<Waker> {
+        if (was_idle && self.proto.has_output()) || self.proto.is_closed() {
             self.driver.clone()
         } else {
             None

@@ -262,6 +262,8 @@ pub struct Protocol {
     send_blocked: bool,
     rx_used: u64,
     rx_unannounced: u64,
+    /// [`window_threshold`](Self::window_threshold) of the config, computed once.
+    window_threshold: u64,
     out: BytesMut,
     /// Events other than messages, each with the number of messages received before it,
     /// so that [`poll_event`](Self::poll_event) returns everything in order.
@@ -283,6 +285,7 @@ impl Protocol {
             receive_window: config.receive_window,
         })
         .encode(&mut out);
+        let window_threshold = Self::window_threshold(&config);
         Protocol {
             state: State::Handshaking {
                 deadline: now + config.handshake_timeout,
@@ -304,6 +307,7 @@ impl Protocol {
             send_blocked: false,
             rx_used: 0,
             rx_unannounced: 0,
+            window_threshold,
             out,
             events: VecDeque::new(),
             messages: VecDeque::new(),
@@ -614,7 +618,7 @@ impl Protocol {
         }
         self.rx_used = self.rx_used.saturating_sub(cost as u64);
         self.rx_unannounced += cost as u64;
-        if self.rx_unannounced > 0 && self.rx_unannounced >= self.window_threshold() {
+        if self.rx_unannounced > 0 && self.rx_unannounced >= self.window_threshold {
             Frame::Window(self.rx_unannounced).encode(&mut self.out);
             self.rx_unannounced = 0;
         }
@@ -624,9 +628,9 @@ impl Protocol {
     /// much that `receive_window - unannounced` falls below the cost of a maximum-size
     /// message (the peer could then be stuck with one while this side waits for more to
     /// consume).
-    fn window_threshold(&self) -> u64 {
-        let window = self.config.receive_window as u64;
-        let max_cost = self.config.max_frame_size as u64 + MESSAGE_OVERHEAD as u64;
+    fn window_threshold(config: &Config) -> u64 {
+        let window = config.receive_window as u64;
+        let max_cost = config.max_frame_size as u64 + MESSAGE_OVERHEAD as u64;
         (window / 4).min(window.saturating_sub(max_cost) + 1).max(1)
     }
 
