@@ -334,24 +334,37 @@ fn put_uint(buf: &mut [u8; HEAD_ROOM], at: usize, v: u64) -> usize {
     }
 }
 
-/// Splits the next frame off `buf` when it is a complete message frame with a plain header
-/// (`[1, id, first, flags]` as a fixarray, what every encoder writes) of at most `max`
-/// bytes: the common case, decoded without building a [`Frame`] and with one reference
-/// count update for the payload. Returns the header, the payload and the body length.
-///
-/// Returns `None`, consuming nothing, for anything else (an incomplete frame, another kind,
-/// appended header fields, unknown flags, a frame above `max`): [`decode_frame`] and
-/// [`Frame::decode`] then handle it, errors included.
-pub(crate) fn split_plain_message(
-    buf: &mut BytesMut,
-    max: u32,
-) -> Option<(MessageHeader, Bytes, usize)> {
-    let prefix = buf.get(..LENGTH_PREFIX)?;
-    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
-    if len > max {
-        return None;
+/// The length of the run of complete frames at the front of `buf` that start like message
+/// frames with a plain header (a fixarray of 4, kind 1: what every encoder writes) and are
+/// at most `max` bytes: the common case, which the receiver splits off in one go and
+/// decodes with [`plain_header`] (or, for a frame of the run whose header turns out not to
+/// be plain, [`Frame::decode`]). Anything after the run (an incomplete frame, another
+/// kind, a frame above `max`) is left to [`decode_frame`] and [`Frame::decode`], errors
+/// included.
+pub(crate) fn plain_messages_end(buf: &[u8], max: u32) -> usize {
+    let mut end = 0;
+    while let Some(prefix) = buf
+        .get(end..)
+        .and_then(|b| b.first_chunk::<LENGTH_PREFIX>())
+    {
+        let len = u32::from_be_bytes(*prefix);
+        if len > max {
+            break;
+        }
+        let next = end + LENGTH_PREFIX + len as usize;
+        match buf.get(end + LENGTH_PREFIX..next) {
+            Some([0x94, kind, ..]) if *kind == KIND_MESSAGE as u8 => end = next,
+            _ => break,
+        }
     }
-    let body = buf.get(LENGTH_PREFIX..LENGTH_PREFIX + len as usize)?;
+    end
+}
+
+/// Decodes the header of a message frame body when it is plain (`[1, id, first, flags]` as
+/// a fixarray, known flags only): the header and its length, where the payload starts.
+/// `None` for anything else, which [`Frame::decode`] then handles, errors included.
+#[inline]
+pub(crate) fn plain_header(body: &[u8]) -> Option<(MessageHeader, usize)> {
     if body.get(..2)? != [0x94, KIND_MESSAGE as u8] {
         return None;
     }
@@ -362,16 +375,31 @@ pub(crate) fn split_plain_message(
     if flags > u8::MAX as u64 || flags as u8 & !FLAGS_KNOWN != 0 {
         return None;
     }
-    // Split the whole frame off and skip its head in the `Bytes`: cheaper than advancing
-    // the `BytesMut` first.
-    let mut payload = buf.split_to(LENGTH_PREFIX + len as usize).freeze();
-    payload.advance(LENGTH_PREFIX + at);
     let header = MessageHeader {
         id,
         first,
         flags: flags as u8,
     };
-    Some((header, payload, len as usize))
+    Some((header, at))
+}
+
+/// Splits the next frame off `buf` when it is a complete plain message frame of at most
+/// `max` bytes (as the receiver's fast path decodes it): the header, the payload and the
+/// body length. `None`, consuming nothing, for anything else.
+#[cfg(test)]
+pub(crate) fn split_plain_message(
+    buf: &mut BytesMut,
+    max: u32,
+) -> Option<(MessageHeader, Bytes, usize)> {
+    let prefix = buf.get(..LENGTH_PREFIX)?;
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if plain_messages_end(buf, max) < LENGTH_PREFIX + len {
+        return None;
+    }
+    let (header, head_len) = plain_header(&buf[LENGTH_PREFIX..LENGTH_PREFIX + len])?;
+    let mut payload = buf.split_to(LENGTH_PREFIX + len).freeze();
+    payload.advance(LENGTH_PREFIX + head_len);
+    Some((header, payload, len))
 }
 
 /// Reads a MessagePack uint at `body[*at..]`, advancing `at`; `None` if it is not one or

@@ -48,7 +48,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use crate::error::{CloseCause, ProtocolError};
-use frame::{CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_TOKEN, MAX_HELLO};
+use frame::{
+    CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_TOKEN, LENGTH_PREFIX,
+    MAX_HELLO,
+};
 use timers::{TimerKey, Timers};
 
 /// The smallest `max_frame_size` and `receive_window` a peer may announce.
@@ -445,14 +448,12 @@ impl Protocol {
         loop {
             if let State::Open = self.state {
                 // Most frames are plain messages: split them off without the general decoder.
-                let max = self.config.max_frame_size;
-                if let Some((header, payload, body_len)) = frame::split_plain_message(buf, max) {
-                    // What `handle_frame` would do, minus its keepalive update: in the open
-                    // state that was done above for this `now`, and nothing in this loop
-                    // re-arms a ping.
-                    if let Err(e) = self.handle_message(header, payload, body_len) {
-                        self.protocol_error(e);
-                    }
+                // Split the whole run off at once: one `Bytes` for all of them, and a cheap
+                // slice of it for each payload.
+                let end = frame::plain_messages_end(buf, self.config.max_frame_size);
+                if end > 0 {
+                    let run = buf.split_to(end).freeze();
+                    self.handle_plain_messages(now, run);
                     continue;
                 }
             }
@@ -489,6 +490,39 @@ impl Protocol {
                     self.close_with(CloseCause::Protocol(e));
                 }
                 Err(e) => self.close_with(CloseCause::Protocol(e)),
+            }
+        }
+    }
+
+    /// Handles a run of complete frames found by [`frame::plain_messages_end`]; stops when
+    /// the connection closes (the rest is discarded, as any input after a close).
+    fn handle_plain_messages(&mut self, now: Instant, run: Bytes) {
+        let mut at = 0;
+        while let Some(prefix) = run.get(at..).and_then(|b| b.first_chunk::<LENGTH_PREFIX>()) {
+            let len = u32::from_be_bytes(*prefix) as usize;
+            let start = at + LENGTH_PREFIX;
+            at = start + len;
+            // The run holds complete frames only.
+            let Some(body) = run.get(start..at) else {
+                return;
+            };
+            match frame::plain_header(body) {
+                // What `handle_frame` would do, minus its keepalive update: in the open
+                // state `handle_input` made it for this `now`, and nothing here re-arms a
+                // ping.
+                Some((header, head_len)) => {
+                    let payload = run.slice(start + head_len..at);
+                    if let Err(e) = self.handle_message(header, payload, len) {
+                        self.protocol_error(e);
+                    }
+                }
+                None => match Frame::decode(run.slice(start..at)) {
+                    Ok(frame) => self.handle_frame(now, frame, len),
+                    Err(e) => self.close_with(CloseCause::Protocol(e)),
+                },
+            }
+            if !self.is_open() {
+                return;
             }
         }
     }
