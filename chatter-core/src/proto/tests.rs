@@ -859,3 +859,23 @@ fn events_come_out_in_order_and_messages_can_be_taken_apart() {
     assert_eq!(payloads, [1, 2]);
     assert!(pair.b.poll_event().is_none());
 }
+
+#[test]
+fn a_run_of_message_frames_is_handled_in_order_up_to_an_error() {
+    let mut p = Pair::new();
+    // Two one-shot messages, one with an extra header field (decoded by the general
+    // decoder), a message with an unknown flag, then one that must be discarded.
+    let mut wire = raw_message(1, 1, FLAG_OWNER | FLAG_LAST);
+    wire.extend_from_slice(b"\x00\x00\x00\x07\x95\x01\x02\x02\x05\xa1x");
+    wire.extend_from_slice(&raw_message(3, 3, FLAG_OWNER | FLAG_LAST));
+    wire.extend_from_slice(&raw_message(4, 4, 0x08));
+    wire.extend_from_slice(&raw_message(5, 5, FLAG_OWNER | FLAG_LAST));
+    p.a.handle_input(p.now, &mut wire);
+    assert!(wire.is_empty());
+    let mut ids = Vec::new();
+    while let Some(m) = p.a.poll_message() {
+        ids.push(m.conversation.first);
+    }
+    assert_eq!(ids, [1, 2, 3]);
+    assert_protocol_error(&mut p.a, |e| matches!(e, ProtocolError::Malformed(_)));
+}
