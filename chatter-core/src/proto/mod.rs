@@ -112,12 +112,20 @@ impl Default for Keepalive {
 }
 
 /// A conversation as one side sees it: who opened it and the id of its first message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ConversationId {
     /// True when this side opened (owns) the conversation.
     pub owner: bool,
     /// The id of the conversation's first message, in the owner's id sequence.
     pub first: u64,
+}
+
+impl std::hash::Hash for ConversationId {
+    /// One word instead of two (a round of [`IdHasher`] less per lookup): `first` rotated,
+    /// with `owner` in the freed low bit. Only ids of 2^63 and above can share a hash.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.first.rotate_left(1) ^ self.owner as u64);
+    }
 }
 
 /// Arguments of [`Protocol::send`]. The default is a one-shot message: a new conversation,
@@ -337,6 +345,7 @@ impl Protocol {
     /// Sends a message. On success the frame is queued for [`take_output`](Self::take_output)
     /// and the conversation it belongs to is returned. `now` is only read to arm
     /// `args.timeout`.
+    #[inline]
     pub fn send(
         &mut self,
         now: Instant,
@@ -819,8 +828,11 @@ impl Protocol {
                 }
                 self.peer_opened += 1;
                 let turn = if token { Turn::Local } else { Turn::Remote };
-                self.conversations
-                    .insert(conversation, ConvState { turn, timer: None });
+                // The id is the next in the peer's sequence: no state exists for it yet (an
+                // entry costs less than an insert that checks for an old value).
+                if let Entry::Vacant(v) = self.conversations.entry(conversation) {
+                    v.insert(ConvState { turn, timer: None });
+                }
             }
         } else {
             // One lookup for the checks and the update or end.
