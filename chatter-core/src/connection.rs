@@ -223,8 +223,10 @@ impl Connection {
 
     /// The next message. After the connection closed, messages that arrived before the
     /// close are still returned; then the close cause.
-    pub async fn receive(&self) -> Result<Msg, ConnectionClosed> {
-        self.next(Inner::pop_message).await
+    // Returns the future of `next` itself: an `async fn` around it would add a state
+    // machine that only forwards the poll and moves the message once more.
+    pub fn receive(&self) -> impl Future<Output = Result<Msg, ConnectionClosed>> + '_ {
+        self.next(Inner::pop_message)
     }
 
     /// The next conversation timeout (see [`SendOptions::timeout`]). No timeout fires
@@ -605,6 +607,7 @@ impl Inner {
 
     /// The driver's waker, when the protocol has new output for it to write (it had none
     /// before if `was_idle`).
+    #[inline]
     fn driver_wake(&mut self, was_idle: bool) -> Option<Waker> {
         if (was_idle && self.proto.has_output()) || self.proto.is_closed() {
             self.driver.clone()

@@ -789,6 +789,7 @@ impl Protocol {
         }
     }
 
+    #[inline]
     fn handle_message(
         &mut self,
         header: MessageHeader,
