@@ -618,6 +618,7 @@ impl Inner {
 }
 
 impl Shared {
+    #[inline]
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // The protocol never panics while holding the lock; if something else did, the state
         // is still consistent enough to close the connection.

@@ -628,6 +628,7 @@ impl Protocol {
     /// [`Connection`](crate::Connection) does): messages come out in order, without an
     /// [`Event`] around each. Use it with [`poll_other_event`](Self::poll_other_event)
     /// instead of [`poll_event`](Self::poll_event).
+    #[inline]
     pub fn poll_message(&mut self) -> Option<Message> {
         let message = self.messages.pop_front()?;
         self.messages_taken += 1;
@@ -655,6 +656,7 @@ impl Protocol {
     /// Credit returns in chunks, to keep window frames rare: once the unannounced credit
     /// reaches a quarter of the window, or earlier if holding it back could leave the peer
     /// unable to send a frame of the maximum size while this side has nothing buffered.
+    #[inline]
     pub fn release(&mut self, cost: u32) {
         if !self.is_open() {
             return;
