@@ -556,6 +556,7 @@ struct Wake {
 impl Inner {
     /// Takes the next message and gives its flow-control credit back. Messages stay in the
     /// protocol's queue until taken (no second queue to move them through).
+    #[inline]
     fn pop_message(&mut self) -> Option<Msg> {
         let m = self.proto.poll_message()?;
         self.proto.release(m.cost);

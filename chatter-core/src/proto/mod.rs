@@ -791,7 +791,7 @@ impl Protocol {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn handle_message(
         &mut self,
         header: MessageHeader,
