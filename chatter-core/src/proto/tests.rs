@@ -879,3 +879,62 @@ fn a_run_of_message_frames_is_handled_in_order_up_to_an_error() {
     assert_eq!(ids, [1, 2, 3]);
     assert_protocol_error(&mut p.a, |e| matches!(e, ProtocolError::Malformed(_)));
 }
+
+/// xorshift64*: a deterministic stream of pseudo-random numbers for the mutation test.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+#[test]
+fn mutated_input_never_panics_and_ends_open_or_with_a_protocol_error() {
+    // Valid traffic (one-shot messages, conversations, replies) with random bytes
+    // overwritten, inserted or cut, fed in random chunks: the receiver must never panic,
+    // and must either stay open or close with a protocol error, never anything else.
+    let (mut stayed_open, mut closed_on_error) = (0, 0);
+    for seed in 1..=400u64 {
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut p = Pair::new();
+        let mut wire = BytesMut::new();
+        for i in 0..12u8 {
+            let payload = vec![i; (next_random(&mut rng) % 300) as usize];
+            p.a.send(p.now, open(false, true), &payload).unwrap();
+            if next_random(&mut rng) % 2 == 0 {
+                p.a.send(p.now, open(true, false), b"one-shot").unwrap();
+            }
+            p.a.take_output(&mut wire);
+        }
+        let mut bytes = wire.to_vec();
+        for _ in 0..1 + next_random(&mut rng) % 4 {
+            let at = (next_random(&mut rng) as usize) % bytes.len();
+            match next_random(&mut rng) % 3 {
+                0 => bytes[at] = next_random(&mut rng) as u8,
+                1 => bytes.insert(at, next_random(&mut rng) as u8),
+                _ => bytes.truncate(at.max(1)),
+            }
+        }
+        let mut buf = BytesMut::new();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let n = 1 + (next_random(&mut rng) as usize) % rest.len().min(97);
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            p.b.handle_input(p.now, &mut buf);
+        }
+        match closed(&mut p.b) {
+            None => {
+                assert!(p.b.is_open(), "seed {seed}: neither open nor closed");
+                stayed_open += 1;
+            }
+            Some(CloseCause::Protocol(_)) => closed_on_error += 1,
+            Some(other) => panic!("seed {seed}: closed with {other:?}"),
+        }
+    }
+    // Both outcomes happen (a cut tail leaves it open; a bad byte in a header closes it).
+    assert!(
+        stayed_open > 0 && closed_on_error > 0,
+        "{stayed_open} {closed_on_error}"
+    );
+}
