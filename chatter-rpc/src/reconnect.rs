@@ -858,12 +858,12 @@ impl ReconnectingPeer {
             let mut outbox = lock(&sh.outbox);
             if outbox.items.len() >= sh.capacity {
                 match sh.reconnect.when_full {
-                    WhenFull::Error | WhenFull::Wait => {
-                        if sh.reconnect.when_full == WhenFull::Error {
-                            bump(&sh.counters.rejected);
-                        }
+                    WhenFull::Error => {
+                        bump(&sh.counters.rejected);
                         return Err(SignalError::OutboxFull);
                     }
+                    // `signal` waits for room and tries again.
+                    WhenFull::Wait => return Err(SignalError::OutboxFull),
                     WhenFull::DropOldest => evicted = outbox.items.pop_front(),
                 }
             }
