@@ -160,7 +160,7 @@ impl ClientCore {
                         return inner.signal(payload, ttl).map(|()| Sent::untracked());
                     }
                     let (reliable, sent) = lock(&inner.hooks.tracked).track(&payload, ttl)?;
-                    match inner.signal(reliable, ttl) {
+                    match inner.signal(reliable.into(), ttl) {
                         Ok(()) => Ok(sent),
                         Err(e) => {
                             lock(&inner.hooks.tracked).untrack(&sent);
@@ -168,7 +168,9 @@ impl ClientCore {
                         }
                     }
                 }
-                Target::Reconnecting(peer) => peer.signal(payload, ttl, persistent).await,
+                Target::Reconnecting(peer) => {
+                    peer.signal(payload.into_bytes(), ttl, persistent).await
+                }
             }
         }
     }
@@ -197,7 +199,8 @@ impl ClientCore {
                     // Boxed: inline, its state (about 550 bytes) would make every call
                     // future that large, plain-peer calls included, and copying it shows
                     // in profiles.
-                    let reply = Box::pin(peer.call(payload, deadline, idempotent)).await;
+                    let call = peer.call(payload.into_bytes(), deadline, idempotent);
+                    let reply = Box::pin(call).await;
                     return finish(
                         reply.map_err(|e| e.map_app(|n| match n {})),
                         app,
@@ -209,7 +212,7 @@ impl ClientCore {
             if inner.hooks.is_shutting_down() {
                 return Err(CallError::ShuttingDown);
             }
-            let reply = match inner.call(&payload, deadline).await {
+            let reply = match inner.call(payload, deadline).await {
                 Outcome::Reply(reply) => reply,
                 Outcome::Deadline => return Err(CallError::DeadlineExceeded),
                 Outcome::Lost(cause) | Outcome::NotSent(cause) => {

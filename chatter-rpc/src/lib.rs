@@ -129,6 +129,7 @@ pub mod __private {
         decode_args, reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay, CtxError, CtxNone,
         Dispatch,
     };
+    pub use crate::wire::Payload;
     pub use ::bytes::Bytes;
     pub use ::core::clone::Clone;
     pub use ::core::convert::{Infallible, Into};

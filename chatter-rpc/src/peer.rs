@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::service::{BoxFuture, CatchUnwind, Dispatch, Service};
-use crate::wire::{self, FailureKind, Incoming};
+use crate::wire::{self, FailureKind, Incoming, Payload};
 
 mod reliable;
 mod shutdown;
@@ -431,36 +431,51 @@ pub(crate) fn bump(counter: &AtomicU64) {
 impl Inner {
     /// Sends a request and waits for its outcome. The caller's future owns a guard: if it is
     /// dropped before the outcome, the callee is told to cancel.
-    pub(crate) async fn call(self: &Arc<Self>, payload: &[u8], deadline: Duration) -> Outcome {
+    pub(crate) fn call<'a>(
+        self: &'a Arc<Self>,
+        payload: impl AsRef<[u8]> + Send + 'a,
+        deadline: Duration,
+    ) -> impl Future<Output = Outcome> + Send + 'a {
+        // Sent before the future is made, so that the future does not hold the request:
+        // its buffer goes back to the pool now, not when the reply comes. Callers call
+        // this in the first poll of their own future, so calls are still sent when first
+        // polled.
         let options = SendOptions::new().last(false).timeout(deadline);
-        let conv = match self.conn.try_send(payload, options) {
-            Ok(conv) => conv,
-            Err(SendError::WouldBlock) => {
-                // Rare (the peer's window is full). Boxed so that its timer and wait state do
-                // not make every call future larger: callers move these futures around.
-                let wait = Box::pin(tokio::time::timeout(
-                    deadline,
-                    self.conn.send_bytes(payload, options),
-                ));
-                match wait.await {
-                    Ok(Ok(conv)) => conv,
-                    Ok(Err(e)) => return send_failure(e),
-                    Err(_) => return Outcome::Deadline,
+        let start = match self.conn.try_send(payload.as_ref(), options) {
+            Ok(conv) => Start::Sent(CallGuard {
+                inner: self,
+                id: conv.first_id(),
+                armed: true,
+            }),
+            // Rare (the peer's window is full). Boxed so that its timer and wait state do
+            // not make every call future larger: callers move these futures around.
+            Err(SendError::WouldBlock) => Start::Wait(Box::pin(async move {
+                let send = self.conn.send_bytes(payload.as_ref(), options);
+                match tokio::time::timeout(deadline, send).await {
+                    Ok(Ok(conv)) => Ok(conv),
+                    Ok(Err(e)) => Err(send_failure(e)),
+                    Err(_) => Err(Outcome::Deadline),
                 }
-            }
-            Err(e) => return send_failure(e),
+            })),
+            Err(e) => Start::Wait(Box::pin(std::future::ready(Err(send_failure(e))))),
         };
-        let id = conv.first_id();
-        // Created before the first poll of the wait, which registers the slot in the same
-        // poll as the send: a dropped call always leaves its slot `Abandoned`.
-        let mut guard = CallGuard {
-            inner: self,
-            id,
-            armed: true,
-        };
-        let outcome = std::future::poll_fn(|cx| self.poll_outcome(id, cx)).await;
-        guard.armed = false;
-        outcome
+        async move {
+            let mut guard = match start {
+                Start::Sent(guard) => guard,
+                Start::Wait(wait) => match wait.await {
+                    Ok(conv) => CallGuard {
+                        inner: self,
+                        id: conv.first_id(),
+                        armed: true,
+                    },
+                    Err(outcome) => return outcome,
+                },
+            };
+            let id = guard.id;
+            let outcome = std::future::poll_fn(|cx| self.poll_outcome(id, cx)).await;
+            guard.armed = false;
+            outcome
+        }
     }
 
     /// Takes the outcome of call `id` if it arrived, else registers (or refreshes) the
@@ -516,11 +531,11 @@ impl Inner {
     }
 
     /// Hands a message to the connection now if it has credit, else to the outbox.
-    pub(crate) fn send_soon(&self, payload: Bytes, options: SendOptions) {
+    pub(crate) fn send_soon(&self, payload: Payload, options: SendOptions) {
         match self.conn.try_send(&payload, options) {
             Err(SendError::WouldBlock) => {
                 let _ = self.outbox().send(Outgoing {
-                    payload,
+                    payload: payload.into_bytes(),
                     options,
                     expires: None,
                 });
@@ -534,7 +549,7 @@ impl Inner {
     /// connection has credit, else through the outbox (dropped if `ttl` runs out first).
     pub(crate) fn signal(
         &self,
-        payload: Bytes,
+        payload: Payload,
         ttl: Duration,
     ) -> Result<(), crate::error::SignalError> {
         use crate::error::SignalError;
@@ -560,7 +575,7 @@ impl Inner {
         }
         self.queued.count.fetch_add(1, Ordering::AcqRel);
         let item = Outgoing {
-            payload,
+            payload: payload.into_bytes(),
             options: SendOptions::new(),
             expires: Some(after(ttl)),
         };
@@ -815,7 +830,7 @@ impl Inner {
         method: &str,
         args: &[u8],
         last: Option<&mut LastObject>,
-    ) -> Result<BoxFuture<Bytes>, Bytes> {
+    ) -> Result<BoxFuture<Payload>, Payload> {
         let Some(service) = self.lookup_with(object, last) else {
             return Err(wire::encode_failure(FailureKind::NoSuchObject, object));
         };
@@ -890,7 +905,7 @@ impl Inner {
     }
 
     /// The reply for a handler's outcome (its encoded reply, or the message of its panic).
-    fn handler_result(&self, result: Result<Bytes, String>) -> Bytes {
+    fn handler_result(&self, result: Result<Payload, String>) -> Payload {
         result.unwrap_or_else(|message| {
             bump(&self.stats.handler_panics);
             wire::encode_failure(FailureKind::RemotePanic, &message)
@@ -904,7 +919,7 @@ impl Inner {
         }
     }
 
-    fn reply(&self, conv: Conversation, payload: Bytes) {
+    fn reply(&self, conv: Conversation, payload: Payload) {
         self.send_soon(payload, SendOptions::new().conversation(conv));
     }
 
@@ -996,6 +1011,12 @@ pub(crate) async fn until_zero(count: &AtomicUsize, zero: &Notify) {
 /// How long a graceful close waits for cancelled handlers to send their replies.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// How a call began: sent (the guard owns its pending slot), or waiting to be sent.
+enum Start<'a> {
+    Sent(CallGuard<'a>),
+    Wait(Pin<Box<dyn Future<Output = Result<Conversation, Outcome>> + Send + 'a>>),
+}
+
 /// Tells the callee to cancel a call whose future was dropped.
 struct CallGuard<'a> {
     inner: &'a Inner,
@@ -1009,8 +1030,20 @@ impl Drop for CallGuard<'_> {
             return;
         }
         let mut pending = lock(&self.inner.pending);
-        let Entry::Occupied(mut slot) = pending.calls.entry(self.id) else {
-            return;
+        let closed = pending.closed.is_some();
+        let mut slot = match pending.calls.entry(self.id) {
+            Entry::Occupied(slot) => slot,
+            // Sent, but the caller's future was dropped before its first poll registered
+            // the slot: abandon it as the reply has yet to end the conversation.
+            Entry::Vacant(slot) => {
+                if !closed {
+                    slot.insert(Slot::Abandoned);
+                    drop(pending);
+                    self.inner
+                        .send_soon(wire::encode_cancel(self.id), SendOptions::new());
+                }
+                return;
+            }
         };
         match slot.get() {
             Slot::Waiting(_) => {
@@ -1130,7 +1163,7 @@ async fn run_call(
 async fn finish_call(
     inner: Arc<Inner>,
     conv: Conversation,
-    handler: CatchUnwind<dyn Future<Output = Bytes> + Send>,
+    handler: CatchUnwind<dyn Future<Output = Payload> + Send>,
     deadline: Instant,
     mut cancel: oneshot::Receiver<()>,
 ) {
@@ -1142,10 +1175,10 @@ async fn finish_call(
 
 /// Runs a call's work until it finishes, is cancelled or passes its deadline.
 async fn race_call(
-    work: impl Future<Output = Bytes>,
+    work: impl Future<Output = Payload>,
     cancel: &mut oneshot::Receiver<()>,
     deadline: Instant,
-) -> Bytes {
+) -> Payload {
     tokio::select! {
         biased;
         _ = cancel => wire::encode_failure(FailureKind::Cancelled, "cancelled"),
@@ -1157,7 +1190,7 @@ async fn race_call(
 }
 
 /// Sends a spawned call's reply and retires the call.
-async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Bytes) {
+async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Payload) {
     lock(&inner.inflight).calls.remove(&conv.first_id());
     let options = SendOptions::new().conversation(conv);
     let sent = match inner.conn.try_send(&reply, options) {
@@ -1346,6 +1379,30 @@ mod tests {
         assert_eq!(
             call(&caller, "other").await,
             Err(Some(FailureKind::NoSuchObject))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_before_its_first_poll_leaves_no_pending_slot() {
+        let (caller, callee, _server) = pair().await;
+        callee.register(
+            "o",
+            Fixed {
+                value: 7,
+                dropped: Arc::default(),
+            },
+        );
+        let request = wire::encode_request(wire::CALL, "o", "get", Duration::from_secs(5), &())
+            .expect("encode");
+        // The request is sent when the future is made; the future is never polled.
+        drop(caller.inner.call(&request, Duration::from_secs(5)));
+        // Replies come in order: once this call's reply is in, so is the dropped one's.
+        assert_eq!(call(&caller, "o").await, Ok(7));
+        let pending = lock(&caller.inner.pending);
+        assert!(
+            pending.calls.is_empty(),
+            "{} pending slots left",
+            pending.calls.len()
         );
     }
 }

@@ -7,12 +7,11 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::RemoteContext;
-use crate::wire::{self, FailureKind};
+use crate::wire::{self, FailureKind, Payload};
 
 /// An object that can be registered on a [`Peer`](crate::Peer) and called remotely.
 ///
@@ -31,7 +30,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 #[doc(hidden)]
 pub enum Dispatch {
     /// A call handler; resolves to the encoded reply.
-    Call(BoxFuture<Bytes>),
+    Call(BoxFuture<Payload>),
     /// A signal handler.
     Signal(BoxFuture<()>),
     /// The object has no such method.
@@ -60,7 +59,7 @@ pub fn decode_args<A: DeserializeOwned>(method: &str, args: &[u8]) -> Result<A, 
 
 /// Encodes a successful return value.
 #[doc(hidden)]
-pub fn reply_ok<T: Serialize>(value: &T) -> Bytes {
+pub fn reply_ok<T: Serialize>(value: &T) -> Payload {
     wire::encode_ok(value).unwrap_or_else(|e| {
         tracing::warn!("cannot encode a reply: {e}");
         wire::encode_failure(FailureKind::Protocol, &format!("callee: {e}"))
@@ -69,7 +68,7 @@ pub fn reply_ok<T: Serialize>(value: &T) -> Bytes {
 
 /// Encodes an application error with its context.
 #[doc(hidden)]
-pub fn reply_app_error<E: Serialize>(error: &E, context: Option<RemoteContext>) -> Bytes {
+pub fn reply_app_error<E: Serialize>(error: &E, context: Option<RemoteContext>) -> Payload {
     wire::encode_app_error(error, &context.unwrap_or_default()).unwrap_or_else(|e| {
         tracing::warn!("cannot encode an application error: {e}");
         wire::encode_failure(FailureKind::Protocol, &format!("callee: {e}"))

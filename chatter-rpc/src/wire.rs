@@ -126,7 +126,7 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
     method: &str,
     duration: Duration,
     args: &A,
-) -> Result<Bytes, WireError> {
+) -> Result<Payload, WireError> {
     encode(|w| {
         header(w, 5, kind);
         put_str(w, object);
@@ -137,15 +137,15 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
 }
 
 /// `[2, call]`: cancel the call whose conversation's first message had id `call`.
-pub(crate) fn encode_cancel(call: u64) -> Bytes {
+pub(crate) fn encode_cancel(call: u64) -> Payload {
     let mut w = Vec::with_capacity(11);
     header(&mut w, 2, CANCEL);
     infallible(rmp::encode::write_uint(&mut w, call).map(drop));
-    Bytes::from(w)
+    Payload::from_vec(w)
 }
 
 /// `[0, value]`.
-pub(crate) fn encode_ok<T: Serialize + ?Sized>(v: &T) -> Result<Bytes, WireError> {
+pub(crate) fn encode_ok<T: Serialize + ?Sized>(v: &T) -> Result<Payload, WireError> {
     encode(|w| {
         header(w, 2, OK);
         value(w, v)
@@ -156,7 +156,7 @@ pub(crate) fn encode_ok<T: Serialize + ?Sized>(v: &T) -> Result<Bytes, WireError
 pub(crate) fn encode_app_error<E: Serialize + ?Sized>(
     error: &E,
     context: &RemoteContext,
-) -> Result<Bytes, WireError> {
+) -> Result<Payload, WireError> {
     let mut w = Vec::with_capacity(64);
     header(&mut w, 3, APP_ERROR);
     infallible(rmp::encode::write_array_len(&mut w, 2).map(drop));
@@ -166,47 +166,131 @@ pub(crate) fn encode_app_error<E: Serialize + ?Sized>(
         infallible(rmp::encode::write_str(&mut w, cause));
     }
     value(&mut w, error)?;
-    Ok(Bytes::from(w))
+    Ok(Payload::from_vec(w))
 }
 
 /// `[2, kind, message]`.
-pub(crate) fn encode_failure(kind: FailureKind, message: &str) -> Bytes {
+pub(crate) fn encode_failure(kind: FailureKind, message: &str) -> Payload {
     let mut w = Vec::with_capacity(8 + message.len());
     header(&mut w, 3, FAILURE);
     infallible(rmp::encode::write_uint(&mut w, kind as u64).map(drop));
     infallible(rmp::encode::write_str(&mut w, message));
-    Bytes::from(w)
+    Payload::from_vec(w)
 }
 
-/// Envelopes up to this size are built in a per-thread scratch buffer and copied into an
-/// allocation of their exact size; larger ones take the buffer itself, without a copy.
-const SCRATCH_MAX: usize = 1024;
+/// An encoded envelope, ready to send.
+///
+/// Envelopes are built in buffers recycled through a small per-thread pool: one is taken
+/// for each call, reply or signal and given back when the payload has been copied into the
+/// connection (which happens at once unless the peer's window is full), so the hot paths
+/// neither allocate nor free per message. Envelopes that must be kept (queued, stored,
+/// re-sent) become [`Bytes`] with [`into_bytes`](Self::into_bytes).
+#[doc(hidden)]
+pub struct Payload(Repr);
+
+enum Repr {
+    Pooled(Vec<u8>),
+    Shared(Bytes),
+}
+
+/// Buffers kept per thread, and the largest capacity worth keeping: a pool of small
+/// buffers for the common small envelopes, never a cache of large payloads.
+const POOL_MAX: usize = 16;
+const POOLED_CAPACITY: usize = 4096;
+/// The capacity of a new pooled buffer: most envelopes are far smaller.
+const FIRST_CAPACITY: usize = 256;
+/// Envelopes up to this size are copied out of their buffer when kept (the buffer goes
+/// back to the pool); larger ones hand their buffer over.
+const COPY_MAX: usize = 1024;
 
 thread_local! {
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `build` on an empty buffer and returns what it wrote.
-///
-/// `Bytes::from(Vec)` allocates a shared header besides the vector unless the vector's
-/// length equals its capacity, which an encoder cannot know in advance: an envelope would
-/// cost two allocations. Built in the reused scratch buffer and copied, it costs one.
-fn encode(build: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>) -> Result<Bytes, WireError> {
-    SCRATCH.with(|scratch| {
-        let Ok(mut w) = scratch.try_borrow_mut() else {
-            // Re-entered (a value's `Serialize` encoded an envelope itself): a fresh buffer.
-            let mut w = Vec::new();
-            build(&mut w)?;
-            return Ok(Bytes::from(w));
+impl Payload {
+    /// An empty payload in a recycled buffer.
+    fn pooled() -> Payload {
+        let buf = POOL
+            .try_with(|pool| pool.try_borrow_mut().ok()?.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Vec::with_capacity(FIRST_CAPACITY));
+        Payload(Repr::Pooled(buf))
+    }
+
+    /// An envelope built in `buf` (which is recycled when the payload is dropped).
+    fn from_vec(buf: Vec<u8>) -> Payload {
+        Payload(Repr::Pooled(buf))
+    }
+
+    /// The payload as `Bytes`, to keep.
+    pub(crate) fn into_bytes(mut self) -> Bytes {
+        match &mut self.0 {
+            Repr::Shared(bytes) => std::mem::take(bytes),
+            Repr::Pooled(buf) if buf.len() <= COPY_MAX => Bytes::copy_from_slice(buf),
+            Repr::Pooled(buf) => Bytes::from(std::mem::take(buf)),
+        }
+    }
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        let Repr::Pooled(buf) = &mut self.0 else {
+            return;
         };
-        w.clear();
-        build(&mut w)?;
-        Ok(if w.len() <= SCRATCH_MAX {
-            Bytes::copy_from_slice(&w)
-        } else {
-            Bytes::from(std::mem::take(&mut *w))
-        })
-    })
+        if buf.capacity() == 0 || buf.capacity() > POOLED_CAPACITY {
+            return;
+        }
+        let mut buf = std::mem::take(buf);
+        buf.clear();
+        // `try_with`: a payload dropped while the thread's locals are torn down is freed.
+        let _ = POOL.try_with(|pool| {
+            if let Ok(mut pool) = pool.try_borrow_mut() {
+                if pool.len() < POOL_MAX {
+                    pool.push(buf);
+                }
+            }
+        });
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(bytes: Bytes) -> Payload {
+        Payload(Repr::Shared(bytes))
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Pooled(buf) => buf,
+            Repr::Shared(bytes) => bytes,
+        }
+    }
+}
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Payload({} bytes)", self.len())
+    }
+}
+
+/// Runs `build` on an empty recycled buffer and returns what it wrote.
+fn encode(build: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>) -> Result<Payload, WireError> {
+    let mut payload = Payload::pooled();
+    let Repr::Pooled(buf) = &mut payload.0 else {
+        unreachable!("a new payload is pooled")
+    };
+    build(buf)?;
+    Ok(payload)
 }
 
 /// Decodes a caller-to-callee envelope.

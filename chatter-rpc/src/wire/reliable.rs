@@ -80,13 +80,13 @@ pub(crate) fn rewrite_deadline(call: &[u8], deadline: Duration) -> Result<Bytes,
 }
 
 /// `[4, stream, seq, status]`.
-pub(crate) fn encode_ack(stream: u64, seq: u64, status: AckStatus) -> Bytes {
+pub(crate) fn encode_ack(stream: u64, seq: u64, status: AckStatus) -> super::Payload {
     let mut w = Vec::with_capacity(24);
     header(&mut w, 4, super::ACK);
     infallible(rmp::encode::write_uint(&mut w, stream).map(drop));
     infallible(rmp::encode::write_uint(&mut w, seq).map(drop));
     infallible(rmp::encode::write_uint(&mut w, status as u64).map(drop));
-    Bytes::from(w)
+    super::Payload::from_vec(w)
 }
 
 /// The rest of a kind-3 envelope, after `[3,`.
