@@ -169,7 +169,9 @@ impl ClientCore {
                     }
                 }
                 Target::Reconnecting(peer) => {
-                    peer.signal(payload.into_bytes(), ttl, persistent).await
+                    // Boxed, as for calls: its wait state would make every signal future
+                    // several times larger, and futures are moved when awaited.
+                    Box::pin(peer.signal(payload.into_bytes(), ttl, persistent)).await
                 }
             }
         }

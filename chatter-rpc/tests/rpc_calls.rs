@@ -333,6 +333,6 @@ async fn call_futures_stay_small() {
     let call = p.calc.add(1, 2);
     let size = std::mem::size_of_val(&call);
     println!("call future: {size} bytes");
-    assert!(size <= 320, "a call future takes {size} bytes");
+    assert!(size <= 256, "a call future takes {size} bytes");
     assert_eq!(call.await.expect("reply"), 3);
 }

@@ -168,3 +168,16 @@ fn handles_are_send_and_sync() {
     check::<CalculatorClient>();
     check::<CalculatorServer<Calc>>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn signal_futures_stay_small() {
+    // As call futures: awaiting moves a future, so its size is a cost per signal. The
+    // reconnecting path's wait state is boxed so plain signals do not carry it.
+    let mut p = pair().await;
+    let signal = p.calc.record(9);
+    let size = std::mem::size_of_val(&signal);
+    println!("signal future: {size} bytes");
+    assert!(size <= 128, "a signal future takes {size} bytes");
+    signal.await.unwrap();
+    assert_eq!(within(p.probe.recorded.recv()).await.unwrap(), 9);
+}
