@@ -268,9 +268,10 @@ fn server(tr: &Trait) -> TokenStream {
             };
             (quote!(Call), body)
         };
+        let wire_bytes = syn::LitByteStr::new(wire_name.as_bytes(), name.span());
         quote! {
-            #wire_name => {
-                let (#(#idents,)*): (#(#tys,)*) = match #p::decode_args(__method, __args) {
+            #wire_bytes => {
+                let (#(#idents,)*): (#(#tys,)*) = match #p::decode_args(#wire_name, __args) {
                     #p::Ok(__decoded) => __decoded,
                     #p::Err(__failed) => return __failed,
                 };
@@ -318,7 +319,7 @@ fn server(tr: &Trait) -> TokenStream {
         where
             __T: #trait_ident + #p::Send + #p::Sync + 'static,
         {
-            fn __dispatch(&self, __method: &str, __args: &[u8]) -> #p::Dispatch {
+            fn __dispatch(&self, __method: &[u8], __args: &[u8]) -> #p::Dispatch {
                 match __method {
                     #(#arms)*
                     _ => #p::Dispatch::NoSuchMethod,

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 use crate::service::{BoxFuture, CatchUnwind, Dispatch, Service};
-use crate::wire::{self, FailureKind, Incoming, Payload};
+use crate::wire::{self, FailureKind, Incoming, Name, Payload};
 
 mod reliable;
 mod shutdown;
@@ -788,7 +788,7 @@ impl Inner {
                             Poll::Pending => {
                                 permit.forget();
                                 let (inner, object, method) =
-                                    (self.clone(), object.to_owned(), method.to_owned());
+                                    (self.clone(), object.to_string(), method.to_string());
                                 tokio::spawn(async move {
                                     let result = handler.await;
                                     inner.handlers.add_permits(1);
@@ -826,16 +826,19 @@ impl Inner {
     /// reply that says why it cannot run.
     fn start_call(
         &self,
-        object: &str,
-        method: &str,
+        object: Name<'_>,
+        method: Name<'_>,
         args: &[u8],
         last: Option<&mut LastObject>,
     ) -> Result<BoxFuture<Payload>, Payload> {
         let Some(service) = self.lookup_with(object, last) else {
-            return Err(wire::encode_failure(FailureKind::NoSuchObject, object));
+            return Err(wire::encode_failure(
+                FailureKind::NoSuchObject,
+                &object.to_string(),
+            ));
         };
         let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            service.__dispatch(method, args)
+            service.__dispatch(method.as_bytes(), args)
         }));
         match dispatch {
             Ok(Dispatch::Call(handler)) => Ok(handler),
@@ -843,9 +846,10 @@ impl Inner {
                 let what = format!("`{method}` is a signal: send it, do not call it");
                 Err(wire::encode_failure(FailureKind::Protocol, &what))
             }
-            Ok(Dispatch::NoSuchMethod) => {
-                Err(wire::encode_failure(FailureKind::NoSuchMethod, method))
-            }
+            Ok(Dispatch::NoSuchMethod) => Err(wire::encode_failure(
+                FailureKind::NoSuchMethod,
+                &method.to_string(),
+            )),
             Ok(Dispatch::BadArguments(what)) => {
                 Err(wire::encode_failure(FailureKind::BadArguments, &what))
             }
@@ -861,8 +865,8 @@ impl Inner {
     /// when it cannot run.
     fn start_signal(
         &self,
-        object: &str,
-        method: &str,
+        object: Name<'_>,
+        method: Name<'_>,
         args: &[u8],
         last: Option<&mut LastObject>,
     ) -> Option<BoxFuture<()>> {
@@ -875,7 +879,7 @@ impl Inner {
             return None;
         };
         let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            service.__dispatch(method, args)
+            service.__dispatch(method.as_bytes(), args)
         }));
         match dispatch {
             Ok(Dispatch::Signal(handler)) => {
@@ -894,7 +898,12 @@ impl Inner {
     }
 
     /// Counts a signal handler that panicked.
-    fn signal_result(&self, result: Result<(), String>, object: &str, method: &str) {
+    fn signal_result(
+        &self,
+        result: Result<(), String>,
+        object: impl std::fmt::Display,
+        method: impl std::fmt::Display,
+    ) {
         if let Err(message) = result {
             bump(&self.stats.handler_panics);
             bump(&self.stats.signals_failed);
@@ -927,14 +936,25 @@ impl Inner {
         read(&self.objects).get(object).cloned()
     }
 
-    /// [`lookup`](Self::lookup) through the receive task's memo, when there is one.
-    fn lookup_with<'a>(&self, object: &str, last: Option<&'a mut LastObject>) -> Option<Found<'a>> {
+    /// [`lookup`](Self::lookup) of a name as it arrived (not UTF-8: no such object).
+    pub(crate) fn lookup_name(&self, object: Name<'_>) -> Option<Arc<dyn Service>> {
+        self.lookup(std::str::from_utf8(object.as_bytes()).ok()?)
+    }
+
+    /// [`lookup_name`](Self::lookup_name) through the receive task's memo, when there is
+    /// one.
+    fn lookup_with<'a>(
+        &self,
+        object: Name<'_>,
+        last: Option<&'a mut LastObject>,
+    ) -> Option<Found<'a>> {
         let Some(last) = last else {
-            return self.lookup(object).map(Found::Owned);
+            return self.lookup_name(object).map(Found::Owned);
         };
         let generation = self.objects_generation.load(Ordering::Acquire);
-        let hit = last.generation == generation && last.name == object;
+        let hit = last.generation == generation && last.name.as_bytes() == object.as_bytes();
         if !hit || last.service.is_none() {
+            let object = std::str::from_utf8(object.as_bytes()).ok()?;
             let service = self.lookup(object)?;
             last.generation = generation;
             last.name.clear();
@@ -1300,7 +1320,7 @@ mod tests {
     }
 
     impl Service for Fixed {
-        fn __dispatch(&self, _method: &str, _args: &[u8]) -> Dispatch {
+        fn __dispatch(&self, _method: &[u8], _args: &[u8]) -> Dispatch {
             let value = self.value;
             Dispatch::Call(Box::pin(async move { reply_ok(&value) }))
         }

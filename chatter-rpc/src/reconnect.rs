@@ -1220,7 +1220,7 @@ async fn sweep(sh: Arc<Shared>) {
 struct SharedService(Arc<dyn Service>);
 
 impl Service for SharedService {
-    fn __dispatch(&self, method: &str, args: &[u8]) -> Dispatch {
+    fn __dispatch(&self, method: &[u8], args: &[u8]) -> Dispatch {
         self.0.__dispatch(method, args)
     }
 }

@@ -18,9 +18,10 @@ use crate::wire::{self, FailureKind, Payload};
 /// `#[remote]` implements it for the generated `{Trait}Server<T>`; you do not implement it
 /// by hand.
 pub trait Service: Send + Sync + 'static {
-    /// Decodes the arguments of `method` and returns what to run.
+    /// Decodes the arguments of `method` (its name as it arrived: bytes, matched against
+    /// the trait's method names) and returns what to run.
     #[doc(hidden)]
-    fn __dispatch(&self, method: &str, args: &[u8]) -> Dispatch;
+    fn __dispatch(&self, method: &[u8], args: &[u8]) -> Dispatch;
 }
 
 /// A boxed, sendable future (what handlers are run as).

@@ -59,18 +59,37 @@ impl FailureKind {
     }
 }
 
+/// An object or method name as it arrived. Names are matched against registered ones, not
+/// read, so they are compared as bytes and not checked to be UTF-8 on the way in (that
+/// check cost as much as the rest of decoding a request); shown lossily in messages. A
+/// name that is not UTF-8 matches nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Name<'a>(pub(crate) &'a [u8]);
+
+impl Name<'_> {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Name<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(self.0))
+    }
+}
+
 /// A decoded caller-to-callee envelope. `args` borrows the payload.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Incoming<'a> {
     Call {
-        object: &'a str,
-        method: &'a str,
+        object: Name<'a>,
+        method: Name<'a>,
         deadline: Duration,
         args: &'a [u8],
     },
     Signal {
-        object: &'a str,
-        method: &'a str,
+        object: Name<'a>,
+        method: Name<'a>,
         ttl: Duration,
         args: &'a [u8],
     },
@@ -81,8 +100,8 @@ pub(crate) enum Incoming<'a> {
     Reliable {
         stream: u64,
         seq: u64,
-        object: &'a str,
-        method: &'a str,
+        object: Name<'a>,
+        method: Name<'a>,
         ttl: Duration,
         args: &'a [u8],
     },
@@ -308,8 +327,8 @@ fn decode_any_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
     let kind: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("envelope kind", e))?;
     match (kind, len) {
         (CALL | SIGNAL, 5) => {
-            let (object, rest) = read_str(rd, "object name")?;
-            let (method, rest) = read_str(rest, "method name")?;
+            let (object, rest) = read_name(rd, "object name")?;
+            let (method, rest) = read_name(rest, "method name")?;
             let mut rd = rest;
             let ms: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("duration", e))?;
             let duration = Duration::from_millis(ms);
@@ -352,8 +371,8 @@ fn decode_plain_request(payload: &[u8]) -> Option<Incoming<'_>> {
     if len != 0x95 || !(kind == CALL || kind == SIGNAL) {
         return None;
     }
-    let (object, rest) = plain_str(rest)?;
-    let (method, rest) = plain_str(rest)?;
+    let (object, rest) = plain_name(rest)?;
+    let (method, rest) = plain_name(rest)?;
     let (&tag, rest) = rest.split_first()?;
     let (ms, args) = match tag {
         0x00..=0x7f => (u64::from(tag), rest),
@@ -388,14 +407,36 @@ fn decode_plain_request(payload: &[u8]) -> Option<Incoming<'_>> {
     })
 }
 
-/// A fixstr (under 32 bytes) of valid UTF-8 and what follows it.
-fn plain_str(rd: &[u8]) -> Option<(&str, &[u8])> {
+/// A fixstr (under 32 bytes) and what follows it.
+fn plain_name(rd: &[u8]) -> Option<(Name<'_>, &[u8])> {
     let (&tag, rest) = rd.split_first()?;
     if !(0xa0..=0xbf).contains(&tag) {
         return None;
     }
     let (s, rest) = rest.split_at_checked(usize::from(tag & 0x1f))?;
-    Some((std::str::from_utf8(s).ok()?, rest))
+    Some((Name(s), rest))
+}
+
+/// A MessagePack string of any length (its bytes, see [`Name`]) and what follows it.
+fn read_name<'a>(rd: &'a [u8], what: &str) -> Result<(Name<'a>, &'a [u8]), WireError> {
+    let mut rest = rd;
+    let len = rmp::decode::read_str_len(&mut rest).map_err(|e| bad(what, e))?;
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    let (name, rest) = rest
+        .split_at_checked(len)
+        .ok_or_else(|| WireError(format!("bad {what}: truncated")))?;
+    Ok((Name(name), rest))
+}
+
+/// A name as a MessagePack string in its shortest form.
+fn put_name(w: &mut Vec<u8>, name: Name<'_>) {
+    let bytes = name.as_bytes();
+    if bytes.len() < 32 {
+        w.push(0xa0 | bytes.len() as u8);
+    } else {
+        infallible(rmp::encode::write_str_len(&mut *w, len32(bytes.len())).map(drop));
+    }
+    w.extend_from_slice(bytes);
 }
 
 /// Decodes a reply envelope.
@@ -554,7 +595,7 @@ mod tests {
         else {
             panic!("not a call")
         };
-        assert_eq!((object, method), ("calc", "add"));
+        assert_eq!((object, method), (Name(b"calc"), Name(b"add")));
         assert_eq!(deadline, Duration::from_millis(1500));
         assert_eq!(decode_value::<(i64, i64)>(args).unwrap(), (2, 3));
     }
@@ -666,10 +707,24 @@ mod tests {
         }
         // Signed durations and bad UTF-8 are not plain.
         assert!(decode_plain_request(b"\x95\x00\xa1o\xa1m\xd0\x05\xc0").is_none());
-        assert!(decode_plain_request(b"\x95\x00\xa1\xff\xa1m\x05\xc0").is_none());
+
         assert!(decode_plain_request(b"\x95\x00\xa1o\xa1m\x05").is_none());
         assert!(decode_incoming(b"\x95\x00\xa1o\xa1m\xd0\x05\xc0").is_ok());
-        assert!(decode_incoming(b"\x95\x00\xa1\xff\xa1m\x05\xc0").is_err());
+        // Names are bytes: one that is not UTF-8 decodes (the same in both decoders, long
+        // or short) and then matches no object.
+        let bad_name = b"\x95\x00\xa1\xff\xa1m\x05\xc0";
+        let long_bad_name = b"\x95\x00\xd9\x01\xff\xa1m\x05\xc0";
+        for bytes in [&bad_name[..], long_bad_name] {
+            let Ok(Incoming::Call { object, .. }) = decode_incoming(bytes) else {
+                panic!("{bytes:x?} does not decode");
+            };
+            assert_eq!(object, Name(b"\xff"));
+            assert_eq!(object.to_string(), "\u{fffd}");
+        }
+        assert_eq!(
+            decode_plain_request(bad_name),
+            decode_any_incoming(bad_name).ok()
+        );
     }
 
     #[test]

@@ -317,6 +317,18 @@ async fn raw_envelopes_from_protocol_md_and_malformed_requests() {
     assert_eq!(reply.conversation, conv);
     assert_eq!(reply.payload.as_ref(), b"\x92\x00\x05");
 
+    // Names that are not UTF-8 match nothing: the call is refused as for any unknown name
+    // (the name shown lossily), and the peer keeps serving.
+    let bad_object = b"\x95\x00\xa3c\xffl\xa3add\x05\x92\x02\x03";
+    raw.send_bytes(bad_object, request).await.unwrap();
+    let reply = within(raw.receive()).await.unwrap();
+    // [2, 3 (no such object), "c\u{fffd}l"]
+    assert_eq!(reply.payload.as_ref(), b"\x93\x02\x03\xa5c\xef\xbf\xbdl");
+    let bad_method = b"\x95\x00\xa4calc\xa3a\xffd\x05\x92\x02\x03";
+    raw.send_bytes(bad_method, request).await.unwrap();
+    let reply = within(raw.receive()).await.unwrap();
+    assert_eq!(&reply.payload[..3], b"\x93\x02\x04", "{:x?}", reply.payload);
+
     // A deadline of u64::MAX ms is "forever", not an overflow.
     let forever = b"\x95\x00\xa4calc\xa3add\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x92\x02\x03";
     raw.send_bytes(forever, request).await.unwrap();

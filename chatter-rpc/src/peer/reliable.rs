@@ -326,7 +326,7 @@ impl Inner {
         let expires = after(ttl);
         // Looked up now, so that the handler runs even if this connection drops meanwhile
         // (the signal is already marked as received).
-        let service = self.lookup(object);
+        let service = self.lookup_name(object);
         let inner = self.clone();
         let handler = move || -> BoxFuture<()> {
             let admitted = Admitted {
@@ -390,7 +390,7 @@ async fn run_reliable(
         return failed("no such object");
     };
     let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        service.__dispatch(method, args)
+        service.__dispatch(method.as_bytes(), args)
     }));
     match dispatch {
         Ok(Dispatch::Signal(handler)) => {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{bad, header, infallible, millis, read_str, Incoming, WireError};
+use super::{bad, header, infallible, millis, Incoming, WireError};
 
 /// What the receiver of a reliable signal did with it (the `status` of an ack).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,12 +47,12 @@ pub(crate) fn encode_reliable(
     else {
         return Err(WireError("not a signal envelope".into()));
     };
-    let mut w = Vec::with_capacity(48 + object.len() + method.len() + args.len());
+    let mut w = Vec::with_capacity(48 + object.0.len() + method.0.len() + args.len());
     header(&mut w, 7, super::RELIABLE);
     infallible(rmp::encode::write_uint(&mut w, stream).map(drop));
     infallible(rmp::encode::write_uint(&mut w, seq).map(drop));
-    infallible(rmp::encode::write_str(&mut w, object));
-    infallible(rmp::encode::write_str(&mut w, method));
+    super::put_name(&mut w, object);
+    super::put_name(&mut w, method);
     infallible(rmp::encode::write_uint(&mut w, millis(ttl)).map(drop));
     w.extend_from_slice(args);
     Ok(Bytes::from(w))
@@ -70,10 +70,10 @@ pub(crate) fn rewrite_deadline(call: &[u8], deadline: Duration) -> Result<Bytes,
     else {
         return Err(WireError("not a call envelope".into()));
     };
-    let mut w = Vec::with_capacity(32 + object.len() + method.len() + args.len());
+    let mut w = Vec::with_capacity(32 + object.0.len() + method.0.len() + args.len());
     header(&mut w, 5, super::CALL);
-    infallible(rmp::encode::write_str(&mut w, object));
-    infallible(rmp::encode::write_str(&mut w, method));
+    super::put_name(&mut w, object);
+    super::put_name(&mut w, method);
     infallible(rmp::encode::write_uint(&mut w, millis(deadline)).map(drop));
     w.extend_from_slice(args);
     Ok(Bytes::from(w))
@@ -93,8 +93,8 @@ pub(crate) fn encode_ack(stream: u64, seq: u64, status: AckStatus) -> super::Pay
 pub(super) fn decode_reliable(mut rd: &[u8]) -> Result<Incoming<'_>, WireError> {
     let stream: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("stream id", e))?;
     let seq: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("sequence number", e))?;
-    let (object, rest) = read_str(rd, "object name")?;
-    let (method, rest) = read_str(rest, "method name")?;
+    let (object, rest) = super::read_name(rd, "object name")?;
+    let (method, rest) = super::read_name(rest, "method name")?;
     let mut rd = rest;
     let ms: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("ttl", e))?;
     if rd.is_empty() {
@@ -125,7 +125,7 @@ pub(super) fn decode_ack(mut rd: &[u8]) -> Result<Incoming<'_>, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{decode_incoming, decode_value, encode_request, SIGNAL};
+    use crate::wire::{decode_incoming, decode_value, encode_request, Name, SIGNAL};
 
     #[test]
     fn protocol_md_reliable_examples() {
@@ -148,7 +148,10 @@ mod tests {
         else {
             panic!("not a reliable signal")
         };
-        assert_eq!((stream, seq, object, method), (7, 300, "log", "line"));
+        assert_eq!(
+            (stream, seq, object, method),
+            (7, 300, Name(b"log"), Name(b"line"))
+        );
         assert_eq!(ttl, Duration::from_secs(4));
         assert_eq!(decode_value::<(String,)>(args).expect("args").0, "hi");
 
