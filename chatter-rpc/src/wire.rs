@@ -213,9 +213,12 @@ enum Repr {
 }
 
 /// Buffers kept per thread, and the largest capacity worth keeping: a pool of small
-/// buffers for the common small envelopes, never a cache of large payloads.
-const POOL_MAX: usize = 16;
-const POOLED_CAPACITY: usize = 4096;
+/// buffers for the common small envelopes, never a cache of large payloads (at most
+/// 128 KiB per thread). Callers often make a batch of calls before the first is polled
+/// (`join_all`, `FuturesUnordered`), each holding its buffer until then: with 16 buffers,
+/// 3 of 4 pipelined calls still allocated one.
+const POOL_MAX: usize = 128;
+const POOLED_CAPACITY: usize = 1024;
 /// The capacity of a new pooled buffer: most envelopes are far smaller.
 const FIRST_CAPACITY: usize = 256;
 /// Envelopes up to this size are copied out of their buffer when kept (the buffer goes
@@ -570,6 +573,27 @@ fn bad(what: &str, e: impl std::fmt::Display) -> WireError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_buffers_are_recycled_but_large_ones_are_not_kept() {
+        let pooled = || POOL.with(|pool| pool.borrow().len());
+        let first = encode_ok(&1).unwrap();
+        let at = first.as_ptr();
+        drop(first);
+        assert_eq!(pooled(), 1);
+        let second = encode_ok(&2).unwrap();
+        assert_eq!(second.as_ptr(), at, "the buffer is reused");
+        assert_eq!(pooled(), 0);
+        // Kept as `Bytes`: a small envelope is copied and its buffer goes back.
+        assert_eq!(second.into_bytes().as_ref(), b"\x92\x00\x02");
+        assert_eq!(pooled(), 1);
+        let large = encode_ok(&"x".repeat(COPY_MAX * 2)).unwrap();
+        drop(large);
+        assert_eq!(pooled(), 0, "a large buffer is freed, not kept");
+        let many: Vec<_> = (0..POOL_MAX + 10).map(|i| encode_ok(&i).unwrap()).collect();
+        drop(many);
+        assert_eq!(pooled(), POOL_MAX);
+    }
 
     #[test]
     fn call_round_trip_and_hex() {
