@@ -1375,6 +1375,193 @@ mod tests {
         assert!(agree::<u8>(&[0x05, 0xff, 0xff]));
     }
 
+    /// Describes every visitor call it receives, accepting them all, so that a decoder
+    /// calling the visitor differently from rmp-serde shows.
+    struct Describe;
+
+    impl<'de> Visitor<'de> for Describe {
+        type Value = String;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("anything")
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(format!("bool {v}"))
+        }
+        fn visit_i8<E: de::Error>(self, v: i8) -> Result<String, E> {
+            Ok(format!("i8 {v}"))
+        }
+        fn visit_i16<E: de::Error>(self, v: i16) -> Result<String, E> {
+            Ok(format!("i16 {v}"))
+        }
+        fn visit_i32<E: de::Error>(self, v: i32) -> Result<String, E> {
+            Ok(format!("i32 {v}"))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<String, E> {
+            Ok(format!("i64 {v}"))
+        }
+        fn visit_u8<E: de::Error>(self, v: u8) -> Result<String, E> {
+            Ok(format!("u8 {v}"))
+        }
+        fn visit_u16<E: de::Error>(self, v: u16) -> Result<String, E> {
+            Ok(format!("u16 {v}"))
+        }
+        fn visit_u32<E: de::Error>(self, v: u32) -> Result<String, E> {
+            Ok(format!("u32 {v}"))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(format!("u64 {v}"))
+        }
+        fn visit_f32<E: de::Error>(self, v: f32) -> Result<String, E> {
+            Ok(format!("f32 {:x}", v.to_bits()))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<String, E> {
+            Ok(format!("f64 {:x}", v.to_bits()))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(format!("str {v}"))
+        }
+        fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<String, E> {
+            Ok(format!("borrowed str {v}"))
+        }
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<String, E> {
+            Ok(format!("bytes {v:?}"))
+        }
+        fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<String, E> {
+            Ok(format!("borrowed bytes {v:?}"))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<String, E> {
+            Ok("none".into())
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<String, E> {
+            Ok("unit".into())
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+            Ok(format!("some {}", d.deserialize_any(Describe)?))
+        }
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+            Ok(format!("newtype {}", d.deserialize_any(Describe)?))
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<String, A::Error> {
+            let mut out = format!("seq {:?} [", seq.size_hint());
+            while let Some(Probe::<0>(e)) = seq.next_element()? {
+                out += &e;
+                out += ", ";
+            }
+            Ok(out + "]")
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
+            let mut out = format!("map {:?} {{", map.size_hint());
+            while let Some((Probe::<0>(k), Probe::<0>(v))) = map.next_entry()? {
+                out += &format!("{k}: {v}, ");
+            }
+            Ok(out + "}")
+        }
+        fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<String, A::Error> {
+            let (Probe::<0>(variant), access) = data.variant()?;
+            let Probe::<0>(content) = de::VariantAccess::newtype_variant(access)?;
+            Ok(format!("enum {variant}: {content}"))
+        }
+    }
+
+    /// What `Describe` saw when deserialized through the entry point numbered `K`.
+    #[derive(Debug, PartialEq)]
+    struct Probe<const K: u8>(String);
+
+    impl<'de, const K: u8> Deserialize<'de> for Probe<K> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let v = Describe;
+            match K {
+                0 => d.deserialize_any(v),
+                1 => d.deserialize_bool(v),
+                2 => d.deserialize_u64(v),
+                3 => d.deserialize_i8(v),
+                4 => d.deserialize_f32(v),
+                5 => d.deserialize_str(v),
+                6 => d.deserialize_bytes(v),
+                7 => d.deserialize_seq(v),
+                8 => d.deserialize_tuple(2, v),
+                9 => d.deserialize_map(v),
+                10 => d.deserialize_struct("S", &["a", "b"], v),
+                11 => d.deserialize_option(v),
+                12 => d.deserialize_unit(v),
+                13 => d.deserialize_unit_struct("U", v),
+                14 => d.deserialize_newtype_struct("N", v),
+                15 => d.deserialize_enum("E", &["A", "B"], v),
+                16 => d.deserialize_identifier(v),
+                17 => d.deserialize_ignored_any(v),
+                18 => d.deserialize_char(v),
+                19 => d.deserialize_tuple_struct("T", 2, v),
+                20 => d.deserialize_byte_buf(v),
+                _ => d.deserialize_string(v),
+            }
+            .map(Probe)
+        }
+    }
+
+    /// Decodes `bytes` through every entry point, checking agreement with rmp-serde.
+    fn agree_probes(bytes: &[u8]) {
+        agree::<Probe<0>>(bytes);
+        agree::<Probe<1>>(bytes);
+        agree::<Probe<2>>(bytes);
+        agree::<Probe<3>>(bytes);
+        agree::<Probe<4>>(bytes);
+        agree::<Probe<5>>(bytes);
+        agree::<Probe<6>>(bytes);
+        agree::<Probe<7>>(bytes);
+        agree::<Probe<8>>(bytes);
+        agree::<Probe<9>>(bytes);
+        agree::<Probe<10>>(bytes);
+        agree::<Probe<11>>(bytes);
+        agree::<Probe<12>>(bytes);
+        agree::<Probe<13>>(bytes);
+        agree::<Probe<14>>(bytes);
+        agree::<Probe<15>>(bytes);
+        agree::<Probe<16>>(bytes);
+        agree::<Probe<17>>(bytes);
+        agree::<Probe<18>>(bytes);
+        agree::<Probe<19>>(bytes);
+        agree::<Probe<20>>(bytes);
+        agree::<Probe<21>>(bytes);
+    }
+
+    #[test]
+    fn every_entry_point_visits_as_rmp_serde() {
+        let mut values = vec![
+            rmp_bytes("5"),
+            rmp_bytes(&Bin(vec![1, 2])),
+            rmp_bytes(&(
+                1u8,
+                -1i8,
+                300u16,
+                -300i16,
+                70000u32,
+                -70000i32,
+                u64::MAX,
+                i64::MIN,
+            )),
+            rmp_bytes(&(0.5f32, 0.25f64, true, (), None::<u8>)),
+            rmp_bytes(&Shape::Rect(1, 2)),
+            rmp_bytes(&Record::default()),
+            rmp_bytes(&Shape::Empty),
+            vec![0x90],
+            vec![0x80],
+            vec![0x92, 0xc4, 0x01, 0x07, 0xa1, b'z'],
+            vec![0xd6, 0x05, 1, 2, 3, 4],
+            vec![0xa2, 0xff, 0xfe],
+            vec![0x81, 0x00, 0x81, 0x01, 0xc0],
+        ];
+        values.extend((0..=255u8).map(|b| vec![b, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08]));
+        for bytes in values {
+            agree_probes(&bytes);
+        }
+        // rmp-serde reads numbers only through the number entry points, and a bin as a
+        // sequence through the sequence ones (left to it).
+        assert!(!agree::<Probe<2>>(&rmp_bytes("5")));
+        assert!(!agree::<Probe<7>>(&rmp_bytes(&Bin(vec![1, 2]))));
+        assert!(agree::<Probe<6>>(&rmp_bytes(&Bin(vec![1, 2]))));
+    }
+
     /// Encodings whose every prefix and mutation are decoded as several types.
     fn samples() -> Vec<Vec<u8>> {
         vec![
@@ -1406,6 +1593,7 @@ mod tests {
         agree::<Option<Vec<Option<(String, i64)>>>>(bytes);
         agree::<HashMap<String, u32>>(bytes);
         agree::<Shape>(bytes);
+        agree_probes(bytes);
     }
 
     #[test]
