@@ -116,11 +116,13 @@ impl Encoder<'_> {
     }
 
     /// A length as rmp writes it, or giving up on lengths that do not fit in 32 bits.
+    #[inline]
     fn len32(&mut self, len: usize) -> Result<u32, GiveUp> {
         u32::try_from(len).map_err(|_| self.give_up())
     }
 
     /// A signed integer in the form `rmp::encode::write_sint` picks.
+    #[inline]
     fn put_sint(&mut self, v: i64) {
         if v >= 0 {
             self.put_uint(v as u64);
@@ -138,6 +140,7 @@ impl Encoder<'_> {
     }
 
     /// An unsigned integer in the form `rmp::encode::write_uint` picks.
+    #[inline]
     fn put_uint(&mut self, v: u64) {
         if v < 0x80 {
             self.w.push(v as u8);
@@ -153,12 +156,14 @@ impl Encoder<'_> {
     }
 
     /// A marker byte followed by its big-endian data.
+    #[inline]
     fn put_marked(&mut self, marker: u8, data: &[u8]) {
         self.w.push(marker);
         self.w.extend_from_slice(data);
     }
 
     /// A string as `rmp::encode::write_str` writes it.
+    #[inline]
     fn put_str(&mut self, s: &str) -> Result<(), GiveUp> {
         let len = self.len32(s.len())?;
         if len < 32 {
@@ -175,6 +180,7 @@ impl Encoder<'_> {
     }
 
     /// A byte string as `rmp::encode::write_bin` writes it.
+    #[inline]
     fn put_bin(&mut self, b: &[u8]) -> Result<(), GiveUp> {
         let len = self.len32(b.len())?;
         if len < 0x100 {
@@ -189,6 +195,7 @@ impl Encoder<'_> {
     }
 
     /// An array header as `rmp::encode::write_array_len` writes it.
+    #[inline]
     fn put_array_len(&mut self, len: usize) -> Result<(), GiveUp> {
         let len = self.len32(len)?;
         self.put_len(len, 0x90, 0xdc);
@@ -196,6 +203,7 @@ impl Encoder<'_> {
     }
 
     /// A map header as `rmp::encode::write_map_len` writes it.
+    #[inline]
     fn put_map_len(&mut self, len: usize) -> Result<(), GiveUp> {
         let len = self.len32(len)?;
         self.put_len(len, 0x80, 0xde);
@@ -204,6 +212,7 @@ impl Encoder<'_> {
 
     /// A container header: the fix form under 16, else the 16-bit marker `m16` or the
     /// 32-bit one that follows it.
+    #[inline]
     fn put_len(&mut self, len: u32, fix: u8, m16: u8) {
         if len < 16 {
             self.w.push(fix | len as u8);
@@ -215,12 +224,14 @@ impl Encoder<'_> {
     }
 
     /// The one-entry map header and the name rmp writes before a variant's content.
+    #[inline]
     fn put_variant(&mut self, variant: &str) -> Result<(), GiveUp> {
         self.w.push(0x81);
         self.put_str(variant)
     }
 
     /// The length of a sequence or map, giving up on unknown ones (rmp buffers those).
+    #[inline]
     fn known_len(&mut self, len: Option<usize>) -> Result<usize, GiveUp> {
         len.ok_or_else(|| self.give_up())
     }
@@ -237,104 +248,126 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
     type SerializeStruct = Self;
     type SerializeStructVariant = Self;
 
+    #[inline]
     fn is_human_readable(&self) -> bool {
         false
     }
 
+    #[inline]
     fn serialize_bool(self, v: bool) -> Result<(), GiveUp> {
         self.w.push(if v { 0xc3 } else { 0xc2 });
         Ok(())
     }
 
+    #[inline]
     fn serialize_i8(self, v: i8) -> Result<(), GiveUp> {
         self.put_sint(i64::from(v));
         Ok(())
     }
 
+    #[inline]
     fn serialize_i16(self, v: i16) -> Result<(), GiveUp> {
         self.put_sint(i64::from(v));
         Ok(())
     }
 
+    #[inline]
     fn serialize_i32(self, v: i32) -> Result<(), GiveUp> {
         self.put_sint(i64::from(v));
         Ok(())
     }
 
+    #[inline]
     fn serialize_i64(self, v: i64) -> Result<(), GiveUp> {
         self.put_sint(v);
         Ok(())
     }
 
+    #[inline]
     fn serialize_i128(self, v: i128) -> Result<(), GiveUp> {
         self.put_bin(&v.to_be_bytes())
     }
 
+    #[inline]
     fn serialize_u8(self, v: u8) -> Result<(), GiveUp> {
         self.put_uint(u64::from(v));
         Ok(())
     }
 
+    #[inline]
     fn serialize_u16(self, v: u16) -> Result<(), GiveUp> {
         self.put_uint(u64::from(v));
         Ok(())
     }
 
+    #[inline]
     fn serialize_u32(self, v: u32) -> Result<(), GiveUp> {
         self.put_uint(u64::from(v));
         Ok(())
     }
 
+    #[inline]
     fn serialize_u64(self, v: u64) -> Result<(), GiveUp> {
         self.put_uint(v);
         Ok(())
     }
 
+    #[inline]
     fn serialize_u128(self, v: u128) -> Result<(), GiveUp> {
         self.put_bin(&v.to_be_bytes())
     }
 
+    #[inline]
     fn serialize_f32(self, v: f32) -> Result<(), GiveUp> {
         self.put_marked(0xca, &v.to_bits().to_be_bytes());
         Ok(())
     }
 
+    #[inline]
     fn serialize_f64(self, v: f64) -> Result<(), GiveUp> {
         self.put_marked(0xcb, &v.to_bits().to_be_bytes());
         Ok(())
     }
 
+    #[inline]
     fn serialize_char(self, v: char) -> Result<(), GiveUp> {
         self.put_str(v.encode_utf8(&mut [0; 4]))
     }
 
+    #[inline]
     fn serialize_str(self, v: &str) -> Result<(), GiveUp> {
         self.put_str(v)
     }
 
+    #[inline]
     fn serialize_bytes(self, v: &[u8]) -> Result<(), GiveUp> {
         self.put_bin(v)
     }
 
+    #[inline]
     fn serialize_none(self) -> Result<(), GiveUp> {
         self.w.push(0xc0);
         Ok(())
     }
 
+    #[inline]
     fn serialize_some<T: Serialize + ?Sized>(self, v: &T) -> Result<(), GiveUp> {
         v.serialize(self)
     }
 
+    #[inline]
     fn serialize_unit(self) -> Result<(), GiveUp> {
         self.w.push(0xc0);
         Ok(())
     }
 
+    #[inline]
     fn serialize_unit_struct(self, _name: &'static str) -> Result<(), GiveUp> {
         self.w.push(0x90);
         Ok(())
     }
 
+    #[inline]
     fn serialize_unit_variant(
         self,
         _name: &'static str,
@@ -344,6 +377,7 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
         self.put_str(variant)
     }
 
+    #[inline]
     fn serialize_newtype_struct<T: Serialize + ?Sized>(
         self,
         name: &'static str,
@@ -355,6 +389,7 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
         v.serialize(self)
     }
 
+    #[inline]
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
         self,
         _name: &'static str,
@@ -366,22 +401,26 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
         v.serialize(self)
     }
 
+    #[inline]
     fn serialize_seq(self, len: Option<usize>) -> Result<Self, GiveUp> {
         let len = self.known_len(len)?;
         self.put_array_len(len)?;
         Ok(self)
     }
 
+    #[inline]
     fn serialize_tuple(self, len: usize) -> Result<Self, GiveUp> {
         self.put_array_len(len)?;
         Ok(self)
     }
 
+    #[inline]
     fn serialize_tuple_struct(self, _name: &'static str, len: usize) -> Result<Self, GiveUp> {
         self.put_array_len(len)?;
         Ok(self)
     }
 
+    #[inline]
     fn serialize_tuple_variant(
         self,
         _name: &'static str,
@@ -394,17 +433,20 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
         Ok(self)
     }
 
+    #[inline]
     fn serialize_map(self, len: Option<usize>) -> Result<Self, GiveUp> {
         let len = self.known_len(len)?;
         self.put_map_len(len)?;
         Ok(self)
     }
 
+    #[inline]
     fn serialize_struct(self, _name: &'static str, len: usize) -> Result<Self, GiveUp> {
         self.put_map_len(len)?;
         Ok(self)
     }
 
+    #[inline]
     fn serialize_struct_variant(
         self,
         _name: &'static str,
@@ -422,10 +464,12 @@ impl ser::SerializeSeq for &mut Encoder<'_> {
     type Ok = ();
     type Error = GiveUp;
 
+    #[inline]
     fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), GiveUp> {
         v.serialize(&mut **self)
     }
 
+    #[inline]
     fn end(self) -> Result<(), GiveUp> {
         Ok(())
     }
@@ -435,10 +479,12 @@ impl ser::SerializeTuple for &mut Encoder<'_> {
     type Ok = ();
     type Error = GiveUp;
 
+    #[inline]
     fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), GiveUp> {
         v.serialize(&mut **self)
     }
 
+    #[inline]
     fn end(self) -> Result<(), GiveUp> {
         Ok(())
     }
@@ -448,10 +494,12 @@ impl ser::SerializeTupleStruct for &mut Encoder<'_> {
     type Ok = ();
     type Error = GiveUp;
 
+    #[inline]
     fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), GiveUp> {
         v.serialize(&mut **self)
     }
 
+    #[inline]
     fn end(self) -> Result<(), GiveUp> {
         Ok(())
     }
@@ -461,10 +509,12 @@ impl ser::SerializeTupleVariant for &mut Encoder<'_> {
     type Ok = ();
     type Error = GiveUp;
 
+    #[inline]
     fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), GiveUp> {
         v.serialize(&mut **self)
     }
 
+    #[inline]
     fn end(self) -> Result<(), GiveUp> {
         Ok(())
     }
@@ -474,14 +524,17 @@ impl ser::SerializeMap for &mut Encoder<'_> {
     type Ok = ();
     type Error = GiveUp;
 
+    #[inline]
     fn serialize_key<T: Serialize + ?Sized>(&mut self, k: &T) -> Result<(), GiveUp> {
         k.serialize(&mut **self)
     }
 
+    #[inline]
     fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), GiveUp> {
         v.serialize(&mut **self)
     }
 
+    #[inline]
     fn end(self) -> Result<(), GiveUp> {
         Ok(())
     }
@@ -491,6 +544,7 @@ impl ser::SerializeStruct for &mut Encoder<'_> {
     type Ok = ();
     type Error = GiveUp;
 
+    #[inline]
     fn serialize_field<T: Serialize + ?Sized>(
         &mut self,
         key: &'static str,
@@ -500,6 +554,7 @@ impl ser::SerializeStruct for &mut Encoder<'_> {
         v.serialize(&mut **self)
     }
 
+    #[inline]
     fn end(self) -> Result<(), GiveUp> {
         Ok(())
     }
@@ -509,6 +564,7 @@ impl ser::SerializeStructVariant for &mut Encoder<'_> {
     type Ok = ();
     type Error = GiveUp;
 
+    #[inline]
     fn serialize_field<T: Serialize + ?Sized>(
         &mut self,
         key: &'static str,
@@ -518,6 +574,7 @@ impl ser::SerializeStructVariant for &mut Encoder<'_> {
         v.serialize(&mut **self)
     }
 
+    #[inline]
     fn end(self) -> Result<(), GiveUp> {
         Ok(())
     }
@@ -550,6 +607,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// The next byte, not consumed.
+    #[inline]
     fn peek(&mut self) -> DeResult<u8> {
         match self.input.first() {
             Some(&b) => Ok(b),
@@ -558,6 +616,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// The next `n` bytes, consumed.
+    #[inline]
     fn take(&mut self, n: usize) -> DeResult<&'de [u8]> {
         if n > self.input.len() {
             return Err(self.give_up());
@@ -568,27 +627,43 @@ impl<'de> Decoder<'de> {
     }
 
     /// The next `N` bytes as an array, consumed.
+    #[inline]
     fn take_array<const N: usize>(&mut self) -> DeResult<[u8; N]> {
-        let bytes = self.take(N)?;
-        <[u8; N]>::try_from(bytes).map_err(|_| self.give_up())
+        match self.input.split_first_chunk::<N>() {
+            Some((head, rest)) => {
+                self.input = rest;
+                Ok(*head)
+            }
+            None => Err(self.give_up()),
+        }
     }
 
     /// The next byte, consumed.
+    #[inline]
     fn byte(&mut self) -> DeResult<u8> {
-        Ok(self.take_array::<1>()?[0])
+        match self.input.split_first() {
+            Some((&b, rest)) => {
+                self.input = rest;
+                Ok(b)
+            }
+            None => Err(self.give_up()),
+        }
     }
 
     /// A big-endian `u16`, consumed.
+    #[inline]
     fn u16(&mut self) -> DeResult<u16> {
         self.take_array().map(u16::from_be_bytes)
     }
 
     /// A big-endian `u32`, consumed.
+    #[inline]
     fn u32(&mut self) -> DeResult<u32> {
         self.take_array().map(u32::from_be_bytes)
     }
 
     /// A big-endian `u64`, consumed.
+    #[inline]
     fn u64(&mut self) -> DeResult<u64> {
         self.take_array().map(u64::from_be_bytes)
     }
@@ -640,6 +715,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// The length that follows a str, bin, array or map marker.
+    #[inline]
     fn len_after(&mut self, marker: u8) -> DeResult<u32> {
         match marker {
             0xa0..=0xbf => Ok(u32::from(marker & 0x1f)),
@@ -671,6 +747,7 @@ impl<'de> Decoder<'de> {
     /// Reads a container header and checks that `len` elements can possibly follow (each
     /// takes at least a byte; rmp-serde would fail otherwise) and that nesting allows one
     /// more level, which is entered.
+    #[inline]
     fn enter(&mut self) -> DeResult<u32> {
         let marker = self.byte()?;
         let len = self.len_after(marker)?;
@@ -683,6 +760,7 @@ impl<'de> Decoder<'de> {
 
     /// Leaves a container, which must have been read entirely (rmp-serde reports a length
     /// mismatch otherwise).
+    #[inline]
     fn leave(&mut self, left: u32) -> DeResult<()> {
         if left != 0 {
             return Err(self.give_up());
@@ -744,6 +822,7 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         deserialize_identifier deserialize_ignored_any);
     forward!(any_sequence; deserialize_seq);
 
+    #[inline]
     fn is_human_readable(&self) -> bool {
         false
     }
@@ -847,6 +926,7 @@ impl<'de> de::SeqAccess<'de> for Elements<'_, 'de> {
         seed.deserialize(&mut *self.de).map(Some)
     }
 
+    #[inline]
     fn size_hint(&self) -> Option<usize> {
         Some(self.left as usize)
     }
@@ -873,6 +953,7 @@ impl<'de> de::MapAccess<'de> for Entries<'_, 'de> {
         seed.deserialize(&mut *self.de)
     }
 
+    #[inline]
     fn size_hint(&self) -> Option<usize> {
         Some(self.left as usize)
     }
