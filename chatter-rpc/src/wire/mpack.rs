@@ -1170,15 +1170,19 @@ mod tests {
         }
     }
 
+    /// A unit struct.
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Unit;
 
+    /// A tuple struct.
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Pair(i32, String);
 
+    /// A newtype struct.
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Meters(f64);
 
+    /// A struct with fields skipped when empty.
     #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
     struct Record {
         id: u64,
@@ -1190,6 +1194,7 @@ mod tests {
         score: f32,
     }
 
+    /// An enum with every kind of variant.
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     enum Shape {
         Empty,
