@@ -2,8 +2,9 @@
 //!
 //! Every envelope is a MessagePack array whose first element says what it is. User values
 //! (arguments, return values, application errors) are embedded as MessagePack values
-//! encoded with rmp-serde (structs as maps), never as nested byte strings, so a payload is
-//! encoded in one pass into one buffer.
+//! encoded as rmp-serde encodes them (structs as maps; written and read by `mpack`, which
+//! falls back to rmp-serde itself for unusual values), never as nested byte strings, so a
+//! payload is encoded in one pass into one buffer.
 
 use std::cell::RefCell;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use serde::Serialize;
 
 use crate::error::RemoteContext;
 
+mod mpack;
 pub(crate) mod reliable;
 pub(crate) use reliable::{encode_ack, encode_reliable, rewrite_deadline, AckStatus};
 
@@ -496,8 +498,7 @@ pub(crate) fn decode_reply(payload: &[u8]) -> Result<Reply<'_>, WireError> {
 
 /// Decodes one embedded user value.
 pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
-    rmp_serde::from_slice(bytes)
-        .map_err(|e| WireError(format!("cannot decode {}: {e}", std::any::type_name::<T>())))
+    mpack::decode(bytes)
 }
 
 /// The array header and kind of an envelope. Envelope headers are written by hand, in the
@@ -544,8 +545,7 @@ fn put_uint(w: &mut Vec<u8>, v: u64) {
 }
 
 fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
-    v.serialize(&mut rmp_serde::Serializer::new(w).with_struct_map())
-        .map_err(|e| WireError(format!("cannot encode {}: {e}", std::any::type_name::<T>())))
+    mpack::encode(w, v)
 }
 
 /// Writing into a `Vec` cannot fail; the header helpers return `Result` only because
