@@ -22,8 +22,10 @@ use super::WireError;
 /// The name rmp-serde gives newtype structs that stand for MessagePack ext values.
 const EXT_STRUCT_NAME: &str = "_ExtStruct";
 
-/// How deep arrays, maps and enums may nest on the fast decoding path. rmp-serde allows
-/// 1023 levels; deeper values are left to it.
+/// How deep arrays, maps and enums may nest. Deeper values are refused, not left to
+/// rmp-serde: it allows 1023 levels of arrays and maps but does not count the levels of
+/// `{variant: content}` enums, so a recursive enum type (`Neg(Box<Expr>)`) let a peer make
+/// it recurse until the stack overflowed, which aborts the process.
 const MAX_DEPTH: u16 = 512;
 
 /// Encodes `v` as rmp-serde does with structs as maps, appending to `w`.
@@ -54,9 +56,14 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> 
         input: bytes,
         depth: MAX_DEPTH,
         failed: false,
+        too_deep: false,
     };
     match T::deserialize(&mut de) {
         Ok(v) if !de.failed => Ok(v),
+        _ if de.too_deep => Err(WireError(format!(
+            "cannot decode {}: nested more than {MAX_DEPTH} levels deep",
+            std::any::type_name::<T>()
+        ))),
         _ => decode_slow(bytes),
     }
 }
@@ -593,6 +600,8 @@ struct Decoder<'de> {
     depth: u16,
     /// Set when this decoder gave up, even if a user impl swallowed the error afterwards.
     failed: bool,
+    /// Set when the value nests deeper than [`MAX_DEPTH`]: refused, not retried.
+    too_deep: bool,
 }
 
 /// Decoding results; every error means "ask rmp-serde".
@@ -751,7 +760,11 @@ impl<'de> Decoder<'de> {
     fn enter(&mut self) -> DeResult<u32> {
         let marker = self.byte()?;
         let len = self.len_after(marker)?;
-        if len as usize > self.input.len() || self.depth == 0 {
+        if self.depth == 0 {
+            self.too_deep = true;
+            return Err(self.give_up());
+        }
+        if len as usize > self.input.len() {
             return Err(self.give_up());
         }
         self.depth -= 1;
@@ -1083,6 +1096,7 @@ mod tests {
             input: bytes,
             depth: MAX_DEPTH,
             failed: false,
+            too_deep: false,
         };
         match T::deserialize(&mut de) {
             Ok(v) if !de.failed => Some(v),
@@ -1715,42 +1729,33 @@ mod tests {
         }
     }
 
-    /// Runs `f` on a thread with a big stack: rmp-serde recurses 1023 levels deep before it
-    /// gives up, which overflows a 2 MiB stack in debug builds.
-    fn with_big_stack(f: impl FnOnce() + Send + 'static) {
-        std::thread::Builder::new()
-            .stack_size(256 << 20)
-            .spawn(f)
-            .expect("spawns")
-            .join()
-            .expect("passes");
+    #[test]
+    fn deep_nesting_is_refused_without_asking_rmp_serde() {
+        for depth in [10, 500, 513, 600, 1100, 10_000] {
+            for marker in [0x91, 0x81] {
+                let mut bytes = vec![marker; depth];
+                bytes.push(0xc0);
+                if depth <= 500 {
+                    assert_eq!(agree::<IgnoredAny>(&bytes), marker == 0x91);
+                } else {
+                    let error = public_value::<IgnoredAny>(&bytes).unwrap_err();
+                    assert!(error.contains("levels deep"), "{depth}: {error}");
+                }
+            }
+        }
     }
 
     #[test]
-    fn deep_nesting_is_left_to_rmp_serde() {
-        let mut bytes = vec![0x91; 10_000];
-        bytes.push(0xc0);
-        assert!(fast_value::<IgnoredAny>(&bytes).is_none());
-        bytes.drain(..10_000 - usize::from(MAX_DEPTH));
-        assert!(fast_value::<IgnoredAny>(&bytes).is_some());
-        with_big_stack(deep_nesting_agrees_with_rmp_serde);
-    }
-
-    /// Nested arrays, maps and enums, decoded by both decoders.
-    fn deep_nesting_agrees_with_rmp_serde() {
-        for depth in [10, 500, 600, 1100, 10_000] {
-            let mut bytes = vec![0x91; depth];
-            bytes.push(0xc0);
-            assert_eq!(agree::<IgnoredAny>(&bytes), depth <= 500);
-            let mut maps = vec![0x81; depth];
-            maps.push(0xc0);
-            agree::<IgnoredAny>(&maps);
-            agree::<Shape>(&maps);
-        }
+    fn a_recursive_enum_nested_without_end_is_an_error_not_a_stack_overflow() {
         let mut nested = vec![0x81, 0xa6];
         nested.extend_from_slice(b"Nested");
         let mut bytes = nested.repeat(300);
         bytes.extend_from_slice(&rmp_bytes("Empty"));
         assert!(agree::<Shape>(&bytes));
+        // rmp-serde does not count enum levels: this input overflowed the stack through it.
+        let mut bytes = nested.repeat(200_000);
+        bytes.extend_from_slice(&rmp_bytes("Empty"));
+        let error = public_value::<Shape>(&bytes).unwrap_err();
+        assert!(error.contains("levels deep"), "{error}");
     }
 }
