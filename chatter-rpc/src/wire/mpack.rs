@@ -244,6 +244,20 @@ impl Encoder<'_> {
     }
 }
 
+/// The integer methods of the serializer: each widens its value and writes it in the
+/// shortest form, as rmp-serde does.
+macro_rules! integers {
+    ($($writer:ident: $($method:ident($ty:ty)),*);*) => {
+        $($(
+            #[inline]
+            fn $method(self, v: $ty) -> Result<(), GiveUp> {
+                self.$writer(v.into());
+                Ok(())
+            }
+        )*)*
+    };
+}
+
 impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
     type Ok = ();
     type Error = GiveUp;
@@ -266,57 +280,14 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
         Ok(())
     }
 
-    #[inline]
-    fn serialize_i8(self, v: i8) -> Result<(), GiveUp> {
-        self.put_sint(i64::from(v));
-        Ok(())
-    }
-
-    #[inline]
-    fn serialize_i16(self, v: i16) -> Result<(), GiveUp> {
-        self.put_sint(i64::from(v));
-        Ok(())
-    }
-
-    #[inline]
-    fn serialize_i32(self, v: i32) -> Result<(), GiveUp> {
-        self.put_sint(i64::from(v));
-        Ok(())
-    }
-
-    #[inline]
-    fn serialize_i64(self, v: i64) -> Result<(), GiveUp> {
-        self.put_sint(v);
-        Ok(())
-    }
+    integers!(
+        put_sint: serialize_i8(i8), serialize_i16(i16), serialize_i32(i32), serialize_i64(i64);
+        put_uint: serialize_u8(u8), serialize_u16(u16), serialize_u32(u32), serialize_u64(u64)
+    );
 
     #[inline]
     fn serialize_i128(self, v: i128) -> Result<(), GiveUp> {
         self.put_bin(&v.to_be_bytes())
-    }
-
-    #[inline]
-    fn serialize_u8(self, v: u8) -> Result<(), GiveUp> {
-        self.put_uint(u64::from(v));
-        Ok(())
-    }
-
-    #[inline]
-    fn serialize_u16(self, v: u16) -> Result<(), GiveUp> {
-        self.put_uint(u64::from(v));
-        Ok(())
-    }
-
-    #[inline]
-    fn serialize_u32(self, v: u32) -> Result<(), GiveUp> {
-        self.put_uint(u64::from(v));
-        Ok(())
-    }
-
-    #[inline]
-    fn serialize_u64(self, v: u64) -> Result<(), GiveUp> {
-        self.put_uint(v);
-        Ok(())
     }
 
     #[inline]
@@ -467,65 +438,35 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
     }
 }
 
-impl ser::SerializeSeq for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = GiveUp;
+/// Implements the serde compound traits whose elements are written one after the other
+/// (the header was written when the compound began, and nothing closes it).
+macro_rules! elements {
+    ($($compound:ident::$element:ident),*) => {
+        $(
+            impl ser::$compound for &mut Encoder<'_> {
+                type Ok = ();
+                type Error = GiveUp;
 
-    #[inline]
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), GiveUp> {
-        v.serialize(&mut **self)
-    }
+                #[inline]
+                fn $element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), GiveUp> {
+                    v.serialize(&mut **self)
+                }
 
-    #[inline]
-    fn end(self) -> Result<(), GiveUp> {
-        Ok(())
-    }
+                #[inline]
+                fn end(self) -> Result<(), GiveUp> {
+                    Ok(())
+                }
+            }
+        )*
+    };
 }
 
-impl ser::SerializeTuple for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = GiveUp;
-
-    #[inline]
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), GiveUp> {
-        v.serialize(&mut **self)
-    }
-
-    #[inline]
-    fn end(self) -> Result<(), GiveUp> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleStruct for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = GiveUp;
-
-    #[inline]
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), GiveUp> {
-        v.serialize(&mut **self)
-    }
-
-    #[inline]
-    fn end(self) -> Result<(), GiveUp> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleVariant for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = GiveUp;
-
-    #[inline]
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), GiveUp> {
-        v.serialize(&mut **self)
-    }
-
-    #[inline]
-    fn end(self) -> Result<(), GiveUp> {
-        Ok(())
-    }
-}
+elements!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
 
 impl ser::SerializeMap for &mut Encoder<'_> {
     type Ok = ();
@@ -547,45 +488,35 @@ impl ser::SerializeMap for &mut Encoder<'_> {
     }
 }
 
-impl ser::SerializeStruct for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = GiveUp;
+/// Implements the serde compound traits of named fields: each field is its name (a map
+/// key: structs are maps) and its value.
+macro_rules! fields {
+    ($($compound:ident),*) => {
+        $(
+            impl ser::$compound for &mut Encoder<'_> {
+                type Ok = ();
+                type Error = GiveUp;
 
-    #[inline]
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        v: &T,
-    ) -> Result<(), GiveUp> {
-        self.put_str(key)?;
-        v.serialize(&mut **self)
-    }
+                #[inline]
+                fn serialize_field<T: Serialize + ?Sized>(
+                    &mut self,
+                    key: &'static str,
+                    v: &T,
+                ) -> Result<(), GiveUp> {
+                    self.put_str(key)?;
+                    v.serialize(&mut **self)
+                }
 
-    #[inline]
-    fn end(self) -> Result<(), GiveUp> {
-        Ok(())
-    }
+                #[inline]
+                fn end(self) -> Result<(), GiveUp> {
+                    Ok(())
+                }
+            }
+        )*
+    };
 }
 
-impl ser::SerializeStructVariant for &mut Encoder<'_> {
-    type Ok = ();
-    type Error = GiveUp;
-
-    #[inline]
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        v: &T,
-    ) -> Result<(), GiveUp> {
-        self.put_str(key)?;
-        v.serialize(&mut **self)
-    }
-
-    #[inline]
-    fn end(self) -> Result<(), GiveUp> {
-        Ok(())
-    }
-}
+fields!(SerializeStruct, SerializeStructVariant);
 
 // ---------------------------------------------------------------------------------------
 // Decoding
