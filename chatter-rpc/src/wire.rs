@@ -433,9 +433,11 @@ fn read_name<'a>(rd: &'a [u8], what: &str) -> Result<(Name<'a>, &'a [u8]), WireE
     Ok((Name(name), rest))
 }
 
-/// A name as a MessagePack string in its shortest form.
+/// A name (or any string's bytes) as a MessagePack string in its shortest form (as
+/// `rmp::encode::write_str`).
 fn put_name(w: &mut Vec<u8>, name: Name<'_>) {
     let bytes = name.as_bytes();
+    w.reserve(5 + bytes.len());
     if bytes.len() < 32 {
         w.push(0xa0 | bytes.len() as u8);
     } else {
@@ -515,13 +517,7 @@ fn header(w: &mut Vec<u8>, len: u32, kind: u8) {
 
 /// A MessagePack string in its shortest form (as `rmp::encode::write_str`).
 fn put_str(w: &mut Vec<u8>, s: &str) {
-    if s.len() < 32 {
-        w.reserve(1 + s.len());
-        w.push(0xa0 | s.len() as u8);
-        w.extend_from_slice(s.as_bytes());
-    } else {
-        infallible(rmp::encode::write_str(w, s));
-    }
+    put_name(w, Name(s.as_bytes()));
 }
 
 /// A MessagePack unsigned integer in its shortest form (as `rmp::encode::write_uint`).
