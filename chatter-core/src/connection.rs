@@ -127,9 +127,12 @@ pub struct Msg {
 }
 
 impl Msg {
-    /// Decodes the payload as `T`.
+    /// Decodes the payload as `T` with [`codec::decode`](crate::codec::decode): as
+    /// `rmp_serde::from_slice` would, but values nested deeper than
+    /// [`codec::MAX_DEPTH`](crate::codec::MAX_DEPTH) levels are refused with
+    /// `DepthLimitExceeded`, so a peer cannot make the decoder overflow the stack.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
-        rmp_serde::from_slice(&self.payload).map_err(|source| DecodeError {
+        crate::codec::decode(&self.payload).map_err(|source| DecodeError {
             type_name: std::any::type_name::<T>(),
             source,
         })
@@ -185,7 +188,8 @@ impl Connection {
         value: &T,
         options: SendOptions,
     ) -> Result<Conversation, SendError> {
-        let payload = rmp_serde::to_vec_named(value)?;
+        let mut payload = Vec::new();
+        crate::codec::encode(&mut payload, value)?;
         self.send_bytes(&payload, options).await
     }
 

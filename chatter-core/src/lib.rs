@@ -50,6 +50,7 @@
 #![forbid(unsafe_code)]
 
 mod address;
+pub mod codec;
 mod connection;
 pub mod error;
 mod options;

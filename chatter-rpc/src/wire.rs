@@ -2,7 +2,7 @@
 //!
 //! Every envelope is a MessagePack array whose first element says what it is. User values
 //! (arguments, return values, application errors) are embedded as MessagePack values
-//! encoded as rmp-serde encodes them (structs as maps; written and read by `mpack`, which
+//! encoded as rmp-serde encodes them (structs as maps; written and read by `chatter_core::codec`, which
 //! falls back to rmp-serde itself for unusual values), never as nested byte strings, so a
 //! payload is encoded in one pass into one buffer.
 
@@ -10,12 +10,12 @@ use std::cell::RefCell;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chatter_core::codec;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::RemoteContext;
 
-mod mpack;
 pub(crate) mod reliable;
 pub(crate) use reliable::{encode_ack, encode_reliable, rewrite_deadline, AckStatus};
 
@@ -500,7 +500,19 @@ pub(crate) fn decode_reply(payload: &[u8]) -> Result<Reply<'_>, WireError> {
 
 /// Decodes one embedded user value.
 pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
-    mpack::decode(bytes)
+    codec::decode(bytes).map_err(|e| decode_error(std::any::type_name::<T>(), e))
+}
+
+#[cold]
+#[inline(never)]
+fn decode_error(type_name: &str, e: rmp_serde::decode::Error) -> WireError {
+    match e {
+        rmp_serde::decode::Error::DepthLimitExceeded => WireError(format!(
+            "cannot decode {type_name}: nested more than {} levels deep",
+            codec::MAX_DEPTH
+        )),
+        e => WireError(format!("cannot decode {type_name}: {e}")),
+    }
 }
 
 /// The array header and kind of an envelope. Envelope headers are written by hand, in the
@@ -541,7 +553,13 @@ fn put_uint(w: &mut Vec<u8>, v: u64) {
 }
 
 fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
-    mpack::encode(w, v)
+    codec::encode(w, v).map_err(|e| encode_error(std::any::type_name::<T>(), e))
+}
+
+#[cold]
+#[inline(never)]
+fn encode_error(type_name: &str, e: rmp_serde::encode::Error) -> WireError {
+    WireError(format!("cannot encode {type_name}: {e}"))
 }
 
 /// Writing into a `Vec` cannot fail; the header helpers return `Result` only because
@@ -569,6 +587,21 @@ fn bad(what: &str, e: impl std::fmt::Display) -> WireError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_nested_too_deep_say_so_by_type() {
+        let bomb = [[0x91u8; 600].as_slice(), &[0xc0]].concat();
+        let err = decode_value::<serde::de::IgnoredAny>(&bomb).unwrap_err();
+        assert!(err.0.starts_with("cannot decode "), "{}", err.0);
+        assert!(
+            err.0
+                .ends_with("IgnoredAny: nested more than 512 levels deep"),
+            "{}",
+            err.0
+        );
+        let err = decode_value::<(i32, i32)>(b"\x92\x01").unwrap_err();
+        assert!(err.0.starts_with("cannot decode (i32, i32): "), "{}", err.0);
+    }
 
     #[test]
     fn payload_buffers_are_recycled_but_large_ones_are_not_kept() {

@@ -18,6 +18,7 @@ all_transports!(
     conversation_timeout_sequence,
     closing_with_a_full_receive_side_is_prompt_and_the_peer_sees_it,
     native_values_roundtrip,
+    a_value_nested_without_end_is_a_decode_error_not_a_crash,
 );
 
 // test_connect (first half): connecting before anyone listens fails.
@@ -268,6 +269,35 @@ async fn native_values_roundtrip(t: Transport) {
     assert_eq!(&msg.payload[..], b"raw");
     let err = msg.decode::<Reading>().unwrap_err();
     assert!(err.to_string().contains("Reading"), "{err}");
+}
+
+// Not in hat.chatter: rmp-serde does not count the nesting of `{variant: content}` enums, so
+// decoding a recursive enum from a peer's bytes could recurse until the stack overflowed and
+// abort the process. `Msg::decode` refuses values nested deeper than `codec::MAX_DEPTH`.
+async fn a_value_nested_without_end_is_a_decode_error_not_a_crash(t: Transport) {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    enum Expr {
+        Leaf(i32),
+        Neg(Box<Expr>),
+    }
+    let (_server, client, accepted) = pair(t).await;
+    let shallow = Expr::Neg(Box::new(Expr::Neg(Box::new(Expr::Leaf(7)))));
+    client.send(&shallow, SendOptions::new()).await.unwrap();
+    let msg = accepted.receive().await.unwrap();
+    assert_eq!(msg.decode::<Expr>().unwrap(), shallow);
+
+    // {"Neg": {"Neg": ... }} 50,000 levels deep: 250 KB, within the default frame size.
+    let mut bomb = [0x81, 0xa3, b'N', b'e', b'g'].repeat(50_000);
+    bomb.extend_from_slice(&[0x81, 0xa4, b'L', b'e', b'a', b'f', 0x07]);
+    client.send_bytes(&bomb, SendOptions::new()).await.unwrap();
+    let msg = accepted.receive().await.unwrap();
+    let err = msg.decode::<Expr>().unwrap_err();
+    assert!(
+        matches!(err.source, rmp_serde::decode::Error::DepthLimitExceeded),
+        "{err}"
+    );
+    assert!(err.to_string().contains("Expr"), "{err}");
+    assert_delivers(&client, &accepted, "still here").await;
 }
 
 // test_invalid_communication: garbage from a raw TCP client closes that connection with a

@@ -1,9 +1,14 @@
-//! A fast MessagePack codec for embedded user values, a drop-in replacement for rmp-serde.
+//! A fast serde MessagePack codec, a drop-in replacement for rmp-serde.
+//!
+//! [`Connection::send`](crate::Connection::send) and [`Msg::decode`](crate::Msg::decode)
+//! encode with it, and chatter-rpc uses it for every argument, result and signal.
 //!
 //! rmp-serde spends about a hundred instructions per integer in its generic writer, reader
 //! and error machinery. This module serializes straight into a `Vec<u8>` and deserializes
 //! straight from a `&[u8]`, producing and accepting exactly what rmp-serde 1.3 does with
-//! `Serializer::new(w).with_struct_map()` and `from_slice`.
+//! `Serializer::new(w).with_struct_map()` and `from_slice`, with one difference:
+//! [`decode`] refuses values nested deeper than [`MAX_DEPTH`] levels, where rmp-serde does
+//! not count the levels of enums and so could be made to overflow the stack.
 //!
 //! Correctness rests on one rule: whenever the fast path is not sure (an unusual form, a
 //! special serde name, any error, whether raised here or by a user's `Serialize` or
@@ -11,25 +16,46 @@
 //! whose answer (value or error) is authoritative. So the fast encoder returns `Ok` only
 //! with the bytes rmp-serde would write, and the fast decoder returns `Ok` only with the
 //! value rmp-serde would return.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//!
+//! let mut buf = Vec::new();
+//! chatter_core::codec::encode(&mut buf, &("add", [1, 2]))?;
+//! assert_eq!(buf, rmp_serde::to_vec(&("add", [1, 2]))?);
+//! let back: (String, Vec<i32>) = chatter_core::codec::decode(&buf)?;
+//! assert_eq!(back, ("add".to_string(), vec![1, 2]));
+//!
+//! // A peer cannot make the decoder recurse without end.
+//! let bomb = [[0x91u8; 600].as_slice(), &[0xc0]].concat();
+//! let refused = chatter_core::codec::decode::<serde::de::IgnoredAny>(&bomb);
+//! assert!(matches!(refused, Err(rmp_serde::decode::Error::DepthLimitExceeded)));
+//! # let _ = BTreeMap::<u8, u8>::new();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::fmt;
 
 use serde::de::{self, DeserializeOwned, DeserializeSeed, Visitor};
 use serde::ser::{self, Serialize};
 
-use super::WireError;
-
 /// The name rmp-serde gives newtype structs that stand for MessagePack ext values.
 const EXT_STRUCT_NAME: &str = "_ExtStruct";
 
-/// How deep arrays, maps and enums may nest. Deeper values are refused, not left to
-/// rmp-serde: it allows 1023 levels of arrays and maps but does not count the levels of
-/// `{variant: content}` enums, so a recursive enum type (`Neg(Box<Expr>)`) let a peer make
-/// it recurse until the stack overflowed, which aborts the process.
-const MAX_DEPTH: u16 = 512;
+/// How deep arrays, maps and enums may nest in a value [`decode`] accepts. Deeper values
+/// are refused with [`DepthLimitExceeded`](rmp_serde::decode::Error::DepthLimitExceeded),
+/// not left to rmp-serde: it allows 1023 levels of arrays and maps but does not count the
+/// levels of `{variant: content}` enums, so with a recursive enum type (`Neg(Box<Expr>)`) a
+/// peer could make it recurse until the stack overflowed, which aborts the process.
+pub const MAX_DEPTH: u16 = 512;
 
-/// Encodes `v` as rmp-serde does with structs as maps, appending to `w`.
-pub(crate) fn encode<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
+/// Encodes `v` as rmp-serde does with structs as maps
+/// (`Serializer::new(w).with_struct_map()`), appending to `w`. On error `w` is left as it
+/// was.
+pub fn encode<T: Serialize + ?Sized>(
+    w: &mut Vec<u8>,
+    v: &T,
+) -> Result<(), rmp_serde::encode::Error> {
     let start = w.len();
     let mut enc = Encoder {
         w: &mut *w,
@@ -45,13 +71,21 @@ pub(crate) fn encode<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<()
 /// Encodes `v` with rmp-serde, the authority when the fast path gives up.
 #[cold]
 #[inline(never)]
-fn encode_slow<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
-    v.serialize(&mut rmp_serde::Serializer::new(w).with_struct_map())
-        .map_err(|e| WireError(format!("cannot encode {}: {e}", std::any::type_name::<T>())))
+fn encode_slow<T: Serialize + ?Sized>(
+    w: &mut Vec<u8>,
+    v: &T,
+) -> Result<(), rmp_serde::encode::Error> {
+    let start = w.len();
+    let result = v.serialize(&mut rmp_serde::Serializer::new(&mut *w).with_struct_map());
+    if result.is_err() {
+        w.truncate(start);
+    }
+    result
 }
 
-/// Decodes a value as `rmp_serde::from_slice` does (trailing bytes are ignored).
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+/// Decodes a value as `rmp_serde::from_slice` does (trailing bytes are ignored), except
+/// that values nested deeper than [`MAX_DEPTH`] levels are refused.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
     let mut de = Decoder {
         input: bytes,
         depth: MAX_DEPTH,
@@ -60,10 +94,7 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> 
     };
     match T::deserialize(&mut de) {
         Ok(v) if !de.failed => Ok(v),
-        _ if de.too_deep => Err(WireError(format!(
-            "cannot decode {}: nested more than {MAX_DEPTH} levels deep",
-            std::any::type_name::<T>()
-        ))),
+        _ if de.too_deep => Err(rmp_serde::decode::Error::DepthLimitExceeded),
         _ => decode_slow(bytes),
     }
 }
@@ -71,9 +102,8 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> 
 /// Decodes with rmp-serde, the authority when the fast path gives up.
 #[cold]
 #[inline(never)]
-fn decode_slow<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+fn decode_slow<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
     rmp_serde::from_slice(bytes)
-        .map_err(|e| WireError(format!("cannot decode {}: {e}", std::any::type_name::<T>())))
 }
 
 /// The fast path gave up: the caller redoes the work with rmp-serde. Carries no message, so
@@ -1005,9 +1035,9 @@ mod tests {
         w
     }
 
-    /// What rmp-serde decodes, with errors mapped as `decode_slow` maps them.
+    /// What rmp-serde decodes, with errors as strings.
     fn rmp_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-        decode_slow(bytes).map_err(|e| e.0)
+        decode_slow(bytes).map_err(|e| e.to_string())
     }
 
     /// The fast encoder alone: `None` when it gives up.
@@ -1037,7 +1067,7 @@ mod tests {
 
     /// The public decoder, with errors as strings.
     fn public_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-        decode(bytes).map_err(|e| e.0)
+        decode(bytes).map_err(|e| e.to_string())
     }
 
     /// The decoders agree on `bytes`: the public one answers exactly as rmp-serde, and the
@@ -1347,13 +1377,7 @@ mod tests {
     fn unusual_values_fall_back_to_rmp_serde() {
         let mut w = vec![1, 2, 3];
         let err = encode(&mut w, &(1u8, Failing)).expect_err("the impl fails");
-        assert_eq!(
-            err.0,
-            format!(
-                "cannot encode {}: refused",
-                std::any::type_name::<(u8, Failing)>()
-            )
-        );
+        assert_eq!(err.to_string(), "refused");
         assert_eq!(w[..3], [1, 2, 3]);
 
         let ext = Ext((5, Bin(vec![1, 2, 3, 4])));
@@ -1669,8 +1693,11 @@ mod tests {
                 if depth <= 500 {
                     assert_eq!(agree::<IgnoredAny>(&bytes), marker == 0x91);
                 } else {
-                    let error = public_value::<IgnoredAny>(&bytes).unwrap_err();
-                    assert!(error.contains("levels deep"), "{depth}: {error}");
+                    let error = decode::<IgnoredAny>(&bytes).unwrap_err();
+                    assert!(
+                        matches!(error, rmp_serde::decode::Error::DepthLimitExceeded),
+                        "{depth}: {error}"
+                    );
                 }
             }
         }
@@ -1686,7 +1713,10 @@ mod tests {
         // rmp-serde does not count enum levels: this input overflowed the stack through it.
         let mut bytes = nested.repeat(200_000);
         bytes.extend_from_slice(&rmp_bytes("Empty"));
-        let error = public_value::<Shape>(&bytes).unwrap_err();
-        assert!(error.contains("levels deep"), "{error}");
+        let error = decode::<Shape>(&bytes).unwrap_err();
+        assert!(
+            matches!(error, rmp_serde::decode::Error::DepthLimitExceeded),
+            "{error}"
+        );
     }
 }
