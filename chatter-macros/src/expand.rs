@@ -247,7 +247,7 @@ fn server(tr: &Trait) -> TokenStream {
         let tys: Vec<_> = m.args.iter().map(|a| &a.ty).collect();
         let invoke = quote!(<__T as #trait_ident>::#name(&*__this, #(#idents),*).await);
         let (variant, body) = if m.signal.is_some() {
-            (quote!(Signal), quote!({ #invoke; }))
+            (quote!(signal), quote!({ #invoke; }))
         } else {
             let body = match &m.output {
                 Output::Result { .. } => quote! {
@@ -266,7 +266,7 @@ fn server(tr: &Trait) -> TokenStream {
                     #p::reply_ok(&#invoke)
                 },
             };
-            (quote!(Call), body)
+            (quote!(call), body)
         };
         let wire_bytes = syn::LitByteStr::new(wire_name.as_bytes(), name.span());
         quote! {
@@ -276,7 +276,7 @@ fn server(tr: &Trait) -> TokenStream {
                     #p::Err(__failed) => return __failed,
                 };
                 let __this = #p::Clone::clone(&self.__object);
-                #p::Dispatch::#variant(#p::Box::pin(async move { #body }))
+                __handlers.#variant(async move { #body })
             }
         }
     });
@@ -319,7 +319,12 @@ fn server(tr: &Trait) -> TokenStream {
         where
             __T: #trait_ident + #p::Send + #p::Sync + 'static,
         {
-            fn __dispatch(&self, __method: &[u8], __args: &[u8]) -> #p::Dispatch {
+            fn __dispatch(
+                &self,
+                __method: &[u8],
+                __args: &[u8],
+                __handlers: &mut #p::Handlers,
+            ) -> #p::Dispatch {
                 match __method {
                     #(#arms)*
                     _ => #p::Dispatch::NoSuchMethod,

@@ -127,7 +127,7 @@ pub mod __private {
     pub use crate::client::ClientCore;
     pub use crate::service::{
         decode_args, reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay, CtxError, CtxNone,
-        Dispatch,
+        Dispatch, Handlers,
     };
     pub use crate::wire::Payload;
     pub use ::bytes::Bytes;

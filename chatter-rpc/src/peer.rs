@@ -18,7 +18,7 @@ use chatter_core::{
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
-use crate::service::{BoxFuture, CatchUnwind, Dispatch, Service};
+use crate::service::{CatchUnwind, Dispatch, HandlerFuture, Handlers, Service};
 use crate::wire::{self, FailureKind, Incoming, Name, Payload};
 
 mod reliable;
@@ -603,11 +603,12 @@ impl Inner {
         msg: Msg,
         last: &mut LastObject,
         slot: &mut Option<SemaphorePermit<'a>>,
+        handlers: &mut Handlers,
     ) {
         if msg.conversation.is_owner() {
             self.on_reply(msg);
         } else {
-            self.on_request(msg, last, slot);
+            self.on_request(msg, last, slot, handlers);
         }
     }
 
@@ -680,6 +681,7 @@ impl Inner {
         msg: Msg,
         last: &mut LastObject,
         slot: &mut Option<SemaphorePermit<'a>>,
+        handlers: &mut Handlers,
     ) {
         let conv = msg.conversation;
         let open = msg.token && !msg.last;
@@ -697,23 +699,22 @@ impl Inner {
                 // a task. While closing, the slow path below refuses the call.
                 if !deadline.is_zero() && !self.is_closing() {
                     if let Some(permit) = self.inline_slot(slot) {
-                        let handler = match self.start_call(object, method, args, Some(last)) {
-                            Ok(handler) => handler,
-                            Err(refusal) => {
-                                *slot = Some(permit);
-                                self.reply(conv, refusal);
-                                return;
-                            }
-                        };
-                        let mut handler = CatchUnwind(handler);
+                        if let Err(refusal) =
+                            self.start_call(object, method, args, Some(last), handlers)
+                        {
+                            *slot = Some(permit);
+                            self.reply(conv, refusal);
+                            return;
+                        }
                         let mut cx = Context::from_waker(Waker::noop());
-                        match Pin::new(&mut handler).poll(&mut cx) {
+                        match Pin::new(&mut CatchUnwind(handlers.call_mut())).poll(&mut cx) {
                             Poll::Ready(result) => {
                                 *slot = Some(permit);
                                 let reply = self.handler_result(result);
                                 self.reply(conv, reply);
                             }
                             Poll::Pending => {
+                                let handler = CatchUnwind(handlers.take_call());
                                 let mut inflight = lock(&self.inflight);
                                 if inflight.closing {
                                     // A graceful close began meanwhile: cancel.
@@ -773,19 +774,18 @@ impl Inner {
                 // here, and only a handler that waits gets a task.
                 if !self.options.ordered_signals && !ttl.is_zero() {
                     if let Some(permit) = self.inline_slot(slot) {
-                        let Some(handler) = self.start_signal(object, method, args, Some(last))
-                        else {
+                        if !self.start_signal(object, method, args, Some(last), handlers) {
                             *slot = Some(permit);
                             return;
-                        };
-                        let mut handler = CatchUnwind(handler);
+                        }
                         let mut cx = Context::from_waker(Waker::noop());
-                        match Pin::new(&mut handler).poll(&mut cx) {
+                        match Pin::new(&mut CatchUnwind(handlers.signal_mut())).poll(&mut cx) {
                             Poll::Ready(result) => {
                                 *slot = Some(permit);
                                 self.signal_result(result, object, method);
                             }
                             Poll::Pending => {
+                                let handler = CatchUnwind(handlers.take_signal());
                                 permit.forget();
                                 let (inner, object, method) =
                                     (self.clone(), object.to_string(), method.to_string());
@@ -822,15 +822,16 @@ impl Inner {
         }
     }
 
-    /// Finds the object and method of a call and starts its handler, or returns the failure
-    /// reply that says why it cannot run.
+    /// Finds the object and method of a call and puts its handler in `handlers`, or
+    /// returns the failure reply that says why it cannot run.
     fn start_call(
         &self,
         object: Name<'_>,
         method: Name<'_>,
         args: &[u8],
         last: Option<&mut LastObject>,
-    ) -> Result<BoxFuture<Payload>, Payload> {
+        handlers: &mut Handlers,
+    ) -> Result<(), Payload> {
         let Some(service) = self.lookup_with(object, last) else {
             return Err(wire::encode_failure(
                 FailureKind::NoSuchObject,
@@ -838,11 +839,15 @@ impl Inner {
             ));
         };
         let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            service.__dispatch(method.as_bytes(), args)
+            service.__dispatch(method.as_bytes(), args, handlers)
         }));
+        if matches!(dispatch, Ok(Dispatch::Signal) | Err(_)) {
+            // A handler that will not run: drop it (and what it holds) now.
+            handlers.clear();
+        }
         match dispatch {
-            Ok(Dispatch::Call(handler)) => Ok(handler),
-            Ok(Dispatch::Signal(_)) => {
+            Ok(Dispatch::Call) => Ok(()),
+            Ok(Dispatch::Signal) => {
                 let what = format!("`{method}` is a signal: send it, do not call it");
                 Err(wire::encode_failure(FailureKind::Protocol, &what))
             }
@@ -869,24 +874,29 @@ impl Inner {
         method: Name<'_>,
         args: &[u8],
         last: Option<&mut LastObject>,
-    ) -> Option<BoxFuture<()>> {
+        handlers: &mut Handlers,
+    ) -> bool {
         let failed = |why: &str| {
             tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
             bump(&self.stats.signals_failed);
         };
         let Some(service) = self.lookup_with(object, last) else {
             failed("no such object");
-            return None;
+            return false;
         };
         let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            service.__dispatch(method.as_bytes(), args)
+            service.__dispatch(method.as_bytes(), args, handlers)
         }));
+        if matches!(dispatch, Ok(Dispatch::Call) | Err(_)) {
+            // A handler that will not run: drop it (and what it holds) now.
+            handlers.clear();
+        }
         match dispatch {
-            Ok(Dispatch::Signal(handler)) => {
+            Ok(Dispatch::Signal) => {
                 bump(&self.stats.signals_delivered);
-                return Some(handler);
+                return true;
             }
-            Ok(Dispatch::Call(_)) => failed("the method is a call, not a signal"),
+            Ok(Dispatch::Call) => failed("the method is a call, not a signal"),
             Ok(Dispatch::NoSuchMethod) => failed("no such method"),
             Ok(Dispatch::BadArguments(what)) => failed(&what),
             Err(_) => {
@@ -894,7 +904,7 @@ impl Inner {
                 failed("argument decoding panicked");
             }
         }
-        None
+        false
     }
 
     /// Counts a signal handler that panicked.
@@ -1101,6 +1111,8 @@ async fn run_reader(inner: Arc<Inner>) {
     // Grows with the batches actually seen: an idle connection keeps a small one.
     let mut events = Vec::new();
     let mut last = LastObject::default();
+    // Boxes for the handlers run inline, reused from one to the next.
+    let mut handlers = Handlers::new();
     let cause = loop {
         let batch = if closing {
             inner.conn.next_events(&mut events, READ_BATCH).await
@@ -1129,7 +1141,7 @@ async fn run_reader(inner: Arc<Inner>) {
             match event {
                 Event::Message(msg) => {
                     calls |= !(msg.first && msg.last);
-                    inner.on_message(msg, &mut last, &mut slot);
+                    inner.on_message(msg, &mut last, &mut slot, &mut handlers);
                 }
                 Event::Timeout(conv) => inner.on_timeout(conv),
                 _ => {}
@@ -1169,8 +1181,9 @@ async fn run_call(
         let Ok(_permit) = inner.handlers.acquire().await else {
             return wire::encode_failure(FailureKind::Cancelled, "closing");
         };
-        match inner.start_call(object, method, args, None) {
-            Ok(handler) => inner.handler_result(CatchUnwind(handler).await),
+        let mut handlers = Handlers::new();
+        match inner.start_call(object, method, args, None, &mut handlers) {
+            Ok(()) => inner.handler_result(CatchUnwind(handlers.call_mut()).await),
             Err(refusal) => refusal,
         }
     };
@@ -1183,7 +1196,7 @@ async fn run_call(
 async fn finish_call(
     inner: Arc<Inner>,
     conv: Conversation,
-    handler: CatchUnwind<dyn Future<Output = Payload> + Send>,
+    handler: CatchUnwind<HandlerFuture<Payload>>,
     deadline: Instant,
     mut cancel: oneshot::Receiver<()>,
 ) {
@@ -1240,8 +1253,9 @@ async fn run_signal(inner: Arc<Inner>, payload: Bytes, expires: Instant) {
         bump(&inner.stats.signals_expired_on_arrival);
         return;
     };
-    if let Some(handler) = inner.start_signal(object, method, args, None) {
-        let result = CatchUnwind(handler).await;
+    let mut handlers = Handlers::new();
+    if inner.start_signal(object, method, args, None, &mut handlers) {
+        let result = CatchUnwind(handlers.signal_mut()).await;
         inner.signal_result(result, object, method);
     }
 }
@@ -1320,9 +1334,9 @@ mod tests {
     }
 
     impl Service for Fixed {
-        fn __dispatch(&self, _method: &[u8], _args: &[u8]) -> Dispatch {
+        fn __dispatch(&self, _method: &[u8], _args: &[u8], handlers: &mut Handlers) -> Dispatch {
             let value = self.value;
-            Dispatch::Call(Box::pin(async move { reply_ok(&value) }))
+            handlers.call(async move { reply_ok(&value) })
         }
     }
 

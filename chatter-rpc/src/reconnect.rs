@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::error::{CallError, SignalError};
 use crate::outbox::{Delivery, Item, Outbox, Sent, SignalId};
 use crate::peer::{Outcome, Peer, PeerOptions, MAX_DURATION};
-use crate::service::{Dispatch, Service};
+use crate::service::{Dispatch, Handlers, Service};
 use crate::store::{self, Store};
 use crate::wire::{self, AckStatus};
 
@@ -1220,8 +1220,8 @@ async fn sweep(sh: Arc<Shared>) {
 struct SharedService(Arc<dyn Service>);
 
 impl Service for SharedService {
-    fn __dispatch(&self, method: &[u8], args: &[u8]) -> Dispatch {
-        self.0.__dispatch(method, args)
+    fn __dispatch(&self, method: &[u8], args: &[u8], handlers: &mut Handlers) -> Dispatch {
+        self.0.__dispatch(method, args, handlers)
     }
 }
 

@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio_util::sync::ReusableBoxFuture;
 
 use crate::error::RemoteContext;
 use crate::wire::{self, FailureKind, Payload};
@@ -19,35 +20,106 @@ use crate::wire::{self, FailureKind, Payload};
 /// by hand.
 pub trait Service: Send + Sync + 'static {
     /// Decodes the arguments of `method` (its name as it arrived: bytes, matched against
-    /// the trait's method names) and returns what to run.
+    /// the trait's method names), puts the handler to run in `handlers` and says which
+    /// kind it is.
     #[doc(hidden)]
-    fn __dispatch(&self, method: &[u8], args: &[u8]) -> Dispatch;
+    fn __dispatch(&self, method: &[u8], args: &[u8], handlers: &mut Handlers) -> Dispatch;
 }
 
-/// A boxed, sendable future (what handlers are run as).
+/// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A boxed, sendable future whose allocation is reused by the next future of the same
+/// size (what handlers are run as).
+pub(crate) type HandlerFuture<T> = ReusableBoxFuture<'static, T>;
 
 /// What a [`Service`] returns for one incoming call or signal. Built by generated code.
 #[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dispatch {
-    /// A call handler; resolves to the encoded reply.
-    Call(BoxFuture<Payload>),
-    /// A signal handler.
-    Signal(BoxFuture<()>),
+    /// A call handler is in [`Handlers`]; it resolves to the encoded reply.
+    Call,
+    /// A signal handler is in [`Handlers`].
+    Signal,
     /// The object has no such method.
     NoSuchMethod,
     /// The arguments did not decode.
     BadArguments(String),
 }
 
-impl fmt::Debug for Dispatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Dispatch::Call(_) => f.write_str("Call"),
-            Dispatch::Signal(_) => f.write_str("Signal"),
-            Dispatch::NoSuchMethod => f.write_str("NoSuchMethod"),
-            Dispatch::BadArguments(w) => f.debug_tuple("BadArguments").field(w).finish(),
+/// Where [`Service::__dispatch`] puts the handler it starts: one box for calls and one for
+/// signals, each reused by the next handler of the same size. The receive task keeps one
+/// for the handlers it runs inline, so a handler that completes on its first poll (most
+/// do) costs no allocation; a handler that waits takes its box along
+/// ([`take_call`](Self::take_call)) and the next one allocates anew.
+#[doc(hidden)]
+pub struct Handlers {
+    call: HandlerFuture<Payload>,
+    signal: HandlerFuture<()>,
+}
+
+impl Handlers {
+    /// Empty boxes (no allocation until the first handler).
+    pub fn new() -> Self {
+        Handlers {
+            call: ReusableBoxFuture::new(std::future::pending()),
+            signal: ReusableBoxFuture::new(std::future::pending()),
         }
+    }
+
+    /// Puts a call handler in place; returns [`Dispatch::Call`].
+    pub fn call<F: Future<Output = Payload> + Send + 'static>(&mut self, handler: F) -> Dispatch {
+        self.call.set(handler);
+        Dispatch::Call
+    }
+
+    /// Puts a signal handler in place; returns [`Dispatch::Signal`].
+    pub fn signal<F: Future<Output = ()> + Send + 'static>(&mut self, handler: F) -> Dispatch {
+        self.signal.set(handler);
+        Dispatch::Signal
+    }
+
+    /// The call handler, to poll in place.
+    pub(crate) fn call_mut(&mut self) -> &mut HandlerFuture<Payload> {
+        &mut self.call
+    }
+
+    /// The signal handler, to poll in place.
+    pub(crate) fn signal_mut(&mut self) -> &mut HandlerFuture<()> {
+        &mut self.signal
+    }
+
+    /// Takes the call handler out, leaving an empty box.
+    pub(crate) fn take_call(&mut self) -> HandlerFuture<Payload> {
+        std::mem::replace(
+            &mut self.call,
+            ReusableBoxFuture::new(std::future::pending()),
+        )
+    }
+
+    /// Takes the signal handler out, leaving an empty box.
+    pub(crate) fn take_signal(&mut self) -> HandlerFuture<()> {
+        std::mem::replace(
+            &mut self.signal,
+            ReusableBoxFuture::new(std::future::pending()),
+        )
+    }
+
+    /// Drops handlers that were put in place but will not run (and what they hold).
+    pub(crate) fn clear(&mut self) {
+        *self = Handlers::new();
+    }
+}
+
+impl Default for Handlers {
+    fn default() -> Self {
+        Handlers::new()
+    }
+}
+
+impl fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handlers").finish_non_exhaustive()
     }
 }
 
@@ -119,15 +191,15 @@ impl<E> CtxNone for Ctx<'_, E> {
 }
 
 /// Runs a future, turning a panic into `Err(message)`.
-pub(crate) struct CatchUnwind<F>(pub(crate) Pin<Box<F>>)
+pub(crate) struct CatchUnwind<F>(pub(crate) F)
 where
-    F: Future + ?Sized;
+    F: Future + Unpin;
 
-impl<F: Future + ?Sized> Future for CatchUnwind<F> {
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
     type Output = Result<F::Output, String>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let fut = self.0.as_mut();
+        let fut = Pin::new(&mut self.0);
         match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
@@ -152,6 +224,54 @@ mod tests {
 
     #[derive(Debug)]
     struct Plain;
+
+    /// Where the future in a handler box lives.
+    fn address<T>(f: &mut HandlerFuture<T>) -> usize {
+        let pinned = f.get_pin();
+        let future: &(dyn Future<Output = T> + Send) = pinned.as_ref().get_ref();
+        future as *const (dyn Future<Output = T> + Send) as *const u8 as usize
+    }
+
+    fn poll_now<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+        Pin::new(f).poll(&mut Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[test]
+    fn a_handler_box_is_reused_by_the_next_handler_of_its_size() {
+        let mut handlers = Handlers::new();
+        let held = std::sync::Arc::new(());
+        let handler = |n: i32| {
+            let held = held.clone();
+            async move {
+                let _held = held;
+                reply_ok(&n)
+            }
+        };
+        assert_eq!(handlers.call(handler(1)), Dispatch::Call);
+        let first = address(handlers.call_mut());
+        let Poll::Ready(reply) = poll_now(handlers.call_mut()) else {
+            panic!("the handler completes on its first poll")
+        };
+        assert_eq!(&reply[..], &b"\x92\x00\x01"[..]);
+        // A completed handler has dropped what it held; its box waits for the next one.
+        assert_eq!(std::sync::Arc::strong_count(&held), 1);
+        handlers.call(handler(2));
+        assert_eq!(address(handlers.call_mut()), first, "same size: same box");
+
+        // A handler that waits takes its box along; the next one gets another.
+        let taken = handlers.take_call();
+        handlers.call(handler(3));
+        assert_ne!(address(handlers.call_mut()), first);
+        drop(taken);
+
+        // A handler that will not run is dropped with what it holds.
+        assert_eq!(std::sync::Arc::strong_count(&held), 2);
+        handlers.clear();
+        assert_eq!(std::sync::Arc::strong_count(&held), 1);
+
+        assert_eq!(handlers.signal(async {}), Dispatch::Signal);
+        assert_eq!(poll_now(handlers.signal_mut()), Poll::Ready(()));
+    }
 
     #[test]
     #[allow(clippy::needless_borrow)] // the borrows select the impl

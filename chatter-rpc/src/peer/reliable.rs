@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use super::{after, bump, lock, Inner};
 use crate::error::SignalError;
 use crate::outbox::{Delivery, Sent, SignalId};
-use crate::service::{BoxFuture, CatchUnwind, Dispatch, Service};
+use crate::service::{BoxFuture, CatchUnwind, Dispatch, Handlers, Service};
 use crate::wire::{self, AckStatus, Incoming};
 #[cfg(doc)]
 use crate::PeerOptions;
@@ -389,13 +389,14 @@ async fn run_reliable(
     let Some(service) = service else {
         return failed("no such object");
     };
+    let mut handlers = Handlers::new();
     let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        service.__dispatch(method.as_bytes(), args)
+        service.__dispatch(method.as_bytes(), args, &mut handlers)
     }));
     match dispatch {
-        Ok(Dispatch::Signal(handler)) => {
+        Ok(Dispatch::Signal) => {
             bump(&inner.stats.signals_delivered);
-            match CatchUnwind(handler).await {
+            match CatchUnwind(handlers.signal_mut()).await {
                 Ok(()) => AckStatus::Handled,
                 Err(message) => {
                     bump(&inner.stats.handler_panics);
@@ -403,7 +404,7 @@ async fn run_reliable(
                 }
             }
         }
-        Ok(Dispatch::Call(_)) => failed("the method is a call, not a signal"),
+        Ok(Dispatch::Call) => failed("the method is a call, not a signal"),
         Ok(Dispatch::NoSuchMethod) => failed("no such method"),
         Ok(Dispatch::BadArguments(what)) => failed(&what),
         Err(_) => {
