@@ -18,8 +18,6 @@
 //! value rmp-serde would return.
 //!
 //! ```
-//! use std::collections::BTreeMap;
-//!
 //! let mut buf = Vec::new();
 //! chatter_core::codec::encode(&mut buf, &("add", [1, 2]))?;
 //! assert_eq!(buf, rmp_serde::to_vec(&("add", [1, 2]))?);
@@ -30,7 +28,6 @@
 //! let bomb = [[0x91u8; 600].as_slice(), &[0xc0]].concat();
 //! let refused = chatter_core::codec::decode::<serde::de::IgnoredAny>(&bomb);
 //! assert!(matches!(refused, Err(rmp_serde::decode::Error::DepthLimitExceeded)));
-//! # let _ = BTreeMap::<u8, u8>::new();
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
