@@ -13,7 +13,7 @@ use chatter_core::{connect, listen, Connection, Options, SendOptions};
 use tokio::sync::Semaphore;
 
 use crate::harness::{
-    idle_rss, nanos, run_connections, share, Done, LocalFuture, Measured, ServerInfo,
+    idle_rss, nanos, run_connections, share, take_credit, Done, LocalFuture, Measured, ServerInfo,
 };
 use crate::raw::request;
 use crate::tls::Tls;
@@ -109,19 +109,12 @@ async fn pipeline(conn: &Connection, window: usize, n: u64, req: &Bytes) -> Vec<
     let writer = async {
         let mut sent = 0;
         while sent < n {
-            credit.acquire().await.expect("credit").forget();
-            let more = (credit.available_permits() as u64).min(n - sent - 1);
-            if more > 0 {
-                credit
-                    .try_acquire_many(more as u32)
-                    .expect("credit")
-                    .forget();
-            }
-            for _ in 0..=more {
+            let batch = take_credit(&credit, n - sent).await;
+            for _ in 0..batch {
                 sent_at.borrow_mut().push_back(Instant::now());
                 conn.send_bytes(req, request).await.expect("send (core)");
             }
-            sent += more + 1;
+            sent += batch;
         }
     };
     let reader = async {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 /// Where the client and server threads run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,6 +264,21 @@ where
     while running.next().await.is_some() {}
     drop(running);
     latencies.into_inner()
+}
+
+/// Waits for a permit of `credit`, then takes every other free one too, up to `left` in
+/// all: how a writer with a window of calls in flight sends all it may at once. Returns
+/// how many it took.
+pub async fn take_credit(credit: &Semaphore, left: u64) -> u64 {
+    credit.acquire().await.expect("credit").forget();
+    let more = (credit.available_permits() as u64).min(left.saturating_sub(1));
+    if more > 0 {
+        credit
+            .try_acquire_many(more as u32)
+            .expect("credit")
+            .forget();
+    }
+    more + 1
 }
 
 /// Nanoseconds since `t`, saturated to u32 (4.3 s).

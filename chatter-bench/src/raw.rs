@@ -16,7 +16,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::harness::{
-    idle_rss, nanos, run_connections, share, Done, LocalFuture, Measured, ServerInfo,
+    idle_rss, nanos, run_connections, share, take_credit, Done, LocalFuture, Measured, ServerInfo,
 };
 use crate::tls::{Tls, SERVER_NAME};
 use crate::workload::{Kind, Spec};
@@ -161,28 +161,22 @@ async fn pipeline(
     let writer = async {
         let mut sent = 0;
         while sent < n {
-            credit.acquire().await.expect("credit").forget();
             if !batched {
+                credit.acquire().await.expect("credit").forget();
                 sent_at.borrow_mut().push_back(Instant::now());
                 wr.send(req.clone()).await.expect("send (raw)");
                 sent += 1;
                 continue;
             }
-            let more = (credit.available_permits() as u64).min(n - sent - 1);
-            if more > 0 {
-                credit
-                    .try_acquire_many(more as u32)
-                    .expect("credit")
-                    .forget();
-            }
-            for _ in 0..=more {
+            let batch = take_credit(&credit, n - sent).await;
+            for _ in 0..batch {
                 sent_at.borrow_mut().push_back(Instant::now());
                 wr.feed(req.clone()).await.expect("send (raw)");
             }
             SinkExt::<Bytes>::flush(&mut *wr)
                 .await
                 .expect("flush (raw)");
-            sent += more + 1;
+            sent += batch;
         }
     };
     let reader = async {
