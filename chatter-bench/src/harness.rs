@@ -230,7 +230,7 @@ pub fn run_pair(layout: Layout, server: ServerFn, client: ClientFn) -> Measured 
 /// service with that many concurrent tasks would. Each call's future lives in its worker's
 /// state, so the harness costs a wake-up per call but no allocation and no move of the
 /// call's future, which with one future per call (a `FuturesUnordered` push each) cost
-/// about 900 instructions per call, more than a third of a raw echo. tarpc and chatter-rpc
+/// about 800 instructions per call, half of a raw echo. tarpc and chatter-rpc
 /// both run on this driver.
 pub async fn drive_calls<F, Fut>(total: u64, window: usize, call: F) -> Vec<u32>
 where
