@@ -2,9 +2,9 @@
 //!
 //! Every envelope is a MessagePack array whose first element says what it is. User values
 //! (arguments, return values, application errors) are embedded as MessagePack values
-//! encoded as rmp-serde encodes them (structs as maps; written and read by `chatter_core::codec`, which
-//! falls back to rmp-serde itself for unusual values), never as nested byte strings, so a
-//! payload is encoded in one pass into one buffer.
+//! encoded as rmp-serde encodes them (structs as maps; written and read by
+//! `chatter_core::codec`, which falls back to rmp-serde itself for unusual values), never
+//! as nested byte strings, so a payload is encoded in one pass into one buffer.
 
 use std::cell::RefCell;
 use std::time::Duration;
