@@ -105,6 +105,8 @@ fn client(tr: &Trait) -> TokenStream {
     let methods = tr.methods.iter().map(|m| {
         let name = &m.ident;
         let wire_name = name.to_string();
+        let wire_bytes = syn::LitByteStr::new(&msgpack_str(&wire_name), name.span());
+        let method = quote!(#p::Method { name: #wire_name, wire: #wire_bytes });
         let attrs = &m.attrs;
         let idents = arg_idents(m);
         let tys: Vec<_> = m.args.iter().map(|a| &a.ty).collect();
@@ -132,7 +134,7 @@ fn client(tr: &Trait) -> TokenStream {
                         Output = #p::Result<::chatter_rpc::Sent, ::chatter_rpc::SignalError>,
                     > + #p::Send + 'static
                 {
-                    self.__core.signal(#wire_name, #ttl, #persistent, &(#(#idents,)*))
+                    self.__core.signal(#method, #ttl, #persistent, &(#(#idents,)*))
                 }
             }
         } else {
@@ -144,15 +146,15 @@ fn client(tr: &Trait) -> TokenStream {
             let (ret, call) = match &m.output {
                 Output::Result { ok, err } => (
                     quote!(#p::Result<#ok, ::chatter_rpc::CallError<#err>>),
-                    quote!(#core.call::<_, #ok, #err>(#wire_name, &(#(#idents,)*))),
+                    quote!(#core.call::<_, #ok, #err>(#method, &(#(#idents,)*))),
                 ),
                 Output::Plain(ty) => (
                     quote!(#p::Result<#ty, ::chatter_rpc::CallError>),
-                    quote!(#core.call_plain::<_, #ty>(#wire_name, &(#(#idents,)*))),
+                    quote!(#core.call_plain::<_, #ty>(#method, &(#(#idents,)*))),
                 ),
                 Output::Unit => (
                     quote!(#p::Result<(), ::chatter_rpc::CallError>),
-                    quote!(#core.call_plain::<_, ()>(#wire_name, &(#(#idents,)*))),
+                    quote!(#core.call_plain::<_, ()>(#method, &(#(#idents,)*))),
                 ),
             };
             quote! {
@@ -332,4 +334,24 @@ fn server(tr: &Trait) -> TokenStream {
             }
         }
     }
+}
+
+/// `name` as a MessagePack string in its shortest form, as chatter-rpc's envelopes carry
+/// method names (generated clients copy it into every request instead of encoding it).
+fn msgpack_str(name: &str) -> Vec<u8> {
+    let len = name.len();
+    let mut out = Vec::with_capacity(5 + len);
+    if len < 32 {
+        out.push(0xa0 | len as u8);
+    } else if len < 0x100 {
+        out.extend_from_slice(&[0xd9, len as u8]);
+    } else if len < 0x1_0000 {
+        out.push(0xda);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0xdb);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out
 }

@@ -13,25 +13,39 @@ use crate::error::{CallError, RemoteContext, SignalError};
 use crate::outbox::Sent;
 use crate::peer::{lock, Outcome, MAX_DURATION};
 use crate::reconnect::Target;
-use crate::wire::{self, FailureKind, Reply};
+use crate::wire::{self, FailureKind, Reply, WireName};
 
 /// What a generated `{Trait}Client` wraps: a peer, the remote object's name, and the
 /// client's deadline and signal TTL overrides. Generated code only.
 #[doc(hidden)]
 #[derive(Clone)]
 pub struct ClientCore {
-    peer: Target,
-    object: Arc<str>,
+    /// What every call and signal needs: one reference count per call, not one per part.
+    shared: Arc<Shared>,
     idempotent: bool,
     persistent: bool,
     deadline: Option<Duration>,
     ttl: Option<Duration>,
 }
 
+struct Shared {
+    peer: Target,
+    object: WireName,
+}
+
+/// A method of a `#[remote]` trait: its name, and the name encoded as a MessagePack
+/// string (`#[remote]` encodes it at compile time). Generated code only.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct Method {
+    pub name: &'static str,
+    pub wire: &'static [u8],
+}
+
 impl fmt::Debug for ClientCore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("object", &self.object)
+            .field("object", &self.shared.object)
             .field("deadline", &self.deadline())
             .field("ttl", &self.ttl)
             .field("persistent", &self.persistent)
@@ -42,8 +56,10 @@ impl fmt::Debug for ClientCore {
 impl ClientCore {
     pub fn new(peer: impl Into<Target>, object: &str) -> Self {
         ClientCore {
-            peer: peer.into(),
-            object: object.into(),
+            shared: Arc::new(Shared {
+                peer: peer.into(),
+                object: WireName::new(object),
+            }),
             idempotent: false,
             persistent: false,
             deadline: None,
@@ -52,7 +68,7 @@ impl ClientCore {
     }
 
     pub fn peer(&self) -> &Target {
-        &self.peer
+        &self.shared.peer
     }
 
     /// The same client, allowed to re-send calls whose outcome is unknown (for methods
@@ -73,12 +89,12 @@ impl ClientCore {
     }
 
     pub fn object(&self) -> &str {
-        &self.object
+        self.shared.object.as_str()
     }
 
     pub fn deadline(&self) -> Duration {
         self.deadline
-            .unwrap_or(self.peer.peer_options().default_deadline)
+            .unwrap_or(self.peer().peer_options().default_deadline)
             .min(MAX_DURATION)
     }
 
@@ -99,7 +115,7 @@ impl ClientCore {
     /// A call of a method returning `Result<T, E>`.
     pub fn call<A, T, E>(
         &self,
-        method: &'static str,
+        method: Method,
         args: &A,
     ) -> impl Future<Output = Result<T, CallError<E>>> + Send + 'static
     where
@@ -118,7 +134,7 @@ impl ClientCore {
     /// A call of a method returning a plain `T`.
     pub fn call_plain<A, T>(
         &self,
-        method: &'static str,
+        method: Method,
         args: &A,
     ) -> impl Future<Output = Result<T, CallError<Infallible>>> + Send + 'static
     where
@@ -135,7 +151,7 @@ impl ClientCore {
     /// TTL, outbox and persistence rules).
     pub fn signal<A: Serialize + ?Sized>(
         &self,
-        method: &'static str,
+        method: Method,
         default_ttl: Option<Duration>,
         persistent: bool,
         args: &A,
@@ -143,14 +159,15 @@ impl ClientCore {
         let ttl = self
             .ttl
             .or(default_ttl)
-            .unwrap_or(self.peer.peer_options().default_signal_ttl)
+            .unwrap_or(self.peer().peer_options().default_signal_ttl)
             .min(MAX_DURATION);
-        let encoded = wire::encode_request(wire::SIGNAL, &self.object, method, ttl, args);
-        let target = self.peer.clone();
+        let object = self.shared.object.encoded();
+        let encoded = wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, args);
+        let shared = self.shared.clone();
         let persistent = persistent || self.persistent;
         async move {
             let payload = encoded.map_err(|e| SignalError::BadArguments { what: e.0 })?;
-            match target {
+            match &shared.peer {
                 Target::Peer(peer) => {
                     let inner = &peer.inner;
                     if inner.hooks.is_shutting_down() {
@@ -179,7 +196,7 @@ impl ClientCore {
 
     fn call_with<A, T, E>(
         &self,
-        method: &'static str,
+        method: Method,
         args: &A,
         app: impl FnOnce(&[u8], RemoteContext) -> CallError<E> + Send + 'static,
     ) -> impl Future<Output = Result<T, CallError<E>>> + Send + 'static
@@ -189,14 +206,16 @@ impl ClientCore {
         E: Send + 'static,
     {
         let deadline = self.deadline();
-        let encoded = wire::encode_request(wire::CALL, &self.object, method, deadline, args);
-        let target = self.peer.clone();
+        let object = self.shared.object.encoded();
+        let encoded = wire::encode_request_with(wire::CALL, object, method.wire, deadline, args);
+        let shared = self.shared.clone();
         let idempotent = self.idempotent;
-        let object = self.object.clone();
+        let method = method.name;
         async move {
             let payload = encoded.map_err(|e| CallError::BadArguments { what: e.0 })?;
-            let inner = match target {
-                Target::Peer(peer) => peer.inner,
+            let object = shared.object.as_str();
+            let inner = match &shared.peer {
+                Target::Peer(peer) => &peer.inner,
                 Target::Reconnecting(peer) => {
                     // Boxed: inline, its state (about 550 bytes) would make every call
                     // future that large, plain-peer calls included, and copying it shows
@@ -206,7 +225,7 @@ impl ClientCore {
                     return finish(
                         reply.map_err(|e| e.map_app(|n| match n {})),
                         app,
-                        &object,
+                        object,
                         method,
                     );
                 }
@@ -222,7 +241,7 @@ impl ClientCore {
                 }
                 Outcome::Protocol(what) => return Err(CallError::Protocol(what)),
             };
-            finish(Ok(reply), app, &object, method)
+            finish(Ok(reply), app, object, method)
         }
     }
 }

@@ -124,7 +124,7 @@ pub use service::Service;
 /// release.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::client::ClientCore;
+    pub use crate::client::{ClientCore, Method};
     pub use crate::service::{
         decode_args, reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay, CtxError, CtxNone,
         Dispatch, Handlers,

@@ -141,6 +141,7 @@ impl std::fmt::Display for WireError {
 
 /// `[0, object, method, deadline_ms, args]` (call) or `[1, object, method, ttl_ms, args]`
 /// (signal).
+#[cfg(test)]
 pub(crate) fn encode_request<A: Serialize + ?Sized>(
     kind: u8,
     object: &str,
@@ -148,13 +149,64 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
     duration: Duration,
     args: &A,
 ) -> Result<Payload, WireError> {
+    let (object, method) = (WireName::new(object), WireName::new(method));
+    encode_request_with(kind, object.encoded(), method.encoded(), duration, args)
+}
+
+/// [`encode_request`] with the object and method names already encoded (see [`WireName`]):
+/// clients encode their names once, not per call.
+pub(crate) fn encode_request_with<A: Serialize + ?Sized>(
+    kind: u8,
+    object: &[u8],
+    method: &[u8],
+    duration: Duration,
+    args: &A,
+) -> Result<Payload, WireError> {
     encode(|w| {
+        w.reserve(2 + object.len() + method.len() + 9);
         header(w, 5, kind);
-        put_str(w, object);
-        put_str(w, method);
+        w.extend_from_slice(object);
+        w.extend_from_slice(method);
         put_uint(w, millis(duration));
         value(w, args)
     })
+}
+
+/// A name and its MessagePack string encoding, made once and copied into every envelope
+/// that names it.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct WireName {
+    /// The encoded string: its header, then the name's bytes.
+    encoded: Box<[u8]>,
+    /// Where the name's bytes begin in `encoded`.
+    at: usize,
+}
+
+impl WireName {
+    pub(crate) fn new(name: &str) -> WireName {
+        let mut encoded = Vec::with_capacity(5 + name.len());
+        put_str(&mut encoded, name);
+        let at = encoded.len() - name.len();
+        WireName {
+            encoded: encoded.into_boxed_slice(),
+            at,
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Built from a `str` in `new`: the bytes after the header are valid UTF-8.
+        std::str::from_utf8(&self.encoded[self.at..]).unwrap_or_default()
+    }
+
+    pub(crate) fn encoded(&self) -> &[u8] {
+        &self.encoded
+    }
+}
+
+impl std::fmt::Debug for WireName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
 }
 
 /// `[2, call]`: cancel the call whose conversation's first message had id `call`.

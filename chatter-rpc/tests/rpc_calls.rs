@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use chatter_core::Options;
 use chatter_rpc::{remote, serve, CallError, Peer, PeerOptions};
-use common::{pair, pair_with, within, Calc, CalcError, CalculatorClient, CalculatorServer};
+use common::{
+    connections, pair, pair_with, within, Calc, CalcError, CalculatorClient, CalculatorServer,
+};
 use tokio::time::Instant;
 
 /// The calculator as an older or newer client sees it: methods the server lacks and
@@ -20,6 +22,47 @@ pub trait Mismatched {
     async fn sub(&self, a: i64, b: i64) -> i64;
     /// The server's `div` returns `Result<i64, _>`.
     async fn div(&self, a: i64, b: i64) -> Result<String, CalcError>;
+}
+
+/// Names of 32 bytes and more take a longer MessagePack string header than short ones,
+/// both method names (which `#[remote]` encodes at compile time) and object names (which
+/// clients encode when made).
+#[remote]
+pub trait LongNames {
+    async fn a_method_whose_name_is_longer_than_thirty_one_bytes(&self, x: u32) -> u32;
+    #[signal]
+    async fn a_signal_whose_name_is_also_longer_than_thirty_one_bytes(&self, x: u32);
+}
+
+struct Long(tokio::sync::mpsc::UnboundedSender<u32>);
+
+impl LongNames for Long {
+    async fn a_method_whose_name_is_longer_than_thirty_one_bytes(&self, x: u32) -> u32 {
+        x + 1
+    }
+
+    async fn a_signal_whose_name_is_also_longer_than_thirty_one_bytes(&self, x: u32) {
+        let _ = self.0.send(x);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn long_object_and_method_names_reach_their_handlers() {
+    let (client_conn, server_conn) = connections(Options::default()).await;
+    let server = Peer::new(server_conn);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let object = "an object whose name is longer than 31 bytes, and then some more".repeat(5);
+    assert!(object.len() > 255, "exercises the two-byte length header");
+    server.register(object.clone(), LongNamesServer::new(Long(tx)));
+    let client = Peer::new(client_conn);
+    let long = LongNamesClient::new(&client, &object);
+    assert_eq!(long.object(), object);
+    let got = long.a_method_whose_name_is_longer_than_thirty_one_bytes(41);
+    assert_eq!(within(got).await.unwrap(), 42);
+    long.a_signal_whose_name_is_also_longer_than_thirty_one_bytes(7)
+        .await
+        .unwrap();
+    assert_eq!(within(rx.recv()).await, Some(7));
 }
 
 #[tokio::test(start_paused = true)]
