@@ -31,6 +31,9 @@ pub struct ClientCore {
 struct Shared {
     peer: Target,
     object: WireName,
+    /// The peer's defaults (its options do not change), capped at `MAX_DURATION`.
+    default_deadline: Duration,
+    default_ttl: Duration,
 }
 
 /// A method of a `#[remote]` trait: its name, and the name encoded as a MessagePack
@@ -55,10 +58,16 @@ impl fmt::Debug for ClientCore {
 
 impl ClientCore {
     pub fn new(peer: impl Into<Target>, object: &str) -> Self {
+        let peer = peer.into();
+        let options = peer.peer_options();
+        let (default_deadline, default_ttl) =
+            (options.default_deadline, options.default_signal_ttl);
         ClientCore {
             shared: Arc::new(Shared {
-                peer: peer.into(),
+                peer,
                 object: WireName::new(object),
+                default_deadline: default_deadline.min(MAX_DURATION),
+                default_ttl: default_ttl.min(MAX_DURATION),
             }),
             idempotent: false,
             persistent: false,
@@ -93,9 +102,10 @@ impl ClientCore {
     }
 
     pub fn deadline(&self) -> Duration {
-        self.deadline
-            .unwrap_or(self.peer().peer_options().default_deadline)
-            .min(MAX_DURATION)
+        match self.deadline {
+            Some(deadline) => deadline.min(MAX_DURATION),
+            None => self.shared.default_deadline,
+        }
     }
 
     pub fn with_deadline(&self, deadline: Duration) -> Self {
@@ -156,11 +166,10 @@ impl ClientCore {
         persistent: bool,
         args: &A,
     ) -> impl Future<Output = Result<Sent, SignalError>> + Send + 'static {
-        let ttl = self
-            .ttl
-            .or(default_ttl)
-            .unwrap_or(self.peer().peer_options().default_signal_ttl)
-            .min(MAX_DURATION);
+        let ttl = match self.ttl.or(default_ttl) {
+            Some(ttl) => ttl.min(MAX_DURATION),
+            None => self.shared.default_ttl,
+        };
         let object = self.shared.object.encoded();
         let encoded = wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, args);
         let shared = self.shared.clone();

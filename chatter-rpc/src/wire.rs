@@ -176,26 +176,23 @@ pub(crate) fn encode_request_with<A: Serialize + ?Sized>(
 /// that names it.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct WireName {
+    name: Box<str>,
     /// The encoded string: its header, then the name's bytes.
     encoded: Box<[u8]>,
-    /// Where the name's bytes begin in `encoded`.
-    at: usize,
 }
 
 impl WireName {
     pub(crate) fn new(name: &str) -> WireName {
         let mut encoded = Vec::with_capacity(5 + name.len());
         put_str(&mut encoded, name);
-        let at = encoded.len() - name.len();
         WireName {
+            name: name.into(),
             encoded: encoded.into_boxed_slice(),
-            at,
         }
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        // Built from a `str` in `new`: the bytes after the header are valid UTF-8.
-        std::str::from_utf8(&self.encoded[self.at..]).unwrap_or_default()
+        &self.name
     }
 
     pub(crate) fn encoded(&self) -> &[u8] {
