@@ -106,7 +106,7 @@ fn client(tr: &Trait) -> TokenStream {
         let name = &m.ident;
         let wire_name = name.to_string();
         let wire_bytes = syn::LitByteStr::new(&msgpack_str(&wire_name), name.span());
-        let method = quote!(#p::Method { name: #wire_name, wire: #wire_bytes });
+        let method = quote!(&#p::Method { name: #wire_name, wire: #wire_bytes });
         let attrs = &m.attrs;
         let idents = arg_idents(m);
         let tys: Vec<_> = m.args.iter().map(|a| &a.ty).collect();

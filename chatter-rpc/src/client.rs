@@ -3,17 +3,23 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use chatter_core::SendError;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{CallError, RemoteContext, SignalError};
 use crate::outbox::Sent;
-use crate::peer::{lock, Outcome, MAX_DURATION};
+use crate::peer::{lock, Inner, Outcome, MAX_DURATION};
 use crate::reconnect::Target;
-use crate::wire::{self, FailureKind, Reply, WireName};
+use crate::wire::{self, FailureKind, Payload, Reply, WireName};
 
 /// What a generated `{Trait}Client` wraps: a peer, the remote object's name, and the
 /// client's deadline and signal TTL overrides. Generated code only.
@@ -125,7 +131,7 @@ impl ClientCore {
     /// A call of a method returning `Result<T, E>`.
     pub fn call<A, T, E>(
         &self,
-        method: Method,
+        method: &'static Method,
         args: &A,
     ) -> impl Future<Output = Result<T, CallError<E>>> + Send + 'static
     where
@@ -144,7 +150,7 @@ impl ClientCore {
     /// A call of a method returning a plain `T`.
     pub fn call_plain<A, T>(
         &self,
-        method: Method,
+        method: &'static Method,
         args: &A,
     ) -> impl Future<Output = Result<T, CallError<Infallible>>> + Send + 'static
     where
@@ -161,7 +167,7 @@ impl ClientCore {
     /// TTL, outbox and persistence rules).
     pub fn signal<A: Serialize + ?Sized>(
         &self,
-        method: Method,
+        method: &'static Method,
         default_ttl: Option<Duration>,
         persistent: bool,
         args: &A,
@@ -203,61 +209,175 @@ impl ClientCore {
         }
     }
 
-    fn call_with<A, T, E>(
+    fn call_with<A, T, E, F>(
         &self,
-        method: Method,
+        method: &'static Method,
         args: &A,
-        app: impl FnOnce(&[u8], RemoteContext) -> CallError<E> + Send + 'static,
+        app: F,
     ) -> impl Future<Output = Result<T, CallError<E>>> + Send + 'static
     where
         A: Serialize + ?Sized,
         T: DeserializeOwned + Send + 'static,
         E: Send + 'static,
+        F: FnOnce(&[u8], RemoteContext) -> CallError<E> + Send + Unpin + 'static,
     {
         let deadline = self.deadline();
         let object = self.shared.object.encoded();
         let encoded = wire::encode_request_with(wire::CALL, object, method.wire, deadline, args);
-        let shared = self.shared.clone();
-        let idempotent = self.idempotent;
-        let method = method.name;
-        async move {
-            let payload = encoded.map_err(|e| CallError::BadArguments { what: e.0 })?;
-            let object = shared.object.as_str();
-            let inner = match &shared.peer {
-                Target::Peer(peer) => &peer.inner,
-                Target::Reconnecting(peer) => {
-                    // Boxed: inline, its state (about 550 bytes) would make every call
-                    // future that large, plain-peer calls included, and copying it shows
-                    // in profiles.
-                    let call = peer.call(payload.into_bytes(), deadline, idempotent);
-                    let reply = Box::pin(call).await;
-                    return finish(
-                        reply.map_err(|e| e.map_app(|n| match n {})),
-                        app,
-                        object,
-                        method,
-                    );
-                }
-            };
-            if inner.hooks.is_shutting_down() {
-                return Err(CallError::ShuttingDown);
+        let (request, boxed) = match encoded {
+            Ok(payload) => (Some(payload), None),
+            Err(e) => {
+                let failed = Err(CallError::BadArguments { what: e.0 });
+                (
+                    None,
+                    Some(Box::pin(std::future::ready(failed)) as BoxedCall),
+                )
             }
-            let reply = match inner.call(payload, deadline).await {
-                Outcome::Reply(reply) => reply,
-                Outcome::Deadline => return Err(CallError::DeadlineExceeded),
-                Outcome::Lost(cause) | Outcome::NotSent(cause) => {
-                    return Err(CallError::ConnectionLost(cause))
-                }
-                Outcome::Protocol(what) => return Err(CallError::Protocol(what)),
-            };
-            finish(Ok(reply), app, object, method)
+        };
+        Call {
+            request,
+            waiting: 0,
+            boxed,
+            shared: self.shared.clone(),
+            method,
+            deadline,
+            idempotent: self.idempotent,
+            app: Some(app),
+            out: PhantomData,
         }
+    }
+}
+
+/// The future of a call: a hand-written state machine rather than nested `async` blocks,
+/// so that it stays small (callers move it around: into `join_all`, `FuturesUnordered`,
+/// tasks) and its poll does no more than the call needs. Sends the request when first
+/// polled; dropped while waiting, it tells the callee to cancel.
+///
+/// Its states are separate fields rather than an enum: replacing an enum's state runs its
+/// drop code, a measurable part of a call.
+struct Call<T, E, F> {
+    /// The encoded request, until it is sent.
+    request: Option<Payload>,
+    /// Sent through a plain peer: the outcome arrives in the peer's pending slot with this
+    /// id (conversation ids start at 1; 0 is none).
+    waiting: u64,
+    /// Anything rarer (a reconnecting peer, a full window, arguments that failed to
+    /// encode), boxed so that it does not make every call future larger.
+    boxed: Option<BoxedCall>,
+    shared: Arc<Shared>,
+    method: &'static Method,
+    deadline: Duration,
+    idempotent: bool,
+    /// How to make the caller's error from an application error reply; taken once.
+    app: Option<F>,
+    out: PhantomData<fn() -> (T, E)>,
+}
+
+type BoxedCall = Pin<Box<dyn Future<Output = Result<Bytes, CallError>> + Send>>;
+
+impl Shared {
+    /// The connection's peer, for a client of a plain peer.
+    fn inner(&self) -> Option<&Arc<Inner>> {
+        match &self.peer {
+            Target::Peer(peer) => Some(&peer.inner),
+            Target::Reconnecting(_) => None,
+        }
+    }
+}
+
+impl<T, E, F> Future for Call<T, E, F>
+where
+    T: DeserializeOwned,
+    F: FnOnce(&[u8], RemoteContext) -> CallError<E> + Unpin,
+{
+    type Output = Result<T, CallError<E>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Some(payload) = this.request.take() {
+            if let Err(e) = this.start(payload) {
+                this.app = None;
+                return Poll::Ready(Err(e.map_app(|n| match n {})));
+            }
+        }
+        let reply = if this.waiting != 0 {
+            let outcome = match this.shared.inner() {
+                Some(inner) => std::task::ready!(inner.poll_outcome(this.waiting, cx)),
+                None => Outcome::Protocol("a call lost its peer".into()),
+            };
+            this.waiting = 0;
+            outcome_reply(outcome)
+        } else if let Some(call) = &mut this.boxed {
+            let reply = std::task::ready!(call.as_mut().poll(cx));
+            this.boxed = None;
+            reply
+        } else {
+            panic!("a call future was polled after it completed")
+        };
+        let Some(app) = this.app.take() else {
+            panic!("a call future was polled after it completed")
+        };
+        let reply = reply.map_err(|e| e.map_app(|n| match n {}));
+        let (object, method) = (this.shared.object.as_str(), this.method.name);
+        Poll::Ready(finish(reply, app, object, method))
+    }
+}
+
+impl<T, E, F> Call<T, E, F> {
+    /// Hands the request to the connection (or starts the boxed path that will).
+    fn start(&mut self, payload: Payload) -> Result<(), CallError> {
+        let deadline = self.deadline;
+        let inner = match &self.shared.peer {
+            Target::Peer(peer) => &peer.inner,
+            Target::Reconnecting(peer) => {
+                let (peer, idempotent) = (peer.clone(), self.idempotent);
+                let bytes = payload.into_bytes();
+                self.boxed = Some(Box::pin(async move {
+                    peer.call(bytes, deadline, idempotent).await
+                }));
+                return Ok(());
+            }
+        };
+        if inner.hooks.is_shutting_down() {
+            return Err(CallError::ShuttingDown);
+        }
+        match inner.try_start_call(&payload, deadline) {
+            Ok(id) => self.waiting = id,
+            Err(SendError::WouldBlock) => {
+                // The peer's window is full: wait for room (rare).
+                let inner = inner.clone();
+                self.boxed = Some(Box::pin(async move {
+                    outcome_reply(inner.call(payload, deadline).await)
+                }));
+            }
+            Err(SendError::Closed(cause)) => return Err(CallError::ConnectionLost(cause)),
+            Err(e) => return Err(CallError::Protocol(e.to_string())),
+        }
+        Ok(())
+    }
+}
+
+impl<T, E, F> Drop for Call<T, E, F> {
+    fn drop(&mut self) {
+        if let (id @ 1.., Some(inner)) = (self.waiting, self.shared.inner()) {
+            inner.abandon_call(id);
+        }
+    }
+}
+
+/// A call's outcome as the caller sees it.
+fn outcome_reply(outcome: Outcome) -> Result<Bytes, CallError> {
+    match outcome {
+        Outcome::Reply(reply) => Ok(reply),
+        Outcome::Deadline => Err(CallError::DeadlineExceeded),
+        Outcome::Lost(cause) | Outcome::NotSent(cause) => Err(CallError::ConnectionLost(cause)),
+        Outcome::Protocol(what) => Err(CallError::Protocol(what)),
     }
 }
 
 /// Decodes a reply (or passes a framework failure through).
 fn finish<T, E>(
-    reply: Result<bytes::Bytes, CallError<E>>,
+    reply: Result<Bytes, CallError<E>>,
     app: impl FnOnce(&[u8], RemoteContext) -> CallError<E>,
     object: &str,
     method: &str,

@@ -478,9 +478,24 @@ impl Inner {
         }
     }
 
+    /// Sends a request now if the peer's window has room: returns its pending slot id, to
+    /// poll with [`poll_outcome`](Self::poll_outcome) and, if the caller gives up, to
+    /// [`abandon_call`](Self::abandon_call). Fails with [`SendError::WouldBlock`] when the
+    /// window has no room now (then use [`call`](Self::call)).
+    pub(crate) fn try_start_call(
+        &self,
+        payload: &[u8],
+        deadline: Duration,
+    ) -> Result<u64, SendError> {
+        let options = SendOptions::new().last(false).timeout(deadline);
+        self.conn
+            .try_send(payload, options)
+            .map(|conv| conv.first_id())
+    }
+
     /// Takes the outcome of call `id` if it arrived, else registers (or refreshes) the
     /// caller's waker.
-    fn poll_outcome(&self, id: u64, cx: &mut Context<'_>) -> Poll<Outcome> {
+    pub(crate) fn poll_outcome(&self, id: u64, cx: &mut Context<'_>) -> Poll<Outcome> {
         let mut pending = lock(&self.pending);
         let closed = pending.closed.clone();
         match pending.calls.entry(id) {
@@ -1056,12 +1071,19 @@ struct CallGuard<'a> {
 
 impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if self.armed {
+            self.inner.abandon_call(self.id);
         }
-        let mut pending = lock(&self.inner.pending);
+    }
+}
+
+impl Inner {
+    /// The caller of call `id` gave up before taking its outcome: tells the callee to
+    /// cancel, and keeps the slot until the reply ends the conversation.
+    pub(crate) fn abandon_call(&self, id: u64) {
+        let mut pending = lock(&self.pending);
         let closed = pending.closed.is_some();
-        let mut slot = match pending.calls.entry(self.id) {
+        let mut slot = match pending.calls.entry(id) {
             Entry::Occupied(slot) => slot,
             // Sent, but the caller's future was dropped before its first poll registered
             // the slot: abandon it as the reply has yet to end the conversation.
@@ -1069,8 +1091,7 @@ impl Drop for CallGuard<'_> {
                 if !closed {
                     slot.insert(Slot::Abandoned);
                     drop(pending);
-                    self.inner
-                        .send_soon(wire::encode_cancel(self.id), SendOptions::new());
+                    self.send_soon(wire::encode_cancel(id), SendOptions::new());
                 }
                 return;
             }
@@ -1079,8 +1100,7 @@ impl Drop for CallGuard<'_> {
             Slot::Waiting(_) => {
                 *slot.get_mut() = Slot::Abandoned;
                 drop(pending);
-                self.inner
-                    .send_soon(wire::encode_cancel(self.id), SendOptions::new());
+                self.send_soon(wire::encode_cancel(id), SendOptions::new());
             }
             // The outcome arrived but was not taken; the reply may still have to come.
             Slot::Arrived {

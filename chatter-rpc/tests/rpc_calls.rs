@@ -134,6 +134,57 @@ async fn bad_arguments_say_what_failed() {
     assert!(what.contains("i64"), "{what}");
 }
 
+/// A value whose `Serialize` fails (decoding one always works).
+#[derive(Debug)]
+pub struct Unencodable;
+
+impl serde::Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(
+            "this value refuses to be encoded",
+        ))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Unencodable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| Unencodable)
+    }
+}
+
+#[remote]
+pub trait Picky {
+    async fn take(&self, value: Unencodable) -> u32;
+}
+
+#[tokio::test(start_paused = true)]
+async fn arguments_that_cannot_be_encoded_fail_the_call_before_it_is_sent() {
+    let p = pair().await;
+    let picky = PickyClient::new(&p.client, "calc");
+    let err = within(picky.take(Unencodable)).await.unwrap_err();
+    let CallError::BadArguments { what } = &err else {
+        panic!("expected bad arguments, got {err:?}");
+    };
+    assert!(what.contains("refuses to be encoded"), "{what}");
+    // Nothing reached the callee, and the connection still works.
+    assert_eq!(p.calc.add(1, 2).await.unwrap(), 3);
+    assert_eq!(p.server.stats().calls_received, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_wait_for_room_when_the_callee_window_is_full() {
+    // A 4 KiB window holds about 40 of these calls: the others wait for credit.
+    let listen_options = Options::default().max_frame_size(2048).receive_window(4096);
+    let p = pair_with(PeerOptions::default(), listen_options).await;
+    let calls: Vec<_> = (0..300i64)
+        .map(|i| tokio::spawn(p.calc.add(i, 1)))
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(within(call).await.unwrap().unwrap(), i as i64 + 1);
+    }
+    assert_eq!(p.server.stats().calls_received, 300);
+}
+
 #[tokio::test(start_paused = true)]
 async fn bad_reply_says_what_failed() {
     let p = pair().await;
