@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use chatter_core::{connect, listen, Connection, Options, SendOptions};
+use chatter_core::{connect, listen, Connection, Event, Options, SendOptions};
 use tokio::sync::Semaphore;
 
 use crate::harness::{
@@ -66,16 +66,23 @@ pub fn server(
 }
 
 /// Answers every request in its conversation with the request's bytes; counts one-shot
-/// messages.
+/// messages. Takes messages in batches (`next_events`), as a receive loop that keeps up
+/// with its peer does (chatter-rpc's does too).
 async fn serve(conn: Connection, done: Arc<Done>) {
-    while let Ok(msg) = conn.receive().await {
-        if msg.last {
-            done.add(1);
-            continue;
-        }
-        let reply = SendOptions::new().conversation(msg.conversation);
-        if conn.send_bytes(&msg.payload, reply).await.is_err() {
-            return;
+    let mut events = Vec::new();
+    while conn.next_events(&mut events, 64).await.is_ok() {
+        for event in events.drain(..) {
+            let Event::Message(msg) = event else {
+                continue;
+            };
+            if msg.last {
+                done.add(1);
+                continue;
+            }
+            let reply = SendOptions::new().conversation(msg.conversation);
+            if conn.send_bytes(&msg.payload, reply).await.is_err() {
+                return;
+            }
         }
     }
 }
