@@ -106,7 +106,12 @@ fn client(tr: &Trait) -> TokenStream {
         let name = &m.ident;
         let wire_name = name.to_string();
         let wire_bytes = syn::LitByteStr::new(&msgpack_str(&wire_name), name.span());
-        let method = quote!(&#p::Method { name: #wire_name, wire: #wire_bytes });
+        // A `static`, not a promoted `&Method { .. }`: it stays `'static` whatever `Method`
+        // holds.
+        let method = quote!({
+            static METHOD: #p::Method = #p::Method { name: #wire_name, wire: #wire_bytes };
+            &METHOD
+        });
         let attrs = &m.attrs;
         let idents = arg_idents(m);
         let tys: Vec<_> = m.args.iter().map(|a| &a.ty).collect();
@@ -354,4 +359,23 @@ fn msgpack_str(name: &str) -> Vec<u8> {
     }
     out.extend_from_slice(name.as_bytes());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::msgpack_str;
+
+    #[test]
+    fn method_names_are_encoded_as_rmp_encodes_strings() {
+        for len in [0, 1, 31, 32, 255, 256, 65_535, 65_536, 70_000] {
+            let name = "m".repeat(len);
+            let mut expected = Vec::new();
+            rmp::encode::write_str(&mut expected, &name).expect("writing to a Vec");
+            assert_eq!(msgpack_str(&name), expected, "a name of {len} bytes");
+        }
+        let name = "añadir_número";
+        let mut expected = Vec::new();
+        rmp::encode::write_str(&mut expected, name).expect("writing to a Vec");
+        assert_eq!(msgpack_str(name), expected);
+    }
 }

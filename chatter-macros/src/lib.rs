@@ -99,8 +99,11 @@ mod expand;
 ///
 /// Call and signal futures own everything they need (`'static`), so they can be spawned
 /// or stored. The client methods' arguments are encoded when the method is called, not
-/// when the future is first polled; a signal is queued when its future is first polled,
-/// and the future is ready at once unless a full outbox makes it wait for room
+/// when the future is first polled. A call is sent when its future is first polled: one
+/// dropped before that sends nothing, one dropped while it waits for its reply tells the
+/// callee to cancel. Call futures are small (about 100 bytes) and `Unpin`, so they can be
+/// polled through `&mut` without pinning. A signal is queued when its future is first
+/// polled, and the future is ready at once unless a full outbox makes it wait for room
 /// (`WhenFull::Wait`).
 ///
 /// Misuse is a compile error on the offending tokens: a method that is not `async`, a

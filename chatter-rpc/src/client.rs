@@ -300,11 +300,9 @@ where
                 return Poll::Ready(Err(e.map_app(|n| match n {})));
             }
         }
-        let reply = if this.waiting != 0 {
-            let outcome = match this.shared.inner() {
-                Some(inner) => std::task::ready!(inner.poll_outcome(this.waiting, cx)),
-                None => Outcome::Protocol("a call lost its peer".into()),
-            };
+        // `waiting` is only set for a plain peer.
+        let reply = if let (id @ 1.., Some(inner)) = (this.waiting, this.shared.inner()) {
+            let outcome = std::task::ready!(inner.poll_outcome(id, cx));
             this.waiting = 0;
             outcome_reply(outcome)
         } else if let Some(call) = &mut this.boxed {
@@ -314,9 +312,7 @@ where
         } else {
             panic!("a call future was polled after it completed")
         };
-        let Some(app) = this.app.take() else {
-            panic!("a call future was polled after it completed")
-        };
+        let app = this.app.take().expect("kept until the call completes");
         let reply = reply.map_err(|e| e.map_app(|n| match n {}));
         let (object, method) = (this.shared.object.as_str(), this.method.name);
         Poll::Ready(finish(reply, app, object, method))
@@ -386,17 +382,13 @@ where
     T: DeserializeOwned,
 {
     let reply = reply?;
-    {
-        {
-            match wire::decode_reply(&reply) {
-                Ok(Reply::Ok(value)) => {
-                    wire::decode_value(value).map_err(|e| CallError::BadReply { what: e.0 })
-                }
-                Ok(Reply::AppError { context, error }) => Err(app(error, context)),
-                Ok(Reply::Failure { kind, message }) => Err(failure(kind, message, object, method)),
-                Err(e) => Err(CallError::Protocol(e.0)),
-            }
+    match wire::decode_reply(&reply) {
+        Ok(Reply::Ok(value)) => {
+            wire::decode_value(value).map_err(|e| CallError::BadReply { what: e.0 })
         }
+        Ok(Reply::AppError { context, error }) => Err(app(error, context)),
+        Ok(Reply::Failure { kind, message }) => Err(failure(kind, message, object, method)),
+        Err(e) => Err(CallError::Protocol(e.0)),
     }
 }
 

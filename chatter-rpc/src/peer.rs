@@ -440,17 +440,18 @@ impl Inner {
         // its buffer goes back to the pool now, not when the reply comes. Callers call
         // this in the first poll of their own future, so calls are still sent when first
         // polled.
-        let options = SendOptions::new().last(false).timeout(deadline);
-        let start = match self.conn.try_send(payload.as_ref(), options) {
-            Ok(conv) => Start::Sent(CallGuard {
+        let start = match self.try_start_call(payload.as_ref(), deadline) {
+            Ok(id) => Start::Sent(CallGuard {
                 inner: self,
-                id: conv.first_id(),
+                id,
                 armed: true,
             }),
             // Rare (the peer's window is full). Boxed so that its timer and wait state do
             // not make every call future larger: callers move these futures around.
             Err(SendError::WouldBlock) => Start::Wait(Box::pin(async move {
-                let send = self.conn.send_bytes(payload.as_ref(), options);
+                let send = self
+                    .conn
+                    .send_bytes(payload.as_ref(), call_options(deadline));
                 match tokio::time::timeout(deadline, send).await {
                     Ok(Ok(conv)) => Ok(conv),
                     Ok(Err(e)) => Err(send_failure(e)),
@@ -487,9 +488,8 @@ impl Inner {
         payload: &[u8],
         deadline: Duration,
     ) -> Result<u64, SendError> {
-        let options = SendOptions::new().last(false).timeout(deadline);
         self.conn
-            .try_send(payload, options)
+            .try_send(payload, call_options(deadline))
             .map(|conv| conv.first_id())
     }
 
@@ -1112,6 +1112,12 @@ impl Inner {
             Slot::Abandoned => {}
         }
     }
+}
+
+/// How a request is sent: it opens a conversation, passes the turn to the callee and
+/// times out at the call's deadline.
+fn call_options(deadline: Duration) -> SendOptions {
+    SendOptions::new().last(false).timeout(deadline)
 }
 
 fn send_failure(e: SendError) -> Outcome {

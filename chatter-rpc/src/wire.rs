@@ -153,8 +153,8 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
     encode_request_with(kind, object.encoded(), method.encoded(), duration, args)
 }
 
-/// [`encode_request`] with the object and method names already encoded (see [`WireName`]):
-/// clients encode their names once, not per call.
+/// A request (see `encode_request` in the tests) with the object and method names already
+/// encoded (see [`WireName`]): clients encode their names once, not per call.
 pub(crate) fn encode_request_with<A: Serialize + ?Sized>(
     kind: u8,
     object: &[u8],
@@ -174,7 +174,6 @@ pub(crate) fn encode_request_with<A: Serialize + ?Sized>(
 
 /// A name and its MessagePack string encoding, made once and copied into every envelope
 /// that names it.
-#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct WireName {
     name: Box<str>,
     /// The encoded string: its header, then the name's bytes.

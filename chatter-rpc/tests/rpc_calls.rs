@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::time::Duration;
 
 use chatter_core::Options;
@@ -439,6 +440,47 @@ async fn call_futures_stay_small() {
     let call = p.calc.add(1, 2);
     let size = std::mem::size_of_val(&call);
     println!("call future: {size} bytes");
-    assert!(size <= 256, "a call future takes {size} bytes");
-    assert_eq!(call.await.expect("reply"), 3);
+    assert!(size <= 128, "a call future takes {size} bytes");
+    // Documented: call futures can be polled through `&mut` without pinning.
+    fn unpin<F: Unpin>(f: F) -> F {
+        f
+    }
+    assert_eq!(unpin(call).await.expect("reply"), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_before_it_is_polled_sends_nothing() {
+    let p = pair().await;
+    drop(p.calc.add(1, 2));
+    // Calls are lazy: the next call is the first the callee sees.
+    assert_eq!(p.calc.add(3, 4).await.unwrap(), 7);
+    assert_eq!(p.server.stats().calls_received, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_while_it_waits_for_window_room_is_never_sent() {
+    // A 2 KiB window takes about 20 of these calls; polled together before the callee
+    // runs, the others wait for room.
+    let listen_options = Options::default().max_frame_size(1024).receive_window(2048);
+    let p = pair_with(PeerOptions::default(), listen_options).await;
+    let mut calls: Vec<_> = (0..100i64).map(|i| Box::pin(p.calc.add(i, 1))).collect();
+    let pending = std::future::poll_fn(|cx| {
+        let mut pending = 0;
+        for call in &mut calls {
+            pending += usize::from(call.as_mut().poll(cx).is_pending());
+        }
+        std::task::Poll::Ready(pending)
+    })
+    .await;
+    assert_eq!(pending, 100);
+    // Keep 40 (some of them wait for room too), drop 60 that wait for room.
+    calls.truncate(40);
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(within(call).await.unwrap(), i as i64 + 1);
+    }
+    assert_eq!(
+        p.server.stats().calls_received,
+        40,
+        "dropped calls were sent"
+    );
 }
