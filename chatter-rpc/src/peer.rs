@@ -949,7 +949,6 @@ impl Inner {
     }
 
     /// Counts a signal handler that panicked.
-    #[inline]
     fn signal_result(&self, result: Result<(), String>, object: Name<'_>, method: Name<'_>) {
         if let Err(message) = result {
             bump(&self.stats.handler_panics);
@@ -987,7 +986,6 @@ impl Inner {
 
     /// [`lookup_name`](Self::lookup_name) through the receive task's memo, when there is
     /// one.
-    #[inline]
     fn lookup_with<'a>(
         &self,
         object: Name<'_>,
