@@ -9,15 +9,15 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 
 use crate::error::{CloseCause, CloseCode, ConnectionClosed, DecodeError, SendError};
-use crate::proto::{ConversationId, Event as ProtoEvent, Protocol, SendArgs, SendRefused};
+use crate::proto::{frame, ConversationId, Event as ProtoEvent, Protocol, SendArgs, SendRefused};
 use crate::tls::CertificateDer;
 use crate::{Address, Options};
 
@@ -136,6 +136,42 @@ impl Msg {
             type_name: std::any::type_name::<T>(),
             source,
         })
+    }
+}
+
+/// What a connection holds in memory for its peer, from [`Connection::buffered`].
+///
+/// Whatever the peer does, each part stays within a bound set by [`Options`]
+/// (`docs/SECURITY.md` at the workspace root adds them up):
+///
+/// - `read` ≤ 2 × (`max_frame_size` + 4) + 32 KiB: a frame larger than a read chunk is read
+///   into a buffer that grows (at most doubling) as its bytes arrive, never reserved from
+///   its length prefix alone;
+/// - `received` ≤ `receive_window`: flow control (the peer may not send more before this
+///   side takes messages); the allocations behind those messages are at most about twice
+///   that (small messages are copied out of the read buffer, not sliced from it);
+/// - `output` ≤ `send_buffer` + the largest message the application sends + 64 bytes: a
+///   send waits while `send_buffer` bytes wait to be written (whatever window the peer
+///   announced), and the control frames a peer's input calls for are coalesced (one pong
+///   for any number of pings, one window update for all released credit), so a peer that
+///   sends and never reads cannot grow it. Reading never stops for output: two peers
+///   exchanging large messages would otherwise wait on each other forever.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Buffered {
+    /// Capacity of the read buffer (partial frames and bytes not parsed yet).
+    pub read: usize,
+    /// Flow-control bytes of received messages the application has not taken yet (each
+    /// message counted as its frame body plus 64 bytes).
+    pub received: u64,
+    /// Bytes waiting to be written to the peer.
+    pub output: usize,
+}
+
+impl Buffered {
+    /// The three parts added up.
+    pub fn total(&self) -> u64 {
+        self.read as u64 + self.received + self.output as u64
     }
 }
 
@@ -354,6 +390,28 @@ impl Connection {
         self.shared().lock().cause.clone()
     }
 
+    /// The bytes this connection holds now: its read buffer, received messages not yet
+    /// taken, and output waiting to be written. See [`Buffered`] for the bound on each.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use chatter_core::{connect, listen, Options};
+    ///
+    /// let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+    /// let client = connect(&server.addresses()[0], Options::default()).await?;
+    /// assert_eq!(client.buffered().received, 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn buffered(&self) -> Buffered {
+        let inner = self.shared().lock();
+        Buffered {
+            read: inner.read_buffer,
+            received: inner.proto.received_unreleased(),
+            output: inner.output_buffer + inner.proto.output_len(),
+        }
+    }
+
     /// True once the connection started closing.
     pub fn is_closed(&self) -> bool {
         self.shared().lock().cause.is_some()
@@ -415,15 +473,13 @@ impl Connection {
 
     /// Starts the driver for an open transport. The returned connection is usable once
     /// [`handshake`](Self::handshake) returned `Ok`.
-    pub(crate) fn start<S>(
+    pub(crate) fn start<S: Transport>(
         io: S,
         (local, remote): (Address, Address),
         peer_certificates: Option<Vec<CertificateDer<'static>>>,
         options: &Options,
-    ) -> Self
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
         let now = Instant::now();
         let id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(Shared {
@@ -441,6 +497,8 @@ impl Connection {
                 connected: false,
                 cause: None,
                 finished: false,
+                read_buffer: 0,
+                output_buffer: 0,
             }),
             readable: Notify::new(),
             writable: Notify::new(),
@@ -454,11 +512,13 @@ impl Connection {
             need_flush: false,
             read_open: true,
             shutdown: false,
+            max_frame_size: options.proto.max_frame_size,
             linger: options.close_linger,
             linger_deadline: None,
             sleep: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
             sleep_deadline: None,
             done: false,
+            _permit: permit,
         };
         tokio::spawn(driver);
         Connection {
@@ -505,6 +565,37 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Buffers above this size are released once empty, so idle connections stay small.
 const KEEP_BUFFER: usize = 64 * 1024;
 
+/// A byte stream a connection runs over.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Drops the connection without delivering what is still unsent: on TCP a reset
+    /// (`SO_LINGER` 0), so that the kernel does not keep the unsent bytes of a peer that
+    /// stopped reading either.
+    fn abort(&self) {}
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn abort(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Transport for tokio::net::UnixStream {}
+
+impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {
+    fn abort(&self) {
+        self.get_ref().0.abort();
+    }
+}
+
+impl<S: Transport> Transport for tokio_rustls::client::TlsStream<S> {
+    fn abort(&self) {
+        self.get_ref().0.abort();
+    }
+}
+
+#[cfg(test)]
+impl Transport for tokio::io::DuplexStream {}
+
 /// The user-facing handle; dropping the last one closes the connection.
 #[derive(Debug)]
 pub(crate) struct Handle {
@@ -547,6 +638,10 @@ struct Inner {
     connected: bool,
     cause: Option<CloseCause>,
     finished: bool,
+    /// The driver's read buffer (its capacity) and the output waiting in its write buffer,
+    /// as of its last round.
+    read_buffer: usize,
+    output_buffer: usize,
 }
 
 /// Who to wake after the lock is released.
@@ -713,7 +808,7 @@ impl Shared {
 /// delay when idle) and flushes once the buffer is drained. On close it writes the close
 /// frame, shuts down its write side and drains input until the peer hangs up or the linger
 /// time passes.
-struct Driver<S> {
+struct Driver<S: Transport> {
     io: S,
     shared: Arc<Shared>,
     read_buf: BytesMut,
@@ -721,11 +816,15 @@ struct Driver<S> {
     need_flush: bool,
     read_open: bool,
     shutdown: bool,
+    max_frame_size: u32,
     linger: Duration,
+    /// Set when the connection closes: the driver finishes by then, flushed or not.
     linger_deadline: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     sleep_deadline: Option<Instant>,
     done: bool,
+    /// The server's connection-limit slot, released when the driver ends.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 enum ReadOutcome {
@@ -735,15 +834,41 @@ enum ReadOutcome {
     Failed(io::Error),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
+impl<S: Transport> Driver<S> {
     fn poll_read(&mut self, cx: &mut Context<'_>) -> ReadOutcome {
         if !self.read_open {
             return ReadOutcome::Nothing;
         }
-        if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 2 {
-            self.read_buf.reserve(READ_CHUNK);
+        // A frame larger than a read chunk is read up to its end and no further, into a
+        // buffer that grows as its bytes arrive (at most doubling): the buffer then holds
+        // that frame alone, and is dropped once the frame was split off.
+        let limit = match self.read_buf.first_chunk::<{ frame::LENGTH_PREFIX }>() {
+            Some(prefix) => {
+                let len = u32::from_be_bytes(*prefix);
+                let total = frame::LENGTH_PREFIX + len.min(self.max_frame_size) as usize;
+                let needed = total.saturating_sub(self.read_buf.len());
+                (total > READ_CHUNK && needed > 0).then_some(needed)
+            }
+            None => None,
+        };
+        let spare = self.read_buf.capacity() - self.read_buf.len();
+        match limit {
+            Some(needed) if spare == 0 || spare < needed.min(READ_CHUNK / 2) => self
+                .read_buf
+                .reserve(needed.min(self.read_buf.len().max(READ_CHUNK))),
+            Some(_) => {}
+            None if spare < READ_CHUNK / 2 => self.read_buf.reserve(READ_CHUNK),
+            None => {}
         }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf) {
+        let result = match limit {
+            Some(needed) => tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                &mut (&mut self.read_buf).limit(needed),
+            ),
+            None => tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf),
+        };
+        match result {
             Poll::Pending => ReadOutcome::Nothing,
             Poll::Ready(Ok(0)) => {
                 self.read_open = false;
@@ -786,7 +911,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
     }
 }
 
-impl<S> Driver<S> {
+impl<S: Transport> Driver<S> {
     fn finish(&mut self) {
         self.done = true;
         let mut inner = self.shared.lock();
@@ -808,7 +933,7 @@ impl<S> Driver<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
+impl<S: Transport> Future for Driver<S> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -837,6 +962,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
                     ReadOutcome::Data => {
                         progress = true;
                         inner.proto.handle_input(now.into_std(), &mut this.read_buf);
+                        // A buffer grown for a large frame is not reused once that frame
+                        // was split off: later small messages would keep it alive.
+                        if this.read_buf.is_empty() && this.read_buf.capacity() > 2 * READ_CHUNK {
+                            this.read_buf = BytesMut::new();
+                        }
                     }
                     ReadOutcome::Eof => {
                         progress = true;
@@ -860,6 +990,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
                     inner.proto.handle_timeout(now.into_std());
                 }
                 inner.proto.take_output(&mut this.write_buf);
+                inner.proto.handle_written(this.write_buf.len());
+                inner.read_buffer = this.read_buf.capacity();
+                inner.output_buffer = this.write_buf.len();
                 let wake = inner.pump(this.shared.id);
                 let io_failed = matches!(inner.cause, Some(CloseCause::Io(_)));
                 let keepalive_failed = matches!(inner.cause, Some(CloseCause::KeepaliveTimeout));
@@ -890,7 +1023,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
                 }
             }
 
-            if closed && this.write_buf.is_empty() && !this.need_flush {
+            if closed {
                 // A peer that stopped answering pings will not acknowledge a close either.
                 let linger = *this.linger_deadline.get_or_insert(
                     now + if keepalive_failed {
@@ -899,6 +1032,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
                         this.linger
                     },
                 );
+                let flushed = this.write_buf.is_empty() && !this.need_flush;
+                if now >= linger && !flushed {
+                    // The peer did not take our output (or acknowledge the close) in time:
+                    // drop it, unsent bytes and all.
+                    if !flushed {
+                        tracing::debug!(
+                            unsent = this.write_buf.len(),
+                            "connection aborted: output not flushed within the close linger"
+                        );
+                    }
+                    this.io.abort();
+                    this.finish();
+                    return Poll::Ready(());
+                }
+            }
+            if closed && this.write_buf.is_empty() && !this.need_flush {
+                let linger = this.linger_deadline.unwrap_or(now);
                 if !this.shutdown {
                     match Pin::new(&mut this.io).poll_shutdown(cx) {
                         Poll::Ready(_) => {
@@ -910,7 +1060,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
                 }
                 // Drain input until the peer hangs up, so that unread data does not turn our
                 // close into a reset that could destroy the close frame in flight.
-                if (this.shutdown && !this.read_open) || now >= linger {
+                if this.shutdown && !this.read_open {
+                    this.finish();
+                    return Poll::Ready(());
+                }
+                if now >= linger {
+                    // The peer did not hang up in time: do not leave the kernel holding on.
+                    this.io.abort();
                     this.finish();
                     return Poll::Ready(());
                 }
@@ -947,7 +1103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Driver<S> {
     }
 }
 
-impl<S> Drop for Driver<S> {
+impl<S: Transport> Drop for Driver<S> {
     fn drop(&mut self) {
         if !self.done {
             // The runtime is shutting down or the task was aborted: report it.

@@ -62,7 +62,7 @@ pub mod tls;
 mod transport;
 
 pub use address::{Address, ToAddress};
-pub use connection::{Connection, Conversation, Event, Msg, SendOptions};
+pub use connection::{Buffered, Connection, Conversation, Event, Msg, SendOptions};
 pub use error::{
     AddressError, CloseCause, CloseCode, ConnectError, ConnectionClosed, DecodeError,
     InvalidOptions, ListenError, ProtocolError, SendError,

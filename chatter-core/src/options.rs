@@ -8,8 +8,12 @@ use crate::tls::{ClientTls, ServerTls};
 
 /// Settings for [`connect`](crate::connect) and [`listen`](crate::listen).
 ///
-/// The defaults suit most services: 4 MiB maximum frame, 8 MiB receive window, a ping after
-/// 20 s of silence with 20 s to answer, 10 s to connect and 10 s to complete the handshake.
+/// The defaults suit most services: 4 MiB maximum frame, 8 MiB receive window, 1 MiB send
+/// buffer, a
+/// ping after 20 s of silence with 20 s to answer, 10 s to connect and 10 s to complete the
+/// handshake, 2 s to finish closing, and at most 10,000 connections per server. What a
+/// peer can make a connection hold is bounded by these options (see
+/// [`Buffered`](crate::Buffered) and `docs/SECURITY.md`).
 ///
 /// ```
 /// use std::time::Duration;
@@ -26,6 +30,8 @@ pub struct Options {
     pub(crate) proto: Config,
     pub(crate) connect_timeout: Duration,
     pub(crate) close_linger: Duration,
+    pub(crate) tcp_user_timeout: Option<Duration>,
+    pub(crate) max_connections: usize,
     pub(crate) bind_connections: bool,
     pub(crate) tls_server: Option<ServerTls>,
     pub(crate) tls_client: Option<ClientTls>,
@@ -37,6 +43,8 @@ impl Default for Options {
             proto: Config::default(),
             connect_timeout: Duration::from_secs(10),
             close_linger: Duration::from_secs(2),
+            tcp_user_timeout: Some(Duration::from_secs(30)),
+            max_connections: 10_000,
             bind_connections: true,
             tls_server: None,
             tls_client: None,
@@ -88,10 +96,43 @@ impl Options {
         self
     }
 
-    /// How long a closing connection waits for the peer to acknowledge the close before
-    /// dropping the socket (default 2 s).
+    /// How long a closing connection has to finish (default 2 s): to write what it still
+    /// has queued and for the peer to acknowledge the close. When the time is up the
+    /// connection is dropped whatever is left, with a reset on TCP if output was still
+    /// unsent, so a peer that stops reading cannot hold a connection (its task, socket and
+    /// buffers) open. After a keepalive timeout the connection is dropped at once.
     pub fn close_linger(mut self, linger: Duration) -> Self {
         self.close_linger = linger;
+        self
+    }
+
+    /// How many bytes of output may wait to be written to the peer before sends wait
+    /// (default 1 MiB), on top of the peer's flow control: the peer's window says what *it*
+    /// agrees to buffer, this says what *this side* buffers for it. A peer that announces
+    /// a huge window and never reads makes this side hold at most this much plus one
+    /// message. Must be at least 64.
+    pub fn send_buffer(mut self, bytes: u32) -> Self {
+        self.proto.send_buffer = bytes;
+        self
+    }
+
+    /// On TCP (and TLS over TCP), how long sent data may stay unacknowledged by the peer's
+    /// kernel before the kernel drops the connection (Linux `TCP_USER_TIMEOUT`; default
+    /// 30 s; `None` keeps the system default, which can be many minutes). It also bounds how
+    /// long the kernel keeps a closed connection's unsent bytes for a peer that stopped
+    /// reading. Ignored on other systems and on Unix sockets.
+    pub fn tcp_user_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.tcp_user_timeout = timeout;
+        self
+    }
+
+    /// For [`listen`](crate::listen): how many connections the server holds at once,
+    /// counting those still in their handshake (default 10,000). A peer that connects
+    /// beyond the limit gets a close frame with [`CloseCode::Busy`](crate::CloseCode::Busy)
+    /// and is disconnected (on `tls://`, disconnected without one); the server counts it
+    /// in [`Server::refused`](crate::Server::refused). Must be at least 1.
+    pub fn max_connections(mut self, limit: usize) -> Self {
+        self.max_connections = limit;
         self
     }
 
@@ -142,6 +183,14 @@ impl Options {
                         .into(),
                 ));
             }
+        }
+        if self.proto.send_buffer < MIN {
+            return Err(InvalidOptions(format!(
+                "send_buffer must be at least {MIN} bytes"
+            )));
+        }
+        if self.max_connections == 0 {
+            return Err(InvalidOptions("max_connections must be at least 1".into()));
         }
         if self.proto.max_conversations == 0 {
             return Err(InvalidOptions(

@@ -3,19 +3,22 @@
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use tokio_rustls::TlsAcceptor;
 
-use crate::connection::Handle;
+use crate::connection::{Handle, Transport};
 use crate::error::{CloseCause, CloseCode, InvalidOptions, ListenError, ProtocolError};
-use crate::transport::{tcp_addresses, unix_address};
+use crate::proto::frame::Frame;
+use crate::transport::{set_user_timeout, tcp_addresses, unix_address};
 use crate::{Address, Connection, Options};
 
 /// How many handshaken connections wait for [`Server::accept`] before handshakes pause.
@@ -24,6 +27,13 @@ const ACCEPT_QUEUE: usize = 128;
 /// How many handshake failures [`Server::next_rejection`] holds; further ones are only
 /// logged until the application takes some.
 const REJECTION_QUEUE: usize = 64;
+
+/// How many peers refused for the connection limit are told why at once; beyond that they
+/// are disconnected without a close frame.
+const REFUSALS_AT_ONCE: usize = 64;
+
+/// How long a refused peer has to take its close frame.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A peer that connected but failed the TLS or chatter handshake and was disconnected.
 #[derive(Debug, Clone)]
@@ -61,9 +71,21 @@ pub struct Server {
     incoming: tokio::sync::Mutex<mpsc::Receiver<Connection>>,
     rejections: tokio::sync::Mutex<mpsc::Receiver<Rejection>>,
     tracked: Arc<Tracked>,
+    limits: Arc<Limits>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     unix_paths: Vec<PathBuf>,
+}
+
+/// The connection limit and what it refused.
+#[derive(Debug)]
+struct Limits {
+    max: usize,
+    /// One permit per connection held, from accept until its task ends.
+    connections: Arc<Semaphore>,
+    /// One permit per refusal being written.
+    refusals: Arc<Semaphore>,
+    refused: AtomicU64,
 }
 
 /// The accepted connections a server closes along with itself.
@@ -135,6 +157,18 @@ impl Server {
         }
     }
 
+    /// How many peers were refused because the server was at
+    /// [`Options::max_connections`].
+    pub fn refused(&self) -> u64 {
+        self.limits.refused.load(Ordering::Relaxed)
+    }
+
+    /// How many connections the server holds now, counting those still in their handshake
+    /// and those closing (until their task ended).
+    pub fn connections(&self) -> usize {
+        self.limits.max - self.limits.connections.available_permits()
+    }
+
     /// True once [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         *self.stop.borrow()
@@ -194,7 +228,14 @@ impl Server {
         let mut addresses = Vec::new();
         let mut tasks = Vec::new();
         let mut unix_paths = Vec::new();
+        let limits = Arc::new(Limits {
+            max: options.max_connections,
+            connections: Arc::new(Semaphore::new(options.max_connections)),
+            refusals: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
+            refused: AtomicU64::new(0),
+        });
         let ctx = AcceptContext {
+            limits: limits.clone(),
             options,
             tx,
             rejected,
@@ -242,6 +283,7 @@ impl Server {
             incoming: tokio::sync::Mutex::new(rx),
             rejections: tokio::sync::Mutex::new(rejections),
             tracked,
+            limits,
             stop,
             tasks: Mutex::new(tasks),
             unix_paths,
@@ -269,6 +311,7 @@ impl Drop for Server {
 
 #[derive(Clone)]
 struct AcceptContext {
+    limits: Arc<Limits>,
     options: Options,
     tx: mpsc::Sender<Connection>,
     rejected: mpsc::Sender<Rejection>,
@@ -278,15 +321,19 @@ struct AcceptContext {
 }
 
 trait Listener: Send + 'static {
-    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, (Address, Address))>> + Send;
+    type Io: Transport;
+    fn accept(
+        &self,
+        options: &Options,
+    ) -> impl Future<Output = io::Result<(Self::Io, (Address, Address))>> + Send;
 }
 
 impl Listener for TcpListener {
     type Io = tokio::net::TcpStream;
-    async fn accept(&self) -> io::Result<(Self::Io, (Address, Address))> {
+    async fn accept(&self, options: &Options) -> io::Result<(Self::Io, (Address, Address))> {
         let (stream, _) = TcpListener::accept(self).await?;
         stream.set_nodelay(true)?;
+        set_user_timeout(&stream, options);
         let addrs = tcp_addresses(&stream, false)?;
         Ok((stream, addrs))
     }
@@ -294,7 +341,7 @@ impl Listener for TcpListener {
 
 impl Listener for UnixListener {
     type Io = tokio::net::UnixStream;
-    async fn accept(&self) -> io::Result<(Self::Io, (Address, Address))> {
+    async fn accept(&self, _: &Options) -> io::Result<(Self::Io, (Address, Address))> {
         let (stream, remote) = UnixListener::accept(self).await?;
         let local = unix_address(stream.local_addr().ok());
         Ok((stream, (local, unix_address(Some(remote)))))
@@ -305,12 +352,15 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
     loop {
         let accepted = tokio::select! {
             _ = ctx.stop.wait_for(|&s| s) => return,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept(&ctx.options) => accepted,
         };
         match accepted {
-            Ok((io, addrs)) => {
-                tokio::spawn(establish(io, addrs, ctx.clone()));
-            }
+            Ok((io, addrs)) => match ctx.limits.connections.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(establish(io, addrs, ctx.clone(), permit));
+                }
+                Err(_) => refuse(io, &addrs.1, &ctx),
+            },
             Err(e) => {
                 // Typically out of file descriptors: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
@@ -323,12 +373,45 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
     }
 }
 
+/// Tells a peer beyond the connection limit why it is disconnected: a close frame with
+/// [`CloseCode::Busy`], written by a task that lives at most [`REFUSAL_TIMEOUT`] (and of
+/// which at most [`REFUSALS_AT_ONCE`] run). On TLS, and when too many refusals are under
+/// way, the peer is disconnected without a word.
+fn refuse<S: Transport>(mut io: S, remote: &Address, ctx: &AcceptContext) {
+    let refused = ctx.limits.refused.fetch_add(1, Ordering::Relaxed) + 1;
+    if refused.is_power_of_two() {
+        tracing::warn!(%remote, refused, limit = ctx.limits.max, "connection refused: server at its connection limit");
+    }
+    if ctx.tls.is_some() {
+        return;
+    }
+    let Ok(permit) = ctx.limits.refusals.clone().try_acquire_owned() else {
+        return;
+    };
+    let mut close = BytesMut::new();
+    let reason = format!(
+        "server at its connection limit of {} connections; try again later",
+        ctx.limits.max
+    );
+    Frame::Close(CloseCode::Busy, reason).encode(&mut close);
+    tokio::spawn(async move {
+        let write = async {
+            io.write_all(&close).await?;
+            io.shutdown().await
+        };
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, write).await;
+        drop(permit);
+    });
+}
+
 /// Completes the TLS (if any) and chatter handshakes of an accepted transport, then queues
 /// the connection for [`Server::accept`].
-async fn establish<S>(io: S, (local, remote): (Address, Address), ctx: AcceptContext)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+async fn establish<S: Transport>(
+    io: S,
+    (local, remote): (Address, Address),
+    ctx: AcceptContext,
+    permit: OwnedSemaphorePermit,
+) {
     let tls_url = |a: Address| match a {
         Address::Tcp { host, port } if ctx.tls.is_some() => Address::Tls { host, port },
         other => other,
@@ -342,13 +425,25 @@ where
         });
     };
     let conn = match &ctx.tls {
-        None => Connection::start(io, (local, remote.clone()), None, &ctx.options),
+        None => Connection::start(
+            io,
+            (local, remote.clone()),
+            None,
+            &ctx.options,
+            Some(permit),
+        ),
         Some(acceptor) => {
             let timeout = ctx.options.proto.handshake_timeout;
             match tokio::time::timeout(timeout, acceptor.accept(io)).await {
                 Ok(Ok(stream)) => {
                     let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-                    Connection::start(stream, (local, remote.clone()), certs, &ctx.options)
+                    Connection::start(
+                        stream,
+                        (local, remote.clone()),
+                        certs,
+                        &ctx.options,
+                        Some(permit),
+                    )
                 }
                 Ok(Err(e)) => return reject(CloseCause::Tls(e.to_string())),
                 Err(_) => return reject(CloseCause::Protocol(ProtocolError::HandshakeTimeout)),

@@ -32,8 +32,9 @@ pub async fn connect(
     let conn = match &address {
         Address::Tcp { host, port } => {
             let stream = within(&options, &name, tcp_connect(host, *port)).await?;
+            set_user_timeout(&stream, &options);
             let addrs = io_result(&name, tcp_addresses(&stream, false))?;
-            Connection::start(stream, addrs, None, &options)
+            Connection::start(stream, addrs, None, &options, None)
         }
         Address::Tls { host, port } => {
             let tls = options.tls_client.as_ref().ok_or_else(|| {
@@ -44,6 +45,7 @@ pub async fn connect(
             let server_name = tls.name_for(host).map_err(InvalidOptions)?;
             let connector = TlsConnector::from(tls.config()?);
             let stream = within(&options, &name, tcp_connect(host, *port)).await?;
+            set_user_timeout(&stream, &options);
             let addrs = io_result(&name, tcp_addresses(&stream, true))?;
             let handshake = connector.connect(server_name, stream);
             let stream = match tokio::time::timeout(options.proto.handshake_timeout, handshake)
@@ -59,18 +61,31 @@ pub async fn connect(
                 }
             };
             let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-            Connection::start(stream, addrs, certs, &options)
+            Connection::start(stream, addrs, certs, &options, None)
         }
         Address::Unix { path } => {
             let stream = within(&options, &name, UnixStream::connect(path)).await?;
             let local = unix_address(stream.local_addr().ok());
-            Connection::start(stream, (local, address.clone()), None, &options)
+            Connection::start(stream, (local, address.clone()), None, &options, None)
         }
     };
     conn.handshake()
         .await
         .map_err(|cause| handshake_failed(&name, cause))?;
     Ok(conn)
+}
+
+/// Applies [`Options::tcp_user_timeout`] (Linux only; a failure is only logged: the
+/// connection works without it).
+pub(crate) fn set_user_timeout(stream: &TcpStream, options: &Options) {
+    #[cfg(target_os = "linux")]
+    if let Some(timeout) = options.tcp_user_timeout {
+        if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(timeout)) {
+            tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (stream, options);
 }
 
 fn handshake_failed(address: &str, cause: CloseCause) -> ConnectError {

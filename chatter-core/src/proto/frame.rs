@@ -51,6 +51,9 @@ pub enum CloseCode {
     KeepaliveTimeout,
     /// The sender is shutting down (a server closing its connections).
     GoingAway,
+    /// The sender has no room for this connection now (a server at its connection limit);
+    /// trying again later may succeed.
+    Busy,
     /// A code this version does not know.
     Other(u64),
 }
@@ -62,6 +65,7 @@ impl CloseCode {
             CloseCode::ProtocolError => 1,
             CloseCode::KeepaliveTimeout => 2,
             CloseCode::GoingAway => 3,
+            CloseCode::Busy => 4,
             CloseCode::Other(c) => c,
         }
     }
@@ -72,6 +76,7 @@ impl CloseCode {
             1 => CloseCode::ProtocolError,
             2 => CloseCode::KeepaliveTimeout,
             3 => CloseCode::GoingAway,
+            4 => CloseCode::Busy,
             c => CloseCode::Other(c),
         }
     }
@@ -463,8 +468,8 @@ pub fn decode_frame(buf: &mut BytesMut, max: u32) -> Result<Option<Bytes>, Proto
     }
     let total = LENGTH_PREFIX + len as usize;
     if buf.len() < total {
-        // Make room for the rest of this frame in one go.
-        buf.reserve(total - buf.len());
+        // Nothing is reserved for the rest: the buffer grows as bytes arrive (a peer that
+        // announces a large frame and sends it slowly holds only what it sent).
         return Ok(None);
     }
     buf.advance(LENGTH_PREFIX);

@@ -62,6 +62,12 @@ pub const MIN_LIMIT: u32 = 64;
 /// messages.
 pub const MESSAGE_OVERHEAD: u32 = 64;
 
+/// Received payloads of runs shorter than this are copied out of the read buffer rather than
+/// sliced from it, so that a small message cannot keep a large read buffer alive: every
+/// allocation a queued message holds on to is at most about twice the bytes that message
+/// (or the run of messages it arrived with) is charged for.
+pub const SHARE_AT_LEAST: usize = 16 * 1024;
+
 /// Close reasons longer than this are cut.
 const MAX_CLOSE_REASON: usize = 1024;
 
@@ -79,6 +85,16 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// How many conversations the peer may hold open at once.
     pub max_conversations: usize,
+    /// How many bytes of output may wait to be written before [`Protocol::send`] refuses
+    /// messages ([`SendRefused::NoCredit`]) until the driver reports, with
+    /// [`Protocol::handle_written`], that the peer took some. The peer's window limits what
+    /// it must buffer; this limits what this side buffers, whatever window the peer
+    /// announced and whether or not it reads.
+    ///
+    /// A cap on the send credit instead would not work: a receiver may hold back credit up
+    /// to nearly its whole announced window (§8.3 of PROTOCOL.md), so a sender that used
+    /// less than the window could wait forever for credit that never comes.
+    pub send_buffer: u32,
 }
 
 impl Default for Config {
@@ -89,6 +105,7 @@ impl Default for Config {
             keepalive: Some(Keepalive::default()),
             handshake_timeout: Duration::from_secs(10),
             max_conversations: 1 << 20,
+            send_buffer: 1024 * 1024,
         }
     }
 }
@@ -271,6 +288,16 @@ pub struct Protocol {
     ping_deadline: Option<Instant>,
     send_credit: u64,
     send_blocked: bool,
+    /// Output the driver took and has not written yet (see `handle_written`).
+    unwritten: usize,
+    /// `config.send_buffer`, as a `usize`.
+    send_buffer: usize,
+    /// A ping arrived and its pong is not queued yet. Any number of pings coalesce into one
+    /// pong, queued once the output before it has been handed out (see `take_output`).
+    pong_due: bool,
+    /// `rx_unannounced` reached the threshold: a window frame is owed, queued by
+    /// `take_output` (one frame for all the credit, however many releases came before).
+    window_due: bool,
     rx_used: u64,
     rx_unannounced: u64,
     /// [`window_threshold`](Self::window_threshold) of the config, computed once.
@@ -297,6 +324,7 @@ impl Protocol {
         })
         .encode(&mut out);
         let window_threshold = Self::window_threshold(&config);
+        let send_buffer = config.send_buffer as usize;
         Protocol {
             state: State::Handshaking {
                 deadline: now + config.handshake_timeout,
@@ -316,6 +344,10 @@ impl Protocol {
             ping_deadline: None,
             send_credit: 0,
             send_blocked: false,
+            unwritten: 0,
+            send_buffer,
+            pong_due: false,
+            window_due: false,
             rx_used: 0,
             rx_unannounced: 0,
             window_threshold,
@@ -400,7 +432,7 @@ impl Protocol {
                 max: self.send_max as u32,
             });
         }
-        if cost > self.send_credit {
+        if cost > self.send_credit || self.out.len() + self.unwritten >= self.send_buffer {
             self.send_blocked = true;
             return Err(SendRefused::NoCredit);
         }
@@ -461,7 +493,13 @@ impl Protocol {
                 // slice of it for each payload.
                 let end = frame::plain_messages_end(buf, self.config.max_frame_size);
                 if end > 0 {
-                    let run = buf.split_to(end).freeze();
+                    let run = if end < SHARE_AT_LEAST {
+                        let run = Bytes::copy_from_slice(&buf[..end]);
+                        bytes::Buf::advance(buf, end);
+                        run
+                    } else {
+                        buf.split_to(end).freeze()
+                    };
                     self.handle_plain_messages(now, run);
                     continue;
                 }
@@ -596,7 +634,21 @@ impl Protocol {
 
     /// Hands out the bytes to write. Appends to `dst` (swapping buffers when `dst` is empty,
     /// so the common case copies nothing).
+    ///
+    /// Control frames the peer's input calls for are coalesced, so that a peer that sends
+    /// and never reads cannot grow this side's output: a pong owed for any number of pings
+    /// is added only when `dst` is empty (everything handed out before was written), and
+    /// a window frame owed for consumed messages (carrying all the credit released so far)
+    /// only while `dst` holds at most [`Config::send_buffer`] bytes.
     pub fn take_output(&mut self, dst: &mut BytesMut) {
+        if self.window_due && dst.len() <= self.send_buffer && self.is_open() {
+            self.window_due = false;
+            Frame::Window(std::mem::take(&mut self.rx_unannounced)).encode(&mut self.out);
+        }
+        if self.pong_due && dst.is_empty() && !self.is_closed() {
+            self.pong_due = false;
+            Frame::Pong.encode(&mut self.out);
+        }
         if dst.is_empty() {
             std::mem::swap(dst, &mut self.out);
         } else {
@@ -605,9 +657,34 @@ impl Protocol {
         }
     }
 
-    /// True when [`take_output`](Self::take_output) has bytes to hand out.
+    /// True when [`take_output`](Self::take_output) has bytes to hand out (a coalesced pong
+    /// counts, although `take_output` holds it back while `dst` is not empty).
     pub fn has_output(&self) -> bool {
-        !self.out.is_empty()
+        !self.out.is_empty() || self.pong_due || self.window_due
+    }
+
+    /// Bytes queued for [`take_output`](Self::take_output).
+    pub fn output_len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Tells the protocol how many bytes of the output it handed out are still waiting to
+    /// be written. While output and these add up to
+    /// [`Config::send_buffer`], [`send`](Self::send) refuses messages; once they fall
+    /// below it, a refused sender gets [`Event::Writable`].
+    pub fn handle_written(&mut self, unwritten: usize) {
+        self.unwritten = unwritten;
+        if self.send_blocked && self.is_open() && self.out.len() + unwritten < self.send_buffer {
+            self.send_blocked = false;
+            self.push_event(Event::Writable);
+        }
+    }
+
+    /// Flow-control bytes of received messages not yet given back with
+    /// [`release`](Self::release) (each counted as its body length plus
+    /// [`MESSAGE_OVERHEAD`]); never more than the configured `receive_window`.
+    pub fn received_unreleased(&self) -> u64 {
+        self.rx_used
     }
 
     /// The next event, if any.
@@ -663,9 +740,8 @@ impl Protocol {
         }
         self.rx_used = self.rx_used.saturating_sub(cost as u64);
         self.rx_unannounced += cost as u64;
-        if self.rx_unannounced > 0 && self.rx_unannounced >= self.window_threshold {
-            Frame::Window(self.rx_unannounced).encode(&mut self.out);
-            self.rx_unannounced = 0;
+        if self.rx_unannounced >= self.window_threshold {
+            self.window_due = true;
         }
     }
 
@@ -727,6 +803,8 @@ impl Protocol {
 
     fn finish(&mut self, cause: CloseCause) {
         self.state = State::Closed;
+        self.pong_due = false;
+        self.window_due = false;
         self.conversations.clear();
         self.timers.clear();
         self.peer_opened = 0;
@@ -763,12 +841,17 @@ impl Protocol {
             return;
         }
         match frame {
-            Frame::Message(header, payload) => {
+            Frame::Message(header, mut payload) => {
+                // Frames outside a run of plain messages come from `decode_frame`, sliced
+                // from the read buffer: small ones get their own copy (see SHARE_AT_LEAST).
+                if body_len < SHARE_AT_LEAST {
+                    payload = Bytes::copy_from_slice(&payload);
+                }
                 if let Err(e) = self.handle_message(header, payload, body_len) {
                     self.protocol_error(e);
                 }
             }
-            Frame::Ping => Frame::Pong.encode(&mut self.out),
+            Frame::Ping => self.pong_due = true,
             Frame::Pong => {}
             Frame::Window(n) => {
                 let credit = self.send_credit.saturating_add(n);

@@ -938,3 +938,69 @@ fn mutated_input_never_panics_and_ends_open_or_with_a_protocol_error() {
         "{stayed_open} {closed_on_error}"
     );
 }
+
+#[test]
+fn pings_from_a_peer_that_never_reads_coalesce_into_one_pong() {
+    let mut pair = Pair::new();
+    let mut pings = BytesMut::new();
+    for _ in 0..10_000 {
+        Frame::Ping.encode(&mut pings);
+    }
+    // The driver's write buffer still holds output the peer has not read.
+    let mut unwritten = BytesMut::from(&b"pending"[..]);
+    pair.a.handle_input(pair.now, &mut pings.clone());
+    pair.a.take_output(&mut unwritten);
+    assert_eq!(
+        &unwritten[..],
+        b"pending",
+        "no pong while earlier output waits"
+    );
+    pair.a.handle_input(pair.now, &mut pings);
+    assert!(pair.a.has_output());
+    // Once the earlier output was written, one pong answers all 20,000 pings.
+    let mut wire = BytesMut::new();
+    pair.a.take_output(&mut wire);
+    let mut pong = BytesMut::new();
+    Frame::Pong.encode(&mut pong);
+    assert_eq!(wire, pong);
+    pair.a.take_output(&mut wire);
+    assert_eq!(wire, pong, "the pong is owed once");
+    assert!(pair.a.is_open());
+}
+
+#[test]
+fn sends_wait_while_the_send_buffer_is_full_whatever_the_peer_window() {
+    let small = Config {
+        send_buffer: 1000,
+        ..Config::default()
+    };
+    let mut pair = Pair::with(small, Config::default());
+    // The peer announced 8 MiB of window but reads nothing: this side stops queueing once
+    // 1,000 bytes wait.
+    let mut sent = 0;
+    let mut wire = BytesMut::new();
+    loop {
+        match pair.a.send(pair.now, SendArgs::new(), &[7u8; 100]) {
+            Ok(_) => sent += 1,
+            Err(SendRefused::NoCredit) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(sent, 10, "ten 105-byte frames reach 1,000 bytes");
+    // The driver takes the output but cannot write it: still full.
+    pair.a.take_output(&mut wire);
+    pair.a.handle_written(wire.len());
+    assert!(events(&mut pair.a).is_empty());
+    assert_eq!(
+        pair.a.send(pair.now, SendArgs::new(), &[7u8; 100]),
+        Err(SendRefused::NoCredit)
+    );
+    // Written: the sender hears it may go on, and can.
+    pair.b.handle_input(pair.now, &mut wire);
+    pair.a.handle_written(0);
+    assert!(matches!(events(&mut pair.a)[..], [Event::Writable]));
+    pair.a.send(pair.now, SendArgs::new(), &[7u8; 100]).unwrap();
+    pair.flush();
+    assert_eq!(messages(&mut pair.b).len(), 11);
+    assert!(pair.a.is_open() && pair.b.is_open());
+}
