@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::error::{CloseCause, CloseCode, ConnectionClosed, DecodeError, SendError};
 use crate::proto::{frame, ConversationId, Event as ProtoEvent, Protocol, SendArgs, SendRefused};
+use crate::throttle::{Bucket, Rate, Throttle};
 use crate::tls::CertificateDer;
 use crate::{Address, Options};
 
@@ -412,6 +413,35 @@ impl Connection {
         }
     }
 
+    /// Changes the connection's bandwidth limits (see [`Throttle`]); takes effect at once,
+    /// with full buckets for the directions whose rate changed.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use chatter_core::{connect, listen, Options, Rate, Throttle};
+    ///
+    /// let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+    /// let client = connect(&server.addresses()[0], Options::default()).await?;
+    /// client.set_throttle(Throttle { send: Some(Rate::new(1 << 20)), receive: None });
+    /// assert_eq!(client.throttle().send, Some(Rate::new(1 << 20)));
+    /// # Ok(()) }
+    /// ```
+    pub fn set_throttle(&self, throttle: Throttle) {
+        let mut inner = self.shared().lock();
+        inner.throttle = throttle;
+        let driver = inner.driver.clone();
+        drop(inner);
+        if let Some(w) = driver {
+            w.wake();
+        }
+    }
+
+    /// The connection's bandwidth limits.
+    pub fn throttle(&self) -> Throttle {
+        self.shared().lock().throttle
+    }
+
     /// True once the connection started closing.
     pub fn is_closed(&self) -> bool {
         self.shared().lock().cause.is_some()
@@ -499,12 +529,13 @@ impl Connection {
                 finished: false,
                 read_buffer: 0,
                 output_buffer: 0,
+                throttle: options.throttle,
             }),
             readable: Notify::new(),
             writable: Notify::new(),
             state_changed: Notify::new(),
         });
-        let driver = Driver {
+        let mut driver = Driver {
             io,
             shared: shared.clone(),
             read_buf: BytesMut::new(),
@@ -519,7 +550,12 @@ impl Connection {
             sleep_deadline: None,
             done: false,
             _permit: permit,
+            throttle: Throttle::NONE,
+            send_bucket: None,
+            receive_bucket: None,
+            throttled_until: None,
         };
+        driver.apply(options.throttle, now);
         tokio::spawn(driver);
         Connection {
             handle: Arc::new(Handle { shared }),
@@ -642,6 +678,8 @@ struct Inner {
     /// as of its last round.
     read_buffer: usize,
     output_buffer: usize,
+    /// The throttle the application wants; the driver applies it on its next round.
+    throttle: Throttle,
 }
 
 /// Who to wake after the lock is released.
@@ -825,6 +863,12 @@ struct Driver<S: Transport> {
     done: bool,
     /// The server's connection-limit slot, released when the driver ends.
     _permit: Option<OwnedSemaphorePermit>,
+    /// The throttle applied, and its buckets.
+    throttle: Throttle,
+    send_bucket: Option<Bucket>,
+    receive_bucket: Option<Bucket>,
+    /// When a throttled read or write can go on (set by the round that stopped for it).
+    throttled_until: Option<Instant>,
 }
 
 enum ReadOutcome {
@@ -835,10 +879,20 @@ enum ReadOutcome {
 }
 
 impl<S: Transport> Driver<S> {
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> ReadOutcome {
+    fn poll_read(&mut self, cx: &mut Context<'_>, now: Instant) -> ReadOutcome {
         if !self.read_open {
             return ReadOutcome::Nothing;
         }
+        let allowed = match &mut self.receive_bucket {
+            None => None,
+            Some(bucket) => match bucket.available(now) {
+                0 => {
+                    self.throttled_until = Some(bucket.ready_at(now, READ_CHUNK as u64));
+                    return ReadOutcome::Nothing;
+                }
+                n => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            },
+        };
         // A frame larger than a read chunk is read up to its end and no further, into a
         // buffer that grows as its bytes arrive (at most doubling): the buffer then holds
         // that frame alone, and is dropped once the frame was split off.
@@ -850,6 +904,10 @@ impl<S: Transport> Driver<S> {
                 (total > READ_CHUNK && needed > 0).then_some(needed)
             }
             None => None,
+        };
+        let limit = match (limit, allowed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         let spare = self.read_buf.capacity() - self.read_buf.len();
         match limit {
@@ -874,7 +932,12 @@ impl<S: Transport> Driver<S> {
                 self.read_open = false;
                 ReadOutcome::Eof
             }
-            Poll::Ready(Ok(_)) => ReadOutcome::Data,
+            Poll::Ready(Ok(n)) => {
+                if let Some(bucket) = &mut self.receive_bucket {
+                    bucket.take(n as u64);
+                }
+                ReadOutcome::Data
+            }
             Poll::Ready(Err(e)) => {
                 self.read_open = false;
                 ReadOutcome::Failed(e)
@@ -883,13 +946,26 @@ impl<S: Transport> Driver<S> {
     }
 
     /// Writes and flushes; returns whether any progress was made, or the error.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, io::Error> {
+    fn poll_write(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<bool, io::Error> {
         let mut progress = false;
         while !self.write_buf.is_empty() {
-            match Pin::new(&mut self.io).poll_write(cx, &self.write_buf) {
+            let mut len = self.write_buf.len();
+            if let Some(bucket) = &mut self.send_bucket {
+                match bucket.available(now) {
+                    0 => {
+                        self.throttled_until = Some(bucket.ready_at(now, len as u64));
+                        return Ok(progress);
+                    }
+                    n => len = len.min(usize::try_from(n).unwrap_or(usize::MAX)),
+                }
+            }
+            match Pin::new(&mut self.io).poll_write(cx, &self.write_buf[..len]) {
                 Poll::Pending => return Ok(progress),
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => {
+                    if let Some(bucket) = &mut self.send_bucket {
+                        bucket.take(n as u64);
+                    }
                     self.write_buf.advance(n);
                     self.need_flush = true;
                     progress = true;
@@ -900,6 +976,11 @@ impl<S: Transport> Driver<S> {
         if self.write_buf.capacity() > KEEP_BUFFER {
             self.write_buf = BytesMut::new();
         }
+        self.flush(cx)?;
+        Ok(progress)
+    }
+
+    fn flush(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
         if self.need_flush {
             match Pin::new(&mut self.io).poll_flush(cx) {
                 Poll::Pending => {}
@@ -907,7 +988,22 @@ impl<S: Transport> Driver<S> {
                 Poll::Ready(Err(e)) => return Err(e),
             }
         }
-        Ok(progress)
+        Ok(())
+    }
+
+    /// Applies a throttle the application set (buckets start full).
+    fn apply(&mut self, throttle: Throttle, now: Instant) {
+        let bucket = |current: &Option<Bucket>, rate: Option<Rate>| match (current, rate) {
+            (Some(b), Some(r)) if b.rate() == r => None,
+            (_, r) => Some(r.map(|r| Bucket::new(r, now))),
+        };
+        if let Some(b) = bucket(&self.send_bucket, throttle.send) {
+            self.send_bucket = b;
+        }
+        if let Some(b) = bucket(&self.receive_bucket, throttle.receive) {
+            self.receive_bucket = b;
+        }
+        self.throttle = throttle;
     }
 }
 
@@ -944,10 +1040,11 @@ impl<S: Transport> Future for Driver<S> {
         for _ in 0..DRIVER_BUDGET {
             let now = Instant::now();
             let mut progress = false;
-            let read = this.poll_read(cx);
+            this.throttled_until = None;
+            let read = this.poll_read(cx, now);
 
             // Everything that needs the protocol, under one lock.
-            let (closed, io_failed, keepalive_failed, deadline, wake) = {
+            let (closed, io_failed, keepalive_failed, deadline, wake, new_throttle) = {
                 let mut inner = this.shared.lock();
                 if !inner
                     .driver
@@ -957,6 +1054,7 @@ impl<S: Transport> Future for Driver<S> {
                     inner.driver = Some(cx.waker().clone());
                 }
                 inner.clock = now.into_std();
+                let new_throttle = (inner.throttle != this.throttle).then_some(inner.throttle);
                 match read {
                     ReadOutcome::Nothing => {}
                     ReadOutcome::Data => {
@@ -1003,15 +1101,20 @@ impl<S: Transport> Future for Driver<S> {
                     keepalive_failed,
                     deadline,
                     wake,
+                    new_throttle,
                 )
             };
+            if let Some(throttle) = new_throttle {
+                this.apply(throttle, now);
+                progress = true;
+            }
             this.shared.notify(wake);
 
             if io_failed {
                 this.finish();
                 return Poll::Ready(());
             }
-            match this.poll_write(cx) {
+            match this.poll_write(cx, now) {
                 Ok(p) => progress |= p,
                 Err(e) => {
                     this.shared
@@ -1074,10 +1177,10 @@ impl<S: Transport> Future for Driver<S> {
             }
 
             if !progress {
-                let deadline = match (deadline, this.linger_deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                let deadline = [deadline, this.linger_deadline, this.throttled_until]
+                    .into_iter()
+                    .flatten()
+                    .min();
                 if let Some(deadline) = deadline {
                     // Deadlines mostly move later (keepalive after every frame received), so
                     // the timer only moves earlier; if it fires early, nothing is due and
@@ -1109,5 +1212,106 @@ impl<S: Transport> Drop for Driver<S> {
             // The runtime is shutting down or the task was aborted: report it.
             self.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Rate, Throttle};
+
+    /// Two connections over an in-memory pipe, handshaken.
+    async fn pair(a: &Options, b: &Options) -> (Connection, Connection) {
+        let (x, y) = tokio::io::duplex(64 * 1024);
+        let name = |s: &str| Address::Unix { path: s.into() };
+        let a = Connection::start(x, (name("a"), name("b")), None, a, None);
+        let b = Connection::start(y, (name("b"), name("a")), None, b, None);
+        a.handshake().await.expect("handshake");
+        b.handshake().await.expect("handshake");
+        (a, b)
+    }
+
+    /// Sends `count` messages of `size` bytes from `from` and returns the virtual time until
+    /// `to` received the last one.
+    async fn transfer(from: &Connection, to: &Connection, count: usize, size: usize) -> Duration {
+        let start = Instant::now();
+        let from = from.clone();
+        let sender = tokio::spawn(async move {
+            for _ in 0..count {
+                from.send_bytes(&vec![0u8; size], SendOptions::new())
+                    .await
+                    .expect("send");
+            }
+        });
+        for _ in 0..count {
+            to.receive().await.expect("receive");
+        }
+        sender.await.expect("sender");
+        start.elapsed()
+    }
+
+    /// What `count` one-shot messages of `size` bytes (ids below 128) take on the wire.
+    fn wire_bytes(count: usize, size: usize) -> f64 {
+        // Prefix, fixarray, kind, id, first, flags, and a bin-free raw payload.
+        (count * (4 + 5 + size)) as f64
+    }
+
+    fn assert_near(elapsed: Duration, expected: f64) {
+        let got = elapsed.as_secs_f64();
+        assert!(
+            got >= expected * 0.97 && got <= expected * 1.03 + 0.005,
+            "took {got:.4} s, expected about {expected:.4} s"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_throttle_holds_its_rate_after_the_burst() {
+        let rate = Rate::new(200_000).burst(20_000);
+        let throttled = Options::default().throttle(Throttle {
+            send: Some(rate),
+            receive: None,
+        });
+        let (a, b) = pair(&throttled, &Options::default()).await;
+        let elapsed = transfer(&a, &b, 100, 10_000).await;
+        // The burst left after the hello goes at once, the rest at the rate.
+        assert_near(elapsed, (wire_bytes(100, 10_000) - 20_000.0) / 200_000.0);
+        // The other direction is not limited.
+        let back = transfer(&b, &a, 100, 10_000).await;
+        assert!(back < Duration::from_millis(5), "{back:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receive_throttle_slows_the_peer_down() {
+        let rate = Rate::new(500_000).burst(16 * 1024);
+        let throttled = Options::default().throttle(Throttle {
+            send: None,
+            receive: Some(rate),
+        });
+        let (a, b) = pair(&Options::default(), &throttled).await;
+        let elapsed = transfer(&a, &b, 200, 5_000).await;
+        assert_near(
+            elapsed,
+            (wire_bytes(200, 5_000) - 16.0 * 1024.0) / 500_000.0,
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_changes_at_run_time() {
+        let (a, b) = pair(&Options::default(), &Options::default()).await;
+        let free = transfer(&a, &b, 50, 10_000).await;
+        assert!(free < Duration::from_millis(5), "{free:?}");
+
+        let rate = Rate::new(1_000_000).burst(10_000);
+        a.set_throttle(Throttle {
+            send: Some(rate),
+            receive: None,
+        });
+        assert_eq!(a.throttle().send, Some(rate));
+        let slow = transfer(&a, &b, 50, 10_000).await;
+        assert_near(slow, (wire_bytes(50, 10_000) - 10_000.0) / 1_000_000.0);
+
+        a.set_throttle(Throttle::NONE);
+        let again = transfer(&a, &b, 50, 10_000).await;
+        assert!(again < Duration::from_millis(5), "{again:?}");
     }
 }

@@ -58,6 +58,7 @@ pub mod error;
 mod options;
 pub mod proto;
 mod server;
+mod throttle;
 pub mod tls;
 mod transport;
 
@@ -70,4 +71,5 @@ pub use error::{
 pub use options::Options;
 pub use proto::Keepalive;
 pub use server::{Rejection, Server};
+pub use throttle::{Rate, Throttle};
 pub use transport::{connect, listen};

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::error::InvalidOptions;
 use crate::proto::{Config, Keepalive};
+use crate::throttle::Throttle;
 use crate::tls::{ClientTls, ServerTls};
 
 /// Settings for [`connect`](crate::connect) and [`listen`](crate::listen).
@@ -32,6 +33,7 @@ pub struct Options {
     pub(crate) close_linger: Duration,
     pub(crate) tcp_user_timeout: Option<Duration>,
     pub(crate) max_connections: usize,
+    pub(crate) throttle: Throttle,
     pub(crate) bind_connections: bool,
     pub(crate) tls_server: Option<ServerTls>,
     pub(crate) tls_client: Option<ClientTls>,
@@ -45,6 +47,7 @@ impl Default for Options {
             close_linger: Duration::from_secs(2),
             tcp_user_timeout: Some(Duration::from_secs(30)),
             max_connections: 10_000,
+            throttle: Throttle::NONE,
             bind_connections: true,
             tls_server: None,
             tls_client: None,
@@ -146,6 +149,13 @@ impl Options {
     /// (default true).
     pub fn close_connections_with_server(mut self, yes: bool) -> Self {
         self.bind_connections = yes;
+        self
+    }
+
+    /// Bandwidth limits for each connection (default none); change them on a live
+    /// connection with [`Connection::set_throttle`](crate::Connection::set_throttle).
+    pub fn throttle(mut self, throttle: Throttle) -> Self {
+        self.throttle = throttle;
         self
     }
 
