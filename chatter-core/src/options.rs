@@ -139,7 +139,10 @@ impl Options {
         self
     }
 
-    /// How many conversations the peer may hold open at once (default 2^20).
+    /// How many conversations the peer may hold open at once (default 65,536). Each costs
+    /// about 40 bytes here (more in the layer above, e.g. a call in progress), so the
+    /// default bounds that state at a few MiB per connection; beyond it, the peer's next
+    /// conversation is a protocol error.
     pub fn max_conversations(mut self, limit: usize) -> Self {
         self.proto.max_conversations = limit;
         self

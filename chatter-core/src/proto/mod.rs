@@ -104,7 +104,7 @@ impl Default for Config {
             receive_window: 8 * 1024 * 1024,
             keepalive: Some(Keepalive::default()),
             handshake_timeout: Duration::from_secs(10),
-            max_conversations: 1 << 20,
+            max_conversations: 1 << 16,
             send_buffer: 1024 * 1024,
         }
     }
