@@ -93,6 +93,43 @@ async fn non_reading_flooder_is_cut_off_by_keepalive_and_its_output_stays_bounde
     .expect("hang guard");
 }
 
+// Attack 1, continued: the same peer keeps sending a ping now and then, so keepalive (which
+// counts any arriving byte as a sign of life) never fires.
+#[tokio::test(start_paused = true)]
+async fn non_reader_that_keeps_pinging_is_cut_off() {
+    timeout(HANG_GUARD, async {
+        let limits = Limits::default().short_keepalive();
+        let server = limits.listen().await;
+        let mut attacker = handshake(&server, Hello { max_frame_size: 1 << 30, receive_window: 1 << 30 }).await;
+        let victim = accept_from(&server, &attacker).await;
+        let peak = watch(&victim);
+        let app = send_until_closed(&victim, MESSAGE);
+        wait_until(|| victim.buffered().output >= limits.send_buffer as usize).await;
+        let stalled = Instant::now();
+        assert_served(&server).await;
+
+        let mut ping = BytesMut::new();
+        Frame::Ping.encode(&mut ping);
+        let give_up = stalled + 10 * limits.keepalive_cut_off();
+        while !victim.is_closed() && Instant::now() < give_up {
+            if attacker.write_all(&ping).await.is_err() {
+                break;
+            }
+            sleep(Duration::from_millis(500)).await;
+        }
+        let held = stalled.elapsed();
+        let cause = victim.close_cause();
+        let peak = peak.await.expect("watch");
+        eprintln!("attack 1b: output stalled, pinged every 500 ms: {cause:?} after {held:?}, peak {peak:?}");
+        limits.assert_within(peak, MESSAGE);
+        assert!(cause.is_some(), "still open {held:?} after its output stalled");
+        assert!(held <= limits.keepalive_cut_off(), "held {held:?}");
+        drop(app);
+    })
+    .await
+    .expect("hang guard");
+}
+
 // Attack 2: a ping flood from a peer that never reads.
 #[tokio::test(start_paused = true)]
 async fn ping_flood_from_a_non_reader_holds_one_pong_and_others_are_served() {
