@@ -544,6 +544,8 @@ impl Connection {
             read_open: true,
             shutdown: false,
             max_frame_size: options.proto.max_frame_size,
+            stall_limit: options.proto.keepalive.map(|k| k.interval + k.timeout),
+            stalled_since: None,
             linger: options.close_linger,
             linger_deadline: None,
             sleep: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
@@ -855,6 +857,13 @@ struct Driver<S: Transport> {
     read_open: bool,
     shutdown: bool,
     max_frame_size: u32,
+    /// Keepalive's interval + timeout: how long output may wait without the peer taking a
+    /// byte of it before the connection is dropped as if a ping went unanswered. Keepalive
+    /// counts any arriving byte as a sign of life, so a peer that keeps sending (a ping now
+    /// and then) and never reads would otherwise hold the connection forever.
+    stall_limit: Option<Duration>,
+    /// Since when output has been waiting and the transport took none of it.
+    stalled_since: Option<Instant>,
     linger: Duration,
     /// Set when the connection closes: the driver finishes by then, flushed or not.
     linger_deadline: Option<Instant>,
@@ -1115,7 +1124,15 @@ impl<S: Transport> Future for Driver<S> {
                 return Poll::Ready(());
             }
             match this.poll_write(cx, now) {
-                Ok(p) => progress |= p,
+                Ok(p) => {
+                    progress |= p;
+                    // Output held back by our own send throttle is not the peer's stall.
+                    let throttled = this.throttled_until.is_some() && this.send_bucket.is_some();
+                    this.stalled_since = match this.stalled_since {
+                        _ if p || throttled || this.write_buf.is_empty() => None,
+                        since => Some(since.unwrap_or(now)),
+                    };
+                }
                 Err(e) => {
                     this.shared
                         .lock()
@@ -1125,6 +1142,26 @@ impl<S: Transport> Future for Driver<S> {
                     return Poll::Ready(());
                 }
             }
+
+            let stall_deadline = this
+                .stalled_since
+                .zip(this.stall_limit)
+                .map(|(since, limit)| since + limit);
+            let (closed, keepalive_failed) = match stall_deadline {
+                Some(at) if !closed && now >= at => {
+                    tracing::debug!(
+                        unsent = this.write_buf.len(),
+                        "closing connection: the peer took none of our output in time"
+                    );
+                    let mut inner = this.shared.lock();
+                    inner.proto.handle_output_stalled();
+                    let wake = inner.pump(this.shared.id);
+                    drop(inner);
+                    this.shared.notify(wake);
+                    (true, true)
+                }
+                _ => (closed, keepalive_failed),
+            };
 
             if closed {
                 // A peer that stopped answering pings will not acknowledge a close either.
@@ -1177,10 +1214,15 @@ impl<S: Transport> Future for Driver<S> {
             }
 
             if !progress {
-                let deadline = [deadline, this.linger_deadline, this.throttled_until]
-                    .into_iter()
-                    .flatten()
-                    .min();
+                let deadline = [
+                    deadline,
+                    this.linger_deadline,
+                    this.throttled_until,
+                    stall_deadline,
+                ]
+                .into_iter()
+                .flatten()
+                .min();
                 if let Some(deadline) = deadline {
                     // Deadlines mostly move later (keepalive after every frame received), so
                     // the timer only moves earlier; if it fires early, nothing is due and

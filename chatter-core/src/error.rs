@@ -28,7 +28,8 @@ pub enum CloseCause {
         /// The peer's reason, as it sent it.
         reason: String,
     },
-    /// The peer did not answer a keepalive ping in time.
+    /// The peer did not answer a keepalive ping in time, or took none of this side's
+    /// output for keepalive's interval + timeout.
     #[error("keepalive timeout: the peer did not answer a ping in time")]
     KeepaliveTimeout,
     /// The peer broke the protocol (or never spoke it).

@@ -74,7 +74,9 @@ impl Options {
 
     /// Ping after `interval` without receiving anything; close with
     /// [`CloseCause::KeepaliveTimeout`](crate::CloseCause::KeepaliveTimeout) when nothing
-    /// arrives within `timeout` of the ping.
+    /// arrives within `timeout` of the ping, and also when output waited `interval` +
+    /// `timeout` without the peer taking a byte of it (a peer that keeps sending but never
+    /// reads).
     pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.proto.keepalive = Some(Keepalive { interval, timeout });
         self

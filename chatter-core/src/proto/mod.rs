@@ -579,6 +579,14 @@ impl Protocol {
         self.close_with(cause);
     }
 
+    /// The driver's output has waited keepalive's interval + timeout without the transport
+    /// taking a byte of it: the peer stopped reading. Closes as a keepalive timeout would
+    /// (keepalive alone counts any arriving byte as a sign of life, so a peer that keeps
+    /// sending and never reads would never time out).
+    pub fn handle_output_stalled(&mut self) {
+        self.close_with(CloseCause::KeepaliveTimeout);
+    }
+
     /// Fires every deadline that is due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.state {
