@@ -6,6 +6,10 @@
 //!     [--systems raw,tarpc,core,rpc] [--layouts split,onecore] [--out DIR]
 //! ```
 //!
+//! `throttle` (in `--only`, and run by default) is not one of the issue's workloads: it
+//! measures chatter-core's bandwidth throttle, achieved against set rate, in a table of its
+//! own (`throttle.md`; see `throttle.rs`).
+//!
 //! Every measurement runs in a fresh child process (this binary with `--child`), so peak
 //! RSS, allocator state and sockets of one measurement never leak into the next. In the
 //! child, server and client are two current-thread tokio runtimes on two threads, pinned
@@ -18,6 +22,7 @@ mod raw;
 mod report;
 mod rpc;
 mod tarpc_sys;
+mod throttle;
 mod tls;
 mod workload;
 
@@ -34,6 +39,8 @@ struct Args {
     raw_batched: bool,
     runs: usize,
     workloads: Vec<Workload>,
+    /// Whether to measure the throttle (chatter-core only).
+    throttle: bool,
     systems: Vec<System>,
     layouts: Vec<Layout>,
     out: std::path::PathBuf,
@@ -42,7 +49,8 @@ struct Args {
 const USAGE: &str =
     "usage: chatter-bench [--quick] [--raw-per-frame] [--runs N] [--only WORKLOAD,...] \
 [--systems raw,tarpc,core,rpc] [--layouts split,onecore] [--out DIR]
-workloads: latency, pipelined, fanin, payload, signals, idle, tls-pipelined, tls-payload";
+workloads: latency, pipelined, fanin, payload, signals, idle, tls-pipelined, tls-payload,
+throttle (chatter-core's bandwidth throttle, achieved against set rate: a table of its own)";
 
 fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
     let value = value.unwrap_or_else(|| panic!("{what} needs a value\n{USAGE}"));
@@ -59,6 +67,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
         raw_batched: true,
         runs: 0,
         workloads: workload::ALL.to_vec(),
+        throttle: true,
         systems: workload::SYSTEMS.to_vec(),
         layouts: vec![Layout::Split, Layout::OneCore],
         out: "target/bench".into(),
@@ -74,7 +83,18 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
                     .filter(|&n| n > 0)
                     .unwrap_or_else(|| panic!("--runs needs a positive number\n{USAGE}"))
             }
-            "--only" => args.workloads = list(it.next(), "workload", Workload::parse),
+            "--only" => {
+                let names = list(it.next(), "workload", |s| Some(s.to_string()));
+                args.throttle = names.iter().any(|s| s == "throttle");
+                args.workloads = names
+                    .iter()
+                    .filter(|s| *s != "throttle")
+                    .map(|s| {
+                        Workload::parse(s)
+                            .unwrap_or_else(|| panic!("unknown workload {s:?}\n{USAGE}"))
+                    })
+                    .collect();
+            }
             "--systems" => args.systems = list(it.next(), "system", System::parse),
             "--layouts" => args.layouts = list(it.next(), "layout", Layout::parse),
             "--out" => args.out = it.next().expect("--out needs a directory").into(),
@@ -98,7 +118,12 @@ fn main() {
     let mut argv = std::env::args().skip(1).peekable();
     if argv.peek().map(String::as_str) == Some("--child") {
         argv.next();
-        child(argv);
+        if argv.peek().map(String::as_str) == Some("throttle") {
+            argv.next();
+            throttle::child(argv);
+        } else {
+            child(argv);
+        }
         return;
     }
     let mut args = parse_args(argv);
@@ -138,18 +163,65 @@ fn main() {
         }
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let md = report::markdown(&results, &args.layouts, &args.systems, args.runs, &command);
-    let svg = report::svg(&results, &args.layouts, &args.systems);
-    println!("{md}");
     std::fs::create_dir_all(&args.out).expect("create the output directory");
-    std::fs::write(args.out.join("results.md"), &md).expect("write results.md");
-    std::fs::write(args.out.join("bench-ratios.svg"), &svg).expect("write bench-ratios.svg");
-    eprintln!(
-        "wrote {} and {} in {:.0} s",
-        args.out.join("results.md").display(),
-        args.out.join("bench-ratios.svg").display(),
-        started.elapsed().as_secs_f64()
-    );
+    if !args.workloads.is_empty() {
+        let md = report::markdown(&results, &args.layouts, &args.systems, args.runs, &command);
+        let svg = report::svg(&results, &args.layouts, &args.systems);
+        println!("{md}");
+        std::fs::write(args.out.join("results.md"), &md).expect("write results.md");
+        std::fs::write(args.out.join("bench-ratios.svg"), &svg).expect("write bench-ratios.svg");
+        eprintln!(
+            "wrote {} and {}",
+            args.out.join("results.md").display(),
+            args.out.join("bench-ratios.svg").display(),
+        );
+    }
+    if args.throttle && args.systems.contains(&System::Core) {
+        let md = run_throttle(&args, &command);
+        println!("{md}");
+        std::fs::write(args.out.join("throttle.md"), &md).expect("write throttle.md");
+        eprintln!("wrote {}", args.out.join("throttle.md").display());
+    } else if args.throttle {
+        eprintln!("throttle measures chatter-core only: not run, core is not in --systems");
+    }
+    eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
+}
+
+/// Measures chatter-core's throttle: every case once per run, on the first layout.
+fn run_throttle(args: &Args, command: &str) -> String {
+    let layout = args.layouts[0];
+    let mut results: Vec<(throttle::Case, Vec<throttle::Achieved>)> =
+        throttle::CASES.iter().map(|&c| (c, Vec::new())).collect();
+    for run in 0..args.runs {
+        for (case, samples) in &mut results {
+            let what = format!(
+                "{:>8} {:>13} {:>12} run {}",
+                layout.name(),
+                "throttle",
+                format!("{} {} MB/s", case.direction.name(), case.rate / 1_000_000),
+                run + 1
+            );
+            let out =
+                child_output(&throttle::child_args(*case, layout), args.quick).and_then(|out| {
+                    out.lines()
+                        .find_map(throttle::Achieved::parse)
+                        .ok_or_else(|| format!("no THROTTLE line in {out:?}"))
+                });
+            match out {
+                Ok(a) => {
+                    eprintln!(
+                        "{what}: {:.3} MB/s after the burst ({:.3} of the rate), {:.3} MB/s with it",
+                        a.steady / 1e6,
+                        a.steady / case.rate as f64,
+                        a.with_burst / 1e6
+                    );
+                    samples.push(a);
+                }
+                Err(e) => eprintln!("{what}: FAILED: {e}"),
+            }
+        }
+    }
+    throttle::markdown(&results, layout, args.quick, command)
 }
 
 /// Runs one measurement in a child process and parses its result line.
@@ -160,14 +232,25 @@ fn run_child(
     quick: bool,
     raw_batched: bool,
 ) -> Result<Sample, String> {
+    let mut child_args: Vec<String> = ["--child", w.name(), s.name(), layout.name()]
+        .map(String::from)
+        .to_vec();
+    if !raw_batched {
+        child_args.push("--raw-per-frame".into());
+    }
+    let out = child_output(&child_args, quick)?;
+    out.lines()
+        .find_map(Sample::parse)
+        .ok_or_else(|| format!("no RESULT line in {out:?}"))
+}
+
+/// Runs this binary with `args` (and `--quick`) and returns what it printed.
+fn child_output(args: &[String], quick: bool) -> Result<String, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(exe);
-    cmd.args(["--child", w.name(), s.name(), layout.name()]);
+    cmd.args(args);
     if quick {
         cmd.arg("--quick");
-    }
-    if !raw_batched {
-        cmd.arg("--raw-per-frame");
     }
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -194,9 +277,7 @@ fn run_child(
     if !status.success() {
         return Err(format!("child exited with {status}"));
     }
-    out.lines()
-        .find_map(Sample::parse)
-        .ok_or_else(|| format!("no RESULT line in {out:?}"))
+    Ok(out)
 }
 
 /// The child: one measurement, printed as a `RESULT` line.

@@ -84,7 +84,8 @@ pub struct Results {
     samples: BTreeMap<Key, Vec<Sample>>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (NaN when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
