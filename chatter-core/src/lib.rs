@@ -72,4 +72,4 @@ pub use options::Options;
 pub use proto::Keepalive;
 pub use server::{Rejection, Server};
 pub use throttle::{Rate, Throttle};
-pub use transport::{connect, listen};
+pub use transport::{connect, connect_early, listen};

@@ -26,6 +26,53 @@ pub async fn connect(
     address: impl ToAddress,
     options: Options,
 ) -> Result<Connection, ConnectError> {
+    let (conn, name) = open(address, options).await?;
+    conn.handshake()
+        .await
+        .map_err(|cause| handshake_failed(&name, cause))?;
+    Ok(conn)
+}
+
+/// Connects like [`connect`], but returns as soon as the transport is open (on `tls://`,
+/// once the TLS handshake completed) and this side's hello is queued, without waiting a
+/// round trip for the peer's hello.
+///
+/// Messages sent before the peer's hello arrives go out right behind this side's hello,
+/// as long as their costs add up to at most
+/// [`EARLY_CREDIT`](crate::proto::EARLY_CREDIT) (4 KiB: a first request, typically);
+/// later ones wait for the peer's hello. This saves the handshake's round trip on a
+/// short-lived connection: connect, one call, close. The price is where errors show: a
+/// peer that does not speak chatter, or refuses the connection, is reported as the
+/// connection's [`close_cause`](Connection::close_cause) (and by `send` and `receive`)
+/// instead of by this function.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use chatter_core::{connect_early, listen, Options, SendOptions};
+///
+/// let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+/// let client = connect_early(&server.addresses()[0], Options::default()).await?;
+/// // Sent at once, with the hello.
+/// client.send("ping?", SendOptions::new().last(false)).await?;
+/// let peer = server.accept().await.expect("open");
+/// let request = peer.receive().await?;
+/// peer.send("pong!", SendOptions::new().conversation(request.conversation)).await?;
+/// assert_eq!(client.receive().await?.decode::<String>()?, "pong!");
+/// # Ok(()) }
+/// ```
+pub async fn connect_early(
+    address: impl ToAddress,
+    options: Options,
+) -> Result<Connection, ConnectError> {
+    open(address, options).await.map(|(conn, _)| conn)
+}
+
+/// Opens the transport and starts the connection's driver (which queues the hello).
+async fn open(
+    address: impl ToAddress,
+    options: Options,
+) -> Result<(Connection, String), ConnectError> {
     let address = address.to_address()?;
     options.validate()?;
     let name = address.to_string();
@@ -69,10 +116,7 @@ pub async fn connect(
             Connection::start(stream, (local, address.clone()), None, &options, None)
         }
     };
-    conn.handshake()
-        .await
-        .map_err(|cause| handshake_failed(&name, cause))?;
-    Ok(conn)
+    Ok((conn, name))
 }
 
 /// Applies [`Options::tcp_user_timeout`] (Linux only; a failure is only logged: the

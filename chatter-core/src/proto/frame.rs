@@ -711,6 +711,22 @@ mod protocol_doc_examples {
         "00 00 00 15 95 00 a7 63 68 61 74 74 65 72 01 ce 00 40 00 00 ce 00 80 00 00";
 
     #[test]
+    fn early_message_behind_the_hello() {
+        let now = Instant::now();
+        let mut client = Protocol::new(Config::default(), now);
+        let args = SendArgs {
+            last: false,
+            ..SendArgs::new()
+        };
+        client.send(now, args, b"\xa2hi").unwrap();
+        let mut out = BytesMut::new();
+        client.take_output(&mut out);
+        let frames = frames(&out);
+        assert_eq!(frames, [HELLO, "00 00 00 08 94 01 01 01 03 a2 68 69"]);
+        in_doc(&frames.join("\n"));
+    }
+
+    #[test]
     fn hello_with_default_settings() {
         let defaults = Config::default();
         check(

@@ -62,6 +62,14 @@ pub const MIN_LIMIT: u32 = 64;
 /// messages.
 pub const MESSAGE_OVERHEAD: u32 = 64;
 
+/// The credit for *early* messages: those a side sends after its hello and before the
+/// peer's hello arrived (their costs, body + [`MESSAGE_OVERHEAD`] each, add up to at most
+/// this). Every receiver accepts them whatever limits it announces: it accepts frames of up
+/// to this many bytes and this many bytes of unconsumed messages even if it announced less
+/// (PROTOCOL.md §4.1). A client can so send its first request right behind its hello,
+/// without waiting a round trip for the server's.
+pub const EARLY_CREDIT: u32 = 4096;
+
 /// Received payloads of runs shorter than this are copied out of the read buffer rather than
 /// sliced from it, so that a small message cannot keep a large read buffer alive: every
 /// allocation a queued message holds on to is at most about twice the bytes that message
@@ -287,6 +295,9 @@ pub struct Protocol {
     last_rx: Instant,
     ping_deadline: Option<Instant>,
     send_credit: u64,
+    /// Early messages that cost more than the peer's window: window frames pay this back
+    /// before they add credit.
+    credit_deficit: u64,
     send_blocked: bool,
     /// Output the driver took and has not written yet (see `handle_written`).
     unwritten: usize,
@@ -302,6 +313,10 @@ pub struct Protocol {
     rx_unannounced: u64,
     /// [`window_threshold`](Self::window_threshold) of the config, computed once.
     window_threshold: u64,
+    /// What this side accepts: its `max_frame_size` and `receive_window`, but at least
+    /// [`EARLY_CREDIT`] (a peer may have sent that much before it knew our limits).
+    frame_limit: u32,
+    window_limit: u64,
     out: BytesMut,
     /// Events other than messages, each with the number of messages received before it,
     /// so that [`poll_event`](Self::poll_event) returns everything in order.
@@ -325,6 +340,8 @@ impl Protocol {
         .encode(&mut out);
         let window_threshold = Self::window_threshold(&config);
         let send_buffer = config.send_buffer as usize;
+        let frame_limit = config.max_frame_size.max(EARLY_CREDIT);
+        let window_limit = config.receive_window.max(EARLY_CREDIT) as u64;
         Protocol {
             state: State::Handshaking {
                 deadline: now + config.handshake_timeout,
@@ -334,7 +351,6 @@ impl Protocol {
                 max_frame_size: 0,
                 receive_window: 0,
             },
-            send_max: 0,
             next_tx_id: 1,
             next_rx_id: 1,
             conversations: HashMap::default(),
@@ -342,7 +358,9 @@ impl Protocol {
             timers: Timers::default(),
             last_rx: now,
             ping_deadline: None,
-            send_credit: 0,
+            send_max: (EARLY_CREDIT - MESSAGE_OVERHEAD) as u64,
+            send_credit: EARLY_CREDIT as u64,
+            credit_deficit: 0,
             send_blocked: false,
             unwritten: 0,
             send_buffer,
@@ -351,6 +369,8 @@ impl Protocol {
             rx_used: 0,
             rx_unannounced: 0,
             window_threshold,
+            frame_limit,
+            window_limit,
             out,
             events: VecDeque::new(),
             messages: VecDeque::new(),
@@ -385,8 +405,8 @@ impl Protocol {
         payload: &[u8],
     ) -> Result<ConversationId, SendRefused> {
         match self.state {
-            State::Open => {}
-            State::Handshaking { .. } => return Err(SendRefused::NotReady),
+            // Before the peer's hello, the early credit stands in for its window.
+            State::Open | State::Handshaking { .. } => {}
             State::Closed => return Err(SendRefused::Closed),
         }
         let id = self.next_tx_id;
@@ -427,6 +447,11 @@ impl Protocol {
         let size = head.body_len(payload.len());
         let cost = size as u64 + MESSAGE_OVERHEAD as u64;
         if size as u64 > self.send_max {
+            if !self.is_open() {
+                // Too large to go early: it waits for the peer's hello and its limits.
+                self.send_blocked = true;
+                return Err(SendRefused::NoCredit);
+            }
             return Err(SendRefused::TooLarge {
                 size,
                 max: self.send_max as u32,
@@ -491,7 +516,7 @@ impl Protocol {
                 // Most frames are plain messages: split them off without the general decoder.
                 // Split the whole run off at once: one `Bytes` for all of them, and a cheap
                 // slice of it for each payload.
-                let end = frame::plain_messages_end(buf, self.config.max_frame_size);
+                let end = frame::plain_messages_end(buf, self.frame_limit);
                 if end > 0 {
                     let run = if end < SHARE_AT_LEAST {
                         let run = Bytes::copy_from_slice(&buf[..end]);
@@ -510,7 +535,7 @@ impl Protocol {
                     return;
                 }
                 State::Handshaking { .. } => MAX_HELLO,
-                State::Open => self.config.max_frame_size,
+                State::Open => self.frame_limit,
             };
             let preview = match self.state {
                 State::Handshaking { .. } => buf[..buf.len().min(16)].to_vec(),
@@ -836,9 +861,17 @@ impl Protocol {
                     self.send_max = (hello.max_frame_size as u64).min(
                         (hello.receive_window as u64).saturating_sub(MESSAGE_OVERHEAD as u64),
                     );
-                    self.send_credit = hello.receive_window as u64;
+                    // Early messages count against the window as any other; if they took
+                    // more than the peer announced, credit that comes back pays that first.
+                    let early = EARLY_CREDIT as u64 - self.send_credit;
+                    let window = hello.receive_window as u64;
+                    self.send_credit = window.saturating_sub(early);
+                    self.credit_deficit = early.saturating_sub(window);
                     self.state = State::Open;
                     self.push_event(Event::Connected(hello));
+                    if std::mem::take(&mut self.send_blocked) {
+                        self.push_event(Event::Writable);
+                    }
                 }
                 Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
                 other => self.protocol_error(ProtocolError::Unexpected(format!(
@@ -861,7 +894,12 @@ impl Protocol {
             }
             Frame::Ping => self.pong_due = true,
             Frame::Pong => {}
-            Frame::Window(n) => {
+            Frame::Window(mut n) => {
+                if self.credit_deficit > 0 {
+                    let paid = n.min(self.credit_deficit);
+                    self.credit_deficit -= paid;
+                    n -= paid;
+                }
                 let credit = self.send_credit.saturating_add(n);
                 if credit > self.peer.receive_window as u64 {
                     self.protocol_error(ProtocolError::Unexpected(format!(
@@ -899,10 +937,10 @@ impl Protocol {
         // The frame's real body length: a peer may encode headers less compactly than we do.
         let cost = body_len as u32 + MESSAGE_OVERHEAD;
         self.rx_used += cost as u64;
-        if self.rx_used > self.config.receive_window as u64 {
+        if self.rx_used > self.window_limit {
             return Err(ProtocolError::WindowExceeded {
                 used: self.rx_used,
-                window: self.config.receive_window,
+                window: self.window_limit as u32,
             });
         }
         let peer_owns = header.flags & FLAG_OWNER != 0;

@@ -648,8 +648,8 @@ fn a_slowly_arriving_large_frame_keeps_the_connection_alive() {
 #[test]
 fn a_peer_ignoring_the_window_is_a_protocol_error() {
     let config = Config {
-        receive_window: 256,
-        max_frame_size: 256,
+        receive_window: 8192,
+        max_frame_size: 8192,
         ..Config::default()
     };
     let mut p = Pair::with(config, Config::default());
@@ -662,13 +662,119 @@ fn a_peer_ignoring_the_window_is_a_protocol_error() {
                 first: id,
                 flags: FLAG_OWNER | FLAG_LAST,
             },
-            &[0u8; 120],
+            &[0u8; 3000],
         );
     }
     p.a.handle_input(p.now, &mut wire);
     assert_protocol_error(&mut p.a, |e| {
-        matches!(e, ProtocolError::WindowExceeded { window: 256, .. })
+        matches!(e, ProtocolError::WindowExceeded { window: 8192, .. })
     });
+}
+
+#[test]
+fn limits_announced_below_the_early_credit_still_accept_that_much() {
+    // A window and frame limit of 256 still take 4096 bytes: a peer may have sent that
+    // much early, before it knew them. One byte of cost more is an error.
+    let config = Config {
+        receive_window: 256,
+        max_frame_size: 256,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config, Config::default());
+    let mut wire = BytesMut::new();
+    // 4032 bytes of body: 5 of header and 4027 of payload, cost exactly 4096.
+    frame::encode_message(
+        &mut wire,
+        MessageHeader {
+            id: 1,
+            first: 1,
+            flags: FLAG_OWNER | FLAG_LAST,
+        },
+        &[0u8; 4027],
+    );
+    p.a.handle_input(p.now, &mut wire);
+    assert_eq!(messages(&mut p.a).len(), 1);
+    assert!(p.a.is_open());
+    frame::encode_message(
+        &mut wire,
+        MessageHeader {
+            id: 2,
+            first: 2,
+            flags: FLAG_OWNER | FLAG_LAST,
+        },
+        &[],
+    );
+    p.a.handle_input(p.now, &mut wire);
+    assert_protocol_error(&mut p.a, |e| {
+        matches!(e, ProtocolError::WindowExceeded { window: 4096, .. })
+    });
+}
+
+#[test]
+fn a_client_sends_early_messages_behind_its_hello() {
+    let now = Instant::now();
+    let small = Config {
+        receive_window: 256,
+        max_frame_size: 256,
+        ..Config::default()
+    };
+    let mut client = Protocol::new(Config::default(), now);
+    let mut server = Protocol::new(small, now);
+    // Before the server's hello: messages up to the early credit go out with the hello.
+    let conv = client
+        .send(
+            now,
+            SendArgs {
+                last: false,
+                ..SendArgs::new()
+            },
+            &[1u8; 2000],
+        )
+        .unwrap();
+    client.send(now, SendArgs::new(), &[2u8; 1900]).unwrap();
+    // 2005 + 64 + 1905 + 64 = 4038: 58 bytes of early credit are left.
+    assert_eq!(
+        client.send(now, SendArgs::new(), &[3u8; 100]),
+        Err(SendRefused::NoCredit)
+    );
+    let mut wire = BytesMut::new();
+    client.take_output(&mut wire);
+    server.handle_input(now, &mut wire);
+    assert!(matches!(server.poll_event(), Some(Event::Connected(_))));
+    let got = messages(&mut server);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].conversation.first, conv.first);
+    assert_eq!(&got[1].payload[..], &[2u8; 1900][..]);
+
+    // The server's hello: the client learns it overspent a 256-byte window by 3782 bytes.
+    server.take_output(&mut wire);
+    client.handle_input(now, &mut wire);
+    let events = events(&mut client);
+    assert!(matches!(events[..], [Event::Connected(_), Event::Writable]));
+    assert_eq!(
+        client.send(now, SendArgs::new(), &[3u8; 200]),
+        Err(SendRefused::TooLarge {
+            size: 205,
+            max: 192
+        })
+    );
+    assert_eq!(
+        client.send(now, SendArgs::new(), &[3u8; 10]),
+        Err(SendRefused::NoCredit),
+        "no credit until the server consumed the early messages"
+    );
+    // Consuming them pays the deficit back first; the credit never exceeds the window.
+    for m in got {
+        server.release(m.cost);
+    }
+    server.take_output(&mut wire);
+    client.handle_input(now, &mut wire);
+    assert!(client.is_open(), "{:?}", closed(&mut client));
+    client.send(now, SendArgs::new(), &[3u8; 10]).unwrap();
+    client.take_output(&mut wire);
+    server.handle_input(now, &mut wire);
+    assert_eq!(messages(&mut server).len(), 1);
+    assert!(server.is_open());
 }
 
 #[test]
@@ -692,8 +798,8 @@ fn messages_too_large_for_the_peer_are_refused_locally() {
 #[test]
 fn oversized_frames_close_with_a_protocol_error() {
     let config = Config {
-        max_frame_size: 64,
-        receive_window: 64,
+        max_frame_size: 8192,
+        receive_window: 8192,
         ..Config::default()
     };
     let mut p = Pair::with(config, Config::default());
@@ -703,7 +809,7 @@ fn oversized_frames_close_with_a_protocol_error() {
     assert_protocol_error(&mut p.a, |e| {
         *e == ProtocolError::FrameTooLarge {
             size: 1 << 30,
-            max: 64,
+            max: 8192,
         }
     });
 }
