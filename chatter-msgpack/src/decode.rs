@@ -274,7 +274,10 @@ impl<'de> Decoder<'de> {
     /// An array, visited as a sequence.
     fn seq<V: Visitor<'de>>(&mut self, visitor: V) -> DeResult<V::Value> {
         let len = self.enter()?;
-        let mut access = Elements { de: self, left: len };
+        let mut access = Elements {
+            de: self,
+            left: len,
+        };
         let value = visitor.visit_seq(&mut access)?;
         let left = access.left;
         self.leave(len, left)?;
@@ -284,7 +287,10 @@ impl<'de> Decoder<'de> {
     /// A map, visited as a map.
     fn map<V: Visitor<'de>>(&mut self, visitor: V) -> DeResult<V::Value> {
         let len = self.enter()?;
-        let mut access = Entries { de: self, left: len };
+        let mut access = Entries {
+            de: self,
+            left: len,
+        };
         let value = visitor.visit_map(&mut access)?;
         let left = access.left;
         self.leave(len, left)?;

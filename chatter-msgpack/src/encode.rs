@@ -203,11 +203,7 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
     }
 
     #[inline]
-    fn serialize_tuple_struct(
-        self,
-        _name: &'static str,
-        len: usize,
-    ) -> Result<Self, EncodeError> {
+    fn serialize_tuple_struct(self, _name: &'static str, len: usize) -> Result<Self, EncodeError> {
         write::write_array_len(self.w, len32(len)?);
         Ok(self)
     }
@@ -266,11 +262,7 @@ pub(crate) struct Compound<'b, 'a> {
 
 impl<'b, 'a> Compound<'b, 'a> {
     #[inline]
-    fn begin(
-        enc: &'b mut Encoder<'a>,
-        len: Option<usize>,
-        map: bool,
-    ) -> Result<Self, EncodeError> {
+    fn begin(enc: &'b mut Encoder<'a>, len: Option<usize>, map: bool) -> Result<Self, EncodeError> {
         let unknown_start = match len {
             Some(len) => {
                 header(enc.w, len32(len)?, map);

@@ -178,7 +178,9 @@ fn integers_at_boundaries_match_rmp_serde() {
     // rmp-serde reads any integer as a 128-bit one, and reinterprets negative ones.
     assert!(agree::<i128>(&[0xd0, 0x85]));
     assert!(agree::<u128>(&[0xff]));
-    assert!(agree::<u128>(&[0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]));
+    assert!(agree::<u128>(&[
+        0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff
+    ]));
     assert!(!agree::<i128>(&[0xc4, 0x03, 1, 2, 3]));
     assert!(!agree::<i128>(&[0x91, 0x01]));
 }
@@ -367,9 +369,7 @@ fn mismatches_give_rmp_serde_errors() {
     // Forms rmp-serde accepts though they are not what is expected.
     assert!(agree::<String>(&rmp_bytes(&Bin(b"text".to_vec()))));
     assert!(agree::<f64>(&rmp_bytes(&3u8)));
-    assert!(
-        agree::<i64>(&rmp_bytes(&3.0f32)) || rmp_value::<i64>(&rmp_bytes(&3.0f32)).is_err()
-    );
+    assert!(agree::<i64>(&rmp_bytes(&3.0f32)) || rmp_value::<i64>(&rmp_bytes(&3.0f32)).is_err());
     assert!(agree::<Option<u8>>(&[0x05]));
     assert!(agree::<()>(&[0xc0]));
     assert!(agree::<Unit>(&[0x90]));
@@ -661,8 +661,5 @@ fn a_recursive_enum_nested_without_end_is_an_error_not_a_stack_overflow() {
     let mut bytes = nested.repeat(200_000);
     bytes.extend_from_slice(&rmp_bytes("Empty"));
     let error = decode::<Shape>(&bytes).unwrap_err();
-    assert!(
-        matches!(error, DecodeError::DepthLimitExceeded),
-        "{error}"
-    );
+    assert!(matches!(error, DecodeError::DepthLimitExceeded), "{error}");
 }

@@ -246,7 +246,10 @@ fn len32(len: usize) -> u32 {
 #[cold]
 #[inline(never)]
 fn too_long(len: usize) -> ! {
-    panic!("a length of {len} exceeds the MessagePack maximum of {}", u32::MAX)
+    panic!(
+        "a length of {len} exceeds the MessagePack maximum of {}",
+        u32::MAX
+    )
 }
 
 #[cfg(test)]
@@ -264,7 +267,18 @@ mod tests {
             let end = write_uint_at(&mut at, 3, v);
             assert_eq!(at[3..end], theirs[..], "{v} at an offset");
         }
-        for v in [0, -1, -32, -33, -128, -129, -32768, -32769, i64::MIN, i64::MAX] {
+        for v in [
+            0,
+            -1,
+            -32,
+            -33,
+            -128,
+            -129,
+            -32768,
+            -32769,
+            i64::MIN,
+            i64::MAX,
+        ] {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             write_sint(&mut ours, v);
             rmp::encode::write_sint(&mut theirs, v).unwrap();

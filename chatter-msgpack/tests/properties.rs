@@ -142,8 +142,11 @@ fn value() -> impl Strategy<Value = Value> {
             prop::collection::vec(inner.clone(), 0..20).prop_map(Value::List),
             prop::collection::btree_map(".{0,6}", inner.clone(), 0..8).prop_map(Value::Tree),
             prop::collection::hash_map(any::<i64>(), inner.clone(), 0..8).prop_map(Value::Hash),
-            (inner.clone(), any::<i16>(), any::<Option<u8>>())
-                .prop_map(|(v, i, o)| Value::Tuple(Box::new(v), i, o)),
+            (inner.clone(), any::<i16>(), any::<Option<u8>>()).prop_map(|(v, i, o)| Value::Tuple(
+                Box::new(v),
+                i,
+                o
+            )),
             (".{0,6}", inner.clone()).prop_map(|(name, v)| Value::Fields {
                 name,
                 inner: Box::new(v)
@@ -370,7 +373,10 @@ fn deep_nesting_is_a_depth_or_length_error_not_a_stack_overflow() {
             for (kind, level) in [
                 ("arrays", &[0x91][..]),
                 ("maps", &[0x81, 0xa1, b'k'][..]),
-                ("enums", &[0x81, 0xa6, b'N', b'e', b's', b't', b'e', b'd'][..]),
+                (
+                    "enums",
+                    &[0x81, 0xa6, b'N', b'e', b's', b't', b'e', b'd'][..],
+                ),
             ] {
                 let nested = level.repeat(depth);
                 for (end, tail) in [("a bin", &bin[..]), ("a huge array", &huge[..])] {

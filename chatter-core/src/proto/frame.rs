@@ -12,8 +12,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use chatter_msgpack::{self as msgpack, DecodeError, Reader};
 use crate::error::ProtocolError;
+use chatter_msgpack::{self as msgpack, DecodeError, Reader};
 
 /// The magic string in the hello frame.
 pub const MAGIC: &str = "chatter";
