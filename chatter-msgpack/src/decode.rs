@@ -5,7 +5,10 @@ use serde::de::value::SeqDeserializer;
 use serde::de::{self, DeserializeOwned, DeserializeSeed, Unexpected, Visitor};
 
 use crate::encode::EXT_STRUCT_NAME;
-use crate::error::DecodeError;
+use crate::error::{fail, Boxed, DecodeError};
+
+/// The decoder's error, one pointer wide.
+type Fail = Boxed<DecodeError>;
 
 /// How deep arrays, maps, enums in their `{variant: content}` form and ext values may nest
 /// in a value [`decode`] accepts. Deeper values are refused with
@@ -24,7 +27,7 @@ pub const MAX_DEPTH: u16 = 512;
 /// input is rmp-serde's value, for an invalid one an error (whose message may differ from
 /// rmp-serde's).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    T::deserialize(&mut Decoder::new(bytes))
+    T::deserialize(&mut Decoder::new(bytes)).map_err(|e| *e.0)
 }
 
 /// A serde deserializer reading MessagePack from a slice.
@@ -35,7 +38,7 @@ pub(crate) struct Decoder<'de> {
     depth: u16,
 }
 
-type DeResult<T> = Result<T, DecodeError>;
+type DeResult<T> = Result<T, Fail>;
 
 /// What the numeric entry points expect, for type mismatches.
 const SCALAR: &str = "nil, a boolean or a number";
@@ -53,7 +56,7 @@ impl<'de> Decoder<'de> {
     fn peek(&self) -> DeResult<u8> {
         match self.input.first() {
             Some(&b) => Ok(b),
-            None => Err(DecodeError::UnexpectedEnd),
+            None => Err(fail(DecodeError::UnexpectedEnd)),
         }
     }
 
@@ -70,11 +73,11 @@ impl<'de> Decoder<'de> {
     }
 
     #[cold]
-    fn exceeds(&self, len: u64) -> DecodeError {
-        DecodeError::LengthExceedsInput {
+    fn exceeds(&self, len: u64) -> Fail {
+        fail(DecodeError::LengthExceedsInput {
             len,
             remaining: self.input.len(),
-        }
+        })
     }
 
     /// The next `N` bytes as an array, consumed.
@@ -85,7 +88,7 @@ impl<'de> Decoder<'de> {
                 self.input = rest;
                 Ok(*head)
             }
-            None => Err(DecodeError::UnexpectedEnd),
+            None => Err(fail(DecodeError::UnexpectedEnd)),
         }
     }
 
@@ -97,7 +100,7 @@ impl<'de> Decoder<'de> {
                 self.input = rest;
                 Ok(b)
             }
-            None => Err(DecodeError::UnexpectedEnd),
+            None => Err(fail(DecodeError::UnexpectedEnd)),
         }
     }
 
@@ -135,7 +138,7 @@ impl<'de> Decoder<'de> {
             0xd3 => visitor.visit_i64(self.u64()? as i64),
             0xca => visitor.visit_f32(f32::from_bits(self.u32()?)),
             0xcb => visitor.visit_f64(f64::from_bits(self.u64()?)),
-            _ => Err(DecodeError::mismatch(SCALAR, marker)),
+            _ => Err(fail(DecodeError::mismatch(SCALAR, marker))),
         }
     }
 
@@ -183,11 +186,11 @@ impl<'de> Decoder<'de> {
         let data = self.take(len)?;
         match std::str::from_utf8(data) {
             Ok(s) => visitor.visit_borrowed_str(s),
-            Err(e) => visitor
-                .visit_borrowed_bytes::<DecodeError>(data)
-                .map_err(|_| DecodeError::InvalidUtf8 {
+            Err(e) => visitor.visit_borrowed_bytes::<Fail>(data).map_err(|_| {
+                fail(DecodeError::InvalidUtf8 {
                     valid_up_to: e.valid_up_to(),
-                }),
+                })
+            }),
         }
     }
 
@@ -204,7 +207,7 @@ impl<'de> Decoder<'de> {
         let marker = self.byte()?;
         let len = self.len_after(marker)?;
         let data = self.take(len)?;
-        visitor.visit_seq(SeqDeserializer::<_, DecodeError>::new(data.iter().copied()))
+        visitor.visit_seq(SeqDeserializer::<_, Fail>::new(data.iter().copied()))
     }
 
     /// The data length after an ext marker.
@@ -218,7 +221,7 @@ impl<'de> Decoder<'de> {
             0xc7 => u32::from(self.byte()?),
             0xc8 => u32::from(self.u16()?),
             0xc9 => self.u32()?,
-            _ => return Err(DecodeError::mismatch("an ext value", marker)),
+            _ => return Err(fail(DecodeError::mismatch("an ext value", marker))),
         })
     }
 
@@ -234,7 +237,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// Enters one more level of nesting, if allowed.
-    #[inline]
+    #[inline(always)]
     fn descend(&mut self) -> DeResult<()> {
         if self.depth == 0 {
             return Err(too_deep());
@@ -246,7 +249,7 @@ impl<'de> Decoder<'de> {
     /// Reads a container header, checks that `len` elements can possibly follow (each
     /// takes at least a byte: rmp-serde fails otherwise, running out of input or finding
     /// elements left unread) and enters one more level of nesting.
-    #[inline]
+    #[inline(always)]
     fn enter(&mut self) -> DeResult<u32> {
         let marker = self.byte()?;
         let len = self.len_after(marker)?;
@@ -259,13 +262,13 @@ impl<'de> Decoder<'de> {
 
     /// Leaves a container, which must have been read entirely (rmp-serde reports a length
     /// mismatch otherwise).
-    #[inline]
+    #[inline(always)]
     fn leave(&mut self, len: u32, left: u32) -> DeResult<()> {
         if left != 0 {
-            return Err(DecodeError::LengthMismatch {
+            return Err(fail(DecodeError::LengthMismatch {
                 len,
                 read: len - left,
-            });
+            }));
         }
         self.depth += 1;
         Ok(())
@@ -302,7 +305,7 @@ impl<'de> Decoder<'de> {
     fn enum_in_map<V: Visitor<'de>>(&mut self, visitor: V) -> DeResult<V::Value> {
         let len = self.enter()?;
         if len != 1 {
-            return Err(DecodeError::LengthMismatch { len, read: 1 });
+            return Err(fail(DecodeError::LengthMismatch { len, read: 1 }));
         }
         let value = visitor.visit_enum(Variant { de: &mut *self })?;
         self.depth += 1;
@@ -332,21 +335,21 @@ impl<'de> Decoder<'de> {
                     _ => marker & 0x0f,
                 };
                 if len != 16 {
-                    return Err(DecodeError::LengthMismatch {
+                    return Err(fail(DecodeError::LengthMismatch {
                         len: u32::from(len),
                         read: 16,
-                    });
+                    }));
                 }
                 i128::from_be_bytes(self.take_array()?)
             }
-            _ => return Err(DecodeError::mismatch("a 128-bit integer", marker)),
+            _ => return Err(fail(DecodeError::mismatch("a 128-bit integer", marker))),
         })
     }
 }
 
 #[cold]
-fn too_deep() -> DecodeError {
-    DecodeError::DepthLimitExceeded
+fn too_deep() -> Fail {
+    fail(DecodeError::DepthLimitExceeded)
 }
 
 /// Forwards `deserialize_*` methods to one of the decoder's readers.
@@ -361,7 +364,7 @@ macro_rules! forward {
 }
 
 impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
-    type Error = DecodeError;
+    type Error = Fail;
 
     forward!(scalar; deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32
         deserialize_i64 deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64
@@ -468,7 +471,7 @@ struct Elements<'a, 'de> {
 }
 
 impl<'de> de::SeqAccess<'de> for Elements<'_, 'de> {
-    type Error = DecodeError;
+    type Error = Fail;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(
         &mut self,
@@ -494,7 +497,7 @@ struct Entries<'a, 'de> {
 }
 
 impl<'de> de::MapAccess<'de> for Entries<'_, 'de> {
-    type Error = DecodeError;
+    type Error = Fail;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> DeResult<Option<K::Value>> {
         if self.left == 0 {
@@ -520,7 +523,7 @@ struct Variant<'a, 'de> {
 }
 
 impl<'de> de::EnumAccess<'de> for Variant<'_, 'de> {
-    type Error = DecodeError;
+    type Error = Fail;
     type Variant = Self;
 
     fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> DeResult<(V::Value, Self)> {
@@ -530,13 +533,13 @@ impl<'de> de::EnumAccess<'de> for Variant<'_, 'de> {
 }
 
 impl<'de> de::VariantAccess<'de> for Variant<'_, 'de> {
-    type Error = DecodeError;
+    type Error = Fail;
 
     /// rmp-serde reads a nil as the content of a unit variant in map form.
     fn unit_variant(self) -> DeResult<()> {
         match self.de.byte()? {
             0xc0 => Ok(()),
-            b => Err(DecodeError::mismatch("nil", b)),
+            b => Err(fail(DecodeError::mismatch("nil", b))),
         }
     }
 
@@ -563,7 +566,7 @@ struct UnitVariant<'a, 'de> {
 }
 
 impl<'de> de::EnumAccess<'de> for UnitVariant<'_, 'de> {
-    type Error = DecodeError;
+    type Error = Fail;
     type Variant = Self;
 
     fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> DeResult<(V::Value, Self)> {
@@ -573,7 +576,7 @@ impl<'de> de::EnumAccess<'de> for UnitVariant<'_, 'de> {
 }
 
 impl<'de> de::VariantAccess<'de> for UnitVariant<'_, 'de> {
-    type Error = DecodeError;
+    type Error = Fail;
 
     fn unit_variant(self) -> DeResult<()> {
         Ok(())
@@ -633,7 +636,7 @@ impl<'a, 'de> Ext<'a, 'de> {
 }
 
 impl<'de> de::Deserializer<'de> for Ext<'_, 'de> {
-    type Error = DecodeError;
+    type Error = Fail;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> DeResult<V::Value> {
         visitor.visit_seq(self)
@@ -647,7 +650,7 @@ impl<'de> de::Deserializer<'de> for Ext<'_, 'de> {
 }
 
 impl<'de> de::SeqAccess<'de> for Ext<'_, 'de> {
-    type Error = DecodeError;
+    type Error = Fail;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(
         &mut self,
@@ -661,7 +664,7 @@ impl<'de> de::SeqAccess<'de> for Ext<'_, 'de> {
 }
 
 impl<'de> de::Deserializer<'de> for &mut Ext<'_, 'de> {
-    type Error = DecodeError;
+    type Error = Fail;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> DeResult<V::Value> {
         match self.state {
@@ -675,7 +678,7 @@ impl<'de> de::Deserializer<'de> for &mut Ext<'_, 'de> {
                 self.state = ExtState::Done;
                 visitor.visit_borrowed_bytes(data)
             }
-            ExtState::Done => Err(DecodeError::UnexpectedEnd),
+            ExtState::Done => Err(fail(DecodeError::UnexpectedEnd)),
         }
     }
 

@@ -3,7 +3,10 @@
 
 use serde::ser::{self, Impossible, Serialize};
 
-use crate::error::EncodeError;
+use crate::error::{fail, Boxed, EncodeError};
+
+/// The encoder's error, one pointer wide.
+type Fail = Boxed<EncodeError>;
 use crate::write::{self, Output};
 
 /// The name rmp-serde gives newtype structs that stand for MessagePack ext values: a
@@ -17,6 +20,12 @@ pub(crate) const EXT_STRUCT_NAME: &str = "_ExtStruct";
 /// Sequences and maps of unknown length (`#[serde(flatten)]`, `collect_seq` over a
 /// filter) are written with their counted length in front, as rmp-serde writes them.
 pub fn encode<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), EncodeError> {
+    encode_boxed(w, v).map_err(|e| *e.0)
+}
+
+/// [`encode`] with the boxed error.
+#[inline]
+fn encode_boxed<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), Fail> {
     let start = w.len();
     let result = v.serialize(&mut Encoder { w: &mut *w });
     if result.is_err() {
@@ -32,13 +41,13 @@ pub(crate) struct Encoder<'a> {
 
 /// A length as MessagePack carries it.
 #[inline]
-fn len32(len: usize) -> Result<u32, EncodeError> {
-    u32::try_from(len).map_err(|_| EncodeError::LengthTooLarge { len })
+fn len32(len: usize) -> Result<u32, Fail> {
+    u32::try_from(len).map_err(|_| fail(EncodeError::LengthTooLarge { len }))
 }
 
 impl Encoder<'_> {
     #[inline]
-    fn put_str(&mut self, s: &str) -> Result<(), EncodeError> {
+    fn put_str(&mut self, s: &str) -> Result<(), Fail> {
         write::write_str_len(self.w, len32(s.len())?);
         self.w.extend_from_slice(s.as_bytes());
         Ok(())
@@ -46,7 +55,7 @@ impl Encoder<'_> {
 
     /// The one-entry map header and the name rmp-serde writes before a variant's content.
     #[inline]
-    fn put_variant(&mut self, variant: &str) -> Result<(), EncodeError> {
+    fn put_variant(&mut self, variant: &str) -> Result<(), Fail> {
         self.w.push(0x81);
         self.put_str(variant)
     }
@@ -58,7 +67,7 @@ macro_rules! integers {
     ($($writer:ident: $($method:ident($ty:ty)),*);*) => {
         $($(
             #[inline]
-            fn $method(self, v: $ty) -> Result<(), EncodeError> {
+            fn $method(self, v: $ty) -> Result<(), Fail> {
                 write::$writer(self.w, v.into());
                 Ok(())
             }
@@ -68,7 +77,7 @@ macro_rules! integers {
 
 impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
     type Ok = ();
-    type Error = EncodeError;
+    type Error = Fail;
     type SerializeSeq = Compound<'b, 'a>;
     type SerializeTuple = Self;
     type SerializeTupleStruct = Self;
@@ -83,7 +92,7 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
     }
 
     #[inline]
-    fn serialize_bool(self, v: bool) -> Result<(), EncodeError> {
+    fn serialize_bool(self, v: bool) -> Result<(), Fail> {
         write::write_bool(self.w, v);
         Ok(())
     }
@@ -95,64 +104,64 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
 
     /// As rmp-serde: the 16 big-endian bytes as a byte string.
     #[inline]
-    fn serialize_i128(self, v: i128) -> Result<(), EncodeError> {
+    fn serialize_i128(self, v: i128) -> Result<(), Fail> {
         self.serialize_bytes(&v.to_be_bytes())
     }
 
     /// As rmp-serde: the 16 big-endian bytes as a byte string.
     #[inline]
-    fn serialize_u128(self, v: u128) -> Result<(), EncodeError> {
+    fn serialize_u128(self, v: u128) -> Result<(), Fail> {
         self.serialize_bytes(&v.to_be_bytes())
     }
 
     #[inline]
-    fn serialize_f32(self, v: f32) -> Result<(), EncodeError> {
+    fn serialize_f32(self, v: f32) -> Result<(), Fail> {
         write::write_f32(self.w, v);
         Ok(())
     }
 
     #[inline]
-    fn serialize_f64(self, v: f64) -> Result<(), EncodeError> {
+    fn serialize_f64(self, v: f64) -> Result<(), Fail> {
         write::write_f64(self.w, v);
         Ok(())
     }
 
     #[inline]
-    fn serialize_char(self, v: char) -> Result<(), EncodeError> {
+    fn serialize_char(self, v: char) -> Result<(), Fail> {
         self.put_str(v.encode_utf8(&mut [0; 4]))
     }
 
     #[inline]
-    fn serialize_str(self, v: &str) -> Result<(), EncodeError> {
+    fn serialize_str(self, v: &str) -> Result<(), Fail> {
         self.put_str(v)
     }
 
     #[inline]
-    fn serialize_bytes(self, v: &[u8]) -> Result<(), EncodeError> {
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), Fail> {
         write::write_bin_len(self.w, len32(v.len())?);
         self.w.extend_from_slice(v);
         Ok(())
     }
 
     #[inline]
-    fn serialize_none(self) -> Result<(), EncodeError> {
+    fn serialize_none(self) -> Result<(), Fail> {
         write::write_nil(self.w);
         Ok(())
     }
 
     #[inline]
-    fn serialize_some<T: Serialize + ?Sized>(self, v: &T) -> Result<(), EncodeError> {
+    fn serialize_some<T: Serialize + ?Sized>(self, v: &T) -> Result<(), Fail> {
         v.serialize(self)
     }
 
     #[inline]
-    fn serialize_unit(self) -> Result<(), EncodeError> {
+    fn serialize_unit(self) -> Result<(), Fail> {
         write::write_nil(self.w);
         Ok(())
     }
 
     #[inline]
-    fn serialize_unit_struct(self, _name: &'static str) -> Result<(), EncodeError> {
+    fn serialize_unit_struct(self, _name: &'static str) -> Result<(), Fail> {
         self.w.push(0x90);
         Ok(())
     }
@@ -163,7 +172,7 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
         _name: &'static str,
         _index: u32,
         variant: &'static str,
-    ) -> Result<(), EncodeError> {
+    ) -> Result<(), Fail> {
         self.put_str(variant)
     }
 
@@ -172,7 +181,7 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
         self,
         name: &'static str,
         v: &T,
-    ) -> Result<(), EncodeError> {
+    ) -> Result<(), Fail> {
         if name == EXT_STRUCT_NAME {
             return encode_ext(self.w, v);
         }
@@ -186,24 +195,24 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
         _index: u32,
         variant: &'static str,
         v: &T,
-    ) -> Result<(), EncodeError> {
+    ) -> Result<(), Fail> {
         self.put_variant(variant)?;
         v.serialize(self)
     }
 
     #[inline]
-    fn serialize_seq(self, len: Option<usize>) -> Result<Compound<'b, 'a>, EncodeError> {
+    fn serialize_seq(self, len: Option<usize>) -> Result<Compound<'b, 'a>, Fail> {
         Compound::begin(self, len, false)
     }
 
     #[inline]
-    fn serialize_tuple(self, len: usize) -> Result<Self, EncodeError> {
+    fn serialize_tuple(self, len: usize) -> Result<Self, Fail> {
         write::write_array_len(self.w, len32(len)?);
         Ok(self)
     }
 
     #[inline]
-    fn serialize_tuple_struct(self, _name: &'static str, len: usize) -> Result<Self, EncodeError> {
+    fn serialize_tuple_struct(self, _name: &'static str, len: usize) -> Result<Self, Fail> {
         write::write_array_len(self.w, len32(len)?);
         Ok(self)
     }
@@ -215,19 +224,19 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
         _index: u32,
         variant: &'static str,
         len: usize,
-    ) -> Result<Self, EncodeError> {
+    ) -> Result<Self, Fail> {
         self.put_variant(variant)?;
         write::write_array_len(self.w, len32(len)?);
         Ok(self)
     }
 
     #[inline]
-    fn serialize_map(self, len: Option<usize>) -> Result<Compound<'b, 'a>, EncodeError> {
+    fn serialize_map(self, len: Option<usize>) -> Result<Compound<'b, 'a>, Fail> {
         Compound::begin(self, len, true)
     }
 
     #[inline]
-    fn serialize_struct(self, _name: &'static str, len: usize) -> Result<Self, EncodeError> {
+    fn serialize_struct(self, _name: &'static str, len: usize) -> Result<Self, Fail> {
         write::write_map_len(self.w, len32(len)?);
         Ok(self)
     }
@@ -239,7 +248,7 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
         _index: u32,
         variant: &'static str,
         len: usize,
-    ) -> Result<Self, EncodeError> {
+    ) -> Result<Self, Fail> {
         self.put_variant(variant)?;
         write::write_map_len(self.w, len32(len)?);
         Ok(self)
@@ -262,7 +271,7 @@ pub(crate) struct Compound<'b, 'a> {
 
 impl<'b, 'a> Compound<'b, 'a> {
     #[inline]
-    fn begin(enc: &'b mut Encoder<'a>, len: Option<usize>, map: bool) -> Result<Self, EncodeError> {
+    fn begin(enc: &'b mut Encoder<'a>, len: Option<usize>, map: bool) -> Result<Self, Fail> {
         let unknown_start = match len {
             Some(len) => {
                 header(enc.w, len32(len)?, map);
@@ -279,13 +288,13 @@ impl<'b, 'a> Compound<'b, 'a> {
     }
 
     #[inline]
-    fn element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), EncodeError> {
+    fn element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Fail> {
         self.count += 1;
         v.serialize(&mut *self.enc)
     }
 
     #[inline]
-    fn end(mut self, per_entry: usize) -> Result<(), EncodeError> {
+    fn end(mut self, per_entry: usize) -> Result<(), Fail> {
         match self.unknown_start {
             None => Ok(()),
             Some(start) => self.put_header_before(start, self.count / per_entry),
@@ -293,7 +302,7 @@ impl<'b, 'a> Compound<'b, 'a> {
     }
 
     #[cold]
-    fn put_header_before(&mut self, start: usize, len: usize) -> Result<(), EncodeError> {
+    fn put_header_before(&mut self, start: usize, len: usize) -> Result<(), Fail> {
         let mut head = Vec::with_capacity(5);
         header(&mut head, len32(len)?, self.map);
         self.enc.w.splice(start..start, head);
@@ -313,35 +322,35 @@ fn header(w: &mut Vec<u8>, len: u32, map: bool) {
 
 impl ser::SerializeSeq for Compound<'_, '_> {
     type Ok = ();
-    type Error = EncodeError;
+    type Error = Fail;
 
     #[inline]
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), EncodeError> {
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Fail> {
         self.element(v)
     }
 
     #[inline]
-    fn end(self) -> Result<(), EncodeError> {
+    fn end(self) -> Result<(), Fail> {
         Compound::end(self, 1)
     }
 }
 
 impl ser::SerializeMap for Compound<'_, '_> {
     type Ok = ();
-    type Error = EncodeError;
+    type Error = Fail;
 
     #[inline]
-    fn serialize_key<T: Serialize + ?Sized>(&mut self, k: &T) -> Result<(), EncodeError> {
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, k: &T) -> Result<(), Fail> {
         self.element(k)
     }
 
     #[inline]
-    fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), EncodeError> {
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Fail> {
         self.element(v)
     }
 
     #[inline]
-    fn end(self) -> Result<(), EncodeError> {
+    fn end(self) -> Result<(), Fail> {
         Compound::end(self, 2)
     }
 }
@@ -353,15 +362,15 @@ macro_rules! elements {
         $(
             impl ser::$compound for &mut Encoder<'_> {
                 type Ok = ();
-                type Error = EncodeError;
+                type Error = Fail;
 
                 #[inline]
-                fn $element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), EncodeError> {
+                fn $element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Fail> {
                     v.serialize(&mut **self)
                 }
 
                 #[inline]
-                fn end(self) -> Result<(), EncodeError> {
+                fn end(self) -> Result<(), Fail> {
                     Ok(())
                 }
             }
@@ -382,20 +391,20 @@ macro_rules! fields {
         $(
             impl ser::$compound for &mut Encoder<'_> {
                 type Ok = ();
-                type Error = EncodeError;
+                type Error = Fail;
 
                 #[inline]
                 fn serialize_field<T: Serialize + ?Sized>(
                     &mut self,
                     key: &'static str,
                     v: &T,
-                ) -> Result<(), EncodeError> {
+                ) -> Result<(), Fail> {
                     self.put_str(key)?;
                     v.serialize(&mut **self)
                 }
 
                 #[inline]
-                fn end(self) -> Result<(), EncodeError> {
+                fn end(self) -> Result<(), Fail> {
                     Ok(())
                 }
             }
@@ -414,7 +423,7 @@ fields!(SerializeStruct, SerializeStructVariant);
 /// value).
 #[cold]
 #[inline(never)]
-fn encode_ext<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), EncodeError> {
+fn encode_ext<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), Fail> {
     let mut ext = ExtTuple {
         fields: ExtFields {
             w,
@@ -425,10 +434,10 @@ fn encode_ext<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), Encod
     };
     v.serialize(&mut ext)?;
     if !ext.tuple_received {
-        return Err(EncodeError::InvalidExt(EXPECTED_TUPLE));
+        return Err(fail(EncodeError::InvalidExt(EXPECTED_TUPLE)));
     }
     if !ext.fields.finished {
-        return Err(EncodeError::InvalidExt(EXPECTED_FIELDS));
+        return Err(fail(EncodeError::InvalidExt(EXPECTED_FIELDS)));
     }
     Ok(())
 }
@@ -453,19 +462,19 @@ struct ExtFields<'a> {
 macro_rules! reject {
     ($error:expr; $($method:ident($($arg:ty),*) -> $ret:ty;)*) => {
         $(
-            fn $method(self, $(_: $arg),*) -> Result<$ret, EncodeError> {
-                Err(EncodeError::InvalidExt($error))
+            fn $method(self, $(_: $arg),*) -> Result<$ret, Fail> {
+                Err(fail(EncodeError::InvalidExt($error)))
             }
         )*
-        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), EncodeError> {
-            Err(EncodeError::InvalidExt($error))
+        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), Fail> {
+            Err(fail(EncodeError::InvalidExt($error)))
         }
         fn serialize_newtype_struct<T: Serialize + ?Sized>(
             self,
             _: &'static str,
             _: &T,
-        ) -> Result<(), EncodeError> {
-            Err(EncodeError::InvalidExt($error))
+        ) -> Result<(), Fail> {
+            Err(fail(EncodeError::InvalidExt($error)))
         }
         fn serialize_newtype_variant<T: Serialize + ?Sized>(
             self,
@@ -473,24 +482,24 @@ macro_rules! reject {
             _: u32,
             _: &'static str,
             _: &T,
-        ) -> Result<(), EncodeError> {
-            Err(EncodeError::InvalidExt($error))
+        ) -> Result<(), Fail> {
+            Err(fail(EncodeError::InvalidExt($error)))
         }
     };
 }
 
 impl ser::Serializer for &mut ExtTuple<'_> {
     type Ok = ();
-    type Error = EncodeError;
-    type SerializeSeq = Impossible<(), EncodeError>;
+    type Error = Fail;
+    type SerializeSeq = Impossible<(), Fail>;
     type SerializeTuple = Self;
-    type SerializeTupleStruct = Impossible<(), EncodeError>;
-    type SerializeTupleVariant = Impossible<(), EncodeError>;
-    type SerializeMap = Impossible<(), EncodeError>;
-    type SerializeStruct = Impossible<(), EncodeError>;
-    type SerializeStructVariant = Impossible<(), EncodeError>;
+    type SerializeTupleStruct = Impossible<(), Fail>;
+    type SerializeTupleVariant = Impossible<(), Fail>;
+    type SerializeMap = Impossible<(), Fail>;
+    type SerializeStruct = Impossible<(), Fail>;
+    type SerializeStructVariant = Impossible<(), Fail>;
 
-    fn serialize_tuple(self, _len: usize) -> Result<Self, EncodeError> {
+    fn serialize_tuple(self, _len: usize) -> Result<Self, Fail> {
         self.tuple_received = true;
         Ok(self)
     }
@@ -527,39 +536,39 @@ impl ser::Serializer for &mut ExtTuple<'_> {
 
 impl ser::SerializeTuple for &mut ExtTuple<'_> {
     type Ok = ();
-    type Error = EncodeError;
+    type Error = Fail;
 
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), EncodeError> {
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Fail> {
         v.serialize(&mut self.fields)
     }
 
-    fn end(self) -> Result<(), EncodeError> {
+    fn end(self) -> Result<(), Fail> {
         Ok(())
     }
 }
 
 impl ser::Serializer for &mut ExtFields<'_> {
     type Ok = ();
-    type Error = EncodeError;
-    type SerializeSeq = Impossible<(), EncodeError>;
-    type SerializeTuple = Impossible<(), EncodeError>;
-    type SerializeTupleStruct = Impossible<(), EncodeError>;
-    type SerializeTupleVariant = Impossible<(), EncodeError>;
-    type SerializeMap = Impossible<(), EncodeError>;
-    type SerializeStruct = Impossible<(), EncodeError>;
-    type SerializeStructVariant = Impossible<(), EncodeError>;
+    type Error = Fail;
+    type SerializeSeq = Impossible<(), Fail>;
+    type SerializeTuple = Impossible<(), Fail>;
+    type SerializeTupleStruct = Impossible<(), Fail>;
+    type SerializeTupleVariant = Impossible<(), Fail>;
+    type SerializeMap = Impossible<(), Fail>;
+    type SerializeStruct = Impossible<(), Fail>;
+    type SerializeStructVariant = Impossible<(), Fail>;
 
-    fn serialize_i8(self, v: i8) -> Result<(), EncodeError> {
+    fn serialize_i8(self, v: i8) -> Result<(), Fail> {
         if self.tag.is_some() {
-            return Err(EncodeError::InvalidExt(EXPECTED_FIELDS));
+            return Err(fail(EncodeError::InvalidExt(EXPECTED_FIELDS)));
         }
         self.tag = Some(v);
         Ok(())
     }
 
-    fn serialize_bytes(self, v: &[u8]) -> Result<(), EncodeError> {
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), Fail> {
         let Some(tag) = self.tag.take() else {
-            return Err(EncodeError::InvalidExt(EXPECTED_FIELDS));
+            return Err(fail(EncodeError::InvalidExt(EXPECTED_FIELDS)));
         };
         write::write_ext_meta(self.w, len32(v.len())?, tag);
         self.w.put_slice(v);

@@ -148,6 +148,47 @@ impl serde::ser::Error for EncodeError {
     }
 }
 
+/// An error boxed to one pointer: what the serde encoder and decoder pass around, so that
+/// their results stay in registers on the hot path (a `Result<(), EncodeError>` is 24
+/// bytes, returned through memory by every nested call). Unboxed at the public boundary;
+/// built only on the cold error path.
+pub(crate) struct Boxed<E>(pub(crate) Box<E>);
+
+/// Boxes an error.
+#[cold]
+#[inline(never)]
+pub(crate) fn fail<E>(e: E) -> Boxed<E> {
+    Boxed(Box::new(e))
+}
+
+impl<E: fmt::Debug> fmt::Debug for Boxed<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for Boxed<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl<E: std::error::Error> std::error::Error for Boxed<E> {}
+
+impl serde::de::Error for Boxed<DecodeError> {
+    #[cold]
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        fail(<DecodeError as serde::de::Error>::custom(msg))
+    }
+}
+
+impl serde::ser::Error for Boxed<EncodeError> {
+    #[cold]
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        fail(<EncodeError as serde::ser::Error>::custom(msg))
+    }
+}
+
 /// The MessagePack type a marker byte starts, for messages.
 pub(crate) fn marker_name(marker: u8) -> &'static str {
     match marker {
