@@ -131,7 +131,8 @@ impl Msg {
     /// Decodes the payload as `T` with [`codec::decode`](crate::codec::decode): as
     /// `rmp_serde::from_slice` would, but values nested deeper than
     /// [`codec::MAX_DEPTH`](crate::codec::MAX_DEPTH) levels are refused with
-    /// `DepthLimitExceeded`, so a peer cannot make the decoder overflow the stack.
+    /// [`DepthLimitExceeded`](crate::codec::DecodeError::DepthLimitExceeded), so a peer
+    /// cannot make the decoder overflow the stack.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
         crate::codec::decode(&self.payload).map_err(|source| DecodeError {
             type_name: std::any::type_name::<T>(),

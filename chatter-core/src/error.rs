@@ -286,7 +286,7 @@ pub enum SendError {
     },
     /// The value could not be encoded.
     #[error("cannot encode the message: {0}")]
-    Encode(#[from] rmp_serde::encode::Error),
+    Encode(#[from] chatter_msgpack::EncodeError),
     /// [`Connection::try_send`](crate::Connection::try_send) would have had to wait for the
     /// peer to consume data.
     #[error("the peer's receive window is full")]
@@ -301,7 +301,7 @@ pub struct DecodeError {
     pub type_name: &'static str,
     /// The decoder's error.
     #[source]
-    pub source: rmp_serde::decode::Error,
+    pub source: chatter_msgpack::DecodeError,
 }
 
 impl fmt::Display for crate::Conversation {

@@ -40,8 +40,8 @@
 //!
 //! The protocol logic is a sans-IO state machine in [`proto`]; `PROTOCOL.md` in this crate
 //! describes the wire format byte by byte. Payloads sent with [`Connection::send`] are
-//! MessagePack written by [`codec`], which writes what rmp-serde writes and refuses values
-//! nested without end.
+//! MessagePack written by [`codec`] (the `chatter-msgpack` crate), which writes what
+//! rmp-serde writes and refuses values nested without end.
 
 #![warn(
     missing_docs,

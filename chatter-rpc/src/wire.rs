@@ -3,14 +3,16 @@
 //! Every envelope is a MessagePack array whose first element says what it is. User values
 //! (arguments, return values, application errors) are embedded as MessagePack values
 //! encoded as rmp-serde encodes them (structs as maps; written and read by
-//! `chatter_core::codec`, which falls back to rmp-serde itself for unusual values), never
-//! as nested byte strings, so a payload is encoded in one pass into one buffer.
+//! `chatter_core::codec`, that is chatter-msgpack), never as nested byte strings, so a
+//! payload is encoded in one pass into one buffer. Envelope headers are written and read
+//! with chatter-msgpack's single-value writers and `Reader`.
 
 use std::cell::RefCell;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chatter_core::codec;
+use chatter_msgpack::{self as msgpack, DecodeError, EncodeError, Reader};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -167,7 +169,7 @@ pub(crate) fn encode_request_with<A: Serialize + ?Sized>(
         header(w, 5, kind);
         w.extend_from_slice(object);
         w.extend_from_slice(method);
-        put_uint(w, millis(duration));
+        msgpack::write_uint(w, millis(duration));
         value(w, args)
     })
 }
@@ -209,7 +211,7 @@ impl std::fmt::Debug for WireName {
 pub(crate) fn encode_cancel(call: u64) -> Payload {
     let mut w = Vec::with_capacity(11);
     header(&mut w, 2, CANCEL);
-    infallible(rmp::encode::write_uint(&mut w, call).map(drop));
+    msgpack::write_uint(&mut w, call);
     Payload::from_vec(w)
 }
 
@@ -228,11 +230,11 @@ pub(crate) fn encode_app_error<E: Serialize + ?Sized>(
 ) -> Result<Payload, WireError> {
     let mut w = Vec::with_capacity(64);
     header(&mut w, 3, APP_ERROR);
-    infallible(rmp::encode::write_array_len(&mut w, 2).map(drop));
-    infallible(rmp::encode::write_str(&mut w, &context.message));
-    infallible(rmp::encode::write_array_len(&mut w, len32(context.chain.len())).map(drop));
+    msgpack::write_array_len(&mut w, 2);
+    put_str(&mut w, &context.message);
+    msgpack::write_array_len(&mut w, len32(context.chain.len()));
     for cause in &context.chain {
-        infallible(rmp::encode::write_str(&mut w, cause));
+        put_str(&mut w, cause);
     }
     value(&mut w, error)?;
     Ok(Payload::from_vec(w))
@@ -242,8 +244,8 @@ pub(crate) fn encode_app_error<E: Serialize + ?Sized>(
 pub(crate) fn encode_failure(kind: FailureKind, message: &str) -> Payload {
     let mut w = Vec::with_capacity(8 + message.len());
     header(&mut w, 3, FAILURE);
-    infallible(rmp::encode::write_uint(&mut w, kind as u64).map(drop));
-    infallible(rmp::encode::write_str(&mut w, message));
+    msgpack::write_uint(&mut w, kind as u64);
+    put_str(&mut w, message);
     Payload::from_vec(w)
 }
 
@@ -375,16 +377,16 @@ pub(crate) fn decode_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError>
 
 /// Decodes a caller-to-callee envelope in any valid MessagePack form.
 fn decode_any_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
-    let mut rd = payload;
-    let len = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("envelope", e))?;
-    let kind: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("envelope kind", e))?;
+    let mut r = Reader::new(payload);
+    let len = r.read_array_len().map_err(|e| bad("envelope", e))?;
+    let kind: u8 = r.read_int().map_err(|e| bad("envelope kind", e))?;
     match (kind, len) {
         (CALL | SIGNAL, 5) => {
-            let (object, rest) = read_name(rd, "object name")?;
-            let (method, rest) = read_name(rest, "method name")?;
-            let mut rd = rest;
-            let ms: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("duration", e))?;
+            let object = read_name(&mut r, "object name")?;
+            let method = read_name(&mut r, "method name")?;
+            let ms: u64 = r.read_int().map_err(|e| bad("duration", e))?;
             let duration = Duration::from_millis(ms);
+            let rd = r.remaining();
             if rd.is_empty() {
                 return Err(WireError("missing arguments".into()));
             }
@@ -405,11 +407,11 @@ fn decode_any_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
             })
         }
         (CANCEL, 2) => {
-            let call: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("call id", e))?;
+            let call: u64 = r.read_int().map_err(|e| bad("call id", e))?;
             Ok(Incoming::Cancel { call })
         }
-        (RELIABLE, 7) => reliable::decode_reliable(rd),
-        (ACK, 4) => reliable::decode_ack(rd),
+        (RELIABLE, 7) => reliable::decode_reliable(r),
+        (ACK, 4) => reliable::decode_ack(r),
         (kind, len) => Err(WireError(format!(
             "unknown envelope kind {kind} with {len} elements"
         ))),
@@ -470,27 +472,16 @@ fn plain_name(rd: &[u8]) -> Option<(Name<'_>, &[u8])> {
     Some((Name(s), rest))
 }
 
-/// A MessagePack string of any length (its bytes, see [`Name`]) and what follows it.
-fn read_name<'a>(rd: &'a [u8], what: &str) -> Result<(Name<'a>, &'a [u8]), WireError> {
-    let mut rest = rd;
-    let len = rmp::decode::read_str_len(&mut rest).map_err(|e| bad(what, e))?;
-    let len = usize::try_from(len).unwrap_or(usize::MAX);
-    let (name, rest) = rest
-        .split_at_checked(len)
-        .ok_or_else(|| WireError(format!("bad {what}: truncated")))?;
-    Ok((Name(name), rest))
+/// A MessagePack string of any length (its bytes, see [`Name`]).
+fn read_name<'a>(r: &mut Reader<'a>, what: &str) -> Result<Name<'a>, WireError> {
+    r.read_str_bytes().map(Name).map_err(|e| bad(what, e))
 }
 
-/// A name (or any string's bytes) as a MessagePack string in its shortest form (as
-/// `rmp::encode::write_str`).
+/// A name (or any string's bytes) as a MessagePack string in its shortest form.
 fn put_name(w: &mut Vec<u8>, name: Name<'_>) {
     let bytes = name.as_bytes();
     w.reserve(5 + bytes.len());
-    if bytes.len() < 32 {
-        w.push(0xa0 | bytes.len() as u8);
-    } else {
-        infallible(rmp::encode::write_str_len(&mut *w, len32(bytes.len())).map(drop));
-    }
+    msgpack::write_str_len(w, len32(bytes.len()));
     w.extend_from_slice(bytes);
 }
 
@@ -502,25 +493,23 @@ pub(crate) fn decode_reply(payload: &[u8]) -> Result<Reply<'_>, WireError> {
             return Ok(Reply::Ok(value));
         }
     }
-    let mut rd = payload;
-    let len = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("reply", e))?;
-    let status: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("reply status", e))?;
+    let mut r = Reader::new(payload);
+    let len = r.read_array_len().map_err(|e| bad("reply", e))?;
+    let status: u8 = r.read_int().map_err(|e| bad("reply status", e))?;
     match (status, len) {
-        (OK, 2) if !rd.is_empty() => Ok(Reply::Ok(rd)),
+        (OK, 2) if !r.is_empty() => Ok(Reply::Ok(r.remaining())),
         (APP_ERROR, 3) => {
-            let n = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("error context", e))?;
+            let n = r.read_array_len().map_err(|e| bad("error context", e))?;
             if n != 2 {
                 return Err(WireError("error context must have 2 elements".into()));
             }
-            let (message, rest) = read_str(rd, "error message")?;
-            let mut rd = rest;
-            let n = rmp::decode::read_array_len(&mut rd).map_err(|e| bad("error chain", e))?;
+            let message = read_str(&mut r, "error message")?;
+            let n = r.read_array_len().map_err(|e| bad("error chain", e))?;
             let mut chain = Vec::with_capacity(n.min(64) as usize);
             for _ in 0..n {
-                let (cause, rest) = read_str(rd, "error chain")?;
-                chain.push(cause.to_owned());
-                rd = rest;
+                chain.push(read_str(&mut r, "error chain")?.to_owned());
             }
+            let rd = r.remaining();
             if rd.is_empty() {
                 return Err(WireError("missing application error value".into()));
             }
@@ -533,8 +522,8 @@ pub(crate) fn decode_reply(payload: &[u8]) -> Result<Reply<'_>, WireError> {
             })
         }
         (FAILURE, 3) => {
-            let kind: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("failure kind", e))?;
-            let (message, _) = read_str(rd, "failure message")?;
+            let kind: u8 = r.read_int().map_err(|e| bad("failure kind", e))?;
+            let message = read_str(&mut r, "failure message")?;
             Ok(Reply::Failure {
                 kind: FailureKind::from_u8(kind).ok_or(kind),
                 message: message.to_owned(),
@@ -553,9 +542,9 @@ pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireE
 
 #[cold]
 #[inline(never)]
-fn decode_error(type_name: &str, e: rmp_serde::decode::Error) -> WireError {
+fn decode_error(type_name: &str, e: DecodeError) -> WireError {
     match e {
-        rmp_serde::decode::Error::DepthLimitExceeded => WireError(format!(
+        DecodeError::DepthLimitExceeded => WireError(format!(
             "cannot decode {type_name}: nested more than {} levels deep",
             codec::MAX_DEPTH
         )),
@@ -563,41 +552,21 @@ fn decode_error(type_name: &str, e: rmp_serde::decode::Error) -> WireError {
     }
 }
 
-/// The array header and kind of an envelope. Envelope headers are written by hand, in the
-/// shortest forms as rmp writes them, because rmp's generic writers cost several times more
-/// on this path, run for every call, reply and signal.
+/// The array header and kind of an envelope, in the shortest forms. The common case (a
+/// fixarray and a fixint kind) is a single two-byte store: this runs for every call, reply
+/// and signal.
 fn header(w: &mut Vec<u8>, len: u32, kind: u8) {
     if len < 16 && kind < 0x80 {
         w.extend_from_slice(&[0x90 | len as u8, kind]);
     } else {
-        infallible(rmp::encode::write_array_len(&mut *w, len).map(drop));
-        put_uint(w, u64::from(kind));
+        msgpack::write_array_len(w, len);
+        msgpack::write_uint(w, u64::from(kind));
     }
 }
 
-/// A MessagePack string in its shortest form (as `rmp::encode::write_str`).
+/// A MessagePack string in its shortest form.
 fn put_str(w: &mut Vec<u8>, s: &str) {
     put_name(w, Name(s.as_bytes()));
-}
-
-/// A MessagePack unsigned integer in its shortest form (as `rmp::encode::write_uint`).
-fn put_uint(w: &mut Vec<u8>, v: u64) {
-    match v {
-        0..=0x7f => w.push(v as u8),
-        0x80..=0xff => w.extend_from_slice(&[0xcc, v as u8]),
-        0x100..=0xffff => {
-            w.push(0xcd);
-            w.extend_from_slice(&(v as u16).to_be_bytes());
-        }
-        0x1_0000..=0xffff_ffff => {
-            w.push(0xce);
-            w.extend_from_slice(&(v as u32).to_be_bytes());
-        }
-        _ => {
-            w.push(0xcf);
-            w.extend_from_slice(&v.to_be_bytes());
-        }
-    }
 }
 
 fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
@@ -606,14 +575,8 @@ fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError>
 
 #[cold]
 #[inline(never)]
-fn encode_error(type_name: &str, e: rmp_serde::encode::Error) -> WireError {
+fn encode_error(type_name: &str, e: EncodeError) -> WireError {
     WireError(format!("cannot encode {type_name}: {e}"))
-}
-
-/// Writing into a `Vec` cannot fail; the header helpers return `Result` only because
-/// they are generic over writers.
-fn infallible<T, E>(r: Result<T, E>) {
-    let _ = r;
 }
 
 fn millis(d: Duration) -> u64 {
@@ -624,8 +587,8 @@ fn len32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-fn read_str<'a>(rd: &'a [u8], what: &str) -> Result<(&'a str, &'a [u8]), WireError> {
-    rmp::decode::read_str_from_slice(rd).map_err(|e| WireError(format!("bad {what}: {e:?}")))
+fn read_str<'a>(r: &mut Reader<'a>, what: &str) -> Result<&'a str, WireError> {
+    r.read_str().map_err(|e| bad(what, e))
 }
 
 fn bad(what: &str, e: impl std::fmt::Display) -> WireError {
@@ -763,25 +726,20 @@ mod tests {
     }
 
     #[test]
-    fn hand_written_headers_match_rmp() {
-        for v in [0, 1, 127, 128, 255, 256, 65_535, 65_536, 1 << 32, u64::MAX] {
-            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            put_uint(&mut ours, v);
-            rmp::encode::write_uint(&mut theirs, v).unwrap();
-            assert_eq!(ours, theirs, "{v}");
-        }
+    fn hand_written_headers_match_the_codec() {
+        // chatter-msgpack's writers are checked against rmp's in that crate.
         for len in [0, 1, 31, 32, 255, 256, 70_000] {
             let s = "x".repeat(len);
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             put_str(&mut ours, &s);
-            rmp::encode::write_str(&mut theirs, &s).unwrap();
+            msgpack::write_str(&mut theirs, &s);
             assert_eq!(ours, theirs, "{len}");
         }
         for (len, kind) in [(2, 0), (5, 4), (15, 127), (16, 0), (3, 128)] {
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
             header(&mut ours, len, kind);
-            rmp::encode::write_array_len(&mut theirs, len).unwrap();
-            rmp::encode::write_uint(&mut theirs, u64::from(kind)).unwrap();
+            msgpack::write_array_len(&mut theirs, len);
+            msgpack::write_uint(&mut theirs, u64::from(kind));
             assert_eq!(ours, theirs, "{len} {kind}");
         }
     }

@@ -293,7 +293,10 @@ async fn a_value_nested_without_end_is_a_decode_error_not_a_crash(t: Transport) 
     let msg = accepted.receive().await.unwrap();
     let err = msg.decode::<Expr>().unwrap_err();
     assert!(
-        matches!(err.source, rmp_serde::decode::Error::DepthLimitExceeded),
+        matches!(
+            err.source,
+            chatter_core::codec::DecodeError::DepthLimitExceeded
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("Expr"), "{err}");

@@ -12,8 +12,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::msgpack::{self, Reader};
 use crate::error::ProtocolError;
+use chatter_msgpack::{self as msgpack, DecodeError, Reader};
 
 /// The magic string in the hello frame.
 pub const MAGIC: &str = "chatter";
@@ -23,6 +23,10 @@ pub const VERSION: u64 = 1;
 pub const LENGTH_PREFIX: usize = 4;
 /// The largest hello body accepted: anything longer is not a chatter peer.
 pub const MAX_HELLO: u32 = 256;
+
+/// How deeply unknown header fields that later versions may append can nest: skipping them
+/// refuses anything deeper.
+const HEADER_MAX_DEPTH: u16 = 16;
 
 pub(crate) const KIND_HELLO: u64 = 0;
 pub(crate) const KIND_MESSAGE: u64 = 1;
@@ -123,12 +127,12 @@ impl Frame {
     /// Decodes one frame body (without its length prefix).
     pub fn decode(body: Bytes) -> Result<Frame, ProtocolError> {
         let mut r = Reader::new(&body);
-        let malformed = |e: String| ProtocolError::Malformed(e);
-        let fields = r.array_len().map_err(malformed)?;
+        let malformed = |e: DecodeError| ProtocolError::Malformed(e.to_string());
+        let fields = r.read_array_len().map_err(malformed)?;
         if fields == 0 {
             return Err(ProtocolError::Malformed("empty frame header".into()));
         }
-        let kind = r.uint().map_err(malformed)?;
+        let kind = r.read_uint().map_err(malformed)?;
         let needs = |n: u32, what: &str| {
             if fields < n {
                 Err(ProtocolError::Malformed(format!(
@@ -141,21 +145,21 @@ impl Frame {
         let (frame, used) = match kind {
             KIND_HELLO => {
                 needs(5, "hello")?;
-                let magic = r.str().map_err(malformed)?;
+                let magic = r.read_str().map_err(malformed)?;
                 if magic != MAGIC {
                     return Err(ProtocolError::NotChatter {
                         first_bytes: body.iter().take(16).copied().collect(),
                     });
                 }
-                let version = r.uint().map_err(malformed)?;
+                let version = r.read_uint().map_err(malformed)?;
                 if version != VERSION {
                     return Err(ProtocolError::UnsupportedVersion {
                         peer: version,
                         ours: VERSION,
                     });
                 }
-                let max_frame_size = r.uint().map_err(malformed)?;
-                let receive_window = r.uint().map_err(malformed)?;
+                let max_frame_size = r.read_uint().map_err(malformed)?;
+                let receive_window = r.read_uint().map_err(malformed)?;
                 let hello = Hello {
                     max_frame_size: u32::try_from(max_frame_size).unwrap_or(u32::MAX),
                     receive_window: u32::try_from(receive_window).unwrap_or(u32::MAX),
@@ -164,16 +168,16 @@ impl Frame {
             }
             KIND_MESSAGE => {
                 needs(4, "message")?;
-                let id = r.uint().map_err(malformed)?;
-                let first = r.uint().map_err(malformed)?;
-                let flags = r.uint().map_err(malformed)?;
+                let id = r.read_uint().map_err(malformed)?;
+                let first = r.read_uint().map_err(malformed)?;
+                let flags = r.read_uint().map_err(malformed)?;
                 if flags > u8::MAX as u64 || flags as u8 & !FLAGS_KNOWN != 0 {
                     return Err(ProtocolError::Malformed(format!(
                         "message flags 0x{flags:x} set unknown bits"
                     )));
                 }
                 for _ in 4..fields {
-                    r.skip().map_err(malformed)?;
+                    r.skip_value(HEADER_MAX_DEPTH).map_err(malformed)?;
                 }
                 let payload = body.slice(r.position()..);
                 return Ok(Frame::Message(
@@ -189,12 +193,12 @@ impl Frame {
             KIND_PONG => (Frame::Pong, 1),
             KIND_WINDOW => {
                 needs(2, "window")?;
-                (Frame::Window(r.uint().map_err(malformed)?), 2)
+                (Frame::Window(r.read_uint().map_err(malformed)?), 2)
             }
             KIND_CLOSE => {
                 needs(3, "close")?;
-                let code = CloseCode::from_wire(r.uint().map_err(malformed)?);
-                let reason = r.str().map_err(malformed)?.to_string();
+                let code = CloseCode::from_wire(r.read_uint().map_err(malformed)?);
+                let reason = r.read_str().map_err(malformed)?.to_string();
                 (Frame::Close(code, reason), 3)
             }
             other => {
@@ -205,7 +209,7 @@ impl Frame {
         };
         // Later versions may append header fields; skip them, but nothing may follow.
         for _ in used..fields {
-            r.skip().map_err(malformed)?;
+            r.skip_value(HEADER_MAX_DEPTH).map_err(malformed)?;
         }
         if r.position() != body.len() {
             return Err(ProtocolError::Malformed(format!(
@@ -270,7 +274,7 @@ pub(crate) struct MessageHead {
 }
 
 /// Room for the length prefix and the largest plain message header.
-const HEAD_ROOM: usize = LENGTH_PREFIX + 2 + 9 + 9 + 9;
+const HEAD_ROOM: usize = LENGTH_PREFIX + 2 + 3 * msgpack::MAX_UINT_LEN;
 
 impl MessageHead {
     #[inline]
@@ -279,9 +283,9 @@ impl MessageHead {
         bytes[LENGTH_PREFIX] = 0x94; // fixarray of 4
         bytes[LENGTH_PREFIX + 1] = KIND_MESSAGE as u8;
         let mut at = LENGTH_PREFIX + 2;
-        at = put_uint(&mut bytes, at, header.id);
-        at = put_uint(&mut bytes, at, header.first);
-        at = put_uint(&mut bytes, at, header.flags as u64);
+        at = msgpack::write_uint_at(&mut bytes, at, header.id);
+        at = msgpack::write_uint_at(&mut bytes, at, header.first);
+        at = msgpack::write_uint_at(&mut bytes, at, header.flags as u64);
         let body_len = (at - LENGTH_PREFIX + payload_len) as u32;
         bytes[..LENGTH_PREFIX].copy_from_slice(&body_len.to_be_bytes());
         MessageHead { bytes, len: at }
@@ -303,39 +307,6 @@ impl MessageHead {
         out.extend_from_slice(&self.bytes);
         out.truncate(start + self.len);
         out.extend_from_slice(payload);
-    }
-}
-
-/// Writes `v` as a MessagePack uint in its shortest form (as [`msgpack::write_uint`]) at
-/// `buf[at..]`, which has room for 9 bytes; returns the position after it. Each width is
-/// its own fixed-size store (a copy of a variable length would call memcpy).
-#[inline(always)]
-fn put_uint(buf: &mut [u8; HEAD_ROOM], at: usize, v: u64) -> usize {
-    match v {
-        0..=0x7f => {
-            buf[at] = v as u8;
-            at + 1
-        }
-        0x80..=0xff => {
-            buf[at] = 0xcc;
-            buf[at + 1] = v as u8;
-            at + 2
-        }
-        0x100..=0xffff => {
-            buf[at] = 0xcd;
-            buf[at + 1..at + 3].copy_from_slice(&(v as u16).to_be_bytes());
-            at + 3
-        }
-        0x1_0000..=0xffff_ffff => {
-            buf[at] = 0xce;
-            buf[at + 1..at + 5].copy_from_slice(&(v as u32).to_be_bytes());
-            at + 5
-        }
-        _ => {
-            buf[at] = 0xcf;
-            buf[at + 1..at + 9].copy_from_slice(&v.to_be_bytes());
-            at + 9
-        }
     }
 }
 
@@ -373,10 +344,11 @@ pub(crate) fn plain_header(body: &[u8]) -> Option<(MessageHeader, usize)> {
     if body.get(..2)? != [0x94, KIND_MESSAGE as u8] {
         return None;
     }
-    let mut at = 2;
-    let id = uint_at(body, &mut at)?;
-    let first = uint_at(body, &mut at)?;
-    let flags = uint_at(body, &mut at)?;
+    let mut r = Reader::new(&body[2..]);
+    let id = r.read_uint().ok()?;
+    let first = r.read_uint().ok()?;
+    let flags = r.read_uint().ok()?;
+    let at = 2 + r.position();
     if flags > u8::MAX as u64 || flags as u8 & !FLAGS_KNOWN != 0 {
         return None;
     }
@@ -405,24 +377,6 @@ pub(crate) fn split_plain_message(
     let mut payload = buf.split_to(LENGTH_PREFIX + len).freeze();
     payload.advance(LENGTH_PREFIX + head_len);
     Some((header, payload, len))
-}
-
-/// Reads a MessagePack uint at `body[*at..]`, advancing `at`; `None` if it is not one or
-/// runs past the end.
-#[inline(always)]
-fn uint_at(body: &[u8], at: &mut usize) -> Option<u64> {
-    let (&tag, rest) = body.get(*at..)?.split_first()?;
-    // One arm per width, so that each reads a fixed number of bytes.
-    let (v, len) = match tag {
-        0x00..=0x7f => (tag as u64, 0),
-        0xcc => (*rest.first()? as u64, 1),
-        0xcd => (u16::from_be_bytes(*rest.first_chunk()?) as u64, 2),
-        0xce => (u32::from_be_bytes(*rest.first_chunk()?) as u64, 4),
-        0xcf => (u64::from_be_bytes(*rest.first_chunk()?), 8),
-        _ => return None,
-    };
-    *at += 1 + len;
-    Some(v)
 }
 
 /// The body length of a message frame with this header and payload length.
@@ -930,7 +884,7 @@ mod protocol_doc_examples {
             ("94 01 01 01 08", "message flags 0x8 set unknown bits"),
             (
                 "94 01 d0 01 01 07",
-                "expected an unsigned integer, found type byte 0xd0",
+                "expected an unsigned integer, found a signed integer (marker 0xd0)",
             ),
             ("91 06", "unknown frame kind 6"),
         ];
@@ -939,7 +893,7 @@ mod protocol_doc_examples {
             let err = Frame::decode(Bytes::from(unhex(body))).unwrap_err();
             assert!(err.to_string().contains(message), "{body}: {err}");
         }
-        in_doc("expected an unsigned integer, found type byte 0xd0");
+        in_doc("expected an unsigned integer, found a signed integer (marker 0xd0)");
         in_doc("message flags 0x8 set unknown bits");
         // Non-canonical encodings still cost what the canonical encoding would (§8.1).
         assert_eq!(

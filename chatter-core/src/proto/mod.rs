@@ -37,7 +37,6 @@
 //! ```
 
 pub mod frame;
-pub(crate) mod msgpack;
 mod timers;
 
 use std::collections::hash_map::Entry;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{bad, header, infallible, millis, Incoming, WireError};
+use chatter_msgpack::{self as msgpack, Reader};
+
+use super::{bad, header, millis, Incoming, WireError};
 
 /// What the receiver of a reliable signal did with it (the `status` of an ack).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +51,11 @@ pub(crate) fn encode_reliable(
     };
     let mut w = Vec::with_capacity(48 + object.0.len() + method.0.len() + args.len());
     header(&mut w, 7, super::RELIABLE);
-    infallible(rmp::encode::write_uint(&mut w, stream).map(drop));
-    infallible(rmp::encode::write_uint(&mut w, seq).map(drop));
+    msgpack::write_uint(&mut w, stream);
+    msgpack::write_uint(&mut w, seq);
     super::put_name(&mut w, object);
     super::put_name(&mut w, method);
-    infallible(rmp::encode::write_uint(&mut w, millis(ttl)).map(drop));
+    msgpack::write_uint(&mut w, millis(ttl));
     w.extend_from_slice(args);
     Ok(Bytes::from(w))
 }
@@ -74,7 +76,7 @@ pub(crate) fn rewrite_deadline(call: &[u8], deadline: Duration) -> Result<Bytes,
     header(&mut w, 5, super::CALL);
     super::put_name(&mut w, object);
     super::put_name(&mut w, method);
-    infallible(rmp::encode::write_uint(&mut w, millis(deadline)).map(drop));
+    msgpack::write_uint(&mut w, millis(deadline));
     w.extend_from_slice(args);
     Ok(Bytes::from(w))
 }
@@ -83,20 +85,20 @@ pub(crate) fn rewrite_deadline(call: &[u8], deadline: Duration) -> Result<Bytes,
 pub(crate) fn encode_ack(stream: u64, seq: u64, status: AckStatus) -> super::Payload {
     let mut w = Vec::with_capacity(24);
     header(&mut w, 4, super::ACK);
-    infallible(rmp::encode::write_uint(&mut w, stream).map(drop));
-    infallible(rmp::encode::write_uint(&mut w, seq).map(drop));
-    infallible(rmp::encode::write_uint(&mut w, status as u64).map(drop));
+    msgpack::write_uint(&mut w, stream);
+    msgpack::write_uint(&mut w, seq);
+    msgpack::write_uint(&mut w, status as u64);
     super::Payload::from_vec(w)
 }
 
 /// The rest of a kind-3 envelope, after `[3,`.
-pub(super) fn decode_reliable(mut rd: &[u8]) -> Result<Incoming<'_>, WireError> {
-    let stream: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("stream id", e))?;
-    let seq: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("sequence number", e))?;
-    let (object, rest) = super::read_name(rd, "object name")?;
-    let (method, rest) = super::read_name(rest, "method name")?;
-    let mut rd = rest;
-    let ms: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("ttl", e))?;
+pub(super) fn decode_reliable(mut r: Reader<'_>) -> Result<Incoming<'_>, WireError> {
+    let stream: u64 = r.read_int().map_err(|e| bad("stream id", e))?;
+    let seq: u64 = r.read_int().map_err(|e| bad("sequence number", e))?;
+    let object = super::read_name(&mut r, "object name")?;
+    let method = super::read_name(&mut r, "method name")?;
+    let ms: u64 = r.read_int().map_err(|e| bad("ttl", e))?;
+    let rd = r.remaining();
     if rd.is_empty() {
         return Err(WireError("missing arguments".into()));
     }
@@ -111,10 +113,10 @@ pub(super) fn decode_reliable(mut rd: &[u8]) -> Result<Incoming<'_>, WireError> 
 }
 
 /// The rest of a kind-4 envelope, after `[4,`.
-pub(super) fn decode_ack(mut rd: &[u8]) -> Result<Incoming<'_>, WireError> {
-    let stream: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("stream id", e))?;
-    let seq: u64 = rmp::decode::read_int(&mut rd).map_err(|e| bad("sequence number", e))?;
-    let status: u8 = rmp::decode::read_int(&mut rd).map_err(|e| bad("ack status", e))?;
+pub(super) fn decode_ack(mut r: Reader<'_>) -> Result<Incoming<'_>, WireError> {
+    let stream: u64 = r.read_int().map_err(|e| bad("stream id", e))?;
+    let seq: u64 = r.read_int().map_err(|e| bad("sequence number", e))?;
+    let status: u8 = r.read_int().map_err(|e| bad("ack status", e))?;
     Ok(Incoming::Ack {
         stream,
         seq,
