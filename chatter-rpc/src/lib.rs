@@ -145,6 +145,21 @@ pub mod __private {
     pub use ::std::sync::Arc;
 }
 
+/// Entry points for the fuzz targets in `fuzz/` at the repository root, which can reach
+/// only public items. Not a public API: it may change or go away in any release.
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Decodes `payload` as a caller-to-callee envelope; true if it is one.
+    pub fn decode_incoming(payload: &[u8]) -> bool {
+        crate::wire::decode_incoming(payload).is_ok()
+    }
+
+    /// Decodes `payload` as a reply envelope; true if it is one.
+    pub fn decode_reply(payload: &[u8]) -> bool {
+        crate::wire::decode_reply(payload).is_ok()
+    }
+}
+
 /// The README's examples, compiled and run as doctests so they stay true.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
