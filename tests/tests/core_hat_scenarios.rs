@@ -300,6 +300,22 @@ async fn a_value_nested_without_end_is_a_decode_error_not_a_crash(t: Transport) 
         "{err}"
     );
     assert!(err.to_string().contains("Expr"), "{err}");
+
+    // The forms that used to make the fast decoder hand the whole input to rmp-serde (which
+    // then overflowed the stack and aborted the process): 200,000 levels behind a `bin`,
+    // and behind an array header claiming 2^32-1 elements. Refused, on this thread's stack.
+    let deep = [0x81, 0xa3, b'N', b'e', b'g'].repeat(200_000);
+    for prefix in [&[0xc4, 0x01, 0x00][..], &[0xdd, 0xff, 0xff, 0xff, 0xff][..]] {
+        let bomb = [prefix, &deep].concat();
+        client.send_bytes(&bomb, SendOptions::new()).await.unwrap();
+        let msg = accepted.receive().await.unwrap();
+        assert!(msg.decode::<Expr>().is_err());
+        assert!(msg.decode::<Vec<Expr>>().is_err());
+        // As any value, the bin is a complete one (trailing bytes are ignored, as
+        // rmp-serde does); the array cannot have 2^32-1 elements in 1 MB.
+        let any = msg.decode::<serde::de::IgnoredAny>();
+        assert_eq!(any.is_ok(), prefix[0] == 0xc4, "{any:?}");
+    }
     assert_delivers(&client, &accepted, "still here").await;
 }
 
