@@ -158,6 +158,10 @@ impl Msg {
 ///   for any number of pings, one window update for all released credit), so a peer that
 ///   sends and never reads cannot grow it. Reading never stops for output: two peers
 ///   exchanging large messages would otherwise wait on each other forever.
+///
+/// A `max_frame_size` or `receive_window` below 4096 counts as 4096 here: every peer
+/// accepts that much of early messages ([`proto::EARLY_CREDIT`](crate::proto::EARLY_CREDIT)),
+/// whatever it announced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Buffered {
