@@ -5,10 +5,7 @@ use serde::de::value::SeqDeserializer;
 use serde::de::{self, DeserializeOwned, DeserializeSeed, Unexpected, Visitor};
 
 use crate::encode::EXT_STRUCT_NAME;
-use crate::error::{fail, Boxed, DecodeError};
-
-/// The decoder's error, one pointer wide.
-type Fail = Boxed<DecodeError>;
+use crate::error::{raise, take_raised, DecodeError, Failed};
 
 /// How deep arrays, maps, enums in their `{variant: content}` form and ext values may nest
 /// in a value [`decode`] accepts. Deeper values are refused with
@@ -27,7 +24,7 @@ pub const MAX_DEPTH: u16 = 512;
 /// input is rmp-serde's value, for an invalid one an error (whose message may differ from
 /// rmp-serde's).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    T::deserialize(&mut Decoder::new(bytes)).map_err(|e| *e.0)
+    T::deserialize(&mut Decoder::new(bytes)).map_err(|_: Failed| take_raised())
 }
 
 /// A serde deserializer reading MessagePack from a slice.
@@ -38,7 +35,7 @@ pub(crate) struct Decoder<'de> {
     depth: u16,
 }
 
-type DeResult<T> = Result<T, Fail>;
+type DeResult<T> = Result<T, Failed>;
 
 /// What the numeric entry points expect, for type mismatches.
 const SCALAR: &str = "nil, a boolean or a number";
@@ -52,16 +49,16 @@ impl<'de> Decoder<'de> {
     }
 
     /// The next byte, not consumed.
-    #[inline]
+    #[inline(always)]
     fn peek(&self) -> DeResult<u8> {
         match self.input.first() {
             Some(&b) => Ok(b),
-            None => Err(fail(DecodeError::UnexpectedEnd)),
+            None => Err(unexpected_end()),
         }
     }
 
     /// The next `n` bytes, as a header announced them, consumed.
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, n: u32) -> DeResult<&'de [u8]> {
         match self.input.split_at_checked(n as usize) {
             Some((head, rest)) => {
@@ -73,48 +70,49 @@ impl<'de> Decoder<'de> {
     }
 
     #[cold]
-    fn exceeds(&self, len: u64) -> Fail {
-        fail(DecodeError::LengthExceedsInput {
+    #[inline(never)]
+    fn exceeds(&self, len: u64) -> Failed {
+        raise(DecodeError::LengthExceedsInput {
             len,
             remaining: self.input.len(),
         })
     }
 
     /// The next `N` bytes as an array, consumed.
-    #[inline]
+    #[inline(always)]
     fn take_array<const N: usize>(&mut self) -> DeResult<[u8; N]> {
         match self.input.split_first_chunk::<N>() {
             Some((head, rest)) => {
                 self.input = rest;
                 Ok(*head)
             }
-            None => Err(fail(DecodeError::UnexpectedEnd)),
+            None => Err(unexpected_end()),
         }
     }
 
     /// The next byte, consumed.
-    #[inline]
+    #[inline(always)]
     fn byte(&mut self) -> DeResult<u8> {
         match self.input.split_first() {
             Some((&b, rest)) => {
                 self.input = rest;
                 Ok(b)
             }
-            None => Err(fail(DecodeError::UnexpectedEnd)),
+            None => Err(unexpected_end()),
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn u16(&mut self) -> DeResult<u16> {
         self.take_array().map(u16::from_be_bytes)
     }
 
-    #[inline]
+    #[inline(always)]
     fn u32(&mut self) -> DeResult<u32> {
         self.take_array().map(u32::from_be_bytes)
     }
 
-    #[inline]
+    #[inline(always)]
     fn u64(&mut self) -> DeResult<u64> {
         self.take_array().map(u64::from_be_bytes)
     }
@@ -138,7 +136,7 @@ impl<'de> Decoder<'de> {
             0xd3 => visitor.visit_i64(self.u64()? as i64),
             0xca => visitor.visit_f32(f32::from_bits(self.u32()?)),
             0xcb => visitor.visit_f64(f64::from_bits(self.u64()?)),
-            _ => Err(fail(DecodeError::mismatch(SCALAR, marker))),
+            _ => Err(mismatch(SCALAR, marker)),
         }
     }
 
@@ -167,7 +165,7 @@ impl<'de> Decoder<'de> {
     }
 
     /// The length that follows a str, bin, array or map marker.
-    #[inline]
+    #[inline(always)]
     fn len_after(&mut self, marker: u8) -> DeResult<u32> {
         match marker {
             0xa0..=0xbf => Ok(u32::from(marker & 0x1f)),
@@ -186,11 +184,7 @@ impl<'de> Decoder<'de> {
         let data = self.take(len)?;
         match std::str::from_utf8(data) {
             Ok(s) => visitor.visit_borrowed_str(s),
-            Err(e) => visitor.visit_borrowed_bytes::<Fail>(data).map_err(|_| {
-                fail(DecodeError::InvalidUtf8 {
-                    valid_up_to: e.valid_up_to(),
-                })
-            }),
+            Err(e) => not_utf8(visitor, data, e),
         }
     }
 
@@ -207,7 +201,7 @@ impl<'de> Decoder<'de> {
         let marker = self.byte()?;
         let len = self.len_after(marker)?;
         let data = self.take(len)?;
-        visitor.visit_seq(SeqDeserializer::<_, Fail>::new(data.iter().copied()))
+        visitor.visit_seq(SeqDeserializer::<_, Failed>::new(data.iter().copied()))
     }
 
     /// The data length after an ext marker.
@@ -221,7 +215,7 @@ impl<'de> Decoder<'de> {
             0xc7 => u32::from(self.byte()?),
             0xc8 => u32::from(self.u16()?),
             0xc9 => self.u32()?,
-            _ => return Err(fail(DecodeError::mismatch("an ext value", marker))),
+            _ => return Err(mismatch("an ext value", marker)),
         })
     }
 
@@ -265,10 +259,7 @@ impl<'de> Decoder<'de> {
     #[inline(always)]
     fn leave(&mut self, len: u32, left: u32) -> DeResult<()> {
         if left != 0 {
-            return Err(fail(DecodeError::LengthMismatch {
-                len,
-                read: len - left,
-            }));
+            return Err(length_mismatch(len, len - left));
         }
         self.depth += 1;
         Ok(())
@@ -305,7 +296,7 @@ impl<'de> Decoder<'de> {
     fn enum_in_map<V: Visitor<'de>>(&mut self, visitor: V) -> DeResult<V::Value> {
         let len = self.enter()?;
         if len != 1 {
-            return Err(fail(DecodeError::LengthMismatch { len, read: 1 }));
+            return Err(length_mismatch(len, 1));
         }
         let value = visitor.visit_enum(Variant { de: &mut *self })?;
         self.depth += 1;
@@ -335,21 +326,56 @@ impl<'de> Decoder<'de> {
                     _ => marker & 0x0f,
                 };
                 if len != 16 {
-                    return Err(fail(DecodeError::LengthMismatch {
-                        len: u32::from(len),
-                        read: 16,
-                    }));
+                    return Err(length_mismatch(u32::from(len), 16));
                 }
                 i128::from_be_bytes(self.take_array()?)
             }
-            _ => return Err(fail(DecodeError::mismatch("a 128-bit integer", marker))),
+            _ => return Err(mismatch("a 128-bit integer", marker)),
         })
     }
 }
 
+// The errors the decoder raises, each built out of line so that the fast paths that may
+// raise them stay small enough to inline.
+
 #[cold]
-fn too_deep() -> Fail {
-    fail(DecodeError::DepthLimitExceeded)
+#[inline(never)]
+fn too_deep() -> Failed {
+    raise(DecodeError::DepthLimitExceeded)
+}
+
+#[cold]
+#[inline(never)]
+fn unexpected_end() -> Failed {
+    raise(DecodeError::UnexpectedEnd)
+}
+
+#[cold]
+#[inline(never)]
+fn mismatch(expected: &'static str, found: u8) -> Failed {
+    raise(DecodeError::mismatch(expected, found))
+}
+
+/// A string that is not UTF-8, offered to the visitor as bytes (out of line, so that the
+/// string fast path keeps its registers).
+#[cold]
+#[inline(never)]
+fn not_utf8<'de, V: Visitor<'de>>(
+    visitor: V,
+    data: &'de [u8],
+    e: std::str::Utf8Error,
+) -> DeResult<V::Value> {
+    visitor.visit_borrowed_bytes::<Failed>(data).map_err(|_| {
+        raise(DecodeError::InvalidUtf8 {
+            valid_up_to: e.valid_up_to(),
+        })
+    })
+}
+
+#[cold]
+#[inline(never)]
+fn length_mismatch(len: u32, read: u32) -> Failed {
+    raise(DecodeError::LengthMismatch { len, read })
 }
 
 /// Forwards `deserialize_*` methods to one of the decoder's readers.
@@ -364,7 +390,7 @@ macro_rules! forward {
 }
 
 impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
-    type Error = Fail;
+    type Error = Failed;
 
     forward!(scalar; deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32
         deserialize_i64 deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64
@@ -471,7 +497,7 @@ struct Elements<'a, 'de> {
 }
 
 impl<'de> de::SeqAccess<'de> for Elements<'_, 'de> {
-    type Error = Fail;
+    type Error = Failed;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(
         &mut self,
@@ -497,7 +523,7 @@ struct Entries<'a, 'de> {
 }
 
 impl<'de> de::MapAccess<'de> for Entries<'_, 'de> {
-    type Error = Fail;
+    type Error = Failed;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> DeResult<Option<K::Value>> {
         if self.left == 0 {
@@ -523,7 +549,7 @@ struct Variant<'a, 'de> {
 }
 
 impl<'de> de::EnumAccess<'de> for Variant<'_, 'de> {
-    type Error = Fail;
+    type Error = Failed;
     type Variant = Self;
 
     fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> DeResult<(V::Value, Self)> {
@@ -533,13 +559,13 @@ impl<'de> de::EnumAccess<'de> for Variant<'_, 'de> {
 }
 
 impl<'de> de::VariantAccess<'de> for Variant<'_, 'de> {
-    type Error = Fail;
+    type Error = Failed;
 
     /// rmp-serde reads a nil as the content of a unit variant in map form.
     fn unit_variant(self) -> DeResult<()> {
         match self.de.byte()? {
             0xc0 => Ok(()),
-            b => Err(fail(DecodeError::mismatch("nil", b))),
+            b => Err(mismatch("nil", b)),
         }
     }
 
@@ -566,7 +592,7 @@ struct UnitVariant<'a, 'de> {
 }
 
 impl<'de> de::EnumAccess<'de> for UnitVariant<'_, 'de> {
-    type Error = Fail;
+    type Error = Failed;
     type Variant = Self;
 
     fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> DeResult<(V::Value, Self)> {
@@ -576,7 +602,7 @@ impl<'de> de::EnumAccess<'de> for UnitVariant<'_, 'de> {
 }
 
 impl<'de> de::VariantAccess<'de> for UnitVariant<'_, 'de> {
-    type Error = Fail;
+    type Error = Failed;
 
     fn unit_variant(self) -> DeResult<()> {
         Ok(())
@@ -636,7 +662,7 @@ impl<'a, 'de> Ext<'a, 'de> {
 }
 
 impl<'de> de::Deserializer<'de> for Ext<'_, 'de> {
-    type Error = Fail;
+    type Error = Failed;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> DeResult<V::Value> {
         visitor.visit_seq(self)
@@ -650,7 +676,7 @@ impl<'de> de::Deserializer<'de> for Ext<'_, 'de> {
 }
 
 impl<'de> de::SeqAccess<'de> for Ext<'_, 'de> {
-    type Error = Fail;
+    type Error = Failed;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(
         &mut self,
@@ -664,7 +690,7 @@ impl<'de> de::SeqAccess<'de> for Ext<'_, 'de> {
 }
 
 impl<'de> de::Deserializer<'de> for &mut Ext<'_, 'de> {
-    type Error = Fail;
+    type Error = Failed;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> DeResult<V::Value> {
         match self.state {
@@ -678,7 +704,7 @@ impl<'de> de::Deserializer<'de> for &mut Ext<'_, 'de> {
                 self.state = ExtState::Done;
                 visitor.visit_borrowed_bytes(data)
             }
-            ExtState::Done => Err(fail(DecodeError::UnexpectedEnd)),
+            ExtState::Done => Err(unexpected_end()),
         }
     }
 

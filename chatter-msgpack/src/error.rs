@@ -1,5 +1,6 @@
 //! The errors of encoding and decoding.
 
+use std::cell::Cell;
 use std::fmt;
 
 /// Why bytes could not be decoded.
@@ -148,10 +149,10 @@ impl serde::ser::Error for EncodeError {
     }
 }
 
-/// An error boxed to one pointer: what the serde encoder and decoder pass around, so that
-/// their results stay in registers on the hot path (a `Result<(), EncodeError>` is 24
-/// bytes, returned through memory by every nested call). Unboxed at the public boundary;
-/// built only on the cold error path.
+/// An error boxed to one pointer: what the serde encoder passes around, so that its
+/// results stay in registers on the hot path (a `Result<(), EncodeError>` is 24 bytes,
+/// returned through memory by every nested call). Unboxed at the public boundary; built
+/// only on the cold error path.
 pub(crate) struct Boxed<E>(pub(crate) Box<E>);
 
 /// Boxes an error.
@@ -175,17 +176,80 @@ impl<E: fmt::Display> fmt::Display for Boxed<E> {
 
 impl<E: std::error::Error> std::error::Error for Boxed<E> {}
 
-impl serde::de::Error for Boxed<DecodeError> {
-    #[cold]
-    fn custom<T: fmt::Display>(msg: T) -> Self {
-        fail(<DecodeError as serde::de::Error>::custom(msg))
-    }
-}
-
 impl serde::ser::Error for Boxed<EncodeError> {
     #[cold]
     fn custom<T: fmt::Display>(msg: T) -> Self {
         fail(<EncodeError as serde::ser::Error>::custom(msg))
+    }
+}
+
+/// The serde decoder's error: zero-sized, so that a `Result<T, Failed>` is no larger than
+/// an `Option<T>` and every visitor call returns its value in registers. (A one-pointer
+/// error is not enough: a `Result<Option<i64>, Box<_>>` holds an integer or a pointer in
+/// the same place, which the Rust ABI returns through memory, and visitor methods that
+/// build real errors are too big to inline.)
+///
+/// What went wrong is recorded when the error is raised, by [`raise`] (the decoder's own
+/// errors) or by `serde::de::Error::custom` (a `Deserialize` impl's), in a slot of the
+/// current thread, and [`take_raised`] turns it into the [`DecodeError`] returned by
+/// [`decode`](crate::decode), once, at the top. The slot is per thread and a `Failed` can
+/// only be made by raising one, so the error a decode returns is the last one raised on
+/// its thread during that decode, as with an error passed by value; errors raised and
+/// dropped by a `Deserialize` impl stay in the slot, unread, until the next one replaces
+/// them. Nothing on the success path touches the slot.
+pub(crate) struct Failed {
+    _private: (),
+}
+
+std::thread_local! {
+    /// The last error raised by a decoder on this thread.
+    static RAISED: Cell<Option<DecodeError>> = const { Cell::new(None) };
+}
+
+/// Records `e` as the decoder's error and returns the token that propagates it.
+#[cold]
+#[inline(never)]
+pub(crate) fn raise(e: DecodeError) -> Failed {
+    // Only while the thread's locals are being destroyed is the slot gone; the error is
+    // then reported without its details (see `take_raised`).
+    let _ = RAISED.try_with(|slot| slot.set(Some(e)));
+    Failed { _private: () }
+}
+
+/// The error recorded by the last [`raise`] on this thread, taken out of its slot.
+#[cold]
+#[inline(never)]
+pub(crate) fn take_raised() -> DecodeError {
+    RAISED
+        .try_with(Cell::take)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| DecodeError::Custom(LOST.into()))
+}
+
+/// The message of an error whose details were lost (only if a `Deserialize` impl runs a
+/// nested [`decode`](crate::decode) that fails while it holds an error of its own, or
+/// during the destruction of the thread's locals).
+const LOST: &str = "the value could not be decoded";
+
+impl fmt::Debug for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Failed")
+    }
+}
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(LOST)
+    }
+}
+
+impl std::error::Error for Failed {}
+
+impl serde::de::Error for Failed {
+    #[cold]
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        raise(<DecodeError as serde::de::Error>::custom(msg))
     }
 }
 

@@ -663,3 +663,57 @@ fn a_recursive_enum_nested_without_end_is_an_error_not_a_stack_overflow() {
     let error = decode::<Shape>(&bytes).unwrap_err();
     assert!(matches!(error, DecodeError::DepthLimitExceeded), "{error}");
 }
+
+/// Reads a `u8` and drops the error if there is none, as `#[serde(default)]`-style impls
+/// that swallow errors do: the error raised stays recorded but must not be reported.
+#[derive(Debug, PartialEq)]
+struct Lenient(Option<u8>);
+
+impl<'de> Deserialize<'de> for Lenient {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Lenient(u8::deserialize(d).ok()))
+    }
+}
+
+/// Raises a custom error, swallows it and reads a `u8`.
+#[derive(Debug, PartialEq)]
+struct RaisesThenReads(u8);
+
+impl<'de> Deserialize<'de> for RaisesThenReads {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        drop(<D::Error as de::Error>::custom("swallowed"));
+        u8::deserialize(d).map(RaisesThenReads)
+    }
+}
+
+#[test]
+fn the_error_returned_is_the_last_one_raised() {
+    // A `Deserialize` impl's message, built once at the top.
+    let e = decode::<Record>(&rmp_bytes(&BTreeMap::from([("id", 1u64)]))).unwrap_err();
+    assert!(matches!(e, DecodeError::Custom(_)), "{e:?}");
+    assert_eq!(
+        Some(e.to_string()),
+        rmp_value::<Record>(&rmp_bytes(&BTreeMap::from([("id", 1u64)]))).err()
+    );
+    // An error swallowed by an impl: the value decodes, and the next error is its own.
+    assert_eq!(decode::<Lenient>(&rmp_bytes("x")), Ok(Lenient(None)));
+    assert_eq!(decode::<u8>(&[]), Err(DecodeError::UnexpectedEnd));
+    assert_eq!(
+        decode::<(Lenient, u8)>(&[0x92, 0xc1, 0xcd, 0x01]),
+        Err(DecodeError::UnexpectedEnd)
+    );
+    // A custom error swallowed, then the decoder's own error propagated.
+    assert_eq!(
+        decode::<RaisesThenReads>(&rmp_bytes("x")),
+        Err(DecodeError::mismatch("nil, a boolean or a number", 0xa1))
+    );
+    assert_eq!(decode::<RaisesThenReads>(&[0x07]), Ok(RaisesThenReads(7)));
+    // The decoder's error swallowed, then a custom one propagated.
+    let e = decode::<(Lenient, Record)>(&[0x92, 0xc1, 0x80]).unwrap_err();
+    assert_eq!(e, DecodeError::Custom("missing field `id`".into()));
+    // And errors on other threads are their own.
+    let e = std::thread::spawn(|| decode::<u8>(&[0xcd, 0x01]))
+        .join()
+        .unwrap();
+    assert_eq!(e, Err(DecodeError::UnexpectedEnd));
+}
