@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 
+use crate::address::LazyAddress;
 use crate::error::{CloseCause, CloseCode, ConnectionClosed, DecodeError, SendError};
 use crate::proto::{frame, ConversationId, Event as ProtoEvent, Protocol, SendArgs, SendRefused};
 use crate::throttle::{Bucket, Rate, Throttle};
@@ -211,8 +212,8 @@ pub struct Connection {
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("local", &self.shared().local)
-            .field("remote", &self.shared().remote)
+            .field("local", self.local_address())
+            .field("remote", self.remote_address())
             .finish_non_exhaustive()
     }
 }
@@ -349,12 +350,12 @@ impl Connection {
 
     /// This side's address.
     pub fn local_address(&self) -> &Address {
-        &self.shared().local
+        self.shared().local.get()
     }
 
     /// The peer's address.
     pub fn remote_address(&self) -> &Address {
-        &self.shared().remote
+        self.shared().remote.get()
     }
 
     /// The certificate chain the peer presented (DER, leaf first), on TLS connections
@@ -505,7 +506,7 @@ impl Connection {
     /// [`handshake`](Self::handshake) returned `Ok`.
     pub(crate) fn start<S: Transport>(
         io: S,
-        (local, remote): (Address, Address),
+        (local, remote): (LazyAddress, LazyAddress),
         peer_certificates: Option<Vec<CertificateDer<'static>>>,
         options: &Options,
         permit: Option<OwnedSemaphorePermit>,
@@ -650,8 +651,8 @@ impl Drop for Handle {
 #[derive(Debug)]
 struct Shared {
     id: u64,
-    local: Address,
-    remote: Address,
+    local: LazyAddress,
+    remote: LazyAddress,
     peer_certificates: Option<Vec<CertificateDer<'static>>>,
     inner: Mutex<Inner>,
     /// Messages, timeouts or the close became available.
@@ -1265,7 +1266,7 @@ mod tests {
     /// Two connections over an in-memory pipe, handshaken.
     async fn pair(a: &Options, b: &Options) -> (Connection, Connection) {
         let (x, y) = tokio::io::duplex(64 * 1024);
-        let name = |s: &str| Address::Unix { path: s.into() };
+        let name = |s: &str| LazyAddress::ready(Address::Unix { path: s.into() });
         let a = Connection::start(x, (name("a"), name("b")), None, a, None);
         let b = Connection::start(y, (name("b"), name("a")), None, b, None);
         a.handshake().await.expect("handshake");

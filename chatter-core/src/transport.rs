@@ -2,10 +2,12 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
+use crate::address::LazyAddress;
 use crate::error::{CloseCause, ConnectError, InvalidOptions, ListenError, ProtocolError};
 use crate::server::Server;
 use crate::{Address, Connection, Options, ToAddress};
@@ -78,9 +80,9 @@ async fn open(
     let name = address.to_string();
     let conn = match &address {
         Address::Tcp { host, port } => {
-            let stream = within(&options, &name, tcp_connect(host, *port)).await?;
+            let (stream, remote) = within(&options, &name, tcp_connect(host, *port)).await?;
             set_user_timeout(&stream, &options);
-            let addrs = io_result(&name, tcp_addresses(&stream, false))?;
+            let addrs = io_result(&name, tcp_addresses(&stream, remote, false))?;
             Connection::start(stream, addrs, None, &options, None)
         }
         Address::Tls { host, port } => {
@@ -91,9 +93,9 @@ async fn open(
             })?;
             let server_name = tls.name_for(host).map_err(InvalidOptions)?;
             let connector = TlsConnector::from(tls.config()?);
-            let stream = within(&options, &name, tcp_connect(host, *port)).await?;
+            let (stream, remote) = within(&options, &name, tcp_connect(host, *port)).await?;
             set_user_timeout(&stream, &options);
-            let addrs = io_result(&name, tcp_addresses(&stream, true))?;
+            let addrs = io_result(&name, tcp_addresses(&stream, remote, true))?;
             let handshake = connector.connect(server_name, stream);
             let stream = match tokio::time::timeout(options.proto.handshake_timeout, handshake)
                 .await
@@ -112,8 +114,9 @@ async fn open(
         }
         Address::Unix { path } => {
             let stream = within(&options, &name, UnixStream::connect(path)).await?;
-            let local = unix_address(stream.local_addr().ok());
-            Connection::start(stream, (local, address.clone()), None, &options, None)
+            let local = LazyAddress::ready(unix_address(stream.local_addr().ok()));
+            let remote = LazyAddress::ready(address.clone());
+            Connection::start(stream, (local, remote), None, &options, None)
         }
     };
     Ok((conn, name))
@@ -160,13 +163,15 @@ async fn within<T>(
     }
 }
 
-async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
+/// Connects to the first address `host` resolves to that accepts; returns the stream and
+/// that address (the stream's peer address).
+async fn tcp_connect(host: &str, port: u16) -> io::Result<(TcpStream, SocketAddr)> {
     let mut last = None;
     for addr in tokio::net::lookup_host((host, port)).await? {
         match TcpStream::connect(addr).await {
             Ok(stream) => {
                 stream.set_nodelay(true)?;
-                return Ok(stream);
+                return Ok((stream, addr));
             }
             Err(e) => last = Some(e),
         }
@@ -194,18 +199,17 @@ pub async fn listen(address: impl ToAddress, options: Options) -> Result<Server,
     Server::bind(address, options).await
 }
 
-/// The local and remote address of a TCP stream, as `tcp://` or (under TLS) `tls://` URLs.
-pub(crate) fn tcp_addresses(stream: &TcpStream, tls: bool) -> io::Result<(Address, Address)> {
-    let url = |addr: std::net::SocketAddr| {
-        let host = addr.ip().to_string();
-        let port = addr.port();
-        if tls {
-            Address::Tls { host, port }
-        } else {
-            Address::Tcp { host, port }
-        }
-    };
-    Ok((url(stream.local_addr()?), url(stream.peer_addr()?)))
+/// The local and remote address of a TCP stream connected to `remote`, as `tcp://` or
+/// (under TLS) `tls://` URLs, formatted when first asked for. Costs one `getsockname`.
+pub(crate) fn tcp_addresses(
+    stream: &TcpStream,
+    remote: SocketAddr,
+    tls: bool,
+) -> io::Result<(LazyAddress, LazyAddress)> {
+    Ok((
+        LazyAddress::socket(stream.local_addr()?, tls),
+        LazyAddress::socket(remote, tls),
+    ))
 }
 
 pub(crate) fn unix_address(addr: Option<tokio::net::unix::SocketAddr>) -> Address {
