@@ -610,11 +610,26 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// (`SO_LINGER` 0), so that the kernel does not keep the unsent bytes of a peer that
     /// stopped reading either.
     fn abort(&self) {}
+
+    /// Writes the last bytes before the write side is shut down, if the transport has a
+    /// better way than `poll_write`; `None` when it has not. `WouldBlock` falls back to
+    /// `poll_write`.
+    fn write_last(&self, _buf: &[u8]) -> Option<io::Result<usize>> {
+        None
+    }
 }
 
 impl Transport for tokio::net::TcpStream {
     fn abort(&self) {
         let _ = self.set_zero_linger();
+    }
+
+    /// With `MSG_MORE`: the kernel holds the bytes until the shutdown that follows at once,
+    /// and sends them in the FIN's segment instead of one segment of their own.
+    #[cfg(target_os = "linux")]
+    fn write_last(&self, buf: &[u8]) -> Option<io::Result<usize>> {
+        let flags = libc::MSG_MORE | libc::MSG_NOSIGNAL;
+        Some(socket2::SockRef::from(self).send_with_flags(buf, flags))
     }
 }
 
@@ -955,9 +970,26 @@ impl<S: Transport> Driver<S> {
         }
     }
 
-    /// Writes and flushes; returns whether any progress was made, or the error.
-    fn poll_write(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<bool, io::Error> {
+    /// Writes and flushes; returns whether any progress was made, or the error. `last`:
+    /// the connection is closed, and the write side is shut down once this is written.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Instant,
+        last: bool,
+    ) -> Result<bool, io::Error> {
         let mut progress = false;
+        if last && !self.shutdown && self.send_bucket.is_none() && !self.write_buf.is_empty() {
+            match self.io.write_last(&self.write_buf) {
+                Some(Ok(n)) => {
+                    self.write_buf.advance(n);
+                    self.need_flush = true;
+                    progress = n > 0;
+                }
+                Some(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                _ => {}
+            }
+        }
         while !self.write_buf.is_empty() {
             let mut len = self.write_buf.len();
             if let Some(bucket) = &mut self.send_bucket {
@@ -1124,7 +1156,7 @@ impl<S: Transport> Future for Driver<S> {
                 this.finish();
                 return Poll::Ready(());
             }
-            match this.poll_write(cx, now) {
+            match this.poll_write(cx, now, closed) {
                 Ok(p) => {
                     progress |= p;
                     // Output held back by our own send throttle is not the peer's stall.
