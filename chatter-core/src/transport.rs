@@ -28,10 +28,10 @@ pub async fn connect(
     address: impl ToAddress,
     options: Options,
 ) -> Result<Connection, ConnectError> {
-    let (conn, name) = open(address, options).await?;
+    let (conn, address) = open(address, options).await?;
     conn.handshake()
         .await
-        .map_err(|cause| handshake_failed(&name, cause))?;
+        .map_err(|cause| handshake_failed(&address, cause))?;
     Ok(conn)
 }
 
@@ -74,15 +74,16 @@ pub async fn connect_early(
 async fn open(
     address: impl ToAddress,
     options: Options,
-) -> Result<(Connection, String), ConnectError> {
+) -> Result<(Connection, Address), ConnectError> {
     let address = address.to_address()?;
     options.validate()?;
-    let name = address.to_string();
+    // The address is only formatted for an error: it costs as much as a system call.
+    let name = &address;
     let conn = match &address {
         Address::Tcp { host, port } => {
-            let (stream, remote) = within(&options, &name, tcp_connect(host, *port)).await?;
+            let (stream, remote) = within(&options, name, tcp_connect(host, *port)).await?;
             set_user_timeout(&stream, &options);
-            let addrs = io_result(&name, tcp_addresses(&stream, remote, false))?;
+            let addrs = io_result(name, tcp_addresses(&stream, remote, false))?;
             Connection::start(stream, addrs, None, &options, None)
         }
         Address::Tls { host, port } => {
@@ -93,18 +94,18 @@ async fn open(
             })?;
             let server_name = tls.name_for(host).map_err(InvalidOptions)?;
             let connector = TlsConnector::from(tls.config()?);
-            let (stream, remote) = within(&options, &name, tcp_connect(host, *port)).await?;
+            let (stream, remote) = within(&options, name, tcp_connect(host, *port)).await?;
             set_user_timeout(&stream, &options);
-            let addrs = io_result(&name, tcp_addresses(&stream, remote, true))?;
+            let addrs = io_result(name, tcp_addresses(&stream, remote, true))?;
             let handshake = connector.connect(server_name, stream);
             let stream = match tokio::time::timeout(options.proto.handshake_timeout, handshake)
                 .await
             {
                 Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(handshake_failed(&name, CloseCause::Tls(e.to_string()))),
+                Ok(Err(e)) => return Err(handshake_failed(name, CloseCause::Tls(e.to_string()))),
                 Err(_) => {
                     return Err(handshake_failed(
-                        &name,
+                        name,
                         CloseCause::Protocol(ProtocolError::HandshakeTimeout),
                     ))
                 }
@@ -113,13 +114,13 @@ async fn open(
             Connection::start(stream, addrs, certs, &options, None)
         }
         Address::Unix { path } => {
-            let stream = within(&options, &name, UnixStream::connect(path)).await?;
+            let stream = within(&options, name, UnixStream::connect(path)).await?;
             let local = LazyAddress::ready(unix_address(stream.local_addr().ok()));
             let remote = LazyAddress::ready(address.clone());
             Connection::start(stream, (local, remote), None, &options, None)
         }
     };
-    Ok((conn, name))
+    Ok((conn, address))
 }
 
 /// Applies [`Options::tcp_user_timeout`] (Linux only; a failure is only logged: the
@@ -135,14 +136,14 @@ pub(crate) fn set_user_timeout(stream: &TcpStream, options: &Options) {
     let _ = (stream, options);
 }
 
-fn handshake_failed(address: &str, cause: CloseCause) -> ConnectError {
+fn handshake_failed(address: &Address, cause: CloseCause) -> ConnectError {
     ConnectError::Handshake {
         address: address.to_string(),
         cause,
     }
 }
 
-fn io_result<T>(address: &str, r: io::Result<T>) -> Result<T, ConnectError> {
+fn io_result<T>(address: &Address, r: io::Result<T>) -> Result<T, ConnectError> {
     r.map_err(|source| ConnectError::Io {
         address: address.to_string(),
         source,
@@ -152,7 +153,7 @@ fn io_result<T>(address: &str, r: io::Result<T>) -> Result<T, ConnectError> {
 /// Runs a transport-level connect within the connect timeout.
 async fn within<T>(
     options: &Options,
-    address: &str,
+    address: &Address,
     fut: impl Future<Output = io::Result<T>>,
 ) -> Result<T, ConnectError> {
     match tokio::time::timeout(options.connect_timeout, fut).await {
