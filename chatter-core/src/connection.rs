@@ -1108,6 +1108,9 @@ impl<S: Transport> Future for Driver<S> {
                             this.read_buf = BytesMut::new();
                         }
                     }
+                    // After a close (the usual case) the protocol has no use for the cause:
+                    // do not build it (two allocations).
+                    ReadOutcome::Eof if inner.proto.is_closed() => progress = true,
                     ReadOutcome::Eof => {
                         progress = true;
                         inner
