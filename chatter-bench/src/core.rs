@@ -9,11 +9,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use chatter_core::{connect, listen, Connection, Event, Options, SendOptions};
+use chatter_core::{
+    connect, connect_early, listen, Address, Connection, Event, Options, SendOptions,
+};
 use tokio::sync::Semaphore;
 
 use crate::harness::{
-    idle_rss, nanos, run_connections, share, take_credit, Done, LocalFuture, Measured, ServerInfo,
+    connect_loop, idle_rss, nanos, run_connections, share, take_credit, Done, LocalFuture,
+    Measured, ServerInfo,
 };
 use crate::raw::request;
 use crate::tls::Tls;
@@ -180,6 +183,21 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                     elapsed: end - start,
                     ..Measured::default()
                 }
+            }
+            Kind::Connect => {
+                let addr: Address = info.addr.parse().expect("server address");
+                let options = options(tls.as_ref(), false);
+                let request = SendOptions::new().last(false);
+                connect_loop(spec.warmup, spec.total, |_| async {
+                    let conn = connect_early(&addr, options.clone())
+                        .await
+                        .expect("connect (chatter-core)");
+                    let conv = conn.send_bytes(&req, request).await.expect("send (core)");
+                    let reply = conn.receive().await.expect("reply (core)");
+                    assert_eq!(reply.conversation, conv);
+                    assert_eq!(reply.payload.len(), req.len());
+                })
+                .await
             }
             Kind::Idle => {
                 idle_rss(spec.conns, || async {

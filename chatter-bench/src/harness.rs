@@ -323,6 +323,25 @@ where
     (start.elapsed(), all)
 }
 
+/// The connect workload: `warmup` then `total` connections one after the other, each made
+/// by `one` (connect, one call, close); the rate is connections per second, the latency
+/// that of a whole connection.
+pub async fn connect_loop<F, Fut>(warmup: u64, total: u64, one: F) -> Measured
+where
+    F: Fn(u64) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    drive_calls(warmup, 1, &one).await;
+    let start = Instant::now();
+    let latencies = drive_calls(total, 1, &one).await;
+    Measured {
+        ops: total,
+        elapsed: start.elapsed(),
+        latencies,
+        ..Measured::default()
+    }
+}
+
 /// Measures the RSS cost of `n` connections opened by `open` (both ends in this process):
 /// the VmRSS delta after opening them, divided by `n`. `open` makes one round trip on each
 /// connection, so both ends are established and have been used once.

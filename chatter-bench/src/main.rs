@@ -50,7 +50,7 @@ const USAGE: &str =
     "usage: chatter-bench [--quick] [--raw-per-frame] [--runs N] [--only WORKLOAD,...] \
 [--systems raw,tarpc,core,rpc] [--layouts split,onecore] [--out DIR]
 workloads: latency, pipelined, fanin, payload, signals, idle, tls-pipelined, tls-payload,
-throttle (chatter-core's bandwidth throttle, achieved against set rate: a table of its own)";
+connect, throttle (chatter-core's bandwidth throttle, achieved against set rate: a table of its own)";
 
 fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
     let value = value.unwrap_or_else(|| panic!("{what} needs a value\n{USAGE}"));

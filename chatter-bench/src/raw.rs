@@ -16,7 +16,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::harness::{
-    idle_rss, nanos, run_connections, share, take_credit, Done, LocalFuture, Measured, ServerInfo,
+    connect_loop, idle_rss, nanos, run_connections, share, take_credit, Done, LocalFuture,
+    Measured, ServerInfo,
 };
 use crate::tls::{Tls, SERVER_NAME};
 use crate::workload::{Kind, Spec};
@@ -242,6 +243,22 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                     elapsed: end - start,
                     ..Measured::default()
                 }
+            }
+            Kind::Connect => {
+                let addr: std::net::SocketAddr = info.addr.parse().expect("server address");
+                connect_loop(spec.warmup, spec.total, |_| async {
+                    let stream = TcpStream::connect(addr).await.expect("connect (raw)");
+                    stream.set_nodelay(true).expect("TCP_NODELAY");
+                    let mut framed = Framed::new(stream, LengthDelimitedCodec::new());
+                    framed.send(req.clone()).await.expect("send (raw)");
+                    let reply = framed
+                        .next()
+                        .await
+                        .expect("reply (raw)")
+                        .expect("read (raw)");
+                    assert_eq!(reply.len(), req.len());
+                })
+                .await
             }
             Kind::Idle => {
                 idle_rss(spec.conns, || async {

@@ -51,6 +51,7 @@ impl Sample {
             Workload::Latency => self.p50_ns / 1e3,
             Workload::Payload | Workload::TlsPayload => self.mb_per_s,
             Workload::Idle => self.rss_per_conn / 1e3,
+            Workload::Connect => self.ops_per_s,
             _ => self.ops_per_s / 1e3,
         }
     }
@@ -59,6 +60,12 @@ impl Sample {
         let (unit, _) = w.metric();
         match w {
             Workload::Idle => format!("{:.1} {unit}", self.value(w)),
+            Workload::Connect => format!(
+                "{:.0} {unit}, p50 {:.1} µs, p99 {:.1} µs per connection",
+                self.value(w),
+                self.p50_ns / 1e3,
+                self.p99_ns / 1e3
+            ),
             Workload::Signals => format!(
                 "{:.0} {unit}, peak RSS {:.1} MB",
                 self.value(w),

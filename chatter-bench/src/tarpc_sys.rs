@@ -15,7 +15,8 @@ use tokio_serde::formats::Bincode;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::harness::{
-    drive_calls, idle_rss, run_connections, share, Done, LocalFuture, Measured, ServerInfo,
+    connect_loop, drive_calls, idle_rss, run_connections, share, Done, LocalFuture, Measured,
+    ServerInfo,
 };
 use crate::raw::request;
 use crate::tls::Tls;
@@ -166,6 +167,20 @@ pub fn client(spec: Spec, info: ServerInfo, _tls: Option<Tls>) -> LocalFuture<Me
                     elapsed: end - start,
                     ..Measured::default()
                 }
+            }
+            Kind::Connect => {
+                connect_loop(spec.warmup, spec.total, |i| {
+                    let addr = &info.addr;
+                    async move {
+                        let client = open(addr).await;
+                        let sum = client
+                            .add(context::current(), i as i32, 2)
+                            .await
+                            .expect("add (tarpc)");
+                        assert_eq!(sum, (i as i32).wrapping_add(2));
+                    }
+                })
+                .await
             }
             Kind::Idle => {
                 idle_rss(spec.conns, || async {

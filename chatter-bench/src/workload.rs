@@ -11,9 +11,10 @@ pub enum Workload {
     Idle,
     TlsPipelined,
     TlsPayload,
+    Connect,
 }
 
-pub const ALL: [Workload; 8] = [
+pub const ALL: [Workload; 9] = [
     Workload::Latency,
     Workload::Pipelined,
     Workload::Fanin,
@@ -22,6 +23,7 @@ pub const ALL: [Workload; 8] = [
     Workload::Idle,
     Workload::TlsPipelined,
     Workload::TlsPayload,
+    Workload::Connect,
 ];
 
 /// What a workload does.
@@ -33,6 +35,8 @@ pub enum Kind {
     OneWay,
     /// Connections opened and left idle.
     Idle,
+    /// Connections opened one after the other, each for one call, then closed.
+    Connect,
 }
 
 /// The size of a workload.
@@ -69,6 +73,7 @@ impl Workload {
             Workload::Idle => "idle",
             Workload::TlsPipelined => "tls-pipelined",
             Workload::TlsPayload => "tls-payload",
+            Workload::Connect => "connect",
         }
     }
 
@@ -84,6 +89,7 @@ impl Workload {
             Workload::Payload | Workload::TlsPayload => ("MB/s", true),
             Workload::Signals => ("kmsgs/s", true),
             Workload::Idle => ("KB/conn", false),
+            Workload::Connect => ("conns/s", true),
         }
     }
 
@@ -151,6 +157,13 @@ impl Workload {
             Workload::TlsPayload => Spec {
                 tls: true,
                 ..Workload::Payload.spec(quick)
+            },
+            // `total` connections in a row, each: connect, one call, close.
+            Workload::Connect => Spec {
+                kind: Kind::Connect,
+                total: q(5_000, 300),
+                warmup: q(200, 20),
+                ..base
             },
         }
         .with_name(self)

@@ -1,8 +1,10 @@
 //! Addresses as URLs: `tcp://host:port` and `unix:///path/to/socket`.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use crate::error::AddressError;
 
@@ -142,6 +144,53 @@ impl From<std::net::SocketAddr> for Address {
             host: addr.ip().to_string(),
             port: addr.port(),
         }
+    }
+}
+
+/// A connection's address, formatted only when asked for: most short connections never
+/// ask, and turning an IP address into a string is a measurable part of opening one.
+#[derive(Debug)]
+pub(crate) struct LazyAddress {
+    socket: Option<(SocketAddr, bool)>,
+    address: OnceLock<Address>,
+}
+
+impl LazyAddress {
+    /// A TCP socket address: `tcp://` or, with `tls`, `tls://`.
+    pub(crate) fn socket(addr: SocketAddr, tls: bool) -> Self {
+        LazyAddress {
+            socket: Some((addr, tls)),
+            address: OnceLock::new(),
+        }
+    }
+
+    /// An address already known in full.
+    pub(crate) fn ready(address: Address) -> Self {
+        LazyAddress {
+            socket: None,
+            address: OnceLock::from(address),
+        }
+    }
+
+    /// The same socket address under `tls://`.
+    pub(crate) fn tls(self) -> Self {
+        match self.socket {
+            Some((addr, _)) => LazyAddress::socket(addr, true),
+            None => self,
+        }
+    }
+
+    pub(crate) fn get(&self) -> &Address {
+        self.address.get_or_init(|| {
+            let (addr, tls) = self.socket.expect("a lazy address has its socket address");
+            let host = addr.ip().to_string();
+            let port = addr.port();
+            if tls {
+                Address::Tls { host, port }
+            } else {
+                Address::Tcp { host, port }
+            }
+        })
     }
 }
 

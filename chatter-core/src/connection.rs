@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 
+use crate::address::LazyAddress;
 use crate::error::{CloseCause, CloseCode, ConnectionClosed, DecodeError, SendError};
 use crate::proto::{frame, ConversationId, Event as ProtoEvent, Protocol, SendArgs, SendRefused};
 use crate::throttle::{Bucket, Rate, Throttle};
@@ -216,8 +217,8 @@ pub struct Connection {
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("local", &self.shared().local)
-            .field("remote", &self.shared().remote)
+            .field("local", self.local_address())
+            .field("remote", self.remote_address())
             .finish_non_exhaustive()
     }
 }
@@ -354,12 +355,12 @@ impl Connection {
 
     /// This side's address.
     pub fn local_address(&self) -> &Address {
-        &self.shared().local
+        self.shared().local.get()
     }
 
     /// The peer's address.
     pub fn remote_address(&self) -> &Address {
-        &self.shared().remote
+        self.shared().remote.get()
     }
 
     /// The certificate chain the peer presented (DER, leaf first), on TLS connections
@@ -510,7 +511,7 @@ impl Connection {
     /// [`handshake`](Self::handshake) returned `Ok`.
     pub(crate) fn start<S: Transport>(
         io: S,
-        (local, remote): (Address, Address),
+        (local, remote): (LazyAddress, LazyAddress),
         peer_certificates: Option<Vec<CertificateDer<'static>>>,
         options: &Options,
         permit: Option<OwnedSemaphorePermit>,
@@ -614,11 +615,26 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// (`SO_LINGER` 0), so that the kernel does not keep the unsent bytes of a peer that
     /// stopped reading either.
     fn abort(&self) {}
+
+    /// Writes the last bytes before the write side is shut down, if the transport has a
+    /// better way than `poll_write`; `None` when it has not. `WouldBlock` falls back to
+    /// `poll_write`.
+    fn write_last(&self, _buf: &[u8]) -> Option<io::Result<usize>> {
+        None
+    }
 }
 
 impl Transport for tokio::net::TcpStream {
     fn abort(&self) {
         let _ = self.set_zero_linger();
+    }
+
+    /// With `MSG_MORE`: the kernel holds the bytes until the shutdown that follows at once,
+    /// and sends them in the FIN's segment instead of one segment of their own.
+    #[cfg(target_os = "linux")]
+    fn write_last(&self, buf: &[u8]) -> Option<io::Result<usize>> {
+        let flags = libc::MSG_MORE | libc::MSG_NOSIGNAL;
+        Some(socket2::SockRef::from(self).send_with_flags(buf, flags))
     }
 }
 
@@ -655,8 +671,8 @@ impl Drop for Handle {
 #[derive(Debug)]
 struct Shared {
     id: u64,
-    local: Address,
-    remote: Address,
+    local: LazyAddress,
+    remote: LazyAddress,
     peer_certificates: Option<Vec<CertificateDer<'static>>>,
     inner: Mutex<Inner>,
     /// Messages, timeouts or the close became available.
@@ -959,9 +975,26 @@ impl<S: Transport> Driver<S> {
         }
     }
 
-    /// Writes and flushes; returns whether any progress was made, or the error.
-    fn poll_write(&mut self, cx: &mut Context<'_>, now: Instant) -> Result<bool, io::Error> {
+    /// Writes and flushes; returns whether any progress was made, or the error. `last`:
+    /// the connection is closed, and the write side is shut down once this is written.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Instant,
+        last: bool,
+    ) -> Result<bool, io::Error> {
         let mut progress = false;
+        if last && !self.shutdown && self.send_bucket.is_none() && !self.write_buf.is_empty() {
+            match self.io.write_last(&self.write_buf) {
+                Some(Ok(n)) => {
+                    self.write_buf.advance(n);
+                    self.need_flush = true;
+                    progress = n > 0;
+                }
+                Some(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                _ => {}
+            }
+        }
         while !self.write_buf.is_empty() {
             let mut len = self.write_buf.len();
             if let Some(bucket) = &mut self.send_bucket {
@@ -1080,6 +1113,9 @@ impl<S: Transport> Future for Driver<S> {
                             this.read_buf = BytesMut::new();
                         }
                     }
+                    // After a close (the usual case) the protocol has no use for the cause:
+                    // do not build it (two allocations).
+                    ReadOutcome::Eof if inner.proto.is_closed() => progress = true,
                     ReadOutcome::Eof => {
                         progress = true;
                         inner
@@ -1128,7 +1164,7 @@ impl<S: Transport> Future for Driver<S> {
                 this.finish();
                 return Poll::Ready(());
             }
-            match this.poll_write(cx, now) {
+            match this.poll_write(cx, now, closed) {
                 Ok(p) => {
                     progress |= p;
                     // Output held back by our own send throttle is not the peer's stall.
@@ -1270,7 +1306,7 @@ mod tests {
     /// Two connections over an in-memory pipe, handshaken.
     async fn pair(a: &Options, b: &Options) -> (Connection, Connection) {
         let (x, y) = tokio::io::duplex(64 * 1024);
-        let name = |s: &str| Address::Unix { path: s.into() };
+        let name = |s: &str| LazyAddress::ready(Address::Unix { path: s.into() });
         let a = Connection::start(x, (name("a"), name("b")), None, a, None);
         let b = Connection::start(y, (name("b"), name("a")), None, b, None);
         a.handshake().await.expect("handshake");

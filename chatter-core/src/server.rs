@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -15,10 +16,11 @@ use tokio::task::JoinHandle;
 
 use tokio_rustls::TlsAcceptor;
 
+use crate::address::LazyAddress;
 use crate::connection::{Handle, Transport};
 use crate::error::{CloseCause, CloseCode, InvalidOptions, ListenError, ProtocolError};
 use crate::proto::frame::Frame;
-use crate::transport::{set_user_timeout, tcp_addresses, unix_address};
+use crate::transport::{set_user_timeout, unix_address};
 use crate::{Address, Connection, Options};
 
 /// How many handshaken connections wait for [`Server::accept`] before handshakes pause.
@@ -260,6 +262,7 @@ impl Server {
                                 },
                                 _ => local.into(),
                             });
+                            let listener = TcpAcceptor::new(listener, local);
                             tasks.push(tokio::spawn(accept_loop(listener, ctx.clone())));
                         }
                         Err(e) => last = Some(e),
@@ -320,31 +323,61 @@ struct AcceptContext {
     stop: watch::Receiver<bool>,
 }
 
+/// An accepted transport and its local and remote address.
+type Accepted<S> = (S, (LazyAddress, LazyAddress));
+
 trait Listener: Send + 'static {
     type Io: Transport;
     fn accept(
         &self,
         options: &Options,
-    ) -> impl Future<Output = io::Result<(Self::Io, (Address, Address))>> + Send;
+    ) -> impl Future<Output = io::Result<Accepted<Self::Io>>> + Send;
 }
 
-impl Listener for TcpListener {
+/// A TCP listener and its address, which is every accepted connection's local address
+/// unless the listener is bound to a wildcard address (`0.0.0.0`, `::`).
+struct TcpAcceptor {
+    listener: TcpListener,
+    local: Option<SocketAddr>,
+}
+
+impl TcpAcceptor {
+    fn new(listener: TcpListener, local: SocketAddr) -> Self {
+        let local = (!local.ip().is_unspecified()).then_some(local);
+        TcpAcceptor { listener, local }
+    }
+}
+
+impl Listener for TcpAcceptor {
     type Io = tokio::net::TcpStream;
-    async fn accept(&self, options: &Options) -> io::Result<(Self::Io, (Address, Address))> {
-        let (stream, _) = TcpListener::accept(self).await?;
+    async fn accept(&self, options: &Options) -> io::Result<Accepted<Self::Io>> {
+        let (stream, remote) = self.listener.accept().await?;
         stream.set_nodelay(true)?;
         set_user_timeout(&stream, options);
-        let addrs = tcp_addresses(&stream, false)?;
+        // The peer's address comes with `accept`, and the local one is the listener's
+        // unless it listens on a wildcard address: no getsockname or getpeername.
+        let local = match self.local {
+            Some(local) => local,
+            None => stream.local_addr()?,
+        };
+        let addrs = (
+            LazyAddress::socket(local, false),
+            LazyAddress::socket(remote, false),
+        );
         Ok((stream, addrs))
     }
 }
 
 impl Listener for UnixListener {
     type Io = tokio::net::UnixStream;
-    async fn accept(&self, _: &Options) -> io::Result<(Self::Io, (Address, Address))> {
+    async fn accept(&self, _: &Options) -> io::Result<Accepted<Self::Io>> {
         let (stream, remote) = UnixListener::accept(self).await?;
         let local = unix_address(stream.local_addr().ok());
-        Ok((stream, (local, unix_address(Some(remote)))))
+        let addrs = (
+            LazyAddress::ready(local),
+            LazyAddress::ready(unix_address(Some(remote))),
+        );
+        Ok((stream, addrs))
     }
 }
 
@@ -359,7 +392,7 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
                 Ok(permit) => {
                     tokio::spawn(establish(io, addrs, ctx.clone(), permit));
                 }
-                Err(_) => refuse(io, &addrs.1, &ctx),
+                Err(_) => refuse(io, addrs.1.get(), &ctx),
             },
             Err(e) => {
                 // Typically out of file descriptors: back off instead of spinning.
@@ -408,16 +441,15 @@ fn refuse<S: Transport>(mut io: S, remote: &Address, ctx: &AcceptContext) {
 /// the connection for [`Server::accept`].
 async fn establish<S: Transport>(
     io: S,
-    (local, remote): (Address, Address),
+    (local, remote): (LazyAddress, LazyAddress),
     ctx: AcceptContext,
     permit: OwnedSemaphorePermit,
 ) {
-    let tls_url = |a: Address| match a {
-        Address::Tcp { host, port } if ctx.tls.is_some() => Address::Tls { host, port },
-        other => other,
+    let (local, remote) = match ctx.tls {
+        Some(_) => (local.tls(), remote.tls()),
+        None => (local, remote),
     };
-    let (local, remote) = (tls_url(local), tls_url(remote));
-    let reject = |cause: CloseCause| {
+    let reject = |remote: &Address, cause: CloseCause| {
         tracing::warn!(%remote, %cause, "rejected connection: handshake failed");
         let _ = ctx.rejected.try_send(Rejection {
             remote: remote.clone(),
@@ -425,28 +457,19 @@ async fn establish<S: Transport>(
         });
     };
     let conn = match &ctx.tls {
-        None => Connection::start(
-            io,
-            (local, remote.clone()),
-            None,
-            &ctx.options,
-            Some(permit),
-        ),
+        None => Connection::start(io, (local, remote), None, &ctx.options, Some(permit)),
         Some(acceptor) => {
             let timeout = ctx.options.proto.handshake_timeout;
             match tokio::time::timeout(timeout, acceptor.accept(io)).await {
                 Ok(Ok(stream)) => {
                     let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-                    Connection::start(
-                        stream,
-                        (local, remote.clone()),
-                        certs,
-                        &ctx.options,
-                        Some(permit),
-                    )
+                    Connection::start(stream, (local, remote), certs, &ctx.options, Some(permit))
                 }
-                Ok(Err(e)) => return reject(CloseCause::Tls(e.to_string())),
-                Err(_) => return reject(CloseCause::Protocol(ProtocolError::HandshakeTimeout)),
+                Ok(Err(e)) => return reject(remote.get(), CloseCause::Tls(e.to_string())),
+                Err(_) => {
+                    let cause = CloseCause::Protocol(ProtocolError::HandshakeTimeout);
+                    return reject(remote.get(), cause);
+                }
             }
         }
     };
@@ -457,6 +480,6 @@ async fn establish<S: Transport>(
     match conn.handshake().await {
         // If the server closed meanwhile, the connection is dropped (closed).
         Ok(()) => drop(ctx.tx.send(conn).await),
-        Err(cause) => reject(cause),
+        Err(cause) => reject(conn.remote_address(), cause),
     }
 }

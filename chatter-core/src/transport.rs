@@ -2,10 +2,12 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 
 use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
+use crate::address::LazyAddress;
 use crate::error::{CloseCause, ConnectError, InvalidOptions, ListenError, ProtocolError};
 use crate::server::Server;
 use crate::{Address, Connection, Options, ToAddress};
@@ -26,10 +28,10 @@ pub async fn connect(
     address: impl ToAddress,
     options: Options,
 ) -> Result<Connection, ConnectError> {
-    let (conn, name) = open(address, options).await?;
+    let (conn, address) = open(address, options).await?;
     conn.handshake()
         .await
-        .map_err(|cause| handshake_failed(&name, cause))?;
+        .map_err(|cause| handshake_failed(&address, cause))?;
     Ok(conn)
 }
 
@@ -72,15 +74,16 @@ pub async fn connect_early(
 async fn open(
     address: impl ToAddress,
     options: Options,
-) -> Result<(Connection, String), ConnectError> {
+) -> Result<(Connection, Address), ConnectError> {
     let address = address.to_address()?;
     options.validate()?;
-    let name = address.to_string();
+    // The address is only formatted for an error: it costs as much as a system call.
+    let name = &address;
     let conn = match &address {
         Address::Tcp { host, port } => {
-            let stream = within(&options, &name, tcp_connect(host, *port)).await?;
+            let (stream, remote) = within(&options, name, tcp_connect(host, *port)).await?;
             set_user_timeout(&stream, &options);
-            let addrs = io_result(&name, tcp_addresses(&stream, false))?;
+            let addrs = io_result(name, tcp_addresses(&stream, remote, false))?;
             Connection::start(stream, addrs, None, &options, None)
         }
         Address::Tls { host, port } => {
@@ -91,18 +94,18 @@ async fn open(
             })?;
             let server_name = tls.name_for(host).map_err(InvalidOptions)?;
             let connector = TlsConnector::from(tls.config()?);
-            let stream = within(&options, &name, tcp_connect(host, *port)).await?;
+            let (stream, remote) = within(&options, name, tcp_connect(host, *port)).await?;
             set_user_timeout(&stream, &options);
-            let addrs = io_result(&name, tcp_addresses(&stream, true))?;
+            let addrs = io_result(name, tcp_addresses(&stream, remote, true))?;
             let handshake = connector.connect(server_name, stream);
             let stream = match tokio::time::timeout(options.proto.handshake_timeout, handshake)
                 .await
             {
                 Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(handshake_failed(&name, CloseCause::Tls(e.to_string()))),
+                Ok(Err(e)) => return Err(handshake_failed(name, CloseCause::Tls(e.to_string()))),
                 Err(_) => {
                     return Err(handshake_failed(
-                        &name,
+                        name,
                         CloseCause::Protocol(ProtocolError::HandshakeTimeout),
                     ))
                 }
@@ -111,12 +114,13 @@ async fn open(
             Connection::start(stream, addrs, certs, &options, None)
         }
         Address::Unix { path } => {
-            let stream = within(&options, &name, UnixStream::connect(path)).await?;
-            let local = unix_address(stream.local_addr().ok());
-            Connection::start(stream, (local, address.clone()), None, &options, None)
+            let stream = within(&options, name, UnixStream::connect(path)).await?;
+            let local = LazyAddress::ready(unix_address(stream.local_addr().ok()));
+            let remote = LazyAddress::ready(address.clone());
+            Connection::start(stream, (local, remote), None, &options, None)
         }
     };
-    Ok((conn, name))
+    Ok((conn, address))
 }
 
 /// Applies [`Options::tcp_user_timeout`] (Linux only; a failure is only logged: the
@@ -132,14 +136,14 @@ pub(crate) fn set_user_timeout(stream: &TcpStream, options: &Options) {
     let _ = (stream, options);
 }
 
-fn handshake_failed(address: &str, cause: CloseCause) -> ConnectError {
+fn handshake_failed(address: &Address, cause: CloseCause) -> ConnectError {
     ConnectError::Handshake {
         address: address.to_string(),
         cause,
     }
 }
 
-fn io_result<T>(address: &str, r: io::Result<T>) -> Result<T, ConnectError> {
+fn io_result<T>(address: &Address, r: io::Result<T>) -> Result<T, ConnectError> {
     r.map_err(|source| ConnectError::Io {
         address: address.to_string(),
         source,
@@ -149,7 +153,7 @@ fn io_result<T>(address: &str, r: io::Result<T>) -> Result<T, ConnectError> {
 /// Runs a transport-level connect within the connect timeout.
 async fn within<T>(
     options: &Options,
-    address: &str,
+    address: &Address,
     fut: impl Future<Output = io::Result<T>>,
 ) -> Result<T, ConnectError> {
     match tokio::time::timeout(options.connect_timeout, fut).await {
@@ -160,13 +164,15 @@ async fn within<T>(
     }
 }
 
-async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
+/// Connects to the first address `host` resolves to that accepts; returns the stream and
+/// that address (the stream's peer address).
+async fn tcp_connect(host: &str, port: u16) -> io::Result<(TcpStream, SocketAddr)> {
     let mut last = None;
     for addr in tokio::net::lookup_host((host, port)).await? {
         match TcpStream::connect(addr).await {
             Ok(stream) => {
                 stream.set_nodelay(true)?;
-                return Ok(stream);
+                return Ok((stream, addr));
             }
             Err(e) => last = Some(e),
         }
@@ -194,18 +200,17 @@ pub async fn listen(address: impl ToAddress, options: Options) -> Result<Server,
     Server::bind(address, options).await
 }
 
-/// The local and remote address of a TCP stream, as `tcp://` or (under TLS) `tls://` URLs.
-pub(crate) fn tcp_addresses(stream: &TcpStream, tls: bool) -> io::Result<(Address, Address)> {
-    let url = |addr: std::net::SocketAddr| {
-        let host = addr.ip().to_string();
-        let port = addr.port();
-        if tls {
-            Address::Tls { host, port }
-        } else {
-            Address::Tcp { host, port }
-        }
-    };
-    Ok((url(stream.local_addr()?), url(stream.peer_addr()?)))
+/// The local and remote address of a TCP stream connected to `remote`, as `tcp://` or
+/// (under TLS) `tls://` URLs, formatted when first asked for. Costs one `getsockname`.
+pub(crate) fn tcp_addresses(
+    stream: &TcpStream,
+    remote: SocketAddr,
+    tls: bool,
+) -> io::Result<(LazyAddress, LazyAddress)> {
+    Ok((
+        LazyAddress::socket(stream.local_addr()?, tls),
+        LazyAddress::socket(remote, tls),
+    ))
 }
 
 pub(crate) fn unix_address(addr: Option<tokio::net::unix::SocketAddr>) -> Address {

@@ -240,3 +240,34 @@ async fn next_event_delivers_messages_and_timeouts(t: Transport) {
     assert_eq!(m.conversation, conv);
     assert!(m.last);
 }
+
+/// Each end's addresses are the other's, swapped, whether the server listens on one
+/// address (its local address is then the listener's) or on all of them (then the
+/// kernel's), and whether they are read before or after the connection closed.
+#[tokio::test]
+async fn addresses_match_across_the_two_ends() {
+    use chatter_core::{connect, connect_early, listen, Address};
+    for host in ["127.0.0.1", "0.0.0.0"] {
+        let server = listen(format!("tcp://{host}:0"), Options::default())
+            .await
+            .unwrap();
+        let port = match &server.addresses()[0] {
+            Address::Tcp { port, .. } => *port,
+            other => panic!("{other}"),
+        };
+        let target = format!("tcp://127.0.0.1:{port}");
+        let client = connect(&target, Options::default()).await.unwrap();
+        let peer = server.accept().await.unwrap();
+        assert_eq!(client.remote_address().to_string(), target);
+        assert_eq!(peer.local_address(), client.remote_address(), "{host}");
+        assert_eq!(peer.remote_address(), client.local_address(), "{host}");
+
+        let early = connect_early(&target, Options::default()).await.unwrap();
+        let peer = server.accept().await.unwrap();
+        early.close().await;
+        peer.closed().await;
+        assert_eq!(peer.local_address(), early.remote_address(), "{host}");
+        assert_eq!(peer.remote_address(), early.local_address(), "{host}");
+        assert_ne!(early.local_address(), client.local_address());
+    }
+}

@@ -178,6 +178,10 @@ impl SendArgs {
     }
 }
 
+/// The output buffer's first capacity: a hello (25 bytes with the defaults) and a first
+/// request and close frame or two.
+const FIRST_OUTPUT: usize = 128;
+
 impl Default for SendArgs {
     fn default() -> Self {
         SendArgs::new()
@@ -331,7 +335,9 @@ pub struct Protocol {
 impl Protocol {
     /// Starts a connection: queues this side's hello.
     pub fn new(config: Config, now: Instant) -> Self {
-        let mut out = BytesMut::new();
+        // Room for the hello and a first small message or two at once, instead of growing
+        // byte by byte from nothing (four reallocations for the hello alone).
+        let mut out = BytesMut::with_capacity(FIRST_OUTPUT);
         Frame::Hello(Hello {
             max_frame_size: config.max_frame_size,
             receive_window: config.receive_window,
