@@ -147,9 +147,9 @@ impl Msg {
 /// Whatever the peer does, each part stays within a bound set by [`Options`]
 /// (`docs/SECURITY.md` at the workspace root adds them up):
 ///
-/// - `read` ≤ 2 × (`max_frame_size` + 4) + 32 KiB: a frame larger than a read chunk is read
-///   into a buffer that grows (at most doubling) as its bytes arrive, never reserved from
-///   its length prefix alone;
+/// - `read` ≤ 2 × (`max_frame_size` + 4) + 64 KiB: a frame larger than a read chunk is read
+///   into a buffer that grows as its bytes arrive (64 KiB at first, then up to twice what
+///   arrived), never reserved from its length prefix alone;
 /// - `received` ≤ `receive_window`: flow control (the peer may not send more before this
 ///   side takes messages); the allocations behind those messages are at most about twice
 ///   that (small messages are copied out of the read buffer, not sliced from it);
@@ -606,6 +606,13 @@ const DRIVER_BUDGET: usize = 32;
 /// Read in chunks of at least this many bytes.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// The room made at once for a frame larger than [`READ_CHUNK`] whose length prefix
+/// arrived; beyond it the buffer grows to twice what arrived of the frame, so that a peer
+/// that announces a large frame and sends it slowly holds at most this much or twice what
+/// it sent. (Growing from a read chunk instead cost a third of the throughput of 64 KiB
+/// messages: a reallocation and a read per doubling.)
+const LARGE_FRAME_START: usize = 64 * 1024;
+
 /// Buffers above this size are released once empty, so idle connections stay small.
 const KEEP_BUFFER: usize = 64 * 1024;
 
@@ -943,7 +950,7 @@ impl<S: Transport> Driver<S> {
         match limit {
             Some(needed) if spare == 0 || spare < needed.min(READ_CHUNK / 2) => self
                 .read_buf
-                .reserve(needed.min(self.read_buf.len().max(READ_CHUNK))),
+                .reserve(needed.min((2 * self.read_buf.len()).max(LARGE_FRAME_START))),
             Some(_) => {}
             None if spare < READ_CHUNK / 2 => self.read_buf.reserve(READ_CHUNK),
             None => {}
