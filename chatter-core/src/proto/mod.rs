@@ -779,7 +779,14 @@ impl Protocol {
         self.rx_used = self.rx_used.saturating_sub(cost as u64);
         self.rx_unannounced += cost as u64;
         if self.rx_unannounced >= self.window_threshold {
-            self.window_due = true;
+            if self.out.len() + self.unwritten <= self.send_buffer {
+                // Queued at once while the output moves: the peer's credit comes back
+                // without waiting for the driver's next round.
+                Frame::Window(std::mem::take(&mut self.rx_unannounced)).encode(&mut self.out);
+            } else {
+                // The peer is not taking our output: one frame later carries it all.
+                self.window_due = true;
+            }
         }
     }
 

@@ -1110,3 +1110,48 @@ fn sends_wait_while_the_send_buffer_is_full_whatever_the_peer_window() {
     assert_eq!(messages(&mut pair.b).len(), 11);
     assert!(pair.a.is_open() && pair.b.is_open());
 }
+
+#[test]
+fn window_frames_coalesce_while_the_output_is_not_taken() {
+    let small = Config {
+        send_buffer: 1000,
+        receive_window: 8192,
+        max_frame_size: 4096,
+        ..Config::default()
+    };
+    let mut pair = Pair::with(Config::default(), small);
+    // b's driver reports output that its peer is not reading.
+    pair.b.handle_written(5000);
+    let mut released = 0u64;
+    for _ in 0..4 {
+        // 4 × 569 bytes of cost pass b's threshold of 2,048 (a quarter of its window).
+        for _ in 0..4 {
+            pair.a.send(pair.now, SendArgs::new(), &[0u8; 500]).unwrap();
+        }
+        let mut wire = BytesMut::new();
+        pair.a.take_output(&mut wire);
+        pair.b.handle_input(pair.now, &mut wire);
+        for m in messages(&mut pair.b) {
+            released += m.cost as u64;
+            pair.b.release(m.cost);
+        }
+        // Credit past the threshold, but no window frame queued: one is owed.
+        assert_eq!(pair.b.output_len(), 0);
+        assert!(pair.b.has_output());
+        // a gets its credit back only when b's output moves again.
+        let mut wire = BytesMut::new();
+        pair.b.handle_written(5000);
+        let mut congested = BytesMut::from(&[0u8; 2000][..]);
+        pair.b.take_output(&mut congested);
+        assert_eq!(congested.len(), 2000, "held back while 2,000 bytes wait");
+        pair.b.handle_written(0);
+        pair.b.take_output(&mut wire);
+        let mut one = BytesMut::new();
+        Frame::Window(released).encode(&mut one);
+        assert_eq!(wire, one, "one frame carries all the credit");
+        pair.a.handle_input(pair.now, &mut wire);
+        released = 0;
+        pair.b.handle_written(5000);
+    }
+    assert!(pair.a.is_open() && pair.b.is_open());
+}
