@@ -71,8 +71,19 @@ fuzz_target!(|data: &[u8]| {
             cut.events, whole.events,
             "events depend on how the input is cut"
         );
+        // Pongs are coalesced: one answers the pings of everything handed out before it,
+        // so how many go out depends on when output is taken, and one still owed when a
+        // protocol error closes the connection is dropped. Everything else must match.
+        let no_pongs = |frames: &[Frame]| -> Vec<Frame> {
+            frames
+                .iter()
+                .filter(|f| !matches!(f, Frame::Pong))
+                .cloned()
+                .collect()
+        };
         assert_eq!(
-            cut.frames, whole.frames,
+            no_pongs(&cut.frames),
+            no_pongs(&whole.frames),
             "output depends on how the input is cut"
         );
     }
