@@ -390,6 +390,8 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
         match accepted {
             Ok((io, addrs)) => match ctx.limits.connections.clone().try_acquire_owned() {
                 Ok(permit) => {
+                    // One task per connection, bounded by `max_connections`: the permit
+                    // moves into the connection's driver and is released when it ends.
                     tokio::spawn(establish(io, addrs, ctx.clone(), permit));
                 }
                 Err(_) => refuse(io, addrs.1.get(), &ctx),
@@ -427,6 +429,8 @@ fn refuse<S: Transport>(mut io: S, remote: &Address, ctx: &AcceptContext) {
         ctx.limits.max
     );
     Frame::Close(CloseCode::Busy, reason).encode(&mut close);
+    // Bounded: at most REFUSALS_AT_ONCE of these run (the permit), each for at most
+    // REFUSAL_TIMEOUT, holding one close frame; a peer that never reads is dropped then.
     tokio::spawn(async move {
         let write = async {
             io.write_all(&close).await?;
