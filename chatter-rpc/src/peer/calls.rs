@@ -1,0 +1,279 @@
+//! Calls this side makes: sending requests, waiting for outcomes, cancelling.
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatter_core::proto::IdBuildHasher;
+use chatter_core::{CloseCause, Conversation, Msg, SendError, SendOptions};
+
+use crate::wire::{self};
+
+use super::*;
+
+#[derive(Default)]
+pub(super) struct Pending {
+    pub(super) closed: Option<CloseCause>,
+    pub(super) calls: HashMap<u64, Slot, IdBuildHasher>,
+}
+
+/// The state of one outgoing call. The outcome is handed over in the slot itself (the
+/// caller's future polls it), not through a channel: no allocation per call.
+pub(super) enum Slot {
+    /// The caller waits; wake it when the outcome arrives.
+    Waiting(Waker),
+    /// The outcome, not yet taken by the caller (it may have arrived before the caller
+    /// registered: it raced the send's return). With `then_abandon`, the reply is still to
+    /// come and end the conversation: the slot stays `Abandoned` once the outcome is taken.
+    Arrived {
+        outcome: Outcome,
+        then_abandon: bool,
+    },
+    /// The caller gave up (dropped or deadline); the reply still ends the conversation.
+    Abandoned,
+}
+
+/// How an outgoing call ended, as seen by the receive task.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Reply(Bytes),
+    Deadline,
+    Lost(CloseCause),
+    /// The request was never handed to the connection.
+    NotSent(CloseCause),
+    Protocol(String),
+}
+
+impl Inner {
+    /// Sends a request and waits for its outcome. The caller's future owns a guard: if it is
+    /// dropped before the outcome, the callee is told to cancel.
+    pub(crate) fn call<'a>(
+        self: &'a Arc<Self>,
+        payload: impl AsRef<[u8]> + Send + 'a,
+        deadline: Duration,
+    ) -> impl Future<Output = Outcome> + Send + 'a {
+        // Sent before the future is made, so that the future does not hold the request:
+        // its buffer goes back to the pool now, not when the reply comes. Callers call
+        // this in the first poll of their own future, so calls are still sent when first
+        // polled.
+        let start = match self.try_start_call(payload.as_ref(), deadline) {
+            Ok(id) => Start::Sent(CallGuard {
+                inner: self,
+                id,
+                armed: true,
+            }),
+            // Rare (the peer's window is full). Boxed so that its timer and wait state do
+            // not make every call future larger: callers move these futures around.
+            Err(SendError::WouldBlock) => Start::Wait(Box::pin(async move {
+                let send = self
+                    .conn
+                    .send_bytes(payload.as_ref(), call_options(deadline));
+                match tokio::time::timeout(deadline, send).await {
+                    Ok(Ok(conv)) => Ok(conv),
+                    Ok(Err(e)) => Err(send_failure(e)),
+                    Err(_) => Err(Outcome::Deadline),
+                }
+            })),
+            Err(e) => Start::Wait(Box::pin(std::future::ready(Err(send_failure(e))))),
+        };
+        async move {
+            let mut guard = match start {
+                Start::Sent(guard) => guard,
+                Start::Wait(wait) => match wait.await {
+                    Ok(conv) => CallGuard {
+                        inner: self,
+                        id: conv.first_id(),
+                        armed: true,
+                    },
+                    Err(outcome) => return outcome,
+                },
+            };
+            let id = guard.id;
+            let outcome = std::future::poll_fn(|cx| self.poll_outcome(id, cx)).await;
+            guard.armed = false;
+            outcome
+        }
+    }
+
+    /// Sends a request now if the peer's window has room: returns its pending slot id, to
+    /// poll with [`poll_outcome`](Self::poll_outcome) and, if the caller gives up, to
+    /// [`abandon_call`](Self::abandon_call). Fails with [`SendError::WouldBlock`] when the
+    /// window has no room now (then use [`call`](Self::call)).
+    pub(crate) fn try_start_call(
+        &self,
+        payload: &[u8],
+        deadline: Duration,
+    ) -> Result<u64, SendError> {
+        self.conn
+            .try_send(payload, call_options(deadline))
+            .map(|conv| conv.first_id())
+    }
+
+    /// Takes the outcome of call `id` if it arrived, else registers (or refreshes) the
+    /// caller's waker.
+    pub(crate) fn poll_outcome(&self, id: u64, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut pending = lock(&self.pending);
+        let closed = pending.closed.clone();
+        match pending.calls.entry(id) {
+            Entry::Occupied(mut slot) => match slot.get_mut() {
+                Slot::Waiting(waker) => {
+                    if !waker.will_wake(cx.waker()) {
+                        *waker = cx.waker().clone();
+                    }
+                    Poll::Pending
+                }
+                Slot::Arrived { then_abandon, .. } => {
+                    let outcome = if *then_abandon {
+                        std::mem::replace(slot.get_mut(), Slot::Abandoned)
+                    } else {
+                        slot.remove()
+                    };
+                    let Slot::Arrived { outcome, .. } = outcome else {
+                        unreachable!("matched as arrived")
+                    };
+                    Poll::Ready(outcome)
+                }
+                // Only the caller abandons its slot, and then it does not poll any more.
+                Slot::Abandoned => Poll::Ready(Outcome::Lost(closed.unwrap_or(CloseCause::Local))),
+            },
+            Entry::Vacant(slot) => match closed {
+                Some(cause) => Poll::Ready(Outcome::Lost(cause)),
+                None => {
+                    slot.insert(Slot::Waiting(cx.waker().clone()));
+                    Poll::Pending
+                }
+            },
+        }
+    }
+
+    pub(super) fn on_reply(&self, msg: Msg) {
+        let outcome = if msg.last {
+            Outcome::Reply(msg.payload)
+        } else {
+            Outcome::Protocol("the callee answered without ending the call".into())
+        };
+        self.settle(msg.conversation.first_id(), outcome);
+    }
+
+    pub(super) fn on_timeout(&self, conv: Conversation) {
+        if conv.is_owner() {
+            self.settle(conv.first_id(), Outcome::Deadline);
+        }
+    }
+
+    /// Delivers an outcome to the waiting caller.
+    pub(super) fn settle(&self, id: u64, outcome: Outcome) {
+        let mut pending = lock(&self.pending);
+        let is_reply = matches!(outcome, Outcome::Reply(_));
+        match pending.calls.entry(id) {
+            Entry::Occupied(mut slot) => match slot.get() {
+                Slot::Waiting(_) => {
+                    let arrived = Slot::Arrived {
+                        outcome,
+                        // Not a reply: the reply will still come and end the conversation.
+                        then_abandon: !is_reply,
+                    };
+                    let Slot::Waiting(waker) = std::mem::replace(slot.get_mut(), arrived) else {
+                        unreachable!("matched as waiting")
+                    };
+                    drop(pending);
+                    waker.wake();
+                }
+                Slot::Abandoned if is_reply => {
+                    slot.remove();
+                }
+                Slot::Abandoned => {}
+                Slot::Arrived { .. } => {
+                    // The first outcome wins; a reply after it ends the conversation.
+                    if let Slot::Arrived { then_abandon, .. } = slot.get_mut() {
+                        if is_reply {
+                            *then_abandon = false;
+                        }
+                    }
+                }
+            },
+            Entry::Vacant(slot) => {
+                slot.insert(Slot::Arrived {
+                    outcome,
+                    then_abandon: !is_reply,
+                });
+            }
+        }
+    }
+}
+
+/// How a call began: sent (the guard owns its pending slot), or waiting to be sent.
+pub(super) enum Start<'a> {
+    Sent(CallGuard<'a>),
+    Wait(Pin<Box<dyn Future<Output = Result<Conversation, Outcome>> + Send + 'a>>),
+}
+
+/// Tells the callee to cancel a call whose future was dropped.
+pub(super) struct CallGuard<'a> {
+    pub(super) inner: &'a Inner,
+    pub(super) id: u64,
+    pub(super) armed: bool,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.abandon_call(self.id);
+        }
+    }
+}
+
+impl Inner {
+    /// The caller of call `id` gave up before taking its outcome: tells the callee to
+    /// cancel, and keeps the slot until the reply ends the conversation.
+    pub(crate) fn abandon_call(&self, id: u64) {
+        let mut pending = lock(&self.pending);
+        let closed = pending.closed.is_some();
+        let mut slot = match pending.calls.entry(id) {
+            Entry::Occupied(slot) => slot,
+            // Sent, but the caller's future was dropped before its first poll registered
+            // the slot: abandon it as the reply has yet to end the conversation.
+            Entry::Vacant(slot) => {
+                if !closed {
+                    slot.insert(Slot::Abandoned);
+                    drop(pending);
+                    self.send_soon(wire::encode_cancel(id), SendOptions::new());
+                }
+                return;
+            }
+        };
+        match slot.get() {
+            Slot::Waiting(_) => {
+                *slot.get_mut() = Slot::Abandoned;
+                drop(pending);
+                self.send_soon(wire::encode_cancel(id), SendOptions::new());
+            }
+            // The outcome arrived but was not taken; the reply may still have to come.
+            Slot::Arrived {
+                then_abandon: true, ..
+            } => *slot.get_mut() = Slot::Abandoned,
+            Slot::Arrived { .. } => {
+                slot.remove();
+            }
+            Slot::Abandoned => {}
+        }
+    }
+}
+
+/// How a request is sent: it opens a conversation, passes the turn to the callee and
+/// times out at the call's deadline.
+pub(super) fn call_options(deadline: Duration) -> SendOptions {
+    SendOptions::new().last(false).timeout(deadline)
+}
+
+pub(super) fn send_failure(e: SendError) -> Outcome {
+    match e {
+        SendError::Closed(cause) => Outcome::NotSent(cause),
+        other => Outcome::Protocol(other.to_string()),
+    }
+}
