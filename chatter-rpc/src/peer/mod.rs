@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use chatter_core::proto::IdBuildHasher;
 use chatter_core::{CloseCause, Connection};
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::service::Service;
+use crate::wire::{self, FailureKind};
 
+mod backlog;
 mod calls;
 mod options;
 mod reliable;
@@ -21,12 +23,13 @@ mod serve;
 mod shutdown;
 mod signals;
 
+use backlog::{Kind, Slots};
 pub(crate) use calls::Outcome;
 use calls::{Pending, Slot};
 pub(crate) use options::{bump, Stats};
 pub use options::{PeerOptions, PeerStats};
 pub(crate) use reliable::{AckSink, Hooks};
-use serve::run_reader;
+use serve::{run_reader, Answer};
 use signals::{Outgoing, Queued};
 
 /// One end of an RPC connection.
@@ -80,7 +83,8 @@ impl Peer {
     pub fn with_options(connection: Connection, options: PeerOptions) -> Self {
         let inner = Arc::new(Inner {
             conn: connection.clone(),
-            handlers: Semaphore::new(options.max_concurrent_handlers),
+            slots: Slots::new(options.max_concurrent_handlers, options.ordered_signals),
+            answers: OnceLock::new(),
             options,
             objects: RwLock::new(HashMap::new()),
             objects_generation: AtomicU64::new(0),
@@ -140,7 +144,9 @@ impl Peer {
 
     /// A snapshot of the peer's counters.
     pub fn stats(&self) -> PeerStats {
-        self.inner.stats.snapshot()
+        let mut stats = self.inner.stats.snapshot();
+        stats.requests_waiting = self.inner.slots.waiting() as u64;
+        stats
     }
 
     /// Waits until every signal accepted so far was handed to the connection or dropped
@@ -186,10 +192,15 @@ pub(crate) struct Inner {
     /// Set with `inflight.closing` by a close (a graceful shutdown sets
     /// `hooks.shutting_down` first): lets the call fast path skip the `inflight` lock.
     closing: AtomicBool,
-    /// Running call handler tasks (for graceful close).
+    /// Calls accepted and not answered yet, other than those answered inline (for graceful
+    /// close and shutdown).
     active: AtomicUsize,
     idle: Notify,
-    handlers: Semaphore,
+    /// Handler slots, and the requests waiting for one (`peer/backlog.rs`).
+    slots: Slots,
+    /// Answers waiting for send credit, each holding its request's credit; the task
+    /// starts on first use.
+    answers: OnceLock<mpsc::UnboundedSender<Answer>>,
     /// Messages waiting for flow-control credit; its task starts on first use, so that
     /// idle connections do not pay for it.
     outbox: OnceLock<mpsc::UnboundedSender<Outgoing>>,
@@ -219,6 +230,16 @@ impl Inner {
             self.closing.store(true, Ordering::Release);
             inflight.calls.clear();
         }
+        // Calls waiting for a handler slot are cancelled as the running ones.
+        let mut release = 0;
+        for item in self.slots.drain(|item| matches!(item.kind, Kind::Call(_))) {
+            if let Kind::Call(conv) = item.kind {
+                let cancelled = wire::encode_failure(FailureKind::Cancelled, "closing");
+                release += self.answer(conv, cancelled, item.credit);
+                self.call_done();
+            }
+        }
+        self.conn.release(release);
         let _ = tokio::time::timeout(CLOSE_GRACE, until_zero(&self.active, &self.idle)).await;
         self.conn.close().await;
     }
@@ -268,6 +289,21 @@ impl Inner {
             inflight.closing = true;
             self.closing.store(true, Ordering::Release);
             inflight.calls.clear();
+        }
+        // Requests still waiting for a handler slot will not run: calls cannot be answered
+        // any more (their callers learn of the close), signals are dropped and counted,
+        // and reliable signals are left for the sender to re-send (it had no
+        // acknowledgement), which keeps them in order across the reconnect.
+        for item in self.slots.drain(|_| true) {
+            match item.kind {
+                Kind::Call(_) => self.call_done(),
+                Kind::Signal => {
+                    tracing::debug!("chatter-rpc: a received signal was dropped: the connection closed before a handler slot was free");
+                    bump(&self.stats.signals_failed);
+                }
+                Kind::Reliable(admitted) => admitted.abandon(),
+                Kind::Duplicate { .. } => {}
+            }
         }
         write(&self.objects).clear();
         self.objects_changed();

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-
 /// Settings of a [`Peer`].
 ///
 /// ```
@@ -116,6 +115,12 @@ pub struct PeerStats {
     pub calls_received: u64,
     /// Handlers (calls or signals) that panicked.
     pub handler_panics: u64,
+    /// Received calls and signals waiting for a handler slot now (a gauge). Each holds its
+    /// flow-control credit until it ran or was dropped, so their bytes are part of
+    /// [`Buffered::received`](chatter_core::Buffered::received) of
+    /// [`Connection::buffered`](chatter_core::Connection::buffered), which stays within
+    /// the connection's `receive_window`.
+    pub requests_waiting: u64,
 }
 
 #[derive(Debug, Default)]
@@ -163,6 +168,7 @@ impl Stats {
             signals_failed: l(&self.signals_failed),
             calls_received: self.calls_received.get(),
             handler_panics: l(&self.handler_panics),
+            requests_waiting: 0,
         }
     }
 }

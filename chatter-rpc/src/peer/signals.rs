@@ -43,16 +43,11 @@ impl Inner {
         })
     }
 
-    /// Hands a message to the connection now if it has credit, else to the outbox.
+    /// Hands a control message (a cancel) to the connection now if it has credit, else to
+    /// the queue of answers (which goes ahead of signals waiting for credit).
     pub(crate) fn send_soon(&self, payload: Payload, options: SendOptions) {
         match self.conn.try_send(&payload, options) {
-            Err(SendError::WouldBlock) => {
-                let _ = self.outbox().send(Outgoing {
-                    payload: payload.into_bytes(),
-                    options,
-                    expires: None,
-                });
-            }
+            Err(SendError::WouldBlock) => self.queue_holding(payload, options, 0),
             Err(e) => tracing::debug!("chatter-rpc: dropping a control message: {e}"),
             Ok(_) => {}
         }
