@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 
 /// Settings of a [`Peer`].
 ///
@@ -55,9 +54,15 @@ impl PeerOptions {
     }
 
     /// How many handlers (calls and signals) of this connection run at once (default 256,
-    /// at least 1). Further requests wait for a slot until their deadline or TTL.
+    /// at least 1). Further requests wait for a slot (calls first, then signals, each in
+    /// arrival order), each until its deadline or TTL, holding its flow-control credit:
+    /// the sender cannot get more than the connection's `receive_window` ahead.
+    ///
+    /// Each running handler may hold its reply until the caller's window takes it, so
+    /// `max_concurrent_handlers` × the largest reply is part of a connection's memory
+    /// bound: lower it for methods that return large values to untrusted callers.
     pub fn max_concurrent_handlers(mut self, limit: usize) -> Self {
-        self.max_concurrent_handlers = limit.clamp(1, Semaphore::MAX_PERMITS);
+        self.max_concurrent_handlers = limit.max(1);
         self
     }
 
