@@ -185,7 +185,9 @@ impl Backlog {
 
 /// The handler slots of a connection and the backlog waiting for them.
 pub(super) struct Slots {
-    backlog: Mutex<Backlog>,
+    /// Allocated when a first request waits: most connections never need it, and it would
+    /// add 100-odd bytes to each.
+    backlog: Mutex<Option<Box<Backlog>>>,
     /// Free slots. Above zero only while nothing waits: a slot given back goes to the next
     /// waiting request if there is one (under the backlog's lock), and a request waits
     /// only after finding none free (under the lock too). The receive task's fast path
@@ -227,7 +229,11 @@ impl Slots {
     /// A handler finished (`ordered_signal`: it was a signal in ordered mode): hands its
     /// slot to the next waiting request, returned to run, or frees it.
     pub(super) fn give_back(&self, ordered_signal: bool) -> Option<Waiting> {
-        let mut backlog = lock(&self.backlog);
+        let mut guard = lock(&self.backlog);
+        let Some(backlog) = guard.as_mut() else {
+            self.free.fetch_add(1, Ordering::AcqRel);
+            return None;
+        };
         if ordered_signal {
             backlog.ordered_busy = false;
         }
@@ -237,6 +243,11 @@ impl Slots {
                 self.waiting.fetch_sub(1, Ordering::AcqRel);
             }
             None => {
+                if backlog.items.is_empty() && !backlog.ordered_busy {
+                    // The burst is over: give its memory back (the indexes keep their
+                    // peak capacity otherwise).
+                    *guard = None;
+                }
                 self.free.fetch_add(1, Ordering::AcqRel);
             }
         }
@@ -248,10 +259,11 @@ impl Slots {
     /// at once (ordered mode with the lane free). The caller runs each in a task that owns
     /// a slot.
     pub(super) fn wait(&self, key: u64, item: Waiting, start: &mut Vec<Waiting>) {
-        let mut backlog = lock(&self.backlog);
+        let mut guard = lock(&self.backlog);
+        let backlog = guard.get_or_insert_with(Box::default);
         backlog.push(key, item);
         self.waiting.fetch_add(1, Ordering::AcqRel);
-        self.start_free(&mut backlog, start);
+        self.start_free(backlog, start);
     }
 
     /// Starts waiting requests while slots are free.
@@ -272,16 +284,19 @@ impl Slots {
 
     /// Takes out a waiting call (cancelled by its caller).
     pub(super) fn remove(&self, key: u64) -> Option<Waiting> {
-        let mut backlog = lock(&self.backlog);
-        let item = backlog.items.remove(&key)?;
+        let mut guard = lock(&self.backlog);
+        let item = guard.as_mut()?.items.remove(&key)?;
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         Some(item)
     }
 
     /// Takes out the waiting requests whose deadline or TTL passed by `now`.
     pub(super) fn expired(&self, now: Instant) -> Vec<Waiting> {
-        let mut backlog = lock(&self.backlog);
+        let mut guard = lock(&self.backlog);
         let mut out = Vec::new();
+        let Some(backlog) = guard.as_mut() else {
+            return out;
+        };
         while let Some(Reverse((at, key))) = backlog.expiry.peek().copied() {
             if at > now {
                 break;
@@ -300,12 +315,15 @@ impl Slots {
         if self.waiting.load(Ordering::Acquire) == 0 {
             return None;
         }
-        lock(&self.backlog).next_expiry()
+        lock(&self.backlog).as_mut()?.next_expiry()
     }
 
     /// Takes out every waiting request matching `take` (at close).
     pub(super) fn drain(&self, mut take: impl FnMut(&Waiting) -> bool) -> Vec<Waiting> {
-        let mut backlog = lock(&self.backlog);
+        let mut guard = lock(&self.backlog);
+        let Some(backlog) = guard.as_mut() else {
+            return Vec::new();
+        };
         let keys: Vec<u64> = backlog
             .items
             .iter()
