@@ -317,14 +317,26 @@ impl Inner {
                 outcome,
             },
             Admit::Running(outcome) => {
+                let kind = Kind::Duplicate {
+                    stream,
+                    seq,
+                    outcome,
+                };
+                let Some(mut item) = Waiting::new(kind, &msg.payload, parts, after(ttl), credit)
+                else {
+                    batch.release += u64::from(credit);
+                    return;
+                };
                 let inner = self.clone();
-                // Holds the duplicate's credit: a peer cannot make these pile up beyond
-                // its window.
+                // Needs no handler slot unless the first copy is abandoned; holds the
+                // duplicate's credit, so a peer cannot make these pile up beyond its window.
                 tokio::spawn(async move {
-                    let release = match outcome.await {
-                        Ok(status) => inner.acknowledge(stream, seq, status, credit),
-                        Err(_) => u64::from(credit),
+                    let Kind::Duplicate { outcome, .. } =
+                        std::mem::replace(&mut item.kind, Kind::Signal)
+                    else {
+                        unreachable!("made as a duplicate")
                     };
+                    let release = inner.run_duplicate(stream, seq, outcome, &item).await;
                     inner.conn.release(release);
                 });
                 return;
@@ -336,6 +348,40 @@ impl Inner {
         };
         let item = Waiting::new(kind, &msg.payload, parts, after(ttl), credit);
         self.wait(conv, false, item, credit, batch);
+    }
+
+    /// A copy of a reliable signal that was running when this one arrived: acknowledged
+    /// with the first copy's outcome. If the first copy was abandoned instead (its
+    /// connection closed before it ran), this copy runs in its place. Returns the credit
+    /// to give back now.
+    pub(super) async fn run_duplicate(
+        &self,
+        stream: u64,
+        seq: u64,
+        mut outcome: oneshot::Receiver<AckStatus>,
+        item: &Waiting,
+    ) -> u64 {
+        loop {
+            if let Ok(status) = (&mut outcome).await {
+                return self.acknowledge(stream, seq, status, item.credit);
+            }
+            match admit(stream, seq) {
+                Admit::Running(next) => outcome = next,
+                Admit::Done(status) => return self.acknowledge(stream, seq, status, item.credit),
+                Admit::New(admitted) => {
+                    if tokio::time::Instant::now() >= item.expires {
+                        admitted.finish(AckStatus::Expired);
+                        return self.acknowledge(stream, seq, AckStatus::Expired, item.credit);
+                    }
+                    let Some(status) = self.run_reliable(item).await else {
+                        admitted.abandon();
+                        return u64::from(item.credit);
+                    };
+                    admitted.finish(status);
+                    return self.acknowledge(stream, seq, status, item.credit);
+                }
+            }
+        }
     }
 
     /// Sends the acknowledgement of a reliable signal now, or queues it holding the

@@ -424,10 +424,7 @@ impl Inner {
                 seq,
                 outcome,
             } => {
-                let release = match outcome.await {
-                    Ok(status) => self.acknowledge(stream, seq, status, item.credit),
-                    Err(_) => u64::from(item.credit),
-                };
+                let release = self.run_duplicate(stream, seq, outcome, &item).await;
                 self.conn.release(release);
             }
         }
