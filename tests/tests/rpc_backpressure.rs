@@ -682,7 +682,6 @@ async fn a_cancelled_waiting_call_is_removed_and_its_credit_given_back() {
 /// slot, its connection stays within its documented bound, and another client is served.
 /// The handler completes on its first poll, as most handlers do.
 #[tokio::test(start_paused = true)]
-#[ignore = "bug: a reply made inline (handler ready on its first poll) that cannot be sent goes to the unbounded `answers` queue holding only the request's credit, and the slot is freed (peer/serve.rs:148-151 -> answer -> queue_holding): 64 replies of 256 KiB made for a client that reads none"]
 async fn a_client_that_never_reads_holds_one_reply_per_slot_inline_handler() {
     never_reading_client("big").await;
 }
@@ -897,7 +896,6 @@ async fn cancels_for_ids_never_used_change_nothing() {
 /// name): either the signal still runs or it is dropped and counted; in both cases its
 /// credit comes back.
 #[tokio::test(start_paused = true)]
-#[ignore = "bug: a cancel naming a waiting signal takes it out of the backlog and drops it uncounted, its credit never given back (peer/serve.rs:237-246: only Kind::Call is answered and released)"]
 async fn a_cancel_naming_a_waiting_signal_neither_loses_it_nor_its_credit() {
     let (_server, raw, receiver, probe) = raw_setup(
         WINDOW,
@@ -1053,7 +1051,6 @@ async fn a_flood_of_tiny_signals_costs_memory_in_proportion_to_the_window() {
 /// stays within about twice the credit it is charged (`SHARE_AT_LEAST` in chatter-core,
 /// docs/SECURITY.md: "the allocations behind them ≤ 2 × receive_window").
 #[tokio::test(start_paused = true)]
-#[ignore = "bug: a waiting request keeps a slice of the whole run of messages it arrived with (peer/backlog.rs:82 payload.clone()), after the others' credit went back: 600 tiny signals charged 56 KB keep 6.9 MB"]
 async fn waiting_tiny_signals_do_not_pin_the_buffers_of_released_messages() {
     const WINDOW: u32 = 256 * 1024;
     const PAIRS: u64 = 600;
