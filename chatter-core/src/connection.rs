@@ -625,21 +625,24 @@ impl Connection {
         let shared = self.shared();
         let mut attempt = || {
             let mut inner = shared.lock();
-            // Taking gives credit back, which may queue a window frame. Output that was
-            // already queued had its driver wake-up when it was queued (as in `send`).
+            // Taking gives credit back (and so may `take` when it takes nothing: credit
+            // released by `next_events_holding`), which may queue a window frame. Output
+            // that was already queued had its driver wake-up when it was queued (as in
+            // `send`).
             let was_idle = !inner.proto.has_output();
-            if let Some(item) = take(&mut inner) {
-                let wake = inner.driver_wake(was_idle);
-                drop(inner);
-                if let Some(w) = wake {
-                    w.wake();
-                }
-                return Some(Ok(item));
+            let result = match take(&mut inner) {
+                Some(item) => Some(Ok(item)),
+                None => inner
+                    .cause
+                    .as_ref()
+                    .map(|cause| Err(ConnectionClosed(cause.clone()))),
+            };
+            let wake = inner.driver_wake(was_idle);
+            drop(inner);
+            if let Some(w) = wake {
+                w.wake();
             }
-            inner
-                .cause
-                .as_ref()
-                .map(|cause| Err(ConnectionClosed(cause.clone())))
+            result
         };
         // Register for a wake-up only when nothing is ready: under load nothing waits.
         if let Some(result) = attempt() {

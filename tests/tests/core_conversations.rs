@@ -12,6 +12,7 @@ all_transports!(
     a_fast_producer_keeps_memory_bounded_and_loses_nothing,
     next_event_delivers_messages_and_timeouts,
     held_credit_stops_the_sender_until_released,
+    credit_released_with_an_empty_take_reaches_the_sender,
 );
 
 async fn out_of_turn_and_after_last_sends_are_rejected(t: Transport) {
@@ -252,6 +253,47 @@ async fn held_credit_stops_the_sender_until_released(t: Transport) {
     blocked.await.unwrap();
     let m = consumer.receive().await.unwrap();
     assert_eq!(u32::from_be_bytes(m.payload[..4].try_into().unwrap()), sent);
+}
+
+/// Credit handed to `next_events_holding` is given back even when nothing waits to be
+/// taken (the receive loop of chatter-rpc gives a batch's credit back with its next take,
+/// which usually finds nothing yet): the window frame must reach the sender.
+async fn credit_released_with_an_empty_take_reaches_the_sender(t: Transport) {
+    const WINDOW: u32 = 64 * 1024;
+    let consumer_options = Options::default()
+        .receive_window(WINDOW)
+        .max_frame_size(WINDOW / 2);
+    let (_server, producer, consumer) = pair_with(t, consumer_options, Options::default()).await;
+    let payload = vec![0x11u8; 1000];
+    let mut sent = 0u32;
+    while producer
+        .try_send(&message(sent, &payload), SendOptions::new())
+        .is_ok()
+    {
+        sent += 1;
+    }
+    let mut events = Vec::new();
+    while events.len() < sent as usize {
+        consumer
+            .next_events_holding(&mut events, 64, 0)
+            .await
+            .unwrap();
+    }
+    let held = consumer.buffered().received;
+    let next = message(sent, &payload);
+    let blocked = tokio::spawn({
+        let producer = producer.clone();
+        async move { producer.send_bytes(&next, SendOptions::new()).await }
+    });
+    // Nothing is left to take: this take only gives the credit back, then waits.
+    let mut more = Vec::new();
+    let take = consumer.next_events_holding(&mut more, 64, held);
+    let got = tokio::time::timeout(Duration::from_secs(10), take).await;
+    assert!(
+        matches!(got, Ok(Ok(1))),
+        "the producer's next message arrives: {got:?}"
+    );
+    blocked.await.unwrap().unwrap();
 }
 
 fn message(i: u32, payload: &[u8]) -> Vec<u8> {
