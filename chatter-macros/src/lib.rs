@@ -28,9 +28,9 @@ mod expand;
 /// `Result` with two arguments), where the arguments, `T` and `E` are owned serde types.
 /// A method marked `#[signal]` or `#[signal(ttl = "30s")]` (units `ms`, `s`, `m`, `h`)
 /// returns nothing and gets no reply; `#[signal(persistent)]` (alone or after the TTL)
-/// makes it persistent: through a
-/// [`ReconnectingPeer`](../chatter_rpc/struct.ReconnectingPeer.html) with a store, it is
-/// written to disk before the send completes. Doc comments and lint attributes are copied to the
+/// makes it persistent: through a reconnecting
+/// [`Peer`](../chatter_rpc/struct.Peer.html) with a store, it is written to disk before
+/// the send completes. Doc comments and lint attributes are copied to the
 /// generated client methods.
 ///
 /// ```ignore

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use chatter_core::Options;
-use chatter_rpc::{Peer, PeerOptions, SignalError};
+use chatter_rpc::{Peer, PeerOptions, SignalError, WhenFull};
 use common::{pair, pair_with, within, Calc, CalculatorClient, CalculatorServer};
 
 #[tokio::test(start_paused = true)]
@@ -54,7 +54,7 @@ async fn signal_whose_ttl_expires_before_delivery_is_dropped_and_counted() {
         calc.note(format!("{i} {text}")).await.unwrap();
     }
     assert!(client.stats().signals_sent < 10, "{:?}", client.stats());
-    client.flush_signals().await;
+    client.flush().await;
     let stats = client.stats();
     assert!(stats.signals_expired > 0, "{stats:?}");
     assert_eq!(stats.signals_sent + stats.signals_expired, 10, "{stats:?}");
@@ -108,7 +108,12 @@ async fn signal_on_a_closed_connection_fails() {
 async fn full_outbox_rejects_and_counts() {
     let listen_options = Options::default().max_frame_size(2048).receive_window(4096);
     let (client_conn, _server_conn) = common::connections(listen_options).await;
-    let client = Peer::with_options(client_conn, PeerOptions::default().max_queued_signals(2));
+    let client = Peer::with_options(
+        client_conn,
+        PeerOptions::default()
+            .max_queued_signals(2)
+            .when_full(WhenFull::Error),
+    );
     let calc = CalculatorClient::new(&client, "calc");
     let text = "x".repeat(1000);
     let mut rejected = 0;
@@ -146,7 +151,7 @@ async fn panicking_signal_handler_is_counted_and_the_peer_keeps_serving() {
     let (client_conn, server_conn) = common::connections(Options::default()).await;
     let server = Peer::new(server_conn);
     server.register("fragile", FragileServer::new(Crashy));
-    let client = FragileClient::new(Peer::new(client_conn), "fragile");
+    let client = FragileClient::new(&Peer::new(client_conn), "fragile");
     client.crash("signal boom".into()).await.unwrap();
     // Calls after the signal are answered; the signal's handler ran (and panicked) first
     // or concurrently, so wait for the counter through a few round trips.

@@ -12,8 +12,13 @@ use bytes::Bytes;
 use chatter_core::proto::IdBuildHasher;
 use chatter_core::{CloseCause, Conversation, Msg, SendError, SendOptions};
 
+use tokio::time::Instant;
+
+use crate::error::CallError;
 use crate::wire::{self};
 
+use super::events::ConnectionState;
+use super::link::{Link, Supervisor};
 use super::*;
 
 #[derive(Default)]
@@ -275,5 +280,88 @@ pub(super) fn send_failure(e: SendError) -> Outcome {
     match e {
         SendError::Closed(cause) => Outcome::NotSent(cause),
         other => Outcome::Protocol(other.to_string()),
+    }
+}
+
+impl PeerState {
+    /// A call through a reconnecting link: waits for a connection within the deadline,
+    /// re-sends an idempotent call whose connection was lost (generated clients call
+    /// this).
+    pub(crate) async fn call_reconnecting(
+        self: Arc<Self>,
+        payload: Bytes,
+        deadline: Duration,
+        idempotent: bool,
+    ) -> Result<Bytes, CallError> {
+        let Link::Reconnecting(sv) = &self.link else {
+            return Err(CallError::Protocol("not a reconnecting peer".into()));
+        };
+        if self.is_shutting_down() {
+            return Err(CallError::ShuttingDown);
+        }
+        sv.calls.fetch_add(1, Ordering::AcqRel);
+        let _active = ActiveCall(sv);
+        let until = Instant::now() + deadline;
+        let work = async {
+            let mut current = sv.current.subscribe();
+            let mut dead = 0;
+            loop {
+                let wait = async {
+                    loop {
+                        {
+                            let c = current.borrow_and_update();
+                            if let Some(inner) = &c.inner {
+                                if c.generation != dead && !inner.conn.is_closed() {
+                                    return Ok((inner.clone(), c.generation));
+                                }
+                            }
+                            if c.state == ConnectionState::Closed {
+                                return Err(c.last_error.clone());
+                            }
+                        }
+                        if current.changed().await.is_err() {
+                            return Err("the peer is closed".to_string());
+                        }
+                    }
+                };
+                let (inner, generation) = match tokio::time::timeout_at(until, wait).await {
+                    Ok(Ok(found)) => found,
+                    Ok(Err(last_error)) => return Err(CallError::NotConnected { last_error }),
+                    Err(_) => {
+                        let last_error = sv.current.borrow().last_error.clone();
+                        return Err(CallError::NotConnected { last_error });
+                    }
+                };
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(CallError::DeadlineExceeded);
+                }
+                let request = wire::rewrite_deadline(&payload, left)
+                    .map_err(|e| CallError::BadArguments { what: e.0 })?;
+                match inner.call(&request, left).await {
+                    Outcome::Reply(reply) => return Ok(reply),
+                    Outcome::Deadline => return Err(CallError::DeadlineExceeded),
+                    Outcome::Protocol(what) => return Err(CallError::Protocol(what)),
+                    Outcome::NotSent(_) => dead = generation,
+                    Outcome::Lost(_) if idempotent => dead = generation,
+                    Outcome::Lost(cause) => return Err(CallError::OutcomeUnknown(cause)),
+                }
+            }
+        };
+        match tokio::time::timeout_at(until, work).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::DeadlineExceeded),
+        }
+    }
+}
+
+/// Counts a call in progress on a reconnecting link (for graceful shutdown).
+struct ActiveCall<'a>(&'a Supervisor);
+
+impl Drop for ActiveCall<'_> {
+    fn drop(&mut self) {
+        if self.0.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.calls_idle.notify_waiters();
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The receiving half of reliable signals (`[3, stream, seq, ..]`): duplicate detection by
 //! sender stream and sequence number, acknowledgements after the handler finished, and the
-//! ordered (one at a time, in arrival order) signal mode. Also the sending half of a plain
-//! peer's acknowledged signals ([`PeerOptions::acknowledged_signals`]).
+//! ordered (one at a time, in arrival order) signal mode. The sending half is the peer's
+//! outbox (`signals.rs`).
 //!
 //! Duplicate detection keeps, per sender stream, the highest sequence number accepted so
 //! far. A sender sends a stream's signals in sequence order and re-sends unacknowledged
@@ -13,146 +13,15 @@
 //! was lost *and* whose receiver restarted is run again.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use std::time::Duration;
-
 use bytes::Bytes;
-use chatter_core::CloseCause;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{after, bump, lock, Inner};
-use crate::error::SignalError;
-use crate::outbox::{Delivery, Sent, SignalId};
 use crate::service::{BoxFuture, CatchUnwind, Dispatch, Handlers, Service};
 use crate::wire::{self, AckStatus, Incoming};
-#[cfg(doc)]
-use crate::PeerOptions;
-
-/// Where a peer delivers the acknowledgements it receives (set by a reconnecting peer).
-pub(crate) type AckSink = mpsc::UnboundedSender<(u64, u64, u8)>;
-
-/// Per-peer state of reliable delivery and shutdown.
-#[derive(Default)]
-pub(crate) struct Hooks {
-    acks: OnceLock<AckSink>,
-    ordered: OnceLock<mpsc::UnboundedSender<BoxFuture<()>>>,
-    /// Set when a graceful shutdown started: new outgoing calls fail at once.
-    pub(crate) shutting_down: AtomicBool,
-    /// This peer's own acknowledged signals (plain peers only).
-    pub(crate) tracked: Arc<Mutex<Tracked>>,
-}
-
-/// The acknowledged signals a plain peer sent and waits for: one stream per peer, in
-/// sequence order over its one connection.
-#[derive(Default)]
-pub(crate) struct Tracked {
-    stream: u64,
-    next_seq: u64,
-    waiting: HashMap<u64, oneshot::Sender<Delivery>>,
-    closed: Option<CloseCause>,
-}
-
-impl Tracked {
-    /// Wraps a plain signal envelope as a reliable one with the next sequence number and
-    /// registers its waiter. The caller hands the returned bytes to the connection, or
-    /// calls [`untrack`](Self::untrack) if it cannot.
-    pub(crate) fn track(
-        &mut self,
-        signal: &[u8],
-        ttl: Duration,
-    ) -> Result<(Bytes, Sent), SignalError> {
-        if let Some(cause) = &self.closed {
-            return Err(SignalError::ConnectionLost(cause.clone()));
-        }
-        if self.stream == 0 {
-            self.stream = crate::reconnect::random_u64() | 1;
-            self.next_seq = 1;
-        }
-        let seq = self.next_seq;
-        let bytes = wire::encode_reliable(self.stream, seq, signal, ttl)
-            .map_err(|e| SignalError::BadArguments { what: e.0 })?;
-        self.next_seq += 1;
-        let (tx, rx) = oneshot::channel();
-        self.waiting.insert(seq, tx);
-        let id = SignalId {
-            stream: self.stream,
-            seq,
-        };
-        Ok((bytes, Sent::tracked(id, rx)))
-    }
-
-    /// Forgets a signal that was not sent after all.
-    pub(crate) fn untrack(&mut self, sent: &Sent) {
-        if let Some(id) = sent.id() {
-            self.waiting.remove(&id.seq);
-        }
-    }
-
-    fn settle(&mut self, seq: u64, how: Delivery) {
-        if let Some(tx) = self.waiting.remove(&seq) {
-            let _ = tx.send(how);
-        }
-    }
-
-    /// The outbox dropped a signal whose TTL ran out before it could be sent.
-    pub(crate) fn expired_unsent(&mut self, payload: &[u8]) {
-        if self.waiting.is_empty() {
-            return;
-        }
-        if let Ok(Incoming::Reliable { stream, seq, .. }) = wire::decode_incoming(payload) {
-            if stream == self.stream {
-                self.settle(
-                    seq,
-                    Delivery::Expired {
-                        maybe_delivered: false,
-                    },
-                );
-            }
-        }
-    }
-
-    /// The connection closed: every waiter learns that the outcome is unknown.
-    pub(crate) fn connection_lost(&mut self, cause: &CloseCause) {
-        self.closed = Some(cause.clone());
-        for (_, tx) in self.waiting.drain() {
-            let _ = tx.send(Delivery::Lost(cause.clone()));
-        }
-    }
-}
-
-impl Hooks {
-    /// Routes received acknowledgements to `sink` (once per peer).
-    pub(crate) fn set_ack_sink(&self, sink: AckSink) {
-        let _ = self.acks.set(sink);
-    }
-
-    pub(crate) fn on_ack(&self, stream: u64, seq: u64, status: u8) {
-        if let Some(sink) = self.acks.get() {
-            let _ = sink.send((stream, seq, status));
-            return;
-        }
-        let mut tracked = lock(&self.tracked);
-        if stream != tracked.stream || stream == 0 {
-            tracing::debug!("chatter-rpc: acknowledgement for a stream we do not own");
-            return;
-        }
-        let how = match AckStatus::from_u8(status) {
-            Some(AckStatus::Handled) => Delivery::Handled,
-            Some(AckStatus::Expired) => Delivery::Expired {
-                maybe_delivered: false,
-            },
-            Some(AckStatus::Failed) | None => Delivery::Failed,
-        };
-        tracked.settle(seq, how);
-    }
-
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-}
 
 /// How many sender streams the duplicate table remembers.
 pub(crate) const MAX_STREAMS: usize = 4096;
@@ -295,11 +164,11 @@ impl Inner {
         self: &Arc<Self>,
         fut: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
-        if !self.options.ordered_signals {
+        if !self.peer.options.ordered_signals {
             tokio::spawn(fut);
             return;
         }
-        let queue = self.hooks.ordered.get_or_init(|| {
+        let queue = self.ordered.get_or_init(|| {
             let (tx, mut rx) = mpsc::unbounded_channel::<BoxFuture<()>>();
             tokio::spawn(async move {
                 while let Some(fut) = rx.recv().await {
@@ -340,7 +209,7 @@ impl Inner {
                 inner.send_soon(wire::encode_ack(stream, seq, status), Default::default());
             })
         };
-        match admit(stream, seq, self.options.ordered_signals, handler) {
+        match admit(stream, seq, self.peer.options.ordered_signals, handler) {
             Admit::New(Some(run)) => {
                 tokio::spawn(run);
             }
@@ -378,12 +247,12 @@ async fn run_reliable(
     // A closed semaphore (the connection went away) does not stop an accepted signal.
     let permit = tokio::time::timeout_at(expires, inner.handlers.acquire()).await;
     if permit.is_err() || Instant::now() > expires {
-        bump(&inner.stats.signals_expired_on_arrival);
+        bump(&inner.peer.stats.signals_expired_on_arrival);
         return AckStatus::Expired;
     }
     let failed = |why: &str| {
         tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
-        bump(&inner.stats.signals_failed);
+        bump(&inner.peer.stats.signals_failed);
         AckStatus::Failed
     };
     let Some(service) = service else {
@@ -395,11 +264,11 @@ async fn run_reliable(
     }));
     match dispatch {
         Ok(Dispatch::Signal) => {
-            bump(&inner.stats.signals_delivered);
+            bump(&inner.peer.stats.signals_delivered);
             match CatchUnwind(handlers.signal_mut()).await {
                 Ok(()) => AckStatus::Handled,
                 Err(message) => {
-                    bump(&inner.stats.handler_panics);
+                    bump(&inner.peer.stats.handler_panics);
                     failed(&format!("handler panicked: {message}"))
                 }
             }
@@ -408,7 +277,7 @@ async fn run_reliable(
         Ok(Dispatch::NoSuchMethod) => failed("no such method"),
         Ok(Dispatch::BadArguments(what)) => failed(&what),
         Err(_) => {
-            bump(&inner.stats.handler_panics);
+            bump(&inner.peer.stats.handler_panics);
             failed("argument decoding panicked")
         }
     }

@@ -86,7 +86,7 @@ impl Inner {
                 method,
                 args,
             }) if open && msg.first => {
-                self.stats.calls_received.bump();
+                self.peer.stats.calls_received.bump();
                 // Fast path: with a handler slot free now, start the handler right here. One
                 // that completes on its first poll (most do) is answered without a task, a
                 // timer, a cancel channel or the `inflight` lock; one that waits continues in
@@ -166,13 +166,13 @@ impl Inner {
             }) if msg.last => {
                 // Fast path, as for calls: unordered signals with a free handler slot start
                 // here, and only a handler that waits gets a task.
-                if !self.options.ordered_signals && !ttl.is_zero() {
+                if !self.peer.options.ordered_signals && !ttl.is_zero() {
                     if let Some(permit) = self.inline_slot(slot) {
                         if !self.start_signal(object, method, args, Some(last), handlers) {
                             *slot = Some(permit);
                             return;
                         }
-                        self.stats.signals_delivered_inline.bump();
+                        self.peer.stats.signals_delivered_inline.bump();
                         let mut cx = Context::from_waker(Waker::noop());
                         match Pin::new(&mut CatchUnwind(handlers.signal_mut())).poll(&mut cx) {
                             Poll::Ready(result) => {
@@ -203,7 +203,7 @@ impl Inner {
                 seq,
                 status,
             }) if msg.last => {
-                self.hooks.on_ack(stream, seq, status);
+                self.peer.on_ack(stream, seq, status);
             }
             Ok(Incoming::Cancel { call }) if msg.last => {
                 // Dropping the sender wakes the handler task, which drops the handler.
@@ -254,7 +254,7 @@ impl Inner {
                 Err(wire::encode_failure(FailureKind::BadArguments, &what))
             }
             Err(panic) => {
-                bump(&self.stats.handler_panics);
+                bump(&self.peer.stats.handler_panics);
                 let message = crate::service::panic_message(panic.as_ref());
                 Err(wire::encode_failure(FailureKind::RemotePanic, &message))
             }
@@ -289,7 +289,7 @@ impl Inner {
             Ok(Dispatch::NoSuchMethod) => failed("no such method"),
             Ok(Dispatch::BadArguments(what)) => failed(&what),
             Err(_) => {
-                bump(&self.stats.handler_panics);
+                bump(&self.peer.stats.handler_panics);
                 failed("argument decoding panicked");
             }
         }
@@ -301,7 +301,7 @@ impl Inner {
     #[inline(never)]
     pub(super) fn signal_failed(&self, object: Name<'_>, method: Name<'_>, why: &str) {
         tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
-        bump(&self.stats.signals_failed);
+        bump(&self.peer.stats.signals_failed);
     }
 
     /// Counts a signal handler that panicked.
@@ -312,7 +312,7 @@ impl Inner {
         method: Name<'_>,
     ) {
         if let Err(message) = result {
-            bump(&self.stats.handler_panics);
+            bump(&self.peer.stats.handler_panics);
             self.signal_failed(object, method, &format!("handler panicked: {message}"));
         }
     }
@@ -320,7 +320,7 @@ impl Inner {
     /// The reply for a handler's outcome (its encoded reply, or the message of its panic).
     pub(super) fn handler_result(&self, result: Result<Payload, String>) -> Payload {
         result.unwrap_or_else(|message| {
-            bump(&self.stats.handler_panics);
+            bump(&self.peer.stats.handler_panics);
             wire::encode_failure(FailureKind::RemotePanic, &message)
         })
     }
@@ -337,7 +337,7 @@ impl Inner {
     }
 
     pub(super) fn lookup(&self, object: &str) -> Option<Arc<dyn Service>> {
-        read(&self.objects).get(object).cloned()
+        read(&self.peer.objects).get(object).cloned()
     }
 
     /// [`lookup`](Self::lookup) of a name as it arrived (not UTF-8: no such object).
@@ -355,7 +355,7 @@ impl Inner {
         let Some(last) = last else {
             return self.lookup_name(object).map(Found::Owned);
         };
-        let generation = self.objects_generation.load(Ordering::Acquire);
+        let generation = self.peer.objects_generation.load(Ordering::Acquire);
         let hit = last.generation == generation && last.name.as_bytes() == object.as_bytes();
         if !hit || last.service.is_none() {
             let object = std::str::from_utf8(object.as_bytes()).ok()?;
@@ -518,12 +518,12 @@ pub(super) async fn run_signal(inner: Arc<Inner>, payload: Bytes, expires: Insta
     };
     let permit = tokio::time::timeout_at(expires, inner.handlers.acquire()).await;
     let (Ok(Ok(_permit)), false) = (permit, Instant::now() > expires) else {
-        bump(&inner.stats.signals_expired_on_arrival);
+        bump(&inner.peer.stats.signals_expired_on_arrival);
         return;
     };
     let mut handlers = Handlers::new();
     if inner.start_signal(object, method, args, None, &mut handlers) {
-        bump(&inner.stats.signals_delivered);
+        bump(&inner.peer.stats.signals_delivered);
         let result = CatchUnwind(handlers.signal_mut()).await;
         inner.signal_result(result, object, method);
     }
