@@ -1,10 +1,12 @@
 //! The link of a [`Peer`]: what makes its connections. A peer made from a connection has
 //! a plain link (that connection; it never reconnects). A reconnecting peer's link is a
 //! [`Supervisor`]: it connects to an address, makes a connection part ([`Inner`]) for each
-//! connection, and reconnects with [`Backoff`] after the connection drops.
+//! connection, and reconnects with [`Backoff`] after the connection drops, as its
+//! [`ReconnectOptions`] say.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +19,7 @@ use tokio::time::Instant;
 use crate::store::{self, Store};
 
 use super::events::{ConnectionState, PeerEvent};
-use super::options::{bump, PeerOptions, ReconnectOptions};
+use super::options::{bump, PeerOptions};
 use super::outbox::{Item, Outbox};
 use super::signals::{run_sender, sweep};
 use super::{Inner, PeerState, MAX_DURATION};
@@ -27,8 +29,8 @@ pub(crate) enum Link {
     /// One connection, given when the peer was made (the [`Peer`](super::Peer) holds its
     /// [`Inner`]); it never reconnects.
     Plain,
-    /// Connects to an address and reconnects.
-    Reconnecting(Supervisor),
+    /// Connects to an address and reconnects (boxed: a plain peer does not carry it).
+    Reconnecting(Box<Supervisor>),
 }
 
 /// The state of a reconnecting link, shared by its supervisor task and the peer.
@@ -183,6 +185,63 @@ impl Backoff {
     }
 }
 
+/// Settings of a reconnecting [`Peer`](crate::Peer)'s link, beyond the connection's
+/// [`Options`](crate::Options) and the [`PeerOptions`].
+///
+/// ```
+/// use std::time::Duration;
+/// use chatter_rpc::{Backoff, ReconnectOptions};
+///
+/// let options = ReconnectOptions::default()
+///     .backoff(Backoff::exponential(Duration::from_millis(10), Duration::from_secs(5)))
+///     .window(64)
+///     .store("/var/lib/myapp/outbox.sqlite"); // persistent signals
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReconnectOptions {
+    pub(crate) backoff: Backoff,
+    pub(crate) window: Option<usize>,
+    pub(crate) store: Option<PathBuf>,
+}
+
+impl ReconnectOptions {
+    /// When to reconnect (default [`Backoff::default`]).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// How many signals may be sent and not yet acknowledged on a connection (default
+    /// 128). A smaller window re-sends less after a cut; a larger one keeps more signals
+    /// in flight on slow links.
+    pub fn window(mut self, signals: usize) -> Self {
+        self.window = Some(signals.max(1));
+        self
+    }
+
+    /// Stores *persistent* signals (methods marked `#[signal(persistent)]`, or any signal
+    /// sent through a generated client's `persistent()`) in this SQLite file: each
+    /// is written before its send completes and deleted only when the receiver
+    /// acknowledged it (or its TTL ran out). Signals still in the file are loaded and
+    /// re-sent when a peer is started on it again, for example after a crash of the
+    /// process. Other signals stay in memory (they are lost with the process), but the
+    /// store keeps the sender's stream id, so a restarted sender continues its stream and
+    /// the receiver keeps discarding duplicates. Without a store, every signal is in
+    /// memory only.
+    ///
+    /// Cost: each persistent send and each of its acknowledgements is one synced SQLite
+    /// transaction on the thread of the task that sends it or receives the
+    /// acknowledgement (WAL journal, `synchronous = FULL`: durable against a crash of the
+    /// process and of the machine), so persistent signals are bounded by the disk's sync
+    /// rate. A signal's TTL keeps counting while the process is down (wall clock): one
+    /// that ran out meanwhile is dropped and counted at the next start.
+    pub fn store(mut self, path: impl Into<PathBuf>) -> Self {
+        self.store = Some(path.into());
+        self
+    }
+}
+
 /// Makes a reconnecting peer's state (loading its store) and starts its tasks.
 pub(crate) fn start_reconnecting(
     address: Address,
@@ -228,7 +287,7 @@ pub(crate) fn start_reconnecting(
         last_error: "not connected yet".into(),
         cause: None,
     });
-    let link = Link::Reconnecting(Supervisor {
+    let link = Link::Reconnecting(Box::new(Supervisor {
         address,
         options,
         reconnect,
@@ -236,7 +295,7 @@ pub(crate) fn start_reconnecting(
         stop,
         calls: AtomicUsize::new(0),
         calls_idle: Notify::new(),
-    });
+    }));
     let state = Arc::new(PeerState::new(peer_options, link, stream, outbox, store));
     for seq in loaded_expired {
         bump(&state.stats.signals_expired);

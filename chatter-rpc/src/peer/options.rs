@@ -1,12 +1,9 @@
-//! [`PeerOptions`], [`ReconnectOptions`], [`WhenFull`] and the counters ([`PeerStats`]).
+//! [`PeerOptions`], [`WhenFull`] and the counters ([`PeerStats`]).
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-
-use super::link::Backoff;
 
 /// Settings of a [`Peer`](crate::Peer), whatever its link.
 ///
@@ -129,63 +126,6 @@ pub enum WhenFull {
     /// acknowledged one is also reported as
     /// [`PeerEvent::SignalDropped`](crate::PeerEvent::SignalDropped)) to make room.
     DropOldest,
-}
-
-/// Settings of a reconnecting [`Peer`](crate::Peer)'s link, beyond the connection's
-/// [`Options`](crate::Options) and the [`PeerOptions`].
-///
-/// ```
-/// use std::time::Duration;
-/// use chatter_rpc::{Backoff, ReconnectOptions};
-///
-/// let options = ReconnectOptions::default()
-///     .backoff(Backoff::exponential(Duration::from_millis(10), Duration::from_secs(5)))
-///     .window(64)
-///     .store("/var/lib/myapp/outbox.sqlite"); // persistent signals
-/// # let _ = options;
-/// ```
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ReconnectOptions {
-    pub(crate) backoff: Backoff,
-    pub(crate) window: Option<usize>,
-    pub(crate) store: Option<PathBuf>,
-}
-
-impl ReconnectOptions {
-    /// When to reconnect (default [`Backoff::default`]).
-    pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
-        self
-    }
-
-    /// How many signals may be sent and not yet acknowledged on a connection (default
-    /// 128). A smaller window re-sends less after a cut; a larger one keeps more signals
-    /// in flight on slow links.
-    pub fn window(mut self, signals: usize) -> Self {
-        self.window = Some(signals.max(1));
-        self
-    }
-
-    /// Stores *persistent* signals (methods marked `#[signal(persistent)]`, or any signal
-    /// sent through a generated client's `persistent()`) in this SQLite file: each
-    /// is written before its send completes and deleted only when the receiver
-    /// acknowledged it (or its TTL ran out). Signals still in the file are loaded and
-    /// re-sent when a peer is started on it again, for example after a crash of the
-    /// process. Other signals stay in memory (they are lost with the process), but the
-    /// store keeps the sender's stream id, so a restarted sender continues its stream and
-    /// the receiver keeps discarding duplicates. Without a store, every signal is in
-    /// memory only.
-    ///
-    /// Cost: each persistent send and each of its acknowledgements is one synced SQLite
-    /// transaction on the thread of the task that sends it or receives the
-    /// acknowledgement (WAL journal, `synchronous = FULL`: durable against a crash of the
-    /// process and of the machine), so persistent signals are bounded by the disk's sync
-    /// rate. A signal's TTL keeps counting while the process is down (wall clock): one
-    /// that ran out meanwhile is dropped and counted at the next start.
-    pub fn store(mut self, path: impl Into<PathBuf>) -> Self {
-        self.store = Some(path.into());
-        self
-    }
 }
 
 /// Counters of a [`Peer`](crate::Peer), from [`Peer::stats`](crate::Peer::stats). They
