@@ -67,6 +67,7 @@ pub struct SendOptions {
     last: bool,
     token: bool,
     timeout: Option<Duration>,
+    reserve: u64,
 }
 
 impl Default for SendOptions {
@@ -83,7 +84,22 @@ impl SendOptions {
             last: true,
             token: true,
             timeout: None,
+            reserve: 0,
         }
+    }
+
+    /// Send only while at least `bytes` of the peer's receive window stay free after this
+    /// message (default 0): otherwise the send waits (or
+    /// [`try_send`](Connection::try_send) fails with [`SendError::WouldBlock`]) as for a
+    /// full window. When nothing is in flight the message goes whatever its size.
+    ///
+    /// For keeping part of the window for more urgent messages: chatter-rpc sends replies
+    /// with no reserve, calls with a quarter of the window and signals with half
+    /// ([`Connection::peer_window`]), so that a backlog of signals the receiver is slow to
+    /// handle never takes the whole window from calls and replies.
+    pub fn reserve(mut self, bytes: u64) -> Self {
+        self.reserve = bytes;
+        self
     }
 
     /// Send in an existing conversation instead of opening one.
@@ -126,9 +142,18 @@ pub struct Msg {
     pub token: bool,
     /// The raw payload (MessagePack when sent with [`Connection::send`]).
     pub payload: Bytes,
+    /// Its flow-control cost (frame body + 64 bytes).
+    credit: u32,
 }
 
 impl Msg {
+    /// The flow-control credit this message costs the sender: its frame body plus 64
+    /// bytes. Messages taken with [`Connection::next_events_holding`] hold it until it is
+    /// given back with [`Connection::release`].
+    pub fn credit(&self) -> u32 {
+        self.credit
+    }
+
     /// Decodes the payload as `T` with [`codec::decode`](crate::codec::decode): as
     /// `rmp_serde::from_slice` would, but values nested deeper than
     /// [`codec::MAX_DEPTH`](crate::codec::MAX_DEPTH) levels are refused with
@@ -351,6 +376,91 @@ impl Connection {
             (taken > 0).then_some(taken)
         })
         .await
+    }
+
+    /// [`next_events`](Self::next_events), except that the messages' flow-control credit is
+    /// *not* given back when they are taken: the peer's window stays used by them until
+    /// the application calls [`release`](Self::release) with their
+    /// [`credit`](Msg::credit), for example once it has handled them. `release` bytes are
+    /// given back first (the same as calling `release` before, without a second lock).
+    ///
+    /// This is end-to-end backpressure: a peer can send no more than the receive window
+    /// ahead of what the application finished with. Give every message's credit back
+    /// exactly once; credit never released stops the peer for good (releasing more than
+    /// was received is ignored).
+    ///
+    /// ```
+    /// use chatter_core::{connect, listen, Event, Options, SendOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+    /// let a = connect(&server.addresses()[0], Options::default()).await?;
+    /// let b = server.accept().await.expect("open");
+    /// a.send_bytes(b"work", SendOptions::new()).await?;
+    /// let mut events = Vec::new();
+    /// b.next_events_holding(&mut events, 16, 0).await?;
+    /// let Event::Message(msg) = &events[0] else { unreachable!() };
+    /// assert_eq!(b.buffered().received, u64::from(msg.credit())); // still held
+    /// b.release(u64::from(msg.credit())); // done with it: the peer may send more
+    /// assert_eq!(b.buffered().received, 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn next_events_holding(
+        &self,
+        events: &mut Vec<Event>,
+        max: usize,
+        release: u64,
+    ) -> Result<usize, ConnectionClosed> {
+        let max = max.max(1);
+        let mut release = release;
+        self.next(|inner| {
+            if release > 0 {
+                inner.release(std::mem::take(&mut release));
+            }
+            let before = events.len();
+            while events.len() - before < max {
+                match inner.pop_message_holding() {
+                    Some(msg) => events.push(Event::Message(msg)),
+                    None => break,
+                }
+            }
+            while events.len() - before < max {
+                match inner.timeouts.pop_front() {
+                    Some(conv) => events.push(Event::Timeout(conv)),
+                    None => break,
+                }
+            }
+            let taken = events.len() - before;
+            (taken > 0).then_some(taken)
+        })
+        .await
+    }
+
+    /// Gives back the flow-control credit of messages taken with
+    /// [`next_events_holding`](Self::next_events_holding): `bytes` is the sum of their
+    /// [`credit`](Msg::credit)s. The peer learns of it in a window frame (one for credit
+    /// released in quick succession).
+    pub fn release(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let shared = self.shared();
+        let mut inner = shared.lock();
+        let was_idle = !inner.proto.has_output();
+        inner.release(bytes);
+        let wake = inner.driver_wake(was_idle);
+        drop(inner);
+        if let Some(w) = wake {
+            w.wake();
+        }
+    }
+
+    /// The most flow-control credit the peer grants this side: its announced receive
+    /// window (before its hello, the early credit of 4096 bytes). See
+    /// [`SendOptions::reserve`].
+    pub fn peer_window(&self) -> u64 {
+        self.shared().lock().proto.peer_window()
     }
 
     /// This side's address.
@@ -725,8 +835,15 @@ impl Inner {
     /// protocol's queue until taken (no second queue to move them through).
     #[inline]
     fn pop_message(&mut self) -> Option<Msg> {
+        let msg = self.pop_message_holding()?;
+        self.proto.release(msg.credit);
+        Some(msg)
+    }
+
+    /// Takes the next message and keeps its flow-control credit.
+    #[inline]
+    fn pop_message_holding(&mut self) -> Option<Msg> {
         let m = self.proto.poll_message()?;
-        self.proto.release(m.cost);
         Some(Msg {
             conversation: Conversation {
                 connection: self.connection,
@@ -736,7 +853,17 @@ impl Inner {
             last: m.last,
             token: m.token,
             payload: m.payload,
+            credit: m.cost,
         })
+    }
+
+    /// Gives back held credit (any amount: the protocol takes it in `u32` steps).
+    fn release(&mut self, mut bytes: u64) {
+        while bytes > 0 {
+            let step = bytes.min(u32::MAX as u64);
+            self.proto.release(step as u32);
+            bytes -= step;
+        }
     }
 
     /// Moves protocol events other than messages into the queues; says who to wake.
@@ -823,7 +950,10 @@ impl Shared {
             Some(_) => Instant::now().into_std(),
             None => inner.clock,
         };
-        match inner.proto.send(now, args, payload) {
+        match inner
+            .proto
+            .send_reserving(now, args, payload, options.reserve)
+        {
             Ok(id) => {
                 let waker = if was_idle { inner.driver.clone() } else { None };
                 drop(inner);

@@ -84,8 +84,20 @@
 //!   the callee's [`RemoteContext`] (`Display` and `source()` chain), and separates every
 //!   framework failure. A panicking handler produces [`CallError::RemotePanic`]; the callee
 //!   keeps serving.
-//! - **Concurrency**: each call and signal runs in its own task on the callee, at most
-//!   [`PeerOptions::max_concurrent_handlers`] at once per connection.
+//! - **Concurrency and backpressure**: the callee runs at most
+//!   [`PeerOptions::max_concurrent_handlers`] handlers at once per connection (a handler
+//!   that completes on its first poll runs in the receive task; others get a task). A
+//!   call or signal that finds every slot taken waits, in arrival order, and a freed slot
+//!   goes to the oldest waiting call before any signal. Each received request holds its
+//!   flow-control credit until its handler finished or it was dropped (deadline, TTL,
+//!   cancel): the sender can be no more than the connection's `receive_window` ahead of
+//!   the handlers, and then waits. A reply waits for send credit while its handler slot
+//!   stays taken, so a caller that does not read its replies stalls only its own calls.
+//!   The bound per connection on the callee, whatever the caller does: requests held ≤
+//!   `receive_window` (counted as frame body + 64 bytes each, about twice that in memory
+//!   for the smallest requests), plus what the running handlers hold and return
+//!   (`max_concurrent_handlers` × the largest reply), plus chatter-core's own buffers
+//!   (`docs/SECURITY.md`).
 //! - **Symmetry**: both ends of a connection are [`Peer`]s; either can host objects and
 //!   call the other.
 //! - **Links**: a [`Peer`] made from a connection ([`Peer::new`]) closes with it; one

@@ -11,6 +11,7 @@ all_transports!(
     both_sides_open_conversations_concurrently,
     a_fast_producer_keeps_memory_bounded_and_loses_nothing,
     next_event_delivers_messages_and_timeouts,
+    held_credit_stops_the_sender_until_released,
 );
 
 async fn out_of_turn_and_after_last_sends_are_rejected(t: Transport) {
@@ -199,6 +200,58 @@ async fn a_fast_producer_keeps_memory_bounded_and_loses_nothing(t: Transport) {
         assert_eq!(&m.payload[4..], &payload[..]);
     }
     feeder.await.unwrap();
+}
+
+async fn held_credit_stops_the_sender_until_released(t: Transport) {
+    const WINDOW: u32 = 64 * 1024;
+    let consumer_options = Options::default()
+        .receive_window(WINDOW)
+        .max_frame_size(WINDOW / 2);
+    let (_server, producer, consumer) = pair_with(t, consumer_options, Options::default()).await;
+    let payload = vec![0xcdu8; 1000];
+    let mut sent = 0u32;
+    while producer
+        .try_send(&message(sent, &payload), SendOptions::new())
+        .is_ok()
+    {
+        sent += 1;
+    }
+    // The consumer takes every message but holds their credit.
+    let mut events = Vec::new();
+    while events.len() < sent as usize {
+        consumer
+            .next_events_holding(&mut events, 64, 0)
+            .await
+            .unwrap();
+    }
+    let credits: Vec<u64> = events
+        .iter()
+        .map(|e| match e {
+            Event::Message(m) => u64::from(m.credit()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let held: u64 = credits.iter().sum();
+    assert!(held <= u64::from(WINDOW));
+    assert_eq!(consumer.buffered().received, held);
+    // Nothing came back: the producer still may not send, however long it waits.
+    let next = message(sent, &payload);
+    let blocked = producer.send_bytes(&next, SendOptions::new());
+    tokio::pin!(blocked);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut blocked)
+            .await
+            .is_err(),
+        "sent while the consumer held all the credit"
+    );
+    // Released (one message at a time, as handlers finish), the send goes through.
+    for credit in credits {
+        consumer.release(credit);
+    }
+    assert_eq!(consumer.buffered().received, 0);
+    blocked.await.unwrap();
+    let m = consumer.receive().await.unwrap();
+    assert_eq!(u32::from_be_bytes(m.payload[..4].try_into().unwrap()), sent);
 }
 
 fn message(i: u32, payload: &[u8]) -> Vec<u8> {

@@ -409,12 +409,30 @@ impl Protocol {
         args: SendArgs,
         payload: &[u8],
     ) -> Result<ConversationId, SendRefused> {
+        self.send_reserving(now, args, payload, 0)
+    }
+
+    /// [`send`](Self::send), refused with [`SendRefused::NoCredit`] unless at least
+    /// `reserve` bytes of the peer's window stay free after this message, or nothing is in
+    /// flight (all the credit the peer can grant is here: the message may then use what it
+    /// needs). For senders that keep part of the window for more urgent messages: an RPC
+    /// layer sends replies with no reserve, calls with some and signals with more, so that
+    /// a backlog of signals never takes the window from calls and replies.
+    #[inline]
+    pub fn send_reserving(
+        &mut self,
+        now: Instant,
+        args: SendArgs,
+        payload: &[u8],
+        reserve: u64,
+    ) -> Result<ConversationId, SendRefused> {
         match self.state {
             // Before the peer's hello, the early credit stands in for its window.
             State::Open | State::Handshaking { .. } => {}
             State::Closed => return Err(SendRefused::Closed),
         }
         let id = self.next_tx_id;
+        let peer_window = self.peer_window();
         // An existing conversation is looked up once, for the turn check and the update.
         let existing = match args.conversation {
             None => None,
@@ -462,7 +480,13 @@ impl Protocol {
                 max: self.send_max as u32,
             });
         }
-        if cost > self.send_credit || self.out.len() + self.unwritten >= self.send_buffer {
+        let reserved = reserve > 0
+            && cost.saturating_add(reserve) > self.send_credit
+            && self.send_credit < peer_window;
+        if cost > self.send_credit
+            || reserved
+            || self.out.len() + self.unwritten >= self.send_buffer
+        {
             self.send_blocked = true;
             return Err(SendRefused::NoCredit);
         }
@@ -718,6 +742,16 @@ impl Protocol {
         }
     }
 
+    /// The most send credit the peer can grant: its announced `receive_window`, or the
+    /// early credit before its hello. What it granted now is this less what is in flight.
+    pub fn peer_window(&self) -> u64 {
+        if self.is_open() {
+            self.peer.receive_window as u64
+        } else {
+            EARLY_CREDIT as u64
+        }
+    }
+
     /// Flow-control bytes of received messages not yet given back with
     /// [`release`](Self::release) (each counted as its body length plus
     /// [`MESSAGE_OVERHEAD`]); never more than the configured `receive_window`.
@@ -776,8 +810,11 @@ impl Protocol {
         if !self.is_open() {
             return;
         }
-        self.rx_used = self.rx_used.saturating_sub(cost as u64);
-        self.rx_unannounced += cost as u64;
+        // Never more than was received: credit given back twice would let the peer send
+        // beyond the window (and the peer would take the window frame for an error).
+        let cost = (cost as u64).min(self.rx_used);
+        self.rx_used -= cost;
+        self.rx_unannounced += cost;
         if self.rx_unannounced >= self.window_threshold {
             if self.out.len() + self.unwritten <= self.send_buffer {
                 // Queued at once while the output moves: the peer's credit comes back

@@ -531,6 +531,80 @@ fn flow_control_blocks_the_sender_until_the_receiver_consumes() {
 }
 
 #[test]
+fn a_reserve_keeps_part_of_the_window_for_other_sends() {
+    let config = Config {
+        receive_window: 1640,
+        max_frame_size: 800,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config.clone(), config);
+    assert_eq!(p.a.peer_window(), 1640);
+    // Messages costing 164 bytes with half the window (820) reserved: 4 fit (656 + 820 =
+    // 1476 <= 1640), the fifth would leave less than the reserve.
+    let mut sent = 0;
+    while p
+        .a
+        .send_reserving(p.now, SendArgs::new(), &[7u8; 95], 820)
+        .is_ok()
+    {
+        sent += 1;
+    }
+    assert_eq!(sent, 5, "the fifth leaves 820, exactly the reserve");
+    // Sends without a reserve still have the rest of the window.
+    let mut urgent = 0;
+    while p.a.send(p.now, SendArgs::new(), &[7u8; 95]).is_ok() {
+        urgent += 1;
+    }
+    assert_eq!(urgent, 5);
+    // A refused reserved send is woken by credit like any refused send.
+    p.flush();
+    let got = messages(&mut p.b);
+    for m in &got {
+        p.b.release(m.cost);
+    }
+    p.flush();
+    assert!(matches!(events(&mut p.a).as_slice(), [Event::Writable]));
+}
+
+#[test]
+fn with_nothing_in_flight_a_reserve_does_not_stop_a_large_message() {
+    let config = Config {
+        receive_window: 4096,
+        max_frame_size: 3000,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config.clone(), config);
+    // 2900 + reserve 2048 exceeds the window, but the whole window is free.
+    assert!(p
+        .a
+        .send_reserving(p.now, SendArgs::new(), &[1u8; 2900], 2048)
+        .is_ok());
+    // Now something is in flight: a small message with the same reserve waits.
+    assert!(matches!(
+        p.a.send_reserving(p.now, SendArgs::new(), &[1u8; 10], 2048),
+        Err(SendRefused::NoCredit)
+    ));
+}
+
+#[test]
+fn credit_released_twice_is_not_given_back_twice() {
+    let mut p = Pair::new();
+    p.a.send(p.now, SendArgs::new(), &[7u8; 100]).unwrap();
+    p.flush();
+    let got = messages(&mut p.b);
+    assert_eq!(p.b.received_unreleased(), got[0].cost as u64);
+    p.b.release(got[0].cost);
+    p.b.release(got[0].cost);
+    p.b.release(u32::MAX);
+    assert_eq!(p.b.received_unreleased(), 0);
+    // Were the extra releases counted, the window frame would exceed a's window and a
+    // would close with a protocol error.
+    p.flush();
+    p.advance(Duration::from_secs(1));
+    assert!(!p.a.is_closed() && !p.b.is_closed());
+}
+
+#[test]
 fn held_back_credit_never_blocks_a_maximum_size_message() {
     // A window barely larger than the maximum frame: credit must come back almost at once.
     let config = Config {

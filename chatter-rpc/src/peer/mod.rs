@@ -21,15 +21,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
 use chatter_core::proto::IdBuildHasher;
-use chatter_core::{CloseCause, Connection, Options, SendOptions, ToAddress};
-use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use chatter_core::{CloseCause, Connection, Options, SendError, SendOptions, ToAddress};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
-use crate::service::{BoxFuture, Service};
+use crate::service::Service;
 use crate::store::Store;
+use crate::wire::{self, FailureKind, Payload};
 
+mod backlog;
 mod calls;
 mod events;
 mod link;
@@ -40,6 +41,7 @@ mod serve;
 mod shutdown;
 mod signals;
 
+use backlog::{Kind, Slots};
 pub(crate) use calls::Outcome;
 use calls::{Pending, Slot};
 use events::Subscribers;
@@ -51,7 +53,7 @@ use options::Stats;
 pub use options::{PeerOptions, PeerStats, WhenFull};
 use outbox::{Delivery, Item, Outbox};
 pub use outbox::{Sent, SignalId};
-use serve::run_reader;
+use serve::{run_reader, Answer};
 pub(crate) use signals::Attempt;
 
 /// One end of RPC connections: hosts objects, makes calls, sends signals.
@@ -276,7 +278,11 @@ impl Peer {
 
     /// A snapshot of the peer's counters.
     pub fn stats(&self) -> PeerStats {
-        self.state.stats.snapshot()
+        let mut stats = self.state.stats.snapshot();
+        if let Some(inner) = self.current() {
+            stats.requests_waiting = inner.slots.waiting() as u64;
+        }
+        stats
     }
 
     /// Where the peer's link stands now. A peer made from a connection is
@@ -561,25 +567,22 @@ pub(crate) struct Inner {
     /// Set with `inflight.closing` by a close (a graceful shutdown sets
     /// `peer.shutting_down` first): lets the call fast path skip the `inflight` lock.
     closing: AtomicBool,
-    /// Running call handler tasks (for graceful close).
+    /// Calls accepted and not answered yet, other than those answered inline (for graceful
+    /// close and shutdown).
     active: AtomicUsize,
     idle: Notify,
-    handlers: Semaphore,
-    /// Control messages (cancels, acknowledgements, replies) waiting for flow-control
-    /// credit; its task starts on first use, so that idle connections do not pay for it.
-    control: OnceLock<mpsc::UnboundedSender<Control>>,
+    /// Handler slots, and the requests waiting for one (`peer/backlog.rs`).
+    slots: Slots,
+    /// Answers waiting for send credit, each holding its request's credit; the task
+    /// starts on first use.
+    answers: OnceLock<mpsc::UnboundedSender<Answer>>,
     /// Whether the task that sends this connection the outbox's signals was started.
     sender: OnceLock<()>,
-    /// Ordered signal mode: the handlers of received signals, run one after another.
-    ordered: OnceLock<mpsc::UnboundedSender<BoxFuture<()>>>,
+    /// The peer's receive window once it is final (0 before): see
+    /// [`peer_window`](Self::peer_window).
+    peer_window: AtomicU64,
     /// Asks the receive task to close the connection.
     shutdown: Notify,
-}
-
-/// A control message waiting for credit.
-struct Control {
-    payload: Bytes,
-    options: SendOptions,
 }
 
 #[derive(Default)]
@@ -607,7 +610,11 @@ impl Inner {
         let shutting_down = peer.is_shutting_down();
         let inner = Arc::new(Inner {
             conn: connection,
-            handlers: Semaphore::new(peer.options.max_concurrent_handlers),
+            slots: Slots::new(
+                peer.options.max_concurrent_handlers,
+                peer.options.ordered_signals,
+            ),
+            answers: OnceLock::new(),
             peer,
             generation,
             pending: Mutex::new(Pending::default()),
@@ -615,9 +622,8 @@ impl Inner {
             closing: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
-            control: OnceLock::new(),
             sender: OnceLock::new(),
-            ordered: OnceLock::new(),
+            peer_window: AtomicU64::new(0),
             shutdown: Notify::new(),
         });
         if shutting_down {
@@ -635,6 +641,16 @@ impl Inner {
             self.closing.store(true, Ordering::Release);
             inflight.calls.clear();
         }
+        // Calls waiting for a handler slot are cancelled as the running ones.
+        let mut release = 0;
+        for item in self.slots.drain(|item| matches!(item.kind, Kind::Call(_))) {
+            if let Kind::Call(conv) = item.kind {
+                let cancelled = wire::encode_failure(FailureKind::Cancelled, "closing");
+                release += self.answer(conv, cancelled, item.credit);
+                self.call_done();
+            }
+        }
+        self.conn.release(release);
         let _ = tokio::time::timeout(CLOSE_GRACE, until_zero(&self.active, &self.idle)).await;
         self.conn.close().await;
     }
@@ -679,35 +695,48 @@ impl Inner {
             self.closing.store(true, Ordering::Release);
             inflight.calls.clear();
         }
+        // Requests still waiting for a handler slot will not run: calls cannot be answered
+        // any more (their callers learn of the close), signals are dropped and counted,
+        // and reliable signals are left for the sender to re-send (it had no
+        // acknowledgement), which keeps them in order across the reconnect.
+        for item in self.slots.drain(|_| true) {
+            match item.kind {
+                Kind::Call(_) => self.call_done(),
+                Kind::Signal => {
+                    tracing::debug!("chatter-rpc: a received signal was dropped: the connection closed before a handler slot was free");
+                    bump(&self.peer.stats.signals_failed);
+                }
+                Kind::Reliable(admitted) => admitted.abandon(),
+                Kind::Duplicate { .. } => {}
+            }
+        }
         self.peer.connection_closed(&cause);
     }
 
-    /// Hands a control message to the connection now if it has credit, else to the
-    /// control queue, whose task sends it once there is credit.
-    pub(crate) fn send_soon(&self, payload: crate::wire::Payload, options: SendOptions) {
+    /// The peer's receive window ([`Connection::peer_window`]), which outgoing calls and
+    /// signals keep part of free for replies (`SendOptions::reserve`). Remembered once it
+    /// is final (the peer's hello announced it), so that a send does not take the
+    /// connection's lock an extra time for it.
+    pub(crate) fn peer_window(&self) -> u64 {
+        let known = self.peer_window.load(Ordering::Relaxed);
+        if known != 0 {
+            return known;
+        }
+        let window = self.conn.peer_window();
+        // Until the hello arrived, the window is the early credit, and may grow.
+        if window != u64::from(chatter_core::proto::EARLY_CREDIT) {
+            self.peer_window.store(window, Ordering::Relaxed);
+        }
+        window
+    }
+
+    /// Hands a control message (a cancel) to the connection now if it has credit, else to
+    /// the queue of answers (which goes ahead of signals waiting for credit).
+    pub(crate) fn send_soon(&self, payload: Payload, options: SendOptions) {
         match self.conn.try_send(&payload, options) {
-            Err(chatter_core::SendError::WouldBlock) => {
-                let queue = self.control.get_or_init(|| {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    self.peer.runtime.spawn(run_control(self.conn.clone(), rx));
-                    tx
-                });
-                let _ = queue.send(Control {
-                    payload: payload.into_bytes(),
-                    options,
-                });
-            }
+            Err(SendError::WouldBlock) => self.queue_holding(payload, options, 0),
             Err(e) => tracing::debug!("chatter-rpc: dropping a control message: {e}"),
             Ok(_) => {}
-        }
-    }
-}
-
-/// Sends control messages as credit allows, in order.
-async fn run_control(conn: Connection, mut rx: mpsc::UnboundedReceiver<Control>) {
-    while let Some(item) = rx.recv().await {
-        if let Err(e) = conn.send_bytes(&item.payload, item.options).await {
-            tracing::debug!("chatter-rpc: control message not sent: {e}");
         }
     }
 }

@@ -3,8 +3,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-
 /// Settings of a [`Peer`](crate::Peer), whatever its link.
 ///
 /// ```
@@ -59,9 +57,15 @@ impl PeerOptions {
     }
 
     /// How many handlers (calls and signals) of this connection run at once (default 256,
-    /// at least 1). Further requests wait for a slot until their deadline or TTL.
+    /// at least 1). Further requests wait for a slot (calls first, then signals, each in
+    /// arrival order), each until its deadline or TTL, holding its flow-control credit:
+    /// the sender cannot get more than the connection's `receive_window` ahead.
+    ///
+    /// Each running handler may hold its reply until the caller's window takes it, so
+    /// `max_concurrent_handlers` × the largest reply is part of a connection's memory
+    /// bound: lower it for methods that return large values to untrusted callers.
     pub fn max_concurrent_handlers(mut self, limit: usize) -> Self {
-        self.max_concurrent_handlers = limit.clamp(1, Semaphore::MAX_PERMITS);
+        self.max_concurrent_handlers = limit.max(1);
         self
     }
 
@@ -170,6 +174,12 @@ pub struct PeerStats {
     pub calls_received: u64,
     /// Handlers (calls or signals) that panicked.
     pub handler_panics: u64,
+    /// Received calls and signals waiting for a handler slot now (a gauge). Each holds its
+    /// flow-control credit until it ran or was dropped, so their bytes are part of
+    /// [`Buffered::received`](chatter_core::Buffered::received) of
+    /// [`Connection::buffered`](chatter_core::Connection::buffered), which stays within
+    /// the connection's `receive_window`.
+    pub requests_waiting: u64,
 }
 
 /// The counters behind [`PeerStats`], one set per peer.
@@ -232,6 +242,7 @@ impl Stats {
             signals_failed: l(&self.signals_failed),
             calls_received: self.calls_received.get(),
             handler_panics: l(&self.handler_panics),
+            requests_waiting: 0,
         }
     }
 }

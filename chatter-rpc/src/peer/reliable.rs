@@ -12,21 +12,26 @@
 //! forgotten first), and is lost when the process exits: a signal whose acknowledgement
 //! was lost *and* whose receiver restarted is run again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use std::time::Duration;
 
+use chatter_core::{Msg, SendError, SendOptions};
+use tokio::sync::oneshot;
+
+use super::backlog::{Kind, Waiting};
+use super::serve::Batch;
 use super::{after, bump, lock, Inner};
-use crate::service::{BoxFuture, CatchUnwind, Dispatch, Handlers, Service};
-use crate::wire::{self, AckStatus, Incoming};
+use crate::service::{CatchUnwind, Dispatch, Handlers};
+use crate::wire::{self, AckStatus, Name};
 
 /// How many sender streams the duplicate table remembers.
 pub(crate) const MAX_STREAMS: usize = 4096;
 /// How many non-`Handled` outcomes are remembered per stream (for re-acknowledgements).
 const MAX_EXCEPTIONS: usize = 1024;
+/// How many abandoned signals are remembered per stream (see [`Admitted::abandon`]).
+const MAX_ABANDONED: usize = 65_536;
 
 #[derive(Default)]
 struct Streams {
@@ -34,6 +39,7 @@ struct Streams {
     tick: u64,
 }
 
+#[derive(Default)]
 struct StreamState {
     /// Highest sequence number accepted.
     high: u64,
@@ -41,17 +47,19 @@ struct StreamState {
     running: HashMap<u64, Vec<oneshot::Sender<AckStatus>>>,
     /// Recent outcomes other than `Handled`.
     exceptions: VecDeque<(u64, AckStatus)>,
-    /// Ordered mode: this stream's handlers, run one after another in sequence order
-    /// whichever connection brought them (so a re-sent signal on a new connection cannot
-    /// overtake one still queued from the old connection).
-    queue: Option<mpsc::UnboundedSender<BoxFuture<()>>>,
+    /// Accepted, then dropped unrun because their connection closed while they waited
+    /// for a handler slot: a re-sent copy is accepted as new.
+    abandoned: HashSet<u64>,
     used: u64,
 }
 
-enum Admit {
-    /// New: run this (already queued in ordered mode).
-    New(Option<BoxFuture<()>>),
+/// What the duplicate table says about an arriving reliable signal.
+pub(super) enum Admit {
+    /// New: run it, then [`finish`](Admitted::finish) it.
+    New(Admitted),
+    /// A copy is running: acknowledge with its outcome when it arrives.
     Running(oneshot::Receiver<AckStatus>),
+    /// Done before: acknowledge again with this outcome.
     Done(AckStatus),
 }
 
@@ -60,7 +68,7 @@ fn streams() -> &'static Mutex<Streams> {
     STREAMS.get_or_init(Mutex::default)
 }
 
-fn admit(stream: u64, seq: u64, ordered: bool, handler: impl FnOnce() -> BoxFuture<()>) -> Admit {
+pub(super) fn admit(stream: u64, seq: u64) -> Admit {
     let mut all = lock(streams());
     all.tick += 1;
     let tick = all.tick;
@@ -75,35 +83,16 @@ fn admit(stream: u64, seq: u64, ordered: bool, handler: impl FnOnce() -> BoxFutu
             all.map.remove(&k);
         }
     }
-    let st = all.map.entry(stream).or_insert_with(|| StreamState {
-        high: 0,
-        running: HashMap::new(),
-        exceptions: VecDeque::new(),
-        queue: None,
-        used: 0,
-    });
+    let st = all.map.entry(stream).or_default();
     st.used = tick;
-    if seq > st.high {
-        st.high = seq;
+    if seq > st.high || st.abandoned.remove(&seq) {
+        st.high = st.high.max(seq);
         st.running.insert(seq, Vec::new());
-        if !ordered {
-            return Admit::New(Some(handler()));
-        }
-        let queue = st.queue.get_or_insert_with(|| {
-            let (tx, mut rx) = mpsc::unbounded_channel::<BoxFuture<()>>();
-            tokio::spawn(async move {
-                while let Some(fut) = rx.recv().await {
-                    fut.await;
-                }
-            });
-            tx
+        return Admit::New(Admitted {
+            stream,
+            seq,
+            done: false,
         });
-        // A dead worker (runtime shutting down): hand the handler back rather than drop
-        // it under this lock (its drop guard takes the lock).
-        return match queue.send(handler()) {
-            Ok(()) => Admit::New(None),
-            Err(back) => Admit::New(Some(back.0)),
-        };
     }
     if let Some(waiters) = st.running.get_mut(&seq) {
         let (tx, rx) = oneshot::channel();
@@ -136,17 +125,33 @@ fn complete(stream: u64, seq: u64, status: AckStatus) {
     }
 }
 
-/// Completes an admitted signal as `Failed` if its task is dropped before it finished.
-struct Admitted {
-    stream: u64,
-    seq: u64,
+/// An admitted reliable signal: completes as `Failed` if dropped before it finished.
+pub(super) struct Admitted {
+    pub(super) stream: u64,
+    pub(super) seq: u64,
     done: bool,
 }
 
 impl Admitted {
-    fn finish(mut self, status: AckStatus) {
+    pub(super) fn finish(mut self, status: AckStatus) {
         self.done = true;
         complete(self.stream, self.seq, status);
+    }
+
+    /// The signal will not run here after all (its connection closed while it waited for
+    /// a handler slot): the sender, which was not acknowledged, re-sends it, and that copy
+    /// is accepted as new. Copies waiting for this one's outcome get none (they are not
+    /// acknowledged either).
+    pub(super) fn abandon(mut self) {
+        self.done = true;
+        let mut all = lock(streams());
+        let Some(st) = all.map.get_mut(&self.stream) else {
+            return;
+        };
+        st.running.remove(&self.seq);
+        if st.abandoned.len() < MAX_ABANDONED {
+            st.abandoned.insert(self.seq);
+        }
     }
 }
 
@@ -159,126 +164,149 @@ impl Drop for Admitted {
 }
 
 impl Inner {
-    /// Runs a received signal's handler: in its own task, or in this peer's ordered queue.
-    pub(super) fn spawn_signal(
-        self: &Arc<Self>,
-        fut: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
-        if !self.peer.options.ordered_signals {
-            tokio::spawn(fut);
-            return;
-        }
-        let queue = self.ordered.get_or_init(|| {
-            let (tx, mut rx) = mpsc::unbounded_channel::<BoxFuture<()>>();
-            tokio::spawn(async move {
-                while let Some(fut) = rx.recv().await {
-                    fut.await;
-                }
-            });
-            tx
-        });
-        let _ = queue.send(Box::pin(fut));
-    }
-
     /// A reliable signal arrived: run it unless it is a duplicate, then acknowledge it.
-    pub(super) fn on_reliable(self: &Arc<Self>, payload: Bytes) {
-        let Ok(Incoming::Reliable {
-            stream,
-            seq,
-            object,
-            ttl,
-            ..
-        }) = wire::decode_incoming(&payload)
-        else {
-            return;
-        };
-        let expires = after(ttl);
-        // Looked up now, so that the handler runs even if this connection drops meanwhile
-        // (the signal is already marked as received).
-        let service = self.lookup_name(object);
-        let inner = self.clone();
-        let handler = move || -> BoxFuture<()> {
-            let admitted = Admitted {
+    /// As a plain signal, it waits for a handler slot holding its credit; the credit goes
+    /// back once the acknowledgement was sent.
+    pub(super) fn on_reliable(
+        self: &Arc<Self>,
+        msg: &Msg,
+        stream: u64,
+        seq: u64,
+        ttl: Duration,
+        parts: (Name<'_>, Name<'_>, &[u8]),
+        batch: &mut Batch,
+    ) {
+        let credit = msg.credit();
+        let conv = msg.conversation;
+        let ordered = self.peer.options.ordered_signals;
+        let kind = match admit(stream, seq) {
+            Admit::New(admitted) => Kind::Reliable(admitted),
+            // In ordered mode the duplicate keeps its place in the order: what comes after
+            // it waits until the first copy finished.
+            Admit::Running(outcome) if ordered => Kind::Duplicate {
                 stream,
                 seq,
-                done: false,
-            };
-            Box::pin(async move {
-                let status = run_reliable(&inner, service, &payload, expires).await;
-                admitted.finish(status);
-                inner.send_soon(wire::encode_ack(stream, seq, status), Default::default());
-            })
-        };
-        match admit(stream, seq, self.peer.options.ordered_signals, handler) {
-            Admit::New(Some(run)) => {
-                tokio::spawn(run);
-            }
-            Admit::New(None) => {}
-            Admit::Running(rx) => {
+                outcome,
+            },
+            Admit::Running(outcome) => {
+                let kind = Kind::Duplicate {
+                    stream,
+                    seq,
+                    outcome,
+                };
+                let Some(mut item) = Waiting::new(kind, &msg.payload, parts, after(ttl), credit)
+                else {
+                    batch.release += u64::from(credit);
+                    return;
+                };
                 let inner = self.clone();
+                // Needs no handler slot unless the first copy is abandoned; holds the
+                // duplicate's credit, so a peer cannot make these pile up beyond its window.
                 tokio::spawn(async move {
-                    if let Ok(status) = rx.await {
-                        inner.send_soon(wire::encode_ack(stream, seq, status), Default::default());
-                    }
+                    let Kind::Duplicate { outcome, .. } =
+                        std::mem::replace(&mut item.kind, Kind::Signal)
+                    else {
+                        unreachable!("made as a duplicate")
+                    };
+                    let release = inner.run_duplicate(stream, seq, outcome, &item).await;
+                    inner.conn.release(release);
                 });
+                return;
             }
             Admit::Done(status) => {
-                self.send_soon(wire::encode_ack(stream, seq, status), Default::default());
+                batch.release += self.acknowledge(stream, seq, status, credit);
+                return;
             }
-        }
+        };
+        let item = Waiting::new(kind, &msg.payload, parts, after(ttl), credit);
+        self.wait(conv, false, item, credit, batch);
     }
-}
 
-async fn run_reliable(
-    inner: &Inner,
-    service: Option<Arc<dyn Service>>,
-    payload: &[u8],
-    expires: Instant,
-) -> AckStatus {
-    let Ok(Incoming::Reliable {
-        object,
-        method,
-        args,
-        ..
-    }) = wire::decode_incoming(payload)
-    else {
-        return AckStatus::Failed;
-    };
-    // A closed semaphore (the connection went away) does not stop an accepted signal.
-    let permit = tokio::time::timeout_at(expires, inner.handlers.acquire()).await;
-    if permit.is_err() || Instant::now() > expires {
-        bump(&inner.peer.stats.signals_expired_on_arrival);
-        return AckStatus::Expired;
-    }
-    let failed = |why: &str| {
-        tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
-        bump(&inner.peer.stats.signals_failed);
-        AckStatus::Failed
-    };
-    let Some(service) = service else {
-        return failed("no such object");
-    };
-    let mut handlers = Handlers::new();
-    let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        service.__dispatch(method.as_bytes(), args, &mut handlers)
-    }));
-    match dispatch {
-        Ok(Dispatch::Signal) => {
-            bump(&inner.peer.stats.signals_delivered);
-            match CatchUnwind(handlers.signal_mut()).await {
-                Ok(()) => AckStatus::Handled,
-                Err(message) => {
-                    bump(&inner.peer.stats.handler_panics);
-                    failed(&format!("handler panicked: {message}"))
+    /// A copy of a reliable signal that was running when this one arrived: acknowledged
+    /// with the first copy's outcome. If the first copy was abandoned instead (its
+    /// connection closed before it ran), this copy runs in its place. Returns the credit
+    /// to give back now.
+    pub(super) async fn run_duplicate(
+        &self,
+        stream: u64,
+        seq: u64,
+        mut outcome: oneshot::Receiver<AckStatus>,
+        item: &Waiting,
+    ) -> u64 {
+        loop {
+            if let Ok(status) = (&mut outcome).await {
+                return self.acknowledge(stream, seq, status, item.credit);
+            }
+            match admit(stream, seq) {
+                Admit::Running(next) => outcome = next,
+                Admit::Done(status) => return self.acknowledge(stream, seq, status, item.credit),
+                Admit::New(admitted) => {
+                    if tokio::time::Instant::now() >= item.expires {
+                        admitted.finish(AckStatus::Expired);
+                        return self.acknowledge(stream, seq, AckStatus::Expired, item.credit);
+                    }
+                    let Some(status) = self.run_reliable(item).await else {
+                        admitted.abandon();
+                        return u64::from(item.credit);
+                    };
+                    admitted.finish(status);
+                    return self.acknowledge(stream, seq, status, item.credit);
                 }
             }
         }
-        Ok(Dispatch::Call) => failed("the method is a call, not a signal"),
-        Ok(Dispatch::NoSuchMethod) => failed("no such method"),
-        Ok(Dispatch::BadArguments(what)) => failed(&what),
-        Err(_) => {
-            bump(&inner.peer.stats.handler_panics);
-            failed("argument decoding panicked")
+    }
+
+    /// Sends the acknowledgement of a reliable signal now, or queues it holding the
+    /// signal's credit. Returns the credit to give back now.
+    pub(super) fn acknowledge(&self, stream: u64, seq: u64, status: AckStatus, credit: u32) -> u64 {
+        let ack = wire::encode_ack(stream, seq, status);
+        match self.conn.try_send(&ack, SendOptions::new()) {
+            Err(SendError::WouldBlock) => {
+                self.queue_holding(ack, SendOptions::new(), credit);
+                0
+            }
+            _ => u64::from(credit),
         }
+    }
+
+    /// Runs a reliable signal's handler (the caller owns a handler slot and checked the
+    /// TTL). `None` if the connection closed before it could start (hosted objects are
+    /// dropped at close): the sender re-sends it.
+    pub(super) async fn run_reliable(&self, item: &Waiting) -> Option<AckStatus> {
+        let (object, method) = (item.object(), item.method());
+        let failed = |why: &str| {
+            tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
+            bump(&self.peer.stats.signals_failed);
+            AckStatus::Failed
+        };
+        let Some(service) = self.lookup_name(object) else {
+            if self.conn.is_closed() {
+                return None;
+            }
+            return Some(failed("no such object"));
+        };
+        let mut handlers = Handlers::new();
+        let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            service.__dispatch(method.as_bytes(), item.args(), &mut handlers)
+        }));
+        Some(match dispatch {
+            Ok(Dispatch::Signal) => {
+                bump(&self.peer.stats.signals_delivered);
+                match CatchUnwind(handlers.signal_mut()).await {
+                    Ok(()) => AckStatus::Handled,
+                    Err(message) => {
+                        bump(&self.peer.stats.handler_panics);
+                        failed(&format!("handler panicked: {message}"))
+                    }
+                }
+            }
+            Ok(Dispatch::Call) => failed("the method is a call, not a signal"),
+            Ok(Dispatch::NoSuchMethod) => failed("no such method"),
+            Ok(Dispatch::BadArguments(what)) => failed(&what),
+            Err(_) => {
+                bump(&self.peer.stats.handler_panics);
+                failed("argument decoding panicked")
+            }
+        })
     }
 }

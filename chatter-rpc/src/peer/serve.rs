@@ -8,17 +8,20 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use chatter_core::{ConnectionClosed, Conversation, Event, Msg, SendError, SendOptions};
-use tokio::sync::{oneshot, SemaphorePermit};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::service::{CatchUnwind, Dispatch, HandlerFuture, Handlers, Service};
+use crate::service::{BoxFuture, CatchUnwind, Dispatch, HandlerFuture, Handlers, Service};
+use crate::wire::AckStatus;
+
+use super::backlog::{Kind, Waiting};
 use crate::wire::{self, FailureKind, Incoming, Name, Payload};
 
 use super::*;
 
 /// The receive task's memo of the object it looked up last: most connections talk to one
 /// object, and a hit skips the lock, the SipHash of the name, the map probe and the
-/// reference count updates. Valid while `Inner::objects_generation` is unchanged; holds the
+/// reference count updates. Valid while `PeerState::objects_generation` is unchanged; holds the
 /// object only while the receive task handles one batch of messages (it is cleared before
 /// the task waits for the next), so that unregistering an object still drops it.
 #[derive(Default)]
@@ -45,40 +48,59 @@ impl std::ops::Deref for Found<'_> {
     }
 }
 
+/// What the receive task carries through one batch of messages.
+#[derive(Default)]
+pub(super) struct Batch {
+    /// A handler slot kept from the previous inline handler of this batch (giving a slot
+    /// back may take the backlog's lock), given back before waiting for the next batch.
+    slot: bool,
+    /// Credit of the messages done with in this batch: given back with the next take.
+    pub(super) release: u64,
+    /// Waiting requests that a slot came free for: each starts in a task.
+    start: Vec<Waiting>,
+}
+
+impl Batch {
+    /// A slot for a handler run inline: the one kept from the previous inline handler of
+    /// this batch, or a free one.
+    fn take_slot(&mut self, inner: &Inner) -> bool {
+        std::mem::take(&mut self.slot) || inner.slots.try_take()
+    }
+}
+
 impl Inner {
-    pub(super) fn on_message<'a>(
-        self: &'a Arc<Self>,
+    pub(super) fn on_message(
+        self: &Arc<Self>,
         msg: Msg,
         last: &mut LastObject,
-        slot: &mut Option<SemaphorePermit<'a>>,
+        batch: &mut Batch,
         handlers: &mut Handlers,
     ) {
         if msg.conversation.is_owner() {
+            batch.release += u64::from(msg.credit());
             self.on_reply(msg);
         } else {
-            self.on_request(msg, last, slot, handlers);
+            self.on_request(msg, last, batch, handlers);
         }
     }
 
-    /// A handler slot for a handler run inline: the one the receive task kept from the
-    /// previous inline handler of this batch, or a free one.
-    pub(super) fn inline_slot<'a>(
-        &'a self,
-        slot: &mut Option<SemaphorePermit<'a>>,
-    ) -> Option<SemaphorePermit<'a>> {
-        slot.take().or_else(|| self.handlers.try_acquire().ok())
-    }
-
+    /// A message in a conversation the other side opened. Only the receive task calls this
     /// (it bumps [`ReaderCounter`]s).
-    pub(super) fn on_request<'a>(
-        self: &'a Arc<Self>,
+    ///
+    /// Each envelope is decoded once, here. A request that can start now runs inline (one
+    /// that completes on its first poll, as most do, is answered without a task) or in a
+    /// task that owns its slot; one that cannot waits in the backlog with its credit
+    /// held. Everything else is done with at once: its credit goes back with the batch.
+    pub(super) fn on_request(
+        self: &Arc<Self>,
         msg: Msg,
         last: &mut LastObject,
-        slot: &mut Option<SemaphorePermit<'a>>,
+        batch: &mut Batch,
         handlers: &mut Handlers,
     ) {
         let conv = msg.conversation;
         let open = msg.token && !msg.last;
+        let credit = msg.credit();
         match wire::decode_incoming(&msg.payload) {
             Ok(Incoming::Call {
                 deadline,
@@ -87,76 +109,67 @@ impl Inner {
                 args,
             }) if open && msg.first => {
                 self.peer.stats.calls_received.bump();
-                // Fast path: with a handler slot free now, start the handler right here. One
-                // that completes on its first poll (most do) is answered without a task, a
-                // timer, a cancel channel or the `inflight` lock; one that waits continues in
-                // a task. While closing, the slow path below refuses the call.
-                if !deadline.is_zero() && !self.is_closing() {
-                    if let Some(permit) = self.inline_slot(slot) {
-                        if let Err(refusal) =
-                            self.start_call(object, method, args, Some(last), handlers)
-                        {
-                            *slot = Some(permit);
-                            self.reply(conv, refusal);
+                if self.is_closing() {
+                    let refusal = if self.peer.is_shutting_down() {
+                        wire::encode_failure(FailureKind::ShuttingDown, "shutting down")
+                    } else {
+                        wire::encode_failure(FailureKind::Cancelled, "closing")
+                    };
+                    batch.release += self.answer(conv, refusal, credit);
+                    return;
+                }
+                if deadline.is_zero() {
+                    let late = wire::encode_failure(FailureKind::DeadlineExceeded, "deadline 0");
+                    batch.release += self.answer(conv, late, credit);
+                    return;
+                }
+                if !batch.take_slot(self) {
+                    let item = Waiting::new(
+                        Kind::Call(conv),
+                        &msg.payload,
+                        (object, method, args),
+                        after(deadline),
+                        credit,
+                    );
+                    self.active.fetch_add(1, Ordering::AcqRel);
+                    self.wait(conv, true, item, credit, batch);
+                    return;
+                }
+                // A slot is free: start the handler right here. One that completes on its
+                // first poll is answered without a task, a timer, a cancel channel or the
+                // `inflight` lock; one that waits continues in a task.
+                if let Err(refusal) = self.start_call(object, method, args, Some(last), handlers) {
+                    batch.slot = true;
+                    batch.release += self.answer(conv, refusal, credit);
+                    return;
+                }
+                let mut cx = Context::from_waker(Waker::noop());
+                match Pin::new(&mut CatchUnwind(handlers.call_mut())).poll(&mut cx) {
+                    Poll::Ready(result) => {
+                        batch.slot = true;
+                        let reply = self.handler_result(result);
+                        batch.release += self.answer(conv, reply, credit);
+                    }
+                    Poll::Pending => {
+                        let handler = CatchUnwind(handlers.take_call());
+                        let mut inflight = lock(&self.inflight);
+                        if inflight.closing {
+                            // A graceful close began meanwhile: cancel.
+                            drop((inflight, handler));
+                            batch.slot = true;
+                            let cancelled = wire::encode_failure(FailureKind::Cancelled, "closing");
+                            batch.release += self.answer(conv, cancelled, credit);
                             return;
                         }
-                        let mut cx = Context::from_waker(Waker::noop());
-                        match Pin::new(&mut CatchUnwind(handlers.call_mut())).poll(&mut cx) {
-                            Poll::Ready(result) => {
-                                *slot = Some(permit);
-                                let reply = self.handler_result(result);
-                                self.reply(conv, reply);
-                            }
-                            Poll::Pending => {
-                                let handler = CatchUnwind(handlers.take_call());
-                                let mut inflight = lock(&self.inflight);
-                                if inflight.closing {
-                                    // A graceful close began meanwhile: cancel.
-                                    drop((inflight, handler, permit));
-                                    let cancelled =
-                                        wire::encode_failure(FailureKind::Cancelled, "closing");
-                                    self.reply(conv, cancelled);
-                                    return;
-                                }
-                                let (tx, rx) = oneshot::channel();
-                                inflight.calls.insert(conv.first_id(), tx);
-                                drop(inflight);
-                                // The task gives the slot back when the handler is done.
-                                permit.forget();
-                                self.active.fetch_add(1, Ordering::AcqRel);
-                                let deadline = after(deadline);
-                                tokio::spawn(finish_call(
-                                    self.clone(),
-                                    conv,
-                                    handler,
-                                    deadline,
-                                    rx,
-                                ));
-                            }
-                        }
-                        return;
+                        let (tx, rx) = oneshot::channel();
+                        inflight.calls.insert(conv.first_id(), tx);
+                        drop(inflight);
+                        self.active.fetch_add(1, Ordering::AcqRel);
+                        let run =
+                            continue_call(self.clone(), conv, handler, after(deadline), rx, credit);
+                        tokio::spawn(run);
                     }
                 }
-                // The cancel channel is made only for handlers that continue in a task.
-                let rx = {
-                    let mut inflight = lock(&self.inflight);
-                    if inflight.closing {
-                        let refusal = if inflight.shutting_down {
-                            wire::encode_failure(FailureKind::ShuttingDown, "shutting down")
-                        } else {
-                            wire::encode_failure(FailureKind::Cancelled, "closing")
-                        };
-                        drop(inflight);
-                        self.reply(conv, refusal);
-                        return;
-                    }
-                    let (tx, rx) = oneshot::channel();
-                    inflight.calls.insert(conv.first_id(), tx);
-                    rx
-                };
-                self.active.fetch_add(1, Ordering::AcqRel);
-                let deadline = after(deadline);
-                tokio::spawn(run_call(self.clone(), conv, msg.payload, deadline, rx));
             }
             Ok(Incoming::Signal {
                 ttl,
@@ -164,59 +177,428 @@ impl Inner {
                 method,
                 args,
             }) if msg.last => {
-                // Fast path, as for calls: unordered signals with a free handler slot start
-                // here, and only a handler that waits gets a task.
-                if !self.peer.options.ordered_signals && !ttl.is_zero() {
-                    if let Some(permit) = self.inline_slot(slot) {
-                        if !self.start_signal(object, method, args, Some(last), handlers) {
-                            *slot = Some(permit);
-                            return;
-                        }
-                        self.peer.stats.signals_delivered_inline.bump();
-                        let mut cx = Context::from_waker(Waker::noop());
-                        match Pin::new(&mut CatchUnwind(handlers.signal_mut())).poll(&mut cx) {
-                            Poll::Ready(result) => {
-                                *slot = Some(permit);
-                                self.signal_result(result, object, method);
-                            }
-                            Poll::Pending => {
-                                let handler = CatchUnwind(handlers.take_signal());
-                                permit.forget();
-                                let (inner, object, method) =
-                                    (self.clone(), object.0.to_vec(), method.0.to_vec());
-                                tokio::spawn(async move {
-                                    let result = handler.await;
-                                    inner.handlers.add_permits(1);
-                                    inner.signal_result(result, Name(&object), Name(&method));
-                                });
-                            }
-                        }
-                        return;
+                if ttl.is_zero() {
+                    bump(&self.peer.stats.signals_expired_on_arrival);
+                    batch.release += u64::from(credit);
+                    return;
+                }
+                // Ordered signals all go through the backlog (its signal lane runs one at
+                // a time); others start here when a slot is free, as calls do.
+                if self.peer.options.ordered_signals || !batch.take_slot(self) {
+                    let item = Waiting::new(
+                        Kind::Signal,
+                        &msg.payload,
+                        (object, method, args),
+                        after(ttl),
+                        credit,
+                    );
+                    self.wait(conv, false, item, credit, batch);
+                    return;
+                }
+                if !self.start_signal(object, method, args, Some(last), handlers) {
+                    batch.slot = true;
+                    batch.release += u64::from(credit);
+                    return;
+                }
+                self.peer.stats.signals_delivered_inline.bump();
+                let mut cx = Context::from_waker(Waker::noop());
+                match Pin::new(&mut CatchUnwind(handlers.signal_mut())).poll(&mut cx) {
+                    Poll::Ready(result) => {
+                        batch.slot = true;
+                        batch.release += u64::from(credit);
+                        self.signal_result(result, object, method);
+                    }
+                    Poll::Pending => {
+                        let handler = CatchUnwind(handlers.take_signal());
+                        let names = (object.0.to_vec(), method.0.to_vec());
+                        tokio::spawn(continue_signal(self.clone(), handler, names, credit));
                     }
                 }
-                let expires = after(ttl);
-                self.spawn_signal(run_signal(self.clone(), msg.payload, expires));
             }
-            Ok(Incoming::Reliable { .. }) if msg.last => self.on_reliable(msg.payload),
+            Ok(Incoming::Reliable {
+                stream,
+                seq,
+                object,
+                method,
+                ttl,
+                args,
+            }) if msg.last => {
+                let parts = (object, method, args);
+                self.on_reliable(&msg, stream, seq, ttl, parts, batch);
+            }
             Ok(Incoming::Ack {
                 stream,
                 seq,
                 status,
             }) if msg.last => {
+                batch.release += u64::from(credit);
                 self.peer.on_ack(stream, seq, status);
             }
             Ok(Incoming::Cancel { call }) if msg.last => {
+                batch.release += u64::from(credit);
+                if let Some(waiting) = self.slots.remove(call) {
+                    // Cancelled before it started: answered now, its credit given back.
+                    if let Kind::Call(conv) = waiting.kind {
+                        let cancelled = wire::encode_failure(FailureKind::Cancelled, "cancelled");
+                        batch.release += self.answer(conv, cancelled, waiting.credit);
+                        self.call_done();
+                    }
+                    return;
+                }
                 // Dropping the sender wakes the handler task, which drops the handler.
                 lock(&self.inflight).calls.remove(&call);
             }
             Ok(other) => {
                 let what = format!("misplaced envelope {other:?}");
-                self.protocol_error(conv, open, &what);
+                batch.release += self.protocol_error(conv, open, &what, credit);
             }
-            Err(e) => self.protocol_error(conv, open, &e.0),
+            Err(e) => batch.release += self.protocol_error(conv, open, &e.0, credit),
         }
     }
 
+    /// Puts a request that cannot start now in the backlog (or refuses it when its
+    /// envelope's parts cannot be located, which the decoder rules out).
+    pub(super) fn wait(
+        &self,
+        conv: Conversation,
+        is_call: bool,
+        item: Option<Waiting>,
+        credit: u32,
+        batch: &mut Batch,
+    ) {
+        match item {
+            Some(item) => self.slots.wait(conv.first_id(), item, &mut batch.start),
+            None => {
+                if is_call {
+                    self.call_done();
+                }
+                batch.release += self.protocol_error(conv, is_call, "envelope parts", credit);
+            }
+        }
+    }
+
+    /// Sends `payload` as the answer in `conv` if the connection takes it now and returns
+    /// `credit` to give back; else queues it holding the request's credit (given back
+    /// once sent) and returns 0. So answers that wait for a peer that does not read are
+    /// bounded by the credit of the requests they answer.
+    pub(super) fn answer(&self, conv: Conversation, payload: Payload, credit: u32) -> u64 {
+        let options = SendOptions::new().conversation(conv);
+        match self.conn.try_send(&payload, options) {
+            Err(SendError::WouldBlock) => {
+                self.queue_holding(payload, options, credit);
+                0
+            }
+            Err(e) => {
+                tracing::debug!("chatter-rpc: answer not sent: {e}");
+                u64::from(credit)
+            }
+            Ok(_) => u64::from(credit),
+        }
+    }
+
+    /// Logs a protocol error and, in a conversation that expects an answer, answers it.
+    /// Returns the credit to give back now (see [`answer`](Self::answer)).
+    pub(super) fn protocol_error(
+        &self,
+        conv: Conversation,
+        open: bool,
+        what: &str,
+        credit: u32,
+    ) -> u64 {
+        tracing::warn!("chatter-rpc: protocol error from peer: {what}");
+        if open {
+            self.answer(
+                conv,
+                wire::encode_failure(FailureKind::Protocol, what),
+                credit,
+            )
+        } else {
+            u64::from(credit)
+        }
+    }
+
+    /// A call accepted on this side is over (answered or dropped).
+    pub(super) fn call_done(&self) {
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Gives back credit held by a task.
+    pub(super) fn release(&self, credit: u32) {
+        self.conn.release(u64::from(credit));
+    }
+
+    /// Answers or drops the waiting requests whose deadline or TTL passed.
+    pub(super) fn expire_waiting(&self) {
+        let mut release = 0;
+        for item in self.slots.expired(Instant::now()) {
+            release += self.expire(item);
+        }
+        self.conn.release(release);
+    }
+
+    /// A waiting request expired: a call is answered with "deadline exceeded", a signal
+    /// is dropped and counted (a reliable one acknowledged as expired). Returns the credit
+    /// to give back now.
+    pub(super) fn expire(&self, item: Waiting) -> u64 {
+        match item.kind {
+            Kind::Call(conv) => {
+                self.call_done();
+                let late = wire::encode_failure(FailureKind::DeadlineExceeded, "deadline exceeded");
+                self.answer(conv, late, item.credit)
+            }
+            Kind::Signal => {
+                bump(&self.peer.stats.signals_expired_on_arrival);
+                u64::from(item.credit)
+            }
+            Kind::Reliable(admitted) => {
+                bump(&self.peer.stats.signals_expired_on_arrival);
+                let (stream, seq) = (admitted.stream, admitted.seq);
+                admitted.finish(AckStatus::Expired);
+                self.acknowledge(stream, seq, AckStatus::Expired, item.credit)
+            }
+            // The first copy still decides; the sender re-sends if it hears nothing.
+            Kind::Duplicate { .. } => u64::from(item.credit),
+        }
+    }
+
+    /// Runs a request that waited for a slot (the caller owns the slot).
+    pub(super) async fn run_waiting(self: &Arc<Self>, mut item: Waiting) {
+        if Instant::now() >= item.expires {
+            let release = self.expire(item);
+            self.conn.release(release);
+            return;
+        }
+        match std::mem::replace(&mut item.kind, Kind::Signal) {
+            Kind::Call(conv) => {
+                let mut cancel = {
+                    let mut inflight = lock(&self.inflight);
+                    if inflight.closing {
+                        drop(inflight);
+                        let cancelled = wire::encode_failure(FailureKind::Cancelled, "closing");
+                        let release = self.answer(conv, cancelled, item.credit);
+                        self.conn.release(release);
+                        self.call_done();
+                        return;
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    inflight.calls.insert(conv.first_id(), tx);
+                    rx
+                };
+                let mut handlers = Handlers::new();
+                let work = async {
+                    let (object, method, args) = (item.object(), item.method(), item.args());
+                    match self.start_call(object, method, args, None, &mut handlers) {
+                        Ok(()) => self.handler_result(CatchUnwind(handlers.call_mut()).await),
+                        Err(refusal) => refusal,
+                    }
+                };
+                let reply = race_call(work, &mut cancel, item.expires).await;
+                send_call_reply(self, conv, reply, item.credit).await;
+            }
+            Kind::Signal => {
+                let (object, method) = (item.object(), item.method());
+                let mut handlers = Handlers::new();
+                if self.start_signal(object, method, item.args(), None, &mut handlers) {
+                    bump(&self.peer.stats.signals_delivered);
+                    let result = CatchUnwind(handlers.signal_mut()).await;
+                    self.signal_result(result, object, method);
+                }
+                drop(handlers);
+                self.release(item.credit);
+            }
+            Kind::Reliable(admitted) => {
+                let Some(status) = self.run_reliable(&item).await else {
+                    admitted.abandon();
+                    self.release(item.credit);
+                    return;
+                };
+                let (stream, seq) = (admitted.stream, admitted.seq);
+                admitted.finish(status);
+                let release = self.acknowledge(stream, seq, status, item.credit);
+                self.conn.release(release);
+            }
+            Kind::Duplicate {
+                stream,
+                seq,
+                outcome,
+            } => {
+                let release = self.run_duplicate(stream, seq, outcome, &item).await;
+                self.conn.release(release);
+            }
+        }
+    }
+
+    /// Starts a task for each request a slot came free for.
+    pub(super) fn start_waiting(self: &Arc<Self>, start: &mut Vec<Waiting>) {
+        for item in start.drain(..) {
+            tokio::spawn(work(self.clone(), item));
+        }
+    }
+}
+
+/// Runs waiting requests in a task that owns a handler slot: `item`, then whichever waits
+/// next, until none does.
+pub(super) async fn work(inner: Arc<Inner>, mut item: Waiting) {
+    loop {
+        let ordered_signal =
+            inner.peer.options.ordered_signals && !matches!(item.kind, Kind::Call(_));
+        inner.run_waiting(item).await;
+        match inner.slots.give_back(ordered_signal) {
+            Some(next) => item = next,
+            None => return,
+        }
+    }
+}
+
+/// How many events the receive task takes from the connection at once.
+pub(super) const READ_BATCH: usize = 64;
+
+pub(super) async fn run_reader(inner: Arc<Inner>) {
+    let mut closing = false;
+    // Events are taken in batches: one connection lock and one wake-up registration (here
+    // and for the shutdown signal) per batch, not per message.
+    // Grows with the batches actually seen: an idle connection keeps a small one.
+    let mut events = Vec::new();
+    let mut last = LastObject::default();
+    // Boxes for the handlers run inline, reused from one to the next.
+    let mut handlers = Handlers::new();
+    let mut batch = Batch::default();
+    let cause = loop {
+        // The take is polled first (`biased`), so the credit handed to it is given back
+        // even when another branch wins.
+        let release = std::mem::take(&mut batch.release);
+        let next_expiry = inner.slots.next_expiry();
+        let expiry = async {
+            match next_expiry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let taken = tokio::select! {
+            biased;
+            taken = inner.conn.next_events_holding(&mut events, READ_BATCH, release) => taken,
+            () = inner.shutdown.notified(), if !closing => {
+                closing = true;
+                let inner = inner.clone();
+                tokio::spawn(async move { inner.close_gracefully().await });
+                continue;
+            }
+            () = expiry => {
+                inner.expire_waiting();
+                continue;
+            }
+        };
+        let full = match taken {
+            Ok(n) => n == READ_BATCH,
+            Err(ConnectionClosed(cause)) => break cause,
+        };
+        // Calls or replies (anything but one-shot messages such as signals) in the batch.
+        let mut calls = false;
+        for event in events.drain(..) {
+            match event {
+                Event::Message(msg) => {
+                    calls |= !(msg.first && msg.last);
+                    inner.on_message(msg, &mut last, &mut batch, &mut handlers);
+                }
+                Event::Timeout(conv) => inner.on_timeout(conv),
+                _ => {}
+            }
+        }
+        if std::mem::take(&mut batch.slot) {
+            if let Some(item) = inner.slots.give_back_inline() {
+                batch.start.push(item);
+            }
+        }
+        inner.start_waiting(&mut batch.start);
+        last.service = None;
+        if full && calls {
+            // More calls or replies wait. Let the connection's driver write this batch's
+            // replies (and the callers woken here send new calls) before handling the
+            // rest, so that the other side can work meanwhile: without it, with both
+            // sides on their own CPU, a deep pipeline turns into stop-and-go (measured:
+            // pipelined calls, split layout, -40%). Signals need no such turn.
+            tokio::task::yield_now().await;
+        }
+    };
+    inner.conn.release(batch.release);
+    inner.finish(cause);
+}
+
+/// Continues a call whose handler the receive task started and that did not finish on
+/// its first poll; then serves the backlog with its slot.
+async fn continue_call(
+    inner: Arc<Inner>,
+    conv: Conversation,
+    handler: CatchUnwind<HandlerFuture<Payload>>,
+    deadline: Instant,
+    mut cancel: oneshot::Receiver<()>,
+    credit: u32,
+) {
+    let work = async { inner.handler_result(handler.await) };
+    let reply = race_call(work, &mut cancel, deadline).await;
+    send_call_reply(&inner, conv, reply, credit).await;
+    if let Some(next) = inner.slots.give_back(false) {
+        work_on(inner, next).await;
+    }
+}
+
+/// Continues a signal whose handler the receive task started and that did not finish on
+/// its first poll; then serves the backlog with its slot.
+async fn continue_signal(
+    inner: Arc<Inner>,
+    handler: CatchUnwind<HandlerFuture<()>>,
+    (object, method): (Vec<u8>, Vec<u8>),
+    credit: u32,
+) {
+    let result = handler.await;
+    inner.release(credit);
+    inner.signal_result(result, Name(&object), Name(&method));
+    if let Some(next) = inner.slots.give_back(false) {
+        work_on(inner, next).await;
+    }
+}
+
+/// [`work`], boxed: the tasks above would otherwise carry its state in theirs.
+fn work_on(inner: Arc<Inner>, item: Waiting) -> BoxFuture<()> {
+    Box::pin(work(inner, item))
+}
+
+/// Runs a call's work until it finishes, is cancelled or passes its deadline.
+async fn race_call(
+    work: impl Future<Output = Payload>,
+    cancel: &mut oneshot::Receiver<()>,
+    deadline: Instant,
+) -> Payload {
+    tokio::select! {
+        biased;
+        _ = cancel => wire::encode_failure(FailureKind::Cancelled, "cancelled"),
+        () = tokio::time::sleep_until(deadline) => {
+            wire::encode_failure(FailureKind::DeadlineExceeded, "deadline exceeded")
+        }
+        reply = work => reply,
+    }
+}
+
+/// Sends the reply of a call run in a task and retires the call. The reply waits for
+/// send credit while the task holds its handler slot (a peer that does not read stalls
+/// only its own calls); the request's credit goes back once the reply is sent.
+async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Payload, credit: u32) {
+    lock(&inner.inflight).calls.remove(&conv.first_id());
+    let options = SendOptions::new().conversation(conv);
+    let sent = match inner.conn.try_send(&reply, options) {
+        Err(SendError::WouldBlock) => inner.conn.send_bytes(&reply, options).await,
+        other => other,
+    };
+    if let Err(e) = sent {
+        tracing::debug!("chatter-rpc: reply not sent: {e}");
+    }
+    inner.release(credit);
+    inner.call_done();
+}
+
+impl Inner {
     /// Finds the object and method of a call and puts its handler in `handlers`, or
     /// returns the failure reply that says why it cannot run.
     pub(super) fn start_call(
@@ -325,17 +707,6 @@ impl Inner {
         })
     }
 
-    pub(super) fn protocol_error(&self, conv: Conversation, open: bool, what: &str) {
-        tracing::warn!("chatter-rpc: protocol error from peer: {what}");
-        if open {
-            self.reply(conv, wire::encode_failure(FailureKind::Protocol, what));
-        }
-    }
-
-    pub(super) fn reply(&self, conv: Conversation, payload: Payload) {
-        self.send_soon(payload, SendOptions::new().conversation(conv));
-    }
-
     pub(super) fn lookup(&self, object: &str) -> Option<Arc<dyn Service>> {
         read(&self.peer.objects).get(object).cloned()
     }
@@ -369,162 +740,43 @@ impl Inner {
     }
 }
 
-/// How many events the receive task takes from the connection at once.
-pub(super) const READ_BATCH: usize = 64;
-
-pub(super) async fn run_reader(inner: Arc<Inner>) {
-    let mut closing = false;
-    // Events are taken in batches: one connection lock and one wake-up registration (here
-    // and for the shutdown signal) per batch, not per message.
-    // Grows with the batches actually seen: an idle connection keeps a small one.
-    let mut events = Vec::new();
-    let mut last = LastObject::default();
-    // Boxes for the handlers run inline, reused from one to the next.
-    let mut handlers = Handlers::new();
-    let cause = loop {
-        let batch = if closing {
-            inner.conn.next_events(&mut events, READ_BATCH).await
-        } else {
-            tokio::select! {
-                batch = inner.conn.next_events(&mut events, READ_BATCH) => batch,
-                () = inner.shutdown.notified() => {
-                    closing = true;
-                    let inner = inner.clone();
-                    tokio::spawn(async move { inner.close_gracefully().await });
-                    continue;
-                }
-            }
-        };
-        let full = match batch {
-            Ok(n) => n == READ_BATCH,
-            Err(ConnectionClosed(cause)) => break cause,
-        };
-        // A handler slot taken for an inline handler is kept for the next one of the
-        // batch (giving a tokio semaphore permit back takes its waiter lock), and given
-        // back before waiting for the next batch.
-        let mut slot = None;
-        // Calls or replies (anything but one-shot messages such as signals) in the batch.
-        let mut calls = false;
-        for event in events.drain(..) {
-            match event {
-                Event::Message(msg) => {
-                    calls |= !(msg.first && msg.last);
-                    inner.on_message(msg, &mut last, &mut slot, &mut handlers);
-                }
-                Event::Timeout(conv) => inner.on_timeout(conv),
-                _ => {}
-            }
-        }
-        drop(slot);
-        last.service = None;
-        if full && calls {
-            // More calls or replies wait. Let the connection's driver write this batch's
-            // replies (and the callers woken here send new calls) before handling the
-            // rest, so that the other side can work meanwhile: without it, with both
-            // sides on their own CPU, a deep pipeline turns into stop-and-go (measured:
-            // pipelined calls, split layout, -40%). Signals need no such turn.
-            tokio::task::yield_now().await;
-        }
-    };
-    inner.finish(cause);
-}
-
-pub(super) async fn run_call(
-    inner: Arc<Inner>,
-    conv: Conversation,
+/// An answer (reply, acknowledgement, cancel) waiting for send credit, with the credit
+/// of the request it answers, given back once it is sent.
+pub(super) struct Answer {
     payload: Bytes,
-    deadline: Instant,
-    mut cancel: oneshot::Receiver<()>,
-) {
-    let work = async {
-        let Ok(Incoming::Call {
-            object,
-            method,
-            args,
-            ..
-        }) = wire::decode_incoming(&payload)
-        else {
-            return wire::encode_failure(FailureKind::Protocol, "envelope changed");
+    options: SendOptions,
+    credit: u32,
+}
+
+impl Inner {
+    /// Queues an answer the connection could not take now. The queue is not bounded by a
+    /// length, but by credit: each answer holds the credit of the request it answers
+    /// (a cancel the caller sends holds none, and there is at most one per call this side
+    /// made), so the peer cannot make it grow beyond its window without reading.
+    pub(super) fn queue_holding(&self, payload: Payload, options: SendOptions, credit: u32) {
+        let queue = self.answers.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.peer.runtime.spawn(send_answers(self.conn.clone(), rx));
+            tx
+        });
+        let answer = Answer {
+            payload: payload.into_bytes(),
+            options,
+            credit,
         };
-        let Ok(_permit) = inner.handlers.acquire().await else {
-            return wire::encode_failure(FailureKind::Cancelled, "closing");
-        };
-        let mut handlers = Handlers::new();
-        match inner.start_call(object, method, args, None, &mut handlers) {
-            Ok(()) => inner.handler_result(CatchUnwind(handlers.call_mut()).await),
-            Err(refusal) => refusal,
+        if let Err(back) = queue.send(answer) {
+            self.conn.release(u64::from(back.0.credit));
         }
-    };
-    let reply = race_call(work, &mut cancel, deadline).await;
-    send_call_reply(&inner, conv, reply).await;
+    }
 }
 
-/// Continues a call whose handler the fast path started and that did not finish on its
-/// first poll; gives its handler slot back when done.
-pub(super) async fn finish_call(
-    inner: Arc<Inner>,
-    conv: Conversation,
-    handler: CatchUnwind<HandlerFuture<Payload>>,
-    deadline: Instant,
-    mut cancel: oneshot::Receiver<()>,
-) {
-    let work = async { inner.handler_result(handler.await) };
-    let reply = race_call(work, &mut cancel, deadline).await;
-    inner.handlers.add_permits(1);
-    send_call_reply(&inner, conv, reply).await;
-}
-
-/// Runs a call's work until it finishes, is cancelled or passes its deadline.
-pub(super) async fn race_call(
-    work: impl Future<Output = Payload>,
-    cancel: &mut oneshot::Receiver<()>,
-    deadline: Instant,
-) -> Payload {
-    tokio::select! {
-        biased;
-        _ = cancel => wire::encode_failure(FailureKind::Cancelled, "cancelled"),
-        () = tokio::time::sleep_until(deadline) => {
-            wire::encode_failure(FailureKind::DeadlineExceeded, "deadline exceeded")
+/// Sends queued answers in order as credit allows (answers use no reserve: they go
+/// ahead of calls and signals waiting for the window).
+async fn send_answers(conn: Connection, mut rx: mpsc::UnboundedReceiver<Answer>) {
+    while let Some(answer) = rx.recv().await {
+        if let Err(e) = conn.send_bytes(&answer.payload, answer.options).await {
+            tracing::debug!("chatter-rpc: answer not sent: {e}");
         }
-        reply = work => reply,
-    }
-}
-
-/// Sends a spawned call's reply and retires the call.
-pub(super) async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Payload) {
-    lock(&inner.inflight).calls.remove(&conv.first_id());
-    let options = SendOptions::new().conversation(conv);
-    let sent = match inner.conn.try_send(&reply, options) {
-        Err(SendError::WouldBlock) => inner.conn.send_bytes(&reply, options).await,
-        other => other,
-    };
-    if let Err(e) = sent {
-        tracing::debug!("chatter-rpc: reply not sent: {e}");
-    }
-    if inner.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-        inner.idle.notify_waiters();
-    }
-}
-
-pub(super) async fn run_signal(inner: Arc<Inner>, payload: Bytes, expires: Instant) {
-    let Ok(Incoming::Signal {
-        object,
-        method,
-        args,
-        ..
-    }) = wire::decode_incoming(&payload)
-    else {
-        return;
-    };
-    let permit = tokio::time::timeout_at(expires, inner.handlers.acquire()).await;
-    let (Ok(Ok(_permit)), false) = (permit, Instant::now() > expires) else {
-        bump(&inner.peer.stats.signals_expired_on_arrival);
-        return;
-    };
-    let mut handlers = Handlers::new();
-    if inner.start_signal(object, method, args, None, &mut handlers) {
-        bump(&inner.peer.stats.signals_delivered);
-        let result = CatchUnwind(handlers.signal_mut()).await;
-        inner.signal_result(result, object, method);
+        conn.release(u64::from(answer.credit));
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatter_core::{Connection, SendError, SendOptions};
+use chatter_core::{SendError, SendOptions};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
@@ -47,7 +47,7 @@ impl Peer {
         if let (Some(inner), false) = (&self.plain, state.acknowledged) {
             // The fast path: nothing queued before it, credit available.
             if state.queued.load(Ordering::Acquire) == 0 {
-                match inner.conn.try_send(&payload, signal_options(&inner.conn)) {
+                match inner.conn.try_send(&payload, signal_options(inner)) {
                     Ok(_) => {
                         bump(&state.stats.signals_sent);
                         return Attempt::Done(Ok(Sent::untracked()));
@@ -154,7 +154,7 @@ impl Peer {
                             return Attempt::Done(Err(SignalError::BadArguments { what: e.0 }))
                         }
                     };
-                    match inner.conn.try_send(&bytes, signal_options(&inner.conn)) {
+                    match inner.conn.try_send(&bytes, signal_options(inner)) {
                         Ok(_) => {
                             sent_now = true;
                             item.sent_gen = Some(inner.generation);
@@ -305,14 +305,12 @@ impl PeerState {
     }
 }
 
-/// How the outbox sends a signal.
+/// How a signal is sent.
 ///
-/// TODO(issue 15, part 1): once chatter-core has `SendOptions::reserve` and
-/// `Connection::peer_window`, signals reserve half the peer's window
-/// (`SendOptions::new().reserve(conn.peer_window() / 2)`), so that a backlog of signals
-/// never takes the whole window from calls and replies.
-pub(crate) fn signal_options(conn: &Connection) -> SendOptions {
-    let _ = conn;
+/// TODO(issue 15, part 1): keep half the peer's window free
+/// (`SendOptions::reserve(peer_window / 2)`), once merged with chatter-core's reserve.
+pub(crate) fn signal_options(inner: &Inner) -> SendOptions {
+    let _ = inner;
     SendOptions::new()
 }
 
@@ -364,7 +362,7 @@ pub(crate) async fn run_sender(inner: Arc<Inner>, window: usize) {
         } else {
             payload
         };
-        let send = inner.conn.send_bytes(&bytes, signal_options(&inner.conn));
+        let send = inner.conn.send_bytes(&bytes, signal_options(&inner));
         match tokio::time::timeout_at(expires, send).await {
             Ok(Ok(_)) => {
                 bump(&state.stats.signals_sent);
