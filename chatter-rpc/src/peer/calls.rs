@@ -274,8 +274,10 @@ impl Inner {
 /// times out at the call's deadline; it keeps a quarter of the peer's window free for
 /// replies (signals keep half: a backlog of signals cannot starve calls).
 pub(super) fn call_options(inner: &Inner, deadline: Duration) -> SendOptions {
-    let _ = inner;
-    SendOptions::new().last(false).timeout(deadline)
+    SendOptions::new()
+        .last(false)
+        .timeout(deadline)
+        .reserve(inner.peer_window() / 4)
 }
 
 pub(super) fn send_failure(e: SendError) -> Outcome {

@@ -305,13 +305,11 @@ impl PeerState {
     }
 }
 
-/// How a signal is sent.
-///
-/// TODO(issue 15, part 1): keep half the peer's window free
-/// (`SendOptions::reserve(peer_window / 2)`), once merged with chatter-core's reserve.
+/// How a signal is sent: keeping half the peer's window free, so that a backlog of
+/// signals the receiver is slow to handle never takes the whole window from calls (which
+/// keep a quarter) and replies (none).
 pub(crate) fn signal_options(inner: &Inner) -> SendOptions {
-    let _ = inner;
-    SendOptions::new()
+    SendOptions::new().reserve(inner.peer_window() / 2)
 }
 
 /// Hands the outbox to one connection, in sequence order: first what is there (on a new
