@@ -126,8 +126,9 @@ fn client(tr: &Trait) -> TokenStream {
                 "A signal: queued when awaited"
             };
             let doc = format!(
-                "{kind}, without a reply; waits only for room in a full outbox under \
-                 `WhenFull::Wait`."
+                "{kind}, without a reply. While the peer's outbox is full the future waits \
+                 for room (`WhenFull::Wait`, the default), at most the signal's TTL, then \
+                 fails with `SignalError::Expired`."
             );
             quote! {
                 #(#attrs)*

@@ -442,4 +442,12 @@ mod tests {
         assert!(three.delay(2, &mut rng).is_some());
         assert_eq!(three.delay(3, &mut rng), None);
     }
+
+    #[test]
+    fn handles_are_send_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<crate::Peer>();
+        check::<crate::Sent>();
+        check::<ReconnectError>();
+    }
 }

@@ -151,7 +151,11 @@ impl Peer {
                     let bytes = match encoded {
                         Ok(bytes) => bytes,
                         Err(e) => {
-                            return Attempt::Done(Err(SignalError::BadArguments { what: e.0 }))
+                            if let Some(item) = evicted.take() {
+                                outbox.items.push_front(item);
+                            }
+                            let error = SignalError::BadArguments { what: e.0 };
+                            return Attempt::Done(Err(error));
                         }
                     };
                     match inner.conn.try_send(&bytes, signal_options(inner)) {
@@ -161,10 +165,17 @@ impl Peer {
                             outbox.cursor = seq + 1;
                         }
                         Err(SendError::WouldBlock) => {}
-                        Err(SendError::Closed(cause)) => {
-                            return Attempt::Done(Err(SignalError::ConnectionLost(cause)))
+                        Err(e) => {
+                            // Nothing was queued: put an evicted signal back where it was.
+                            if let Some(item) = evicted.take() {
+                                outbox.items.push_front(item);
+                            }
+                            let error = match e {
+                                SendError::Closed(cause) => SignalError::ConnectionLost(cause),
+                                e => SignalError::TooLarge(e.to_string()),
+                            };
+                            return Attempt::Done(Err(error));
                         }
-                        Err(e) => return Attempt::Done(Err(SignalError::TooLarge(e.to_string()))),
                     }
                 }
             }
