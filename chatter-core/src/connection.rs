@@ -283,6 +283,44 @@ impl Connection {
         }
     }
 
+    /// [`send_bytes`](Self::send_bytes) of a message made anew for each attempt: `make`
+    /// is called before each try (once if there is credit now, again each time credit
+    /// arrives), so a message can say how long it waited, for example a request whose
+    /// deadline travels as the time left. Waits while the peer's receive window is full.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use chatter_core::{connect, listen, Options, SendOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+    /// let conn = connect(&server.addresses()[0], Options::default()).await?;
+    /// let deadline = Instant::now() + Duration::from_secs(5);
+    /// conn.send_made(|| {
+    ///     let left = deadline.saturating_duration_since(Instant::now());
+    ///     let message = (left.as_millis() as u64).to_be_bytes();
+    ///     (message, SendOptions::new())
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_made<P: AsRef<[u8]>>(
+        &self,
+        mut make: impl FnMut() -> (P, SendOptions),
+    ) -> Result<Conversation, SendError> {
+        let shared = self.shared();
+        loop {
+            let mut writable = pin!(shared.writable.notified());
+            writable.as_mut().enable();
+            let (payload, options) = make();
+            match shared.send(payload.as_ref(), options) {
+                Err(SendError::WouldBlock) => writable.await,
+                other => return other,
+            }
+        }
+    }
+
     /// Sends raw payload bytes if the peer's receive window has room now; otherwise fails
     /// with [`SendError::WouldBlock`].
     pub fn try_send(

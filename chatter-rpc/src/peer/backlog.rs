@@ -79,7 +79,10 @@ impl Waiting {
             object: range_in(payload, object.as_bytes())?,
             method: range_in(payload, method.as_bytes())?,
             args: range_in(payload, args)?,
-            payload: payload.clone(),
+            // A copy: the payload may be a slice of the run of messages it arrived with,
+            // which would stay alive with it after the others gave their credit back (a
+            // tiny waiting signal could keep megabytes). Waiting is the slow path.
+            payload: Bytes::copy_from_slice(payload),
             expires,
             credit,
         })
@@ -282,10 +285,15 @@ impl Slots {
         }
     }
 
-    /// Takes out a waiting call (cancelled by its caller).
-    pub(super) fn remove(&self, key: u64) -> Option<Waiting> {
+    /// Takes out a waiting call (cancelled by its caller). Only a call: a cancel cannot
+    /// name a signal.
+    pub(super) fn remove_call(&self, key: u64) -> Option<Waiting> {
         let mut guard = lock(&self.backlog);
-        let item = guard.as_mut()?.items.remove(&key)?;
+        let items = &mut guard.as_mut()?.items;
+        if !items.get(&key)?.is_call() {
+            return None;
+        }
+        let item = items.remove(&key)?;
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         Some(item)
     }

@@ -146,9 +146,24 @@ impl Inner {
                 let mut cx = Context::from_waker(Waker::noop());
                 match Pin::new(&mut CatchUnwind(handlers.call_mut())).poll(&mut cx) {
                     Poll::Ready(result) => {
-                        batch.slot = true;
                         let reply = self.handler_result(result);
-                        batch.release += self.answer(conv, reply, credit);
+                        let options = SendOptions::new().conversation(conv);
+                        match self.conn.try_send(&reply, options) {
+                            // The reply (of any size) waits for the caller's window in a
+                            // task that keeps the handler slot: a caller that does not read
+                            // holds at most one reply per slot.
+                            Err(SendError::WouldBlock) => {
+                                self.active.fetch_add(1, Ordering::AcqRel);
+                                tokio::spawn(reply_later(self.clone(), conv, reply, credit));
+                            }
+                            sent => {
+                                if let Err(e) = sent {
+                                    tracing::debug!("chatter-rpc: reply not sent: {e}");
+                                }
+                                batch.slot = true;
+                                batch.release += u64::from(credit);
+                            }
+                        }
                     }
                     Poll::Pending => {
                         let handler = CatchUnwind(handlers.take_call());
@@ -236,7 +251,7 @@ impl Inner {
             }
             Ok(Incoming::Cancel { call }) if msg.last => {
                 batch.release += u64::from(credit);
-                if let Some(waiting) = self.slots.remove(call) {
+                if let Some(waiting) = self.slots.remove_call(call) {
                     // Cancelled before it started: answered now, its credit given back.
                     if let Kind::Call(conv) = waiting.kind {
                         let cancelled = wire::encode_failure(FailureKind::Cancelled, "cancelled");
@@ -249,10 +264,17 @@ impl Inner {
                 lock(&self.inflight).calls.remove(&call);
             }
             Ok(other) => {
-                let what = format!("misplaced envelope {other:?}");
+                let mut what = format!("misplaced envelope {other:?}");
+                // Small whatever the envelope held: answers queued for a peer that does not
+                // read are bounded by the credit of the requests they answer.
+                truncate(&mut what, MAX_ERROR_TEXT);
                 batch.release += self.protocol_error(conv, open, &what, credit);
             }
-            Err(e) => batch.release += self.protocol_error(conv, open, &e.0, credit),
+            Err(e) => {
+                let mut what = e.0;
+                truncate(&mut what, MAX_ERROR_TEXT);
+                batch.release += self.protocol_error(conv, open, &what, credit);
+            }
         }
     }
 
@@ -452,6 +474,21 @@ pub(super) async fn work(inner: Arc<Inner>, mut item: Waiting) {
     }
 }
 
+/// The longest error text this side puts in a failure reply to a malformed request.
+const MAX_ERROR_TEXT: usize = 200;
+
+/// Cuts `text` to at most `max` bytes, at a character boundary.
+fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+}
+
 /// How many events the receive task takes from the connection at once.
 pub(super) const READ_BATCH: usize = 64;
 
@@ -538,6 +575,15 @@ async fn continue_call(
 ) {
     let work = async { inner.handler_result(handler.await) };
     let reply = race_call(work, &mut cancel, deadline).await;
+    send_call_reply(&inner, conv, reply, credit).await;
+    if let Some(next) = inner.slots.give_back(false) {
+        work_on(inner, next).await;
+    }
+}
+
+/// Sends the reply of a call answered inline that the connection could not take at once,
+/// keeping the handler slot until it is sent; then serves the backlog with the slot.
+async fn reply_later(inner: Arc<Inner>, conv: Conversation, reply: Payload, credit: u32) {
     send_call_reply(&inner, conv, reply, credit).await;
     if let Some(next) = inner.slots.give_back(false) {
         work_on(inner, next).await;
