@@ -59,7 +59,7 @@ impl Inner {
     /// dropped before the outcome, the callee is told to cancel.
     pub(crate) fn call<'a>(
         self: &'a Arc<Self>,
-        payload: impl AsRef<[u8]> + Send + 'a,
+        payload: impl AsRef<[u8]> + Send + Sync + 'a,
         deadline: Duration,
     ) -> impl Future<Output = Outcome> + Send + 'a {
         // Sent before the future is made, so that the future does not hold the request:
@@ -74,11 +74,17 @@ impl Inner {
             }),
             // Rare (the peer's window is full). Boxed so that its timer and wait state do
             // not make every call future larger: callers move these futures around.
+            // The request is made anew at each attempt, with the time left: a call that
+            // waited for credit still ends at its deadline on the callee's side too.
             Err(SendError::WouldBlock) => Start::Wait(Box::pin(async move {
-                let send = self
-                    .conn
-                    .send_bytes(payload.as_ref(), call_options(self, deadline));
-                match tokio::time::timeout(deadline, send).await {
+                let until = Instant::now() + deadline;
+                let send = self.conn.send_made(|| {
+                    let left = until.saturating_duration_since(Instant::now());
+                    let request = wire::rewrite_deadline(payload.as_ref(), left)
+                        .unwrap_or_else(|_| Bytes::copy_from_slice(payload.as_ref()));
+                    (request, call_options(self, left))
+                });
+                match tokio::time::timeout_at(until, send).await {
                     Ok(Ok(conv)) => Ok(conv),
                     Ok(Err(e)) => Err(send_failure(e)),
                     Err(_) => Err(Outcome::Deadline),
