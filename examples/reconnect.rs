@@ -1,5 +1,5 @@
-//! chatter-rpc: a client that survives a server restart. A `ReconnectingPeer` keeps
-//! reconnecting while the server is down; a call made meanwhile waits for the reconnect
+//! chatter-rpc: a client that survives a server restart. A reconnecting `Peer`
+//! (`Peer::reconnecting`) keeps reconnecting while the server is down; a call made meanwhile waits for the reconnect
 //! (within its deadline), and signals sent meanwhile wait in the outbox and are delivered,
 //! in order, once the server is back. Each signal's `Sent` says when the server's handler
 //! finished with it.
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chatter_rpc::{
     listen, remote, serve, Backoff, Options, Peer, PeerEvent, PeerOptions, ReconnectOptions,
-    ReconnectingPeer, RpcServer,
+    RpcServer,
 };
 
 #[remote]
@@ -72,7 +72,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = start("tcp://127.0.0.1:0", 1).await?;
     let address = server.addresses()[0].to_string();
 
-    let peer = ReconnectingPeer::new(
+    let peer = Peer::reconnecting(
         &address,
         Options::default(),
         PeerOptions::default().default_deadline(Duration::from_secs(5)),

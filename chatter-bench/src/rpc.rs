@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use chatter_core::listen;
-use chatter_rpc::{serve, Peer, PeerOptions, SignalError};
+use chatter_rpc::{serve, Peer, PeerOptions};
 
 use crate::core::{options, scheme};
 use crate::harness::{
@@ -140,13 +140,10 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                 let (peer, client) = open(&info.addr, tls.as_ref()).await;
                 let start = Instant::now();
                 for i in 0..spec.total {
-                    loop {
-                        match client.note(1, 2).await {
-                            Ok(_) => break,
-                            // Flow control holds signals back: wait until the outbox drains.
-                            Err(SignalError::OutboxFull) => peer.flush_signals().await,
-                            Err(e) => panic!("signal (chatter-rpc): {e}"),
-                        }
+                    // While flow control holds signals back and the outbox is full, the
+                    // signal's future waits for room (`WhenFull::Wait`, the default).
+                    if let Err(e) = client.note(1, 2).await {
+                        panic!("signal (chatter-rpc): {e}");
                     }
                     // A producer loop lets the connection's driver move bytes now and then.
                     if i % 256 == 255 {

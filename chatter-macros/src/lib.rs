@@ -28,9 +28,9 @@ mod expand;
 /// `Result` with two arguments), where the arguments, `T` and `E` are owned serde types.
 /// A method marked `#[signal]` or `#[signal(ttl = "30s")]` (units `ms`, `s`, `m`, `h`)
 /// returns nothing and gets no reply; `#[signal(persistent)]` (alone or after the TTL)
-/// makes it persistent: through a
-/// [`ReconnectingPeer`](../chatter_rpc/struct.ReconnectingPeer.html) with a store, it is
-/// written to disk before the send completes. Doc comments and lint attributes are copied to the
+/// makes it persistent: through a reconnecting
+/// [`Peer`](../chatter_rpc/struct.Peer.html) with a store, it is written to disk before
+/// the send completes. Doc comments and lint attributes are copied to the
 /// generated client methods.
 ///
 /// ```ignore
@@ -103,8 +103,8 @@ mod expand;
 /// dropped before that sends nothing, one dropped while it waits for its reply tells the
 /// callee to cancel. Call futures are small (about 100 bytes) and `Unpin`, so they can be
 /// polled through `&mut` without pinning. A signal is queued when its future is first
-/// polled, and the future is ready at once unless a full outbox makes it wait for room
-/// (`WhenFull::Wait`).
+/// polled, and the future is ready at once unless the peer's outbox is full: then it
+/// waits for room, at most the signal's TTL (`WhenFull::Wait`, the default).
 ///
 /// Misuse is a compile error on the offending tokens: a method that is not `async`, a
 /// receiver other than `&self`, generic methods or traits, borrowed argument or return

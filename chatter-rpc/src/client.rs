@@ -16,9 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{CallError, RemoteContext, SignalError};
-use crate::outbox::Sent;
-use crate::peer::{lock, Inner, Outcome, MAX_DURATION};
-use crate::reconnect::Target;
+use crate::peer::{Attempt, Inner, Outcome, Peer, Sent, MAX_DURATION};
 use crate::wire::{self, FailureKind, Payload, Reply, WireName};
 
 /// What a generated `{Trait}Client` wraps: a peer, the remote object's name, and the
@@ -35,7 +33,7 @@ pub struct ClientCore {
 }
 
 struct Shared {
-    peer: Target,
+    peer: Peer,
     object: WireName,
     /// The peer's defaults (its options do not change), capped at `MAX_DURATION`.
     default_deadline: Duration,
@@ -63,9 +61,9 @@ impl fmt::Debug for ClientCore {
 }
 
 impl ClientCore {
-    pub fn new(peer: impl Into<Target>, object: &str) -> Self {
-        let peer = peer.into();
-        let options = peer.peer_options();
+    pub fn new(peer: &Peer, object: &str) -> Self {
+        let peer = peer.clone();
+        let options = peer.options();
         let (default_deadline, default_ttl) =
             (options.default_deadline, options.default_signal_ttl);
         ClientCore {
@@ -82,7 +80,7 @@ impl ClientCore {
         }
     }
 
-    pub fn peer(&self) -> &Target {
+    pub fn peer(&self) -> &Peer {
         &self.shared.peer
     }
 
@@ -163,8 +161,7 @@ impl ClientCore {
     }
 
     /// Sends a signal: encodes the arguments now, queues the signal when first polled
-    /// (see [`Peer`](crate::Peer) and [`ReconnectingPeer`](crate::ReconnectingPeer) for
-    /// TTL, outbox and persistence rules).
+    /// (see [`Peer`](crate::Peer) for TTL, outbox and persistence rules).
     pub fn signal<A: Serialize + ?Sized>(
         &self,
         method: &'static Method,
@@ -182,30 +179,19 @@ impl ClientCore {
         let persistent = persistent || self.persistent;
         async move {
             let payload = encoded.map_err(|e| SignalError::BadArguments { what: e.0 })?;
-            match &shared.peer {
-                Target::Peer(peer) => {
-                    let inner = &peer.inner;
-                    if inner.hooks.is_shutting_down() {
-                        return Err(SignalError::ShuttingDown);
-                    }
-                    if !inner.options.acknowledged_signals {
-                        return inner.signal(payload, ttl).map(|()| Sent::untracked());
-                    }
-                    let (reliable, sent) = lock(&inner.hooks.tracked).track(&payload, ttl)?;
-                    match inner.signal(reliable.into(), ttl) {
-                        Ok(()) => Ok(sent),
-                        Err(e) => {
-                            lock(&inner.hooks.tracked).untrack(&sent);
-                            Err(e)
-                        }
-                    }
-                }
-                Target::Reconnecting(peer) => {
-                    // Boxed, as for calls: its wait state would make every signal future
-                    // several times larger, and futures are moved when awaited.
-                    Box::pin(peer.signal(payload.into_bytes(), ttl, persistent)).await
-                }
-            }
+            let wait = match shared.peer.try_signal(payload, ttl, persistent) {
+                Attempt::Done(done) => return done,
+                // Boxed, as for calls: its wait state would make every signal future
+                // several times larger, and futures are moved when awaited. Made before
+                // the await so that the future holds only the box across it.
+                Attempt::Full(payload, expires) => Box::pin(
+                    shared
+                        .peer
+                        .clone()
+                        .signal_when_room(payload, expires, persistent),
+                ),
+            };
+            wait.await
         }
     }
 
@@ -258,10 +244,10 @@ impl ClientCore {
 struct Call<T, E, F> {
     /// The encoded request, until it is sent.
     request: Option<Payload>,
-    /// Sent through a plain peer: the outcome arrives in the peer's pending slot with this
+    /// Sent through a peer made from a connection: the outcome arrives in the peer's pending slot with this
     /// id (conversation ids start at 1; 0 is none).
     waiting: u64,
-    /// Anything rarer (a reconnecting peer, a full window, arguments that failed to
+    /// Anything rarer (a reconnecting link, a full window, arguments that failed to
     /// encode), boxed so that it does not make every call future larger.
     boxed: Option<BoxedCall>,
     shared: Arc<Shared>,
@@ -276,12 +262,9 @@ struct Call<T, E, F> {
 type BoxedCall = Pin<Box<dyn Future<Output = Result<Bytes, CallError>> + Send>>;
 
 impl Shared {
-    /// The connection's peer, for a client of a plain peer.
+    /// The connection's part of the peer, for a client of a peer made from a connection.
     fn inner(&self) -> Option<&Arc<Inner>> {
-        match &self.peer {
-            Target::Peer(peer) => Some(&peer.inner),
-            Target::Reconnecting(_) => None,
-        }
+        self.peer.plain.as_ref()
     }
 }
 
@@ -300,7 +283,7 @@ where
                 return Poll::Ready(Err(e.map_app(|n| match n {})));
             }
         }
-        // `waiting` is only set for a plain peer.
+        // `waiting` is only set for a peer made from a connection.
         let reply = if let (id @ 1.., Some(inner)) = (this.waiting, this.shared.inner()) {
             let outcome = std::task::ready!(inner.poll_outcome(id, cx));
             this.waiting = 0;
@@ -323,18 +306,15 @@ impl<T, E, F> Call<T, E, F> {
     /// Hands the request to the connection (or starts the boxed path that will).
     fn start(&mut self, payload: Payload) -> Result<(), CallError> {
         let deadline = self.deadline;
-        let inner = match &self.shared.peer {
-            Target::Peer(peer) => &peer.inner,
-            Target::Reconnecting(peer) => {
-                let (peer, idempotent) = (peer.clone(), self.idempotent);
-                let bytes = payload.into_bytes();
-                self.boxed = Some(Box::pin(async move {
-                    peer.call(bytes, deadline, idempotent).await
-                }));
-                return Ok(());
-            }
+        let Some(inner) = self.shared.inner() else {
+            let (state, idempotent) = (self.shared.peer.state.clone(), self.idempotent);
+            let bytes = payload.into_bytes();
+            self.boxed = Some(Box::pin(
+                state.call_reconnecting(bytes, deadline, idempotent),
+            ));
+            return Ok(());
         };
-        if inner.hooks.is_shutting_down() {
+        if inner.peer.is_shutting_down() {
             return Err(CallError::ShuttingDown);
         }
         match inner.try_start_call(&payload, deadline) {

@@ -80,7 +80,7 @@ pub enum CallError<E = Infallible> {
     /// The peer broke the RPC protocol (a malformed envelope, an unknown error kind, …).
     #[error("RPC protocol error: {0}")]
     Protocol(String),
-    /// A [`ReconnectingPeer`](crate::ReconnectingPeer) was not connected and did not
+    /// A reconnecting [`Peer`](crate::Peer) was not connected and did not
     /// reconnect within the call's deadline (or gave up reconnecting). The request was
     /// never sent.
     #[error("not connected (gave up waiting for a reconnect within the deadline): {last_error}")]
@@ -214,8 +214,10 @@ pub enum SignalError {
         /// What failed.
         what: String,
     },
-    /// The outbox of signals waiting for flow-control credit is full
-    /// ([`PeerOptions::max_queued_signals`](crate::PeerOptions::max_queued_signals)).
+    /// The signal outbox is full
+    /// ([`PeerOptions::max_queued_signals`](crate::PeerOptions::max_queued_signals)) and
+    /// the peer refuses more ([`WhenFull::Error`](crate::WhenFull::Error); by default a
+    /// signal waits for room instead).
     #[error("signal outbox is full")]
     OutboxFull,
     /// The signal is larger than the connection's maximum frame.
@@ -224,7 +226,7 @@ pub enum SignalError {
     /// The peer is shutting down or closed and takes no new signals.
     #[error("shutting down: the signal was refused")]
     ShuttingDown,
-    /// A [`ReconnectingPeer`](crate::ReconnectingPeer) gave up reconnecting (its
+    /// A reconnecting [`Peer`](crate::Peer) gave up reconnecting (its
     /// [`Backoff`](crate::Backoff) ran out) and is closed.
     #[error("not connected and not reconnecting: {0}")]
     NotConnected(String),
@@ -242,11 +244,11 @@ pub enum SignalError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AckError {
-    /// The signal was sent through a plain [`Peer`](crate::Peer) whose signals are not
+    /// The signal was sent through a [`Peer`](crate::Peer) whose signals are not
     /// acknowledged: turn on
     /// [`PeerOptions::acknowledged_signals`](crate::PeerOptions::acknowledged_signals), or
-    /// send it through a [`ReconnectingPeer`](crate::ReconnectingPeer).
-    #[error("not supported: this Peer's signals are not acknowledged; set PeerOptions::acknowledged_signals or use a ReconnectingPeer")]
+    /// send it through a reconnecting peer ([`Peer::reconnecting`](crate::Peer::reconnecting)).
+    #[error("not supported: this Peer's signals are not acknowledged; set PeerOptions::acknowledged_signals or use Peer::reconnecting")]
     NotSupported,
     /// No acknowledgement within the time given to `acknowledged`. The signal stays queued
     /// (it may still be delivered, or expire).
@@ -270,8 +272,9 @@ pub enum AckError {
         /// Whether the receiver may have run it anyway.
         maybe_delivered: bool,
     },
-    /// A plain [`Peer`](crate::Peer)'s connection closed before the acknowledgement
-    /// arrived: the receiver may or may not have run it (a plain peer does not re-send).
+    /// The connection of a [`Peer`](crate::Peer) made from a connection closed before the
+    /// acknowledgement arrived: the receiver may or may not have run it (such a peer does
+    /// not re-send).
     #[error("connection lost before the acknowledgement (maybe delivered): {cause}")]
     ConnectionLost {
         /// Why the connection closed.

@@ -61,14 +61,25 @@
 //!   travels as a relative duration; the caller fails with [`CallError::DeadlineExceeded`]
 //!   when it passes, and the callee drops the handler's future when it passes on its side.
 //!   Dropping the call's future cancels the call: a cancel message makes the callee drop
-//!   the handler's future.
+//!   the handler's future. A request that finds no flow-control credit waits for it
+//!   within the call's deadline; the peer does not queue calls.
 //! - **Signals** are one-message conversations without a reply. A signal's future only
-//!   queues it: the signal goes to the connection at once, or, while flow control holds
-//!   it back, into a bounded outbox (through a [`ReconnectingPeer`], a full outbox can
-//!   make the future wait for room: [`WhenFull::Wait`]). A signal not handed to the connection before its TTL runs out is
-//!   dropped and counted ([`PeerStats::signals_expired`]); the callee likewise drops a
-//!   signal that cannot start before its TTL ([`PeerStats::signals_expired_on_arrival`]).
-//!   A signal is never delivered late.
+//!   queues it: the signal goes to the connection at once when nothing is queued before
+//!   it and flow control has credit, or else into the peer's outbox, which hands signals
+//!   to the connection in order as credit comes back. The outbox is bounded
+//!   ([`PeerOptions::max_queued_signals`], 1024 by default); a signal sent while it is
+//!   full follows [`PeerOptions::when_full`]: by default ([`WhenFull::Wait`]) the
+//!   signal's future *waits* for room, within the signal's TTL, and fails with
+//!   [`SignalError::Expired`] (counted in [`PeerStats::signals_expired`]) if the TTL runs
+//!   out first; [`WhenFull::Error`] refuses it with [`SignalError::OutboxFull`],
+//!   [`WhenFull::DropOldest`] drops the oldest queued signal. So a sender that is out of
+//!   credit slows down to the receiver's pace instead of failing or growing: the
+//!   sender's memory for signals is at most *outbox capacity × largest signal* (the
+//!   encoded size of its arguments plus the envelope's names and a few bytes). A signal
+//!   not handed to the connection before its TTL runs out is dropped and counted
+//!   ([`PeerStats::signals_expired`]); the callee likewise drops a signal that cannot
+//!   start before its TTL ([`PeerStats::signals_expired_on_arrival`]). A signal is never
+//!   delivered late.
 //! - **Errors** are typed: [`CallError<E>`] carries the callee's `E` as the same type, with
 //!   the callee's [`RemoteContext`] (`Display` and `source()` chain), and separates every
 //!   framework failure. A panicking handler produces [`CallError::RemotePanic`]; the callee
@@ -89,12 +100,14 @@
 //!   (`docs/SECURITY.md`).
 //! - **Symmetry**: both ends of a connection are [`Peer`]s; either can host objects and
 //!   call the other.
-//! - **Reliable delivery**: a [`ReconnectingPeer`] reconnects by itself, makes calls wait
-//!   for a reconnect within their deadline ([`CallError::NotConnected`],
-//!   [`CallError::OutcomeUnknown`], `#[idempotent]` methods re-sent), keeps signals in an
-//!   acknowledged outbox (optionally persistent on disk) until the receiver's handler
-//!   finished, and reports the ones whose TTL ran out. Peers and servers shut down
-//!   gracefully (`shutdown(grace)`).
+//! - **Links**: a [`Peer`] made from a connection ([`Peer::new`]) closes with it; one
+//!   made with [`Peer::reconnecting`] reconnects by itself, makes calls wait for a
+//!   reconnect within their deadline ([`CallError::NotConnected`],
+//!   [`CallError::OutcomeUnknown`], `#[idempotent]` methods re-sent), keeps signals in
+//!   the outbox until the receiver's handler finished (acknowledged; optionally
+//!   persistent on disk), and reports the ones whose TTL ran out. Both serve the objects
+//!   registered on them on every connection, and share one API. Peers and servers shut
+//!   down gracefully (`shutdown(grace)`).
 //!
 //! The wire format of the RPC envelopes is described in `PROTOCOL.md` in this crate.
 
@@ -108,9 +121,7 @@
 
 mod client;
 mod error;
-mod outbox;
 mod peer;
-mod reconnect;
 mod server;
 mod service;
 mod store;
@@ -123,11 +134,9 @@ pub use chatter_core::{
 };
 pub use chatter_macros::remote;
 pub use error::{AckError, CallError, RemoteContext, SignalError};
-pub use outbox::{Sent, SignalId};
-pub use peer::{Peer, PeerOptions, PeerStats};
-pub use reconnect::{
-    Backoff, ConnectionState, Events, PeerEvent, ReconnectError, ReconnectOptions, ReconnectStats,
-    ReconnectingPeer, Target, WhenFull,
+pub use peer::{
+    Backoff, ConnectionState, Events, Peer, PeerEvent, PeerOptions, PeerStats, ReconnectError,
+    ReconnectOptions, Sent, SignalId, WhenFull,
 };
 pub use server::{serve, RpcServer};
 pub use service::Service;

@@ -46,12 +46,12 @@ where
                 let peer = Peer::with_options(conn, options.clone());
                 if shutting_down.load(Ordering::Acquire) {
                     // Accepted during a graceful shutdown: refuse its calls clearly.
-                    peer.inner.begin_shutdown();
+                    peer.begin_shutdown();
                 }
                 setup(&peer);
                 {
                     let mut peers = peers.lock().unwrap_or_else(PoisonError::into_inner);
-                    peers.retain(|p| !p.connection().is_closed());
+                    peers.retain(|p| p.state() != crate::ConnectionState::Closed);
                     // Held here, the peer lives as long as its connection (closed ones
                     // are dropped at the next accept).
                     peers.push(peer);
@@ -120,7 +120,7 @@ impl RpcServer {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         for peer in &peers {
-            peer.inner.begin_shutdown();
+            peer.begin_shutdown();
         }
         let mut all = tokio::task::JoinSet::new();
         for peer in peers {

@@ -1,4 +1,4 @@
-//! The persistent signal store of a [`ReconnectingPeer`](crate::ReconnectingPeer): one
+//! The persistent signal store of a reconnecting [`Peer`](crate::Peer) ([`ReconnectOptions::store`](crate::ReconnectOptions::store)): one
 //! SQLite file (WAL journal, `synchronous = FULL`). A persistent signal is written before
 //! its send completes and deleted only by the receiver's acknowledgement (or its expiry).
 //!

@@ -62,7 +62,7 @@ async fn hostile_scope_still_works() {
         .unwrap();
     let server = chatter_rpc::Peer::new(listener.accept().await.unwrap());
     server.register("h", HostileServer::new(Impl));
-    let client = HostileClient::new(chatter_rpc::Peer::new(conn), "h");
+    let client = HostileClient::new(&chatter_rpc::Peer::new(conn), "h");
     assert_eq!(client.plain(4).await.unwrap(), 4);
     assert_eq!(
         client.fallible(5).await.unwrap_err().into_app().unwrap(),

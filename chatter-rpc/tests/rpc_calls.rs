@@ -215,7 +215,7 @@ async fn connection_lost_while_waiting() {
     let call = tokio::spawn(p.calc.wait("w".into()));
     assert_eq!(within(p.probe.started.recv()).await.unwrap(), "w");
     // Close the transport under the server peer, without a graceful RPC close.
-    p.server.connection().close().await;
+    p.server.connection().expect("its connection").close().await;
     let err = call.await.unwrap().unwrap_err();
     assert!(matches!(err, CallError::ConnectionLost(_)), "{err:?}");
     // The server dropped the handler when the connection went away.
@@ -429,7 +429,11 @@ async fn raw_envelopes_from_protocol_md_and_malformed_requests() {
     raw.send_bytes(forever, request).await.unwrap();
     let reply = within(raw.receive()).await.unwrap();
     assert_eq!(reply.payload.as_ref(), b"\x92\x00\x05");
-    assert!(server.connection().close_cause().is_none());
+    assert!(server
+        .connection()
+        .expect("its connection")
+        .close_cause()
+        .is_none());
 }
 
 #[tokio::test(start_paused = true)]

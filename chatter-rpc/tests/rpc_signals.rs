@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use chatter_core::Options;
-use chatter_rpc::{Peer, PeerOptions, SignalError};
+use chatter_rpc::{Peer, PeerOptions, SignalError, WhenFull};
 use common::{pair, pair_with, within, Calc, CalculatorClient, CalculatorServer};
 
 #[tokio::test(start_paused = true)]
@@ -54,7 +54,7 @@ async fn signal_whose_ttl_expires_before_delivery_is_dropped_and_counted() {
         calc.note(format!("{i} {text}")).await.unwrap();
     }
     assert!(client.stats().signals_sent < 10, "{:?}", client.stats());
-    client.flush_signals().await;
+    client.flush().await;
     let stats = client.stats();
     assert!(stats.signals_expired > 0, "{stats:?}");
     assert_eq!(stats.signals_sent + stats.signals_expired, 10, "{stats:?}");
@@ -108,7 +108,12 @@ async fn signal_on_a_closed_connection_fails() {
 async fn full_outbox_rejects_and_counts() {
     let listen_options = Options::default().max_frame_size(2048).receive_window(4096);
     let (client_conn, _server_conn) = common::connections(listen_options).await;
-    let client = Peer::with_options(client_conn, PeerOptions::default().max_queued_signals(2));
+    let client = Peer::with_options(
+        client_conn,
+        PeerOptions::default()
+            .max_queued_signals(2)
+            .when_full(WhenFull::Error),
+    );
     let calc = CalculatorClient::new(&client, "calc");
     let text = "x".repeat(1000);
     let mut rejected = 0;
@@ -146,7 +151,7 @@ async fn panicking_signal_handler_is_counted_and_the_peer_keeps_serving() {
     let (client_conn, server_conn) = common::connections(Options::default()).await;
     let server = Peer::new(server_conn);
     server.register("fragile", FragileServer::new(Crashy));
-    let client = FragileClient::new(Peer::new(client_conn), "fragile");
+    let client = FragileClient::new(&Peer::new(client_conn), "fragile");
     client.crash("signal boom".into()).await.unwrap();
     // Calls after the signal are answered; the signal's handler ran (and panicked) first
     // or concurrently, so wait for the counter through a few round trips.
@@ -180,4 +185,110 @@ async fn signal_futures_stay_small() {
     assert!(size <= 128, "a signal future takes {size} bytes");
     signal.await.unwrap();
     assert_eq!(within(p.probe.recorded.recv()).await.unwrap(), 9);
+}
+
+/// A receiver whose only handler slot is taken, fed 1000-byte signals by a sender with
+/// room for 4 in its outbox: received signals wait for the slot holding their credit, so
+/// the sender runs out of credit. Returns the sender, the receiver, the receiver's probe,
+/// the call holding the slot, and how many signals the sender accepted before a signal's
+/// future had to wait.
+async fn sender_out_of_credit() -> (
+    Peer,
+    Peer,
+    common::Probe,
+    tokio::task::JoinHandle<Result<String, chatter_rpc::CallError>>,
+    usize,
+) {
+    let listen_options = Options::default().max_frame_size(2048).receive_window(4096);
+    let (client_conn, server_conn) = common::connections(listen_options).await;
+    let server = Peer::with_options(
+        server_conn,
+        PeerOptions::default().max_concurrent_handlers(1),
+    );
+    let (calc_impl, mut probe) = Calc::new();
+    server.register("calc", CalculatorServer::new(calc_impl));
+    let client = Peer::with_options(client_conn, PeerOptions::default().max_queued_signals(4));
+    let calc = CalculatorClient::new(&client, "calc").with_ttl(Duration::from_secs(60));
+    let busy = tokio::spawn(calc.wait("busy".into()));
+    assert_eq!(within(probe.started.recv()).await.unwrap(), "busy");
+    let text = "x".repeat(1000);
+    let mut accepted = 0;
+    loop {
+        let send = calc.note(format!("{accepted} {text}"));
+        match tokio::time::timeout(Duration::from_millis(100), send).await {
+            Ok(sent) => {
+                sent.unwrap();
+                accepted += 1;
+            }
+            Err(_) => break, // waits for room
+        }
+        assert!(accepted < 100, "the outbox does not fill up");
+    }
+    (client, server, probe, busy, accepted)
+}
+
+/// A sender out of flow-control credit waits rather than fails or grows: its signals fill
+/// the window and then its outbox up to its capacity, and the next signal's future waits
+/// for room (`WhenFull::Wait`, the default), within its TTL: then it fails with `Expired`,
+/// counted, never queued.
+#[tokio::test(start_paused = true)]
+async fn a_sender_out_of_credit_waits_for_room_within_the_ttl() {
+    let (client, _server, _probe, _busy, accepted) = sender_out_of_credit().await;
+    assert_eq!(client.queued(), 4, "the outbox holds its capacity, no more");
+    assert!(accepted >= 4, "{accepted}");
+    let calc = CalculatorClient::new(&client, "calc");
+    let start = tokio::time::Instant::now();
+    let late = calc
+        .with_ttl(Duration::from_millis(300))
+        .note("too late".into())
+        .await;
+    assert!(matches!(late, Err(SignalError::Expired)), "{late:?}");
+    assert_eq!(start.elapsed(), Duration::from_millis(300));
+    let stats = client.stats();
+    assert_eq!((stats.signals_expired, stats.signals_rejected), (1, 0));
+    assert_eq!(client.queued(), 4);
+}
+
+/// After the sender waited (as above), the receiver's handler slot frees up: the waiting
+/// signal is queued, and every accepted signal arrives, in order.
+#[tokio::test(start_paused = true)]
+#[ignore = "chatter-core on main: the window frame of credit released after the receiver \
+            held it stays in the receiver's output (9 bytes), so the sender never gets \
+            credit back; un-ignore once fixed"]
+async fn a_sender_that_waited_delivers_everything_once_the_receiver_catches_up() {
+    let (client, server, mut probe, busy, accepted) = sender_out_of_credit().await;
+    let calc = CalculatorClient::new(&client, "calc").with_ttl(Duration::from_secs(60));
+    let waiting = tokio::spawn(calc.note(format!("{accepted} last")));
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished(), "waits while the outbox is full");
+    probe.release.notify_waiters();
+    busy.await.unwrap().unwrap();
+    within(waiting).await.unwrap().unwrap();
+    for i in 0..=accepted {
+        let note = within(probe.notes.recv()).await.unwrap();
+        assert!(note.starts_with(&format!("{i} ")), "{i}: {}", &note[..8]);
+    }
+    client.flush().await;
+    assert_eq!(client.stats().signals_sent, accepted as u64 + 1);
+    assert_eq!(server.stats().signals_delivered, accepted as u64 + 1);
+}
+
+/// A peer made from a connection reports its link as a reconnecting one does: connected,
+/// then closed with a `Disconnected` event when the other side closes.
+#[tokio::test(start_paused = true)]
+async fn a_plain_peer_reports_its_state_and_its_disconnect() {
+    let p = pair().await;
+    let mut events = p.client.events();
+    assert_eq!(p.client.state(), chatter_rpc::ConnectionState::Connected);
+    assert!(p.client.wait_connected(Duration::from_secs(1)).await);
+    assert_eq!(p.client.stats().connects, 1);
+    p.server.close().await;
+    let event = within(events.next()).await.expect("an event");
+    assert!(
+        matches!(event, chatter_rpc::PeerEvent::Disconnected { .. }),
+        "{event:?}"
+    );
+    assert_eq!(p.client.state(), chatter_rpc::ConnectionState::Closed);
+    assert!(p.client.connection().expect("its connection").is_closed());
+    assert!(!p.client.wait_connected(Duration::from_secs(1)).await);
 }

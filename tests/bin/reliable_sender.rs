@@ -1,4 +1,4 @@
-//! Sends persistent signals `durable(from..to)` through a `ReconnectingPeer` with a store,
+//! Sends persistent signals `durable(from..to)` through a reconnecting `Peer` with a store,
 //! printing `stored N` once `send` returned for `N` (so the signal is on disk). Then waits
 //! until every stored signal was acknowledged, prints `flushed`, and exits.
 //!
@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use chatter_rpc::{Backoff, Options, PeerOptions, ReconnectOptions, ReconnectingPeer};
+use chatter_rpc::{Backoff, Options, Peer, PeerOptions, ReconnectOptions};
 use tests::numbers::NumbersClient;
 
 #[tokio::main(flavor = "current_thread")]
@@ -18,13 +18,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: reliable-sender ADDRESS STORE FROM TO".into());
     };
     let (from, to): (u64, u64) = (from.parse()?, to.parse()?);
-    let peer = ReconnectingPeer::new(
+    let peer = Peer::reconnecting(
         address.as_str(),
         Options::default(),
-        PeerOptions::default(),
+        PeerOptions::default().max_queued_signals(100_000),
         ReconnectOptions::default()
             .store(store)
-            .outbox_capacity(100_000)
             .backoff(Backoff::exponential(
                 Duration::from_millis(10),
                 Duration::from_millis(200),

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use chatter_rpc::{
     connect, listen, serve, AckError, Backoff, CallError, ConnectionState, Options, Peer,
-    PeerEvent, PeerOptions, ReconnectOptions, ReconnectingPeer, RpcServer, SignalError, SignalId,
-    WhenFull,
+    PeerEvent, PeerOptions, ReconnectOptions, RpcServer, SignalError, SignalId, WhenFull,
 };
 use tests::numbers::{NumbersClient, NumbersServer, Recorder};
 use tests::proxy::Proxy;
@@ -43,14 +42,16 @@ fn fast() -> Backoff {
     Backoff::exponential(Duration::from_millis(10), Duration::from_millis(100)).jitter(0.0)
 }
 
-fn reconnecting(address: &str, deadline: Duration, options: ReconnectOptions) -> ReconnectingPeer {
-    ReconnectingPeer::new(
+fn reconnecting(address: &str, deadline: Duration, options: ReconnectOptions) -> Peer {
+    reconnecting_with(
         address,
-        Options::default(),
         PeerOptions::default().default_deadline(deadline),
         options,
     )
-    .expect("a valid address")
+}
+
+fn reconnecting_with(address: &str, peer: PeerOptions, options: ReconnectOptions) -> Peer {
+    Peer::reconnecting(address, Options::default(), peer, options).expect("a valid address")
 }
 
 async fn next_event(events: &mut chatter_rpc::Events) -> PeerEvent {
@@ -282,15 +283,15 @@ async fn thousands_of_signals_through_repeated_cuts_arrive_once_in_order_or_are_
     // A few hundred signals' (and acknowledgements') worth of bytes per connection: cuts
     // land everywhere, in the middle of frames too.
     proxy.cut_randomly(0x5eed, 5_000, 15_000);
-    let rp = reconnecting(
+    let rp = reconnecting_with(
         &proxy.address(),
-        Duration::from_secs(5),
-        ReconnectOptions::default()
-            .backoff(Backoff::exponential(
-                Duration::from_millis(1),
-                Duration::from_millis(20),
-            ))
-            .outbox_capacity(N as usize),
+        PeerOptions::default()
+            .default_deadline(Duration::from_secs(5))
+            .max_queued_signals(N as usize),
+        ReconnectOptions::default().backoff(Backoff::exponential(
+            Duration::from_millis(1),
+            Duration::from_millis(20),
+        )),
     );
     let mut events = rp.events();
     let numbers = NumbersClient::new(&rp, "numbers");
@@ -427,12 +428,16 @@ async fn a_full_outbox_refuses_drops_the_oldest_or_waits_as_configured() {
     let proxy = Proxy::start(addr).await;
     proxy.refuse(true);
 
-    let refusing = reconnecting(
+    let capacity = |when_full| {
+        PeerOptions::default()
+            .default_deadline(Duration::from_secs(5))
+            .max_queued_signals(2)
+            .when_full(when_full)
+    };
+    let refusing = reconnecting_with(
         &proxy.address(),
-        Duration::from_secs(5),
-        ReconnectOptions::default()
-            .backoff(fast())
-            .outbox_capacity(2),
+        capacity(WhenFull::Error),
+        ReconnectOptions::default().backoff(fast()),
     );
     let numbers = NumbersClient::new(&refusing, "numbers");
     numbers.number(1).await.expect("queued");
@@ -443,13 +448,10 @@ async fn a_full_outbox_refuses_drops_the_oldest_or_waits_as_configured() {
     ));
     assert_eq!(refusing.stats().signals_rejected, 1);
 
-    let dropping = reconnecting(
+    let dropping = reconnecting_with(
         &proxy.address(),
-        Duration::from_secs(5),
-        ReconnectOptions::default()
-            .backoff(fast())
-            .outbox_capacity(2)
-            .when_full(WhenFull::DropOldest),
+        capacity(WhenFull::DropOldest),
+        ReconnectOptions::default().backoff(fast()),
     );
     let mut events = dropping.events();
     let numbers = NumbersClient::new(&dropping, "numbers");
@@ -479,13 +481,10 @@ async fn a_full_outbox_refuses_drops_the_oldest_or_waits_as_configured() {
 
     // Waiting for room: the signal's future resolves once it is queued, or fails when
     // its TTL runs out first.
-    let waiting = reconnecting(
+    let waiting = reconnecting_with(
         &proxy.address(),
-        Duration::from_secs(5),
-        ReconnectOptions::default()
-            .backoff(fast())
-            .outbox_capacity(2)
-            .when_full(WhenFull::Wait),
+        capacity(WhenFull::Wait),
+        ReconnectOptions::default().backoff(fast()),
     );
     let numbers = NumbersClient::new(&waiting, "numbers");
     numbers.number(20).await.expect("queued");
@@ -997,7 +996,7 @@ async fn persistent_signals_survive_sigkill_of_the_sender() {
     assert_eq!(old, (0..old.len() as u64).collect::<Vec<_>>());
     assert_eq!(new, (1_000..1_050).collect::<Vec<_>>());
     // Acknowledged signals were deleted from the store: nothing is left to re-send.
-    let reopened = ReconnectingPeer::new(
+    let reopened = Peer::reconnecting(
         &address,
         Options::default(),
         PeerOptions::default(),

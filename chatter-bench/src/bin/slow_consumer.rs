@@ -3,9 +3,10 @@
 //!
 //! Prints, once a second: signals the sender had accepted, signals handled, the bytes of
 //! flow-control credit the receiving connection holds (`Connection::buffered().received`),
-//! and the process's resident memory (sender and receiver both live in it). A sender that
-//! is refused (`SignalError::OutboxFull`) waits for its outbox to drain and tries again, as
-//! a user would.
+//! and the process's resident memory (sender and receiver both live in it). The sender's
+//! signal futures wait for room in its outbox (`WhenFull::Wait`, the default); one that is
+//! refused (`SignalError::OutboxFull`, only with `WhenFull::Error`) waits for the outbox to
+//! drain and tries again, as a user would.
 //!
 //! ```sh
 //! cargo run --release -p chatter-bench --bin slow_consumer -- [SECONDS] [HANDLERS]
@@ -90,7 +91,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                     Err(SignalError::OutboxFull) => {
                         refused.fetch_add(1, Ordering::Relaxed);
-                        client.flush_signals().await;
+                        client.flush().await;
                     }
                     Err(e) => {
                         eprintln!("signal failed: {e}");
@@ -110,7 +111,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .lock()
             .expect("not poisoned")
             .iter()
-            .map(|p| p.connection().buffered().received)
+            .map(|p| p.connection().map_or(0, |c| c.buffered().received))
             .sum();
         let rss = rss_mib();
         peak_held = peak_held.max(held);

@@ -12,8 +12,13 @@ use bytes::Bytes;
 use chatter_core::proto::IdBuildHasher;
 use chatter_core::{CloseCause, Conversation, Msg, SendError, SendOptions};
 
+use tokio::time::Instant;
+
+use crate::error::CallError;
 use crate::wire::{self};
 
+use super::events::ConnectionState;
+use super::link::{Link, Supervisor};
 use super::*;
 
 #[derive(Default)]
@@ -54,7 +59,7 @@ impl Inner {
     /// dropped before the outcome, the callee is told to cancel.
     pub(crate) fn call<'a>(
         self: &'a Arc<Self>,
-        payload: impl AsRef<[u8]> + Send + 'a,
+        payload: impl AsRef<[u8]> + Send + Sync + 'a,
         deadline: Duration,
     ) -> impl Future<Output = Outcome> + Send + 'a {
         // Sent before the future is made, so that the future does not hold the request:
@@ -69,11 +74,17 @@ impl Inner {
             }),
             // Rare (the peer's window is full). Boxed so that its timer and wait state do
             // not make every call future larger: callers move these futures around.
+            // The request is made anew at each attempt, with the time left: a call that
+            // waited for credit still ends at its deadline on the callee's side too.
             Err(SendError::WouldBlock) => Start::Wait(Box::pin(async move {
-                let send = self
-                    .conn
-                    .send_bytes(payload.as_ref(), call_options(deadline));
-                match tokio::time::timeout(deadline, send).await {
+                let until = Instant::now() + deadline;
+                let send = self.conn.send_made(|| {
+                    let left = until.saturating_duration_since(Instant::now());
+                    let request = wire::rewrite_deadline(payload.as_ref(), left)
+                        .unwrap_or_else(|_| Bytes::copy_from_slice(payload.as_ref()));
+                    (request, call_options(self, left))
+                });
+                match tokio::time::timeout_at(until, send).await {
                     Ok(Ok(conv)) => Ok(conv),
                     Ok(Err(e)) => Err(send_failure(e)),
                     Err(_) => Err(Outcome::Deadline),
@@ -110,7 +121,7 @@ impl Inner {
         deadline: Duration,
     ) -> Result<u64, SendError> {
         self.conn
-            .try_send(payload, call_options(deadline))
+            .try_send(payload, call_options(self, deadline))
             .map(|conv| conv.first_id())
     }
 
@@ -266,14 +277,101 @@ impl Inner {
 }
 
 /// How a request is sent: it opens a conversation, passes the turn to the callee and
-/// times out at the call's deadline.
-pub(super) fn call_options(deadline: Duration) -> SendOptions {
-    SendOptions::new().last(false).timeout(deadline)
+/// times out at the call's deadline; it keeps a quarter of the peer's window free for
+/// replies (signals keep half: a backlog of signals cannot starve calls).
+pub(super) fn call_options(inner: &Inner, deadline: Duration) -> SendOptions {
+    SendOptions::new()
+        .last(false)
+        .timeout(deadline)
+        .reserve(inner.peer_window() / 4)
 }
 
 pub(super) fn send_failure(e: SendError) -> Outcome {
     match e {
         SendError::Closed(cause) => Outcome::NotSent(cause),
         other => Outcome::Protocol(other.to_string()),
+    }
+}
+
+impl PeerState {
+    /// A call through a reconnecting link: waits for a connection within the deadline,
+    /// re-sends an idempotent call whose connection was lost (generated clients call
+    /// this).
+    pub(crate) async fn call_reconnecting(
+        self: Arc<Self>,
+        payload: Bytes,
+        deadline: Duration,
+        idempotent: bool,
+    ) -> Result<Bytes, CallError> {
+        let Link::Reconnecting(sv) = &self.link else {
+            return Err(CallError::Protocol("not a reconnecting peer".into()));
+        };
+        if self.is_shutting_down() {
+            return Err(CallError::ShuttingDown);
+        }
+        sv.calls.fetch_add(1, Ordering::AcqRel);
+        let _active = ActiveCall(sv);
+        let until = Instant::now() + deadline;
+        let work = async {
+            let mut current = sv.current.subscribe();
+            let mut dead = 0;
+            loop {
+                let wait = async {
+                    loop {
+                        {
+                            let c = current.borrow_and_update();
+                            if let Some(inner) = &c.inner {
+                                if c.generation != dead && !inner.conn.is_closed() {
+                                    return Ok((inner.clone(), c.generation));
+                                }
+                            }
+                            if c.state == ConnectionState::Closed {
+                                return Err(c.last_error.clone());
+                            }
+                        }
+                        if current.changed().await.is_err() {
+                            return Err("the peer is closed".to_string());
+                        }
+                    }
+                };
+                let (inner, generation) = match tokio::time::timeout_at(until, wait).await {
+                    Ok(Ok(found)) => found,
+                    Ok(Err(last_error)) => return Err(CallError::NotConnected { last_error }),
+                    Err(_) => {
+                        let last_error = sv.current.borrow().last_error.clone();
+                        return Err(CallError::NotConnected { last_error });
+                    }
+                };
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(CallError::DeadlineExceeded);
+                }
+                let request = wire::rewrite_deadline(&payload, left)
+                    .map_err(|e| CallError::BadArguments { what: e.0 })?;
+                match inner.call(&request, left).await {
+                    Outcome::Reply(reply) => return Ok(reply),
+                    Outcome::Deadline => return Err(CallError::DeadlineExceeded),
+                    Outcome::Protocol(what) => return Err(CallError::Protocol(what)),
+                    Outcome::NotSent(_) => dead = generation,
+                    Outcome::Lost(_) if idempotent => dead = generation,
+                    Outcome::Lost(cause) => return Err(CallError::OutcomeUnknown(cause)),
+                }
+            }
+        };
+        match tokio::time::timeout_at(until, work).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::DeadlineExceeded),
+        }
+    }
+}
+
+/// Counts a call in progress on a reconnecting link (for graceful shutdown).
+struct ActiveCall<'a>(&'a Supervisor);
+
+impl Drop for ActiveCall<'_> {
+    fn drop(&mut self) {
+        if self.0.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.calls_idle.notify_waiters();
+        }
     }
 }

@@ -1,4 +1,18 @@
-//! [`Peer`]: one end of an RPC connection. Hosts objects, makes calls, sends signals.
+//! [`Peer`]: one end of RPC connections. Hosts objects, makes calls, sends signals.
+//!
+//! A peer is two parts:
+//!
+//! - [`PeerState`], which exists once per peer: the object registry, options, counters,
+//!   the signal outbox (and its store), event subscribers and the shutdown flag;
+//! - its *link* (`link.rs`), which makes connections: one given connection that never
+//!   reconnects ([`Peer::new`]), or a supervisor that connects to an address and
+//!   reconnects with backoff ([`Peer::reconnecting`]). For each connection the link makes
+//!   an [`Inner`]: the connection, the calls this side waits for, the handlers running
+//!   for the other side, and the receive task. It points at the peer's state.
+//!
+//! The other modules: `calls.rs` (calls this side makes), `signals.rs` (signals this side
+//! sends, through the outbox in `outbox.rs`), `serve.rs` and `reliable.rs` (the serving
+//! path: what the other side sends), `events.rs`, `options.rs`, `shutdown.rs`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -8,16 +22,20 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use chatter_core::proto::IdBuildHasher;
-use chatter_core::{CloseCause, Connection};
+use chatter_core::{CloseCause, Connection, Options, SendError, SendOptions, ToAddress};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::service::Service;
-use crate::wire::{self, FailureKind};
+use crate::store::Store;
+use crate::wire::{self, FailureKind, Payload};
 
 mod backlog;
 mod calls;
+mod events;
+mod link;
 mod options;
+mod outbox;
 mod reliable;
 mod serve;
 mod shutdown;
@@ -26,22 +44,43 @@ mod signals;
 use backlog::{Kind, Slots};
 pub(crate) use calls::Outcome;
 use calls::{Pending, Slot};
-pub(crate) use options::{bump, Stats};
-pub use options::{PeerOptions, PeerStats};
-pub(crate) use reliable::{AckSink, Hooks};
+use events::Subscribers;
+pub use events::{ConnectionState, Events, PeerEvent};
+use link::Link;
+pub use link::{Backoff, ReconnectError, ReconnectOptions};
+pub(crate) use options::bump;
+use options::Stats;
+pub use options::{PeerOptions, PeerStats, WhenFull};
+use outbox::{Delivery, Item, Outbox};
+pub use outbox::{Sent, SignalId};
 use serve::{run_reader, Answer};
-use signals::{Outgoing, Queued};
+pub(crate) use signals::Attempt;
 
-/// One end of an RPC connection.
+/// One end of RPC connections: hosts objects, makes calls, sends signals.
 ///
-/// A peer wraps a chatter-core [`Connection`] and owns its receive side. It hosts objects
-/// registered under names ([`register`](Self::register)) and is what generated clients
-/// call through (`{Trait}Client::new(&peer, "name")`). Both ends of a connection are
-/// peers, so both can host objects and call the other at the same time.
+/// A peer hosts objects registered under names ([`register`](Self::register)) and is what
+/// generated clients call through (`{Trait}Client::new(&peer, "name")`). Both ends of a
+/// connection are peers, so both can host objects and call the other at the same time.
 ///
-/// `Peer` is cheap to clone. The connection closes when [`close`](Self::close) is called,
-/// when the other side closes it, or when the last `Peer` clone (and the last client made
-/// from it) is dropped.
+/// Its *link* makes its connections:
+///
+/// - [`Peer::new`] / [`Peer::with_options`] wrap one connection (from
+///   [`connect`](crate::connect) or a listener's `accept`). The peer closes with it and
+///   never reconnects.
+/// - [`Peer::reconnecting`] connects to an address in the background and reconnects
+///   after the connection drops, with [`Backoff`]. Calls made while disconnected wait
+///   for a connection within their deadline; signals are acknowledged and re-sent after a
+///   reconnect. See [`Peer::reconnecting`].
+///
+/// Everything else is the same for both: registered objects are served on every
+/// connection, and the counters ([`stats`](Self::stats)), the signal outbox
+/// ([`queued`](Self::queued), [`flush`](Self::flush)), the [`events`](Self::events) and
+/// the [`shutdown`](Self::shutdown) belong to the peer, not to one connection.
+///
+/// `Peer` is cheap to clone. The peer closes when [`close`](Self::close) or
+/// [`shutdown`](Self::shutdown) is called, when the last `Peer` clone (and the last
+/// client made from it) is dropped, or, for a peer made from a connection, when the other
+/// side closes it.
 ///
 /// ```
 /// use chatter_rpc::{Peer, PeerOptions};
@@ -57,17 +96,30 @@ use signals::{Outgoing, Queued};
 /// assert!(b.closed().await.to_string().contains("closed by peer"));
 /// # Ok(()) }
 /// ```
+///
+/// Migrating from `ReconnectingPeer` (chatter-rpc before one `Peer`):
+/// `ReconnectingPeer::new(address, options, peer_options, reconnect)` is now
+/// [`Peer::reconnecting`] with the same arguments; `ReconnectStats` is part of
+/// [`PeerStats`] (its `signals_failed` is [`PeerStats::signals_failed_remotely`]);
+/// `ReconnectOptions::outbox_capacity` and `when_full` are [`PeerOptions::max_queued_signals`]
+/// and [`PeerOptions::when_full`]; `peer()` is [`connection`](Self::connection);
+/// `Peer::flush_signals` is [`flush`](Self::flush); and generated clients take a `&Peer`.
 #[derive(Clone)]
 pub struct Peer {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) state: Arc<PeerState>,
+    /// The one connection of a peer made from a connection (calls and signals go straight
+    /// to it); `None` for a reconnecting peer, whose connections come and go.
+    pub(crate) plain: Option<Arc<Inner>>,
     _owner: Arc<Owner>,
 }
 
 impl fmt::Debug for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Peer")
-            .field("connection", &self.inner.conn)
+            .field("connection", &self.connection())
+            .field("state", &self.state())
             .field("objects", &self.objects())
+            .field("queued", &self.queued())
             .finish_non_exhaustive()
     }
 }
@@ -79,118 +131,441 @@ impl Peer {
         Peer::with_options(connection, PeerOptions::default())
     }
 
-    /// Wraps a connection. Must be called inside a tokio runtime.
+    /// Wraps a connection. Must be called inside a tokio runtime. The peer's link is this
+    /// one connection: it never reconnects.
     pub fn with_options(connection: Connection, options: PeerOptions) -> Self {
-        let inner = Arc::new(Inner {
-            conn: connection.clone(),
-            slots: Slots::new(options.max_concurrent_handlers, options.ordered_signals),
-            answers: OnceLock::new(),
+        let acknowledged = options.acknowledged_signals;
+        let stream = if acknowledged {
+            link::random_u64() | 1
+        } else {
+            0
+        };
+        let state = Arc::new(PeerState::new(
             options,
-            objects: RwLock::new(HashMap::new()),
-            objects_generation: AtomicU64::new(0),
-            pending: Mutex::new(Pending::default()),
-            inflight: Mutex::new(InFlight::default()),
-            closing: AtomicBool::new(false),
-            active: AtomicUsize::new(0),
-            idle: Notify::new(),
-            outbox: OnceLock::new(),
-            runtime: tokio::runtime::Handle::current(),
-            queued: Arc::new(Queued::default()),
-            stats: Arc::new(Stats::default()),
-            shutdown: Notify::new(),
-            hooks: Hooks::default(),
-        });
-        tokio::spawn(run_reader(inner.clone()));
+            Link::Plain,
+            stream,
+            Outbox::default(),
+            None,
+        ));
+        bump(&state.stats.connects);
+        state.start_connection(1);
+        let inner = Inner::start(state.clone(), connection, 1);
         Peer {
-            _owner: Arc::new(Owner(inner.clone())),
-            inner,
+            _owner: Arc::new(Owner {
+                state: state.clone(),
+                plain: Some(inner.clone()),
+            }),
+            state,
+            plain: Some(inner),
         }
     }
 
-    /// Hosts `object` under `name`, replacing (and returning true for) an object already
-    /// registered under it. Calls already running on the old object finish.
+    /// Starts a peer that connects to `address` and stays connected: its link reconnects
+    /// after the connection drops, with [`ReconnectOptions::backoff`]. It connects in the
+    /// background: this returns at once. Must be called inside a tokio runtime. Fails
+    /// only for an address that does not parse or a store that cannot be opened.
+    ///
+    /// - **Reconnects** after the connection drops, with [`Backoff`] (exponential, jitter,
+    ///   optionally giving up). [`events`](Self::events) and [`state`](Self::state) show
+    ///   what happens. Objects [`register`](Self::register)ed on it are served on every
+    ///   connection.
+    /// - **Calls** through its clients made while disconnected wait for a connection
+    ///   within their deadline, then fail with
+    ///   [`CallError::NotConnected`](crate::CallError::NotConnected). A call whose request
+    ///   was sent but whose reply was lost with the connection fails with
+    ///   [`CallError::OutcomeUnknown`](crate::CallError::OutcomeUnknown): calls are sent
+    ///   at most once, except methods marked `#[idempotent]`, which are re-sent on the
+    ///   next connection (within the deadline).
+    /// - **Signals** are always acknowledged: they go through the outbox
+    ///   ([`PeerOptions::max_queued_signals`]) in send order and stay there until the
+    ///   receiver *acknowledged* them (after the handler finished), so a signal lost in a
+    ///   dropped connection is re-sent on the next; the receiver discards duplicates by
+    ///   id. A signal whose TTL runs out while it waits is dropped and reported (counter
+    ///   and [`PeerEvent::SignalExpired`]); the receiver likewise never starts a handler
+    ///   after the TTL. With a [`store`](ReconnectOptions::store), persistent signals
+    ///   survive a crash of the process. The returned [`Sent`] can wait for the
+    ///   acknowledgement.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use chatter_rpc::{listen, remote, serve, Options, Peer, PeerOptions, ReconnectOptions};
+    ///
+    /// #[remote]
+    /// pub trait Greeter {
+    ///     #[idempotent]
+    ///     async fn hello(&self, name: String) -> String;
+    ///     #[signal(ttl = "10s")]
+    ///     async fn note(&self, text: String);
+    /// }
+    ///
+    /// struct G;
+    /// impl Greeter for G {
+    ///     async fn hello(&self, name: String) -> String { format!("hello {name}") }
+    ///     async fn note(&self, _text: String) {}
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = serve(listen("tcp://127.0.0.1:0", Options::default()).await?,
+    ///     PeerOptions::default(), |peer: &Peer| { peer.register("greeter", GreeterServer::new(G)); });
+    ///
+    /// let peer = Peer::reconnecting(
+    ///     &server.addresses()[0], Options::default(), PeerOptions::default(),
+    ///     ReconnectOptions::default(),
+    /// )?;
+    /// let greeter = GreeterClient::new(&peer, "greeter");
+    /// assert_eq!(greeter.hello("you".into()).await?, "hello you");
+    /// let sent = greeter.note("remember this".into()).await?;
+    /// sent.acknowledged(Duration::from_secs(5)).await?; // the handler ran
+    /// peer.shutdown(Duration::from_secs(5)).await;
+    /// # Ok(()) }
+    /// ```
+    pub fn reconnecting(
+        address: impl ToAddress,
+        options: Options,
+        peer_options: PeerOptions,
+        reconnect: ReconnectOptions,
+    ) -> Result<Peer, ReconnectError> {
+        let state =
+            link::start_reconnecting(address.to_address()?, options, peer_options, reconnect)?;
+        Ok(Peer {
+            _owner: Arc::new(Owner {
+                state: state.clone(),
+                plain: None,
+            }),
+            state,
+            plain: None,
+        })
+    }
+
+    /// Hosts `object` under `name` on every connection of this peer, replacing (and
+    /// returning true for) an object already registered under it. Calls already running
+    /// on the old object finish.
     pub fn register(&self, name: impl Into<String>, object: impl Service) -> bool {
-        let mut objects = write(&self.inner.objects);
+        let mut objects = write(&self.state.objects);
         let replaced = objects.insert(name.into(), Arc::new(object)).is_some();
-        self.inner.objects_changed();
+        self.state.objects_changed();
         replaced
     }
 
     /// Stops hosting the object under `name`; returns whether there was one.
     pub fn unregister(&self, name: &str) -> bool {
-        let mut objects = write(&self.inner.objects);
+        let mut objects = write(&self.state.objects);
         let removed = objects.remove(name).is_some();
-        self.inner.objects_changed();
+        self.state.objects_changed();
         removed
     }
 
     /// The names of the hosted objects, sorted.
     pub fn objects(&self) -> Vec<String> {
-        let mut names: Vec<String> = read(&self.inner.objects).keys().cloned().collect();
+        let mut names: Vec<String> = read(&self.state.objects).keys().cloned().collect();
         names.sort();
         names
     }
 
-    /// The underlying connection (for its addresses or close cause). Do not receive from
-    /// it: the peer owns the receive side.
-    pub fn connection(&self) -> &Connection {
-        &self.inner.conn
+    /// The current connection (for its addresses or close cause): for a peer made from a
+    /// connection, that connection (also once it closed); for a reconnecting peer, the
+    /// live one, `None` while disconnected. Do not receive from it: the peer owns the
+    /// receive side.
+    pub fn connection(&self) -> Option<Connection> {
+        self.current().map(|inner| inner.conn.clone())
     }
 
     /// This peer's options.
     pub fn options(&self) -> &PeerOptions {
-        &self.inner.options
+        &self.state.options
     }
 
     /// A snapshot of the peer's counters.
     pub fn stats(&self) -> PeerStats {
-        let mut stats = self.inner.stats.snapshot();
-        stats.requests_waiting = self.inner.slots.waiting() as u64;
+        let mut stats = self.state.stats.snapshot();
+        if let Some(inner) = self.current() {
+            stats.requests_waiting = inner.slots.waiting() as u64;
+        }
         stats
     }
 
-    /// Waits until every signal accepted so far was handed to the connection or dropped
-    /// because its TTL ran out.
-    pub async fn flush_signals(&self) {
-        let q = &self.inner.queued;
-        until_zero(&q.count, &q.drained).await;
+    /// Where the peer's link stands now. A peer made from a connection is
+    /// [`Connected`](ConnectionState::Connected) until it closes.
+    pub fn state(&self) -> ConnectionState {
+        match (&self.state.link, &self.plain) {
+            (Link::Reconnecting(s), _) => s.current.borrow().state,
+            (Link::Plain, Some(inner)) if !inner.conn.is_closed() => ConnectionState::Connected,
+            (Link::Plain, _) => ConnectionState::Closed,
+        }
     }
 
-    /// Closes gracefully: running call handlers are cancelled (their callers get
-    /// [`CallError::Cancelled`](crate::CallError::Cancelled)), their replies are sent (for
-    /// at most 5 s), then the connection closes. Calls this side is waiting for fail with
-    /// [`CallError::ConnectionLost`](crate::CallError::ConnectionLost).
+    /// Waits until connected (true) or until `timeout` passed or the peer closed (false).
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let Link::Reconnecting(supervisor) = &self.state.link else {
+            return self.state() == ConnectionState::Connected;
+        };
+        let mut current = supervisor.current.subscribe();
+        let wait = async {
+            current
+                .wait_for(|c| {
+                    matches!(
+                        c.state,
+                        ConnectionState::Connected | ConnectionState::Closed
+                    )
+                })
+                .await
+                .map(|c| c.state == ConnectionState::Connected)
+        };
+        matches!(tokio::time::timeout(timeout, wait).await, Ok(Ok(true)))
+    }
+
+    /// Subscribes to connection and signal events from now on.
+    pub fn events(&self) -> Events {
+        self.state.events.subscribe()
+    }
+
+    /// Signals in the outbox: waiting for flow-control credit or a connection, or sent and
+    /// waiting for their acknowledgement.
+    pub fn queued(&self) -> usize {
+        self.state.queued.load(Ordering::Acquire)
+    }
+
+    /// This peer's signal stream id (the `stream` of its [`SignalId`]s); 0 if its signals
+    /// are not acknowledged.
+    pub fn stream_id(&self) -> u64 {
+        self.state.stream
+    }
+
+    /// Waits until the outbox has room for one more signal (signal futures do this
+    /// themselves under [`WhenFull::Wait`], the default).
+    pub async fn wait_for_room(&self) {
+        let state = &self.state;
+        loop {
+            let mut room = pin!(state.room.notified());
+            room.as_mut().enable();
+            if state.queued.load(Ordering::Acquire) < state.capacity() {
+                return;
+            }
+            room.await;
+        }
+    }
+
+    /// Waits until the outbox is empty: every signal accepted so far was handed to the
+    /// connection (or, if acknowledged, acknowledged), or dropped because its TTL ran out
+    /// or the peer closed.
+    pub async fn flush(&self) {
+        until_zero(&self.state.queued, &self.state.room).await;
+    }
+
+    /// Closes now. For a peer made from a connection: running call handlers are
+    /// cancelled (their callers get [`CallError::Cancelled`](crate::CallError::Cancelled)),
+    /// their replies are sent (for at most 5 s), then the connection closes; calls this
+    /// side is waiting for fail with
+    /// [`CallError::ConnectionLost`](crate::CallError::ConnectionLost). A reconnecting
+    /// peer also stops reconnecting and refuses new calls and signals with "shutting
+    /// down"; its queued signals stay stored (with a store) or are dropped and reported.
     pub async fn close(&self) {
-        self.inner.close_gracefully().await;
+        let current = self.current();
+        if let Link::Reconnecting(supervisor) = &self.state.link {
+            self.state.shutting_down.store(true, Ordering::Release);
+            supervisor.stop();
+        }
+        if let Some(inner) = current {
+            inner.close_gracefully().await;
+        }
+        if let Link::Reconnecting(_) = &self.state.link {
+            self.state.finish(None);
+        }
     }
 
-    /// Waits until the connection is closed and returns why.
+    /// Waits until the peer is closed and returns why: the close cause of its connection
+    /// (of the last one, for a reconnecting peer; [`CloseCause::Local`] if it never
+    /// connected).
     pub async fn closed(&self) -> CloseCause {
-        self.inner.conn.closed().await
+        match (&self.state.link, &self.plain) {
+            (Link::Reconnecting(supervisor), _) => supervisor.closed().await,
+            (Link::Plain, Some(inner)) => inner.conn.closed().await,
+            (Link::Plain, None) => CloseCause::Local,
+        }
+    }
+
+    /// Why a signal cannot be queued: the link is closed for good.
+    pub(crate) fn closed_link(&self) -> Option<crate::SignalError> {
+        match (&self.state.link, &self.plain) {
+            (Link::Reconnecting(supervisor), _) => {
+                let current = supervisor.current.borrow();
+                (current.state == ConnectionState::Closed)
+                    .then(|| crate::SignalError::NotConnected(current.last_error.clone()))
+            }
+            (Link::Plain, Some(inner)) => inner
+                .conn
+                .close_cause()
+                .map(crate::SignalError::ConnectionLost),
+            (Link::Plain, None) => None,
+        }
+    }
+
+    /// The current connection's part of the peer, if there is one.
+    pub(crate) fn current(&self) -> Option<Arc<Inner>> {
+        match (&self.state.link, &self.plain) {
+            (Link::Reconnecting(supervisor), _) => supervisor.current.borrow().inner.clone(),
+            (Link::Plain, plain) => plain.clone(),
+        }
     }
 }
 
-/// Dropped with the last user-held `Peer`: asks the receive task to close.
-struct Owner(Arc<Inner>);
+/// Dropped with the last user-held `Peer`: closes the peer (its receive task closes a
+/// plain peer's connection; a reconnecting peer's supervisor stops).
+struct Owner {
+    state: Arc<PeerState>,
+    plain: Option<Arc<Inner>>,
+}
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        self.0.shutdown.notify_one();
+        if let Some(inner) = &self.plain {
+            inner.shutdown.notify_one();
+        }
+        if let Link::Reconnecting(supervisor) = &self.state.link {
+            supervisor.stop();
+        }
     }
 }
 
+/// What a peer has once, whatever its link and however many connections it made.
+pub(crate) struct PeerState {
+    pub(crate) options: PeerOptions,
+    pub(crate) objects: RwLock<HashMap<String, Arc<dyn Service>>>,
+    /// Bumped whenever `objects` changes; invalidates the receive task's memo.
+    pub(crate) objects_generation: AtomicU64,
+    pub(crate) stats: Stats,
+    pub(crate) link: Link,
+    /// Signals are acknowledged (always so on a reconnecting link).
+    pub(crate) acknowledged: bool,
+    /// The link re-sends what a lost connection did not acknowledge (a reconnecting link).
+    pub(crate) resends: bool,
+    /// The stream id of acknowledged signals.
+    pub(crate) stream: u64,
+    pub(crate) outbox: Mutex<Outbox>,
+    /// How many items `outbox` holds (read without its lock by the signal fast path,
+    /// `queued` and `flush`; written under it).
+    pub(crate) queued: AtomicUsize,
+    /// Something was queued, or the connection changed: wakes the sender.
+    pub(crate) changed: Notify,
+    /// Something left the outbox.
+    pub(crate) room: Notify,
+    pub(crate) store: Option<Mutex<Store>>,
+    pub(crate) events: Subscribers,
+    /// Set when a graceful shutdown started (or a reconnecting peer was closed): new
+    /// outgoing calls and signals fail at once.
+    pub(crate) shutting_down: AtomicBool,
+    /// Where the peer's tasks start (signals may be sent from outside the runtime).
+    pub(crate) runtime: tokio::runtime::Handle,
+}
+
+impl PeerState {
+    fn new(
+        options: PeerOptions,
+        link: Link,
+        stream: u64,
+        outbox: Outbox,
+        store: Option<Store>,
+    ) -> Self {
+        let resends = matches!(link, Link::Reconnecting(_));
+        let acknowledged = options.acknowledged_signals || resends;
+        PeerState {
+            resends,
+            options,
+            objects: RwLock::new(HashMap::new()),
+            objects_generation: AtomicU64::new(0),
+            stats: Stats::default(),
+            link,
+            acknowledged,
+            stream,
+            queued: AtomicUsize::new(outbox.items.len()),
+            outbox: Mutex::new(outbox),
+            changed: Notify::new(),
+            room: Notify::new(),
+            store: store.map(Mutex::new),
+            events: Subscribers::default(),
+            shutting_down: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// The outbox's capacity.
+    pub(crate) fn capacity(&self) -> usize {
+        self.options.max_queued_signals
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Invalidates the receive tasks' memos; call after changing `objects`.
+    fn objects_changed(&self) {
+        self.objects_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The peer closed for good: settle what is left in the outbox (with `lost`, the
+    /// cause of a connection that never comes back; without, dropped, and persistent
+    /// signals stay in the store), drop the hosted objects (which may hold clients of this
+    /// peer), and mark a reconnecting link closed.
+    fn finish(&self, lost: Option<&CloseCause>) {
+        let left: Vec<Item> = {
+            let mut outbox = lock(&self.outbox);
+            let left = outbox.items.drain(..).collect();
+            self.queued.store(0, Ordering::Release);
+            left
+        };
+        for mut item in left {
+            let maybe_delivered = item.maybe_delivered();
+            item.settle(match lost {
+                Some(cause) => Delivery::Lost(cause.clone()),
+                None => Delivery::Dropped { maybe_delivered },
+            });
+            if item.persistent {
+                continue;
+            }
+            bump(&self.stats.signals_dropped);
+            if self.acknowledged {
+                self.events.emit(PeerEvent::SignalDropped {
+                    id: self.id(item.seq),
+                    maybe_delivered,
+                });
+            }
+        }
+        self.room.notify_waiters();
+        self.changed.notify_waiters();
+        write(&self.objects).clear();
+        self.objects_changed();
+        if let Link::Reconnecting(supervisor) = &self.link {
+            supervisor.closed_for_good();
+        }
+    }
+
+    /// The receive task of `inner` ended: the connection is gone.
+    fn connection_closed(&self, cause: &CloseCause) {
+        if let Link::Plain = self.link {
+            // A plain link's one connection: the peer is closed.
+            self.finish(Some(cause));
+            self.events.emit(PeerEvent::Disconnected {
+                cause: cause.clone(),
+            });
+        }
+        // A reconnecting link's supervisor learns it from the receive task's end.
+    }
+}
+
+/// One connection of a peer: what lives and dies with it.
 pub(crate) struct Inner {
     pub(crate) conn: Connection,
-    pub(crate) options: PeerOptions,
-    objects: RwLock<HashMap<String, Arc<dyn Service>>>,
-    /// Bumped whenever `objects` changes; invalidates the receive task's [`LastObject`].
-    objects_generation: AtomicU64,
+    /// The peer this connection belongs to.
+    pub(crate) peer: Arc<PeerState>,
+    /// Which of the peer's connections this is (from 1).
+    pub(crate) generation: u64,
     /// Calls this side made that wait for a reply, by conversation first id.
     pending: Mutex<Pending>,
     /// Call handlers running on this side, by the caller's conversation first id.
     inflight: Mutex<InFlight>,
     /// Set with `inflight.closing` by a close (a graceful shutdown sets
-    /// `hooks.shutting_down` first): lets the call fast path skip the `inflight` lock.
+    /// `peer.shutting_down` first): lets the call fast path skip the `inflight` lock.
     closing: AtomicBool,
     /// Calls accepted and not answered yet, other than those answered inline (for graceful
     /// close and shutdown).
@@ -201,16 +576,13 @@ pub(crate) struct Inner {
     /// Answers waiting for send credit, each holding its request's credit; the task
     /// starts on first use.
     answers: OnceLock<mpsc::UnboundedSender<Answer>>,
-    /// Messages waiting for flow-control credit; its task starts on first use, so that
-    /// idle connections do not pay for it.
-    outbox: OnceLock<mpsc::UnboundedSender<Outgoing>>,
-    /// Where the outbox task starts (signals may be sent from outside the runtime).
-    runtime: tokio::runtime::Handle,
-    queued: Arc<Queued>,
-    pub(crate) stats: Arc<Stats>,
+    /// Whether the task that sends this connection the outbox's signals was started.
+    sender: OnceLock<()>,
+    /// The peer's receive window once it is final (0 before): see
+    /// [`peer_window`](Self::peer_window).
+    peer_window: AtomicU64,
+    /// Asks the receive task to close the connection.
     shutdown: Notify,
-    /// Reliable delivery and graceful shutdown state (`peer/reliable.rs`, `peer/shutdown.rs`).
-    pub(crate) hooks: Hooks,
 }
 
 #[derive(Default)]
@@ -223,6 +595,45 @@ struct InFlight {
 }
 
 impl Inner {
+    /// The part of `peer` for `connection`, with its receive task started.
+    fn start(peer: Arc<PeerState>, connection: Connection, generation: u64) -> Arc<Inner> {
+        Inner::start_with_reader(peer, connection, generation).0
+    }
+
+    /// [`start`](Self::start), also returning the receive task (it ends once the
+    /// connection closed and everything waiting on it was told).
+    fn start_with_reader(
+        peer: Arc<PeerState>,
+        connection: Connection,
+        generation: u64,
+    ) -> (Arc<Inner>, tokio::task::JoinHandle<()>) {
+        let shutting_down = peer.is_shutting_down();
+        let inner = Arc::new(Inner {
+            conn: connection,
+            slots: Slots::new(
+                peer.options.max_concurrent_handlers,
+                peer.options.ordered_signals,
+            ),
+            answers: OnceLock::new(),
+            peer,
+            generation,
+            pending: Mutex::new(Pending::default()),
+            inflight: Mutex::new(InFlight::default()),
+            closing: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+            sender: OnceLock::new(),
+            peer_window: AtomicU64::new(0),
+            shutdown: Notify::new(),
+        });
+        if shutting_down {
+            // Made during a graceful shutdown: refuse its calls clearly.
+            inner.begin_shutdown();
+        }
+        let reader = tokio::spawn(run_reader(inner.clone()));
+        (inner, reader)
+    }
+
     async fn close_gracefully(&self) {
         {
             let mut inflight = lock(&self.inflight);
@@ -246,16 +657,10 @@ impl Inner {
 
     /// True once a close or a graceful shutdown began: calls are refused.
     fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Acquire) || self.hooks.is_shutting_down()
+        self.closing.load(Ordering::Acquire) || self.peer.is_shutting_down()
     }
 
-    /// Invalidates the receive task's memo; call after changing `objects`.
-    fn objects_changed(&self) {
-        self.objects_generation.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// The connection closed: fail waiting calls, cancel handlers, drop hosted objects
-    /// (which may hold clients of this peer).
+    /// The connection closed: fail waiting calls, cancel handlers, and tell the peer.
     fn finish(&self, cause: CloseCause) {
         let mut wakers = Vec::new();
         {
@@ -299,15 +704,40 @@ impl Inner {
                 Kind::Call(_) => self.call_done(),
                 Kind::Signal => {
                     tracing::debug!("chatter-rpc: a received signal was dropped: the connection closed before a handler slot was free");
-                    bump(&self.stats.signals_failed);
+                    bump(&self.peer.stats.signals_failed);
                 }
                 Kind::Reliable(admitted) => admitted.abandon(),
                 Kind::Duplicate { .. } => {}
             }
         }
-        write(&self.objects).clear();
-        self.objects_changed();
-        lock(&self.hooks.tracked).connection_lost(&cause);
+        self.peer.connection_closed(&cause);
+    }
+
+    /// The peer's receive window ([`Connection::peer_window`]), which outgoing calls and
+    /// signals keep part of free for replies (`SendOptions::reserve`). Remembered once it
+    /// is final (the peer's hello announced it), so that a send does not take the
+    /// connection's lock an extra time for it.
+    pub(crate) fn peer_window(&self) -> u64 {
+        let known = self.peer_window.load(Ordering::Relaxed);
+        if known != 0 {
+            return known;
+        }
+        let window = self.conn.peer_window();
+        // Until the hello arrived, the window is the early credit, and may grow.
+        if window != u64::from(chatter_core::proto::EARLY_CREDIT) {
+            self.peer_window.store(window, Ordering::Relaxed);
+        }
+        window
+    }
+
+    /// Hands a control message (a cancel) to the connection now if it has credit, else to
+    /// the queue of answers (which goes ahead of signals waiting for credit).
+    pub(crate) fn send_soon(&self, payload: Payload, options: SendOptions) {
+        match self.conn.try_send(&payload, options) {
+            Err(SendError::WouldBlock) => self.queue_holding(payload, options, 0),
+            Err(e) => tracing::debug!("chatter-rpc: dropping a control message: {e}"),
+            Ok(_) => {}
+        }
     }
 }
 
@@ -326,7 +756,7 @@ pub(crate) async fn until_zero(count: &AtomicUsize, zero: &Notify) {
 /// How long a graceful close waits for cancelled handlers to send their replies.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// network).
+/// The instant `d` from now, capped (`d` may come from the network).
 fn after(d: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(d.min(MAX_DURATION))
@@ -389,11 +819,15 @@ mod tests {
         (Peer::new(a), Peer::new(b), server)
     }
 
+    fn inner(peer: &Peer) -> &Arc<Inner> {
+        peer.plain.as_ref().expect("a plain peer")
+    }
+
     /// Calls `object` through `caller` and returns the value, or the failure kind.
     async fn call(caller: &Peer, object: &str) -> Result<i32, Option<FailureKind>> {
         let request = wire::encode_request(wire::CALL, object, "get", Duration::from_secs(5), &())
             .expect("encode");
-        let outcome = caller.inner.call(&request, Duration::from_secs(5)).await;
+        let outcome = inner(caller).call(&request, Duration::from_secs(5)).await;
         let Outcome::Reply(reply) = outcome else {
             panic!("no reply: {outcome:?}");
         };
@@ -459,10 +893,10 @@ mod tests {
         let request = wire::encode_request(wire::CALL, "o", "get", Duration::from_secs(5), &())
             .expect("encode");
         // The request is sent when the future is made; the future is never polled.
-        drop(caller.inner.call(&request, Duration::from_secs(5)));
+        drop(inner(&caller).call(&request, Duration::from_secs(5)));
         // Replies come in order: once this call's reply is in, so is the dropped one's.
         assert_eq!(call(&caller, "o").await, Ok(7));
-        let pending = lock(&caller.inner.pending);
+        let pending = lock(&inner(&caller).pending);
         assert!(
             pending.calls.is_empty(),
             "{} pending slots left",

@@ -1,17 +1,19 @@
-//! [`PeerOptions`] and the counters ([`PeerStats`]).
+//! [`PeerOptions`], [`WhenFull`] and the counters ([`PeerStats`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Settings of a [`Peer`].
+/// Settings of a [`Peer`](crate::Peer), whatever its link.
 ///
 /// ```
 /// use std::time::Duration;
-/// use chatter_rpc::PeerOptions;
+/// use chatter_rpc::{PeerOptions, WhenFull};
 ///
 /// let options = PeerOptions::default()
 ///     .default_deadline(Duration::from_secs(5))
-///     .max_concurrent_handlers(16);
+///     .max_concurrent_handlers(16)
+///     .max_queued_signals(10_000)
+///     .when_full(WhenFull::Error);
 /// # let _ = options;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +22,7 @@ pub struct PeerOptions {
     pub(crate) default_signal_ttl: Duration,
     pub(crate) max_concurrent_handlers: usize,
     pub(crate) max_queued_signals: usize,
+    pub(crate) when_full: WhenFull,
     pub(crate) ordered_signals: bool,
     pub(crate) acknowledged_signals: bool,
 }
@@ -31,6 +34,7 @@ impl Default for PeerOptions {
             default_signal_ttl: Duration::from_secs(30),
             max_concurrent_handlers: 256,
             max_queued_signals: 1024,
+            when_full: WhenFull::Wait,
             ordered_signals: false,
             acknowledged_signals: false,
         }
@@ -65,48 +69,99 @@ impl PeerOptions {
         self
     }
 
-    /// How many signals may wait for flow-control credit (default 1024). A signal sent
-    /// while the outbox is full fails with
-    /// [`SignalError::OutboxFull`](crate::SignalError::OutboxFull).
+    /// The capacity of the signal outbox (default 1024, at least 1): how many signals
+    /// this peer holds at once, waiting for flow-control credit or a connection, or (when
+    /// they are acknowledged) sent and waiting for their acknowledgement. What a signal
+    /// sent while the outbox is full does is [`when_full`](Self::when_full)'s choice.
+    ///
+    /// The sender's memory for signals is bounded by this capacity times the largest
+    /// signal's encoded size.
     pub fn max_queued_signals(mut self, limit: usize) -> Self {
-        self.max_queued_signals = limit;
+        self.max_queued_signals = limit.max(1);
+        self
+    }
+
+    /// What a signal sent while the outbox is full does (default [`WhenFull::Wait`]: its
+    /// future waits for room within the signal's TTL).
+    pub fn when_full(mut self, policy: WhenFull) -> Self {
+        self.when_full = policy;
         self
     }
 
     /// Handles the signals this peer receives one after another, in the order they
     /// arrived (default false: each signal runs in its own task, concurrently). With a
-    /// [`ReconnectingPeer`](crate::ReconnectingPeer) on the other side, arrival order is
-    /// send order, also across reconnects.
+    /// reconnecting [`Peer`](crate::Peer) on the other side, arrival order is send order,
+    /// also across reconnects.
     pub fn ordered_signals(mut self, ordered: bool) -> Self {
         self.ordered_signals = ordered;
         self
     }
 
     /// Sends this peer's signals as *acknowledged* signals, like libchirp's synchronous
-    /// mode (default false): each carries an id, the receiver acknowledges it once its
-    /// handler finished (and discards duplicates), and the [`Sent`](crate::Sent) it
-    /// returns can wait for that with [`acknowledged`](crate::Sent::acknowledged), which
-    /// fails with [`AckError::ConnectionLost`](crate::AckError::ConnectionLost) if the
-    /// connection closes first. A plain peer never re-sends: for signals that survive
-    /// disconnects, send through a [`ReconnectingPeer`](crate::ReconnectingPeer) (whose
-    /// signals are always acknowledged). Costs one acknowledgement message per signal.
+    /// mode (default false): each carries an id, stays in the outbox until the receiver
+    /// acknowledged it once its handler finished (the receiver discards duplicates), and
+    /// the [`Sent`](crate::Sent) it returns can wait for that with
+    /// [`acknowledged`](crate::Sent::acknowledged), which fails with
+    /// [`AckError::ConnectionLost`](crate::AckError::ConnectionLost) if the connection
+    /// closes first. A peer made with [`Peer::new`](crate::Peer::new) never re-sends: for
+    /// signals that survive disconnects, use [`Peer::reconnecting`](crate::Peer::reconnecting)
+    /// (whose signals are always acknowledged, whatever this option says). Costs one
+    /// acknowledgement message per signal.
     pub fn acknowledged_signals(mut self, acknowledged: bool) -> Self {
         self.acknowledged_signals = acknowledged;
         self
     }
 }
 
-/// Counters of a [`Peer`], from [`Peer::stats`].
+/// What a signal sent while the outbox is full ([`PeerOptions::max_queued_signals`]) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum WhenFull {
+    /// Wait for room (the default): the signal's future resolves once the signal is
+    /// queued. If its TTL runs out first, it fails with
+    /// [`SignalError::Expired`](crate::SignalError::Expired) (and is counted in
+    /// [`PeerStats::signals_expired`]), never queued.
+    #[default]
+    Wait,
+    /// Refuse it with [`SignalError::OutboxFull`](crate::SignalError::OutboxFull) (counted
+    /// in [`PeerStats::signals_rejected`]).
+    Error,
+    /// Drop the oldest queued signal (counted in [`PeerStats::signals_dropped`]; an
+    /// acknowledged one is also reported as
+    /// [`PeerEvent::SignalDropped`](crate::PeerEvent::SignalDropped)) to make room.
+    DropOldest,
+}
+
+/// Counters of a [`Peer`](crate::Peer), from [`Peer::stats`](crate::Peer::stats). They
+/// count over the peer's life, across the connections of a reconnecting peer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PeerStats {
-    /// Signals handed to the connection.
+    /// Connections established (1 for a peer made from a connection).
+    pub connects: u64,
+    /// Signals that went into the outbox: through a reconnecting peer or with
+    /// [`PeerOptions::acknowledged_signals`], every signal accepted; otherwise those that
+    /// could not go to the connection at once (flow control).
+    pub signals_queued: u64,
+    /// Signals handed to a connection (re-sends included).
     pub signals_sent: u64,
-    /// Signals dropped on this side because their TTL ran out before the connection could
-    /// take them (flow control): never delivered late.
+    /// Signals re-sent after a reconnect.
+    pub signals_resent: u64,
+    /// Acknowledged signals the receiver acknowledged as handled.
+    pub signals_acknowledged: u64,
+    /// Signals dropped on this side because their TTL ran out before they could be
+    /// handed to a connection (flow control, no connection) or while they waited for room
+    /// in a full outbox, and acknowledged signals the receiver reported as expired: never
+    /// delivered late.
     pub signals_expired: u64,
-    /// Signals refused because the outbox was full.
+    /// Signals dropped from a full outbox ([`WhenFull::DropOldest`]), or left in the
+    /// outbox when the peer closed.
+    pub signals_dropped: u64,
+    /// Signals refused because the outbox was full ([`WhenFull::Error`]).
     pub signals_rejected: u64,
+    /// Acknowledged signals the receiver could not handle (no such object or method, bad
+    /// arguments, a panicking handler).
+    pub signals_failed_remotely: u64,
     /// Signals received whose handler ran.
     pub signals_delivered: u64,
     /// Signals received but dropped because their TTL ran out before a handler slot was
@@ -127,45 +182,60 @@ pub struct PeerStats {
     pub requests_waiting: u64,
 }
 
+/// The counters behind [`PeerStats`], one set per peer.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
+    pub(crate) connects: AtomicU64,
+    pub(crate) signals_queued: AtomicU64,
     pub(crate) signals_sent: AtomicU64,
-    pub(super) signals_expired: AtomicU64,
+    pub(crate) signals_resent: AtomicU64,
+    pub(crate) signals_acknowledged: AtomicU64,
+    pub(crate) signals_expired: AtomicU64,
+    pub(crate) signals_dropped: AtomicU64,
     pub(crate) signals_rejected: AtomicU64,
-    pub(super) signals_delivered: AtomicU64,
+    pub(crate) signals_failed_remotely: AtomicU64,
+    pub(crate) signals_delivered: AtomicU64,
     /// Signals delivered by handlers the receive task started itself.
-    pub(super) signals_delivered_inline: ReaderCounter,
-    pub(super) signals_expired_on_arrival: AtomicU64,
-    pub(super) signals_failed: AtomicU64,
-    pub(super) calls_received: ReaderCounter,
-    pub(super) handler_panics: AtomicU64,
+    pub(crate) signals_delivered_inline: ReaderCounter,
+    pub(crate) signals_expired_on_arrival: AtomicU64,
+    pub(crate) signals_failed: AtomicU64,
+    pub(crate) calls_received: ReaderCounter,
+    pub(crate) handler_panics: AtomicU64,
 }
 
 /// A counter that only the receive task bumps (once per message), so it needs no locked
 /// read-modify-write: a plain load and store is exact. Measured: 3% more signals per
-/// second than `fetch_add` (`onecore`, 7 alternated runs).
+/// second than `fetch_add` (`onecore`, 7 alternated runs). A reconnecting peer's link
+/// starts the next connection's receive task only after the previous one ended, so there
+/// is one writer at a time.
 #[derive(Debug, Default)]
 pub(crate) struct ReaderCounter(AtomicU64);
 
 impl ReaderCounter {
     /// Counts one. Only the receive task may call this (two writers could lose counts).
-    pub(super) fn bump(&self) {
+    pub(crate) fn bump(&self) {
         let n = self.0.load(Ordering::Relaxed);
         self.0.store(n.wrapping_add(1), Ordering::Relaxed);
     }
 
-    pub(super) fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }
 
 impl Stats {
-    pub(super) fn snapshot(&self) -> PeerStats {
+    pub(crate) fn snapshot(&self) -> PeerStats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         PeerStats {
+            connects: l(&self.connects),
+            signals_queued: l(&self.signals_queued),
             signals_sent: l(&self.signals_sent),
+            signals_resent: l(&self.signals_resent),
+            signals_acknowledged: l(&self.signals_acknowledged),
             signals_expired: l(&self.signals_expired),
+            signals_dropped: l(&self.signals_dropped),
             signals_rejected: l(&self.signals_rejected),
+            signals_failed_remotely: l(&self.signals_failed_remotely),
             signals_delivered: l(&self.signals_delivered)
                 .wrapping_add(self.signals_delivered_inline.get()),
             signals_expired_on_arrival: l(&self.signals_expired_on_arrival),

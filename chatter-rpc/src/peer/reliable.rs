@@ -1,7 +1,7 @@
 //! The receiving half of reliable signals (`[3, stream, seq, ..]`): duplicate detection by
 //! sender stream and sequence number, acknowledgements after the handler finished, and the
-//! ordered (one at a time, in arrival order) signal mode. Also the sending half of a plain
-//! peer's acknowledged signals ([`PeerOptions::acknowledged_signals`]).
+//! ordered (one at a time, in arrival order) signal mode. The sending half is the peer's
+//! outbox (`signals.rs`).
 //!
 //! Duplicate detection keeps, per sender stream, the highest sequence number accepted so
 //! far. A sender sends a stream's signals in sequence order and re-sends unacknowledged
@@ -13,146 +13,18 @@
 //! was lost *and* whose receiver restarted is run again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use chatter_core::{CloseCause, Msg, SendError, SendOptions};
-use tokio::sync::{mpsc, oneshot};
+use chatter_core::{Msg, SendError, SendOptions};
+use tokio::sync::oneshot;
 
 use super::backlog::{Kind, Waiting};
 use super::serve::Batch;
 use super::{after, bump, lock, Inner};
-use crate::error::SignalError;
-use crate::outbox::{Delivery, Sent, SignalId};
 use crate::service::{CatchUnwind, Dispatch, Handlers};
-use crate::wire::{self, AckStatus, Incoming, Name};
-#[cfg(doc)]
-use crate::PeerOptions;
-
-/// Where a peer delivers the acknowledgements it receives (set by a reconnecting peer).
-pub(crate) type AckSink = mpsc::UnboundedSender<(u64, u64, u8)>;
-
-/// Per-peer state of reliable delivery and shutdown.
-#[derive(Default)]
-pub(crate) struct Hooks {
-    acks: OnceLock<AckSink>,
-    /// Set when a graceful shutdown started: new outgoing calls fail at once.
-    pub(crate) shutting_down: AtomicBool,
-    /// This peer's own acknowledged signals (plain peers only).
-    pub(crate) tracked: Arc<Mutex<Tracked>>,
-}
-
-/// The acknowledged signals a plain peer sent and waits for: one stream per peer, in
-/// sequence order over its one connection.
-#[derive(Default)]
-pub(crate) struct Tracked {
-    stream: u64,
-    next_seq: u64,
-    waiting: HashMap<u64, oneshot::Sender<Delivery>>,
-    closed: Option<CloseCause>,
-}
-
-impl Tracked {
-    /// Wraps a plain signal envelope as a reliable one with the next sequence number and
-    /// registers its waiter. The caller hands the returned bytes to the connection, or
-    /// calls [`untrack`](Self::untrack) if it cannot.
-    pub(crate) fn track(
-        &mut self,
-        signal: &[u8],
-        ttl: Duration,
-    ) -> Result<(Bytes, Sent), SignalError> {
-        if let Some(cause) = &self.closed {
-            return Err(SignalError::ConnectionLost(cause.clone()));
-        }
-        if self.stream == 0 {
-            self.stream = crate::reconnect::random_u64() | 1;
-            self.next_seq = 1;
-        }
-        let seq = self.next_seq;
-        let bytes = wire::encode_reliable(self.stream, seq, signal, ttl)
-            .map_err(|e| SignalError::BadArguments { what: e.0 })?;
-        self.next_seq += 1;
-        let (tx, rx) = oneshot::channel();
-        self.waiting.insert(seq, tx);
-        let id = SignalId {
-            stream: self.stream,
-            seq,
-        };
-        Ok((bytes, Sent::tracked(id, rx)))
-    }
-
-    /// Forgets a signal that was not sent after all.
-    pub(crate) fn untrack(&mut self, sent: &Sent) {
-        if let Some(id) = sent.id() {
-            self.waiting.remove(&id.seq);
-        }
-    }
-
-    fn settle(&mut self, seq: u64, how: Delivery) {
-        if let Some(tx) = self.waiting.remove(&seq) {
-            let _ = tx.send(how);
-        }
-    }
-
-    /// The outbox dropped a signal whose TTL ran out before it could be sent.
-    pub(crate) fn expired_unsent(&mut self, payload: &[u8]) {
-        if self.waiting.is_empty() {
-            return;
-        }
-        if let Ok(Incoming::Reliable { stream, seq, .. }) = wire::decode_incoming(payload) {
-            if stream == self.stream {
-                self.settle(
-                    seq,
-                    Delivery::Expired {
-                        maybe_delivered: false,
-                    },
-                );
-            }
-        }
-    }
-
-    /// The connection closed: every waiter learns that the outcome is unknown.
-    pub(crate) fn connection_lost(&mut self, cause: &CloseCause) {
-        self.closed = Some(cause.clone());
-        for (_, tx) in self.waiting.drain() {
-            let _ = tx.send(Delivery::Lost(cause.clone()));
-        }
-    }
-}
-
-impl Hooks {
-    /// Routes received acknowledgements to `sink` (once per peer).
-    pub(crate) fn set_ack_sink(&self, sink: AckSink) {
-        let _ = self.acks.set(sink);
-    }
-
-    pub(crate) fn on_ack(&self, stream: u64, seq: u64, status: u8) {
-        if let Some(sink) = self.acks.get() {
-            let _ = sink.send((stream, seq, status));
-            return;
-        }
-        let mut tracked = lock(&self.tracked);
-        if stream != tracked.stream || stream == 0 {
-            tracing::debug!("chatter-rpc: acknowledgement for a stream we do not own");
-            return;
-        }
-        let how = match AckStatus::from_u8(status) {
-            Some(AckStatus::Handled) => Delivery::Handled,
-            Some(AckStatus::Expired) => Delivery::Expired {
-                maybe_delivered: false,
-            },
-            Some(AckStatus::Failed) | None => Delivery::Failed,
-        };
-        tracked.settle(seq, how);
-    }
-
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-}
+use crate::wire::{self, AckStatus, Name};
 
 /// How many sender streams the duplicate table remembers.
 pub(crate) const MAX_STREAMS: usize = 4096;
@@ -306,7 +178,7 @@ impl Inner {
     ) {
         let credit = msg.credit();
         let conv = msg.conversation;
-        let ordered = self.options.ordered_signals;
+        let ordered = self.peer.options.ordered_signals;
         let kind = match admit(stream, seq) {
             Admit::New(admitted) => Kind::Reliable(admitted),
             // In ordered mode the duplicate keeps its place in the order: what comes after
@@ -404,7 +276,7 @@ impl Inner {
         let (object, method) = (item.object(), item.method());
         let failed = |why: &str| {
             tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
-            bump(&self.stats.signals_failed);
+            bump(&self.peer.stats.signals_failed);
             AckStatus::Failed
         };
         let Some(service) = self.lookup_name(object) else {
@@ -419,11 +291,11 @@ impl Inner {
         }));
         Some(match dispatch {
             Ok(Dispatch::Signal) => {
-                bump(&self.stats.signals_delivered);
+                bump(&self.peer.stats.signals_delivered);
                 match CatchUnwind(handlers.signal_mut()).await {
                     Ok(()) => AckStatus::Handled,
                     Err(message) => {
-                        bump(&self.stats.handler_panics);
+                        bump(&self.peer.stats.handler_panics);
                         failed(&format!("handler panicked: {message}"))
                     }
                 }
@@ -432,7 +304,7 @@ impl Inner {
             Ok(Dispatch::NoSuchMethod) => failed("no such method"),
             Ok(Dispatch::BadArguments(what)) => failed(&what),
             Err(_) => {
-                bump(&self.stats.handler_panics);
+                bump(&self.peer.stats.handler_panics);
                 failed("argument decoding panicked")
             }
         })

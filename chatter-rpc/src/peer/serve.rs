@@ -21,7 +21,7 @@ use super::*;
 
 /// The receive task's memo of the object it looked up last: most connections talk to one
 /// object, and a hit skips the lock, the SipHash of the name, the map probe and the
-/// reference count updates. Valid while `Inner::objects_generation` is unchanged; holds the
+/// reference count updates. Valid while `PeerState::objects_generation` is unchanged; holds the
 /// object only while the receive task handles one batch of messages (it is cleared before
 /// the task waits for the next), so that unregistering an object still drops it.
 #[derive(Default)]
@@ -108,9 +108,9 @@ impl Inner {
                 method,
                 args,
             }) if open && msg.first => {
-                self.stats.calls_received.bump();
+                self.peer.stats.calls_received.bump();
                 if self.is_closing() {
-                    let refusal = if self.hooks.is_shutting_down() {
+                    let refusal = if self.peer.is_shutting_down() {
                         wire::encode_failure(FailureKind::ShuttingDown, "shutting down")
                     } else {
                         wire::encode_failure(FailureKind::Cancelled, "closing")
@@ -193,13 +193,13 @@ impl Inner {
                 args,
             }) if msg.last => {
                 if ttl.is_zero() {
-                    bump(&self.stats.signals_expired_on_arrival);
+                    bump(&self.peer.stats.signals_expired_on_arrival);
                     batch.release += u64::from(credit);
                     return;
                 }
                 // Ordered signals all go through the backlog (its signal lane runs one at
                 // a time); others start here when a slot is free, as calls do.
-                if self.options.ordered_signals || !batch.take_slot(self) {
+                if self.peer.options.ordered_signals || !batch.take_slot(self) {
                     let item = Waiting::new(
                         Kind::Signal,
                         &msg.payload,
@@ -215,7 +215,7 @@ impl Inner {
                     batch.release += u64::from(credit);
                     return;
                 }
-                self.stats.signals_delivered_inline.bump();
+                self.peer.stats.signals_delivered_inline.bump();
                 let mut cx = Context::from_waker(Waker::noop());
                 match Pin::new(&mut CatchUnwind(handlers.signal_mut())).poll(&mut cx) {
                     Poll::Ready(result) => {
@@ -247,7 +247,7 @@ impl Inner {
                 status,
             }) if msg.last => {
                 batch.release += u64::from(credit);
-                self.hooks.on_ack(stream, seq, status);
+                self.peer.on_ack(stream, seq, status);
             }
             Ok(Incoming::Cancel { call }) if msg.last => {
                 batch.release += u64::from(credit);
@@ -371,11 +371,11 @@ impl Inner {
                 self.answer(conv, late, item.credit)
             }
             Kind::Signal => {
-                bump(&self.stats.signals_expired_on_arrival);
+                bump(&self.peer.stats.signals_expired_on_arrival);
                 u64::from(item.credit)
             }
             Kind::Reliable(admitted) => {
-                bump(&self.stats.signals_expired_on_arrival);
+                bump(&self.peer.stats.signals_expired_on_arrival);
                 let (stream, seq) = (admitted.stream, admitted.seq);
                 admitted.finish(AckStatus::Expired);
                 self.acknowledge(stream, seq, AckStatus::Expired, item.credit)
@@ -423,7 +423,7 @@ impl Inner {
                 let (object, method) = (item.object(), item.method());
                 let mut handlers = Handlers::new();
                 if self.start_signal(object, method, item.args(), None, &mut handlers) {
-                    bump(&self.stats.signals_delivered);
+                    bump(&self.peer.stats.signals_delivered);
                     let result = CatchUnwind(handlers.signal_mut()).await;
                     self.signal_result(result, object, method);
                 }
@@ -464,7 +464,8 @@ impl Inner {
 /// next, until none does.
 pub(super) async fn work(inner: Arc<Inner>, mut item: Waiting) {
     loop {
-        let ordered_signal = inner.options.ordered_signals && !matches!(item.kind, Kind::Call(_));
+        let ordered_signal =
+            inner.peer.options.ordered_signals && !matches!(item.kind, Kind::Call(_));
         inner.run_waiting(item).await;
         match inner.slots.give_back(ordered_signal) {
             Some(next) => item = next,
@@ -681,7 +682,7 @@ impl Inner {
                 Err(wire::encode_failure(FailureKind::BadArguments, &what))
             }
             Err(panic) => {
-                bump(&self.stats.handler_panics);
+                bump(&self.peer.stats.handler_panics);
                 let message = crate::service::panic_message(panic.as_ref());
                 Err(wire::encode_failure(FailureKind::RemotePanic, &message))
             }
@@ -716,7 +717,7 @@ impl Inner {
             Ok(Dispatch::NoSuchMethod) => failed("no such method"),
             Ok(Dispatch::BadArguments(what)) => failed(&what),
             Err(_) => {
-                bump(&self.stats.handler_panics);
+                bump(&self.peer.stats.handler_panics);
                 failed("argument decoding panicked");
             }
         }
@@ -728,7 +729,7 @@ impl Inner {
     #[inline(never)]
     pub(super) fn signal_failed(&self, object: Name<'_>, method: Name<'_>, why: &str) {
         tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
-        bump(&self.stats.signals_failed);
+        bump(&self.peer.stats.signals_failed);
     }
 
     /// Counts a signal handler that panicked.
@@ -739,7 +740,7 @@ impl Inner {
         method: Name<'_>,
     ) {
         if let Err(message) = result {
-            bump(&self.stats.handler_panics);
+            bump(&self.peer.stats.handler_panics);
             self.signal_failed(object, method, &format!("handler panicked: {message}"));
         }
     }
@@ -747,13 +748,13 @@ impl Inner {
     /// The reply for a handler's outcome (its encoded reply, or the message of its panic).
     pub(super) fn handler_result(&self, result: Result<Payload, String>) -> Payload {
         result.unwrap_or_else(|message| {
-            bump(&self.stats.handler_panics);
+            bump(&self.peer.stats.handler_panics);
             wire::encode_failure(FailureKind::RemotePanic, &message)
         })
     }
 
     pub(super) fn lookup(&self, object: &str) -> Option<Arc<dyn Service>> {
-        read(&self.objects).get(object).cloned()
+        read(&self.peer.objects).get(object).cloned()
     }
 
     /// [`lookup`](Self::lookup) of a name as it arrived (not UTF-8: no such object).
@@ -771,7 +772,7 @@ impl Inner {
         let Some(last) = last else {
             return self.lookup_name(object).map(Found::Owned);
         };
-        let generation = self.objects_generation.load(Ordering::Acquire);
+        let generation = self.peer.objects_generation.load(Ordering::Acquire);
         let hit = last.generation == generation && last.name.as_bytes() == object.as_bytes();
         if !hit || last.service.is_none() {
             let object = std::str::from_utf8(object.as_bytes()).ok()?;
@@ -801,7 +802,7 @@ impl Inner {
     pub(super) fn queue_holding(&self, payload: Payload, options: SendOptions, credit: u32) {
         let queue = self.answers.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            self.runtime.spawn(send_answers(self.conn.clone(), rx));
+            self.peer.runtime.spawn(send_answers(self.conn.clone(), rx));
             tx
         });
         let answer = Answer {

@@ -3,15 +3,20 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{lock, Inner, Peer};
+use tokio::time::Instant;
+
+use super::link::Link;
+use super::{lock, until_zero, Inner, Peer, MAX_DURATION};
 
 impl Peer {
     /// Shuts down gracefully: from now on, calls from the other side are refused with
-    /// [`CallError::ShuttingDown`](crate::CallError::ShuttingDown) and calls made through
-    /// this peer fail with the same error; calls already running get up to `grace` to
-    /// finish and send their replies; queued signals get what is left of `grace` to reach
-    /// the connection. Then the peer closes as with [`close`](Self::close) (handlers still
-    /// running are cancelled).
+    /// [`CallError::ShuttingDown`](crate::CallError::ShuttingDown), and calls and signals
+    /// made through this peer fail with the same error; calls already running (both ways)
+    /// get up to `grace` to finish and send their replies; queued signals get what is left
+    /// of `grace` to reach the connection (acknowledged ones: to be acknowledged; with a
+    /// store, the rest stay stored for the next start; without one, they are dropped and
+    /// reported). Then the peer closes as with [`close`](Self::close) (handlers still
+    /// running are cancelled), and a reconnecting peer stops reconnecting.
     ///
     /// ```
     /// use std::time::Duration;
@@ -23,27 +28,50 @@ impl Peer {
     /// let client = Peer::new(connect(&server.addresses()[0], Options::default()).await?);
     /// let accepted = Peer::new(server.accept().await.expect("open"));
     /// accepted.shutdown(Duration::from_secs(5)).await;
-    /// assert!(accepted.connection().is_closed());
+    /// assert!(accepted.connection().expect("its connection").is_closed());
     /// # drop(client); Ok(()) }
     /// ```
     pub async fn shutdown(&self, grace: Duration) {
-        let deadline = tokio::time::Instant::now() + grace.min(super::MAX_DURATION);
-        self.inner.begin_shutdown();
-        let _ = tokio::time::timeout_at(deadline, self.inner.wait_idle()).await;
-        let _ = tokio::time::timeout_at(deadline, self.flush_signals()).await;
-        self.inner.close_gracefully().await;
+        let deadline = Instant::now() + grace.min(MAX_DURATION);
+        let current = self.current();
+        self.begin_shutdown();
+        if let Link::Reconnecting(sv) = &self.state.link {
+            let calls_done = until_zero(&sv.calls, &sv.calls_idle);
+            let _ = tokio::time::timeout_at(deadline, calls_done).await;
+        }
+        if let Some(inner) = &current {
+            let _ = tokio::time::timeout_at(deadline, inner.wait_idle()).await;
+        }
+        let _ = tokio::time::timeout_at(deadline, self.flush()).await;
+        if let Link::Reconnecting(sv) = &self.state.link {
+            sv.stop();
+        }
+        if let Some(inner) = current {
+            inner.close_gracefully().await;
+        }
+        if let Link::Reconnecting(_) = &self.state.link {
+            self.state.finish(None);
+        }
     }
 
-    /// True once [`shutdown`](Self::shutdown) started.
+    /// True once [`shutdown`](Self::shutdown) started (or a reconnecting peer was
+    /// closed).
     pub fn is_shutting_down(&self) -> bool {
-        self.inner.hooks.is_shutting_down()
+        self.state.is_shutting_down()
+    }
+
+    /// Refuse new calls (both directions) and signals; running ones continue.
+    pub(crate) fn begin_shutdown(&self) {
+        self.state.shutting_down.store(true, Ordering::Release);
+        if let Some(inner) = self.current() {
+            inner.begin_shutdown();
+        }
     }
 }
 
 impl Inner {
-    /// Refuse new calls (both directions); running ones continue.
+    /// Refuse new calls from the other side; running ones continue.
     pub(crate) fn begin_shutdown(&self) {
-        self.hooks.shutting_down.store(true, Ordering::Release);
         let mut inflight = lock(&self.inflight);
         inflight.closing = true;
         inflight.shutting_down = true;
@@ -51,6 +79,6 @@ impl Inner {
 
     /// Waits until no call handler runs.
     async fn wait_idle(&self) {
-        super::until_zero(&self.active, &self.idle).await;
+        until_zero(&self.active, &self.idle).await;
     }
 }

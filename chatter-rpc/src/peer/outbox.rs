@@ -1,6 +1,7 @@
-//! The signal outbox of a [`ReconnectingPeer`](crate::ReconnectingPeer): signals in send
-//! order, each kept until the receiver acknowledged it, its TTL ran out, or it was
-//! dropped; and [`Sent`], what sending one returns.
+//! The signal outbox of a [`Peer`](crate::Peer), one per peer whatever its link: signals
+//! in send order, each kept until it was handed to a connection (or, for acknowledged
+//! signals, until the receiver acknowledged it), its TTL ran out, or it was dropped; and
+//! [`Sent`], what sending one returns.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -12,8 +13,9 @@ use tokio::time::Instant;
 
 use crate::error::AckError;
 
-/// The id of a signal sent through a [`ReconnectingPeer`](crate::ReconnectingPeer): the
-/// sender's stream id (random per peer, or stored with a persistent store) and the
+/// The id of an acknowledged signal (sent through a reconnecting [`Peer`](crate::Peer), or
+/// with [`PeerOptions::acknowledged_signals`](crate::PeerOptions::acknowledged_signals)):
+/// the sender's stream id (random per peer, or stored with a persistent store) and the
 /// signal's sequence number in it (from 1, in send order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SignalId {
@@ -40,7 +42,8 @@ pub(crate) enum Delivery {
     Dropped {
         maybe_delivered: bool,
     },
-    /// A plain peer's connection closed before the acknowledgement arrived.
+    /// The connection of a peer that does not reconnect closed before the acknowledgement
+    /// arrived.
     Lost(chatter_core::CloseCause),
 }
 
@@ -65,9 +68,7 @@ pub struct Sent {
 }
 
 impl Sent {
-    /// A signal sent through a plain [`Peer`](crate::Peer) without
-    /// [`acknowledged_signals`](crate::PeerOptions::acknowledged_signals): no id, no
-    /// acknowledgement.
+    /// A signal that is not acknowledged: no id, no acknowledgement.
     pub(crate) fn untracked() -> Sent {
         Sent {
             id: None,
@@ -82,8 +83,9 @@ impl Sent {
         }
     }
 
-    /// The signal's id (`None` for signals sent through a plain [`Peer`](crate::Peer)
-    /// without [`acknowledged_signals`](crate::PeerOptions::acknowledged_signals)).
+    /// The signal's id (`None` for a signal that is not acknowledged: sent through a
+    /// [`Peer::new`](crate::Peer::new) peer without
+    /// [`acknowledged_signals`](crate::PeerOptions::acknowledged_signals)).
     /// Expiry events ([`PeerEvent::SignalExpired`](crate::PeerEvent::SignalExpired)) name
     /// signals by this id.
     pub fn id(&self) -> Option<SignalId> {
@@ -96,9 +98,9 @@ impl Sent {
     /// stays queued), [`AckError::Expired`] when its TTL ran out first (for example
     /// because the receiver died and did not come back), [`AckError::Failed`] when the
     /// receiver could not run it, [`AckError::Dropped`] when this side dropped it,
-    /// [`AckError::ConnectionLost`] when a plain peer's connection closed first, and
-    /// [`AckError::NotSupported`] for signals sent through a plain [`Peer`](crate::Peer)
-    /// without [`acknowledged_signals`](crate::PeerOptions::acknowledged_signals). It
+    /// [`AckError::ConnectionLost`] when the connection of a peer that does not reconnect
+    /// closed first, and [`AckError::NotSupported`] for a signal that is not acknowledged
+    /// (see [`id`](Self::id)). It
     /// never waits longer than `timeout`.
     pub async fn acknowledged(self, timeout: Duration) -> Result<(), AckError> {
         let Some(ack) = self.ack else {
@@ -124,10 +126,12 @@ impl Sent {
     }
 }
 
-/// One queued signal.
+/// One signal in the outbox.
 pub(crate) struct Item {
+    /// Its place in send order; the sequence number of its stream if it is acknowledged.
     pub(crate) seq: u64,
-    /// The plain signal envelope `[1, object, method, ttl, args]`.
+    /// The plain signal envelope `[1, object, method, ttl, args]` (empty once a peer that
+    /// never re-sends handed it to its connection).
     pub(crate) payload: Bytes,
     pub(crate) expires: Instant,
     /// The connection generation it was last sent on.
@@ -144,13 +148,35 @@ impl Item {
             let _ = tx.send(how);
         }
     }
+
+    /// Whether the receiver may have it: a copy was handed to a connection.
+    pub(crate) fn maybe_delivered(&self) -> bool {
+        self.sent_gen.is_some()
+    }
 }
 
-/// Signals by sequence number (ascending).
-#[derive(Default)]
+/// Signals by sequence number (ascending). Acknowledged signals stay after they were sent,
+/// until their acknowledgement; the others leave when they are handed to a connection.
 pub(crate) struct Outbox {
     pub(crate) items: VecDeque<Item>,
     pub(crate) next_seq: u64,
+    /// Every item below this sequence number was handed to the current connection: the
+    /// next to send is the first at or above it. Reset to 0 for each new connection, so
+    /// that what was not acknowledged is sent again.
+    pub(crate) cursor: u64,
+    /// The generation of the live connection, if there is one.
+    pub(crate) live: Option<u64>,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            items: VecDeque::new(),
+            next_seq: 1,
+            cursor: 0,
+            live: None,
+        }
+    }
 }
 
 impl Outbox {
@@ -159,10 +185,15 @@ impl Outbox {
         self.items.remove(i)
     }
 
-    /// The first item with `seq >= from`.
-    pub(crate) fn first_from(&self, from: u64) -> Option<&Item> {
-        let i = self.items.partition_point(|it| it.seq < from);
-        self.items.get(i)
+    /// The next item to hand to the current connection.
+    pub(crate) fn next_unsent(&self) -> Option<&Item> {
+        self.items.get(self.in_flight())
+    }
+
+    /// How many items were handed to the current connection and wait for their
+    /// acknowledgement.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.items.partition_point(|it| it.seq < self.cursor)
     }
 
     pub(crate) fn get_mut(&mut self, seq: u64) -> Option<&mut Item> {
