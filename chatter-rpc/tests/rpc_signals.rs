@@ -252,9 +252,6 @@ async fn a_sender_out_of_credit_waits_for_room_within_the_ttl() {
 /// After the sender waited (as above), the receiver's handler slot frees up: the waiting
 /// signal is queued, and every accepted signal arrives, in order.
 #[tokio::test(start_paused = true)]
-#[ignore = "chatter-core on main: the window frame of credit released after the receiver \
-            held it stays in the receiver's output (9 bytes), so the sender never gets \
-            credit back; un-ignore once fixed"]
 async fn a_sender_that_waited_delivers_everything_once_the_receiver_catches_up() {
     let (client, server, mut probe, busy, accepted) = sender_out_of_credit().await;
     let calc = CalculatorClient::new(&client, "calc").with_ttl(Duration::from_secs(60));

@@ -316,21 +316,12 @@ impl PeerState {
     }
 }
 
-/// How a signal is sent.
-///
-/// TODO(issue 15): signals are to keep half the peer's window free
-/// (`.reserve(inner.peer_window() / 2)`), so that a backlog of signals the receiver is
-/// slow to handle never takes the whole window from calls (which keep a quarter) and
-/// replies (none). Not yet: with it, a sender that stops at half the window depends on
-/// every window frame the receiver owes, and on main a window frame can stay unsent in the
-/// receiver's output (`Buffered::output` stuck at 9 bytes), which then stalls the sender
-/// for good (`rpc_signals.rs`, the ignored
-/// `a_sender_that_waited_delivers_everything_once_the_receiver_catches_up`; with the
-/// reserve, `rpc_backpressure.rs`'s `credit_given_back_by_the_receive_task_..` too). Some
-/// of `rpc_backpressure.rs`'s expectations also assume signals can fill the whole window.
+/// How a signal is sent: only while half the peer's window stays free after it (unless
+/// nothing is in flight), so that a backlog of signals the receiver is slow to handle
+/// never takes the whole window from calls (which keep a quarter free) and replies
+/// (which keep none).
 pub(crate) fn signal_options(inner: &Inner) -> SendOptions {
-    let _ = inner;
-    SendOptions::new()
+    SendOptions::new().reserve(inner.peer_window() / 2)
 }
 
 /// Hands the outbox to one connection, in sequence order: first what is there (on a new
