@@ -27,8 +27,8 @@ use chatter_core::Conversation;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::dedup::Admitted;
 use super::lock;
-use super::reliable::Admitted;
 use crate::wire::{AckStatus, Name};
 #[cfg(doc)]
 use crate::PeerOptions;

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use chatter_core::proto::IdBuildHasher;
@@ -32,6 +32,7 @@ use crate::wire::{self, FailureKind, Payload};
 
 mod backlog;
 mod calls;
+mod dedup;
 mod events;
 mod link;
 mod options;
@@ -450,7 +451,8 @@ pub(crate) struct PeerState {
     pub(crate) changed: Notify,
     /// Something left the outbox.
     pub(crate) room: Notify,
-    pub(crate) store: Option<Mutex<Store>>,
+    /// Boxed: most peers have none, and inline it would add 120 bytes to every peer.
+    pub(crate) store: Option<Box<Mutex<Store>>>,
     pub(crate) events: Subscribers,
     /// Set when a graceful shutdown started (or a reconnecting peer was closed): new
     /// outgoing calls and signals fail at once.
@@ -482,7 +484,7 @@ impl PeerState {
             outbox: Mutex::new(outbox),
             changed: Notify::new(),
             room: Notify::new(),
-            store: store.map(Mutex::new),
+            store: store.map(|store| Box::new(Mutex::new(store))),
             events: Subscribers::default(),
             shutting_down: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
@@ -576,6 +578,8 @@ pub(crate) struct Inner {
     /// Answers waiting for send credit, each holding its request's credit; the task
     /// starts on first use.
     answers: OnceLock<mpsc::UnboundedSender<Answer>>,
+    /// This connection part itself, for the answers task (which must not keep it alive).
+    me: Weak<Inner>,
     /// Whether the task that sends this connection the outbox's signals was started.
     sender: OnceLock<()>,
     /// The peer's receive window once it is final (0 before): see
@@ -608,7 +612,8 @@ impl Inner {
         generation: u64,
     ) -> (Arc<Inner>, tokio::task::JoinHandle<()>) {
         let shutting_down = peer.is_shutting_down();
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
             conn: connection,
             slots: Slots::new(
                 peer.options.max_concurrent_handlers,

@@ -152,10 +152,7 @@ impl Inner {
                             // The reply (of any size) waits for the caller's window in a
                             // task that keeps the handler slot: a caller that does not read
                             // holds at most one reply per slot.
-                            Err(SendError::WouldBlock) => {
-                                self.active.fetch_add(1, Ordering::AcqRel);
-                                tokio::spawn(reply_later(self.clone(), conv, reply, credit));
-                            }
+                            Err(SendError::WouldBlock) => self.queue_reply(reply, options, credit),
                             sent => {
                                 if let Err(e) = sent {
                                     tracing::debug!("chatter-rpc: reply not sent: {e}");
@@ -581,15 +578,6 @@ async fn continue_call(
     }
 }
 
-/// Sends the reply of a call answered inline that the connection could not take at once,
-/// keeping the handler slot until it is sent; then serves the backlog with the slot.
-async fn reply_later(inner: Arc<Inner>, conv: Conversation, reply: Payload, credit: u32) {
-    send_call_reply(&inner, conv, reply, credit).await;
-    if let Some(next) = inner.slots.give_back(false) {
-        work_on(inner, next).await;
-    }
-}
-
 /// Continues a signal whose handler the receive task started and that did not finish on
 /// its first poll; then serves the backlog with its slot.
 async fn continue_signal(
@@ -792,6 +780,8 @@ pub(super) struct Answer {
     payload: Bytes,
     options: SendOptions,
     credit: u32,
+    /// A handler's reply: the call's handler slot stays taken until it is sent.
+    slot: bool,
 }
 
 impl Inner {
@@ -800,29 +790,72 @@ impl Inner {
     /// (a cancel the caller sends holds none, and there is at most one per call this side
     /// made), so the peer cannot make it grow beyond its window without reading.
     pub(super) fn queue_holding(&self, payload: Payload, options: SendOptions, credit: u32) {
+        self.queue_answer(payload, options, credit, false);
+    }
+
+    /// Queues the reply of a call answered inline that the connection could not take at
+    /// once. The call keeps its handler slot until the reply is sent, so a caller that
+    /// does not read holds at most one reply per slot; the replies wait in the one queue
+    /// (one task waiting for the window, not one per reply).
+    pub(super) fn queue_reply(
+        self: &Arc<Self>,
+        payload: Payload,
+        options: SendOptions,
+        credit: u32,
+    ) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.queue_answer(payload, options, credit, true);
+    }
+
+    fn queue_answer(&self, payload: Payload, options: SendOptions, credit: u32, slot: bool) {
         let queue = self.answers.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            self.peer.runtime.spawn(send_answers(self.conn.clone(), rx));
+            self.peer
+                .runtime
+                .spawn(send_answers(self.conn.clone(), self.me.clone(), rx));
             tx
         });
         let answer = Answer {
             payload: payload.into_bytes(),
             options,
             credit,
+            slot,
         };
         if let Err(back) = queue.send(answer) {
-            self.conn.release(u64::from(back.0.credit));
+            self.finish_answer(&back.0);
+        }
+    }
+
+    /// An answer was sent (or cannot be): its credit goes back, and a reply's slot to
+    /// the next waiting request.
+    fn finish_answer(&self, answer: &Answer) {
+        self.release(answer.credit);
+        if answer.slot {
+            self.call_done();
         }
     }
 }
 
 /// Sends queued answers in order as credit allows (answers use no reserve: they go
 /// ahead of calls and signals waiting for the window).
-async fn send_answers(conn: Connection, mut rx: mpsc::UnboundedReceiver<Answer>) {
+async fn send_answers(
+    conn: Connection,
+    inner: Weak<Inner>,
+    mut rx: mpsc::UnboundedReceiver<Answer>,
+) {
     while let Some(answer) = rx.recv().await {
         if let Err(e) = conn.send_bytes(&answer.payload, answer.options).await {
             tracing::debug!("chatter-rpc: answer not sent: {e}");
         }
-        conn.release(u64::from(answer.credit));
+        let Some(inner) = inner.upgrade() else {
+            conn.release(u64::from(answer.credit));
+            continue;
+        };
+        inner.finish_answer(&answer);
+        if answer.slot {
+            if let Some(next) = inner.slots.give_back(false) {
+                tokio::spawn(work(inner, next));
+            }
+        }
     }
 }
