@@ -396,24 +396,8 @@ impl Connection {
         max: usize,
     ) -> Result<usize, ConnectionClosed> {
         let max = max.max(1);
-        self.next(|inner| {
-            let before = events.len();
-            while events.len() - before < max {
-                match inner.pop_message() {
-                    Some(msg) => events.push(Event::Message(msg)),
-                    None => break,
-                }
-            }
-            while events.len() - before < max {
-                match inner.timeouts.pop_front() {
-                    Some(conv) => events.push(Event::Timeout(conv)),
-                    None => break,
-                }
-            }
-            let taken = events.len() - before;
-            (taken > 0).then_some(taken)
-        })
-        .await
+        self.next(|inner| inner.take_events(events, max, Inner::pop_message))
+            .await
     }
 
     /// [`next_events`](Self::next_events), except that the messages' flow-control credit is
@@ -456,21 +440,7 @@ impl Connection {
             if release > 0 {
                 inner.release(std::mem::take(&mut release));
             }
-            let before = events.len();
-            while events.len() - before < max {
-                match inner.pop_message_holding() {
-                    Some(msg) => events.push(Event::Message(msg)),
-                    None => break,
-                }
-            }
-            while events.len() - before < max {
-                match inner.timeouts.pop_front() {
-                    Some(conv) => events.push(Event::Timeout(conv)),
-                    None => break,
-                }
-            }
-            let taken = events.len() - before;
-            (taken > 0).then_some(taken)
+            inner.take_events(events, max, Inner::pop_message_holding)
         })
         .await
     }
@@ -896,6 +866,32 @@ impl Inner {
             payload: m.payload,
             credit: m.cost,
         })
+    }
+
+    /// Appends up to `max` messages (taken with `pop`), then timeouts, to `events`; how
+    /// many, if any.
+    #[inline]
+    fn take_events(
+        &mut self,
+        events: &mut Vec<Event>,
+        max: usize,
+        mut pop: impl FnMut(&mut Inner) -> Option<Msg>,
+    ) -> Option<usize> {
+        let before = events.len();
+        while events.len() - before < max {
+            match pop(self) {
+                Some(msg) => events.push(Event::Message(msg)),
+                None => break,
+            }
+        }
+        while events.len() - before < max {
+            match self.timeouts.pop_front() {
+                Some(conv) => events.push(Event::Timeout(conv)),
+                None => break,
+            }
+        }
+        let taken = events.len() - before;
+        (taken > 0).then_some(taken)
     }
 
     /// Gives back held credit (any amount: the protocol takes it in `u32` steps).
