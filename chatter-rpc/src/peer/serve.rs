@@ -152,7 +152,12 @@ impl Inner {
                             // The reply (of any size) waits for the caller's window in a
                             // task that keeps the handler slot: a caller that does not read
                             // holds at most one reply per slot.
-                            Err(SendError::WouldBlock) => self.queue_reply(reply, options, credit),
+                            // The handler is done: the request's credit goes back now; the
+                            // reply's memory is bounded by the slot it keeps.
+                            Err(SendError::WouldBlock) => {
+                                batch.release += u64::from(credit);
+                                self.queue_reply(reply, options, 0);
+                            }
                             sent => {
                                 if let Err(e) = sent {
                                     tracing::debug!("chatter-rpc: reply not sent: {e}");
@@ -617,9 +622,13 @@ async fn race_call(
 
 /// Sends the reply of a call run in a task and retires the call. The reply waits for
 /// send credit while the task holds its handler slot (a peer that does not read stalls
-/// only its own calls); the request's credit goes back once the reply is sent.
+/// only its own calls); the request's credit goes back when the handler is done.
 async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Payload, credit: u32) {
     lock(&inner.inflight).calls.remove(&conv.first_id());
+    // The handler is done: the request's credit goes back now (holding it until the reply
+    // is written measured 10-20% slower for 64 KiB calls over TLS); the reply waits keeping
+    // the handler slot, which bounds what replies hold.
+    inner.release(credit);
     let options = SendOptions::new().conversation(conv);
     let sent = match inner.conn.try_send(&reply, options) {
         Err(SendError::WouldBlock) => inner.conn.send_bytes(&reply, options).await,
@@ -628,7 +637,6 @@ async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Payload,
     if let Err(e) = sent {
         tracing::debug!("chatter-rpc: reply not sent: {e}");
     }
-    inner.release(credit);
     inner.call_done();
 }
 
