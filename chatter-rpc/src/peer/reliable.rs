@@ -13,7 +13,7 @@ use super::backlog::{Kind, Waiting};
 use super::dedup::{admit, Admit};
 use super::serve::Batch;
 use super::{after, bump, Inner};
-use crate::service::{CatchUnwind, Dispatch, Handlers};
+use crate::service::{CatchUnwind, Handlers};
 use crate::wire::{self, AckStatus, Name};
 
 impl Inner {
@@ -127,39 +127,21 @@ impl Inner {
     /// dropped at close): the sender re-sends it.
     pub(super) async fn run_reliable(&self, item: &Waiting) -> Option<AckStatus> {
         let (object, method) = (item.object(), item.method());
-        let failed = |why: &str| {
-            tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
-            bump(&self.peer.stats.signals_failed);
-            AckStatus::Failed
-        };
-        let Some(service) = self.lookup_name(object) else {
-            if self.conn.is_closed() {
-                return None;
-            }
-            return Some(failed("no such object"));
-        };
+        if self.conn.is_closed() && self.lookup_name(object).is_none() {
+            return None;
+        }
+        // As a plain signal that waited (`run_waiting`), with an outcome to acknowledge.
         let mut handlers = Handlers::new();
-        let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            service.__dispatch(method.as_bytes(), item.args(), &mut handlers)
-        }));
-        Some(match dispatch {
-            Ok(Dispatch::Signal) => {
-                bump(&self.peer.stats.signals_delivered);
-                match CatchUnwind(handlers.signal_mut()).await {
-                    Ok(()) => AckStatus::Handled,
-                    Err(message) => {
-                        bump(&self.peer.stats.handler_panics);
-                        failed(&format!("handler panicked: {message}"))
-                    }
-                }
-            }
-            Ok(Dispatch::Call) => failed("the method is a call, not a signal"),
-            Ok(Dispatch::NoSuchMethod) => failed("no such method"),
-            Ok(Dispatch::BadArguments(what)) => failed(&what),
-            Err(_) => {
-                bump(&self.peer.stats.handler_panics);
-                failed("argument decoding panicked")
-            }
-        })
+        if !self.start_signal(object, method, item.args(), None, &mut handlers) {
+            return Some(AckStatus::Failed);
+        }
+        bump(&self.peer.stats.signals_delivered);
+        let result = CatchUnwind(handlers.signal_mut()).await;
+        let status = match result {
+            Ok(()) => AckStatus::Handled,
+            Err(_) => AckStatus::Failed,
+        };
+        self.signal_result(result, object, method);
+        Some(status)
     }
 }
