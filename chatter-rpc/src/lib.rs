@@ -136,7 +136,7 @@ pub use chatter_macros::remote;
 pub use error::{AckError, CallError, RemoteContext, SignalError};
 pub use peer::{
     Backoff, ConnectionState, Events, Peer, PeerEvent, PeerOptions, PeerStats, ReconnectError,
-    ReconnectOptions, Sent, SignalId, WhenFull,
+    ReconnectOptions, Sent, SignalId, WhenFull, EVENTS_KEPT,
 };
 pub use server::{serve, RpcServer};
 pub use service::Service;

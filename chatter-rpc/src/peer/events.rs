@@ -1,7 +1,8 @@
 //! What happens to a [`Peer`](crate::Peer): its [`ConnectionState`], and the
 //! [`PeerEvent`]s its subscribers ([`Events`]) receive.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chatter_core::{Address, CloseCause};
@@ -84,14 +85,26 @@ pub enum PeerEvent {
     },
 }
 
-/// A subscription to a peer's [`PeerEvent`]s (each subscriber gets every event from the
-/// moment it subscribed; unread events are kept).
+/// How many unread events a subscription keeps; later ones are counted in
+/// [`Events::missed`] and dropped.
+pub const EVENTS_KEPT: usize = 1024;
+
+/// A subscription to a peer's [`PeerEvent`]s: each subscriber gets every event from the
+/// moment it subscribed. Up to [`EVENTS_KEPT`] unread events are kept; while that many
+/// wait, newer ones are dropped and counted ([`missed`](Self::missed)), so a subscriber
+/// that stops reading costs at most that much memory.
 #[derive(Debug)]
 pub struct Events {
-    rx: mpsc::UnboundedReceiver<PeerEvent>,
+    rx: mpsc::Receiver<PeerEvent>,
+    missed: Arc<AtomicU64>,
 }
 
 impl Events {
+    /// Events dropped because [`EVENTS_KEPT`] unread ones were waiting.
+    pub fn missed(&self) -> u64 {
+        self.missed.load(Ordering::Relaxed)
+    }
+
     /// The next event; `None` once the peer is gone.
     pub async fn next(&mut self) -> Option<PeerEvent> {
         self.rx.recv().await
@@ -103,22 +116,66 @@ impl Events {
     }
 }
 
-/// The subscribers of one peer.
+/// The subscribers of one peer, each with its count of missed events. Dropped
+/// subscriptions are forgotten at the next event.
 #[derive(Default)]
-pub(crate) struct Subscribers(Mutex<Vec<mpsc::UnboundedSender<PeerEvent>>>);
+pub(crate) struct Subscribers(Mutex<Vec<(mpsc::Sender<PeerEvent>, Arc<AtomicU64>)>>);
 
 impl Subscribers {
     pub(crate) fn subscribe(&self) -> Events {
-        let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.0).push(tx);
-        Events { rx }
+        let (tx, rx) = mpsc::channel(EVENTS_KEPT);
+        let missed = Arc::new(AtomicU64::new(0));
+        lock(&self.0).push((tx, missed.clone()));
+        Events { rx, missed }
     }
 
-    /// Sends `event` to every subscriber still listening.
+    /// Sends `event` to every subscriber still listening; one with [`EVENTS_KEPT`] unread
+    /// events misses it.
     pub(crate) fn emit(&self, event: PeerEvent) {
         let mut subscribers = lock(&self.0);
         if !subscribers.is_empty() {
-            subscribers.retain(|s| s.send(event.clone()).is_ok());
+            subscribers.retain(|(tx, missed)| match tx.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    missed.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subscriber_that_stops_reading_keeps_a_bounded_number_of_events() {
+        let subscribers = Subscribers::default();
+        let mut reader = subscribers.subscribe();
+        let dropped = subscribers.subscribe();
+        drop(dropped);
+        let event = |seq| PeerEvent::SignalFailed {
+            id: SignalId { stream: 1, seq },
+        };
+        for seq in 0..(EVENTS_KEPT as u64 + 10) {
+            subscribers.emit(event(seq));
+        }
+        assert_eq!(reader.missed(), 10);
+        assert_eq!(
+            lock(&subscribers.0).len(),
+            1,
+            "the dropped subscription is forgotten"
+        );
+        let mut kept = 0;
+        while let Some(PeerEvent::SignalFailed { id }) = reader.try_next() {
+            assert_eq!(id.seq, kept, "the oldest are kept, in order");
+            kept += 1;
+        }
+        assert_eq!(kept, EVENTS_KEPT as u64);
+        // Read, it receives again.
+        subscribers.emit(event(0));
+        assert!(reader.try_next().is_some());
     }
 }

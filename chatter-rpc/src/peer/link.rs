@@ -305,6 +305,8 @@ pub(crate) fn start_reconnecting(
     let Link::Reconnecting(supervisor) = &state.link else {
         unreachable!("made above")
     };
+    // One of each per reconnecting peer; both end when it stops (close, shutdown, drop of
+    // the last handle, or the backoff giving up).
     tokio::spawn(sweep(state.clone(), supervisor.stop.subscribe()));
     tokio::spawn(supervise(state.clone()));
     Ok(state)
@@ -342,6 +344,8 @@ async fn supervise(state: Arc<PeerState>) {
                 });
                 bump(&state.stats.connects);
                 state.events.emit(PeerEvent::Connected { remote });
+                // One per connection, only one connection at a time: it ends when the
+                // connection closes (and is aborted below when the link moves on).
                 let sender = tokio::spawn(run_sender(inner.clone(), window));
                 // The receive task ends once the connection closed and everything waiting
                 // on it was told: only then does the next connection start.

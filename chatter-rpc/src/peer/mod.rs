@@ -46,7 +46,7 @@ use backlog::{Kind, Slots};
 pub(crate) use calls::Outcome;
 use calls::{Pending, Slot};
 use events::Subscribers;
-pub use events::{ConnectionState, Events, PeerEvent};
+pub use events::{ConnectionState, Events, PeerEvent, EVENTS_KEPT};
 use link::Link;
 pub use link::{Backoff, ReconnectError, ReconnectOptions};
 pub(crate) use options::bump;
@@ -635,6 +635,7 @@ impl Inner {
             // Made during a graceful shutdown: refuse its calls clearly.
             inner.begin_shutdown();
         }
+        // One receive task per connection; it ends when the connection closed.
         let reader = tokio::spawn(run_reader(inner.clone()));
         (inner, reader)
     }

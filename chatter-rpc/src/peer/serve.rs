@@ -184,6 +184,8 @@ impl Inner {
                         self.active.fetch_add(1, Ordering::AcqRel);
                         let run =
                             continue_call(self.clone(), conv, handler, after(deadline), rx, credit);
+                        // Owns the handler slot taken above: at most
+                        // `max_concurrent_handlers` such tasks per connection.
                         tokio::spawn(run);
                     }
                 }
@@ -228,6 +230,7 @@ impl Inner {
                     Poll::Pending => {
                         let handler = CatchUnwind(handlers.take_signal());
                         let names = (object.0.to_vec(), method.0.to_vec());
+                        // Owns its handler slot: at most `max_concurrent_handlers`.
                         tokio::spawn(continue_signal(self.clone(), handler, names, credit));
                     }
                 }
@@ -454,7 +457,8 @@ impl Inner {
         }
     }
 
-    /// Starts a task for each request a slot came free for.
+    /// Starts a task for each request a slot came free for (each task owns that slot: at
+    /// most `max_concurrent_handlers` run per connection).
     pub(super) fn start_waiting(self: &Arc<Self>, start: &mut Vec<Waiting>) {
         for item in start.drain(..) {
             tokio::spawn(work(self.clone(), item));
@@ -521,6 +525,7 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
             () = inner.shutdown.notified(), if !closing => {
                 closing = true;
                 let inner = inner.clone();
+                // Once per connection: `closing` stays set.
                 tokio::spawn(async move { inner.close_gracefully().await });
                 continue;
             }
@@ -793,10 +798,14 @@ pub(super) struct Answer {
 }
 
 impl Inner {
-    /// Queues an answer the connection could not take now. The queue is not bounded by a
-    /// length, but by credit: each answer holds the credit of the request it answers
-    /// (a cancel the caller sends holds none, and there is at most one per call this side
-    /// made), so the peer cannot make it grow beyond its window without reading.
+    /// Queues an answer the connection could not take now. The queue (one per connection,
+    /// its task started on first use) is not bounded by a length but by what each entry
+    /// holds, so a peer that sends faster than it reads cannot grow it: an answer to a
+    /// request (refusal, deadline, cancelled, protocol error: at most 200 bytes of text;
+    /// an acknowledgement) holds that request's credit, so these stay within the receive
+    /// window; a handler's reply keeps its handler slot, so at most
+    /// `max_concurrent_handlers` of them; a cancel this side sends holds nothing, and
+    /// there is at most one per call this side made (bounded by `max_conversations`).
     pub(super) fn queue_holding(&self, payload: Payload, options: SendOptions, credit: u32) {
         self.queue_answer(payload, options, credit, false);
     }

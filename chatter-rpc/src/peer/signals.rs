@@ -213,7 +213,8 @@ impl Peer {
 }
 
 impl Inner {
-    /// Starts this connection's sender task unless it runs already.
+    /// Starts this connection's sender task unless it runs already (once per connection:
+    /// it ends when the connection closes).
     pub(crate) fn start_sender(self: &Arc<Self>, window: usize) {
         self.sender.get_or_init(|| {
             self.peer.runtime.spawn(run_sender(self.clone(), window));
