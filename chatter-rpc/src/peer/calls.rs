@@ -76,12 +76,23 @@ impl Inner {
             // not make every call future larger: callers move these futures around.
             // The request is made anew at each attempt, with the time left: a call that
             // waited for credit still ends at its deadline on the callee's side too.
+            // The deadline travels in milliseconds: the request is re-encoded only when
+            // that figure changed since the last attempt (every waiting call retries at
+            // each window update).
             Err(SendError::WouldBlock) => Start::Wait(Box::pin(async move {
                 let until = Instant::now() + deadline;
+                let mut made: Option<(u128, Bytes)> = None;
                 let send = self.conn.send_made(|| {
                     let left = until.saturating_duration_since(Instant::now());
-                    let request = wire::rewrite_deadline(payload.as_ref(), left)
-                        .unwrap_or_else(|_| Bytes::copy_from_slice(payload.as_ref()));
+                    let request = match &made {
+                        Some((ms, request)) if *ms == left.as_millis() => request.clone(),
+                        _ => {
+                            let request = wire::rewrite_deadline(payload.as_ref(), left)
+                                .unwrap_or_else(|_| Bytes::copy_from_slice(payload.as_ref()));
+                            made = Some((left.as_millis(), request.clone()));
+                            request
+                        }
+                    };
                     (request, call_options(self, left))
                 });
                 match tokio::time::timeout_at(until, send).await {
