@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use chatter_core::{Event, Options, SendError, SendOptions};
+use chatter_core::{Connection, Event, Options, SendError, SendOptions, Server};
 use tests::{all_transports, pair, pair_with, Transport};
 
 all_transports!(
@@ -203,13 +203,18 @@ async fn a_fast_producer_keeps_memory_bounded_and_loses_nothing(t: Transport) {
     feeder.await.unwrap();
 }
 
-async fn held_credit_stops_the_sender_until_released(t: Transport) {
+/// A producer that filled a 64 KiB window with 1,000-byte messages, and a consumer that took
+/// them all holding their credit: the pair, the messages taken, how many, and the payload.
+async fn window_held(
+    t: Transport,
+    fill: u8,
+) -> (Server, Connection, Connection, Vec<Event>, u32, Vec<u8>) {
     const WINDOW: u32 = 64 * 1024;
     let consumer_options = Options::default()
         .receive_window(WINDOW)
         .max_frame_size(WINDOW / 2);
-    let (_server, producer, consumer) = pair_with(t, consumer_options, Options::default()).await;
-    let payload = vec![0xcdu8; 1000];
+    let (server, producer, consumer) = pair_with(t, consumer_options, Options::default()).await;
+    let payload = vec![fill; 1000];
     let mut sent = 0u32;
     while producer
         .try_send(&message(sent, &payload), SendOptions::new())
@@ -217,7 +222,6 @@ async fn held_credit_stops_the_sender_until_released(t: Transport) {
     {
         sent += 1;
     }
-    // The consumer takes every message but holds their credit.
     let mut events = Vec::new();
     while events.len() < sent as usize {
         consumer
@@ -225,6 +229,12 @@ async fn held_credit_stops_the_sender_until_released(t: Transport) {
             .await
             .unwrap();
     }
+    (server, producer, consumer, events, sent, payload)
+}
+
+async fn held_credit_stops_the_sender_until_released(t: Transport) {
+    // The consumer takes every message but holds their credit.
+    let (_server, producer, consumer, events, sent, payload) = window_held(t, 0xcd).await;
     let credits: Vec<u64> = events
         .iter()
         .map(|e| match e {
@@ -233,7 +243,7 @@ async fn held_credit_stops_the_sender_until_released(t: Transport) {
         })
         .collect();
     let held: u64 = credits.iter().sum();
-    assert!(held <= u64::from(WINDOW));
+    assert!(held <= 64 * 1024);
     assert_eq!(consumer.buffered().received, held);
     // Nothing came back: the producer still may not send, however long it waits.
     let next = message(sent, &payload);
@@ -259,26 +269,7 @@ async fn held_credit_stops_the_sender_until_released(t: Transport) {
 /// taken (the receive loop of chatter-rpc gives a batch's credit back with its next take,
 /// which usually finds nothing yet): the window frame must reach the sender.
 async fn credit_released_with_an_empty_take_reaches_the_sender(t: Transport) {
-    const WINDOW: u32 = 64 * 1024;
-    let consumer_options = Options::default()
-        .receive_window(WINDOW)
-        .max_frame_size(WINDOW / 2);
-    let (_server, producer, consumer) = pair_with(t, consumer_options, Options::default()).await;
-    let payload = vec![0x11u8; 1000];
-    let mut sent = 0u32;
-    while producer
-        .try_send(&message(sent, &payload), SendOptions::new())
-        .is_ok()
-    {
-        sent += 1;
-    }
-    let mut events = Vec::new();
-    while events.len() < sent as usize {
-        consumer
-            .next_events_holding(&mut events, 64, 0)
-            .await
-            .unwrap();
-    }
+    let (_server, producer, consumer, _taken, sent, payload) = window_held(t, 0x11).await;
     let held = consumer.buffered().received;
     let next = message(sent, &payload);
     let blocked = tokio::spawn({
