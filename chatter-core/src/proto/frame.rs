@@ -895,18 +895,17 @@ mod protocol_doc_examples {
         }
         in_doc("expected an unsigned integer, found a signed integer (marker 0xd0)");
         in_doc("message flags 0x8 set unknown bits");
-        // Non-canonical encodings still cost what the canonical encoding would (§8.1).
-        assert_eq!(
-            message_body_len(
-                MessageHeader {
-                    id: 1,
-                    first: 1,
-                    flags: 7
-                },
-                3
-            ),
-            8
-        );
+        // A non-canonical encoding costs its real length (§8.1): the doc's figure is that
+        // body's length + 64, and the canonical encoding of the same message is shorter.
+        let wide = unhex("94 01 cf 00 00 00 00 00 00 00 01 cc 01 cd 00 07 a2 68 69");
+        in_doc(&format!("{} + 64 = {}", wide.len(), wide.len() + 64));
+        let canonical = MessageHeader {
+            id: 1,
+            first: 1,
+            flags: 7,
+        };
+        assert_eq!(message_body_len(canonical, 3), 8);
+        in_doc(&format!("not the {} of the canonical encoding", 8 + 64));
     }
 
     #[test]
