@@ -272,9 +272,14 @@ fn server(tr: &Trait) -> TokenStream {
             (quote!(call), body)
         };
         let wire_bytes = syn::LitByteStr::new(wire_name.as_bytes(), name.span());
+        let decode = if idents.is_empty() {
+            quote!(decode_no_args)
+        } else {
+            quote!(decode_args)
+        };
         quote! {
             #wire_bytes => {
-                let (#(#idents,)*): (#(#tys,)*) = match #p::decode_args(#wire_name, __args) {
+                let (#(#idents,)*): (#(#tys,)*) = match #p::#decode(#wire_name, __args) {
                     #p::Ok(__decoded) => __decoded,
                     #p::Err(__failed) => return __failed,
                 };

@@ -147,8 +147,8 @@ pub use service::Service;
 pub mod __private {
     pub use crate::client::{ClientCore, Method};
     pub use crate::service::{
-        decode_args, reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay, CtxError, CtxNone,
-        Dispatch, Handlers,
+        decode_args, decode_no_args, reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay,
+        CtxError, CtxNone, Dispatch, Handlers,
     };
     pub use crate::wire::Payload;
     pub use ::bytes::Bytes;

@@ -130,6 +130,17 @@ pub fn decode_args<A: DeserializeOwned>(method: &str, args: &[u8]) -> Result<A, 
         .map_err(|e| Dispatch::BadArguments(format!("arguments of `{method}`: {e}")))
 }
 
+/// Decodes the arguments of `method`, which takes none: nil, as the Rust client sends
+/// them (serde's `()`), or an empty array, which implementations in other languages
+/// naturally send for an empty argument list (PROTOCOL.md, "Arguments").
+#[doc(hidden)]
+pub fn decode_no_args(method: &str, args: &[u8]) -> Result<(), Dispatch> {
+    match args {
+        [0xc0] | [0x90] => Ok(()),
+        _ => decode_args(method, args),
+    }
+}
+
 /// Encodes a successful return value.
 #[doc(hidden)]
 pub fn reply_ok<T: Serialize>(value: &T) -> Payload {

@@ -579,8 +579,11 @@ fn encode_error(type_name: &str, e: EncodeError) -> WireError {
     WireError(format!("cannot encode {type_name}: {e}"))
 }
 
+/// Whole milliseconds, rounded up: a duration that is not zero never goes as 0, which the
+/// receiver takes for "already expired" (PROTOCOL.md, "Durations").
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 fn len32(n: usize) -> u32 {
@@ -706,23 +709,181 @@ mod tests {
         );
     }
 
+    /// PROTOCOL.md, for checking that its examples are what the code writes.
+    const DOC: &str = include_str!("../PROTOCOL.md");
+
+    fn unhex(hex: &str) -> Vec<u8> {
+        hex.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+            .collect()
+    }
+
+    /// The bytes of the first code block after `marker` in PROTOCOL.md: the leading hex
+    /// bytes of each line (annotations follow them).
+    fn doc_block(marker: &str) -> Vec<u8> {
+        let at = DOC
+            .find(marker)
+            .unwrap_or_else(|| panic!("not in PROTOCOL.md: {marker}"));
+        let rest = &DOC[at..];
+        let open = rest.find("```").expect("a code block") + 3;
+        let body = &rest[open..];
+        let body = &body[body.find('\n').expect("fence line") + 1..];
+        let body = &body[..body.find("```").expect("closing fence")];
+        let mut bytes = Vec::new();
+        for line in body.lines() {
+            for token in line.split_whitespace() {
+                match u8::from_str_radix(token, 16) {
+                    Ok(b) if token.len() == 2 => bytes.push(b),
+                    _ => break,
+                }
+            }
+        }
+        bytes
+    }
+
+    /// `hex` appears in PROTOCOL.md as written, in backquotes.
+    fn inline_in_doc(hex: &str, bytes: &[u8]) {
+        assert!(
+            DOC.contains(&format!("`{hex}`")),
+            "not in PROTOCOL.md: `{hex}`"
+        );
+        assert_eq!(unhex(hex), bytes, "{hex}");
+    }
+
+    #[derive(serde::Serialize)]
+    enum CalcError {
+        DivisionByZero,
+        Overflow { op: String, detail: String },
+    }
+
     #[test]
     fn protocol_md_examples() {
-        assert_eq!(
+        let call = encode_request(CALL, "calc", "add", Duration::from_millis(1500), &(2, 3));
+        assert_eq!(doc_block("`add(2, 3)` on object"), call.unwrap().as_ref());
+        inline_in_doc("92 00 05", encode_ok(&5).unwrap().as_ref());
+        inline_in_doc("92 02 cd 01 2c", encode_cancel(300).as_ref());
+        inline_in_doc(
+            "93 02 04 a3 73 75 62",
             encode_failure(FailureKind::NoSuchMethod, "sub").as_ref(),
-            b"\x93\x02\x04\xa3sub".as_ref()
         );
+        inline_in_doc(
+            "93 02 08 ad 73 68 75 74 74 69 6e 67 20 64 6f 77 6e",
+            encode_failure(FailureKind::ShuttingDown, "shutting down").as_ref(),
+        );
+
         let ctx = RemoteContext {
-            message: "outer".into(),
-            chain: vec!["inner".into()],
+            message: "division by zero".into(),
+            chain: vec![],
         };
+        let err = encode_app_error(&CalcError::DivisionByZero, &ctx).unwrap();
+        assert_eq!(doc_block("`div(1, 0)` failing"), err.as_ref());
+        let ctx = RemoteContext {
+            message: "overflow in div".into(),
+            chain: vec!["too big".into()],
+        };
+        let overflow = CalcError::Overflow {
+            op: "div".into(),
+            detail: "too big".into(),
+        };
+        let err = encode_app_error(&overflow, &ctx).unwrap();
         assert_eq!(
-            encode_app_error("nope", &ctx).unwrap().as_ref(),
-            b"\x93\x01\x92\xa5outer\x91\xa5inner\xa4nope".as_ref()
+            doc_block("whose `Display` is `overflow in div`"),
+            err.as_ref()
         );
+
         // No arguments: nil.
         let bytes = encode_request(CALL, "o", "m", Duration::ZERO, &()).unwrap();
         assert_eq!(bytes.as_ref(), b"\x95\x00\xa1o\xa1m\x00\xc0".as_ref());
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Point {
+        x: i32,
+        y: i32,
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Unit;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    enum Shape {
+        Empty,
+        Rect(i32, i32),
+        Named { w: i32 },
+    }
+
+    fn value_bytes<T: Serialize>(v: &T) -> Vec<u8> {
+        let mut w = Vec::new();
+        value(&mut w, v).unwrap();
+        w
+    }
+
+    /// The table "Values: what each type looks like on the wire".
+    #[test]
+    fn protocol_md_value_shapes() {
+        inline_in_doc("c3", &value_bytes(&true));
+        inline_in_doc("cd 01 2c", &value_bytes(&300u64));
+        inline_in_doc("ff", &value_bytes(&-1i8));
+        inline_in_doc("ca 3f c0 00 00", &value_bytes(&1.5f32));
+        inline_in_doc("cb 3f f8 00 00 00 00 00 00", &value_bytes(&1.5f64));
+        inline_in_doc("a2 68 69", &value_bytes(&"hi"));
+        inline_in_doc("93 01 02 cc ff", &value_bytes(&vec![1u8, 2, 255]));
+        inline_in_doc("92 01 a1 61", &value_bytes(&(1, "a")));
+        inline_in_doc(
+            "81 a1 61 01",
+            &value_bytes(
+                &[("a", 1)]
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            ),
+        );
+        inline_in_doc("82 a1 78 01 a1 79 02", &value_bytes(&Point { x: 1, y: 2 }));
+        inline_in_doc("90", &value_bytes(&Unit));
+        inline_in_doc("a5 45 6d 70 74 79", &value_bytes(&Shape::Empty));
+        inline_in_doc(
+            "81 a4 52 65 63 74 92 01 02",
+            &value_bytes(&Shape::Rect(1, 2)),
+        );
+        inline_in_doc(
+            "81 a5 4e 61 6d 65 64 81 a1 77 03",
+            &value_bytes(&Shape::Named { w: 3 }),
+        );
+        // What is also accepted.
+        assert_eq!(
+            decode_value::<Point>(b"\x92\x01\x02").unwrap(),
+            Point { x: 1, y: 2 }
+        );
+        assert_eq!(decode_value::<Unit>(b"\xc0").unwrap(), Unit);
+        let empty_as_map = b"\x81\xa5Empty\xc0";
+        assert_eq!(decode_value::<Shape>(empty_as_map).unwrap(), Shape::Empty);
+        assert_eq!(
+            decode_value::<Vec<u8>>(b"\xc4\x02\x01\x02").unwrap(),
+            [1, 2]
+        );
+        assert_eq!(decode_value::<f64>(b"\x01").unwrap(), 1.0);
+        assert!(decode_value::<u8>(b"\xcd\x01\x2c").is_err());
+    }
+
+    #[test]
+    fn durations_go_in_whole_milliseconds_rounded_up() {
+        let ms = |d: Duration| {
+            let bytes = encode_request(CALL, "o", "m", d, &()).unwrap();
+            match decode_incoming(&bytes).unwrap() {
+                Incoming::Call { deadline, .. } => deadline,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(ms(Duration::ZERO), Duration::ZERO);
+        assert_eq!(ms(Duration::from_micros(1)), Duration::from_millis(1));
+        assert_eq!(ms(Duration::from_micros(1500)), Duration::from_millis(2));
+        assert_eq!(ms(Duration::from_millis(7)), Duration::from_millis(7));
+        assert_eq!(ms(Duration::MAX), Duration::from_millis(u64::MAX));
+        // A non-negative duration in a signed format is accepted (PROTOCOL.md, Durations).
+        let signed = b"\x95\x00\xa1o\xa1m\xd0\x05\xc0";
+        assert!(matches!(
+            decode_incoming(signed).unwrap(),
+            Incoming::Call { deadline, .. } if deadline == Duration::from_millis(5)
+        ));
     }
 
     #[test]

@@ -424,6 +424,50 @@ async fn raw_envelopes_from_protocol_md_and_malformed_requests() {
     let reply = within(raw.receive()).await.unwrap();
     assert_eq!(&reply.payload[..3], b"\x93\x02\x04", "{:x?}", reply.payload);
 
+    // Arguments (PROTOCOL.md, "Arguments"): none is nil, or `[]`; one is an array of one.
+    let cases: [(&[u8], &[u8]); 6] = [
+        (b"\x95\x00\xa4calc\xa6answer\x05\xc0", b"\x92\x00\x2a"),
+        (b"\x95\x00\xa4calc\xa6answer\x05\x90", b"\x92\x00\x2a"),
+        (b"\x95\x00\xa4calc\xa5sleep\x05\x91\x00", b"\x92\x00\x00"),
+        // The application error of PROTOCOL.md: div(1, 0).
+        (
+            b"\x95\x00\xa4calc\xa3div\x05\x92\x01\x00",
+            b"\x93\x01\x92\xb0division by zero\x90\xaeDivisionByZero",
+        ),
+        // A deadline of 0 has passed on arrival: answered at once, the handler not run.
+        (
+            b"\x95\x00\xa4calc\xa3add\x00\x92\x02\x03",
+            b"\x93\x02\x01\xaadeadline 0",
+        ),
+        // A negative deadline is a malformed request.
+        (b"\x95\x00\xa4calc\xa3add\xff\x92\x02\x03", b"\x93\x02\x07"),
+    ];
+    for (request_bytes, expected) in cases {
+        let conv = raw.send_bytes(request_bytes, request).await.unwrap();
+        let reply = within(raw.receive()).await.unwrap();
+        assert_eq!(reply.conversation, conv);
+        assert!(
+            reply.last && reply.token,
+            "a reply is sent with flags token | last"
+        );
+        assert_eq!(
+            &reply.payload[..expected.len()],
+            expected,
+            "{request_bytes:x?} -> {:x?}",
+            reply.payload
+        );
+    }
+    // Wrong shapes are bad arguments (kind 5): a bare value for one argument, an argument
+    // for none.
+    for wrong in [
+        &b"\x95\x00\xa4calc\xa5sleep\x05\x00"[..],
+        b"\x95\x00\xa4calc\xa6answer\x05\x91\x01",
+    ] {
+        raw.send_bytes(wrong, request).await.unwrap();
+        let reply = within(raw.receive()).await.unwrap();
+        assert_eq!(&reply.payload[..3], b"\x93\x02\x05", "{:x?}", reply.payload);
+    }
+
     // A deadline of u64::MAX ms is "forever", not an overflow.
     let forever = b"\x95\x00\xa4calc\xa3add\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x92\x02\x03";
     raw.send_bytes(forever, request).await.unwrap();

@@ -33,6 +33,8 @@ pub trait Calculator {
     async fn add(&self, a: i64, b: i64) -> i64;
     async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError>;
     async fn explode(&self, message: String) -> u32;
+    /// Takes no arguments.
+    async fn answer(&self) -> i64;
     /// Announces that it started, then waits until released; records when its future is
     /// dropped.
     async fn wait(&self, tag: String) -> String;
@@ -120,6 +122,10 @@ impl Calculator for Calc {
 
     async fn explode(&self, message: String) -> u32 {
         panic!("{message}")
+    }
+
+    async fn answer(&self) -> i64 {
+        42
     }
 
     async fn wait(&self, tag: String) -> String {
