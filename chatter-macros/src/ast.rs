@@ -17,6 +17,8 @@ pub(crate) struct Trait {
     pub(crate) ident: Ident,
     pub(crate) supertraits: Vec<TypeParamBound>,
     pub(crate) methods: Vec<Method>,
+    /// The path to chatter-rpc (`::chatter_rpc` unless `#[remote(crate = "..")]`).
+    pub(crate) krate: syn::Path,
 }
 
 /// One method of a remote trait.
@@ -64,7 +66,7 @@ impl Output {
 
 impl Trait {
     /// Builds the model, recording every problem in `cx`.
-    pub(crate) fn from_ast(cx: &Ctxt, item: &ItemTrait) -> Trait {
+    pub(crate) fn from_ast(cx: &Ctxt, item: &ItemTrait, krate: syn::Path) -> Trait {
         if let Some(unsafety) = &item.unsafety {
             cx.error_spanned_by(unsafety, "a remote trait cannot be `unsafe`");
         }
@@ -81,7 +83,8 @@ impl Trait {
         for trait_item in &item.items {
             match trait_item {
                 TraitItem::Fn(f) => {
-                    methods.push(Method::from_ast(cx, &f.attrs, &f.sig, f.default.as_ref()));
+                    let default = f.default.as_ref();
+                    methods.push(Method::from_ast(cx, &f.attrs, &f.sig, default, &krate));
                 }
                 other => cx.error_spanned_by(
                     other,
@@ -95,6 +98,7 @@ impl Trait {
             ident: item.ident.clone(),
             supertraits: item.supertraits.iter().cloned().collect(),
             methods,
+            krate,
         }
     }
 }
@@ -105,6 +109,7 @@ impl Method {
         attrs: &[Attribute],
         sig: &Signature,
         default: Option<&Block>,
+        krate: &syn::Path,
     ) -> Method {
         let attrs = attr::method_attrs(cx, attrs);
         let name = &sig.ident;
@@ -183,6 +188,46 @@ impl Method {
                 (classify(ty), Some((**ty).clone()))
             }
         };
+        let output = match (output, &attrs.result, &attrs.plain, &return_type) {
+            (_, Some(result), Some(_), _) => {
+                cx.error_spanned_by(result, "#[result] and #[plain] contradict; keep one");
+                Output::Unit
+            }
+            (_, Some(attr), None, None) | (_, None, Some(attr), None) => {
+                cx.error_spanned_by(attr, "this method returns nothing; remove the attribute");
+                Output::Unit
+            }
+            (Output::Plain(ty), Some(_), None, _) => {
+                // An alias of `Result` (`io::Result<T>`, `type Res<T> = Result<T, E>`):
+                // its parts are named through the `RemoteResult` trait.
+                let result = quote::quote!(#krate::__private::RemoteResult);
+                Output::Result {
+                    ok: syn::parse_quote!(<#ty as #result>::Ok),
+                    err: syn::parse_quote!(<#ty as #result>::Err),
+                }
+            }
+            (Output::Result { .. }, None, Some(_), Some(ty)) => Output::Plain(ty.clone()),
+            (Output::Plain(ty), None, None, _) if looks_like_result(&ty) => {
+                cx.error_spanned_by(
+                    &ty,
+                    "this return type looks like an alias of `Result`, which #[remote] cannot \
+                     see through: mark the method #[result] to make its `Err` the application \
+                     error (the client gets `Result<T, CallError<E>>`), or #[plain] to send \
+                     the whole value as the return value",
+                );
+                Output::Plain(ty)
+            }
+            (output, ..) => output,
+        };
+        if let (Some(attr), Some(_)) = (
+            attrs.result.as_ref().or(attrs.plain.as_ref()),
+            &attrs.signal,
+        ) {
+            cx.error_spanned_by(
+                attr,
+                "a signal has no return value: #[result] and #[plain] apply to calls",
+            );
+        }
         Method {
             ident: sig.ident.clone(),
             attrs: attrs.passthrough,
@@ -193,6 +238,19 @@ impl Method {
             return_type,
             default: default.cloned(),
         }
+    }
+}
+
+/// A path whose last segment ends in `Result` (`io::Result<T>`, `MyResult<T>`,
+/// `fmt::Result`) that [`classify`] did not take for `Result<T, E>`.
+fn looks_like_result(ty: &Type) -> bool {
+    match ty {
+        Type::Path(p) if p.qself.is_none() => p
+            .path
+            .segments
+            .last()
+            .is_some_and(|last| last.ident.to_string().ends_with("Result")),
+        _ => false,
     }
 }
 

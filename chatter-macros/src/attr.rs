@@ -12,6 +12,11 @@ pub(crate) struct MethodAttrs {
     pub(crate) signal: Option<SignalAttr>,
     /// `#[idempotent]`: calls may be re-sent when their outcome is unknown.
     pub(crate) idempotent: Option<Attribute>,
+    /// `#[result]`: the return type is a `Result` (an alias the macro cannot see through);
+    /// its `Err` is the application error.
+    pub(crate) result: Option<Attribute>,
+    /// `#[plain]`: the return type is sent as a value, even if it is a `Result`.
+    pub(crate) plain: Option<Attribute>,
     /// Attributes copied onto the generated items (docs, lints).
     pub(crate) passthrough: Vec<Attribute>,
 }
@@ -25,14 +30,39 @@ pub(crate) struct SignalAttr {
     pub(crate) persistent: bool,
 }
 
-/// `#[remote]` takes no arguments.
-pub(crate) fn remote_args(cx: &Ctxt, args: TokenStream) {
-    if !args.is_empty() {
-        cx.error_spanned_by(
-            args,
-            "#[remote] takes no arguments; write `#[remote]` on the trait",
-        );
+/// The arguments of `#[remote]`: none, or `crate = "path"` (the path to chatter-rpc when
+/// it is not `::chatter_rpc`, as serde's `#[serde(crate = "..")]`).
+pub(crate) fn remote_args(cx: &Ctxt, args: TokenStream) -> syn::Path {
+    let mut krate: Option<syn::Path> = None;
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("crate") {
+            let lit: LitStr = meta.value()?.parse()?;
+            if krate.is_some() {
+                cx.error_spanned_by(&lit, "duplicate `crate`; keep one");
+            }
+            match lit.parse::<syn::Path>() {
+                Ok(path) => krate = Some(path),
+                Err(_) => cx.error_spanned_by(
+                    &lit,
+                    format!(
+                        "`crate` takes the path to chatter-rpc, for example \
+                         `crate = \"rpc\"` when Cargo.toml renames it; {:?} is not a path",
+                        lit.value()
+                    ),
+                ),
+            }
+            Ok(())
+        } else {
+            Err(meta.error(
+                "unsupported #[remote] option; the only option is `crate = \"path\"` \
+                 (the path to chatter-rpc when it is renamed)",
+            ))
+        }
+    });
+    if let Err(e) = syn::parse::Parser::parse2(parser, args) {
+        cx.syn_error(e);
     }
+    krate.unwrap_or_else(|| syn::parse_quote!(::chatter_rpc))
 }
 
 /// Lint and documentation attributes that are copied through unchanged.
@@ -64,14 +94,31 @@ pub(crate) fn method_attrs(cx: &Ctxt, attrs: &[Attribute]) -> MethodAttrs {
                 cx.error_spanned_by(attr, "duplicate #[idempotent] attribute; keep one");
             }
             out.idempotent = Some(attr.clone());
+        } else if path.is_ident("result") || path.is_ident("plain") {
+            let name = if path.is_ident("result") {
+                "result"
+            } else {
+                "plain"
+            };
+            let slot = if name == "result" {
+                &mut out.result
+            } else {
+                &mut out.plain
+            };
+            if !matches!(attr.meta, Meta::Path(_)) {
+                cx.error_spanned_by(attr, format!("write #[{name}], without arguments"));
+            } else if slot.is_some() {
+                cx.error_spanned_by(attr, format!("duplicate #[{name}] attribute; keep one"));
+            }
+            *slot = Some(attr.clone());
         } else if PASSTHROUGH.iter().any(|p| path.is_ident(p)) {
             out.passthrough.push(attr.clone());
         } else {
             cx.error_spanned_by(
                 attr,
                 "unsupported attribute on a remote method; supported are #[signal], \
-                 #[signal(ttl = \"30s\", persistent)], #[idempotent], doc comments and lint \
-                 attributes",
+                 #[signal(ttl = \"30s\", persistent)], #[idempotent], #[result], #[plain], doc \
+                 comments and lint attributes",
             );
         }
     }

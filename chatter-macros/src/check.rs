@@ -2,6 +2,8 @@
 
 use std::collections::HashSet;
 
+use syn::ext::IdentExt;
+
 use crate::ast::{Output, Trait};
 use crate::ctxt::Ctxt;
 
@@ -43,7 +45,7 @@ fn signals_are_not_idempotent(cx: &Ctxt, tr: &Trait) {
 fn duplicate_names(cx: &Ctxt, tr: &Trait) {
     let mut seen = HashSet::new();
     for m in &tr.methods {
-        let name = m.ident.to_string();
+        let name = m.ident.unraw().to_string();
         if !seen.insert(name.clone()) {
             cx.error_spanned_by(
                 &m.ident,
@@ -55,7 +57,7 @@ fn duplicate_names(cx: &Ctxt, tr: &Trait) {
 
 fn generated_name_clashes(cx: &Ctxt, tr: &Trait) {
     for m in &tr.methods {
-        let name = m.ident.to_string();
+        let name = m.ident.unraw().to_string();
         if CLIENT_METHODS.contains(&name.as_str()) {
             cx.error_spanned_by(
                 &m.ident,

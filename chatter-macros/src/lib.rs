@@ -106,6 +106,42 @@ mod expand;
 /// polled, and the future is ready at once unless the peer's outbox is full: then it
 /// waits for room, at most the signal's TTL (`WhenFull::Wait`, the default).
 ///
+/// # Options
+///
+/// - **`#[result]`** on a method whose return type is an alias of `Result`
+///   (`type Res<T> = Result<T, MyError>`, `io::Result<T>`): a macro sees only tokens, so it
+///   cannot tell that `Res<T>` is a `Result`; with `#[result]` its `Err` is the application
+///   error, as for `Result<T, E>` written out (the client returns
+///   `Result<T, CallError<MyError>>`). Without it, a return type whose name ends in
+///   `Result` but is not `Result<T, E>` is a compile error that asks you to choose; an alias
+///   with another name (`Res<T>`) cannot be detected and is sent as a plain value.
+/// - **`#[plain]`** on a method returning `Result<T, E>`: the `Result` itself is the return
+///   value (the client returns `Result<Result<T, E>, CallError>`), for an operation whose
+///   `Err` is an ordinary outcome rather than a failure.
+/// - **`#[remote(crate = "path")]`**: the path to chatter-rpc when it is not
+///   `::chatter_rpc`, for example `crate = "rpc"` with `rpc = { package = "chatter-rpc" }`
+///   in Cargo.toml, or a module that re-exports it.
+/// - **Raw identifiers** are named without `r#` on the wire: `async fn r#type(&self)` is
+///   called as `type`, which is what a peer in another language writes.
+///
+/// (This crate cannot depend on chatter-rpc; the example is compiled and run in
+/// `chatter-rpc/tests/rpc_macro_options.rs`.)
+///
+/// ```ignore
+/// use chatter_rpc::remote;
+///
+/// pub type Res<T> = Result<T, NotFound>;
+///
+/// #[remote]
+/// pub trait Store {
+///     #[result]
+///     async fn get(&self, key: u32) -> Res<String>;
+///     #[plain]
+///     async fn parse(&self, text: String) -> Result<i64, String>;
+///     async fn r#type(&self) -> String;
+/// }
+/// ```
+///
 /// Misuse is a compile error on the offending tokens: a method that is not `async`, a
 /// receiver other than `&self`, generic methods or traits, borrowed argument or return
 /// types, a signal with a return value, duplicate method names, names that clash with the

@@ -148,7 +148,7 @@ pub mod __private {
     pub use crate::client::{ClientCore, Method};
     pub use crate::service::{
         decode_args, decode_no_args, reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay,
-        CtxError, CtxNone, Dispatch, Handlers,
+        CtxError, CtxNone, Dispatch, Handlers, RemoteResult,
     };
     pub use crate::wire::Payload;
     pub use ::bytes::Bytes;

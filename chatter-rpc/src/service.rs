@@ -123,6 +123,27 @@ impl fmt::Debug for Handlers {
     }
 }
 
+/// Names the parts of a `Result` behind an alias, for `#[result]` methods: the macro
+/// cannot see through `type Res<T> = Result<T, E>`, but `<Res<T> as RemoteResult>::Err`
+/// is `E`.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a `Result`",
+    label = "#[result] needs a return type that is a `Result` (or an alias of one)",
+    note = "remove #[result] to send this type as a plain return value"
+)]
+pub trait RemoteResult {
+    /// The `T` of `Result<T, E>`.
+    type Ok;
+    /// The `E` of `Result<T, E>`: the application error.
+    type Err;
+}
+
+impl<T, E> RemoteResult for Result<T, E> {
+    type Ok = T;
+    type Err = E;
+}
+
 /// Decodes the argument tuple of `method`.
 #[doc(hidden)]
 pub fn decode_args<A: DeserializeOwned>(method: &str, args: &[u8]) -> Result<A, Dispatch> {
