@@ -12,7 +12,8 @@
 //! (Ir(N = 30000) − Ir(N = 10000)) / 20000, which cancels start-up and set-up. OP is
 //! `enc-args` / `dec-args` (the tuple `(2i64, 3i64)`, an RPC's arguments) or
 //! `enc-record` / `dec-record` (a struct with an integer, a string, a vector of strings, a
-//! float and a nested enum, as below). The codec and operation are chosen once, outside
+//! float and a nested enum, as below) or `enc-bytes` / `dec-bytes` (a `Vec<u8>` of 1,000
+//! bytes; `new` only). The codec and operation are chosen once, outside
 //! the loop, so that the loop holds nothing but the operation.
 use std::hint::black_box;
 
@@ -49,7 +50,8 @@ fn rmp_encode<T: Serialize>(w: &mut Vec<u8>, v: &T) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: instructions new|rmp enc-args|enc-record|dec-args|dec-record N";
+    let usage =
+        "usage: instructions new|rmp enc-args|enc-record|enc-bytes|dec-args|dec-record|dec-bytes N";
     let [_, codec, op, n] = &args[..] else {
         panic!("{usage}")
     };
@@ -66,7 +68,11 @@ fn main() {
     chatter_msgpack::encode(&mut small, &args_value).unwrap();
     let mut big = Vec::new();
     chatter_msgpack::encode(&mut big, &record).unwrap();
-    let mut buf = Vec::with_capacity(256);
+    // A `Vec<u8>` of 1,000 bytes, half of them 128 or above.
+    let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 37) as u8).collect();
+    let mut encoded_bytes = Vec::new();
+    chatter_msgpack::encode(&mut encoded_bytes, &bytes).unwrap();
+    let mut buf = Vec::with_capacity(4096);
     match (codec.as_str(), op.as_str()) {
         ("new", "enc-args") => repeat(n, || {
             buf.clear();
@@ -77,6 +83,14 @@ fn main() {
             buf.clear();
             chatter_msgpack::encode(&mut buf, black_box(&record)).unwrap();
             black_box(&buf);
+        }),
+        ("new", "enc-bytes") => repeat(n, || {
+            buf.clear();
+            chatter_msgpack::encode(&mut buf, black_box(&bytes)).unwrap();
+            black_box(&buf);
+        }),
+        ("new", "dec-bytes") => repeat(n, || {
+            black_box(chatter_msgpack::decode::<Vec<u8>>(black_box(&encoded_bytes)).unwrap());
         }),
         ("new", "dec-args") => repeat(n, || {
             black_box(chatter_msgpack::decode::<(i64, i64)>(black_box(&small)).unwrap());

@@ -1,5 +1,6 @@
 //! The serde serializer: writes exactly what rmp-serde 1.3 writes with
-//! `Serializer::new(w).with_struct_map()`, straight into a `Vec<u8>`.
+//! `Serializer::new(w).with_struct_map().with_bytes(BytesMode::ForceIterables)`, straight
+//! into a `Vec<u8>`.
 
 use serde::ser::{self, Impossible, Serialize};
 
@@ -13,8 +14,9 @@ use crate::write::{self, Output};
 /// tuple of an `i8` tag and bytes.
 pub(crate) const EXT_STRUCT_NAME: &str = "_ExtStruct";
 
-/// Encodes `v` as rmp-serde does with structs as maps
-/// (`Serializer::new(w).with_struct_map()`), appending to `w`. On error `w` is left as it
+/// Encodes `v` as rmp-serde does with structs as maps and sequences of bytes as `bin`
+/// (`Serializer::new(w).with_struct_map().with_bytes(BytesMode::ForceIterables)`),
+/// appending to `w`. On error `w` is left as it
 /// was.
 ///
 /// Sequences and maps of unknown length (`#[serde(flatten)]`, `collect_seq` over a
@@ -46,6 +48,69 @@ fn len32(len: usize) -> Result<u32, Fail> {
 }
 
 impl Encoder<'_> {
+    /// A sequence, element by element (serde's default `collect_seq`).
+    #[inline]
+    fn collect_elements<I>(&mut self, iter: I, len: Option<usize>) -> Result<(), Fail>
+    where
+        I: Iterator,
+        I::Item: Serialize,
+    {
+        let mut seq = ser::Serializer::serialize_seq(&mut *self, len)?;
+        for item in iter {
+            ser::SerializeSeq::serialize_element(&mut seq, &item)?;
+        }
+        ser::SerializeSeq::end(seq)
+    }
+
+    /// `len` items of which the first serializes as a `u8`, as `bin`. Should a later item
+    /// not be a `u8` (a one-byte type whose `Serialize` varies), the bytes so far are
+    /// rewritten as an array of integers and the rest follow as elements: the result is
+    /// what [`collect_elements`](Self::collect_elements) writes.
+    fn collect_bytes<I>(&mut self, mut iter: I, len: usize) -> Result<(), Fail>
+    where
+        I: Iterator,
+        I::Item: Serialize,
+    {
+        let start = self.w.len();
+        write::write_bin_len(self.w, len32(len)?);
+        let data = self.w.len();
+        self.w.reserve(len);
+        while let Some(item) = iter.next() {
+            match byte_of(&item) {
+                Some(byte) => self.w.push(byte),
+                None => return self.bytes_to_elements(start, data, len, &item, iter),
+            }
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn bytes_to_elements<T, I>(
+        &mut self,
+        start: usize,
+        data: usize,
+        len: usize,
+        item: &T,
+        rest: I,
+    ) -> Result<(), Fail>
+    where
+        T: Serialize,
+        I: Iterator,
+        I::Item: Serialize,
+    {
+        let bytes = self.w.split_off(data);
+        self.w.truncate(start);
+        write::write_array_len(self.w, len32(len)?);
+        for byte in bytes {
+            write::write_uint(self.w, byte.into());
+        }
+        item.serialize(&mut *self)?;
+        for item in rest {
+            item.serialize(&mut *self)?;
+        }
+        Ok(())
+    }
+
     #[inline]
     fn put_str(&mut self, s: &str) -> Result<(), Fail> {
         write::write_str_len(self.w, len32(s.len())?);
@@ -203,6 +268,51 @@ impl<'b, 'a> ser::Serializer for &'b mut Encoder<'a> {
     #[inline]
     fn serialize_seq(self, len: Option<usize>) -> Result<Compound<'b, 'a>, Fail> {
         Compound::begin(self, len, false)
+    }
+
+    /// Sequences of bytes (`Vec<u8>`, `&[u8]`, `Box<[u8]>`) are written as MessagePack
+    /// `bin`, as rmp-serde does with `BytesMode::ForceIterables`: one byte per byte instead
+    /// of up to two, copied rather than encoded one by one. serde hands every sequence to
+    /// this method without saying what its items are, so, as rmp-serde, it looks for an
+    /// iterator no larger than a slice's over items of one byte (or references to them)
+    /// whose first item serializes as a `u8`. Anything else is an array as before.
+    fn collect_seq<I>(self, iter: I) -> Result<(), Fail>
+    where
+        I: IntoIterator,
+        I::Item: Serialize,
+    {
+        const SLICE_ITER: usize = std::mem::size_of::<std::slice::Iter<'static, u8>>();
+        // Items of one byte, or `&u8` (what iterating `&Vec<u8>` gives). Other
+        // pointer-sized items (`&String`, `Box<T>`), which rmp-serde probes too, are not
+        // worth a probe per sequence: the type name is a constant, and so is the test.
+        let item = std::mem::size_of::<I::Item>();
+        let might_be_bytes = (item == 1
+            || (item == std::mem::size_of::<&u8>() && std::any::type_name::<I::Item>() == "&u8"))
+            && std::mem::size_of::<I::IntoIter>() <= SLICE_ITER;
+        let iter = iter.into_iter();
+        let len = match iter.size_hint() {
+            (lo, Some(hi)) if lo == hi => Some(lo),
+            _ => None,
+        };
+        if !might_be_bytes {
+            // Known at compile time: other sequences take serde's default path unchanged.
+            let mut seq = self.serialize_seq(len)?;
+            for item in iter {
+                ser::SerializeSeq::serialize_element(&mut seq, &item)?;
+            }
+            return ser::SerializeSeq::end(seq);
+        }
+        match len.filter(|&len| len > 0 && u32::try_from(len).is_ok()) {
+            Some(len) => {
+                let mut iter = iter.peekable();
+                if iter.peek().and_then(byte_of).is_some() {
+                    self.collect_bytes(iter, len)
+                } else {
+                    self.collect_elements(iter, Some(len))
+                }
+            }
+            None => self.collect_elements(iter, len),
+        }
     }
 
     #[inline]
@@ -589,6 +699,116 @@ impl ser::Serializer for &mut ExtFields<'_> {
         serialize_f64(f64) -> ();
         serialize_char(char) -> ();
         serialize_str(&str) -> ();
+        serialize_none() -> ();
+        serialize_unit() -> ();
+        serialize_unit_struct(&'static str) -> ();
+        serialize_unit_variant(&'static str, u32, &'static str) -> ();
+        serialize_seq(Option<usize>) -> Self::SerializeSeq;
+        serialize_tuple(usize) -> Self::SerializeTuple;
+        serialize_tuple_struct(&'static str, usize) -> Self::SerializeTupleStruct;
+        serialize_tuple_variant(&'static str, u32, &'static str, usize)
+            -> Self::SerializeTupleVariant;
+        serialize_map(Option<usize>) -> Self::SerializeMap;
+        serialize_struct(&'static str, usize) -> Self::SerializeStruct;
+        serialize_struct_variant(&'static str, u32, &'static str, usize)
+            -> Self::SerializeStructVariant;
+    );
+}
+
+/// The byte `v` is, if it serializes as a `u8` (and nothing else).
+#[inline]
+fn byte_of<T: Serialize + ?Sized>(v: &T) -> Option<u8> {
+    let mut probe = ByteProbe(None);
+    v.serialize(&mut probe).ok()?;
+    probe.0
+}
+
+/// A serializer that accepts one `u8` and refuses everything else (without allocating).
+struct ByteProbe(Option<u8>);
+
+/// What [`ByteProbe`] returns for anything but a `u8`.
+#[derive(Debug)]
+struct NotAByte;
+
+impl std::fmt::Display for NotAByte {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("not a byte")
+    }
+}
+
+impl std::error::Error for NotAByte {}
+
+impl ser::Error for NotAByte {
+    fn custom<M: std::fmt::Display>(_: M) -> Self {
+        NotAByte
+    }
+}
+
+/// Serializer methods that all fail with [`NotAByte`].
+macro_rules! not_a_byte {
+    ($($method:ident($($arg:ty),*) -> $ret:ty;)*) => {
+        $(
+            #[inline]
+            fn $method(self, $(_: $arg),*) -> Result<$ret, NotAByte> {
+                Err(NotAByte)
+            }
+        )*
+        #[inline]
+        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), NotAByte> {
+            Err(NotAByte)
+        }
+        #[inline]
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: &T,
+        ) -> Result<(), NotAByte> {
+            Err(NotAByte)
+        }
+        #[inline]
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: &T,
+        ) -> Result<(), NotAByte> {
+            Err(NotAByte)
+        }
+    };
+}
+
+impl ser::Serializer for &mut ByteProbe {
+    type Ok = ();
+    type Error = NotAByte;
+    type SerializeSeq = Impossible<(), NotAByte>;
+    type SerializeTuple = Impossible<(), NotAByte>;
+    type SerializeTupleStruct = Impossible<(), NotAByte>;
+    type SerializeTupleVariant = Impossible<(), NotAByte>;
+    type SerializeMap = Impossible<(), NotAByte>;
+    type SerializeStruct = Impossible<(), NotAByte>;
+    type SerializeStructVariant = Impossible<(), NotAByte>;
+
+    #[inline]
+    fn serialize_u8(self, v: u8) -> Result<(), NotAByte> {
+        self.0 = Some(v);
+        Ok(())
+    }
+
+    not_a_byte!(
+        serialize_bool(bool) -> ();
+        serialize_i8(i8) -> ();
+        serialize_i16(i16) -> ();
+        serialize_i32(i32) -> ();
+        serialize_i64(i64) -> ();
+        serialize_u16(u16) -> ();
+        serialize_u32(u32) -> ();
+        serialize_u64(u64) -> ();
+        serialize_f32(f32) -> ();
+        serialize_f64(f64) -> ();
+        serialize_char(char) -> ();
+        serialize_str(&str) -> ();
+        serialize_bytes(&[u8]) -> ();
         serialize_none() -> ();
         serialize_unit() -> ();
         serialize_unit_struct(&'static str) -> ();

@@ -2,7 +2,8 @@
 //! user values (serde) and for the hand-written headers and envelopes of the protocol.
 //!
 //! - [`encode`] and [`decode`] write and read serde values exactly as rmp-serde 1.3 does
-//!   with `Serializer::new(w).with_struct_map()` and `from_slice`, including the forms
+//!   with `Serializer::new(w).with_struct_map().with_bytes(BytesMode::ForceIterables)`
+//!   (sequences of bytes such as `Vec<u8>` as `bin`) and `from_slice`, including the forms
 //!   rmp-serde accepts that are not what it writes (structs as arrays, a byte string as a
 //!   sequence of bytes, integers of any width where they fit, enums as a variant name or a
 //!   one-entry map, ext values as `_ExtStruct`). They serialize straight into a `Vec<u8>`

@@ -17,8 +17,12 @@ use crate::{decode, encode, DecodeError};
 /// What rmp-serde writes, as the wire did before this crate.
 fn rmp_bytes<T: Serialize + ?Sized>(v: &T) -> Vec<u8> {
     let mut w = Vec::new();
-    v.serialize(&mut rmp_serde::Serializer::new(&mut w).with_struct_map())
-        .expect("rmp-serde encodes the test value");
+    v.serialize(
+        &mut rmp_serde::Serializer::new(&mut w)
+            .with_struct_map()
+            .with_bytes(rmp_serde::config::BytesMode::ForceIterables),
+    )
+    .expect("rmp-serde encodes the test value");
     w
 }
 
@@ -716,4 +720,54 @@ fn the_error_returned_is_the_last_one_raised() {
         .join()
         .unwrap();
     assert_eq!(e, Err(DecodeError::UnexpectedEnd));
+}
+
+/// `Vec<u8>` and other sequences of bytes are `bin`, as rmp-serde writes them with
+/// `BytesMode::ForceIterables`; sequences of other one-byte items, fixed-size arrays and
+/// collections that are not slices stay arrays.
+#[test]
+fn sequences_of_bytes_are_bin() {
+    check(vec![1u8, 2, 255]);
+    assert_eq!(rmp_bytes(&vec![1u8, 2, 255]), [0xc4, 3, 1, 2, 0xff]);
+    check(vec![7u8; 300]);
+    assert_eq!(rmp_bytes(&vec![7u8; 300])[..3], [0xc5, 0x01, 0x2c]);
+    check(Vec::<u8>::new());
+    assert_eq!(rmp_bytes(&Vec::<u8>::new()), [0x90]);
+    let mut w = Vec::new();
+    encode(&mut w, &[1u8, 2][..]).expect("a slice encodes");
+    assert_eq!(w, [0xc4, 2, 1, 2]);
+    w.clear();
+    encode(&mut w, &Box::<[u8]>::from([3u8])).expect("a boxed slice encodes");
+    assert_eq!(w, [0xc4, 1, 3]);
+    check(vec![true, false]);
+    assert_eq!(rmp_bytes(&vec![true, false]), [0x92, 0xc3, 0xc2]);
+    check(vec![-1i8, 2]);
+    check([1u8, 2, 3]);
+    assert_eq!(rmp_bytes(&[1u8, 2, 3]), [0x93, 1, 2, 3]);
+    check(std::collections::VecDeque::from(vec![1u8, 2]));
+    check(vec![vec![1u8], vec![]]);
+}
+
+/// A one-byte type whose items do not all serialize as `u8` is written element by
+/// element, the bytes before it rewritten as integers.
+#[test]
+fn a_sequence_that_stops_being_bytes_is_an_array() {
+    #[derive(Clone, Copy)]
+    struct Odd(u8);
+    impl Serialize for Odd {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            if self.0 % 2 == 0 {
+                s.serialize_u8(self.0)
+            } else {
+                s.serialize_str("odd")
+            }
+        }
+    }
+    let mut w = Vec::new();
+    encode(&mut w, &vec![Odd(2), Odd(200), Odd(3), Odd(4)]).expect("encodes");
+    assert_eq!(
+        w,
+        [0x94, 0x02, 0xcc, 0xc8, 0xa3, b'o', b'd', b'd', 0x04],
+        "{w:02x?}"
+    );
 }

@@ -86,6 +86,10 @@ enum Value {
     Char(char),
     Str(String),
     Bytes(Bin),
+    /// A plain `Vec<u8>`: written as bin (rmp-serde's `BytesMode::ForceIterables`).
+    ByteVec(Vec<u8>),
+    /// One-byte items that are not `u8`: arrays.
+    Flags(Vec<bool>),
     Unit(()),
     UnitStruct(UnitStruct),
     Meters(Meters),
@@ -95,7 +99,10 @@ enum Value {
     Tree(BTreeMap<String, Value>),
     Hash(HashMap<i64, Value>),
     Tuple(Box<Value>, i16, Option<u8>),
-    Fields { name: String, inner: Box<Value> },
+    Fields {
+        name: String,
+        inner: Box<Value>,
+    },
     Nested(Box<Value>),
     Record(Box<Record>),
     Seq((u8, String, bool)),
@@ -125,6 +132,8 @@ fn leaf() -> impl Strategy<Value = Value> {
         any::<char>().prop_map(Value::Char),
         ".{0,40}".prop_map(Value::Str),
         prop::collection::vec(any::<u8>(), 0..300).prop_map(|b| Value::Bytes(Bin(b))),
+        prop::collection::vec(any::<u8>(), 0..300).prop_map(Value::ByteVec),
+        prop::collection::vec(any::<bool>(), 0..8).prop_map(Value::Flags),
         Just(Value::Unit(())),
         Just(Value::UnitStruct(UnitStruct)),
         any::<f64>()
@@ -171,8 +180,12 @@ fn value() -> impl Strategy<Value = Value> {
 /// What rmp-serde writes with structs as maps.
 fn rmp_bytes<T: Serialize + ?Sized>(v: &T) -> Vec<u8> {
     let mut w = Vec::new();
-    v.serialize(&mut rmp_serde::Serializer::new(&mut w).with_struct_map())
-        .expect("rmp-serde encodes the test value");
+    v.serialize(
+        &mut rmp_serde::Serializer::new(&mut w)
+            .with_struct_map()
+            .with_bytes(rmp_serde::config::BytesMode::ForceIterables),
+    )
+    .expect("rmp-serde encodes the test value");
     w
 }
 

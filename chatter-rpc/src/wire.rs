@@ -827,7 +827,8 @@ mod tests {
         inline_in_doc("ca 3f c0 00 00", &value_bytes(&1.5f32));
         inline_in_doc("cb 3f f8 00 00 00 00 00 00", &value_bytes(&1.5f64));
         inline_in_doc("a2 68 69", &value_bytes(&"hi"));
-        inline_in_doc("93 01 02 cc ff", &value_bytes(&vec![1u8, 2, 255]));
+        inline_in_doc("c4 03 01 02 ff", &value_bytes(&vec![1u8, 2, 255]));
+        inline_in_doc("93 01 02 cc ff", &value_bytes(&[1u8, 2, 255]));
         inline_in_doc("92 01 a1 61", &value_bytes(&(1, "a")));
         inline_in_doc(
             "81 a1 61 01",
@@ -856,8 +857,9 @@ mod tests {
         assert_eq!(decode_value::<Unit>(b"\xc0").unwrap(), Unit);
         let empty_as_map = b"\x81\xa5Empty\xc0";
         assert_eq!(decode_value::<Shape>(empty_as_map).unwrap(), Shape::Empty);
+        assert_eq!(decode_value::<Vec<u8>>(b"\x92\x01\x02").unwrap(), [1, 2]);
         assert_eq!(
-            decode_value::<Vec<u8>>(b"\xc4\x02\x01\x02").unwrap(),
+            decode_value::<[u8; 2]>(b"\xc4\x02\x01\x02").unwrap(),
             [1, 2]
         );
         assert_eq!(decode_value::<f64>(b"\x01").unwrap(), 1.0);
