@@ -711,7 +711,7 @@ impl Inner {
         let mut wakers = Vec::new();
         {
             let mut pending = lock(&self.pending);
-            pending.closed = Some(cause.clone());
+            pending.closed = Some(Box::new(cause.clone()));
             // Waiting callers get the close cause; outcomes not yet taken stay for their
             // callers; abandoned calls are forgotten.
             pending.calls.retain(|_, slot| match slot {
