@@ -22,7 +22,7 @@ use super::events::{ConnectionState, PeerEvent};
 use super::options::{bump, PeerOptions};
 use super::outbox::{Item, Outbox};
 use super::signals::{run_sender, sweep};
-use super::{Inner, PeerState, MAX_DURATION};
+use super::{Inner, PeerState, Queue, MAX_DURATION};
 
 /// How a peer makes its connections.
 pub(crate) enum Link {
@@ -296,7 +296,9 @@ pub(crate) fn start_reconnecting(
         calls: AtomicUsize::new(0),
         calls_idle: Notify::new(),
     }));
-    let state = Arc::new(PeerState::new(peer_options, link, stream, outbox, store));
+    // Its signals always go through the outbox: the queue is made now.
+    let queue = Queue::new(outbox, store);
+    let state = Arc::new(PeerState::new(peer_options, link, stream, Some(queue)));
     for seq in loaded_expired {
         bump(&state.stats.signals_expired);
         let id = state.id(seq);
@@ -343,7 +345,7 @@ async fn supervise(state: Arc<PeerState>) {
                     c.state = ConnectionState::Connected;
                 });
                 bump(&state.stats.connects);
-                state.events.emit(PeerEvent::Connected { remote });
+                state.emit(PeerEvent::Connected { remote });
                 // One per connection, only one connection at a time: it ends when the
                 // connection closes (and is aborted below when the link moves on).
                 let sender = tokio::spawn(run_sender(inner.clone(), window));
@@ -367,7 +369,7 @@ async fn supervise(state: Arc<PeerState>) {
                     c.last_error = format!("connection lost: {cause}");
                     c.cause = Some(cause.clone());
                 });
-                state.events.emit(PeerEvent::Disconnected {
+                state.emit(PeerEvent::Disconnected {
                     cause: cause.clone(),
                 });
                 format!("connection lost: {cause}")
@@ -385,7 +387,7 @@ async fn supervise(state: Arc<PeerState>) {
             sv.current.send_modify(|c| {
                 c.last_error = format!("gave up reconnecting: {last_error}");
             });
-            state.events.emit(PeerEvent::GaveUp { last_error });
+            state.emit(PeerEvent::GaveUp { last_error });
             state.finish(None);
             return;
         };
@@ -395,8 +397,8 @@ async fn supervise(state: Arc<PeerState>) {
             c.state = ConnectionState::Reconnecting { attempt };
             c.last_error = last_error.clone();
         });
-        state.changed.notify_waiters();
-        state.events.emit(PeerEvent::Reconnecting {
+        state.queue().changed.notify_waiters();
+        state.emit(PeerEvent::Reconnecting {
             attempt,
             delay,
             last_error,

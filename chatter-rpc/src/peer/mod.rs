@@ -3,7 +3,8 @@
 //! A peer is two parts:
 //!
 //! - [`PeerState`], which exists once per peer: the object registry, options, counters,
-//!   the signal outbox (and its store), event subscribers and the shutdown flag;
+//!   the shutdown flag, and (in a [`Queue`] made on first use) the signal outbox with
+//!   its store and the event subscribers;
 //! - its *link* (`link.rs`), which makes connections: one given connection that never
 //!   reconnects ([`Peer::new`]), or a supervisor that connects to an address and
 //!   reconnects with backoff ([`Peer::reconnecting`]). For each connection the link makes
@@ -141,15 +142,11 @@ impl Peer {
         } else {
             0
         };
-        let state = Arc::new(PeerState::new(
-            options,
-            Link::Plain,
-            stream,
-            Outbox::default(),
-            None,
-        ));
+        // No queue yet: it is made when a first signal is queued or events are subscribed.
+        // No `start_connection` either: a new outbox's cursor is 0 already, and its `live`
+        // is read only by a reconnecting link's sweep.
+        let state = Arc::new(PeerState::new(options, Link::Plain, stream, None));
         bump(&state.stats.connects);
-        state.start_connection(1);
         let inner = Inner::start(state.clone(), connection, 1);
         Peer {
             _owner: Arc::new(Owner {
@@ -318,7 +315,7 @@ impl Peer {
 
     /// Subscribes to connection and signal events from now on.
     pub fn events(&self) -> Events {
-        self.state.events.subscribe()
+        self.state.queue().events.subscribe()
     }
 
     /// Signals in the outbox: waiting for flow-control credit or a connection, or sent and
@@ -337,8 +334,9 @@ impl Peer {
     /// themselves under [`WhenFull::Wait`], the default).
     pub async fn wait_for_room(&self) {
         let state = &self.state;
+        let queue = state.queue();
         loop {
-            let mut room = pin!(state.room.notified());
+            let mut room = pin!(queue.room.notified());
             room.as_mut().enable();
             if state.queued.load(Ordering::Acquire) < state.capacity() {
                 return;
@@ -351,7 +349,10 @@ impl Peer {
     /// connection (or, if acknowledged, acknowledged), or dropped because its TTL ran out
     /// or the peer closed.
     pub async fn flush(&self) {
-        until_zero(&self.state.queued, &self.state.room).await;
+        // Without a queue, nothing was ever queued.
+        if let Some(queue) = self.state.queue.get() {
+            until_zero(&self.state.queued, &queue.room).await;
+        }
     }
 
     /// Closes now. For a peer made from a connection: running call handlers are
@@ -443,17 +444,11 @@ pub(crate) struct PeerState {
     pub(crate) resends: bool,
     /// The stream id of acknowledged signals.
     pub(crate) stream: u64,
-    pub(crate) outbox: Mutex<Outbox>,
-    /// How many items `outbox` holds (read without its lock by the signal fast path,
-    /// `queued` and `flush`; written under it).
+    /// The outbox and the event subscribers: see [`queue`](Self::queue).
+    queue: OnceLock<Box<Queue>>,
+    /// How many items the outbox holds (read without its lock by the signal fast path,
+    /// `queued` and `flush`; written under it). 0 while there is no queue.
     pub(crate) queued: AtomicUsize,
-    /// Something was queued, or the connection changed: wakes the sender.
-    pub(crate) changed: Notify,
-    /// Something left the outbox.
-    pub(crate) room: Notify,
-    /// Boxed: most peers have none, and inline it would add 120 bytes to every peer.
-    pub(crate) store: Option<Box<Mutex<Store>>>,
-    pub(crate) events: Subscribers,
     /// Set when a graceful shutdown started (or a reconnecting peer was closed): new
     /// outgoing calls and signals fail at once.
     pub(crate) shutting_down: AtomicBool,
@@ -461,16 +456,45 @@ pub(crate) struct PeerState {
     pub(crate) runtime: tokio::runtime::Handle,
 }
 
+/// What a peer needs only once it queues a signal or someone subscribes to its events:
+/// the signal outbox, its wake-ups and store, and the event subscribers. A reconnecting
+/// peer has it from the start (its signals always go through the outbox); a peer made
+/// from a connection gets it on first use ([`PeerState::queue`]). Boxed and made lazily
+/// because most peers made from a connection never use it (their signals go straight to
+/// the connection while it has credit, and nobody subscribes to their events): inline it
+/// would add 160 bytes to every such peer, that is to every connection a server accepts.
+pub(crate) struct Queue {
+    pub(crate) outbox: Mutex<Outbox>,
+    /// Something was queued, or the connection changed: wakes the sender.
+    pub(crate) changed: Notify,
+    /// Something left the outbox.
+    pub(crate) room: Notify,
+    /// Boxed: most peers have none, and inline it would add 120 bytes to every queue.
+    pub(crate) store: Option<Box<Mutex<Store>>>,
+    pub(crate) events: Subscribers,
+}
+
+impl Queue {
+    pub(crate) fn new(outbox: Outbox, store: Option<Store>) -> Queue {
+        Queue {
+            outbox: Mutex::new(outbox),
+            changed: Notify::new(),
+            room: Notify::new(),
+            store: store.map(|store| Box::new(Mutex::new(store))),
+            events: Subscribers::default(),
+        }
+    }
+}
+
 impl PeerState {
-    fn new(
-        options: PeerOptions,
-        link: Link,
-        stream: u64,
-        outbox: Outbox,
-        store: Option<Store>,
-    ) -> Self {
+    /// `queue`: given for a reconnecting peer, `None` (made on first use) for a peer
+    /// made from a connection.
+    fn new(options: PeerOptions, link: Link, stream: u64, queue: Option<Queue>) -> Self {
         let resends = matches!(link, Link::Reconnecting(_));
         let acknowledged = options.acknowledged_signals || resends;
+        let queued = queue
+            .as_ref()
+            .map_or(0, |queue| lock(&queue.outbox).items.len());
         PeerState {
             resends,
             options,
@@ -480,14 +504,23 @@ impl PeerState {
             link,
             acknowledged,
             stream,
-            queued: AtomicUsize::new(outbox.items.len()),
-            outbox: Mutex::new(outbox),
-            changed: Notify::new(),
-            room: Notify::new(),
-            store: store.map(|store| Box::new(Mutex::new(store))),
-            events: Subscribers::default(),
+            queued: AtomicUsize::new(queued),
+            queue: queue.map(Box::new).map(OnceLock::from).unwrap_or_default(),
             shutting_down: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// The outbox and the event subscribers, made now if this is their first use.
+    pub(crate) fn queue(&self) -> &Queue {
+        self.queue
+            .get_or_init(|| Box::new(Queue::new(Outbox::default(), None)))
+    }
+
+    /// Sends `event` to the subscribers (without a queue there are none).
+    pub(crate) fn emit(&self, event: PeerEvent) {
+        if let Some(queue) = self.queue.get() {
+            queue.events.emit(event);
         }
     }
 
@@ -510,8 +543,20 @@ impl PeerState {
     /// signals stay in the store), drop the hosted objects (which may hold clients of this
     /// peer), and mark a reconnecting link closed.
     fn finish(&self, lost: Option<&CloseCause>) {
+        if let Some(queue) = self.queue.get() {
+            self.finish_queue(queue, lost);
+        }
+        write(&self.objects).clear();
+        self.objects_changed();
+        if let Link::Reconnecting(supervisor) = &self.link {
+            supervisor.closed_for_good();
+        }
+    }
+
+    /// [`finish`](Self::finish) for the outbox.
+    fn finish_queue(&self, queue: &Queue, lost: Option<&CloseCause>) {
         let left: Vec<Item> = {
-            let mut outbox = lock(&self.outbox);
+            let mut outbox = lock(&queue.outbox);
             let left = outbox.items.drain(..).collect();
             self.queued.store(0, Ordering::Release);
             left
@@ -527,19 +572,14 @@ impl PeerState {
             }
             bump(&self.stats.signals_dropped);
             if self.acknowledged {
-                self.events.emit(PeerEvent::SignalDropped {
+                queue.events.emit(PeerEvent::SignalDropped {
                     id: self.id(item.seq),
                     maybe_delivered,
                 });
             }
         }
-        self.room.notify_waiters();
-        self.changed.notify_waiters();
-        write(&self.objects).clear();
-        self.objects_changed();
-        if let Link::Reconnecting(supervisor) = &self.link {
-            supervisor.closed_for_good();
-        }
+        queue.room.notify_waiters();
+        queue.changed.notify_waiters();
     }
 
     /// The receive task of `inner` ended: the connection is gone.
@@ -547,7 +587,7 @@ impl PeerState {
         if let Link::Plain = self.link {
             // A plain link's one connection: the peer is closed.
             self.finish(Some(cause));
-            self.events.emit(PeerEvent::Disconnected {
+            self.emit(PeerEvent::Disconnected {
                 cause: cause.clone(),
             });
         }
@@ -671,7 +711,7 @@ impl Inner {
         let mut wakers = Vec::new();
         {
             let mut pending = lock(&self.pending);
-            pending.closed = Some(cause.clone());
+            pending.closed = Some(Box::new(cause.clone()));
             // Waiting callers get the close cause; outcomes not yet taken stay for their
             // callers; abandoned calls are forgotten.
             pending.calls.retain(|_, slot| match slot {

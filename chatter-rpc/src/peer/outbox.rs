@@ -164,7 +164,9 @@ pub(crate) struct Outbox {
     /// next to send is the first at or above it. Reset to 0 for each new connection, so
     /// that what was not acknowledged is sent again.
     pub(crate) cursor: u64,
-    /// The generation of the live connection, if there is one.
+    /// The generation of the live connection of a reconnecting link, if there is one
+    /// (for its sweep; always `None` for a peer made from a connection, which has no
+    /// sweep).
     pub(crate) live: Option<u64>,
 }
 

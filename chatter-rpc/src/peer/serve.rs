@@ -508,14 +508,34 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     // Boxes for the handlers run inline, reused from one to the next.
     let mut handlers = Handlers::new();
     let mut batch = Batch::default();
+    // The timer of the backlog's next expiry, while requests wait: made when one starts
+    // waiting, reset to the next expiry each turn, dropped when none waits. Boxed, and
+    // only while needed: most connections never have a request waiting, and a `Sleep` in
+    // this future (made anew each turn, as it was) makes it 616 bytes instead of 504
+    // (release build), which takes every connection's receive task from 640 to 768 bytes
+    // (tokio rounds a task up to a multiple of 128 bytes).
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let cause = loop {
         // The take is polled first (`biased`), so the credit handed to it is given back
         // even when another branch wins.
         let release = std::mem::take(&mut batch.release);
-        let next_expiry = inner.slots.next_expiry();
-        let expiry = async {
-            match next_expiry {
-                Some(at) => tokio::time::sleep_until(at).await,
+        let armed = match (inner.slots.next_expiry(), &mut timer) {
+            (None, _) => {
+                // Nothing waits: no timer left to wake this task for nothing.
+                timer = None;
+                None
+            }
+            (Some(at), Some(sleep)) => {
+                if sleep.deadline() != at {
+                    sleep.as_mut().reset(at);
+                }
+                Some(sleep)
+            }
+            (Some(at), None) => Some(timer.insert(Box::pin(tokio::time::sleep_until(at)))),
+        };
+        let expiry = async move {
+            match armed {
+                Some(sleep) => sleep.as_mut().await,
                 None => std::future::pending().await,
             }
         };

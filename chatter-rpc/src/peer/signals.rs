@@ -70,8 +70,9 @@ impl Peer {
         expires: Instant,
         persistent: bool,
     ) -> Result<Sent, SignalError> {
+        let queue = self.state.queue();
         loop {
-            let mut room = pin!(self.state.room.notified());
+            let mut room = pin!(queue.room.notified());
             room.as_mut().enable();
             match self.enqueue(payload, expires, persistent) {
                 Attempt::Done(done) => return done,
@@ -94,10 +95,11 @@ impl Peer {
         if let Some(error) = self.closed_link() {
             return Attempt::Done(Err(error));
         }
+        let queue = state.queue();
         let mut evicted = None;
         let mut sent_now = false;
         let sent = {
-            let mut outbox = lock(&state.outbox);
+            let mut outbox = lock(&queue.outbox);
             if outbox.items.len() >= state.capacity() {
                 match state.options.when_full {
                     WhenFull::Error => {
@@ -109,8 +111,8 @@ impl Peer {
                 }
             }
             let seq = outbox.next_seq;
-            let persistent = persistent && state.store.is_some();
-            if let Some(store) = &state.store {
+            let persistent = persistent && queue.store.is_some();
+            if let Some(store) = &queue.store {
                 let mut store = lock(store);
                 let stored = if persistent {
                     let left = expires.saturating_duration_since(Instant::now());
@@ -195,7 +197,7 @@ impl Peer {
             item.settle(Delivery::Dropped { maybe_delivered });
             bump(&state.stats.signals_dropped);
             if state.acknowledged {
-                state.events.emit(PeerEvent::SignalDropped {
+                queue.events.emit(PeerEvent::SignalDropped {
                     id: state.id(item.seq),
                     maybe_delivered,
                 });
@@ -203,7 +205,7 @@ impl Peer {
             state.forget(&item);
         }
         if !sent_now {
-            state.changed.notify_waiters();
+            queue.changed.notify_waiters();
             if let Some(inner) = &self.plain {
                 inner.start_sender(usize::MAX);
             }
@@ -231,26 +233,29 @@ impl PeerState {
         }
     }
 
-    /// Connection `generation` is up: send it everything not acknowledged, from the
-    /// start of the outbox.
+    /// Connection `generation` of a reconnecting link is up: send it everything not
+    /// acknowledged, from the start of the outbox.
     pub(crate) fn start_connection(&self, generation: u64) {
+        let queue = self.queue();
         {
-            let mut outbox = lock(&self.outbox);
+            let mut outbox = lock(&queue.outbox);
             outbox.cursor = 0;
             outbox.live = Some(generation);
         }
-        self.changed.notify_waiters();
+        queue.changed.notify_waiters();
     }
 
-    /// The live connection is gone: what it was sent waits for the next (or expires).
+    /// The live connection of a reconnecting link is gone: what it was sent waits for
+    /// the next (or expires).
     pub(crate) fn connection_lost(&self) {
-        lock(&self.outbox).live = None;
-        self.changed.notify_waiters();
+        let queue = self.queue();
+        lock(&queue.outbox).live = None;
+        queue.changed.notify_waiters();
     }
 
     /// Takes item `seq` out of the outbox.
     fn take(&self, seq: u64) -> Option<Item> {
-        let mut outbox = lock(&self.outbox);
+        let mut outbox = lock(&self.queue.get()?.outbox);
         let item = outbox.take(seq)?;
         self.queued.store(outbox.items.len(), Ordering::Release);
         Some(item)
@@ -259,10 +264,11 @@ impl PeerState {
     /// Deletes a signal from the store and announces the room (after the signal's outcome
     /// was counted and reported, so that `flush` returns with everything accounted for).
     fn forget(&self, item: &Item) {
-        if let (true, Some(store)) = (item.persistent, &self.store) {
+        let queue = self.queue();
+        if let (true, Some(store)) = (item.persistent, &queue.store) {
             lock(store).delete(item.seq);
         }
-        self.room.notify_waiters();
+        queue.room.notify_waiters();
     }
 
     /// Drops signal `seq`, whose TTL ran out before it was acknowledged (or sent).
@@ -274,7 +280,7 @@ impl PeerState {
         item.settle(Delivery::Expired { maybe_delivered });
         bump(&self.stats.signals_expired);
         if self.acknowledged {
-            self.events.emit(PeerEvent::SignalExpired {
+            self.emit(PeerEvent::SignalExpired {
                 id: self.id(seq),
                 maybe_delivered,
             });
@@ -301,7 +307,7 @@ impl PeerState {
                 item.settle(Delivery::Expired {
                     maybe_delivered: false,
                 });
-                self.events.emit(PeerEvent::SignalExpired {
+                self.emit(PeerEvent::SignalExpired {
                     id: self.id(seq),
                     maybe_delivered: false,
                 });
@@ -309,8 +315,7 @@ impl PeerState {
             Some(AckStatus::Failed) | None => {
                 bump(&self.stats.signals_failed_remotely);
                 item.settle(Delivery::Failed);
-                self.events
-                    .emit(PeerEvent::SignalFailed { id: self.id(seq) });
+                self.emit(PeerEvent::SignalFailed { id: self.id(seq) });
             }
         }
         self.forget(&item);
@@ -331,18 +336,19 @@ pub(crate) fn signal_options(inner: &Inner) -> SendOptions {
 /// closes.
 pub(crate) async fn run_sender(inner: Arc<Inner>, window: usize) {
     let state = &*inner.peer;
+    let queue = state.queue();
     let generation = inner.generation;
     let resends = state.resends;
     loop {
-        let mut changed = pin!(state.changed.notified());
+        let mut changed = pin!(queue.changed.notified());
         changed.as_mut().enable();
-        let mut room = pin!(state.room.notified());
+        let mut room = pin!(queue.room.notified());
         room.as_mut().enable();
         if inner.conn.is_closed() {
             return;
         }
         let (next, in_flight) = {
-            let outbox = lock(&state.outbox);
+            let outbox = lock(&queue.outbox);
             let next = outbox
                 .next_unsent()
                 .map(|it| (it.seq, it.payload.clone(), it.expires, it.sent_gen));
@@ -380,13 +386,13 @@ pub(crate) async fn run_sender(inner: Arc<Inner>, window: usize) {
                 if sent_before.is_some() {
                     bump(&state.stats.signals_resent);
                 }
-                let mut outbox = lock(&state.outbox);
+                let mut outbox = lock(&queue.outbox);
                 if !state.acknowledged {
                     // Handed over: it leaves the outbox.
                     outbox.take(seq);
                     state.queued.store(outbox.items.len(), Ordering::Release);
                     drop(outbox);
-                    state.room.notify_waiters();
+                    queue.room.notify_waiters();
                     continue;
                 }
                 outbox.cursor = outbox.cursor.max(seq + 1);
@@ -411,14 +417,15 @@ pub(crate) async fn run_sender(inner: Arc<Inner>, window: usize) {
 /// receiver decides about those: it acknowledges them as handled or expired). Runs for a
 /// reconnecting link, whose signals may wait for a connection, until `stop`.
 pub(crate) async fn sweep(state: Arc<PeerState>, mut stop: watch::Receiver<bool>) {
+    let queue = state.queue();
     loop {
-        let mut changed = pin!(state.changed.notified());
+        let mut changed = pin!(queue.changed.notified());
         changed.as_mut().enable();
         let now = Instant::now();
         let mut due = Vec::new();
         let mut next: Option<Instant> = None;
         {
-            let outbox = lock(&state.outbox);
+            let outbox = lock(&queue.outbox);
             let live = outbox.live;
             for it in outbox.items.iter() {
                 if live.is_some() && it.sent_gen == live {
