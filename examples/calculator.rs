@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatter_core::{connect, listen, Options};
-use chatter_rpc::{remote, serve, CallError, Peer, PeerOptions};
+use chatter_rpc::{connect, listen, remote, serve, CallError, Options, Peer, PeerOptions};
 use serde::{Deserialize, Serialize};
 
 /// The calculator's own error type: it reaches the caller as this same type.

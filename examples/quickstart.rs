@@ -28,7 +28,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let request: Request = match msg.decode() {
                         Ok(r) => r,
                         Err(e) => {
-                            println!("server: {e}");
+                            // Expected below: the client's last message is not a Request.
+                            println!("server: ignoring a message that is not a Request ({e})");
                             continue;
                         }
                     };
@@ -118,7 +119,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let timed_out = client.next_timeout().await?;
     println!(
-        "client: conversation {} timed out: {}",
+        "client: no answer to that one, as intended: conversation {} timed out ({})",
         silent.first_id(),
         timed_out == silent
     );

@@ -219,6 +219,19 @@ impl ToAddress for String {
     }
 }
 
+/// A socket address is a `tcp://` address.
+///
+/// ```
+/// use chatter_core::{Address, ToAddress};
+/// let addr: std::net::SocketAddr = "127.0.0.1:7000".parse().unwrap();
+/// assert_eq!(addr.to_address().unwrap().to_string(), "tcp://127.0.0.1:7000");
+/// ```
+impl ToAddress for std::net::SocketAddr {
+    fn to_address(&self) -> Result<Address, AddressError> {
+        Ok(Address::from(*self))
+    }
+}
+
 impl<T: ToAddress + ?Sized> ToAddress for &T {
     fn to_address(&self) -> Result<Address, AddressError> {
         (**self).to_address()

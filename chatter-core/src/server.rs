@@ -210,8 +210,6 @@ impl Server {
             address: name.clone(),
             source,
         };
-        let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
-        let (rejected, rejections) = mpsc::channel(REJECTION_QUEUE);
         let tls = match (&address, &options.tls_server) {
             (Address::Tls { .. }, Some(tls)) => Some(TlsAcceptor::from(tls.config()?)),
             (Address::Tls { .. }, None) => {
@@ -222,20 +220,105 @@ impl Server {
             }
             _ => None,
         };
+        let mut bound = Vec::new();
+        match &address {
+            Address::Tcp { host, port } | Address::Tls { host, port } => {
+                let mut last = None;
+                let resolved = tokio::net::lookup_host((host.as_str(), *port))
+                    .await
+                    .map_err(io_error)?;
+                for addr in resolved {
+                    match TcpListener::bind(addr).await {
+                        Ok(listener) => bound.push(Bound::Tcp(listener)),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                if bound.is_empty() {
+                    return Err(io_error(last.unwrap_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, "host name resolved to no address")
+                    })));
+                }
+            }
+            Address::Unix { path } => bound.push(Bound::Unix {
+                listener: bind_unix(path).map_err(io_error)?,
+                path: Some(path.clone()),
+            }),
+        }
+        Server::start(bound, tls, options).map_err(io_error)
+    }
+
+    /// Serves chatter on a TCP listener the application bound itself (to pass it a socket
+    /// from systemd, or to choose socket options chatter does not set). TLS when `options`
+    /// has [`tls_server`](Options::tls_server) settings; its addresses are then `tls://`.
+    /// Must be called within a tokio runtime.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use chatter_core::{connect, Options, Server};
+    ///
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let server = Server::from_tcp_listener(listener, Options::default())?;
+    /// let client = connect(&server.addresses()[0], Options::default()).await?;
+    /// # drop(client); Ok(()) }
+    /// ```
+    pub fn from_tcp_listener(
+        listener: TcpListener,
+        options: Options,
+    ) -> Result<Server, ListenError> {
+        let name = listener.local_addr().map_or_else(
+            |_| "a TCP listener".to_owned(),
+            |a| Address::from(a).to_string(),
+        );
+        options.validate()?;
+        let tls = match &options.tls_server {
+            Some(tls) => Some(TlsAcceptor::from(tls.config()?)),
+            None => None,
+        };
+        Server::start(vec![Bound::Tcp(listener)], tls, options).map_err(|source| ListenError::Io {
+            address: name,
+            source,
+        })
+    }
+
+    /// Serves chatter on a Unix socket listener the application bound itself. The socket
+    /// file stays the application's: it is not removed when the server closes. Must be
+    /// called within a tokio runtime.
+    pub fn from_unix_listener(
+        listener: UnixListener,
+        options: Options,
+    ) -> Result<Server, ListenError> {
+        options.validate()?;
+        Server::start(
+            vec![Bound::Unix {
+                listener,
+                path: None,
+            }],
+            None,
+            options,
+        )
+        .map_err(|source| ListenError::Io {
+            address: "a Unix socket listener".to_owned(),
+            source,
+        })
+    }
+
+    /// Starts accepting on listeners already bound.
+    fn start(bound: Vec<Bound>, tls: Option<TlsAcceptor>, options: Options) -> io::Result<Server> {
+        let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+        let (rejected, rejections) = mpsc::channel(REJECTION_QUEUE);
         let (stop, _) = watch::channel(false);
         let tracked = Arc::new(Tracked {
             enabled: options.bind_connections,
             connections: Mutex::default(),
         });
-        let mut addresses = Vec::new();
-        let mut tasks = Vec::new();
-        let mut unix_paths = Vec::new();
         let limits = Arc::new(Limits {
             max: options.max_connections,
             connections: Arc::new(Semaphore::new(options.max_connections)),
             refusals: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
             refused: AtomicU64::new(0),
         });
+        let is_tls = tls.is_some();
         let ctx = AcceptContext {
             limits: limits.clone(),
             options,
@@ -245,40 +328,32 @@ impl Server {
             tracked: tracked.clone(),
             stop: stop.subscribe(),
         };
-        match &address {
-            Address::Tcp { host, port } | Address::Tls { host, port } => {
-                let mut last = None;
-                let resolved = tokio::net::lookup_host((host.as_str(), *port))
-                    .await
-                    .map_err(io_error)?;
-                for addr in resolved {
-                    match TcpListener::bind(addr).await {
-                        Ok(listener) => {
-                            let local = listener.local_addr().map_err(io_error)?;
-                            addresses.push(match address {
-                                Address::Tls { .. } => Address::Tls {
-                                    host: local.ip().to_string(),
-                                    port: local.port(),
-                                },
-                                _ => local.into(),
-                            });
-                            let listener = TcpAcceptor::new(listener, local);
-                            tasks.push(tokio::spawn(accept_loop(listener, ctx.clone())));
+        let mut addresses = Vec::new();
+        let mut tasks = Vec::new();
+        let mut unix_paths = Vec::new();
+        for listener in bound {
+            match listener {
+                Bound::Tcp(listener) => {
+                    let local = listener.local_addr()?;
+                    addresses.push(if is_tls {
+                        Address::Tls {
+                            host: local.ip().to_string(),
+                            port: local.port(),
                         }
-                        Err(e) => last = Some(e),
-                    }
+                    } else {
+                        local.into()
+                    });
+                    let listener = TcpAcceptor::new(listener, local);
+                    tasks.push(tokio::spawn(accept_loop(listener, ctx.clone())));
                 }
-                if addresses.is_empty() {
-                    return Err(io_error(last.unwrap_or_else(|| {
-                        io::Error::new(io::ErrorKind::NotFound, "host name resolved to no address")
-                    })));
+                Bound::Unix { listener, path } => {
+                    addresses.push(match &path {
+                        Some(path) => Address::Unix { path: path.clone() },
+                        None => unix_address(listener.local_addr().ok()),
+                    });
+                    unix_paths.extend(path);
+                    tasks.push(tokio::spawn(accept_loop(listener, ctx.clone())));
                 }
-            }
-            Address::Unix { path } => {
-                let listener = UnixListener::bind(path).map_err(io_error)?;
-                addresses.push(address.clone());
-                unix_paths.push(path.clone());
-                tasks.push(tokio::spawn(accept_loop(listener, ctx.clone())));
             }
         }
         Ok(Server {
@@ -291,6 +366,39 @@ impl Server {
             tasks: Mutex::new(tasks),
             unix_paths,
         })
+    }
+}
+
+/// A listener bound before the server starts.
+enum Bound {
+    Tcp(TcpListener),
+    /// `path`: the socket file this server created, removed when it closes.
+    Unix {
+        listener: UnixListener,
+        path: Option<PathBuf>,
+    },
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file: one left by a process
+/// that exited without removing it (a crash), which nothing listens on any more. A socket
+/// someone still listens on is an error that says so.
+fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {
+    match UnixListener::bind(path) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(path = %path.display(), "replacing a stale socket file");
+                    std::fs::remove_file(path)?;
+                    UnixListener::bind(path)
+                }
+                Ok(_) => Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening on this socket",
+                )),
+                Err(_) => Err(e),
+            }
+        }
+        other => other,
     }
 }
 
