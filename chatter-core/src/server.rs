@@ -381,10 +381,20 @@ enum Bound {
 
 /// Binds a Unix socket at `path`, replacing a stale socket file: one left by a process
 /// that exited without removing it (a crash), which nothing listens on any more. A socket
-/// someone still listens on is an error that says so.
+/// someone still listens on is an error that says so; a file that is not a socket is never
+/// removed.
 fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
     match UnixListener::bind(path) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let is_socket =
+                std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket());
+            if !is_socket {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "the path exists and is not a socket",
+                ));
+            }
             match std::os::unix::net::UnixStream::connect(path) {
                 Err(c) if c.kind() == io::ErrorKind::ConnectionRefused => {
                     tracing::info!(path = %path.display(), "replacing a stale socket file");

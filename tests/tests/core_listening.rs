@@ -82,3 +82,16 @@ async fn a_stale_socket_file_is_replaced_and_a_live_one_is_not() {
     drop(server);
     assert!(!path.exists(), "the server removes the file it created");
 }
+
+/// A path that holds something other than a socket is never removed.
+#[tokio::test]
+async fn a_file_that_is_not_a_socket_is_left_alone() {
+    let path = tests::unix_path();
+    std::fs::write(&path, b"precious").unwrap();
+    let err = listen(format!("unix://{}", path.display()), Options::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    std::fs::remove_file(&path).unwrap();
+}
