@@ -17,9 +17,10 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::address::LazyAddress;
-use crate::connection::{Handle, Transport};
+use crate::connection::{Handle, Side, Transport};
 use crate::error::{CloseCause, CloseCode, InvalidOptions, ListenError, ProtocolError};
 use crate::proto::frame::Frame;
+use crate::tls::CertificateDer;
 use crate::transport::{set_user_timeout, unix_address};
 use crate::{Address, Connection, Options};
 
@@ -389,11 +390,13 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
         };
         match accepted {
             Ok((io, addrs)) => match ctx.limits.connections.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    // One task per connection, bounded by `max_connections`: the permit
-                    // moves into the connection's driver and is released when it ends.
-                    tokio::spawn(establish(io, addrs, ctx.clone(), permit));
-                }
+                // Bounded by `max_connections`: the permit moves into the connection's driver
+                // and is released when it ends.
+                Ok(permit) => match ctx.tls {
+                    None => start(io, addrs, None, &ctx, permit),
+                    // One task per connection for the TLS handshake.
+                    Some(_) => drop(tokio::spawn(establish_tls(io, addrs, ctx.clone(), permit))),
+                },
                 Err(_) => refuse(io, addrs.1.get(), &ctx),
             },
             Err(e) => {
@@ -441,49 +444,90 @@ fn refuse<S: Transport>(mut io: S, remote: &Address, ctx: &AcceptContext) {
     });
 }
 
-/// Completes the TLS (if any) and chatter handshakes of an accepted transport, then queues
-/// the connection for [`Server::accept`].
-async fn establish<S: Transport>(
+/// Completes the TLS handshake of an accepted transport, then starts its connection.
+async fn establish_tls<S: Transport>(
     io: S,
     (local, remote): (LazyAddress, LazyAddress),
     ctx: AcceptContext,
     permit: OwnedSemaphorePermit,
 ) {
-    let (local, remote) = match ctx.tls {
-        Some(_) => (local.tls(), remote.tls()),
-        None => (local, remote),
+    let Some(acceptor) = &ctx.tls else {
+        return start(io, (local, remote), None, &ctx, permit);
     };
-    let reject = |remote: &Address, cause: CloseCause| {
-        tracing::warn!(%remote, %cause, "rejected connection: handshake failed");
-        let _ = ctx.rejected.try_send(Rejection {
-            remote: remote.clone(),
-            cause,
-        });
-    };
-    let conn = match &ctx.tls {
-        None => Connection::start(io, (local, remote), None, &ctx.options, Some(permit)),
-        Some(acceptor) => {
-            let timeout = ctx.options.proto.handshake_timeout;
-            match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-                Ok(Ok(stream)) => {
-                    let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-                    Connection::start(stream, (local, remote), certs, &ctx.options, Some(permit))
-                }
-                Ok(Err(e)) => return reject(remote.get(), CloseCause::Tls(e.to_string())),
-                Err(_) => {
-                    let cause = CloseCause::Protocol(ProtocolError::HandshakeTimeout);
-                    return reject(remote.get(), cause);
-                }
-            }
+    let (local, remote) = (local.tls(), remote.tls());
+    let timeout = ctx.options.proto.handshake_timeout;
+    match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+        Ok(Ok(stream)) => {
+            let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+            start(stream, (local, remote), certs, &ctx, permit);
         }
+        Ok(Err(e)) => reject(&ctx.rejected, remote.get(), CloseCause::Tls(e.to_string())),
+        Err(_) => {
+            let cause = CloseCause::Protocol(ProtocolError::HandshakeTimeout);
+            reject(&ctx.rejected, remote.get(), cause);
+        }
+    }
+}
+
+/// Starts the connection of an accepted transport (after its TLS handshake, if any). No
+/// task waits for its chatter handshake: its driver hands it to [`Server::accept`] when
+/// the handshake completed, or reports the rejection ([`Handoff`]).
+fn start<S: Transport>(
+    io: S,
+    addrs: (LazyAddress, LazyAddress),
+    certs: Option<Vec<CertificateDer<'static>>>,
+    ctx: &AcceptContext,
+    permit: OwnedSemaphorePermit,
+) {
+    let side = Side::Accepting {
+        permit: Some(permit),
+        handoff: Some(Handoff {
+            queue: ctx.tx.clone(),
+            rejected: ctx.rejected.clone(),
+        }),
     };
-    if *ctx.stop.borrow() {
-        return; // The server closed meanwhile; dropping the connection closes it.
-    }
+    let conn = Connection::start(io, addrs, certs, &ctx.options, side);
     ctx.tracked.add(&conn);
-    match conn.handshake().await {
-        // If the server closed meanwhile, the connection is dropped (closed).
-        Ok(()) => drop(ctx.tx.send(conn).await),
-        Err(cause) => reject(conn.remote_address(), cause),
+    if *ctx.stop.borrow() {
+        // The server closed meanwhile (it closes what it tracked once its accept loops
+        // ended; a TLS handshake may end later).
+        conn.start_close(CloseCode::GoingAway, "server closing");
     }
+}
+
+/// Where an accepted connection goes once its handshake is over: into the queue of
+/// [`Server::accept`], or, if it failed, into the rejections.
+pub(crate) struct Handoff {
+    queue: mpsc::Sender<Connection>,
+    rejected: mpsc::Sender<Rejection>,
+}
+
+impl Handoff {
+    /// Called by the connection's driver once, when the handshake completed (`Ok`) or the
+    /// connection closed before that.
+    pub(crate) fn complete(self, conn: Connection, result: Result<(), CloseCause>) {
+        match result {
+            Ok(()) => match self.queue.try_send(conn) {
+                Ok(()) => {}
+                // The application is behind with `accept`: wait for room. At most one such
+                // task per connection, and connections are bounded by `max_connections`.
+                Err(mpsc::error::TrySendError::Full(conn)) => {
+                    let queue = self.queue;
+                    tokio::spawn(async move { drop(queue.send(conn).await) });
+                }
+                // The server closed: dropping the connection closes it.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            },
+            Err(cause) => reject(&self.rejected, conn.remote_address(), cause),
+        }
+    }
+}
+
+/// Logs a peer that failed its handshake and queues it for [`Server::next_rejection`].
+fn reject(rejected: &mpsc::Sender<Rejection>, remote: &Address, cause: CloseCause) {
+    tracing::warn!(%remote, %cause, "rejected connection: handshake failed");
+    let _ = rejected.try_send(Rejection {
+        remote: remote.clone(),
+        cause,
+    });
 }

@@ -8,6 +8,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
 use crate::address::LazyAddress;
+use crate::connection::Side;
 use crate::error::{CloseCause, ConnectError, InvalidOptions, ListenError, ProtocolError};
 use crate::server::Server;
 use crate::{Address, Connection, Options, ToAddress};
@@ -84,7 +85,7 @@ async fn open(
             let (stream, remote) = within(&options, name, tcp_connect(host, *port)).await?;
             set_user_timeout(&stream, &options);
             let addrs = io_result(name, tcp_addresses(&stream, remote, false))?;
-            Connection::start(stream, addrs, None, &options, None)
+            Connection::start(stream, addrs, None, &options, Side::Connecting)
         }
         Address::Tls { host, port } => {
             let tls = options.tls_client.as_ref().ok_or_else(|| {
@@ -111,13 +112,13 @@ async fn open(
                 }
             };
             let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-            Connection::start(stream, addrs, certs, &options, None)
+            Connection::start(stream, addrs, certs, &options, Side::Connecting)
         }
         Address::Unix { path } => {
             let stream = within(&options, name, UnixStream::connect(path)).await?;
             let local = LazyAddress::ready(unix_address(stream.local_addr().ok()));
             let remote = LazyAddress::ready(address.clone());
-            Connection::start(stream, (local, remote), None, &options, None)
+            Connection::start(stream, (local, remote), None, &options, Side::Connecting)
         }
     };
     Ok((conn, address))
