@@ -692,6 +692,7 @@ impl Connection {
             linger_deadline: None,
             sleep: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
             sleep_deadline: None,
+            first_wake: (!options.close_linger.is_zero()).then(|| now + options.close_linger),
             done: false,
             _permit: permit,
             throttle: Throttle::NONE,
@@ -702,6 +703,7 @@ impl Connection {
             handoff: None,
             held: None,
             hold_deferred: false,
+            eof_probed: false,
         };
         driver.apply(options.throttle, now);
         let handle = Arc::new(Handle { shared });
@@ -781,6 +783,13 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// stopped reading either.
     fn abort(&self) {}
 
+    /// Whether the write side must still be shut down when the peer's end of stream was
+    /// read: not where closing the socket does the same (TCP's `FIN`, a Unix socket's end
+    /// of stream); TLS sends its `close_notify` in the shutdown.
+    fn shutdown_after_eof(&self) -> bool {
+        true
+    }
+
     /// Writes the last bytes before the write side is shut down, if the transport has a
     /// better way than `poll_write`; `None` when it has not. `WouldBlock` falls back to
     /// `poll_write`.
@@ -794,6 +803,10 @@ impl Transport for tokio::net::TcpStream {
         let _ = self.set_zero_linger();
     }
 
+    fn shutdown_after_eof(&self) -> bool {
+        false
+    }
+
     /// With `MSG_MORE`: the kernel holds the bytes until the shutdown that follows at once,
     /// and sends them in the FIN's segment instead of one segment of their own.
     #[cfg(target_os = "linux")]
@@ -803,7 +816,11 @@ impl Transport for tokio::net::TcpStream {
     }
 }
 
-impl Transport for tokio::net::UnixStream {}
+impl Transport for tokio::net::UnixStream {
+    fn shutdown_after_eof(&self) -> bool {
+        false
+    }
+}
 
 impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {
     fn abort(&self) {
@@ -1101,6 +1118,12 @@ struct Driver<S: Transport> {
     linger_deadline: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     sleep_deadline: Option<Instant>,
+    /// The latest the timer is first armed for: the connection's start plus the linger.
+    /// A close within that time then finds the timer armed no later than its linger
+    /// deadline and leaves it alone: moving a timer earlier than the runtime's next
+    /// wake-up costs an unpark (an eventfd write, and an extra `epoll_wait`). If it fires
+    /// early, nothing is due and the next round arms the real deadline.
+    first_wake: Option<Instant>,
     done: bool,
     /// The server's connection-limit slot, released when the driver ends.
     _permit: Option<OwnedSemaphorePermit>,
@@ -1120,6 +1143,8 @@ struct Driver<S: Transport> {
     held: Option<usize>,
     /// The hold's round was taken: the next poll ends it.
     hold_deferred: bool,
+    /// After the peer's close, one more read looked for its end of stream.
+    eof_probed: bool,
 }
 
 enum ReadOutcome {
@@ -1340,7 +1365,7 @@ impl<S: Transport> Future for Driver<S> {
             let mut handoff = None;
 
             // Everything that needs the protocol, under one lock.
-            let (closed, io_failed, keepalive_failed, deadline, wake, new_throttle) = {
+            let (closed, io_failed, keepalive_failed, deadline, wake, new_throttle, peer_closed) = {
                 let mut inner = this.shared.lock();
                 if !inner
                     .driver
@@ -1407,6 +1432,7 @@ impl<S: Transport> Future for Driver<S> {
                 }
                 let io_failed = matches!(inner.cause, Some(CloseCause::Io(_)));
                 let keepalive_failed = matches!(inner.cause, Some(CloseCause::KeepaliveTimeout));
+                let peer_closed = matches!(inner.cause, Some(CloseCause::Peer { .. }));
                 let deadline = inner.proto.poll_timeout().map(Instant::from_std);
                 (
                     inner.proto.is_closed(),
@@ -1415,6 +1441,7 @@ impl<S: Transport> Future for Driver<S> {
                     deadline,
                     wake,
                     new_throttle,
+                    peer_closed,
                 )
             };
             if let Some(throttle) = new_throttle {
@@ -1501,7 +1528,15 @@ impl<S: Transport> Future for Driver<S> {
             }
             if closed && this.write_buf.is_empty() && !this.need_flush {
                 let linger = this.linger_deadline.unwrap_or(now);
-                if !this.shutdown {
+                if peer_closed && this.read_open && !this.eof_probed {
+                    // The peer's close frame and its end of stream often arrive together:
+                    // read once more before shutting down. Where the end of stream is
+                    // there, closing the socket ends ours as well as a shutdown would (the
+                    // peer sends nothing after its close, so nothing unread can turn it
+                    // into a reset), one system call less.
+                    this.eof_probed = true;
+                    progress = true;
+                } else if !this.shutdown && (this.read_open || this.io.shutdown_after_eof()) {
                     match Pin::new(&mut this.io).poll_shutdown(cx) {
                         Poll::Ready(_) => {
                             this.shutdown = true;
@@ -1512,7 +1547,7 @@ impl<S: Transport> Future for Driver<S> {
                 }
                 // Drain input until the peer hangs up, so that unread data does not turn our
                 // close into a reset that could destroy the close frame in flight.
-                if this.shutdown && !this.read_open {
+                if !this.read_open && (this.shutdown || !this.io.shutdown_after_eof()) {
                     this.finish();
                     return Poll::Ready(());
                 }
@@ -1535,7 +1570,10 @@ impl<S: Transport> Future for Driver<S> {
                 .into_iter()
                 .flatten()
                 .min();
-                if let Some(deadline) = deadline {
+                if let Some(mut deadline) = deadline {
+                    if let Some(first) = this.first_wake.take() {
+                        deadline = deadline.min(first);
+                    }
                     // Deadlines mostly move later (keepalive after every frame received), so
                     // the timer only moves earlier; if it fires early, nothing is due and
                     // the next round arms the later deadline.
