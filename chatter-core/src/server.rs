@@ -4,7 +4,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use crate::connection::{Handle, Side, Transport};
 use crate::error::{CloseCause, CloseCode, InvalidOptions, ListenError, ProtocolError};
 use crate::proto::frame::Frame;
 use crate::tls::CertificateDer;
-use crate::transport::{set_user_timeout, unix_address};
+use crate::transport::{has_user_timeout, set_user_timeout, unix_address};
 use crate::{Address, Connection, Options};
 
 /// How many handshaken connections wait for [`Server::accept`] before handshakes pause.
@@ -263,7 +263,7 @@ impl Server {
                                 },
                                 _ => local.into(),
                             });
-                            let listener = TcpAcceptor::new(listener, local);
+                            let listener = TcpAcceptor::new(listener, local, &ctx.options);
                             tasks.push(tokio::spawn(accept_loop(listener, ctx.clone())));
                         }
                         Err(e) => last = Some(e),
@@ -340,12 +340,50 @@ trait Listener: Send + 'static {
 struct TcpAcceptor {
     listener: TcpListener,
     local: Option<SocketAddr>,
+    /// Whether accepted sockets come with the listener's `TCP_NODELAY` and
+    /// `TCP_USER_TIMEOUT` (they do on Linux): `UNKNOWN` until the first one is checked.
+    inherits: AtomicU8,
 }
 
+const UNKNOWN: u8 = 0;
+const INHERITED: u8 = 1;
+const NOT_INHERITED: u8 = 2;
+
 impl TcpAcceptor {
-    fn new(listener: TcpListener, local: SocketAddr) -> Self {
+    /// Sets the options every accepted socket needs on the listener itself: where
+    /// accepted sockets inherit them, that saves two system calls per connection.
+    fn new(listener: TcpListener, local: SocketAddr, options: &Options) -> Self {
         let local = (!local.ip().is_unspecified()).then_some(local);
-        TcpAcceptor { listener, local }
+        let set = socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(true)
+            .is_ok()
+            && set_user_timeout(&listener, options);
+        TcpAcceptor {
+            listener,
+            local,
+            inherits: AtomicU8::new(if set { UNKNOWN } else { NOT_INHERITED }),
+        }
+    }
+
+    /// Gives an accepted socket `TCP_NODELAY` and `TCP_USER_TIMEOUT`, unless it inherited
+    /// them from the listener (checked on the first one).
+    fn configure(&self, stream: &tokio::net::TcpStream, options: &Options) -> io::Result<()> {
+        match self.inherits.load(Ordering::Relaxed) {
+            INHERITED => return Ok(()),
+            UNKNOWN => {
+                let inherited =
+                    stream.nodelay().unwrap_or(false) && has_user_timeout(stream, options);
+                let state = if inherited { INHERITED } else { NOT_INHERITED };
+                self.inherits.store(state, Ordering::Relaxed);
+                if inherited {
+                    return Ok(());
+                }
+            }
+            _ => {}
+        }
+        stream.set_nodelay(true)?;
+        set_user_timeout(stream, options);
+        Ok(())
     }
 }
 
@@ -353,8 +391,7 @@ impl Listener for TcpAcceptor {
     type Io = tokio::net::TcpStream;
     async fn accept(&self, options: &Options) -> io::Result<Accepted<Self::Io>> {
         let (stream, remote) = self.listener.accept().await?;
-        stream.set_nodelay(true)?;
-        set_user_timeout(&stream, options);
+        self.configure(&stream, options)?;
         // The peer's address comes with `accept`, and the local one is the listener's
         // unless it listens on a wildcard address: no getsockname or getpeername.
         let local = match self.local {
@@ -530,4 +567,34 @@ fn reject(rejected: &mpsc::Sender<Rejection>, remote: &Address, cause: CloseCaus
         remote: remote.clone(),
         cause,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Accepted sockets have `TCP_NODELAY` and the user timeout, whether they inherited
+    /// them from the listener (checked on the first) or got them one by one.
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay_and_the_user_timeout() {
+        let options = Options::default().tcp_user_timeout(Some(Duration::from_secs(7)));
+        for inherits in [UNKNOWN, NOT_INHERITED] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let local = listener.local_addr().unwrap();
+            let acceptor = TcpAcceptor::new(listener, local, &options);
+            acceptor.inherits.store(inherits, Ordering::Relaxed);
+            for _ in 0..2 {
+                let _client = tokio::net::TcpStream::connect(local).await.unwrap();
+                let (stream, _) = acceptor.accept(&options).await.unwrap();
+                assert!(stream.nodelay().unwrap());
+                assert!(has_user_timeout(&stream, &options));
+            }
+            #[cfg(target_os = "linux")]
+            if inherits == UNKNOWN {
+                assert_eq!(acceptor.inherits.load(Ordering::Relaxed), INHERITED);
+            }
+        }
+    }
 }

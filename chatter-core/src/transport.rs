@@ -125,16 +125,30 @@ async fn open(
 }
 
 /// Applies [`Options::tcp_user_timeout`] (Linux only; a failure is only logged: the
-/// connection works without it).
-pub(crate) fn set_user_timeout(stream: &TcpStream, options: &Options) {
+/// connection works without it). Returns whether the socket has the setting now.
+pub(crate) fn set_user_timeout<S: std::os::fd::AsFd>(socket: &S, options: &Options) -> bool {
     #[cfg(target_os = "linux")]
     if let Some(timeout) = options.tcp_user_timeout {
-        if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(timeout)) {
+        if let Err(e) = socket2::SockRef::from(socket).set_tcp_user_timeout(Some(timeout)) {
             tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
+            return false;
         }
     }
     #[cfg(not(target_os = "linux"))]
+    let _ = (socket, options);
+    true
+}
+
+/// Whether a socket has the [`Options::tcp_user_timeout`] that [`set_user_timeout`] sets.
+pub(crate) fn has_user_timeout(stream: &TcpStream, options: &Options) -> bool {
+    #[cfg(target_os = "linux")]
+    if let Some(timeout) = options.tcp_user_timeout {
+        let got = socket2::SockRef::from(stream).tcp_user_timeout();
+        return matches!(got, Ok(Some(t)) if t.as_millis() == timeout.as_millis());
+    }
+    #[cfg(not(target_os = "linux"))]
     let _ = (stream, options);
+    true
 }
 
 fn handshake_failed(address: &Address, cause: CloseCause) -> ConnectError {
