@@ -594,14 +594,15 @@ impl Protocol {
                 State::Handshaking { .. } => MAX_HELLO,
                 State::Open => self.frame_limit,
             };
-            let preview = match self.state {
-                State::Handshaking { .. } => buf[..buf.len().min(16)].to_vec(),
-                _ => Vec::new(),
-            };
             let handshaking = matches!(self.state, State::Handshaking { .. });
+            // The first frame's body, for the error text of a stranger (a cheap clone).
+            let mut first_body = None;
             let result = frame::decode_frame(buf, max).and_then(|body| match body {
                 Some(body) => {
                     let len = body.len();
+                    if handshaking {
+                        first_body = Some(body.clone());
+                    }
                     Frame::decode(body).map(|f| Some((f, len)))
                 }
                 None => Ok(None),
@@ -610,11 +611,19 @@ impl Protocol {
                 Ok(None) => return,
                 Ok(Some((frame, body_len))) => self.handle_frame(now, frame, body_len),
                 Err(e) if handshaking => {
+                    // The first 16 bytes that arrived: the length prefix and the body's
+                    // start, or what is left in the buffer if no frame was split off.
+                    let first_bytes = match first_body {
+                        Some(body) => {
+                            let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+                            bytes.extend_from_slice(&body[..body.len().min(12)]);
+                            bytes
+                        }
+                        None => buf[..buf.len().min(16)].to_vec(),
+                    };
                     let e = match e {
                         ProtocolError::UnsupportedVersion { .. } => e,
-                        _ => ProtocolError::NotChatter {
-                            first_bytes: preview,
-                        },
+                        _ => ProtocolError::NotChatter { first_bytes },
                     };
                     self.close_with(CloseCause::Protocol(e));
                 }

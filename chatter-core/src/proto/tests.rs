@@ -900,9 +900,11 @@ fn strangers_are_told_apart_from_chatter_peers() {
         (&[1, 2, 3, 4], |e| {
             matches!(e, ProtocolError::NotChatter { .. })
         }),
-        (&[0, 0, 0, 3, 0x93, 0, 0xa1], |e| {
-            matches!(e, ProtocolError::NotChatter { .. })
-        }),
+        // A whole frame that is not a hello: its bytes, length prefix included.
+        (
+            &[0, 0, 0, 3, 0x93, 0, 0xa1],
+            |e| matches!(e, ProtocolError::NotChatter { first_bytes } if first_bytes[..] == [0, 0, 0, 3, 0x93, 0, 0xa1]),
+        ),
         // A chatter hello of version 2.
         (
             &[
