@@ -24,7 +24,8 @@ use crate::tls::CertificateDer;
 use crate::transport::{has_user_timeout, set_user_timeout, unix_address};
 use crate::{Address, Connection, Options};
 
-/// How many handshaken connections wait for [`Server::accept`] before handshakes pause.
+/// How many handshaken connections wait for [`Server::accept`]; beyond it each waits for
+/// room in a task of its own (see [`Handoff`]).
 const ACCEPT_QUEUE: usize = 128;
 
 /// How many handshake failures [`Server::next_rejection`] holds; further ones are only
