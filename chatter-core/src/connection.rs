@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::address::LazyAddress;
 use crate::error::{CloseCause, CloseCode, ConnectionClosed, DecodeError, SendError};
 use crate::proto::{frame, ConversationId, Event as ProtoEvent, Protocol, SendArgs, SendRefused};
+use crate::server::Handoff;
 use crate::throttle::{Bucket, Rate, Throttle};
 use crate::tls::CertificateDer;
 use crate::{Address, Options};
@@ -628,16 +629,30 @@ impl Connection {
         }
     }
 
-    /// Starts the driver for an open transport. The returned connection is usable once
+    /// Starts the driver for an open transport, on the given side of the handshake
+    /// (PROTOCOL.md §4). The returned connection is usable once
     /// [`handshake`](Self::handshake) returned `Ok`.
     pub(crate) fn start<S: Transport>(
         io: S,
         (local, remote): (LazyAddress, LazyAddress),
         peer_certificates: Option<Vec<CertificateDer<'static>>>,
         options: &Options,
-        permit: Option<OwnedSemaphorePermit>,
+        side: Side,
     ) -> Self {
         let now = Instant::now();
+        let accepting = matches!(side, Side::Accepting { .. });
+        let (proto, permit, handoff) = match side {
+            Side::Connecting => (
+                Protocol::new(options.proto.clone(), now.into_std()),
+                None,
+                None,
+            ),
+            Side::Accepting { permit, handoff } => (
+                Protocol::accepting(options.proto.clone(), now.into_std()),
+                permit,
+                handoff,
+            ),
+        };
         let id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(Shared {
             id,
@@ -645,7 +660,7 @@ impl Connection {
             remote,
             peer_certificates,
             inner: Mutex::new(Inner {
-                proto: Protocol::new(options.proto.clone(), now.into_std()),
+                proto,
                 clock: now.into_std(),
                 connection: id,
                 messages_seen: 0,
@@ -677,18 +692,29 @@ impl Connection {
             linger_deadline: None,
             sleep: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
             sleep_deadline: None,
+            first_wake: (!options.close_linger.is_zero()).then(|| now + options.close_linger),
             done: false,
             _permit: permit,
             throttle: Throttle::NONE,
             send_bucket: None,
             receive_bucket: None,
             throttled_until: None,
+            answering: accepting,
+            handoff: None,
+            held: None,
+            hold_deferred: false,
+            eof_probed: false,
         };
         driver.apply(options.throttle, now);
+        let handle = Arc::new(Handle { shared });
+        driver.handoff = handoff.map(|h| {
+            let conn = Connection {
+                handle: handle.clone(),
+            };
+            (h, conn)
+        });
         tokio::spawn(driver);
-        Connection {
-            handle: Arc::new(Handle { shared }),
-        }
+        Connection { handle }
     }
 
     /// Waits for the handshake to complete.
@@ -737,12 +763,32 @@ const LARGE_FRAME_START: usize = 64 * 1024;
 /// Buffers above this size are released once empty, so idle connections stay small.
 const KEEP_BUFFER: usize = 64 * 1024;
 
+/// Which side of the handshake a connection is on (PROTOCOL.md §4).
+pub(crate) enum Side {
+    /// It opened the transport: its hello goes first, at once.
+    Connecting,
+    /// It accepted the transport: its hello answers the peer's.
+    Accepting {
+        /// A server's connection-limit slot, released when the driver ends.
+        permit: Option<OwnedSemaphorePermit>,
+        /// Where the driver hands the connection once its handshake is over.
+        handoff: Option<Handoff>,
+    },
+}
+
 /// A byte stream a connection runs over.
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Drops the connection without delivering what is still unsent: on TCP a reset
     /// (`SO_LINGER` 0), so that the kernel does not keep the unsent bytes of a peer that
     /// stopped reading either.
     fn abort(&self) {}
+
+    /// Whether the write side must still be shut down when the peer's end of stream was
+    /// read: not where closing the socket does the same (TCP's `FIN`, a Unix socket's end
+    /// of stream); TLS sends its `close_notify` in the shutdown.
+    fn shutdown_after_eof(&self) -> bool {
+        true
+    }
 
     /// Writes the last bytes before the write side is shut down, if the transport has a
     /// better way than `poll_write`; `None` when it has not. `WouldBlock` falls back to
@@ -757,6 +803,10 @@ impl Transport for tokio::net::TcpStream {
         let _ = self.set_zero_linger();
     }
 
+    fn shutdown_after_eof(&self) -> bool {
+        false
+    }
+
     /// With `MSG_MORE`: the kernel holds the bytes until the shutdown that follows at once,
     /// and sends them in the FIN's segment instead of one segment of their own.
     #[cfg(target_os = "linux")]
@@ -766,7 +816,11 @@ impl Transport for tokio::net::TcpStream {
     }
 }
 
-impl Transport for tokio::net::UnixStream {}
+impl Transport for tokio::net::UnixStream {
+    fn shutdown_after_eof(&self) -> bool {
+        false
+    }
+}
 
 impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {
     fn abort(&self) {
@@ -1064,6 +1118,12 @@ struct Driver<S: Transport> {
     linger_deadline: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     sleep_deadline: Option<Instant>,
+    /// The latest the timer is first armed for: the connection's start plus the linger.
+    /// A close within that time then finds the timer armed no later than its linger
+    /// deadline and leaves it alone: moving a timer earlier than the runtime's next
+    /// wake-up costs an unpark (an eventfd write, and an extra `epoll_wait`). If it fires
+    /// early, nothing is due and the next round arms the real deadline.
+    first_wake: Option<Instant>,
     done: bool,
     /// The server's connection-limit slot, released when the driver ends.
     _permit: Option<OwnedSemaphorePermit>,
@@ -1073,6 +1133,18 @@ struct Driver<S: Transport> {
     receive_bucket: Option<Bucket>,
     /// When a throttled read or write can go on (set by the round that stopped for it).
     throttled_until: Option<Instant>,
+    /// The accepting side before the peer's hello arrived.
+    answering: bool,
+    /// A server's handoff of this connection (with a handle to it), until the handshake
+    /// is over.
+    handoff: Option<(Handoff, Connection)>,
+    /// Our hello, held back while the write buffer is this long: messages came with the
+    /// peer's hello, and the application's first answer may leave in the same write.
+    held: Option<usize>,
+    /// The hold's round was taken: the next poll ends it.
+    hold_deferred: bool,
+    /// After the peer's close, one more read looked for its end of stream.
+    eof_probed: bool,
 }
 
 enum ReadOutcome {
@@ -1212,6 +1284,28 @@ impl<S: Transport> Driver<S> {
         Ok(())
     }
 
+    /// Holds our hello back for one round of the scheduler when it answers a hello that
+    /// came with messages (PROTOCOL.md §4): the application then usually answers them
+    /// before the driver runs again, and hello and answer leave in one write (one segment,
+    /// one wake-up of the peer) instead of two. The driver defers itself as
+    /// `tokio::task::yield_now` does, so it runs again once the tasks that were ready ran
+    /// (on a current-thread runtime: when its run queue is empty), whether or not the
+    /// application answered; any output the application queued ends the hold at once.
+    /// Returns true when the driver is to return `Pending` now.
+    fn hold_hello(&mut self, cx: &mut Context<'_>, closed: bool) -> bool {
+        let Some(len) = self.held else {
+            return false;
+        };
+        if closed || self.write_buf.len() != len || self.hold_deferred {
+            self.held = None;
+            return false;
+        }
+        self.hold_deferred = true;
+        // The first poll of `yield_now` defers the waker and returns `Pending`.
+        let _ = pin!(tokio::task::yield_now()).poll(cx);
+        true
+    }
+
     /// Applies a throttle the application set (buckets start full).
     fn apply(&mut self, throttle: Throttle, now: Instant) {
         let bucket = |current: &Option<Bucket>, rate: Option<Rate>| match (current, rate) {
@@ -1242,9 +1336,14 @@ impl<S: Transport> Driver<S> {
         let mut wake = inner.pump(self.shared.id);
         inner.finished = true;
         inner.driver = None;
+        let cause = inner.cause.clone();
         drop(inner);
         wake.state = true;
         self.shared.notify(wake);
+        // A connection that ended before its handshake completed is a rejection.
+        if let (Some((handoff, conn)), Some(cause)) = (self.handoff.take(), cause) {
+            handoff.complete(conn, Err(cause));
+        }
         self.read_buf = BytesMut::new();
         self.write_buf = BytesMut::new();
     }
@@ -1263,9 +1362,10 @@ impl<S: Transport> Future for Driver<S> {
             let mut progress = false;
             this.throttled_until = None;
             let read = this.poll_read(cx, now);
+            let mut handoff = None;
 
             // Everything that needs the protocol, under one lock.
-            let (closed, io_failed, keepalive_failed, deadline, wake, new_throttle) = {
+            let (closed, io_failed, keepalive_failed, deadline, wake, new_throttle, peer_closed) = {
                 let mut inner = this.shared.lock();
                 if !inner
                     .driver
@@ -1312,12 +1412,27 @@ impl<S: Transport> Future for Driver<S> {
                     inner.proto.handle_timeout(now.into_std());
                 }
                 inner.proto.take_output(&mut this.write_buf);
+                if this.answering && inner.proto.is_open() {
+                    // Our hello answers the peer's. If messages came with it, give the
+                    // application a moment to answer them (see `hold_hello`).
+                    this.answering = false;
+                    if inner.proto.messages_received() > 0 {
+                        this.held = Some(this.write_buf.len());
+                    }
+                }
                 inner.proto.handle_written(this.write_buf.len());
                 inner.read_buffer = this.read_buf.capacity();
                 inner.output_buffer = this.write_buf.len();
                 let wake = inner.pump(this.shared.id);
+                if this.handoff.is_some() {
+                    handoff = match &inner.cause {
+                        Some(cause) => Some(Err(cause.clone())),
+                        None => inner.connected.then_some(Ok(())),
+                    };
+                }
                 let io_failed = matches!(inner.cause, Some(CloseCause::Io(_)));
                 let keepalive_failed = matches!(inner.cause, Some(CloseCause::KeepaliveTimeout));
+                let peer_closed = matches!(inner.cause, Some(CloseCause::Peer { .. }));
                 let deadline = inner.proto.poll_timeout().map(Instant::from_std);
                 (
                     inner.proto.is_closed(),
@@ -1326,6 +1441,7 @@ impl<S: Transport> Future for Driver<S> {
                     deadline,
                     wake,
                     new_throttle,
+                    peer_closed,
                 )
             };
             if let Some(throttle) = new_throttle {
@@ -1333,10 +1449,18 @@ impl<S: Transport> Future for Driver<S> {
                 progress = true;
             }
             this.shared.notify(wake);
+            if let Some(result) = handoff {
+                if let Some((handoff, conn)) = this.handoff.take() {
+                    handoff.complete(conn, result);
+                }
+            }
 
             if io_failed {
                 this.finish();
                 return Poll::Ready(());
+            }
+            if this.hold_hello(cx, closed) {
+                return Poll::Pending;
             }
             match this.poll_write(cx, now, closed) {
                 Ok(p) => {
@@ -1404,7 +1528,15 @@ impl<S: Transport> Future for Driver<S> {
             }
             if closed && this.write_buf.is_empty() && !this.need_flush {
                 let linger = this.linger_deadline.unwrap_or(now);
-                if !this.shutdown {
+                if peer_closed && this.read_open && !this.eof_probed {
+                    // The peer's close frame and its end of stream often arrive together:
+                    // read once more before shutting down. Where the end of stream is
+                    // there, closing the socket ends ours as well as a shutdown would (the
+                    // peer sends nothing after its close, so nothing unread can turn it
+                    // into a reset), one system call less.
+                    this.eof_probed = true;
+                    progress = true;
+                } else if !this.shutdown && (this.read_open || this.io.shutdown_after_eof()) {
                     match Pin::new(&mut this.io).poll_shutdown(cx) {
                         Poll::Ready(_) => {
                             this.shutdown = true;
@@ -1415,7 +1547,7 @@ impl<S: Transport> Future for Driver<S> {
                 }
                 // Drain input until the peer hangs up, so that unread data does not turn our
                 // close into a reset that could destroy the close frame in flight.
-                if this.shutdown && !this.read_open {
+                if !this.read_open && (this.shutdown || !this.io.shutdown_after_eof()) {
                     this.finish();
                     return Poll::Ready(());
                 }
@@ -1438,7 +1570,10 @@ impl<S: Transport> Future for Driver<S> {
                 .into_iter()
                 .flatten()
                 .min();
-                if let Some(deadline) = deadline {
+                if let Some(mut deadline) = deadline {
+                    if let Some(first) = this.first_wake.take() {
+                        deadline = deadline.min(first);
+                    }
                     // Deadlines mostly move later (keepalive after every frame received), so
                     // the timer only moves earlier; if it fires early, nothing is due and
                     // the next round arms the later deadline.
@@ -1481,11 +1616,121 @@ mod tests {
     async fn pair(a: &Options, b: &Options) -> (Connection, Connection) {
         let (x, y) = tokio::io::duplex(64 * 1024);
         let name = |s: &str| LazyAddress::ready(Address::Unix { path: s.into() });
-        let a = Connection::start(x, (name("a"), name("b")), None, a, None);
-        let b = Connection::start(y, (name("b"), name("a")), None, b, None);
+        let a = Connection::start(x, (name("a"), name("b")), None, a, Side::Connecting);
+        let side = Side::Accepting {
+            permit: None,
+            handoff: None,
+        };
+        let b = Connection::start(y, (name("b"), name("a")), None, b, side);
         a.handshake().await.expect("handshake");
         b.handshake().await.expect("handshake");
         (a, b)
+    }
+
+    /// A transport that records the bytes of each write.
+    struct Recording {
+        io: tokio::io::DuplexStream,
+        writes: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl AsyncRead for Recording {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let result = Pin::new(&mut self.io).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = result {
+                self.writes.lock().unwrap().push(buf[..n].to_vec());
+            }
+            result
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    impl Transport for Recording {}
+
+    /// The frames in `bytes`.
+    fn frames(bytes: &[u8]) -> Vec<frame::Frame> {
+        let mut buf = BytesMut::from(bytes);
+        let mut frames = Vec::new();
+        while let Some(body) = frame::decode_frame(&mut buf, u32::MAX).unwrap() {
+            frames.push(frame::Frame::decode(body).unwrap());
+        }
+        assert!(buf.is_empty());
+        frames
+    }
+
+    /// The server's side of PROTOCOL.md §4: nothing before the client's hello; when a
+    /// request came with it, the server's hello and its reply leave in one write.
+    #[tokio::test(start_paused = true)]
+    async fn the_servers_hello_and_first_reply_leave_in_one_write() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (mut client, y) = tokio::io::duplex(64 * 1024);
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let io = Recording {
+            io: y,
+            writes: writes.clone(),
+        };
+        let name = |s: &str| LazyAddress::ready(Address::Unix { path: s.into() });
+        let side = Side::Accepting {
+            permit: None,
+            handoff: None,
+        };
+        let server = Connection::start(io, (name("s"), name("c")), None, &Options::default(), side);
+        let app = tokio::spawn(async move {
+            let request = server.receive().await.expect("request");
+            let reply = SendOptions::new().conversation(request.conversation);
+            server.send_bytes(b"\x05", reply).await.expect("reply");
+            server
+        });
+        tokio::task::yield_now().await;
+        assert!(writes.lock().unwrap().is_empty(), "the server spoke first");
+
+        // The client's hello and an early request, in one write.
+        let now = std::time::Instant::now();
+        let mut proto = Protocol::new(crate::proto::Config::default(), now);
+        let request = SendArgs {
+            last: false,
+            ..SendArgs::new()
+        };
+        proto.send(now, request, b"\x01").unwrap();
+        let mut out = BytesMut::new();
+        proto.take_output(&mut out);
+        client.write_all(&out).await.unwrap();
+
+        let server = app.await.unwrap();
+        let mut got = vec![0u8; 256];
+        let n = client.read(&mut got).await.unwrap();
+        let first = writes.lock().unwrap()[0].clone();
+        assert_eq!(&got[..n], &first[..]);
+        assert!(
+            matches!(
+                &frames(&first)[..],
+                [frame::Frame::Hello(_), frame::Frame::Message(_, payload)] if payload[..] == [5]
+            ),
+            "{:?}",
+            frames(&first)
+        );
+        drop(server);
     }
 
     /// Sends `count` messages of `size` bytes from `from` and returns the virtual time until

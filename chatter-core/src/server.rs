@@ -4,7 +4,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -17,13 +17,15 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::address::LazyAddress;
-use crate::connection::{Handle, Transport};
+use crate::connection::{Handle, Side, Transport};
 use crate::error::{CloseCause, CloseCode, InvalidOptions, ListenError, ProtocolError};
 use crate::proto::frame::Frame;
-use crate::transport::{set_user_timeout, unix_address};
+use crate::tls::CertificateDer;
+use crate::transport::{has_user_timeout, set_user_timeout, unix_address};
 use crate::{Address, Connection, Options};
 
-/// How many handshaken connections wait for [`Server::accept`] before handshakes pause.
+/// How many handshaken connections wait for [`Server::accept`]; beyond it each waits for
+/// room in a task of its own (see [`Handoff`]).
 const ACCEPT_QUEUE: usize = 128;
 
 /// How many handshake failures [`Server::next_rejection`] holds; further ones are only
@@ -250,7 +252,8 @@ impl Server {
     /// Serves chatter on a TCP listener the application bound itself (to pass it a socket
     /// from systemd, or to choose socket options chatter does not set). TLS when `options`
     /// has [`tls_server`](Options::tls_server) settings; its addresses are then `tls://`.
-    /// Must be called within a tokio runtime.
+    /// chatter sets `TCP_NODELAY` and `TCP_USER_TIMEOUT` on the listener, so that accepted
+    /// sockets inherit them. Must be called within a tokio runtime.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -343,7 +346,7 @@ impl Server {
                     } else {
                         local.into()
                     });
-                    let listener = TcpAcceptor::new(listener, local);
+                    let listener = TcpAcceptor::new(listener, local, &ctx.options);
                     tasks.push(tokio::spawn(accept_loop(listener, ctx.clone())));
                 }
                 Bound::Unix { listener, path } => {
@@ -457,12 +460,50 @@ trait Listener: Send + 'static {
 struct TcpAcceptor {
     listener: TcpListener,
     local: Option<SocketAddr>,
+    /// Whether accepted sockets come with the listener's `TCP_NODELAY` and
+    /// `TCP_USER_TIMEOUT` (they do on Linux): `UNKNOWN` until the first one is checked.
+    inherits: AtomicU8,
 }
 
+const UNKNOWN: u8 = 0;
+const INHERITED: u8 = 1;
+const NOT_INHERITED: u8 = 2;
+
 impl TcpAcceptor {
-    fn new(listener: TcpListener, local: SocketAddr) -> Self {
+    /// Sets the options every accepted socket needs on the listener itself: where
+    /// accepted sockets inherit them, that saves two system calls per connection.
+    fn new(listener: TcpListener, local: SocketAddr, options: &Options) -> Self {
         let local = (!local.ip().is_unspecified()).then_some(local);
-        TcpAcceptor { listener, local }
+        let set = socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(true)
+            .is_ok()
+            && set_user_timeout(&listener, options);
+        TcpAcceptor {
+            listener,
+            local,
+            inherits: AtomicU8::new(if set { UNKNOWN } else { NOT_INHERITED }),
+        }
+    }
+
+    /// Gives an accepted socket `TCP_NODELAY` and `TCP_USER_TIMEOUT`, unless it inherited
+    /// them from the listener (checked on the first one).
+    fn configure(&self, stream: &tokio::net::TcpStream, options: &Options) -> io::Result<()> {
+        match self.inherits.load(Ordering::Relaxed) {
+            INHERITED => return Ok(()),
+            UNKNOWN => {
+                let inherited =
+                    stream.nodelay().unwrap_or(false) && has_user_timeout(stream, options);
+                let state = if inherited { INHERITED } else { NOT_INHERITED };
+                self.inherits.store(state, Ordering::Relaxed);
+                if inherited {
+                    return Ok(());
+                }
+            }
+            _ => {}
+        }
+        stream.set_nodelay(true)?;
+        set_user_timeout(stream, options);
+        Ok(())
     }
 }
 
@@ -470,8 +511,7 @@ impl Listener for TcpAcceptor {
     type Io = tokio::net::TcpStream;
     async fn accept(&self, options: &Options) -> io::Result<Accepted<Self::Io>> {
         let (stream, remote) = self.listener.accept().await?;
-        stream.set_nodelay(true)?;
-        set_user_timeout(&stream, options);
+        self.configure(&stream, options)?;
         // The peer's address comes with `accept`, and the local one is the listener's
         // unless it listens on a wildcard address: no getsockname or getpeername.
         let local = match self.local {
@@ -507,11 +547,13 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
         };
         match accepted {
             Ok((io, addrs)) => match ctx.limits.connections.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    // One task per connection, bounded by `max_connections`: the permit
-                    // moves into the connection's driver and is released when it ends.
-                    tokio::spawn(establish(io, addrs, ctx.clone(), permit));
-                }
+                // Bounded by `max_connections`: the permit moves into the connection's driver
+                // and is released when it ends.
+                Ok(permit) => match ctx.tls {
+                    None => start(io, addrs, None, &ctx, permit),
+                    // One task per connection for the TLS handshake.
+                    Some(_) => drop(tokio::spawn(establish_tls(io, addrs, ctx.clone(), permit))),
+                },
                 Err(_) => refuse(io, addrs.1.get(), &ctx),
             },
             Err(e) => {
@@ -559,49 +601,120 @@ fn refuse<S: Transport>(mut io: S, remote: &Address, ctx: &AcceptContext) {
     });
 }
 
-/// Completes the TLS (if any) and chatter handshakes of an accepted transport, then queues
-/// the connection for [`Server::accept`].
-async fn establish<S: Transport>(
+/// Completes the TLS handshake of an accepted transport, then starts its connection.
+async fn establish_tls<S: Transport>(
     io: S,
     (local, remote): (LazyAddress, LazyAddress),
     ctx: AcceptContext,
     permit: OwnedSemaphorePermit,
 ) {
-    let (local, remote) = match ctx.tls {
-        Some(_) => (local.tls(), remote.tls()),
-        None => (local, remote),
+    let Some(acceptor) = &ctx.tls else {
+        return start(io, (local, remote), None, &ctx, permit);
     };
-    let reject = |remote: &Address, cause: CloseCause| {
-        tracing::warn!(%remote, %cause, "rejected connection: handshake failed");
-        let _ = ctx.rejected.try_send(Rejection {
-            remote: remote.clone(),
-            cause,
-        });
+    let (local, remote) = (local.tls(), remote.tls());
+    let timeout = ctx.options.proto.handshake_timeout;
+    match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+        Ok(Ok(stream)) => {
+            let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+            start(stream, (local, remote), certs, &ctx, permit);
+        }
+        Ok(Err(e)) => reject(&ctx.rejected, remote.get(), CloseCause::Tls(e.to_string())),
+        Err(_) => {
+            let cause = CloseCause::Protocol(ProtocolError::HandshakeTimeout);
+            reject(&ctx.rejected, remote.get(), cause);
+        }
+    }
+}
+
+/// Starts the connection of an accepted transport (after its TLS handshake, if any). No
+/// task waits for its chatter handshake: its driver hands it to [`Server::accept`] when
+/// the handshake completed, or reports the rejection ([`Handoff`]).
+fn start<S: Transport>(
+    io: S,
+    addrs: (LazyAddress, LazyAddress),
+    certs: Option<Vec<CertificateDer<'static>>>,
+    ctx: &AcceptContext,
+    permit: OwnedSemaphorePermit,
+) {
+    let side = Side::Accepting {
+        permit: Some(permit),
+        handoff: Some(Handoff {
+            queue: ctx.tx.clone(),
+            rejected: ctx.rejected.clone(),
+        }),
     };
-    let conn = match &ctx.tls {
-        None => Connection::start(io, (local, remote), None, &ctx.options, Some(permit)),
-        Some(acceptor) => {
-            let timeout = ctx.options.proto.handshake_timeout;
-            match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-                Ok(Ok(stream)) => {
-                    let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-                    Connection::start(stream, (local, remote), certs, &ctx.options, Some(permit))
+    let conn = Connection::start(io, addrs, certs, &ctx.options, side);
+    ctx.tracked.add(&conn);
+    if *ctx.stop.borrow() {
+        // The server closed meanwhile (it closes what it tracked once its accept loops
+        // ended; a TLS handshake may end later).
+        conn.start_close(CloseCode::GoingAway, "server closing");
+    }
+}
+
+/// Where an accepted connection goes once its handshake is over: into the queue of
+/// [`Server::accept`], or, if it failed, into the rejections.
+pub(crate) struct Handoff {
+    queue: mpsc::Sender<Connection>,
+    rejected: mpsc::Sender<Rejection>,
+}
+
+impl Handoff {
+    /// Called by the connection's driver once, when the handshake completed (`Ok`) or the
+    /// connection closed before that.
+    pub(crate) fn complete(self, conn: Connection, result: Result<(), CloseCause>) {
+        match result {
+            Ok(()) => match self.queue.try_send(conn) {
+                Ok(()) => {}
+                // The application is behind with `accept`: wait for room. At most one such
+                // task per connection, and connections are bounded by `max_connections`.
+                Err(mpsc::error::TrySendError::Full(conn)) => {
+                    let queue = self.queue;
+                    tokio::spawn(async move { drop(queue.send(conn).await) });
                 }
-                Ok(Err(e)) => return reject(remote.get(), CloseCause::Tls(e.to_string())),
-                Err(_) => {
-                    let cause = CloseCause::Protocol(ProtocolError::HandshakeTimeout);
-                    return reject(remote.get(), cause);
-                }
+                // The server closed: dropping the connection closes it.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            },
+            Err(cause) => reject(&self.rejected, conn.remote_address(), cause),
+        }
+    }
+}
+
+/// Logs a peer that failed its handshake and queues it for [`Server::next_rejection`].
+fn reject(rejected: &mpsc::Sender<Rejection>, remote: &Address, cause: CloseCause) {
+    tracing::warn!(%remote, %cause, "rejected connection: handshake failed");
+    let _ = rejected.try_send(Rejection {
+        remote: remote.clone(),
+        cause,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Accepted sockets have `TCP_NODELAY` and the user timeout, whether they inherited
+    /// them from the listener (checked on the first) or got them one by one.
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay_and_the_user_timeout() {
+        let options = Options::default().tcp_user_timeout(Some(Duration::from_secs(7)));
+        for inherits in [UNKNOWN, NOT_INHERITED] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let local = listener.local_addr().unwrap();
+            let acceptor = TcpAcceptor::new(listener, local, &options);
+            acceptor.inherits.store(inherits, Ordering::Relaxed);
+            for _ in 0..2 {
+                let _client = tokio::net::TcpStream::connect(local).await.unwrap();
+                let (stream, _) = acceptor.accept(&options).await.unwrap();
+                assert!(stream.nodelay().unwrap());
+                assert!(has_user_timeout(&stream, &options));
+            }
+            #[cfg(target_os = "linux")]
+            if inherits == UNKNOWN {
+                assert_eq!(acceptor.inherits.load(Ordering::Relaxed), INHERITED);
             }
         }
-    };
-    if *ctx.stop.borrow() {
-        return; // The server closed meanwhile; dropping the connection closes it.
-    }
-    ctx.tracked.add(&conn);
-    match conn.handshake().await {
-        // If the server closed meanwhile, the connection is dropped (closed).
-        Ok(()) => drop(ctx.tx.send(conn).await),
-        Err(cause) => reject(conn.remote_address(), cause),
     }
 }

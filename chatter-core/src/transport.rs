@@ -8,6 +8,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
 use crate::address::LazyAddress;
+use crate::connection::Side;
 use crate::error::{CloseCause, ConnectError, InvalidOptions, ListenError, ProtocolError};
 use crate::server::Server;
 use crate::{Address, Connection, Options, ToAddress};
@@ -84,7 +85,7 @@ async fn open(
             let (stream, remote) = within(&options, name, tcp_connect(host, *port)).await?;
             set_user_timeout(&stream, &options);
             let addrs = io_result(name, tcp_addresses(&stream, remote, false))?;
-            Connection::start(stream, addrs, None, &options, None)
+            Connection::start(stream, addrs, None, &options, Side::Connecting)
         }
         Address::Tls { host, port } => {
             let tls = options.tls_client.as_ref().ok_or_else(|| {
@@ -111,29 +112,43 @@ async fn open(
                 }
             };
             let certs = stream.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-            Connection::start(stream, addrs, certs, &options, None)
+            Connection::start(stream, addrs, certs, &options, Side::Connecting)
         }
         Address::Unix { path } => {
             let stream = within(&options, name, UnixStream::connect(path)).await?;
             let local = LazyAddress::ready(unix_address(stream.local_addr().ok()));
             let remote = LazyAddress::ready(address.clone());
-            Connection::start(stream, (local, remote), None, &options, None)
+            Connection::start(stream, (local, remote), None, &options, Side::Connecting)
         }
     };
     Ok((conn, address))
 }
 
 /// Applies [`Options::tcp_user_timeout`] (Linux only; a failure is only logged: the
-/// connection works without it).
-pub(crate) fn set_user_timeout(stream: &TcpStream, options: &Options) {
+/// connection works without it). Returns whether the socket has the setting now.
+pub(crate) fn set_user_timeout<S: std::os::fd::AsFd>(socket: &S, options: &Options) -> bool {
     #[cfg(target_os = "linux")]
     if let Some(timeout) = options.tcp_user_timeout {
-        if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(timeout)) {
+        if let Err(e) = socket2::SockRef::from(socket).set_tcp_user_timeout(Some(timeout)) {
             tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
+            return false;
         }
     }
     #[cfg(not(target_os = "linux"))]
+    let _ = (socket, options);
+    true
+}
+
+/// Whether a socket has the [`Options::tcp_user_timeout`] that [`set_user_timeout`] sets.
+pub(crate) fn has_user_timeout(stream: &TcpStream, options: &Options) -> bool {
+    #[cfg(target_os = "linux")]
+    if let Some(timeout) = options.tcp_user_timeout {
+        let got = socket2::SockRef::from(stream).tcp_user_timeout();
+        return matches!(got, Ok(Some(t)) if t.as_millis() == timeout.as_millis());
+    }
+    #[cfg(not(target_os = "linux"))]
     let _ = (stream, options);
+    true
 }
 
 fn handshake_failed(address: &Address, cause: CloseCause) -> ConnectError {

@@ -340,10 +340,11 @@ async fn garbage_bytes_close_that_connection_and_the_server_keeps_serving() {
         raw.write_all(garbage).await.unwrap();
         let mut got = Vec::new();
         raw.read_to_end(&mut got).await.unwrap();
-        // Our hello, then a close frame that says why.
+        // A close frame that says why, and no hello: the server answers only a hello
+        // with its own (PROTOCOL.md §4).
         let text = String::from_utf8_lossy(&got);
         assert!(
-            got.starts_with(&[0, 0, 0, 0x15, 0x95, 0x00, 0xa7]),
+            got.starts_with(&[0, 0, 0]) && got[4..6] == [0x93, 0x05],
             "{got:02x?}"
         );
         assert!(text.contains("peer does not speak chatter"), "{text}");
@@ -418,6 +419,39 @@ async fn a_silent_peer_is_cut_off_after_the_handshake_timeout() {
         "{err}"
     );
     assert_eq!(started.elapsed().as_secs(), 3);
+}
+
+// The server side of the handshake deadline: a client that connects and never sends its
+// hello hears nothing from the server (it answers only a hello, PROTOCOL.md §4) until the
+// deadline, then a close frame instead of a hello, and is reported as a rejection.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_says_hello_is_cut_off_at_the_deadline() {
+    let options = Options::default().handshake_timeout(Duration::from_secs(3));
+    let server = listen("tcp://127.0.0.1:0", options).await.unwrap();
+    let Address::Tcp { port, .. } = server.addresses()[0] else {
+        unreachable!()
+    };
+    let started = Instant::now();
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    raw.read_to_end(&mut got).await.unwrap();
+    assert_eq!(started.elapsed().as_secs(), 3, "cut off at the deadline");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        got[4..7] == [0x93, 0x05, 0x01],
+        "a close frame, code 1: {got:02x?}"
+    );
+    assert!(text.ends_with("handshake timed out"), "{text}");
+    let rejection = server.next_rejection().await.unwrap();
+    assert!(
+        matches!(
+            rejection.cause,
+            CloseCause::Protocol(ProtocolError::HandshakeTimeout)
+        ),
+        "{rejection:?}"
+    );
 }
 
 // test_ping_timeout: a raw TCP peer that never answers pings.

@@ -922,9 +922,13 @@ mod protocol_doc_examples {
         );
         // Through the state machine: reported as "does not speak chatter", closed with code 1.
         let now = Instant::now();
-        let mut p = Protocol::new(Config::default(), now);
+        let mut p = Protocol::accepting(Config::default(), now);
         let mut out = BytesMut::new();
         p.take_output(&mut out);
+        assert!(
+            out.is_empty(),
+            "a server says nothing before the client's hello"
+        );
         p.handle_input(now, &mut BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]));
         let events = drain_events(&mut p);
         let Some(Event::Closed(CloseCause::Protocol(e))) = events.last() else {
@@ -956,7 +960,7 @@ mod protocol_doc_examples {
 
     fn connected_pair(now: Instant) -> (Protocol, Protocol) {
         let mut a = Protocol::new(Config::default(), now);
-        let mut b = Protocol::new(Config::default(), now);
+        let mut b = Protocol::accepting(Config::default(), now);
         deliver(&mut a, &mut b, now);
         deliver(&mut b, &mut a, now);
         assert!(matches!(drain_events(&mut a)[..], [Event::Connected(_)]));
@@ -984,18 +988,20 @@ mod protocol_doc_examples {
 
         let now = Instant::now();
         let mut c = Protocol::new(Config::default(), now);
-        let mut s = Protocol::new(Config::default(), now);
+        let mut s = Protocol::accepting(Config::default(), now);
         let (mut to_s, mut to_c) = (BytesMut::new(), BytesMut::new());
 
-        // 1. Hellos, both ways, without waiting.
+        // 1. Hellos: C's at once; S says nothing until it has C's, then answers.
         c.take_output(&mut to_s);
         s.take_output(&mut to_c);
         assert_eq!(frames(&to_s), [HELLO]);
-        assert_eq!(frames(&to_c), [HELLO]);
+        assert!(to_c.is_empty(), "the server spoke first");
         s.handle_input(now, &mut to_s);
+        assert!(matches!(drain_events(&mut s)[..], [Event::Connected(_)]));
+        s.take_output(&mut to_c);
+        assert_eq!(frames(&to_c), [HELLO]);
         c.handle_input(now, &mut to_c);
         assert!(matches!(drain_events(&mut c)[..], [Event::Connected(_)]));
-        assert!(matches!(drain_events(&mut s)[..], [Event::Connected(_)]));
 
         // 2. The request, with a local 5 s timeout.
         let request = SendArgs {
@@ -1051,5 +1057,43 @@ mod protocol_doc_examples {
         assert_eq!(reason, "closed by peer application");
         // No close frame is sent back.
         assert!(!s.has_output());
+    }
+
+    /// §13 with the request sent early (§4.1): the same frames, C's hello and request in
+    /// one write, S's hello and reply in one write.
+    #[test]
+    fn complete_exchange_with_an_early_request() {
+        const REQUEST: &str = "00 00 00 0c 94 01 01 01 03 93 a3 61 64 64 02 03";
+        const REPLY: &str = "00 00 00 06 94 01 01 01 06 05";
+        let now = Instant::now();
+        let mut c = Protocol::new(Config::default(), now);
+        let mut s = Protocol::accepting(Config::default(), now);
+        let (mut to_s, mut to_c) = (BytesMut::new(), BytesMut::new());
+        let request = SendArgs {
+            last: false,
+            ..SendArgs::new()
+        };
+        let conv = c.send(now, request, b"\x93\xa3add\x02\x03").unwrap();
+        c.take_output(&mut to_s);
+        assert_eq!(frames(&to_s), [HELLO, REQUEST]);
+        s.handle_input(now, &mut to_s);
+        let events = drain_events(&mut s);
+        let [Event::Connected(_), Event::Message(req)] = &events[..] else {
+            panic!("{events:?}")
+        };
+        s.release(req.cost);
+        let reply = SendArgs {
+            conversation: Some(req.conversation),
+            ..SendArgs::new()
+        };
+        s.send(now, reply, b"\x05").unwrap();
+        s.take_output(&mut to_c);
+        assert_eq!(frames(&to_c), [HELLO, REPLY]);
+        c.handle_input(now, &mut to_c);
+        let events = drain_events(&mut c);
+        let [Event::Connected(_), Event::Message(rep)] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert!(rep.last && rep.conversation == conv);
     }
 }

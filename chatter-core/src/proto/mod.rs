@@ -17,8 +17,9 @@
 //! use chatter_core::proto::{Config, Event, Protocol, SendArgs};
 //!
 //! let now = Instant::now();
-//! let (mut a, mut b) = (Protocol::new(Config::default(), now), Protocol::new(Config::default(), now));
-//! // Exchange hellos.
+//! // The connecting side (a) and the accepting side (b).
+//! let (mut a, mut b) = (Protocol::new(Config::default(), now), Protocol::accepting(Config::default(), now));
+//! // Exchange hellos: a's first, then b's answer.
 //! let mut wire = BytesMut::new();
 //! a.take_output(&mut wire);
 //! b.handle_input(now, &mut wire);
@@ -330,19 +331,34 @@ pub struct Protocol {
     /// Messages received, and taken, since the start.
     messages_received: u64,
     messages_taken: u64,
+    /// This side's hello is queued (at once on the connecting side; on the accepting side
+    /// once the peer's hello arrived, PROTOCOL.md §4).
+    hello_sent: bool,
 }
 
 impl Protocol {
-    /// Starts a connection: queues this side's hello.
+    /// Starts the connecting side (the client) of a connection: queues this side's hello,
+    /// which goes first, without waiting for anything from the peer (PROTOCOL.md §4).
+    /// Messages sent before the peer's hello arrives go right behind it, within the early
+    /// credit ([`EARLY_CREDIT`], §4.1).
     pub fn new(config: Config, now: Instant) -> Self {
+        let mut p = Self::accepting(config, now);
+        p.queue_hello();
+        p.send_max = (EARLY_CREDIT - MESSAGE_OVERHEAD) as u64;
+        p.send_credit = EARLY_CREDIT as u64;
+        p
+    }
+
+    /// Starts the accepting side (the server) of a connection: nothing is queued until the
+    /// peer's hello arrives; then this side's hello is queued, ahead of anything else
+    /// (PROTOCOL.md §4). Messages cannot be sent before that ([`SendRefused::NoCredit`],
+    /// then [`Event::Writable`] with the handshake). If this side closes before the peer's
+    /// hello arrived (a handshake timeout, a stranger), its close frame goes instead of its
+    /// hello.
+    pub fn accepting(config: Config, now: Instant) -> Self {
         // Room for the hello and a first small message or two at once, instead of growing
         // byte by byte from nothing (four reallocations for the hello alone).
-        let mut out = BytesMut::with_capacity(FIRST_OUTPUT);
-        Frame::Hello(Hello {
-            max_frame_size: config.max_frame_size,
-            receive_window: config.receive_window,
-        })
-        .encode(&mut out);
+        let out = BytesMut::with_capacity(FIRST_OUTPUT);
         let window_threshold = Self::window_threshold(&config);
         let send_buffer = config.send_buffer as usize;
         let frame_limit = config.max_frame_size.max(EARLY_CREDIT);
@@ -363,8 +379,8 @@ impl Protocol {
             timers: Timers::default(),
             last_rx: now,
             ping_deadline: None,
-            send_max: (EARLY_CREDIT - MESSAGE_OVERHEAD) as u64,
-            send_credit: EARLY_CREDIT as u64,
+            send_max: 0,
+            send_credit: 0,
             credit_deficit: 0,
             send_blocked: false,
             unwritten: 0,
@@ -381,7 +397,19 @@ impl Protocol {
             messages: VecDeque::new(),
             messages_received: 0,
             messages_taken: 0,
+            hello_sent: false,
         }
+    }
+
+    /// Queues this side's hello (the first frame: nothing was queued before it).
+    fn queue_hello(&mut self) {
+        debug_assert!(self.out.is_empty() && !self.hello_sent);
+        self.hello_sent = true;
+        Frame::Hello(Hello {
+            max_frame_size: self.config.max_frame_size,
+            receive_window: self.config.receive_window,
+        })
+        .encode(&mut self.out);
     }
 
     /// The settings this side runs with.
@@ -566,14 +594,15 @@ impl Protocol {
                 State::Handshaking { .. } => MAX_HELLO,
                 State::Open => self.frame_limit,
             };
-            let preview = match self.state {
-                State::Handshaking { .. } => buf[..buf.len().min(16)].to_vec(),
-                _ => Vec::new(),
-            };
             let handshaking = matches!(self.state, State::Handshaking { .. });
+            // The first frame's body, for the error text of a stranger (a cheap clone).
+            let mut first_body = None;
             let result = frame::decode_frame(buf, max).and_then(|body| match body {
                 Some(body) => {
                     let len = body.len();
+                    if handshaking {
+                        first_body = Some(body.clone());
+                    }
                     Frame::decode(body).map(|f| Some((f, len)))
                 }
                 None => Ok(None),
@@ -582,11 +611,19 @@ impl Protocol {
                 Ok(None) => return,
                 Ok(Some((frame, body_len))) => self.handle_frame(now, frame, body_len),
                 Err(e) if handshaking => {
+                    // The first 16 bytes that arrived: the length prefix and the body's
+                    // start, or what is left in the buffer if no frame was split off.
+                    let first_bytes = match first_body {
+                        Some(body) => {
+                            let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+                            bytes.extend_from_slice(&body[..body.len().min(12)]);
+                            bytes
+                        }
+                        None => buf[..buf.len().min(16)].to_vec(),
+                    };
                     let e = match e {
                         ProtocolError::UnsupportedVersion { .. } => e,
-                        _ => ProtocolError::NotChatter {
-                            first_bytes: preview,
-                        },
+                        _ => ProtocolError::NotChatter { first_bytes },
                     };
                     self.close_with(CloseCause::Protocol(e));
                 }
@@ -742,13 +779,16 @@ impl Protocol {
         }
     }
 
-    /// The most send credit the peer can grant: its announced `receive_window`, or the
-    /// early credit before its hello. What it granted now is this less what is in flight.
+    /// The most send credit the peer can grant: its announced `receive_window`, or before
+    /// its hello the early credit (on the connecting side; none on the accepting side).
+    /// What it granted now is this less what is in flight.
     pub fn peer_window(&self) -> u64 {
         if self.is_open() {
             self.peer.receive_window as u64
-        } else {
+        } else if self.hello_sent {
             EARLY_CREDIT as u64
+        } else {
+            0
         }
     }
 
@@ -912,7 +952,14 @@ impl Protocol {
                     );
                     // Early messages count against the window as any other; if they took
                     // more than the peer announced, credit that comes back pays that first.
-                    let early = EARLY_CREDIT as u64 - self.send_credit;
+                    // (The accepting side sent nothing before: it answers with its hello now.)
+                    let early = match self.hello_sent {
+                        true => EARLY_CREDIT as u64 - self.send_credit,
+                        false => {
+                            self.queue_hello();
+                            0
+                        }
+                    };
                     let window = hello.receive_window as u64;
                     self.send_credit = window.saturating_sub(early);
                     self.credit_deficit = early.saturating_sub(window);

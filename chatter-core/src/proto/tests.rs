@@ -23,7 +23,7 @@ impl Pair {
         let mut pair = Pair {
             now,
             a: Protocol::new(a, now),
-            b: Protocol::new(b, now),
+            b: Protocol::accepting(b, now),
         };
         pair.flush();
         assert!(matches!(pair.a.poll_event(), Some(Event::Connected(_))));
@@ -793,7 +793,7 @@ fn a_client_sends_early_messages_behind_its_hello() {
         ..Config::default()
     };
     let mut client = Protocol::new(Config::default(), now);
-    let mut server = Protocol::new(small, now);
+    let mut server = Protocol::accepting(small, now);
     // Before the server's hello: messages up to the early credit go out with the hello.
     let conv = client
         .send(
@@ -900,9 +900,11 @@ fn strangers_are_told_apart_from_chatter_peers() {
         (&[1, 2, 3, 4], |e| {
             matches!(e, ProtocolError::NotChatter { .. })
         }),
-        (&[0, 0, 0, 3, 0x93, 0, 0xa1], |e| {
-            matches!(e, ProtocolError::NotChatter { .. })
-        }),
+        // A whole frame that is not a hello: its bytes, length prefix included.
+        (
+            &[0, 0, 0, 3, 0x93, 0, 0xa1],
+            |e| matches!(e, ProtocolError::NotChatter { first_bytes } if first_bytes[..] == [0, 0, 0, 3, 0x93, 0, 0xa1]),
+        ),
         // A chatter hello of version 2.
         (
             &[
@@ -928,6 +930,62 @@ fn strangers_are_told_apart_from_chatter_peers() {
     assert!(matches!(
         closed(&mut p),
         Some(CloseCause::Protocol(ProtocolError::Unexpected(_)))
+    ));
+}
+
+#[test]
+fn the_server_answers_the_clients_hello_and_sends_nothing_before() {
+    let now = Instant::now();
+    let mut client = Protocol::new(Config::default(), now);
+    let mut server = Protocol::accepting(Config::default(), now);
+    let mut wire = BytesMut::new();
+    server.take_output(&mut wire);
+    assert!(wire.is_empty() && !server.has_output());
+    assert_eq!(server.peer_window(), 0);
+    // A send before the client's hello waits for it.
+    assert_eq!(
+        server.send(now, SendArgs::new(), b"\xc0"),
+        Err(SendRefused::NoCredit)
+    );
+    client.take_output(&mut wire);
+    server.handle_input(now, &mut wire);
+    assert!(matches!(
+        events(&mut server)[..],
+        [Event::Connected(_), Event::Writable]
+    ));
+    server.send(now, SendArgs::new(), b"\xc0").unwrap();
+    server.take_output(&mut wire);
+    let mut frames = Vec::new();
+    while let Some(body) = frame::decode_frame(&mut wire, u32::MAX).unwrap() {
+        frames.push(Frame::decode(body).unwrap());
+    }
+    assert!(
+        matches!(&frames[..], [Frame::Hello(_), Frame::Message(..)]),
+        "{frames:?}"
+    );
+}
+
+#[test]
+fn a_server_whose_client_never_says_hello_closes_without_a_hello() {
+    let now = Instant::now();
+    let config = Config {
+        handshake_timeout: Duration::from_secs(3),
+        ..Config::default()
+    };
+    let mut server = Protocol::accepting(config, now);
+    assert_eq!(server.poll_timeout(), Some(now + Duration::from_secs(3)));
+    server.handle_timeout(now + Duration::from_secs(3));
+    assert!(matches!(
+        closed(&mut server),
+        Some(CloseCause::Protocol(ProtocolError::HandshakeTimeout))
+    ));
+    let mut wire = BytesMut::new();
+    server.take_output(&mut wire);
+    let body = frame::decode_frame(&mut wire, u32::MAX).unwrap().unwrap();
+    assert!(wire.is_empty(), "one frame only");
+    assert!(matches!(
+        Frame::decode(body).unwrap(),
+        Frame::Close(CloseCode::ProtocolError, reason) if reason == "handshake timed out"
     ));
 }
 
