@@ -43,12 +43,15 @@ where
         let shutting_down = shutting_down.clone();
         tokio::spawn(async move {
             while let Some(conn) = listener.accept().await {
-                let peer = Peer::with_options(conn, options.clone());
-                if shutting_down.load(Ordering::Acquire) {
-                    // Accepted during a graceful shutdown: refuse its calls clearly.
-                    peer.begin_shutdown();
-                }
-                setup(&peer);
+                // Set up before its receive task starts: the objects `setup` registers are
+                // there for the peer's first message.
+                let peer = Peer::with_setup(conn, options.clone(), |peer| {
+                    if shutting_down.load(Ordering::Acquire) {
+                        // Accepted during a graceful shutdown: refuse its calls clearly.
+                        peer.begin_shutdown();
+                    }
+                    setup(peer);
+                });
                 {
                     let mut peers = peers.lock().unwrap_or_else(PoisonError::into_inner);
                     peers.retain(|p| p.state() != crate::ConnectionState::Closed);

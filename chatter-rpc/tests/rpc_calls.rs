@@ -382,6 +382,46 @@ async fn dropping_every_peer_handle_closes_the_connection() {
     assert!(cause.to_string().contains("closed by peer"), "{cause}");
 }
 
+/// `serve` runs `setup` before the peer reads anything: a call that arrives with the
+/// client's hello (early) finds the objects `setup` registers, even on a multi-threaded
+/// runtime where the peer's receive task could otherwise run while `setup` is still busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_call_never_overtakes_serve_setup() {
+    use std::sync::mpsc;
+    let listener = chatter_core::listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .unwrap();
+    let (release, released) = mpsc::channel::<()>();
+    let released = std::sync::Mutex::new(released);
+    let server = serve(listener, PeerOptions::default(), move |peer: &Peer| {
+        // Waits until the test lets go (meanwhile the call has arrived), handing this
+        // worker's queue to another thread as a slow setup in a real server would: a
+        // receive task already spawned could run now.
+        tokio::task::block_in_place(|| {
+            let _ = released.lock().unwrap().recv();
+        });
+        let (calc, _probe) = Calc::new();
+        peer.register("calc", CalculatorServer::new(calc));
+    });
+    let conn = chatter_core::connect_early(&server.addresses()[0], Options::default())
+        .await
+        .unwrap();
+    let peer = Peer::new(conn);
+    let calc = CalculatorClient::new(&peer, "calc");
+    let call = tokio::spawn(async move { calc.add(2, 3).await });
+    // Give a receive task that started too early every chance to answer "no such object"
+    // (it would within a millisecond); with setup first, nothing is answered yet.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !call.is_finished(),
+        "answered before setup: {:?}",
+        call.await
+    );
+    release.send(()).unwrap();
+    assert_eq!(call.await.unwrap().unwrap(), 5);
+    server.close().await;
+}
+
 /// A peer written from PROTOCOL.md alone: raw chatter-core messages with hand-made
 /// envelopes. Malformed requests get a protocol-error reply; the peer keeps serving.
 #[tokio::test(start_paused = true)]

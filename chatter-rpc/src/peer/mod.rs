@@ -136,6 +136,18 @@ impl Peer {
     /// Wraps a connection. Must be called inside a tokio runtime. The peer's link is this
     /// one connection: it never reconnects.
     pub fn with_options(connection: Connection, options: PeerOptions) -> Self {
+        Peer::with_setup(connection, options, |_| {})
+    }
+
+    /// [`with_options`](Self::with_options), with `setup` run on the peer before its
+    /// receive task starts: objects it registers are there for the first message (what
+    /// [`serve`](crate::serve) needs; registering after `with_options` returns races the
+    /// peer's first messages on a multi-threaded runtime).
+    pub(crate) fn with_setup(
+        connection: Connection,
+        options: PeerOptions,
+        setup: impl FnOnce(&Peer),
+    ) -> Self {
         let acknowledged = options.acknowledged_signals;
         let stream = if acknowledged {
             link::random_u64() | 1
@@ -147,15 +159,19 @@ impl Peer {
         // is read only by a reconnecting link's sweep.
         let state = Arc::new(PeerState::new(options, Link::Plain, stream, None));
         bump(&state.stats.connects);
-        let inner = Inner::start(state.clone(), connection, 1);
-        Peer {
+        let inner = Inner::new(state.clone(), connection, 1);
+        let peer = Peer {
             _owner: Arc::new(Owner {
                 state: state.clone(),
                 plain: Some(inner.clone()),
             }),
             state,
-            plain: Some(inner),
-        }
+            plain: Some(inner.clone()),
+        };
+        setup(&peer);
+        // The receive task runs until the connection closed; it keeps what it needs.
+        drop(inner.start_reader());
+        peer
     }
 
     /// Starts a peer that connects to `address` and stays connected: its link reconnects
@@ -639,18 +655,26 @@ struct InFlight {
 }
 
 impl Inner {
-    /// The part of `peer` for `connection`, with its receive task started.
-    fn start(peer: Arc<PeerState>, connection: Connection, generation: u64) -> Arc<Inner> {
-        Inner::start_with_reader(peer, connection, generation).0
-    }
-
-    /// [`start`](Self::start), also returning the receive task (it ends once the
-    /// connection closed and everything waiting on it was told).
+    /// The part of `peer` for `connection`, with its receive task started; also returns
+    /// the receive task (it ends once the connection closed and everything waiting on it
+    /// was told).
     fn start_with_reader(
         peer: Arc<PeerState>,
         connection: Connection,
         generation: u64,
     ) -> (Arc<Inner>, tokio::task::JoinHandle<()>) {
+        let inner = Inner::new(peer, connection, generation);
+        let reader = inner.start_reader();
+        (inner, reader)
+    }
+
+    /// Starts the receive task: one per connection, it ends when the connection closed.
+    fn start_reader(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(run_reader(self.clone()))
+    }
+
+    /// The part of `peer` for `connection`, its receive task not started yet.
+    fn new(peer: Arc<PeerState>, connection: Connection, generation: u64) -> Arc<Inner> {
         let shutting_down = peer.is_shutting_down();
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
@@ -675,9 +699,7 @@ impl Inner {
             // Made during a graceful shutdown: refuse its calls clearly.
             inner.begin_shutdown();
         }
-        // One receive task per connection; it ends when the connection closed.
-        let reader = tokio::spawn(run_reader(inner.clone()));
-        (inner, reader)
+        inner
     }
 
     async fn close_gracefully(&self) {
