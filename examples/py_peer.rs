@@ -7,7 +7,7 @@
 //! - `unix`, `tls`: the same objects over a Unix socket and over TLS (a certificate for
 //!   `localhost` and 127.0.0.1, signed by a CA generated at start-up and written to the
 //!   file printed as `ca`);
-//! - `small`: the same objects plus `gate`, with a 64 KiB receive window, two handler slots
+//! - `small`: the same objects plus `gate` (one for all its connections), with a 64 KiB receive window, two handler slots
 //!   and an outbox of 16 signals (flow-control tests);
 //! - `bad:NAME`: raw listeners that break the protocol in one way each (see `BAD`).
 //!
@@ -388,7 +388,7 @@ impl Gate for GateObj {
     }
 }
 
-fn register(peer: &Peer, with_gate: bool) {
+fn register(peer: &Peer, gate: Option<&Arc<GateObj>>) {
     peer.register(
         "calculator",
         CalculatorServer::new(Calc {
@@ -412,14 +412,8 @@ fn register(peer: &Peer, with_gate: bool) {
             counted: Counter::default(),
         }),
     );
-    if with_gate {
-        peer.register(
-            "gate",
-            GateServer::new(GateObj {
-                permits: Semaphore::new(0),
-                passed: Counter::default(),
-            }),
-        );
+    if let Some(gate) = gate {
+        peer.register("gate", GateServer::from_arc(gate.clone()));
     }
 }
 
@@ -470,6 +464,7 @@ const BAD: &[&str] = &[
     "exceed_window",
     "truncated",
     "close_first",
+    "ping",
 ];
 
 async fn misbehave(name: &'static str, mut stream: TcpStream) -> std::io::Result<()> {
@@ -510,9 +505,14 @@ async fn misbehave(name: &'static str, mut stream: TcpStream) -> std::io::Result
             body.extend_from_slice(b"busy");
             framed(&body)
         }
+        // Two pings; once a pong arrives, a one-shot message `true` says so.
+        "ping" => [hello(1, window), vec![0, 0, 0, 2, 0x91, 0x02, 0, 0, 0, 2, 0x91, 0x02]].concat(),
         _ => unreachable!(),
     };
     stream.write_all(&out).await?;
+    if name == "ping" {
+        return answer_pong(stream).await;
+    }
     if name == "truncated" {
         stream.shutdown().await?;
     }
@@ -520,6 +520,33 @@ async fn misbehave(name: &'static str, mut stream: TcpStream) -> std::io::Result
     let mut buf = [0u8; 4096];
     while stream.read(&mut buf).await? > 0 {}
     Ok(())
+}
+
+/// Reads frames until a pong arrives, then sends a one-shot message `true`.
+async fn answer_pong(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut told = false;
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 4 {
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if buf.len() < 4 + len {
+                break;
+            }
+            let body: Vec<u8> = buf.drain(..4 + len).skip(4).collect();
+            if body == [0x91, 0x03] && !told {
+                told = true;
+                stream
+                    .write_all(&framed(&[0x94, 0x01, 0x01, 0x01, 0x07, 0xc3]))
+                    .await?;
+            }
+        }
+    }
 }
 
 /// RPC-level misbehaviour over valid frames: answers each call with a bad reply.
@@ -583,7 +610,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         serve(
             listen(address.as_str(), Options::default()).await?,
             PeerOptions::default(),
-            |peer: &Peer| register(peer, false),
+            |peer: &Peer| register(peer, None),
         ),
     );
 
@@ -600,7 +627,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             )
             .await?,
             PeerOptions::default(),
-            |peer: &Peer| register(peer, false),
+            |peer: &Peer| register(peer, None),
         ),
     );
 
@@ -613,11 +640,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         serve(
             listen("tls://127.0.0.1:0", Options::default().tls_server(tls)).await?,
             PeerOptions::default(),
-            |peer: &Peer| register(peer, false),
+            |peer: &Peer| register(peer, None),
         ),
     );
     print_line(&format!("ca {}", ca_file.display()));
 
+    // One gate for every connection: a test fills it through one connection (whose
+    // handler slots it then blocks) and opens it through another.
+    let gate = Arc::new(GateObj {
+        permits: Semaphore::new(0),
+        passed: Counter::default(),
+    });
     let small = Options::default()
         .max_frame_size(32 * 1024)
         .receive_window(64 * 1024);
@@ -628,7 +661,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             PeerOptions::default()
                 .max_concurrent_handlers(2)
                 .max_queued_signals(16),
-            |peer: &Peer| register(peer, true),
+            move |peer: &Peer| register(peer, Some(&gate)),
         ),
     );
 
