@@ -477,13 +477,23 @@ async fn misbehave(name: &'static str, mut stream: TcpStream) -> std::io::Result
         // A length far above the client's max_frame_size, then nothing more.
         "oversized" => [hello(1, window), vec![0x7f, 0xff, 0xff, 0xff]].concat(),
         // id 1 written as int 8 (signed): malformed.
-        "signed_id" => [hello(1, window), framed(&[0x94, 0x01, 0xd0, 0x01, 0x01, 0x07])].concat(),
+        "signed_id" => [
+            hello(1, window),
+            framed(&[0x94, 0x01, 0xd0, 0x01, 0x01, 0x07]),
+        ]
+        .concat(),
         // The first message carries id 2.
-        "bad_id" => [hello(1, window), framed(&[0x94, 0x01, 0x02, 0x02, 0x07, 0xc0])].concat(),
+        "bad_id" => [
+            hello(1, window),
+            framed(&[0x94, 0x01, 0x02, 0x02, 0x07, 0xc0]),
+        ]
+        .concat(),
         // A non-owner message in a conversation the client never opened.
-        "unknown_conversation" => {
-            [hello(1, window), framed(&[0x94, 0x01, 0x01, 0x05, 0x06, 0xc0])].concat()
-        }
+        "unknown_conversation" => [
+            hello(1, window),
+            framed(&[0x94, 0x01, 0x01, 0x05, 0x06, 0xc0]),
+        ]
+        .concat(),
         // Credit beyond the window this side announced.
         "window_overflow" => [hello(1, window), framed(&[0x92, 0x04, 0x01])].concat(),
         // 100 one-shot messages of 1000 bytes (cost 1070 each): beyond any window the
@@ -506,7 +516,11 @@ async fn misbehave(name: &'static str, mut stream: TcpStream) -> std::io::Result
             framed(&body)
         }
         // Two pings; once a pong arrives, a one-shot message `true` says so.
-        "ping" => [hello(1, window), vec![0, 0, 0, 2, 0x91, 0x02, 0, 0, 0, 2, 0x91, 0x02]].concat(),
+        "ping" => [
+            hello(1, window),
+            vec![0, 0, 0, 2, 0x91, 0x02, 0, 0, 0, 2, 0x91, 0x02],
+        ]
+        .concat(),
         _ => unreachable!(),
     };
     stream.write_all(&out).await?;
