@@ -483,7 +483,12 @@ class Peer:
                     raise ValueError("a call must pass the turn without ending its conversation; a signal is one-shot")
                 if not isinstance(ms, int) or ms < 0:
                     raise ValueError("bad duration")
-                self._serve(_Served(first, obj, method, args, cost, self._loop.time() + ms / 1000, is_call))
+                served = _Served(first, obj, method, args, cost, self._loop.time() + ms / 1000, is_call)
+                if is_call and ms == 0:
+                    # As chatter-rpc does: a call with no time at all is not started.
+                    self._reply(served, _failure(1, "deadline 0"))
+                    return
+                self._serve(served)
             elif kind == CANCEL:
                 self.connection.release(cost)
                 served = self._running.get(req[1])
