@@ -189,6 +189,7 @@ class Connection:
         self._out_bytes = 0
         self._flush_handle: Optional[asyncio.Handle] = None
         self._pong_due = False
+        self._direct = True
         self._write_paused = False
         self._senders: Deque[asyncio.Future] = collections.deque()
         # Receiving
@@ -439,12 +440,13 @@ class Connection:
         return Conversation(True, id_) if conversation is None else conversation
 
     def _write(self, data: bytes) -> None:
-        if self._flush_handle is None and not self._pong_due and self._transport is not None and not self._gone:
-            # Nothing waits to be written: write now (one round trip sooner), and batch
-            # whatever else is written in this turn of the event loop behind it.
+        if self._direct and self._flush_handle is None and not self._pong_due and self._transport is not None and not self._gone:
+            # Nothing waits to be written: write now (a round trip sooner, no extra turn
+            # of the event loop); what else is written before input arrives or the next
+            # flush is batched behind it.
+            self._direct = False
             self.stats["bytes_sent"] += len(data)
             self._transport.write(data)
-            self._flush_handle = self._loop.call_soon(self._flush)
             return
         self._out.append(data)
         self._out_bytes += len(data)
@@ -453,6 +455,7 @@ class Connection:
 
     def _flush(self) -> None:
         self._flush_handle = None
+        self._direct = True
         if self._gone or self._transport is None:
             self._out.clear()
             self._out_bytes = 0
@@ -513,6 +516,7 @@ class Connection:
         if self._cause is not None:
             return  # draining after a close
         self._last_rx = self._loop.time()
+        self._direct = True
         self.stats["bytes_received"] += len(data)
         buf = self._buf
         buf += data
