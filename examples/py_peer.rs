@@ -603,7 +603,10 @@ fn print_line(line: &str) {
     let _ = out.flush();
 }
 
-#[tokio::main]
+// One thread: `serve` starts a peer's receive task before its setup registers the
+// objects, so on a multi-thread runtime a request that arrives with the handshake can
+// find no objects (NoSuchObject). Here the setup always runs first.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut address = "tcp://127.0.0.1:0".to_owned();
     let mut args = std::env::args().skip(1);

@@ -201,14 +201,14 @@ class Connection:
         w = self.options.receive_window
         self._threshold = max(1, min(w // 4, w - (self.options.max_frame_size + OVERHEAD) + 1))
         self._queue: Deque[Msg] = collections.deque()
-        self._queue_waiter: Optional[asyncio.Future] = None
+        self._queue_waiters: List[asyncio.Future] = []
         self._handler: Optional[Callable[[bool, int, bool, bool, bool, bytes, int], None]] = None
         # Conversations: key (we_own, first) -> whether this side holds the turn.
         self._convs: Dict[Tuple[bool, int], bool] = {}
         self._peer_opened = 0
         self._timers: Dict[Tuple[bool, int], asyncio.TimerHandle] = {}
         self._timeouts: Deque[Conversation] = collections.deque()
-        self._timeout_waiter: Optional[asyncio.Future] = None
+        self._timeout_waiters: List[asyncio.Future] = []
         self._timeout_handler: Optional[Callable[[Conversation], None]] = None
         # Keepalive
         self._last_rx = 0.0
@@ -280,11 +280,13 @@ class Connection:
         while not self._queue:
             if self._cause is not None:
                 raise ConnectionClosed(self._cause)
-            self._queue_waiter = self._loop.create_future()
+            waiter = self._loop.create_future()
+            self._queue_waiters.append(waiter)
             try:
-                await self._queue_waiter
+                await waiter
             finally:
-                self._queue_waiter = None
+                if waiter in self._queue_waiters:
+                    self._queue_waiters.remove(waiter)
         msg = self._queue.popleft()
         self.release(msg.cost)
         return msg
@@ -294,11 +296,13 @@ class Connection:
         while not self._timeouts:
             if self._cause is not None:
                 raise ConnectionClosed(self._cause)
-            self._timeout_waiter = self._loop.create_future()
+            waiter = self._loop.create_future()
+            self._timeout_waiters.append(waiter)
             try:
-                await self._timeout_waiter
+                await waiter
             finally:
-                self._timeout_waiter = None
+                if waiter in self._timeout_waiters:
+                    self._timeout_waiters.remove(waiter)
         return self._timeouts.popleft()
 
     def release(self, cost: int) -> None:
@@ -501,8 +505,7 @@ class Connection:
             self._timeout_handler(conv)
             return
         self._timeouts.append(conv)
-        if self._timeout_waiter is not None and not self._timeout_waiter.done():
-            self._timeout_waiter.set_result(None)
+        _wake(self._timeout_waiters)
 
     # ------------------------------------------------------------------ receiving
 
@@ -679,9 +682,8 @@ class Connection:
             handler(not peer_owns, first, opening, last, token, payload, cost)
             return
         self._queue.append(Msg(Conversation(not peer_owns, first), opening, last, token, payload, cost))
-        waiter = self._queue_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._queue_waiters:
+            _wake(self._queue_waiters)
 
     # ------------------------------------------------------------------ keepalive
 
@@ -776,9 +778,8 @@ class Connection:
             self._handshake.set_exception(ConnectError(cause))
             self._handshake.exception()  # retrieved: no "never retrieved" warning
         self._wake_senders()
-        for w in (self._queue_waiter, self._timeout_waiter):
-            if w is not None and not w.done():
-                w.set_result(None)
+        _wake(self._queue_waiters)
+        _wake(self._timeout_waiters)
         listeners, self._close_listeners = self._close_listeners, []
         for listener in listeners:
             try:
@@ -818,6 +819,14 @@ class Connection:
             assert self._cause is not None
             self._closed.set_result(self._cause)
             self._closed.exception()
+
+
+def _wake(waiters: List[asyncio.Future]) -> None:
+    """Wakes every waiter (each checks again what it waits for)."""
+    for w in waiters:
+        if not w.done():
+            w.set_result(None)
+    waiters.clear()
 
 
 _WIDE = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}

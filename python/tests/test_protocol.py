@@ -4,6 +4,8 @@ with a clear error, never hangs. The `bad:*` listeners of py_peer.rs misbehave o
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import chatter
@@ -121,5 +123,28 @@ def test_bad_replies_fail_the_call(rust, name, message):
                 await within(peer.call("x", "y", 1))
             # A one-off bad reply does not close the connection.
             assert peer.close_cause is None
+
+    run(body)
+
+
+def test_turns_and_timeouts_are_enforced_locally(rust):
+    async def body():
+        # The mute peer reads and never answers: our turn rules and timers are on their own.
+        conn = await within(chatter.connect(rust["bad:mute"], chatter.Options(keepalive_interval=None)))
+        conv = await within(conn.send(b"\xc0", last=False, token=True, timeout=0.05))
+        with pytest.raises(chatter.NotYourTurn):
+            conn.try_send(b"\xc0", conv)
+        kept = await within(conn.send(b"\xc0", last=False, token=False))
+        await within(conn.send(b"\xc0", kept, last=True))  # our turn: we may end it
+        with pytest.raises(chatter.ConversationEnded):
+            conn.try_send(b"\xc0", kept)
+        # Two receivers wait at once; the timeout of `conv` fires (nothing is sent).
+        receivers = [asyncio.ensure_future(conn.receive()) for _ in range(2)]
+        assert await within(conn.next_timeout()) == conv
+        assert not any(r.done() for r in receivers)
+        await within(conn.close())
+        for r in receivers:
+            with pytest.raises(chatter.ConnectionClosed):
+                await within(r)
 
     run(body)
