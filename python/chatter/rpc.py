@@ -749,7 +749,17 @@ class Peer:
         self._room_waiters.clear()
 
     async def close(self, reason: str = "closed by peer application") -> CloseCause:
-        """Closes the connection (calls in flight fail with :class:`ConnectionLost`)."""
+        """Closes the connection: the peer's calls in flight here are answered *cancelled*
+        (``closing``) ahead of the close frame, as chatter-rpc does; this side's calls in
+        flight fail with :class:`ConnectionLost`."""
+        if self._cause is None:
+            for served in list(self._running.values()):
+                self._finish_call(served, _failure(2, "closing"))
+            while self._waiting_calls:
+                served = self._waiting_calls.popleft()
+                if served.timer is not None:
+                    served.timer.cancel()
+                self._reply(served, _failure(2, "closing"))
         return await self.connection.close(reason=reason)
 
     async def closed(self) -> CloseCause:
