@@ -347,6 +347,8 @@ impl Server {
                         local.into()
                     });
                     let listener = TcpAcceptor::new(listener, local, &ctx.options);
+                    // One accept loop per bound listener (the addresses a host name
+                    // resolved to, or the one listener handed in): not driven by peers.
                     tasks.push(tokio::spawn(accept_loop(listener, ctx.clone())));
                 }
                 Bound::Unix { listener, path } => {
@@ -355,6 +357,7 @@ impl Server {
                         None => unix_address(listener.local_addr().ok()),
                     });
                     unix_paths.extend(path);
+                    // One accept loop per bound listener, as above.
                     tasks.push(tokio::spawn(accept_loop(listener, ctx.clone())));
                 }
             }
@@ -551,7 +554,9 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
                 // and is released when it ends.
                 Ok(permit) => match ctx.tls {
                     None => start(io, addrs, None, &ctx, permit),
-                    // One task per connection for the TLS handshake.
+                    // One task per connection for the TLS handshake: it holds the
+                    // connection's permit, so at most `max_connections` at once, and ends
+                    // by the handshake timeout.
                     Some(_) => drop(tokio::spawn(establish_tls(io, addrs, ctx.clone(), permit))),
                 },
                 Err(_) => refuse(io, addrs.1.get(), &ctx),
@@ -667,7 +672,8 @@ impl Handoff {
             Ok(()) => match self.queue.try_send(conn) {
                 Ok(()) => {}
                 // The application is behind with `accept`: wait for room. At most one such
-                // task per connection, and connections are bounded by `max_connections`.
+                // task per connection, and connections are bounded by `max_connections`
+                // (the connection holds its permit); it ends when the server is dropped.
                 Err(mpsc::error::TrySendError::Full(conn)) => {
                     let queue = self.queue;
                     tokio::spawn(async move { drop(queue.send(conn).await) });

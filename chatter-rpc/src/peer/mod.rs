@@ -668,7 +668,9 @@ impl Inner {
         (inner, reader)
     }
 
-    /// Starts the receive task: one per connection, it ends when the connection closed.
+    /// Starts the receive task: one per connection (connections are bounded by the
+    /// server's `max_connections` or by the application that makes them), it ends when the
+    /// connection closed. What it holds is bounded by the receive window.
     fn start_reader(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(run_reader(self.clone()))
     }

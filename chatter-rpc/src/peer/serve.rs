@@ -846,6 +846,7 @@ impl Inner {
 
     fn queue_answer(&self, payload: Payload, options: SendOptions, credit: u32, slot: bool) {
         let queue = self.answers.get_or_init(|| {
+            // Unbounded by length, bounded by what each entry holds: see `queue_holding`.
             let (tx, rx) = mpsc::unbounded_channel();
             self.peer
                 .runtime
@@ -891,6 +892,8 @@ async fn send_answers(
         inner.finish_answer(&answer);
         if answer.slot {
             if let Some(next) = inner.slots.give_back(false) {
+                // The freed handler slot passes to the next waiting request: one task
+                // per slot, so at most `max_concurrent_handlers`.
                 tokio::spawn(work(inner, next));
             }
         }
