@@ -277,33 +277,29 @@ class Connection:
     async def receive(self) -> Msg:
         """The next message (its credit goes back to the peer now). Messages that
         arrived before the close are still returned; then :class:`ConnectionClosed`."""
-        while not self._queue:
-            if self._cause is not None:
-                raise ConnectionClosed(self._cause)
-            waiter = self._loop.create_future()
-            self._queue_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._queue_waiters:
-                    self._queue_waiters.remove(waiter)
+        await self._wait_for(self._queue, self._queue_waiters)
         msg = self._queue.popleft()
         self.release(msg.cost)
         return msg
 
     async def next_timeout(self) -> Conversation:
         """The next conversation whose timeout fired (PROTOCOL.md §7)."""
-        while not self._timeouts:
+        await self._wait_for(self._timeouts, self._timeout_waiters)
+        return self._timeouts.popleft()
+
+    async def _wait_for(self, items: Deque[Any], waiters: List[asyncio.Future]) -> None:
+        """Waits until ``items`` is not empty; raises :class:`ConnectionClosed` once it
+        is empty and the connection closed."""
+        while not items:
             if self._cause is not None:
                 raise ConnectionClosed(self._cause)
             waiter = self._loop.create_future()
-            self._timeout_waiters.append(waiter)
+            waiters.append(waiter)
             try:
                 await waiter
             finally:
-                if waiter in self._timeout_waiters:
-                    self._timeout_waiters.remove(waiter)
-        return self._timeouts.popleft()
+                if waiter in waiters:
+                    waiters.remove(waiter)
 
     def release(self, cost: int) -> None:
         """Gives back the credit of a consumed message (handler mode)."""
