@@ -568,32 +568,36 @@ struct ExtFields<'a> {
     finished: bool,
 }
 
-/// Serializer methods that all fail with `$error`.
+/// Serializer methods that all fail with `$error` (of type `$fail`).
 macro_rules! reject {
-    ($error:expr; $($method:ident($($arg:ty),*) -> $ret:ty;)*) => {
+    ($fail:ty, $error:expr; $($method:ident($($arg:ty),*) -> $ret:ty;)*) => {
         $(
-            fn $method(self, $(_: $arg),*) -> Result<$ret, Fail> {
-                Err(fail(EncodeError::InvalidExt($error)))
+            #[inline]
+            fn $method(self, $(_: $arg),*) -> Result<$ret, $fail> {
+                Err($error)
             }
         )*
-        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), Fail> {
-            Err(fail(EncodeError::InvalidExt($error)))
+        #[inline]
+        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), $fail> {
+            Err($error)
         }
+        #[inline]
         fn serialize_newtype_struct<T: Serialize + ?Sized>(
             self,
             _: &'static str,
             _: &T,
-        ) -> Result<(), Fail> {
-            Err(fail(EncodeError::InvalidExt($error)))
+        ) -> Result<(), $fail> {
+            Err($error)
         }
+        #[inline]
         fn serialize_newtype_variant<T: Serialize + ?Sized>(
             self,
             _: &'static str,
             _: u32,
             _: &'static str,
             _: &T,
-        ) -> Result<(), Fail> {
-            Err(fail(EncodeError::InvalidExt($error)))
+        ) -> Result<(), $fail> {
+            Err($error)
         }
     };
 }
@@ -614,7 +618,7 @@ impl ser::Serializer for &mut ExtTuple<'_> {
         Ok(self)
     }
 
-    reject!(EXPECTED_TUPLE;
+    reject!(Fail, fail(EncodeError::InvalidExt(EXPECTED_TUPLE));
         serialize_bool(bool) -> ();
         serialize_i8(i8) -> ();
         serialize_i16(i16) -> ();
@@ -686,7 +690,7 @@ impl ser::Serializer for &mut ExtFields<'_> {
         Ok(())
     }
 
-    reject!(EXPECTED_FIELDS;
+    reject!(Fail, fail(EncodeError::InvalidExt(EXPECTED_FIELDS));
         serialize_bool(bool) -> ();
         serialize_i16(i16) -> ();
         serialize_i32(i32) -> ();
@@ -744,40 +748,6 @@ impl ser::Error for NotAByte {
     }
 }
 
-/// Serializer methods that all fail with [`NotAByte`].
-macro_rules! not_a_byte {
-    ($($method:ident($($arg:ty),*) -> $ret:ty;)*) => {
-        $(
-            #[inline]
-            fn $method(self, $(_: $arg),*) -> Result<$ret, NotAByte> {
-                Err(NotAByte)
-            }
-        )*
-        #[inline]
-        fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<(), NotAByte> {
-            Err(NotAByte)
-        }
-        #[inline]
-        fn serialize_newtype_struct<T: Serialize + ?Sized>(
-            self,
-            _: &'static str,
-            _: &T,
-        ) -> Result<(), NotAByte> {
-            Err(NotAByte)
-        }
-        #[inline]
-        fn serialize_newtype_variant<T: Serialize + ?Sized>(
-            self,
-            _: &'static str,
-            _: u32,
-            _: &'static str,
-            _: &T,
-        ) -> Result<(), NotAByte> {
-            Err(NotAByte)
-        }
-    };
-}
-
 impl ser::Serializer for &mut ByteProbe {
     type Ok = ();
     type Error = NotAByte;
@@ -795,7 +765,7 @@ impl ser::Serializer for &mut ByteProbe {
         Ok(())
     }
 
-    not_a_byte!(
+    reject!(NotAByte, NotAByte;
         serialize_bool(bool) -> ();
         serialize_i8(i8) -> ();
         serialize_i16(i16) -> ();
