@@ -45,7 +45,7 @@
 //!
 //! ## Cargo features
 //!
-//! - **`tls`** (default): `tls://` addresses and the [`tls`](crate::tls) module (rustls
+//! - **`tls`** (default): `tls://` addresses and the `tls` module (rustls
 //!   with the ring provider). Without it the crate needs neither rustls nor ring (nor a
 //!   C compiler for ring), and [`connect`] and [`listen`] refuse a `tls://` address with
 //!   [`AddressError::TlsNotCompiledIn`]; [`Address::check_supported`] tells in advance.

@@ -246,7 +246,7 @@ impl Server {
 
     /// Serves chatter on a TCP listener the application bound itself (to pass it a socket
     /// from systemd, or to choose socket options chatter does not set). TLS when `options`
-    /// has [`tls_server`](Options::tls_server) settings; its addresses are then `tls://`.
+    /// has `Options::tls_server` settings; its addresses are then `tls://`.
     /// chatter sets `TCP_NODELAY` and `TCP_USER_TIMEOUT` on the listener, so that accepted
     /// sockets inherit them. Must be called within a tokio runtime.
     ///

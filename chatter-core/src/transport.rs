@@ -18,7 +18,7 @@ use crate::{Address, Connection, Options, ToAddress};
 
 /// Connects to a peer and completes the chatter handshake.
 ///
-/// `address` is `tcp://host:port`, `tls://host:port` (with [`Options::tls_client`]) or
+/// `address` is `tcp://host:port`, `tls://host:port` (with `Options::tls_client`, feature `tls`) or
 /// `unix:///path`. Fails with a clear [`ConnectError`]
 /// when the address is malformed (or `tls://` in a build without the `tls` feature:
 /// [`AddressError::TlsNotCompiledIn`](crate::AddressError::TlsNotCompiledIn)), nothing listens there, connecting takes longer than

@@ -144,7 +144,7 @@ mod service;
 mod store;
 mod wire;
 
-/// TLS settings for `tls://` addresses (chatter-core's [`tls`](chatter_core::tls) module).
+/// TLS settings for `tls://` addresses: [`chatter_core::tls`].
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use chatter_core::tls;
