@@ -288,7 +288,7 @@ impl<'a> Reader<'a> {
     /// assert_eq!(r.read_value::<i64>(MAX_DEPTH - 1)?, 2);
     /// assert_eq!(r.read_value::<String>(MAX_DEPTH - 1)?, "three");
     /// r.finish()?;
-    /// # Ok::<(), chatter_msgpack::DecodeError>(())
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     #[inline]
     pub fn read_value<T: DeserializeOwned>(&mut self, max_depth: u16) -> Result<T, DecodeError> {

@@ -57,7 +57,7 @@ impl<T: DeserializeOwned> Receivable for T {}
 /// Why an argument could not be written or read. Generated code only passes it on.
 #[doc(hidden)]
 #[derive(Debug)]
-pub struct ArgError(Failed);
+pub struct ArgError(Box<Failed>);
 
 #[derive(Debug)]
 enum Failed {
@@ -77,12 +77,24 @@ impl ArgsWriter<'_> {
     /// Writes the next argument.
     #[inline]
     pub fn arg<T: Sendable + ?Sized>(&mut self, value: &T) -> Result<(), ArgError> {
-        wire::value(self.w, value).map_err(|e| ArgError(Failed::Encode(e)))
+        wire::value(self.w, value).map_err(|e| ArgError(Box::new(Failed::Encode(e))))
+    }
+}
+
+impl ArgError {
+    #[cold]
+    #[inline(never)]
+    fn into_wire(self) -> WireError {
+        match *self.0 {
+            Failed::Encode(e) => e,
+            Failed::Decode(e) => WireError(e.to_string()),
+        }
     }
 }
 
 /// Writes an argument array of `count` arguments, each written by `args`: nil for none
 /// (serde's `()`), else an array, as a tuple of the arguments is written.
+#[inline]
 pub(crate) fn write_args<F>(w: &mut Vec<u8>, count: u32, args: F) -> Result<(), WireError>
 where
     F: FnOnce(&mut ArgsWriter<'_>) -> Result<(), ArgError>,
@@ -94,8 +106,7 @@ where
     }
     match args(&mut ArgsWriter { w }) {
         Ok(()) => Ok(()),
-        Err(ArgError(Failed::Encode(e))) => Err(e),
-        Err(ArgError(Failed::Decode(e))) => Err(WireError(e.to_string())),
+        Err(e) => Err(e.into_wire()),
     }
 }
 
@@ -113,7 +124,7 @@ impl ArgsReader<'_> {
         // The elements of the array are one level down, as in a decode of the whole tuple.
         self.r
             .read_value(msgpack::MAX_DEPTH - 1)
-            .map_err(|e| ArgError(Failed::Decode(e)))
+            .map_err(|e| ArgError(Box::new(Failed::Decode(e))))
     }
 }
 
@@ -132,11 +143,10 @@ where
     };
     let decoded = match reader.r.read_array_len() {
         Ok(len) if len == count => read(&mut reader),
-        Ok(len) => Err(ArgError(Failed::Decode(DecodeError::LengthMismatch {
-            len,
-            read: count,
-        }))),
-        Err(e) => Err(ArgError(Failed::Decode(e))),
+        Ok(len) => Err(ArgError(Box::new(Failed::Decode(
+            DecodeError::LengthMismatch { len, read: count },
+        )))),
+        Err(e) => Err(ArgError(Box::new(Failed::Decode(e)))),
     };
     decoded.map_err(|e| bad_arguments::<A>(method, e))
 }
@@ -156,7 +166,7 @@ pub fn decode_no_args(method: &str, args: &[u8]) -> Result<(), Dispatch> {
 #[cold]
 #[inline(never)]
 fn bad_arguments<A>(method: &str, e: ArgError) -> Dispatch {
-    let e = match e.0 {
+    let e = match *e.0 {
         Failed::Decode(e) => wire::decode_error(std::any::type_name::<A>(), e),
         Failed::Encode(e) => e,
     };

@@ -572,6 +572,7 @@ fn put_str(w: &mut Vec<u8>, s: &str) {
 }
 
 /// Appends one user value.
+#[inline(always)]
 pub(crate) fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
     codec::encode(w, v).map_err(|e| encode_error(std::any::type_name::<T>(), e))
 }
