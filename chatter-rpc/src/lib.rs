@@ -142,6 +142,7 @@ mod peer;
 mod server;
 mod service;
 mod store;
+mod values;
 mod wire;
 
 /// TLS settings for `tls://` addresses: [`chatter_core::tls`].
@@ -166,8 +167,11 @@ pub use service::Service;
 pub mod __private {
     pub use crate::client::{ClientCore, Method};
     pub use crate::service::{
-        decode_args, decode_no_args, reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay,
-        CtxError, CtxNone, Dispatch, Handlers, RemoteResult,
+        reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay, CtxError, CtxNone, Dispatch,
+        Handlers, RemoteResult,
+    };
+    pub use crate::values::{
+        decode_args, decode_no_args, ArgError, ArgsReader, ArgsWriter, Receivable, Sendable,
     };
     pub use crate::wire::Payload;
     pub use ::bytes::Bytes;

@@ -152,17 +152,19 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
     args: &A,
 ) -> Result<Payload, WireError> {
     let (object, method) = (WireName::new(object), WireName::new(method));
+    let args = |w: &mut Vec<u8>| value(w, args);
     encode_request_with(kind, object.encoded(), method.encoded(), duration, args)
 }
 
 /// A request (see `encode_request` in the tests) with the object and method names already
-/// encoded (see [`WireName`]): clients encode their names once, not per call.
-pub(crate) fn encode_request_with<A: Serialize + ?Sized>(
+/// encoded (see [`WireName`]): clients encode their names once, not per call. `args`
+/// writes the argument list (generated clients write it one argument at a time).
+pub(crate) fn encode_request_with(
     kind: u8,
     object: &[u8],
     method: &[u8],
     duration: Duration,
-    args: &A,
+    args: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>,
 ) -> Result<Payload, WireError> {
     encode(|w| {
         w.reserve(2 + object.len() + method.len() + 9);
@@ -170,7 +172,7 @@ pub(crate) fn encode_request_with<A: Serialize + ?Sized>(
         w.extend_from_slice(object);
         w.extend_from_slice(method);
         msgpack::write_uint(w, millis(duration));
-        value(w, args)
+        args(w)
     })
 }
 
@@ -542,7 +544,7 @@ pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireE
 
 #[cold]
 #[inline(never)]
-fn decode_error(type_name: &str, e: DecodeError) -> WireError {
+pub(crate) fn decode_error(type_name: &str, e: DecodeError) -> WireError {
     match e {
         DecodeError::DepthLimitExceeded => WireError(format!(
             "cannot decode {type_name}: nested more than {} levels deep",
@@ -569,7 +571,9 @@ fn put_str(w: &mut Vec<u8>, s: &str) {
     put_name(w, Name(s.as_bytes()));
 }
 
-fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
+/// Appends one user value.
+#[inline(always)]
+pub(crate) fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
     codec::encode(w, v).map_err(|e| encode_error(std::any::type_name::<T>(), e))
 }
 
