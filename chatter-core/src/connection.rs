@@ -716,7 +716,24 @@ impl Connection {
             };
             (h, conn)
         });
-        tokio::spawn(driver);
+        // A span per connection around its driver (target `chatter_core::connection`,
+        // level debug: the driver's events carry the connection's id and addresses),
+        // made only when that level is enabled; otherwise the driver runs bare, for
+        // the price of one level check.
+        if tracing::enabled!(target: "chatter_core::connection", tracing::Level::DEBUG) {
+            let shared = &handle.shared;
+            let span = tracing::debug_span!(
+                target: "chatter_core::connection",
+                "connection",
+                id,
+                local = %shared.local.get(),
+                remote = %shared.remote.get(),
+                side = if accepting { "accepted" } else { "connected" },
+            );
+            tokio::spawn(tracing::Instrument::instrument(driver, span));
+        } else {
+            tokio::spawn(driver);
+        }
         Connection { handle }
     }
 
