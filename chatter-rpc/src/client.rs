@@ -15,6 +15,7 @@ use chatter_core::SendError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::context::{CallContext, Metadata, TraceParent};
 use crate::error::{CallError, RemoteContext, SignalError};
 use crate::peer::{Attempt, Inner, Outcome, Peer, Sent, MAX_DURATION};
 use crate::wire::{self, FailureKind, Payload, Reply, WireName};
@@ -30,6 +31,24 @@ pub struct ClientCore {
     persistent: bool,
     deadline: Option<Duration>,
     ttl: Option<Duration>,
+    /// Metadata and trace context for every call and signal (`with_metadata`,
+    /// `with_trace_parent`); `None` for most clients.
+    context: Option<Arc<Outgoing>>,
+}
+
+/// Why a request could not be encoded.
+enum EncodeFailure {
+    Args(String),
+    Metadata(String),
+}
+
+/// What a client attaches to each call and signal.
+#[derive(Default)]
+struct Outgoing {
+    metadata: Metadata,
+    /// `metadata`'s entries, encoded once (without the map's header).
+    encoded: Vec<u8>,
+    trace: Option<TraceParent>,
 }
 
 struct Shared {
@@ -38,6 +57,8 @@ struct Shared {
     /// The peer's defaults (its options do not change), capped at `MAX_DURATION`.
     default_deadline: Duration,
     default_ttl: Duration,
+    max_metadata: usize,
+    start_traces: bool,
 }
 
 /// A method of a `#[remote]` trait: its name, and the name encoded as a MessagePack
@@ -66,17 +87,21 @@ impl ClientCore {
         let options = peer.options();
         let (default_deadline, default_ttl) =
             (options.default_deadline, options.default_signal_ttl);
+        let (max_metadata, start_traces) = (options.max_metadata_bytes, options.start_traces);
         ClientCore {
             shared: Arc::new(Shared {
                 peer,
                 object: WireName::new(object),
                 default_deadline: default_deadline.min(MAX_DURATION),
                 default_ttl: default_ttl.min(MAX_DURATION),
+                max_metadata,
+                start_traces,
             }),
             idempotent: false,
             persistent: false,
             deadline: None,
             ttl: None,
+            context: None,
         }
     }
 
@@ -124,6 +149,115 @@ impl ClientCore {
             ttl: Some(ttl),
             ..self.clone()
         }
+    }
+
+    /// The same client, sending `key: value` with each call and signal (after the
+    /// metadata it sends already). The key `traceparent` sets the trace context instead
+    /// (see [`with_trace_parent`](Self::with_trace_parent); an invalid one is ignored).
+    pub fn with_metadata(&self, key: &str, value: &str) -> Self {
+        let mut context = self.outgoing();
+        if key == wire::TRACEPARENT {
+            match value.parse() {
+                Ok(trace) => context.trace = Some(trace),
+                Err(e) => {
+                    tracing::debug!(traceparent = value, error = %e, "chatter-rpc: ignoring an invalid trace context")
+                }
+            }
+        } else {
+            context.metadata.insert(key, value);
+            wire::put_entry(&mut context.encoded, key, value);
+        }
+        ClientCore {
+            context: Some(Arc::new(context)),
+            ..self.clone()
+        }
+    }
+
+    /// The same client, sending `trace` as the trace context of each call and signal
+    /// (instead of the one of the handler it is called from, if any).
+    pub fn with_trace_parent(&self, trace: TraceParent) -> Self {
+        let mut context = self.outgoing();
+        context.trace = Some(trace);
+        ClientCore {
+            context: Some(Arc::new(context)),
+            ..self.clone()
+        }
+    }
+
+    /// The metadata this client sends.
+    pub fn metadata(&self) -> &Metadata {
+        static EMPTY: Metadata = Metadata::new();
+        self.context.as_ref().map_or(&EMPTY, |c| &c.metadata)
+    }
+
+    /// A copy of what this client attaches, to change.
+    fn outgoing(&self) -> Outgoing {
+        match &self.context {
+            Some(context) => Outgoing {
+                metadata: context.metadata.clone(),
+                encoded: context.encoded.clone(),
+                trace: context.trace,
+            },
+            None => Outgoing::default(),
+        }
+    }
+
+    /// The context map of one request and its trace context, or why it cannot be sent.
+    /// Without metadata, outside a traced handler and without `start_traces`, `None`:
+    /// the request goes as a plain call or signal, byte for byte as before contexts.
+    /// True when a request goes without a context for sure (no metadata, no trace to
+    /// carry on or start): the common case, checked without a call.
+    #[inline]
+    fn is_plain(&self) -> bool {
+        self.context.is_none() && !self.shared.start_traces && !CallContext::may_inherit()
+    }
+
+    /// Encodes a request that may carry a context (see [`is_plain`](Self::is_plain)).
+    #[inline(never)]
+    fn encode_with_context<A: Serialize + ?Sized>(
+        &self,
+        kind: u8,
+        method: &Method,
+        duration: Duration,
+        args: &A,
+    ) -> Result<(Payload, Option<TraceParent>), EncodeFailure> {
+        let (context, trace) = self.request_context().map_err(EncodeFailure::Metadata)?;
+        let object = self.shared.object.encoded();
+        let context = context.as_deref();
+        wire::encode_request_with(kind, object, method.wire, duration, context, args)
+            .map(|payload| (payload, trace))
+            .map_err(|e| EncodeFailure::Args(e.0))
+    }
+
+    fn request_context(&self) -> Result<(Option<Vec<u8>>, Option<TraceParent>), String> {
+        let trace = match &self.context {
+            Some(context) if context.trace.is_some() => context.trace,
+            _ => CallContext::inherited_trace().or_else(|| self.started_trace()),
+        };
+        let (entries, encoded) = match &self.context {
+            Some(c) => (c.metadata.len(), c.encoded.as_slice()),
+            None if trace.is_none() => return Ok((None, None)),
+            None => (0, &[][..]),
+        };
+        let Some(map) = wire::encode_context(entries, encoded, trace.as_ref()) else {
+            return Ok((None, trace));
+        };
+        if map.len() > self.shared.max_metadata {
+            return Err(format!(
+                "{} bytes, over this side's limit of {} (PeerOptions::max_metadata_bytes)",
+                map.len(),
+                self.shared.max_metadata
+            ));
+        }
+        Ok((Some(map), trace))
+    }
+
+    /// A new trace for a call made outside any, with `start_traces` and the call span
+    /// enabled.
+    fn started_trace(&self) -> Option<TraceParent> {
+        let enabled = self.shared.start_traces
+            && tracing::enabled!(target: "chatter_rpc::call", tracing::Level::DEBUG);
+        enabled.then(TraceParent::random)
     }
 
     /// A call of a method returning `Result<T, E>`.
@@ -174,11 +308,20 @@ impl ClientCore {
             None => self.shared.default_ttl,
         };
         let object = self.shared.object.encoded();
-        let encoded = wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, args);
+        let encoded = if self.is_plain() {
+            wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, None, args)
+                .map_err(|e| SignalError::BadArguments { what: e.0 })
+        } else {
+            match self.encode_with_context(wire::SIGNAL, method, ttl, args) {
+                Ok((payload, _trace)) => Ok(payload),
+                Err(EncodeFailure::Args(what)) => Err(SignalError::BadArguments { what }),
+                Err(EncodeFailure::Metadata(what)) => Err(SignalError::MetadataTooLarge { what }),
+            }
+        };
         let shared = self.shared.clone();
         let persistent = persistent || self.persistent;
         async move {
-            let payload = encoded.map_err(|e| SignalError::BadArguments { what: e.0 })?;
+            let payload = encoded?;
             let wait = match shared.peer.try_signal(payload, ttl, persistent) {
                 Attempt::Done(done) => return done,
                 // Boxed, as for calls: its wait state would make every signal future
@@ -209,11 +352,20 @@ impl ClientCore {
     {
         let deadline = self.deadline();
         let object = self.shared.object.encoded();
-        let encoded = wire::encode_request_with(wire::CALL, object, method.wire, deadline, args);
+        let encoded = if self.is_plain() {
+            wire::encode_request_with(wire::CALL, object, method.wire, deadline, None, args)
+                .map_err(|e| CallError::BadArguments { what: e.0 })
+        } else {
+            match self.encode_with_context(wire::CALL, method, deadline, args) {
+                Ok((payload, _trace)) => Ok(payload),
+                Err(EncodeFailure::Args(what)) => Err(CallError::BadArguments { what }),
+                Err(EncodeFailure::Metadata(what)) => Err(CallError::MetadataTooLarge { what }),
+            }
+        };
         let (request, boxed) = match encoded {
             Ok(payload) => (Some(payload), None),
-            Err(e) => {
-                let failed = Err(CallError::BadArguments { what: e.0 });
+            Err(failed) => {
+                let failed = Err(failed);
                 (
                     None,
                     Some(Box::pin(std::future::ready(failed)) as BoxedCall),
@@ -392,6 +544,9 @@ fn failure<E>(
         Ok(FailureKind::RemotePanic) => CallError::RemotePanic { message },
         Ok(FailureKind::Protocol) => CallError::Protocol(message),
         Ok(FailureKind::ShuttingDown) => CallError::ShuttingDown,
+        Ok(FailureKind::MetadataTooLarge) => CallError::MetadataTooLarge {
+            what: format!("refused by the callee: {message}"),
+        },
         Err(kind) => CallError::Protocol(format!("unknown failure kind {kind}: {message}")),
     }
 }

@@ -120,6 +120,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod context;
 mod error;
 mod peer;
 mod server;
@@ -133,6 +134,7 @@ pub use chatter_core::{
     self, connect, listen, tls, Address, CloseCause, Connection, Options, Server,
 };
 pub use chatter_macros::remote;
+pub use context::{CallContext, InvalidTraceParent, Metadata, TraceParent};
 pub use error::{AckError, CallError, RemoteContext, SignalError};
 pub use peer::{
     Backoff, ConnectionState, Events, Peer, PeerEvent, PeerOptions, PeerStats, ReconnectError,
@@ -172,7 +174,7 @@ pub mod __private {
 pub mod __fuzz {
     /// Decodes `payload` as a caller-to-callee envelope; true if it is one.
     pub fn decode_incoming(payload: &[u8]) -> bool {
-        crate::wire::decode_incoming(payload).is_ok()
+        crate::wire::decode_incoming(payload, 8192).is_ok()
     }
 
     /// Decodes `payload` as a reply envelope; true if it is one.

@@ -25,6 +25,8 @@ pub struct PeerOptions {
     pub(crate) when_full: WhenFull,
     pub(crate) ordered_signals: bool,
     pub(crate) acknowledged_signals: bool,
+    pub(crate) max_metadata_bytes: usize,
+    pub(crate) start_traces: bool,
 }
 
 impl Default for PeerOptions {
@@ -37,6 +39,8 @@ impl Default for PeerOptions {
             when_full: WhenFull::Wait,
             ordered_signals: false,
             acknowledged_signals: false,
+            max_metadata_bytes: 8192,
+            start_traces: false,
         }
     }
 }
@@ -109,6 +113,46 @@ impl PeerOptions {
     /// acknowledgement message per signal.
     pub fn acknowledged_signals(mut self, acknowledged: bool) -> Self {
         self.acknowledged_signals = acknowledged;
+        self
+    }
+}
+
+impl PeerOptions {
+    /// The largest context (the [`Metadata`](crate::Metadata) and trace context of one
+    /// call or signal, counted as its encoded map: each string + 1 to 5 bytes) this peer
+    /// sends or accepts (default 8 KiB, like common HTTP header limits). A client whose
+    /// metadata is larger fails the call or signal at once with
+    /// [`CallError::MetadataTooLarge`](crate::CallError::MetadataTooLarge) (or
+    /// [`SignalError::MetadataTooLarge`](crate::SignalError::MetadataTooLarge)); a
+    /// received call over the limit is answered with failure kind 9, which the caller
+    /// sees as the same error, and a received signal over it is dropped, logged and
+    /// counted as failed. Part of a request's size, so already within the connection's
+    /// receive window; this bounds what decoding it allocates per handler.
+    ///
+    /// ```
+    /// use chatter_rpc::PeerOptions;
+    /// let options = PeerOptions::default().max_metadata_bytes(1024);
+    /// # let _ = options;
+    /// ```
+    pub fn max_metadata_bytes(mut self, limit: usize) -> Self {
+        self.max_metadata_bytes = limit;
+        self
+    }
+
+    /// Starts a trace (a random W3C trace id) for each call or signal made outside any
+    /// trace, when the `chatter_rpc::call` span is enabled (default false). Calls inside a
+    /// handler whose caller sent a trace context, and clients given one with
+    /// `with_trace_parent`, always propagate it. Off by default because a request with a
+    /// trace context uses the envelope kinds 9 to 11, which peers older than them refuse:
+    /// turn it on once every peer is recent.
+    ///
+    /// ```
+    /// use chatter_rpc::PeerOptions;
+    /// let options = PeerOptions::default().start_traces(true);
+    /// # let _ = options;
+    /// ```
+    pub fn start_traces(mut self, start: bool) -> Self {
+        self.start_traces = start;
         self
     }
 }

@@ -11,7 +11,8 @@ use chatter_core::{ConnectionClosed, Conversation, Event, Msg, SendError, SendOp
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::service::{BoxFuture, CatchUnwind, Dispatch, HandlerFuture, Handlers, Service};
+use crate::context::{CallContext, Parts};
+use crate::service::{BoxFuture, CatchUnwind, Dispatch, Handlers, Service};
 use crate::wire::AckStatus;
 
 use super::backlog::{Kind, Waiting};
@@ -93,7 +94,7 @@ impl Inner {
     /// held. Everything else is done with at once: its credit goes back with the batch.
     pub(super) fn on_request(
         self: &Arc<Self>,
-        msg: Msg,
+        mut msg: Msg,
         last: &mut LastObject,
         batch: &mut Batch,
         handlers: &mut Handlers,
@@ -101,11 +102,12 @@ impl Inner {
         let conv = msg.conversation;
         let open = msg.token && !msg.last;
         let credit = msg.credit();
-        match wire::decode_incoming(&msg.payload) {
+        match wire::decode_incoming(&msg.payload, self.peer.options.max_metadata_bytes) {
             Ok(Incoming::Call {
                 deadline,
                 object,
                 method,
+                context,
                 args,
             }) if open && msg.first => {
                 self.peer.stats.calls_received.bump();
@@ -128,6 +130,7 @@ impl Inner {
                         Kind::Call(conv),
                         &msg.payload,
                         (object, method, args),
+                        context,
                         after(deadline),
                         credit,
                     );
@@ -143,8 +146,15 @@ impl Inner {
                     batch.release += self.answer(conv, refusal, credit);
                     return;
                 }
+                let names = (object.as_bytes(), method.as_bytes());
+                let parts = Parts::new(names, false, deadline, context);
                 let mut cx = Context::from_waker(Waker::noop());
-                match Pin::new(&mut CatchUnwind(handlers.call_mut())).poll(&mut cx) {
+                let mut parts = Some(parts);
+                let polled =
+                    CallContext::poll_inline(&self.conn, &mut msg.payload, &mut parts, || {
+                        Pin::new(&mut CatchUnwind(handlers.call_mut())).poll(&mut cx)
+                    });
+                match polled {
                     Poll::Ready(result) => {
                         let reply = self.handler_result(result);
                         let options = SendOptions::new().conversation(conv);
@@ -182,6 +192,10 @@ impl Inner {
                         inflight.calls.insert(conv.first_id(), tx);
                         drop(inflight);
                         self.active.fetch_add(1, Ordering::AcqRel);
+                        let call = parts.map(|parts| {
+                            CallContext::new(&self.conn, &msg.payload, parts, after(deadline))
+                        });
+                        let handler = CallContext::scope(call, handler);
                         let run =
                             continue_call(self.clone(), conv, handler, after(deadline), rx, credit);
                         // Owns the handler slot taken above: at most
@@ -194,6 +208,7 @@ impl Inner {
                 ttl,
                 object,
                 method,
+                context,
                 args,
             }) if msg.last => {
                 if ttl.is_zero() {
@@ -208,6 +223,7 @@ impl Inner {
                         Kind::Signal,
                         &msg.payload,
                         (object, method, args),
+                        context,
                         after(ttl),
                         credit,
                     );
@@ -220,16 +236,33 @@ impl Inner {
                     return;
                 }
                 self.peer.stats.signals_delivered_inline.bump();
+                let names = (object.as_bytes(), method.as_bytes());
+                let parts = Parts::new(names, true, ttl, context);
                 let mut cx = Context::from_waker(Waker::noop());
-                match Pin::new(&mut CatchUnwind(handlers.signal_mut())).poll(&mut cx) {
+                let mut parts = Some(parts);
+                let polled =
+                    CallContext::poll_inline(&self.conn, &mut msg.payload, &mut parts, || {
+                        Pin::new(&mut CatchUnwind(handlers.signal_mut())).poll(&mut cx)
+                    });
+                match polled {
                     Poll::Ready(result) => {
                         batch.slot = true;
                         batch.release += u64::from(credit);
-                        self.signal_result(result, object, method);
+                        if result.is_err() {
+                            let names = parts.as_ref().map(|p| p.names(&msg.payload));
+                            let (object, method) = names.unwrap_or_default();
+                            self.signal_result(result, Name(object), Name(method));
+                        }
                     }
                     Poll::Pending => {
-                        let handler = CatchUnwind(handlers.take_signal());
-                        let names = (object.0.to_vec(), method.0.to_vec());
+                        let names = parts.as_ref().map(|p| p.names(&msg.payload));
+                        let (object, method) = names.unwrap_or_default();
+                        let names = (object.to_vec(), method.to_vec());
+                        let signal = parts.map(|parts| {
+                            CallContext::new(&self.conn, &msg.payload, parts, after(ttl))
+                        });
+                        let handler =
+                            CallContext::scope(signal, CatchUnwind(handlers.take_signal()));
                         // Owns its handler slot: at most `max_concurrent_handlers`.
                         tokio::spawn(continue_signal(self.clone(), handler, names, credit));
                     }
@@ -241,10 +274,11 @@ impl Inner {
                 object,
                 method,
                 ttl,
+                context,
                 args,
             }) if msg.last => {
                 let parts = (object, method, args);
-                self.on_reliable(&msg, stream, seq, ttl, parts, batch);
+                self.on_reliable(&msg, (stream, seq), ttl, parts, context, batch);
             }
             Ok(Incoming::Ack {
                 stream,
@@ -274,6 +308,9 @@ impl Inner {
                 // read are bounded by the credit of the requests they answer.
                 truncate(&mut what, MAX_ERROR_TEXT);
                 batch.release += self.protocol_error(conv, open, &what, credit);
+            }
+            Err(e) if e.is_too_large() => {
+                batch.release += self.metadata_too_large(conv, open, &e.0, credit);
             }
             Err(e) => {
                 let mut what = e.0;
@@ -344,6 +381,39 @@ impl Inner {
         }
     }
 
+    /// A request whose context map is over `max_metadata_bytes`: a call is answered with
+    /// failure kind 9, anything else is logged, dropped and counted as a failed signal.
+    /// Returns the credit to give back now (see [`answer`](Self::answer)).
+    #[cold]
+    fn metadata_too_large(&self, conv: Conversation, open: bool, what: &str, credit: u32) -> u64 {
+        tracing::warn!(
+            peer = %self.conn.remote_address(),
+            error = what,
+            "chatter-rpc: request refused"
+        );
+        if open {
+            let refusal = wire::encode_failure(FailureKind::MetadataTooLarge, what);
+            self.answer(conv, refusal, credit)
+        } else {
+            bump(&self.peer.stats.signals_failed);
+            u64::from(credit)
+        }
+    }
+
+    /// The context of a request whose parts lie in `envelope`, for its handler.
+    pub(super) fn context(
+        &self,
+        envelope: &Bytes,
+        (object, method): (Name<'_>, Name<'_>),
+        signal: bool,
+        deadline: Instant,
+        context: Option<&[u8]>,
+    ) -> Option<CallContext> {
+        let names = (object.as_bytes(), method.as_bytes());
+        let parts = Parts::new(names, signal, Duration::ZERO, context);
+        Some(CallContext::new(&self.conn, envelope, parts, deadline))
+    }
+
     /// A call accepted on this side is over (answered or dropped).
     pub(super) fn call_done(&self) {
         if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -399,6 +469,7 @@ impl Inner {
         }
         match std::mem::replace(&mut item.kind, Kind::Signal) {
             Kind::Call(conv) => {
+                let call = item.context(self, false);
                 let mut cancel = {
                     let mut inflight = lock(&self.inflight);
                     if inflight.closing {
@@ -417,7 +488,10 @@ impl Inner {
                 let work = async {
                     let (object, method, args) = (item.object(), item.method(), item.args());
                     match self.start_call(object, method, args, None, &mut handlers) {
-                        Ok(()) => self.handler_result(CatchUnwind(handlers.call_mut()).await),
+                        Ok(()) => {
+                            let handler = CatchUnwind(handlers.call_mut());
+                            self.handler_result(CallContext::scope(call, handler).await)
+                        }
                         Err(refusal) => refusal,
                     }
                 };
@@ -429,7 +503,8 @@ impl Inner {
                 let mut handlers = Handlers::new();
                 if self.start_signal(object, method, item.args(), None, &mut handlers) {
                     bump(&self.peer.stats.signals_delivered);
-                    let result = CatchUnwind(handlers.signal_mut()).await;
+                    let handler = CatchUnwind(handlers.signal_mut());
+                    let result = CallContext::scope(item.context(self, true), handler).await;
                     self.signal_result(result, object, method);
                 }
                 drop(handlers);
@@ -577,6 +652,7 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
         }
         inner.start_waiting(&mut batch.start);
         last.service = None;
+        CallContext::end_batch();
         if full && calls {
             // More calls or replies wait. Let the connection's driver write this batch's
             // replies (and the callers woken here send new calls) before handling the
@@ -595,7 +671,7 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
 async fn continue_call(
     inner: Arc<Inner>,
     conv: Conversation,
-    handler: CatchUnwind<HandlerFuture<Payload>>,
+    handler: impl Future<Output = Result<Payload, String>>,
     deadline: Instant,
     mut cancel: oneshot::Receiver<()>,
     credit: u32,
@@ -612,7 +688,7 @@ async fn continue_call(
 /// its first poll; then serves the backlog with its slot.
 async fn continue_signal(
     inner: Arc<Inner>,
-    handler: CatchUnwind<HandlerFuture<()>>,
+    handler: impl Future<Output = Result<(), String>>,
     (object, method): (Vec<u8>, Vec<u8>),
     credit: u32,
 ) {
