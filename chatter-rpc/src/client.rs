@@ -352,12 +352,16 @@ impl ClientCore {
     {
         let deadline = self.deadline();
         let object = self.shared.object.encoded();
+        let mut trace = None;
         let encoded = if self.is_plain() {
             wire::encode_request_with(wire::CALL, object, method.wire, deadline, None, args)
                 .map_err(|e| CallError::BadArguments { what: e.0 })
         } else {
             match self.encode_with_context(wire::CALL, method, deadline, args) {
-                Ok((payload, _trace)) => Ok(payload),
+                Ok((payload, sent)) => {
+                    trace = sent;
+                    Ok(payload)
+                }
                 Err(EncodeFailure::Args(what)) => Err(CallError::BadArguments { what }),
                 Err(EncodeFailure::Metadata(what)) => Err(CallError::MetadataTooLarge { what }),
             }
@@ -381,8 +385,84 @@ impl ClientCore {
             deadline,
             idempotent: self.idempotent,
             app: Some(app),
+            traced: CallTrace::start(self.object(), method.name, trace),
             out: PhantomData,
         }
+    }
+}
+
+/// The `chatter_rpc::call` span of a call, while it is enabled (boxed: a call future
+/// without it stays as small as it was).
+struct CallTrace {
+    span: tracing::Span,
+    start: tokio::time::Instant,
+}
+
+impl CallTrace {
+    /// The call's span, if the `chatter_rpc::call` target is enabled at debug level.
+    #[inline]
+    fn start(object: &str, method: &str, trace: Option<TraceParent>) -> Option<Box<CallTrace>> {
+        let span = tracing::debug_span!(
+            target: "chatter_rpc::call",
+            "call",
+            object,
+            method,
+            conversation = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            duration_us = tracing::field::Empty,
+        );
+        if span.is_disabled() {
+            return None;
+        }
+        if let Some(trace) = trace {
+            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+            // The id this side sent as the callee's parent: its span for the call.
+            span.record(
+                "span_id",
+                tracing::field::display(format_args!("{:016x}", trace.parent_id())),
+            );
+        }
+        Some(Box::new(CallTrace {
+            span,
+            start: tokio::time::Instant::now(),
+        }))
+    }
+
+    /// Records how the call ended and closes the span.
+    fn finish<T, E>(&self, result: &Result<T, CallError<E>>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => outcome_name(e),
+        };
+        let elapsed = self.start.elapsed().as_micros() as u64;
+        self.span.record("outcome", outcome);
+        self.span.record("duration_us", elapsed);
+        self.span.in_scope(|| {
+            tracing::debug!(target: "chatter_rpc::call", outcome, duration_us = elapsed, "call finished");
+        });
+    }
+}
+
+/// A short name for how a call failed (the `outcome` field of call spans).
+fn outcome_name<E>(e: &CallError<E>) -> &'static str {
+    match e {
+        CallError::App { .. } => "app_error",
+        CallError::DeadlineExceeded => "deadline_exceeded",
+        CallError::Cancelled => "cancelled",
+        CallError::ConnectionLost(_) => "connection_lost",
+        CallError::NoSuchObject { .. } => "no_such_object",
+        CallError::NoSuchMethod { .. } => "no_such_method",
+        CallError::BadArguments { .. } => "bad_arguments",
+        CallError::BadReply { .. } => "bad_reply",
+        CallError::RemotePanic { .. } => "remote_panic",
+        CallError::Protocol(_) => "protocol",
+        CallError::NotConnected { .. } => "not_connected",
+        CallError::OutcomeUnknown(_) => "outcome_unknown",
+        CallError::ShuttingDown => "shutting_down",
+        CallError::MetadataTooLarge { .. } => "metadata_too_large",
     }
 }
 
@@ -408,6 +488,8 @@ struct Call<T, E, F> {
     idempotent: bool,
     /// How to make the caller's error from an application error reply; taken once.
     app: Option<F>,
+    /// The call's span, when enabled.
+    traced: Option<Box<CallTrace>>,
     out: PhantomData<fn() -> (T, E)>,
 }
 
@@ -432,7 +514,16 @@ where
         if let Some(payload) = this.request.take() {
             if let Err(e) = this.start(payload) {
                 this.app = None;
-                return Poll::Ready(Err(e.map_app(|n| match n {})));
+                let failed = Err(e.map_app(|n| match n {}));
+                if let Some(traced) = this.traced.take() {
+                    traced.finish(&failed);
+                }
+                return Poll::Ready(failed);
+            }
+            if let Some(traced) = &this.traced {
+                if this.waiting != 0 {
+                    traced.span.record("conversation", this.waiting);
+                }
             }
         }
         // `waiting` is only set for a peer made from a connection.
@@ -450,7 +541,11 @@ where
         let app = this.app.take().expect("kept until the call completes");
         let reply = reply.map_err(|e| e.map_app(|n| match n {}));
         let (object, method) = (this.shared.object.as_str(), this.method.name);
-        Poll::Ready(finish(reply, app, object, method))
+        let result = finish(reply, app, object, method);
+        if let Some(traced) = this.traced.take() {
+            traced.finish(&result);
+        }
+        Poll::Ready(result)
     }
 }
 

@@ -346,6 +346,11 @@ impl Parts {
         }
     }
 
+    /// What the caller sent besides its arguments, if anything.
+    pub(crate) fn sent(&self) -> Option<&Received> {
+        self.sent.as_deref()
+    }
+
     /// Where `part` (an address and length) lies in `envelope`: empty if not in it.
     fn range(&self, envelope: &[u8], (at, len): (usize, u32)) -> Range<u32> {
         let start = at.wrapping_sub(envelope.as_ptr() as usize);

@@ -148,15 +148,21 @@ impl Inner {
                 }
                 let names = (object.as_bytes(), method.as_bytes());
                 let parts = Parts::new(names, false, deadline, context);
+                let span = self.handle_span("call", (object, method), conv, &parts);
+                let start = (!span.is_disabled()).then(Instant::now);
                 let mut cx = Context::from_waker(Waker::noop());
                 let mut parts = Some(parts);
-                let polled =
+                let polled = span.in_scope(|| {
                     CallContext::poll_inline(&self.conn, &mut msg.payload, &mut parts, || {
                         Pin::new(&mut CatchUnwind(handlers.call_mut())).poll(&mut cx)
-                    });
+                    })
+                });
                 match polled {
                     Poll::Ready(result) => {
                         let reply = self.handler_result(result);
+                        if let Some(start) = start {
+                            handled(&span, reply_outcome(&reply), start);
+                        }
                         let options = SendOptions::new().conversation(conv);
                         match self.conn.try_send(&reply, options) {
                             // The reply (of any size) waits for the caller's window in a
@@ -198,6 +204,7 @@ impl Inner {
                         let handler = CallContext::scope(call, handler);
                         let run =
                             continue_call(self.clone(), conv, handler, after(deadline), rx, credit);
+                        let run = tracing::Instrument::instrument(run, span);
                         // Owns the handler slot taken above: at most
                         // `max_concurrent_handlers` such tasks per connection.
                         tokio::spawn(run);
@@ -238,16 +245,23 @@ impl Inner {
                 self.peer.stats.signals_delivered_inline.bump();
                 let names = (object.as_bytes(), method.as_bytes());
                 let parts = Parts::new(names, true, ttl, context);
+                let span = self.handle_span("signal", (object, method), conv, &parts);
+                let start = (!span.is_disabled()).then(Instant::now);
                 let mut cx = Context::from_waker(Waker::noop());
                 let mut parts = Some(parts);
-                let polled =
+                let polled = span.in_scope(|| {
                     CallContext::poll_inline(&self.conn, &mut msg.payload, &mut parts, || {
                         Pin::new(&mut CatchUnwind(handlers.signal_mut())).poll(&mut cx)
-                    });
+                    })
+                });
                 match polled {
                     Poll::Ready(result) => {
                         batch.slot = true;
                         batch.release += u64::from(credit);
+                        if let Some(start) = start {
+                            let outcome = if result.is_ok() { "ok" } else { "remote_panic" };
+                            handled(&span, outcome, start);
+                        }
                         if result.is_err() {
                             let names = parts.as_ref().map(|p| p.names(&msg.payload));
                             let (object, method) = names.unwrap_or_default();
@@ -264,7 +278,8 @@ impl Inner {
                         let handler =
                             CallContext::scope(signal, CatchUnwind(handlers.take_signal()));
                         // Owns its handler slot: at most `max_concurrent_handlers`.
-                        tokio::spawn(continue_signal(self.clone(), handler, names, credit));
+                        let run = continue_signal(self.clone(), handler, names, credit);
+                        tokio::spawn(tracing::Instrument::instrument(run, span));
                     }
                 }
             }
@@ -412,6 +427,41 @@ impl Inner {
         let names = (object.as_bytes(), method.as_bytes());
         let parts = Parts::new(names, signal, Duration::ZERO, context);
         Some(CallContext::new(&self.conn, envelope, parts, deadline))
+    }
+
+    /// The `chatter_rpc::handle` span of a request this side serves (disabled, and then
+    /// nearly free, unless that target is enabled at debug level).
+    #[inline]
+    fn handle_span(
+        &self,
+        kind: &'static str,
+        (object, method): (Name<'_>, Name<'_>),
+        conv: Conversation,
+        parts: &Parts,
+    ) -> tracing::Span {
+        let span = tracing::debug_span!(
+            target: "chatter_rpc::handle",
+            "handle",
+            kind,
+            peer = %self.conn.remote_address(),
+            object = %object,
+            method = %method,
+            conversation = conv.first_id(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            duration_us = tracing::field::Empty,
+        );
+        if let Some(sent) = parts.sent().filter(|_| !span.is_disabled()) {
+            if let Some(trace) = sent.trace {
+                span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+                let hex = |id: u64| tracing::field::display(format!("{id:016x}"));
+                span.record("parent_id", hex(trace.parent_id()));
+                span.record("span_id", hex(sent.span_id));
+            }
+        }
+        span
     }
 
     /// A call accepted on this side is over (answered or dropped).
@@ -666,6 +716,38 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     inner.finish(cause);
 }
 
+/// Records how a handler ended in its span, with an event.
+fn handled(span: &tracing::Span, outcome: &'static str, start: Instant) {
+    let elapsed = start.elapsed().as_micros() as u64;
+    span.record("outcome", outcome);
+    span.record("duration_us", elapsed);
+    span.in_scope(|| {
+        tracing::debug!(target: "chatter_rpc::handle", outcome, duration_us = elapsed, "handled");
+    });
+}
+
+/// The `outcome` of a reply envelope, for spans: `ok`, `app_error`, or the failure's
+/// name.
+fn reply_outcome(reply: &[u8]) -> &'static str {
+    match reply {
+        [0x92, 0x00, ..] => "ok",
+        [0x93, 0x01, ..] => "app_error",
+        [0x93, 0x02, kind, ..] => match kind {
+            1 => "deadline_exceeded",
+            2 => "cancelled",
+            3 => "no_such_object",
+            4 => "no_such_method",
+            5 => "bad_arguments",
+            6 => "remote_panic",
+            7 => "protocol",
+            8 => "shutting_down",
+            9 => "metadata_too_large",
+            _ => "failure",
+        },
+        _ => "other",
+    }
+}
+
 /// Continues a call whose handler the receive task started and that did not finish on
 /// its first poll; then serves the backlog with its slot.
 async fn continue_call(
@@ -678,6 +760,7 @@ async fn continue_call(
 ) {
     let work = async { inner.handler_result(handler.await) };
     let reply = race_call(work, &mut cancel, deadline).await;
+    tracing::Span::current().record("outcome", reply_outcome(&reply));
     send_call_reply(&inner, conv, reply, credit).await;
     if let Some(next) = inner.slots.give_back(false) {
         work_on(inner, next).await;
