@@ -7,13 +7,16 @@ pub mod proxy;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+#[cfg(feature = "tls")]
 use std::sync::OnceLock;
 
+#[cfg(feature = "tls")]
 use chatter_core::tls::{ClientTls, ServerTls};
 use chatter_core::{connect, listen, Connection, Options, SendOptions, Server};
+#[cfg(feature = "tls")]
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
-/// The transports every end-to-end scenario runs over.
+/// The transports every end-to-end scenario runs over (TLS with the `tls` feature).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     /// `tcp://127.0.0.1:0`
@@ -21,15 +24,25 @@ pub enum Transport {
     /// `unix://` a fresh path in the temp directory
     Unix,
     /// `tls://127.0.0.1:0` with a test CA, server name `localhost`
+    #[cfg(feature = "tls")]
     Tls,
 }
 
 impl Transport {
+    /// Every transport of this build.
+    pub const ALL: &'static [Transport] = &[
+        Transport::Tcp,
+        Transport::Unix,
+        #[cfg(feature = "tls")]
+        Transport::Tls,
+    ];
+
     /// A fresh address to listen on.
     pub fn listen_address(self) -> String {
         match self {
             Transport::Tcp => "tcp://127.0.0.1:0".to_string(),
             Transport::Unix => format!("unix://{}", unix_path().display()),
+            #[cfg(feature = "tls")]
             Transport::Tls => "tls://127.0.0.1:0".to_string(),
         }
     }
@@ -37,6 +50,7 @@ impl Transport {
     /// `options` plus whatever a server on this transport needs.
     pub fn server_options(self, options: Options) -> Options {
         match self {
+            #[cfg(feature = "tls")]
             Transport::Tls => options.tls_server(pki().server_tls()),
             _ => options,
         }
@@ -45,6 +59,7 @@ impl Transport {
     /// `options` plus whatever a client on this transport needs.
     pub fn client_options(self, options: Options) -> Options {
         match self {
+            #[cfg(feature = "tls")]
             Transport::Tls => options.tls_client(pki().client_tls()),
             _ => options,
         }
@@ -101,6 +116,7 @@ pub async fn assert_delivers(from: &Connection, to: &Connection, text: &str) {
     assert_eq!(got, text);
 }
 
+#[cfg(feature = "tls")]
 /// A certificate and its private key, PEM-encoded.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -112,6 +128,7 @@ pub struct Identity {
     pub key_pem: String,
 }
 
+#[cfg(feature = "tls")]
 /// A certificate authority that issues test certificates, generated at run time.
 pub struct Ca {
     cert: rcgen::Certificate,
@@ -120,6 +137,7 @@ pub struct Ca {
     pub cert_pem: String,
 }
 
+#[cfg(feature = "tls")]
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ca")
@@ -128,6 +146,7 @@ impl std::fmt::Debug for Ca {
     }
 }
 
+#[cfg(feature = "tls")]
 impl Ca {
     /// A fresh CA with the given common name.
     pub fn new(name: &str) -> Self {
@@ -181,6 +200,7 @@ impl Ca {
     }
 }
 
+#[cfg(feature = "tls")]
 /// The shared test PKI: one CA, a server certificate for `localhost` and `127.0.0.1`, and a
 /// client certificate.
 #[derive(Debug)]
@@ -193,6 +213,7 @@ pub struct Pki {
     pub client: Identity,
 }
 
+#[cfg(feature = "tls")]
 impl Pki {
     /// Server settings that present [`Pki::server`].
     pub fn server_tls(&self) -> ServerTls {
@@ -211,6 +232,7 @@ impl Pki {
     }
 }
 
+#[cfg(feature = "tls")]
 /// The shared test PKI, generated once per test binary.
 pub fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
@@ -222,12 +244,14 @@ pub fn pki() -> &'static Pki {
     })
 }
 
-/// Runs a scenario `async fn name(t: Transport)` as one test per transport (TCP, Unix, TLS).
+/// Runs a scenario `async fn name(t: Transport)` as one test per transport (TCP, Unix, and
+/// TLS with the `tls` feature of this crate, whose tests expand the macro).
 #[macro_export]
 macro_rules! all_transports {
     ($($name:ident),* $(,)?) => {
         $crate::all_transports!(@one tcp Tcp $($name),*);
         $crate::all_transports!(@one unix Unix $($name),*);
+        #[cfg(feature = "tls")]
         $crate::all_transports!(@one tls Tls $($name),*);
     };
     (@one $module:ident $transport:ident $($name:ident),*) => {

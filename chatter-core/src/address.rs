@@ -1,4 +1,4 @@
-//! Addresses as URLs: `tcp://host:port` and `unix:///path/to/socket`.
+//! Addresses as URLs: `tcp://host:port`, `tls://host:port` and `unix:///path/to/socket`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -30,7 +30,8 @@ pub enum Address {
         /// Port; 0 asks the system for a free one when listening.
         port: u16,
     },
-    /// `tls://host:port`: TCP with TLS (see [`crate::tls`]).
+    /// `tls://host:port`: TCP with TLS (see the `tls` module). It parses in every build;
+    /// connecting and listening need the `tls` feature ([`Address::check_supported`]).
     Tls {
         /// Host name or IP address, without brackets; the default TLS server name.
         host: String,
@@ -43,6 +44,40 @@ pub enum Address {
         /// The socket's path.
         path: PathBuf,
     },
+}
+
+impl Address {
+    /// Whether this build of chatter-core can connect to and listen on the address, as
+    /// [`connect`](crate::connect) and [`listen`](crate::listen) would decide: a `tls://`
+    /// address needs the `tls` feature. Useful to refuse a configured address at start-up
+    /// rather than at the first connection attempt.
+    ///
+    /// ```
+    /// use chatter_core::{Address, AddressError};
+    ///
+    /// let tls: Address = "tls://example.com:7443".parse()?;
+    /// match tls.check_supported() {
+    ///     Ok(()) => assert!(cfg!(feature = "tls")),
+    ///     Err(AddressError::TlsNotCompiledIn { .. }) => assert!(!cfg!(feature = "tls")),
+    ///     Err(e) => panic!("{e}"),
+    /// }
+    /// # Ok::<(), AddressError>(())
+    /// ```
+    pub fn check_supported(&self) -> Result<(), AddressError> {
+        match self {
+            #[cfg(not(feature = "tls"))]
+            Address::Tls { .. } => Err(self.tls_not_compiled_in()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The error for a `tls://` address in a build without TLS.
+    #[cfg(not(feature = "tls"))]
+    pub(crate) fn tls_not_compiled_in(&self) -> AddressError {
+        AddressError::TlsNotCompiledIn {
+            address: self.to_string(),
+        }
+    }
 }
 
 impl FromStr for Address {
@@ -173,6 +208,7 @@ impl LazyAddress {
     }
 
     /// The same socket address under `tls://`.
+    #[cfg(feature = "tls")]
     pub(crate) fn tls(self) -> Self {
         match self.socket {
             Some((addr, _)) => LazyAddress::socket(addr, true),

@@ -21,6 +21,7 @@ use crate::error::{CloseCause, CloseCode, ConnectionClosed, DecodeError, SendErr
 use crate::proto::{frame, ConversationId, Event as ProtoEvent, Protocol, SendArgs, SendRefused};
 use crate::server::Handoff;
 use crate::throttle::{Bucket, Rate, Throttle};
+#[cfg(feature = "tls")]
 use crate::tls::CertificateDer;
 use crate::{Address, Options};
 
@@ -484,6 +485,8 @@ impl Connection {
 
     /// The certificate chain the peer presented (DER, leaf first), on TLS connections
     /// where it presented one; `None` on other transports.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
         self.shared().peer_certificates.as_deref()
     }
@@ -635,7 +638,7 @@ impl Connection {
     pub(crate) fn start<S: Transport>(
         io: S,
         (local, remote): (LazyAddress, LazyAddress),
-        peer_certificates: Option<Vec<CertificateDer<'static>>>,
+        peer_certificates: PeerCertificates,
         options: &Options,
         side: Side,
     ) -> Self {
@@ -822,12 +825,14 @@ impl Transport for tokio::net::UnixStream {
     }
 }
 
+#[cfg(feature = "tls")]
 impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {
     fn abort(&self) {
         self.get_ref().0.abort();
     }
 }
 
+#[cfg(feature = "tls")]
 impl<S: Transport> Transport for tokio_rustls::client::TlsStream<S> {
     fn abort(&self) {
         self.get_ref().0.abort();
@@ -836,6 +841,14 @@ impl<S: Transport> Transport for tokio_rustls::client::TlsStream<S> {
 
 #[cfg(test)]
 impl Transport for tokio::io::DuplexStream {}
+
+/// The certificate chain a TLS peer presented (DER, leaf first); always `None` in a build
+/// without the `tls` feature.
+#[cfg(feature = "tls")]
+pub(crate) type PeerCertificates = Option<Vec<CertificateDer<'static>>>;
+/// The certificate chain a TLS peer presented: always `None` without the `tls` feature.
+#[cfg(not(feature = "tls"))]
+pub(crate) type PeerCertificates = Option<std::convert::Infallible>;
 
 /// The user-facing handle; dropping the last one closes the connection.
 #[derive(Debug)]
@@ -855,7 +868,8 @@ struct Shared {
     id: u64,
     local: LazyAddress,
     remote: LazyAddress,
-    peer_certificates: Option<Vec<CertificateDer<'static>>>,
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    peer_certificates: PeerCertificates,
     inner: Mutex<Inner>,
     /// Messages, timeouts or the close became available.
     readable: Notify,

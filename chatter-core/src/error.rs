@@ -36,7 +36,8 @@ pub enum CloseCause {
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtocolError),
     /// The TLS handshake failed (untrusted or expired certificate, wrong name, missing
-    /// client certificate, a peer that does not speak TLS, …).
+    /// client certificate, a peer that does not speak TLS, …). Only on `tls://`
+    /// connections, which need the `tls` feature.
     #[error("TLS handshake failed: {0}")]
     Tls(String),
     /// The transport failed, including a peer that vanished without a close frame.
@@ -47,13 +48,14 @@ pub enum CloseCause {
 impl CloseCause {
     /// Classifies a transport error: TLS failures (alerts, bad records) get their own cause.
     pub(crate) fn io(err: io::Error) -> Self {
-        match err
+        #[cfg(feature = "tls")]
+        if let Some(tls) = err
             .get_ref()
             .and_then(|e| e.downcast_ref::<rustls::Error>())
         {
-            Some(tls) => CloseCause::Tls(tls.to_string()),
-            None => CloseCause::Io(Arc::new(err)),
+            return CloseCause::Tls(tls.to_string());
         }
+        CloseCause::Io(Arc::new(err))
     }
 
     /// True when this side closed the connection on purpose.
@@ -177,7 +179,7 @@ pub enum AddressError {
         /// What is wrong with it.
         reason: String,
     },
-    /// A scheme other than `tcp`, `unix` (or `tls`, once available).
+    /// A scheme other than `tcp`, `tls` or `unix`.
     #[error(
         "unknown scheme {scheme:?} in address {address:?} (expected tcp://, tls:// or unix://)"
     )]
@@ -191,6 +193,17 @@ pub enum AddressError {
     #[error("address {address:?} has no port (expected tcp://host:port)")]
     MissingPort {
         /// The address as given.
+        address: String,
+    },
+    /// A `tls://` address, in a build without the `tls` feature (returned by
+    /// [`connect`](crate::connect), [`listen`](crate::listen) and
+    /// [`Address::check_supported`](crate::Address::check_supported); the address parses).
+    #[error(
+        "cannot use {address}: TLS support is not compiled in: enable the `tls` feature of \
+         chatter-rpc (or of chatter-core, when using it directly)"
+    )]
+    TlsNotCompiledIn {
+        /// The address.
         address: String,
     },
 }
@@ -211,6 +224,8 @@ pub enum ConnectError {
     #[error(transparent)]
     Options(#[from] InvalidOptions),
     /// The TLS configuration is unusable.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     /// The transport could not be opened (refused, unreachable, …).
@@ -248,6 +263,8 @@ pub enum ListenError {
     #[error(transparent)]
     Options(#[from] InvalidOptions),
     /// The TLS configuration is unusable.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     /// Binding failed (address in use, permission denied, …).

@@ -42,7 +42,15 @@
 //! describes the wire format byte by byte. Payloads sent with [`Connection::send`] are
 //! MessagePack written by [`codec`] (the `chatter-msgpack` crate), which writes what
 //! rmp-serde writes and refuses values nested without end.
+//!
+//! ## Cargo features
+//!
+//! - **`tls`** (default): `tls://` addresses and the `tls` module (rustls
+//!   with the ring provider). Without it the crate needs neither rustls nor ring (nor a
+//!   C compiler for ring), and [`connect`] and [`listen`] refuse a `tls://` address with
+//!   [`AddressError::TlsNotCompiledIn`]; [`Address::check_supported`] tells in advance.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(
     missing_docs,
     missing_debug_implementations,
@@ -59,6 +67,8 @@ mod options;
 pub mod proto;
 mod server;
 mod throttle;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
 mod transport;
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 use crate::error::InvalidOptions;
 use crate::proto::{Config, Keepalive};
 use crate::throttle::Throttle;
+#[cfg(feature = "tls")]
 use crate::tls::{ClientTls, ServerTls};
 
 /// Settings for [`connect`](crate::connect) and [`listen`](crate::listen).
@@ -35,7 +36,9 @@ pub struct Options {
     pub(crate) max_connections: usize,
     pub(crate) throttle: Throttle,
     pub(crate) bind_connections: bool,
+    #[cfg(feature = "tls")]
     pub(crate) tls_server: Option<ServerTls>,
+    #[cfg(feature = "tls")]
     pub(crate) tls_client: Option<ClientTls>,
 }
 
@@ -49,7 +52,9 @@ impl Default for Options {
             max_connections: 10_000,
             throttle: Throttle::NONE,
             bind_connections: true,
+            #[cfg(feature = "tls")]
             tls_server: None,
+            #[cfg(feature = "tls")]
             tls_client: None,
         }
     }
@@ -165,12 +170,16 @@ impl Options {
     }
 
     /// TLS settings for [`listen`](crate::listen) on a `tls://` address.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls_server(mut self, tls: ServerTls) -> Self {
         self.tls_server = Some(tls);
         self
     }
 
     /// TLS settings for [`connect`](crate::connect) to a `tls://` address.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn tls_client(mut self, tls: ClientTls) -> Self {
         self.tls_client = Some(tls);
         self

@@ -13,14 +13,15 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-
+#[cfg(feature = "tls")]
 use tokio_rustls::TlsAcceptor;
 
 use crate::address::LazyAddress;
-use crate::connection::{Handle, Side, Transport};
-use crate::error::{CloseCause, CloseCode, InvalidOptions, ListenError, ProtocolError};
+use crate::connection::{Handle, PeerCertificates, Side, Transport};
+use crate::error::{CloseCause, CloseCode, ListenError};
+#[cfg(feature = "tls")]
+use crate::error::{InvalidOptions, ProtocolError};
 use crate::proto::frame::Frame;
-use crate::tls::CertificateDer;
 use crate::transport::{has_user_timeout, set_user_timeout, unix_address};
 use crate::{Address, Connection, Options};
 
@@ -212,14 +213,8 @@ impl Server {
             address: name.clone(),
             source,
         };
-        let tls = match (&address, &options.tls_server) {
-            (Address::Tls { .. }, Some(tls)) => Some(TlsAcceptor::from(tls.config()?)),
-            (Address::Tls { .. }, None) => {
-                return Err(InvalidOptions(format!(
-                    "{name} is a TLS address: pass TLS settings with Options::tls_server"
-                ))
-                .into())
-            }
+        let tls = match &address {
+            Address::Tls { .. } => Some(tls_acceptor(&address, &options)?),
             _ => None,
         };
         let mut bound = Vec::new();
@@ -251,7 +246,7 @@ impl Server {
 
     /// Serves chatter on a TCP listener the application bound itself (to pass it a socket
     /// from systemd, or to choose socket options chatter does not set). TLS when `options`
-    /// has [`tls_server`](Options::tls_server) settings; its addresses are then `tls://`.
+    /// has `Options::tls_server` settings; its addresses are then `tls://`.
     /// chatter sets `TCP_NODELAY` and `TCP_USER_TIMEOUT` on the listener, so that accepted
     /// sockets inherit them. Must be called within a tokio runtime.
     ///
@@ -274,10 +269,13 @@ impl Server {
             |a| Address::from(a).to_string(),
         );
         options.validate()?;
+        #[cfg(feature = "tls")]
         let tls = match &options.tls_server {
             Some(tls) => Some(TlsAcceptor::from(tls.config()?)),
             None => None,
         };
+        #[cfg(not(feature = "tls"))]
+        let tls = None;
         Server::start(vec![Bound::Tcp(listener)], tls, options).map_err(|source| ListenError::Io {
             address: name,
             source,
@@ -436,6 +434,29 @@ impl Drop for Server {
     }
 }
 
+/// The TLS acceptor of a `tls://` [`Server::bind`]: its settings, or an error.
+#[cfg(feature = "tls")]
+fn tls_acceptor(address: &Address, options: &Options) -> Result<TlsAcceptor, ListenError> {
+    match &options.tls_server {
+        Some(tls) => Ok(TlsAcceptor::from(tls.config()?)),
+        None => Err(InvalidOptions(format!(
+            "{address} is a TLS address: pass TLS settings with Options::tls_server"
+        ))
+        .into()),
+    }
+}
+
+/// Without the `tls` feature a `tls://` address is refused.
+#[cfg(not(feature = "tls"))]
+fn tls_acceptor(address: &Address, _: &Options) -> Result<TlsAcceptor, ListenError> {
+    Err(address.tls_not_compiled_in().into())
+}
+
+/// Without the `tls` feature no server has a TLS acceptor: `Option<TlsAcceptor>` is always
+/// `None`.
+#[cfg(not(feature = "tls"))]
+type TlsAcceptor = std::convert::Infallible;
+
 #[derive(Clone)]
 struct AcceptContext {
     limits: Arc<Limits>,
@@ -557,7 +578,10 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
                     // One task per connection for the TLS handshake: it holds the
                     // connection's permit, so at most `max_connections` at once, and ends
                     // by the handshake timeout.
+                    #[cfg(feature = "tls")]
                     Some(_) => drop(tokio::spawn(establish_tls(io, addrs, ctx.clone(), permit))),
+                    #[cfg(not(feature = "tls"))]
+                    Some(never) => match never {},
                 },
                 Err(_) => refuse(io, addrs.1.get(), &ctx),
             },
@@ -607,6 +631,7 @@ fn refuse<S: Transport>(mut io: S, remote: &Address, ctx: &AcceptContext) {
 }
 
 /// Completes the TLS handshake of an accepted transport, then starts its connection.
+#[cfg(feature = "tls")]
 async fn establish_tls<S: Transport>(
     io: S,
     (local, remote): (LazyAddress, LazyAddress),
@@ -637,7 +662,7 @@ async fn establish_tls<S: Transport>(
 fn start<S: Transport>(
     io: S,
     addrs: (LazyAddress, LazyAddress),
-    certs: Option<Vec<CertificateDer<'static>>>,
+    certs: PeerCertificates,
     ctx: &AcceptContext,
     permit: OwnedSemaphorePermit,
 ) {

@@ -5,19 +5,23 @@ use std::io;
 use std::net::SocketAddr;
 
 use tokio::net::{TcpStream, UnixStream};
+#[cfg(feature = "tls")]
 use tokio_rustls::TlsConnector;
 
 use crate::address::LazyAddress;
 use crate::connection::Side;
-use crate::error::{CloseCause, ConnectError, InvalidOptions, ListenError, ProtocolError};
+use crate::error::{CloseCause, ConnectError, ListenError};
+#[cfg(feature = "tls")]
+use crate::error::{InvalidOptions, ProtocolError};
 use crate::server::Server;
 use crate::{Address, Connection, Options, ToAddress};
 
 /// Connects to a peer and completes the chatter handshake.
 ///
-/// `address` is `tcp://host:port`, `tls://host:port` (with [`Options::tls_client`]) or
+/// `address` is `tcp://host:port`, `tls://host:port` (with `Options::tls_client`, feature `tls`) or
 /// `unix:///path`. Fails with a clear [`ConnectError`]
-/// when the address is malformed, nothing listens there, connecting takes longer than
+/// when the address is malformed (or `tls://` in a build without the `tls` feature:
+/// [`AddressError::TlsNotCompiledIn`](crate::AddressError::TlsNotCompiledIn)), nothing listens there, connecting takes longer than
 /// [`Options::connect_timeout`], or the peer does not speak chatter.
 ///
 /// ```no_run
@@ -87,6 +91,9 @@ async fn open(
             let addrs = io_result(name, tcp_addresses(&stream, remote, false))?;
             Connection::start(stream, addrs, None, &options, Side::Connecting)
         }
+        #[cfg(not(feature = "tls"))]
+        Address::Tls { .. } => return Err(address.tls_not_compiled_in().into()),
+        #[cfg(feature = "tls")]
         Address::Tls { host, port } => {
             let tls = options.tls_client.as_ref().ok_or_else(|| {
                 InvalidOptions(format!(
@@ -201,6 +208,9 @@ async fn tcp_connect(host: &str, port: u16) -> io::Result<(TcpStream, SocketAddr
 ///
 /// `tcp://host:0` binds a free port; [`Server::addresses`] reports the one chosen. A host
 /// name that resolves to several addresses binds each of them.
+/// `tls://host:port` needs `Options::tls_server` settings, and a build with the `tls`
+/// feature: without it, it is refused with
+/// [`AddressError::TlsNotCompiledIn`](crate::AddressError::TlsNotCompiledIn).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -233,5 +243,52 @@ pub(crate) fn unix_address(addr: Option<tokio::net::unix::SocketAddr>) -> Addres
         path: addr
             .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AddressError;
+
+    /// Without the `tls` feature, a `tls://` address is a clear error from both ends,
+    /// before anything is bound or connected; with it, the address is usable.
+    #[tokio::test]
+    async fn tls_addresses_need_the_tls_feature() {
+        let address: Address = "tls://127.0.0.1:0"
+            .parse()
+            .expect("tls:// parses in every build");
+        let connected = connect(&address, Options::default()).await;
+        let listened = listen(&address, Options::default()).await;
+        if cfg!(feature = "tls") {
+            assert_eq!(address.check_supported(), Ok(()));
+            // Usable, but not without TLS settings.
+            assert!(
+                matches!(connected, Err(ConnectError::Options(_))),
+                "{connected:?}"
+            );
+            assert!(
+                matches!(listened, Err(ListenError::Options(_))),
+                "{listened:?}"
+            );
+            return;
+        }
+        let expected = AddressError::TlsNotCompiledIn {
+            address: "tls://127.0.0.1:0".into(),
+        };
+        assert_eq!(address.check_supported(), Err(expected.clone()));
+        match connected {
+            Err(ConnectError::Address(e)) => assert_eq!(e, expected),
+            other => panic!("expected TlsNotCompiledIn, got {other:?}"),
+        }
+        match listened {
+            Err(ListenError::Address(e)) => assert_eq!(e, expected),
+            other => panic!("expected TlsNotCompiledIn, got {other:?}"),
+        }
+        assert_eq!(
+            expected.to_string(),
+            "cannot use tls://127.0.0.1:0: TLS support is not compiled in: enable the `tls` \
+             feature of chatter-rpc (or of chatter-core, when using it directly)"
+        );
     }
 }

@@ -200,10 +200,12 @@ impl Method {
             (Output::Plain(ty), Some(_), None, _) => {
                 // An alias of `Result` (`io::Result<T>`, `type Res<T> = Result<T, E>`):
                 // its parts are named through the `RemoteResult` trait.
+                // Spanned at the alias, so that errors about its parts point there.
                 let result = quote::quote!(#krate::__private::RemoteResult);
+                let span = syn::spanned::Spanned::span(&ty);
                 Output::Result {
-                    ok: syn::parse_quote!(<#ty as #result>::Ok),
-                    err: syn::parse_quote!(<#ty as #result>::Err),
+                    ok: syn::parse_quote_spanned!(span=> <#ty as #result>::Ok),
+                    err: syn::parse_quote_spanned!(span=> <#ty as #result>::Err),
                 }
             }
             (Output::Result { .. }, None, Some(_), Some(ty)) => Output::Plain(ty.clone()),

@@ -5,8 +5,9 @@
 //! no other crate in the user's Cargo.toml.
 
 use proc_macro2::{Ident, TokenStream};
-use quote::{format_ident, quote};
+use quote::{format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
+use syn::spanned::Spanned;
 use syn::ItemTrait;
 
 use crate::ast::{Method, Output, Trait};
@@ -91,6 +92,22 @@ fn arg_idents(m: &Method) -> Vec<Ident> {
         .collect()
 }
 
+/// The number of arguments of a client method and the closure that writes them, one call
+/// per argument spanned at its type: a type that cannot be sent is reported there.
+fn write_args(p: &TokenStream, m: &Method) -> (u32, TokenStream) {
+    let count = m.args.len() as u32;
+    if count == 0 {
+        return (count, quote!(|_| #p::Ok(())));
+    }
+    let writes = arg_idents(m).into_iter().zip(&m.args).map(|(ident, a)| {
+        let ty = &a.ty;
+        quote_spanned!(ty.span()=> __writer.arg::<#ty>(&#ident)?;)
+    });
+    // `move`: the closure is a type argument of the call's future, which must be
+    // `'static`; it owns the arguments until it has written them.
+    (count, quote!(move |__writer| { #(#writes)* #p::Ok(()) }))
+}
+
 fn client(tr: &Trait) -> TokenStream {
     let p = private(tr);
     let krate = &tr.krate;
@@ -132,6 +149,7 @@ fn client(tr: &Trait) -> TokenStream {
                  for room (`WhenFull::Wait`, the default), at most the signal's TTL, then \
                  fails with `SignalError::Expired`."
             );
+            let (count, write) = write_args(&p, m);
             quote! {
                 #(#attrs)*
                 ///
@@ -141,7 +159,7 @@ fn client(tr: &Trait) -> TokenStream {
                         Output = #p::Result<#krate::Sent, #krate::SignalError>,
                     > + #p::Send + 'static
                 {
-                    self.__core.signal(#method, #ttl, #persistent, &(#(#idents,)*))
+                    self.__core.signal(#method, #ttl, #persistent, #count, #write)
                 }
             }
         } else {
@@ -150,25 +168,31 @@ fn client(tr: &Trait) -> TokenStream {
             } else {
                 quote!(self.__core)
             };
+            // The return and error types are the calls' explicit generic arguments, so
+            // that one that cannot be received is reported at the type.
+            let (count, write) = write_args(&p, m);
             let (ret, call) = match &m.output {
                 Output::Result { ok, err } => (
                     quote!(#p::Result<#ok, #krate::CallError<#err>>),
-                    quote!(#core.call::<_, #ok, #err>(#method, &(#(#idents,)*))),
+                    quote!(#core.call::<#ok, #err, _>(#method, #count, #write)),
                 ),
                 Output::Plain(ty) => (
                     quote!(#p::Result<#ty, #krate::CallError>),
-                    quote!(#core.call_plain::<_, #ty>(#method, &(#(#idents,)*))),
+                    quote!(#core.call_plain::<#ty, _>(#method, #count, #write)),
                 ),
                 Output::Unit => (
                     quote!(#p::Result<(), #krate::CallError>),
-                    quote!(#core.call_plain::<_, ()>(#method, &(#(#idents,)*))),
+                    quote!(#core.call_plain::<(), _>(#method, #count, #write)),
                 ),
             };
+            let span = m
+                .return_type
+                .as_ref()
+                .map_or_else(proc_macro2::Span::call_site, |t| t.span());
+            let future = quote_spanned!(span=> impl #p::Future<Output = #ret> + #p::Send + 'static);
             quote! {
                 #(#attrs)*
-                #vis fn #name(&self, #(#idents: #tys),*)
-                    -> impl #p::Future<Output = #ret> + #p::Send + 'static
-                {
+                #vis fn #name(&self, #(#idents: #tys),*) -> #future {
                     #call
                 }
             }
@@ -263,39 +287,55 @@ fn server(tr: &Trait) -> TokenStream {
         let name = &m.ident;
         let wire_name = name.unraw().to_string();
         let idents = arg_idents(m);
-        let tys: Vec<_> = m.args.iter().map(|a| &a.ty).collect();
         let invoke = quote!(<__T as #trait_ident>::#name(&*__this, #(#idents),*).await);
         let (variant, body) = if m.signal.is_some() {
             (quote!(signal), quote!({ #invoke; }))
         } else {
+            // As on the client, each type is an explicit generic argument: one that
+            // cannot be sent is reported at the type.
             let body = match &m.output {
-                Output::Result { .. } => quote! {
-                    match #invoke {
-                        #p::Ok(__value) => #p::reply_ok(&__value),
-                        #p::Err(__error) => {
-                            #[allow(unused_imports, clippy::needless_borrow)]
-                            use #p::{CtxDisplay as _, CtxError as _, CtxNone as _};
-                            #[allow(clippy::needless_borrow)] // the borrows select the impl
-                            let __context = (&&&#p::Ctx(&__error)).__context();
-                            #p::reply_app_error(&__error, __context)
+                Output::Result { ok, err } => {
+                    let reply_ok = quote_spanned!(ok.span()=> #p::reply_ok::<#ok>);
+                    let reply_err = quote_spanned!(err.span()=> #p::reply_app_error::<#err>);
+                    quote! {
+                        match #invoke {
+                            #p::Ok(__value) => #reply_ok(&__value),
+                            #p::Err(__error) => {
+                                #[allow(unused_imports, clippy::needless_borrow)]
+                                use #p::{CtxDisplay as _, CtxError as _, CtxNone as _};
+                                #[allow(clippy::needless_borrow)] // the borrows select the impl
+                                let __context = (&&&#p::Ctx(&__error)).__context();
+                                #reply_err(&__error, __context)
+                            }
                         }
                     }
-                },
-                Output::Plain(_) | Output::Unit => quote! {
-                    #p::reply_ok(&#invoke)
-                },
+                }
+                Output::Plain(ty) => {
+                    let reply_ok = quote_spanned!(ty.span()=> #p::reply_ok::<#ty>);
+                    quote!(#reply_ok(&#invoke))
+                }
+                Output::Unit => quote!(#p::reply_ok::<()>(&#invoke)),
             };
             (quote!(call), body)
         };
         let wire_bytes = syn::LitByteStr::new(wire_name.as_bytes(), name.span());
         let decode = if idents.is_empty() {
-            quote!(decode_no_args)
+            quote!(#p::decode_no_args(#wire_name, __args))
         } else {
-            quote!(decode_args)
+            // One call per argument, spanned at its type: a type that cannot be received
+            // is reported there.
+            let count = m.args.len() as u32;
+            let reads = m.args.iter().map(|a| {
+                let ty = &a.ty;
+                quote_spanned!(ty.span()=> __reader.arg::<#ty>()?)
+            });
+            quote!(#p::decode_args(#wire_name, __args, #count, |__reader| {
+                #p::Ok((#(#reads,)*))
+            }))
         };
         quote! {
             #wire_bytes => {
-                let (#(#idents,)*): (#(#tys,)*) = match #p::#decode(#wire_name, __args) {
+                let (#(#idents,)*) = match #decode {
                     #p::Ok(__decoded) => __decoded,
                     #p::Err(__failed) => return __failed,
                 };

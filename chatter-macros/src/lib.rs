@@ -144,6 +144,15 @@ mod expand;
 /// }
 /// ```
 ///
+/// Every argument, return and application error type must implement serde's `Serialize`
+/// and `Deserialize` (`DeserializeOwned`). A type that does not is reported at the type
+/// in the trait, once for each trait it lacks, for example ``error[E0277]: `Point` cannot
+/// be sent by chatter: it does not implement `Serialize` `` with a note to add
+/// `#[derive(serde::Serialize, serde::Deserialize)]`. (For a type inside another, as in
+/// `Vec<Point>`, the error names the outer type.) An application error type needs nothing
+/// else: `Display` or `std::error::Error`, when it has them, only enrich the context the
+/// caller receives.
+///
 /// Misuse is a compile error on the offending tokens: a method that is not `async`, a
 /// receiver other than `&self`, generic methods or traits, borrowed argument or return
 /// types, a signal with a return value, duplicate method names, names that clash with the

@@ -27,6 +27,20 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     T::deserialize(&mut Decoder::new(bytes)).map_err(|_: Failed| take_raised())
 }
 
+/// Decodes a value at the start of `bytes` as [`decode`] does, with `max_depth` levels of
+/// nesting allowed instead of [`MAX_DEPTH`]; returns it with the number of bytes it took.
+pub(crate) fn decode_prefix<T: DeserializeOwned>(
+    bytes: &[u8],
+    max_depth: u16,
+) -> Result<(T, usize), DecodeError> {
+    let mut decoder = Decoder {
+        input: bytes,
+        depth: max_depth,
+    };
+    let value = T::deserialize(&mut decoder).map_err(|_: Failed| take_raised())?;
+    Ok((value, bytes.len() - decoder.input.len()))
+}
+
 /// A serde deserializer reading MessagePack from a slice.
 pub(crate) struct Decoder<'de> {
     /// What is left to read.

@@ -21,12 +21,15 @@ pub(crate) const EXT_STRUCT_NAME: &str = "_ExtStruct";
 ///
 /// Sequences and maps of unknown length (`#[serde(flatten)]`, `collect_seq` over a
 /// filter) are written with their counted length in front, as rmp-serde writes them.
+// Always inlined: a thin wrapper called once per argument by generated clients, where
+// a call costs more than the encoding of a small value.
+#[inline(always)]
 pub fn encode<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), EncodeError> {
     encode_boxed(w, v).map_err(|e| *e.0)
 }
 
 /// [`encode`] with the boxed error.
-#[inline]
+#[inline(always)]
 fn encode_boxed<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), Fail> {
     let start = w.len();
     let result = v.serialize(&mut Encoder { w: &mut *w });

@@ -1,6 +1,8 @@
 //! A borrowing cursor that reads single MessagePack values, for hand-written headers and
 //! envelopes.
 
+use serde::de::DeserializeOwned;
+
 use crate::error::DecodeError;
 
 /// A cursor over MessagePack bytes that reads one value at a time, borrowing strings and
@@ -269,6 +271,32 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Reads one value with serde, as [`decode`](crate::decode) reads a whole input, and
+    /// moves past it. Values nested more than `max_depth` levels deep are refused with
+    /// [`DecodeError::DepthLimitExceeded`] (`decode` allows [`MAX_DEPTH`](crate::MAX_DEPTH);
+    /// the elements of an array read with [`read_array_len`](Self::read_array_len) get
+    /// the same limit as in a `decode` of the whole array with `MAX_DEPTH - 1`). On error
+    /// the reader does not move.
+    ///
+    /// ```
+    /// use chatter_msgpack::{encode, Reader, MAX_DEPTH};
+    ///
+    /// let mut buf = Vec::new();
+    /// encode(&mut buf, &(2, "three"))?;
+    /// let mut r = Reader::new(&buf);
+    /// assert_eq!(r.read_array_len()?, 2);
+    /// assert_eq!(r.read_value::<i64>(MAX_DEPTH - 1)?, 2);
+    /// assert_eq!(r.read_value::<String>(MAX_DEPTH - 1)?, "three");
+    /// r.finish()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[inline]
+    pub fn read_value<T: DeserializeOwned>(&mut self, max_depth: u16) -> Result<T, DecodeError> {
+        let (value, used) = crate::decode::decode_prefix(self.remaining(), max_depth)?;
+        self.pos += used;
+        Ok(value)
+    }
+
     /// Skips one value of any type, refusing arrays and maps nested more than `max_depth`
     /// levels deep (with [`DecodeError::DepthLimitExceeded`]): a scalar is at depth 0, the
     /// elements of a top-level array at depth 1.
@@ -421,6 +449,33 @@ mod tests {
             Reader::new(&[0x01, 0x02]).finish(),
             Err(DecodeError::TrailingBytes { count: 2 })
         );
+    }
+
+    #[test]
+    fn read_value_decodes_one_element_as_decode_decodes_the_array() {
+        let mut buf = Vec::new();
+        crate::encode(&mut buf, &(vec![1u8, 2], "x", [[0u8; 0]; 1])).unwrap();
+        let mut r = Reader::new(&buf);
+        assert_eq!(r.read_array_len(), Ok(3));
+        assert_eq!(r.read_value::<Vec<u8>>(1), Ok(vec![1, 2]));
+        // A failed read does not move the reader.
+        assert!(r.read_value::<u32>(1).is_err());
+        assert_eq!(r.read_value::<String>(1), Ok("x".to_owned()));
+        // Nesting is counted from the element, as a decode of the whole array with one
+        // level more counts it.
+        let rest = r.remaining();
+        assert_eq!(
+            r.read_value::<Vec<Vec<u8>>>(1),
+            Err(DecodeError::DepthLimitExceeded)
+        );
+        assert_eq!(
+            crate::decode::decode_prefix::<(Vec<u8>, String, Vec<Vec<u8>>)>(&buf, 2)
+                .map(|(v, _)| v.2),
+            Err(DecodeError::DepthLimitExceeded)
+        );
+        assert_eq!(r.remaining(), rest);
+        assert_eq!(r.read_value::<Vec<Vec<u8>>>(2), Ok(vec![vec![]]));
+        assert!(r.is_empty());
     }
 
     #[test]

@@ -13,11 +13,11 @@ use bytes::Bytes;
 use chatter_core::SendError;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
 use crate::context::{CallContext, Metadata, TraceParent};
 use crate::error::{CallError, RemoteContext, SignalError};
 use crate::peer::{Attempt, Inner, Outcome, Peer, Sent, MAX_DURATION};
+use crate::values::{write_args, ArgError, ArgsWriter, Receivable};
 use crate::wire::{self, FailureKind, Payload, Reply, WireName};
 
 /// What a generated `{Trait}Client` wraps: a peer, the remote object's name, and the
@@ -214,12 +214,12 @@ impl ClientCore {
 
     /// Encodes a request that may carry a context (see [`is_plain`](Self::is_plain)).
     #[inline(never)]
-    fn encode_with_context<A: Serialize + ?Sized>(
+    fn encode_with_context(
         &self,
         kind: u8,
         method: &Method,
         duration: Duration,
-        args: &A,
+        args: impl FnOnce(&mut Vec<u8>) -> Result<(), wire::WireError>,
     ) -> Result<(Payload, Option<TraceParent>), EncodeFailure> {
         let (context, trace) = self.request_context().map_err(EncodeFailure::Metadata)?;
         let object = self.shared.object.encoded();
@@ -260,54 +260,66 @@ impl ClientCore {
         enabled.then(TraceParent::random)
     }
 
-    /// A call of a method returning `Result<T, E>`.
-    pub fn call<A, T, E>(
+    /// A call of a method returning `Result<T, E>`, with `count` arguments written by
+    /// `args`.
+    pub fn call<T, E, A>(
         &self,
         method: &'static Method,
-        args: &A,
+        count: u32,
+        args: A,
     ) -> impl Future<Output = Result<T, CallError<E>>> + Send + 'static
     where
-        A: Serialize + ?Sized,
-        T: DeserializeOwned + Send + 'static,
-        E: DeserializeOwned + Send + 'static,
+        T: Receivable + Send + 'static,
+        E: Receivable + Send + 'static,
+        A: FnOnce(&mut ArgsWriter<'_>) -> Result<(), ArgError>,
     {
-        self.call_with(method, args, |error, remote| {
-            match wire::decode_value::<E>(error) {
+        self.call_with(
+            method,
+            count,
+            args,
+            |error, remote| match wire::decode_value::<E>(error) {
                 Ok(error) => CallError::App { error, remote },
                 Err(e) => CallError::BadReply { what: e.0 },
-            }
-        })
+            },
+        )
     }
 
-    /// A call of a method returning a plain `T`.
-    pub fn call_plain<A, T>(
+    /// A call of a method returning a plain `T`, with `count` arguments written by `args`.
+    pub fn call_plain<T, A>(
         &self,
         method: &'static Method,
-        args: &A,
+        count: u32,
+        args: A,
     ) -> impl Future<Output = Result<T, CallError<Infallible>>> + Send + 'static
     where
-        A: Serialize + ?Sized,
-        T: DeserializeOwned + Send + 'static,
+        T: Receivable + Send + 'static,
+        A: FnOnce(&mut ArgsWriter<'_>) -> Result<(), ArgError>,
     {
-        self.call_with(method, args, |_, remote| CallError::BadReply {
+        self.call_with(method, count, args, |_, remote| CallError::BadReply {
             what: format!("unexpected application error from a method without one: {remote}"),
         })
     }
 
-    /// Sends a signal: encodes the arguments now, queues the signal when first polled
-    /// (see [`Peer`](crate::Peer) for TTL, outbox and persistence rules).
-    pub fn signal<A: Serialize + ?Sized>(
+    /// Sends a signal: encodes its `count` arguments now (written by `args`), queues the
+    /// signal when first polled (see [`Peer`](crate::Peer) for TTL, outbox and persistence
+    /// rules).
+    pub fn signal<A>(
         &self,
         method: &'static Method,
         default_ttl: Option<Duration>,
         persistent: bool,
-        args: &A,
-    ) -> impl Future<Output = Result<Sent, SignalError>> + Send + 'static {
+        count: u32,
+        args: A,
+    ) -> impl Future<Output = Result<Sent, SignalError>> + Send + 'static
+    where
+        A: FnOnce(&mut ArgsWriter<'_>) -> Result<(), ArgError>,
+    {
         let ttl = match self.ttl.or(default_ttl) {
             Some(ttl) => ttl.min(MAX_DURATION),
             None => self.shared.default_ttl,
         };
         let object = self.shared.object.encoded();
+        let args = |w: &mut Vec<u8>| write_args(w, count, args);
         let encoded = if self.is_plain() {
             wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, None, args)
                 .map_err(|e| SignalError::BadArguments { what: e.0 })
@@ -341,17 +353,19 @@ impl ClientCore {
     fn call_with<A, T, E, F>(
         &self,
         method: &'static Method,
-        args: &A,
+        count: u32,
+        args: A,
         app: F,
     ) -> impl Future<Output = Result<T, CallError<E>>> + Send + 'static
     where
-        A: Serialize + ?Sized,
+        A: FnOnce(&mut ArgsWriter<'_>) -> Result<(), ArgError>,
         T: DeserializeOwned + Send + 'static,
         E: Send + 'static,
         F: FnOnce(&[u8], RemoteContext) -> CallError<E> + Send + Unpin + 'static,
     {
         let deadline = self.deadline();
         let object = self.shared.object.encoded();
+        let args = |w: &mut Vec<u8>| write_args(w, count, args);
         let mut trace = None;
         let encoded = if self.is_plain() {
             wire::encode_request_with(wire::CALL, object, method.wire, deadline, None, args)

@@ -110,7 +110,24 @@
 //!   down gracefully (`shutdown(grace)`).
 //!
 //! The wire format of the RPC envelopes is described in `PROTOCOL.md` in this crate.
+//!
+//! ## Cargo features
+//!
+//! - **`tls`** (default): `tls://` addresses and the re-exported `tls` module (chatter-core's
+//!   `tls` feature: rustls with the ring provider). Without it, connecting to or listening
+//!   on a `tls://` address fails with
+//!   [`AddressError::TlsNotCompiledIn`](chatter_core::AddressError::TlsNotCompiledIn), and
+//!   [`Peer::reconnecting`] refuses one at once.
+//! - **`persistence`** (off by default): the SQLite store of persistent signals
+//!   ([`ReconnectOptions::store`]), through rusqlite, which compiles SQLite from C. Without
+//!   it, [`Peer::reconnecting`] refuses a store with
+//!   [`ReconnectError::PersistenceNotCompiledIn`]; everything else, including reliable
+//!   in-memory delivery of signals by a reconnecting peer, works the same.
+//!
+//! With neither (`default-features = false`), chatter-rpc builds from Rust sources alone:
+//! plain TCP and Unix sockets, no rustls, ring or SQLite.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(
     missing_docs,
     missing_debug_implementations,
@@ -126,13 +143,16 @@ mod peer;
 mod server;
 mod service;
 mod store;
+mod values;
 mod wire;
 
+/// TLS settings for `tls://` addresses: [`chatter_core::tls`].
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use chatter_core::tls;
 /// The transport layer, re-exported so that `chatter-rpc` is the only chatter dependency an
 /// application needs.
-pub use chatter_core::{
-    self, connect, listen, tls, Address, CloseCause, Connection, Options, Server,
-};
+pub use chatter_core::{self, connect, listen, Address, CloseCause, Connection, Options, Server};
 pub use chatter_macros::remote;
 pub use context::{CallContext, InvalidTraceParent, Metadata, TraceParent};
 pub use error::{AckError, CallError, RemoteContext, SignalError};
@@ -149,8 +169,11 @@ pub use service::Service;
 pub mod __private {
     pub use crate::client::{ClientCore, Method};
     pub use crate::service::{
-        decode_args, decode_no_args, reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay,
-        CtxError, CtxNone, Dispatch, Handlers, RemoteResult,
+        reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay, CtxError, CtxNone, Dispatch,
+        Handlers, RemoteResult,
+    };
+    pub use crate::values::{
+        decode_args, decode_no_args, ArgError, ArgsReader, ArgsWriter, Receivable, Sendable,
     };
     pub use crate::wire::Payload;
     pub use ::bytes::Bytes;
@@ -183,7 +206,8 @@ pub mod __fuzz {
     }
 }
 
-/// The README's examples, compiled and run as doctests so they stay true.
-#[cfg(doctest)]
+/// The README's examples, compiled and run as doctests so they stay true (in builds with
+/// TLS, which one of them shows).
+#[cfg(all(doctest, feature = "tls"))]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;

@@ -7,11 +7,10 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio_util::sync::ReusableBoxFuture;
 
 use crate::error::RemoteContext;
+use crate::values::Sendable;
 use crate::wire::{self, FailureKind, Payload};
 
 /// An object that can be registered on a [`Peer`](crate::Peer) and called remotely.
@@ -144,27 +143,9 @@ impl<T, E> RemoteResult for Result<T, E> {
     type Err = E;
 }
 
-/// Decodes the argument tuple of `method`.
-#[doc(hidden)]
-pub fn decode_args<A: DeserializeOwned>(method: &str, args: &[u8]) -> Result<A, Dispatch> {
-    wire::decode_value(args)
-        .map_err(|e| Dispatch::BadArguments(format!("arguments of `{method}`: {e}")))
-}
-
-/// Decodes the arguments of `method`, which takes none: nil, as the Rust client sends
-/// them (serde's `()`), or an empty array, which implementations in other languages
-/// naturally send for an empty argument list (PROTOCOL.md, "Arguments").
-#[doc(hidden)]
-pub fn decode_no_args(method: &str, args: &[u8]) -> Result<(), Dispatch> {
-    match args {
-        [0xc0] | [0x90] => Ok(()),
-        _ => decode_args(method, args),
-    }
-}
-
 /// Encodes a successful return value.
 #[doc(hidden)]
-pub fn reply_ok<T: Serialize>(value: &T) -> Payload {
+pub fn reply_ok<T: Sendable + ?Sized>(value: &T) -> Payload {
     wire::encode_ok(value).unwrap_or_else(|e| {
         tracing::warn!("cannot encode a reply: {e}");
         wire::encode_failure(FailureKind::Protocol, &format!("callee: {e}"))
@@ -173,7 +154,7 @@ pub fn reply_ok<T: Serialize>(value: &T) -> Payload {
 
 /// Encodes an application error with its context.
 #[doc(hidden)]
-pub fn reply_app_error<E: Serialize>(error: &E, context: Option<RemoteContext>) -> Payload {
+pub fn reply_app_error<E: Sendable + ?Sized>(error: &E, context: Option<RemoteContext>) -> Payload {
     wire::encode_app_error(error, &context.unwrap_or_default()).unwrap_or_else(|e| {
         tracing::warn!("cannot encode an application error: {e}");
         wire::encode_failure(FailureKind::Protocol, &format!("callee: {e}"))

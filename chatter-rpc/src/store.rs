@@ -9,13 +9,21 @@
 //! ceiling, above anything sent before the crash: the receiver's duplicate detection
 //! (which keeps the highest sequence number it accepted per stream) never mistakes a new
 //! signal for an old one.
+//!
+//! The store needs the `persistence` feature (rusqlite, which compiles SQLite from C).
+//! Without it, [`Store`] is a type without values: a peer's `Option<Store>` is always
+//! `None`, and [`Store::open`] refuses with [`ReconnectError::PersistenceNotCompiledIn`].
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+#[cfg(feature = "persistence")]
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::ReconnectError;
+
 /// A signal loaded from the store at start-up.
+#[cfg_attr(not(feature = "persistence"), allow(dead_code))]
 pub(crate) struct Stored {
     pub(crate) seq: u64,
     pub(crate) payload: Vec<u8>,
@@ -24,35 +32,47 @@ pub(crate) struct Stored {
 }
 
 /// What a store holds when it is opened.
+#[cfg_attr(not(feature = "persistence"), allow(dead_code))]
 pub(crate) struct Loaded {
     pub(crate) stream: u64,
     pub(crate) next_seq: u64,
     pub(crate) signals: Vec<Stored>,
 }
 
+/// The SQLite file of persistent signals.
+#[cfg(feature = "persistence")]
 pub(crate) struct Store {
     db: Connection,
     /// Every sequence number below this may have been used (durably recorded).
     ceiling: u64,
 }
 
+/// Without the `persistence` feature there is no store: this type has no values, so the
+/// peer code that would use one is never reached.
+#[cfg(not(feature = "persistence"))]
+#[derive(Debug)]
+pub(crate) enum Store {}
+
 /// How many sequence numbers one write of the ceiling reserves.
+#[cfg(feature = "persistence")]
 pub(crate) const RESERVE: u64 = 4096;
 
+#[cfg(feature = "persistence")]
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Store")
     }
 }
 
-fn err(e: rusqlite::Error) -> String {
-    e.to_string()
-}
-
+#[cfg(feature = "persistence")]
 impl Store {
     /// Opens (creating if needed) the store at `path`; a new store gets `fresh_stream` as
     /// its stream id.
-    pub(crate) fn open(path: &Path, fresh_stream: u64) -> Result<(Store, Loaded), String> {
+    pub(crate) fn open(path: &Path, fresh_stream: u64) -> Result<(Store, Loaded), ReconnectError> {
+        Store::open_sqlite(path, fresh_stream).map_err(ReconnectError::Store)
+    }
+
+    fn open_sqlite(path: &Path, fresh_stream: u64) -> Result<(Store, Loaded), String> {
         let db = Connection::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         db.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         db.pragma_update(None, "synchronous", "FULL").map_err(err)?;
@@ -169,6 +189,34 @@ impl Store {
     }
 }
 
+#[cfg(not(feature = "persistence"))]
+impl Store {
+    /// Refuses: this build has no store.
+    pub(crate) fn open(path: &Path, _fresh_stream: u64) -> Result<(Store, Loaded), ReconnectError> {
+        Err(ReconnectError::PersistenceNotCompiledIn {
+            path: path.to_owned(),
+        })
+    }
+
+    pub(crate) fn insert(&mut self, _: u64, _: &[u8], _: u64) -> Result<(), String> {
+        match *self {}
+    }
+
+    pub(crate) fn reserve(&mut self, _: u64) -> Result<(), String> {
+        match *self {}
+    }
+
+    pub(crate) fn delete(&mut self, _: u64) {
+        match *self {}
+    }
+}
+
+#[cfg(feature = "persistence")]
+fn err(e: rusqlite::Error) -> String {
+    e.to_string()
+}
+
+#[cfg(feature = "persistence")]
 fn set_ceiling(db: &Connection, ceiling: u64) -> Result<(), String> {
     db.execute(
         "INSERT OR REPLACE INTO chatter_meta (key, value) VALUES ('next_seq', ?1)",
@@ -196,7 +244,7 @@ pub(crate) fn wall_ms_remaining(ms: u64) -> Duration {
     Duration::from_millis(u64::try_from(u128::from(ms).saturating_sub(now)).unwrap_or(0))
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "persistence"))]
 mod tests {
     use super::*;
 

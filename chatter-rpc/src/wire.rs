@@ -184,6 +184,7 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
     args: &A,
 ) -> Result<Payload, WireError> {
     let (object, method) = (WireName::new(object), WireName::new(method));
+    let args = |w: &mut Vec<u8>| value(w, args);
     encode_request_with(
         kind,
         object.encoded(),
@@ -195,17 +196,18 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
 }
 
 /// A request (see `encode_request` in the tests) with the object and method names already
-/// encoded (see [`WireName`]): clients encode their names once, not per call.
+/// encoded (see [`WireName`]): clients encode their names once, not per call. `args`
+/// writes the argument list (generated clients write it one argument at a time).
 ///
 /// With a `context` (already encoded, see [`encode_context`]), the request is of the
 /// kind + [`WITH_CONTEXT`], and the context map goes before the arguments.
-pub(crate) fn encode_request_with<A: Serialize + ?Sized>(
+pub(crate) fn encode_request_with(
     kind: u8,
     object: &[u8],
     method: &[u8],
     duration: Duration,
     context: Option<&[u8]>,
-    args: &A,
+    args: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>,
 ) -> Result<Payload, WireError> {
     encode(|w| {
         match context {
@@ -224,7 +226,7 @@ pub(crate) fn encode_request_with<A: Serialize + ?Sized>(
         if let Some(context) = context {
             w.extend_from_slice(context);
         }
-        value(w, args)
+        args(w)
     })
 }
 
@@ -684,7 +686,7 @@ pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireE
 
 #[cold]
 #[inline(never)]
-fn decode_error(type_name: &str, e: DecodeError) -> WireError {
+pub(crate) fn decode_error(type_name: &str, e: DecodeError) -> WireError {
     match e {
         DecodeError::DepthLimitExceeded => WireError(format!(
             "cannot decode {type_name}: nested more than {} levels deep",
@@ -711,7 +713,9 @@ fn put_str(w: &mut Vec<u8>, s: &str) {
     put_name(w, Name(s.as_bytes()));
 }
 
-fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
+/// Appends one user value.
+#[inline(always)]
+pub(crate) fn value<T: Serialize + ?Sized>(w: &mut Vec<u8>, v: &T) -> Result<(), WireError> {
     codec::encode(w, v).map_err(|e| encode_error(std::any::type_name::<T>(), e))
 }
 
@@ -944,7 +948,9 @@ mod tests {
         let (object, method) = (WireName::new("calc"), WireName::new("add"));
         let (object, method) = (object.encoded(), method.encoded());
         let ms = Duration::from_millis(1500);
-        let call = encode_request_with(CALL, object, method, ms, Some(&context), &(2, 3));
+        let call = encode_request_with(CALL, object, method, ms, Some(&context), |w| {
+            value(w, &(2, 3))
+        });
         let call = call.unwrap();
         assert_eq!(
             doc_block("the metadata `user: ada` and a trace context"),
@@ -977,7 +983,7 @@ mod tests {
             method.encoded(),
             ttl,
             Some(&context),
-            &("hi",),
+            |w| value(w, &("hi",)),
         );
         inline_in_doc(
             "96 0a a3 6c 6f 67 a4 6c 69 6e 65 cd 0f a0 81 a1 61 a1 62 91 a2 68 69",

@@ -7,11 +7,11 @@ use chatter_core::{
 use tests::Transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const TRANSPORTS: [Transport; 3] = [Transport::Tcp, Transport::Unix, Transport::Tls];
+const TRANSPORTS: &[Transport] = Transport::ALL;
 
 #[tokio::test(start_paused = true)]
 async fn a_request_sent_before_the_servers_hello_is_answered() {
-    for transport in TRANSPORTS {
+    for &transport in TRANSPORTS {
         let server = listen(
             transport.listen_address(),
             transport.server_options(Options::default()),

@@ -3,7 +3,6 @@
 //! sends, persistent signals across a SIGKILL of the sender, graceful shutdown.
 
 use std::collections::{HashMap, HashSet};
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -831,6 +830,7 @@ async fn ordered_signals_are_handled_one_at_a_time_in_send_order() {
     }
 }
 
+#[cfg(feature = "persistence")] // the SQLite store
 /// A store path of this test process (removed with its journal files by `remove`).
 fn temp_store(name: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("chatter-{name}-{}.sqlite", std::process::id()));
@@ -838,12 +838,14 @@ fn temp_store(name: &str) -> std::path::PathBuf {
     path
 }
 
+#[cfg(feature = "persistence")] // the SQLite store
 fn remove_store(path: &std::path::Path) {
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
 
+#[cfg(feature = "persistence")] // the SQLite store
 #[tokio::test(start_paused = true)]
 async fn only_persistent_signals_are_stored_and_a_restarted_stream_is_not_taken_for_old() {
     let rec = Recorder::default();
@@ -901,8 +903,10 @@ async fn only_persistent_signals_are_stored_and_a_restarted_stream_is_not_taken_
     remove_store(&store);
 }
 
+#[cfg(feature = "persistence")] // the SQLite store
 /// Reads the sender's stdout lines into a channel (on a thread: the pipe is blocking).
 fn lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -916,6 +920,7 @@ fn lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     rx
 }
 
+#[cfg(feature = "persistence")] // the SQLite store
 fn sender(address: &str, store: &std::path::Path, from: u64, to: u64) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_reliable-sender"))
         .args([
@@ -929,6 +934,7 @@ fn sender(address: &str, store: &std::path::Path, from: u64, to: u64) -> std::pr
         .expect("start the sender")
 }
 
+#[cfg(feature = "persistence")] // the SQLite store
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_signals_survive_sigkill_of_the_sender() {
     // The receiver handles 20 signals, then stalls until the sender was killed: whatever

@@ -87,12 +87,24 @@ impl Supervisor {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReconnectError {
-    /// The address does not parse.
+    /// The address does not parse, or needs a feature this build lacks (`tls://` without
+    /// `tls`: [`AddressError::TlsNotCompiledIn`]).
     #[error(transparent)]
     Address(#[from] AddressError),
     /// The signal store could not be opened or read.
     #[error("signal store: {0}")]
     Store(String),
+    /// A store was given ([`ReconnectOptions::store`]) to a build without the
+    /// `persistence` feature.
+    #[error(
+        "cannot open the signal store {}: persistence support is not compiled in: enable \
+         the `persistence` feature of chatter-rpc",
+        path.display()
+    )]
+    PersistenceNotCompiledIn {
+        /// The store's path.
+        path: PathBuf,
+    },
 }
 
 /// When to try again after a connection dropped or an attempt failed: exponential backoff
@@ -195,7 +207,7 @@ impl Backoff {
 /// let options = ReconnectOptions::default()
 ///     .backoff(Backoff::exponential(Duration::from_millis(10), Duration::from_secs(5)))
 ///     .window(64)
-///     .store("/var/lib/myapp/outbox.sqlite"); // persistent signals
+///     .store("/var/lib/myapp/outbox.sqlite"); // persistent signals (feature `persistence`)
 /// # let _ = options;
 /// ```
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -230,6 +242,11 @@ impl ReconnectOptions {
     /// the receiver keeps discarding duplicates. Without a store, every signal is in
     /// memory only.
     ///
+    /// Needs the `persistence` feature (SQLite, compiled from C): without it,
+    /// [`Peer::reconnecting`](crate::Peer::reconnecting) refuses a store with
+    /// [`ReconnectError::PersistenceNotCompiledIn`] rather than keep the signals in memory
+    /// only.
+    ///
     /// Cost: each persistent send and each of its acknowledgements is one synced SQLite
     /// transaction on the thread of the task that sends it or receives the
     /// acknowledgement (WAL journal, `synchronous = FULL`: durable against a crash of the
@@ -249,13 +266,15 @@ pub(crate) fn start_reconnecting(
     peer_options: PeerOptions,
     reconnect: ReconnectOptions,
 ) -> Result<Arc<PeerState>, ReconnectError> {
+    // Refused now rather than at every connection attempt.
+    address.check_supported()?;
     let mut outbox = Outbox::default();
     let mut stream = random_u64() | 1;
     let mut loaded_expired = Vec::new();
     let store = match &reconnect.store {
         None => None,
         Some(path) => {
-            let (mut db, loaded) = Store::open(path, stream).map_err(ReconnectError::Store)?;
+            let (mut db, loaded) = Store::open(path, stream)?;
             stream = loaded.stream;
             outbox.next_seq = loaded.next_seq;
             let now = Instant::now();

@@ -178,7 +178,9 @@ impl Peer {
     /// Starts a peer that connects to `address` and stays connected: its link reconnects
     /// after the connection drops, with [`ReconnectOptions::backoff`]. It connects in the
     /// background: this returns at once. Must be called inside a tokio runtime. Fails
-    /// only for an address that does not parse or a store that cannot be opened.
+    /// only for an address that does not parse (or is `tls://` in a build without the
+    /// `tls` feature) or a store that cannot be opened (or, without the `persistence`
+    /// feature, any store).
     ///
     /// - **Reconnects** after the connection drops, with [`Backoff`] (exponential, jitter,
     ///   optionally giving up). [`events`](Self::events) and [`state`](Self::state) show

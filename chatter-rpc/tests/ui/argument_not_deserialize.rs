@@ -1,0 +1,15 @@
+use chatter_rpc::remote;
+use serde::Serialize;
+
+#[derive(Serialize)]
+pub struct Point {
+    pub x: i32,
+    pub y: i32,
+}
+
+#[remote]
+pub trait Geometry {
+    async fn norm(&self, point: Point) -> f64;
+}
+
+fn main() {}
