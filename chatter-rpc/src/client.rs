@@ -42,6 +42,24 @@ enum EncodeFailure {
     Metadata(String),
 }
 
+impl From<EncodeFailure> for SignalError {
+    fn from(e: EncodeFailure) -> Self {
+        match e {
+            EncodeFailure::Args(what) => SignalError::BadArguments { what },
+            EncodeFailure::Metadata(what) => SignalError::MetadataTooLarge { what },
+        }
+    }
+}
+
+impl<E> From<EncodeFailure> for CallError<E> {
+    fn from(e: EncodeFailure) -> Self {
+        match e {
+            EncodeFailure::Args(what) => CallError::BadArguments { what },
+            EncodeFailure::Metadata(what) => CallError::MetadataTooLarge { what },
+        }
+    }
+}
+
 /// What a client attaches to each call and signal.
 #[derive(Default)]
 struct Outgoing {
@@ -101,7 +119,8 @@ impl ClientCore {
             persistent: false,
             deadline: None,
             ttl: None,
-            context: None,
+            // With `start_traces`, an empty one: `is_plain` then checks one field.
+            context: start_traces.then(Arc::default),
         }
     }
 
@@ -202,33 +221,37 @@ impl ClientCore {
         }
     }
 
-    /// The context map of one request and its trace context, or why it cannot be sent.
-    /// Without metadata, outside a traced handler and without `start_traces`, `None`:
-    /// the request goes as a plain call or signal, byte for byte as before contexts.
     /// True when a request goes without a context for sure (no metadata, no trace to
-    /// carry on or start): the common case, checked without a call.
-    #[inline]
+    /// carry on or start: `context` is set with any of them or with `start_traces`): the
+    /// common case, checked without a call.
+    #[inline(always)]
     fn is_plain(&self) -> bool {
-        self.context.is_none() && !self.shared.start_traces && !CallContext::may_inherit()
+        self.context.is_none() && !CallContext::may_inherit()
     }
 
     /// Encodes a request that may carry a context (see [`is_plain`](Self::is_plain)).
+    /// Cold and out of line: the plain path, inlined into each generated method, stays
+    /// as it was before contexts.
+    #[cold]
     #[inline(never)]
-    fn encode_with_context(
+    fn encode_with_context<E: From<EncodeFailure>>(
         &self,
         kind: u8,
         method: &Method,
         duration: Duration,
         args: impl FnOnce(&mut Vec<u8>) -> Result<(), wire::WireError>,
-    ) -> Result<(Payload, Option<TraceParent>), EncodeFailure> {
+    ) -> Result<(Payload, Option<TraceParent>), E> {
         let (context, trace) = self.request_context().map_err(EncodeFailure::Metadata)?;
         let object = self.shared.object.encoded();
         let context = context.as_deref();
-        wire::encode_request_with(kind, object, method.wire, duration, context, args)
+        wire::encode_request_with_context(kind, object, method.wire, duration, context, args)
             .map(|payload| (payload, trace))
-            .map_err(|e| EncodeFailure::Args(e.0))
+            .map_err(|e| EncodeFailure::Args(e.0).into())
     }
 
+    /// The context map of one request and its trace context, or why it cannot be sent.
+    /// Without metadata, outside a traced handler and without `start_traces`, `None`:
+    /// the request goes as a plain call or signal, byte for byte as before contexts.
     fn request_context(&self) -> Result<(Option<Vec<u8>>, Option<TraceParent>), String> {
         let trace = match &self.context {
             Some(context) if context.trace.is_some() => context.trace,
@@ -303,6 +326,7 @@ impl ClientCore {
     /// Sends a signal: encodes its `count` arguments now (written by `args`), queues the
     /// signal when first polled (see [`Peer`](crate::Peer) for TTL, outbox and persistence
     /// rules).
+    #[inline]
     pub fn signal<A>(
         &self,
         method: &'static Method,
@@ -321,14 +345,11 @@ impl ClientCore {
         let object = self.shared.object.encoded();
         let args = |w: &mut Vec<u8>| write_args(w, count, args);
         let encoded = if self.is_plain() {
-            wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, None, args)
+            wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, args)
                 .map_err(|e| SignalError::BadArguments { what: e.0 })
         } else {
-            match self.encode_with_context(wire::SIGNAL, method, ttl, args) {
-                Ok((payload, _trace)) => Ok(payload),
-                Err(EncodeFailure::Args(what)) => Err(SignalError::BadArguments { what }),
-                Err(EncodeFailure::Metadata(what)) => Err(SignalError::MetadataTooLarge { what }),
-            }
+            self.encode_with_context(wire::SIGNAL, method, ttl, args)
+                .map(|(payload, _trace)| payload)
         };
         let shared = self.shared.clone();
         let persistent = persistent || self.persistent;
@@ -350,6 +371,7 @@ impl ClientCore {
         }
     }
 
+    #[inline]
     fn call_with<A, T, E, F>(
         &self,
         method: &'static Method,
@@ -368,17 +390,14 @@ impl ClientCore {
         let args = |w: &mut Vec<u8>| write_args(w, count, args);
         let mut trace = None;
         let encoded = if self.is_plain() {
-            wire::encode_request_with(wire::CALL, object, method.wire, deadline, None, args)
+            wire::encode_request_with(wire::CALL, object, method.wire, deadline, args)
                 .map_err(|e| CallError::BadArguments { what: e.0 })
         } else {
-            match self.encode_with_context(wire::CALL, method, deadline, args) {
-                Ok((payload, sent)) => {
+            self.encode_with_context(wire::CALL, method, deadline, args)
+                .map(|(payload, sent)| {
                     trace = sent;
-                    Ok(payload)
-                }
-                Err(EncodeFailure::Args(what)) => Err(CallError::BadArguments { what }),
-                Err(EncodeFailure::Metadata(what)) => Err(CallError::MetadataTooLarge { what }),
-            }
+                    payload
+                })
         };
         let (request, boxed) = match encoded {
             Ok(payload) => (Some(payload), None),
@@ -399,7 +418,7 @@ impl ClientCore {
             deadline,
             idempotent: self.idempotent,
             app: Some(app),
-            traced: CallTrace::start(self.object(), method.name, trace),
+            traced: Traced(CallTrace::start(self.object(), method.name, trace)),
             out: PhantomData,
         }
     }
@@ -412,15 +431,46 @@ struct CallTrace {
     start: tokio::time::Instant,
 }
 
+/// A span's record (a call's [`CallTrace`], a handler's), if tracing is on: boxed and
+/// dropped out of line, so that it is one pointer and its drop a null check when
+/// tracing is off.
+pub(crate) struct Traced<T>(pub(crate) Option<Box<T>>);
+
+impl<T> Drop for Traced<T> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if let Some(traced) = self.0.take() {
+            drop_cold(traced);
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn drop_cold<T>(value: T) {
+    drop(value);
+}
+
 impl CallTrace {
     /// The call's span, if the `chatter_rpc::call` target is enabled at debug level.
-    #[inline]
+    #[inline(always)]
     fn start(object: &str, method: &str, trace: Option<TraceParent>) -> Option<Box<CallTrace>> {
         // One level check when off: not even a disabled span (which costs more with
         // `tracing`'s `log` feature).
         if !tracing::enabled!(target: "chatter_rpc::call", tracing::Level::DEBUG) {
             return None;
         }
+        CallTrace::start_enabled(object, method, trace)
+    }
+
+    /// [`start`](Self::start), once the target is enabled.
+    #[cold]
+    #[inline(never)]
+    fn start_enabled(
+        object: &str,
+        method: &str,
+        trace: Option<TraceParent>,
+    ) -> Option<Box<CallTrace>> {
         let span = tracing::debug_span!(
             target: "chatter_rpc::call",
             "call",
@@ -508,7 +558,7 @@ struct Call<T, E, F> {
     /// How to make the caller's error from an application error reply; taken once.
     app: Option<F>,
     /// The call's span, when enabled.
-    traced: Option<Box<CallTrace>>,
+    traced: Traced<CallTrace>,
     out: PhantomData<fn() -> (T, E)>,
 }
 
@@ -534,12 +584,12 @@ where
             if let Err(e) = this.start(payload) {
                 this.app = None;
                 let failed = Err(e.map_app(|n| match n {}));
-                if let Some(traced) = this.traced.take() {
+                if let Some(traced) = this.traced.0.take() {
                     traced.finish(&failed);
                 }
                 return Poll::Ready(failed);
             }
-            if let Some(traced) = &this.traced {
+            if let Some(traced) = &this.traced.0 {
                 if this.waiting != 0 {
                     traced.span.record("conversation", this.waiting);
                 }
@@ -561,7 +611,7 @@ where
         let reply = reply.map_err(|e| e.map_app(|n| match n {}));
         let (object, method) = (this.shared.object.as_str(), this.method.name);
         let result = finish(reply, app, object, method);
-        if let Some(traced) = this.traced.take() {
+        if let Some(traced) = this.traced.0.take() {
             traced.finish(&result);
         }
         Poll::Ready(result)

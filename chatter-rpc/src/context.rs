@@ -8,6 +8,7 @@
 //! anyway (the connection handle, the received envelope, the time of receipt): asking for
 //! it costs nothing until a handler does.
 
+use std::cell::Cell;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
@@ -72,41 +73,27 @@ tokio::task_local! {
     static CURRENT: CallContext;
 }
 
-/// A request whose handler the receive task polls in place: its parts are moved into
-/// this thread's [`INLINE`] slot for the poll and back out after it, so that a handler
-/// that completes on its first poll (most do) costs no reference count, no clock read
-/// and no task-local scope for its context; the context is made only if the handler
-/// asks for it.
-#[derive(Default)]
-struct Inline {
-    /// The connection of the batch being handled: set by its first request, cleared
-    /// after the batch.
-    conn: Option<Connection>,
-    envelope: Bytes,
-    parts: Option<Parts>,
-}
-
-/// Where a request's names lie in its envelope (their addresses and lengths, made
-/// without a check and checked against the envelope when read: a request whose handler
-/// never asks costs nothing), and the rest of its context.
-#[derive(Clone)]
-pub(crate) struct Parts {
-    object: (usize, u32),
-    method: (usize, u32),
-    /// The deadline or TTL, from receipt, in milliseconds (as it travelled), and whether
-    /// this is a signal (the low bit).
-    time: u64,
-    sent: Option<Arc<Received>>,
+/// A request as the serving path has it at hand (borrowed from the received message),
+/// made into a [`CallContext`] only when a handler asks for one: the receive task polls
+/// most handlers in place, and one that completes on its first poll (most do) then costs
+/// two stores for its context (see [`Request::poll_inline`]).
+pub(crate) struct Request<'a> {
+    pub(crate) conn: &'a Connection,
+    /// The envelope as received; `object` and `method` lie in it.
+    pub(crate) envelope: &'a Bytes,
+    pub(crate) object: &'a [u8],
+    pub(crate) method: &'a [u8],
+    pub(crate) signal: bool,
+    /// The deadline or TTL, counted from receipt.
+    pub(crate) time: Duration,
+    /// What the caller sent besides its arguments, if anything.
+    pub(crate) sent: Option<&'a Arc<Received>>,
 }
 
 thread_local! {
-    static INLINE: std::cell::RefCell<Inline> = const {
-        std::cell::RefCell::new(Inline {
-            conn: None,
-            envelope: Bytes::new(),
-            parts: None,
-        })
-    };
+    /// The [`Request`] whose handler this thread is polling in place, or null: set by
+    /// [`Request::poll_inline`] for the poll only.
+    static INLINE: Cell<*const ()> = const { Cell::new(std::ptr::null()) };
 }
 
 /// How many received trace contexts are alive: while none is, a call made anywhere
@@ -116,26 +103,17 @@ static TRACES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::
 impl CallContext {
     /// The context of the call the current handler serves; `None` outside a handler.
     pub fn current() -> Option<CallContext> {
-        if let Ok(cx) = CURRENT.try_with(CallContext::clone) {
-            return Some(cx);
+        // Innermost first: a receive task driven inside a handler's task may poll other
+        // handlers in place, never the other way round.
+        let inline = Request::with_polled_inline(|request| {
+            // Polled in place right after it was taken off the connection: now is when
+            // it arrived.
+            request.map(|r| r.context(crate::peer::instant_after(Instant::now(), r.time)))
+        });
+        if inline.is_some() {
+            return inline;
         }
-        INLINE
-            .try_with(|inline| {
-                let inline = inline.try_borrow().ok()?;
-                let parts = inline.parts.clone()?;
-                let conn = inline.conn.as_ref()?;
-                // Polled in place right after it was taken off the connection: now is
-                // when it arrived.
-                let deadline = crate::peer::instant_after(Instant::now(), parts.time());
-                Some(CallContext::from_parts(
-                    conn,
-                    &inline.envelope,
-                    parts,
-                    deadline,
-                ))
-            })
-            .ok()
-            .flatten()
+        CURRENT.try_with(CallContext::clone).ok()
     }
 
     /// Runs `f` with the current handler's context.
@@ -237,68 +215,8 @@ impl fmt::Debug for CallContext {
     }
 }
 
-/// Crate-internal: how the serving path makes and installs contexts.
+/// Crate-internal: how the serving path installs contexts.
 impl CallContext {
-    fn from_parts(conn: &Connection, envelope: &Bytes, parts: Parts, deadline: Instant) -> Self {
-        CallContext {
-            conn: conn.clone(),
-            envelope: envelope.clone(),
-            object: parts.range(envelope, parts.object),
-            method: parts.range(envelope, parts.method),
-            signal: parts.signal(),
-            deadline,
-            sent: parts.sent,
-        }
-    }
-
-    /// The context of a request with `parts` in `envelope`, for a handler run in a task.
-    pub(crate) fn new(
-        conn: &Connection,
-        envelope: &Bytes,
-        parts: Parts,
-        deadline: Instant,
-    ) -> CallContext {
-        CallContext::from_parts(conn, envelope, parts, deadline)
-    }
-
-    /// Runs `f` (the first poll of a handler, in the receive task) with the request
-    /// (`envelope`, `parts`) as the current context: both are swapped into this thread's
-    /// slot for the poll and back out after it.
-    #[inline(always)]
-    pub(crate) fn poll_inline<R>(
-        conn: &Connection,
-        envelope: &mut Bytes,
-        parts: &mut Option<Parts>,
-        f: impl FnOnce() -> R,
-    ) -> R {
-        // `try_with`: on a thread being torn down the handler runs without a context.
-        let swap = |envelope: &mut Bytes, parts: &mut Option<Parts>| {
-            let _ = INLINE.try_with(|inline| {
-                if let Ok(mut inline) = inline.try_borrow_mut() {
-                    let inline = &mut *inline;
-                    if inline.conn.is_none() {
-                        inline.conn = Some(conn.clone());
-                    }
-                    std::mem::swap(&mut inline.envelope, envelope);
-                    std::mem::swap(&mut inline.parts, parts);
-                }
-            });
-        };
-        swap(envelope, parts);
-        let r = f();
-        swap(envelope, parts);
-        r
-    }
-
-    /// Forgets the connection [`poll_inline`](Self::poll_inline) kept for the batch.
-    pub(crate) fn end_batch() {
-        let _ = INLINE.try_with(|inline| {
-            if let Ok(mut inline) = inline.try_borrow_mut() {
-                inline.conn = None;
-            }
-        });
-    }
-
     /// `fut` with `cx` as the current context while it is polled.
     pub(crate) async fn scope<F: std::future::Future>(
         cx: Option<CallContext>,
@@ -326,60 +244,63 @@ impl CallContext {
     }
 }
 
-impl Parts {
-    /// The parts of a request whose `object`, `method` lie in `envelope`, with its
-    /// context map if it has one. `None` if they do not lie in it (cannot happen with
-    /// the envelope decoder; checked, not trusted).
-    #[inline]
-    pub(crate) fn new(
-        (object, method): (&[u8], &[u8]),
-        signal: bool,
-        time: Duration,
-        context: Option<&[u8]>,
-    ) -> Parts {
-        let ms = u64::try_from(time.as_millis()).unwrap_or(u64::MAX);
-        Parts {
-            object: (object.as_ptr() as usize, object.len() as u32),
-            method: (method.as_ptr() as usize, method.len() as u32),
-            time: (ms.min(u64::MAX >> 1) << 1) | u64::from(signal),
-            sent: context.map(Received::decode),
+impl Request<'_> {
+    /// The context of this request for its handler, whose deadline (or TTL) runs out at
+    /// `deadline`.
+    pub(crate) fn context(&self, deadline: Instant) -> CallContext {
+        CallContext {
+            conn: self.conn.clone(),
+            envelope: self.envelope.clone(),
+            object: range_in(self.envelope, self.object),
+            method: range_in(self.envelope, self.method),
+            signal: self.signal,
+            deadline,
+            sent: self.sent.cloned(),
         }
     }
 
-    /// What the caller sent besides its arguments, if anything.
-    pub(crate) fn sent(&self) -> Option<&Received> {
-        self.sent.as_deref()
-    }
-
-    /// Where `part` (an address and length) lies in `envelope`: empty if not in it.
-    fn range(&self, envelope: &[u8], (at, len): (usize, u32)) -> Range<u32> {
-        let start = at.wrapping_sub(envelope.as_ptr() as usize);
-        match start.checked_add(len as usize) {
-            Some(end) if end <= envelope.len() => {
-                match (u32::try_from(start), u32::try_from(end)) {
-                    (Ok(start), Ok(end)) => start..end,
-                    _ => 0..0,
-                }
+    /// Runs `f` (a poll of this request's handler, in the receive task) with this request
+    /// as the current context: its address goes into this thread's [`INLINE`] slot, and
+    /// the previous value back after `f`, even if `f` unwinds.
+    #[inline(always)]
+    pub(crate) fn poll_inline<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(*const ());
+        impl Drop for Restore {
+            #[inline(always)]
+            fn drop(&mut self) {
+                INLINE.with(|inline| inline.set(self.0));
             }
-            _ => 0..0,
         }
+        let this = self as *const Request<'_> as *const ();
+        // `with`, not `LocalKey::replace`: a const-initialised `Cell` without drop glue
+        // is then a plain thread-local access (`replace` calls out of line).
+        let _restore = Restore(INLINE.with(|inline| inline.replace(this)));
+        f()
     }
 
-    /// The object and method names, in the `envelope` these parts were made for.
-    pub(crate) fn names<'a>(&self, envelope: &'a [u8]) -> (&'a [u8], &'a [u8]) {
-        let part = |p| {
-            let r = self.range(envelope, p);
-            &envelope[r.start as usize..r.end as usize]
-        };
-        (part(self.object), part(self.method))
+    /// `f` of the request whose handler this thread polls in place, if it is polling one.
+    #[allow(unsafe_code)]
+    fn with_polled_inline<R>(f: impl FnOnce(Option<&Request<'_>>) -> R) -> R {
+        let request = INLINE.with(Cell::get) as *const Request<'_>;
+        // SAFETY: `INLINE` is non-null only inside `poll_inline`, which stores the address
+        // of a `Request` that outlives that call and puts the previous value back before
+        // it returns or unwinds; a `Request` is only ever read, and `INLINE` is per
+        // thread. So a non-null value points to a live `Request` while code inside that
+        // poll runs, and `f` (which runs inside it) cannot keep the reference.
+        f(unsafe { request.as_ref() })
     }
+}
 
-    fn signal(&self) -> bool {
-        self.time & 1 == 1
-    }
-
-    fn time(&self) -> Duration {
-        Duration::from_millis(self.time >> 1)
+/// Where `part` lies in `envelope` (it always does with the envelope decoder: checked,
+/// not trusted); empty if not in it.
+fn range_in(envelope: &[u8], part: &[u8]) -> Range<u32> {
+    let start = (part.as_ptr() as usize).wrapping_sub(envelope.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= envelope.len() => match (u32::try_from(start), u32::try_from(end)) {
+            (Ok(start), Ok(end)) => start..end,
+            _ => 0..0,
+        },
+        _ => 0..0,
     }
 }
 

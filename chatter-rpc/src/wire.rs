@@ -185,23 +185,34 @@ pub(crate) fn encode_request<A: Serialize + ?Sized>(
 ) -> Result<Payload, WireError> {
     let (object, method) = (WireName::new(object), WireName::new(method));
     let args = |w: &mut Vec<u8>| value(w, args);
-    encode_request_with(
-        kind,
-        object.encoded(),
-        method.encoded(),
-        duration,
-        None,
-        args,
-    )
+    encode_request_with(kind, object.encoded(), method.encoded(), duration, args)
 }
 
 /// A request (see `encode_request` in the tests) with the object and method names already
 /// encoded (see [`WireName`]): clients encode their names once, not per call. `args`
 /// writes the argument list (generated clients write it one argument at a time).
-///
-/// With a `context` (already encoded, see [`encode_context`]), the request is of the
-/// kind + [`WITH_CONTEXT`], and the context map goes before the arguments.
 pub(crate) fn encode_request_with(
+    kind: u8,
+    object: &[u8],
+    method: &[u8],
+    duration: Duration,
+    args: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>,
+) -> Result<Payload, WireError> {
+    encode(|w| {
+        w.reserve(2 + object.len() + method.len() + 9);
+        header(w, 5, kind);
+        w.extend_from_slice(object);
+        w.extend_from_slice(method);
+        msgpack::write_uint(w, millis(duration));
+        args(w)
+    })
+}
+
+/// A request as [`encode_request_with`] makes it, with a `context` map (already encoded,
+/// see [`encode_context`]) or without one: with one, the request is of the kind +
+/// [`WITH_CONTEXT`], and the map goes before the arguments. (A function of its own, so
+/// that the plain path stays as small as it was.)
+pub(crate) fn encode_request_with_context(
     kind: u8,
     object: &[u8],
     method: &[u8],
@@ -209,23 +220,16 @@ pub(crate) fn encode_request_with(
     context: Option<&[u8]>,
     args: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>,
 ) -> Result<Payload, WireError> {
+    let Some(context) = context else {
+        return encode_request_with(kind, object, method, duration, args);
+    };
     encode(|w| {
-        match context {
-            None => {
-                w.reserve(2 + object.len() + method.len() + 9);
-                header(w, 5, kind);
-            }
-            Some(context) => {
-                w.reserve(2 + object.len() + method.len() + 9 + context.len());
-                header(w, 6, kind + WITH_CONTEXT);
-            }
-        }
+        w.reserve(2 + object.len() + method.len() + 9 + context.len());
+        header(w, 6, kind + WITH_CONTEXT);
         w.extend_from_slice(object);
         w.extend_from_slice(method);
         msgpack::write_uint(w, millis(duration));
-        if let Some(context) = context {
-            w.extend_from_slice(context);
-        }
+        w.extend_from_slice(context);
         args(w)
     })
 }
@@ -698,7 +702,8 @@ pub(crate) fn decode_error(type_name: &str, e: DecodeError) -> WireError {
 
 /// The array header and kind of an envelope, in the shortest forms. The common case (a
 /// fixarray and a fixint kind) is a single two-byte store: this runs for every call, reply
-/// and signal.
+/// and signal. (Inlined: the sizes and kinds are constants where it is called.)
+#[inline(always)]
 fn header(w: &mut Vec<u8>, len: u32, kind: u8) {
     if len < 16 && kind < 0x80 {
         w.extend_from_slice(&[0x90 | len as u8, kind]);
@@ -948,7 +953,7 @@ mod tests {
         let (object, method) = (WireName::new("calc"), WireName::new("add"));
         let (object, method) = (object.encoded(), method.encoded());
         let ms = Duration::from_millis(1500);
-        let call = encode_request_with(CALL, object, method, ms, Some(&context), |w| {
+        let call = encode_request_with_context(CALL, object, method, ms, Some(&context), |w| {
             value(w, &(2, 3))
         });
         let call = call.unwrap();
@@ -977,7 +982,7 @@ mod tests {
         let context = encode_context(1, &entries, None).unwrap();
         let (object, method) = (WireName::new("log"), WireName::new("line"));
         let ttl = Duration::from_secs(4);
-        let signal = encode_request_with(
+        let signal = encode_request_with_context(
             SIGNAL,
             object.encoded(),
             method.encoded(),

@@ -11,7 +11,8 @@ use chatter_core::{ConnectionClosed, Conversation, Event, Msg, SendError, SendOp
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::context::{CallContext, Parts};
+use crate::client::Traced;
+use crate::context::{CallContext, Received, Request};
 use crate::service::{BoxFuture, CatchUnwind, Dispatch, Handlers, Service};
 use crate::wire::AckStatus;
 
@@ -94,7 +95,7 @@ impl Inner {
     /// held. Everything else is done with at once: its credit goes back with the batch.
     pub(super) fn on_request(
         self: &Arc<Self>,
-        mut msg: Msg,
+        msg: Msg,
         last: &mut LastObject,
         batch: &mut Batch,
         handlers: &mut Handlers,
@@ -146,26 +147,31 @@ impl Inner {
                     batch.release += self.answer(conv, refusal, credit);
                     return;
                 }
-                let names = (object.as_bytes(), method.as_bytes());
-                let parts = Parts::new(names, false, deadline, context);
-                let span = self.handle_span("call", (object, method), conv, &parts);
-                let start = span.is_some().then(Instant::now);
-                let mut cx = Context::from_waker(Waker::noop());
-                let mut parts = Some(parts);
-                let mut poll = || {
-                    CallContext::poll_inline(&self.conn, &mut msg.payload, &mut parts, || {
-                        Pin::new(&mut CatchUnwind(handlers.call_mut())).poll(&mut cx)
-                    })
+                let sent = context.map(Received::decode);
+                let request = Request {
+                    conn: &self.conn,
+                    envelope: &msg.payload,
+                    object: object.as_bytes(),
+                    method: method.as_bytes(),
+                    signal: false,
+                    time: deadline,
+                    sent: sent.as_ref(),
                 };
-                let polled = match &span {
-                    None => poll(),
-                    Some(span) => span.in_scope(poll),
+                let traced = Traced(self.handle_span("call", &request, conv));
+                let mut cx = Context::from_waker(Waker::noop());
+                // Each path polls in a closure of its own, called once (so inlined).
+                let handler = &mut CatchUnwind(handlers.call_mut());
+                let polled = match &traced.0 {
+                    None => request.poll_inline(|| Pin::new(handler).poll(&mut cx)),
+                    Some(t) => t
+                        .span
+                        .in_scope(|| request.poll_inline(|| Pin::new(handler).poll(&mut cx))),
                 };
                 match polled {
                     Poll::Ready(result) => {
                         let reply = self.handler_result(result);
-                        if let (Some(span), Some(start)) = (&span, start) {
-                            handled(span, reply_outcome(&reply), start);
+                        if let Some(traced) = &traced.0 {
+                            traced.handled(reply_outcome(&reply));
                         }
                         let options = SendOptions::new().conversation(conv);
                         match self.conn.try_send(&reply, options) {
@@ -202,16 +208,11 @@ impl Inner {
                         inflight.calls.insert(conv.first_id(), tx);
                         drop(inflight);
                         self.active.fetch_add(1, Ordering::AcqRel);
-                        let call = parts.map(|parts| {
-                            CallContext::new(&self.conn, &msg.payload, parts, after(deadline))
-                        });
-                        let handler = CallContext::scope(call, handler);
+                        let call = request.context(after(deadline));
+                        let handler = CallContext::scope(Some(call), handler);
                         let run =
                             continue_call(self.clone(), conv, handler, after(deadline), rx, credit);
-                        let run = tracing::Instrument::instrument(
-                            run,
-                            span.unwrap_or_else(tracing::Span::none),
-                        );
+                        let run = tracing::Instrument::instrument(run, traced.into_span());
                         // Owns the handler slot taken above: at most
                         // `max_concurrent_handlers` such tasks per connection.
                         tokio::spawn(run);
@@ -250,47 +251,45 @@ impl Inner {
                     return;
                 }
                 self.peer.stats.signals_delivered_inline.bump();
-                let names = (object.as_bytes(), method.as_bytes());
-                let parts = Parts::new(names, true, ttl, context);
-                let span = self.handle_span("signal", (object, method), conv, &parts);
-                let start = span.is_some().then(Instant::now);
-                let mut cx = Context::from_waker(Waker::noop());
-                let mut parts = Some(parts);
-                let mut poll = || {
-                    CallContext::poll_inline(&self.conn, &mut msg.payload, &mut parts, || {
-                        Pin::new(&mut CatchUnwind(handlers.signal_mut())).poll(&mut cx)
-                    })
+                let sent = context.map(Received::decode);
+                let request = Request {
+                    conn: &self.conn,
+                    envelope: &msg.payload,
+                    object: object.as_bytes(),
+                    method: method.as_bytes(),
+                    signal: true,
+                    time: ttl,
+                    sent: sent.as_ref(),
                 };
-                let polled = match &span {
-                    None => poll(),
-                    Some(span) => span.in_scope(poll),
+                let traced = Traced(self.handle_span("signal", &request, conv));
+                let mut cx = Context::from_waker(Waker::noop());
+                // Each path polls in a closure of its own, called once (so inlined).
+                let handler = &mut CatchUnwind(handlers.signal_mut());
+                let polled = match &traced.0 {
+                    None => request.poll_inline(|| Pin::new(handler).poll(&mut cx)),
+                    Some(t) => t
+                        .span
+                        .in_scope(|| request.poll_inline(|| Pin::new(handler).poll(&mut cx))),
                 };
                 match polled {
                     Poll::Ready(result) => {
                         batch.slot = true;
                         batch.release += u64::from(credit);
-                        if let (Some(span), Some(start)) = (&span, start) {
-                            let outcome = if result.is_ok() { "ok" } else { "remote_panic" };
-                            handled(span, outcome, start);
+                        if let Some(traced) = &traced.0 {
+                            traced.handled(if result.is_ok() { "ok" } else { "remote_panic" });
                         }
                         if result.is_err() {
-                            let names = parts.as_ref().map(|p| p.names(&msg.payload));
-                            let (object, method) = names.unwrap_or_default();
-                            self.signal_result(result, Name(object), Name(method));
+                            self.signal_result(result, object, method);
                         }
                     }
                     Poll::Pending => {
-                        let names = parts.as_ref().map(|p| p.names(&msg.payload));
-                        let (object, method) = names.unwrap_or_default();
-                        let names = (object.to_vec(), method.to_vec());
-                        let signal = parts.map(|parts| {
-                            CallContext::new(&self.conn, &msg.payload, parts, after(ttl))
-                        });
+                        let names = (object.as_bytes().to_vec(), method.as_bytes().to_vec());
+                        let signal = request.context(after(ttl));
                         let handler =
-                            CallContext::scope(signal, CatchUnwind(handlers.take_signal()));
+                            CallContext::scope(Some(signal), CatchUnwind(handlers.take_signal()));
                         // Owns its handler slot: at most `max_concurrent_handlers`.
                         let run = continue_signal(self.clone(), handler, names, credit);
-                        let span = span.unwrap_or_else(tracing::Span::none);
+                        let span = traced.into_span();
                         tokio::spawn(tracing::Instrument::instrument(run, span));
                     }
                 }
@@ -436,25 +435,45 @@ impl Inner {
         deadline: Instant,
         context: Option<&[u8]>,
     ) -> Option<CallContext> {
-        let names = (object.as_bytes(), method.as_bytes());
-        let parts = Parts::new(names, signal, Duration::ZERO, context);
-        Some(CallContext::new(&self.conn, envelope, parts, deadline))
+        let sent = context.map(Received::decode);
+        let request = Request {
+            conn: &self.conn,
+            envelope,
+            object: object.as_bytes(),
+            method: method.as_bytes(),
+            signal,
+            time: Duration::ZERO,
+            sent: sent.as_ref(),
+        };
+        Some(request.context(deadline))
     }
 
     /// The `chatter_rpc::handle` span of a request this side serves, if that target is
     /// enabled at debug level (`None` after one level check otherwise: not even a
     /// disabled span, which costs more with `tracing`'s `log` feature).
-    #[inline]
+    #[inline(always)]
     fn handle_span(
         &self,
         kind: &'static str,
-        (object, method): (Name<'_>, Name<'_>),
+        request: &Request<'_>,
         conv: Conversation,
-        parts: &Parts,
-    ) -> Option<tracing::Span> {
+    ) -> Option<Box<HandleTrace>> {
         if !tracing::enabled!(target: "chatter_rpc::handle", tracing::Level::DEBUG) {
             return None;
         }
+        self.make_handle_span(kind, request, conv)
+    }
+
+    /// The span of [`handle_span`](Self::handle_span), once its target is enabled.
+    #[cold]
+    #[inline(never)]
+    fn make_handle_span(
+        &self,
+        kind: &'static str,
+        request: &Request<'_>,
+        conv: Conversation,
+    ) -> Option<Box<HandleTrace>> {
+        let (object, method) = (Name(request.object), Name(request.method));
         let span = tracing::debug_span!(
             target: "chatter_rpc::handle",
             "handle",
@@ -469,7 +488,7 @@ impl Inner {
             outcome = tracing::field::Empty,
             duration_us = tracing::field::Empty,
         );
-        if let Some(sent) = parts.sent().filter(|_| !span.is_disabled()) {
+        if let Some(sent) = request.sent.filter(|_| !span.is_disabled()) {
             if let Some(trace) = sent.trace {
                 span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
                 let hex = |id: u64| tracing::field::display(format!("{id:016x}"));
@@ -477,7 +496,10 @@ impl Inner {
                 span.record("span_id", hex(sent.span_id));
             }
         }
-        Some(span)
+        Some(Box::new(HandleTrace {
+            span,
+            start: Instant::now(),
+        }))
     }
 
     /// A call accepted on this side is over (answered or dropped).
@@ -718,7 +740,6 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
         }
         inner.start_waiting(&mut batch.start);
         last.service = None;
-        CallContext::end_batch();
         if full && calls {
             // More calls or replies wait. Let the connection's driver write this batch's
             // replies (and the callers woken here send new calls) before handling the
@@ -732,14 +753,30 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     inner.finish(cause);
 }
 
-/// Records how a handler ended in its span, with an event.
-fn handled(span: &tracing::Span, outcome: &'static str, start: Instant) {
-    let elapsed = start.elapsed().as_micros() as u64;
-    span.record("outcome", outcome);
-    span.record("duration_us", elapsed);
-    span.in_scope(|| {
-        tracing::debug!(target: "chatter_rpc::handle", outcome, duration_us = elapsed, "handled");
-    });
+/// The `chatter_rpc::handle` span of a request, while that target is enabled.
+pub(super) struct HandleTrace {
+    span: tracing::Span,
+    start: Instant,
+}
+
+impl HandleTrace {
+    /// Records how a handler ended in its span, with an event.
+    #[cold]
+    fn handled(&self, outcome: &'static str) {
+        let elapsed = self.start.elapsed().as_micros() as u64;
+        self.span.record("outcome", outcome);
+        self.span.record("duration_us", elapsed);
+        self.span.in_scope(|| {
+            tracing::debug!(target: "chatter_rpc::handle", outcome, duration_us = elapsed, "handled");
+        });
+    }
+}
+
+impl Traced<HandleTrace> {
+    /// The span, for the task a handler continues in (a disabled one without).
+    fn into_span(mut self) -> tracing::Span {
+        self.0.take().map_or_else(tracing::Span::none, |t| t.span)
+    }
 }
 
 /// The `outcome` of a reply envelope, for spans: `ok`, `app_error`, or the failure's
