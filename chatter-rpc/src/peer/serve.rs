@@ -210,9 +210,11 @@ impl Inner {
                         self.active.fetch_add(1, Ordering::AcqRel);
                         let call = request.context(after(deadline));
                         let handler = CallContext::scope(Some(call), handler);
+                        let span = traced.span();
+                        let handler = (handler, traced);
                         let run =
                             continue_call(self.clone(), conv, handler, after(deadline), rx, credit);
-                        let run = tracing::Instrument::instrument(run, traced.into_span());
+                        let run = tracing::Instrument::instrument(run, span);
                         // Owns the handler slot taken above: at most
                         // `max_concurrent_handlers` such tasks per connection.
                         tokio::spawn(run);
@@ -288,8 +290,8 @@ impl Inner {
                         let handler =
                             CallContext::scope(Some(signal), CatchUnwind(handlers.take_signal()));
                         // Owns its handler slot: at most `max_concurrent_handlers`.
-                        let run = continue_signal(self.clone(), handler, names, credit);
-                        let span = traced.into_span();
+                        let span = traced.span();
+                        let run = continue_signal(self.clone(), (handler, traced), names, credit);
                         tokio::spawn(tracing::Instrument::instrument(run, span));
                     }
                 }
@@ -774,8 +776,10 @@ impl HandleTrace {
 
 impl Traced<HandleTrace> {
     /// The span, for the task a handler continues in (a disabled one without).
-    fn into_span(mut self) -> tracing::Span {
-        self.0.take().map_or_else(tracing::Span::none, |t| t.span)
+    fn span(&self) -> tracing::Span {
+        self.0
+            .as_ref()
+            .map_or_else(tracing::Span::none, |t| t.span.clone())
     }
 }
 
@@ -806,14 +810,20 @@ fn reply_outcome(reply: &[u8]) -> &'static str {
 async fn continue_call(
     inner: Arc<Inner>,
     conv: Conversation,
-    handler: impl Future<Output = Result<Payload, String>>,
+    (handler, traced): (
+        impl Future<Output = Result<Payload, String>>,
+        Traced<HandleTrace>,
+    ),
     deadline: Instant,
     mut cancel: oneshot::Receiver<()>,
     credit: u32,
 ) {
     let work = async { inner.handler_result(handler.await) };
     let reply = race_call(work, &mut cancel, deadline).await;
-    tracing::Span::current().record("outcome", reply_outcome(&reply));
+    if let Some(traced) = &traced.0 {
+        traced.handled(reply_outcome(&reply));
+    }
+    drop(traced);
     send_call_reply(&inner, conv, reply, credit).await;
     if let Some(next) = inner.slots.give_back(false) {
         work_on(inner, next).await;
@@ -824,11 +834,18 @@ async fn continue_call(
 /// its first poll; then serves the backlog with its slot.
 async fn continue_signal(
     inner: Arc<Inner>,
-    handler: impl Future<Output = Result<(), String>>,
+    (handler, traced): (
+        impl Future<Output = Result<(), String>>,
+        Traced<HandleTrace>,
+    ),
     (object, method): (Vec<u8>, Vec<u8>),
     credit: u32,
 ) {
     let result = handler.await;
+    if let Some(traced) = traced.0.as_deref() {
+        traced.handled(if result.is_ok() { "ok" } else { "remote_panic" });
+    }
+    drop(traced);
     inner.release(credit);
     inner.signal_result(result, Name(&object), Name(&method));
     if let Some(next) = inner.slots.give_back(false) {
