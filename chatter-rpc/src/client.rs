@@ -179,7 +179,7 @@ impl ClientCore {
             match value.parse() {
                 Ok(trace) => context.trace = Some(trace),
                 Err(e) => {
-                    tracing::debug!(traceparent = value, error = %e, "chatter-rpc: ignoring an invalid trace context")
+                    tracing::debug!(traceparent = value, error = %e, "invalid trace context ignored")
                 }
             }
         } else {

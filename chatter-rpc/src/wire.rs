@@ -299,7 +299,7 @@ pub(crate) fn decode_context(context: &[u8]) -> (crate::Metadata, Option<crate::
                 Ok(parsed) if trace.is_none() => trace = Some(parsed),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(traceparent = %value, error = %e, "chatter-rpc: ignoring a malformed trace context")
+                    tracing::debug!(traceparent = %value, error = %e, "malformed trace context ignored")
                 }
             }
         } else {

@@ -776,7 +776,10 @@ impl Inner {
             match item.kind {
                 Kind::Call(_) => self.call_done(),
                 Kind::Signal => {
-                    tracing::debug!("chatter-rpc: a received signal was dropped: the connection closed before a handler slot was free");
+                    tracing::debug!(
+                        reason = "connection closed before a handler slot was free",
+                        "received signal dropped"
+                    );
                     bump(&self.peer.stats.signals_failed);
                 }
                 Kind::Reliable(admitted) => admitted.abandon(),
@@ -808,7 +811,7 @@ impl Inner {
     pub(crate) fn send_soon(&self, payload: Payload, options: SendOptions) {
         match self.conn.try_send(&payload, options) {
             Err(SendError::WouldBlock) => self.queue_holding(payload, options, 0),
-            Err(e) => tracing::debug!("chatter-rpc: dropping a control message: {e}"),
+            Err(e) => tracing::debug!(error = %e, "control message dropped"),
             Ok(_) => {}
         }
     }

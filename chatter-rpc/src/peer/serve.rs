@@ -186,7 +186,7 @@ impl Inner {
                             }
                             sent => {
                                 if let Err(e) = sent {
-                                    tracing::debug!("chatter-rpc: reply not sent: {e}");
+                                    reply_not_sent(conv, &e);
                                 }
                                 batch.slot = true;
                                 batch.release += u64::from(credit);
@@ -381,7 +381,7 @@ impl Inner {
                 0
             }
             Err(e) => {
-                tracing::debug!("chatter-rpc: answer not sent: {e}");
+                reply_not_sent(conv, &e);
                 u64::from(credit)
             }
             Ok(_) => u64::from(credit),
@@ -397,7 +397,7 @@ impl Inner {
         what: &str,
         credit: u32,
     ) -> u64 {
-        tracing::warn!("chatter-rpc: protocol error from peer: {what}");
+        tracing::warn!(peer = %self.conn.remote_address(), conversation = conv.first_id(), error = what, "protocol error from peer");
         if open {
             self.answer(
                 conv,
@@ -416,8 +416,9 @@ impl Inner {
     fn metadata_too_large(&self, conv: Conversation, open: bool, what: &str, credit: u32) -> u64 {
         tracing::warn!(
             peer = %self.conn.remote_address(),
+            conversation = conv.first_id(),
             error = what,
-            "chatter-rpc: request refused"
+            "request refused: metadata too large"
         );
         if open {
             let refusal = wire::encode_failure(FailureKind::MetadataTooLarge, what);
@@ -755,6 +756,13 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     inner.finish(cause);
 }
 
+/// Logs a reply (or refusal) the connection would not take (it closed).
+#[cold]
+#[inline(never)]
+fn reply_not_sent(conv: Conversation, error: &SendError) {
+    tracing::debug!(conversation = conv.first_id(), error = %error, "reply not sent");
+}
+
 /// The `chatter_rpc::handle` span of a request, while that target is enabled.
 pub(super) struct HandleTrace {
     span: tracing::Span,
@@ -889,7 +897,7 @@ async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Payload,
         other => other,
     };
     if let Err(e) = sent {
-        tracing::debug!("chatter-rpc: reply not sent: {e}");
+        reply_not_sent(conv, &e);
     }
     inner.call_done();
 }
@@ -978,7 +986,7 @@ impl Inner {
     #[cold]
     #[inline(never)]
     pub(super) fn signal_failed(&self, object: Name<'_>, method: Name<'_>, why: &str) {
-        tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
+        tracing::warn!(peer = %self.conn.remote_address(), %object, %method, error = why, "signal not delivered");
         bump(&self.peer.stats.signals_failed);
     }
 
@@ -1112,7 +1120,7 @@ async fn send_answers(
 ) {
     while let Some(answer) = rx.recv().await {
         if let Err(e) = conn.send_bytes(&answer.payload, answer.options).await {
-            tracing::debug!("chatter-rpc: answer not sent: {e}");
+            tracing::debug!(error = %e, "reply not sent");
         }
         let Some(inner) = inner.upgrade() else {
             conn.release(u64::from(answer.credit));
