@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use crate::context::{CallContext, Metadata, TraceParent};
 use crate::error::{CallError, RemoteContext, SignalError};
 use crate::peer::{Attempt, Inner, Outcome, Peer, Sent, MAX_DURATION};
+use crate::telemetry::Timer;
 use crate::values::{write_args, ArgError, ArgsWriter, Receivable};
 use crate::wire::{self, FailureKind, Payload, Reply, WireName};
 
@@ -419,6 +420,7 @@ impl ClientCore {
             idempotent: self.idempotent,
             app: Some(app),
             traced: Traced(CallTrace::start(self.object(), method.name, trace)),
+            timer: Timer::start(),
             out: PhantomData,
         }
     }
@@ -559,6 +561,8 @@ struct Call<T, E, F> {
     app: Option<F>,
     /// The call's span, when enabled.
     traced: Traced<CallTrace>,
+    /// When the call began (with the `metrics` feature; nothing otherwise).
+    timer: Timer,
     out: PhantomData<fn() -> (T, E)>,
 }
 
@@ -587,6 +591,7 @@ where
                 if let Some(traced) = this.traced.0.take() {
                     traced.finish(&failed);
                 }
+                this.timed(&failed);
                 return Poll::Ready(failed);
             }
             if let Some(traced) = &this.traced.0 {
@@ -614,11 +619,24 @@ where
         if let Some(traced) = this.traced.0.take() {
             traced.finish(&result);
         }
+        this.timed(&result);
         Poll::Ready(result)
     }
 }
 
 impl<T, E, F> Call<T, E, F> {
+    /// Records the call's duration (with the `metrics` feature; without, this is
+    /// nothing: `Timer` is empty and its method inlined).
+    #[inline(always)]
+    fn timed<R>(&self, result: &Result<R, CallError<E>>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => outcome_name(e),
+        };
+        let object = self.shared.object.as_str();
+        self.timer.call_finished(object, self.method.name, outcome);
+    }
+
     /// Hands the request to the connection (or starts the boxed path that will).
     fn start(&mut self, payload: Payload) -> Result<(), CallError> {
         let deadline = self.deadline;

@@ -139,6 +139,8 @@ impl CallContext {
 
     /// The certificate chain the caller presented (DER, leaf first) on a TLS connection
     /// with client authentication; `None` on other transports.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub fn peer_certificates(&self) -> Option<&[chatter_core::tls::CertificateDer<'static>]> {
         self.conn.peer_certificates()
     }

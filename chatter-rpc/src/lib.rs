@@ -123,6 +123,11 @@
 //!   it, [`Peer::reconnecting`] refuses a store with
 //!   [`ReconnectError::PersistenceNotCompiledIn`]; everything else, including reliable
 //!   in-memory delivery of signals by a reconnecting peer, works the same.
+//! - **`metrics`** (off by default): the [`PeerStats`] counters and the latency histograms
+//!   `chatter_rpc_call_duration_seconds` (caller) and `chatter_rpc_handler_duration_seconds`
+//!   (callee), labelled by object, method and outcome, through the `metrics` facade (any
+//!   recorder: a Prometheus exporter, ...); the names are in [`telemetry`]. Without it,
+//!   nothing is timed or counted twice: the timers are empty and their calls vanish.
 //!
 //! With neither (`default-features = false`), chatter-rpc builds from Rust sources alone:
 //! plain TCP and Unix sockets, no rustls, ring or SQLite.
@@ -147,6 +152,7 @@ mod peer;
 mod server;
 mod service;
 mod store;
+pub mod telemetry;
 mod values;
 mod wire;
 

@@ -226,25 +226,80 @@ pub struct PeerStats {
     pub requests_waiting: u64,
 }
 
-/// The counters behind [`PeerStats`], one set per peer.
-#[derive(Debug, Default)]
+/// The counters behind [`PeerStats`], one set per peer (each also a `metrics` counter
+/// with the `metrics` feature: see [`telemetry`](crate::telemetry)).
+#[derive(Debug)]
 pub(crate) struct Stats {
-    pub(crate) connects: AtomicU64,
-    pub(crate) signals_queued: AtomicU64,
-    pub(crate) signals_sent: AtomicU64,
-    pub(crate) signals_resent: AtomicU64,
-    pub(crate) signals_acknowledged: AtomicU64,
-    pub(crate) signals_expired: AtomicU64,
-    pub(crate) signals_dropped: AtomicU64,
-    pub(crate) signals_rejected: AtomicU64,
-    pub(crate) signals_failed_remotely: AtomicU64,
-    pub(crate) signals_delivered: AtomicU64,
+    pub(crate) connects: Counter,
+    pub(crate) signals_queued: Counter,
+    pub(crate) signals_sent: Counter,
+    pub(crate) signals_resent: Counter,
+    pub(crate) signals_acknowledged: Counter,
+    pub(crate) signals_expired: Counter,
+    pub(crate) signals_dropped: Counter,
+    pub(crate) signals_rejected: Counter,
+    pub(crate) signals_failed_remotely: Counter,
+    pub(crate) signals_delivered: Counter,
     /// Signals delivered by handlers the receive task started itself.
     pub(crate) signals_delivered_inline: ReaderCounter,
-    pub(crate) signals_expired_on_arrival: AtomicU64,
-    pub(crate) signals_failed: AtomicU64,
+    pub(crate) signals_expired_on_arrival: Counter,
+    pub(crate) signals_failed: Counter,
     pub(crate) calls_received: ReaderCounter,
-    pub(crate) handler_panics: AtomicU64,
+    pub(crate) handler_panics: Counter,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            connects: Counter::new("connects"),
+            signals_queued: Counter::new("signals_queued"),
+            signals_sent: Counter::new("signals_sent"),
+            signals_resent: Counter::new("signals_resent"),
+            signals_acknowledged: Counter::new("signals_acknowledged"),
+            signals_expired: Counter::new("signals_expired"),
+            signals_dropped: Counter::new("signals_dropped"),
+            signals_rejected: Counter::new("signals_rejected"),
+            signals_failed_remotely: Counter::new("signals_failed_remotely"),
+            signals_delivered: Counter::new("signals_delivered"),
+            // The same metric as `signals_delivered` (`PeerStats` sums the two).
+            signals_delivered_inline: ReaderCounter::new("signals_delivered"),
+            signals_expired_on_arrival: Counter::new("signals_expired_on_arrival"),
+            signals_failed: Counter::new("signals_failed"),
+            calls_received: ReaderCounter::new("calls_received"),
+            handler_panics: Counter::new("handler_panics"),
+        }
+    }
+}
+
+/// A counter of [`Stats`], bumped with [`bump`]; with the `metrics` feature, also the
+/// `metrics` counter of its field (taken from the recorder installed when the peer was
+/// made).
+pub(crate) struct Counter {
+    value: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Counter,
+}
+
+impl Counter {
+    /// The counter of the [`PeerStats`] field `field`.
+    fn new(field: &'static str) -> Counter {
+        let _ = field;
+        Counter {
+            value: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metric: metrics::counter!(crate::telemetry::counter_name(field)),
+        }
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Counter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
 }
 
 /// A counter that only the receive task bumps (once per message), so it needs no locked
@@ -252,24 +307,46 @@ pub(crate) struct Stats {
 /// second than `fetch_add` (`onecore`, 7 alternated runs). A reconnecting peer's link
 /// starts the next connection's receive task only after the previous one ended, so there
 /// is one writer at a time.
-#[derive(Debug, Default)]
-pub(crate) struct ReaderCounter(AtomicU64);
+pub(crate) struct ReaderCounter {
+    value: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Counter,
+}
 
 impl ReaderCounter {
+    /// The counter of the [`PeerStats`] field `field`.
+    fn new(field: &'static str) -> ReaderCounter {
+        let _ = field;
+        ReaderCounter {
+            value: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metric: metrics::counter!(crate::telemetry::counter_name(field)),
+        }
+    }
+
     /// Counts one. Only the receive task may call this (two writers could lose counts).
+    #[inline]
     pub(crate) fn bump(&self) {
-        let n = self.0.load(Ordering::Relaxed);
-        self.0.store(n.wrapping_add(1), Ordering::Relaxed);
+        let n = self.value.load(Ordering::Relaxed);
+        self.value.store(n.wrapping_add(1), Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metric.increment(1);
     }
 
     pub(crate) fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for ReaderCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
     }
 }
 
 impl Stats {
     pub(crate) fn snapshot(&self) -> PeerStats {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let l = Counter::get;
         PeerStats {
             connects: l(&self.connects),
             signals_queued: l(&self.signals_queued),
@@ -291,6 +368,8 @@ impl Stats {
     }
 }
 
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+pub(crate) fn bump(counter: &Counter) {
+    counter.value.fetch_add(1, Ordering::Relaxed);
+    #[cfg(feature = "metrics")]
+    counter.metric.increment(1);
 }

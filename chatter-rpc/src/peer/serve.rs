@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use crate::client::Traced;
 use crate::context::{CallContext, Received, Request};
 use crate::service::{BoxFuture, CatchUnwind, Dispatch, Handlers, Service};
+use crate::telemetry::{HandlerTimer, Timer};
 use crate::wire::AckStatus;
 
 use super::backlog::{Kind, Waiting};
@@ -158,6 +159,7 @@ impl Inner {
                     sent: sent.as_ref(),
                 };
                 let traced = Traced(self.handle_span("call", &request, conv));
+                let timer = Timer::start();
                 let mut cx = Context::from_waker(Waker::noop());
                 // Each path polls in a closure of its own, called once (so inlined).
                 let handler = &mut CatchUnwind(handlers.call_mut());
@@ -173,6 +175,8 @@ impl Inner {
                         if let Some(traced) = &traced.0 {
                             traced.handled(reply_outcome(&reply));
                         }
+                        let names = (request.object, request.method);
+                        timer.handled(names, "call", reply_outcome(&reply));
                         let options = SendOptions::new().conversation(conv);
                         match self.conn.try_send(&reply, options) {
                             // The reply (of any size) waits for the caller's window in a
@@ -211,7 +215,8 @@ impl Inner {
                         let call = request.context(after(deadline));
                         let handler = CallContext::scope(Some(call), handler);
                         let span = traced.span();
-                        let handler = (handler, traced);
+                        let timed = HandlerTimer::new(timer, (request.object, request.method));
+                        let handler = (handler, traced, timed);
                         let run =
                             continue_call(self.clone(), conv, handler, after(deadline), rx, credit);
                         let run = tracing::Instrument::instrument(run, span);
@@ -264,6 +269,7 @@ impl Inner {
                     sent: sent.as_ref(),
                 };
                 let traced = Traced(self.handle_span("signal", &request, conv));
+                let timer = Timer::start();
                 let mut cx = Context::from_waker(Waker::noop());
                 // Each path polls in a closure of its own, called once (so inlined).
                 let handler = &mut CatchUnwind(handlers.signal_mut());
@@ -277,9 +283,11 @@ impl Inner {
                     Poll::Ready(result) => {
                         batch.slot = true;
                         batch.release += u64::from(credit);
+                        let outcome = if result.is_ok() { "ok" } else { "remote_panic" };
                         if let Some(traced) = &traced.0 {
-                            traced.handled(if result.is_ok() { "ok" } else { "remote_panic" });
+                            traced.handled(outcome);
                         }
+                        timer.handled((request.object, request.method), "signal", outcome);
                         if result.is_err() {
                             self.signal_result(result, object, method);
                         }
@@ -291,7 +299,9 @@ impl Inner {
                             CallContext::scope(Some(signal), CatchUnwind(handlers.take_signal()));
                         // Owns its handler slot: at most `max_concurrent_handlers`.
                         let span = traced.span();
-                        let run = continue_signal(self.clone(), (handler, traced), names, credit);
+                        let timed = HandlerTimer::new(timer, (&names.0, &names.1));
+                        let run =
+                            continue_signal(self.clone(), (handler, traced, timed), names, credit);
                         tokio::spawn(tracing::Instrument::instrument(run, span));
                     }
                 }
@@ -818,9 +828,10 @@ fn reply_outcome(reply: &[u8]) -> &'static str {
 async fn continue_call(
     inner: Arc<Inner>,
     conv: Conversation,
-    (handler, traced): (
+    (handler, traced, timer): (
         impl Future<Output = Result<Payload, String>>,
         Traced<HandleTrace>,
+        HandlerTimer,
     ),
     deadline: Instant,
     mut cancel: oneshot::Receiver<()>,
@@ -831,6 +842,7 @@ async fn continue_call(
     if let Some(traced) = &traced.0 {
         traced.handled(reply_outcome(&reply));
     }
+    timer.handled("call", reply_outcome(&reply));
     drop(traced);
     send_call_reply(&inner, conv, reply, credit).await;
     if let Some(next) = inner.slots.give_back(false) {
@@ -842,17 +854,20 @@ async fn continue_call(
 /// its first poll; then serves the backlog with its slot.
 async fn continue_signal(
     inner: Arc<Inner>,
-    (handler, traced): (
+    (handler, traced, timer): (
         impl Future<Output = Result<(), String>>,
         Traced<HandleTrace>,
+        HandlerTimer,
     ),
     (object, method): (Vec<u8>, Vec<u8>),
     credit: u32,
 ) {
     let result = handler.await;
+    let outcome = if result.is_ok() { "ok" } else { "remote_panic" };
     if let Some(traced) = traced.0.as_deref() {
-        traced.handled(if result.is_ok() { "ok" } else { "remote_panic" });
+        traced.handled(outcome);
     }
+    timer.handled("signal", outcome);
     drop(traced);
     inner.release(credit);
     inner.signal_result(result, Name(&object), Name(&method));
