@@ -43,12 +43,27 @@ enum EncodeFailure {
     Metadata(String),
 }
 
-impl From<EncodeFailure> for SignalError {
-    fn from(e: EncodeFailure) -> Self {
-        match e {
-            EncodeFailure::Args(what) => SignalError::BadArguments { what },
-            EncodeFailure::Metadata(what) => SignalError::MetadataTooLarge { what },
+impl EncodeFailure {
+    /// As a `WireError`, a metadata failure marked for [`signal_error`].
+    fn into_wire(self) -> wire::WireError {
+        match self {
+            EncodeFailure::Args(what) => wire::WireError(what),
+            EncodeFailure::Metadata(what) => wire::WireError(format!("{METADATA_MARK}{what}")),
         }
+    }
+}
+
+/// Marks a metadata failure carried as a `WireError` (no argument error starts so).
+const METADATA_MARK: &str = "\0metadata\0";
+
+/// A signal's encoding failure, for its caller.
+#[cold]
+fn signal_error(e: wire::WireError) -> SignalError {
+    match e.0.strip_prefix(METADATA_MARK) {
+        Some(what) => SignalError::MetadataTooLarge {
+            what: what.to_owned(),
+        },
+        None => SignalError::BadArguments { what: e.0 },
     }
 }
 
@@ -230,22 +245,23 @@ impl ClientCore {
         self.context.is_none() && !CallContext::may_inherit()
     }
 
-    /// Encodes a request that may carry a context (see [`is_plain`](Self::is_plain)).
-    /// Cold and out of line: the plain path, inlined into each generated method, stays
-    /// as it was before contexts.
+    /// A plain request (`encoded`) with this client's context, if it has one to send
+    /// (see [`is_plain`](Self::is_plain)). Cold and out of line: the plain path,
+    /// inlined into each generated method, stays as it was before contexts.
     #[cold]
     #[inline(never)]
-    fn encode_with_context<E: From<EncodeFailure>>(
+    fn with_context<E: From<EncodeFailure>>(
         &self,
-        kind: u8,
+        encoded: Result<Payload, wire::WireError>,
         method: &Method,
-        duration: Duration,
-        args: impl FnOnce(&mut Vec<u8>) -> Result<(), wire::WireError>,
     ) -> Result<(Payload, Option<TraceParent>), E> {
+        let plain = encoded.map_err(|e| EncodeFailure::Args(e.0))?;
         let (context, trace) = self.request_context().map_err(EncodeFailure::Metadata)?;
-        let object = self.shared.object.encoded();
-        let context = context.as_deref();
-        wire::encode_request_with_context(kind, object, method.wire, duration, context, args)
+        let Some(context) = context else {
+            return Ok((plain, trace));
+        };
+        let names = self.shared.object.encoded().len() + method.wire.len();
+        wire::add_context(&plain, names, &context)
             .map(|payload| (payload, trace))
             .map_err(|e| EncodeFailure::Args(e.0).into())
     }
@@ -345,17 +361,19 @@ impl ClientCore {
         };
         let object = self.shared.object.encoded();
         let args = |w: &mut Vec<u8>| write_args(w, count, args);
-        let encoded = if self.is_plain() {
-            wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, args)
-                .map_err(|e| SignalError::BadArguments { what: e.0 })
-        } else {
-            self.encode_with_context(wire::SIGNAL, method, ttl, args)
+        let mut encoded = wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, args);
+        if !self.is_plain() {
+            // A metadata failure travels as a marked `WireError`, so that the future holds
+            // what it held before contexts (`signal_error` tells them apart).
+            encoded = self
+                .with_context::<EncodeFailure>(encoded, method)
                 .map(|(payload, _trace)| payload)
-        };
+                .map_err(EncodeFailure::into_wire);
+        }
         let shared = self.shared.clone();
         let persistent = persistent || self.persistent;
         async move {
-            let payload = encoded?;
+            let payload = encoded.map_err(signal_error)?;
             let wait = match shared.peer.try_signal(payload, ttl, persistent) {
                 Attempt::Done(done) => return done,
                 // Boxed, as for calls: its wait state would make every signal future
@@ -390,15 +408,14 @@ impl ClientCore {
         let object = self.shared.object.encoded();
         let args = |w: &mut Vec<u8>| write_args(w, count, args);
         let mut trace = None;
+        let encoded = wire::encode_request_with(wire::CALL, object, method.wire, deadline, args);
         let encoded = if self.is_plain() {
-            wire::encode_request_with(wire::CALL, object, method.wire, deadline, args)
-                .map_err(|e| CallError::BadArguments { what: e.0 })
+            encoded.map_err(|e| CallError::BadArguments { what: e.0 })
         } else {
-            self.encode_with_context(wire::CALL, method, deadline, args)
-                .map(|(payload, sent)| {
-                    trace = sent;
-                    payload
-                })
+            self.with_context(encoded, method).map(|(payload, sent)| {
+                trace = sent;
+                payload
+            })
         };
         let (request, boxed) = match encoded {
             Ok(payload) => (Some(payload), None),
