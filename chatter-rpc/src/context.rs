@@ -236,6 +236,11 @@ impl CallContext {
         TRACES.load(std::sync::atomic::Ordering::Relaxed) != 0
     }
 
+    /// What the caller sent besides its arguments, if anything.
+    pub(crate) fn received(&self) -> Option<&Arc<Received>> {
+        self.sent.as_ref()
+    }
+
     /// The trace context a call made now carries on from the handler it is made in, if
     /// any (cheap when no received trace context is alive).
     pub(crate) fn inherited_trace() -> Option<TraceParent> {

@@ -5,14 +5,14 @@
 //! | metric | kind | labels |
 //! |---|---|---|
 //! | `chatter_rpc_call_duration_seconds` | histogram: a call, from its creation to its result, on the caller's side | `object`, `method`, `outcome` |
-//! | `chatter_rpc_handler_duration_seconds` | histogram: a handler, from its start to its end, on the callee's side | `object`, `method`, `kind` (`call`, `signal`), `outcome` |
+//! | `chatter_rpc_handler_duration_seconds` | histogram: a handler, from its start to its end, on the callee's side | `object`, `method`, `kind` (`call`, `signal`, `reliable`), `outcome` |
 //! | `chatter_rpc_<counter>_total` | counter, one per [`PeerStats`](crate::PeerStats) field but `requests_waiting` (`chatter_rpc_connects_total`, `chatter_rpc_signals_sent_total`, `chatter_rpc_calls_received_total`, …; see [`COUNTERS`]) | none: summed over the process's peers |
 //!
 //! `outcome` is `ok`, `app_error` or the failure (`deadline_exceeded`, `cancelled`,
 //! `remote_panic`, …), as in the spans. Install the recorder (a Prometheus exporter, for
 //! example) before making peers: a peer takes its counters from the recorder installed
-//! when it is made. Handlers of requests that waited for a slot (backlog) and of
-//! reliable signals are not timed yet.
+//! when it is made. Every handler is timed: run in place, continued in a task, run
+//! after waiting for a slot, or a reliable signal's.
 //!
 //! ```
 //! use chatter_rpc::telemetry::{CALL_DURATION, COUNTERS};

@@ -3,7 +3,7 @@
 //! registered first without it.
 
 use chatter_core::{connect, listen, Options};
-use chatter_rpc::{remote, Peer, TraceParent};
+use chatter_rpc::{remote, Peer, PeerOptions, TraceParent};
 
 #[remote]
 pub trait Probe {
@@ -14,6 +14,9 @@ struct Handler;
 
 impl Probe for Handler {
     async fn seen(&self, wait_ms: u64) -> u64 {
+        if wait_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+        }
         wait_ms
     }
 }
@@ -26,13 +29,17 @@ struct Pair {
 }
 
 async fn pair() -> Pair {
+    pair_with(PeerOptions::default()).await
+}
+
+async fn pair_with(server_options: PeerOptions) -> Pair {
     let listener = listen("tcp://127.0.0.1:0", Options::default())
         .await
         .unwrap();
     let conn = connect(&listener.addresses()[0], Options::default())
         .await
         .unwrap();
-    let server = Peer::new(listener.accept().await.unwrap());
+    let server = Peer::with_options(listener.accept().await.unwrap(), server_options);
     server.register("probe", ProbeServer::new(Handler));
     let client = Peer::new(conn);
     let probe = ProbeClient::new(&client, "probe");
@@ -133,4 +140,21 @@ async fn call_spans_on_both_sides_share_the_trace_id() {
     let failed = find("call", "ghost");
     assert_eq!(failed["outcome"], "no_such_object");
     assert!(!failed.contains_key("trace_id"), "no trace without one");
+
+    // (In this test: a subscriber set for one test misses callsites another test of the
+    // process registered first.) Handlers that continue in a task, and one that waited
+    // for the only handler slot (the backlog), have their spans too, ended the same way.
+    let one = pair_with(PeerOptions::default().max_concurrent_handlers(1)).await;
+    let before = capture.spans.lock().unwrap().len();
+    let (slow, queued) = tokio::join!(one.probe.seen(1000), one.probe.seen(0));
+    assert_eq!((slow.unwrap(), queued.unwrap()), (1000, 0));
+    let spans = capture.spans.lock().unwrap()[before..].to_vec();
+    let handles: Vec<_> = spans.iter().filter(|(n, _)| n == "handle").collect();
+    assert_eq!(handles.len(), 2, "{spans:#?}");
+    for (_, fields) in handles {
+        assert_eq!(fields["outcome"], "ok", "{fields:?}");
+        assert_eq!(fields["kind"], "call");
+        assert!(fields.contains_key("duration_us"));
+        assert!(fields.contains_key("conversation"));
+    }
 }

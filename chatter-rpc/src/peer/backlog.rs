@@ -96,6 +96,11 @@ impl Waiting {
         })
     }
 
+    /// The envelope, as kept.
+    pub(super) fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
     pub(super) fn object(&self) -> Name<'_> {
         Name(&self.payload[self.object.clone()])
     }

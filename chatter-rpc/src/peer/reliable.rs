@@ -142,11 +142,18 @@ impl Inner {
         }
         bump(&self.peer.stats.signals_delivered);
         let handler = CatchUnwind(handlers.signal_mut());
-        let result = CallContext::scope(item.context(self, true), handler).await;
-        let status = match result {
-            Ok(()) => AckStatus::Handled,
-            Err(_) => AckStatus::Failed,
+        let cx = item.context(self, true);
+        let (traced, timer) = self.waiting_span("reliable", item, cx.as_ref(), None);
+        let run = CallContext::scope(cx, handler);
+        let result = tracing::Instrument::instrument(run, traced.span()).await;
+        let (status, outcome) = match result {
+            Ok(()) => (AckStatus::Handled, "ok"),
+            Err(_) => (AckStatus::Failed, "remote_panic"),
         };
+        if let Some(traced) = &traced.0 {
+            traced.handled(outcome);
+        }
+        timer.handled((object.as_bytes(), method.as_bytes()), "reliable", outcome);
         self.signal_result(result, object, method);
         Some(status)
     }

@@ -158,7 +158,7 @@ impl Inner {
                     time: deadline,
                     sent: sent.as_ref(),
                 };
-                let traced = Traced(self.handle_span("call", &request, conv));
+                let traced = Traced(self.handle_span("call", &request, Some(conv)));
                 let timer = Timer::start();
                 let mut cx = Context::from_waker(Waker::noop());
                 // Each path polls in a closure of its own, called once (so inlined).
@@ -268,7 +268,7 @@ impl Inner {
                     time: ttl,
                     sent: sent.as_ref(),
                 };
-                let traced = Traced(self.handle_span("signal", &request, conv));
+                let traced = Traced(self.handle_span("signal", &request, Some(conv)));
                 let timer = Timer::start();
                 let mut cx = Context::from_waker(Waker::noop());
                 // Each path polls in a closure of its own, called once (so inlined).
@@ -461,15 +461,39 @@ impl Inner {
         Some(request.context(deadline))
     }
 
+    /// The span (as [`handle_span`](Self::handle_span)) and timer of the handler of a
+    /// request that waited for a slot (or a reliable signal), whose context is `cx`.
+    pub(super) fn waiting_span(
+        &self,
+        kind: &'static str,
+        item: &Waiting,
+        cx: Option<&CallContext>,
+        conv: Option<Conversation>,
+    ) -> (Traced<HandleTrace>, Timer) {
+        let request = Request {
+            conn: &self.conn,
+            envelope: item.payload(),
+            object: item.object().0,
+            method: item.method().0,
+            signal: kind != "call",
+            time: Duration::ZERO,
+            sent: cx.and_then(CallContext::received),
+        };
+        (
+            Traced(self.handle_span(kind, &request, conv)),
+            Timer::start(),
+        )
+    }
+
     /// The `chatter_rpc::handle` span of a request this side serves, if that target is
     /// enabled at debug level (`None` after one level check otherwise: not even a
     /// disabled span, which costs more with `tracing`'s `log` feature).
     #[inline(always)]
-    fn handle_span(
+    pub(super) fn handle_span(
         &self,
         kind: &'static str,
         request: &Request<'_>,
-        conv: Conversation,
+        conv: Option<Conversation>,
     ) -> Option<Box<HandleTrace>> {
         if !tracing::enabled!(target: "chatter_rpc::handle", tracing::Level::DEBUG) {
             return None;
@@ -484,7 +508,7 @@ impl Inner {
         &self,
         kind: &'static str,
         request: &Request<'_>,
-        conv: Conversation,
+        conv: Option<Conversation>,
     ) -> Option<Box<HandleTrace>> {
         let (object, method) = (Name(request.object), Name(request.method));
         let span = tracing::debug_span!(
@@ -494,7 +518,7 @@ impl Inner {
             peer = %self.conn.remote_address(),
             object = %object,
             method = %method,
-            conversation = conv.first_id(),
+            conversation = conv.map(|c| c.first_id()),
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty,
             parent_id = tracing::field::Empty,
@@ -571,6 +595,7 @@ impl Inner {
         match std::mem::replace(&mut item.kind, Kind::Signal) {
             Kind::Call(conv) => {
                 let call = item.context(self, false);
+                let (traced, timer) = self.waiting_span("call", &item, call.as_ref(), Some(conv));
                 let mut cancel = {
                     let mut inflight = lock(&self.inflight);
                     if inflight.closing {
@@ -596,7 +621,13 @@ impl Inner {
                         Err(refusal) => refusal,
                     }
                 };
-                let reply = race_call(work, &mut cancel, item.expires).await;
+                let work = race_call(work, &mut cancel, item.expires);
+                let reply = tracing::Instrument::instrument(work, traced.span()).await;
+                if let Some(traced) = &traced.0 {
+                    traced.handled(reply_outcome(&reply));
+                }
+                let names = (item.object().0, item.method().0);
+                timer.handled(names, "call", reply_outcome(&reply));
                 send_call_reply(self, conv, reply, item.credit).await;
             }
             Kind::Signal => {
@@ -605,7 +636,15 @@ impl Inner {
                 if self.start_signal(object, method, item.args(), None, &mut handlers) {
                     bump(&self.peer.stats.signals_delivered);
                     let handler = CatchUnwind(handlers.signal_mut());
-                    let result = CallContext::scope(item.context(self, true), handler).await;
+                    let cx = item.context(self, true);
+                    let (traced, timer) = self.waiting_span("signal", &item, cx.as_ref(), None);
+                    let run = CallContext::scope(cx, handler);
+                    let result = tracing::Instrument::instrument(run, traced.span()).await;
+                    let outcome = if result.is_ok() { "ok" } else { "remote_panic" };
+                    if let Some(traced) = &traced.0 {
+                        traced.handled(outcome);
+                    }
+                    timer.handled((object.as_bytes(), method.as_bytes()), "signal", outcome);
                     self.signal_result(result, object, method);
                 }
                 drop(handlers);
@@ -774,7 +813,7 @@ fn reply_not_sent(conv: Conversation, error: &SendError) {
 }
 
 /// The `chatter_rpc::handle` span of a request, while that target is enabled.
-pub(super) struct HandleTrace {
+pub(crate) struct HandleTrace {
     span: tracing::Span,
     start: Instant,
 }
@@ -782,7 +821,7 @@ pub(super) struct HandleTrace {
 impl HandleTrace {
     /// Records how a handler ended in its span, with an event.
     #[cold]
-    fn handled(&self, outcome: &'static str) {
+    pub(super) fn handled(&self, outcome: &'static str) {
         let elapsed = self.start.elapsed().as_micros() as u64;
         self.span.record("outcome", outcome);
         self.span.record("duration_us", elapsed);
@@ -794,7 +833,7 @@ impl HandleTrace {
 
 impl Traced<HandleTrace> {
     /// The span, for the task a handler continues in (a disabled one without).
-    fn span(&self) -> tracing::Span {
+    pub(super) fn span(&self) -> tracing::Span {
         self.0
             .as_ref()
             .map_or_else(tracing::Span::none, |t| t.span.clone())
