@@ -140,6 +140,10 @@ async fn call_spans_on_both_sides_share_the_trace_id() {
     let failed = find("call", "ghost");
     assert_eq!(failed["outcome"], "no_such_object");
     assert!(!failed.contains_key("trace_id"), "no trace without one");
+    // Refused before a handler started: the callee's span says so.
+    let refused = find("handle", "ghost");
+    assert_eq!(refused["outcome"], "no_such_object");
+    assert_eq!(refused["conversation"], failed["conversation"]);
 
     // (In this test: a subscriber set for one test misses callsites another test of the
     // process registered first.) Handlers that continue in a task, and one that waited

@@ -119,11 +119,13 @@ impl Inner {
                     } else {
                         wire::encode_failure(FailureKind::Cancelled, "closing")
                     };
+                    self.refused(&msg.payload, (object, method), context, conv, &refusal);
                     batch.release += self.answer(conv, refusal, credit);
                     return;
                 }
                 if deadline.is_zero() {
                     let late = wire::encode_failure(FailureKind::DeadlineExceeded, "deadline 0");
+                    self.refused(&msg.payload, (object, method), context, conv, &late);
                     batch.release += self.answer(conv, late, credit);
                     return;
                 }
@@ -145,6 +147,7 @@ impl Inner {
                 // `inflight` lock; one that waits continues in a task.
                 if let Err(refusal) = self.start_call(object, method, args, Some(last), handlers) {
                     batch.slot = true;
+                    self.refused(&msg.payload, (object, method), context, conv, &refusal);
                     batch.release += self.answer(conv, refusal, credit);
                     return;
                 }
@@ -459,6 +462,37 @@ impl Inner {
             sent: sent.as_ref(),
         };
         Some(request.context(deadline))
+    }
+
+    /// A call refused before a handler started (the peer is closing, a zero deadline, no
+    /// such object or method, bad arguments): a `chatter_rpc::handle` span, if enabled,
+    /// ended at once with the refusal as its outcome.
+    #[cold]
+    #[inline(never)]
+    fn refused(
+        &self,
+        envelope: &Bytes,
+        (object, method): (Name<'_>, Name<'_>),
+        context: Option<&[u8]>,
+        conv: Conversation,
+        refusal: &[u8],
+    ) {
+        if !tracing::enabled!(target: "chatter_rpc::handle", tracing::Level::DEBUG) {
+            return;
+        }
+        let sent = context.map(Received::decode);
+        let request = Request {
+            conn: &self.conn,
+            envelope,
+            object: object.0,
+            method: method.0,
+            signal: false,
+            time: Duration::ZERO,
+            sent: sent.as_ref(),
+        };
+        if let Some(traced) = self.make_handle_span("call", &request, Some(conv)) {
+            traced.handled(reply_outcome(refusal));
+        }
     }
 
     /// The span (as [`handle_span`](Self::handle_span)) and timer of the handler of a
