@@ -86,6 +86,9 @@ pub trait Test {
     async fn py_no_object(&self) -> String;
     /// Sends the signal `note(text)` to `py` with a TTL.
     async fn py_note(&self, text: String, ttl_ms: u64) -> String;
+    /// Calls `py.context_seen()` and sends it the signal `note(text)`, both with the
+    /// metadata `key: value` and the trace context `trace` (envelope kinds 9 and 10).
+    async fn py_context(&self, key: String, value: String, trace: String) -> String;
     /// Starts sending `n` `put` signals of `size` bytes to `py` (in a task).
     async fn flood(&self, n: u64, size: u64);
     async fn flood_status(&self) -> FloodStatus;
@@ -115,6 +118,8 @@ pub trait PyObj {
     async fn note(&self, text: String);
     #[signal(ttl = "60s")]
     async fn put(&self, i: u64, data: String);
+    /// What the Python handler's context holds.
+    async fn context_seen(&self) -> String;
 }
 
 #[remote]
@@ -291,6 +296,16 @@ impl Test for TestObj {
             Ok(_) => "queued".into(),
             Err(e) => format!("error {e}"),
         }
+    }
+    async fn py_context(&self, key: String, value: String, trace: String) -> String {
+        let py = self
+            .py
+            .with_metadata(&key, &value)
+            .with_metadata("traceparent", &trace);
+        if let Err(e) = py.note("with context".into()).await {
+            return format!("error {e}");
+        }
+        describe(py.context_seen().await)
     }
     async fn flood(&self, n: u64, size: u64) {
         let (py, peer, status, done) = (

@@ -13,6 +13,8 @@ pub(crate) const CLIENT_METHODS: &[&str] = &[
     "new",
     "with_deadline",
     "with_ttl",
+    "with_metadata",
+    "with_trace_parent",
     "persistent",
     "peer",
     "object",

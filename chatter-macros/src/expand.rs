@@ -232,6 +232,18 @@ fn client(tr: &Trait) -> TokenStream {
                 #client { __core: self.__core.with_ttl(ttl) }
             }
 
+            /// The same client, sending `key: value` as metadata with each call and
+            /// signal (the handler reads it from its `CallContext`).
+            #vis fn with_metadata(&self, key: &str, value: &str) -> Self {
+                #client { __core: self.__core.with_metadata(key, value) }
+            }
+
+            /// The same client, sending `trace` as the W3C trace context of each call and
+            /// signal.
+            #vis fn with_trace_parent(&self, trace: #krate::TraceParent) -> Self {
+                #client { __core: self.__core.with_trace_parent(trace) }
+            }
+
             /// The same client with every signal persistent, as if each were marked
             /// `#[signal(persistent)]`.
             #vis fn persistent(&self) -> Self {

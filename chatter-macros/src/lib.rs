@@ -67,6 +67,8 @@ mod expand;
 ///     pub fn new(peer: &chatter_rpc::Peer, object: &str) -> Self;
 ///     pub fn with_deadline(&self, deadline: Duration) -> Self; // per-call override
 ///     pub fn with_ttl(&self, ttl: Duration) -> Self;           // per-send signal TTL
+///     pub fn with_metadata(&self, key: &str, value: &str) -> Self; // sent with each request
+///     pub fn with_trace_parent(&self, trace: chatter_rpc::TraceParent) -> Self;
 ///     pub fn persistent(&self) -> Self;                        // every signal persistent
 ///     pub fn deadline(&self) -> Duration;
 ///     pub fn peer(&self) -> &chatter_rpc::Peer;
@@ -154,7 +156,8 @@ mod expand;
 /// Misuse is a compile error on the offending tokens: a method that is not `async`, a
 /// receiver other than `&self`, generic methods or traits, borrowed argument or return
 /// types, a signal with a return value, duplicate method names, names that clash with the
-/// generated client's methods (`new`, `with_deadline`, `with_ttl`, `persistent`,
+/// generated client's methods (`new`, `with_deadline`, `with_ttl`, `with_metadata`,
+/// `with_trace_parent`, `persistent`,
 /// `deadline`, `peer`, `object`, `clone`, `fmt`), items other than methods, and unknown attributes.
 #[proc_macro_attribute]
 pub fn remote(args: TokenStream, input: TokenStream) -> TokenStream {

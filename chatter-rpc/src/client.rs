@@ -14,8 +14,10 @@ use chatter_core::SendError;
 
 use serde::de::DeserializeOwned;
 
+use crate::context::{CallContext, Metadata, TraceParent};
 use crate::error::{CallError, RemoteContext, SignalError};
 use crate::peer::{Attempt, Inner, Outcome, Peer, Sent, MAX_DURATION};
+use crate::telemetry::Timer;
 use crate::values::{write_args, ArgError, ArgsWriter, Receivable};
 use crate::wire::{self, FailureKind, Payload, Reply, WireName};
 
@@ -30,6 +32,57 @@ pub struct ClientCore {
     persistent: bool,
     deadline: Option<Duration>,
     ttl: Option<Duration>,
+    /// Metadata and trace context for every call and signal (`with_metadata`,
+    /// `with_trace_parent`); `None` for most clients.
+    context: Option<Arc<Outgoing>>,
+}
+
+/// Why a request could not be encoded.
+enum EncodeFailure {
+    Args(String),
+    Metadata(String),
+}
+
+impl EncodeFailure {
+    /// As a `WireError`, a metadata failure marked for [`signal_error`].
+    fn into_wire(self) -> wire::WireError {
+        match self {
+            EncodeFailure::Args(what) => wire::WireError(what),
+            EncodeFailure::Metadata(what) => wire::WireError(format!("{METADATA_MARK}{what}")),
+        }
+    }
+}
+
+/// Marks a metadata failure carried as a `WireError` (no argument error starts so).
+const METADATA_MARK: &str = "\0metadata\0";
+
+/// A signal's encoding failure, for its caller.
+#[cold]
+fn signal_error(e: wire::WireError) -> SignalError {
+    match e.0.strip_prefix(METADATA_MARK) {
+        Some(what) => SignalError::MetadataTooLarge {
+            what: what.to_owned(),
+        },
+        None => SignalError::BadArguments { what: e.0 },
+    }
+}
+
+impl<E> From<EncodeFailure> for CallError<E> {
+    fn from(e: EncodeFailure) -> Self {
+        match e {
+            EncodeFailure::Args(what) => CallError::BadArguments { what },
+            EncodeFailure::Metadata(what) => CallError::MetadataTooLarge { what },
+        }
+    }
+}
+
+/// What a client attaches to each call and signal.
+#[derive(Default)]
+struct Outgoing {
+    metadata: Metadata,
+    /// `metadata`'s entries, encoded once (without the map's header).
+    encoded: Vec<u8>,
+    trace: Option<TraceParent>,
 }
 
 struct Shared {
@@ -38,6 +91,8 @@ struct Shared {
     /// The peer's defaults (its options do not change), capped at `MAX_DURATION`.
     default_deadline: Duration,
     default_ttl: Duration,
+    max_metadata: usize,
+    start_traces: bool,
 }
 
 /// A method of a `#[remote]` trait: its name, and the name encoded as a MessagePack
@@ -66,17 +121,22 @@ impl ClientCore {
         let options = peer.options();
         let (default_deadline, default_ttl) =
             (options.default_deadline, options.default_signal_ttl);
+        let (max_metadata, start_traces) = (options.max_metadata_bytes, options.start_traces);
         ClientCore {
             shared: Arc::new(Shared {
                 peer,
                 object: WireName::new(object),
                 default_deadline: default_deadline.min(MAX_DURATION),
                 default_ttl: default_ttl.min(MAX_DURATION),
+                max_metadata,
+                start_traces,
             }),
             idempotent: false,
             persistent: false,
             deadline: None,
             ttl: None,
+            // With `start_traces`, an empty one: `is_plain` then checks one field.
+            context: start_traces.then(Arc::default),
         }
     }
 
@@ -126,6 +186,120 @@ impl ClientCore {
         }
     }
 
+    /// The same client, sending `key: value` with each call and signal (after the
+    /// metadata it sends already). The key `traceparent` sets the trace context instead
+    /// (see [`with_trace_parent`](Self::with_trace_parent); an invalid one is ignored).
+    pub fn with_metadata(&self, key: &str, value: &str) -> Self {
+        let mut context = self.outgoing();
+        if key == wire::TRACEPARENT {
+            match value.parse() {
+                Ok(trace) => context.trace = Some(trace),
+                Err(e) => {
+                    tracing::debug!(traceparent = value, error = %e, "invalid trace context ignored")
+                }
+            }
+        } else {
+            context.metadata.insert(key, value);
+            wire::put_entry(&mut context.encoded, key, value);
+        }
+        ClientCore {
+            context: Some(Arc::new(context)),
+            ..self.clone()
+        }
+    }
+
+    /// The same client, sending `trace` as the trace context of each call and signal
+    /// (instead of the one of the handler it is called from, if any).
+    pub fn with_trace_parent(&self, trace: TraceParent) -> Self {
+        let mut context = self.outgoing();
+        context.trace = Some(trace);
+        ClientCore {
+            context: Some(Arc::new(context)),
+            ..self.clone()
+        }
+    }
+
+    /// The metadata this client sends.
+    pub fn metadata(&self) -> &Metadata {
+        static EMPTY: Metadata = Metadata::new();
+        self.context.as_ref().map_or(&EMPTY, |c| &c.metadata)
+    }
+
+    /// A copy of what this client attaches, to change.
+    fn outgoing(&self) -> Outgoing {
+        match &self.context {
+            Some(context) => Outgoing {
+                metadata: context.metadata.clone(),
+                encoded: context.encoded.clone(),
+                trace: context.trace,
+            },
+            None => Outgoing::default(),
+        }
+    }
+
+    /// True when a request goes without a context for sure (no metadata, no trace to
+    /// carry on or start: `context` is set with any of them or with `start_traces`): the
+    /// common case, checked without a call.
+    #[inline(always)]
+    fn is_plain(&self) -> bool {
+        self.context.is_none() && !CallContext::may_inherit()
+    }
+
+    /// A plain request (`encoded`) with this client's context, if it has one to send
+    /// (see [`is_plain`](Self::is_plain)). Cold and out of line: the plain path,
+    /// inlined into each generated method, stays as it was before contexts.
+    #[cold]
+    #[inline(never)]
+    fn with_context<E: From<EncodeFailure>>(
+        &self,
+        encoded: Result<Payload, wire::WireError>,
+        method: &Method,
+    ) -> Result<(Payload, Option<TraceParent>), E> {
+        let plain = encoded.map_err(|e| EncodeFailure::Args(e.0))?;
+        let (context, trace) = self.request_context().map_err(EncodeFailure::Metadata)?;
+        let Some(context) = context else {
+            return Ok((plain, trace));
+        };
+        let names = self.shared.object.encoded().len() + method.wire.len();
+        wire::add_context(&plain, names, &context)
+            .map(|payload| (payload, trace))
+            .map_err(|e| EncodeFailure::Args(e.0).into())
+    }
+
+    /// The context map of one request and its trace context, or why it cannot be sent.
+    /// Without metadata, outside a traced handler and without `start_traces`, `None`:
+    /// the request goes as a plain call or signal, byte for byte as before contexts.
+    fn request_context(&self) -> Result<(Option<Vec<u8>>, Option<TraceParent>), String> {
+        let trace = match &self.context {
+            Some(context) if context.trace.is_some() => context.trace,
+            _ => CallContext::inherited_trace().or_else(|| self.started_trace()),
+        };
+        let (entries, encoded) = match &self.context {
+            Some(c) => (c.metadata.len(), c.encoded.as_slice()),
+            None if trace.is_none() => return Ok((None, None)),
+            None => (0, &[][..]),
+        };
+        let Some(map) = wire::encode_context(entries, encoded, trace.as_ref()) else {
+            return Ok((None, trace));
+        };
+        if map.len() > self.shared.max_metadata {
+            return Err(format!(
+                "{} bytes, over this side's limit of {} (PeerOptions::max_metadata_bytes)",
+                map.len(),
+                self.shared.max_metadata
+            ));
+        }
+        Ok((Some(map), trace))
+    }
+
+    /// A new trace for a call made outside any, with `start_traces` and the call span
+    /// enabled.
+    fn started_trace(&self) -> Option<TraceParent> {
+        let enabled = self.shared.start_traces
+            && tracing::enabled!(target: "chatter_rpc::call", tracing::Level::DEBUG);
+        enabled.then(TraceParent::random)
+    }
+
     /// A call of a method returning `Result<T, E>`, with `count` arguments written by
     /// `args`.
     pub fn call<T, E, A>(
@@ -169,6 +343,7 @@ impl ClientCore {
     /// Sends a signal: encodes its `count` arguments now (written by `args`), queues the
     /// signal when first polled (see [`Peer`](crate::Peer) for TTL, outbox and persistence
     /// rules).
+    #[inline]
     pub fn signal<A>(
         &self,
         method: &'static Method,
@@ -186,11 +361,19 @@ impl ClientCore {
         };
         let object = self.shared.object.encoded();
         let args = |w: &mut Vec<u8>| write_args(w, count, args);
-        let encoded = wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, args);
+        let mut encoded = wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, args);
+        if !self.is_plain() {
+            // A metadata failure travels as a marked `WireError`, so that the future holds
+            // what it held before contexts (`signal_error` tells them apart).
+            encoded = self
+                .with_context::<EncodeFailure>(encoded, method)
+                .map(|(payload, _trace)| payload)
+                .map_err(EncodeFailure::into_wire);
+        }
         let shared = self.shared.clone();
         let persistent = persistent || self.persistent;
         async move {
-            let payload = encoded.map_err(|e| SignalError::BadArguments { what: e.0 })?;
+            let payload = encoded.map_err(signal_error)?;
             let wait = match shared.peer.try_signal(payload, ttl, persistent) {
                 Attempt::Done(done) => return done,
                 // Boxed, as for calls: its wait state would make every signal future
@@ -207,6 +390,7 @@ impl ClientCore {
         }
     }
 
+    #[inline]
     fn call_with<A, T, E, F>(
         &self,
         method: &'static Method,
@@ -223,11 +407,20 @@ impl ClientCore {
         let deadline = self.deadline();
         let object = self.shared.object.encoded();
         let args = |w: &mut Vec<u8>| write_args(w, count, args);
+        let mut trace = None;
         let encoded = wire::encode_request_with(wire::CALL, object, method.wire, deadline, args);
+        let encoded = if self.is_plain() {
+            encoded.map_err(|e| CallError::BadArguments { what: e.0 })
+        } else {
+            self.with_context(encoded, method).map(|(payload, sent)| {
+                trace = sent;
+                payload
+            })
+        };
         let (request, boxed) = match encoded {
             Ok(payload) => (Some(payload), None),
-            Err(e) => {
-                let failed = Err(CallError::BadArguments { what: e.0 });
+            Err(failed) => {
+                let failed = Err(failed);
                 (
                     None,
                     Some(Box::pin(std::future::ready(failed)) as BoxedCall),
@@ -243,8 +436,121 @@ impl ClientCore {
             deadline,
             idempotent: self.idempotent,
             app: Some(app),
+            traced: Traced(CallTrace::start(self.object(), method.name, trace)),
+            timer: Timer::start(),
             out: PhantomData,
         }
+    }
+}
+
+/// The `chatter_rpc::call` span of a call, while it is enabled (boxed: a call future
+/// without it stays as small as it was).
+struct CallTrace {
+    span: tracing::Span,
+    start: tokio::time::Instant,
+}
+
+/// A span's record (a call's [`CallTrace`], a handler's), if tracing is on: boxed and
+/// dropped out of line, so that it is one pointer and its drop a null check when
+/// tracing is off.
+pub(crate) struct Traced<T>(pub(crate) Option<Box<T>>);
+
+impl<T> Drop for Traced<T> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        if let Some(traced) = self.0.take() {
+            drop_cold(traced);
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn drop_cold<T>(value: T) {
+    drop(value);
+}
+
+impl CallTrace {
+    /// The call's span, if the `chatter_rpc::call` target is enabled at debug level.
+    #[inline(always)]
+    fn start(object: &str, method: &str, trace: Option<TraceParent>) -> Option<Box<CallTrace>> {
+        // One level check when off: not even a disabled span (which costs more with
+        // `tracing`'s `log` feature).
+        if !tracing::enabled!(target: "chatter_rpc::call", tracing::Level::DEBUG) {
+            return None;
+        }
+        CallTrace::start_enabled(object, method, trace)
+    }
+
+    /// [`start`](Self::start), once the target is enabled.
+    #[cold]
+    #[inline(never)]
+    fn start_enabled(
+        object: &str,
+        method: &str,
+        trace: Option<TraceParent>,
+    ) -> Option<Box<CallTrace>> {
+        let span = tracing::debug_span!(
+            target: "chatter_rpc::call",
+            "call",
+            object,
+            method,
+            conversation = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            duration_us = tracing::field::Empty,
+        );
+        if span.is_disabled() {
+            return None;
+        }
+        if let Some(trace) = trace {
+            span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+            // The id this side sent as the callee's parent: its span for the call.
+            span.record(
+                "span_id",
+                tracing::field::display(format_args!("{:016x}", trace.parent_id())),
+            );
+        }
+        Some(Box::new(CallTrace {
+            span,
+            start: tokio::time::Instant::now(),
+        }))
+    }
+
+    /// Records how the call ended and closes the span.
+    fn finish<T, E>(&self, result: &Result<T, CallError<E>>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => outcome_name(e),
+        };
+        let elapsed = self.start.elapsed().as_micros() as u64;
+        self.span.record("outcome", outcome);
+        self.span.record("duration_us", elapsed);
+        self.span.in_scope(|| {
+            tracing::debug!(target: "chatter_rpc::call", outcome, duration_us = elapsed, "call finished");
+        });
+    }
+}
+
+/// A short name for how a call failed (the `outcome` field of call spans).
+fn outcome_name<E>(e: &CallError<E>) -> &'static str {
+    match e {
+        CallError::App { .. } => "app_error",
+        CallError::DeadlineExceeded => "deadline_exceeded",
+        CallError::Cancelled => "cancelled",
+        CallError::ConnectionLost(_) => "connection_lost",
+        CallError::NoSuchObject { .. } => "no_such_object",
+        CallError::NoSuchMethod { .. } => "no_such_method",
+        CallError::BadArguments { .. } => "bad_arguments",
+        CallError::BadReply { .. } => "bad_reply",
+        CallError::RemotePanic { .. } => "remote_panic",
+        CallError::Protocol(_) => "protocol",
+        CallError::NotConnected { .. } => "not_connected",
+        CallError::OutcomeUnknown(_) => "outcome_unknown",
+        CallError::ShuttingDown => "shutting_down",
+        CallError::MetadataTooLarge { .. } => "metadata_too_large",
     }
 }
 
@@ -270,6 +576,10 @@ struct Call<T, E, F> {
     idempotent: bool,
     /// How to make the caller's error from an application error reply; taken once.
     app: Option<F>,
+    /// The call's span, when enabled.
+    traced: Traced<CallTrace>,
+    /// When the call began (with the `metrics` feature; nothing otherwise).
+    timer: Timer,
     out: PhantomData<fn() -> (T, E)>,
 }
 
@@ -294,7 +604,17 @@ where
         if let Some(payload) = this.request.take() {
             if let Err(e) = this.start(payload) {
                 this.app = None;
-                return Poll::Ready(Err(e.map_app(|n| match n {})));
+                let failed = Err(e.map_app(|n| match n {}));
+                if let Some(traced) = this.traced.0.take() {
+                    traced.finish(&failed);
+                }
+                this.timed(&failed);
+                return Poll::Ready(failed);
+            }
+            if let Some(traced) = &this.traced.0 {
+                if this.waiting != 0 {
+                    traced.span.record("conversation", this.waiting);
+                }
             }
         }
         // `waiting` is only set for a peer made from a connection.
@@ -312,11 +632,28 @@ where
         let app = this.app.take().expect("kept until the call completes");
         let reply = reply.map_err(|e| e.map_app(|n| match n {}));
         let (object, method) = (this.shared.object.as_str(), this.method.name);
-        Poll::Ready(finish(reply, app, object, method))
+        let result = finish(reply, app, object, method);
+        if let Some(traced) = this.traced.0.take() {
+            traced.finish(&result);
+        }
+        this.timed(&result);
+        Poll::Ready(result)
     }
 }
 
 impl<T, E, F> Call<T, E, F> {
+    /// Records the call's duration (with the `metrics` feature; without, this is
+    /// nothing: `Timer` is empty and its method inlined).
+    #[inline(always)]
+    fn timed<R>(&self, result: &Result<R, CallError<E>>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => outcome_name(e),
+        };
+        let object = self.shared.object.as_str();
+        self.timer.call_finished(object, self.method.name, outcome);
+    }
+
     /// Hands the request to the connection (or starts the boxed path that will).
     fn start(&mut self, payload: Payload) -> Result<(), CallError> {
         let deadline = self.deadline;
@@ -406,6 +743,9 @@ fn failure<E>(
         Ok(FailureKind::RemotePanic) => CallError::RemotePanic { message },
         Ok(FailureKind::Protocol) => CallError::Protocol(message),
         Ok(FailureKind::ShuttingDown) => CallError::ShuttingDown,
+        Ok(FailureKind::MetadataTooLarge) => CallError::MetadataTooLarge {
+            what: format!("refused by the callee: {message}"),
+        },
         Err(kind) => CallError::Protocol(format!("unknown failure kind {kind}: {message}")),
     }
 }

@@ -96,6 +96,14 @@ pub enum CallError<E = Infallible> {
     /// The peer (this side or the callee) is shutting down and takes no new calls.
     #[error("shutting down: the call was refused")]
     ShuttingDown,
+    /// The call's metadata (and trace context) is larger than
+    /// [`PeerOptions::max_metadata_bytes`](crate::PeerOptions::max_metadata_bytes): this
+    /// side's (the call was not sent) or the callee's (it refused the call).
+    #[error("metadata too large: {what}")]
+    MetadataTooLarge {
+        /// The size and the limit, and which side refused.
+        what: String,
+    },
 }
 
 impl<E> CallError<E> {
@@ -148,6 +156,7 @@ impl<E> CallError<E> {
             CallError::NotConnected { last_error } => CallError::NotConnected { last_error },
             CallError::OutcomeUnknown(c) => CallError::OutcomeUnknown(c),
             CallError::ShuttingDown => CallError::ShuttingDown,
+            CallError::MetadataTooLarge { what } => CallError::MetadataTooLarge { what },
         }
     }
 }
@@ -237,6 +246,15 @@ pub enum SignalError {
     /// ([`WhenFull::Wait`](crate::WhenFull::Wait)): it was never queued.
     #[error("the signal expired while waiting for room in the outbox")]
     Expired,
+    /// The signal's metadata (and trace context) is larger than this side's
+    /// [`PeerOptions::max_metadata_bytes`](crate::PeerOptions::max_metadata_bytes): it
+    /// was not sent. (A receiver with a lower limit drops it and counts it in its
+    /// [`PeerStats::signals_failed`](crate::PeerStats::signals_failed).)
+    #[error("metadata too large: {what}")]
+    MetadataTooLarge {
+        /// The size and the limit.
+        what: String,
+    },
 }
 
 /// Why an acknowledged send ([`Sent::acknowledged`](crate::Sent::acknowledged)) did not

@@ -147,7 +147,7 @@ impl<T, E> RemoteResult for Result<T, E> {
 #[doc(hidden)]
 pub fn reply_ok<T: Sendable + ?Sized>(value: &T) -> Payload {
     wire::encode_ok(value).unwrap_or_else(|e| {
-        tracing::warn!("cannot encode a reply: {e}");
+        tracing::warn!(error = %e, "cannot encode a reply");
         wire::encode_failure(FailureKind::Protocol, &format!("callee: {e}"))
     })
 }
@@ -156,7 +156,7 @@ pub fn reply_ok<T: Sendable + ?Sized>(value: &T) -> Payload {
 #[doc(hidden)]
 pub fn reply_app_error<E: Sendable + ?Sized>(error: &E, context: Option<RemoteContext>) -> Payload {
     wire::encode_app_error(error, &context.unwrap_or_default()).unwrap_or_else(|e| {
-        tracing::warn!("cannot encode an application error: {e}");
+        tracing::warn!(error = %e, "cannot encode an application error");
         wire::encode_failure(FailureKind::Protocol, &format!("callee: {e}"))
     })
 }

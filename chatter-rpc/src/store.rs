@@ -184,7 +184,7 @@ impl Store {
             .db
             .execute("DELETE FROM chatter_signals WHERE seq = ?1", [seq as i64])
         {
-            tracing::warn!("chatter-rpc: signal store: cannot delete signal {seq}: {e}");
+            tracing::warn!(seq, error = %e, "signal store: cannot delete a signal");
         }
     }
 }

@@ -99,10 +99,12 @@ pub(crate) fn write_args<F>(w: &mut Vec<u8>, count: u32, args: F) -> Result<(), 
 where
     F: FnOnce(&mut ArgsWriter<'_>) -> Result<(), ArgError>,
 {
-    if count == 0 {
-        msgpack::write_nil(w);
-    } else {
-        msgpack::write_array_len(w, count);
+    match count {
+        0 => msgpack::write_nil(w),
+        // A fixarray: one byte, written here so that it folds into a constant store
+        // wherever the generated method inlines this.
+        1..16 => w.push(0x90 | count as u8),
+        _ => msgpack::write_array_len(w, count),
     }
     match args(&mut ArgsWriter { w }) {
         Ok(()) => Ok(()),

@@ -27,6 +27,16 @@ pub(crate) const SIGNAL: u8 = 1;
 pub(crate) const CANCEL: u8 = 2;
 pub(crate) const RELIABLE: u8 = 3;
 pub(crate) const ACK: u8 = 4;
+/// A call, signal or reliable signal with a context map (metadata, trace context): the
+/// plain kind + [`WITH_CONTEXT`]. Sent only when there is a context to send, so plain
+/// requests stay as they were and peers that predate these kinds still work.
+pub(crate) const CALL_CTX: u8 = 9;
+pub(crate) const SIGNAL_CTX: u8 = 10;
+pub(crate) const RELIABLE_CTX: u8 = 11;
+/// What a context adds to a request's kind.
+pub(crate) const WITH_CONTEXT: u8 = 9;
+/// The context map's key for the W3C trace context.
+pub(crate) const TRACEPARENT: &str = "traceparent";
 
 /// Reply statuses: the first element of a reply.
 pub(crate) const OK: u8 = 0;
@@ -45,6 +55,7 @@ pub(crate) enum FailureKind {
     RemotePanic = 6,
     Protocol = 7,
     ShuttingDown = 8,
+    MetadataTooLarge = 9,
 }
 
 impl FailureKind {
@@ -58,6 +69,7 @@ impl FailureKind {
             6 => FailureKind::RemotePanic,
             7 => FailureKind::Protocol,
             8 => FailureKind::ShuttingDown,
+            9 => FailureKind::MetadataTooLarge,
             _ => return None,
         })
     }
@@ -89,12 +101,15 @@ pub(crate) enum Incoming<'a> {
         object: Name<'a>,
         method: Name<'a>,
         deadline: Duration,
+        /// The context map of a kind 9 call (checked: a map of strings within the limit).
+        context: Option<&'a [u8]>,
         args: &'a [u8],
     },
     Signal {
         object: Name<'a>,
         method: Name<'a>,
         ttl: Duration,
+        context: Option<&'a [u8]>,
         args: &'a [u8],
     },
     Cancel {
@@ -107,6 +122,7 @@ pub(crate) enum Incoming<'a> {
         object: Name<'a>,
         method: Name<'a>,
         ttl: Duration,
+        context: Option<&'a [u8]>,
         args: &'a [u8],
     },
     /// The receiver of a reliable signal finished with it.
@@ -134,6 +150,22 @@ pub(crate) enum Reply<'a> {
 /// Why an envelope or a value could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct WireError(pub(crate) String);
+
+impl WireError {
+    /// A context map over the receiver's limit: [`FailureKind::MetadataTooLarge`].
+    pub(crate) fn too_large(size: usize, max: usize) -> WireError {
+        WireError(format!(
+            "{METADATA_TOO_LARGE}: {size} bytes or more, over the limit of {max} (PeerOptions::max_metadata_bytes)"
+        ))
+    }
+
+    /// Whether this is [`too_large`](Self::too_large).
+    pub(crate) fn is_too_large(&self) -> bool {
+        self.0.starts_with(METADATA_TOO_LARGE)
+    }
+}
+
+const METADATA_TOO_LARGE: &str = "metadata too large";
 
 impl std::fmt::Display for WireError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -174,6 +206,136 @@ pub(crate) fn encode_request_with(
         msgpack::write_uint(w, millis(duration));
         args(w)
     })
+}
+
+/// A request as [`encode_request_with`] makes it, with a `context` map (already encoded,
+/// see [`encode_context`]) or without one: see [`add_context`].
+#[cfg(test)]
+pub(crate) fn encode_request_with_context(
+    kind: u8,
+    object: &[u8],
+    method: &[u8],
+    duration: Duration,
+    context: Option<&[u8]>,
+    args: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>,
+) -> Result<Payload, WireError> {
+    let plain = encode_request_with(kind, object, method, duration, args)?;
+    match context {
+        Some(context) => add_context(&plain, object.len() + method.len(), context),
+        None => Ok(plain),
+    }
+}
+
+/// The request `plain` (made by [`encode_request_with`], whose encoded object and method
+/// names take `names` bytes) with a `context` map (already encoded, see
+/// [`encode_context`]): of the kind + [`WITH_CONTEXT`], with the map between the
+/// duration and the arguments. Made from the plain request rather than by a second
+/// encoder of the arguments, so that a client's argument writer has one caller (the
+/// plain path inlines it).
+pub(crate) fn add_context(
+    plain: &[u8],
+    names: usize,
+    context: &[u8],
+) -> Result<Payload, WireError> {
+    let at = 2 + names;
+    let duration = match plain.get(at) {
+        Some(0x00..=0x7f) => 1,
+        Some(0xcc) => 2,
+        Some(0xcd) => 3,
+        Some(0xce) => 5,
+        Some(0xcf) => 9,
+        _ => 0,
+    };
+    let (Some(&[0x95, kind]), true) = (
+        plain.get(..2),
+        duration != 0 && at + duration <= plain.len(),
+    ) else {
+        return Err(WireError("not a plain request".to_owned()));
+    };
+    let (head, args) = plain.split_at(at + duration);
+    encode(|w| {
+        w.reserve(plain.len() + context.len());
+        header(w, 6, kind + WITH_CONTEXT);
+        w.extend_from_slice(&head[2..]);
+        w.extend_from_slice(context);
+        w.extend_from_slice(args);
+        Ok(())
+    })
+}
+
+/// Appends one metadata entry, as [`encode_context`] takes them.
+pub(crate) fn put_entry(w: &mut Vec<u8>, key: &str, value: &str) {
+    put_str(w, key);
+    put_str(w, value);
+}
+
+/// The context map of a request: `entries` metadata entries already encoded (with
+/// [`put_entry`]), then the trace context under `"traceparent"`. `None` when there is
+/// nothing to send.
+pub(crate) fn encode_context(
+    entries: usize,
+    encoded: &[u8],
+    trace: Option<&crate::TraceParent>,
+) -> Option<Vec<u8>> {
+    let entries = entries + usize::from(trace.is_some());
+    if entries == 0 {
+        return None;
+    }
+    let mut w = Vec::with_capacity(5 + encoded.len() + 70);
+    msgpack::write_map_len(&mut w, len32(entries));
+    w.extend_from_slice(encoded);
+    if let Some(trace) = trace {
+        put_str(&mut w, TRACEPARENT);
+        put_str(&mut w, &trace.to_string());
+    }
+    Some(w)
+}
+
+/// Checks a context map (a map of strings to strings, at most `max` bytes encoded) at
+/// the start of `r`'s input, and returns its bytes.
+fn read_context<'a>(r: &mut Reader<'a>, max: usize) -> Result<&'a [u8], WireError> {
+    let start = r.remaining();
+    let n = r.read_map_len().map_err(|e| bad("context", e))?;
+    for _ in 0..n {
+        r.read_str_bytes().map_err(|e| bad("context key", e))?;
+        r.read_str_bytes().map_err(|e| bad("context value", e))?;
+        if start.len() - r.remaining().len() > max {
+            break;
+        }
+    }
+    let size = start.len() - r.remaining().len();
+    if size > max {
+        return Err(WireError::too_large(size, max));
+    }
+    Ok(&start[..size])
+}
+
+/// Decodes a context map that [`read_context`] checked: the metadata, and the trace
+/// context (a malformed one is ignored, logged at debug level: W3C trace context says a
+/// receiver starts afresh rather than fail).
+pub(crate) fn decode_context(context: &[u8]) -> (crate::Metadata, Option<crate::TraceParent>) {
+    let mut metadata = crate::Metadata::new();
+    let mut trace = None;
+    let mut r = Reader::new(context);
+    let n = r.read_map_len().unwrap_or(0);
+    for _ in 0..n {
+        let (Ok(key), Ok(value)) = (r.read_str_bytes(), r.read_str_bytes()) else {
+            break;
+        };
+        let (key, value) = (String::from_utf8_lossy(key), String::from_utf8_lossy(value));
+        if key == TRACEPARENT {
+            match value.parse() {
+                Ok(parsed) if trace.is_none() => trace = Some(parsed),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(traceparent = %value, error = %e, "malformed trace context ignored")
+                }
+            }
+        } else {
+            metadata.insert(key, value);
+        }
+    }
+    (metadata, trace)
 }
 
 /// A name and its MessagePack string encoding, made once and copied into every envelope
@@ -369,34 +531,43 @@ fn encode(build: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>) -> Result<P
     Ok(payload)
 }
 
-/// Decodes a caller-to-callee envelope.
-pub(crate) fn decode_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
+/// Decodes a caller-to-callee envelope; a context map (kinds 9 to 11) may take at most
+/// `max_context` bytes.
+pub(crate) fn decode_incoming(
+    payload: &[u8],
+    max_context: usize,
+) -> Result<Incoming<'_>, WireError> {
     match decode_plain_request(payload) {
         Some(request) => Ok(request),
-        None => decode_any_incoming(payload),
+        None => decode_any_incoming(payload, max_context),
     }
 }
 
 /// Decodes a caller-to-callee envelope in any valid MessagePack form.
-fn decode_any_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
+fn decode_any_incoming(payload: &[u8], max_context: usize) -> Result<Incoming<'_>, WireError> {
     let mut r = Reader::new(payload);
     let len = r.read_array_len().map_err(|e| bad("envelope", e))?;
     let kind: u8 = r.read_int().map_err(|e| bad("envelope kind", e))?;
     match (kind, len) {
-        (CALL | SIGNAL, 5) => {
+        (CALL | SIGNAL, 5) | (CALL_CTX | SIGNAL_CTX, 6) => {
             let object = read_name(&mut r, "object name")?;
             let method = read_name(&mut r, "method name")?;
             let ms: u64 = r.read_int().map_err(|e| bad("duration", e))?;
             let duration = Duration::from_millis(ms);
+            let context = match len {
+                6 => Some(read_context(&mut r, max_context)?),
+                _ => None,
+            };
             let rd = r.remaining();
             if rd.is_empty() {
                 return Err(WireError("missing arguments".into()));
             }
-            Ok(if kind == CALL {
+            Ok(if kind == CALL || kind == CALL_CTX {
                 Incoming::Call {
                     object,
                     method,
                     deadline: duration,
+                    context,
                     args: rd,
                 }
             } else {
@@ -404,6 +575,7 @@ fn decode_any_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
                     object,
                     method,
                     ttl: duration,
+                    context,
                     args: rd,
                 }
             })
@@ -412,7 +584,8 @@ fn decode_any_incoming(payload: &[u8]) -> Result<Incoming<'_>, WireError> {
             let call: u64 = r.read_int().map_err(|e| bad("call id", e))?;
             Ok(Incoming::Cancel { call })
         }
-        (RELIABLE, 7) => reliable::decode_reliable(r),
+        (RELIABLE, 7) => reliable::decode_reliable(r, None),
+        (RELIABLE_CTX, 8) => reliable::decode_reliable(r, Some(max_context)),
         (ACK, 4) => reliable::decode_ack(r),
         (kind, len) => Err(WireError(format!(
             "unknown envelope kind {kind} with {len} elements"
@@ -452,6 +625,7 @@ fn decode_plain_request(payload: &[u8]) -> Option<Incoming<'_>> {
             object,
             method,
             deadline: duration,
+            context: None,
             args,
         }
     } else {
@@ -459,6 +633,7 @@ fn decode_plain_request(payload: &[u8]) -> Option<Incoming<'_>> {
             object,
             method,
             ttl: duration,
+            context: None,
             args,
         }
     })
@@ -556,7 +731,8 @@ pub(crate) fn decode_error(type_name: &str, e: DecodeError) -> WireError {
 
 /// The array header and kind of an envelope, in the shortest forms. The common case (a
 /// fixarray and a fixint kind) is a single two-byte store: this runs for every call, reply
-/// and signal.
+/// and signal. (Inlined: the sizes and kinds are constants where it is called.)
+#[inline(always)]
 fn header(w: &mut Vec<u8>, len: u32, kind: u8) {
     if len < 16 && kind < 0x80 {
         w.extend_from_slice(&[0x90 | len as u8, kind]);
@@ -661,8 +837,9 @@ mod tests {
             object,
             method,
             deadline,
+            context: None,
             args,
-        } = decode_incoming(&bytes).unwrap()
+        } = decode_incoming(&bytes, 8192).unwrap()
         else {
             panic!("not a call")
         };
@@ -675,13 +852,13 @@ mod tests {
     fn signal_and_cancel_round_trip() {
         let bytes = encode_request(SIGNAL, "o", "m", Duration::from_secs(30), &()).unwrap();
         assert!(matches!(
-            decode_incoming(&bytes).unwrap(),
+            decode_incoming(&bytes, 8192).unwrap(),
             Incoming::Signal { ttl, .. } if ttl == Duration::from_secs(30)
         ));
         let bytes = encode_cancel(300);
         assert_eq!(bytes.as_ref(), b"\x92\x02\xcd\x01\x2c".as_ref());
         assert_eq!(
-            decode_incoming(&bytes).unwrap(),
+            decode_incoming(&bytes, 8192).unwrap(),
             Incoming::Cancel { call: 300 }
         );
     }
@@ -795,6 +972,62 @@ mod tests {
             err.as_ref()
         );
 
+        // Kind 9 and 10: the context map before the arguments.
+        let tp: crate::TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap();
+        let mut entries = Vec::new();
+        put_entry(&mut entries, "user", "ada");
+        let context = encode_context(1, &entries, Some(&tp)).unwrap();
+        let (object, method) = (WireName::new("calc"), WireName::new("add"));
+        let (object, method) = (object.encoded(), method.encoded());
+        let ms = Duration::from_millis(1500);
+        let call = encode_request_with_context(CALL, object, method, ms, Some(&context), |w| {
+            value(w, &(2, 3))
+        });
+        let call = call.unwrap();
+        assert_eq!(
+            doc_block("the metadata `user: ada` and a trace context"),
+            &call[..]
+        );
+        let Ok(Incoming::Call {
+            context: Some(raw),
+            args,
+            ..
+        }) = decode_incoming(&call, 8192)
+        else {
+            panic!("not a call with a context")
+        };
+        assert_eq!(args, b"\x92\x02\x03");
+        let (metadata, trace) = decode_context(raw);
+        assert_eq!(metadata, crate::Metadata::new().with("user", "ada"));
+        assert_eq!(trace, Some(tp));
+        // One byte over the limit: refused as too large.
+        let err = decode_incoming(&call, raw.len() - 1).unwrap_err();
+        assert!(err.is_too_large(), "{err}");
+        assert!(decode_incoming(&call, raw.len()).is_ok());
+        let mut entries = Vec::new();
+        put_entry(&mut entries, "a", "b");
+        let context = encode_context(1, &entries, None).unwrap();
+        let (object, method) = (WireName::new("log"), WireName::new("line"));
+        let ttl = Duration::from_secs(4);
+        let signal = encode_request_with_context(
+            SIGNAL,
+            object.encoded(),
+            method.encoded(),
+            ttl,
+            Some(&context),
+            |w| value(w, &("hi",)),
+        );
+        inline_in_doc(
+            "96 0a a3 6c 6f 67 a4 6c 69 6e 65 cd 0f a0 81 a1 61 a1 62 91 a2 68 69",
+            &signal.unwrap(),
+        );
+        inline_in_doc(
+            "93 02 09 a5 62 69 67 21 21",
+            &encode_failure(FailureKind::MetadataTooLarge, "big!!"),
+        );
+
         // No arguments: nil.
         let bytes = encode_request(CALL, "o", "m", Duration::ZERO, &()).unwrap();
         assert_eq!(bytes.as_ref(), b"\x95\x00\xa1o\xa1m\x00\xc0".as_ref());
@@ -874,7 +1107,7 @@ mod tests {
     fn durations_go_in_whole_milliseconds_rounded_up() {
         let ms = |d: Duration| {
             let bytes = encode_request(CALL, "o", "m", d, &()).unwrap();
-            match decode_incoming(&bytes).unwrap() {
+            match decode_incoming(&bytes, 8192).unwrap() {
                 Incoming::Call { deadline, .. } => deadline,
                 other => panic!("{other:?}"),
             }
@@ -887,7 +1120,7 @@ mod tests {
         // A non-negative duration in a signed format is accepted (PROTOCOL.md, Durations).
         let signed = b"\x95\x00\xa1o\xa1m\xd0\x05\xc0";
         assert!(matches!(
-            decode_incoming(signed).unwrap(),
+            decode_incoming(signed, 8192).unwrap(),
             Incoming::Call { deadline, .. } if deadline == Duration::from_millis(5)
         ));
     }
@@ -928,20 +1161,20 @@ mod tests {
             // Long names are left to the general decoder.
             assert_eq!(plain.is_some(), object.len() < 32, "{object}");
             if let Some(plain) = plain {
-                assert_eq!(Ok(plain), decode_any_incoming(&bytes));
+                assert_eq!(Ok(plain), decode_any_incoming(&bytes, 8192));
             }
         }
         // Signed durations and bad UTF-8 are not plain.
         assert!(decode_plain_request(b"\x95\x00\xa1o\xa1m\xd0\x05\xc0").is_none());
 
         assert!(decode_plain_request(b"\x95\x00\xa1o\xa1m\x05").is_none());
-        assert!(decode_incoming(b"\x95\x00\xa1o\xa1m\xd0\x05\xc0").is_ok());
+        assert!(decode_incoming(b"\x95\x00\xa1o\xa1m\xd0\x05\xc0", 8192).is_ok());
         // Names are bytes: one that is not UTF-8 decodes (the same in both decoders, long
         // or short) and then matches no object.
         let bad_name = b"\x95\x00\xa1\xff\xa1m\x05\xc0";
         let long_bad_name = b"\x95\x00\xd9\x01\xff\xa1m\x05\xc0";
         for bytes in [&bad_name[..], long_bad_name] {
-            let Ok(Incoming::Call { object, .. }) = decode_incoming(bytes) else {
+            let Ok(Incoming::Call { object, .. }) = decode_incoming(bytes, 8192) else {
                 panic!("{bytes:x?} does not decode");
             };
             assert_eq!(object, Name(b"\xff"));
@@ -949,8 +1182,42 @@ mod tests {
         }
         assert_eq!(
             decode_plain_request(bad_name),
-            decode_any_incoming(bad_name).ok()
+            decode_any_incoming(bad_name, 8192).ok()
         );
+    }
+
+    #[test]
+    fn contexts_must_be_maps_of_strings() {
+        for input in [
+            &b"\x96\x09\xa1o\xa1m\x05\x80"[..],
+            b"\x96\x09\xa1o\xa1m\x05\x81\xa1k\x01\xc0",
+            b"\x96\x09\xa1o\xa1m\x05\x91\xa1k\xc0",
+            b"\x96\x0a\xa1o\xa1m\x05\x81\xa1k\xa1",
+            b"\x95\x09\xa1o\xa1m\x05\xc0",
+            b"\x97\x0b\x01\x01\xa1o\xa1m\x05\x80",
+        ] {
+            let err = decode_incoming(input, 8192).unwrap_err();
+            assert!(!err.is_too_large(), "{input:x?}: {err}");
+        }
+        // An empty map is a context without entries.
+        let empty = b"\x96\x09\xa1o\xa1m\x05\x80\xc0";
+        assert!(matches!(
+            decode_incoming(empty, 8192),
+            Ok(Incoming::Call {
+                context: Some(b"\x80"),
+                ..
+            })
+        ));
+        let reliable = b"\x98\x0b\x01\x02\xa1o\xa1m\x05\x81\xa1k\xa1v\xc0";
+        assert!(matches!(
+            decode_incoming(reliable, 8192),
+            Ok(Incoming::Reliable {
+                stream: 1,
+                seq: 2,
+                context: Some(_),
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -965,7 +1232,7 @@ mod tests {
             b"\x93\x02\x63\xa1x",
             b"\x95\x00\xa1o\xa1m\x01",
         ] {
-            assert!(decode_incoming(input).is_err(), "{input:x?}");
+            assert!(decode_incoming(input, 8192).is_err(), "{input:x?}");
             assert!(decode_reply(input).is_err() || input == b"\x93\x02\x63\xa1x");
         }
     }

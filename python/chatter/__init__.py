@@ -37,13 +37,14 @@ from .errors import (
     SignalExpired,
     WouldBlock,
 )
-from .rpc import Peer, PeerStats, RemoteMethod, RemoteObject
+from .rpc import CallContext, Peer, PeerStats, RemoteMethod, RemoteObject, current_context
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AppError",
     "BadArguments",
+    "CallContext",
     "CallError",
     "Cancelled",
     "ChatterError",
@@ -74,5 +75,6 @@ __all__ = [
     "SignalExpired",
     "WouldBlock",
     "connect",
+    "current_context",
     "parse_address",
 ]

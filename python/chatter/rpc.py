@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
@@ -52,11 +54,15 @@ from .errors import (
     SignalExpired,
 )
 
-__all__ = ["Peer", "PeerStats", "RemoteObject", "RemoteMethod"]
+__all__ = ["CallContext", "Peer", "PeerStats", "RemoteObject", "RemoteMethod", "current_context"]
 
 log = logging.getLogger("chatter.rpc")
 
 CALL, SIGNAL, CANCEL, RELIABLE, ACK = range(5)
+#: Calls, signals and reliable signals with a context map (metadata, trace context).
+CALL_CTX, SIGNAL_CTX, RELIABLE_CTX = 9, 10, 11
+#: W3C trace context, version 00 (a later version may append ``-`` and more).
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 OK, APP_ERROR, FAILURE = range(3)
 #: The longest duration that travels (ms): chatter-rpc caps durations likewise.
 MAX_MS = 2**32 - 1
@@ -117,10 +123,67 @@ class PeerStats:
     malformed: int = 0
 
 
+@dataclass(frozen=True)
+class CallContext:
+    """What a handler can learn about the call or signal it serves: see
+    :func:`current_context`."""
+
+    object: str
+    method: str
+    is_signal: bool
+    #: The caller's metadata, in order (a key may repeat).
+    metadata: Tuple[Tuple[str, str], ...]
+    #: The caller's W3C ``traceparent``, if it sent a valid one.
+    traceparent: Optional[str]
+    #: When the deadline (or TTL) runs out, in the event loop's clock.
+    deadline: float
+
+    def get(self, key: str) -> Optional[str]:
+        """The first metadata value under ``key``."""
+        for k, v in self.metadata:
+            if k == key:
+                return v
+        return None
+
+
+_current: "contextvars.ContextVar[Optional[CallContext]]" = contextvars.ContextVar("chatter_rpc_context", default=None)
+
+
+def current_context() -> Optional[CallContext]:
+    """The context of the call the running handler serves (also in the task it runs
+    in); ``None`` outside a handler."""
+    return _current.get()
+
+
+def _valid_traceparent(value: str) -> bool:
+    m = _TRACEPARENT.match(value)
+    if m is None:
+        return False
+    version, trace_id, parent_id, _flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest is not None):
+        return False
+    return trace_id != "0" * 32 and parent_id != "0" * 16
+
+
+def _context(ctx: Any, max_bytes: int) -> Tuple[Tuple[Tuple[str, str], ...], Optional[str]]:
+    """Checks a context map (PROTOCOL.md, "Context") and splits it into metadata and
+    trace context. Raises ``_TooLarge`` over ``max_bytes``, ``ValueError`` if malformed."""
+    if not isinstance(ctx, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ctx.items()):
+        raise ValueError("the context must be a map of strings to strings")
+    size = len(_pack(ctx))
+    if size > max_bytes:
+        raise _TooLarge(f"metadata too large: {size} bytes, over the limit of {max_bytes}")
+    trace = ctx.get("traceparent")
+    if trace is not None and not _valid_traceparent(trace):
+        log.debug("ignoring a malformed traceparent %r", trace)
+        trace = None
+    return tuple((k, v) for k, v in ctx.items() if k != "traceparent"), trace
+
+
 class _Served:
     """An incoming call or signal: waiting for a handler slot, or running."""
 
-    __slots__ = ("first", "obj", "method", "args", "cost", "expires", "task", "timer", "is_call", "reliable")
+    __slots__ = ("first", "obj", "method", "args", "cost", "expires", "task", "timer", "is_call", "reliable", "context")
 
     def __init__(self, first: int, obj: str, method: str, args: Any, cost: int, expires: float, is_call: bool) -> None:
         self.first = first
@@ -133,6 +196,8 @@ class _Served:
         self.timer: Optional[asyncio.TimerHandle] = None
         self.is_call = is_call
         self.reliable: Optional[Tuple[int, int]] = None
+        #: Metadata and trace context (kinds 9 to 11).
+        self.context: Optional[Tuple[Tuple[Tuple[str, str], ...], Optional[str]]] = None
 
 
 class Peer:
@@ -155,6 +220,7 @@ class Peer:
         max_concurrent_handlers: int = 256,
         max_queued_signals: int = 1024,
         when_full: str = "wait",
+        max_metadata_bytes: int = 8192,
     ) -> None:
         if when_full not in ("wait", "error", "drop_oldest"):
             raise ValueError("when_full must be 'wait', 'error' or 'drop_oldest'")
@@ -165,6 +231,7 @@ class Peer:
         self.default_signal_ttl = default_signal_ttl
         self.max_concurrent_handlers = max_concurrent_handlers
         self.max_queued_signals = max_queued_signals
+        self.max_metadata_bytes = max_metadata_bytes
         self.when_full = when_full
         self.stats = PeerStats()
         self._loop = asyncio.get_running_loop()
@@ -476,14 +543,30 @@ class Peer:
             self._malformed(first, last, cost, f"malformed request: {e}")
             return
         try:
-            if kind == CALL or kind == SIGNAL:
-                _, obj, method, ms, args = req
-                is_call = kind == CALL
+            if kind in (CALL, SIGNAL, CALL_CTX, SIGNAL_CTX):
+                context = None
+                if kind >= CALL_CTX:
+                    _, obj, method, ms, ctx, args = req
+                    is_call = kind == CALL_CTX
+                    try:
+                        context = _context(ctx, self.max_metadata_bytes)
+                    except _TooLarge as e:
+                        if is_call and not last and token:
+                            self._reply(_Served(first, obj, method, None, cost, 0.0, True), _failure(9, str(e)))
+                        else:
+                            self.connection.release(cost)
+                            self.stats.signals_failed += 1
+                            log.warning("signal %s.%s dropped: %s", obj, method, e)
+                        return
+                else:
+                    _, obj, method, ms, args = req
+                    is_call = kind == CALL
                 if is_call != (not last and token):
                     raise ValueError("a call must pass the turn without ending its conversation; a signal is one-shot")
                 if not isinstance(ms, int) or ms < 0:
                     raise ValueError("bad duration")
                 served = _Served(first, obj, method, args, cost, self._loop.time() + ms / 1000, is_call)
+                served.context = context
                 if is_call and ms == 0:
                     # As chatter-rpc does: a call with no time at all is not started.
                     self._reply(served, _failure(1, "deadline 0"))
@@ -500,8 +583,13 @@ class Peer:
                             self._waiting_calls.remove(w)
                             self._reply(w, _failure(2, "cancelled"))
                             break
-            elif kind == RELIABLE:
-                _, stream, seq, obj, method, ms, args = req
+            elif kind == RELIABLE or kind == RELIABLE_CTX:
+                context = None
+                if kind == RELIABLE_CTX:
+                    _, stream, seq, obj, method, ms, ctx, args = req
+                    context = _context(ctx, self.max_metadata_bytes)
+                else:
+                    _, stream, seq, obj, method, ms, args = req
                 if not isinstance(ms, int) or ms < 0:
                     raise ValueError("bad duration")
                 if seq <= self._reliable_seen.get(stream, 0):
@@ -512,6 +600,7 @@ class Peer:
                     self._reliable_seen[stream] = seq
                 served = _Served(first, obj, method, args, cost, self._loop.time() + ms / 1000, False)
                 served.reliable = (stream, seq)
+                served.context = context
                 self._serve(served)
             elif kind == ACK:
                 self.connection.release(cost)  # this side sends no reliable signals
@@ -564,12 +653,19 @@ class Peer:
                 args = ()
             elif not isinstance(args, (list, tuple)):
                 raise _BadArgs(f"arguments of `{served.method}` must be an array or nil, got {type(args).__name__}")
+            metadata, trace = served.context or ((), None)
+            token = _current.set(CallContext(served.obj, served.method, not served.is_call, metadata, trace, served.expires))
             try:
                 result = fn(*args)
+                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                    # The task copies the context variables now: the handler sees its context.
+                    served.task = self._loop.create_task(_awaited(result))
             except TypeError as e:
                 if e.__traceback__ is not None and e.__traceback__.tb_next is None:
                     raise _BadArgs(f"arguments of `{served.method}`: {e}") from None
                 raise
+            finally:
+                _current.reset(token)
         except _Failure as f:
             if served.is_call:
                 self._reply(served, _failure(f.code, f.message))
@@ -581,9 +677,8 @@ class Peer:
         except BaseException as e:  # the handler raised synchronously
             self._handler_raised(served, e)
             return
-        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+        if served.task is not None:
             self._slots -= 1
-            served.task = self._loop.create_task(_awaited(result))
             if served.is_call:
                 self._running[served.first] = served
                 if served.timer is not None:
@@ -796,6 +891,10 @@ class _Failure(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class _TooLarge(Exception):
+    """A request's context over ``max_metadata_bytes``."""
 
 
 class _BadArgs(_Failure):

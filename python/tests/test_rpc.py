@@ -191,7 +191,16 @@ class PyObj:
         return ms
 
     def note(self, text: str) -> None:
+        context = chatter.current_context()
+        if context is not None and context.metadata:
+            text = f"{text} {context.metadata}"
         self.notes.put_nowait(text)
+
+    async def context_seen(self) -> str:
+        await asyncio.sleep(0)  # still there in the handler's task
+        cx = chatter.current_context()
+        assert cx is not None
+        return f"{cx.object}.{cx.method} {cx.is_signal} {list(cx.metadata)} {cx.traceparent}"
 
 
 def test_rust_calls_python(rust):
@@ -213,6 +222,24 @@ def test_rust_calls_python(rust):
             assert await within(test.py_note("hello python", 5_000)) == "queued"
             assert await within(py.notes.get()) == "hello python"
             assert peer.stats.calls_served >= 5
+            assert chatter.current_context() is None
+
+    run(body)
+
+
+def test_rust_calls_python_with_metadata_and_trace_context(rust):
+    async def body():
+        async with await connect(rust) as peer:
+            py = PyObj()
+            peer.register("py", py)
+            test = peer.remote("test")
+            trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            out = await within(test.py_context("user", "ada", trace))
+            assert out == f"ok \"py.context_seen False [('user', 'ada')] {trace}\"", out
+            assert await within(py.notes.get()) == "with context (('user', 'ada'),)"
+            # A malformed trace context is ignored, the call still served.
+            out = await within(test.py_context("k", "v", "00-junk"))
+            assert out == "ok \"py.context_seen False [('k', 'v')] None\"", out
 
     run(body)
 

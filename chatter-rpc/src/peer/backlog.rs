@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::dedup::Admitted;
 use super::lock;
+use crate::context::CallContext;
 use crate::wire::{AckStatus, Name};
 #[cfg(doc)]
 use crate::PeerOptions;
@@ -41,6 +42,8 @@ pub(super) struct Waiting {
     pub(super) object: Range<usize>,
     pub(super) method: Range<usize>,
     pub(super) args: Range<usize>,
+    /// The context map (kinds 9 to 11), if any.
+    pub(super) context: Option<Range<usize>>,
     /// The call's deadline or the signal's TTL, as an instant.
     pub(super) expires: Instant,
     /// Flow-control credit held until the request is done with.
@@ -70,6 +73,7 @@ impl Waiting {
         kind: Kind,
         payload: &Bytes,
         parts: (Name<'_>, Name<'_>, &[u8]),
+        context: Option<&[u8]>,
         expires: Instant,
         credit: u32,
     ) -> Option<Waiting> {
@@ -79,6 +83,10 @@ impl Waiting {
             object: range_in(payload, object.as_bytes())?,
             method: range_in(payload, method.as_bytes())?,
             args: range_in(payload, args)?,
+            context: match context {
+                Some(context) => Some(range_in(payload, context)?),
+                None => None,
+            },
             // A copy: the payload may be a slice of the run of messages it arrived with,
             // which would stay alive with it after the others gave their credit back (a
             // tiny waiting signal could keep megabytes). Waiting is the slow path.
@@ -86,6 +94,11 @@ impl Waiting {
             expires,
             credit,
         })
+    }
+
+    /// The envelope, as kept.
+    pub(super) fn payload(&self) -> &Bytes {
+        &self.payload
     }
 
     pub(super) fn object(&self) -> Name<'_> {
@@ -98,6 +111,13 @@ impl Waiting {
 
     pub(super) fn args(&self) -> &[u8] {
         &self.payload[self.args.clone()]
+    }
+
+    /// The context for the handler of this request, made on `inner`'s connection.
+    pub(super) fn context(&self, inner: &super::Inner, signal: bool) -> Option<CallContext> {
+        let context = self.context.clone().map(|range| &self.payload[range]);
+        let names = (self.object(), self.method());
+        inner.context(&self.payload, names, signal, self.expires, context)
     }
 
     fn is_call(&self) -> bool {

@@ -321,7 +321,7 @@ pub(crate) fn start_reconnecting(
     for seq in loaded_expired {
         bump(&state.stats.signals_expired);
         let id = state.id(seq);
-        tracing::info!("chatter-rpc: stored signal {id} expired while the process was down");
+        tracing::info!(signal = %id, "stored signal expired while the process was down");
     }
     let Link::Reconnecting(supervisor) = &state.link else {
         unreachable!("made above")

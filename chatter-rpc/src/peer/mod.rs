@@ -48,6 +48,7 @@ pub(crate) use calls::Outcome;
 use calls::{Pending, Slot};
 use events::Subscribers;
 pub use events::{ConnectionState, Events, PeerEvent, EVENTS_KEPT};
+pub(crate) use link::random_u64;
 use link::Link;
 pub use link::{Backoff, ReconnectError, ReconnectOptions};
 pub(crate) use options::bump;
@@ -775,7 +776,10 @@ impl Inner {
             match item.kind {
                 Kind::Call(_) => self.call_done(),
                 Kind::Signal => {
-                    tracing::debug!("chatter-rpc: a received signal was dropped: the connection closed before a handler slot was free");
+                    tracing::debug!(
+                        reason = "connection closed before a handler slot was free",
+                        "received signal dropped"
+                    );
                     bump(&self.peer.stats.signals_failed);
                 }
                 Kind::Reliable(admitted) => admitted.abandon(),
@@ -807,7 +811,7 @@ impl Inner {
     pub(crate) fn send_soon(&self, payload: Payload, options: SendOptions) {
         match self.conn.try_send(&payload, options) {
             Err(SendError::WouldBlock) => self.queue_holding(payload, options, 0),
-            Err(e) => tracing::debug!("chatter-rpc: dropping a control message: {e}"),
+            Err(e) => tracing::debug!(error = %e, "control message dropped"),
             Ok(_) => {}
         }
     }
@@ -830,9 +834,13 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// The instant `d` from now, capped (`d` may come from the network).
 fn after(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d.min(MAX_DURATION))
-        .unwrap_or(now + Duration::from_secs(86_400))
+    instant_after(Instant::now(), d)
+}
+
+/// The instant `d` after `at`, capped (`d` may come from the network).
+pub(crate) fn instant_after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d.min(MAX_DURATION))
+        .unwrap_or(at + Duration::from_secs(86_400))
 }
 
 /// Durations are capped at about 30 years: "forever" without risking clock overflow.

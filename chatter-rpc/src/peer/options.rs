@@ -25,6 +25,8 @@ pub struct PeerOptions {
     pub(crate) when_full: WhenFull,
     pub(crate) ordered_signals: bool,
     pub(crate) acknowledged_signals: bool,
+    pub(crate) max_metadata_bytes: usize,
+    pub(crate) start_traces: bool,
 }
 
 impl Default for PeerOptions {
@@ -37,6 +39,8 @@ impl Default for PeerOptions {
             when_full: WhenFull::Wait,
             ordered_signals: false,
             acknowledged_signals: false,
+            max_metadata_bytes: 8192,
+            start_traces: false,
         }
     }
 }
@@ -113,6 +117,46 @@ impl PeerOptions {
     }
 }
 
+impl PeerOptions {
+    /// The largest context (the [`Metadata`](crate::Metadata) and trace context of one
+    /// call or signal, counted as its encoded map: each string + 1 to 5 bytes) this peer
+    /// sends or accepts (default 8 KiB, like common HTTP header limits). A client whose
+    /// metadata is larger fails the call or signal at once with
+    /// [`CallError::MetadataTooLarge`](crate::CallError::MetadataTooLarge) (or
+    /// [`SignalError::MetadataTooLarge`](crate::SignalError::MetadataTooLarge)); a
+    /// received call over the limit is answered with failure kind 9, which the caller
+    /// sees as the same error, and a received signal over it is dropped, logged and
+    /// counted as failed. Part of a request's size, so already within the connection's
+    /// receive window; this bounds what decoding it allocates per handler.
+    ///
+    /// ```
+    /// use chatter_rpc::PeerOptions;
+    /// let options = PeerOptions::default().max_metadata_bytes(1024);
+    /// # let _ = options;
+    /// ```
+    pub fn max_metadata_bytes(mut self, limit: usize) -> Self {
+        self.max_metadata_bytes = limit;
+        self
+    }
+
+    /// Starts a trace (a random W3C trace id) for each call or signal made outside any
+    /// trace, when the `chatter_rpc::call` span is enabled (default false). Calls inside a
+    /// handler whose caller sent a trace context, and clients given one with
+    /// `with_trace_parent`, always propagate it. Off by default because a request with a
+    /// trace context uses the envelope kinds 9 to 11, which peers older than them refuse:
+    /// turn it on once every peer is recent.
+    ///
+    /// ```
+    /// use chatter_rpc::PeerOptions;
+    /// let options = PeerOptions::default().start_traces(true);
+    /// # let _ = options;
+    /// ```
+    pub fn start_traces(mut self, start: bool) -> Self {
+        self.start_traces = start;
+        self
+    }
+}
+
 /// What a signal sent while the outbox is full ([`PeerOptions::max_queued_signals`]) does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -182,25 +226,80 @@ pub struct PeerStats {
     pub requests_waiting: u64,
 }
 
-/// The counters behind [`PeerStats`], one set per peer.
-#[derive(Debug, Default)]
+/// The counters behind [`PeerStats`], one set per peer (each also a `metrics` counter
+/// with the `metrics` feature: see [`telemetry`](crate::telemetry)).
+#[derive(Debug)]
 pub(crate) struct Stats {
-    pub(crate) connects: AtomicU64,
-    pub(crate) signals_queued: AtomicU64,
-    pub(crate) signals_sent: AtomicU64,
-    pub(crate) signals_resent: AtomicU64,
-    pub(crate) signals_acknowledged: AtomicU64,
-    pub(crate) signals_expired: AtomicU64,
-    pub(crate) signals_dropped: AtomicU64,
-    pub(crate) signals_rejected: AtomicU64,
-    pub(crate) signals_failed_remotely: AtomicU64,
-    pub(crate) signals_delivered: AtomicU64,
+    pub(crate) connects: Counter,
+    pub(crate) signals_queued: Counter,
+    pub(crate) signals_sent: Counter,
+    pub(crate) signals_resent: Counter,
+    pub(crate) signals_acknowledged: Counter,
+    pub(crate) signals_expired: Counter,
+    pub(crate) signals_dropped: Counter,
+    pub(crate) signals_rejected: Counter,
+    pub(crate) signals_failed_remotely: Counter,
+    pub(crate) signals_delivered: Counter,
     /// Signals delivered by handlers the receive task started itself.
     pub(crate) signals_delivered_inline: ReaderCounter,
-    pub(crate) signals_expired_on_arrival: AtomicU64,
-    pub(crate) signals_failed: AtomicU64,
+    pub(crate) signals_expired_on_arrival: Counter,
+    pub(crate) signals_failed: Counter,
     pub(crate) calls_received: ReaderCounter,
-    pub(crate) handler_panics: AtomicU64,
+    pub(crate) handler_panics: Counter,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            connects: Counter::new("connects"),
+            signals_queued: Counter::new("signals_queued"),
+            signals_sent: Counter::new("signals_sent"),
+            signals_resent: Counter::new("signals_resent"),
+            signals_acknowledged: Counter::new("signals_acknowledged"),
+            signals_expired: Counter::new("signals_expired"),
+            signals_dropped: Counter::new("signals_dropped"),
+            signals_rejected: Counter::new("signals_rejected"),
+            signals_failed_remotely: Counter::new("signals_failed_remotely"),
+            signals_delivered: Counter::new("signals_delivered"),
+            // The same metric as `signals_delivered` (`PeerStats` sums the two).
+            signals_delivered_inline: ReaderCounter::new("signals_delivered"),
+            signals_expired_on_arrival: Counter::new("signals_expired_on_arrival"),
+            signals_failed: Counter::new("signals_failed"),
+            calls_received: ReaderCounter::new("calls_received"),
+            handler_panics: Counter::new("handler_panics"),
+        }
+    }
+}
+
+/// A counter of [`Stats`], bumped with [`bump`]; with the `metrics` feature, also the
+/// `metrics` counter of its field (taken from the recorder installed when the peer was
+/// made).
+pub(crate) struct Counter {
+    value: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Counter,
+}
+
+impl Counter {
+    /// The counter of the [`PeerStats`] field `field`.
+    fn new(field: &'static str) -> Counter {
+        let _ = field;
+        Counter {
+            value: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metric: metrics::counter!(crate::telemetry::counter_name(field)),
+        }
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for Counter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
 }
 
 /// A counter that only the receive task bumps (once per message), so it needs no locked
@@ -208,24 +307,46 @@ pub(crate) struct Stats {
 /// second than `fetch_add` (`onecore`, 7 alternated runs). A reconnecting peer's link
 /// starts the next connection's receive task only after the previous one ended, so there
 /// is one writer at a time.
-#[derive(Debug, Default)]
-pub(crate) struct ReaderCounter(AtomicU64);
+pub(crate) struct ReaderCounter {
+    value: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Counter,
+}
 
 impl ReaderCounter {
+    /// The counter of the [`PeerStats`] field `field`.
+    fn new(field: &'static str) -> ReaderCounter {
+        let _ = field;
+        ReaderCounter {
+            value: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metric: metrics::counter!(crate::telemetry::counter_name(field)),
+        }
+    }
+
     /// Counts one. Only the receive task may call this (two writers could lose counts).
+    #[inline]
     pub(crate) fn bump(&self) {
-        let n = self.0.load(Ordering::Relaxed);
-        self.0.store(n.wrapping_add(1), Ordering::Relaxed);
+        let n = self.value.load(Ordering::Relaxed);
+        self.value.store(n.wrapping_add(1), Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metric.increment(1);
     }
 
     pub(crate) fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+impl std::fmt::Debug for ReaderCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
     }
 }
 
 impl Stats {
     pub(crate) fn snapshot(&self) -> PeerStats {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let l = Counter::get;
         PeerStats {
             connects: l(&self.connects),
             signals_queued: l(&self.signals_queued),
@@ -247,6 +368,8 @@ impl Stats {
     }
 }
 
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+pub(crate) fn bump(counter: &Counter) {
+    counter.value.fetch_add(1, Ordering::Relaxed);
+    #[cfg(feature = "metrics")]
+    counter.metric.increment(1);
 }

@@ -13,6 +13,7 @@ use super::backlog::{Kind, Waiting};
 use super::dedup::{admit, Admit};
 use super::serve::Batch;
 use super::{after, bump, Inner};
+use crate::context::CallContext;
 use crate::service::{CatchUnwind, Handlers};
 use crate::wire::{self, AckStatus, Name};
 
@@ -23,10 +24,10 @@ impl Inner {
     pub(super) fn on_reliable(
         self: &Arc<Self>,
         msg: &Msg,
-        stream: u64,
-        seq: u64,
+        (stream, seq): (u64, u64),
         ttl: Duration,
         parts: (Name<'_>, Name<'_>, &[u8]),
+        context: Option<&[u8]>,
         batch: &mut Batch,
     ) {
         let credit = msg.credit();
@@ -47,7 +48,8 @@ impl Inner {
                     seq,
                     outcome,
                 };
-                let Some(mut item) = Waiting::new(kind, &msg.payload, parts, after(ttl), credit)
+                let Some(mut item) =
+                    Waiting::new(kind, &msg.payload, parts, context, after(ttl), credit)
                 else {
                     batch.release += u64::from(credit);
                     return;
@@ -74,7 +76,7 @@ impl Inner {
                 return;
             }
         };
-        let item = Waiting::new(kind, &msg.payload, parts, after(ttl), credit);
+        let item = Waiting::new(kind, &msg.payload, parts, context, after(ttl), credit);
         self.wait(conv, false, item, credit, batch);
     }
 
@@ -139,11 +141,19 @@ impl Inner {
             return Some(AckStatus::Failed);
         }
         bump(&self.peer.stats.signals_delivered);
-        let result = CatchUnwind(handlers.signal_mut()).await;
-        let status = match result {
-            Ok(()) => AckStatus::Handled,
-            Err(_) => AckStatus::Failed,
+        let handler = CatchUnwind(handlers.signal_mut());
+        let cx = item.context(self, true);
+        let (traced, timer) = self.waiting_span("reliable", item, cx.as_ref(), None);
+        let run = CallContext::scope(cx, handler);
+        let result = tracing::Instrument::instrument(run, traced.span()).await;
+        let (status, outcome) = match result {
+            Ok(()) => (AckStatus::Handled, "ok"),
+            Err(_) => (AckStatus::Failed, "remote_panic"),
         };
+        if let Some(traced) = &traced.0 {
+            traced.handled(outcome);
+        }
+        timer.handled((object.as_bytes(), method.as_bytes()), "reliable", outcome);
         self.signal_result(result, object, method);
         Some(status)
     }

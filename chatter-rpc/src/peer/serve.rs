@@ -11,7 +11,10 @@ use chatter_core::{ConnectionClosed, Conversation, Event, Msg, SendError, SendOp
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::service::{BoxFuture, CatchUnwind, Dispatch, HandlerFuture, Handlers, Service};
+use crate::client::Traced;
+use crate::context::{CallContext, Received, Request};
+use crate::service::{BoxFuture, CatchUnwind, Dispatch, Handlers, Service};
+use crate::telemetry::{HandlerTimer, Timer};
 use crate::wire::AckStatus;
 
 use super::backlog::{Kind, Waiting};
@@ -101,11 +104,12 @@ impl Inner {
         let conv = msg.conversation;
         let open = msg.token && !msg.last;
         let credit = msg.credit();
-        match wire::decode_incoming(&msg.payload) {
+        match wire::decode_incoming(&msg.payload, self.peer.options.max_metadata_bytes) {
             Ok(Incoming::Call {
                 deadline,
                 object,
                 method,
+                context,
                 args,
             }) if open && msg.first => {
                 self.peer.stats.calls_received.bump();
@@ -115,11 +119,13 @@ impl Inner {
                     } else {
                         wire::encode_failure(FailureKind::Cancelled, "closing")
                     };
+                    self.refused(&msg.payload, (object, method), context, conv, &refusal);
                     batch.release += self.answer(conv, refusal, credit);
                     return;
                 }
                 if deadline.is_zero() {
                     let late = wire::encode_failure(FailureKind::DeadlineExceeded, "deadline 0");
+                    self.refused(&msg.payload, (object, method), context, conv, &late);
                     batch.release += self.answer(conv, late, credit);
                     return;
                 }
@@ -128,6 +134,7 @@ impl Inner {
                         Kind::Call(conv),
                         &msg.payload,
                         (object, method, args),
+                        context,
                         after(deadline),
                         credit,
                     );
@@ -140,13 +147,39 @@ impl Inner {
                 // `inflight` lock; one that waits continues in a task.
                 if let Err(refusal) = self.start_call(object, method, args, Some(last), handlers) {
                     batch.slot = true;
+                    self.refused(&msg.payload, (object, method), context, conv, &refusal);
                     batch.release += self.answer(conv, refusal, credit);
                     return;
                 }
+                let sent = context.map(Received::decode);
+                let request = Request {
+                    conn: &self.conn,
+                    envelope: &msg.payload,
+                    object: object.as_bytes(),
+                    method: method.as_bytes(),
+                    signal: false,
+                    time: deadline,
+                    sent: sent.as_ref(),
+                };
+                let traced = Traced(self.handle_span("call", &request, Some(conv)));
+                let timer = Timer::start();
                 let mut cx = Context::from_waker(Waker::noop());
-                match Pin::new(&mut CatchUnwind(handlers.call_mut())).poll(&mut cx) {
+                // Each path polls in a closure of its own, called once (so inlined).
+                let handler = &mut CatchUnwind(handlers.call_mut());
+                let polled = match &traced.0 {
+                    None => request.poll_inline(|| Pin::new(handler).poll(&mut cx)),
+                    Some(t) => t
+                        .span
+                        .in_scope(|| request.poll_inline(|| Pin::new(handler).poll(&mut cx))),
+                };
+                match polled {
                     Poll::Ready(result) => {
                         let reply = self.handler_result(result);
+                        if let Some(traced) = &traced.0 {
+                            traced.handled(reply_outcome(&reply));
+                        }
+                        let names = (request.object, request.method);
+                        timer.handled(names, "call", reply_outcome(&reply));
                         let options = SendOptions::new().conversation(conv);
                         match self.conn.try_send(&reply, options) {
                             // The reply (of any size) waits for the caller's window in a
@@ -160,7 +193,7 @@ impl Inner {
                             }
                             sent => {
                                 if let Err(e) = sent {
-                                    tracing::debug!("chatter-rpc: reply not sent: {e}");
+                                    reply_not_sent(conv, &e);
                                 }
                                 batch.slot = true;
                                 batch.release += u64::from(credit);
@@ -182,8 +215,14 @@ impl Inner {
                         inflight.calls.insert(conv.first_id(), tx);
                         drop(inflight);
                         self.active.fetch_add(1, Ordering::AcqRel);
+                        let call = request.context(after(deadline));
+                        let handler = CallContext::scope(Some(call), handler);
+                        let span = traced.span();
+                        let timed = HandlerTimer::new(timer, (request.object, request.method));
+                        let handler = (handler, traced, timed);
                         let run =
                             continue_call(self.clone(), conv, handler, after(deadline), rx, credit);
+                        let run = tracing::Instrument::instrument(run, span);
                         // Owns the handler slot taken above: at most
                         // `max_concurrent_handlers` such tasks per connection.
                         tokio::spawn(run);
@@ -194,6 +233,7 @@ impl Inner {
                 ttl,
                 object,
                 method,
+                context,
                 args,
             }) if msg.last => {
                 if ttl.is_zero() {
@@ -208,6 +248,7 @@ impl Inner {
                         Kind::Signal,
                         &msg.payload,
                         (object, method, args),
+                        context,
                         after(ttl),
                         credit,
                     );
@@ -220,18 +261,51 @@ impl Inner {
                     return;
                 }
                 self.peer.stats.signals_delivered_inline.bump();
+                let sent = context.map(Received::decode);
+                let request = Request {
+                    conn: &self.conn,
+                    envelope: &msg.payload,
+                    object: object.as_bytes(),
+                    method: method.as_bytes(),
+                    signal: true,
+                    time: ttl,
+                    sent: sent.as_ref(),
+                };
+                let traced = Traced(self.handle_span("signal", &request, Some(conv)));
+                let timer = Timer::start();
                 let mut cx = Context::from_waker(Waker::noop());
-                match Pin::new(&mut CatchUnwind(handlers.signal_mut())).poll(&mut cx) {
+                // Each path polls in a closure of its own, called once (so inlined).
+                let handler = &mut CatchUnwind(handlers.signal_mut());
+                let polled = match &traced.0 {
+                    None => request.poll_inline(|| Pin::new(handler).poll(&mut cx)),
+                    Some(t) => t
+                        .span
+                        .in_scope(|| request.poll_inline(|| Pin::new(handler).poll(&mut cx))),
+                };
+                match polled {
                     Poll::Ready(result) => {
                         batch.slot = true;
                         batch.release += u64::from(credit);
-                        self.signal_result(result, object, method);
+                        let outcome = if result.is_ok() { "ok" } else { "remote_panic" };
+                        if let Some(traced) = &traced.0 {
+                            traced.handled(outcome);
+                        }
+                        timer.handled((request.object, request.method), "signal", outcome);
+                        if result.is_err() {
+                            self.signal_result(result, object, method);
+                        }
                     }
                     Poll::Pending => {
-                        let handler = CatchUnwind(handlers.take_signal());
-                        let names = (object.0.to_vec(), method.0.to_vec());
+                        let names = (object.as_bytes().to_vec(), method.as_bytes().to_vec());
+                        let signal = request.context(after(ttl));
+                        let handler =
+                            CallContext::scope(Some(signal), CatchUnwind(handlers.take_signal()));
                         // Owns its handler slot: at most `max_concurrent_handlers`.
-                        tokio::spawn(continue_signal(self.clone(), handler, names, credit));
+                        let span = traced.span();
+                        let timed = HandlerTimer::new(timer, (&names.0, &names.1));
+                        let run =
+                            continue_signal(self.clone(), (handler, traced, timed), names, credit);
+                        tokio::spawn(tracing::Instrument::instrument(run, span));
                     }
                 }
             }
@@ -241,10 +315,11 @@ impl Inner {
                 object,
                 method,
                 ttl,
+                context,
                 args,
             }) if msg.last => {
                 let parts = (object, method, args);
-                self.on_reliable(&msg, stream, seq, ttl, parts, batch);
+                self.on_reliable(&msg, (stream, seq), ttl, parts, context, batch);
             }
             Ok(Incoming::Ack {
                 stream,
@@ -274,6 +349,9 @@ impl Inner {
                 // read are bounded by the credit of the requests they answer.
                 truncate(&mut what, MAX_ERROR_TEXT);
                 batch.release += self.protocol_error(conv, open, &what, credit);
+            }
+            Err(e) if e.is_too_large() => {
+                batch.release += self.metadata_too_large(conv, open, &e.0, credit);
             }
             Err(e) => {
                 let mut what = e.0;
@@ -316,7 +394,7 @@ impl Inner {
                 0
             }
             Err(e) => {
-                tracing::debug!("chatter-rpc: answer not sent: {e}");
+                reply_not_sent(conv, &e);
                 u64::from(credit)
             }
             Ok(_) => u64::from(credit),
@@ -332,7 +410,7 @@ impl Inner {
         what: &str,
         credit: u32,
     ) -> u64 {
-        tracing::warn!("chatter-rpc: protocol error from peer: {what}");
+        tracing::warn!(peer = %self.conn.remote_address(), conversation = conv.first_id(), error = what, "protocol error from peer");
         if open {
             self.answer(
                 conv,
@@ -342,6 +420,157 @@ impl Inner {
         } else {
             u64::from(credit)
         }
+    }
+
+    /// A request whose context map is over `max_metadata_bytes`: a call is answered with
+    /// failure kind 9, anything else is logged, dropped and counted as a failed signal.
+    /// Returns the credit to give back now (see [`answer`](Self::answer)).
+    #[cold]
+    fn metadata_too_large(&self, conv: Conversation, open: bool, what: &str, credit: u32) -> u64 {
+        tracing::warn!(
+            peer = %self.conn.remote_address(),
+            conversation = conv.first_id(),
+            error = what,
+            "request refused: metadata too large"
+        );
+        if open {
+            let refusal = wire::encode_failure(FailureKind::MetadataTooLarge, what);
+            self.answer(conv, refusal, credit)
+        } else {
+            bump(&self.peer.stats.signals_failed);
+            u64::from(credit)
+        }
+    }
+
+    /// The context of a request whose parts lie in `envelope`, for its handler.
+    pub(super) fn context(
+        &self,
+        envelope: &Bytes,
+        (object, method): (Name<'_>, Name<'_>),
+        signal: bool,
+        deadline: Instant,
+        context: Option<&[u8]>,
+    ) -> Option<CallContext> {
+        let sent = context.map(Received::decode);
+        let request = Request {
+            conn: &self.conn,
+            envelope,
+            object: object.as_bytes(),
+            method: method.as_bytes(),
+            signal,
+            time: Duration::ZERO,
+            sent: sent.as_ref(),
+        };
+        Some(request.context(deadline))
+    }
+
+    /// A call refused before a handler started (the peer is closing, a zero deadline, no
+    /// such object or method, bad arguments): a `chatter_rpc::handle` span, if enabled,
+    /// ended at once with the refusal as its outcome.
+    #[cold]
+    #[inline(never)]
+    fn refused(
+        &self,
+        envelope: &Bytes,
+        (object, method): (Name<'_>, Name<'_>),
+        context: Option<&[u8]>,
+        conv: Conversation,
+        refusal: &[u8],
+    ) {
+        if !tracing::enabled!(target: "chatter_rpc::handle", tracing::Level::DEBUG) {
+            return;
+        }
+        let sent = context.map(Received::decode);
+        let request = Request {
+            conn: &self.conn,
+            envelope,
+            object: object.0,
+            method: method.0,
+            signal: false,
+            time: Duration::ZERO,
+            sent: sent.as_ref(),
+        };
+        if let Some(traced) = self.make_handle_span("call", &request, Some(conv)) {
+            traced.handled(reply_outcome(refusal));
+        }
+    }
+
+    /// The span (as [`handle_span`](Self::handle_span)) and timer of the handler of a
+    /// request that waited for a slot (or a reliable signal), whose context is `cx`.
+    pub(super) fn waiting_span(
+        &self,
+        kind: &'static str,
+        item: &Waiting,
+        cx: Option<&CallContext>,
+        conv: Option<Conversation>,
+    ) -> (Traced<HandleTrace>, Timer) {
+        let request = Request {
+            conn: &self.conn,
+            envelope: item.payload(),
+            object: item.object().0,
+            method: item.method().0,
+            signal: kind != "call",
+            time: Duration::ZERO,
+            sent: cx.and_then(CallContext::received),
+        };
+        (
+            Traced(self.handle_span(kind, &request, conv)),
+            Timer::start(),
+        )
+    }
+
+    /// The `chatter_rpc::handle` span of a request this side serves, if that target is
+    /// enabled at debug level (`None` after one level check otherwise: not even a
+    /// disabled span, which costs more with `tracing`'s `log` feature).
+    #[inline(always)]
+    pub(super) fn handle_span(
+        &self,
+        kind: &'static str,
+        request: &Request<'_>,
+        conv: Option<Conversation>,
+    ) -> Option<Box<HandleTrace>> {
+        if !tracing::enabled!(target: "chatter_rpc::handle", tracing::Level::DEBUG) {
+            return None;
+        }
+        self.make_handle_span(kind, request, conv)
+    }
+
+    /// The span of [`handle_span`](Self::handle_span), once its target is enabled.
+    #[cold]
+    #[inline(never)]
+    fn make_handle_span(
+        &self,
+        kind: &'static str,
+        request: &Request<'_>,
+        conv: Option<Conversation>,
+    ) -> Option<Box<HandleTrace>> {
+        let (object, method) = (Name(request.object), Name(request.method));
+        let span = tracing::debug_span!(
+            target: "chatter_rpc::handle",
+            "handle",
+            kind,
+            peer = %self.conn.remote_address(),
+            object = %object,
+            method = %method,
+            conversation = conv.map(|c| c.first_id()),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            duration_us = tracing::field::Empty,
+        );
+        if let Some(sent) = request.sent.filter(|_| !span.is_disabled()) {
+            if let Some(trace) = sent.trace {
+                span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+                let hex = |id: u64| tracing::field::display(format!("{id:016x}"));
+                span.record("parent_id", hex(trace.parent_id()));
+                span.record("span_id", hex(sent.span_id));
+            }
+        }
+        Some(Box::new(HandleTrace {
+            span,
+            start: Instant::now(),
+        }))
     }
 
     /// A call accepted on this side is over (answered or dropped).
@@ -399,6 +628,8 @@ impl Inner {
         }
         match std::mem::replace(&mut item.kind, Kind::Signal) {
             Kind::Call(conv) => {
+                let call = item.context(self, false);
+                let (traced, timer) = self.waiting_span("call", &item, call.as_ref(), Some(conv));
                 let mut cancel = {
                     let mut inflight = lock(&self.inflight);
                     if inflight.closing {
@@ -417,11 +648,20 @@ impl Inner {
                 let work = async {
                     let (object, method, args) = (item.object(), item.method(), item.args());
                     match self.start_call(object, method, args, None, &mut handlers) {
-                        Ok(()) => self.handler_result(CatchUnwind(handlers.call_mut()).await),
+                        Ok(()) => {
+                            let handler = CatchUnwind(handlers.call_mut());
+                            self.handler_result(CallContext::scope(call, handler).await)
+                        }
                         Err(refusal) => refusal,
                     }
                 };
-                let reply = race_call(work, &mut cancel, item.expires).await;
+                let work = race_call(work, &mut cancel, item.expires);
+                let reply = tracing::Instrument::instrument(work, traced.span()).await;
+                if let Some(traced) = &traced.0 {
+                    traced.handled(reply_outcome(&reply));
+                }
+                let names = (item.object().0, item.method().0);
+                timer.handled(names, "call", reply_outcome(&reply));
                 send_call_reply(self, conv, reply, item.credit).await;
             }
             Kind::Signal => {
@@ -429,7 +669,16 @@ impl Inner {
                 let mut handlers = Handlers::new();
                 if self.start_signal(object, method, item.args(), None, &mut handlers) {
                     bump(&self.peer.stats.signals_delivered);
-                    let result = CatchUnwind(handlers.signal_mut()).await;
+                    let handler = CatchUnwind(handlers.signal_mut());
+                    let cx = item.context(self, true);
+                    let (traced, timer) = self.waiting_span("signal", &item, cx.as_ref(), None);
+                    let run = CallContext::scope(cx, handler);
+                    let result = tracing::Instrument::instrument(run, traced.span()).await;
+                    let outcome = if result.is_ok() { "ok" } else { "remote_panic" };
+                    if let Some(traced) = &traced.0 {
+                        traced.handled(outcome);
+                    }
+                    timer.handled((object.as_bytes(), method.as_bytes()), "signal", outcome);
                     self.signal_result(result, object, method);
                 }
                 drop(handlers);
@@ -590,18 +839,84 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     inner.finish(cause);
 }
 
+/// Logs a reply (or refusal) the connection would not take (it closed).
+#[cold]
+#[inline(never)]
+fn reply_not_sent(conv: Conversation, error: &SendError) {
+    tracing::debug!(conversation = conv.first_id(), error = %error, "reply not sent");
+}
+
+/// The `chatter_rpc::handle` span of a request, while that target is enabled.
+pub(crate) struct HandleTrace {
+    span: tracing::Span,
+    start: Instant,
+}
+
+impl HandleTrace {
+    /// Records how a handler ended in its span, with an event.
+    #[cold]
+    pub(super) fn handled(&self, outcome: &'static str) {
+        let elapsed = self.start.elapsed().as_micros() as u64;
+        self.span.record("outcome", outcome);
+        self.span.record("duration_us", elapsed);
+        self.span.in_scope(|| {
+            tracing::debug!(target: "chatter_rpc::handle", outcome, duration_us = elapsed, "handled");
+        });
+    }
+}
+
+impl Traced<HandleTrace> {
+    /// The span, for the task a handler continues in (a disabled one without).
+    pub(super) fn span(&self) -> tracing::Span {
+        self.0
+            .as_ref()
+            .map_or_else(tracing::Span::none, |t| t.span.clone())
+    }
+}
+
+/// The `outcome` of a reply envelope, for spans: `ok`, `app_error`, or the failure's
+/// name.
+fn reply_outcome(reply: &[u8]) -> &'static str {
+    match reply {
+        [0x92, 0x00, ..] => "ok",
+        [0x93, 0x01, ..] => "app_error",
+        [0x93, 0x02, kind, ..] => match kind {
+            1 => "deadline_exceeded",
+            2 => "cancelled",
+            3 => "no_such_object",
+            4 => "no_such_method",
+            5 => "bad_arguments",
+            6 => "remote_panic",
+            7 => "protocol",
+            8 => "shutting_down",
+            9 => "metadata_too_large",
+            _ => "failure",
+        },
+        _ => "other",
+    }
+}
+
 /// Continues a call whose handler the receive task started and that did not finish on
 /// its first poll; then serves the backlog with its slot.
 async fn continue_call(
     inner: Arc<Inner>,
     conv: Conversation,
-    handler: CatchUnwind<HandlerFuture<Payload>>,
+    (handler, traced, timer): (
+        impl Future<Output = Result<Payload, String>>,
+        Traced<HandleTrace>,
+        HandlerTimer,
+    ),
     deadline: Instant,
     mut cancel: oneshot::Receiver<()>,
     credit: u32,
 ) {
     let work = async { inner.handler_result(handler.await) };
     let reply = race_call(work, &mut cancel, deadline).await;
+    if let Some(traced) = &traced.0 {
+        traced.handled(reply_outcome(&reply));
+    }
+    timer.handled("call", reply_outcome(&reply));
+    drop(traced);
     send_call_reply(&inner, conv, reply, credit).await;
     if let Some(next) = inner.slots.give_back(false) {
         work_on(inner, next).await;
@@ -612,11 +927,21 @@ async fn continue_call(
 /// its first poll; then serves the backlog with its slot.
 async fn continue_signal(
     inner: Arc<Inner>,
-    handler: CatchUnwind<HandlerFuture<()>>,
+    (handler, traced, timer): (
+        impl Future<Output = Result<(), String>>,
+        Traced<HandleTrace>,
+        HandlerTimer,
+    ),
     (object, method): (Vec<u8>, Vec<u8>),
     credit: u32,
 ) {
     let result = handler.await;
+    let outcome = if result.is_ok() { "ok" } else { "remote_panic" };
+    if let Some(traced) = traced.0.as_deref() {
+        traced.handled(outcome);
+    }
+    timer.handled("signal", outcome);
+    drop(traced);
     inner.release(credit);
     inner.signal_result(result, Name(&object), Name(&method));
     if let Some(next) = inner.slots.give_back(false) {
@@ -660,7 +985,7 @@ async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Payload,
         other => other,
     };
     if let Err(e) = sent {
-        tracing::debug!("chatter-rpc: reply not sent: {e}");
+        reply_not_sent(conv, &e);
     }
     inner.call_done();
 }
@@ -749,7 +1074,7 @@ impl Inner {
     #[cold]
     #[inline(never)]
     pub(super) fn signal_failed(&self, object: Name<'_>, method: Name<'_>, why: &str) {
-        tracing::warn!("chatter-rpc: signal `{object}.{method}` not delivered: {why}");
+        tracing::warn!(peer = %self.conn.remote_address(), %object, %method, error = why, "signal not delivered");
         bump(&self.peer.stats.signals_failed);
     }
 
@@ -883,7 +1208,7 @@ async fn send_answers(
 ) {
     while let Some(answer) = rx.recv().await {
         if let Err(e) = conn.send_bytes(&answer.payload, answer.options).await {
-            tracing::debug!("chatter-rpc: answer not sent: {e}");
+            tracing::debug!(error = %e, "reply not sent");
         }
         let Some(inner) = inner.upgrade() else {
             conn.release(u64::from(answer.credit));

@@ -291,7 +291,7 @@ impl PeerState {
     /// An acknowledgement arrived (the receive task calls this).
     pub(crate) fn on_ack(&self, stream: u64, seq: u64, status: u8) {
         if stream != self.stream || !self.acknowledged {
-            tracing::debug!("chatter-rpc: acknowledgement for a stream we do not own");
+            tracing::debug!(stream, seq, "acknowledgement for a stream not ours ignored");
             return;
         }
         let Some(mut item) = self.take(seq) else {
@@ -371,7 +371,7 @@ pub(crate) async fn run_sender(inner: Arc<Inner>, window: usize) {
             match wire::encode_reliable(state.stream, seq, &payload, expires - now) {
                 Ok(bytes) => bytes,
                 Err(e) => {
-                    tracing::warn!("chatter-rpc: dropping a malformed queued signal: {e}");
+                    tracing::warn!(seq, error = %e, "malformed queued signal dropped");
                     state.on_ack(state.stream, seq, AckStatus::Failed as u8);
                     continue;
                 }
@@ -405,7 +405,7 @@ pub(crate) async fn run_sender(inner: Arc<Inner>, window: usize) {
                 }
             }
             Ok(Err(e)) => {
-                tracing::debug!("chatter-rpc: signal not sent: {e}");
+                tracing::debug!(seq, error = %e, "signal not sent");
                 return; // the connection closed
             }
             Err(_) => state.expire(seq),

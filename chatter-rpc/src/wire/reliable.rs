@@ -43,19 +43,27 @@ pub(crate) fn encode_reliable(
     let Ok(Incoming::Signal {
         object,
         method,
+        context,
         args,
         ..
-    }) = super::decode_incoming(signal)
+    }) = super::decode_incoming(signal, usize::MAX)
     else {
         return Err(WireError("not a signal envelope".into()));
     };
-    let mut w = Vec::with_capacity(48 + object.0.len() + method.0.len() + args.len());
-    header(&mut w, 7, super::RELIABLE);
+    let extra = context.map_or(0, <[u8]>::len);
+    let mut w = Vec::with_capacity(48 + object.0.len() + method.0.len() + extra + args.len());
+    match context {
+        None => header(&mut w, 7, super::RELIABLE),
+        Some(_) => header(&mut w, 8, super::RELIABLE_CTX),
+    }
     msgpack::write_uint(&mut w, stream);
     msgpack::write_uint(&mut w, seq);
     super::put_name(&mut w, object);
     super::put_name(&mut w, method);
     msgpack::write_uint(&mut w, millis(ttl));
+    if let Some(context) = context {
+        w.extend_from_slice(context);
+    }
     w.extend_from_slice(args);
     Ok(Bytes::from(w))
 }
@@ -66,17 +74,25 @@ pub(crate) fn rewrite_deadline(call: &[u8], deadline: Duration) -> Result<Bytes,
     let Ok(Incoming::Call {
         object,
         method,
+        context,
         args,
         ..
-    }) = super::decode_incoming(call)
+    }) = super::decode_incoming(call, usize::MAX)
     else {
         return Err(WireError("not a call envelope".into()));
     };
-    let mut w = Vec::with_capacity(32 + object.0.len() + method.0.len() + args.len());
-    header(&mut w, 5, super::CALL);
+    let extra = context.map_or(0, <[u8]>::len);
+    let mut w = Vec::with_capacity(32 + object.0.len() + method.0.len() + extra + args.len());
+    match context {
+        None => header(&mut w, 5, super::CALL),
+        Some(_) => header(&mut w, 6, super::CALL_CTX),
+    }
     super::put_name(&mut w, object);
     super::put_name(&mut w, method);
     msgpack::write_uint(&mut w, millis(deadline));
+    if let Some(context) = context {
+        w.extend_from_slice(context);
+    }
     w.extend_from_slice(args);
     Ok(Bytes::from(w))
 }
@@ -91,13 +107,21 @@ pub(crate) fn encode_ack(stream: u64, seq: u64, status: AckStatus) -> super::Pay
     super::Payload::from_vec(w)
 }
 
-/// The rest of a kind-3 envelope, after `[3,`.
-pub(super) fn decode_reliable(mut r: Reader<'_>) -> Result<Incoming<'_>, WireError> {
+/// The rest of a kind-3 envelope, after `[3,`, or with `max_context`, of a kind-11
+/// envelope (its context map before the arguments).
+pub(super) fn decode_reliable(
+    mut r: Reader<'_>,
+    max_context: Option<usize>,
+) -> Result<Incoming<'_>, WireError> {
     let stream: u64 = r.read_int().map_err(|e| bad("stream id", e))?;
     let seq: u64 = r.read_int().map_err(|e| bad("sequence number", e))?;
     let object = super::read_name(&mut r, "object name")?;
     let method = super::read_name(&mut r, "method name")?;
     let ms: u64 = r.read_int().map_err(|e| bad("ttl", e))?;
+    let context = match max_context {
+        Some(max) => Some(super::read_context(&mut r, max)?),
+        None => None,
+    };
     let rd = r.remaining();
     if rd.is_empty() {
         return Err(WireError("missing arguments".into()));
@@ -108,6 +132,7 @@ pub(super) fn decode_reliable(mut r: Reader<'_>) -> Result<Incoming<'_>, WireErr
         object,
         method,
         ttl: Duration::from_millis(ms),
+        context,
         args: rd,
     })
 }
@@ -145,8 +170,9 @@ mod tests {
             object,
             method,
             ttl,
+            context: None,
             args,
-        } = decode_incoming(&bytes).expect("decodes")
+        } = decode_incoming(&bytes, 8192).expect("decodes")
         else {
             panic!("not a reliable signal")
         };
@@ -160,7 +186,7 @@ mod tests {
         let ack = encode_ack(7, 300, AckStatus::Handled);
         assert_eq!(ack.as_ref(), b"\x94\x04\x07\xcd\x01\x2c\x00".as_ref());
         assert_eq!(
-            decode_incoming(&ack).expect("decodes"),
+            decode_incoming(&ack, 8192).expect("decodes"),
             Incoming::Ack {
                 stream: 7,
                 seq: 300,
@@ -188,7 +214,7 @@ mod tests {
             b"\x94\x04\xc1\x01\x00",
             b"\x97\x03\x07\x01\xa1o\xa1m\xcc",
         ] {
-            assert!(decode_incoming(input).is_err(), "{input:x?}");
+            assert!(decode_incoming(input, 8192).is_err(), "{input:x?}");
         }
         assert!(encode_reliable(1, 1, b"\x92\x02\x01", Duration::ZERO).is_err());
         assert!(rewrite_deadline(b"\x92\x02\x01", Duration::ZERO).is_err());
