@@ -137,6 +137,25 @@ async fn call_spans_on_both_sides_share_the_trace_id() {
         handle["peer"],
         p.client.connection().unwrap().local_address().to_string()
     );
+    // A span per connection (chatter-core), for each end, naming both addresses.
+    let conn = p.client.connection().unwrap();
+    let (local, remote) = (
+        conn.local_address().to_string(),
+        conn.remote_address().to_string(),
+    );
+    let ends: Vec<_> = spans
+        .iter()
+        .filter(|(n, _)| n == "connection")
+        .map(|(_, f)| {
+            (
+                f["side"].as_str(),
+                f["local"].as_str(),
+                f["remote"].as_str(),
+            )
+        })
+        .collect();
+    assert!(ends.contains(&("connected", &local, &remote)), "{ends:?}");
+    assert!(ends.contains(&("accepted", &remote, &local)), "{ends:?}");
     let failed = find("call", "ghost");
     assert_eq!(failed["outcome"], "no_such_object");
     assert!(!failed.contains_key("trace_id"), "no trace without one");
