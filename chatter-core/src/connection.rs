@@ -716,6 +716,11 @@ impl Connection {
             };
             (h, conn)
         });
+        // One driver task per connection: an accepted one holds its server's
+        // `max_connections` permit, a connected one exists because the application
+        // connected. It ends at the latest `close_linger` after the connection closes
+        // (closed, keepalive or stall timeout, handshake timeout), and what it buffers is
+        // bounded as `Connection::buffered` documents (docs/SECURITY.md).
         // A span per connection around its driver (target `chatter_core::connection`,
         // level debug: the driver's events carry the connection's id and addresses),
         // made only when that level is enabled; otherwise the driver runs bare, for
