@@ -163,15 +163,7 @@ impl Inner {
                 };
                 let traced = Traced(self.handle_span("call", &request, Some(conv)));
                 let timer = Timer::start();
-                let mut cx = Context::from_waker(Waker::noop());
-                // Each path polls in a closure of its own, called once (so inlined).
-                let handler = &mut CatchUnwind(handlers.call_mut());
-                let polled = match &traced.0 {
-                    None => request.poll_inline(|| Pin::new(handler).poll(&mut cx)),
-                    Some(t) => t
-                        .span
-                        .in_scope(|| request.poll_inline(|| Pin::new(handler).poll(&mut cx))),
-                };
+                let polled = traced.poll_in_place(&request, &mut CatchUnwind(handlers.call_mut()));
                 match polled {
                     Poll::Ready(result) => {
                         let reply = self.handler_result(result);
@@ -273,15 +265,8 @@ impl Inner {
                 };
                 let traced = Traced(self.handle_span("signal", &request, Some(conv)));
                 let timer = Timer::start();
-                let mut cx = Context::from_waker(Waker::noop());
-                // Each path polls in a closure of its own, called once (so inlined).
-                let handler = &mut CatchUnwind(handlers.signal_mut());
-                let polled = match &traced.0 {
-                    None => request.poll_inline(|| Pin::new(handler).poll(&mut cx)),
-                    Some(t) => t
-                        .span
-                        .in_scope(|| request.poll_inline(|| Pin::new(handler).poll(&mut cx))),
-                };
+                let polled =
+                    traced.poll_in_place(&request, &mut CatchUnwind(handlers.signal_mut()));
                 match polled {
                     Poll::Ready(result) => {
                         batch.slot = true;
@@ -866,6 +851,24 @@ impl HandleTrace {
 }
 
 impl Traced<HandleTrace> {
+    /// Polls a handler once in place (in the receive task), with `request` as the
+    /// current context and inside the span when there is one.
+    #[inline(always)]
+    fn poll_in_place<F: Future + Unpin>(
+        &self,
+        request: &Request<'_>,
+        handler: &mut F,
+    ) -> Poll<F::Output> {
+        let mut cx = Context::from_waker(Waker::noop());
+        // Each path polls in a closure of its own, called once (so inlined).
+        match &self.0 {
+            None => request.poll_inline(|| Pin::new(handler).poll(&mut cx)),
+            Some(t) => t
+                .span
+                .in_scope(|| request.poll_inline(|| Pin::new(handler).poll(&mut cx))),
+        }
+    }
+
     /// The span, for the task a handler continues in (a disabled one without).
     pub(super) fn span(&self) -> tracing::Span {
         self.0
