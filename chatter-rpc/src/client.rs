@@ -43,27 +43,12 @@ enum EncodeFailure {
     Metadata(String),
 }
 
-impl EncodeFailure {
-    /// As a `WireError`, a metadata failure marked for [`signal_error`].
-    fn into_wire(self) -> wire::WireError {
-        match self {
-            EncodeFailure::Args(what) => wire::WireError(what),
-            EncodeFailure::Metadata(what) => wire::WireError(format!("{METADATA_MARK}{what}")),
+impl From<EncodeFailure> for SignalError {
+    fn from(e: EncodeFailure) -> Self {
+        match e {
+            EncodeFailure::Args(what) => SignalError::BadArguments { what },
+            EncodeFailure::Metadata(what) => SignalError::MetadataTooLarge { what },
         }
-    }
-}
-
-/// Marks a metadata failure carried as a `WireError` (no argument error starts so).
-const METADATA_MARK: &str = "\0metadata\0";
-
-/// A signal's encoding failure, for its caller.
-#[cold]
-fn signal_error(e: wire::WireError) -> SignalError {
-    match e.0.strip_prefix(METADATA_MARK) {
-        Some(what) => SignalError::MetadataTooLarge {
-            what: what.to_owned(),
-        },
-        None => SignalError::BadArguments { what: e.0 },
     }
 }
 
@@ -361,19 +346,17 @@ impl ClientCore {
         };
         let object = self.shared.object.encoded();
         let args = |w: &mut Vec<u8>| write_args(w, count, args);
-        let mut encoded = wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, args);
-        if !self.is_plain() {
-            // A metadata failure travels as a marked `WireError`, so that the future holds
-            // what it held before contexts (`signal_error` tells them apart).
-            encoded = self
-                .with_context::<EncodeFailure>(encoded, method)
+        let encoded = wire::encode_request_with(wire::SIGNAL, object, method.wire, ttl, args);
+        let encoded: Result<Payload, SignalError> = if self.is_plain() {
+            encoded.map_err(|e| SignalError::BadArguments { what: e.0 })
+        } else {
+            self.with_context(encoded, method)
                 .map(|(payload, _trace)| payload)
-                .map_err(EncodeFailure::into_wire);
-        }
+        };
         let shared = self.shared.clone();
         let persistent = persistent || self.persistent;
         async move {
-            let payload = encoded.map_err(signal_error)?;
+            let payload = encoded?;
             let wait = match shared.peer.try_signal(payload, ttl, persistent) {
                 Attempt::Done(done) => return done,
                 // Boxed, as for calls: its wait state would make every signal future
