@@ -153,6 +153,7 @@ mod server;
 mod service;
 mod store;
 pub mod telemetry;
+pub mod stream;
 mod values;
 mod wire;
 
