@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::error::RemoteContext;
 
 pub(crate) mod reliable;
+pub(crate) mod stream;
 pub(crate) use reliable::{encode_ack, encode_reliable, rewrite_deadline, AckStatus};
 
 /// Envelope kinds: the first element of a message from caller to callee.
