@@ -5,6 +5,9 @@
 //! control arithmetic that both ends of a remote stream use ([`Window`] on the reading
 //! side, [`Credit`] on the writing side). The peer does not route stream envelopes yet.
 
+// The remote ends are built by the peer once it routes streams (a later step of issue 16).
+#![allow(dead_code)]
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
@@ -133,6 +136,7 @@ pub struct Receiver<T> {
 enum ReceiverInner<T> {
     Local(mpsc::Receiver<T>),
     Boxed(BoxStream<T>),
+    Remote(RemoteReceiver<T>),
 }
 
 impl<T> Receiver<T> {
@@ -165,6 +169,7 @@ impl<T> Receiver<T> {
         match &mut self.inner {
             ReceiverInner::Local(rx) => rx.poll_recv(cx).map(|item| item.map(Ok)),
             ReceiverInner::Boxed(stream) => stream.as_mut().poll_next(cx).map(|i| i.map(Ok)),
+            ReceiverInner::Remote(remote) => remote.poll_recv(cx),
         }
     }
 }
@@ -183,10 +188,155 @@ impl<T> fmt::Debug for Receiver<T> {
         let kind = match &self.inner {
             ReceiverInner::Local(_) => "local",
             ReceiverInner::Boxed(_) => "stream",
+            ReceiverInner::Remote(_) => "remote",
         };
         f.debug_struct("Receiver")
             .field("kind", &kind)
             .finish_non_exhaustive()
+    }
+}
+
+/// What a remote stream's reading end asks of the connection it came over: more credit
+/// for the writer, or the end of the stream (its reader was dropped or failed).
+pub(crate) trait RemoteEnd: Send + Sync {
+    /// Grants the writer `bytes` more (a one-shot message; never blocks).
+    fn grant(&self, bytes: u64);
+    /// Tells the writer to stop: the reader is gone.
+    fn cancel(&self);
+}
+
+/// The items of a remote stream that arrived and wait to be read, shared between the
+/// peer's receive task (which pushes) and the [`Receiver`] (which reads).
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    state: std::sync::Mutex<InboxState>,
+}
+
+#[derive(Debug)]
+struct InboxState {
+    window: Window<bytes::Bytes>,
+    /// How the writer ended the stream, once it did.
+    end: Option<Result<(), StreamError>>,
+}
+
+impl Inbox {
+    pub(crate) fn new(window: u64) -> Self {
+        Inbox {
+            state: std::sync::Mutex::new(InboxState {
+                window: Window::new(window),
+                end: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        // A panic while holding this lock leaves consistent state (each update is one
+        // step), so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An item arrived: queued for the reader, or refused when the writer went beyond
+    /// its credit (the caller then fails the stream with a protocol error).
+    pub(crate) fn push(&self, item: bytes::Bytes, cost: u64) -> Result<(), Overrun> {
+        let waker = self.lock().window.push(item, cost)?;
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// The writer ended the stream (`Ok`) or it failed. The first end counts.
+    pub(crate) fn finish(&self, end: Result<(), StreamError>) {
+        let waker = {
+            let mut state = self.lock();
+            if state.end.is_some() {
+                return;
+            }
+            state.end = Some(end);
+            state.window.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Bytes of cost waiting to be read.
+    pub(crate) fn held(&self) -> u64 {
+        self.lock().window.held()
+    }
+}
+
+/// The reading end of a remote stream: items decoded as `T` when read.
+struct RemoteReceiver<T> {
+    inbox: std::sync::Arc<Inbox>,
+    end: std::sync::Arc<dyn RemoteEnd>,
+    /// Set once the stream ended for the reader (its end or error was returned).
+    done: bool,
+    /// `T`'s decoder, chosen where `T: DeserializeOwned` is known, so that `Receiver<T>`
+    /// itself needs no bound.
+    decode: fn(&[u8]) -> Result<T, crate::wire::WireError>,
+}
+
+impl<T: serde::de::DeserializeOwned> Receiver<T> {
+    /// The reading end of a remote stream whose items the peer pushes into `inbox`.
+    pub(crate) fn remote(inbox: std::sync::Arc<Inbox>, end: std::sync::Arc<dyn RemoteEnd>) -> Self {
+        Receiver {
+            inner: ReceiverInner::Remote(RemoteReceiver {
+                inbox,
+                end,
+                done: false,
+                decode: crate::wire::decode_value::<T>,
+            }),
+        }
+    }
+}
+
+impl<T> RemoteReceiver<T> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<T, StreamError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let (item, grant, end) = {
+            let mut state = self.inbox.lock();
+            let (item, grant) = state.window.pop(cx.waker());
+            let end = if item.is_none() {
+                state.end.take()
+            } else {
+                None
+            };
+            (item, grant, end)
+        };
+        if let Some(bytes) = grant {
+            self.end.grant(bytes);
+        }
+        match (item, end) {
+            (Some(item), _) => match (self.decode)(&item) {
+                Ok(value) => Poll::Ready(Some(Ok(value))),
+                Err(e) => {
+                    // The rest of the stream is of no use: stop the writer.
+                    self.done = true;
+                    self.end.cancel();
+                    Poll::Ready(Some(Err(StreamError::BadItem(e.0))))
+                }
+            },
+            (None, Some(Ok(()))) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            (None, Some(Err(e))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            (None, None) => Poll::Pending,
+        }
+    }
+}
+
+impl<T> Drop for RemoteReceiver<T> {
+    fn drop(&mut self) {
+        if !self.done && self.inbox.lock().end.is_none() {
+            self.end.cancel();
+        }
     }
 }
 
@@ -197,8 +347,6 @@ impl<T> fmt::Debug for Receiver<T> {
 /// grants what was read, in steps of at least half the window, so that a grant costs one
 /// message per half window. An item that would take the buffer beyond the window is the
 /// writer's protocol violation.
-// Used once the peer routes streams (a later step of issue 16).
-#[allow(dead_code)]
 #[derive(Debug)]
 pub(crate) struct Window<I> {
     window: u64,
@@ -209,7 +357,6 @@ pub(crate) struct Window<I> {
 }
 
 /// A writer sent more than the reader granted.
-#[allow(dead_code)]
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Overrun {
     pub(crate) held: u64,
@@ -217,7 +364,6 @@ pub(crate) struct Overrun {
     pub(crate) window: u64,
 }
 
-#[allow(dead_code)]
 impl<I> Window<I> {
     pub(crate) fn new(window: u64) -> Self {
         Window {
@@ -266,14 +412,12 @@ impl<I> Window<I> {
 
 /// The writing side's account of one remote stream: what the reader granted and the
 /// writer has not used yet.
-#[allow(dead_code)]
 #[derive(Debug, Default)]
 pub(crate) struct Credit {
     available: u64,
     waker: Option<Waker>,
 }
 
-#[allow(dead_code)]
 impl Credit {
     pub(crate) fn new(initial: u64) -> Self {
         Credit {
@@ -304,7 +448,96 @@ impl Credit {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
     use super::*;
+
+    #[derive(Default)]
+    struct End {
+        granted: AtomicU64,
+        cancelled: AtomicUsize,
+    }
+
+    impl RemoteEnd for End {
+        fn grant(&self, bytes: u64) {
+            self.granted.fetch_add(bytes, Ordering::Relaxed);
+        }
+        fn cancel(&self) {
+            self.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn remote<T: serde::de::DeserializeOwned>(window: u64) -> (Arc<Inbox>, Arc<End>, Receiver<T>) {
+        let (inbox, end) = (Arc::new(Inbox::new(window)), Arc::new(End::default()));
+        let rx = Receiver::remote(inbox.clone(), end.clone());
+        (inbox, end, rx)
+    }
+
+    fn item(v: u32) -> bytes::Bytes {
+        let mut w = Vec::new();
+        chatter_msgpack::encode(&mut w, &v).unwrap();
+        bytes::Bytes::from(w)
+    }
+
+    #[tokio::test]
+    async fn a_remote_receiver_reads_in_order_grants_what_it_read_and_ends() {
+        let (inbox, end, mut rx) = remote::<u32>(200);
+        for i in 0..3 {
+            inbox.push(item(i), 64).unwrap();
+        }
+        // A fourth would exceed the window: the writer's fault.
+        assert!(inbox.push(item(3), 64).is_err());
+        assert_eq!(inbox.held(), 192);
+        assert_eq!(rx.recv().await, Some(Ok(0)));
+        assert_eq!(end.granted.load(Ordering::Relaxed), 0);
+        assert_eq!(rx.recv().await, Some(Ok(1)));
+        // 128 read: at least half the window, granted back in one message.
+        assert_eq!(end.granted.load(Ordering::Relaxed), 128);
+        inbox.finish(Ok(()));
+        assert_eq!(rx.recv().await, Some(Ok(2)));
+        assert_eq!(rx.recv().await, None);
+        assert_eq!(rx.recv().await, None);
+        drop(rx);
+        assert_eq!(end.cancelled.load(Ordering::Relaxed), 0, "ended normally");
+    }
+
+    #[tokio::test]
+    async fn a_reader_waiting_for_an_item_is_woken_by_the_push() {
+        let (inbox, _end, mut rx) = remote::<u32>(1000);
+        let read = tokio::spawn(async move { rx.recv().await });
+        tokio::task::yield_now().await;
+        inbox.push(item(7), 64).unwrap();
+        assert_eq!(read.await.unwrap(), Some(Ok(7)));
+    }
+
+    #[tokio::test]
+    async fn an_error_end_is_returned_once_and_dropping_early_cancels() {
+        let (inbox, end, mut rx) = remote::<u32>(1000);
+        inbox.finish(Err(StreamError::Cancelled));
+        inbox.finish(Ok(()));
+        assert_eq!(rx.recv().await, Some(Err(StreamError::Cancelled)));
+        assert_eq!(rx.recv().await, None);
+
+        let (inbox, end2, rx) = remote::<u32>(1000);
+        inbox.push(item(1), 64).unwrap();
+        drop(rx);
+        assert_eq!(end2.cancelled.load(Ordering::Relaxed), 1);
+        assert_eq!(end.cancelled.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn an_item_of_the_wrong_type_fails_the_stream_and_stops_the_writer() {
+        let (inbox, end, mut rx) = remote::<u32>(1000);
+        inbox.push(bytes::Bytes::from_static(b"\xa1x"), 64).unwrap();
+        inbox.push(item(2), 64).unwrap();
+        assert!(matches!(
+            rx.recv().await,
+            Some(Err(StreamError::BadItem(_)))
+        ));
+        assert_eq!(rx.recv().await, None);
+        assert_eq!(end.cancelled.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn a_window_holds_at_most_its_size_and_grants_in_half_window_steps() {
