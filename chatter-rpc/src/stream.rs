@@ -446,6 +446,131 @@ impl Credit {
     }
 }
 
+/// The writing side of a remote stream as the peer sees it: the reader's grants and
+/// whether the reader is gone, shared between the peer's receive task (which applies
+/// grants and cancels) and the forwarder (which waits for credit).
+#[derive(Debug)]
+pub(crate) struct Outlet {
+    window: u64,
+    state: std::sync::Mutex<OutletState>,
+}
+
+#[derive(Debug)]
+struct OutletState {
+    credit: Credit,
+    cancelled: bool,
+}
+
+impl Outlet {
+    /// A stream whose reader granted `window` bytes to start with.
+    pub(crate) fn new(window: u64) -> Self {
+        Outlet {
+            window,
+            state: std::sync::Mutex::new(OutletState {
+                credit: Credit::new(window),
+                cancelled: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutletState> {
+        // Each update is one step: a poisoned lock holds consistent state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The reader granted `bytes` more.
+    pub(crate) fn grant(&self, bytes: u64) {
+        let waker = self.lock().credit.grant(bytes);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// The reader is gone (it cancelled, or the connection closed).
+    pub(crate) fn cancel(&self) {
+        let waker = {
+            let mut state = self.lock();
+            state.cancelled = true;
+            state.credit.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Waits until the reader's grant covers `cost`, and takes it.
+    async fn take(&self, cost: u64) -> Result<(), StreamError> {
+        if cost > self.window {
+            return Err(StreamError::Protocol(format!(
+                "an item of {cost} bytes (with overhead) cannot fit the reader's window of {} bytes",
+                self.window
+            )));
+        }
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if state.cancelled {
+                Poll::Ready(Err(StreamError::Cancelled))
+            } else if state.credit.try_take(cost, cx.waker()) {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// How a forwarder sends a stream's messages (the peer's connection, in order).
+pub(crate) trait StreamWire: Send + Sync {
+    /// Sends one encoded item envelope.
+    fn send(
+        &self,
+        payload: crate::wire::Payload,
+    ) -> crate::service::BoxFuture<Result<(), StreamError>>;
+    /// Ends the stream: normally, or with the error the source failed with.
+    fn end(&self, outcome: Result<(), StreamError>);
+}
+
+/// The cost of an item envelope against a stream's window: its length plus the 64 bytes
+/// chatter-core counts for a message's header (chatter-core PROTOCOL.md §8.1).
+pub(crate) fn cost(payload_len: usize) -> u64 {
+    u64::try_from(payload_len)
+        .unwrap_or(u64::MAX)
+        .saturating_add(64)
+}
+
+/// Moves the items of `source` to the remote reader: each within the reader's grant, in
+/// order, then the end. Stops when the reader is gone. What it returns is what it ended
+/// the stream with.
+pub(crate) async fn forward<T: serde::Serialize>(
+    mut source: Receiver<T>,
+    outlet: std::sync::Arc<Outlet>,
+    wire: std::sync::Arc<dyn StreamWire>,
+) -> Result<(), StreamError> {
+    let outcome = loop {
+        let item = match source.recv().await {
+            None => break Ok(()),
+            Some(Err(e)) => break Err(e),
+            Some(Ok(item)) => item,
+        };
+        let payload = match crate::wire::stream::encode_item(&item) {
+            Ok(payload) => payload,
+            Err(e) => break Err(StreamError::BadItem(e.0)),
+        };
+        if let Err(e) = outlet.take(cost(payload.len())).await {
+            break Err(e);
+        }
+        if let Err(e) = wire.send(payload).await {
+            break Err(e);
+        }
+    };
+    // A cancelled stream is not ended by its writer: the reader is gone.
+    if outcome != Err(StreamError::Cancelled) {
+        wire.end(outcome.clone());
+    }
+    outcome
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -478,6 +603,64 @@ mod tests {
         let mut w = Vec::new();
         chatter_msgpack::encode(&mut w, &v).unwrap();
         bytes::Bytes::from(w)
+    }
+
+    #[derive(Default)]
+    struct Wire {
+        sent: std::sync::Mutex<Vec<Vec<u8>>>,
+        ended: std::sync::Mutex<Option<Result<(), StreamError>>>,
+    }
+
+    impl StreamWire for Wire {
+        fn send(
+            &self,
+            payload: crate::wire::Payload,
+        ) -> crate::service::BoxFuture<Result<(), StreamError>> {
+            self.sent.lock().unwrap().push(payload.to_vec());
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn end(&self, outcome: Result<(), StreamError>) {
+            *self.ended.lock().unwrap() = Some(outcome);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarder_sends_within_the_grant_waits_for_more_and_ends() {
+        // Each item `[3, n]` is 3 bytes, 67 with overhead: a window of 140 takes two.
+        let outlet = Arc::new(Outlet::new(140));
+        let wire = Arc::new(Wire::default());
+        let source = Receiver::from_stream(futures::stream::iter(0u8..5));
+        let run = tokio::spawn(forward(source, outlet.clone(), wire.clone()));
+        tokio::task::yield_now().await;
+        assert_eq!(wire.sent.lock().unwrap().len(), 2, "stopped at the grant");
+        outlet.grant(67);
+        tokio::task::yield_now().await;
+        assert_eq!(wire.sent.lock().unwrap().len(), 3);
+        outlet.grant(1000);
+        assert_eq!(run.await.unwrap(), Ok(()));
+        let sent = wire.sent.lock().unwrap().clone();
+        assert_eq!(sent, (0u8..5).map(|i| vec![0x92, 3, i]).collect::<Vec<_>>());
+        assert_eq!(*wire.ended.lock().unwrap(), Some(Ok(())));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forwarder_stops_when_the_reader_cancels_and_refuses_items_over_the_window() {
+        let outlet = Arc::new(Outlet::new(70));
+        let wire = Arc::new(Wire::default());
+        let source = Receiver::from_stream(futures::stream::iter(0u8..5));
+        let run = tokio::spawn(forward(source, outlet.clone(), wire.clone()));
+        tokio::task::yield_now().await;
+        assert_eq!(wire.sent.lock().unwrap().len(), 1);
+        outlet.cancel();
+        assert_eq!(run.await.unwrap(), Err(StreamError::Cancelled));
+        assert_eq!(*wire.ended.lock().unwrap(), None, "nobody to tell");
+
+        let outlet = Arc::new(Outlet::new(70));
+        let wire = Arc::new(Wire::default());
+        let source = Receiver::from_stream(futures::stream::iter([vec![0u8; 100]]));
+        let outcome = forward(source, outlet, wire.clone()).await;
+        assert!(matches!(outcome, Err(StreamError::Protocol(ref m)) if m.contains("window")));
+        assert!(matches!(*wire.ended.lock().unwrap(), Some(Err(_))));
     }
 
     #[tokio::test]
