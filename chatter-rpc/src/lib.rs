@@ -152,8 +152,8 @@ mod peer;
 mod server;
 mod service;
 mod store;
-pub mod telemetry;
 pub mod stream;
+pub mod telemetry;
 mod values;
 mod wire;
 
@@ -181,7 +181,7 @@ pub mod __private {
     pub use crate::client::{ClientCore, Method};
     pub use crate::service::{
         reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay, CtxError, CtxNone, Dispatch,
-        Handlers, RemoteResult,
+        Handlers, RemoteResult, StreamReply,
     };
     pub use crate::values::{
         decode_args, decode_no_args, ArgError, ArgsReader, ArgsWriter, Receivable, Sendable,

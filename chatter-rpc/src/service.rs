@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use tokio_util::sync::ReusableBoxFuture;
 
 use crate::error::RemoteContext;
-use crate::values::Sendable;
+use crate::values::{Receivable, Sendable};
 use crate::wire::{self, FailureKind, Payload};
 
 /// An object that can be registered on a [`Peer`](crate::Peer) and called remotely.
@@ -40,6 +40,10 @@ pub enum Dispatch {
     Call,
     /// A signal handler is in [`Handlers`].
     Signal,
+    /// A handler of a method with a stream (an argument or result of type
+    /// [`stream::Receiver`](crate::stream::Receiver)) is in [`Handlers`]; it resolves to a
+    /// [`StreamReply`].
+    Stream,
     /// The object has no such method.
     NoSuchMethod,
     /// The arguments did not decode.
@@ -55,6 +59,9 @@ pub enum Dispatch {
 pub struct Handlers {
     call: HandlerFuture<Payload>,
     signal: HandlerFuture<()>,
+    /// The stream handler and the call's stream set-up, only for stream calls. Boxed and
+    /// optional: the receive task keeps a `Handlers` in its future, which must stay small.
+    stream: Option<Box<crate::stream::StreamParts>>,
 }
 
 impl Handlers {
@@ -63,7 +70,35 @@ impl Handlers {
         Handlers {
             call: ReusableBoxFuture::new(std::future::pending()),
             signal: ReusableBoxFuture::new(std::future::pending()),
+            stream: None,
         }
+    }
+
+    /// Puts the handler of a method with a stream in place; returns [`Dispatch::Stream`].
+    pub fn stream<F: Future<Output = StreamReply> + Send + 'static>(
+        &mut self,
+        handler: F,
+    ) -> Dispatch {
+        self.stream.get_or_insert_with(Default::default).handler = Some(Box::pin(handler));
+        Dispatch::Stream
+    }
+
+    /// The argument stream of the call being dispatched, for a method that takes a
+    /// [`stream::Receiver`](crate::stream::Receiver) argument. Called by generated code
+    /// while it decodes the arguments; a call that did not come as a stream call gets a
+    /// receiver that fails at once with a protocol error.
+    pub fn input<T: Receivable + Send + 'static>(&mut self) -> crate::stream::Receiver<T> {
+        self.stream.get_or_insert_with(Default::default).input()
+    }
+
+    /// The stream handler and set-up, taken out (stream calls only).
+    pub(crate) fn take_stream(&mut self) -> Option<Box<crate::stream::StreamParts>> {
+        self.stream.take()
+    }
+
+    /// Prepares the next dispatch as a stream call's.
+    pub(crate) fn set_stream(&mut self, parts: Box<crate::stream::StreamParts>) {
+        self.stream = Some(parts);
     }
 
     /// Puts a call handler in place; returns [`Dispatch::Call`].
@@ -119,6 +154,33 @@ impl Default for Handlers {
 impl fmt::Debug for Handlers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Handlers").finish_non_exhaustive()
+    }
+}
+
+/// What the handler of a method with a stream resolves to: a reply that ends the call (a
+/// value, an application error), or a stream of items that follows the call's opening.
+/// Built by generated code.
+#[doc(hidden)]
+pub struct StreamReply(pub(crate) crate::stream::Reply);
+
+impl StreamReply {
+    /// The call ends with this reply (made by [`reply_ok`] or [`reply_app_error`]).
+    pub fn reply(payload: Payload) -> StreamReply {
+        StreamReply(crate::stream::Reply::Done(payload))
+    }
+
+    /// The call opens a result stream: the items of `rx`, each encoded as it is sent.
+    pub fn open<T: Sendable + Send + 'static>(rx: crate::stream::Receiver<T>) -> StreamReply {
+        StreamReply(crate::stream::Reply::Open(crate::stream::encoded(rx)))
+    }
+}
+
+impl fmt::Debug for StreamReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            crate::stream::Reply::Done(_) => f.write_str("StreamReply::Done"),
+            crate::stream::Reply::Open(_) => f.write_str("StreamReply::Open"),
+        }
     }
 }
 

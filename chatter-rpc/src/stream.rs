@@ -571,6 +571,95 @@ pub(crate) async fn forward<T: serde::Serialize>(
     outcome
 }
 
+/// What a stream handler resolves to (see [`StreamReply`](crate::service::StreamReply)).
+pub(crate) enum Reply {
+    /// The call ends with this reply.
+    Done(crate::wire::Payload),
+    /// The call opens a result stream of these encoded items.
+    Open(ItemSource),
+}
+
+/// The items of a result stream, each encoded as an item envelope (`[3, item]`) when it is
+/// pulled, so that the forwarder that sends them is not generic.
+pub(crate) type ItemSource =
+    Pin<Box<dyn futures_core::Stream<Item = Result<crate::wire::Payload, StreamError>> + Send>>;
+
+/// The items of `rx`, encoded as item envelopes.
+pub(crate) fn encoded<T: serde::Serialize + Send + 'static>(rx: Receiver<T>) -> ItemSource {
+    struct Encoded<T>(Receiver<T>);
+    impl<T: serde::Serialize> futures_core::Stream for Encoded<T> {
+        type Item = Result<crate::wire::Payload, StreamError>;
+        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            let item = std::task::ready!(self.get_mut().0.poll_recv(cx));
+            Poll::Ready(item.map(|item| {
+                item.and_then(|item| {
+                    crate::wire::stream::encode_item(&item).map_err(|e| StreamError::BadItem(e.0))
+                })
+            }))
+        }
+    }
+    Box::pin(Encoded(rx))
+}
+
+/// A stream call's parts while it is dispatched: the handler the generated code put in
+/// place, and what the serving path set up for an argument stream.
+#[derive(Default)]
+pub(crate) struct StreamParts {
+    /// The handler, once dispatched.
+    pub(crate) handler: Option<crate::service::BoxFuture<crate::service::StreamReply>>,
+    /// Set by the serving path before dispatch: how an argument stream reaches the caller
+    /// (grants, stop) and its window. `None` for a call that did not come as a stream call.
+    pub(crate) setup: Option<InputSetup>,
+    /// The argument stream's inbox, made when the handler asked for its argument stream.
+    pub(crate) inbox: Option<std::sync::Arc<Inbox>>,
+}
+
+/// How the serving path lets a handler's argument stream talk to the caller.
+pub(crate) struct InputSetup {
+    /// The most the caller may have outstanding: the argument stream's window.
+    pub(crate) window: u64,
+    /// Grants and stop, sent in the call's conversation.
+    pub(crate) end: std::sync::Arc<dyn RemoteEnd>,
+}
+
+impl StreamParts {
+    /// The handler's argument stream: remote for a stream call, failing at once otherwise.
+    pub(crate) fn input<T: serde::de::DeserializeOwned + Send + 'static>(&mut self) -> Receiver<T> {
+        match &self.setup {
+            Some(setup) if self.inbox.is_none() => {
+                let inbox = std::sync::Arc::new(Inbox::new(setup.window));
+                self.inbox = Some(inbox.clone());
+                Receiver::remote(inbox, setup.end.clone())
+            }
+            Some(_) => failed(StreamError::Protocol(
+                "a method can take at most one argument stream".into(),
+            )),
+            None => failed(StreamError::Protocol(
+                "the caller opened no argument stream: a method with a stream must be called as a stream call (envelope kind 12)".into(),
+            )),
+        }
+    }
+}
+
+/// A receiver whose stream failed before it began.
+fn failed<T: Send + 'static>(error: StreamError) -> Receiver<T> {
+    let inbox = Inbox::new(0);
+    inbox.finish(Err(error));
+    struct Nobody;
+    impl RemoteEnd for Nobody {
+        fn grant(&self, _: u64) {}
+        fn cancel(&self) {}
+    }
+    Receiver {
+        inner: ReceiverInner::Remote(RemoteReceiver {
+            inbox: std::sync::Arc::new(inbox),
+            end: std::sync::Arc::new(Nobody),
+            done: false,
+            decode: |_| Err(crate::wire::WireError("no items".into())),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

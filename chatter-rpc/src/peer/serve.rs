@@ -1013,12 +1013,18 @@ impl Inner {
         let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             service.__dispatch(method.as_bytes(), args, handlers)
         }));
-        if matches!(dispatch, Ok(Dispatch::Signal) | Err(_)) {
+        if matches!(dispatch, Ok(Dispatch::Signal | Dispatch::Stream) | Err(_)) {
             // A handler that will not run: drop it (and what it holds) now.
             handlers.clear();
         }
         match dispatch {
             Ok(Dispatch::Call) => Ok(()),
+            Ok(Dispatch::Stream) => {
+                let what = format!(
+                    "`{method}` has a stream: it must come as a stream call (envelope kind 12)"
+                );
+                Err(wire::encode_failure(FailureKind::Protocol, &what))
+            }
             Ok(Dispatch::Signal) => {
                 let what = format!("`{method}` is a signal: send it, do not call it");
                 Err(wire::encode_failure(FailureKind::Protocol, &what))
@@ -1056,13 +1062,13 @@ impl Inner {
         let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             service.__dispatch(method.as_bytes(), args, handlers)
         }));
-        if matches!(dispatch, Ok(Dispatch::Call) | Err(_)) {
+        if matches!(dispatch, Ok(Dispatch::Call | Dispatch::Stream) | Err(_)) {
             // A handler that will not run: drop it (and what it holds) now.
             handlers.clear();
         }
         match dispatch {
             Ok(Dispatch::Signal) => return true,
-            Ok(Dispatch::Call) => failed("the method is a call, not a signal"),
+            Ok(Dispatch::Call | Dispatch::Stream) => failed("the method is a call, not a signal"),
             Ok(Dispatch::NoSuchMethod) => failed("no such method"),
             Ok(Dispatch::BadArguments(what)) => failed(&what),
             Err(_) => {
