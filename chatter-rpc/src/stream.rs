@@ -66,19 +66,31 @@ pub enum StreamError {
 /// If `capacity` is 0.
 pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     let (tx, rx) = mpsc::channel(capacity);
+    let panicked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     (
         Sender {
             inner: SenderInner::Local(tx),
+            panicked: panicked.clone(),
         },
-        Receiver {
-            inner: ReceiverInner::Local(rx),
-        },
+        Receiver::new(ReceiverInner::Local(rx, panicked)),
     )
 }
 
 /// The writing end of a stream. Dropping it ends the stream normally.
 pub struct Sender<T> {
     inner: SenderInner<T>,
+    /// Set when the sender is dropped by a panic: the reader then gets
+    /// [`StreamError::RemotePanic`] instead of a normal end.
+    panicked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.panicked
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 enum SenderInner<T> {
@@ -128,12 +140,25 @@ type BoxStream<T> = Pin<Box<dyn futures_core::Stream<Item = T> + Send>>;
 /// that ends (`None`) when the writer finished, after an `Err` when it did not.
 pub struct Receiver<T> {
     inner: ReceiverInner<T>,
+    /// The idle timeout, once set (boxed: most receivers have none).
+    idle: Option<Box<Idle>>,
 }
 
 enum ReceiverInner<T> {
-    Local(mpsc::Receiver<T>),
+    Local(
+        mpsc::Receiver<T>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ),
     Boxed(BoxStream<T>),
     Remote(RemoteReceiver<T>),
+    /// Ended early (idle timeout, writer panicked): only `None` from now on.
+    Ended,
+}
+
+/// A receiver's idle timeout and its timer.
+struct Idle {
+    timeout: std::time::Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<T> Receiver<T> {
@@ -152,9 +177,45 @@ impl<T> Receiver<T> {
     /// # }
     /// ```
     pub fn from_stream(stream: impl futures_core::Stream<Item = T> + Send + 'static) -> Self {
-        Receiver {
-            inner: ReceiverInner::Boxed(Box::pin(stream)),
-        }
+        Receiver::new(ReceiverInner::Boxed(Box::pin(stream)))
+    }
+
+    fn new(inner: ReceiverInner<T>) -> Self {
+        Receiver { inner, idle: None }
+    }
+
+    /// Ends the stream with [`StreamError::IdleTimeout`] when no item arrives within
+    /// `timeout` of the previous one (or of this call); `None` turns it off. For a remote
+    /// stream the writer is told to stop, as when the receiver is dropped. The timer runs
+    /// on tokio's clock (its paused clock in tests).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use chatter_rpc::stream::{self, StreamError};
+    ///
+    /// let (tx, mut rx) = stream::channel::<u32>(4);
+    /// rx.set_idle_timeout(Some(Duration::from_secs(5)));
+    /// tx.send(1).await.unwrap();
+    /// assert_eq!(rx.recv().await, Some(Ok(1)));
+    /// // Nothing more within 5 s:
+    /// assert_eq!(rx.recv().await, Some(Err(StreamError::IdleTimeout)));
+    /// assert_eq!(rx.recv().await, None);
+    /// # drop(tx);
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, when `timeout` is `Some`.
+    pub fn set_idle_timeout(&mut self, timeout: Option<std::time::Duration>) {
+        self.idle = timeout.map(|timeout| {
+            Box::new(Idle {
+                timeout,
+                sleep: Box::pin(tokio::time::sleep(timeout)),
+            })
+        });
     }
 
     /// The next item, `None` once the stream ended normally.
@@ -163,10 +224,35 @@ impl<T> Receiver<T> {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<T, StreamError>>> {
-        match &mut self.inner {
-            ReceiverInner::Local(rx) => rx.poll_recv(cx).map(|item| item.map(Ok)),
+        let polled = match &mut self.inner {
+            ReceiverInner::Local(rx, panicked) => match rx.poll_recv(cx) {
+                Poll::Ready(None) if panicked.load(std::sync::atomic::Ordering::Acquire) => {
+                    self.inner = ReceiverInner::Ended;
+                    let what = "the stream's writer panicked".to_owned();
+                    return Poll::Ready(Some(Err(StreamError::RemotePanic(what))));
+                }
+                polled => polled.map(|item| item.map(Ok)),
+            },
             ReceiverInner::Boxed(stream) => stream.as_mut().poll_next(cx).map(|i| i.map(Ok)),
             ReceiverInner::Remote(remote) => remote.poll_recv(cx),
+            ReceiverInner::Ended => Poll::Ready(None),
+        };
+        let Some(idle) = &mut self.idle else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Some(Ok(item))) => {
+                let next = tokio::time::Instant::now() + idle.timeout;
+                idle.sleep.as_mut().reset(next);
+                Poll::Ready(Some(Ok(item)))
+            }
+            Poll::Pending if std::future::Future::poll(idle.sleep.as_mut(), cx).is_ready() => {
+                // Dropping a remote end tells its writer to stop.
+                self.inner = ReceiverInner::Ended;
+                self.idle = None;
+                Poll::Ready(Some(Err(StreamError::IdleTimeout)))
+            }
+            other => other,
         }
     }
 }
@@ -183,9 +269,10 @@ impl<T> futures_core::Stream for Receiver<T> {
 impl<T> fmt::Debug for Receiver<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.inner {
-            ReceiverInner::Local(_) => "local",
+            ReceiverInner::Local(..) => "local",
             ReceiverInner::Boxed(_) => "stream",
             ReceiverInner::Remote(_) => "remote",
+            ReceiverInner::Ended => "ended",
         };
         f.debug_struct("Receiver")
             .field("kind", &kind)
@@ -278,14 +365,12 @@ struct RemoteReceiver<T> {
 impl<T: serde::de::DeserializeOwned> Receiver<T> {
     /// The reading end of a remote stream whose items the peer pushes into `inbox`.
     pub(crate) fn remote(inbox: std::sync::Arc<Inbox>, end: std::sync::Arc<dyn RemoteEnd>) -> Self {
-        Receiver {
-            inner: ReceiverInner::Remote(RemoteReceiver {
-                inbox,
-                end,
-                done: false,
-                decode: crate::wire::decode_value::<T>,
-            }),
-        }
+        Receiver::new(ReceiverInner::Remote(RemoteReceiver {
+            inbox,
+            end,
+            done: false,
+            decode: crate::wire::decode_value::<T>,
+        }))
     }
 }
 
@@ -624,14 +709,12 @@ fn failed<T: Send + 'static>(error: StreamError) -> Receiver<T> {
         fn grant(&self, _: u64) {}
         fn cancel(&self) {}
     }
-    Receiver {
-        inner: ReceiverInner::Remote(RemoteReceiver {
-            inbox: std::sync::Arc::new(inbox),
-            end: std::sync::Arc::new(Nobody),
-            done: false,
-            decode: |_| Err(crate::wire::WireError("no items".into())),
-        }),
-    }
+    Receiver::new(ReceiverInner::Remote(RemoteReceiver {
+        inbox: std::sync::Arc::new(inbox),
+        end: std::sync::Arc::new(Nobody),
+        done: false,
+        decode: |_| Err(crate::wire::WireError("no items".into())),
+    }))
 }
 
 #[cfg(test)]
