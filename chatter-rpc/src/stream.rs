@@ -1,9 +1,57 @@
-//! Typed streams (work in progress, issue 16; see `docs/design/streams.md`).
+//! Typed streams: a [`Receiver`] passed to or returned from a `#[remote]` method carries
+//! any number of items between peers, with flow control per stream.
 //!
-//! This module holds the parts of streams that do not depend on a connection: the local
-//! channel (`channel`, `Sender`, `Receiver`), the error type, and the per-stream flow
-//! control arithmetic that both ends of a remote stream use ([`Window`] on the reading
-//! side, [`Credit`] on the writing side). The peer does not route stream envelopes yet.
+//! One pair of types serves every shape, on both sides of a connection: a method returns a
+//! `Receiver<T>` (server streaming), takes one as an argument (client streaming), or both.
+//! [`channel`] makes a [`Sender`]/[`Receiver`] pair; a handler returns or a caller passes
+//! the receiving end and feeds the other. This is remoc's shape rather than tonic's
+//! per-shape request and response types: one type to learn, the callee's code for a client
+//! stream reads like the caller's for a server stream, and a `Receiver` made by
+//! [`channel`] or [`Receiver::from_stream`] works in a unit test without any connection.
+//! `Receiver<T>` is a [`futures_core::Stream`] of `Result<T, StreamError>`.
+//!
+//! ```ignore
+//! #[remote]
+//! pub trait Files {
+//!     /// Server streaming.
+//!     async fn watch(&self, dir: String) -> Result<Receiver<Event>, FsError>;
+//!     /// Client streaming.
+//!     async fn upload(&self, name: String, data: Receiver<Bytes>) -> Result<u64, FsError>;
+//!     /// Both.
+//!     async fn chat(&self, input: Receiver<Line>) -> Receiver<Line>;
+//! }
+//! ```
+//!
+//! # What a stream promises
+//!
+//! - **Order, exactly once, or an error.** Items arrive in the order they were sent, each
+//!   once; a stream that ends early ends with one `Err` saying why, then `None`:
+//!   [`StreamError::ConnectionLost`] (the connection closed; a stream lives on one
+//!   connection and is never resumed, also through a reconnecting peer),
+//!   [`StreamError::Cancelled`] (the other side gave up), [`StreamError::RemotePanic`]
+//!   (the code feeding it panicked), [`StreamError::IdleTimeout`],
+//!   [`StreamError::BadItem`] (an item that does not decode as `T`; the rest of the stream
+//!   is dropped) or [`StreamError::Protocol`]. A normal end is `None` with no error.
+//!   Application errors in the middle of a stream are items: use `Receiver<Result<T, E>>`.
+//! - **Dropping either end stops the other promptly.** Dropping a `Receiver` tells its
+//!   writer to stop (a [`Sender::send`] then fails with [`Closed`], and
+//!   [`Sender::closed`] resolves); dropping the `Sender` ends the stream normally.
+//! - **The call's deadline covers opening only**: the handler must return its `Receiver`
+//!   (or, for a method taking a stream, start) within the deadline; the open stream then
+//!   runs until its end, a cancel, the connection's close or the reader's idle timeout
+//!   ([`Receiver::set_idle_timeout`]).
+//! - **Flow control per stream.** Each stream has a window
+//!   ([`PeerOptions::stream_window`](crate::PeerOptions::stream_window), 256 KiB by
+//!   default): the writer sends at most that many bytes the reader has not read yet, so a
+//!   slow reader stalls its own stream only; other streams, calls and signals on the same
+//!   connection keep flowing. What streams hold per connection is bounded by
+//!   `max_streams × stream_window` ([`PeerOptions::max_streams`](crate::PeerOptions::max_streams),
+//!   64) on the serving side, plus one window per stream the application opened as a
+//!   caller.
+//! - **Large payloads**: an item is one message, at most `max_frame_size` and the window;
+//!   send large data as a stream of chunks (`bytes::Bytes`, `serde_bytes::ByteBuf`).
+//!
+//! The wire format is in `chatter-rpc/PROTOCOL.md`, "Streams".
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -39,8 +87,8 @@ pub enum StreamError {
 /// Makes a stream: items sent into the [`Sender`] come out of the [`Receiver`], in order.
 /// At most `capacity` items wait in between; [`Sender::send`] waits for room beyond that.
 ///
-/// Either end can be passed to or returned from a `#[remote]` method (work in progress);
-/// used locally, the pair is a bounded channel.
+/// The receiving end can be passed to or returned from a `#[remote]` method; used locally,
+/// the pair is a bounded channel.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]

@@ -148,8 +148,14 @@ const FOREVER: Method = Method {
     name: "forever",
     wire: b"\xa7forever",
 };
-const SLOW: Method = Method { name: "slow", wire: b"\xa4slow" };
-const PANICS: Method = Method { name: "panics", wire: b"\xa6panics" };
+const SLOW: Method = Method {
+    name: "slow",
+    wire: b"\xa4slow",
+};
+const PANICS: Method = Method {
+    name: "panics",
+    wire: b"\xa6panics",
+};
 const REFUSE: Method = Method {
     name: "refuse",
     wire: b"\xa6refuse",
@@ -334,7 +340,10 @@ async fn the_deadline_covers_opening_only() {
     let s = setup(PeerOptions::default()).await;
     let client = s.client.with_deadline(Duration::from_secs(1));
     let late = client.call_stream_plain::<u32, _, _>(&SLOW, 1, |w| w.arg(&5u64), none());
-    assert!(matches!(within(late).await, Err(CallError::DeadlineExceeded)));
+    assert!(matches!(
+        within(late).await,
+        Err(CallError::DeadlineExceeded)
+    ));
     // Opened within the deadline: the second item ten minutes later still arrives.
     let mut rx = within(client.call_stream_plain::<u32, _, _>(&SLOW, 1, |w| w.arg(&0u64), none()))
         .await
@@ -347,7 +356,11 @@ async fn the_deadline_covers_opening_only() {
 #[tokio::test(start_paused = true)]
 async fn an_idle_stream_ends_with_an_error_and_stops_its_writer() {
     let s = setup(PeerOptions::default()).await;
-    let mut rx = within(s.client.call_stream_plain::<u32, _, _>(&SLOW, 1, |w| w.arg(&0u64), none()))
+    let mut rx =
+        within(
+            s.client
+                .call_stream_plain::<u32, _, _>(&SLOW, 1, |w| w.arg(&0u64), none()),
+        )
         .await
         .unwrap();
     rx.set_idle_timeout(Some(Duration::from_secs(60)));
@@ -363,11 +376,17 @@ async fn an_idle_stream_ends_with_an_error_and_stops_its_writer() {
 #[tokio::test]
 async fn a_writer_that_panics_ends_the_stream_with_an_error() {
     let s = setup(PeerOptions::default()).await;
-    let mut rx = within(s.client.call_stream_plain::<u32, _, _>(&PANICS, 0, |_| Ok(()), none()))
-        .await
-        .unwrap();
+    let mut rx = within(
+        s.client
+            .call_stream_plain::<u32, _, _>(&PANICS, 0, |_| Ok(()), none()),
+    )
+    .await
+    .unwrap();
     assert_eq!(within(rx.recv()).await, Some(Ok(7)));
     let end = within(rx.recv()).await;
-    assert!(matches!(end, Some(Err(StreamError::RemotePanic(_)))), "{end:?}");
+    assert!(
+        matches!(end, Some(Err(StreamError::RemotePanic(_)))),
+        "{end:?}"
+    );
     assert_eq!(within(rx.recv()).await, None);
 }
