@@ -178,8 +178,13 @@ impl Inner {
     }
 
     pub(super) fn on_reply(&self, msg: Msg) {
-        let Some(msg) = self.on_stream_reply(msg) else {
-            return;
+        // One pointer test when this connection never had a stream.
+        let msg = match self.streams.get() {
+            None => msg,
+            Some(streams) => match self.on_stream_reply(streams, msg) {
+                Some(msg) => msg,
+                None => return,
+            },
         };
         let outcome = if msg.last {
             Outcome::Reply(msg.payload)

@@ -108,10 +108,9 @@ impl Inner {
 
     /// A message in a conversation this side opened: a stream's, if it belongs to a stream
     /// call this side made (or may: one being registered); else handed back.
-    pub(super) fn on_stream_reply(&self, msg: Msg) -> Option<Msg> {
-        let Some(streams) = self.streams.get() else {
-            return Some(msg);
-        };
+    #[cold]
+    #[inline(never)]
+    pub(super) fn on_stream_reply(&self, streams: &Streams, msg: Msg) -> Option<Msg> {
         let then = {
             let mut st = lock(&streams.state);
             let id = msg.conversation.first_id();
