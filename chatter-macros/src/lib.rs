@@ -21,6 +21,7 @@ mod attr;
 mod check;
 mod ctxt;
 mod expand;
+mod stream;
 
 /// Turns a trait into a remote interface: generates `{Trait}Client` and `{Trait}Server`.
 ///
