@@ -268,7 +268,9 @@ mod stream;
 ///
 /// `Receiver` is recognised by its path, since a macro sees only tokens: `Receiver<T>`,
 /// `stream::Receiver<T>`, `chatter_rpc::stream::Receiver<T>` or, with
-/// `#[remote(crate = "path")]`, `path::stream::Receiver<T>`. Compile errors name the
+/// `#[remote(crate = "path")]`, `path::stream::Receiver<T>` (or the path's last segments:
+/// `rpc::stream::Receiver<T>` for `crate = "crate::rpc"`). A `Receiver` of another path
+/// (`mpsc::Receiver<T>`) is an ordinary value. Compile errors name the
 /// misuses: more than one `Receiver` argument, a `Receiver` in a signal, a `Receiver`
 /// inside another type (`Vec<Receiver<T>>`, `Option<Receiver<T>>`, a tuple, an error type),
 /// a `Sender` as an argument or result (pass a `Receiver` instead), `#[idempotent]` on a

@@ -2,7 +2,8 @@
 //!
 //! A macro sees tokens, not types, so a stream is recognised by its path: `Receiver<T>`,
 //! `stream::Receiver<T>`, `chatter_rpc::stream::Receiver<T>` or, with
-//! `#[remote(crate = "path")]`, `path::stream::Receiver<T>` (likewise `Sender<T>`, which is
+//! `#[remote(crate = "path")]`, `path::stream::Receiver<T>` or the path's last segments
+//! (`shim::stream::Receiver<T>` for `crate = "crate::shim"`) (likewise `Sender<T>`, which is
 //! recognised only to be refused). A type of another path (`mpsc::Receiver<T>`) is an
 //! ordinary value.
 
@@ -55,7 +56,8 @@ pub(crate) fn top<'a>(ty: &'a Type, krate: &syn::Path) -> Option<Found<'a>> {
     let known = match prefix.split_last() {
         None => true,
         Some((stream, before)) if stream == "stream" => {
-            before.is_empty() || before == ["chatter_rpc"] || before == krate.as_slice()
+            // `chatter_rpc`, or the `crate = ".."` path or its end (`rpc` for `self::rpc`).
+            before.is_empty() || before == ["chatter_rpc"] || krate.ends_with(before)
         }
         Some(_) => false,
     };
@@ -131,6 +133,7 @@ mod tests {
             syn::parse_quote!(chatter_rpc::stream::Receiver<u8>),
             syn::parse_quote!(::chatter_rpc::stream::Receiver<u8>),
             syn::parse_quote!(crate::shim::stream::Receiver<u8>),
+            syn::parse_quote!(shim::stream::Receiver<u8>),
             syn::parse_quote!((Receiver<u8>)),
         ] {
             assert!(top_end(ty) == Some(End::Receiver));
@@ -141,6 +144,7 @@ mod tests {
             syn::parse_quote!(Receiver),
             syn::parse_quote!(Receiver<u8, u16>),
             syn::parse_quote!(other::stream::Receiver<u8>),
+            syn::parse_quote!(crate::stream::Receiver<u8>),
             syn::parse_quote!(Vec<Receiver<u8>>),
         ] {
             assert!(top_end(ty).is_none());
