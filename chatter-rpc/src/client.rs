@@ -487,8 +487,37 @@ impl ClientCore {
         A: FnOnce(&mut ArgsWriter<'_>) -> Result<(), ArgError>,
         I: Sendable + Send + 'static,
     {
-        let _ = (method, count, args, input, result_stream);
-        async { Err(CallError::Protocol("streams are not routed yet".into())) }
+        let deadline = self.deadline();
+        let window = self.shared.peer.state.options.stream_window;
+        let object = self.shared.object.encoded();
+        let args = |w: &mut Vec<u8>| write_args(w, count, args);
+        let encoded = match self.request_context() {
+            Ok((context, _trace)) => wire::stream::encode_stream_call(
+                object,
+                method.wire,
+                deadline,
+                window,
+                context.as_deref(),
+                args,
+            )
+            .map_err(|e| CallError::BadArguments { what: e.0 }),
+            Err(what) => Err(CallError::MetadataTooLarge { what }),
+        };
+        let shared = self.shared.clone();
+        let input = input.map(crate::stream::encoded);
+        async move {
+            let payload = encoded?;
+            let inner = match shared.inner() {
+                Some(inner) => inner.clone(),
+                None => {
+                    let until = tokio::time::Instant::now() + deadline;
+                    shared.peer.state.connection_until(until).await?
+                }
+            };
+            inner
+                .stream_call(payload, deadline, result_stream, input)
+                .await
+        }
     }
 
     #[inline]
@@ -652,6 +681,7 @@ fn outcome_name<E>(e: &CallError<E>) -> &'static str {
         CallError::OutcomeUnknown(_) => "outcome_unknown",
         CallError::ShuttingDown => "shutting_down",
         CallError::MetadataTooLarge { .. } => "metadata_too_large",
+        CallError::TooManyStreams { .. } => "too_many_streams",
     }
 }
 
@@ -896,6 +926,7 @@ fn failure<E>(
         Ok(FailureKind::RemotePanic) => CallError::RemotePanic { message },
         Ok(FailureKind::Protocol) => CallError::Protocol(message),
         Ok(FailureKind::ShuttingDown) => CallError::ShuttingDown,
+        Ok(FailureKind::TooManyStreams) => CallError::TooManyStreams { what: message },
         Ok(FailureKind::MetadataTooLarge) => CallError::MetadataTooLarge {
             what: format!("refused by the callee: {message}"),
         },

@@ -104,6 +104,13 @@ pub enum CallError<E = Infallible> {
         /// The size and the limit, and which side refused.
         what: String,
     },
+    /// The callee already serves its `max_streams` stream calls on this connection
+    /// ([`PeerOptions::max_streams`](crate::PeerOptions::max_streams)).
+    #[error("too many streams: {what}")]
+    TooManyStreams {
+        /// The callee's message.
+        what: String,
+    },
 }
 
 impl<E> CallError<E> {
@@ -157,6 +164,7 @@ impl<E> CallError<E> {
             CallError::OutcomeUnknown(c) => CallError::OutcomeUnknown(c),
             CallError::ShuttingDown => CallError::ShuttingDown,
             CallError::MetadataTooLarge { what } => CallError::MetadataTooLarge { what },
+            CallError::TooManyStreams { what } => CallError::TooManyStreams { what },
         }
     }
 }

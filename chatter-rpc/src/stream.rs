@@ -5,9 +5,6 @@
 //! control arithmetic that both ends of a remote stream use ([`Window`] on the reading
 //! side, [`Credit`] on the writing side). The peer does not route stream envelopes yet.
 
-// The remote ends are built by the peer once it routes streams (a later step of issue 16).
-#![allow(dead_code)]
-
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
@@ -261,6 +258,7 @@ impl Inbox {
     }
 
     /// Bytes of cost waiting to be read.
+    #[cfg(test)]
     pub(crate) fn held(&self) -> u64 {
         self.lock().window.held()
     }
@@ -405,6 +403,7 @@ impl<I> Window<I> {
     }
 
     /// Bytes of cost waiting to be read: never above the window.
+    #[cfg(test)]
     pub(crate) fn held(&self) -> u64 {
         self.held
     }
@@ -459,18 +458,36 @@ pub(crate) struct Outlet {
 struct OutletState {
     credit: Credit,
     cancelled: bool,
+    /// The task waiting in [`Outlet::cancelled`].
+    cancel_waker: Option<Waker>,
 }
 
 impl Outlet {
-    /// A stream whose reader granted `window` bytes to start with.
-    pub(crate) fn new(window: u64) -> Self {
+    /// A stream whose reader's window is `window` bytes (the largest item it takes) and
+    /// that granted `initial` bytes to start with.
+    pub(crate) fn new(window: u64, initial: u64) -> Self {
         Outlet {
             window,
             state: std::sync::Mutex::new(OutletState {
-                credit: Credit::new(window),
+                credit: Credit::new(initial),
                 cancelled: false,
+                cancel_waker: None,
             }),
         }
+    }
+
+    /// Resolves once the reader is gone.
+    pub(crate) async fn cancelled(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if state.cancelled {
+                Poll::Ready(())
+            } else {
+                state.cancel_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, OutletState> {
@@ -488,18 +505,18 @@ impl Outlet {
 
     /// The reader is gone (it cancelled, or the connection closed).
     pub(crate) fn cancel(&self) {
-        let waker = {
+        let wakers = {
             let mut state = self.lock();
             state.cancelled = true;
-            state.credit.waker.take()
+            [state.credit.waker.take(), state.cancel_waker.take()]
         };
-        if let Some(waker) = waker {
+        for waker in wakers.into_iter().flatten() {
             waker.wake();
         }
     }
 
     /// Waits until the reader's grant covers `cost`, and takes it.
-    async fn take(&self, cost: u64) -> Result<(), StreamError> {
+    pub(crate) async fn take(&self, cost: u64) -> Result<(), StreamError> {
         if cost > self.window {
             return Err(StreamError::Protocol(format!(
                 "an item of {cost} bytes (with overhead) cannot fit the reader's window of {} bytes",
@@ -520,55 +537,12 @@ impl Outlet {
     }
 }
 
-/// How a forwarder sends a stream's messages (the peer's connection, in order).
-pub(crate) trait StreamWire: Send + Sync {
-    /// Sends one encoded item envelope.
-    fn send(
-        &self,
-        payload: crate::wire::Payload,
-    ) -> crate::service::BoxFuture<Result<(), StreamError>>;
-    /// Ends the stream: normally, or with the error the source failed with.
-    fn end(&self, outcome: Result<(), StreamError>);
-}
-
 /// The cost of an item envelope against a stream's window: its length plus the 64 bytes
 /// chatter-core counts for a message's header (chatter-core PROTOCOL.md §8.1).
 pub(crate) fn cost(payload_len: usize) -> u64 {
     u64::try_from(payload_len)
         .unwrap_or(u64::MAX)
         .saturating_add(64)
-}
-
-/// Moves the items of `source` to the remote reader: each within the reader's grant, in
-/// order, then the end. Stops when the reader is gone. What it returns is what it ended
-/// the stream with.
-pub(crate) async fn forward<T: serde::Serialize>(
-    mut source: Receiver<T>,
-    outlet: std::sync::Arc<Outlet>,
-    wire: std::sync::Arc<dyn StreamWire>,
-) -> Result<(), StreamError> {
-    let outcome = loop {
-        let item = match source.recv().await {
-            None => break Ok(()),
-            Some(Err(e)) => break Err(e),
-            Some(Ok(item)) => item,
-        };
-        let payload = match crate::wire::stream::encode_item(&item) {
-            Ok(payload) => payload,
-            Err(e) => break Err(StreamError::BadItem(e.0)),
-        };
-        if let Err(e) = outlet.take(cost(payload.len())).await {
-            break Err(e);
-        }
-        if let Err(e) = wire.send(payload).await {
-            break Err(e);
-        }
-    };
-    // A cancelled stream is not ended by its writer: the reader is gone.
-    if outcome != Err(StreamError::Cancelled) {
-        wire.end(outcome.clone());
-    }
-    outcome
 }
 
 /// What a stream handler resolves to (see [`StreamReply`](crate::service::StreamReply)).
@@ -694,62 +668,38 @@ mod tests {
         bytes::Bytes::from(w)
     }
 
-    #[derive(Default)]
-    struct Wire {
-        sent: std::sync::Mutex<Vec<Vec<u8>>>,
-        ended: std::sync::Mutex<Option<Result<(), StreamError>>>,
-    }
-
-    impl StreamWire for Wire {
-        fn send(
-            &self,
-            payload: crate::wire::Payload,
-        ) -> crate::service::BoxFuture<Result<(), StreamError>> {
-            self.sent.lock().unwrap().push(payload.to_vec());
-            Box::pin(std::future::ready(Ok(())))
-        }
-        fn end(&self, outcome: Result<(), StreamError>) {
-            *self.ended.lock().unwrap() = Some(outcome);
-        }
-    }
-
     #[tokio::test(start_paused = true)]
-    async fn a_forwarder_sends_within_the_grant_waits_for_more_and_ends() {
-        // Each item `[3, n]` is 3 bytes, 67 with overhead: a window of 140 takes two.
-        let outlet = Arc::new(Outlet::new(140));
-        let wire = Arc::new(Wire::default());
-        let source = Receiver::from_stream(futures::stream::iter(0u8..5));
-        let run = tokio::spawn(forward(source, outlet.clone(), wire.clone()));
+    async fn an_outlet_gives_credit_within_the_grant_and_refuses_items_over_the_window() {
+        let outlet = Arc::new(Outlet::new(140, 140));
+        outlet.take(67).await.unwrap();
+        outlet.take(67).await.unwrap();
+        let waiting = tokio::spawn({
+            let outlet = outlet.clone();
+            async move { outlet.take(67).await }
+        });
         tokio::task::yield_now().await;
-        assert_eq!(wire.sent.lock().unwrap().len(), 2, "stopped at the grant");
+        assert!(!waiting.is_finished(), "waits for a grant");
         outlet.grant(67);
-        tokio::task::yield_now().await;
-        assert_eq!(wire.sent.lock().unwrap().len(), 3);
-        outlet.grant(1000);
-        assert_eq!(run.await.unwrap(), Ok(()));
-        let sent = wire.sent.lock().unwrap().clone();
-        assert_eq!(sent, (0u8..5).map(|i| vec![0x92, 3, i]).collect::<Vec<_>>());
-        assert_eq!(*wire.ended.lock().unwrap(), Some(Ok(())));
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        let over = outlet.take(141).await;
+        assert!(matches!(over, Err(StreamError::Protocol(ref m)) if m.contains("window")));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_forwarder_stops_when_the_reader_cancels_and_refuses_items_over_the_window() {
-        let outlet = Arc::new(Outlet::new(70));
-        let wire = Arc::new(Wire::default());
-        let source = Receiver::from_stream(futures::stream::iter(0u8..5));
-        let run = tokio::spawn(forward(source, outlet.clone(), wire.clone()));
+    async fn cancelling_an_outlet_wakes_its_writer() {
+        let outlet = Arc::new(Outlet::new(100, 0));
+        let taking = tokio::spawn({
+            let outlet = outlet.clone();
+            async move { outlet.take(10).await }
+        });
+        let watching = tokio::spawn({
+            let outlet = outlet.clone();
+            async move { outlet.cancelled().await }
+        });
         tokio::task::yield_now().await;
-        assert_eq!(wire.sent.lock().unwrap().len(), 1);
         outlet.cancel();
-        assert_eq!(run.await.unwrap(), Err(StreamError::Cancelled));
-        assert_eq!(*wire.ended.lock().unwrap(), None, "nobody to tell");
-
-        let outlet = Arc::new(Outlet::new(70));
-        let wire = Arc::new(Wire::default());
-        let source = Receiver::from_stream(futures::stream::iter([vec![0u8; 100]]));
-        let outcome = forward(source, outlet, wire.clone()).await;
-        assert!(matches!(outcome, Err(StreamError::Protocol(ref m)) if m.contains("window")));
-        assert!(matches!(*wire.ended.lock().unwrap(), Some(Err(_))));
+        assert_eq!(taking.await.unwrap(), Err(StreamError::Cancelled));
+        watching.await.unwrap();
     }
 
     #[tokio::test]

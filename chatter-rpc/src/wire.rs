@@ -57,6 +57,8 @@ pub(crate) enum FailureKind {
     Protocol = 7,
     ShuttingDown = 8,
     MetadataTooLarge = 9,
+    /// A stream call beyond the callee's `max_streams` open streams on the connection.
+    TooManyStreams = 10,
 }
 
 impl FailureKind {
@@ -71,6 +73,7 @@ impl FailureKind {
             7 => FailureKind::Protocol,
             8 => FailureKind::ShuttingDown,
             9 => FailureKind::MetadataTooLarge,
+            10 => FailureKind::TooManyStreams,
             _ => return None,
         })
     }
@@ -131,6 +134,25 @@ pub(crate) enum Incoming<'a> {
         stream: u64,
         seq: u64,
         status: u8,
+    },
+    /// A call of a method with a stream (kinds 12, 13): as `Call`, with the caller's window
+    /// for the result stream.
+    StreamCall {
+        object: Name<'a>,
+        method: Name<'a>,
+        deadline: Duration,
+        window: u64,
+        context: Option<&'a [u8]>,
+        args: &'a [u8],
+    },
+    /// Opens the argument stream of call `call` (kind 14).
+    OpenArgument {
+        call: u64,
+    },
+    /// More credit for the result stream of call `call` (kind 15).
+    GrantResult {
+        call: u64,
+        bytes: u64,
     },
 }
 
@@ -588,6 +610,39 @@ fn decode_any_incoming(payload: &[u8], max_context: usize) -> Result<Incoming<'_
         (RELIABLE, 7) => reliable::decode_reliable(r, None),
         (RELIABLE_CTX, 8) => reliable::decode_reliable(r, Some(max_context)),
         (ACK, 4) => reliable::decode_ack(r),
+        (stream::STREAM_CALL, 6) | (stream::STREAM_CALL_CTX, 7) => {
+            let object = read_name(&mut r, "object name")?;
+            let method = read_name(&mut r, "method name")?;
+            let ms: u64 = r.read_int().map_err(|e| bad("duration", e))?;
+            let window: u64 = r.read_int().map_err(|e| bad("window", e))?;
+            let context = match len {
+                7 => Some(read_context(&mut r, max_context)?),
+                _ => None,
+            };
+            let args = r.remaining();
+            if args.is_empty() {
+                return Err(WireError("missing arguments".into()));
+            }
+            Ok(Incoming::StreamCall {
+                object,
+                method,
+                deadline: Duration::from_millis(ms),
+                window,
+                context,
+                args,
+            })
+        }
+        (stream::OPEN_ARGUMENT, 2) => {
+            let call = r.read_int().map_err(|e| bad("call id", e))?;
+            r.finish().map_err(|e| bad("envelope", e))?;
+            Ok(Incoming::OpenArgument { call })
+        }
+        (stream::GRANT_RESULT, 3) => {
+            let call = r.read_int().map_err(|e| bad("call id", e))?;
+            let bytes = r.read_int().map_err(|e| bad("grant", e))?;
+            r.finish().map_err(|e| bad("envelope", e))?;
+            Ok(Incoming::GrantResult { call, bytes })
+        }
         (kind, len) => Err(WireError(format!(
             "unknown envelope kind {kind} with {len} elements"
         ))),

@@ -176,6 +176,9 @@ impl Inner {
     }
 
     pub(super) fn on_reply(&self, msg: Msg) {
+        let Some(msg) = self.on_stream_reply(msg) else {
+            return;
+        };
         let outcome = if msg.last {
             Outcome::Reply(msg.payload)
         } else {
@@ -326,35 +329,9 @@ impl PeerState {
         let _active = ActiveCall(sv);
         let until = Instant::now() + deadline;
         let work = async {
-            let mut current = sv.current.subscribe();
             let mut dead = 0;
             loop {
-                let wait = async {
-                    loop {
-                        {
-                            let c = current.borrow_and_update();
-                            if let Some(inner) = &c.inner {
-                                if c.generation != dead && !inner.conn.is_closed() {
-                                    return Ok((inner.clone(), c.generation));
-                                }
-                            }
-                            if c.state == ConnectionState::Closed {
-                                return Err(c.last_error.clone());
-                            }
-                        }
-                        if current.changed().await.is_err() {
-                            return Err("the peer is closed".to_string());
-                        }
-                    }
-                };
-                let (inner, generation) = match tokio::time::timeout_at(until, wait).await {
-                    Ok(Ok(found)) => found,
-                    Ok(Err(last_error)) => return Err(CallError::NotConnected { last_error }),
-                    Err(_) => {
-                        let last_error = sv.current.borrow().last_error.clone();
-                        return Err(CallError::NotConnected { last_error });
-                    }
-                };
+                let (inner, generation) = sv.connected(until, dead).await?;
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Err(CallError::DeadlineExceeded);
@@ -374,6 +351,55 @@ impl PeerState {
         match tokio::time::timeout_at(until, work).await {
             Ok(result) => result,
             Err(_) => Err(CallError::DeadlineExceeded),
+        }
+    }
+}
+
+impl PeerState {
+    /// The connection of a reconnecting peer, waiting for one until `until` (for stream
+    /// calls, which are never re-sent: a stream lives on one connection).
+    pub(crate) async fn connection_until(&self, until: Instant) -> Result<Arc<Inner>, CallError> {
+        let Link::Reconnecting(sv) = &self.link else {
+            return Err(CallError::Protocol("not a reconnecting peer".into()));
+        };
+        sv.connected(until, 0).await.map(|(inner, _)| inner)
+    }
+}
+
+impl Supervisor {
+    /// The current connection, waiting for one (not generation `dead`, which failed the
+    /// caller) until `until`.
+    pub(crate) async fn connected(
+        &self,
+        until: Instant,
+        dead: u64,
+    ) -> Result<(Arc<Inner>, u64), CallError> {
+        let mut current = self.current.subscribe();
+        let wait = async {
+            loop {
+                {
+                    let c = current.borrow_and_update();
+                    if let Some(inner) = &c.inner {
+                        if c.generation != dead && !inner.conn.is_closed() {
+                            return Ok((inner.clone(), c.generation));
+                        }
+                    }
+                    if c.state == ConnectionState::Closed {
+                        return Err(c.last_error.clone());
+                    }
+                }
+                if current.changed().await.is_err() {
+                    return Err("the peer is closed".to_string());
+                }
+            }
+        };
+        match tokio::time::timeout_at(until, wait).await {
+            Ok(Ok(found)) => Ok(found),
+            Ok(Err(last_error)) => Err(CallError::NotConnected { last_error }),
+            Err(_) => {
+                let last_error = self.current.borrow().last_error.clone();
+                Err(CallError::NotConnected { last_error })
+            }
         }
     }
 }

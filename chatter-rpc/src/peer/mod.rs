@@ -42,6 +42,7 @@ mod reliable;
 mod serve;
 mod shutdown;
 mod signals;
+mod streams;
 
 use backlog::{Kind, Slots};
 pub(crate) use calls::Outcome;
@@ -646,6 +647,9 @@ pub(crate) struct Inner {
     peer_window: AtomicU64,
     /// Asks the receive task to close the connection.
     shutdown: Notify,
+    /// This connection's streams, made on the first stream call either way (boxed: most
+    /// connections have none).
+    streams: OnceLock<Box<streams::Streams>>,
 }
 
 #[derive(Default)]
@@ -699,6 +703,7 @@ impl Inner {
             sender: OnceLock::new(),
             peer_window: AtomicU64::new(0),
             shutdown: Notify::new(),
+            streams: OnceLock::new(),
         });
         if shutting_down {
             // Made during a graceful shutdown: refuse its calls clearly.
@@ -762,6 +767,7 @@ impl Inner {
         for waker in wakers {
             waker.wake();
         }
+        self.close_streams(&cause);
         {
             let mut inflight = lock(&self.inflight);
             inflight.closing = true;

@@ -27,6 +27,8 @@ pub struct PeerOptions {
     pub(crate) acknowledged_signals: bool,
     pub(crate) max_metadata_bytes: usize,
     pub(crate) start_traces: bool,
+    pub(crate) stream_window: u64,
+    pub(crate) max_streams: usize,
 }
 
 impl Default for PeerOptions {
@@ -41,6 +43,8 @@ impl Default for PeerOptions {
             acknowledged_signals: false,
             max_metadata_bytes: 8192,
             start_traces: false,
+            stream_window: 256 * 1024,
+            max_streams: 64,
         }
     }
 }
@@ -153,6 +157,50 @@ impl PeerOptions {
     /// ```
     pub fn start_traces(mut self, start: bool) -> Self {
         self.start_traces = start;
+        self
+    }
+
+    /// The window of each stream this side reads (default 256 KiB): the most bytes of a
+    /// stream's items (each counted as its encoded size plus 64) that arrived and wait to
+    /// be read. The writer waits for the reader to read before it sends more, so a slow
+    /// reader stalls only its own stream. An item must fit in the window, and in a frame
+    /// (`max_frame_size`): send large payloads as a stream of chunks.
+    ///
+    /// Per connection, what streams hold is bounded by
+    /// `max_streams × stream_window` on each side (reading ends), see
+    /// [`max_streams`](Self::max_streams).
+    ///
+    /// ```
+    /// use chatter_rpc::PeerOptions;
+    /// let options = PeerOptions::default().stream_window(1024 * 1024);
+    /// # let _ = options;
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `bytes` is under 1 KiB (no useful item would fit).
+    pub fn stream_window(mut self, bytes: u64) -> Self {
+        assert!(bytes >= 1024, "a stream window must be at least 1 KiB");
+        self.stream_window = bytes;
+        self
+    }
+
+    /// The most stream calls this side serves at once on one connection (default 64): a
+    /// stream call beyond it is refused with
+    /// [`CallError::TooManyStreams`](crate::CallError::TooManyStreams). Each runs in a task
+    /// of its own, counted here and not against
+    /// [`max_concurrent_handlers`](Self::max_concurrent_handlers), so long streams never
+    /// take handler slots from calls. Each holds at most one argument stream's window
+    /// (`stream_window`) of received items: `max_streams × stream_window` per connection
+    /// (16 MiB by default).
+    ///
+    /// ```
+    /// use chatter_rpc::PeerOptions;
+    /// let options = PeerOptions::default().max_streams(8);
+    /// # let _ = options;
+    /// ```
+    pub fn max_streams(mut self, limit: usize) -> Self {
+        self.max_streams = limit;
         self
     }
 }

@@ -102,6 +102,12 @@ impl Inner {
         handlers: &mut Handlers,
     ) {
         let conv = msg.conversation;
+        if !msg.first {
+            // A later message in a conversation the other side opened: an argument
+            // stream's (calls and signals are one message each way).
+            batch.release += self.on_argument(&msg, None);
+            return;
+        }
         let open = msg.token && !msg.last;
         let credit = msg.credit();
         match wire::decode_incoming(&msg.payload, self.peer.options.max_metadata_bytes) {
@@ -327,6 +333,55 @@ impl Inner {
                 }
                 // Dropping the sender wakes the handler task, which drops the handler.
                 lock(&self.inflight).calls.remove(&call);
+            }
+            Ok(Incoming::StreamCall {
+                object,
+                method,
+                deadline,
+                window,
+                context,
+                args,
+            }) if open => {
+                self.peer.stats.calls_received.bump();
+                let refusal = if self.is_closing() {
+                    Some(if self.peer.is_shutting_down() {
+                        wire::encode_failure(FailureKind::ShuttingDown, "shutting down")
+                    } else {
+                        wire::encode_failure(FailureKind::Cancelled, "closing")
+                    })
+                } else if deadline.is_zero() {
+                    Some(wire::encode_failure(
+                        FailureKind::DeadlineExceeded,
+                        "deadline 0",
+                    ))
+                } else {
+                    let call = super::streams::StreamCallIn {
+                        conv,
+                        envelope: &msg.payload,
+                        object,
+                        method,
+                        deadline,
+                        window,
+                        context,
+                        args,
+                    };
+                    self.start_stream_call(call).err()
+                };
+                if let Some(refusal) = refusal {
+                    self.refused(&msg.payload, (object, method), context, conv, &refusal);
+                    batch.release += self.answer(conv, refusal, credit);
+                    return;
+                }
+                // The handler runs in its own task (counted against `max_streams`), which
+                // holds what it decoded: the request's credit goes back now.
+                batch.release += u64::from(credit);
+            }
+            Ok(Incoming::OpenArgument { call }) if !msg.token => {
+                batch.release += self.on_argument(&msg, Some(call));
+            }
+            Ok(Incoming::GrantResult { call, bytes }) if msg.last => {
+                batch.release += u64::from(credit);
+                self.on_result_grant(call, bytes);
             }
             Ok(other) => {
                 let mut what = format!("misplaced envelope {other:?}");
@@ -893,6 +948,7 @@ fn reply_outcome(reply: &[u8]) -> &'static str {
             7 => "protocol",
             8 => "shutting_down",
             9 => "metadata_too_large",
+            10 => "too_many_streams",
             _ => "failure",
         },
         _ => "other",

@@ -19,20 +19,20 @@
 //! | `[14, call]` | opens the argument stream of call `call` (flags `01`: the caller keeps the turn) |
 //! | `[15, call, bytes]` | one-shot: more credit for the result stream of call `call` |
 
-#![allow(dead_code)] // Routed by the peer in a later step.
-
 use std::time::Duration;
 
 use chatter_msgpack::{self as msgpack, Reader};
 use serde::Serialize;
 
-use super::{bad, encode, header, millis, read_name, Name, Payload, WireError};
+use super::{bad, encode, header, millis, Payload, WireError};
 
 pub(crate) const ITEM: u8 = 3;
 pub(crate) const END: u8 = 4;
 pub(crate) const GRANT: u8 = 5;
 pub(crate) const STOP: u8 = 6;
 pub(crate) const STREAM_CALL: u8 = 12;
+/// A stream call with a context map after the window.
+pub(crate) const STREAM_CALL_CTX: u8 = 13;
 pub(crate) const OPEN_ARGUMENT: u8 = 14;
 pub(crate) const GRANT_RESULT: u8 = 15;
 
@@ -104,57 +104,29 @@ pub(crate) fn decode_stream_msg(payload: &[u8]) -> Result<StreamMsg<'_>, WireErr
 }
 
 /// A call whose result is a stream: `[12, object, method, deadline_ms, window, args]`.
+/// With a context map (`context`, as the per-call context of kinds 9-11), the kind is 13
+/// and the map follows the window.
 pub(crate) fn encode_stream_call(
     object: &[u8],
     method: &[u8],
     deadline: Duration,
     window: u64,
+    context: Option<&[u8]>,
     args: impl FnOnce(&mut Vec<u8>) -> Result<(), WireError>,
 ) -> Result<Payload, WireError> {
     encode(|w| {
-        header(w, 6, STREAM_CALL);
+        match context {
+            None => header(w, 6, STREAM_CALL),
+            Some(_) => header(w, 7, STREAM_CALL_CTX),
+        }
         w.extend_from_slice(object);
         w.extend_from_slice(method);
         msgpack::write_uint(w, millis(deadline));
         msgpack::write_uint(w, window);
+        if let Some(context) = context {
+            w.extend_from_slice(context);
+        }
         args(w)
-    })
-}
-
-/// The parts of a stream call.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct StreamCall<'a> {
-    pub(crate) object: Name<'a>,
-    pub(crate) method: Name<'a>,
-    pub(crate) deadline: Duration,
-    pub(crate) window: u64,
-    pub(crate) args: &'a [u8],
-}
-
-/// Decodes `[12, object, method, deadline_ms, window, args]`.
-pub(crate) fn decode_stream_call(payload: &[u8]) -> Result<StreamCall<'_>, WireError> {
-    let mut r = Reader::new(payload);
-    let len = r.read_array_len().map_err(|e| bad("envelope", e))?;
-    let kind: u8 = r.read_int().map_err(|e| bad("envelope kind", e))?;
-    if (kind, len) != (STREAM_CALL, 6) {
-        return Err(WireError(format!(
-            "not a stream call: kind {kind} with {len} elements"
-        )));
-    }
-    let object = read_name(&mut r, "object name")?;
-    let method = read_name(&mut r, "method name")?;
-    let ms: u64 = r.read_int().map_err(|e| bad("duration", e))?;
-    let window: u64 = r.read_int().map_err(|e| bad("window", e))?;
-    let args = r.remaining();
-    if args.is_empty() {
-        return Err(WireError("missing arguments".into()));
-    }
-    Ok(StreamCall {
-        object,
-        method,
-        deadline: Duration::from_millis(ms),
-        window,
-        args,
     })
 }
 
@@ -183,31 +155,9 @@ pub(crate) fn encode_caller_msg(msg: &CallerStreamMsg) -> Payload {
     .unwrap_or_else(|_| unreachable!("writing integers cannot fail"))
 }
 
-pub(crate) fn decode_caller_msg(payload: &[u8]) -> Result<CallerStreamMsg, WireError> {
-    let mut r = Reader::new(payload);
-    let len = r.read_array_len().map_err(|e| bad("envelope", e))?;
-    let kind: u8 = r.read_int().map_err(|e| bad("envelope kind", e))?;
-    let msg = match (kind, len) {
-        (OPEN_ARGUMENT, 2) => CallerStreamMsg::OpenArgument {
-            call: r.read_int().map_err(|e| bad("call id", e))?,
-        },
-        (GRANT_RESULT, 3) => CallerStreamMsg::GrantResult {
-            call: r.read_int().map_err(|e| bad("call id", e))?,
-            bytes: r.read_int().map_err(|e| bad("grant", e))?,
-        },
-        (kind, len) => {
-            return Err(WireError(format!(
-                "unknown envelope kind {kind} with {len} elements"
-            )))
-        }
-    };
-    r.finish().map_err(|e| bad("envelope", e))?;
-    Ok(msg)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::super::WireName;
+    use super::super::{decode_incoming, Incoming, WireName};
     use super::*;
 
     #[test]
@@ -256,32 +206,50 @@ mod tests {
             method.encoded(),
             Duration::from_secs(2),
             262_144,
+            None,
             |w| super::super::value(w, &("/tmp",)),
         )
         .unwrap();
-        let parsed = decode_stream_call(&call).unwrap();
-        assert_eq!(parsed.object.as_bytes(), b"files");
-        assert_eq!(parsed.method.as_bytes(), b"watch");
-        assert_eq!(parsed.deadline, Duration::from_secs(2));
-        assert_eq!(parsed.window, 262_144);
-        assert_eq!(parsed.args, b"\x91\xa4/tmp");
-        assert!(decode_stream_call(b"\x95\x0c\xa1o\xa1m\x05\x00").is_err());
-        assert!(decode_stream_call(b"\x96\x0c\xa1o\xa1m\x05\x00").is_err());
+        let Ok(Incoming::StreamCall {
+            object,
+            method,
+            deadline,
+            window,
+            context: None,
+            args,
+        }) = decode_incoming(&call, 8192)
+        else {
+            panic!("not a stream call: {call:x?}")
+        };
+        assert_eq!(object.as_bytes(), b"files");
+        assert_eq!(method.as_bytes(), b"watch");
+        assert_eq!(deadline, Duration::from_secs(2));
+        assert_eq!(window, 262_144);
+        assert_eq!(args, b"\x91\xa4/tmp");
+        assert!(decode_incoming(b"\x95\x0c\xa1o\xa1m\x05\x00", 8192).is_err());
+        assert!(decode_incoming(b"\x96\x0c\xa1o\xa1m\x05\x00", 8192).is_err());
     }
 
     #[test]
     fn caller_messages_round_trip_and_reject_extras() {
-        for msg in [
-            CallerStreamMsg::OpenArgument { call: 7 },
-            CallerStreamMsg::GrantResult {
+        let open = encode_caller_msg(&CallerStreamMsg::OpenArgument { call: 7 });
+        assert_eq!(
+            decode_incoming(&open, 8192).unwrap(),
+            Incoming::OpenArgument { call: 7 }
+        );
+        let grant = encode_caller_msg(&CallerStreamMsg::GrantResult {
+            call: 300,
+            bytes: 65_536,
+        });
+        assert_eq!(
+            decode_incoming(&grant, 8192).unwrap(),
+            Incoming::GrantResult {
                 call: 300,
-                bytes: 65_536,
-            },
-        ] {
-            assert_eq!(decode_caller_msg(&encode_caller_msg(&msg)).unwrap(), msg);
-        }
-        assert!(decode_caller_msg(b"\x93\x0e\x07\x00").is_err());
-        assert!(decode_caller_msg(b"\x92\x0e\x07\x00").is_err());
-        assert!(decode_caller_msg(b"\x92\x0f\x07").is_err());
+                bytes: 65_536
+            }
+        );
+        assert!(decode_incoming(b"\x93\x0e\x07\x00", 8192).is_err());
+        assert!(decode_incoming(b"\x92\x0e\x07\x00", 8192).is_err());
+        assert!(decode_incoming(b"\x92\x0f\x07", 8192).is_err());
     }
 }

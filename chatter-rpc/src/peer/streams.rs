@@ -1,0 +1,993 @@
+//! Streams on one connection (issue 16; `docs/design/streams.md`): the result and argument
+//! streams of the stream calls this side makes (the caller's half) and serves (the
+//! callee's half).
+//!
+//! A stream belongs to one call and is named by the call's id (the first id of the call's
+//! conversation `C`). The result stream's items ride in `C` after the callee's opening
+//! reply `[0, nil]` (sent without `last`); the argument stream is a conversation `U` of
+//! its own that the caller opens with `[14, call]` once the callee granted credit in `C`.
+//! Each stream has its own credit, in bytes (an item costs its envelope's length plus
+//! 64): the reader grants what it read, the writer never has more outstanding. The
+//! connection's credit of a stream message goes back as soon as the message is in its
+//! stream's inbox, which the stream's window bounds.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatter_core::proto::IdBuildHasher;
+use chatter_core::{CloseCause, Conversation, Msg, SendError, SendOptions};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::client::Opened;
+use crate::context::CallContext;
+use crate::error::CallError;
+use crate::service::{panic_message, Handlers};
+use crate::stream::{
+    cost, Inbox, InputSetup, ItemSource, Outlet, RemoteEnd, Reply, StreamError, StreamParts,
+};
+use crate::wire::stream::{self as envelope, CallerStreamMsg, StreamMsg};
+use crate::wire::{self, FailureKind, Name, Payload, Reply as ReplyEnvelope};
+
+use super::calls::{call_options, send_failure, CallGuard};
+use super::{after, bump, lock, Inner, Outcome};
+
+/// The streams of one connection, made on its first stream call (either way).
+#[derive(Default)]
+pub(crate) struct Streams {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The stream calls this side made and whose streams are still open, by call id.
+    calls: HashMap<u64, CallerStream, IdBuildHasher>,
+    /// Stream calls being sent: their ids are not known until the connection took them.
+    starting: usize,
+    /// Messages that arrived for a stream call still being registered (its reply raced the
+    /// registration: microseconds). Bounded: see [`MAX_UNCLAIMED`].
+    unclaimed: Vec<Msg>,
+    unclaimed_bytes: usize,
+    /// The result streams this side writes, by call id (the caller's grants go here).
+    outlets: HashMap<u64, Arc<Outlet>, IdBuildHasher>,
+    /// Argument streams of calls this side serves whose conversation is not open yet, by
+    /// call id.
+    inputs: HashMap<u64, Arc<Inbox>, IdBuildHasher>,
+    /// Open argument streams, by the first id of their conversation, with their call's id.
+    arguments: HashMap<u64, (u64, Arc<Inbox>), IdBuildHasher>,
+    /// Stream calls this side serves now (at most `max_streams`).
+    serving: usize,
+    /// The connection closed: nothing new starts.
+    closed: Option<CloseCause>,
+}
+
+/// At most this many bytes of stream messages wait for their call's registration; beyond,
+/// they are dropped (a well-behaved callee sends at most one window before it is read, and
+/// the registration takes microseconds).
+const MAX_UNCLAIMED: usize = 1 << 20;
+
+/// A stream call this side made.
+struct CallerStream {
+    /// The result stream's items, for a method that returns a stream.
+    result: Option<Arc<Inbox>>,
+    /// The callee's opening reply arrived: items follow.
+    opened: bool,
+    /// The caller gave up: messages are dropped until the callee ends the call.
+    cancelled: bool,
+    /// The argument stream, for a method that takes one.
+    input: Option<CallerInput>,
+}
+
+/// The caller's argument stream: its credit, and its items until the first grant starts
+/// the forwarder.
+struct CallerInput {
+    outlet: Arc<Outlet>,
+    source: Option<ItemSource>,
+}
+
+/// What routing a message decided, done once the state's lock is released.
+#[derive(Default)]
+struct Then {
+    settle: Option<(u64, Outcome)>,
+    cancel: Option<u64>,
+    start_input: Option<(u64, Arc<Outlet>, ItemSource)>,
+    /// The callee's argument stream was refused (protocol error): tell the caller to stop.
+    stop: Option<Conversation>,
+}
+
+impl Inner {
+    /// This connection's streams, made on first use.
+    fn streams(&self) -> &Streams {
+        self.streams.get_or_init(Box::default)
+    }
+
+    /// A message in a conversation this side opened: a stream's, if it belongs to a stream
+    /// call this side made (or may: one being registered); else handed back.
+    pub(super) fn on_stream_reply(&self, msg: Msg) -> Option<Msg> {
+        let Some(streams) = self.streams.get() else {
+            return Some(msg);
+        };
+        let then = {
+            let mut st = lock(&streams.state);
+            let id = msg.conversation.first_id();
+            if !st.calls.contains_key(&id) {
+                // Only non-final messages can belong to a stream call that is being
+                // registered: a final reply goes through the call's slot like any other,
+                // which keeps it for a caller that has not polled yet.
+                if st.starting == 0 || msg.last {
+                    return Some(msg);
+                }
+                if st.unclaimed_bytes + msg.payload.len() > MAX_UNCLAIMED {
+                    tracing::warn!(
+                        conversation = id,
+                        "stream message dropped: too many for calls being registered"
+                    );
+                    return None;
+                }
+                st.unclaimed_bytes += msg.payload.len();
+                st.unclaimed.push(msg);
+                return None;
+            }
+            route_reply(&mut st, msg)
+        };
+        self.then(then);
+        None
+    }
+
+    /// Carries out what routing decided.
+    fn then(&self, then: Then) {
+        if let Some((id, outcome)) = then.settle {
+            self.settle(id, outcome);
+        }
+        if let Some(id) = then.cancel {
+            self.send_soon(wire::encode_cancel(id), SendOptions::new());
+        }
+        if let Some(conv) = then.stop {
+            let stop = envelope::encode_bare(envelope::STOP);
+            self.send_soon(stop, in_conversation(conv));
+        }
+        if let Some((id, outlet, source)) = then.start_input {
+            if let Some(me) = self.me.upgrade() {
+                // One per argument stream of a call this side made: bounded by the calls
+                // the application makes; ends with the stream (or when the callee stops
+                // it, or the connection closes).
+                tokio::spawn(forward_input(me, id, outlet, source));
+            }
+        }
+    }
+
+    /// Makes a stream call: sends `payload` (`[12, …]`), registers its streams, and waits
+    /// until the callee opened the result stream or ended the call.
+    pub(crate) async fn stream_call(
+        self: Arc<Self>,
+        payload: Payload,
+        deadline: Duration,
+        result: bool,
+        input: Option<ItemSource>,
+    ) -> Result<Opened, CallError> {
+        if self.peer.is_shutting_down() {
+            return Err(CallError::ShuttingDown);
+        }
+        let streams = self.streams();
+        let mut starting = Starting {
+            streams,
+            armed: true,
+        };
+        {
+            let mut st = lock(&streams.state);
+            if let Some(cause) = &st.closed {
+                return Err(CallError::ConnectionLost(cause.clone()));
+            }
+            st.starting += 1;
+        }
+        let id = match self.try_start_call(&payload, deadline) {
+            Ok(id) => id,
+            Err(SendError::WouldBlock) => {
+                let until = Instant::now() + deadline;
+                let send = self.conn.send_made(|| {
+                    let left = until.saturating_duration_since(Instant::now());
+                    let request = wire::rewrite_deadline(&payload, left)
+                        .unwrap_or_else(|_| Bytes::copy_from_slice(&payload));
+                    (request, call_options(&self, left))
+                });
+                match tokio::time::timeout_at(until, send).await {
+                    Ok(Ok(conv)) => conv.first_id(),
+                    Ok(Err(e)) => return Err(outcome_error(send_failure(e))),
+                    Err(_) => return Err(CallError::DeadlineExceeded),
+                }
+            }
+            Err(e) => return Err(outcome_error(send_failure(e))),
+        };
+        let inbox = result.then(|| Arc::new(Inbox::new(self.peer.options.stream_window)));
+        let call = CallerStream {
+            result: inbox.clone(),
+            opened: false,
+            cancelled: false,
+            input: input.map(|source| CallerInput {
+                // Nothing may be sent before the callee's first grant.
+                outlet: Arc::new(Outlet::new(self.peer.options.stream_window, 0)),
+                source: Some(source),
+            }),
+        };
+        starting.armed = false;
+        let then = {
+            let mut st = lock(&streams.state);
+            st.starting -= 1;
+            st.calls.insert(id, call);
+            // Messages that raced the registration, in their order, before any later one
+            // (the receive task routes those under this same lock).
+            let unclaimed = std::mem::take(&mut st.unclaimed);
+            st.unclaimed_bytes = 0;
+            let mut thens = Vec::new();
+            for msg in unclaimed {
+                if msg.conversation.first_id() == id {
+                    thens.push(route_reply(&mut st, msg));
+                } else if st.starting > 0 {
+                    st.unclaimed_bytes += msg.payload.len();
+                    st.unclaimed.push(msg);
+                }
+                // Else: for no stream call (one being registered would still count).
+            }
+            thens
+        };
+        for then in then {
+            self.then(then);
+        }
+        let mut guard = CallGuard {
+            inner: &self,
+            id,
+            armed: true,
+        };
+        let mut stream_guard = StreamGuard {
+            inner: &self,
+            id,
+            armed: true,
+            tell: false,
+        };
+        let outcome = std::future::poll_fn(|cx| self.poll_outcome(id, cx)).await;
+        guard.armed = false;
+        stream_guard.tell = true;
+        let reply = match outcome {
+            Outcome::Reply(reply) => reply,
+            other => return Err(outcome_error(other)),
+        };
+        let opened = lock(&streams.state)
+            .calls
+            .get(&id)
+            .is_some_and(|call| call.opened);
+        if !opened {
+            // The call ended with its reply (the stream entry is gone with it).
+            stream_guard.armed = false;
+            return Ok(Opened::Reply(reply));
+        }
+        stream_guard.armed = false;
+        let end: Arc<dyn RemoteEnd> = Arc::new(CallerEnd {
+            inner: self.me.clone(),
+            id,
+        });
+        match inbox {
+            Some(inbox) => Ok(Opened::Stream(inbox, end)),
+            None => {
+                end.cancel();
+                Err(CallError::Protocol(
+                    "the callee opened a result stream for a method that returns none".into(),
+                ))
+            }
+        }
+    }
+
+    /// The caller of stream call `id` gave up (dropped its result stream, or the call
+    /// before it opened): the callee is told to cancel, and the call's messages are
+    /// dropped until it ends.
+    fn cancel_caller(&self, id: u64, tell: bool) {
+        let Some(streams) = self.streams.get() else {
+            return;
+        };
+        let send = {
+            let mut st = lock(&streams.state);
+            let Some(call) = st.calls.get_mut(&id) else {
+                return;
+            };
+            let first = !call.cancelled;
+            call.cancelled = true;
+            if let Some(input) = &call.input {
+                input.outlet.cancel();
+            }
+            if let Some(result) = &call.result {
+                result.finish(Err(StreamError::Cancelled));
+            }
+            tell && first && st.closed.is_none()
+        };
+        if send {
+            self.send_soon(wire::encode_cancel(id), SendOptions::new());
+        }
+    }
+
+    /// The connection closed: every stream fails.
+    pub(super) fn close_streams(&self, cause: &CloseCause) {
+        let Some(streams) = self.streams.get() else {
+            return;
+        };
+        let mut st = lock(&streams.state);
+        st.closed = Some(cause.clone());
+        let lost = || Err(StreamError::ConnectionLost(cause.to_string()));
+        for (_, call) in st.calls.drain() {
+            if let Some(result) = call.result {
+                result.finish(lost());
+            }
+            if let Some(input) = call.input {
+                input.outlet.cancel();
+            }
+        }
+        for (_, outlet) in st.outlets.drain() {
+            outlet.cancel();
+        }
+        for (_, inbox) in st.inputs.drain() {
+            inbox.finish(lost());
+        }
+        for (_, (_, inbox)) in st.arguments.drain() {
+            inbox.finish(lost());
+        }
+        st.unclaimed.clear();
+    }
+}
+
+/// Routes a message of stream call `msg.conversation.first_id()` (registered).
+fn route_reply(st: &mut State, msg: Msg) -> Then {
+    let id = msg.conversation.first_id();
+    let mut then = Then::default();
+    let Some(call) = st.calls.get_mut(&id) else {
+        return then;
+    };
+    if call.cancelled {
+        if msg.last {
+            let call = st.calls.remove(&id);
+            // A call that never opened still has its slot (abandoned): the end frees it.
+            if call.is_some_and(|c| !c.opened) {
+                then.settle = Some((id, Outcome::Reply(msg.payload)));
+            }
+        }
+        return then;
+    }
+    if msg.last {
+        let Some(call) = st.calls.remove(&id) else {
+            return then;
+        };
+        if let Some(input) = &call.input {
+            // The call is over: its argument stream has no reader any more.
+            input.outlet.cancel();
+        }
+        if !call.opened {
+            // The call's reply: a value, an application error or a failure.
+            if let Some(result) = &call.result {
+                result.finish(Err(StreamError::Cancelled));
+            }
+            then.settle = Some((id, Outcome::Reply(msg.payload)));
+            return then;
+        }
+        let end = match envelope::decode_stream_msg(&msg.payload) {
+            Ok(StreamMsg::End) => Ok(()),
+            Ok(other) => Err(StreamError::Protocol(format!(
+                "a stream ended with {other:?} instead of its end"
+            ))),
+            Err(_) => Err(stream_failure(&msg.payload)),
+        };
+        if let Some(result) = &call.result {
+            result.finish(end);
+        }
+        return then;
+    }
+    // Not the end: the opening reply, an item, or the argument stream's credit or stop.
+    let decoded = match envelope::decode_stream_msg(&msg.payload) {
+        Ok(decoded) => decoded,
+        Err(_) if !call.opened => {
+            return match wire::decode_reply(&msg.payload) {
+                Ok(ReplyEnvelope::Ok(_)) if call.result.is_some() => {
+                    call.opened = true;
+                    then.settle = Some((id, Outcome::Reply(msg.payload)));
+                    then
+                }
+                _ => fail_call(
+                    st,
+                    id,
+                    "a stream call's reply without `last` that opens no stream",
+                ),
+            };
+        }
+        Err(e) => return fail_call(st, id, &format!("bad stream message: {}", e.0)),
+    };
+    match decoded {
+        StreamMsg::Item(item) if call.opened => {
+            let Some(result) = &call.result else {
+                return fail_call(st, id, "an item for a call without a result stream");
+            };
+            let item = msg.payload.slice_ref(item);
+            if let Err(over) = result.push(item, cost(msg.payload.len())) {
+                let what = format!(
+                    "the callee sent {} bytes beyond the {} granted",
+                    over.cost, over.window
+                );
+                return fail_call(st, id, &what);
+            }
+        }
+        StreamMsg::Grant(bytes) => match &mut call.input {
+            Some(input) => {
+                input.outlet.grant(bytes);
+                if let Some(source) = input.source.take() {
+                    then.start_input = Some((id, input.outlet.clone(), source));
+                }
+            }
+            None => return fail_call(st, id, "credit for a call without an argument stream"),
+        },
+        StreamMsg::Stop => {
+            if let Some(input) = &mut call.input {
+                input.source = None;
+                input.outlet.cancel();
+            }
+        }
+        other => return fail_call(st, id, &format!("unexpected stream message {other:?}")),
+    }
+    then
+}
+
+/// A stream call's callee broke the protocol: the caller's streams fail, the callee is
+/// told to cancel (its end of the call comes later and is dropped).
+fn fail_call(st: &mut State, id: u64, what: &str) -> Then {
+    tracing::warn!(
+        conversation = id,
+        error = what,
+        "stream protocol error from peer"
+    );
+    let mut then = Then::default();
+    if let Some(call) = st.calls.get_mut(&id) {
+        call.cancelled = true;
+        if let Some(result) = &call.result {
+            result.finish(Err(StreamError::Protocol(what.to_owned())));
+        }
+        if let Some(input) = &call.input {
+            input.outlet.cancel();
+        }
+        if !call.opened {
+            then.settle = Some((id, Outcome::Protocol(what.to_owned())));
+        }
+    }
+    then.cancel = Some(id);
+    then
+}
+
+/// The error a stream ended with, from the callee's failure reply.
+fn stream_failure(payload: &[u8]) -> StreamError {
+    match wire::decode_reply(payload) {
+        Ok(ReplyEnvelope::Failure { kind, message }) => match kind {
+            Ok(FailureKind::Cancelled) => StreamError::Cancelled,
+            Ok(FailureKind::RemotePanic) => StreamError::RemotePanic(message),
+            Ok(FailureKind::ShuttingDown) => {
+                StreamError::ConnectionLost(format!("the callee is shutting down: {message}"))
+            }
+            Ok(FailureKind::BadArguments) => StreamError::BadItem(message),
+            _ => StreamError::Protocol(message),
+        },
+        _ => StreamError::Protocol("a stream ended with a malformed envelope".into()),
+    }
+}
+
+/// A call outcome other than a reply, as the caller's error.
+fn outcome_error(outcome: Outcome) -> CallError {
+    match outcome {
+        Outcome::Reply(_) => CallError::Protocol("unexpected reply".into()),
+        Outcome::Deadline => CallError::DeadlineExceeded,
+        Outcome::Lost(cause) | Outcome::NotSent(cause) => CallError::ConnectionLost(cause),
+        Outcome::Protocol(what) => CallError::Protocol(what),
+    }
+}
+
+/// Undoes a stream call's `starting` count if it is dropped or fails before registering.
+struct Starting<'a> {
+    streams: &'a Streams,
+    armed: bool,
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = lock(&self.streams.state);
+            st.starting -= 1;
+            if st.starting == 0 {
+                st.unclaimed.clear();
+                st.unclaimed_bytes = 0;
+            }
+        }
+    }
+}
+
+/// Cancels a stream call whose caller gave up before its result stream was handed over.
+struct StreamGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+    armed: bool,
+    /// Whether the callee still has to be told (the call's own guard tells it while the
+    /// call waits for its outcome).
+    tell: bool,
+}
+
+impl Drop for StreamGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.cancel_caller(self.id, self.tell);
+        }
+    }
+}
+
+/// The caller's end of a result stream: grants go to the callee as one-shots
+/// `[15, call, bytes]`; dropping the reader cancels the call.
+struct CallerEnd {
+    inner: Weak<Inner>,
+    id: u64,
+}
+
+impl RemoteEnd for CallerEnd {
+    fn grant(&self, bytes: u64) {
+        if let Some(inner) = self.inner.upgrade() {
+            let grant = envelope::encode_caller_msg(&CallerStreamMsg::GrantResult {
+                call: self.id,
+                bytes,
+            });
+            inner.send_soon(grant, SendOptions::new());
+        }
+    }
+
+    fn cancel(&self) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.cancel_caller(self.id, true);
+        }
+    }
+}
+
+/// Sends a call's argument stream: opens its conversation with `[14, call]`, sends each
+/// item within the callee's grants, and ends it with `[4]` (also when the callee stopped
+/// reading or the call ended: the conversation must end).
+async fn forward_input(inner: Arc<Inner>, id: u64, outlet: Arc<Outlet>, mut source: ItemSource) {
+    let open = envelope::encode_caller_msg(&CallerStreamMsg::OpenArgument { call: id });
+    let keep = SendOptions::new().last(false).token(false);
+    let conv = match inner.conn.send_bytes(&open, keep).await {
+        Ok(conv) => conv,
+        Err(e) => {
+            tracing::debug!(error = %e, "argument stream not opened");
+            return;
+        }
+    };
+    let items = in_conversation(conv);
+    loop {
+        let item = tokio::select! {
+            biased;
+            () = outlet.cancelled() => break,
+            item = std::future::poll_fn(|cx| source.as_mut().poll_next(cx)) => item,
+        };
+        let Some(Ok(item)) = item else {
+            // The end, or the source failed (it has no way to tell the callee why: the
+            // stream ends; an application error belongs in the item type).
+            break;
+        };
+        if outlet.take(cost(item.len())).await.is_err() {
+            break;
+        }
+        if inner.conn.send_bytes(&item, items).await.is_err() {
+            return;
+        }
+    }
+    let end = envelope::encode_bare(envelope::END);
+    if let Err(e) = inner.conn.send_bytes(&end, items.last(true)).await {
+        tracing::debug!(error = %e, "argument stream not ended");
+    }
+}
+
+/// Options for a message that keeps the turn in an open conversation.
+fn in_conversation(conv: Conversation) -> SendOptions {
+    SendOptions::new()
+        .conversation(conv)
+        .last(false)
+        .token(false)
+}
+
+// The callee's half.
+
+/// The callee's end of an argument stream: grants `[5, bytes]` and stop `[6]` go to the
+/// caller in the call's conversation, while the call runs.
+struct CalleeEnd {
+    inner: Weak<Inner>,
+    conv: Conversation,
+}
+
+impl RemoteEnd for CalleeEnd {
+    fn grant(&self, bytes: u64) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.send_soon(envelope::encode_grant(bytes), in_conversation(self.conv));
+        }
+    }
+
+    fn cancel(&self) {
+        if let Some(inner) = self.inner.upgrade() {
+            let stop = envelope::encode_bare(envelope::STOP);
+            inner.send_soon(stop, in_conversation(self.conv));
+        }
+    }
+}
+
+/// A stream call this side serves, as the receive task decoded it.
+pub(super) struct StreamCallIn<'a> {
+    pub(super) conv: Conversation,
+    pub(super) envelope: &'a Bytes,
+    pub(super) object: Name<'a>,
+    pub(super) method: Name<'a>,
+    pub(super) deadline: Duration,
+    pub(super) window: u64,
+    pub(super) context: Option<&'a [u8]>,
+    pub(super) args: &'a [u8],
+}
+
+impl Inner {
+    /// Starts serving a stream call, or returns the failure that answers it. The handler
+    /// runs in a task of its own, counted against `max_streams` (not a handler slot).
+    pub(super) fn start_stream_call(
+        self: &Arc<Self>,
+        call: StreamCallIn<'_>,
+    ) -> Result<(), Payload> {
+        let id = call.conv.first_id();
+        let streams = self.streams();
+        {
+            let mut st = lock(&streams.state);
+            let limit = self.peer.options.max_streams;
+            if st.serving >= limit {
+                let what = format!("this side serves {limit} streams on the connection already (PeerOptions::max_streams)");
+                return Err(wire::encode_failure(FailureKind::TooManyStreams, &what));
+            }
+            st.serving += 1;
+        }
+        let mut serving = Serving {
+            inner: self,
+            armed: true,
+        };
+        let Some(service) = self.lookup_name(call.object) else {
+            return Err(wire::encode_failure(
+                FailureKind::NoSuchObject,
+                &call.object.to_string(),
+            ));
+        };
+        let window = self.peer.options.stream_window;
+        let mut handlers = Handlers::new();
+        handlers.set_stream(Box::new(StreamParts {
+            setup: Some(InputSetup {
+                window,
+                end: Arc::new(CalleeEnd {
+                    inner: self.me.clone(),
+                    conv: call.conv,
+                }),
+            }),
+            ..StreamParts::default()
+        }));
+        let dispatch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            service.__dispatch(call.method.as_bytes(), call.args, &mut handlers)
+        }));
+        let parts = handlers.take_stream();
+        let method = call.method;
+        let (handler, inbox) = match dispatch {
+            Ok(crate::service::Dispatch::Stream) => match parts {
+                Some(parts) => match parts.handler {
+                    Some(handler) => (handler, parts.inbox),
+                    None => return Err(protocol("the dispatch put no stream handler in place")),
+                },
+                None => return Err(protocol("the dispatch put no stream handler in place")),
+            },
+            Ok(crate::service::Dispatch::Call) => {
+                return Err(protocol(&format!(
+                    "`{method}` has no stream: call it with an ordinary call (envelope kind 0)"
+                )))
+            }
+            Ok(crate::service::Dispatch::Signal) => {
+                return Err(protocol(&format!(
+                    "`{method}` is a signal: send it, do not call it"
+                )))
+            }
+            Ok(crate::service::Dispatch::NoSuchMethod) => {
+                return Err(wire::encode_failure(
+                    FailureKind::NoSuchMethod,
+                    &method.to_string(),
+                ))
+            }
+            Ok(crate::service::Dispatch::BadArguments(what)) => {
+                return Err(wire::encode_failure(FailureKind::BadArguments, &what))
+            }
+            Err(panic) => {
+                bump(&self.peer.stats.handler_panics);
+                let message = panic_message(panic.as_ref());
+                return Err(wire::encode_failure(FailureKind::RemotePanic, &message));
+            }
+        };
+        let cancel = {
+            let mut inflight = lock(&self.inflight);
+            if inflight.closing {
+                return Err(wire::encode_failure(FailureKind::Cancelled, "closing"));
+            }
+            let (tx, rx) = oneshot::channel();
+            inflight.calls.insert(id, tx);
+            rx
+        };
+        let has_input = inbox.is_some();
+        if let Some(inbox) = inbox {
+            lock(&streams.state).inputs.insert(id, inbox);
+            // The caller opens the argument stream on this first grant.
+            self.send_soon(envelope::encode_grant(window), in_conversation(call.conv));
+        }
+        let context = self.context(
+            call.envelope,
+            (call.object, call.method),
+            false,
+            after(call.deadline),
+            call.context,
+        );
+        serving.armed = false;
+        self.active
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let run = serve_stream_call(
+            self.clone(),
+            call.conv,
+            CallContext::scope(context, handler),
+            // The deadline covers opening: the handler's return, or (with an argument
+            // stream, whose first grant opens the call) nothing.
+            (call.window, (!has_input).then(|| after(call.deadline))),
+            cancel,
+        );
+        // Counted against `max_streams` (above): at most that many per connection; ends
+        // with the stream, its cancel, or the connection.
+        tokio::spawn(run);
+        Ok(())
+    }
+
+    /// A message of an argument stream this side reads: its opening `[14, call]`, or (in
+    /// its conversation) an item or the end. Returns the credit to give back now.
+    pub(super) fn on_argument(&self, msg: &Msg, call: Option<u64>) -> u64 {
+        let credit = u64::from(msg.credit());
+        let Some(streams) = self.streams.get() else {
+            return credit;
+        };
+        let conv = msg.conversation.first_id();
+        let mut st = lock(&streams.state);
+        if let Some(call) = call {
+            if let Some(inbox) = st.inputs.remove(&call) {
+                if !msg.last {
+                    st.arguments.insert(conv, (call, inbox));
+                } else {
+                    inbox.finish(Ok(()));
+                }
+            }
+            return credit;
+        }
+        let Some((_, inbox)) = st.arguments.get(&conv) else {
+            // The call ended (its reader is gone): dropped.
+            return credit;
+        };
+        let outcome = match envelope::decode_stream_msg(&msg.payload) {
+            Ok(StreamMsg::Item(item)) if !msg.last => inbox
+                .push(msg.payload.slice_ref(item), cost(msg.payload.len()))
+                .map_err(|over| {
+                    format!(
+                        "the caller sent {} bytes beyond the {} granted",
+                        over.cost, over.window
+                    )
+                }),
+            Ok(StreamMsg::End) if msg.last => {
+                inbox.finish(Ok(()));
+                st.arguments.remove(&conv);
+                return credit;
+            }
+            Ok(other) => Err(format!("unexpected argument stream message {other:?}")),
+            Err(e) => Err(e.0),
+        };
+        if let Err(what) = outcome {
+            tracing::warn!(conversation = conv, error = %what, "argument stream protocol error from peer");
+            inbox.finish(Err(StreamError::Protocol(what)));
+            st.arguments.remove(&conv);
+        }
+        if msg.last {
+            st.arguments.remove(&conv);
+        }
+        credit
+    }
+
+    /// More credit for a result stream this side writes.
+    pub(super) fn on_result_grant(&self, call: u64, bytes: u64) {
+        if let Some(streams) = self.streams.get() {
+            if let Some(outlet) = lock(&streams.state).outlets.get(&call) {
+                outlet.grant(bytes);
+            }
+        }
+    }
+
+    /// A stream call served here is over.
+    fn stream_call_done(&self, id: u64) {
+        if let Some(streams) = self.streams.get() {
+            let mut st = lock(&streams.state);
+            st.serving -= 1;
+            st.outlets.remove(&id);
+            // The call is over: a reader of its argument stream (if the handler passed it
+            // on) learns that the caller will send nothing more.
+            if let Some(inbox) = st.inputs.remove(&id) {
+                inbox.finish(Err(StreamError::Cancelled));
+            }
+            st.arguments.retain(|_, (call, inbox)| {
+                if *call == id {
+                    inbox.finish(Err(StreamError::Cancelled));
+                }
+                *call != id
+            });
+        }
+        lock(&self.inflight).calls.remove(&id);
+        self.call_done();
+    }
+}
+
+/// A failure reply with kind *protocol*.
+fn protocol(what: &str) -> Payload {
+    wire::encode_failure(FailureKind::Protocol, what)
+}
+
+/// Gives back a `max_streams` place taken for a stream call that did not start.
+struct Serving<'a> {
+    inner: &'a Inner,
+    armed: bool,
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(streams) = self.inner.streams.get() {
+                lock(&streams.state).serving -= 1;
+            }
+        }
+    }
+}
+
+/// Serves one stream call: runs its handler (until the deadline, if the call has no
+/// argument stream: the deadline covers opening), then answers, or opens the result
+/// stream and forwards its items within the caller's grants, and ends the call.
+async fn serve_stream_call(
+    inner: Arc<Inner>,
+    conv: Conversation,
+    handler: impl Future<Output = crate::service::StreamReply>,
+    (window, deadline): (u64, Option<Instant>),
+    mut cancel: oneshot::Receiver<()>,
+) {
+    let id = conv.first_id();
+    let handler = CatchPanic(Box::pin(handler));
+    let reply = tokio::select! {
+        biased;
+        _ = &mut cancel => Reply::Done(wire::encode_failure(FailureKind::Cancelled, "cancelled")),
+        () = until(deadline) => {
+            Reply::Done(wire::encode_failure(FailureKind::DeadlineExceeded, "deadline exceeded"))
+        }
+        reply = handler => match reply {
+            Ok(reply) => reply.0,
+            Err(message) => {
+                bump(&inner.peer.stats.handler_panics);
+                Reply::Done(wire::encode_failure(FailureKind::RemotePanic, &message))
+            }
+        },
+    };
+    let end = match reply {
+        Reply::Done(reply) => reply,
+        Reply::Open(source) => {
+            let outlet = Arc::new(Outlet::new(window, window));
+            if let Some(streams) = inner.streams.get() {
+                lock(&streams.state).outlets.insert(id, outlet.clone());
+            }
+            let opening = wire::encode_ok(&()).unwrap_or_else(|_| protocol("unit"));
+            match inner.conn.send_bytes(&opening, in_conversation(conv)).await {
+                Ok(_) => forward_result(&inner, conv, source, &outlet, &mut cancel).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "stream not opened");
+                    inner.stream_call_done(id);
+                    return;
+                }
+            }
+        }
+    };
+    let last = SendOptions::new().conversation(conv);
+    if let Err(e) = inner.conn.send_bytes(&end, last).await {
+        tracing::debug!(conversation = id, error = %e, "stream call not ended");
+    }
+    inner.stream_call_done(id);
+}
+
+/// Forwards a result stream's items; returns the envelope that ends the call.
+async fn forward_result(
+    inner: &Inner,
+    conv: Conversation,
+    mut source: ItemSource,
+    outlet: &Outlet,
+    cancel: &mut oneshot::Receiver<()>,
+) -> Payload {
+    let items = in_conversation(conv);
+    // Cancelled by the caller, or by this side's close (its reader then learns that the
+    // connection is going away, not that it cancelled).
+    let cancelled = || {
+        if inner.is_closing() {
+            wire::encode_failure(
+                FailureKind::ShuttingDown,
+                "the callee closed the connection",
+            )
+        } else {
+            wire::encode_failure(FailureKind::Cancelled, "cancelled")
+        }
+    };
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                source.as_mut().poll_next(cx)
+            })) {
+                Ok(poll) => poll.map(Ok),
+                Err(panic) => Poll::Ready(Err(panic_message(panic.as_ref()))),
+            }
+        });
+        let item = tokio::select! {
+            biased;
+            _ = &mut *cancel => return cancelled(),
+            () = outlet.cancelled() => return cancelled(),
+            item = next => item,
+        };
+        let item = match item {
+            Ok(Some(Ok(item))) => item,
+            Ok(None) => return envelope::encode_bare(envelope::END),
+            Ok(Some(Err(StreamError::BadItem(what)))) => {
+                return wire::encode_failure(FailureKind::BadArguments, &what)
+            }
+            Ok(Some(Err(e))) => return wire::encode_failure(FailureKind::Protocol, &e.to_string()),
+            Err(message) => {
+                bump(&inner.peer.stats.handler_panics);
+                return wire::encode_failure(FailureKind::RemotePanic, &message);
+            }
+        };
+        let credit = tokio::select! {
+            biased;
+            _ = &mut *cancel => return cancelled(),
+            credit = outlet.take(cost(item.len())) => credit,
+        };
+        match credit {
+            Ok(()) => {}
+            Err(StreamError::Cancelled) => return cancelled(),
+            Err(e) => return wire::encode_failure(FailureKind::Protocol, &e.to_string()),
+        }
+        if let Err(e) = inner.conn.send_bytes(&item, items).await {
+            tracing::debug!(error = %e, "stream item not sent");
+            return cancelled();
+        }
+    }
+}
+
+/// Resolves at `deadline`, or never.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a future, turning a panic into `Err(message)`.
+struct CatchPanic<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(payload) => Poll::Ready(Err(panic_message(payload.as_ref()))),
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Streams through the runtime API that `#[remote]` generates code against, with a
+//! hand-written service: result streams, argument streams, both, cancellation and flow
+//! control, over TCP on 127.0.0.1. (The generated API is tested in `tests/rpc_streams.rs`.)
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatter_core::Options;
+use chatter_rpc::__private::{
+    decode_args, decode_no_args, ClientCore, Dispatch, Handlers, Method, StreamReply,
+};
+use chatter_rpc::stream::{self, Receiver, StreamError};
+use chatter_rpc::{CallError, Peer, PeerOptions, Service};
+use common::{connections, within};
+use tokio::sync::Notify;
+
+/// `count(n) -> Receiver<u32>` (0..n), `sum(Receiver<u64>) -> u64`,
+/// `echo(Receiver<String>) -> Receiver<String>`, `forever() -> Receiver<u32>` (items
+/// until cancelled; `gone` is notified when its sender sees the reader gone),
+/// `refuse() -> Result<Receiver<u32>, String>` (an application error).
+struct Streams {
+    gone: Arc<Notify>,
+}
+
+impl Service for Streams {
+    fn __dispatch(&self, method: &[u8], args: &[u8], handlers: &mut Handlers) -> Dispatch {
+        match method {
+            b"count" => {
+                let n: u32 = match decode_args("count", args, 1, |r| r.arg()) {
+                    Ok(n) => n,
+                    Err(d) => return d,
+                };
+                handlers.stream(async move {
+                    StreamReply::open(Receiver::from_stream(futures::stream::iter(0..n)))
+                })
+            }
+            b"sum" => {
+                if let Err(d) = decode_no_args("sum", args) {
+                    return d;
+                }
+                let mut input = handlers.input::<u64>();
+                handlers.stream(async move {
+                    let mut sum = 0u64;
+                    while let Some(item) = input.recv().await {
+                        match item {
+                            Ok(v) => sum += v,
+                            Err(e) => {
+                                return StreamReply::reply(chatter_rpc::__private::reply_app_error(
+                                    &e.to_string(),
+                                    None,
+                                ))
+                            }
+                        }
+                    }
+                    StreamReply::reply(chatter_rpc::__private::reply_ok(&sum))
+                })
+            }
+            b"echo" => {
+                if let Err(d) = decode_no_args("echo", args) {
+                    return d;
+                }
+                let mut input = handlers.input::<String>();
+                handlers.stream(async move {
+                    let (tx, rx) = stream::channel(4);
+                    tokio::spawn(async move {
+                        while let Some(Ok(line)) = input.recv().await {
+                            if tx.send(line.to_uppercase()).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    StreamReply::open(rx)
+                })
+            }
+            b"forever" => {
+                let gone = self.gone.clone();
+                handlers.stream(async move {
+                    let (tx, rx) = stream::channel(4);
+                    tokio::spawn(async move {
+                        let mut i = 0u32;
+                        while tx.send(i).await.is_ok() {
+                            i += 1;
+                        }
+                        gone.notify_one();
+                    });
+                    StreamReply::open(rx)
+                })
+            }
+            b"refuse" => handlers.stream(async move {
+                StreamReply::reply(chatter_rpc::__private::reply_app_error(
+                    &"no".to_string(),
+                    None,
+                ))
+            }),
+            _ => Dispatch::NoSuchMethod,
+        }
+    }
+}
+
+const COUNT: Method = Method {
+    name: "count",
+    wire: b"\xa5count",
+};
+const SUM: Method = Method {
+    name: "sum",
+    wire: b"\xa3sum",
+};
+const ECHO: Method = Method {
+    name: "echo",
+    wire: b"\xa4echo",
+};
+const FOREVER: Method = Method {
+    name: "forever",
+    wire: b"\xa7forever",
+};
+const REFUSE: Method = Method {
+    name: "refuse",
+    wire: b"\xa6refuse",
+};
+
+struct Setup {
+    client: ClientCore,
+    gone: Arc<Notify>,
+    _peers: (Peer, Peer),
+}
+
+async fn setup(server_options: PeerOptions) -> Setup {
+    let (client_conn, server_conn) = connections(Options::default()).await;
+    let server = Peer::with_options(server_conn, server_options);
+    let gone = Arc::new(Notify::new());
+    server.register("s", Streams { gone: gone.clone() });
+    let client = Peer::new(client_conn);
+    Setup {
+        client: ClientCore::new(&client, "s"),
+        gone,
+        _peers: (client, server),
+    }
+}
+
+fn none() -> Option<Receiver<()>> {
+    None
+}
+
+#[tokio::test]
+async fn a_result_stream_delivers_every_item_in_order_then_ends() {
+    let s = setup(PeerOptions::default()).await;
+    let mut rx =
+        within(
+            s.client
+                .call_stream_plain::<u32, _, _>(&COUNT, 1, |w| w.arg(&10_000u32), none()),
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some(item) = within(rx.recv()).await {
+        got.push(item.unwrap());
+    }
+    assert_eq!(got, (0..10_000).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn an_argument_stream_reaches_the_handler_and_its_reply_comes_back() {
+    let s = setup(PeerOptions::default()).await;
+    let (tx, rx) = stream::channel(8);
+    let feed = tokio::spawn(async move {
+        for i in 1..=5_000u64 {
+            tx.send(i).await.unwrap();
+        }
+    });
+    let sum = within(
+        s.client
+            .call_input::<u64, String, _, _>(&SUM, 0, |_| Ok(()), rx),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sum, 5_000 * 5_001 / 2);
+    feed.await.unwrap();
+}
+
+#[tokio::test]
+async fn both_ways_at_once() {
+    let s = setup(PeerOptions::default()).await;
+    let (tx, input) = stream::channel(8);
+    let mut out =
+        within(
+            s.client
+                .call_stream_plain::<String, _, _>(&ECHO, 0, |_| Ok(()), Some(input)),
+        )
+        .await
+        .unwrap();
+    for word in ["a", "bc", "def"] {
+        tx.send(word.to_string()).await.unwrap();
+        assert_eq!(within(out.recv()).await, Some(Ok(word.to_uppercase())));
+    }
+    drop(tx);
+    assert_eq!(within(out.recv()).await, None);
+}
+
+#[tokio::test]
+async fn dropping_the_reader_stops_the_writer() {
+    let s = setup(PeerOptions::default()).await;
+    let mut rx = within(
+        s.client
+            .call_stream_plain::<u32, _, _>(&FOREVER, 0, |_| Ok(()), none()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(within(rx.recv()).await, Some(Ok(0)));
+    drop(rx);
+    within(s.gone.notified()).await;
+}
+
+#[tokio::test]
+async fn an_application_error_before_the_stream_opens_is_typed() {
+    let s = setup(PeerOptions::default()).await;
+    let err = within(
+        s.client
+            .call_stream::<u32, String, _, _>(&REFUSE, 0, |_| Ok(()), none()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, CallError::App { ref error, .. } if error == "no"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_reader_stalls_only_its_own_stream() {
+    let s = setup(PeerOptions::default().stream_window(4096)).await;
+    // Never read: its writer stops at the window.
+    let _stalled = within(
+        s.client
+            .call_stream_plain::<u32, _, _>(&FOREVER, 0, |_| Ok(()), none()),
+    )
+    .await
+    .unwrap();
+    let mut rx =
+        within(
+            s.client
+                .call_stream_plain::<u32, _, _>(&COUNT, 1, |w| w.arg(&1000u32), none()),
+        )
+        .await
+        .unwrap();
+    let mut n = 0;
+    while let Some(item) = within(rx.recv()).await {
+        assert_eq!(item.unwrap(), n);
+        n += 1;
+    }
+    assert_eq!(n, 1000);
+}
+
+#[tokio::test]
+async fn a_stream_call_beyond_max_streams_is_refused() {
+    let s = setup(PeerOptions::default().max_streams(1)).await;
+    let _first = within(
+        s.client
+            .call_stream_plain::<u32, _, _>(&FOREVER, 0, |_| Ok(()), none()),
+    )
+    .await
+    .unwrap();
+    let err = within(
+        s.client
+            .call_stream_plain::<u32, _, _>(&FOREVER, 0, |_| Ok(()), none()),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, CallError::TooManyStreams { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_lost_connection_ends_the_stream_with_an_error() {
+    let s = setup(PeerOptions::default()).await;
+    let mut rx = within(
+        s.client
+            .call_stream_plain::<u32, _, _>(&FOREVER, 0, |_| Ok(()), none()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(within(rx.recv()).await, Some(Ok(0)));
+    s._peers.1.close().await;
+    let mut end = None;
+    while let Some(item) = within(rx.recv()).await {
+        if let Err(e) = item {
+            end = Some(e);
+        }
+    }
+    assert!(
+        matches!(end, Some(StreamError::ConnectionLost(_))),
+        "{end:?}"
+    );
+    let _ = Duration::ZERO;
+}
