@@ -9,6 +9,7 @@ use syn::{
 
 use crate::attr;
 use crate::ctxt::Ctxt;
+use crate::stream::{self, End};
 
 /// A remote trait.
 pub(crate) struct Trait {
@@ -32,6 +33,9 @@ pub(crate) struct Method {
     pub(crate) idempotent: Option<Attribute>,
     pub(crate) args: Vec<Arg>,
     pub(crate) output: Output,
+    /// `Some(T)` when the method returns a stream: `Receiver<T>`, or `Result<Receiver<T>, E>`
+    /// (`output` says which).
+    pub(crate) result_stream: Option<Type>,
     /// The return type as written (`None` for `()`), for error spans.
     pub(crate) return_type: Option<Type>,
     pub(crate) default: Option<Block>,
@@ -41,6 +45,9 @@ pub(crate) struct Method {
 pub(crate) struct Arg {
     pub(crate) pat: Pat,
     pub(crate) ty: Type,
+    /// `Some(T)` for an argument stream (`Receiver<T>`), which travels beside the call
+    /// instead of in its argument array.
+    pub(crate) stream: Option<Type>,
 }
 
 /// What a method returns.
@@ -175,6 +182,7 @@ impl Method {
                     args.push(Arg {
                         pat: (*pt.pat).clone(),
                         ty: (*pt.ty).clone(),
+                        stream: value_stream(cx, &pt.ty, krate),
                     });
                 }
                 FnArg::Receiver(r) => cx.error_spanned_by(r, "unexpected receiver"),
@@ -188,6 +196,8 @@ impl Method {
                 (classify(ty), Some((**ty).clone()))
             }
         };
+        // Set in the `#[result]` branch: the stream inside an alias of `Result`.
+        let mut alias_stream = None;
         let output = match (output, &attrs.result, &attrs.plain, &return_type) {
             (_, Some(result), Some(_), _) => {
                 cx.error_spanned_by(result, "#[result] and #[plain] contradict; keep one");
@@ -203,10 +213,22 @@ impl Method {
                 // Spanned at the alias, so that errors about its parts point there.
                 let result = quote::quote!(#krate::__private::RemoteResult);
                 let span = syn::spanned::Spanned::span(&ty);
+                alias_stream = Some(alias_ok_stream(cx, &ty, krate));
                 Output::Result {
                     ok: syn::parse_quote_spanned!(span=> <#ty as #result>::Ok),
                     err: syn::parse_quote_spanned!(span=> <#ty as #result>::Err),
                 }
+            }
+            (Output::Result { ok, err }, None, Some(plain), Some(_))
+                if stream::top(&ok, krate).is_some_and(|f| f.end == End::Receiver) =>
+            {
+                cx.error_spanned_by(
+                    plain,
+                    "#[plain] sends the whole `Result` as one value, and a stream is not a \
+                     value: remove #[plain] (the client then returns \
+                     `Result<Receiver<T>, CallError<E>>`)",
+                );
+                Output::Result { ok, err }
             }
             (Output::Result { .. }, None, Some(_), Some(ty)) => Output::Plain(ty.clone()),
             (Output::Plain(ty), None, None, _) if looks_like_result(&ty) => {
@@ -230,6 +252,16 @@ impl Method {
                 "a signal has no return value: #[result] and #[plain] apply to calls",
             );
         }
+        let result_stream = match (alias_stream, &output) {
+            (Some(stream), _) => stream,
+            (None, Output::Unit) => None,
+            (None, Output::Plain(ty)) => value_stream(cx, ty, krate),
+            (None, Output::Result { ok, err }) => {
+                refuse_streams_in(cx, err, krate);
+                refuse_sender(cx, err, krate);
+                value_stream(cx, ok, krate)
+            }
+        };
         Method {
             ident: sig.ident.clone(),
             attrs: attrs.passthrough,
@@ -237,9 +269,84 @@ impl Method {
             idempotent: attrs.idempotent,
             args,
             output,
+            result_stream,
             return_type,
             default: default.cloned(),
         }
+    }
+}
+
+/// The item type if `ty` is a stream (`Receiver<T>`) itself, as an argument or result
+/// value may be. A `Sender`, or a stream inside another type, is an error.
+fn value_stream(cx: &Ctxt, ty: &Type, krate: &syn::Path) -> Option<Type> {
+    refuse_streams_in(cx, ty, krate);
+    refuse_sender(cx, ty, krate);
+    match stream::top(ty, krate) {
+        Some(found) if found.end == End::Receiver => Some(found.item.clone()),
+        _ => None,
+    }
+}
+
+/// The item type if the `Ok` of a `#[result]` alias (its first type argument, as in
+/// `io::Result<T>` or `type Res<T> = Result<T, E>`) is a stream. An alias that hides the
+/// stream (`type Feed = Result<Receiver<T>, E>`) is not seen: its `Receiver` is then
+/// reported as a value that cannot be sent.
+fn alias_ok_stream(cx: &Ctxt, alias: &Type, krate: &syn::Path) -> Option<Type> {
+    let Type::Path(p) = alias else {
+        refuse_streams_in(cx, alias, krate);
+        return None;
+    };
+    let types = p
+        .path
+        .segments
+        .last()
+        .and_then(|last| match &last.arguments {
+            PathArguments::AngleBracketed(a) => Some(&a.args),
+            _ => None,
+        })
+        .into_iter()
+        .flatten()
+        .filter_map(|g| match g {
+            GenericArgument::Type(t) => Some(t),
+            _ => None,
+        });
+    let mut stream = None;
+    for (i, ty) in types.enumerate() {
+        if i == 0 {
+            stream = value_stream(cx, ty, krate);
+        } else {
+            refuse_streams_in(cx, ty, krate);
+            refuse_sender(cx, ty, krate);
+        }
+    }
+    stream
+}
+
+/// Reports every stream type inside `ty` (not `ty` itself): a stream is not a value.
+fn refuse_streams_in(cx: &Ctxt, ty: &Type, krate: &syn::Path) {
+    for found in stream::nested(ty, krate) {
+        match found.end {
+            End::Sender => refuse_sender(cx, found.ty, krate),
+            End::Receiver => cx.error_spanned_by(
+                found.ty,
+                "a stream `Receiver` cannot be part of another type (a container, an \
+                 `Option`, a tuple, a `Result`'s error, a stream's item): it must be an \
+                 argument's whole type, or the return type or the `Ok` of a returned \
+                 `Result`, where #[remote] can see it",
+            ),
+        }
+    }
+}
+
+/// Reports `ty` if it is a stream `Sender`.
+fn refuse_sender(cx: &Ctxt, ty: &Type, krate: &syn::Path) {
+    if let Some(found) = stream::top(ty, krate).filter(|f| f.end == End::Sender) {
+        cx.error_spanned_by(
+            found.ty,
+            "a stream `Sender` cannot be passed to or returned from a remote method: pass \
+             a `Receiver` instead (make a pair with `stream::channel`, pass or return its \
+             `Receiver`, and feed its `Sender`)",
+        );
     }
 }
 

@@ -29,6 +29,48 @@ pub(crate) fn check(cx: &Ctxt, tr: &Trait) {
     generated_name_clashes(cx, tr);
     signals_return_nothing(cx, tr);
     signals_are_not_idempotent(cx, tr);
+    one_argument_stream(cx, tr);
+    signals_take_no_streams(cx, tr);
+    streams_are_not_idempotent(cx, tr);
+}
+
+fn one_argument_stream(cx: &Ctxt, tr: &Trait) {
+    for m in &tr.methods {
+        for extra in m.args.iter().filter(|a| a.stream.is_some()).skip(1) {
+            cx.error_spanned_by(
+                &extra.ty,
+                "a remote method takes at most one `Receiver` argument (one argument stream \
+                 per call): send one stream whose item is an enum of what the streams carry",
+            );
+        }
+    }
+}
+
+fn signals_take_no_streams(cx: &Ctxt, tr: &Trait) {
+    for m in tr.methods.iter().filter(|m| m.signal.is_some()) {
+        for arg in m.args.iter().filter(|a| a.stream.is_some()) {
+            cx.error_spanned_by(
+                &arg.ty,
+                "a signal cannot take a stream: it is one message, without a reply or a \
+                 conversation to carry items; remove #[signal] to make it a call",
+            );
+        }
+    }
+}
+
+fn streams_are_not_idempotent(cx: &Ctxt, tr: &Trait) {
+    for m in tr.methods.iter().filter(|m| m.signal.is_none()) {
+        if let Some(attr) = &m.idempotent {
+            if m.result_stream.is_some() || m.args.iter().any(|a| a.stream.is_some()) {
+                cx.error_spanned_by(
+                    attr,
+                    "#[idempotent] does not apply to a method with a stream: a call that \
+                     opens a stream is never sent again (its items cannot be replayed); \
+                     remove #[idempotent]",
+                );
+            }
+        }
+    }
 }
 
 fn signals_are_not_idempotent(cx: &Ctxt, tr: &Trait) {

@@ -92,20 +92,111 @@ fn arg_idents(m: &Method) -> Vec<Ident> {
         .collect()
 }
 
-/// The number of arguments of a client method and the closure that writes them, one call
-/// per argument spanned at its type: a type that cannot be sent is reported there.
+/// The number of values a client method sends in its argument array and the closure that
+/// writes them, one call per argument spanned at its type: a type that cannot be sent is
+/// reported there. An argument stream is not among them: it travels beside the call.
 fn write_args(p: &TokenStream, m: &Method) -> (u32, TokenStream) {
-    let count = m.args.len() as u32;
+    let values: Vec<_> = arg_idents(m)
+        .into_iter()
+        .zip(&m.args)
+        .filter(|(_, a)| a.stream.is_none())
+        .collect();
+    let count = values.len() as u32;
     if count == 0 {
         return (count, quote!(|_| #p::Ok(())));
     }
-    let writes = arg_idents(m).into_iter().zip(&m.args).map(|(ident, a)| {
+    let writes = values.into_iter().map(|(ident, a)| {
         let ty = &a.ty;
         quote_spanned!(ty.span()=> __writer.arg::<#ty>(&#ident)?;)
     });
     // `move`: the closure is a type argument of the call's future, which must be
     // `'static`; it owns the arguments until it has written them.
     (count, quote!(move |__writer| { #(#writes)* #p::Ok(()) }))
+}
+
+/// The argument stream of a method, if it takes one: its ident in the generated code
+/// (`__argN`) and its item type.
+fn input_stream(m: &Method) -> Option<(Ident, &syn::Type)> {
+    arg_idents(m)
+        .into_iter()
+        .zip(&m.args)
+        .find_map(|(ident, a)| a.stream.as_ref().map(|item| (ident, item)))
+}
+
+/// What a client method of a call returns and the `ClientCore` call that makes it: an
+/// ordinary call, one returning a stream, or one taking an argument stream. Each type is
+/// an explicit generic argument, so that one that cannot be sent or received is reported
+/// at the type.
+fn client_call(tr: &Trait, m: &Method, core: &TokenStream) -> (TokenStream, TokenStream) {
+    let p = private(tr);
+    let krate = &tr.krate;
+    let method = method_static(&p, m);
+    let (count, write) = write_args(&p, m);
+    let input = input_stream(m);
+    if let Some(item) = &m.result_stream {
+        let (input_ty, input) = match &input {
+            Some((ident, ty)) => (quote!(#ty), quote!(#p::Some(#ident))),
+            None => (quote!(()), quote!(#p::None::<#krate::stream::Receiver<()>>)),
+        };
+        let receiver = quote!(#krate::stream::Receiver<#item>);
+        return match &m.output {
+            Output::Result { err, .. } => (
+                quote!(#p::Result<#receiver, #krate::CallError<#err>>),
+                quote!(#core.call_stream::<#item, #err, _, #input_ty>(
+                    #method, #count, #write, #input
+                )),
+            ),
+            _ => (
+                quote!(#p::Result<#receiver, #krate::CallError>),
+                quote!(#core.call_stream_plain::<#item, _, #input_ty>(
+                    #method, #count, #write, #input
+                )),
+            ),
+        };
+    }
+    if let Some((ident, item)) = &input {
+        return match &m.output {
+            Output::Result { ok, err } => (
+                quote!(#p::Result<#ok, #krate::CallError<#err>>),
+                quote!(#core.call_input::<#ok, #err, _, #item>(#method, #count, #write, #ident)),
+            ),
+            Output::Plain(ty) => (
+                quote!(#p::Result<#ty, #krate::CallError>),
+                quote!(#core.call_input_plain::<#ty, _, #item>(#method, #count, #write, #ident)),
+            ),
+            Output::Unit => (
+                quote!(#p::Result<(), #krate::CallError>),
+                quote!(#core.call_input_plain::<(), _, #item>(#method, #count, #write, #ident)),
+            ),
+        };
+    }
+    match &m.output {
+        Output::Result { ok, err } => (
+            quote!(#p::Result<#ok, #krate::CallError<#err>>),
+            quote!(#core.call::<#ok, #err, _>(#method, #count, #write)),
+        ),
+        Output::Plain(ty) => (
+            quote!(#p::Result<#ty, #krate::CallError>),
+            quote!(#core.call_plain::<#ty, _>(#method, #count, #write)),
+        ),
+        Output::Unit => (
+            quote!(#p::Result<(), #krate::CallError>),
+            quote!(#core.call_plain::<(), _>(#method, #count, #write)),
+        ),
+    }
+}
+
+/// The method's `&'static Method`: its name, and its name as MessagePack.
+fn method_static(p: &TokenStream, m: &Method) -> TokenStream {
+    let name = &m.ident;
+    let wire_name = name.unraw().to_string();
+    let wire_bytes = syn::LitByteStr::new(&msgpack_str(&wire_name), name.span());
+    // A `static`, not a promoted `&Method { .. }`: it stays `'static` whatever `Method`
+    // holds.
+    quote!({
+        static METHOD: #p::Method = #p::Method { name: #wire_name, wire: #wire_bytes };
+        &METHOD
+    })
 }
 
 fn client(tr: &Trait) -> TokenStream {
@@ -122,14 +213,7 @@ fn client(tr: &Trait) -> TokenStream {
     );
     let methods = tr.methods.iter().map(|m| {
         let name = &m.ident;
-        let wire_name = name.unraw().to_string();
-        let wire_bytes = syn::LitByteStr::new(&msgpack_str(&wire_name), name.span());
-        // A `static`, not a promoted `&Method { .. }`: it stays `'static` whatever `Method`
-        // holds.
-        let method = quote!({
-            static METHOD: #p::Method = #p::Method { name: #wire_name, wire: #wire_bytes };
-            &METHOD
-        });
+        let method = method_static(&p, m);
         let attrs = &m.attrs;
         let idents = arg_idents(m);
         let tys: Vec<_> = m.args.iter().map(|a| &a.ty).collect();
@@ -168,23 +252,7 @@ fn client(tr: &Trait) -> TokenStream {
             } else {
                 quote!(self.__core)
             };
-            // The return and error types are the calls' explicit generic arguments, so
-            // that one that cannot be received is reported at the type.
-            let (count, write) = write_args(&p, m);
-            let (ret, call) = match &m.output {
-                Output::Result { ok, err } => (
-                    quote!(#p::Result<#ok, #krate::CallError<#err>>),
-                    quote!(#core.call::<#ok, #err, _>(#method, #count, #write)),
-                ),
-                Output::Plain(ty) => (
-                    quote!(#p::Result<#ty, #krate::CallError>),
-                    quote!(#core.call_plain::<#ty, _>(#method, #count, #write)),
-                ),
-                Output::Unit => (
-                    quote!(#p::Result<(), #krate::CallError>),
-                    quote!(#core.call_plain::<(), _>(#method, #count, #write)),
-                ),
-            };
+            let (ret, call) = client_call(tr, m, &core);
             let span = m
                 .return_type
                 .as_ref()
@@ -283,67 +351,7 @@ fn server(tr: &Trait) -> TokenStream {
          Register it on a [`Peer`]({krate_doc}::Peer) with \
          `peer.register(\"name\", {server}::new(object))`."
     );
-    let arms = tr.methods.iter().map(|m| {
-        let name = &m.ident;
-        let wire_name = name.unraw().to_string();
-        let idents = arg_idents(m);
-        let invoke = quote!(<__T as #trait_ident>::#name(&*__this, #(#idents),*).await);
-        let (variant, body) = if m.signal.is_some() {
-            (quote!(signal), quote!({ #invoke; }))
-        } else {
-            // As on the client, each type is an explicit generic argument: one that
-            // cannot be sent is reported at the type.
-            let body = match &m.output {
-                Output::Result { ok, err } => {
-                    let reply_ok = quote_spanned!(ok.span()=> #p::reply_ok::<#ok>);
-                    let reply_err = quote_spanned!(err.span()=> #p::reply_app_error::<#err>);
-                    quote! {
-                        match #invoke {
-                            #p::Ok(__value) => #reply_ok(&__value),
-                            #p::Err(__error) => {
-                                #[allow(unused_imports, clippy::needless_borrow)]
-                                use #p::{CtxDisplay as _, CtxError as _, CtxNone as _};
-                                #[allow(clippy::needless_borrow)] // the borrows select the impl
-                                let __context = (&&&#p::Ctx(&__error)).__context();
-                                #reply_err(&__error, __context)
-                            }
-                        }
-                    }
-                }
-                Output::Plain(ty) => {
-                    let reply_ok = quote_spanned!(ty.span()=> #p::reply_ok::<#ty>);
-                    quote!(#reply_ok(&#invoke))
-                }
-                Output::Unit => quote!(#p::reply_ok::<()>(&#invoke)),
-            };
-            (quote!(call), body)
-        };
-        let wire_bytes = syn::LitByteStr::new(wire_name.as_bytes(), name.span());
-        let decode = if idents.is_empty() {
-            quote!(#p::decode_no_args(#wire_name, __args))
-        } else {
-            // One call per argument, spanned at its type: a type that cannot be received
-            // is reported there.
-            let count = m.args.len() as u32;
-            let reads = m.args.iter().map(|a| {
-                let ty = &a.ty;
-                quote_spanned!(ty.span()=> __reader.arg::<#ty>()?)
-            });
-            quote!(#p::decode_args(#wire_name, __args, #count, |__reader| {
-                #p::Ok((#(#reads,)*))
-            }))
-        };
-        quote! {
-            #wire_bytes => {
-                let (#(#idents,)*) = match #decode {
-                    #p::Ok(__decoded) => __decoded,
-                    #p::Err(__failed) => return __failed,
-                };
-                let __this = #p::Clone::clone(&self.__object);
-                __handlers.#variant(async move { #body })
-            }
-        }
-    });
+    let arms = tr.methods.iter().map(|m| dispatch_arm(tr, m));
     quote! {
         #[doc = #doc]
         #vis struct #server<__T> {
@@ -396,6 +404,116 @@ fn server(tr: &Trait) -> TokenStream {
             }
         }
     }
+}
+
+/// The `__dispatch` arm of one method: decode its arguments (and take its argument
+/// stream), then put its handler in place.
+fn dispatch_arm(tr: &Trait, m: &Method) -> TokenStream {
+    let p = private(tr);
+    let trait_ident = &tr.ident;
+    let name = &m.ident;
+    let wire_name = name.unraw().to_string();
+    let idents = arg_idents(m);
+    let invoke = quote!(<__T as #trait_ident>::#name(&*__this, #(#idents),*).await);
+    let input = input_stream(m);
+    let (variant, body) = if m.signal.is_some() {
+        (quote!(signal), quote!({ #invoke; }))
+    } else if let Some(item) = &m.result_stream {
+        (quote!(stream), open_stream(&p, m, item, &invoke))
+    } else if input.is_some() {
+        let reply = reply(&p, m, &invoke);
+        (quote!(stream), quote!(#p::StreamReply::reply(#reply)))
+    } else {
+        (quote!(call), reply(&p, m, &invoke))
+    };
+    let wire_bytes = syn::LitByteStr::new(wire_name.as_bytes(), name.span());
+    let values: Vec<_> = idents
+        .iter()
+        .zip(&m.args)
+        .filter(|(_, a)| a.stream.is_none())
+        .collect();
+    let decode = if values.is_empty() {
+        quote!(#p::decode_no_args(#wire_name, __args))
+    } else {
+        // One call per argument, spanned at its type: a type that cannot be received
+        // is reported there.
+        let count = values.len() as u32;
+        let reads = values.iter().map(|(_, a)| {
+            let ty = &a.ty;
+            quote_spanned!(ty.span()=> __reader.arg::<#ty>()?)
+        });
+        quote!(#p::decode_args(#wire_name, __args, #count, |__reader| {
+            #p::Ok((#(#reads,)*))
+        }))
+    };
+    let value_idents = values.iter().map(|(ident, _)| ident);
+    let take_input = input.map(|(ident, item)| {
+        let input = quote_spanned!(item.span()=> __handlers.input::<#item>());
+        quote!(let #ident = #input;)
+    });
+    quote! {
+        #wire_bytes => {
+            let (#(#value_idents,)*) = match #decode {
+                #p::Ok(__decoded) => __decoded,
+                #p::Err(__failed) => return __failed,
+            };
+            #take_input
+            let __this = #p::Clone::clone(&self.__object);
+            __handlers.#variant(async move { #body })
+        }
+    }
+}
+
+/// The handler body of a call: the reply to `invoke`'s outcome. As on the client, each
+/// type is an explicit generic argument: one that cannot be sent is reported at the type.
+fn reply(p: &TokenStream, m: &Method, invoke: &TokenStream) -> TokenStream {
+    match &m.output {
+        Output::Result { ok, err } => {
+            let reply_ok = quote_spanned!(ok.span()=> #p::reply_ok::<#ok>);
+            let app_error = app_error(p, err);
+            quote! {
+                match #invoke {
+                    #p::Ok(__value) => #reply_ok(&__value),
+                    #p::Err(__error) => #app_error,
+                }
+            }
+        }
+        Output::Plain(ty) => {
+            let reply_ok = quote_spanned!(ty.span()=> #p::reply_ok::<#ty>);
+            quote!(#reply_ok(&#invoke))
+        }
+        Output::Unit => quote!(#p::reply_ok::<()>(&#invoke)),
+    }
+}
+
+/// The handler body of a method returning a stream of `item`s: opens it, or replies with
+/// the application error.
+fn open_stream(p: &TokenStream, m: &Method, item: &syn::Type, invoke: &TokenStream) -> TokenStream {
+    let open = quote_spanned!(item.span()=> #p::StreamReply::open::<#item>);
+    match &m.output {
+        Output::Result { err, .. } => {
+            let app_error = app_error(p, err);
+            quote! {
+                match #invoke {
+                    #p::Ok(__stream) => #open(__stream),
+                    #p::Err(__error) => #p::StreamReply::reply(#app_error),
+                }
+            }
+        }
+        _ => quote!(#open(#invoke)),
+    }
+}
+
+/// The reply to the application error `__error` of type `err`, with its context.
+fn app_error(p: &TokenStream, err: &syn::Type) -> TokenStream {
+    let reply_err = quote_spanned!(err.span()=> #p::reply_app_error::<#err>);
+    quote!({
+        #[allow(unused_imports, clippy::needless_borrow)]
+        use #p::{CtxDisplay as _, CtxError as _, CtxNone as _};
+        #[allow(clippy::needless_borrow)] // the borrows select the impl
+        let __context = (&&&#p::Ctx(&__error)).__context();
+        #reply_err(&__error, __context)
+    })
 }
 
 /// `name` as a MessagePack string in its shortest form, as chatter-rpc's envelopes carry

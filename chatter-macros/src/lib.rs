@@ -21,6 +21,7 @@ mod attr;
 mod check;
 mod ctxt;
 mod expand;
+mod stream;
 
 /// Turns a trait into a remote interface: generates `{Trait}Client` and `{Trait}Server`.
 ///
@@ -126,7 +127,7 @@ mod expand;
 /// - **Raw identifiers** are named without `r#` on the wire: `async fn r#type(&self)` is
 ///   called as `type`, which is what a peer in another language writes.
 ///
-/// (This crate cannot depend on chatter-rpc; the example is compiled and run in
+/// (The example is compiled and run in
 /// `chatter-rpc/tests/rpc_macro_options.rs`.)
 ///
 /// ```ignore
@@ -143,6 +144,140 @@ mod expand;
 ///     async fn r#type(&self) -> String;
 /// }
 /// ```
+///
+/// # Streams
+///
+/// A method can return a stream of items, take one, or both, with one type on both sides:
+/// [`chatter_rpc::stream::Receiver<T>`](../chatter_rpc/stream/struct.Receiver.html), for
+/// items of any serde type. The callee returns a `Receiver` (from
+/// [`stream::channel`](../chatter_rpc/stream/fn.channel.html), whose `Sender` it feeds, or
+/// `Receiver::from_stream` of any `futures::Stream`); the caller passes one and feeds its
+/// `Sender` while the call runs. Why one type rather than a `Stream`/`Sink` pair per shape:
+/// the callee's code for an argument stream reads like the caller's for a result stream, a
+/// `Receiver` made locally works in a unit test without a connection, and a `Receiver` is a
+/// `futures::Stream` of `Result<T, StreamError>`.
+///
+/// ```no_run
+/// use chatter_rpc::stream::{self, Receiver};
+/// use chatter_rpc::{remote, Peer};
+///
+/// #[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// pub enum FsError { NotFound }
+///
+/// #[remote]
+/// pub trait Files {
+///     /// Server streaming: the callee returns a receiver, the caller reads it.
+///     async fn watch(&self, dir: String) -> Result<Receiver<String>, FsError>;
+///     /// Client streaming: the caller passes a receiver, the callee reads it.
+///     async fn upload(&self, name: String, data: Receiver<Vec<u8>>) -> Result<u64, FsError>;
+///     /// Both ways.
+///     async fn chat(&self, input: Receiver<String>) -> Receiver<String>;
+/// }
+///
+/// struct Disk;
+///
+/// impl Files for Disk {
+///     async fn watch(&self, dir: String) -> Result<Receiver<String>, FsError> {
+///         let (tx, rx) = stream::channel(16);
+///         tokio::spawn(async move {
+///             for event in ["created", "deleted"] {
+///                 // Fails once the caller dropped its receiver: stop then.
+///                 if tx.send(format!("{dir}: {event}")).await.is_err() {
+///                     break;
+///                 }
+///             }
+///         }); // `tx` dropped: the stream ends normally.
+///         Ok(rx)
+///     }
+///
+///     async fn upload(&self, _name: String, mut data: Receiver<Vec<u8>>) -> Result<u64, FsError> {
+///         let mut size = 0;
+///         while let Some(chunk) = data.recv().await {
+///             // An `Err` says why the stream broke (connection lost, ...).
+///             size += chunk.map_err(|_| FsError::NotFound)?.len() as u64;
+///         }
+///         Ok(size) // `None`: the caller ended the stream.
+///     }
+///
+///     async fn chat(&self, mut input: Receiver<String>) -> Receiver<String> {
+///         let (tx, rx) = stream::channel(4);
+///         tokio::spawn(async move {
+///             while let Some(Ok(line)) = input.recv().await {
+///                 if tx.send(line.to_uppercase()).await.is_err() {
+///                     break;
+///                 }
+///             }
+///         });
+///         rx
+///     }
+/// }
+///
+/// async fn caller(peer: &Peer) -> Result<(), Box<dyn std::error::Error>> {
+///     let files = FilesClient::new(peer, "files");
+///
+///     // The reply is the stream; its items are `Result<T, StreamError>`.
+///     let mut events = files.watch("/tmp".into()).await?;
+///     while let Some(event) = events.recv().await {
+///         println!("{}", event?);
+///     }
+///
+///     // Pass the receiver, feed the sender while the call runs; dropping the sender
+///     // ends the callee's stream.
+///     let (tx, rx) = stream::channel(16);
+///     let feed = async move {
+///         for _ in 0..4 {
+///             tx.send(vec![0u8; 64 * 1024]).await?;
+///         }
+///         Ok::<_, stream::Closed<Vec<u8>>>(())
+///     };
+///     let (size, fed) = tokio::join!(files.upload("a.bin".into(), rx), feed);
+///     assert_eq!(size?, 256 * 1024);
+///     fed?;
+///
+///     let (tx, rx) = stream::channel(4);
+///     let mut answers = files.chat(rx).await?;
+///     tx.send("hello".to_owned()).await?;
+///     assert_eq!(answers.recv().await.transpose()?.as_deref(), Some("HELLO"));
+///     Ok(())
+/// }
+///
+/// fn callee(peer: &Peer) {
+///     peer.register("files", FilesServer::new(Disk));
+/// }
+/// ```
+///
+/// The generated client methods (bodies elided; `Receiver` is
+/// `chatter_rpc::stream::Receiver`):
+///
+/// ```ignore
+/// impl FilesClient {
+///     pub fn watch(&self, dir: String)
+///         -> impl Future<Output = Result<Receiver<String>, CallError<FsError>>> + Send + 'static;
+///     pub fn upload(&self, name: String, data: Receiver<Vec<u8>>)
+///         -> impl Future<Output = Result<u64, CallError<FsError>>> + Send + 'static;
+///     pub fn chat(&self, input: Receiver<String>)
+///         -> impl Future<Output = Result<Receiver<String>, CallError>> + Send + 'static;
+/// }
+/// ```
+///
+/// and `FilesServer<T>` serves any `impl Files` as for calls. The call's deadline covers
+/// opening the stream (the callee's reply that opens it); after that, a stream ends when its
+/// writer ends it, when either side drops its end, when the connection is lost, or at the
+/// reader's idle timeout. An application error returned instead of the stream
+/// (`Err(FsError)`) is the call's `CallError::App`.
+///
+/// `Receiver` is recognised by its path, since a macro sees only tokens: `Receiver<T>`,
+/// `stream::Receiver<T>`, `chatter_rpc::stream::Receiver<T>` or, with
+/// `#[remote(crate = "path")]`, `path::stream::Receiver<T>` (or the path's last segments:
+/// `rpc::stream::Receiver<T>` for `crate = "crate::rpc"`). A `Receiver` of another path
+/// (`mpsc::Receiver<T>`) is an ordinary value. Compile errors name the
+/// misuses: more than one `Receiver` argument, a `Receiver` in a signal, a `Receiver`
+/// inside another type (`Vec<Receiver<T>>`, `Option<Receiver<T>>`, a tuple, an error type),
+/// a `Sender` as an argument or result (pass a `Receiver` instead), `#[idempotent]` on a
+/// method with a stream (a call that opens one is never re-sent), and `#[plain]` on a
+/// `Result` holding one. With `#[result]`, the stream must be written in the alias's first
+/// argument (`Res<Receiver<T>>`): an alias that hides it (`type Feed = Result<Receiver<T>,
+/// E>`) is not seen, and the `Receiver` is then reported as a value that cannot be sent.
 ///
 /// Every argument, return and application error type must implement serde's `Serialize`
 /// and `Deserialize` (`DeserializeOwned`). A type that does not is reported at the type
