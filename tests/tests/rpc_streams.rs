@@ -1,0 +1,710 @@
+//! Typed streams end to end (issue 16, items 2 and 3): generated clients over TCP and Unix
+//! sockets, with the semantics `docs/design/streams.md` states.
+//!
+//! - items arrive in order, each exactly once, and the stream ends with `None`; a typed
+//!   application error before the stream opens is `CallError::App`; a producer that panics
+//!   ends the stream with `StreamError::RemotePanic`; a lost connection with
+//!   `StreamError::ConnectionLost`;
+//! - dropping either end stops the other: the callee's `Sender` fails with `Closed` when
+//!   the caller drops its result `Receiver`, the caller's `Sender` when the callee drops its
+//!   argument `Receiver`; a caller that drops its `Sender` ends the callee's stream
+//!   normally;
+//! - the call's deadline covers opening the stream, not the stream after it opened; the
+//!   reader's idle timeout ends a silent stream (paused clock);
+//! - flow control is per stream: an unread stream stalls only itself, with at most its
+//!   window held, while other streams and calls on the connection keep flowing; a stream
+//!   moves far more bytes than a frame can hold.
+//!
+//! No test waits for time to pass as synchronisation: each waits for the event it needs
+//! (an item, a reply, a probe's report), under a hang guard.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatter_rpc::stream::{self, Receiver, StreamError};
+use chatter_rpc::{remote, serve, CallError, Options, Peer, PeerOptions, ReconnectOptions};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tests::proxy::Proxy;
+use tests::{pair_with, Transport};
+use tokio::sync::{mpsc, watch};
+
+/// The transports every test runs over.
+const TRANSPORTS: [Transport; 2] = [Transport::Tcp, Transport::Unix];
+
+/// The most numbers `numbers` streams; more is its typed error, before the stream opens.
+const LIMIT: u64 = 1_000_000;
+
+/// A hang guard only: fires when a test that should complete does not.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum FeedError {
+    /// Asked for more than [`LIMIT`] numbers.
+    TooMany(u64),
+    /// The argument stream failed (its error, as text).
+    Broken(String),
+}
+
+impl std::fmt::Display for FeedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FeedError::TooMany(n) => write!(f, "{n} numbers is more than {LIMIT}"),
+            FeedError::Broken(e) => write!(f, "argument stream failed: {e}"),
+        }
+    }
+}
+
+/// An alias of `Result`, for a `#[result]` method returning a stream.
+pub type Res<T> = Result<T, FeedError>;
+
+/// A chunk of bytes, as MessagePack bin (not an array of numbers).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+#[remote]
+pub trait Feeds {
+    /// Server streaming: `count` numbers from `from` on; above [`LIMIT`], the typed error
+    /// before the stream opens.
+    async fn numbers(&self, from: u64, count: u64) -> Result<Receiver<u64>, FeedError>;
+    /// `numbers` through a `#[result]` alias.
+    #[result]
+    async fn aliased(&self, from: u64, count: u64) -> Res<Receiver<u64>>;
+    /// `after` numbers, then the producer panics.
+    async fn panicky(&self, after: u64) -> Receiver<u64>;
+    /// Sends 0, then waits until its reader is gone (`Sender::closed`) and tries to send
+    /// again; reports both on the probe.
+    async fn watched(&self) -> Receiver<u64>;
+    /// Numbers for as long as someone reads.
+    async fn endless(&self) -> stream::Receiver<u64>;
+    /// Client streaming: the sum of the argument stream, which must end normally.
+    async fn sum(&self, items: Receiver<u64>) -> Result<u64, FeedError>;
+    /// Reads `n` items of the argument stream, then drops it.
+    async fn take(&self, n: u64, items: Receiver<u64>) -> Vec<u64>;
+    /// Both ways: each line back, upper-cased, until the input ends.
+    async fn echo(&self, input: Receiver<String>) -> Receiver<String>;
+    /// Waits `ms` before it returns a stream of one item.
+    async fn slow_open(&self, ms: u64) -> Receiver<u64>;
+    /// Opens at once, sends 7 after `ms`, then ends.
+    async fn late_item(&self, ms: u64) -> Receiver<u64>;
+    /// `total` bytes of [`pattern`], in chunks of `chunk` bytes.
+    async fn download(&self, total: u64, chunk: u64) -> Receiver<Chunk>;
+    /// How many bytes arrived, and whether they were [`pattern`].
+    async fn upload(&self, data: Receiver<Chunk>) -> (u64, bool);
+    /// Chunks of `size` bytes without end, counting on the probe each one its producer
+    /// handed over.
+    async fn counted(&self, size: u64) -> Receiver<Chunk>;
+    /// Returns 1: an ordinary call beside the streams.
+    async fn ping(&self) -> u64;
+}
+
+/// What the callee reports to the test.
+#[derive(Debug, PartialEq)]
+enum Report {
+    /// `watched`: `Sender::closed` resolved.
+    Closed,
+    /// `watched`: the send after that failed with `Closed`, handing the item back.
+    SendFailed(u64),
+}
+
+#[derive(Clone)]
+struct Feeder {
+    reports: mpsc::UnboundedSender<Report>,
+    /// Chunks `counted` handed over.
+    counted: Arc<watch::Sender<u64>>,
+}
+
+impl Feeds for Feeder {
+    async fn numbers(&self, from: u64, count: u64) -> Result<Receiver<u64>, FeedError> {
+        if count > LIMIT {
+            return Err(FeedError::TooMany(count));
+        }
+        Ok(Receiver::from_stream(futures::stream::iter(
+            from..from + count,
+        )))
+    }
+
+    async fn aliased(&self, from: u64, count: u64) -> Res<Receiver<u64>> {
+        self.numbers(from, count).await
+    }
+
+    async fn panicky(&self, after: u64) -> Receiver<u64> {
+        Receiver::from_stream(futures::stream::iter(0..).map(move |i| {
+            if i == after {
+                panic!("the producer gave up at {i}");
+            }
+            i
+        }))
+    }
+
+    async fn watched(&self) -> Receiver<u64> {
+        let (tx, rx) = stream::channel(4);
+        let reports = self.reports.clone();
+        tokio::spawn(async move {
+            tx.send(0).await.expect("the reader is there at first");
+            tx.closed().await;
+            let _ = reports.send(Report::Closed);
+            if let Err(stream::Closed(item)) = tx.send(1).await {
+                let _ = reports.send(Report::SendFailed(item));
+            }
+        });
+        rx
+    }
+
+    async fn endless(&self) -> Receiver<u64> {
+        Receiver::from_stream(futures::stream::iter(0..))
+    }
+
+    async fn sum(&self, mut items: Receiver<u64>) -> Result<u64, FeedError> {
+        let mut sum = 0;
+        while let Some(item) = items.recv().await {
+            sum += item.map_err(|e| FeedError::Broken(e.to_string()))?;
+        }
+        Ok(sum)
+    }
+
+    async fn take(&self, n: u64, mut items: Receiver<u64>) -> Vec<u64> {
+        let mut got = Vec::new();
+        while (got.len() as u64) < n {
+            match items.recv().await {
+                Some(Ok(item)) => got.push(item),
+                _ => break,
+            }
+        }
+        got
+    }
+
+    async fn echo(&self, input: Receiver<String>) -> Receiver<String> {
+        // Until the input ends, or fails.
+        let lines = input.take_while(|line| std::future::ready(line.is_ok()));
+        Receiver::from_stream(
+            lines.filter_map(|line| std::future::ready(line.ok().map(|line| line.to_uppercase()))),
+        )
+    }
+
+    async fn slow_open(&self, ms: u64) -> Receiver<u64> {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Receiver::from_stream(futures::stream::iter([1]))
+    }
+
+    async fn late_item(&self, ms: u64) -> Receiver<u64> {
+        Receiver::from_stream(futures::stream::once(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            7
+        }))
+    }
+
+    async fn download(&self, total: u64, chunk: u64) -> Receiver<Chunk> {
+        let chunks = (0..total).step_by(chunk as usize);
+        Receiver::from_stream(futures::stream::iter(chunks).map(move |start| {
+            let end = (start + chunk).min(total);
+            Chunk(pattern(start, end))
+        }))
+    }
+
+    async fn upload(&self, mut data: Receiver<Chunk>) -> (u64, bool) {
+        let (mut length, mut intact) = (0, true);
+        while let Some(chunk) = data.recv().await {
+            let Ok(Chunk(bytes)) = chunk else {
+                return (length, false);
+            };
+            let end = length + bytes.len() as u64;
+            intact &= bytes == pattern(length, end);
+            length = end;
+        }
+        (length, intact)
+    }
+
+    async fn counted(&self, size: u64) -> Receiver<Chunk> {
+        let counted = self.counted.clone();
+        Receiver::from_stream(futures::stream::repeat(()).map(move |()| {
+            counted.send_modify(|n| *n += 1);
+            Chunk(vec![0x5a; size as usize])
+        }))
+    }
+
+    async fn ping(&self) -> u64 {
+        1
+    }
+}
+
+/// Bytes `start..end` of an endless pattern that a shifted or repeated chunk breaks.
+fn pattern(start: u64, end: u64) -> Vec<u8> {
+    (start..end).map(|i| (i % 251) as u8).collect()
+}
+
+/// Two peers over `transport`: `client` calls the [`Feeder`] that `server` hosts.
+struct Setup {
+    _listener: chatter_core::Server,
+    server: Peer,
+    feeds: FeedsClient,
+    reports: mpsc::UnboundedReceiver<Report>,
+    /// How many chunks `counted` handed over.
+    counted: watch::Receiver<u64>,
+}
+
+async fn setup(transport: Transport) -> Setup {
+    setup_with(
+        transport,
+        PeerOptions::default(),
+        PeerOptions::default(),
+        Options::default(),
+    )
+    .await
+}
+
+async fn setup_with(
+    transport: Transport,
+    client_options: PeerOptions,
+    server_options: PeerOptions,
+    client_connection: Options,
+) -> Setup {
+    // No keepalive: the paused clock may jump past it while only I/O is pending.
+    let (listener, client, accepted) = pair_with(
+        transport,
+        Options::default().no_keepalive(),
+        client_connection.no_keepalive(),
+    )
+    .await;
+    let (tx, reports) = mpsc::unbounded_channel();
+    let (counter, counted) = watch::channel(0);
+    let server = Peer::with_options(accepted, server_options);
+    server.register(
+        "feeds",
+        FeedsServer::new(Feeder {
+            reports: tx,
+            counted: Arc::new(counter),
+        }),
+    );
+    let client = Peer::with_options(client, client_options);
+    let feeds = FeedsClient::new(&client, "feeds");
+    Setup {
+        _listener: listener,
+        server,
+        feeds,
+        reports,
+        counted,
+    }
+}
+
+/// Awaits `f` under the hang guard.
+async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(HANG_GUARD, f)
+        .await
+        .expect("the test hung")
+}
+
+/// Every item of `rx` until it ends: the items, and the error it ended with, if any.
+async fn drain<T>(rx: &mut Receiver<T>) -> (Vec<T>, Option<StreamError>) {
+    let mut items = Vec::new();
+    while let Some(item) = rx.recv().await {
+        match item {
+            Ok(item) => items.push(item),
+            Err(e) => return (items, Some(e)),
+        }
+    }
+    (items, None)
+}
+
+// Server streaming.
+
+#[tokio::test]
+async fn items_arrive_in_order_exactly_once_then_the_stream_ends() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let mut rx = within(s.feeds.numbers(10, 5_000)).await.expect("opened");
+        let (items, error) = within(drain(&mut rx)).await;
+        assert_eq!(error, None, "{transport:?}");
+        assert_eq!(items, (10..5_010).collect::<Vec<_>>(), "{transport:?}");
+        // Ended for good.
+        assert!(rx.recv().await.is_none());
+
+        // An empty stream ends at once; a `Receiver` is a `futures::Stream` too.
+        let rx = within(s.feeds.numbers(0, 0)).await.expect("opened");
+        assert_eq!(within(rx.collect::<Vec<_>>()).await, []);
+    }
+}
+
+#[tokio::test]
+async fn a_typed_error_before_the_stream_opens_is_the_calls_error() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        match within(s.feeds.numbers(0, LIMIT + 1)).await {
+            Err(CallError::App { error, remote }) => {
+                assert_eq!(error, FeedError::TooMany(LIMIT + 1));
+                assert_eq!(
+                    remote.message,
+                    format!("{} numbers is more than {LIMIT}", LIMIT + 1)
+                );
+            }
+            other => panic!("{transport:?}: expected the application error, got {other:?}"),
+        }
+        // The connection still serves.
+        assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_result_alias_returns_a_stream_or_its_error() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let rx = within(s.feeds.aliased(5, 3)).await.expect("opened");
+        let items: Vec<_> = within(rx.collect::<Vec<_>>()).await;
+        assert_eq!(items, [Ok(5), Ok(6), Ok(7)], "{transport:?}");
+        assert!(matches!(
+            within(s.feeds.aliased(0, LIMIT + 1)).await,
+            Err(CallError::App {
+                error: FeedError::TooMany(_),
+                ..
+            })
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_producer_that_panics_ends_the_stream_with_remote_panic() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let mut rx = within(s.feeds.panicky(3)).await.expect("opened");
+        let (items, error) = within(drain(&mut rx)).await;
+        assert_eq!(items, [0, 1, 2], "{transport:?}");
+        match error {
+            Some(StreamError::RemotePanic(message)) => {
+                assert!(message.contains("gave up at 3"), "{message}")
+            }
+            other => panic!("{transport:?}: expected RemotePanic, got {other:?}"),
+        }
+        assert!(rx.recv().await.is_none(), "the error ends the stream");
+        assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+    }
+}
+
+#[tokio::test]
+async fn dropping_the_result_receiver_closes_the_callees_sender() {
+    for transport in TRANSPORTS {
+        let mut s = setup(transport).await;
+        let mut rx = within(s.feeds.watched()).await.expect("opened");
+        assert_eq!(within(rx.recv()).await, Some(Ok(0)));
+        drop(rx);
+        assert_eq!(within(s.reports.recv()).await, Some(Report::Closed));
+        assert_eq!(within(s.reports.recv()).await, Some(Report::SendFailed(1)));
+
+        // An endless producer is stopped too: the connection keeps serving.
+        let mut rx = within(s.feeds.endless()).await.expect("opened");
+        assert_eq!(within(rx.recv()).await, Some(Ok(0)));
+        drop(rx);
+        assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+    }
+}
+
+// Client streaming.
+
+#[tokio::test]
+async fn the_callee_sums_an_argument_stream_that_the_caller_ends_by_dropping_its_sender() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let (tx, rx) = stream::channel(8);
+        let feed = async move {
+            for i in 1..=10_000u64 {
+                tx.send(i).await.expect("the callee reads");
+            }
+            // `tx` is dropped here: the callee's stream ends with `None`.
+        };
+        let (sum, ()) = within(async { tokio::join!(s.feeds.sum(rx), feed) }).await;
+        assert_eq!(sum.expect("summed"), 10_000 * 10_001 / 2, "{transport:?}");
+
+        // Nothing to sum: the stream ends at once.
+        let (tx, rx) = stream::channel::<u64>(1);
+        drop(tx);
+        assert_eq!(within(s.feeds.sum(rx)).await.expect("summed"), 0);
+    }
+}
+
+#[tokio::test]
+async fn the_callee_dropping_its_argument_stream_fails_the_callers_sender() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let (tx, rx) = stream::channel(4);
+        let feed = async move {
+            let mut next = 0u64;
+            loop {
+                match tx.send(next).await {
+                    Ok(()) => next += 1,
+                    Err(stream::Closed(item)) => break (next, item),
+                }
+            }
+        };
+        let (taken, (sent, refused)) =
+            within(async { tokio::join!(s.feeds.take(3, rx), feed) }).await;
+        assert_eq!(taken.expect("taken"), [0, 1, 2], "{transport:?}");
+        assert!(sent >= 3, "{transport:?}: {sent}");
+        assert_eq!(refused, sent, "the refused item is handed back");
+    }
+}
+
+// Both ways.
+
+#[tokio::test]
+async fn bidirectional_echo() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let (tx, input) = stream::channel(2);
+        let mut output = within(s.feeds.echo(input)).await.expect("opened");
+        // One line at a time: each answer comes back before the next line goes.
+        for line in ["alpha", "beta", "gamma"] {
+            tx.send(line.to_owned()).await.expect("sent");
+            assert_eq!(
+                within(output.recv()).await,
+                Some(Ok(line.to_uppercase())),
+                "{transport:?}"
+            );
+        }
+        drop(tx);
+        assert_eq!(within(output.recv()).await, None, "{transport:?}");
+    }
+}
+
+// Failures.
+
+#[tokio::test]
+async fn a_lost_connection_ends_the_stream_with_connection_lost() {
+    // Unix: the callee's connection closes under its peer mid-stream.
+    let s = setup(Transport::Unix).await;
+    let mut rx = within(s.feeds.endless()).await.expect("opened");
+    for i in 0..10 {
+        assert_eq!(within(rx.recv()).await, Some(Ok(i)));
+    }
+    let connection = s.server.connection().expect("connected");
+    tokio::spawn(async move { connection.close().await });
+    let error = loop {
+        match within(rx.recv()).await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e,
+            None => panic!("a lost connection ends the stream with an error, not None"),
+        }
+    };
+    assert!(matches!(error, StreamError::ConnectionLost(_)), "{error:?}");
+    assert!(rx.recv().await.is_none());
+
+    // TCP, through a reconnecting peer: the connection is cut under it; the stream is not
+    // resumed on the next connection, it fails.
+    let listener = chatter_rpc::listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .expect("listen");
+    let (tx, _reports) = mpsc::unbounded_channel();
+    let feeder = Feeder {
+        reports: tx,
+        counted: Arc::new(watch::channel(0).0),
+    };
+    let server = serve(listener, PeerOptions::default(), move |peer: &Peer| {
+        peer.register("feeds", FeedsServer::new(feeder.clone()));
+    });
+    let target = server.addresses()[0]
+        .to_string()
+        .trim_start_matches("tcp://")
+        .parse()
+        .expect("a socket address");
+    let proxy = Proxy::start(target).await;
+    let peer = Peer::reconnecting(
+        proxy.address(),
+        Options::default(),
+        PeerOptions::default(),
+        ReconnectOptions::default(),
+    )
+    .expect("a valid address");
+    let feeds = FeedsClient::new(&peer, "feeds");
+    let mut rx = within(feeds.endless()).await.expect("opened");
+    for i in 0..10 {
+        assert_eq!(within(rx.recv()).await, Some(Ok(i)));
+    }
+    proxy.cut_all();
+    let error = loop {
+        match within(rx.recv()).await {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break e,
+            None => panic!("a lost connection ends the stream with an error, not None"),
+        }
+    };
+    assert!(matches!(error, StreamError::ConnectionLost(_)), "{error:?}");
+}
+
+// Deadline and idle timeout (paused clock).
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_covers_opening_the_stream_but_not_the_stream() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let feeds = s.feeds.with_deadline(Duration::from_secs(1));
+        // The handler takes 5 s to return its stream: past the deadline.
+        match within(feeds.slow_open(5_000)).await {
+            Err(CallError::DeadlineExceeded) => {}
+            other => panic!("{transport:?}: expected DeadlineExceeded, got {other:?}"),
+        }
+        // Opened at once, its item comes 5 s later: the deadline no longer applies.
+        let start = tokio::time::Instant::now();
+        let mut rx = within(feeds.late_item(5_000)).await.expect("opened");
+        assert_eq!(within(rx.recv()).await, Some(Ok(7)), "{transport:?}");
+        assert!(start.elapsed() >= Duration::from_secs(5));
+        assert_eq!(within(rx.recv()).await, None);
+    }
+}
+
+// IDLE_TEST_PLACEHOLDER
+
+// Flow control.
+
+/// The size of the chunks of the flow-control test: about a thousand bytes each against
+/// the window.
+const CHUNK: u64 = 1_000;
+
+/// The stream window of the flow-control test.
+const STREAM_WINDOW: u64 = 256 * 1024;
+
+/// The client connection's receive window in the flow-control test: a quarter of the
+/// stream window, so that one unread stream would stall the whole connection if its items
+/// held connection credit.
+const CONNECTION_WINDOW: u32 = 64 * 1024;
+
+#[tokio::test]
+async fn an_unread_stream_stalls_only_itself() {
+    for transport in TRANSPORTS {
+        let s = setup_with(
+            transport,
+            PeerOptions::default().stream_window(STREAM_WINDOW),
+            PeerOptions::default().stream_window(STREAM_WINDOW),
+            Options::default()
+                .receive_window(CONNECTION_WINDOW)
+                .max_frame_size(CONNECTION_WINDOW / 4),
+        )
+        .await;
+        // A stream nobody reads. Its producer hands over chunks while the window has room:
+        // beyond the connection's window, which it therefore does not hold.
+        let mut unread = within(s.feeds.counted(CHUNK)).await.expect("opened");
+        let beyond_connection = u64::from(CONNECTION_WINDOW) / CHUNK + 8;
+        let mut counted = s.counted.clone();
+        within(counted.wait_for(|n| *n >= beyond_connection))
+            .await
+            .expect("the producer is alive");
+
+        // Another stream, many times its window, and calls, all flow.
+        let mut other = within(s.feeds.numbers(0, 100_000)).await.expect("opened");
+        let (items, error) = within(drain(&mut other)).await;
+        assert_eq!((items.len(), error), (100_000, None), "{transport:?}");
+        for _ in 0..10 {
+            assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+        }
+
+        // The unread stream's producer stayed within the window (plus the chunk pulled
+        // while it waits for credit).
+        let most = STREAM_WINDOW / (CHUNK + 64) + 2;
+        let handed = *s.counted.borrow();
+        assert!(handed <= most, "{transport:?}: {handed} chunks > {most}");
+
+        // Its items are intact once read.
+        for _ in 0..handed {
+            let Some(Ok(Chunk(bytes))) = within(unread.recv()).await else {
+                panic!("{transport:?}: the stalled stream resumes");
+            };
+            assert_eq!(bytes, vec![0x5a; CHUNK as usize]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn too_many_streams_is_refused() {
+    for transport in TRANSPORTS {
+        let options = PeerOptions::default().max_streams(2);
+        let s = setup_with(transport, options.clone(), options, Options::default()).await;
+        let _first = within(s.feeds.endless()).await.expect("opened");
+        let _second = within(s.feeds.endless()).await.expect("opened");
+        match within(s.feeds.endless()).await {
+            Err(CallError::TooManyStreams { .. }) => {}
+            other => panic!("{transport:?}: expected TooManyStreams, got {other:?}"),
+        }
+        // Calls are not streams: they still go.
+        assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+    }
+}
+
+// Large payloads.
+
+/// Far more than a frame (chatter-core's default `max_frame_size` is 4 MiB).
+const LARGE: u64 = 64 * 1024 * 1024;
+
+/// A chunk of the large transfers: well within the default stream window of 256 KiB.
+const LARGE_CHUNK: u64 = 64 * 1024;
+
+#[tokio::test]
+async fn a_stream_moves_far_more_than_a_frame() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let mut rx = within(s.feeds.download(LARGE, LARGE_CHUNK))
+            .await
+            .expect("opened");
+        let mut length = 0u64;
+        while let Some(chunk) = within(rx.recv()).await {
+            let Chunk(bytes) = chunk.expect("an intact chunk");
+            let end = length + bytes.len() as u64;
+            assert!(
+                bytes == pattern(length, end),
+                "{transport:?}: bytes {length}..{end}"
+            );
+            length = end;
+        }
+        assert_eq!(length, LARGE, "{transport:?}");
+
+        let (tx, rx) = stream::channel(4);
+        let feed = async move {
+            for start in (0..LARGE).step_by(LARGE_CHUNK as usize) {
+                tx.send(Chunk(pattern(start, start + LARGE_CHUNK)))
+                    .await
+                    .expect("the callee reads");
+            }
+        };
+        let (uploaded, ()) = within(async { tokio::join!(s.feeds.upload(rx), feed) }).await;
+        assert_eq!(uploaded.expect("uploaded"), (LARGE, true), "{transport:?}");
+    }
+}
+
+/// Generated stream code is hygienic: it compiles with user items named like what it uses
+/// in scope and without the prelude (compiled only).
+#[no_implicit_prelude]
+#[allow(dead_code)]
+mod hostile {
+    pub struct Result;
+    pub struct Ok;
+    pub struct Err;
+    pub struct Option;
+    pub struct Some;
+    pub struct None;
+    pub struct Box;
+    pub struct StreamReply;
+    pub struct Sender;
+    pub mod stream {}
+
+    #[::chatter_rpc::remote]
+    pub trait Hostile {
+        async fn down(&self, n: u64) -> ::chatter_rpc::stream::Receiver<u64>;
+        async fn up(&self, n: ::chatter_rpc::stream::Receiver<u64>) -> u64;
+        async fn both(
+            &self,
+            a: u8,
+            n: ::chatter_rpc::stream::Receiver<u64>,
+        ) -> ::std::result::Result<::chatter_rpc::stream::Receiver<u64>, ::std::string::String>;
+    }
+}
+
+/// Through `#[remote(crate = "..")]`, a stream is recognised by that path too (compiled
+/// only).
+#[allow(dead_code)]
+mod renamed {
+    mod rpc {
+        pub use chatter_rpc::*;
+    }
+
+    #[chatter_rpc::remote(crate = "self::rpc")]
+    pub trait Renamed {
+        async fn down(&self) -> self::rpc::stream::Receiver<u64>;
+        async fn up(&self, items: rpc::stream::Receiver<u64>) -> u64;
+    }
+}
