@@ -629,7 +629,7 @@ async fn too_many_streams_is_refused() {
     for transport in TRANSPORTS {
         let options = PeerOptions::default().max_streams(2);
         let s = setup_with(transport, options.clone(), options, Options::default()).await;
-        let _first = within(s.feeds.endless()).await.expect("opened");
+        let first = within(s.feeds.endless()).await.expect("opened");
         let _second = within(s.feeds.endless()).await.expect("opened");
         match within(s.feeds.endless()).await {
             Err(CallError::TooManyStreams { .. }) => {}
@@ -637,6 +637,22 @@ async fn too_many_streams_is_refused() {
         }
         // Calls are not streams: they still go.
         assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+
+        // A stream that ends frees its place, once both sides saw it end (the cancel
+        // travels to the callee): within a few attempts, each a round trip.
+        drop(first);
+        let mut third = within(async {
+            for _ in 0..100 {
+                match s.feeds.endless().await {
+                    Err(CallError::TooManyStreams { .. }) => continue,
+                    other => return other,
+                }
+            }
+            panic!("{transport:?}: the ended stream's place was never freed")
+        })
+        .await
+        .expect("opened");
+        assert_eq!(within(third.recv()).await, Some(Ok(0)));
     }
 }
 
