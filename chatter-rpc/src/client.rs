@@ -882,6 +882,9 @@ fn outcome_reply(outcome: Outcome) -> Result<Bytes, CallError> {
         Outcome::Deadline => Err(CallError::DeadlineExceeded),
         Outcome::Lost(cause) | Outcome::NotSent(cause) => Err(CallError::ConnectionLost(cause)),
         Outcome::Protocol(what) => Err(CallError::Protocol(what)),
+        Outcome::Opened => Err(CallError::Protocol(
+            "the callee opened a stream for a call without one".into(),
+        )),
     }
 }
 

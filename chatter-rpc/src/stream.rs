@@ -1,9 +1,57 @@
-//! Typed streams (work in progress, issue 16; see `docs/design/streams.md`).
+//! Typed streams: a [`Receiver`] passed to or returned from a `#[remote]` method carries
+//! any number of items between peers, with flow control per stream.
 //!
-//! This module holds the parts of streams that do not depend on a connection: the local
-//! channel (`channel`, `Sender`, `Receiver`), the error type, and the per-stream flow
-//! control arithmetic that both ends of a remote stream use ([`Window`] on the reading
-//! side, [`Credit`] on the writing side). The peer does not route stream envelopes yet.
+//! One pair of types serves every shape, on both sides of a connection: a method returns a
+//! `Receiver<T>` (server streaming), takes one as an argument (client streaming), or both.
+//! [`channel`] makes a [`Sender`]/[`Receiver`] pair; a handler returns or a caller passes
+//! the receiving end and feeds the other. This is remoc's shape rather than tonic's
+//! per-shape request and response types: one type to learn, the callee's code for a client
+//! stream reads like the caller's for a server stream, and a `Receiver` made by
+//! [`channel`] or [`Receiver::from_stream`] works in a unit test without any connection.
+//! `Receiver<T>` is a [`futures_core::Stream`] of `Result<T, StreamError>`.
+//!
+//! ```ignore
+//! #[remote]
+//! pub trait Files {
+//!     /// Server streaming.
+//!     async fn watch(&self, dir: String) -> Result<Receiver<Event>, FsError>;
+//!     /// Client streaming.
+//!     async fn upload(&self, name: String, data: Receiver<Bytes>) -> Result<u64, FsError>;
+//!     /// Both.
+//!     async fn chat(&self, input: Receiver<Line>) -> Receiver<Line>;
+//! }
+//! ```
+//!
+//! # What a stream promises
+//!
+//! - **Order, exactly once, or an error.** Items arrive in the order they were sent, each
+//!   once; a stream that ends early ends with one `Err` saying why, then `None`:
+//!   [`StreamError::ConnectionLost`] (the connection closed; a stream lives on one
+//!   connection and is never resumed, also through a reconnecting peer),
+//!   [`StreamError::Cancelled`] (the other side gave up), [`StreamError::RemotePanic`]
+//!   (the code feeding it panicked), [`StreamError::IdleTimeout`],
+//!   [`StreamError::BadItem`] (an item that does not decode as `T`; the rest of the stream
+//!   is dropped) or [`StreamError::Protocol`]. A normal end is `None` with no error.
+//!   Application errors in the middle of a stream are items: use `Receiver<Result<T, E>>`.
+//! - **Dropping either end stops the other promptly.** Dropping a `Receiver` tells its
+//!   writer to stop (a [`Sender::send`] then fails with [`Closed`], and
+//!   [`Sender::closed`] resolves); dropping the `Sender` ends the stream normally.
+//! - **The call's deadline covers opening only**: the handler must return its `Receiver`
+//!   (or, for a method taking a stream, start) within the deadline; the open stream then
+//!   runs until its end, a cancel, the connection's close or the reader's idle timeout
+//!   ([`Receiver::set_idle_timeout`]).
+//! - **Flow control per stream.** Each stream has a window
+//!   ([`PeerOptions::stream_window`](crate::PeerOptions::stream_window), 256 KiB by
+//!   default): the writer sends at most that many bytes the reader has not read yet, so a
+//!   slow reader stalls its own stream only; other streams, calls and signals on the same
+//!   connection keep flowing. What streams hold per connection is bounded by
+//!   `max_streams × stream_window` ([`PeerOptions::max_streams`](crate::PeerOptions::max_streams),
+//!   64) on the serving side, plus one window per stream the application opened as a
+//!   caller.
+//! - **Large payloads**: an item is one message, at most `max_frame_size` and the window;
+//!   send large data as a stream of chunks (`bytes::Bytes`, `serde_bytes::ByteBuf`).
+//!
+//! The wire format is in `chatter-rpc/PROTOCOL.md`, "Streams".
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -39,8 +87,8 @@ pub enum StreamError {
 /// Makes a stream: items sent into the [`Sender`] come out of the [`Receiver`], in order.
 /// At most `capacity` items wait in between; [`Sender::send`] waits for room beyond that.
 ///
-/// Either end can be passed to or returned from a `#[remote]` method (work in progress);
-/// used locally, the pair is a bounded channel.
+/// The receiving end can be passed to or returned from a `#[remote]` method; used locally,
+/// the pair is a bounded channel.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -66,19 +114,31 @@ pub enum StreamError {
 /// If `capacity` is 0.
 pub fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
     let (tx, rx) = mpsc::channel(capacity);
+    let panicked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     (
         Sender {
             inner: SenderInner::Local(tx),
+            panicked: panicked.clone(),
         },
-        Receiver {
-            inner: ReceiverInner::Local(rx),
-        },
+        Receiver::new(ReceiverInner::Local(rx, panicked)),
     )
 }
 
 /// The writing end of a stream. Dropping it ends the stream normally.
 pub struct Sender<T> {
     inner: SenderInner<T>,
+    /// Set when the sender is dropped by a panic: the reader then gets
+    /// [`StreamError::RemotePanic`] instead of a normal end.
+    panicked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.panicked
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
 }
 
 enum SenderInner<T> {
@@ -128,12 +188,25 @@ type BoxStream<T> = Pin<Box<dyn futures_core::Stream<Item = T> + Send>>;
 /// that ends (`None`) when the writer finished, after an `Err` when it did not.
 pub struct Receiver<T> {
     inner: ReceiverInner<T>,
+    /// The idle timeout, once set (boxed: most receivers have none).
+    idle: Option<Box<Idle>>,
 }
 
 enum ReceiverInner<T> {
-    Local(mpsc::Receiver<T>),
+    Local(
+        mpsc::Receiver<T>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ),
     Boxed(BoxStream<T>),
     Remote(RemoteReceiver<T>),
+    /// Ended early (idle timeout, writer panicked): only `None` from now on.
+    Ended,
+}
+
+/// A receiver's idle timeout and its timer.
+struct Idle {
+    timeout: std::time::Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<T> Receiver<T> {
@@ -152,9 +225,45 @@ impl<T> Receiver<T> {
     /// # }
     /// ```
     pub fn from_stream(stream: impl futures_core::Stream<Item = T> + Send + 'static) -> Self {
-        Receiver {
-            inner: ReceiverInner::Boxed(Box::pin(stream)),
-        }
+        Receiver::new(ReceiverInner::Boxed(Box::pin(stream)))
+    }
+
+    fn new(inner: ReceiverInner<T>) -> Self {
+        Receiver { inner, idle: None }
+    }
+
+    /// Ends the stream with [`StreamError::IdleTimeout`] when no item arrives within
+    /// `timeout` of the previous one (or of this call); `None` turns it off. For a remote
+    /// stream the writer is told to stop, as when the receiver is dropped. The timer runs
+    /// on tokio's clock (its paused clock in tests).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use chatter_rpc::stream::{self, StreamError};
+    ///
+    /// let (tx, mut rx) = stream::channel::<u32>(4);
+    /// rx.set_idle_timeout(Some(Duration::from_secs(5)));
+    /// tx.send(1).await.unwrap();
+    /// assert_eq!(rx.recv().await, Some(Ok(1)));
+    /// // Nothing more within 5 s:
+    /// assert_eq!(rx.recv().await, Some(Err(StreamError::IdleTimeout)));
+    /// assert_eq!(rx.recv().await, None);
+    /// # drop(tx);
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, when `timeout` is `Some`.
+    pub fn set_idle_timeout(&mut self, timeout: Option<std::time::Duration>) {
+        self.idle = timeout.map(|timeout| {
+            Box::new(Idle {
+                timeout,
+                sleep: Box::pin(tokio::time::sleep(timeout)),
+            })
+        });
     }
 
     /// The next item, `None` once the stream ended normally.
@@ -163,10 +272,35 @@ impl<T> Receiver<T> {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<T, StreamError>>> {
-        match &mut self.inner {
-            ReceiverInner::Local(rx) => rx.poll_recv(cx).map(|item| item.map(Ok)),
+        let polled = match &mut self.inner {
+            ReceiverInner::Local(rx, panicked) => match rx.poll_recv(cx) {
+                Poll::Ready(None) if panicked.load(std::sync::atomic::Ordering::Acquire) => {
+                    self.inner = ReceiverInner::Ended;
+                    let what = "the stream's writer panicked".to_owned();
+                    return Poll::Ready(Some(Err(StreamError::RemotePanic(what))));
+                }
+                polled => polled.map(|item| item.map(Ok)),
+            },
             ReceiverInner::Boxed(stream) => stream.as_mut().poll_next(cx).map(|i| i.map(Ok)),
             ReceiverInner::Remote(remote) => remote.poll_recv(cx),
+            ReceiverInner::Ended => Poll::Ready(None),
+        };
+        let Some(idle) = &mut self.idle else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Some(Ok(item))) => {
+                let next = tokio::time::Instant::now() + idle.timeout;
+                idle.sleep.as_mut().reset(next);
+                Poll::Ready(Some(Ok(item)))
+            }
+            Poll::Pending if std::future::Future::poll(idle.sleep.as_mut(), cx).is_ready() => {
+                // Dropping a remote end tells its writer to stop.
+                self.inner = ReceiverInner::Ended;
+                self.idle = None;
+                Poll::Ready(Some(Err(StreamError::IdleTimeout)))
+            }
+            other => other,
         }
     }
 }
@@ -183,9 +317,10 @@ impl<T> futures_core::Stream for Receiver<T> {
 impl<T> fmt::Debug for Receiver<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.inner {
-            ReceiverInner::Local(_) => "local",
+            ReceiverInner::Local(..) => "local",
             ReceiverInner::Boxed(_) => "stream",
             ReceiverInner::Remote(_) => "remote",
+            ReceiverInner::Ended => "ended",
         };
         f.debug_struct("Receiver")
             .field("kind", &kind)
@@ -278,14 +413,12 @@ struct RemoteReceiver<T> {
 impl<T: serde::de::DeserializeOwned> Receiver<T> {
     /// The reading end of a remote stream whose items the peer pushes into `inbox`.
     pub(crate) fn remote(inbox: std::sync::Arc<Inbox>, end: std::sync::Arc<dyn RemoteEnd>) -> Self {
-        Receiver {
-            inner: ReceiverInner::Remote(RemoteReceiver {
-                inbox,
-                end,
-                done: false,
-                decode: crate::wire::decode_value::<T>,
-            }),
-        }
+        Receiver::new(ReceiverInner::Remote(RemoteReceiver {
+            inbox,
+            end,
+            done: false,
+            decode: crate::wire::decode_value::<T>,
+        }))
     }
 }
 
@@ -624,14 +757,12 @@ fn failed<T: Send + 'static>(error: StreamError) -> Receiver<T> {
         fn grant(&self, _: u64) {}
         fn cancel(&self) {}
     }
-    Receiver {
-        inner: ReceiverInner::Remote(RemoteReceiver {
-            inbox: std::sync::Arc::new(inbox),
-            end: std::sync::Arc::new(Nobody),
-            done: false,
-            decode: |_| Err(crate::wire::WireError("no items".into())),
-        }),
-    }
+    Receiver::new(ReceiverInner::Remote(RemoteReceiver {
+        inbox: std::sync::Arc::new(inbox),
+        end: std::sync::Arc::new(Nobody),
+        done: false,
+        decode: |_| Err(crate::wire::WireError("no items".into())),
+    }))
 }
 
 #[cfg(test)]

@@ -994,6 +994,44 @@ mod tests {
     }
 
     #[test]
+    fn protocol_md_stream_examples() {
+        use super::stream::*;
+        let (object, method) = (WireName::new("s"), WireName::new("count"));
+        let call = encode_stream_call(
+            object.encoded(),
+            method.encoded(),
+            Duration::from_secs(1),
+            262_144,
+            None,
+            |w| value(w, &(3,)),
+        )
+        .unwrap();
+        assert_eq!(doc_block("The stream call `count(3)`"), &call[..]);
+        inline_in_doc("92 00 c0", encode_ok(&()).unwrap().as_ref());
+        for (hex, i) in [("92 03 00", 0u32), ("92 03 01", 1), ("92 03 02", 2)] {
+            inline_in_doc(hex, encode_item(&i).unwrap().as_ref());
+        }
+        inline_in_doc("91 04", encode_bare(END).as_ref());
+        inline_in_doc("91 06", encode_bare(STOP).as_ref());
+        let grant = CallerStreamMsg::GrantResult {
+            call: 300,
+            bytes: 131_072,
+        };
+        inline_in_doc(
+            "93 0f cd 01 2c ce 00 02 00 00",
+            encode_caller_msg(&grant).as_ref(),
+        );
+        inline_in_doc("92 05 ce 00 04 00 00", encode_grant(262_144).as_ref());
+        let open = CallerStreamMsg::OpenArgument { call: 300 };
+        inline_in_doc("92 0e cd 01 2c", encode_caller_msg(&open).as_ref());
+        inline_in_doc(
+            "93 02 0a a3 6d 61 78",
+            encode_failure(FailureKind::TooManyStreams, "max").as_ref(),
+        );
+        assert_eq!(crate::stream::cost(3), 67);
+    }
+
+    #[test]
     fn protocol_md_examples() {
         let call = encode_request(CALL, "calc", "add", Duration::from_millis(1500), &(2, 3));
         assert_eq!(doc_block("`add(2, 3)` on object"), call.unwrap().as_ref());

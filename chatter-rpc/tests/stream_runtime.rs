@@ -88,6 +88,39 @@ impl Service for Streams {
                     StreamReply::open(rx)
                 })
             }
+            b"slow" => {
+                let delay: u64 = match decode_args("slow", args, 1, |r| r.arg()) {
+                    Ok(n) => n,
+                    Err(d) => return d,
+                };
+                let gone = self.gone.clone();
+                handlers.stream(async move {
+                    // Opens after `delay` s; item 1 at once, item 2 ten minutes later.
+                    tokio::time::sleep(Duration::from_secs(delay)).await;
+                    let (tx, rx) = stream::channel(4);
+                    tokio::spawn(async move {
+                        if tx.send(1u32).await.is_ok() {
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_secs(600)) => {
+                                    let _ = tx.send(2).await;
+                                    tx.closed().await;
+                                }
+                                () = tx.closed() => {}
+                            }
+                        }
+                        gone.notify_one();
+                    });
+                    StreamReply::open(rx)
+                })
+            }
+            b"panics" => handlers.stream(async move {
+                let (tx, rx) = stream::channel(4);
+                tokio::spawn(async move {
+                    tx.send(7u32).await.unwrap();
+                    panic!("the producer broke");
+                });
+                StreamReply::open(rx)
+            }),
             b"refuse" => handlers.stream(async move {
                 StreamReply::reply(chatter_rpc::__private::reply_app_error(
                     &"no".to_string(),
@@ -114,6 +147,14 @@ const ECHO: Method = Method {
 const FOREVER: Method = Method {
     name: "forever",
     wire: b"\xa7forever",
+};
+const SLOW: Method = Method {
+    name: "slow",
+    wire: b"\xa4slow",
+};
+const PANICS: Method = Method {
+    name: "panics",
+    wire: b"\xa6panics",
 };
 const REFUSE: Method = Method {
     name: "refuse",
@@ -292,4 +333,60 @@ async fn a_lost_connection_ends_the_stream_with_an_error() {
         "{end:?}"
     );
     let _ = Duration::ZERO;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_covers_opening_only() {
+    let s = setup(PeerOptions::default()).await;
+    let client = s.client.with_deadline(Duration::from_secs(1));
+    let late = client.call_stream_plain::<u32, _, _>(&SLOW, 1, |w| w.arg(&5u64), none());
+    assert!(matches!(
+        within(late).await,
+        Err(CallError::DeadlineExceeded)
+    ));
+    // Opened within the deadline: the second item ten minutes later still arrives.
+    let mut rx = within(client.call_stream_plain::<u32, _, _>(&SLOW, 1, |w| w.arg(&0u64), none()))
+        .await
+        .unwrap();
+    assert_eq!(within(rx.recv()).await, Some(Ok(1)));
+    let second = tokio::time::timeout(Duration::from_secs(700), rx.recv()).await;
+    assert_eq!(second.unwrap(), Some(Ok(2)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_stream_ends_with_an_error_and_stops_its_writer() {
+    let s = setup(PeerOptions::default()).await;
+    let mut rx =
+        within(
+            s.client
+                .call_stream_plain::<u32, _, _>(&SLOW, 1, |w| w.arg(&0u64), none()),
+        )
+        .await
+        .unwrap();
+    rx.set_idle_timeout(Some(Duration::from_secs(60)));
+    assert_eq!(within(rx.recv()).await, Some(Ok(1)));
+    let start = tokio::time::Instant::now();
+    let idle = tokio::time::timeout(Duration::from_secs(120), rx.recv()).await;
+    assert_eq!(idle.unwrap(), Some(Err(StreamError::IdleTimeout)));
+    assert!(start.elapsed() >= Duration::from_secs(60));
+    assert_eq!(within(rx.recv()).await, None);
+    within(s.gone.notified()).await;
+}
+
+#[tokio::test]
+async fn a_writer_that_panics_ends_the_stream_with_an_error() {
+    let s = setup(PeerOptions::default()).await;
+    let mut rx = within(
+        s.client
+            .call_stream_plain::<u32, _, _>(&PANICS, 0, |_| Ok(()), none()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(within(rx.recv()).await, Some(Ok(7)));
+    let end = within(rx.recv()).await;
+    assert!(
+        matches!(end, Some(Err(StreamError::RemotePanic(_)))),
+        "{end:?}"
+    );
+    assert_eq!(within(rx.recv()).await, None);
 }

@@ -54,6 +54,8 @@ pub(crate) enum Outcome {
     /// The request was never handed to the connection.
     NotSent(CloseCause),
     Protocol(String),
+    /// The callee opened the result stream of a stream call (its items follow).
+    Opened,
 }
 
 impl Inner {
@@ -176,8 +178,13 @@ impl Inner {
     }
 
     pub(super) fn on_reply(&self, msg: Msg) {
-        let Some(msg) = self.on_stream_reply(msg) else {
-            return;
+        // One pointer test when this connection never had a stream.
+        let msg = match self.streams.get() {
+            None => msg,
+            Some(streams) => match self.on_stream_reply(streams, msg) {
+                Some(msg) => msg,
+                None => return,
+            },
         };
         let outcome = if msg.last {
             Outcome::Reply(msg.payload)
@@ -342,6 +349,9 @@ impl PeerState {
                     Outcome::Reply(reply) => return Ok(reply),
                     Outcome::Deadline => return Err(CallError::DeadlineExceeded),
                     Outcome::Protocol(what) => return Err(CallError::Protocol(what)),
+                    Outcome::Opened => {
+                        return Err(CallError::Protocol("a stream opened for a call".into()))
+                    }
                     Outcome::NotSent(_) => dead = generation,
                     Outcome::Lost(_) if idempotent => dead = generation,
                     Outcome::Lost(cause) => return Err(CallError::OutcomeUnknown(cause)),

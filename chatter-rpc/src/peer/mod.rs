@@ -649,7 +649,7 @@ pub(crate) struct Inner {
     shutdown: Notify,
     /// This connection's streams, made on the first stream call either way (boxed: most
     /// connections have none).
-    streams: OnceLock<Box<streams::Streams>>,
+    pub(super) streams: OnceLock<Box<streams::Streams>>,
 }
 
 #[derive(Default)]

@@ -108,10 +108,9 @@ impl Inner {
 
     /// A message in a conversation this side opened: a stream's, if it belongs to a stream
     /// call this side made (or may: one being registered); else handed back.
-    pub(super) fn on_stream_reply(&self, msg: Msg) -> Option<Msg> {
-        let Some(streams) = self.streams.get() else {
-            return Some(msg);
-        };
+    #[cold]
+    #[inline(never)]
+    pub(super) fn on_stream_reply(&self, streams: &Streams, msg: Msg) -> Option<Msg> {
         let then = {
             let mut st = lock(&streams.state);
             let id = msg.conversation.first_id();
@@ -252,18 +251,14 @@ impl Inner {
         let outcome = std::future::poll_fn(|cx| self.poll_outcome(id, cx)).await;
         guard.armed = false;
         stream_guard.tell = true;
-        let reply = match outcome {
-            Outcome::Reply(reply) => reply,
+        match outcome {
+            Outcome::Opened => {}
+            Outcome::Reply(reply) => {
+                // The call ended with its reply (the stream entry is gone with it).
+                stream_guard.armed = false;
+                return Ok(Opened::Reply(reply));
+            }
             other => return Err(outcome_error(other)),
-        };
-        let opened = lock(&streams.state)
-            .calls
-            .get(&id)
-            .is_some_and(|call| call.opened);
-        if !opened {
-            // The call ended with its reply (the stream entry is gone with it).
-            stream_guard.armed = false;
-            return Ok(Opened::Reply(reply));
         }
         stream_guard.armed = false;
         let end: Arc<dyn RemoteEnd> = Arc::new(CallerEnd {
@@ -389,7 +384,7 @@ fn route_reply(st: &mut State, msg: Msg) -> Then {
             return match wire::decode_reply(&msg.payload) {
                 Ok(ReplyEnvelope::Ok(_)) if call.result.is_some() => {
                     call.opened = true;
-                    then.settle = Some((id, Outcome::Reply(msg.payload)));
+                    then.settle = Some((id, Outcome::Opened));
                     then
                 }
                 _ => fail_call(
@@ -483,6 +478,7 @@ fn outcome_error(outcome: Outcome) -> CallError {
         Outcome::Deadline => CallError::DeadlineExceeded,
         Outcome::Lost(cause) | Outcome::NotSent(cause) => CallError::ConnectionLost(cause),
         Outcome::Protocol(what) => CallError::Protocol(what),
+        Outcome::Opened => CallError::Protocol("a stream opened for a call".into()),
     }
 }
 
@@ -942,10 +938,7 @@ async fn forward_result(
         let item = match item {
             Ok(Some(Ok(item))) => item,
             Ok(None) => return envelope::encode_bare(envelope::END),
-            Ok(Some(Err(StreamError::BadItem(what)))) => {
-                return wire::encode_failure(FailureKind::BadArguments, &what)
-            }
-            Ok(Some(Err(e))) => return wire::encode_failure(FailureKind::Protocol, &e.to_string()),
+            Ok(Some(Err(e))) => return failure_of(&e),
             Err(message) => {
                 bump(&inner.peer.stats.handler_panics);
                 return wire::encode_failure(FailureKind::RemotePanic, &message);
@@ -965,6 +958,17 @@ async fn forward_result(
             tracing::debug!(error = %e, "stream item not sent");
             return cancelled();
         }
+    }
+}
+
+/// The failure envelope that ends a result stream whose source failed with `e` (the
+/// reader's [`stream_failure`] maps it back).
+fn failure_of(e: &StreamError) -> Payload {
+    match e {
+        StreamError::BadItem(what) => wire::encode_failure(FailureKind::BadArguments, what),
+        StreamError::RemotePanic(what) => wire::encode_failure(FailureKind::RemotePanic, what),
+        StreamError::Cancelled => wire::encode_failure(FailureKind::Cancelled, "cancelled"),
+        other => wire::encode_failure(FailureKind::Protocol, &other.to_string()),
     }
 }
 

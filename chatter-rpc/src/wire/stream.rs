@@ -1,5 +1,4 @@
-//! The envelopes of streams (work in progress, issue 16; `docs/design/streams.md`). Not
-//! routed by the peer yet.
+//! The envelopes of streams (PROTOCOL.md, "Streams"), routed by `peer/streams.rs`.
 //!
 //! In the call's conversation, after the callee's `[0, nil]` (no `last`), and in an
 //! argument stream's own conversation:
