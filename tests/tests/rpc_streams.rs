@@ -563,7 +563,33 @@ async fn the_deadline_covers_opening_the_stream_but_not_the_stream() {
     }
 }
 
-// IDLE_TEST_PLACEHOLDER
+#[tokio::test(start_paused = true)]
+async fn the_idle_timeout_ends_a_silent_stream() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        // Silent for 5 s, idle timeout 1 s.
+        let mut rx = within(s.feeds.late_item(5_000)).await.expect("opened");
+        rx.set_idle_timeout(Some(Duration::from_secs(1)));
+        let start = tokio::time::Instant::now();
+        assert_eq!(
+            within(rx.recv()).await,
+            Some(Err(StreamError::IdleTimeout)),
+            "{transport:?}"
+        );
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        assert_eq!(rx.recv().await, None);
+
+        // An item within the timeout keeps the stream alive.
+        let mut rx = within(s.feeds.late_item(200)).await.expect("opened");
+        rx.set_idle_timeout(Some(Duration::from_secs(10)));
+        assert_eq!(within(rx.recv()).await, Some(Ok(7)), "{transport:?}");
+        assert_eq!(within(rx.recv()).await, None);
+    }
+}
 
 // Flow control.
 
