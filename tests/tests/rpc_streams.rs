@@ -7,13 +7,14 @@
 //!   `StreamError::ConnectionLost`;
 //! - dropping either end stops the other: the callee's `Sender` fails with `Closed` when
 //!   the caller drops its result `Receiver`, the caller's `Sender` when the callee drops its
-//!   argument `Receiver`; a caller that drops its `Sender` ends the callee's stream
-//!   normally;
-//! - the call's deadline covers opening the stream, not the stream after it opened; the
-//!   reader's idle timeout ends a silent stream (paused clock);
+//!   argument `Receiver` (or its handler stops because the caller dropped the result);
+//!   a caller that drops its `Sender` ends the callee's stream normally;
+//! - the call's deadline covers opening the stream, not the stream after it opened (result
+//!   or argument stream); the reader's idle timeout ends a silent stream (paused clock);
 //! - flow control is per stream: an unread stream stalls only itself, with at most its
-//!   window held, while other streams and calls on the connection keep flowing; a stream
-//!   moves far more bytes than a frame can hold.
+//!   window held, while other streams, calls and signals on the connection keep flowing;
+//!   `max_streams` bounds the streams of a connection; a stream moves far more bytes than
+//!   a frame can hold.
 //!
 //! No test waits for time to pass as synchronisation: each waits for the event it needs
 //! (an item, a reply, a probe's report), under a hang guard.
@@ -96,6 +97,9 @@ pub trait Feeds {
     async fn counted(&self, size: u64) -> Receiver<Chunk>;
     /// Returns 1: an ordinary call beside the streams.
     async fn ping(&self) -> u64;
+    /// Reports `n`: a signal beside the streams.
+    #[signal]
+    async fn note(&self, n: u64);
 }
 
 /// What the callee reports to the test.
@@ -105,6 +109,8 @@ enum Report {
     Closed,
     /// `watched`: the send after that failed with `Closed`, handing the item back.
     SendFailed(u64),
+    /// `note`: the signal arrived.
+    Note(u64),
 }
 
 #[derive(Clone)]
@@ -225,6 +231,10 @@ impl Feeds for Feeder {
 
     async fn ping(&self) -> u64 {
         1
+    }
+
+    async fn note(&self, n: u64) {
+        let _ = self.reports.send(Report::Note(n));
     }
 }
 
@@ -475,6 +485,23 @@ async fn bidirectional_echo() {
         }
         drop(tx);
         assert_eq!(within(output.recv()).await, None, "{transport:?}");
+
+        // The caller drops the result stream: the callee's handler stops, and with it its
+        // reading of the argument stream, so the caller's sender fails.
+        let (tx, input) = stream::channel(2);
+        let mut output = within(s.feeds.echo(input)).await.expect("opened");
+        tx.send("one".to_owned()).await.expect("sent");
+        assert_eq!(within(output.recv()).await, Some(Ok("ONE".to_owned())));
+        drop(output);
+        let refused = within(async {
+            loop {
+                if let Err(stream::Closed(line)) = tx.send("more".to_owned()).await {
+                    break line;
+                }
+            }
+        })
+        .await;
+        assert_eq!(refused, "more", "{transport:?}");
     }
 }
 
@@ -560,6 +587,18 @@ async fn the_deadline_covers_opening_the_stream_but_not_the_stream() {
         assert_eq!(within(rx.recv()).await, Some(Ok(7)), "{transport:?}");
         assert!(start.elapsed() >= Duration::from_secs(5));
         assert_eq!(within(rx.recv()).await, None);
+
+        // An argument stream fed for 2.5 s, past the 1 s deadline: the deadline covered
+        // its opening only.
+        let (tx, items) = stream::channel(1);
+        let feed = async move {
+            for i in 1..=5u64 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                tx.send(i).await.expect("the callee reads");
+            }
+        };
+        let (sum, ()) = within(async { tokio::join!(feeds.sum(items), feed) }).await;
+        assert_eq!(sum.expect("summed past the deadline"), 15, "{transport:?}");
     }
 }
 
@@ -608,7 +647,7 @@ const CONNECTION_WINDOW: u32 = 64 * 1024;
 #[tokio::test]
 async fn an_unread_stream_stalls_only_itself() {
     for transport in TRANSPORTS {
-        let s = setup_with(
+        let mut s = setup_with(
             transport,
             PeerOptions::default().stream_window(STREAM_WINDOW),
             PeerOptions::default().stream_window(STREAM_WINDOW),
@@ -634,6 +673,8 @@ async fn an_unread_stream_stalls_only_itself() {
         for _ in 0..10 {
             assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
         }
+        within(s.feeds.note(42)).await.expect("queued");
+        assert_eq!(within(s.reports.recv()).await, Some(Report::Note(42)));
 
         // The unread stream's producer stayed within the window (plus the chunk pulled
         // while it waits for credit).
