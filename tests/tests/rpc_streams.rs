@@ -95,6 +95,13 @@ pub trait Feeds {
     /// Chunks of `size` bytes without end, counting on the probe each one its producer
     /// handed over.
     async fn counted(&self, size: u64) -> Receiver<Chunk>;
+    /// Items that are the application's own results: `Ok(i)` for `0..n`, `Err` for 3.
+    async fn results(&self, n: u64) -> Receiver<Result<u64, FeedError>>;
+    /// Panics before it returns a stream.
+    async fn panics_first(&self) -> Receiver<u64>;
+    /// Both ways, or the typed error before the stream opens (when `fail`), without
+    /// reading the argument stream.
+    async fn doubled(&self, fail: bool, input: Receiver<u64>) -> Result<Receiver<u64>, FeedError>;
     /// Returns 1: an ordinary call beside the streams.
     async fn ping(&self) -> u64;
     /// Reports `n`: a signal beside the streams.
@@ -227,6 +234,27 @@ impl Feeds for Feeder {
             counted.send_modify(|n| *n += 1);
             Chunk(vec![0x5a; size as usize])
         }))
+    }
+
+    async fn results(&self, n: u64) -> Receiver<Result<u64, FeedError>> {
+        Receiver::from_stream(futures::stream::iter(0..n).map(|i| match i {
+            3 => Err(FeedError::Broken(format!("item {i}"))),
+            i => Ok(i),
+        }))
+    }
+
+    async fn panics_first(&self) -> Receiver<u64> {
+        panic!("no stream today")
+    }
+
+    async fn doubled(&self, fail: bool, input: Receiver<u64>) -> Result<Receiver<u64>, FeedError> {
+        if fail {
+            return Err(FeedError::TooMany(0));
+        }
+        let doubled = input.take_while(|i| std::future::ready(i.is_ok()));
+        Ok(Receiver::from_stream(
+            doubled.filter_map(|i| std::future::ready(i.ok().map(|i| 2 * i))),
+        ))
     }
 
     async fn ping(&self) -> u64 {
@@ -502,6 +530,107 @@ async fn bidirectional_echo() {
         })
         .await;
         assert_eq!(refused, "more", "{transport:?}");
+    }
+}
+
+#[tokio::test]
+async fn application_errors_mid_stream_are_items() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let rx = within(s.feeds.results(5)).await.expect("opened");
+        let items: Vec<_> = within(rx.collect::<Vec<_>>()).await;
+        let broken = Err(FeedError::Broken("item 3".into()));
+        assert_eq!(
+            items,
+            [Ok(Ok(0)), Ok(Ok(1)), Ok(Ok(2)), Ok(broken), Ok(Ok(4))],
+            "{transport:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn many_streams_at_once_each_arrive_whole_and_in_order() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let streams = (0..50u64).map(|n| {
+            let feeds = s.feeds.clone();
+            async move {
+                let mut rx = feeds.numbers(n * 1_000, 1_000).await.expect("opened");
+                drain(&mut rx).await
+            }
+        });
+        let all = within(futures::future::join_all(streams)).await;
+        for (n, (items, error)) in (0..).zip(all) {
+            assert_eq!(error, None, "{transport:?}: stream {n}");
+            let expected: Vec<u64> = (n * 1_000..(n + 1) * 1_000).collect();
+            assert!(items == expected, "{transport:?}: stream {n}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_before_its_stream_opens_is_remote_panic() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        match within(s.feeds.panics_first()).await {
+            Err(CallError::RemotePanic { .. }) => {}
+            other => panic!("{transport:?}: expected RemotePanic, got {other:?}"),
+        }
+        assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+    }
+}
+
+#[tokio::test]
+async fn an_item_larger_than_the_window_ends_the_stream_with_an_error() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        // One chunk of 300 KiB against the default window of 256 KiB.
+        let mut rx = within(s.feeds.download(300 * 1024, 300 * 1024))
+            .await
+            .expect("opened");
+        let (items, error) = within(drain(&mut rx)).await;
+        assert!(items.is_empty(), "{transport:?}");
+        match error {
+            // Said once: not "stream protocol error: stream protocol error: ..".
+            Some(StreamError::Protocol(what)) => assert!(
+                what.contains("cannot fit") && !what.starts_with("stream protocol error"),
+                "{transport:?}: {what}"
+            ),
+            other => panic!("{transport:?}: expected a protocol error, got {other:?}"),
+        }
+        assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+    }
+}
+
+#[tokio::test]
+async fn both_ways_with_a_typed_error_before_opening_closes_the_callers_sender() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let (tx, input) = stream::channel(2);
+        match within(s.feeds.doubled(true, input)).await {
+            Err(CallError::App { error, .. }) => assert_eq!(error, FeedError::TooMany(0)),
+            other => panic!("{transport:?}: expected the application error, got {other:?}"),
+        }
+        // The call is over: nobody reads the argument stream any more.
+        let refused = within(async {
+            let mut i = 0;
+            loop {
+                if let Err(stream::Closed(item)) = tx.send(i).await {
+                    break item;
+                }
+                i += 1;
+            }
+        })
+        .await;
+        assert!(
+            refused < 10,
+            "{transport:?}: {refused} items went to a finished call"
+        );
+
+        let (tx, input) = stream::channel(2);
+        let mut output = within(s.feeds.doubled(false, input)).await.expect("opened");
+        tx.send(21).await.expect("sent");
+        assert_eq!(within(output.recv()).await, Some(Ok(42)), "{transport:?}");
     }
 }
 
