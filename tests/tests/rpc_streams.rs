@@ -78,8 +78,11 @@ pub trait Feeds {
     async fn watched(&self) -> Receiver<u64>;
     /// Numbers for as long as someone reads.
     async fn endless(&self) -> stream::Receiver<u64>;
-    /// Client streaming: the sum of the argument stream, which must end normally.
+    /// Client streaming: the sum of the argument stream, which must end normally (its
+    /// error is reported on the probe, and returned).
     async fn sum(&self, items: Receiver<u64>) -> Result<u64, FeedError>;
+    /// `sum`, with an idle timeout of `idle_ms` on the argument stream.
+    async fn sum_within(&self, idle_ms: u64, items: Receiver<u64>) -> Result<u64, FeedError>;
     /// Reads `n` items of the argument stream, then drops it.
     async fn take(&self, n: u64, items: Receiver<u64>) -> Vec<u64>;
     /// Both ways: each line back, upper-cased, until the input ends.
@@ -118,6 +121,8 @@ enum Report {
     SendFailed(u64),
     /// `note`: the signal arrived.
     Note(u64),
+    /// `sum`: the argument stream failed.
+    InputFailed(StreamError),
 }
 
 #[derive(Clone)]
@@ -171,9 +176,20 @@ impl Feeds for Feeder {
     async fn sum(&self, mut items: Receiver<u64>) -> Result<u64, FeedError> {
         let mut sum = 0;
         while let Some(item) = items.recv().await {
-            sum += item.map_err(|e| FeedError::Broken(e.to_string()))?;
+            match item {
+                Ok(item) => sum += item,
+                Err(e) => {
+                    let _ = self.reports.send(Report::InputFailed(e.clone()));
+                    return Err(FeedError::Broken(e.to_string()));
+                }
+            }
         }
         Ok(sum)
+    }
+
+    async fn sum_within(&self, idle_ms: u64, mut items: Receiver<u64>) -> Result<u64, FeedError> {
+        items.set_idle_timeout(Some(Duration::from_millis(idle_ms)));
+        self.sum(items).await
     }
 
     async fn take(&self, n: u64, mut items: Receiver<u64>) -> Vec<u64> {
@@ -698,6 +714,43 @@ async fn a_lost_connection_ends_the_stream_with_connection_lost() {
     assert!(matches!(error, StreamError::ConnectionLost(_)), "{error:?}");
 }
 
+#[tokio::test]
+async fn a_lost_connection_fails_an_argument_stream_on_both_sides() {
+    for transport in TRANSPORTS {
+        let mut s = setup(transport).await;
+        let (tx, items) = stream::channel(4);
+        let call = tokio::spawn(s.feeds.sum(items));
+        tx.send(1).await.expect("sent");
+        let connection = s.server.connection().expect("connected");
+        tokio::spawn(async move { connection.close().await });
+        // The callee's handler sees its argument stream fail, or is dropped with the
+        // connection as a call's handler is (then the probe's last sender goes with it).
+        match within(s.reports.recv()).await {
+            Some(Report::InputFailed(StreamError::ConnectionLost(_))) | None => {}
+            other => panic!("{transport:?}: expected ConnectionLost, got {other:?}"),
+        }
+        // The caller's call fails, and its sender is refused.
+        match within(call).await.expect("the call's task") {
+            Err(CallError::ConnectionLost(_)) => {}
+            other => panic!("{transport:?}: expected ConnectionLost, got {other:?}"),
+        }
+        let refused = within(async {
+            let mut i = 0;
+            loop {
+                if tx.send(i).await.is_err() {
+                    break i;
+                }
+                i += 1;
+            }
+        })
+        .await;
+        assert!(
+            refused < 10,
+            "{transport:?}: {refused} items sent into a lost call"
+        );
+    }
+}
+
 // Deadline and idle timeout (paused clock).
 
 #[tokio::test(start_paused = true)]
@@ -734,7 +787,7 @@ async fn the_deadline_covers_opening_the_stream_but_not_the_stream() {
 #[tokio::test(start_paused = true)]
 async fn the_idle_timeout_ends_a_silent_stream() {
     for transport in TRANSPORTS {
-        let s = setup(transport).await;
+        let mut s = setup(transport).await;
         // Silent for 5 s, idle timeout 1 s.
         let mut rx = within(s.feeds.late_item(5_000)).await.expect("opened");
         rx.set_idle_timeout(Some(Duration::from_secs(1)));
@@ -750,6 +803,24 @@ async fn the_idle_timeout_ends_a_silent_stream() {
             "{waited:?}"
         );
         assert_eq!(rx.recv().await, None);
+
+        // The callee's own idle timeout on its argument stream: the caller goes silent,
+        // the callee's stream ends with IdleTimeout, and the caller's sender is refused.
+        let (tx, items) = stream::channel(1);
+        tx.send(5).await.expect("sent");
+        match within(s.feeds.sum_within(1_000, items)).await {
+            Err(CallError::App {
+                error: FeedError::Broken(_),
+                ..
+            }) => {}
+            other => panic!("{transport:?}: expected the idle stream's error, got {other:?}"),
+        }
+        assert_eq!(
+            within(s.reports.recv()).await,
+            Some(Report::InputFailed(StreamError::IdleTimeout)),
+            "{transport:?}"
+        );
+        assert!(within(tx.send(6)).await.is_err(), "{transport:?}");
 
         // An item within the timeout keeps the stream alive.
         let mut rx = within(s.feeds.late_item(200)).await.expect("opened");
