@@ -93,8 +93,9 @@ pub trait Feeds {
     async fn late_item(&self, ms: u64) -> Receiver<u64>;
     /// `total` bytes of [`pattern`], in chunks of `chunk` bytes.
     async fn download(&self, total: u64, chunk: u64) -> Receiver<Chunk>;
-    /// How many bytes arrived, and whether they were [`pattern`].
-    async fn upload(&self, data: Receiver<Chunk>) -> (u64, bool);
+    /// How many bytes arrived, and whether they were [`pattern`] (`Bytes` items: MessagePack
+    /// bin, as `Chunk`s are).
+    async fn upload(&self, data: Receiver<bytes::Bytes>) -> (u64, bool);
     /// Chunks of `size` bytes without end, counting on the probe each one its producer
     /// handed over.
     async fn counted(&self, size: u64) -> Receiver<Chunk>;
@@ -231,10 +232,10 @@ impl Feeds for Feeder {
         }))
     }
 
-    async fn upload(&self, mut data: Receiver<Chunk>) -> (u64, bool) {
+    async fn upload(&self, mut data: Receiver<bytes::Bytes>) -> (u64, bool) {
         let (mut length, mut intact) = (0, true);
         while let Some(chunk) = data.recv().await {
-            let Ok(Chunk(bytes)) = chunk else {
+            let Ok(bytes) = chunk else {
                 return (length, false);
             };
             let end = length + bytes.len() as u64;
@@ -954,7 +955,7 @@ async fn a_stream_moves_far_more_than_a_frame() {
         let (tx, rx) = stream::channel(4);
         let feed = async move {
             for start in (0..LARGE).step_by(LARGE_CHUNK as usize) {
-                tx.send(Chunk(pattern(start, start + LARGE_CHUNK)))
+                tx.send(bytes::Bytes::from(pattern(start, start + LARGE_CHUNK)))
                     .await
                     .expect("the callee reads");
             }
