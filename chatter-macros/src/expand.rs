@@ -258,8 +258,11 @@ fn client(tr: &Trait) -> TokenStream {
                 .as_ref()
                 .map_or_else(proc_macro2::Span::call_site, |t| t.span());
             let future = quote_spanned!(span=> impl #p::Future<Output = #ret> + #p::Send + 'static);
+            // The return type names the parts of a `#[result]` alias as
+            // `<Alias as RemoteResult>::Err`: complex, but not the user's to simplify.
             quote! {
                 #(#attrs)*
+                #[allow(clippy::type_complexity)]
                 #vis fn #name(&self, #(#idents: #tys),*) -> #future {
                     #call
                 }
