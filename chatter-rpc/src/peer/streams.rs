@@ -960,7 +960,7 @@ async fn forward_result(
         match credit {
             Ok(()) => {}
             Err(StreamError::Cancelled) => return cancelled(),
-            Err(e) => return wire::encode_failure(FailureKind::Protocol, &e.to_string()),
+            Err(e) => return failure_of(&e),
         }
         if let Err(e) = inner.conn.send_bytes(&item, items).await {
             tracing::debug!(error = %e, "stream item not sent");
@@ -976,6 +976,7 @@ fn failure_of(e: &StreamError) -> Payload {
         StreamError::BadItem(what) => wire::encode_failure(FailureKind::BadArguments, what),
         StreamError::RemotePanic(what) => wire::encode_failure(FailureKind::RemotePanic, what),
         StreamError::Cancelled => wire::encode_failure(FailureKind::Cancelled, "cancelled"),
+        StreamError::Protocol(what) => wire::encode_failure(FailureKind::Protocol, what),
         other => wire::encode_failure(FailureKind::Protocol, &other.to_string()),
     }
 }
