@@ -21,6 +21,7 @@ mod harness;
 mod raw;
 mod report;
 mod rpc;
+mod streams;
 mod tarpc_sys;
 mod throttle;
 mod tls;
@@ -50,7 +51,7 @@ const USAGE: &str =
     "usage: chatter-bench [--quick] [--raw-per-frame] [--runs N] [--only WORKLOAD,...] \
 [--systems raw,tarpc,core,rpc] [--layouts split,onecore] [--out DIR]
 workloads: latency, pipelined, fanin, payload, signals, idle, tls-pipelined, tls-payload,
-connect, throttle (chatter-core's bandwidth throttle, achieved against set rate: a table of its own)";
+connect, stream-items, stream-bytes, stream-fanout, throttle (chatter-core's bandwidth throttle, achieved against set rate: a table of its own)";
 
 fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
     let value = value.unwrap_or_else(|| panic!("{what} needs a value\n{USAGE}"));
@@ -305,17 +306,40 @@ fn child(mut argv: impl Iterator<Item = String>) {
     {
         spec.total = n;
     }
+    // `--payload N` overrides the item size (stream workloads: try other chunk sizes).
+    if let Some(n) = flags
+        .iter()
+        .position(|f| f == "--payload")
+        .and_then(|i| flags.get(i + 1))
+        .and_then(|n| n.parse().ok())
+    {
+        spec.payload = n;
+    }
+    // `--stream-window N`: chatter-rpc's stream window at the reader, in bytes.
+    if let Some(n) = flags
+        .iter()
+        .position(|f| f == "--stream-window")
+        .and_then(|i| flags.get(i + 1))
+        .and_then(|n| n.parse().ok())
+    {
+        spec.stream_window = n;
+    }
     harness::raise_nofile();
     let tls = spec.tls.then(tls::Tls::generate);
     let done = harness::Done::new(spec.total);
     let server_tls = tls.clone();
+    let stream = spec.kind == workload::Kind::Stream;
     let server: harness::ServerFn = match s {
+        System::Raw if stream => Box::new(move || streams::raw_server(done)),
+        System::Rpc if stream => Box::new(move || streams::rpc_server(done)),
         System::Raw => Box::new(move || raw::server(spec, done, server_tls)),
         System::Core => Box::new(move || core::server(spec, done, server_tls)),
         System::Rpc => Box::new(move || rpc::server(spec, done, server_tls)),
         System::Tarpc => Box::new(move || tarpc_sys::server(spec, done, server_tls)),
     };
     let client: harness::ClientFn = match s {
+        System::Raw if stream => Box::new(move |info| streams::raw_client(spec, info)),
+        System::Rpc if stream => Box::new(move |info| streams::rpc_client(spec, info)),
         System::Raw => Box::new(move |info| raw::client(spec, info, tls)),
         System::Core => Box::new(move |info| core::client(spec, info, tls)),
         System::Rpc => Box::new(move |info| rpc::client(spec, info, tls)),
@@ -333,6 +357,10 @@ fn child(mut argv: impl Iterator<Item = String>) {
         p99_ns: percentile(&m.latencies, 99.0) as f64,
         peak_rss: peak as f64,
         rss_per_conn: m.rss_per_conn.unwrap_or(0.0),
+        min_share: m.min_share.unwrap_or(f64::NAN),
+        cpu_ns_per_op: m
+            .cpu
+            .map_or(f64::NAN, |c| c.as_nanos() as f64 / m.ops.max(1) as f64),
     };
     println!("{}", sample.line());
     use std::io::Write;
