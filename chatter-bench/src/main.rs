@@ -38,6 +38,8 @@ use workload::{System, Workload};
 struct Args {
     quick: bool,
     raw_batched: bool,
+    /// chatter-rpc's stream window at the reader for the stream workloads (`None`: default).
+    stream_window: Option<u64>,
     runs: usize,
     workloads: Vec<Workload>,
     /// Whether to measure the throttle (chatter-core only).
@@ -48,7 +50,7 @@ struct Args {
 }
 
 const USAGE: &str =
-    "usage: chatter-bench [--quick] [--raw-per-frame] [--runs N] [--only WORKLOAD,...] \
+    "usage: chatter-bench [--quick] [--raw-per-frame] [--stream-window BYTES] [--runs N] [--only WORKLOAD,...] \
 [--systems raw,tarpc,core,rpc] [--layouts split,onecore] [--out DIR]
 workloads: latency, pipelined, fanin, payload, signals, idle, tls-pipelined, tls-payload,
 connect, stream-items, stream-bytes, stream-fanout, throttle (chatter-core's bandwidth throttle, achieved against set rate: a table of its own)";
@@ -66,6 +68,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
     let mut args = Args {
         quick: false,
         raw_batched: true,
+        stream_window: None,
         runs: 0,
         workloads: workload::ALL.to_vec(),
         throttle: true,
@@ -77,6 +80,16 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
         match arg.as_str() {
             "--quick" => args.quick = true,
             "--raw-per-frame" => args.raw_batched = false,
+            "--stream-window" => {
+                args.stream_window = Some(
+                    it.next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|&n| n >= 1024)
+                        .unwrap_or_else(|| {
+                            panic!("--stream-window needs bytes (>= 1024)\n{USAGE}")
+                        }),
+                )
+            }
             "--runs" => {
                 args.runs = it
                     .next()
@@ -139,7 +152,7 @@ fn main() {
         for &w in &args.workloads {
             for run in 0..args.runs {
                 for &s in args.systems.iter().filter(|s| s.runs(w)) {
-                    match run_child(layout, w, s, args.quick, args.raw_batched) {
+                    match run_child(layout, w, s, &args) {
                         Ok(sample) => {
                             eprintln!(
                                 "{:>8} {:>13} {:>12} run {}: {}",
@@ -226,20 +239,17 @@ fn run_throttle(args: &Args, command: &str) -> String {
 }
 
 /// Runs one measurement in a child process and parses its result line.
-fn run_child(
-    layout: Layout,
-    w: Workload,
-    s: System,
-    quick: bool,
-    raw_batched: bool,
-) -> Result<Sample, String> {
+fn run_child(layout: Layout, w: Workload, s: System, args: &Args) -> Result<Sample, String> {
     let mut child_args: Vec<String> = ["--child", w.name(), s.name(), layout.name()]
         .map(String::from)
         .to_vec();
-    if !raw_batched {
+    if !args.raw_batched {
         child_args.push("--raw-per-frame".into());
     }
-    let out = child_output(&child_args, quick)?;
+    if let Some(window) = args.stream_window {
+        child_args.extend(["--stream-window".into(), window.to_string()]);
+    }
+    let out = child_output(&child_args, args.quick)?;
     out.lines()
         .find_map(Sample::parse)
         .ok_or_else(|| format!("no RESULT line in {out:?}"))

@@ -85,8 +85,7 @@ impl Sample {
             ),
             Workload::StreamItems | Workload::StreamBytes | Workload::StreamFanout => {
                 let mut d = format!(
-                    "{:.1} {unit}, {:.0} kitems/s, {:.1} MB/s, CPU {:.0} ns/item, peak RSS {:.1} MB",
-                    self.value(w),
+                    "{:.0} kitems/s, {:.1} MB/s, CPU {:.0} ns/item, peak RSS {:.1} MB",
                     self.ops_per_s / 1e3,
                     self.mb_per_s,
                     self.cpu_ns_per_op,

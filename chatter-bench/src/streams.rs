@@ -3,8 +3,8 @@
 //!
 //! - **raw**: the client asks with one frame (how many items, of what size); the server
 //!   writes that many length-delimited frames of the size (`LengthDelimitedCodec`, fed into
-//!   a `FramedWrite` that writes every 8 KiB, flushed at the end) and the client reads them
-//!   (`FramedRead`, each frame split off its read buffer without a copy). One framed stream
+//!   a `FramedWrite` that writes every 64 KiB, flushed at the end) and the client reads them
+//!   (`FramedRead` with a 64 KiB buffer, each frame split off it without a copy). One framed stream
 //!   per connection: for `stream-fanout` the same bytes in one stream (raw TCP has no
 //!   multiplexing to be fair or unfair about).
 //! - **chatter-rpc**: a hand-written [`Service`] through the runtime API the `#[remote]`
@@ -74,6 +74,8 @@ async fn raw_send(stream: TcpStream) {
     let (r, w) = stream.into_split();
     let mut rd = FramedRead::new(r, LengthDelimitedCodec::new());
     let mut wr = FramedWrite::new(w, LengthDelimitedCodec::new());
+    // Writes of about 64 KiB, not FramedWrite's default 8 KiB (two 4 KiB frames).
+    wr.set_backpressure_boundary(64 * 1024);
     let Some(Ok(req)) = rd.next().await else {
         return;
     };
@@ -95,7 +97,9 @@ pub fn raw_client(spec: Spec, info: ServerInfo) -> LocalFuture<Measured> {
         let stream = TcpStream::connect(&info.addr).await.expect("connect (raw)");
         stream.set_nodelay(true).expect("TCP_NODELAY");
         let (r, w) = stream.into_split();
-        let mut rd = FramedRead::new(r, LengthDelimitedCodec::new());
+        // Reads of up to 64 KiB: FramedRead's default 8 KiB buffer would take two 4 KiB
+        // frames per read (chatter-core reads in larger blocks).
+        let mut rd = FramedRead::with_capacity(r, LengthDelimitedCodec::new(), 64 * 1024);
         let mut wr = FramedWrite::new(w, LengthDelimitedCodec::new());
         wr.send(request(spec.warmup + spec.total, spec.payload))
             .await
