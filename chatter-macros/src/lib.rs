@@ -20,6 +20,7 @@ mod ast;
 mod attr;
 mod check;
 mod ctxt;
+mod describe;
 mod expand;
 
 /// Turns a trait into a remote interface: generates `{Trait}Client` and `{Trait}Server`.

@@ -159,6 +159,7 @@ impl Peer {
         // No `start_connection` either: a new outbox's cursor is 0 already, and its `live`
         // is read only by a reconnecting link's sweep.
         let state = Arc::new(PeerState::new(options, Link::Plain, stream, None));
+        crate::introspect::install(&state);
         bump(&state.stats.connects);
         let inner = Inner::new(state.clone(), connection, 1);
         let peer = Peer {

@@ -27,6 +27,7 @@ pub struct PeerOptions {
     pub(crate) acknowledged_signals: bool,
     pub(crate) max_metadata_bytes: usize,
     pub(crate) start_traces: bool,
+    pub(crate) introspection: bool,
 }
 
 impl Default for PeerOptions {
@@ -41,6 +42,7 @@ impl Default for PeerOptions {
             acknowledged_signals: false,
             max_metadata_bytes: 8192,
             start_traces: false,
+            introspection: true,
         }
     }
 }
@@ -153,6 +155,28 @@ impl PeerOptions {
     /// ```
     pub fn start_traces(mut self, start: bool) -> Self {
         self.start_traces = start;
+        self
+    }
+
+    /// Serves the built-in object `chatter.introspect` ([`crate::introspect`]), which lists
+    /// the objects this peer serves with their methods, describes them, answers pings and
+    /// reports [`PeerStats`] (default true; the `chatter` command-line tool uses it).
+    ///
+    /// On by default: a description tells a connected client nothing it could not learn
+    /// by trying names (an unknown object or method gets its own failure), and calls stay
+    /// behind the same gate (TLS client certificates) as every other object; it costs one
+    /// registry entry per peer. Turn it off for a server whose interface should not be
+    /// listed to whoever connects, or whose counters should stay private (with
+    /// [`serve`](crate::serve), each connection's peer reports only its own). Unregistering
+    /// `chatter.introspect` turns it off for one peer.
+    ///
+    /// ```
+    /// use chatter_rpc::PeerOptions;
+    /// let options = PeerOptions::default().introspection(false);
+    /// # let _ = options;
+    /// ```
+    pub fn introspection(mut self, serve: bool) -> Self {
+        self.introspection = serve;
         self
     }
 }
