@@ -6,7 +6,7 @@ use chatter_rpc::__private::{ArgError, ArgsWriter, ClientCore, Method};
 use chatter_rpc::introspect::{
     InterfaceDescription, IntrospectClient, IntrospectError, MethodDescription, MethodKind, OBJECT,
 };
-use chatter_rpc::{CallError, Peer};
+use chatter_rpc::{AckError, CallError, Peer};
 use serde_json::{json, Value};
 
 use crate::connect::ConnectArgs;
@@ -137,9 +137,15 @@ pub(crate) async fn emit(
             .map(|()| "delivered: the handler ran")
             .map_err(|e| {
                 let error = CliError::new(format!("{object}.{method}: {e}"));
-                match &described {
-                    Some(m) => error.hint(format!("it takes {}", signature(m))),
-                    None => error,
+                match (&e, &described) {
+                    (AckError::Failed, Some(m)) => {
+                        error.hint(format!("it takes {}; did its handler panic?", signature(m)))
+                    }
+                    (AckError::Failed, None) => error.hint(
+                        "no such object or method, arguments that do not fit, or a handler \
+                         that panicked (the receiver does not say which)",
+                    ),
+                    _ => error,
                 }
             })
     } else {

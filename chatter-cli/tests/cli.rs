@@ -497,3 +497,16 @@ fn connection_problems_say_what_to_do() {
     let (stderr, _) = fails(&["list", "unix:///nonexistent/chatter.sock"]);
     assert!(stderr.contains("no socket at"), "{stderr}");
 }
+
+#[test]
+fn a_signal_the_receiver_cannot_handle_is_reported() {
+    // Without introspection nothing is checked before sending: the receiver's
+    // acknowledgement says it could not run it.
+    let s = servers();
+    let (stderr, _) = fails(&["emit", &s.no_introspection, "calc.nope", "1"]);
+    assert!(
+        stderr.contains("the receiver could not handle the signal"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("no such object or method"), "{stderr}");
+}

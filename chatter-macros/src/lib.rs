@@ -97,6 +97,8 @@ mod expand;
 ///     pub fn object(&self) -> &Arc<T>;
 /// }
 ///
+/// // Its `description()` is a static record of the trait (name, docs, each method's kind,
+/// // argument names and types, return and error types): `chatter_rpc::introspect`.
 /// impl<T: Calculator + Send + Sync + 'static> chatter_rpc::Service for CalculatorServer<T> {}
 /// ```
 ///
