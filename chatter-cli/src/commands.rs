@@ -537,6 +537,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn signatures_read_like_rust() {
+        use chatter_rpc::__private::{describe_arg, describe_call, describe_signal};
+        static AB: [chatter_rpc::__private::ArgDescription; 2] =
+            [describe_arg("a", "i64"), describe_arg("b", "i64")];
+        static LINE: [chatter_rpc::__private::ArgDescription; 1] = [describe_arg("line", "String")];
+        let add = describe_call("add", "", &AB, "i64", None, false);
+        assert_eq!(signature(&add), "add(a: i64, b: i64) -> i64");
+        assert_eq!(signature_line(&add), "call    add(a: i64, b: i64) -> i64");
+        let div = describe_call("div", "", &AB, "i64", Some("CalcError"), true);
+        assert_eq!(
+            signature_line(&div),
+            "call    div(a: i64, b: i64) -> Result<i64, CalcError>  [idempotent]"
+        );
+        let none = describe_call("reset", "", &[], "()", None, false);
+        assert_eq!(signature(&none), "reset()");
+        let log = describe_signal("log", "", &LINE, Some(5_000), true);
+        assert_eq!(
+            signature_line(&log),
+            "signal  log(line: String)  [ttl 5s, persistent]"
+        );
+    }
+
+    #[test]
     fn ttls_read_as_declared() {
         assert_eq!(millis_text(5_000), "5s");
         assert_eq!(millis_text(120_000), "2m");

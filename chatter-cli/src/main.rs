@@ -92,7 +92,7 @@ Examples:
         #[arg(allow_negative_numbers = true)]
         args: Vec<String>,
         /// How long to wait for the reply: 500ms, 30s, 2m (a number alone is seconds).
-        #[arg(long, default_value = "30s", value_parser = connect::parse_duration)]
+        #[arg(long, value_name = "TIME", default_value = "30s", value_parser = connect::parse_duration)]
         deadline: std::time::Duration,
     },
     /// Send a signal (a one-way method) with JSON arguments.
@@ -114,7 +114,7 @@ Examples:
         args: Vec<String>,
         /// How long the signal may take to reach its handler (default: the method's
         /// declared TTL, else 30s): 500ms, 30s, 2m.
-        #[arg(long, value_parser = connect::parse_duration)]
+        #[arg(long, value_name = "TIME", value_parser = connect::parse_duration)]
         ttl: Option<std::time::Duration>,
         /// Do not wait for the receiver's acknowledgement: only hand the signal to the
         /// connection.
@@ -158,7 +158,7 @@ Examples:
         #[arg(short, long, default_value_t = 4)]
         count: u32,
         /// The time between pings: 1s, 100ms.
-        #[arg(short, long, default_value = "1s", value_parser = connect::parse_duration)]
+        #[arg(short, long, value_name = "TIME", default_value = "1s", value_parser = connect::parse_duration)]
         interval: std::time::Duration,
     },
     /// Show the peer's counters (calls received, signals sent, handler panics, ...).

@@ -22,29 +22,59 @@ pub(crate) fn line(text: &str) {
     }
 }
 
-/// Prints rows as a table with a header, columns padded to the widest cell (the last
-/// column is not padded).
+/// Prints rows as a table with a header (see [`table_text`]).
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
+    line(table_text(header, rows).trim_end_matches('\n'));
+}
+
+/// Rows as a table with a header, columns padded to the widest cell plus two spaces (the
+/// last column is not padded), one line each.
+pub(crate) fn table_text(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    let render = |cells: Vec<&str>| {
+    let mut text = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for cells in std::iter::once(&header).chain(rows) {
         let last = cells.len().saturating_sub(1);
-        let mut text = String::new();
-        for (i, cell) in cells.into_iter().enumerate() {
+        for (i, cell) in cells.iter().enumerate() {
             text.push_str(cell);
             if i < last {
                 let pad = widths[i] - cell.chars().count() + 2;
                 text.extend(std::iter::repeat_n(' ', pad));
             }
         }
-        text
-    };
-    line(&render(header.to_vec()));
-    for row in rows {
-        line(&render(row.iter().map(String::as_str).collect()));
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table_text;
+
+    #[test]
+    fn tables_pad_every_column_but_the_last() {
+        let rows = vec![
+            vec![
+                "calc".to_owned(),
+                "Calculator".to_owned(),
+                "add, div".to_owned(),
+            ],
+            vec![
+                "chatter.introspect".to_owned(),
+                "-".to_owned(),
+                String::new(),
+            ],
+        ];
+        assert_eq!(
+            table_text(&["OBJECT", "INTERFACE", "METHODS"], &rows),
+            "OBJECT              INTERFACE   METHODS\n\
+             calc                Calculator  add, div\n\
+             chatter.introspect  -           \n"
+        );
     }
 }

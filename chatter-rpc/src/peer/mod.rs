@@ -274,7 +274,8 @@ impl Peer {
         removed
     }
 
-    /// The names of the hosted objects, sorted.
+    /// The names of the hosted objects, sorted (with the built-in `chatter.introspect`
+    /// unless [`PeerOptions::introspection`] is off).
     pub fn objects(&self) -> Vec<String> {
         let mut names: Vec<String> = read(&self.state.objects).keys().cloned().collect();
         names.sort();
