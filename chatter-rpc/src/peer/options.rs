@@ -165,7 +165,9 @@ impl PeerOptions {
     /// On by default: a description tells a connected client nothing it could not learn
     /// by trying names (an unknown object or method gets its own failure), and calls stay
     /// behind the same gate (TLS client certificates) as every other object; it costs one
-    /// registry entry per peer. Turn it off for a server whose interface should not be
+    /// registry entry per peer (measured: 64 bytes in 3 allocations more per peer, next
+    /// to about 1,530 for a peer made from a connection that hosts one object), and
+    /// nothing per call. Turn it off for a server whose interface should not be
     /// listed to whoever connects, or whose counters should stay private (with
     /// [`serve`](crate::serve), each connection's peer reports only its own). Unregistering
     /// `chatter.introspect` turns it off for one peer.
