@@ -558,25 +558,27 @@ async fn forward_input(inner: Arc<Inner>, id: u64, outlet: Arc<Outlet>, mut sour
         }
     };
     let items = in_conversation(conv);
-    loop {
+    let end = loop {
         let item = tokio::select! {
             biased;
-            () = outlet.cancelled() => break,
+            () = outlet.cancelled() => break envelope::encode_bare(envelope::END),
             item = std::future::poll_fn(|cx| source.as_mut().poll_next(cx)) => item,
         };
-        let Some(Ok(item)) = item else {
-            // The end, or the source failed (it has no way to tell the callee why: the
-            // stream ends; an application error belongs in the item type).
-            break;
+        let item = match item {
+            None => break envelope::encode_bare(envelope::END),
+            Some(Ok(item)) => item,
+            // The callee's reader gets the error, not a short stream.
+            Some(Err(e)) => break failure_of(&e),
         };
-        if outlet.take(cost(item.len())).await.is_err() {
-            break;
+        match outlet.take(cost(item.len())).await {
+            Ok(()) => {}
+            Err(StreamError::Cancelled) => break envelope::encode_bare(envelope::END),
+            Err(e) => break failure_of(&e),
         }
         if inner.conn.send_bytes(&item, items).await.is_err() {
             return;
         }
-    }
-    let end = envelope::encode_bare(envelope::END);
+    };
     if let Err(e) = inner.conn.send_bytes(&end, items.last(true)).await {
         tracing::debug!(error = %e, "argument stream not ended");
     }
@@ -782,6 +784,12 @@ impl Inner {
                 return credit;
             }
             Ok(other) => Err(format!("unexpected argument stream message {other:?}")),
+            // The caller's source failed: `[2, kind, message]` ends the stream.
+            Err(_) if msg.last && msg.payload.starts_with(&[0x93, 0x02]) => {
+                inbox.finish(Err(stream_failure(&msg.payload)));
+                st.arguments.remove(&conv);
+                return credit;
+            }
             Err(e) => Err(e.0),
         };
         if let Err(what) = outcome {
@@ -952,7 +960,7 @@ async fn forward_result(
         match credit {
             Ok(()) => {}
             Err(StreamError::Cancelled) => return cancelled(),
-            Err(e) => return wire::encode_failure(FailureKind::Protocol, &e.to_string()),
+            Err(e) => return failure_of(&e),
         }
         if let Err(e) = inner.conn.send_bytes(&item, items).await {
             tracing::debug!(error = %e, "stream item not sent");
@@ -968,6 +976,7 @@ fn failure_of(e: &StreamError) -> Payload {
         StreamError::BadItem(what) => wire::encode_failure(FailureKind::BadArguments, what),
         StreamError::RemotePanic(what) => wire::encode_failure(FailureKind::RemotePanic, what),
         StreamError::Cancelled => wire::encode_failure(FailureKind::Cancelled, "cancelled"),
+        StreamError::Protocol(what) => wire::encode_failure(FailureKind::Protocol, what),
         other => wire::encode_failure(FailureKind::Protocol, &other.to_string()),
     }
 }
