@@ -511,6 +511,34 @@ async fn the_callee_dropping_its_argument_stream_fails_the_callers_sender() {
     }
 }
 
+/// On the paused clock, so that a hang fails at once (virtual time) instead of after the
+/// guard's minute.
+#[tokio::test(start_paused = true)]
+async fn a_callers_producer_that_panics_fails_the_callees_argument_stream() {
+    for transport in TRANSPORTS {
+        let mut s = setup(transport).await;
+        let items = Receiver::from_stream(futures::stream::iter(1..).map(|i| {
+            if i == 4 {
+                panic!("the caller's producer gave up at {i}");
+            }
+            i
+        }));
+        match within(s.feeds.sum(items)).await {
+            Err(CallError::App {
+                error: FeedError::Broken(_),
+                ..
+            }) => {}
+            other => panic!("{transport:?}: expected the broken stream, got {other:?}"),
+        }
+        match within(s.reports.recv()).await {
+            Some(Report::InputFailed(StreamError::RemotePanic(what))) => {
+                assert!(what.contains("gave up at 4"), "{transport:?}: {what}")
+            }
+            other => panic!("{transport:?}: expected RemotePanic, got {other:?}"),
+        }
+    }
+}
+
 // Both ways.
 
 #[tokio::test]
