@@ -644,6 +644,19 @@ async fn an_item_larger_than_the_window_ends_the_stream_with_an_error() {
             other => panic!("{transport:?}: expected a protocol error, got {other:?}"),
         }
         assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+
+        // The same in an argument stream: the callee's reader gets an error, not a short
+        // stream that looks complete (`upload` says `false` on an error).
+        let (tx, rx) = stream::channel(1);
+        tx.send(bytes::Bytes::from(vec![0; 300 * 1024]))
+            .await
+            .expect("queued");
+        drop(tx);
+        assert_eq!(
+            within(s.feeds.upload(rx)).await.expect("answered"),
+            (0, false),
+            "{transport:?}"
+        );
     }
 }
 
