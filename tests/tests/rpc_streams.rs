@@ -793,6 +793,39 @@ async fn a_lost_connection_fails_an_argument_stream_on_both_sides() {
     }
 }
 
+/// A callee that shuts down gracefully ends its open streams with an error once the grace
+/// is over (a stream is not a call that finishes), and refuses new stream calls meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_callee_shutting_down_ends_its_streams_with_an_error() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let mut rx = within(s.feeds.endless()).await.expect("opened");
+        assert_eq!(within(rx.recv()).await, Some(Ok(0)));
+        let server = s.server.clone();
+        let shutdown = tokio::spawn(async move { server.shutdown(Duration::from_secs(2)).await });
+        // The shutdown task runs first (one thread, and it was scheduled before us).
+        tokio::task::yield_now().await;
+        assert!(s.server.is_shutting_down());
+        match within(s.feeds.numbers(0, 1)).await {
+            Err(CallError::ShuttingDown) => {}
+            other => panic!("{transport:?}: expected ShuttingDown, got {other:?}"),
+        }
+        // Not read meanwhile: the stream waits for its reader, the grace runs out.
+        let start = tokio::time::Instant::now();
+        within(shutdown).await.expect("shut down");
+        assert!(start.elapsed() <= Duration::from_secs(3), "{transport:?}");
+        let (items, error) = within(drain(&mut rx)).await;
+        assert!(
+            items.iter().copied().eq(1..=items.len() as u64),
+            "{transport:?}: in order"
+        );
+        match error {
+            Some(StreamError::ConnectionLost(_) | StreamError::Cancelled) => {}
+            other => panic!("{transport:?}: expected the stream to fail, got {other:?}"),
+        }
+    }
+}
+
 // Deadline and idle timeout (paused clock).
 
 #[tokio::test(start_paused = true)]
