@@ -162,7 +162,7 @@ mod stream;
 /// use chatter_rpc::{remote, Peer};
 ///
 /// #[derive(Debug, serde::Serialize, serde::Deserialize)]
-/// pub enum FsError { NotFound }
+/// pub enum FsError { NotFound, Interrupted(String) }
 ///
 /// #[remote]
 /// pub trait Files {
@@ -194,7 +194,7 @@ mod stream;
 ///         let mut size = 0;
 ///         while let Some(chunk) = data.recv().await {
 ///             // An `Err` says why the stream broke (connection lost, ...).
-///             size += chunk.map_err(|_| FsError::NotFound)?.len() as u64;
+///             size += chunk.map_err(|e| FsError::Interrupted(e.to_string()))?.len() as u64;
 ///         }
 ///         Ok(size) // `None`: the caller ended the stream.
 ///     }
