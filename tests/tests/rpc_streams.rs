@@ -692,6 +692,47 @@ async fn both_ways_with_a_typed_error_before_opening_closes_the_callers_sender()
     }
 }
 
+/// Another version of [`Feeds`]: its `sum` takes an extra argument the callee does not
+/// expect, and its `numbers` a count of another type.
+#[remote]
+pub trait FeedsV2 {
+    async fn sum(&self, label: String, items: Receiver<u64>) -> Result<u64, FeedError>;
+    async fn numbers(&self, from: u64, count: String) -> Result<Receiver<u64>, FeedError>;
+}
+
+#[tokio::test]
+async fn a_stream_call_with_arguments_the_callee_cannot_read_is_refused() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let v2 = FeedsV2Client::new(s.feeds.peer(), "feeds");
+        match within(v2.numbers(0, "many".into())).await {
+            Err(CallError::BadArguments { .. }) => {}
+            other => panic!("{transport:?}: expected BadArguments, got {other:?}"),
+        }
+        let (tx, items) = stream::channel(2);
+        match within(v2.sum("label".into(), items)).await {
+            Err(CallError::BadArguments { .. }) => {}
+            other => panic!("{transport:?}: expected BadArguments, got {other:?}"),
+        }
+        // The refused call's argument stream has no reader.
+        let refused = within(async {
+            let mut i = 0;
+            loop {
+                if tx.send(i).await.is_err() {
+                    break i;
+                }
+                i += 1;
+            }
+        })
+        .await;
+        assert!(
+            refused < 10,
+            "{transport:?}: {refused} items sent into a refused call"
+        );
+        assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+    }
+}
+
 // Failures.
 
 #[tokio::test]
