@@ -693,11 +693,15 @@ async fn both_ways_with_a_typed_error_before_opening_closes_the_callers_sender()
 }
 
 /// Another version of [`Feeds`]: its `sum` takes an extra argument the callee does not
-/// expect, and its `numbers` a count of another type.
+/// expect, its `numbers` a count of another type; `ping` streams here but not there,
+/// `endless` there but not here, and `missing` is nowhere.
 #[remote]
 pub trait FeedsV2 {
     async fn sum(&self, label: String, items: Receiver<u64>) -> Result<u64, FeedError>;
     async fn numbers(&self, from: u64, count: String) -> Result<Receiver<u64>, FeedError>;
+    async fn ping(&self) -> Receiver<u64>;
+    async fn endless(&self) -> u64;
+    async fn missing(&self) -> Receiver<u64>;
 }
 
 #[tokio::test]
@@ -729,6 +733,34 @@ async fn a_stream_call_with_arguments_the_callee_cannot_read_is_refused() {
             refused < 10,
             "{transport:?}: {refused} items sent into a refused call"
         );
+        assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+    }
+}
+
+#[tokio::test]
+async fn versions_that_disagree_about_streams_fail_clearly() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let v2 = FeedsV2Client::new(s.feeds.peer(), "feeds");
+        // A stream call of a method that returns a value.
+        match within(v2.ping()).await {
+            Err(CallError::Protocol(what)) => assert!(what.contains("has no stream"), "{what}"),
+            other => panic!("{transport:?}: expected a protocol error, got {other:?}"),
+        }
+        // An ordinary call of a method that returns a stream.
+        match within(v2.endless()).await {
+            Err(CallError::Protocol(what)) => assert!(what.contains("has a stream"), "{what}"),
+            other => panic!("{transport:?}: expected a protocol error, got {other:?}"),
+        }
+        match within(v2.missing()).await {
+            Err(CallError::NoSuchMethod { .. }) => {}
+            other => panic!("{transport:?}: expected NoSuchMethod, got {other:?}"),
+        }
+        let nobody = FeedsClient::new(s.feeds.peer(), "nobody");
+        match within(nobody.endless()).await {
+            Err(CallError::NoSuchObject { .. }) => {}
+            other => panic!("{transport:?}: expected NoSuchObject, got {other:?}"),
+        }
         assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
     }
 }
