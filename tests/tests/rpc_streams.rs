@@ -106,6 +106,8 @@ pub trait Feeds {
     /// Both ways, or the typed error before the stream opens (when `fail`), without
     /// reading the argument stream.
     async fn doubled(&self, fail: bool, input: Receiver<u64>) -> Result<Receiver<u64>, FeedError>;
+    /// Waits until the test opens the gate, then counts the chunks of `items`.
+    async fn hold(&self, items: Receiver<Chunk>) -> u64;
     /// Returns 1: an ordinary call beside the streams.
     async fn ping(&self) -> u64;
     /// Reports `n`: a signal beside the streams.
@@ -131,6 +133,8 @@ struct Feeder {
     reports: mpsc::UnboundedSender<Report>,
     /// Chunks `counted` handed over.
     counted: Arc<watch::Sender<u64>>,
+    /// `hold` waits for a permit before it reads.
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl Feeds for Feeder {
@@ -274,6 +278,15 @@ impl Feeds for Feeder {
         ))
     }
 
+    async fn hold(&self, mut items: Receiver<Chunk>) -> u64 {
+        self.gate.acquire().await.expect("never closed").forget();
+        let mut n = 0;
+        while let Some(Ok(_)) = items.recv().await {
+            n += 1;
+        }
+        n
+    }
+
     async fn ping(&self) -> u64 {
         1
     }
@@ -310,6 +323,8 @@ struct Setup {
     reports: mpsc::UnboundedReceiver<Report>,
     /// How many chunks `counted` handed over.
     counted: watch::Receiver<u64>,
+    /// Opens `hold`.
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 async fn setup(transport: Transport) -> Setup {
@@ -326,23 +341,21 @@ async fn setup_with(
     transport: Transport,
     client_options: PeerOptions,
     server_options: PeerOptions,
-    client_connection: Options,
+    connection: Options,
 ) -> Setup {
     // No keepalive: the paused clock may jump past it while only I/O is pending.
-    let (listener, client, accepted) = pair_with(
-        transport,
-        Options::default().no_keepalive(),
-        client_connection.no_keepalive(),
-    )
-    .await;
+    let connection = connection.no_keepalive();
+    let (listener, client, accepted) = pair_with(transport, connection.clone(), connection).await;
     let (tx, reports) = mpsc::unbounded_channel();
     let (counter, counted) = watch::channel(0);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let server = Peer::with_options(accepted, server_options);
     server.register(
         "feeds",
         FeedsServer::new(Feeder {
             reports: tx,
             counted: Arc::new(counter),
+            gate: gate.clone(),
         }),
     );
     let client = Peer::with_options(client, client_options);
@@ -353,6 +366,7 @@ async fn setup_with(
         feeds,
         reports,
         counted,
+        gate,
     }
 }
 
@@ -796,6 +810,7 @@ async fn a_lost_connection_ends_the_stream_with_connection_lost() {
     let feeder = Feeder {
         reports: tx,
         counted: Arc::new(watch::channel(0).0),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
     };
     let server = serve(listener, PeerOptions::default(), move |peer: &Peer| {
         peer.register("feeds", FeedsServer::new(feeder.clone()));
@@ -1037,6 +1052,53 @@ async fn an_unread_stream_stalls_only_itself() {
             };
             assert_eq!(bytes, vec![0x5a; CHUNK as usize]);
         }
+    }
+}
+
+#[tokio::test]
+async fn an_unread_argument_stream_stalls_only_itself() {
+    for transport in TRANSPORTS {
+        let s = setup_with(
+            transport,
+            PeerOptions::default().stream_window(STREAM_WINDOW),
+            PeerOptions::default().stream_window(STREAM_WINDOW),
+            Options::default()
+                .receive_window(CONNECTION_WINDOW)
+                .max_frame_size(CONNECTION_WINDOW / 4),
+        )
+        .await;
+        // The caller's producer: 1 000 chunks (about four windows), counted as pulled.
+        let (counter, mut pulled) = watch::channel(0u64);
+        let chunks = futures::stream::iter(0..1_000).map(move |_| {
+            counter.send_modify(|n| *n += 1);
+            Chunk(vec![0xa5; CHUNK as usize])
+        });
+        let held = tokio::spawn(s.feeds.hold(Receiver::from_stream(chunks)));
+        // The callee does not read: the caller sends beyond the connection's window, into
+        // the stream's own.
+        let beyond_connection = u64::from(CONNECTION_WINDOW) / CHUNK + 8;
+        within(pulled.wait_for(|n| *n >= beyond_connection))
+            .await
+            .expect("the producer is alive");
+        for _ in 0..10 {
+            assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+        }
+        let mut other = within(s.feeds.numbers(0, 20_000)).await.expect("opened");
+        let (items, error) = within(drain(&mut other)).await;
+        assert_eq!((items.len(), error), (20_000, None), "{transport:?}");
+        let most = STREAM_WINDOW / (CHUNK + 64) + 2;
+        let sent = *pulled.borrow();
+        assert!(sent <= most, "{transport:?}: {sent} chunks > {most}");
+
+        // Once the callee reads, every chunk arrives.
+        s.gate.add_permits(1);
+        assert_eq!(
+            within(held)
+                .await
+                .expect("the call's task")
+                .expect("counted"),
+            1_000
+        );
     }
 }
 
