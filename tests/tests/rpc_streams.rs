@@ -708,7 +708,8 @@ async fn both_ways_with_a_typed_error_before_opening_closes_the_callers_sender()
 
 /// Another version of [`Feeds`]: its `sum` takes an extra argument the callee does not
 /// expect, its `numbers` a count of another type; `ping` streams here but not there,
-/// `endless` there but not here, and `missing` is nowhere.
+/// `endless` there but not here, `missing` is nowhere, and `results` has items of another
+/// type.
 #[remote]
 pub trait FeedsV2 {
     async fn sum(&self, label: String, items: Receiver<u64>) -> Result<u64, FeedError>;
@@ -716,6 +717,8 @@ pub trait FeedsV2 {
     async fn ping(&self) -> Receiver<u64>;
     async fn endless(&self) -> u64;
     async fn missing(&self) -> Receiver<u64>;
+    /// Items of another type than the callee sends.
+    async fn results(&self, n: u64) -> Receiver<String>;
 }
 
 #[tokio::test]
@@ -770,6 +773,13 @@ async fn versions_that_disagree_about_streams_fail_clearly() {
             Err(CallError::NoSuchMethod { .. }) => {}
             other => panic!("{transport:?}: expected NoSuchMethod, got {other:?}"),
         }
+        // Items that do not decode: the stream ends with BadItem, then None.
+        let mut rx = within(v2.results(1_000_000)).await.expect("opened");
+        match within(rx.recv()).await {
+            Some(Err(StreamError::BadItem(_))) => {}
+            other => panic!("{transport:?}: expected BadItem, got {other:?}"),
+        }
+        assert_eq!(within(rx.recv()).await, None, "{transport:?}");
         let nobody = FeedsClient::new(s.feeds.peer(), "nobody");
         match within(nobody.endless()).await {
             Err(CallError::NoSuchObject { .. }) => {}
