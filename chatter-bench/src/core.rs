@@ -163,6 +163,8 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                     elapsed,
                     latencies,
                     rss_per_conn: None,
+                    min_share: None,
+                    cpu: None,
                 }
             }
             Kind::OneWay => {
@@ -199,6 +201,7 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                 })
                 .await
             }
+            Kind::Stream => unreachable!("streams.rs runs the stream workloads"),
             Kind::Idle => {
                 idle_rss(spec.conns, || async {
                     let mut conns = Vec::with_capacity(spec.conns);

@@ -178,6 +178,21 @@ pub struct Measured {
     pub latencies: Vec<u32>,
     /// Resident bytes per connection (idle workload only).
     pub rss_per_conn: Option<f64>,
+    /// The slowest stream's items over the fair share (`stream-fanout` only).
+    pub min_share: Option<f64>,
+    /// CPU time of the whole process (both ends) in the measured phase (stream workloads).
+    pub cpu: Option<Duration>,
+}
+
+/// CPU time this process used so far, all threads (`CLOCK_PROCESS_CPUTIME_ID`): unlike
+/// wall time, hardly affected by other processes on a busy host.
+pub fn process_cpu() -> Duration {
+    // SAFETY: `ts` is a plain struct that clock_gettime fills in.
+    unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts);
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -21,6 +21,7 @@ mod harness;
 mod raw;
 mod report;
 mod rpc;
+mod streams;
 mod tarpc_sys;
 mod throttle;
 mod tls;
@@ -37,6 +38,8 @@ use workload::{System, Workload};
 struct Args {
     quick: bool,
     raw_batched: bool,
+    /// chatter-rpc's stream window at the reader for the stream workloads (`None`: default).
+    stream_window: Option<u64>,
     runs: usize,
     workloads: Vec<Workload>,
     /// Whether to measure the throttle (chatter-core only).
@@ -47,10 +50,10 @@ struct Args {
 }
 
 const USAGE: &str =
-    "usage: chatter-bench [--quick] [--raw-per-frame] [--runs N] [--only WORKLOAD,...] \
+    "usage: chatter-bench [--quick] [--raw-per-frame] [--stream-window BYTES] [--runs N] [--only WORKLOAD,...] \
 [--systems raw,tarpc,core,rpc] [--layouts split,onecore] [--out DIR]
 workloads: latency, pipelined, fanin, payload, signals, idle, tls-pipelined, tls-payload,
-connect, throttle (chatter-core's bandwidth throttle, achieved against set rate: a table of its own)";
+connect, stream-items, stream-bytes, stream-fanout, throttle (chatter-core's bandwidth throttle, achieved against set rate: a table of its own)";
 
 fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
     let value = value.unwrap_or_else(|| panic!("{what} needs a value\n{USAGE}"));
@@ -65,6 +68,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
     let mut args = Args {
         quick: false,
         raw_batched: true,
+        stream_window: None,
         runs: 0,
         workloads: workload::ALL.to_vec(),
         throttle: true,
@@ -76,6 +80,16 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
         match arg.as_str() {
             "--quick" => args.quick = true,
             "--raw-per-frame" => args.raw_batched = false,
+            "--stream-window" => {
+                args.stream_window = Some(
+                    it.next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|&n| n >= 1024)
+                        .unwrap_or_else(|| {
+                            panic!("--stream-window needs bytes (>= 1024)\n{USAGE}")
+                        }),
+                )
+            }
             "--runs" => {
                 args.runs = it
                     .next()
@@ -138,7 +152,7 @@ fn main() {
         for &w in &args.workloads {
             for run in 0..args.runs {
                 for &s in args.systems.iter().filter(|s| s.runs(w)) {
-                    match run_child(layout, w, s, args.quick, args.raw_batched) {
+                    match run_child(layout, w, s, &args) {
                         Ok(sample) => {
                             eprintln!(
                                 "{:>8} {:>13} {:>12} run {}: {}",
@@ -225,20 +239,17 @@ fn run_throttle(args: &Args, command: &str) -> String {
 }
 
 /// Runs one measurement in a child process and parses its result line.
-fn run_child(
-    layout: Layout,
-    w: Workload,
-    s: System,
-    quick: bool,
-    raw_batched: bool,
-) -> Result<Sample, String> {
+fn run_child(layout: Layout, w: Workload, s: System, args: &Args) -> Result<Sample, String> {
     let mut child_args: Vec<String> = ["--child", w.name(), s.name(), layout.name()]
         .map(String::from)
         .to_vec();
-    if !raw_batched {
+    if !args.raw_batched {
         child_args.push("--raw-per-frame".into());
     }
-    let out = child_output(&child_args, quick)?;
+    if let Some(window) = args.stream_window {
+        child_args.extend(["--stream-window".into(), window.to_string()]);
+    }
+    let out = child_output(&child_args, args.quick)?;
     out.lines()
         .find_map(Sample::parse)
         .ok_or_else(|| format!("no RESULT line in {out:?}"))
@@ -305,17 +316,40 @@ fn child(mut argv: impl Iterator<Item = String>) {
     {
         spec.total = n;
     }
+    // `--payload N` overrides the item size (stream workloads: try other chunk sizes).
+    if let Some(n) = flags
+        .iter()
+        .position(|f| f == "--payload")
+        .and_then(|i| flags.get(i + 1))
+        .and_then(|n| n.parse().ok())
+    {
+        spec.payload = n;
+    }
+    // `--stream-window N`: chatter-rpc's stream window at the reader, in bytes.
+    if let Some(n) = flags
+        .iter()
+        .position(|f| f == "--stream-window")
+        .and_then(|i| flags.get(i + 1))
+        .and_then(|n| n.parse().ok())
+    {
+        spec.stream_window = n;
+    }
     harness::raise_nofile();
     let tls = spec.tls.then(tls::Tls::generate);
     let done = harness::Done::new(spec.total);
     let server_tls = tls.clone();
+    let stream = spec.kind == workload::Kind::Stream;
     let server: harness::ServerFn = match s {
+        System::Raw if stream => Box::new(move || streams::raw_server(done)),
+        System::Rpc if stream => Box::new(move || streams::rpc_server(done)),
         System::Raw => Box::new(move || raw::server(spec, done, server_tls)),
         System::Core => Box::new(move || core::server(spec, done, server_tls)),
         System::Rpc => Box::new(move || rpc::server(spec, done, server_tls)),
         System::Tarpc => Box::new(move || tarpc_sys::server(spec, done, server_tls)),
     };
     let client: harness::ClientFn = match s {
+        System::Raw if stream => Box::new(move |info| streams::raw_client(spec, info)),
+        System::Rpc if stream => Box::new(move |info| streams::rpc_client(spec, info)),
         System::Raw => Box::new(move |info| raw::client(spec, info, tls)),
         System::Core => Box::new(move |info| core::client(spec, info, tls)),
         System::Rpc => Box::new(move |info| rpc::client(spec, info, tls)),
@@ -333,6 +367,10 @@ fn child(mut argv: impl Iterator<Item = String>) {
         p99_ns: percentile(&m.latencies, 99.0) as f64,
         peak_rss: peak as f64,
         rss_per_conn: m.rss_per_conn.unwrap_or(0.0),
+        min_share: m.min_share.unwrap_or(f64::NAN),
+        cpu_ns_per_op: m
+            .cpu
+            .map_or(f64::NAN, |c| c.as_nanos() as f64 / m.ops.max(1) as f64),
     };
     println!("{}", sample.line());
     use std::io::Write;

@@ -15,18 +15,25 @@ pub struct Sample {
     pub p99_ns: f64,
     pub peak_rss: f64,
     pub rss_per_conn: f64,
+    /// The slowest stream's items over the fair share (`stream-fanout`; NaN otherwise).
+    pub min_share: f64,
+    /// Process CPU time (both ends) per item in the measured phase, in ns (stream
+    /// workloads; NaN otherwise).
+    pub cpu_ns_per_op: f64,
 }
 
 impl Sample {
     pub fn line(&self) -> String {
         format!(
-            "RESULT {} {} {} {} {} {}",
+            "RESULT {} {} {} {} {} {} {} {}",
             self.ops_per_s,
             self.mb_per_s,
             self.p50_ns,
             self.p99_ns,
             self.peak_rss,
-            self.rss_per_conn
+            self.rss_per_conn,
+            self.min_share,
+            self.cpu_ns_per_op
         )
     }
 
@@ -42,6 +49,8 @@ impl Sample {
             p99_ns: f.next()?.ok()?,
             peak_rss: f.next()?.ok()?,
             rss_per_conn: f.next()?.ok()?,
+            min_share: f.next()?.ok()?,
+            cpu_ns_per_op: f.next()?.ok()?,
         })
     }
 
@@ -49,7 +58,10 @@ impl Sample {
     pub fn value(&self, w: Workload) -> f64 {
         match w {
             Workload::Latency => self.p50_ns / 1e3,
-            Workload::Payload | Workload::TlsPayload => self.mb_per_s,
+            Workload::Payload
+            | Workload::TlsPayload
+            | Workload::StreamBytes
+            | Workload::StreamFanout => self.mb_per_s,
             Workload::Idle => self.rss_per_conn / 1e3,
             Workload::Connect => self.ops_per_s,
             _ => self.ops_per_s / 1e3,
@@ -71,6 +83,23 @@ impl Sample {
                 self.value(w),
                 self.peak_rss / 1e6
             ),
+            Workload::StreamItems | Workload::StreamBytes | Workload::StreamFanout => {
+                let mut d = format!(
+                    "{:.0} kitems/s, {:.1} MB/s, CPU {:.0} ns/item, peak RSS {:.1} MB",
+                    self.ops_per_s / 1e3,
+                    self.mb_per_s,
+                    self.cpu_ns_per_op,
+                    self.peak_rss / 1e6
+                );
+                if !self.min_share.is_nan() {
+                    let _ = write!(
+                        d,
+                        ", slowest stream {:.2} of its fair share",
+                        self.min_share
+                    );
+                }
+                d
+            }
             _ => format!(
                 "{:.1} {unit}, {:.0} kcalls/s, p50 {:.1} µs, p99 {:.1} µs, peak RSS {:.1} MB",
                 self.value(w),
@@ -260,7 +289,7 @@ pub fn markdown(
                 }
                 let m = |f: fn(&Sample) -> f64| r.med(l, w, s, f);
                 let opt = |v: f64, show: bool| if show { fmt_value(v) } else { "–".into() };
-                let calls = !matches!(w, Workload::Signals | Workload::Idle);
+                let calls = !matches!(w, Workload::Signals | Workload::Idle) && !w.is_stream();
                 let all: Vec<String> = samples.iter().map(|x| fmt_value(x.value(w))).collect();
                 let _ = writeln!(
                     md,
@@ -271,7 +300,7 @@ pub fn markdown(
                     opt(m(|x| x.ops_per_s) / 1e3, w != Workload::Idle),
                     opt(
                         m(|x| x.mb_per_s),
-                        matches!(w, Workload::Payload | Workload::TlsPayload)
+                        matches!(w, Workload::Payload | Workload::TlsPayload) || w.is_stream()
                     ),
                     opt(m(|x| x.p50_ns) / 1e3, calls),
                     opt(m(|x| x.p99_ns) / 1e3, calls),
@@ -282,7 +311,96 @@ pub fn markdown(
             }
         }
     }
+    stream_cpu(&mut md, r, layouts);
+    fairness(&mut md, r, layouts, systems);
     md
+}
+
+/// The stream workloads' CPU cost: process CPU time (both ends) per item and per GB of
+/// payload, medians, and chatter-rpc's over raw's. On a busy host wall-clock rates swing
+/// with other processes; CPU time per byte hardly does.
+fn stream_cpu(md: &mut String, r: &Results, layouts: &[Layout]) {
+    let streams: Vec<Workload> = ALL.into_iter().filter(|w| w.is_stream()).collect();
+    if !layouts
+        .iter()
+        .any(|&l| streams.iter().any(|&w| r.has(l, w)))
+    {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n### Streams: CPU time (process CPU, both ends, over the measured phase; medians)\n"
+    );
+    let _ = writeln!(
+        md,
+        "| layout | workload | raw ns/item | rpc ns/item | raw CPU ms/GB | rpc CPU ms/GB | rpc/raw CPU |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    for &l in layouts {
+        for &w in &streams {
+            if !r.has(l, w) {
+                continue;
+            }
+            let ns = |s: System| r.med(l, w, s, |x| x.cpu_ns_per_op);
+            let per_gb = |s: System| {
+                let size = r.med(l, w, s, |x| x.mb_per_s * 1e6 / x.ops_per_s);
+                ns(s) / size * 1e3
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                l.name(),
+                w.name(),
+                fmt_value(ns(System::Raw)),
+                fmt_value(ns(System::Rpc)),
+                fmt_value(per_gb(System::Raw)),
+                fmt_value(per_gb(System::Rpc)),
+                fmt_ratio(ns(System::Rpc) / ns(System::Raw)),
+            );
+        }
+    }
+}
+
+/// The stream-fanout table: the slowest stream's share of the fair share (issue 16: no
+/// stream below half of it), for the systems that multiplex streams.
+fn fairness(md: &mut String, r: &Results, layouts: &[Layout], systems: &[System]) {
+    let w = Workload::StreamFanout;
+    if !layouts.iter().any(|&l| r.has(l, w)) {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\n### Stream fairness ({}: {} streams on one connection; slowest stream's items / \
+         (all items / streams), over the measured phase)\n",
+        w.name(),
+        crate::workload::FANOUT_STREAMS
+    );
+    let _ = writeln!(
+        md,
+        "| layout | system | slowest share (median) | runs | target | verdict |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---|---|---|");
+    for &l in layouts {
+        for &s in systems {
+            let samples = r.get(l, w, s);
+            if samples.is_empty() || samples.iter().all(|x| x.min_share.is_nan()) {
+                continue;
+            }
+            let share = r.med(l, w, s, |x| x.min_share);
+            let all: Vec<String> = samples
+                .iter()
+                .map(|x| format!("{:.2}", x.min_share))
+                .collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {share:.2} | {} | ≥ 0.50 | {} |",
+                l.name(),
+                s.name(),
+                all.join(", "),
+                if share >= 0.5 { "met" } else { "**missed**" }
+            );
+        }
+    }
 }
 
 /// A horizontal bar chart of each system's performance relative to raw (1.0 = raw): the

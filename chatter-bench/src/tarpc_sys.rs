@@ -146,6 +146,8 @@ pub fn client(spec: Spec, info: ServerInfo, _tls: Option<Tls>) -> LocalFuture<Me
                     elapsed,
                     latencies,
                     rss_per_conn: None,
+                    min_share: None,
+                    cpu: None,
                 }
             }
             Kind::OneWay => {
@@ -182,6 +184,7 @@ pub fn client(spec: Spec, info: ServerInfo, _tls: Option<Tls>) -> LocalFuture<Me
                 })
                 .await
             }
+            Kind::Stream => unreachable!("streams.rs runs the stream workloads"),
             Kind::Idle => {
                 idle_rss(spec.conns, || async {
                     let mut conns = Vec::with_capacity(spec.conns);

@@ -1,4 +1,4 @@
-//! The workloads of issue 5 and their sizes.
+//! The workloads of issue 5 (and the stream workloads of issue 16) and their sizes.
 
 /// One of the measured workloads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,9 +12,12 @@ pub enum Workload {
     TlsPipelined,
     TlsPayload,
     Connect,
+    StreamItems,
+    StreamBytes,
+    StreamFanout,
 }
 
-pub const ALL: [Workload; 9] = [
+pub const ALL: [Workload; 12] = [
     Workload::Latency,
     Workload::Pipelined,
     Workload::Fanin,
@@ -24,6 +27,9 @@ pub const ALL: [Workload; 9] = [
     Workload::TlsPipelined,
     Workload::TlsPayload,
     Workload::Connect,
+    Workload::StreamItems,
+    Workload::StreamBytes,
+    Workload::StreamFanout,
 ];
 
 /// What a workload does.
@@ -37,6 +43,10 @@ pub enum Kind {
     Idle,
     /// Connections opened one after the other, each for one call, then closed.
     Connect,
+    /// `streams` streams on one connection from the server to the client, each of
+    /// `payload`-byte items, read as fast as they come (`streams.rs`): `warmup` items
+    /// (all streams together), then `total` measured.
+    Stream,
 }
 
 /// The size of a workload.
@@ -54,6 +64,11 @@ pub struct Spec {
     /// Payload bytes per call (0: `add(i32, i32)`, 8 bytes of arguments).
     pub payload: usize,
     pub tls: bool,
+    /// Concurrent streams on the connection (stream workloads).
+    pub streams: usize,
+    /// chatter-rpc's stream window at the reader (`PeerOptions::stream_window`); 0: the
+    /// default (256 KiB).
+    pub stream_window: u64,
     /// raw writes together what may go together (the default, its physical limit) instead
     /// of one `send` (write and flush) per frame (`--raw-per-frame`).
     pub raw_batched: bool,
@@ -61,6 +76,23 @@ pub struct Spec {
 
 /// Payload size of the payload workloads.
 pub const PAYLOAD: usize = 64 * 1024;
+
+/// Item size of `stream-items`: a small value.
+pub const STREAM_ITEM: usize = 64;
+
+/// Chunk size of `stream-bytes`. An item must fit the reader's stream window (256 KiB by
+/// default, `PeerOptions::stream_window`) with its 64 bytes of accounted overhead and its
+/// envelope: 256 KiB chunks would be refused, 128 KiB ones would leave one chunk in flight
+/// (stop and wait for each grant). 64 KiB leaves three in flight, grants every two, and is
+/// the `payload` workload's size.
+pub const STREAM_CHUNK: usize = 64 * 1024;
+
+/// Item size of `stream-fanout`: big enough that MB/s means something, small enough that
+/// each of the 100 windows holds dozens.
+pub const FANOUT_ITEM: usize = 4 * 1024;
+
+/// Streams of `stream-fanout` (issue 16: 100 on one connection).
+pub const FANOUT_STREAMS: usize = 100;
 
 impl Workload {
     pub fn name(self) -> &'static str {
@@ -74,6 +106,9 @@ impl Workload {
             Workload::TlsPipelined => "tls-pipelined",
             Workload::TlsPayload => "tls-payload",
             Workload::Connect => "connect",
+            Workload::StreamItems => "stream-items",
+            Workload::StreamBytes => "stream-bytes",
+            Workload::StreamFanout => "stream-fanout",
         }
     }
 
@@ -90,10 +125,20 @@ impl Workload {
             Workload::Signals => ("kmsgs/s", true),
             Workload::Idle => ("KB/conn", false),
             Workload::Connect => ("conns/s", true),
+            Workload::StreamItems => ("kitems/s", true),
+            Workload::StreamBytes | Workload::StreamFanout => ("MB/s", true),
         }
     }
 
-    /// The target ratio to raw from issue 5.
+    /// Whether this is one of the stream workloads of issue 16.
+    pub fn is_stream(self) -> bool {
+        matches!(
+            self,
+            Workload::StreamItems | Workload::StreamBytes | Workload::StreamFanout
+        )
+    }
+
+    /// The target ratio to raw from issue 5 (issue 16's for streams: 0.8 too).
     pub fn target(self) -> f64 {
         match self {
             Workload::Latency | Workload::Idle => 1.25,
@@ -112,6 +157,8 @@ impl Workload {
             warmup: 0,
             payload: 0,
             tls: false,
+            streams: 1,
+            stream_window: 0,
             raw_batched: true,
         };
         match self {
@@ -165,6 +212,33 @@ impl Workload {
                 warmup: q(200, 20),
                 ..base
             },
+            // 64-byte items on one stream.
+            Workload::StreamItems => Spec {
+                kind: Kind::Stream,
+                total: q(2_000_000, 5_000),
+                warmup: q(50_000, 500),
+                payload: STREAM_ITEM,
+                ..base
+            },
+            // 1 GiB of 64 KiB chunks on one stream (4 MiB with --quick).
+            Workload::StreamBytes => Spec {
+                kind: Kind::Stream,
+                total: q((1 << 30) / STREAM_CHUNK as u64, 64),
+                warmup: q(512, 8),
+                payload: STREAM_CHUNK,
+                ..base
+            },
+            // 100 streams of 4 KiB items on one connection: 800 MiB (16 MiB with --quick).
+            // The warm-up is past what the 100 windows hold (about 6,000 items at the
+            // default 256 KiB), so that the measured items are read as they are sent.
+            Workload::StreamFanout => Spec {
+                kind: Kind::Stream,
+                streams: FANOUT_STREAMS,
+                total: q(200 * 1024, 4_000),
+                warmup: q(20_000, 8_000),
+                payload: FANOUT_ITEM,
+                ..base
+            },
         }
         .with_name(self)
     }
@@ -208,8 +282,15 @@ impl System {
         }
     }
 
-    /// Whether this system takes part in `w` (tarpc has no TLS transport here).
+    /// Whether this system takes part in `w` (tarpc has no TLS transport here; streams
+    /// are measured for chatter-rpc against raw).
     pub fn runs(self, w: Workload) -> bool {
-        !(self == System::Tarpc && matches!(w, Workload::TlsPipelined | Workload::TlsPayload))
+        match w {
+            Workload::TlsPipelined | Workload::TlsPayload => self != System::Tarpc,
+            Workload::StreamItems | Workload::StreamBytes | Workload::StreamFanout => {
+                matches!(self, System::Raw | System::Rpc)
+            }
+            _ => true,
+        }
     }
 }

@@ -20,6 +20,7 @@ mod ast;
 mod attr;
 mod check;
 mod ctxt;
+mod describe;
 mod expand;
 mod stream;
 
@@ -97,6 +98,8 @@ mod stream;
 ///     pub fn object(&self) -> &Arc<T>;
 /// }
 ///
+/// // Its `description()` is a static record of the trait (name, docs, each method's kind,
+/// // argument names and types, return and error types): `chatter_rpc::introspect`.
 /// impl<T: Calculator + Send + Sync + 'static> chatter_rpc::Service for CalculatorServer<T> {}
 /// ```
 ///

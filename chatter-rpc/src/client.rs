@@ -842,7 +842,7 @@ impl Opened {
 }
 
 /// The result stream of a stream call, or why there is none.
-fn opened_stream<T: DeserializeOwned, E>(
+fn opened_stream<T: DeserializeOwned + 'static, E>(
     opened: Result<Opened, CallError>,
     app: impl FnOnce(&[u8], RemoteContext) -> CallError<E>,
     (object, method): (String, &'static str),

@@ -148,6 +148,7 @@
 mod client;
 mod context;
 mod error;
+pub mod introspect;
 mod peer;
 mod server;
 mod service;
@@ -179,6 +180,8 @@ pub use service::Service;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::client::{ClientCore, Method};
+    pub use crate::introspect::build::*;
+    pub use crate::introspect::{ArgDescription, InterfaceDescription, MethodDescription};
     pub use crate::service::{
         reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay, CtxError, CtxNone, Dispatch,
         Handlers, RemoteResult, StreamReply,

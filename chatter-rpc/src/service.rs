@@ -23,6 +23,12 @@ pub trait Service: Send + Sync + 'static {
     /// kind it is.
     #[doc(hidden)]
     fn __dispatch(&self, method: &[u8], args: &[u8], handlers: &mut Handlers) -> Dispatch;
+
+    /// What `#[remote]` recorded about the trait this object serves, for introspection
+    /// ([`crate::introspect`]); `None` for a service without one.
+    fn description(&self) -> Option<&'static crate::introspect::InterfaceDescription> {
+        None
+    }
 }
 
 /// A boxed, sendable future.

@@ -407,19 +407,49 @@ struct RemoteReceiver<T> {
     done: bool,
     /// `T`'s decoder, chosen where `T: DeserializeOwned` is known, so that `Receiver<T>`
     /// itself needs no bound.
-    decode: fn(&[u8]) -> Result<T, crate::wire::WireError>,
+    decode: fn(bytes::Bytes) -> Result<T, crate::wire::WireError>,
 }
 
-impl<T: serde::de::DeserializeOwned> Receiver<T> {
+impl<T: serde::de::DeserializeOwned + 'static> Receiver<T> {
     /// The reading end of a remote stream whose items the peer pushes into `inbox`.
     pub(crate) fn remote(inbox: std::sync::Arc<Inbox>, end: std::sync::Arc<dyn RemoteEnd>) -> Self {
         Receiver::new(ReceiverInner::Remote(RemoteReceiver {
             inbox,
             end,
             done: false,
-            decode: crate::wire::decode_value::<T>,
+            decode: decode_item::<T>,
         }))
     }
+}
+
+/// Decodes a stream item. A `Bytes` item encoded as `bin` (as `Bytes` encodes) is a slice
+/// of the received frame, not a copy: serde's `Bytes` copies (`Bytes::copy_from_slice`),
+/// which took a third of the reader's CPU time moving 64 KiB chunks (BENCHMARKS.md,
+/// stream workloads).
+fn decode_item<T: serde::de::DeserializeOwned + 'static>(
+    item: bytes::Bytes,
+) -> Result<T, crate::wire::WireError> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<bytes::Bytes>() {
+        if let Some(at) = bin_data(&item) {
+            let mut out = Some(item.slice(at..));
+            let out = (&mut out as &mut dyn std::any::Any).downcast_mut::<Option<T>>();
+            if let Some(value) = out.and_then(Option::take) {
+                return Ok(value);
+            }
+        }
+    }
+    crate::wire::decode_value::<T>(&item)
+}
+
+/// Where the data of `item` starts, if it is exactly one MessagePack `bin`.
+fn bin_data(item: &[u8]) -> Option<usize> {
+    let (at, len) = match *item {
+        [0xc4, n, ..] => (2, usize::from(n)),
+        [0xc5, a, b, ..] => (3, usize::from(u16::from_be_bytes([a, b]))),
+        [0xc6, a, b, c, d, ..] => (5, u32::from_be_bytes([a, b, c, d]) as usize),
+        _ => return None,
+    };
+    (item.len().checked_sub(at) == Some(len)).then_some(at)
 }
 
 impl<T> RemoteReceiver<T> {
@@ -441,7 +471,7 @@ impl<T> RemoteReceiver<T> {
             self.end.grant(bytes);
         }
         match (item, end) {
-            (Some(item), _) => match (self.decode)(&item) {
+            (Some(item), _) => match (self.decode)(item) {
                 Ok(value) => Poll::Ready(Some(Ok(value))),
                 Err(e) => {
                     // The rest of the stream is of no use: stop the writer.
@@ -787,7 +817,7 @@ mod tests {
         }
     }
 
-    fn remote<T: serde::de::DeserializeOwned>(window: u64) -> (Arc<Inbox>, Arc<End>, Receiver<T>) {
+    fn remote<T: serde::de::DeserializeOwned + 'static>(window: u64) -> (Arc<Inbox>, Arc<End>, Receiver<T>) {
         let (inbox, end) = (Arc::new(Inbox::new(window)), Arc::new(End::default()));
         let rx = Receiver::remote(inbox.clone(), end.clone());
         (inbox, end, rx)
@@ -853,6 +883,25 @@ mod tests {
         assert_eq!(rx.recv().await, None);
         drop(rx);
         assert_eq!(end.cancelled.load(Ordering::Relaxed), 0, "ended normally");
+    }
+
+    #[tokio::test]
+    async fn a_bytes_item_is_a_slice_of_the_frame_not_a_copy() {
+        let (inbox, _end, mut rx) = remote::<bytes::Bytes>(1 << 20);
+        let mut frame = Vec::new();
+        chatter_msgpack::encode(&mut frame, &bytes::Bytes::from(vec![7u8; 300])).unwrap();
+        let frame = bytes::Bytes::from(frame);
+        inbox.push(frame.clone(), 400).unwrap();
+        let item = rx.recv().await.unwrap().unwrap();
+        assert_eq!(item, vec![7u8; 300]);
+        assert_eq!(item.as_ptr(), frame[3..].as_ptr(), "bin16: data after 3 bytes");
+        // Not a bin (an array of integers): decoded (copied) as serde does.
+        let (inbox, _end, mut rx) = remote::<bytes::Bytes>(1 << 20);
+        inbox.push(bytes::Bytes::from_static(b"\x92\x01\x02"), 64).unwrap();
+        assert_eq!(rx.recv().await, Some(Ok(bytes::Bytes::from_static(&[1, 2]))));
+        assert_eq!(bin_data(b"\xc4\x02ab"), Some(2));
+        assert_eq!(bin_data(b"\xc4\x02abc"), None, "a value after the bin");
+        assert_eq!(bin_data(b"\xc4\x03ab"), None, "cut short");
     }
 
     #[tokio::test]

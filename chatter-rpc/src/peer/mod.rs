@@ -160,6 +160,7 @@ impl Peer {
         // No `start_connection` either: a new outbox's cursor is 0 already, and its `live`
         // is read only by a reconnecting link's sweep.
         let state = Arc::new(PeerState::new(options, Link::Plain, stream, None));
+        crate::introspect::install(&state);
         bump(&state.stats.connects);
         let inner = Inner::new(state.clone(), connection, 1);
         let peer = Peer {
@@ -274,7 +275,8 @@ impl Peer {
         removed
     }
 
-    /// The names of the hosted objects, sorted.
+    /// The names of the hosted objects, sorted (with the built-in `chatter.introspect`
+    /// unless [`PeerOptions::introspection`] is off).
     pub fn objects(&self) -> Vec<String> {
         let mut names: Vec<String> = read(&self.state.objects).keys().cloned().collect();
         names.sort();

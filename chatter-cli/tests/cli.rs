@@ -1,0 +1,512 @@
+//! The `chatter` binary against real servers in this process: TCP, a Unix socket, mutual
+//! TLS with the repository's test PKI, and a peer with introspection off. Output is piped,
+//! so every command prints JSON lines.
+
+use std::ffi::OsStr;
+use std::fmt::Debug;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chatter_rpc::tls::ServerTls;
+use chatter_rpc::{listen, remote, serve, Options, Peer, PeerOptions, RpcServer};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+#[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+pub enum CalcError {
+    #[error("division by zero")]
+    DivisionByZero,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Point {
+    x: i64,
+    y: i64,
+}
+
+/// A calculator.
+#[remote]
+pub trait Calc {
+    /// Adds two numbers.
+    async fn add(&self, a: i64, b: i64) -> i64;
+    /// Divides, or fails with a typed error.
+    async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError>;
+    /// Mirrors a point.
+    async fn mirror(&self, p: Point) -> Point;
+    /// Takes its time.
+    async fn sleep(&self, millis: u64);
+    /// Counts a line.
+    #[signal(ttl = "5s")]
+    async fn log(&self, line: String);
+    /// How many lines arrived.
+    async fn logged(&self) -> u64;
+}
+
+struct Calculator {
+    logged: Arc<AtomicU64>,
+}
+
+impl Calc for Calculator {
+    async fn add(&self, a: i64, b: i64) -> i64 {
+        a + b
+    }
+    async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError> {
+        a.checked_div(b).ok_or(CalcError::DivisionByZero)
+    }
+    async fn mirror(&self, p: Point) -> Point {
+        Point { x: p.y, y: p.x }
+    }
+    async fn sleep(&self, millis: u64) {
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+    }
+    async fn log(&self, _line: String) {
+        self.logged.fetch_add(1, Ordering::SeqCst);
+    }
+    async fn logged(&self) -> u64 {
+        self.logged.load(Ordering::SeqCst)
+    }
+}
+
+/// The servers every test talks to, started once.
+struct Servers {
+    tcp: String,
+    unix: String,
+    tls: String,
+    no_introspection: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    _servers: Vec<RpcServer>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn servers() -> &'static Servers {
+    static SERVERS: OnceLock<Servers> = OnceLock::new();
+    SERVERS.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let logged = Arc::new(AtomicU64::new(0));
+        let pki = tests::pki();
+        let dir = std::env::temp_dir().join(format!("chatter-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write PEM");
+            path
+        };
+        let ca = write("ca.pem", &pki.ca.cert_pem);
+        let cert = write("client.pem", &pki.client.cert_pem);
+        let key = write("client-key.pem", &pki.client.key_pem);
+        let (servers, addresses) = runtime.block_on(async {
+            let mut servers = Vec::new();
+            let mut addresses = Vec::new();
+            let tls = ServerTls::from_pem(
+                pki.server.cert_pem.as_bytes(),
+                pki.server.key_pem.as_bytes(),
+            )
+            .expect("server TLS")
+            .require_client_certificates(pki.ca.cert_pem.as_bytes())
+            .expect("client CA");
+            let unix = format!("unix://{}", tests::unix_path().display());
+            let setups = [
+                ("tcp://127.0.0.1:0".to_owned(), Options::default(), true),
+                (unix, Options::default(), true),
+                (
+                    "tls://127.0.0.1:0".to_owned(),
+                    Options::default().tls_server(tls),
+                    true,
+                ),
+                ("tcp://127.0.0.1:0".to_owned(), Options::default(), false),
+            ];
+            for (address, options, introspection) in setups {
+                let listener = listen(address, options).await.expect("listen");
+                let logged = logged.clone();
+                let options = PeerOptions::default().introspection(introspection);
+                let server = serve(listener, options, move |peer: &Peer| {
+                    let calc = Calculator {
+                        logged: logged.clone(),
+                    };
+                    peer.register("calc", CalcServer::new(calc));
+                });
+                addresses.push(server.addresses()[0].to_string());
+                servers.push(server);
+            }
+            (servers, addresses)
+        });
+        let tls = addresses[2].replace("tls://127.0.0.1", "tls://localhost");
+        Servers {
+            tcp: addresses[0].clone(),
+            unix: addresses[1].clone(),
+            tls,
+            no_introspection: addresses[3].clone(),
+            ca,
+            cert,
+            key,
+            _servers: servers,
+            _runtime: runtime,
+        }
+    })
+}
+
+fn chatter<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chatter"))
+        .args(args)
+        .output()
+        .expect("run chatter")
+}
+
+/// Runs `chatter args` and expects success: its stdout lines as JSON.
+fn ok<S: AsRef<OsStr> + Debug>(args: &[S]) -> Vec<Value> {
+    let out = chatter(args);
+    let (stdout, stderr) = texts(&out);
+    assert!(
+        out.status.success(),
+        "chatter {args:?} failed:\n{stderr}\n{stdout}"
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Runs `chatter args` and expects exit status 1: its stderr and stdout.
+fn fails<S: AsRef<OsStr> + Debug>(args: &[S]) -> (String, String) {
+    let out = chatter(args);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "chatter {args:?}:\n{stderr}\n{stdout}"
+    );
+    (stderr, stdout)
+}
+
+fn texts(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_command_has_help_with_examples() {
+    for command in [
+        "list",
+        "describe",
+        "call",
+        "emit",
+        "watch",
+        "subscribe",
+        "ping",
+        "stats",
+    ] {
+        let out = chatter(&[command, "--help"]);
+        let (stdout, _) = texts(&out);
+        assert!(out.status.success(), "{command} --help");
+        assert!(stdout.contains("Example"), "{command} --help:\n{stdout}");
+        assert!(stdout.contains("chatter "), "{command} --help:\n{stdout}");
+    }
+    let out = chatter(&["--help"]);
+    assert!(texts(&out).0.contains("Examples:"));
+    // A command line that does not parse: clap's status 2.
+    assert_eq!(chatter(&["call"]).status.code(), Some(2));
+}
+
+#[test]
+fn list_shows_the_objects_and_their_methods() {
+    let s = servers();
+    let objects = ok(&["list", &s.tcp]);
+    assert_eq!(objects.len(), 2, "{objects:?}");
+    assert_eq!(
+        objects[0],
+        json!({"object": "calc", "interface": "Calc",
+               "methods": ["add", "div", "mirror", "sleep", "log", "logged"]})
+    );
+    assert_eq!(objects[1]["object"], "chatter.introspect");
+    // Over a Unix socket as well.
+    assert_eq!(ok(&["list", &s.unix]).len(), 2);
+}
+
+#[test]
+fn describe_gives_arguments_types_and_docs() {
+    let s = servers();
+    let described = ok(&["describe", &s.tcp, "calc"]);
+    let calc = &described[0];
+    assert_eq!(calc["object"], "calc");
+    assert_eq!(calc["name"], "Calc");
+    assert_eq!(calc["docs"], "A calculator.");
+    let div = &calc["methods"][1];
+    assert_eq!(div["name"], "div");
+    assert_eq!(div["kind"], "call");
+    assert_eq!(
+        div["args"],
+        json!([{"name": "a", "type": "i64"}, {"name": "b", "type": "i64"}])
+    );
+    assert_eq!(div["returns"], "i64");
+    assert_eq!(div["error"], "CalcError");
+    assert_eq!(div["docs"], "Divides, or fails with a typed error.");
+    let log = &calc["methods"][4];
+    assert_eq!(
+        (&log["kind"], &log["ttl_ms"]),
+        (&json!("signal"), &json!(5000))
+    );
+
+    let (stderr, _) = fails(&["describe", &s.tcp, "calculator"]);
+    assert!(stderr.contains("has no object `calculator`"), "{stderr}");
+    assert!(
+        stderr.contains("objects there: calc, chatter.introspect"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn call_translates_json_both_ways() {
+    let s = servers();
+    assert_eq!(ok(&["call", &s.tcp, "calc.add", "2", "3"]), [json!(5)]);
+    assert_eq!(ok(&["call", &s.tcp, "calc.add", "-2", "-3"]), [json!(-5)]);
+    assert_eq!(
+        ok(&["call", &s.tcp, "calc.mirror", r#"{"x": 1, "y": 2}"#]),
+        [json!({"x": 2, "y": 1})]
+    );
+    assert_eq!(ok(&["call", &s.unix, "calc.sleep", "1"]), [json!(null)]);
+}
+
+#[test]
+fn a_remote_error_is_printed_readably_and_as_json() {
+    let s = servers();
+    let (stderr, stdout) = fails(&["call", &s.tcp, "calc.div", "1", "0"]);
+    assert!(
+        stderr.contains("calc.div failed (CalcError): division by zero"),
+        "{stderr}"
+    );
+    let error: Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    assert_eq!(
+        error,
+        json!({"error": "DivisionByZero", "message": "division by zero", "chain": []})
+    );
+}
+
+#[test]
+fn mistakes_are_explained() {
+    let s = servers();
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.sub", "1", "2"]);
+    assert!(stderr.contains("has no method `sub`"), "{stderr}");
+    assert!(
+        stderr.contains("add, div, mirror, sleep, log, logged"),
+        "{stderr}"
+    );
+
+    let (stderr, _) = fails(&["call", &s.tcp, "nothing.add", "1", "2"]);
+    assert!(stderr.contains("has no object `nothing`"), "{stderr}");
+    assert!(stderr.contains("calc, chatter.introspect"), "{stderr}");
+
+    // Bad JSON: which argument, what it should be, how to quote.
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.add", "1", "two"]);
+    assert!(
+        stderr.contains("argument 2 (b: i64) is not JSON"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("add(a: i64, b: i64) -> i64"), "{stderr}");
+
+    // JSON that does not fit: the callee's decoder says why, the description what fits.
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.add", "1", r#""two""#]);
+    assert!(
+        stderr.contains("the arguments do not fit calc.add"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("it takes add(a: i64, b: i64) -> i64"),
+        "{stderr}"
+    );
+
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.add", "1"]);
+    assert!(
+        stderr.contains("`add` takes 2 arguments, 1 given"),
+        "{stderr}"
+    );
+
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.log", r#""x""#]);
+    assert!(stderr.contains("is a signal"), "{stderr}");
+    assert!(stderr.contains("chatter emit"), "{stderr}");
+
+    let (stderr, _) = fails(&["call", &s.tcp, "calc", "1"]);
+    assert!(stderr.contains("is not OBJECT.METHOD"), "{stderr}");
+
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.sleep", "2000", "--deadline", "100ms"]);
+    assert!(stderr.contains("no reply within 100ms"), "{stderr}");
+}
+
+#[test]
+fn emit_sends_a_signal_and_waits_for_its_handler() {
+    let s = servers();
+    let before = ok(&["call", &s.tcp, "calc.logged"])[0]
+        .as_u64()
+        .expect("a count");
+    assert_eq!(
+        ok(&["emit", &s.tcp, "calc.log", r#""hello""#]),
+        [json!({"sent": true, "acknowledged": true})]
+    );
+    ok(&[
+        "emit",
+        &s.tcp,
+        "calc.log",
+        r#""again""#,
+        "--ttl",
+        "2s",
+        "--no-ack",
+    ]);
+    // The second was not acknowledged: wait for it to arrive.
+    let mut after = 0;
+    for _ in 0..100 {
+        after = ok(&["call", &s.tcp, "calc.logged"])[0]
+            .as_u64()
+            .expect("a count");
+        if after >= before + 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(after >= before + 2, "{before} -> {after}");
+
+    let (stderr, _) = fails(&["emit", &s.tcp, "calc.add", "1", "2"]);
+    assert!(stderr.contains("is a call, not a signal"), "{stderr}");
+}
+
+#[test]
+fn ping_and_stats() {
+    let s = servers();
+    let lines = ok(&["ping", &s.tcp, "-c", "3", "-i", "10ms"]);
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines[2]["seq"], 3);
+    assert!(lines[0]["time_ms"].as_f64().is_some());
+    assert_eq!(lines[3]["received"], 3);
+
+    let stats = ok(&["stats", &s.tcp]);
+    // Its own connection's peer: the stats call itself is the first call it received.
+    assert_eq!(stats[0]["calls_received"], 1, "{stats:?}");
+    assert_eq!(stats[0]["connects"], 1);
+    assert!(stats[0]["handler_panics"].is_u64());
+}
+
+#[test]
+fn watch_and_subscribe_say_they_are_not_in_this_build() {
+    let s = servers();
+    let (stderr, _) = fails(&["watch", &s.tcp, "calc.add", "1", "2"]);
+    assert!(stderr.contains("needs streaming methods"), "{stderr}");
+    assert!(stderr.contains("does not have"), "{stderr}");
+    let (stderr, _) = fails(&["subscribe", &s.tcp, "topic.*"]);
+    assert!(stderr.contains("needs the pub/sub broker"), "{stderr}");
+}
+
+#[test]
+fn mutual_tls_with_the_test_pki() {
+    let s = servers();
+    let (ca, cert, key) = (
+        s.ca.to_str().expect("path"),
+        s.cert.to_str().expect("path"),
+        s.key.to_str().expect("path"),
+    );
+    let tls = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .copied()
+            .chain(["--ca", ca, "--cert", cert, "--key", key])
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        ok(&tls(&["call", &s.tls, "calc.add", "20", "22"])),
+        [json!(42)]
+    );
+    assert_eq!(ok(&tls(&["list", &s.tls])).len(), 2);
+    // The name in the certificate, given explicitly for an IP address.
+    let by_ip = s.tls.replace("localhost", "127.0.0.1");
+    ok(&tls(&[
+        "ping",
+        &by_ip,
+        "-c",
+        "1",
+        "--server-name",
+        "localhost",
+    ]));
+
+    // Without a client certificate, the server refuses the handshake.
+    let (stderr, _) = fails(&["list", &s.tls, "--ca", ca]);
+    assert!(stderr.contains("error:"), "{stderr}");
+    // Without --ca: told what to pass.
+    let (stderr, _) = fails(&["list", &s.tls]);
+    assert!(stderr.contains("--ca FILE"), "{stderr}");
+    // TLS options on a plain URL.
+    let (stderr, _) = fails(&["list", &s.tcp, "--ca", ca]);
+    assert!(stderr.contains("not a tls:// URL"), "{stderr}");
+}
+
+#[test]
+fn without_introspection_calls_work_and_list_explains() {
+    let s = servers();
+    let (stderr, _) = fails(&["list", &s.no_introspection]);
+    assert!(
+        stderr.contains("does not serve chatter.introspect"),
+        "{stderr}"
+    );
+    // Unchecked, but still a call; its errors come from the callee.
+    assert_eq!(
+        ok(&["call", &s.no_introspection, "calc.add", "1", "2"]),
+        [json!(3)]
+    );
+    let (stderr, _) = fails(&["call", &s.no_introspection, "calc.nope"]);
+    assert!(stderr.contains("has no method `nope`"), "{stderr}");
+    let out = chatter(&["ping", &s.no_introspection, "-c", "1"]);
+    assert!(out.status.success());
+    assert!(texts(&out).1.contains("is off there"));
+}
+
+#[test]
+fn connection_problems_say_what_to_do() {
+    // Nothing listens: bind a port, then free it.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port();
+    let (stderr, _) = fails(&["list", &format!("tcp://127.0.0.1:{port}")]);
+    assert!(stderr.contains("connection refused"), "{stderr}");
+    assert!(stderr.contains("is the server running"), "{stderr}");
+
+    // Something that is not a chatter server.
+    let http = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = http.local_addr().expect("address").port();
+    std::thread::spawn(move || {
+        for stream in http.incoming().flatten() {
+            let mut stream = stream;
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let (stderr, _) = fails(&["list", &format!("tcp://127.0.0.1:{port}")]);
+    assert!(stderr.contains("is not a chatter server"), "{stderr}");
+
+    let (stderr, _) = fails(&["list", "http://127.0.0.1:80"]);
+    assert!(stderr.contains("unknown scheme"), "{stderr}");
+    let (stderr, _) = fails(&["list", "unix:///nonexistent/chatter.sock"]);
+    assert!(stderr.contains("no socket at"), "{stderr}");
+}
+
+#[test]
+fn a_signal_the_receiver_cannot_handle_is_reported() {
+    // Without introspection nothing is checked before sending: the receiver's
+    // acknowledgement says it could not run it.
+    let s = servers();
+    let (stderr, _) = fails(&["emit", &s.no_introspection, "calc.nope", "1"]);
+    assert!(
+        stderr.contains("the receiver could not handle the signal"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("no such object or method"), "{stderr}");
+}

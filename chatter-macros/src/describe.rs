@@ -1,0 +1,286 @@
+//! The static description of a remote trait (chatter-rpc's `introspect` module):
+//! `{Trait}Server`'s `Service::description`, a `static` built at compile time from the
+//! model: names, doc comments, argument names and types as written, return and error
+//! types, signal options.
+
+use proc_macro2::{Delimiter, Spacing, TokenStream, TokenTree};
+use quote::{quote, ToTokens};
+use syn::ext::IdentExt;
+use syn::{Attribute, Expr, Lit, Meta, Pat, Type};
+
+use crate::ast::{Method, Output, Trait};
+
+/// `fn description(&self) -> Option<&'static InterfaceDescription>` of the server's
+/// `Service` impl.
+pub(crate) fn description_fn(tr: &Trait) -> TokenStream {
+    let krate = &tr.krate;
+    let p = quote!(#krate::__private);
+    let name = tr.ident.unraw().to_string();
+    let docs = docs(&tr.attrs);
+    let methods: Vec<_> = tr.methods.iter().map(|m| method(&p, m)).collect();
+    let methods = static_slice(quote!(#p::MethodDescription), &methods);
+    quote! {
+        fn description(&self) -> #p::Option<&'static #p::InterfaceDescription> {
+            static __DESCRIPTION: #p::InterfaceDescription =
+                #p::describe_interface(#name, #docs, #methods);
+            #p::Some(&__DESCRIPTION)
+        }
+    }
+}
+
+/// `&[items..]` as a `'static` slice: a `static` of its own, since values with a
+/// destructor (owned `Cow`s, though never owned here) are not promoted to `'static`.
+fn static_slice(ty: TokenStream, items: &[TokenStream]) -> TokenStream {
+    let len = items.len();
+    quote!({
+        static __ITEMS: [#ty; #len] = [#(#items),*];
+        &__ITEMS
+    })
+}
+
+fn method(p: &TokenStream, m: &Method) -> TokenStream {
+    let name = m.ident.unraw().to_string();
+    let docs = docs(&m.attrs);
+    let args: Vec<_> = m
+        .args
+        .iter()
+        .map(|a| {
+            let (name, ty) = (pattern_name(&a.pat), type_name(&a.ty));
+            quote!(#p::describe_arg(#name, #ty))
+        })
+        .collect();
+    let args = static_slice(quote!(#p::ArgDescription), &args);
+    if let Some(signal) = m.signal {
+        let ttl = match signal.ttl_ms {
+            Some(ms) => quote!(#p::Some(#ms)),
+            None => quote!(#p::None),
+        };
+        let persistent = signal.persistent;
+        return quote!(#p::describe_signal(#name, #docs, #args, #ttl, #persistent));
+    }
+    let (returns, error) = match (&m.output, &m.return_type) {
+        (Output::Unit, _) => ("()".to_owned(), None),
+        (Output::Plain(ty), _) => (type_name(ty), None),
+        // `#[result]` on an alias: its parts named through the alias, as the reader wrote it.
+        (Output::Result { ok, .. }, Some(written)) if is_qualified(ok) => {
+            let written = type_name(written);
+            (
+                format!("<{written} as Result>::Ok"),
+                Some(format!("<{written} as Result>::Err")),
+            )
+        }
+        (Output::Result { ok, err }, _) => (type_name(ok), Some(type_name(err))),
+    };
+    let error = match error {
+        Some(error) => quote!(#p::Some(#error)),
+        None => quote!(#p::None),
+    };
+    let idempotent = m.idempotent.is_some();
+    quote!(#p::describe_call(#name, #docs, #args, #returns, #error, #idempotent))
+}
+
+fn is_qualified(ty: &Type) -> bool {
+    matches!(ty, Type::Path(p) if p.qself.is_some())
+}
+
+/// The doc comment in `attrs` (`#[doc = ".."]` lines), as rustdoc reads it: one leading
+/// space of each line dropped, lines joined, outer blank lines trimmed. Docs that are not
+/// string literals (`#[doc = include_str!(..)]`) are left out.
+fn docs(attrs: &[Attribute]) -> String {
+    let lines: Vec<String> = attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .filter_map(|a| match &a.meta {
+            Meta::NameValue(nv) => match &nv.value {
+                Expr::Lit(lit) => match &lit.lit {
+                    Lit::Str(s) => Some(s.value()),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        })
+        .flat_map(|doc| {
+            doc.split('\n')
+                .map(|line| line.strip_prefix(' ').unwrap_or(line).trim_end().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    lines.join("\n").trim_matches('\n').to_owned()
+}
+
+/// An argument's name: the identifier of `name: T` or `mut name: T`, else the pattern as
+/// written (`_`, `(a, b)`).
+fn pattern_name(pat: &Pat) -> String {
+    match pat {
+        Pat::Ident(p) if p.subpat.is_none() => p.ident.unraw().to_string(),
+        other => tokens_text(other.to_token_stream()),
+    }
+}
+
+/// A type as a person writes it: `Vec<u8>`, `Option<(i64, String)>`, `[u8; 4]`.
+pub(crate) fn type_name(ty: &Type) -> String {
+    tokens_text(ty.to_token_stream())
+}
+
+/// What a token's neighbours see when spacing it.
+#[derive(Clone, Copy, PartialEq)]
+enum Piece {
+    Start,
+    /// An identifier, literal or keyword.
+    Word,
+    /// A keyword that takes spaces on both sides (`as`, `dyn`, `impl`, `mut`).
+    Spaced,
+    /// `,` or `;`: a space after.
+    Separator,
+    /// `+`, `=`, `->`: spaces around.
+    Operator,
+    /// Other punctuation and brackets: no spaces.
+    Tight,
+}
+
+/// `tokens` printed with rustfmt's spacing for types (token streams print with a space
+/// between every two tokens, and differently in and outside the compiler).
+fn tokens_text(tokens: TokenStream) -> String {
+    let mut out = String::new();
+    let mut last = Piece::Start;
+    write_tokens(tokens, &mut out, &mut last);
+    out
+}
+
+fn write_tokens(tokens: TokenStream, out: &mut String, last: &mut Piece) {
+    let mut tokens = tokens.into_iter().peekable();
+    while let Some(token) = tokens.next() {
+        match token {
+            TokenTree::Group(g) => {
+                let (open, close) = match g.delimiter() {
+                    Delimiter::Parenthesis => ("(", ")"),
+                    Delimiter::Bracket => ("[", "]"),
+                    Delimiter::Brace => ("{", "}"),
+                    Delimiter::None => ("", ""),
+                };
+                push(out, last, open, Piece::Tight);
+                let mut inner = Piece::Start;
+                write_tokens(g.stream(), out, &mut inner);
+                out.push_str(close);
+                *last = if close.is_empty() {
+                    inner
+                } else {
+                    Piece::Tight
+                };
+            }
+            TokenTree::Ident(i) => {
+                let text = i.to_string();
+                let piece = match text.as_str() {
+                    "as" | "dyn" | "impl" | "mut" => Piece::Spaced,
+                    _ => Piece::Word,
+                };
+                push(out, last, &text, piece);
+            }
+            TokenTree::Literal(l) => push(out, last, &l.to_string(), Piece::Word),
+            TokenTree::Punct(p) => {
+                let c = p.as_char();
+                // `->` is one operator; `'a` a lifetime, which reads as a word.
+                if c == '-' && p.spacing() == Spacing::Joint {
+                    if let Some(TokenTree::Punct(next)) = tokens.peek() {
+                        if next.as_char() == '>' {
+                            tokens.next();
+                            push(out, last, "->", Piece::Operator);
+                            continue;
+                        }
+                    }
+                }
+                let piece = match c {
+                    ',' | ';' => Piece::Separator,
+                    '+' | '=' => Piece::Operator,
+                    '\'' => {
+                        push(out, last, "'", Piece::Word);
+                        *last = Piece::Tight;
+                        continue;
+                    }
+                    _ => Piece::Tight,
+                };
+                push(out, last, &c.to_string(), piece);
+            }
+        }
+    }
+}
+
+fn push(out: &mut String, last: &mut Piece, text: &str, piece: Piece) {
+    let space = match (*last, piece) {
+        (Piece::Start, _) => false,
+        (Piece::Word | Piece::Spaced, Piece::Word | Piece::Spaced) => true,
+        (Piece::Separator, _) => true,
+        (Piece::Operator, _) | (_, Piece::Operator) => true,
+        (Piece::Spaced, _) => text != ")" && text != "]" && text != ">",
+        // `> as`, `) as`, but `<dyn`, `&mut`, `(impl`.
+        (_, Piece::Spaced) => out.ends_with(['>', ')', ']']),
+        _ => false,
+    };
+    if space {
+        out.push(' ');
+    }
+    out.push_str(text);
+    *last = piece;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(ty: &str) -> String {
+        type_name(&syn::parse_str(ty).expect("a type"))
+    }
+
+    #[test]
+    fn types_print_as_written() {
+        for ty in [
+            "i64",
+            "()",
+            "Vec<u8>",
+            "Option<Vec<(i64, String)>>",
+            "std::collections::HashMap<String, u32>",
+            "::std::string::String",
+            "[u8; 4]",
+            "<Res<String> as ::chatter_rpc::__private::RemoteResult>::Ok",
+            "Box<dyn std::error::Error + Send>",
+            "Box<dyn Fn(u8) -> u8>",
+            "&'static str",
+            "Cow<'static, str>",
+            "r#type::Thing",
+        ] {
+            assert_eq!(name(ty), ty);
+        }
+        assert_eq!(name("Vec < u8 >"), "Vec<u8>");
+        assert_eq!(name("( i64 , String , )"), "(i64, String,)");
+    }
+
+    #[test]
+    fn docs_read_like_rustdoc() {
+        let attrs: Vec<Attribute> = vec![
+            syn::parse_quote!(#[doc = " Adds two numbers."]),
+            syn::parse_quote!(#[doc = ""]),
+            syn::parse_quote!(#[doc = "  Indented."]),
+            syn::parse_quote!(#[allow(dead_code)]),
+            syn::parse_quote!(#[doc = include_str!("x")]),
+        ];
+        assert_eq!(docs(&attrs), "Adds two numbers.\n\n Indented.");
+        assert_eq!(docs(&[]), "");
+    }
+
+    #[test]
+    fn argument_names() {
+        let pat = |p: &str| -> Pat {
+            let arg: syn::FnArg = syn::parse_str(&format!("{p}: u8")).expect("an argument");
+            match arg {
+                syn::FnArg::Typed(t) => *t.pat,
+                _ => unreachable!(),
+            }
+        };
+        assert_eq!(pattern_name(&pat("a")), "a");
+        assert_eq!(pattern_name(&pat("mut a")), "a");
+        assert_eq!(pattern_name(&pat("r#type")), "type");
+        assert_eq!(pattern_name(&pat("_")), "_");
+        assert_eq!(pattern_name(&pat("(a, b)")), "(a, b)");
+    }
+}

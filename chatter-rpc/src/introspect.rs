@@ -1,0 +1,488 @@
+//! Introspection: what a peer serves, asked over the wire.
+//!
+//! `#[remote]` records a static [`InterfaceDescription`] of each trait (its name, doc
+//! comments and methods: calls and signals, argument names and types, return and error
+//! types), which the generated `{Trait}Server` gives through
+//! [`Service::description`](crate::Service::description). Every [`Peer`](crate::Peer)
+//! serves the built-in object [`OBJECT`] (`chatter.introspect`, an [`Introspect`]) unless
+//! [`PeerOptions::introspection`](crate::PeerOptions::introspection) turns it off: it lists
+//! the objects the peer serves, describes each, answers pings and reports the peer's
+//! counters. The `chatter` command-line tool (`chatter-cli`) is its main user; its wire
+//! form is in `PROTOCOL.md` ("Introspection").
+//!
+//! ```
+//! use chatter_rpc::introspect::{IntrospectClient, MethodKind, OBJECT};
+//! use chatter_rpc::{remote, serve, listen, connect, Options, Peer, PeerOptions};
+//!
+//! #[remote]
+//! pub trait Greeter {
+//!     /// Says hello.
+//!     async fn hello(&self, name: String) -> String;
+//! }
+//! struct G;
+//! impl Greeter for G {
+//!     async fn hello(&self, name: String) -> String { format!("hello {name}") }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = serve(listen("tcp://127.0.0.1:0", Options::default()).await?,
+//!     PeerOptions::default(), |peer: &Peer| { peer.register("greeter", GreeterServer::new(G)); });
+//! let peer = Peer::new(connect(&server.addresses()[0], Options::default()).await?);
+//! let introspect = IntrospectClient::new(&peer, OBJECT);
+//! let objects = introspect.list().await?;
+//! assert_eq!(objects.iter().map(|o| o.object.as_str()).collect::<Vec<_>>(),
+//!            ["chatter.introspect", "greeter"]);
+//! let greeter = introspect.describe("greeter".into()).await?;
+//! assert_eq!(greeter.name, "Greeter");
+//! let hello = &greeter.methods[0];
+//! assert_eq!((&*hello.name, hello.kind, &*hello.returns), ("hello", MethodKind::Call, "String"));
+//! assert_eq!((&*hello.args[0].name, &*hello.args[0].ty), ("name", "String"));
+//! assert_eq!(hello.docs, "Says hello.");
+//! # Ok(()) }
+//! ```
+//!
+//! # How types are described
+//!
+//! Types are described by their **Rust names as written in the trait** (`Vec<Point>`,
+//! `Option<u64>`), not by a schema of their shape. `#[remote]` sees only the tokens of the
+//! trait: the fields of `Point` live in another item, possibly in another crate, that the
+//! macro cannot read. A schema would need something implemented for every argument type
+//! (a derive of our own, or a dependency such as schemars), a new requirement on every
+//! type users send today; or tracing each type's `Deserialize` at run time (what
+//! serde-reflection does), which fails for types with hand-written or untagged
+//! deserializers. The name plus the type's own documentation is enough to write the JSON
+//! for a call (`PROTOCOL.md`, "Values", gives each shape), and the description is a map
+//! that can gain a `schema` entry later without breaking readers (unknown keys are
+//! skipped).
+
+use std::borrow::Cow;
+use std::sync::{Arc, PoisonError, Weak};
+
+use serde::{Deserialize, Serialize};
+
+use crate::peer::PeerState;
+use crate::remote;
+
+/// The name under which every peer serves its [`Introspect`] object (unless
+/// [`PeerOptions::introspection`](crate::PeerOptions::introspection) is off).
+pub const OBJECT: &str = "chatter.introspect";
+
+/// What `#[remote]` records about a trait: its name, docs and methods.
+///
+/// Static in generated code (borrowed strings), owned once received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct InterfaceDescription {
+    /// The trait's name, for example `Calculator`.
+    pub name: Cow<'static, str>,
+    /// The trait's doc comment (empty without one).
+    #[serde(default)]
+    pub docs: Cow<'static, str>,
+    /// The methods, in declaration order.
+    pub methods: Cow<'static, [MethodDescription]>,
+}
+
+/// One method of an [`InterfaceDescription`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MethodDescription {
+    /// The name on the wire (a raw identifier without `r#`).
+    pub name: Cow<'static, str>,
+    /// Call or signal.
+    pub kind: MethodKind,
+    /// The doc comment (empty without one).
+    #[serde(default)]
+    pub docs: Cow<'static, str>,
+    /// The arguments after `&self`, in order.
+    pub args: Cow<'static, [ArgDescription]>,
+    /// The type of the value a call returns (`T` of `-> T` or `-> Result<T, E>`), `()` for
+    /// none and for signals.
+    pub returns: Cow<'static, str>,
+    /// The application error type (`E` of `-> Result<T, E>`), if the method has one.
+    #[serde(default)]
+    pub error: Option<Cow<'static, str>>,
+    /// `#[idempotent]`: a reconnecting caller may send the call again.
+    #[serde(default)]
+    pub idempotent: bool,
+    /// A signal's `#[signal(ttl = "..")]` in milliseconds; `None` when the sender's
+    /// default applies (and for calls).
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+    /// `#[signal(persistent)]`.
+    #[serde(default)]
+    pub persistent: bool,
+}
+
+/// Whether a method is a call or a signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum MethodKind {
+    /// Answered with a reply (`call` on the wire).
+    Call,
+    /// One-way, with a TTL (`signal`).
+    Signal,
+    /// A kind this version does not know (a newer peer's).
+    #[serde(other)]
+    Unknown,
+}
+
+/// One argument of a [`MethodDescription`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ArgDescription {
+    /// The argument's name as written (a pattern other than a name, as written).
+    pub name: Cow<'static, str>,
+    /// Its Rust type as written in the trait, for example `Vec<u8>`.
+    #[serde(rename = "type")]
+    pub ty: Cow<'static, str>,
+}
+
+/// One entry of [`Introspect::list`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ObjectSummary {
+    /// The name the object is registered under.
+    pub object: String,
+    /// Its trait's name; `None` for a [`Service`](crate::Service) without a description.
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// Its methods' names, in declaration order (empty without a description).
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// One counter of [`Introspect::stats`]: a field of [`PeerStats`](crate::PeerStats).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PeerCounter {
+    /// The field's name, for example `calls_received`.
+    pub name: String,
+    /// Its value.
+    pub value: u64,
+}
+
+/// Why [`Introspect::describe`] has no description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntrospectError {
+    /// Nothing is registered under this name.
+    #[error("no object `{object}` (this peer serves: {})", known.join(", "))]
+    NoSuchObject {
+        /// The name asked for.
+        object: String,
+        /// The names this peer serves, sorted.
+        known: Vec<String>,
+    },
+    /// The object is a hand-written [`Service`](crate::Service) without a description.
+    #[error("object `{object}` has no description (not made by #[remote])")]
+    NotDescribed {
+        /// The name asked for.
+        object: String,
+    },
+}
+
+/// What a peer serves and how it is doing: the built-in object every peer serves as
+/// `chatter.introspect`, unless `PeerOptions::introspection(false)`.
+///
+/// Call it through [`IntrospectClient`], with the name [`OBJECT`].
+#[remote(crate = "crate")]
+pub trait Introspect {
+    /// The objects this peer serves, sorted by name, with their interface and method
+    /// names.
+    async fn list(&self) -> Vec<ObjectSummary>;
+    /// The description of the object registered as `object`.
+    async fn describe(&self, object: String) -> Result<InterfaceDescription, IntrospectError>;
+    /// The counters of the peer that serves this connection (for a server made with
+    /// `serve`, each connection has its own peer).
+    async fn stats(&self) -> Vec<PeerCounter>;
+    /// Answers at once: a round trip through the serving path.
+    async fn ping(&self);
+}
+
+/// Registers the built-in [`Introspect`] object on a new peer, unless its options turn it
+/// off.
+pub(crate) fn install(peer: &Arc<PeerState>) {
+    if peer.options.introspection {
+        let object = IntrospectServer::new(Builtin {
+            peer: Arc::downgrade(peer),
+        });
+        peer.objects
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(OBJECT.to_owned(), Arc::new(object));
+    }
+}
+
+/// The [`Introspect`] of one peer (weak: the peer's registry holds it).
+struct Builtin {
+    peer: Weak<PeerState>,
+}
+
+impl Builtin {
+    /// The registered objects, sorted by name, with their descriptions.
+    fn objects(&self) -> Vec<(String, Option<&'static InterfaceDescription>)> {
+        let Some(peer) = self.peer.upgrade() else {
+            return Vec::new();
+        };
+        let objects = peer.objects.read().unwrap_or_else(PoisonError::into_inner);
+        let mut list: Vec<_> = objects
+            .iter()
+            .map(|(name, service)| (name.clone(), service.description()))
+            .collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list
+    }
+}
+
+impl Introspect for Builtin {
+    async fn list(&self) -> Vec<ObjectSummary> {
+        self.objects()
+            .into_iter()
+            .map(|(object, description)| ObjectSummary {
+                object,
+                interface: description.map(|d| d.name.to_string()),
+                methods: description
+                    .map(|d| d.methods.iter().map(|m| m.name.to_string()).collect())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    async fn describe(&self, object: String) -> Result<InterfaceDescription, IntrospectError> {
+        let objects = self.objects();
+        match objects.iter().find(|(name, _)| *name == object) {
+            Some((_, Some(description))) => Ok((*description).clone()),
+            Some((_, None)) => Err(IntrospectError::NotDescribed { object }),
+            None => Err(IntrospectError::NoSuchObject {
+                object,
+                known: objects.into_iter().map(|(name, _)| name).collect(),
+            }),
+        }
+    }
+
+    async fn stats(&self) -> Vec<PeerCounter> {
+        let Some(peer) = self.peer.upgrade() else {
+            return Vec::new();
+        };
+        counters(&peer.stats.snapshot())
+    }
+
+    async fn ping(&self) {}
+}
+
+/// The fields of `stats` as named counters, in [`PeerStats`](crate::PeerStats)' order
+/// (without the gauge `requests_waiting`, which belongs to a connection).
+fn counters(stats: &crate::PeerStats) -> Vec<PeerCounter> {
+    let fields = [
+        ("connects", stats.connects),
+        ("signals_queued", stats.signals_queued),
+        ("signals_sent", stats.signals_sent),
+        ("signals_resent", stats.signals_resent),
+        ("signals_acknowledged", stats.signals_acknowledged),
+        ("signals_expired", stats.signals_expired),
+        ("signals_dropped", stats.signals_dropped),
+        ("signals_rejected", stats.signals_rejected),
+        ("signals_failed_remotely", stats.signals_failed_remotely),
+        ("signals_delivered", stats.signals_delivered),
+        (
+            "signals_expired_on_arrival",
+            stats.signals_expired_on_arrival,
+        ),
+        ("signals_failed", stats.signals_failed),
+        ("calls_received", stats.calls_received),
+        ("handler_panics", stats.handler_panics),
+    ];
+    fields
+        .into_iter()
+        .map(|(name, value)| PeerCounter {
+            name: name.to_owned(),
+            value,
+        })
+        .collect()
+}
+
+/// Builders of the static descriptions `#[remote]` generates (`const`, so that they can
+/// make a `static`; the types are `#[non_exhaustive]`). Generated code only.
+pub(crate) mod build {
+    use std::borrow::Cow;
+
+    use super::{ArgDescription, InterfaceDescription, MethodDescription, MethodKind};
+
+    /// A trait's description.
+    pub const fn describe_interface(
+        name: &'static str,
+        docs: &'static str,
+        methods: &'static [MethodDescription],
+    ) -> InterfaceDescription {
+        InterfaceDescription {
+            name: Cow::Borrowed(name),
+            docs: Cow::Borrowed(docs),
+            methods: Cow::Borrowed(methods),
+        }
+    }
+
+    /// A call's description.
+    pub const fn describe_call(
+        name: &'static str,
+        docs: &'static str,
+        args: &'static [ArgDescription],
+        returns: &'static str,
+        error: Option<&'static str>,
+        idempotent: bool,
+    ) -> MethodDescription {
+        MethodDescription {
+            name: Cow::Borrowed(name),
+            kind: MethodKind::Call,
+            docs: Cow::Borrowed(docs),
+            args: Cow::Borrowed(args),
+            returns: Cow::Borrowed(returns),
+            error: match error {
+                Some(error) => Some(Cow::Borrowed(error)),
+                None => None,
+            },
+            idempotent,
+            ttl_ms: None,
+            persistent: false,
+        }
+    }
+
+    /// A signal's description.
+    pub const fn describe_signal(
+        name: &'static str,
+        docs: &'static str,
+        args: &'static [ArgDescription],
+        ttl_ms: Option<u64>,
+        persistent: bool,
+    ) -> MethodDescription {
+        MethodDescription {
+            name: Cow::Borrowed(name),
+            kind: MethodKind::Signal,
+            docs: Cow::Borrowed(docs),
+            args: Cow::Borrowed(args),
+            returns: Cow::Borrowed("()"),
+            error: None,
+            idempotent: false,
+            ttl_ms,
+            persistent,
+        }
+    }
+
+    /// An argument's description.
+    pub const fn describe_arg(name: &'static str, ty: &'static str) -> ArgDescription {
+        ArgDescription {
+            name: Cow::Borrowed(name),
+            ty: Cow::Borrowed(ty),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::wire;
+
+    /// PROTOCOL.md, for checking that its examples are what the code writes.
+    const DOC: &str = include_str!("../PROTOCOL.md");
+
+    /// The bytes of the first code block after `marker` in PROTOCOL.md (the leading hex
+    /// bytes of each line), as in `wire.rs`'s tests.
+    fn doc_block(marker: &str) -> Vec<u8> {
+        let at = DOC
+            .find(marker)
+            .unwrap_or_else(|| panic!("not in PROTOCOL.md: {marker}"));
+        let rest = &DOC[at..];
+        let body = &rest[rest.find("```").expect("a code block") + 3..];
+        let body = &body[body.find('\n').expect("fence line") + 1..];
+        let body = &body[..body.find("```").expect("closing fence")];
+        let mut bytes = Vec::new();
+        for line in body.lines() {
+            for token in line.split_whitespace() {
+                match u8::from_str_radix(token, 16) {
+                    Ok(b) if token.len() == 2 => bytes.push(b),
+                    _ => break,
+                }
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn the_protocol_examples_are_what_the_code_writes() {
+        let request = wire::encode_request(wire::CALL, OBJECT, "list", Duration::from_secs(1), &())
+            .expect("encode");
+        assert_eq!(&request[..], doc_block("`list()` on `chatter.introspect`"));
+
+        let list = vec![ObjectSummary {
+            object: "calc".into(),
+            interface: Some("Calc".into()),
+            methods: vec!["add".into()],
+        }];
+        let reply = wire::encode_ok(&list).expect("encode");
+        assert_eq!(&reply[..], doc_block("Its reply, one object"));
+
+        static ARGS: [ArgDescription; 2] = [
+            build::describe_arg("a", "i64"),
+            build::describe_arg("b", "i64"),
+        ];
+        static METHODS: [MethodDescription; 1] = [build::describe_call(
+            "add", "Adds.", &ARGS, "i64", None, false,
+        )];
+        let calc = build::describe_interface("Calc", "", &METHODS);
+        let reply = wire::encode_ok(&calc).expect("encode");
+        assert_eq!(&reply[..], doc_block("The reply of `describe(\"calc\")`"));
+        // And it decodes back, owned.
+        let wire::Reply::Ok(value) = wire::decode_reply(&reply).expect("reply") else {
+            panic!("not ok");
+        };
+        let back: InterfaceDescription = wire::decode_value(value).expect("decodes");
+        assert_eq!(back, calc);
+    }
+
+    #[test]
+    fn descriptions_skip_unknown_keys_and_default_missing_ones() {
+        // A newer peer may add entries; an older one may lack the optional ones.
+        #[derive(Serialize)]
+        struct Newer {
+            name: &'static str,
+            kind: &'static str,
+            args: [u8; 0],
+            returns: &'static str,
+            schema: &'static str,
+        }
+        let bytes = wire::encode_ok(&Newer {
+            name: "watch",
+            kind: "stream",
+            args: [],
+            returns: "u64",
+            schema: "{}",
+        })
+        .expect("encode");
+        let wire::Reply::Ok(value) = wire::decode_reply(&bytes).expect("reply") else {
+            panic!("not ok");
+        };
+        let method: MethodDescription = wire::decode_value(value).expect("decodes");
+        assert_eq!(method.kind, MethodKind::Unknown);
+        assert_eq!(
+            (&*method.docs, method.error, method.ttl_ms),
+            ("", None, None)
+        );
+    }
+
+    #[test]
+    fn counters_name_every_counter_of_peer_stats() {
+        let stats = crate::PeerStats {
+            calls_received: 3,
+            ..Default::default()
+        };
+        let counters = counters(&stats);
+        assert_eq!(counters.len(), 14);
+        assert!(counters.contains(&PeerCounter {
+            name: "calls_received".into(),
+            value: 3
+        }));
+    }
+}

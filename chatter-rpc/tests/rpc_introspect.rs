@@ -1,0 +1,203 @@
+//! Introspection: the descriptions `#[remote]` records (every method shape and option),
+//! the built-in `chatter.introspect` object, hand-written services without a description,
+//! and the option that turns it off.
+
+mod common;
+
+use chatter_rpc::__private::{Dispatch, Handlers};
+use chatter_rpc::introspect::{
+    IntrospectClient, IntrospectError, MethodKind, ObjectSummary, OBJECT,
+};
+use chatter_rpc::{remote, CallError, Peer, PeerOptions, Service};
+use common::{connections, within};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NotFound;
+
+pub type Res<T> = Result<T, NotFound>;
+
+/// Every shape a method can take.
+///
+/// Second paragraph.
+#[remote]
+pub trait Shapes {
+    /// A call with an application error.
+    async fn get(&self, key: u32, fallback: Option<Vec<u8>>) -> Result<String, NotFound>;
+    #[idempotent]
+    async fn put(&self, key: u32, value: std::collections::HashMap<String, (i64, bool)>);
+    #[result]
+    async fn alias(&self) -> Res<u8>;
+    #[plain]
+    async fn plain(&self) -> Result<u8, String>;
+    async fn r#type(&self) -> [u8; 4];
+    #[signal]
+    async fn note(&self, text: String);
+    #[signal(ttl = "2m", persistent)]
+    async fn audit(&self, text: String);
+}
+
+struct S;
+
+impl Shapes for S {
+    async fn get(&self, _key: u32, _fallback: Option<Vec<u8>>) -> Result<String, NotFound> {
+        Err(NotFound)
+    }
+    async fn put(&self, mut key: u32, _value: std::collections::HashMap<String, (i64, bool)>) {
+        key += 1;
+        let _ = key;
+    }
+    async fn alias(&self) -> Res<u8> {
+        Ok(1)
+    }
+    async fn plain(&self) -> Result<u8, String> {
+        Ok(1)
+    }
+    async fn r#type(&self) -> [u8; 4] {
+        [0; 4]
+    }
+    async fn note(&self, _text: String) {}
+    async fn audit(&self, _text: String) {}
+}
+
+/// A service written by hand: no description.
+struct Raw;
+
+impl Service for Raw {
+    fn __dispatch(&self, _method: &[u8], _args: &[u8], _handlers: &mut Handlers) -> Dispatch {
+        Dispatch::NoSuchMethod
+    }
+}
+
+#[test]
+fn remote_records_every_method_shape() {
+    let d = ShapesServer::new(S).description().expect("described");
+    assert_eq!(d.name, "Shapes");
+    assert_eq!(
+        d.docs,
+        "Every shape a method can take.\n\nSecond paragraph."
+    );
+    let m = |name: &str| {
+        d.methods
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    let names: Vec<&str> = d.methods.iter().map(|m| &*m.name).collect();
+    assert_eq!(
+        names,
+        ["get", "put", "alias", "plain", "type", "note", "audit"]
+    );
+
+    let get = m("get");
+    assert_eq!(get.kind, MethodKind::Call);
+    assert_eq!(get.docs, "A call with an application error.");
+    let args: Vec<(&str, &str)> = get.args.iter().map(|a| (&*a.name, &*a.ty)).collect();
+    assert_eq!(args, [("key", "u32"), ("fallback", "Option<Vec<u8>>")]);
+    assert_eq!(
+        (&*get.returns, get.error.as_deref()),
+        ("String", Some("NotFound"))
+    );
+    assert!(!get.idempotent);
+
+    let put = m("put");
+    assert!(put.idempotent);
+    assert_eq!(put.args[0].name, "key");
+    assert_eq!(
+        put.args[1].ty,
+        "std::collections::HashMap<String, (i64, bool)>"
+    );
+    assert_eq!((&*put.returns, put.error.as_deref()), ("()", None));
+
+    let alias = m("alias");
+    assert_eq!(alias.returns, "<Res<u8> as Result>::Ok");
+    assert_eq!(alias.error.as_deref(), Some("<Res<u8> as Result>::Err"));
+    let plain = m("plain");
+    assert_eq!(
+        (&*plain.returns, plain.error.as_deref()),
+        ("Result<u8, String>", None)
+    );
+    assert_eq!(m("type").returns, "[u8; 4]");
+
+    let note = m("note");
+    assert_eq!(note.kind, MethodKind::Signal);
+    assert_eq!((note.ttl_ms, note.persistent), (None, false));
+    let audit = m("audit");
+    assert_eq!((audit.ttl_ms, audit.persistent), (Some(120_000), true));
+
+    assert!(Raw.description().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_builtin_object_lists_and_describes_what_the_peer_serves() {
+    let (client_conn, server_conn) = connections(Default::default()).await;
+    let server = Peer::new(server_conn);
+    server.register("shapes", ShapesServer::new(S));
+    server.register("raw", Raw);
+    let client = Peer::with_options(client_conn, PeerOptions::default().introspection(false));
+    let introspect = IntrospectClient::new(&client, OBJECT);
+
+    let list = within(introspect.list()).await.expect("list");
+    let names: Vec<&str> = list.iter().map(|o| o.object.as_str()).collect();
+    assert_eq!(names, [OBJECT, "raw", "shapes"]);
+    let raw: &ObjectSummary = &list[1];
+    assert_eq!((raw.interface.as_deref(), raw.methods.len()), (None, 0));
+    assert_eq!(list[2].interface.as_deref(), Some("Shapes"));
+    assert_eq!(list[2].methods.len(), 7);
+
+    let shapes = within(introspect.describe("shapes".into()))
+        .await
+        .expect("describe");
+    assert_eq!(
+        &shapes,
+        ShapesServer::new(S).description().expect("described")
+    );
+    // The introspection object describes itself.
+    let own = within(introspect.describe(OBJECT.into()))
+        .await
+        .expect("describe");
+    assert_eq!(own.name, "Introspect");
+
+    match within(introspect.describe("nothing".into())).await {
+        Err(CallError::App {
+            error: IntrospectError::NoSuchObject { object, known },
+            remote,
+        }) => {
+            assert_eq!(object, "nothing");
+            assert_eq!(known, [OBJECT, "raw", "shapes"]);
+            assert!(remote.message.contains("raw, shapes"), "{remote}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match within(introspect.describe("raw".into())).await {
+        Err(CallError::App {
+            error: IntrospectError::NotDescribed { object },
+            ..
+        }) => assert_eq!(object, "raw"),
+        other => panic!("{other:?}"),
+    }
+
+    within(introspect.ping()).await.expect("ping");
+    let stats = within(introspect.stats()).await.expect("stats");
+    let calls = stats
+        .iter()
+        .find(|c| c.name == "calls_received")
+        .expect("calls_received");
+    // list, four describes, ping, and this call.
+    assert_eq!(calls.value, 7);
+
+    // The client turned it off for itself: nothing to introspect there.
+    assert_eq!(client.objects(), Vec::<String>::new());
+    let back = IntrospectClient::new(&server, OBJECT);
+    assert!(matches!(
+        within(back.list()).await,
+        Err(CallError::NoSuchObject { .. })
+    ));
+
+    // Unregistering it turns it off for one peer.
+    assert!(server.unregister(OBJECT));
+    assert!(matches!(
+        within(introspect.ping()).await,
+        Err(CallError::NoSuchObject { .. })
+    ));
+}

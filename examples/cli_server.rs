@@ -1,0 +1,97 @@
+//! A server to try the `chatter` command-line tool on: a calculator, served until the
+//! process is stopped (Ctrl-C), on the address given as the first argument
+//! (`tcp://127.0.0.1:7000` by default; `unix:///tmp/calc.sock` works too).
+//!
+//! Run with `cargo run --example cli_server`, then in another terminal:
+//!
+//! ```text
+//! chatter list tcp://127.0.0.1:7000
+//! chatter describe tcp://127.0.0.1:7000 calc
+//! chatter call tcp://127.0.0.1:7000 calc.add 2 3
+//! chatter call tcp://127.0.0.1:7000 calc.div 1 0
+//! chatter emit tcp://127.0.0.1:7000 calc.log '"hello"'
+//! chatter ping tcp://127.0.0.1:7000
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use chatter_rpc::{listen, remote, serve, Options, Peer, PeerOptions};
+use serde::{Deserialize, Serialize};
+
+/// The calculator's error.
+#[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+pub enum CalcError {
+    #[error("division by zero")]
+    DivisionByZero,
+}
+
+/// A point, to show how a struct is written as JSON: `{"x": 1, "y": 2}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Point {
+    pub x: f64,
+    pub y: f64,
+}
+
+/// A calculator to try the `chatter` tool on.
+#[remote]
+pub trait Calculator {
+    /// Adds two numbers.
+    async fn add(&self, a: i64, b: i64) -> i64;
+    /// Divides, or fails with a typed error (try dividing by zero).
+    async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError>;
+    /// The distance of a point from the origin.
+    async fn norm(&self, p: Point) -> f64;
+    /// Prints a line on the server's console.
+    #[signal(ttl = "5s")]
+    async fn log(&self, line: String);
+    /// How many lines were logged.
+    async fn logged(&self) -> u64;
+}
+
+struct Calc {
+    logged: AtomicU64,
+}
+
+impl Calculator for Calc {
+    async fn add(&self, a: i64, b: i64) -> i64 {
+        a + b
+    }
+
+    async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError> {
+        a.checked_div(b).ok_or(CalcError::DivisionByZero)
+    }
+
+    async fn norm(&self, p: Point) -> f64 {
+        p.x.hypot(p.y)
+    }
+
+    async fn log(&self, line: String) {
+        self.logged.fetch_add(1, Ordering::Relaxed);
+        println!("log: {line}");
+    }
+
+    async fn logged(&self) -> u64 {
+        self.logged.load(Ordering::Relaxed)
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let address = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "tcp://127.0.0.1:7000".to_owned());
+    let calc = Arc::new(Calc {
+        logged: AtomicU64::new(0),
+    });
+    let listener = listen(address.as_str(), Options::default()).await?;
+    let server = serve(listener, PeerOptions::default(), move |peer: &Peer| {
+        peer.register("calc", CalculatorServer::from_arc(calc.clone()));
+    });
+    println!(
+        "serving a calculator on {} (Ctrl-C stops)",
+        server.addresses()[0]
+    );
+    std::future::pending::<()>().await;
+    Ok(())
+}
