@@ -257,8 +257,7 @@ impl Method {
             (None, Output::Unit) => None,
             (None, Output::Plain(ty)) => value_stream(cx, ty, krate),
             (None, Output::Result { ok, err }) => {
-                refuse_streams_in(cx, err, krate);
-                refuse_sender(cx, err, krate);
+                refuse_streams(cx, err, krate);
                 value_stream(cx, ok, krate)
             }
         };
@@ -315,25 +314,34 @@ fn alias_ok_stream(cx: &Ctxt, alias: &Type, krate: &syn::Path) -> Option<Type> {
         if i == 0 {
             stream = value_stream(cx, ty, krate);
         } else {
-            refuse_streams_in(cx, ty, krate);
-            refuse_sender(cx, ty, krate);
+            refuse_streams(cx, ty, krate);
         }
     }
     stream
 }
+
+/// Reports `ty` if it is a stream, and every stream inside it: where a plain value must
+/// be (an application error).
+fn refuse_streams(cx: &Ctxt, ty: &Type, krate: &syn::Path) {
+    match stream::top(ty, krate) {
+        Some(found) if found.end == End::Receiver => cx.error_spanned_by(found.ty, NESTED),
+        _ => refuse_sender(cx, ty, krate),
+    }
+    refuse_streams_in(cx, ty, krate);
+}
+
+/// Where a `Receiver` cannot be.
+const NESTED: &str = "a stream `Receiver` cannot be part of another type (a container, an \
+                      `Option`, a tuple, a `Result`'s error, a stream's item): it must be \
+                      an argument's whole type, or the return type or the `Ok` of a \
+                      returned `Result`, where #[remote] can see it";
 
 /// Reports every stream type inside `ty` (not `ty` itself): a stream is not a value.
 fn refuse_streams_in(cx: &Ctxt, ty: &Type, krate: &syn::Path) {
     for found in stream::nested(ty, krate) {
         match found.end {
             End::Sender => refuse_sender(cx, found.ty, krate),
-            End::Receiver => cx.error_spanned_by(
-                found.ty,
-                "a stream `Receiver` cannot be part of another type (a container, an \
-                 `Option`, a tuple, a `Result`'s error, a stream's item): it must be an \
-                 argument's whole type, or the return type or the `Ok` of a returned \
-                 `Result`, where #[remote] can see it",
-            ),
+            End::Receiver => cx.error_spanned_by(found.ty, NESTED),
         }
     }
 }

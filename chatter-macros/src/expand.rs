@@ -186,6 +186,27 @@ fn client_call(tr: &Trait, m: &Method, core: &TokenStream) -> (TokenStream, Toke
     }
 }
 
+/// What the client method of a method with a stream adds to its docs.
+fn stream_doc(m: &Method) -> Option<String> {
+    let input = m.args.iter().any(|a| a.stream.is_some()).then(|| {
+        "The `Receiver` argument is sent as the call's argument stream while the call runs: \
+         dropping its `Sender` ends it normally; once the callee stops reading, the \
+         `Sender` fails with `Closed`."
+            .to_owned()
+    });
+    let result = m.result_stream.as_ref().map(|_| {
+        "Resolves once the callee opened the result stream (the deadline covers this \
+         only); the stream then runs until its end, until its `Receiver` is dropped (which \
+         cancels it on the callee), the connection's close, or its idle timeout."
+            .to_owned()
+    });
+    match (input, result) {
+        (None, None) => None,
+        (Some(one), None) | (None, Some(one)) => Some(one),
+        (Some(input), Some(result)) => Some(format!("{input} {result}")),
+    }
+}
+
 /// The method's `&'static Method`: its name, and its name as MessagePack.
 fn method_static(p: &TokenStream, m: &Method) -> TokenStream {
     let name = &m.ident;
@@ -258,10 +279,12 @@ fn client(tr: &Trait) -> TokenStream {
                 .as_ref()
                 .map_or_else(proc_macro2::Span::call_site, |t| t.span());
             let future = quote_spanned!(span=> impl #p::Future<Output = #ret> + #p::Send + 'static);
+            let stream_doc = stream_doc(m).map(|doc| quote!(#[doc = ""] #[doc = #doc]));
             // The return type names the parts of a `#[result]` alias as
             // `<Alias as RemoteResult>::Err`: complex, but not the user's to simplify.
             quote! {
                 #(#attrs)*
+                #stream_doc
                 #[allow(clippy::type_complexity)]
                 #vis fn #name(&self, #(#idents: #tys),*) -> #future {
                     #call

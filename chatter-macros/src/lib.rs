@@ -165,7 +165,7 @@ mod stream;
 /// use chatter_rpc::{remote, Peer};
 ///
 /// #[derive(Debug, serde::Serialize, serde::Deserialize)]
-/// pub enum FsError { NotFound }
+/// pub enum FsError { NotFound, Interrupted(String) }
 ///
 /// #[remote]
 /// pub trait Files {
@@ -197,7 +197,7 @@ mod stream;
 ///         let mut size = 0;
 ///         while let Some(chunk) = data.recv().await {
 ///             // An `Err` says why the stream broke (connection lost, ...).
-///             size += chunk.map_err(|_| FsError::NotFound)?.len() as u64;
+///             size += chunk.map_err(|e| FsError::Interrupted(e.to_string()))?.len() as u64;
 ///         }
 ///         Ok(size) // `None`: the caller ended the stream.
 ///     }
@@ -264,10 +264,15 @@ mod stream;
 /// ```
 ///
 /// and `FilesServer<T>` serves any `impl Files` as for calls. The call's deadline covers
-/// opening the stream (the callee's reply that opens it); after that, a stream ends when its
-/// writer ends it, when either side drops its end, when the connection is lost, or at the
-/// reader's idle timeout. An application error returned instead of the stream
-/// (`Err(FsError)`) is the call's `CallError::App`.
+/// opening only: the handler must return its `Receiver` (or, for a method taking a stream,
+/// start) within the deadline; after that, a stream ends when its writer ends
+/// it, when either side drops its end, when the connection is lost, or at the reader's
+/// idle timeout (`Receiver::set_idle_timeout`). An application error returned instead of
+/// the stream (`Err(FsError)`) is the call's `CallError::App`; errors in the middle of a
+/// stream are items (`Receiver<Result<T, E>>`). Stream calls do not take a handler slot:
+/// they count against `PeerOptions::max_streams`. What else a stream promises (order,
+/// cancellation, flow control) is in the
+/// [`chatter_rpc::stream`](../chatter_rpc/stream/index.html) docs.
 ///
 /// `Receiver` is recognised by its path, since a macro sees only tokens: `Receiver<T>`,
 /// `stream::Receiver<T>`, `chatter_rpc::stream::Receiver<T>` or, with

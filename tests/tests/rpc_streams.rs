@@ -106,6 +106,8 @@ pub trait Feeds {
     /// Both ways, or the typed error before the stream opens (when `fail`), without
     /// reading the argument stream.
     async fn doubled(&self, fail: bool, input: Receiver<u64>) -> Result<Receiver<u64>, FeedError>;
+    /// Waits until the test opens the gate, then counts the chunks of `items`.
+    async fn hold(&self, items: Receiver<Chunk>) -> u64;
     /// Returns 1: an ordinary call beside the streams.
     async fn ping(&self) -> u64;
     /// Reports `n`: a signal beside the streams.
@@ -131,6 +133,8 @@ struct Feeder {
     reports: mpsc::UnboundedSender<Report>,
     /// Chunks `counted` handed over.
     counted: Arc<watch::Sender<u64>>,
+    /// `hold` waits for a permit before it reads.
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl Feeds for Feeder {
@@ -274,6 +278,15 @@ impl Feeds for Feeder {
         ))
     }
 
+    async fn hold(&self, mut items: Receiver<Chunk>) -> u64 {
+        self.gate.acquire().await.expect("never closed").forget();
+        let mut n = 0;
+        while let Some(Ok(_)) = items.recv().await {
+            n += 1;
+        }
+        n
+    }
+
     async fn ping(&self) -> u64 {
         1
     }
@@ -310,6 +323,8 @@ struct Setup {
     reports: mpsc::UnboundedReceiver<Report>,
     /// How many chunks `counted` handed over.
     counted: watch::Receiver<u64>,
+    /// Opens `hold`.
+    gate: Arc<tokio::sync::Semaphore>,
 }
 
 async fn setup(transport: Transport) -> Setup {
@@ -326,23 +341,21 @@ async fn setup_with(
     transport: Transport,
     client_options: PeerOptions,
     server_options: PeerOptions,
-    client_connection: Options,
+    connection: Options,
 ) -> Setup {
     // No keepalive: the paused clock may jump past it while only I/O is pending.
-    let (listener, client, accepted) = pair_with(
-        transport,
-        Options::default().no_keepalive(),
-        client_connection.no_keepalive(),
-    )
-    .await;
+    let connection = connection.no_keepalive();
+    let (listener, client, accepted) = pair_with(transport, connection.clone(), connection).await;
     let (tx, reports) = mpsc::unbounded_channel();
     let (counter, counted) = watch::channel(0);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let server = Peer::with_options(accepted, server_options);
     server.register(
         "feeds",
         FeedsServer::new(Feeder {
             reports: tx,
             counted: Arc::new(counter),
+            gate: gate.clone(),
         }),
     );
     let client = Peer::with_options(client, client_options);
@@ -353,6 +366,7 @@ async fn setup_with(
         feeds,
         reports,
         counted,
+        gate,
     }
 }
 
@@ -511,6 +525,34 @@ async fn the_callee_dropping_its_argument_stream_fails_the_callers_sender() {
     }
 }
 
+/// On the paused clock, so that a hang fails at once (virtual time) instead of after the
+/// guard's minute.
+#[tokio::test(start_paused = true)]
+async fn a_callers_producer_that_panics_fails_the_callees_argument_stream() {
+    for transport in TRANSPORTS {
+        let mut s = setup(transport).await;
+        let items = Receiver::from_stream(futures::stream::iter(1..).map(|i| {
+            if i == 4 {
+                panic!("the caller's producer gave up at {i}");
+            }
+            i
+        }));
+        match within(s.feeds.sum(items)).await {
+            Err(CallError::App {
+                error: FeedError::Broken(_),
+                ..
+            }) => {}
+            other => panic!("{transport:?}: expected the broken stream, got {other:?}"),
+        }
+        match within(s.reports.recv()).await {
+            Some(Report::InputFailed(StreamError::RemotePanic(what))) => {
+                assert!(what.contains("gave up at 4"), "{transport:?}: {what}")
+            }
+            other => panic!("{transport:?}: expected RemotePanic, got {other:?}"),
+        }
+    }
+}
+
 // Both ways.
 
 #[tokio::test]
@@ -616,6 +658,19 @@ async fn an_item_larger_than_the_window_ends_the_stream_with_an_error() {
             other => panic!("{transport:?}: expected a protocol error, got {other:?}"),
         }
         assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+
+        // The same in an argument stream: the callee's reader gets an error, not a short
+        // stream that looks complete (`upload` says `false` on an error).
+        let (tx, rx) = stream::channel(1);
+        tx.send(bytes::Bytes::from(vec![0; 300 * 1024]))
+            .await
+            .expect("queued");
+        drop(tx);
+        assert_eq!(
+            within(s.feeds.upload(rx)).await.expect("answered"),
+            (0, false),
+            "{transport:?}"
+        );
     }
 }
 
@@ -651,6 +706,89 @@ async fn both_ways_with_a_typed_error_before_opening_closes_the_callers_sender()
     }
 }
 
+/// Another version of [`Feeds`]: its `sum` takes an extra argument the callee does not
+/// expect, its `numbers` a count of another type; `ping` streams here but not there,
+/// `endless` there but not here, `missing` is nowhere, and `results` has items of another
+/// type.
+#[remote]
+pub trait FeedsV2 {
+    async fn sum(&self, label: String, items: Receiver<u64>) -> Result<u64, FeedError>;
+    async fn numbers(&self, from: u64, count: String) -> Result<Receiver<u64>, FeedError>;
+    async fn ping(&self) -> Receiver<u64>;
+    async fn endless(&self) -> u64;
+    async fn missing(&self) -> Receiver<u64>;
+    /// Items of another type than the callee sends.
+    async fn results(&self, n: u64) -> Receiver<String>;
+}
+
+#[tokio::test]
+async fn a_stream_call_with_arguments_the_callee_cannot_read_is_refused() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let v2 = FeedsV2Client::new(s.feeds.peer(), "feeds");
+        match within(v2.numbers(0, "many".into())).await {
+            Err(CallError::BadArguments { .. }) => {}
+            other => panic!("{transport:?}: expected BadArguments, got {other:?}"),
+        }
+        let (tx, items) = stream::channel(2);
+        match within(v2.sum("label".into(), items)).await {
+            Err(CallError::BadArguments { .. }) => {}
+            other => panic!("{transport:?}: expected BadArguments, got {other:?}"),
+        }
+        // The refused call's argument stream has no reader.
+        let refused = within(async {
+            let mut i = 0;
+            loop {
+                if tx.send(i).await.is_err() {
+                    break i;
+                }
+                i += 1;
+            }
+        })
+        .await;
+        assert!(
+            refused < 10,
+            "{transport:?}: {refused} items sent into a refused call"
+        );
+        assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+    }
+}
+
+#[tokio::test]
+async fn versions_that_disagree_about_streams_fail_clearly() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let v2 = FeedsV2Client::new(s.feeds.peer(), "feeds");
+        // A stream call of a method that returns a value.
+        match within(v2.ping()).await {
+            Err(CallError::Protocol(what)) => assert!(what.contains("has no stream"), "{what}"),
+            other => panic!("{transport:?}: expected a protocol error, got {other:?}"),
+        }
+        // An ordinary call of a method that returns a stream.
+        match within(v2.endless()).await {
+            Err(CallError::Protocol(what)) => assert!(what.contains("has a stream"), "{what}"),
+            other => panic!("{transport:?}: expected a protocol error, got {other:?}"),
+        }
+        match within(v2.missing()).await {
+            Err(CallError::NoSuchMethod { .. }) => {}
+            other => panic!("{transport:?}: expected NoSuchMethod, got {other:?}"),
+        }
+        // Items that do not decode: the stream ends with BadItem, then None.
+        let mut rx = within(v2.results(1_000_000)).await.expect("opened");
+        match within(rx.recv()).await {
+            Some(Err(StreamError::BadItem(_))) => {}
+            other => panic!("{transport:?}: expected BadItem, got {other:?}"),
+        }
+        assert_eq!(within(rx.recv()).await, None, "{transport:?}");
+        let nobody = FeedsClient::new(s.feeds.peer(), "nobody");
+        match within(nobody.endless()).await {
+            Err(CallError::NoSuchObject { .. }) => {}
+            other => panic!("{transport:?}: expected NoSuchObject, got {other:?}"),
+        }
+        assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+    }
+}
+
 // Failures.
 
 #[tokio::test]
@@ -682,6 +820,7 @@ async fn a_lost_connection_ends_the_stream_with_connection_lost() {
     let feeder = Feeder {
         reports: tx,
         counted: Arc::new(watch::channel(0).0),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
     };
     let server = serve(listener, PeerOptions::default(), move |peer: &Peer| {
         peer.register("feeds", FeedsServer::new(feeder.clone()));
@@ -749,6 +888,39 @@ async fn a_lost_connection_fails_an_argument_stream_on_both_sides() {
             refused < 10,
             "{transport:?}: {refused} items sent into a lost call"
         );
+    }
+}
+
+/// A callee that shuts down gracefully ends its open streams with an error once the grace
+/// is over (a stream is not a call that finishes), and refuses new stream calls meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_callee_shutting_down_ends_its_streams_with_an_error() {
+    for transport in TRANSPORTS {
+        let s = setup(transport).await;
+        let mut rx = within(s.feeds.endless()).await.expect("opened");
+        assert_eq!(within(rx.recv()).await, Some(Ok(0)));
+        let server = s.server.clone();
+        let shutdown = tokio::spawn(async move { server.shutdown(Duration::from_secs(2)).await });
+        // The shutdown task runs first (one thread, and it was scheduled before us).
+        tokio::task::yield_now().await;
+        assert!(s.server.is_shutting_down());
+        match within(s.feeds.numbers(0, 1)).await {
+            Err(CallError::ShuttingDown) => {}
+            other => panic!("{transport:?}: expected ShuttingDown, got {other:?}"),
+        }
+        // Not read meanwhile: the stream waits for its reader, the grace runs out.
+        let start = tokio::time::Instant::now();
+        within(shutdown).await.expect("shut down");
+        assert!(start.elapsed() <= Duration::from_secs(3), "{transport:?}");
+        let (items, error) = within(drain(&mut rx)).await;
+        assert!(
+            items.iter().copied().eq(1..=items.len() as u64),
+            "{transport:?}: in order"
+        );
+        match error {
+            Some(StreamError::ConnectionLost(_) | StreamError::Cancelled) => {}
+            other => panic!("{transport:?}: expected the stream to fail, got {other:?}"),
+        }
     }
 }
 
@@ -890,6 +1062,53 @@ async fn an_unread_stream_stalls_only_itself() {
             };
             assert_eq!(bytes, vec![0x5a; CHUNK as usize]);
         }
+    }
+}
+
+#[tokio::test]
+async fn an_unread_argument_stream_stalls_only_itself() {
+    for transport in TRANSPORTS {
+        let s = setup_with(
+            transport,
+            PeerOptions::default().stream_window(STREAM_WINDOW),
+            PeerOptions::default().stream_window(STREAM_WINDOW),
+            Options::default()
+                .receive_window(CONNECTION_WINDOW)
+                .max_frame_size(CONNECTION_WINDOW / 4),
+        )
+        .await;
+        // The caller's producer: 1 000 chunks (about four windows), counted as pulled.
+        let (counter, mut pulled) = watch::channel(0u64);
+        let chunks = futures::stream::iter(0..1_000).map(move |_| {
+            counter.send_modify(|n| *n += 1);
+            Chunk(vec![0xa5; CHUNK as usize])
+        });
+        let held = tokio::spawn(s.feeds.hold(Receiver::from_stream(chunks)));
+        // The callee does not read: the caller sends beyond the connection's window, into
+        // the stream's own.
+        let beyond_connection = u64::from(CONNECTION_WINDOW) / CHUNK + 8;
+        within(pulled.wait_for(|n| *n >= beyond_connection))
+            .await
+            .expect("the producer is alive");
+        for _ in 0..10 {
+            assert_eq!(within(s.feeds.ping()).await.expect("ping"), 1);
+        }
+        let mut other = within(s.feeds.numbers(0, 20_000)).await.expect("opened");
+        let (items, error) = within(drain(&mut other)).await;
+        assert_eq!((items.len(), error), (20_000, None), "{transport:?}");
+        let most = STREAM_WINDOW / (CHUNK + 64) + 2;
+        let sent = *pulled.borrow();
+        assert!(sent <= most, "{transport:?}: {sent} chunks > {most}");
+
+        // Once the callee reads, every chunk arrives.
+        s.gate.add_permits(1);
+        assert_eq!(
+            within(held)
+                .await
+                .expect("the call's task")
+                .expect("counted"),
+            1_000
+        );
     }
 }
 
