@@ -20,8 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Chunks of 256 KiB: large enough that per-message costs vanish, small enough to fit the
-/// default frame size (4 MiB) and stream window (256 KiB plus overhead would not: the
-/// example sets a 1 MiB window).
+/// default frame size (4 MiB), with several in the default stream window (1 MiB).
 const CHUNK: usize = 256 * 1024;
 
 /// What the server stored.
@@ -199,7 +198,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => 300,
     };
     let total = megabytes * 1_000_000;
-    let options = PeerOptions::default().stream_window(1024 * 1024);
+    let options = PeerOptions::default();
 
     // The server: files in a fresh temporary directory.
     let dir = std::env::temp_dir().join(format!("chatter-files-{}", std::process::id()));

@@ -41,7 +41,7 @@
 //!   runs until its end, a cancel, the connection's close or the reader's idle timeout
 //!   ([`Receiver::set_idle_timeout`]).
 //! - **Flow control per stream.** Each stream has a window
-//!   ([`PeerOptions::stream_window`](crate::PeerOptions::stream_window), 256 KiB by
+//!   ([`PeerOptions::stream_window`](crate::PeerOptions::stream_window), 1 MiB by
 //!   default): the writer sends at most that many bytes the reader has not read yet, so a
 //!   slow reader stalls its own stream only; other streams, calls and signals on the same
 //!   connection keep flowing. What streams hold per connection is bounded by

@@ -643,8 +643,8 @@ async fn a_handler_that_panics_before_its_stream_opens_is_remote_panic() {
 async fn an_item_larger_than_the_window_ends_the_stream_with_an_error() {
     for transport in TRANSPORTS {
         let s = setup(transport).await;
-        // One chunk of 300 KiB against the default window of 256 KiB.
-        let mut rx = within(s.feeds.download(300 * 1024, 300 * 1024))
+        // One chunk of 1.2 MiB against the default window of 1 MiB.
+        let mut rx = within(s.feeds.download(1200 * 1024, 1200 * 1024))
             .await
             .expect("opened");
         let (items, error) = within(drain(&mut rx)).await;
@@ -662,7 +662,7 @@ async fn an_item_larger_than_the_window_ends_the_stream_with_an_error() {
         // The same in an argument stream: the callee's reader gets an error, not a short
         // stream that looks complete (`upload` says `false` on an error).
         let (tx, rx) = stream::channel(1);
-        tx.send(bytes::Bytes::from(vec![0; 300 * 1024]))
+        tx.send(bytes::Bytes::from(vec![0; 1200 * 1024]))
             .await
             .expect("queued");
         drop(tx);
@@ -1149,7 +1149,7 @@ async fn too_many_streams_is_refused() {
 /// Far more than a frame (chatter-core's default `max_frame_size` is 4 MiB).
 const LARGE: u64 = 64 * 1024 * 1024;
 
-/// A chunk of the large transfers: well within the default stream window of 256 KiB.
+/// A chunk of the large transfers: well within the default stream window of 1 MiB.
 const LARGE_CHUNK: u64 = 64 * 1024;
 
 #[tokio::test]

@@ -44,7 +44,7 @@ impl Default for PeerOptions {
             acknowledged_signals: false,
             max_metadata_bytes: 8192,
             start_traces: false,
-            stream_window: 256 * 1024,
+            stream_window: 1024 * 1024,
             max_streams: 64,
             introspection: true,
         }
@@ -162,7 +162,7 @@ impl PeerOptions {
         self
     }
 
-    /// The window of each stream this side reads (default 256 KiB): the most bytes of a
+    /// The window of each stream this side reads (default 1 MiB): the most bytes of a
     /// stream's items (each counted as its encoded size plus 64) that arrived and wait to
     /// be read. The writer waits for the reader to read before it sends more, so a slow
     /// reader stalls only its own stream. An item must fit in the window, and in a frame
@@ -171,6 +171,12 @@ impl PeerOptions {
     /// Per connection, what streams hold is bounded by
     /// `max_streams × stream_window` on each side (reading ends), see
     /// [`max_streams`](Self::max_streams).
+    ///
+    /// Why 1 MiB: the reader grants credit back each half window, so a window of a few
+    /// chunks stops the writer once per grant's round trip. Measured (BENCHMARKS.md,
+    /// streams), 1 GiB in 64 KiB chunks ran at 0.40x raw TCP with a 256 KiB window and
+    /// 0.71x with 1 MiB, client and server each on its own core (`split`). A server exposed
+    /// to untrusted callers of methods that take streams can lower it (docs/SECURITY.md).
     ///
     /// ```
     /// use chatter_rpc::PeerOptions;
@@ -194,7 +200,7 @@ impl PeerOptions {
     /// [`max_concurrent_handlers`](Self::max_concurrent_handlers), so long streams never
     /// take handler slots from calls. Each holds at most one argument stream's window
     /// (`stream_window`) of received items: `max_streams × stream_window` per connection
-    /// (16 MiB by default).
+    /// (64 MiB by default, reached only by argument streams whose handlers do not read).
     ///
     /// ```
     /// use chatter_rpc::PeerOptions;

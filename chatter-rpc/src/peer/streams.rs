@@ -562,13 +562,14 @@ async fn forward_input(inner: Arc<Inner>, id: u64, outlet: Arc<Outlet>, mut sour
         let item = tokio::select! {
             biased;
             () = outlet.cancelled() => break envelope::encode_bare(envelope::END),
-            item = std::future::poll_fn(|cx| source.as_mut().poll_next(cx)) => item,
+            item = next_item(&mut source) => item,
         };
         let item = match item {
-            None => break envelope::encode_bare(envelope::END),
-            Some(Ok(item)) => item,
+            Ok(None) => break envelope::encode_bare(envelope::END),
+            Ok(Some(Ok(item))) => item,
             // The callee's reader gets the error, not a short stream.
-            Some(Err(e)) => break failure_of(&e),
+            Ok(Some(Err(e))) => break failure_of(&e),
+            Err(message) => break wire::encode_failure(FailureKind::RemotePanic, &message),
         };
         match outlet.take(cost(item.len())).await {
             Ok(()) => {}
@@ -929,19 +930,11 @@ async fn forward_result(
         }
     };
     loop {
-        let next = std::future::poll_fn(|cx| {
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                source.as_mut().poll_next(cx)
-            })) {
-                Ok(poll) => poll.map(Ok),
-                Err(panic) => Poll::Ready(Err(panic_message(panic.as_ref()))),
-            }
-        });
         let item = tokio::select! {
             biased;
             _ = &mut *cancel => return cancelled(),
             () = outlet.cancelled() => return cancelled(),
-            item = next => item,
+            item = next_item(&mut source) => item,
         };
         let item = match item {
             Ok(Some(Ok(item))) => item,
@@ -979,6 +972,22 @@ fn failure_of(e: &StreamError) -> Payload {
         StreamError::Protocol(what) => wire::encode_failure(FailureKind::Protocol, what),
         other => wire::encode_failure(FailureKind::Protocol, &other.to_string()),
     }
+}
+
+/// The next item of a stream's source, or the message of the panic that polling it
+/// raised (a producer given as `Receiver::from_stream` runs inside this poll).
+async fn next_item(
+    source: &mut ItemSource,
+) -> Result<Option<Result<Payload, StreamError>>, String> {
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            source.as_mut().poll_next(cx)
+        })) {
+            Ok(poll) => poll.map(Ok),
+            Err(panic) => Poll::Ready(Err(panic_message(panic.as_ref()))),
+        }
+    })
+    .await
 }
 
 /// Resolves at `deadline`, or never.
