@@ -138,6 +138,12 @@ impl Inner {
         // As a plain signal that waited (`run_waiting`), with an outcome to acknowledge.
         let mut handlers = Handlers::new();
         if !self.start_signal(object, method, item.args(), None, &mut handlers) {
+            // The connection may have closed between the check above and the lookup (a
+            // peer made from a connection drops its objects at the close): then the
+            // sender re-sends it, rather than learning of a failure that was not its.
+            if self.conn.is_closed() {
+                return None;
+            }
             return Some(AckStatus::Failed);
         }
         bump(&self.peer.stats.signals_delivered);
