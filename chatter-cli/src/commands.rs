@@ -35,7 +35,17 @@ pub(crate) async fn list(connect: &ConnectArgs) -> Result<(), CliError> {
                 vec![
                     o.object.clone(),
                     o.interface.clone().unwrap_or_else(|| "-".into()),
-                    o.methods.join(", "),
+                    o.methods
+                        .iter()
+                        .map(|m| {
+                            if o.streams.contains(m) {
+                                format!("{m} (stream)")
+                            } else {
+                                m.clone()
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 ]
             })
             .collect();
@@ -445,15 +455,23 @@ fn call_failed(
     }
 }
 
-/// `add(a: i64, b: i64) -> i64`.
+/// `add(a: i64, b: i64) -> i64`; streams as `stream of T`: `ticks(every: u64) -> stream
+/// of u64`, `upload(chunks: stream of Vec<u8>) -> u64`.
 fn signature(m: &MethodDescription) -> String {
     let args: Vec<String> = m
         .args
         .iter()
-        .map(|a| format!("{}: {}", a.name, a.ty))
+        .map(|a| match &a.stream {
+            Some(item) => format!("{}: stream of {item}", a.name),
+            None => format!("{}: {}", a.name, a.ty),
+        })
         .collect();
     let mut text = format!("{}({})", m.name, args.join(", "));
-    match (&m.error, &*m.returns) {
+    let returns = match &m.result_stream {
+        Some(item) => format!("stream of {item}"),
+        None => m.returns.to_string(),
+    };
+    match (&m.error, &*returns) {
         (Some(error), returns) => text.push_str(&format!(" -> Result<{returns}, {error}>")),
         (None, "()") => {}
         (None, returns) => text.push_str(&format!(" -> {returns}")),
@@ -466,6 +484,7 @@ fn signature_line(m: &MethodDescription) -> String {
     let kind = match m.kind {
         MethodKind::Call => "call",
         MethodKind::Signal => "signal",
+        MethodKind::Stream => "stream",
         _ => "other",
     };
     let mut options = Vec::new();
@@ -551,6 +570,39 @@ mod tests {
             "call    div(a: i64, b: i64) -> Result<i64, CalcError>  [idempotent]"
         );
         let none = describe_call("reset", "", &[], "()", None, false);
+        use chatter_rpc::__private::{describe_stream, describe_stream_arg};
+        static UP: [chatter_rpc::__private::ArgDescription; 2] = [
+            describe_arg("name", "String"),
+            describe_stream_arg("chunks", "Receiver<Vec<u8>>", "Vec<u8>"),
+        ];
+        let ticks = describe_stream(
+            "ticks",
+            "",
+            &AB[..1],
+            "Receiver<u64>",
+            None,
+            false,
+            Some("u64"),
+        );
+        assert_eq!(
+            signature_line(&ticks),
+            "stream  ticks(a: i64) -> stream of u64"
+        );
+        let feed = describe_stream(
+            "feed",
+            "",
+            &[],
+            "Receiver<u64>",
+            Some("E"),
+            false,
+            Some("u64"),
+        );
+        assert_eq!(signature(&feed), "feed() -> Result<stream of u64, E>");
+        let up = describe_stream("upload", "", &UP, "u64", None, false, None);
+        assert_eq!(
+            signature_line(&up),
+            "stream  upload(name: String, chunks: stream of Vec<u8>) -> u64"
+        );
         assert_eq!(signature(&none), "reset()");
         let log = describe_signal("log", "", &LINE, Some(5_000), true);
         assert_eq!(

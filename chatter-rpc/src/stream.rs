@@ -817,7 +817,9 @@ mod tests {
         }
     }
 
-    fn remote<T: serde::de::DeserializeOwned + 'static>(window: u64) -> (Arc<Inbox>, Arc<End>, Receiver<T>) {
+    fn remote<T: serde::de::DeserializeOwned + 'static>(
+        window: u64,
+    ) -> (Arc<Inbox>, Arc<End>, Receiver<T>) {
         let (inbox, end) = (Arc::new(Inbox::new(window)), Arc::new(End::default()));
         let rx = Receiver::remote(inbox.clone(), end.clone());
         (inbox, end, rx)
@@ -894,11 +896,20 @@ mod tests {
         inbox.push(frame.clone(), 400).unwrap();
         let item = rx.recv().await.unwrap().unwrap();
         assert_eq!(item, vec![7u8; 300]);
-        assert_eq!(item.as_ptr(), frame[3..].as_ptr(), "bin16: data after 3 bytes");
+        assert_eq!(
+            item.as_ptr(),
+            frame[3..].as_ptr(),
+            "bin16: data after 3 bytes"
+        );
         // Not a bin (an array of integers): decoded (copied) as serde does.
         let (inbox, _end, mut rx) = remote::<bytes::Bytes>(1 << 20);
-        inbox.push(bytes::Bytes::from_static(b"\x92\x01\x02"), 64).unwrap();
-        assert_eq!(rx.recv().await, Some(Ok(bytes::Bytes::from_static(&[1, 2]))));
+        inbox
+            .push(bytes::Bytes::from_static(b"\x92\x01\x02"), 64)
+            .unwrap();
+        assert_eq!(
+            rx.recv().await,
+            Some(Ok(bytes::Bytes::from_static(&[1, 2])))
+        );
         assert_eq!(bin_data(b"\xc4\x02ab"), Some(2));
         assert_eq!(bin_data(b"\xc4\x02abc"), None, "a value after the bin");
         assert_eq!(bin_data(b"\xc4\x03ab"), None, "cut short");
