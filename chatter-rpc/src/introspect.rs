@@ -4,8 +4,10 @@
 //! comments and methods: calls and signals, argument names and types, return and error
 //! types), which the generated `{Trait}Server` gives through
 //! [`Service::description`](crate::Service::description). Every [`Peer`](crate::Peer)
-//! serves the built-in object [`OBJECT`] (`chatter.introspect`, an [`Introspect`]) unless
-//! [`PeerOptions::introspection`](crate::PeerOptions::introspection) turns it off: it lists
+//! serves the built-in object [`OBJECT`] (`chatter.introspect`, an [`Introspect`], made on
+//! first use: no cost to a peer until then) unless
+//! [`PeerOptions::introspection`](crate::PeerOptions::introspection) turns it off (an
+//! object the application registers under that name takes its place): it lists
 //! the objects the peer serves, describes each, answers pings and reports the peer's
 //! counters. The `chatter` command-line tool (`chatter-cli`) is its main user; its wire
 //! form is in `PROTOCOL.md` ("Introspection").
@@ -62,7 +64,7 @@ use std::sync::{Arc, PoisonError, Weak};
 use serde::{Deserialize, Serialize};
 
 use crate::peer::PeerState;
-use crate::remote;
+use crate::{remote, Service};
 
 /// The name under which every peer serves its [`Introspect`] object (unless
 /// [`PeerOptions::introspection`](crate::PeerOptions::introspection) is off).
@@ -227,21 +229,39 @@ pub trait Introspect {
     async fn ping(&self);
 }
 
-/// Registers the built-in [`Introspect`] object on a new peer, unless its options turn it
-/// off.
-pub(crate) fn install(peer: &Arc<PeerState>) {
-    if peer.options.introspection {
-        let object = IntrospectServer::new(Builtin {
+/// The built-in [`Introspect`] object of `peer`, if `object` names it and the peer's
+/// options serve it: made on demand, when a lookup of `object` missed the peer's registry
+/// (so an object the application registered under [`OBJECT`] wins). It holds only a
+/// `Weak` to the peer: a peer costs nothing for it until it is called.
+pub(crate) fn builtin(peer: &Arc<PeerState>, object: &str) -> Option<Arc<dyn Service>> {
+    if peer.options.introspection && object == OBJECT {
+        Some(Arc::new(IntrospectServer::new(Builtin {
             peer: Arc::downgrade(peer),
-        });
-        peer.objects
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(OBJECT.to_owned(), Arc::new(object));
+        })))
+    } else {
+        None
     }
 }
 
-/// The [`Introspect`] of one peer (weak: the peer's registry holds it).
+/// Whether `peer` serves the built-in object: on, and no object of the application
+/// registered under its name.
+pub(crate) fn serves_builtin(
+    peer: &PeerState,
+    objects: &std::collections::HashMap<String, Arc<dyn Service>>,
+) -> bool {
+    peer.options.introspection && !objects.contains_key(OBJECT)
+}
+
+/// The description of the built-in object: the generated server's `static` (a `Weak`
+/// that points nowhere does not allocate).
+fn builtin_description() -> &'static InterfaceDescription {
+    IntrospectServer::new(Builtin { peer: Weak::new() })
+        .description()
+        .expect("#[remote] describes Introspect")
+}
+
+/// The [`Introspect`] of one peer (weak: the peer's serving tasks hold it while it
+/// answers).
 struct Builtin {
     peer: Weak<PeerState>,
 }
@@ -257,6 +277,9 @@ impl Builtin {
             .iter()
             .map(|(name, service)| (name.clone(), service.description()))
             .collect();
+        if serves_builtin(&peer, &objects) {
+            list.push((OBJECT.to_owned(), Some(builtin_description())));
+        }
         list.sort_by(|a, b| a.0.cmp(&b.0));
         list
     }

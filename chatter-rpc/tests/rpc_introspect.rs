@@ -194,12 +194,22 @@ async fn the_builtin_object_lists_and_describes_what_the_peer_serves() {
         Err(CallError::NoSuchObject { .. })
     ));
 
-    // Unregistering it turns it off for one peer.
-    assert!(server.unregister(OBJECT));
+    // It is no registry entry: unregistering finds nothing and does not turn it off
+    // (the option does).
+    assert!(!server.unregister(OBJECT));
+    within(introspect.ping()).await.expect("still there");
+
+    // An object the application registers under its name wins while registered.
+    assert!(!server.register(OBJECT, ShapesServer::new(S)));
+    assert_eq!(server.objects().iter().filter(|o| *o == OBJECT).count(), 1);
     assert!(matches!(
         within(introspect.ping()).await,
-        Err(CallError::NoSuchObject { .. })
+        Err(CallError::NoSuchMethod { .. })
     ));
+    assert!(server.unregister(OBJECT));
+    within(introspect.ping())
+        .await
+        .expect("the built-in one again");
 }
 
 /// Methods with streams.
