@@ -1,5 +1,5 @@
-//! `chatter`: list, describe, call, signal, ping and read the counters of a running chatter
-//! RPC peer from the shell, through the peer's built-in `chatter.introspect` object
+//! `chatter`: list, describe, call, watch the streams of, signal, ping and read the
+//! counters of a running chatter RPC peer from the shell, through the peer's built-in `chatter.introspect` object
 //! (chatter-rpc's `introspect` module).
 //!
 //! Arguments and replies are JSON (translated to and from MessagePack as chatter-rpc's
