@@ -9,6 +9,7 @@
 //! chatter describe tcp://127.0.0.1:7000 calc
 //! chatter call tcp://127.0.0.1:7000 calc.add 2 3
 //! chatter call tcp://127.0.0.1:7000 calc.div 1 0
+//! chatter watch tcp://127.0.0.1:7000 calc.count 5 --count 3
 //! chatter emit tcp://127.0.0.1:7000 calc.log '"hello"'
 //! chatter ping tcp://127.0.0.1:7000
 //! ```
@@ -16,6 +17,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use chatter_rpc::stream::{self, Receiver};
 use chatter_rpc::{listen, remote, serve, Options, Peer, PeerOptions};
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +49,8 @@ pub trait Calculator {
     async fn log(&self, line: String);
     /// How many lines were logged.
     async fn logged(&self) -> u64;
+    /// Counts from 1 to `to`, one number every 100 ms (a stream: `chatter watch`).
+    async fn count(&self, to: u64) -> Receiver<u64>;
 }
 
 struct Calc {
@@ -73,6 +77,20 @@ impl Calculator for Calc {
 
     async fn logged(&self) -> u64 {
         self.logged.load(Ordering::Relaxed)
+    }
+
+    async fn count(&self, to: u64) -> Receiver<u64> {
+        let (tx, rx) = stream::channel(1);
+        tokio::spawn(async move {
+            for i in 1..=to {
+                // The reader went (for example `chatter watch --count`): stop.
+                if tx.send(i).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        });
+        rx
     }
 }
 

@@ -6,6 +6,7 @@ use chatter_rpc::__private::{ArgError, ArgsWriter, ClientCore, Method};
 use chatter_rpc::introspect::{
     InterfaceDescription, IntrospectClient, IntrospectError, MethodDescription, MethodKind, OBJECT,
 };
+use chatter_rpc::stream::StreamError;
 use chatter_rpc::{AckError, CallError, Peer};
 use serde_json::{json, Value};
 
@@ -35,7 +36,17 @@ pub(crate) async fn list(connect: &ConnectArgs) -> Result<(), CliError> {
                 vec![
                     o.object.clone(),
                     o.interface.clone().unwrap_or_else(|| "-".into()),
-                    o.methods.join(", "),
+                    o.methods
+                        .iter()
+                        .map(|m| {
+                            if o.streams.contains(m) {
+                                format!("{m} (stream)")
+                            } else {
+                                m.clone()
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 ]
             })
             .collect();
@@ -84,7 +95,7 @@ pub(crate) async fn call(
 ) -> Result<(), CliError> {
     let (object, method) = split_target(target, "METHOD")?;
     let peer = connect.peer(false).await?;
-    let described = check_method(&peer, connect, object, method, MethodKind::Call).await?;
+    let described = check_method(&peer, connect, object, method, Use::Call).await?;
     let values = parse_json_args(args, described.as_ref())?;
     let client = ClientCore::new(&peer, object).with_deadline(deadline);
     let reply = client
@@ -108,6 +119,79 @@ pub(crate) async fn call(
     result
 }
 
+/// `chatter watch URL OBJECT.METHOD ARGS... --deadline D --idle-timeout T --count N`: the
+/// items of a method returning a stream, one JSON value each.
+pub(crate) async fn watch(
+    connect: &ConnectArgs,
+    target: &str,
+    args: &[String],
+    deadline: Duration,
+    idle_timeout: Option<Duration>,
+    count: Option<u64>,
+) -> Result<(), CliError> {
+    let (object, method) = split_target(target, "METHOD")?;
+    let peer = connect.peer(false).await?;
+    let described = check_method(&peer, connect, object, method, Use::Watch).await?;
+    let values = parse_json_args(args, described.as_ref())?;
+    // The deadline covers opening the stream only (PROTOCOL.md, "Streams").
+    let client = ClientCore::new(&peer, object).with_deadline(deadline);
+    let opened = client
+        .call_stream::<Json, Json, _, ()>(
+            method_ref(method),
+            values.len() as u32,
+            write_args(values),
+            None,
+        )
+        .await;
+    let mut stream = match opened {
+        Ok(stream) => stream,
+        Err(CallError::BadReply { what }) if what.contains("not a stream") => {
+            peer.close().await;
+            return Err(CliError::new(format!(
+                "`{object}.{method}` answered with one value, not a stream"
+            ))
+            .hint(format!(
+                "call it with `chatter call {} {object}.{method} ...`",
+                connect.url
+            )));
+        }
+        Err(error) => {
+            let error = call_failed(connect, object, method, error, described.as_ref(), deadline);
+            peer.close().await;
+            return Err(error);
+        }
+    };
+    stream.set_idle_timeout(idle_timeout);
+    let json = connect.json_output();
+    let mut seen: u64 = 0;
+    let result = loop {
+        if count.is_some_and(|n| seen >= n) {
+            // Dropping the reader cancels the stream on the server.
+            drop(stream);
+            break Ok(());
+        }
+        match stream.recv().await {
+            Some(Ok(Json(item))) => {
+                output::value(&item, json);
+                seen += 1;
+            }
+            Some(Err(error)) => {
+                let mut e = CliError::new(format!(
+                    "{object}.{method}: the stream failed after {seen} item{}: {error}",
+                    if seen == 1 { "" } else { "s" }
+                ));
+                if matches!(error, StreamError::IdleTimeout) {
+                    e = e.hint("--idle-timeout waits longer between items");
+                }
+                break Err(e);
+            }
+            None => break Ok(()),
+        }
+    };
+    peer.close().await;
+    result
+}
+
 /// `chatter emit URL OBJECT.SIGNAL ARGS... --ttl T`.
 pub(crate) async fn emit(
     connect: &ConnectArgs,
@@ -118,7 +202,7 @@ pub(crate) async fn emit(
 ) -> Result<(), CliError> {
     let (object, method) = split_target(target, "SIGNAL")?;
     let peer = connect.peer(acknowledged).await?;
-    let described = check_method(&peer, connect, object, method, MethodKind::Signal).await?;
+    let described = check_method(&peer, connect, object, method, Use::Emit).await?;
     let values = parse_json_args(args, described.as_ref())?;
     let declared = described
         .as_ref()
@@ -314,14 +398,26 @@ async fn describe_object(
     }
 }
 
+/// The command that uses a method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// `chatter call`: a call with one reply.
+    Call,
+    /// `chatter emit`: a signal.
+    Emit,
+    /// `chatter watch`: a method returning a stream.
+    Watch,
+}
+
 /// Checks `object.method` against the peer's description, when it has one: the object
-/// and method exist, and the method is of `kind`. Returns the method's description.
+/// and method exist, and the method is what the command `used` handles. Returns the
+/// method's description.
 async fn check_method(
     peer: &Peer,
     connect: &ConnectArgs,
     object: &str,
     method: &str,
-    kind: MethodKind,
+    used: Use,
 ) -> Result<Option<MethodDescription>, CliError> {
     let Some(description) = describe_object(peer, connect, object).await? else {
         return Ok(None);
@@ -338,22 +434,62 @@ async fn check_method(
             connect.url
         )));
     };
-    match (kind, found.kind) {
-        (MethodKind::Call, MethodKind::Signal) => Err(CliError::new(format!(
-            "`{object}.{method}` is a signal: it has no reply"
+    kind_fits(connect, object, found, used)?;
+    Ok(Some(found.clone()))
+}
+
+/// Whether the command `used` can run the method `m`: a clear refusal naming the right
+/// command when not.
+fn kind_fits(
+    connect: &ConnectArgs,
+    object: &str,
+    m: &MethodDescription,
+    used: Use,
+) -> Result<(), CliError> {
+    let target = format!("{object}.{}", m.name);
+    let url = &connect.url;
+    if let Some((arg, item)) = m
+        .args
+        .iter()
+        .find_map(|a| a.stream.as_deref().map(|item| (&a.name, item)))
+    {
+        return Err(CliError::new(format!(
+            "`{target}` takes a stream of {item} as its argument `{arg}`: the chatter \
+             command-line tool cannot send argument streams, so it cannot call it"
         ))
-        .hint(format!(
-            "send it with `chatter emit {} {object}.{method} ...`",
-            connect.url
-        ))),
-        (MethodKind::Signal, MethodKind::Call) => Err(CliError::new(format!(
-            "`{object}.{method}` is a call, not a signal"
+        .hint(format!("it takes {}", signature(m)))
+        .hint("call it from a program (its generated client takes a stream::Receiver)"));
+    }
+    match (used, m.kind) {
+        (Use::Call, MethodKind::Signal) => Err(CliError::new(format!(
+            "`{target}` is a signal: it has no reply"
         ))
-        .hint(format!(
-            "call it with `chatter call {} {object}.{method} ...`",
-            connect.url
-        ))),
-        _ => Ok(Some(found.clone())),
+        .hint(format!("send it with `chatter emit {url} {target} ...`"))),
+        (Use::Emit, MethodKind::Call) => {
+            Err(CliError::new(format!("`{target}` is a call, not a signal"))
+                .hint(format!("call it with `chatter call {url} {target} ...`")))
+        }
+        (Use::Call | Use::Emit, MethodKind::Stream) => {
+            let item = m.result_stream.as_deref().unwrap_or("?");
+            Err(CliError::new(format!(
+                "`{target}` returns a stream of {item}, not {}",
+                if used == Use::Call {
+                    "one reply"
+                } else {
+                    "nothing (it is not a signal)"
+                }
+            ))
+            .hint(format!("watch it with `chatter watch {url} {target} ...`")))
+        }
+        (Use::Watch, MethodKind::Call) => Err(CliError::new(format!(
+            "`{target}` returns one value, not a stream"
+        ))
+        .hint(format!("call it with `chatter call {url} {target} ...`"))),
+        (Use::Watch, MethodKind::Signal) => Err(CliError::new(format!(
+            "`{target}` is a signal: it returns nothing, not a stream"
+        ))
+        .hint(format!("send it with `chatter emit {url} {target} ...`"))),
+        _ => Ok(()),
     }
 }
 
@@ -441,19 +577,40 @@ fn call_failed(
         CallError::BadReply { what } => {
             CliError::new(format!("{target}: the reply did not decode: {what}"))
         }
+        // A peer without introspection says that the command does not fit the method.
+        CallError::Protocol(what) if what.contains("has no stream") => {
+            CliError::new(format!("`{target}` has no stream: {what}")).hint(format!(
+                "call it with `chatter call {} {target} ...`",
+                connect.url
+            ))
+        }
+        CallError::Protocol(what) if what.contains("must come as a stream call") => {
+            CliError::new(format!("`{target}` has a stream: {what}")).hint(format!(
+                "if it returns a stream, watch it with `chatter watch {} {target} ...`",
+                connect.url
+            ))
+        }
         other => CliError::new(format!("{target}: {other}")),
     }
 }
 
-/// `add(a: i64, b: i64) -> i64`.
+/// `add(a: i64, b: i64) -> i64`; streams as `stream of T`: `ticks(every: u64) -> stream
+/// of u64`, `upload(chunks: stream of Vec<u8>) -> u64`.
 fn signature(m: &MethodDescription) -> String {
     let args: Vec<String> = m
         .args
         .iter()
-        .map(|a| format!("{}: {}", a.name, a.ty))
+        .map(|a| match &a.stream {
+            Some(item) => format!("{}: stream of {item}", a.name),
+            None => format!("{}: {}", a.name, a.ty),
+        })
         .collect();
     let mut text = format!("{}({})", m.name, args.join(", "));
-    match (&m.error, &*m.returns) {
+    let returns = match &m.result_stream {
+        Some(item) => format!("stream of {item}"),
+        None => m.returns.to_string(),
+    };
+    match (&m.error, &*returns) {
         (Some(error), returns) => text.push_str(&format!(" -> Result<{returns}, {error}>")),
         (None, "()") => {}
         (None, returns) => text.push_str(&format!(" -> {returns}")),
@@ -466,6 +623,7 @@ fn signature_line(m: &MethodDescription) -> String {
     let kind = match m.kind {
         MethodKind::Call => "call",
         MethodKind::Signal => "signal",
+        MethodKind::Stream => "stream",
         _ => "other",
     };
     let mut options = Vec::new();
@@ -551,6 +709,39 @@ mod tests {
             "call    div(a: i64, b: i64) -> Result<i64, CalcError>  [idempotent]"
         );
         let none = describe_call("reset", "", &[], "()", None, false);
+        use chatter_rpc::__private::{describe_stream, describe_stream_arg};
+        static UP: [chatter_rpc::__private::ArgDescription; 2] = [
+            describe_arg("name", "String"),
+            describe_stream_arg("chunks", "Receiver<Vec<u8>>", "Vec<u8>"),
+        ];
+        let ticks = describe_stream(
+            "ticks",
+            "",
+            &AB[..1],
+            "Receiver<u64>",
+            None,
+            false,
+            Some("u64"),
+        );
+        assert_eq!(
+            signature_line(&ticks),
+            "stream  ticks(a: i64) -> stream of u64"
+        );
+        let feed = describe_stream(
+            "feed",
+            "",
+            &[],
+            "Receiver<u64>",
+            Some("E"),
+            false,
+            Some("u64"),
+        );
+        assert_eq!(signature(&feed), "feed() -> Result<stream of u64, E>");
+        let up = describe_stream("upload", "", &UP, "u64", None, false, None);
+        assert_eq!(
+            signature_line(&up),
+            "stream  upload(name: String, chunks: stream of Vec<u8>) -> u64"
+        );
         assert_eq!(signature(&none), "reset()");
         let log = describe_signal("log", "", &LINE, Some(5_000), true);
         assert_eq!(

@@ -1,5 +1,5 @@
-//! `chatter`: list, describe, call, signal, ping and read the counters of a running chatter
-//! RPC peer from the shell, through the peer's built-in `chatter.introspect` object
+//! `chatter`: list, describe, call, watch the streams of, signal, ping and read the
+//! counters of a running chatter RPC peer from the shell, through the peer's built-in `chatter.introspect` object
 //! (chatter-rpc's `introspect` module).
 //!
 //! Arguments and replies are JSON (translated to and from MessagePack as chatter-rpc's
@@ -29,7 +29,7 @@ use connect::ConnectArgs;
 use error::CliError;
 
 const ABOUT: &str = "Talk to a running chatter RPC peer: list its objects, describe them, call \
-methods and send signals with JSON arguments, ping it, read its counters.";
+methods, watch their streams and send signals with JSON arguments, ping it, read its counters.";
 
 const AFTER_HELP: &str = "\
 URLs are chatter addresses: tcp://HOST:PORT, tls://HOST:PORT or unix:///PATH.
@@ -41,6 +41,7 @@ Examples:
   chatter list tcp://127.0.0.1:7000
   chatter describe tcp://127.0.0.1:7000 calc
   chatter call tcp://127.0.0.1:7000 calc.add 2 3
+  chatter watch tcp://127.0.0.1:7000 sensors.readings '\"kitchen\"' --count 10
   chatter emit unix:///run/app.sock log.line '\"hello\"' --ttl 5s
   chatter ping tls://example.com:7443 --ca ca.pem -c 3";
 
@@ -121,9 +122,16 @@ Examples:
         #[arg(long)]
         no_ack: bool,
     },
-    /// Watch a streaming method: one JSON line per item (needs streams: not in this build).
-    #[command(after_help = "Example:
-  chatter watch tcp://127.0.0.1:7000 sensors.readings '\"kitchen\"'")]
+    /// Watch a method that returns a stream: one JSON value per item, until the stream ends.
+    #[command(
+        after_help = "The arguments are as for `chatter call`. Exits 0 when the stream ends normally (or
+after --count items, which cancels the stream on the server), 1 when it fails.
+--deadline covers opening the stream only; --idle-timeout bounds the wait for each item.
+
+Examples:
+  chatter watch tcp://127.0.0.1:7000 sensors.readings '\"kitchen\"'
+  chatter watch tcp://127.0.0.1:7000 sensors.readings '\"kitchen\"' --count 10 --idle-timeout 5s"
+    )]
     Watch {
         #[command(flatten)]
         connect: ConnectArgs,
@@ -132,6 +140,16 @@ Examples:
         /// The arguments, one JSON value each.
         #[arg(allow_negative_numbers = true)]
         args: Vec<String>,
+        /// How long to wait for the stream to open: 500ms, 30s, 2m (a number alone is
+        /// seconds).
+        #[arg(long, value_name = "TIME", default_value = "30s", value_parser = connect::parse_duration)]
+        deadline: std::time::Duration,
+        /// Fail when no item arrives for this long: 500ms, 30s, 2m (default: wait forever).
+        #[arg(long, value_name = "TIME", value_parser = connect::parse_duration)]
+        idle_timeout: Option<std::time::Duration>,
+        /// Stop after N items (the stream is cancelled on the server).
+        #[arg(short, long, value_name = "N")]
+        count: Option<u64>,
     },
     /// Subscribe to a broker's topics: one JSON line per message (needs the broker: not in
     /// this build).
@@ -212,11 +230,14 @@ async fn run(command: Command) -> Result<(), CliError> {
             ttl,
             no_ack,
         } => commands::emit(&connect, &target, &args, ttl, !no_ack).await,
-        Command::Watch { .. } => Err(CliError::new(
-            "`chatter watch` needs streaming methods (issue 16), which this build of chatter \
-             does not have",
-        )
-        .hint("streams are not merged yet; rebuild chatter-cli once they are")),
+        Command::Watch {
+            connect,
+            target,
+            args,
+            deadline,
+            idle_timeout,
+            count,
+        } => commands::watch(&connect, &target, &args, deadline, idle_timeout, count).await,
         Command::Subscribe { .. } => Err(CliError::new(
             "`chatter subscribe` needs the pub/sub broker (issue 18), which this build of \
              chatter does not have",

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use chatter_rpc::stream::{channel, Receiver};
 use chatter_rpc::tls::ServerTls;
 use chatter_rpc::{listen, remote, serve, Options, Peer, PeerOptions, RpcServer};
 use serde::{Deserialize, Serialize};
@@ -72,6 +73,85 @@ impl Calc for Calculator {
     }
 }
 
+#[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+pub enum FeedError {
+    #[error("no such feed")]
+    NoSuchFeed,
+}
+
+/// Streams.
+#[remote]
+pub trait Feeds {
+    /// The numbers from 0 to n - 1.
+    async fn numbers(&self, n: u64) -> Receiver<u64>;
+    /// Points, one every 10 ms, until the reader goes.
+    async fn endless(&self) -> Receiver<Point>;
+    /// How many `endless` streams saw their reader go.
+    async fn cancelled(&self) -> u64;
+    /// Only the feed "a" exists.
+    async fn open(&self, name: String) -> Result<Receiver<u64>, FeedError>;
+    /// Opens, then sends nothing for a minute.
+    async fn silent(&self) -> Receiver<u64>;
+    /// Sums an argument stream.
+    async fn sum(&self, items: Receiver<u64>) -> u64;
+}
+
+struct FeedServer {
+    cancelled: Arc<AtomicU64>,
+}
+
+impl Feeds for FeedServer {
+    async fn numbers(&self, n: u64) -> Receiver<u64> {
+        let (tx, rx) = channel(16);
+        tokio::spawn(async move {
+            for i in 0..n {
+                if tx.send(i).await.is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+    async fn endless(&self) -> Receiver<Point> {
+        let (tx, rx) = channel(1);
+        let cancelled = self.cancelled.clone();
+        tokio::spawn(async move {
+            for i in 0.. {
+                if tx.send(Point { x: i, y: -i }).await.is_err() {
+                    cancelled.fetch_add(1, Ordering::SeqCst);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        rx
+    }
+    async fn cancelled(&self) -> u64 {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+    async fn open(&self, name: String) -> Result<Receiver<u64>, FeedError> {
+        if name != "a" {
+            return Err(FeedError::NoSuchFeed);
+        }
+        Ok(self.numbers(2).await)
+    }
+    async fn silent(&self) -> Receiver<u64> {
+        let (tx, rx) = channel(1);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(tx);
+        });
+        rx
+    }
+    async fn sum(&self, mut items: Receiver<u64>) -> u64 {
+        let mut sum = 0;
+        while let Some(Ok(item)) = items.recv().await {
+            sum += item;
+        }
+        sum
+    }
+}
+
 /// The servers every test talks to, started once.
 struct Servers {
     tcp: String,
@@ -94,6 +174,7 @@ fn servers() -> &'static Servers {
             .build()
             .expect("runtime");
         let logged = Arc::new(AtomicU64::new(0));
+        let cancelled = Arc::new(AtomicU64::new(0));
         let pki = tests::pki();
         let dir = std::env::temp_dir().join(format!("chatter-cli-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -129,12 +210,17 @@ fn servers() -> &'static Servers {
             for (address, options, introspection) in setups {
                 let listener = listen(address, options).await.expect("listen");
                 let logged = logged.clone();
+                let cancelled = cancelled.clone();
                 let options = PeerOptions::default().introspection(introspection);
                 let server = serve(listener, options, move |peer: &Peer| {
                     let calc = Calculator {
                         logged: logged.clone(),
                     };
                     peer.register("calc", CalcServer::new(calc));
+                    let feeds = FeedServer {
+                        cancelled: cancelled.clone(),
+                    };
+                    peer.register("feeds", FeedsServer::new(feeds));
                 });
                 addresses.push(server.addresses()[0].to_string());
                 servers.push(server);
@@ -224,15 +310,21 @@ fn every_command_has_help_with_examples() {
 fn list_shows_the_objects_and_their_methods() {
     let s = servers();
     let objects = ok(&["list", &s.tcp]);
-    assert_eq!(objects.len(), 2, "{objects:?}");
+    assert_eq!(objects.len(), 3, "{objects:?}");
     assert_eq!(
         objects[0],
         json!({"object": "calc", "interface": "Calc",
                "methods": ["add", "div", "mirror", "sleep", "log", "logged"]})
     );
     assert_eq!(objects[1]["object"], "chatter.introspect");
+    // Stream methods are named as such.
+    assert_eq!(objects[2]["object"], "feeds");
+    assert_eq!(
+        objects[2]["streams"],
+        json!(["numbers", "endless", "open", "silent", "sum"])
+    );
     // Over a Unix socket as well.
-    assert_eq!(ok(&["list", &s.unix]).len(), 2);
+    assert_eq!(ok(&["list", &s.unix]).len(), 3);
 }
 
 #[test]
@@ -397,13 +489,121 @@ fn ping_and_stats() {
 }
 
 #[test]
-fn watch_and_subscribe_say_they_are_not_in_this_build() {
+fn subscribe_says_it_is_not_in_this_build() {
     let s = servers();
+    let (stderr, _) = fails(&["subscribe", &s.tcp, "x.*"]);
+    assert!(stderr.contains("broker"), "{stderr}");
+}
+
+#[test]
+fn describe_shows_streams() {
+    let s = servers();
+    let feeds = &ok(&["describe", &s.tcp, "feeds"])[0];
+    let numbers = &feeds["methods"][0];
+    assert_eq!(
+        (&numbers["kind"], &numbers["result_stream"]),
+        (&json!("stream"), &json!("u64"))
+    );
+    let sum = &feeds["methods"][5];
+    assert_eq!(sum["args"][0]["stream"], "u64");
+    assert_eq!(sum["result_stream"], Value::Null);
+}
+
+#[test]
+fn watch_prints_one_json_line_per_item() {
+    let s = servers();
+    let items = ok(&["watch", &s.tcp, "feeds.numbers", "3"]);
+    assert_eq!(items, [json!(0), json!(1), json!(2)]);
+    assert!(ok(&["watch", &s.unix, "feeds.numbers", "0"]).is_empty());
+    // Without introspection, all the same.
+    let items = ok(&["watch", &s.no_introspection, "feeds.numbers", "2"]);
+    assert_eq!(items, [json!(0), json!(1)]);
+    let items = ok(&["watch", &s.tcp, "feeds.open", "\"a\""]);
+    assert_eq!(items, [json!(0), json!(1)]);
+}
+
+#[test]
+fn watch_count_stops_and_cancels_the_stream() {
+    let s = servers();
+    let before = ok(&["call", &s.tcp, "feeds.cancelled"])[0]
+        .as_u64()
+        .expect("u64");
+    let items = ok(&["watch", &s.tcp, "feeds.endless", "--count", "3"]);
+    assert_eq!(
+        items,
+        [
+            json!({"x": 0, "y": 0}),
+            json!({"x": 1, "y": -1}),
+            json!({"x": 2, "y": -2})
+        ]
+    );
+    // The server's producer sees its reader go.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = ok(&["call", &s.tcp, "feeds.cancelled"])[0]
+            .as_u64()
+            .expect("u64");
+        if now > before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream was not cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn watch_failures_are_explained() {
+    let s = servers();
+    // A typed error before the stream opens.
+    let (stderr, _) = fails(&["watch", &s.tcp, "feeds.open", "\"b\""]);
+    assert!(stderr.contains("feeds.open failed (FeedError)"), "{stderr}");
+    assert!(stderr.contains("NoSuchFeed"), "{stderr}");
+    // No item within the idle timeout: a stream error.
+    let (stderr, _) = fails(&["watch", &s.tcp, "feeds.silent", "--idle-timeout", "200ms"]);
+    assert!(
+        stderr.contains("the stream failed after 0 items"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--idle-timeout"), "{stderr}");
+    // An unknown method.
+    let (stderr, _) = fails(&["watch", &s.tcp, "feeds.nope"]);
+    assert!(stderr.contains("has no method `nope`"), "{stderr}");
+    assert!(stderr.contains("numbers"), "{stderr}");
+    // Arguments that do not fit.
+    let (stderr, _) = fails(&["watch", &s.tcp, "feeds.numbers"]);
+    assert!(stderr.contains("takes 1 argument, 0 given"), "{stderr}");
+}
+
+#[test]
+fn the_wrong_command_for_a_method_names_the_right_one() {
+    let s = servers();
+    let (stderr, _) = fails(&["call", &s.tcp, "feeds.numbers", "3"]);
+    assert!(stderr.contains("returns a stream of u64"), "{stderr}");
+    assert!(stderr.contains("chatter watch"), "{stderr}");
     let (stderr, _) = fails(&["watch", &s.tcp, "calc.add", "1", "2"]);
-    assert!(stderr.contains("needs streaming methods"), "{stderr}");
-    assert!(stderr.contains("does not have"), "{stderr}");
-    let (stderr, _) = fails(&["subscribe", &s.tcp, "topic.*"]);
-    assert!(stderr.contains("needs the pub/sub broker"), "{stderr}");
+    assert!(
+        stderr.contains("returns one value, not a stream"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("chatter call"), "{stderr}");
+    let (stderr, _) = fails(&["watch", &s.tcp, "calc.log", "\"x\""]);
+    assert!(stderr.contains("chatter emit"), "{stderr}");
+    // Argument streams: not from the command line.
+    for command in ["call", "watch"] {
+        let (stderr, _) = fails(&[command, &s.tcp, "feeds.sum"]);
+        assert!(
+            stderr.contains("cannot send argument streams"),
+            "{command}: {stderr}"
+        );
+    }
+    // Without introspection the peer's answer says it.
+    let (stderr, _) = fails(&["watch", &s.no_introspection, "calc.add", "1", "2"]);
+    assert!(stderr.contains("chatter call"), "{stderr}");
+    let (stderr, _) = fails(&["call", &s.no_introspection, "feeds.numbers", "3"]);
+    assert!(stderr.contains("chatter watch"), "{stderr}");
 }
 
 #[test]
@@ -425,7 +625,7 @@ fn mutual_tls_with_the_test_pki() {
         ok(&tls(&["call", &s.tls, "calc.add", "20", "22"])),
         [json!(42)]
     );
-    assert_eq!(ok(&tls(&["list", &s.tls])).len(), 2);
+    assert_eq!(ok(&tls(&["list", &s.tls])).len(), 3);
     // The name in the certificate, given explicitly for an IP address.
     let by_ip = s.tls.replace("localhost", "127.0.0.1");
     ok(&tls(&[

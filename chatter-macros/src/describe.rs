@@ -1,7 +1,7 @@
 //! The static description of a remote trait (chatter-rpc's `introspect` module):
 //! `{Trait}Server`'s `Service::description`, a `static` built at compile time from the
 //! model: names, doc comments, argument names and types as written, return and error
-//! types, signal options.
+//! types, signal options, stream item types.
 
 use proc_macro2::{Delimiter, Spacing, TokenStream, TokenTree};
 use quote::{quote, ToTokens};
@@ -46,7 +46,13 @@ fn method(p: &TokenStream, m: &Method) -> TokenStream {
         .iter()
         .map(|a| {
             let (name, ty) = (pattern_name(&a.pat), type_name(&a.ty));
-            quote!(#p::describe_arg(#name, #ty))
+            match &a.stream {
+                Some(item) => {
+                    let item = type_name(item);
+                    quote!(#p::describe_stream_arg(#name, #ty, #item))
+                }
+                None => quote!(#p::describe_arg(#name, #ty)),
+            }
         })
         .collect();
     let args = static_slice(quote!(#p::ArgDescription), &args);
@@ -76,6 +82,18 @@ fn method(p: &TokenStream, m: &Method) -> TokenStream {
         None => quote!(#p::None),
     };
     let idempotent = m.idempotent.is_some();
+    if m.result_stream.is_some() || m.args.iter().any(|a| a.stream.is_some()) {
+        let item = match &m.result_stream {
+            Some(item) => {
+                let item = type_name(item);
+                quote!(#p::Some(#item))
+            }
+            None => quote!(#p::None),
+        };
+        return quote!(#p::describe_stream(
+            #name, #docs, #args, #returns, #error, #idempotent, #item
+        ));
+    }
     quote!(#p::describe_call(#name, #docs, #args, #returns, #error, #idempotent))
 }
 

@@ -4,8 +4,10 @@
 //! comments and methods: calls and signals, argument names and types, return and error
 //! types), which the generated `{Trait}Server` gives through
 //! [`Service::description`](crate::Service::description). Every [`Peer`](crate::Peer)
-//! serves the built-in object [`OBJECT`] (`chatter.introspect`, an [`Introspect`]) unless
-//! [`PeerOptions::introspection`](crate::PeerOptions::introspection) turns it off: it lists
+//! serves the built-in object [`OBJECT`] (`chatter.introspect`, an [`Introspect`], made on
+//! first use: no cost to a peer until then) unless
+//! [`PeerOptions::introspection`](crate::PeerOptions::introspection) turns it off (an
+//! object the application registers under that name takes its place): it lists
 //! the objects the peer serves, describes each, answers pings and reports the peer's
 //! counters. The `chatter` command-line tool (`chatter-cli`) is its main user; its wire
 //! form is in `PROTOCOL.md` ("Introspection").
@@ -62,7 +64,7 @@ use std::sync::{Arc, PoisonError, Weak};
 use serde::{Deserialize, Serialize};
 
 use crate::peer::PeerState;
-use crate::remote;
+use crate::{remote, Service};
 
 /// The name under which every peer serves its [`Introspect`] object (unless
 /// [`PeerOptions::introspection`](crate::PeerOptions::introspection) is off).
@@ -89,7 +91,7 @@ pub struct InterfaceDescription {
 pub struct MethodDescription {
     /// The name on the wire (a raw identifier without `r#`).
     pub name: Cow<'static, str>,
-    /// Call or signal.
+    /// Call, signal, or stream (a call with a result or argument stream).
     pub kind: MethodKind,
     /// The doc comment (empty without one).
     #[serde(default)]
@@ -112,9 +114,22 @@ pub struct MethodDescription {
     /// `#[signal(persistent)]`.
     #[serde(default)]
     pub persistent: bool,
+    /// The item type `T` of a method returning a stream (`-> Receiver<T>` or
+    /// `-> Result<Receiver<T>, E>`, whose `returns` is then the `Receiver<T>` as written);
+    /// `None` otherwise. Left out of the wire form when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_stream: Option<Cow<'static, str>>,
 }
 
-/// Whether a method is a call or a signal.
+impl MethodDescription {
+    /// The argument stream's item type, if one of the arguments is a stream (see
+    /// [`ArgDescription::stream`]).
+    pub fn argument_stream(&self) -> Option<&str> {
+        self.args.iter().find_map(|a| a.stream.as_deref())
+    }
+}
+
+/// Whether a method is a call, a signal or a stream call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
@@ -123,6 +138,10 @@ pub enum MethodKind {
     Call,
     /// One-way, with a TTL (`signal`).
     Signal,
+    /// A call with a stream: it returns a stream
+    /// ([`result_stream`](MethodDescription::result_stream)), takes one
+    /// ([`ArgDescription::stream`]), or both (`stream`; a stream call on the wire).
+    Stream,
     /// A kind this version does not know (a newer peer's).
     #[serde(other)]
     Unknown,
@@ -137,6 +156,11 @@ pub struct ArgDescription {
     /// Its Rust type as written in the trait, for example `Vec<u8>`.
     #[serde(rename = "type")]
     pub ty: Cow<'static, str>,
+    /// The item type `T` when the argument is a stream (`Receiver<T>`), which travels
+    /// beside the call and not in its arguments array; `None` otherwise. Left out of the
+    /// wire form when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<Cow<'static, str>>,
 }
 
 /// One entry of [`Introspect::list`].
@@ -151,6 +175,10 @@ pub struct ObjectSummary {
     /// Its methods' names, in declaration order (empty without a description).
     #[serde(default)]
     pub methods: Vec<String>,
+    /// The names of those `methods` that are [`MethodKind::Stream`] (called with a stream
+    /// call), in the same order. Left out of the wire form when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<String>,
 }
 
 /// One counter of [`Introspect::stats`]: a field of [`PeerStats`](crate::PeerStats).
@@ -201,21 +229,39 @@ pub trait Introspect {
     async fn ping(&self);
 }
 
-/// Registers the built-in [`Introspect`] object on a new peer, unless its options turn it
-/// off.
-pub(crate) fn install(peer: &Arc<PeerState>) {
-    if peer.options.introspection {
-        let object = IntrospectServer::new(Builtin {
+/// The built-in [`Introspect`] object of `peer`, if `object` names it and the peer's
+/// options serve it: made on demand, when a lookup of `object` missed the peer's registry
+/// (so an object the application registered under [`OBJECT`] wins). It holds only a
+/// `Weak` to the peer: a peer costs nothing for it until it is called.
+pub(crate) fn builtin(peer: &Arc<PeerState>, object: &str) -> Option<Arc<dyn Service>> {
+    if peer.options.introspection && object == OBJECT {
+        Some(Arc::new(IntrospectServer::new(Builtin {
             peer: Arc::downgrade(peer),
-        });
-        peer.objects
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(OBJECT.to_owned(), Arc::new(object));
+        })))
+    } else {
+        None
     }
 }
 
-/// The [`Introspect`] of one peer (weak: the peer's registry holds it).
+/// Whether `peer` serves the built-in object: on, and no object of the application
+/// registered under its name.
+pub(crate) fn serves_builtin(
+    peer: &PeerState,
+    objects: &std::collections::HashMap<String, Arc<dyn Service>>,
+) -> bool {
+    peer.options.introspection && !objects.contains_key(OBJECT)
+}
+
+/// The description of the built-in object: the generated server's `static` (a `Weak`
+/// that points nowhere does not allocate).
+fn builtin_description() -> &'static InterfaceDescription {
+    IntrospectServer::new(Builtin { peer: Weak::new() })
+        .description()
+        .expect("#[remote] describes Introspect")
+}
+
+/// The [`Introspect`] of one peer (weak: the peer's serving tasks hold it while it
+/// answers).
 struct Builtin {
     peer: Weak<PeerState>,
 }
@@ -231,6 +277,9 @@ impl Builtin {
             .iter()
             .map(|(name, service)| (name.clone(), service.description()))
             .collect();
+        if serves_builtin(&peer, &objects) {
+            list.push((OBJECT.to_owned(), Some(builtin_description())));
+        }
         list.sort_by(|a, b| a.0.cmp(&b.0));
         list
     }
@@ -245,6 +294,15 @@ impl Introspect for Builtin {
                 interface: description.map(|d| d.name.to_string()),
                 methods: description
                     .map(|d| d.methods.iter().map(|m| m.name.to_string()).collect())
+                    .unwrap_or_default(),
+                streams: description
+                    .map(|d| {
+                        d.methods
+                            .iter()
+                            .filter(|m| m.kind == MethodKind::Stream)
+                            .map(|m| m.name.to_string())
+                            .collect()
+                    })
                     .unwrap_or_default(),
             })
             .collect()
@@ -345,6 +403,39 @@ pub(crate) mod build {
             idempotent,
             ttl_ms: None,
             persistent: false,
+            result_stream: None,
+        }
+    }
+
+    /// A stream call's description: a method returning a stream of `result_stream`
+    /// items, taking an argument stream (an argument made by [`describe_stream_arg`]), or
+    /// both.
+    pub const fn describe_stream(
+        name: &'static str,
+        docs: &'static str,
+        args: &'static [ArgDescription],
+        returns: &'static str,
+        error: Option<&'static str>,
+        idempotent: bool,
+        result_stream: Option<&'static str>,
+    ) -> MethodDescription {
+        MethodDescription {
+            name: Cow::Borrowed(name),
+            kind: MethodKind::Stream,
+            docs: Cow::Borrowed(docs),
+            args: Cow::Borrowed(args),
+            returns: Cow::Borrowed(returns),
+            error: match error {
+                Some(error) => Some(Cow::Borrowed(error)),
+                None => None,
+            },
+            idempotent,
+            ttl_ms: None,
+            persistent: false,
+            result_stream: match result_stream {
+                Some(item) => Some(Cow::Borrowed(item)),
+                None => None,
+            },
         }
     }
 
@@ -366,6 +457,7 @@ pub(crate) mod build {
             idempotent: false,
             ttl_ms,
             persistent,
+            result_stream: None,
         }
     }
 
@@ -374,6 +466,20 @@ pub(crate) mod build {
         ArgDescription {
             name: Cow::Borrowed(name),
             ty: Cow::Borrowed(ty),
+            stream: None,
+        }
+    }
+
+    /// An argument stream's description: `ty` as written (`Receiver<T>`), `item` its `T`.
+    pub const fn describe_stream_arg(
+        name: &'static str,
+        ty: &'static str,
+        item: &'static str,
+    ) -> ArgDescription {
+        ArgDescription {
+            name: Cow::Borrowed(name),
+            ty: Cow::Borrowed(ty),
+            stream: Some(Cow::Borrowed(item)),
         }
     }
 }
@@ -420,6 +526,7 @@ mod tests {
             object: "calc".into(),
             interface: Some("Calc".into()),
             methods: vec!["add".into()],
+            streams: Vec::new(),
         }];
         let reply = wire::encode_ok(&list).expect("encode");
         assert_eq!(&reply[..], doc_block("Its reply, one object"));
@@ -455,7 +562,7 @@ mod tests {
         }
         let bytes = wire::encode_ok(&Newer {
             name: "watch",
-            kind: "stream",
+            kind: "broadcast",
             args: [],
             returns: "u64",
             schema: "{}",
@@ -470,6 +577,36 @@ mod tests {
             (&*method.docs, method.error, method.ttl_ms),
             ("", None, None)
         );
+        assert_eq!(method.result_stream, None);
+    }
+
+    #[test]
+    fn stream_methods_say_so_and_plain_ones_keep_their_wire_form() {
+        static ARGS: [ArgDescription; 2] = [
+            build::describe_arg("room", "String"),
+            build::describe_stream_arg("lines", "Receiver<String>", "String"),
+        ];
+        let chat = build::describe_stream(
+            "chat",
+            "",
+            &ARGS,
+            "Receiver<Line>",
+            Some("ChatError"),
+            false,
+            Some("Line"),
+        );
+        assert_eq!(chat.kind, MethodKind::Stream);
+        assert_eq!(chat.argument_stream(), Some("String"));
+        let bytes = wire::encode_ok(&chat).expect("encode");
+        let wire::Reply::Ok(value) = wire::decode_reply(&bytes).expect("reply") else {
+            panic!("not ok");
+        };
+        let back: MethodDescription = wire::decode_value(value).expect("decodes");
+        assert_eq!(back, chat);
+        // An argument without a stream has no `stream` key (the examples above check the
+        // bytes of a method without streams: no `result_stream` either).
+        let arg = wire::encode_ok(&ARGS[0]).expect("encode");
+        assert_eq!(arg[2], 0x82, "two keys: name and type");
     }
 
     #[test]

@@ -194,10 +194,79 @@ async fn the_builtin_object_lists_and_describes_what_the_peer_serves() {
         Err(CallError::NoSuchObject { .. })
     ));
 
-    // Unregistering it turns it off for one peer.
-    assert!(server.unregister(OBJECT));
+    // It is no registry entry: unregistering finds nothing and does not turn it off
+    // (the option does).
+    assert!(!server.unregister(OBJECT));
+    within(introspect.ping()).await.expect("still there");
+
+    // An object the application registers under its name wins while registered.
+    assert!(!server.register(OBJECT, ShapesServer::new(S)));
+    assert_eq!(server.objects().iter().filter(|o| *o == OBJECT).count(), 1);
     assert!(matches!(
         within(introspect.ping()).await,
-        Err(CallError::NoSuchObject { .. })
+        Err(CallError::NoSuchMethod { .. })
     ));
+    assert!(server.unregister(OBJECT));
+    within(introspect.ping())
+        .await
+        .expect("the built-in one again");
+}
+
+/// Methods with streams.
+#[remote]
+pub trait Streams {
+    async fn ticks(&self, every_ms: u64) -> chatter_rpc::stream::Receiver<u64>;
+    async fn feed(&self, from: u32) -> Result<chatter_rpc::stream::Receiver<String>, NotFound>;
+    async fn upload(&self, name: String, chunks: chatter_rpc::stream::Receiver<Vec<u8>>) -> u64;
+    async fn echo(
+        &self,
+        lines: chatter_rpc::stream::Receiver<String>,
+    ) -> chatter_rpc::stream::Receiver<String>;
+}
+
+struct St;
+
+impl Streams for St {
+    async fn ticks(&self, _every_ms: u64) -> chatter_rpc::stream::Receiver<u64> {
+        chatter_rpc::stream::channel(1).1
+    }
+    async fn feed(&self, _from: u32) -> Result<chatter_rpc::stream::Receiver<String>, NotFound> {
+        Err(NotFound)
+    }
+    async fn upload(&self, _name: String, _chunks: chatter_rpc::stream::Receiver<Vec<u8>>) -> u64 {
+        0
+    }
+    async fn echo(
+        &self,
+        lines: chatter_rpc::stream::Receiver<String>,
+    ) -> chatter_rpc::stream::Receiver<String> {
+        lines
+    }
+}
+
+#[test]
+fn stream_methods_are_described_with_their_item_types() {
+    let d = StreamsServer::new(St).description().expect("described");
+    let m = |name: &str| d.methods.iter().find(|m| m.name == name).expect(name);
+    let ticks = m("ticks");
+    assert_eq!(ticks.kind, MethodKind::Stream);
+    assert_eq!(ticks.result_stream.as_deref(), Some("u64"));
+    assert_eq!(ticks.argument_stream(), None);
+    let feed = m("feed");
+    assert_eq!(feed.kind, MethodKind::Stream);
+    assert_eq!(
+        (feed.result_stream.as_deref(), feed.error.as_deref()),
+        (Some("String"), Some("NotFound"))
+    );
+    let upload = m("upload");
+    assert_eq!(upload.kind, MethodKind::Stream);
+    assert_eq!(upload.result_stream, None);
+    assert_eq!(upload.argument_stream(), Some("Vec<u8>"));
+    assert_eq!(upload.args[0].stream, None);
+    assert_eq!(&*upload.returns, "u64");
+    let echo = m("echo");
+    assert_eq!(
+        (echo.result_stream.as_deref(), echo.argument_stream()),
+        (Some("String"), Some("String"))
+    );
 }

@@ -318,7 +318,6 @@ pub(crate) fn start_reconnecting(
     // Its signals always go through the outbox: the queue is made now.
     let queue = Queue::new(outbox, store);
     let state = Arc::new(PeerState::new(peer_options, link, stream, Some(queue)));
-    crate::introspect::install(&state);
     for seq in loaded_expired {
         bump(&state.stats.signals_expired);
         let id = state.id(seq);

@@ -160,7 +160,6 @@ impl Peer {
         // No `start_connection` either: a new outbox's cursor is 0 already, and its `live`
         // is read only by a reconnecting link's sweep.
         let state = Arc::new(PeerState::new(options, Link::Plain, stream, None));
-        crate::introspect::install(&state);
         bump(&state.stats.connects);
         let inner = Inner::new(state.clone(), connection, 1);
         let peer = Peer {
@@ -259,7 +258,8 @@ impl Peer {
 
     /// Hosts `object` under `name` on every connection of this peer, replacing (and
     /// returning true for) an object already registered under it. Calls already running
-    /// on the old object finish.
+    /// on the old object finish. An object registered as `chatter.introspect` takes the
+    /// place of the built-in one ([`PeerOptions::introspection`]) while registered.
     pub fn register(&self, name: impl Into<String>, object: impl Service) -> bool {
         let mut objects = write(&self.state.objects);
         let replaced = objects.insert(name.into(), Arc::new(object)).is_some();
@@ -278,7 +278,12 @@ impl Peer {
     /// The names of the hosted objects, sorted (with the built-in `chatter.introspect`
     /// unless [`PeerOptions::introspection`] is off).
     pub fn objects(&self) -> Vec<String> {
-        let mut names: Vec<String> = read(&self.state.objects).keys().cloned().collect();
+        let objects = read(&self.state.objects);
+        let mut names: Vec<String> = objects.keys().cloned().collect();
+        if crate::introspect::serves_builtin(&self.state, &objects) {
+            names.push(crate::introspect::OBJECT.to_owned());
+        }
+        drop(objects);
         names.sort();
         names
     }

@@ -1165,7 +1165,10 @@ impl Inner {
     }
 
     pub(super) fn lookup(&self, object: &str) -> Option<Arc<dyn Service>> {
-        read(&self.peer.objects).get(object).cloned()
+        let found = read(&self.peer.objects).get(object).cloned();
+        // Only on a miss: the built-in `chatter.introspect`, made on demand (no registry
+        // entry per peer).
+        found.or_else(|| crate::introspect::builtin(&self.peer, object))
     }
 
     /// [`lookup`](Self::lookup) of a name as it arrived (not UTF-8: no such object).
