@@ -491,30 +491,7 @@ mod tests {
     use super::*;
     use crate::wire;
 
-    /// PROTOCOL.md, for checking that its examples are what the code writes.
-    const DOC: &str = include_str!("../PROTOCOL.md");
-
-    /// The bytes of the first code block after `marker` in PROTOCOL.md (the leading hex
-    /// bytes of each line), as in `wire.rs`'s tests.
-    fn doc_block(marker: &str) -> Vec<u8> {
-        let at = DOC
-            .find(marker)
-            .unwrap_or_else(|| panic!("not in PROTOCOL.md: {marker}"));
-        let rest = &DOC[at..];
-        let body = &rest[rest.find("```").expect("a code block") + 3..];
-        let body = &body[body.find('\n').expect("fence line") + 1..];
-        let body = &body[..body.find("```").expect("closing fence")];
-        let mut bytes = Vec::new();
-        for line in body.lines() {
-            for token in line.split_whitespace() {
-                match u8::from_str_radix(token, 16) {
-                    Ok(b) if token.len() == 2 => bytes.push(b),
-                    _ => break,
-                }
-            }
-        }
-        bytes
-    }
+    use crate::wire::protocol_doc::doc_block;
 
     #[test]
     fn the_protocol_examples_are_what_the_code_writes() {

@@ -834,6 +834,52 @@ fn bad(what: &str, e: impl std::fmt::Display) -> WireError {
     WireError(format!("bad {what}: {e}"))
 }
 
+/// PROTOCOL.md's examples, read back for the tests that check them (here, in
+/// `wire/reliable.rs` and in `introspect.rs`).
+#[cfg(test)]
+pub(crate) mod protocol_doc {
+    /// PROTOCOL.md, for checking that its examples are what the code writes.
+    const DOC: &str = include_str!("../PROTOCOL.md");
+
+    fn unhex(hex: &str) -> Vec<u8> {
+        hex.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+            .collect()
+    }
+
+    /// The bytes of the first code block after `marker` in PROTOCOL.md: the leading hex
+    /// bytes of each line (annotations follow them).
+    pub(crate) fn doc_block(marker: &str) -> Vec<u8> {
+        let at = DOC
+            .find(marker)
+            .unwrap_or_else(|| panic!("not in PROTOCOL.md: {marker}"));
+        let rest = &DOC[at..];
+        let open = rest.find("```").expect("a code block") + 3;
+        let body = &rest[open..];
+        let body = &body[body.find('\n').expect("fence line") + 1..];
+        let body = &body[..body.find("```").expect("closing fence")];
+        let mut bytes = Vec::new();
+        for line in body.lines() {
+            for token in line.split_whitespace() {
+                match u8::from_str_radix(token, 16) {
+                    Ok(b) if token.len() == 2 => bytes.push(b),
+                    _ => break,
+                }
+            }
+        }
+        bytes
+    }
+
+    /// `hex` appears in PROTOCOL.md as written, in backquotes.
+    pub(crate) fn inline_in_doc(hex: &str, bytes: &[u8]) {
+        assert!(
+            DOC.contains(&format!("`{hex}`")),
+            "not in PROTOCOL.md: `{hex}`"
+        );
+        assert_eq!(unhex(hex), bytes, "{hex}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -946,46 +992,7 @@ mod tests {
         );
     }
 
-    /// PROTOCOL.md, for checking that its examples are what the code writes.
-    const DOC: &str = include_str!("../PROTOCOL.md");
-
-    fn unhex(hex: &str) -> Vec<u8> {
-        hex.split_whitespace()
-            .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
-            .collect()
-    }
-
-    /// The bytes of the first code block after `marker` in PROTOCOL.md: the leading hex
-    /// bytes of each line (annotations follow them).
-    fn doc_block(marker: &str) -> Vec<u8> {
-        let at = DOC
-            .find(marker)
-            .unwrap_or_else(|| panic!("not in PROTOCOL.md: {marker}"));
-        let rest = &DOC[at..];
-        let open = rest.find("```").expect("a code block") + 3;
-        let body = &rest[open..];
-        let body = &body[body.find('\n').expect("fence line") + 1..];
-        let body = &body[..body.find("```").expect("closing fence")];
-        let mut bytes = Vec::new();
-        for line in body.lines() {
-            for token in line.split_whitespace() {
-                match u8::from_str_radix(token, 16) {
-                    Ok(b) if token.len() == 2 => bytes.push(b),
-                    _ => break,
-                }
-            }
-        }
-        bytes
-    }
-
-    /// `hex` appears in PROTOCOL.md as written, in backquotes.
-    fn inline_in_doc(hex: &str, bytes: &[u8]) {
-        assert!(
-            DOC.contains(&format!("`{hex}`")),
-            "not in PROTOCOL.md: `{hex}`"
-        );
-        assert_eq!(unhex(hex), bytes, "{hex}");
-    }
+    use super::protocol_doc::{doc_block, inline_in_doc};
 
     #[derive(serde::Serialize)]
     enum CalcError {
