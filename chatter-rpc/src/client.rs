@@ -430,15 +430,7 @@ impl ClientCore {
     {
         let start = self.stream_call_with(method, count, args, Some(input), false);
         let names = self.names(method);
-        async move {
-            let reply = start.await.map(Opened::into_reply);
-            finish(
-                reply.map_err(|e| e.map_app(|n| match n {})),
-                app_error::<E>,
-                &names.0,
-                names.1,
-            )
-        }
+        async move { opened_value(start.await, app_error::<E>, names) }
     }
 
     /// [`call_input`](Self::call_input) of a method returning a plain `T`.
@@ -456,15 +448,7 @@ impl ClientCore {
     {
         let start = self.stream_call_with(method, count, args, Some(input), false);
         let names = self.names(method);
-        async move {
-            let reply = start.await.map(Opened::into_reply);
-            finish(
-                reply.map_err(|e| e.map_app(|n| match n {})),
-                no_app_error,
-                &names.0,
-                names.1,
-            )
-        }
+        async move { opened_value(start.await, no_app_error, names) }
     }
 
     /// The object's and method's names, for errors.
@@ -829,16 +813,27 @@ pub(crate) enum Opened {
     Reply(Bytes),
 }
 
-impl Opened {
-    /// The reply of a call whose result is not a stream (the callee opening one is a
-    /// protocol error).
-    fn into_reply(self) -> Bytes {
-        match self {
-            Opened::Reply(reply) => reply,
-            // Not a reply envelope: `finish` reports it as the protocol error it is.
-            Opened::Stream(..) => Bytes::from_static(b"\x91\x03"),
-        }
-    }
+/// The value of a stream call whose result is not a stream (a method taking an argument
+/// stream).
+fn opened_value<T: DeserializeOwned, E>(
+    opened: Result<Opened, CallError>,
+    app: impl FnOnce(&[u8], RemoteContext) -> CallError<E>,
+    (object, method): (String, &'static str),
+) -> Result<T, CallError<E>> {
+    let reply = match opened {
+        Ok(Opened::Reply(reply)) => Ok(reply),
+        // `Inner::stream_call` already refuses a result stream nobody asked for.
+        Ok(Opened::Stream(..)) => Err(CallError::Protocol(
+            "the callee opened a result stream for a method that returns none".into(),
+        )),
+        Err(e) => Err(e),
+    };
+    finish(
+        reply.map_err(|e| e.map_app(|n| match n {})),
+        app,
+        &object,
+        method,
+    )
 }
 
 /// The result stream of a stream call, or why there is none.

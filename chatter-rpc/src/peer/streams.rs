@@ -108,7 +108,8 @@ impl Inner {
 
     /// A message in a conversation this side opened: a stream's, if it belongs to a stream
     /// call this side made (or may: one being registered); else handed back.
-    #[cold]
+    // Out of line: the reply path of connections without streams stays as it was; not
+    // cold, since every item of a result stream comes through here.
     #[inline(never)]
     pub(super) fn on_stream_reply(&self, streams: &Streams, msg: Msg) -> Option<Msg> {
         let then = {
@@ -153,8 +154,10 @@ impl Inner {
         if let Some((id, outlet, source)) = then.start_input {
             if let Some(me) = self.me.upgrade() {
                 // One per argument stream of a call this side made: bounded by the calls
-                // the application makes; ends with the stream (or when the callee stops
-                // it, or the connection closes).
+                // the application makes. It holds one encoded item and waits for the
+                // callee's grants and the connection's credit, so a callee that never reads
+                // costs it nothing more; it ends with the stream, the callee's stop, the
+                // call's end, the caller dropping the call, or the connection's close.
                 tokio::spawn(forward_input(me, id, outlet, source));
             }
         }
@@ -741,8 +744,11 @@ impl Inner {
             (call.window, (!has_input).then(|| after(call.deadline))),
             cancel,
         );
-        // Counted against `max_streams` (above): at most that many per connection; ends
-        // with the stream, its cancel, or the connection.
+        // Counted against `max_streams` (above): at most that many per connection, and
+        // not a handler slot. A caller that never reads its result stream holds its place
+        // here (with one encoded item and the producer's own buffer) until it cancels or
+        // the connection closes; its argument items are held within `stream_window`. Ends
+        // with the stream, its cancel, the deadline before opening, or the connection.
         tokio::spawn(run);
         Ok(())
     }
@@ -786,7 +792,13 @@ impl Inner {
             }
             Ok(other) => Err(format!("unexpected argument stream message {other:?}")),
             // The caller's source failed: `[2, kind, message]` ends the stream.
-            Err(_) if msg.last && msg.payload.starts_with(&[0x93, 0x02]) => {
+            Err(_)
+                if msg.last
+                    && matches!(
+                        wire::decode_reply(&msg.payload),
+                        Ok(ReplyEnvelope::Failure { .. })
+                    ) =>
+            {
                 inbox.finish(Err(stream_failure(&msg.payload)));
                 st.arguments.remove(&conv);
                 return credit;
