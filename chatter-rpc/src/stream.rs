@@ -367,10 +367,42 @@ impl Inbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An item arrived: queued for the reader, or refused when the writer went beyond
-    /// its credit (the caller then fails the stream with a protocol error).
+    /// A message of `items` arrived in `payload`: each item queued for the reader, or none
+    /// when the message goes beyond the writer's credit (the caller then fails the stream
+    /// with a protocol error). The message costs [`cost`]`(payload, count)`, which its
+    /// first item carries with its header.
+    pub(crate) fn push_items(
+        &self,
+        payload: &bytes::Bytes,
+        items: crate::wire::stream::Items<'_>,
+    ) -> Result<(), Overrun> {
+        let total = cost(payload.len(), items.count());
+        // The envelope's header: what the payload holds beyond its items' values.
+        let mut header = (payload.len() - items.values_len()) as u64;
+        let waker = {
+            let mut state = self.lock();
+            state.window.reserve(total)?;
+            for item in items.iter() {
+                let of_item = cost(item.len(), 1) + std::mem::take(&mut header);
+                state.window.queue(payload.slice_ref(item), of_item);
+            }
+            state.window.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// One item of `cost` arrived (tests: what `push_items` does per item).
+    #[cfg(test)]
     pub(crate) fn push(&self, item: bytes::Bytes, cost: u64) -> Result<(), Overrun> {
-        let waker = self.lock().window.push(item, cost)?;
+        let waker = {
+            let mut state = self.lock();
+            state.window.reserve(cost)?;
+            state.window.queue(item, cost);
+            state.window.waker.take()
+        };
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -431,11 +463,15 @@ fn decode_item<T: serde::de::DeserializeOwned + 'static>(
 ) -> Result<T, crate::wire::WireError> {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<bytes::Bytes>() {
         if let Some(at) = bin_data(&item) {
-            let mut out = Some(item.slice(at..));
+            // Moved, not sliced: no reference count goes up and down.
+            let mut data = item;
+            bytes::Buf::advance(&mut data, at);
+            let mut out = Some(data);
             let out = (&mut out as &mut dyn std::any::Any).downcast_mut::<Option<T>>();
-            if let Some(value) = out.and_then(Option::take) {
-                return Ok(value);
-            }
+            // `T` is `Bytes`: the downcast cannot fail.
+            return out
+                .and_then(Option::take)
+                .ok_or_else(|| crate::wire::WireError("a Bytes item that is not Bytes".into()));
         }
     }
     crate::wire::decode_value::<T>(&item)
@@ -537,7 +573,15 @@ impl<I> Window<I> {
     }
 
     /// An item arrived. Returns the waker of a reader waiting for it.
+    #[cfg(test)]
     pub(crate) fn push(&mut self, item: I, cost: u64) -> Result<Option<Waker>, Overrun> {
+        self.reserve(cost)?;
+        self.queue(item, cost);
+        Ok(self.waker.take())
+    }
+
+    /// Room for `cost` more bytes of items, or the writer's overrun.
+    pub(crate) fn reserve(&mut self, cost: u64) -> Result<(), Overrun> {
         let outstanding = self.held + self.read_ungranted;
         if outstanding.saturating_add(cost) > self.window {
             return Err(Overrun {
@@ -547,8 +591,12 @@ impl<I> Window<I> {
             });
         }
         self.held += cost;
+        Ok(())
+    }
+
+    /// Queues an item whose `cost` was [reserved](Self::reserve).
+    pub(crate) fn queue(&mut self, item: I, cost: u64) {
         self.items.push_back((item, cost));
-        Ok(self.waker.take())
     }
 
     /// Takes the next item, or registers `waker` for the next push. The second value is
@@ -678,6 +726,25 @@ impl Outlet {
         }
     }
 
+    /// Takes all the credit the reader granted and the writer has not used yet (for a
+    /// writer that spends it item by item without a lock, and gives the rest back with
+    /// [`refund`](Self::refund)); nothing once the reader is gone.
+    pub(crate) fn take_all(&self) -> u64 {
+        let mut state = self.lock();
+        if state.cancelled {
+            return 0;
+        }
+        std::mem::take(&mut state.credit.available)
+    }
+
+    /// Gives back credit taken with [`take_all`](Self::take_all) and not used.
+    pub(crate) fn refund(&self, bytes: u64) {
+        if bytes > 0 {
+            let mut state = self.lock();
+            state.credit.available = state.credit.available.saturating_add(bytes);
+        }
+    }
+
     /// Waits until the reader's grant covers `cost`, and takes it.
     pub(crate) async fn take(&self, cost: u64) -> Result<(), StreamError> {
         if cost > self.window {
@@ -700,12 +767,14 @@ impl Outlet {
     }
 }
 
-/// The cost of an item envelope against a stream's window: its length plus the 64 bytes
-/// chatter-core counts for a message's header (chatter-core PROTOCOL.md §8.1).
-pub(crate) fn cost(payload_len: usize) -> u64 {
+/// The cost against a stream's window of a message of `items` items whose payload is
+/// `payload_len` bytes: its length plus, per item, the 64 bytes chatter-core counts for a
+/// message's header (chatter-core PROTOCOL.md §8.1), so that a batch costs what its items
+/// sent one by one would, less their envelopes' headers.
+pub(crate) fn cost(payload_len: usize, items: u32) -> u64 {
     u64::try_from(payload_len)
         .unwrap_or(u64::MAX)
-        .saturating_add(64)
+        .saturating_add(64 * u64::from(items))
 }
 
 /// What a stream handler resolves to (see [`StreamReply`](crate::service::StreamReply)).
@@ -716,21 +785,39 @@ pub(crate) enum Reply {
     Open(ItemSource),
 }
 
-/// The items of a result stream, each encoded as an item envelope (`[3, item]`) when it is
-/// pulled, so that the forwarder that sends them is not generic.
-pub(crate) type ItemSource =
-    Pin<Box<dyn futures_core::Stream<Item = Result<crate::wire::Payload, StreamError>> + Send>>;
+/// The items of a stream to send, each encoded when it is pulled, so that the forwarder
+/// that sends them is not generic.
+pub(crate) type ItemSource = Pin<Box<dyn EncodeItems>>;
 
-/// The items of `rx`, encoded as item envelopes.
+/// A source of items that encodes each one as it is pulled.
+pub(crate) trait EncodeItems: Send {
+    /// Polls for the next item and appends its MessagePack value to `out`: `Some(Ok(()))`
+    /// when it did (and nothing else otherwise), `Some(Err)` when the source failed or the
+    /// item would not encode, `None` at the end.
+    fn poll_encode(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut Vec<u8>,
+    ) -> Poll<Option<Result<(), StreamError>>>;
+}
+
+/// The items of `rx`, encoded as MessagePack values.
 pub(crate) fn encoded<T: serde::Serialize + Send + 'static>(rx: Receiver<T>) -> ItemSource {
     struct Encoded<T>(Receiver<T>);
-    impl<T: serde::Serialize> futures_core::Stream for Encoded<T> {
-        type Item = Result<crate::wire::Payload, StreamError>;
-        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    impl<T: serde::Serialize + Send> EncodeItems for Encoded<T> {
+        fn poll_encode(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            out: &mut Vec<u8>,
+        ) -> Poll<Option<Result<(), StreamError>>> {
             let item = std::task::ready!(self.get_mut().0.poll_recv(cx));
             Poll::Ready(item.map(|item| {
+                let mark = out.len();
                 item.and_then(|item| {
-                    crate::wire::stream::encode_item(&item).map_err(|e| StreamError::BadItem(e.0))
+                    crate::wire::value(out, &item).map_err(|e| {
+                        out.truncate(mark);
+                        StreamError::BadItem(e.0)
+                    })
                 })
             }))
         }
@@ -885,6 +972,50 @@ mod tests {
         assert_eq!(rx.recv().await, None);
         drop(rx);
         assert_eq!(end.cancelled.load(Ordering::Relaxed), 0, "ended normally");
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_read_as_its_items_and_costs_its_payload_plus_64_each() {
+        let batch = |values: &[u32]| {
+            let mut batch = crate::wire::stream::ItemBatch::new();
+            for v in values {
+                crate::wire::value(batch.buf(), v).unwrap();
+                batch.added();
+            }
+            bytes::Bytes::from(batch.payload().to_vec())
+        };
+        let push = |inbox: &Inbox, payload: &bytes::Bytes| {
+            let Ok(crate::wire::stream::StreamMsg::Items(items)) =
+                crate::wire::stream::decode_stream_msg(payload)
+            else {
+                panic!("not items")
+            };
+            inbox.push_items(payload, items)
+        };
+        // `94 03 00 01 02`: 5 + 3 * 64 = 197; the window of 300 takes it, and then no
+        // message of two more (4 + 2 * 64 = 132), whole or in part.
+        let (inbox, end, mut rx) = remote::<u32>(300);
+        push(&inbox, &batch(&[0, 1, 2])).unwrap();
+        assert_eq!(inbox.held(), 197);
+        let over = push(&inbox, &batch(&[3, 4])).unwrap_err();
+        assert_eq!((over.held, over.cost), (197, 132));
+        assert_eq!(inbox.held(), 197, "nothing of a refused message is kept");
+        assert_eq!(rx.recv().await, Some(Ok(0)));
+        // The first item carried the header: 2 + 1 + 64.
+        assert_eq!(inbox.held(), 130);
+        assert_eq!(end.granted.load(Ordering::Relaxed), 0);
+        assert_eq!(rx.recv().await, Some(Ok(1)));
+        // 67 + 65 = 132 read, not yet half the window.
+        assert_eq!(end.granted.load(Ordering::Relaxed), 0);
+        assert_eq!(rx.recv().await, Some(Ok(2)));
+        assert_eq!(
+            end.granted.load(Ordering::Relaxed),
+            197,
+            "all of it, once read"
+        );
+        assert_eq!(inbox.held(), 0);
+        inbox.finish(Ok(()));
+        assert_eq!(rx.recv().await, None);
     }
 
     #[tokio::test]

@@ -1015,9 +1015,19 @@ mod tests {
         .unwrap();
         assert_eq!(doc_block("The stream call `count(3)`"), &call[..]);
         inline_in_doc("92 00 c0", encode_ok(&()).unwrap().as_ref());
+        let items = |values: &[u32]| {
+            let mut batch = ItemBatch::new();
+            for v in values {
+                value(batch.buf(), v).unwrap();
+                batch.added();
+            }
+            batch.payload().to_vec()
+        };
         for (hex, i) in [("92 03 00", 0u32), ("92 03 01", 1), ("92 03 02", 2)] {
-            inline_in_doc(hex, encode_item(&i).unwrap().as_ref());
+            inline_in_doc(hex, &items(&[i]));
         }
+        inline_in_doc("94 03 00 01 02", &items(&[0, 1, 2]));
+        assert_eq!(crate::stream::cost(5, 3), 197);
         inline_in_doc("91 04", encode_bare(END).as_ref());
         inline_in_doc("91 06", encode_bare(STOP).as_ref());
         let grant = CallerStreamMsg::GrantResult {
@@ -1035,7 +1045,7 @@ mod tests {
             "93 02 0a a3 6d 61 78",
             encode_failure(FailureKind::TooManyStreams, "max").as_ref(),
         );
-        assert_eq!(crate::stream::cost(3), 67);
+        assert_eq!(crate::stream::cost(3, 1), 67);
     }
 
     #[test]

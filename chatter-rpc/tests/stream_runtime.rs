@@ -390,3 +390,66 @@ async fn a_writer_that_panics_ends_the_stream_with_an_error() {
     );
     assert_eq!(within(rx.recv()).await, None);
 }
+
+/// A reader written from PROTOCOL.md ("Streams"): the stream call `count(5000)` by hand
+/// with a window of 4 KiB. The callee puts the items it has ready into one message
+/// (`[3, item, ...]`), never has more outstanding than the reader granted (each message
+/// costs its payload plus 64 per item), and resumes on each grant `[15, call, bytes]`.
+#[tokio::test]
+async fn a_writer_batches_ready_items_within_the_readers_credit() {
+    use chatter_core::SendOptions;
+    const N: u32 = 5000;
+    const WINDOW: u64 = 4096;
+    let (raw, server_conn) = connections(Options::default()).await;
+    let server = Peer::new(server_conn);
+    server.register(
+        "s",
+        Streams {
+            gone: Arc::new(Notify::new()),
+        },
+    );
+    // [12, "s", "count", 10000 ms, 4096, [5000]]
+    let call = b"\x96\x0c\xa1s\xa5count\xcd\x27\x10\xcd\x10\x00\x91\xcd\x13\x88";
+    let conv = raw
+        .send_bytes(call, SendOptions::new().last(false))
+        .await
+        .unwrap();
+    let opening = within(raw.receive()).await.unwrap();
+    assert_eq!(
+        (opening.payload.as_ref(), opening.last),
+        (&b"\x92\x00\xc0"[..], false)
+    );
+    let (mut granted, mut spent, mut next, mut messages) = (WINDOW, 0u64, 0u32, 0u32);
+    loop {
+        let msg = within(raw.receive()).await.unwrap();
+        assert_eq!(msg.conversation, conv);
+        if msg.last {
+            assert_eq!(msg.payload.as_ref(), b"\x91\x04", "the end");
+            break;
+        }
+        let values: Vec<u32> = chatter_msgpack::decode(&msg.payload).unwrap();
+        let (kind, items) = values.split_first().unwrap();
+        assert_eq!(*kind, 3, "items: {:x?}", msg.payload);
+        assert!(!items.is_empty());
+        for item in items {
+            assert_eq!(*item, next, "in order, each once");
+            next += 1;
+        }
+        messages += 1;
+        spent += msg.payload.len() as u64 + 64 * items.len() as u64;
+        assert!(
+            spent <= granted,
+            "{spent} bytes sent against {granted} granted"
+        );
+        // An item costs at most 2 + 3 + 64: with less than that left, the writer waits.
+        if granted - spent < 200 {
+            let mut grant = Vec::new();
+            chatter_msgpack::encode(&mut grant, &(15u8, conv.first_id(), WINDOW)).unwrap();
+            raw.send_bytes(&grant, SendOptions::new()).await.unwrap();
+            granted += WINDOW;
+        }
+    }
+    assert_eq!(next, N);
+    // About 60 items fit each 4 KiB grant: one message per grant or so, not per item.
+    assert!(messages < N / 10, "{messages} messages for {N} items");
+}

@@ -400,12 +400,11 @@ fn route_reply(st: &mut State, msg: Msg) -> Then {
         Err(e) => return fail_call(st, id, &format!("bad stream message: {}", e.0)),
     };
     match decoded {
-        StreamMsg::Item(item) if call.opened => {
+        StreamMsg::Items(items) if call.opened => {
             let Some(result) = &call.result else {
                 return fail_call(st, id, "an item for a call without a result stream");
             };
-            let item = msg.payload.slice_ref(item);
-            if let Err(over) = result.push(item, cost(msg.payload.len())) {
+            if let Err(over) = result.push_items(&msg.payload, items) {
                 let what = format!(
                     "the callee sent {} bytes beyond the {} granted",
                     over.cost, over.window
@@ -547,8 +546,8 @@ impl RemoteEnd for CallerEnd {
     }
 }
 
-/// Sends a call's argument stream: opens its conversation with `[14, call]`, sends each
-/// item within the callee's grants, and ends it with `[4]` (also when the callee stopped
+/// Sends a call's argument stream: opens its conversation with `[14, call]`, sends its
+/// items within the callee's grants, and ends it with `[4]` (also when the callee stopped
 /// reading or the call ended: the conversation must end).
 async fn forward_input(inner: Arc<Inner>, id: u64, outlet: Arc<Outlet>, mut source: ItemSource) {
     let open = envelope::encode_caller_msg(&CallerStreamMsg::OpenArgument { call: id });
@@ -560,32 +559,171 @@ async fn forward_input(inner: Arc<Inner>, id: u64, outlet: Arc<Outlet>, mut sour
             return;
         }
     };
-    let items = in_conversation(conv);
-    let end = loop {
-        let item = tokio::select! {
-            biased;
-            () = outlet.cancelled() => break envelope::encode_bare(envelope::END),
-            item = next_item(&mut source) => item,
-        };
-        let item = match item {
-            Ok(None) => break envelope::encode_bare(envelope::END),
-            Ok(Some(Ok(item))) => item,
-            // The callee's reader gets the error, not a short stream.
-            Ok(Some(Err(e))) => break failure_of(&e),
-            Err(message) => break wire::encode_failure(FailureKind::RemotePanic, &message),
-        };
-        match outlet.take(cost(item.len())).await {
-            Ok(()) => {}
-            Err(StreamError::Cancelled) => break envelope::encode_bare(envelope::END),
-            Err(e) => break failure_of(&e),
-        }
-        if inner.conn.send_bytes(&item, items).await.is_err() {
-            return;
+    let never = &mut std::future::pending::<()>();
+    let end = match write_items(&inner, conv, &mut source, &outlet, never).await {
+        Written::Lost => return,
+        Written::Cancelled | Written::Source(Finish::End) => envelope::encode_bare(envelope::END),
+        // The callee's reader gets the error, not a short stream.
+        Written::Source(Finish::Failed(e)) => failure_of(&e),
+        Written::Source(Finish::Panicked(message)) => {
+            wire::encode_failure(FailureKind::RemotePanic, &message)
         }
     };
-    if let Err(e) = inner.conn.send_bytes(&end, items.last(true)).await {
+    if let Err(e) = inner
+        .conn
+        .send_bytes(&end, in_conversation(conv).last(true))
+        .await
+    {
         tracing::debug!(error = %e, "argument stream not ended");
     }
+}
+
+/// How a stream's source ended.
+enum Finish {
+    End,
+    Failed(StreamError),
+    /// Polling the source panicked (a producer given as `Receiver::from_stream` runs in
+    /// that poll).
+    Panicked(String),
+}
+
+/// Why [`write_items`] stopped.
+enum Written {
+    /// The source ended.
+    Source(Finish),
+    /// The reader is gone, or the caller cancelled.
+    Cancelled,
+    /// An item could not be sent: the connection is closing.
+    Lost,
+}
+
+/// A batch's items take at most this many bytes (but one item alone may be larger).
+const BATCH_BYTES: usize = 16 * 1024;
+
+/// A writer adds ready items to a batch while its items take less than this: small items
+/// are what batching is for (a 64-byte item costs far less than its message), and a
+/// message of larger ones stays within chatter-core's 16 KiB read chunk.
+const GATHER_BYTES: usize = 8 * 1024;
+
+/// A writer keeps its batch buffer between batches up to this capacity (a 64 KiB item
+/// fits), so that a stream of large items does not allocate one per item.
+const KEEP_BATCH: usize = 128 * 1024;
+
+/// Sends the items of `source` in conversation `conv`, within the reader's credit
+/// (`outlet`), until the source ends, the reader or `cancel` stops the stream, or the
+/// connection fails. The items that are ready when one is sent go with it, in one message
+/// (`[3, item, ...]`, at most [`BATCH_BYTES`] of items): a stream of small items costs
+/// one chatter-core message per batch, not per item.
+async fn write_items<C: Future + Unpin>(
+    inner: &Inner,
+    conv: Conversation,
+    source: &mut ItemSource,
+    outlet: &Outlet,
+    cancel: &mut C,
+) -> Written {
+    let items = in_conversation(conv);
+    let mut batch = envelope::ItemBatch::new();
+    loop {
+        // Empty, or with the item the last batch had no room or credit for.
+        batch.next(KEEP_BATCH);
+        if batch.count() == 0 {
+            let pulled = tokio::select! {
+                biased;
+                _ = &mut *cancel => return Written::Cancelled,
+                () = outlet.cancelled() => return Written::Cancelled,
+                pulled = std::future::poll_fn(|cx| poll_item(source, cx, batch.buf())) => pulled,
+            };
+            if let Some(finish) = pulled {
+                return Written::Source(finish);
+            }
+            batch.added();
+        }
+        let credit = tokio::select! {
+            biased;
+            _ = &mut *cancel => return Written::Cancelled,
+            credit = outlet.take(cost(batch.payload_len(), 1)) => credit,
+        };
+        match credit {
+            Ok(()) => {}
+            Err(StreamError::Cancelled) => return Written::Cancelled,
+            Err(e) => return Written::Source(Finish::Failed(e)),
+        }
+        let finish =
+            std::future::poll_fn(|cx| Poll::Ready(gather(source, cx, outlet, &mut batch))).await;
+        if let Err(e) = inner.conn.send_bytes(batch.payload(), items).await {
+            tracing::debug!(error = %e, "stream items not sent");
+            return Written::Lost;
+        }
+        if let Some(finish) = finish {
+            return Written::Source(finish);
+        }
+    }
+}
+
+/// Adds to `batch` the items `source` has ready now, while the batch's items take less
+/// than [`GATHER_BYTES`], as long as the reader's credit covers them, the batch stays
+/// within [`BATCH_BYTES`] and [`MAX_BATCH`] items. An item pulled that does not fit is
+/// held back for the next batch. Returns how the source ended, if it did (after the
+/// batch's items).
+///
+/// [`MAX_BATCH`]: envelope::MAX_BATCH
+fn gather(
+    source: &mut ItemSource,
+    cx: &mut Context<'_>,
+    outlet: &Outlet,
+    batch: &mut envelope::ItemBatch,
+) -> Option<Finish> {
+    if batch.values_len() >= GATHER_BYTES {
+        return None;
+    }
+    // The credit, spent here without a lock per item; what is left goes back.
+    let mut credit = outlet.take_all();
+    let mut finish = None;
+    while batch.count() < envelope::MAX_BATCH && batch.values_len() < GATHER_BYTES {
+        let before = cost(batch.payload_len(), batch.count());
+        let mark = batch.len();
+        match poll_item(source, cx, batch.buf()) {
+            Poll::Pending => break,
+            Poll::Ready(Some(end)) => {
+                finish = Some(end);
+                break;
+            }
+            Poll::Ready(None) => {}
+        }
+        batch.added();
+        let delta = cost(batch.payload_len(), batch.count()) - before;
+        if batch.values_len() > BATCH_BYTES || delta > credit {
+            // Too large for this batch, beyond the credit, or the reader is gone: the
+            // next batch starts with it (and waits for credit or sees the cancel).
+            batch.hold_back(mark);
+            break;
+        }
+        credit -= delta;
+    }
+    outlet.refund(credit);
+    finish
+}
+
+/// Polls `source` for its next item, appended to `out`: `Ready(None)` when it was,
+/// `Ready(Some(finish))` when the source ended (nothing appended).
+fn poll_item(
+    source: &mut ItemSource,
+    cx: &mut Context<'_>,
+    out: &mut Vec<u8>,
+) -> Poll<Option<Finish>> {
+    let mark = out.len();
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        source.as_mut().poll_encode(cx, out)
+    }));
+    let finish = match polled {
+        Ok(Poll::Pending) => return Poll::Pending,
+        Ok(Poll::Ready(Some(Ok(())))) => return Poll::Ready(None),
+        Ok(Poll::Ready(None)) => Finish::End,
+        Ok(Poll::Ready(Some(Err(e)))) => Finish::Failed(e),
+        Err(panic) => Finish::Panicked(panic_message(panic.as_ref())),
+    };
+    out.truncate(mark);
+    Poll::Ready(Some(finish))
 }
 
 /// Options for a message that keeps the turn in an open conversation.
@@ -777,14 +915,14 @@ impl Inner {
             return credit;
         };
         let outcome = match envelope::decode_stream_msg(&msg.payload) {
-            Ok(StreamMsg::Item(item)) if !msg.last => inbox
-                .push(msg.payload.slice_ref(item), cost(msg.payload.len()))
-                .map_err(|over| {
+            Ok(StreamMsg::Items(items)) if !msg.last => {
+                inbox.push_items(&msg.payload, items).map_err(|over| {
                     format!(
                         "the caller sent {} bytes beyond the {} granted",
                         over.cost, over.window
                     )
-                }),
+                })
+            }
             Ok(StreamMsg::End) if msg.last => {
                 inbox.finish(Ok(()));
                 st.arguments.remove(&conv);
@@ -928,48 +1066,21 @@ async fn forward_result(
     outlet: &Outlet,
     cancel: &mut oneshot::Receiver<()>,
 ) -> Payload {
-    let items = in_conversation(conv);
-    // Cancelled by the caller, or by this side's close (its reader then learns that the
-    // connection is going away, not that it cancelled).
-    let cancelled = || {
-        if inner.is_closing() {
-            wire::encode_failure(
-                FailureKind::ShuttingDown,
-                "the callee closed the connection",
-            )
-        } else {
+    match write_items(inner, conv, &mut source, outlet, cancel).await {
+        Written::Source(Finish::End) => envelope::encode_bare(envelope::END),
+        Written::Source(Finish::Failed(e)) => failure_of(&e),
+        Written::Source(Finish::Panicked(message)) => {
+            bump(&inner.peer.stats.handler_panics);
+            wire::encode_failure(FailureKind::RemotePanic, &message)
+        }
+        // Cancelled by the caller, or by this side's close (its reader then learns that
+        // the connection is going away, not that it cancelled).
+        Written::Cancelled | Written::Lost if inner.is_closing() => wire::encode_failure(
+            FailureKind::ShuttingDown,
+            "the callee closed the connection",
+        ),
+        Written::Cancelled | Written::Lost => {
             wire::encode_failure(FailureKind::Cancelled, "cancelled")
-        }
-    };
-    loop {
-        let item = tokio::select! {
-            biased;
-            _ = &mut *cancel => return cancelled(),
-            () = outlet.cancelled() => return cancelled(),
-            item = next_item(&mut source) => item,
-        };
-        let item = match item {
-            Ok(Some(Ok(item))) => item,
-            Ok(None) => return envelope::encode_bare(envelope::END),
-            Ok(Some(Err(e))) => return failure_of(&e),
-            Err(message) => {
-                bump(&inner.peer.stats.handler_panics);
-                return wire::encode_failure(FailureKind::RemotePanic, &message);
-            }
-        };
-        let credit = tokio::select! {
-            biased;
-            _ = &mut *cancel => return cancelled(),
-            credit = outlet.take(cost(item.len())) => credit,
-        };
-        match credit {
-            Ok(()) => {}
-            Err(StreamError::Cancelled) => return cancelled(),
-            Err(e) => return failure_of(&e),
-        }
-        if let Err(e) = inner.conn.send_bytes(&item, items).await {
-            tracing::debug!(error = %e, "stream item not sent");
-            return cancelled();
         }
     }
 }
@@ -984,22 +1095,6 @@ fn failure_of(e: &StreamError) -> Payload {
         StreamError::Protocol(what) => wire::encode_failure(FailureKind::Protocol, what),
         other => wire::encode_failure(FailureKind::Protocol, &other.to_string()),
     }
-}
-
-/// The next item of a stream's source, or the message of the panic that polling it
-/// raised (a producer given as `Receiver::from_stream` runs inside this poll).
-async fn next_item(
-    source: &mut ItemSource,
-) -> Result<Option<Result<Payload, StreamError>>, String> {
-    std::future::poll_fn(|cx| {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            source.as_mut().poll_next(cx)
-        })) {
-            Ok(poll) => poll.map(Ok),
-            Err(panic) => Poll::Ready(Err(panic_message(panic.as_ref()))),
-        }
-    })
-    .await
 }
 
 /// Resolves at `deadline`, or never.

@@ -5,7 +5,7 @@
 //!
 //! | envelope | meaning |
 //! |---|---|
-//! | `[3, item]` | one item |
+//! | `[3, item, ...]` | one or more items, in order (a writer batches the items it has ready) |
 //! | `[4]` | the end (with `last`) |
 //! | `[5, bytes]` | (callee → caller, in the call's conversation) credit for the argument stream |
 //! | `[6]` | (callee → caller, in the call's conversation) the callee stopped reading the argument stream |
@@ -21,7 +21,6 @@
 use std::time::Duration;
 
 use chatter_msgpack::{self as msgpack, Reader};
-use serde::Serialize;
 
 use super::{bad, encode, header, millis, Payload, WireError};
 
@@ -38,19 +37,148 @@ pub(crate) const GRANT_RESULT: u8 = 15;
 /// A message of a stream, in the call's conversation or an argument stream's.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum StreamMsg<'a> {
-    /// One item, as a MessagePack value.
-    Item(&'a [u8]),
+    /// One or more items.
+    Items(Items<'a>),
     End,
     Grant(u64),
     Stop,
 }
 
-/// `[3, item]`.
-pub(crate) fn encode_item<T: Serialize + ?Sized>(item: &T) -> Result<Payload, WireError> {
-    encode(|w| {
-        header(w, 2, ITEM);
-        super::value(w, item)
-    })
+/// The items of one `[3, item, ...]` message: `count` MessagePack values, each checked
+/// when the message was decoded, back to back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Items<'a> {
+    values: &'a [u8],
+    count: u32,
+}
+
+impl<'a> Items<'a> {
+    /// How many items the message carries (at least one).
+    pub(crate) fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The bytes of all the items' values.
+    pub(crate) fn values_len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Each item's value, in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let mut rest = self.values;
+        std::iter::from_fn(move || {
+            let mut r = Reader::new(rest);
+            // Checked when decoded: an error cannot happen here, and would end the items.
+            r.skip_value(msgpack::MAX_DEPTH - 1).ok()?;
+            let used = rest.len() - r.remaining().len();
+            let (item, next) = rest.split_at(used);
+            rest = next;
+            (!item.is_empty()).then_some(item)
+        })
+    }
+}
+
+/// Room in front of a batch's items for its longest header: `array16` (3 bytes) and the
+/// kind.
+const ROOM: usize = 4;
+
+/// The most items in one batch: its header stays an `array16`.
+pub(crate) const MAX_BATCH: u32 = 4096;
+
+/// The envelope `[3, item, ...]` of a batch of items, built in place: each item is
+/// encoded straight into one buffer, behind room for the longest header, and the header
+/// that fits the count is written in front of the items when the batch is sent. The last
+/// item written can be held back for the next batch without a copy elsewhere.
+#[derive(Debug)]
+pub(crate) struct ItemBatch {
+    buf: Vec<u8>,
+    count: u32,
+    /// Where the item held back for the next batch starts (it is not counted).
+    held: Option<usize>,
+}
+
+impl ItemBatch {
+    pub(crate) fn new() -> Self {
+        ItemBatch {
+            buf: vec![0; ROOM],
+            count: 0,
+            held: None,
+        }
+    }
+
+    /// Starts the next batch: empty, or with the item held back as its first. Keeps the
+    /// buffer unless it grew past `keep` bytes.
+    pub(crate) fn next(&mut self, keep: usize) {
+        self.count = 0;
+        if let Some(at) = self.held.take() {
+            self.buf.copy_within(at.., ROOM);
+            self.buf.truncate(ROOM + (self.buf.len() - at));
+            self.count = 1;
+        } else {
+            self.buf.truncate(ROOM);
+        }
+        if self.buf.capacity() > keep && self.buf.len() <= keep {
+            self.buf.shrink_to(keep);
+        }
+    }
+
+    /// The buffer to append one item's MessagePack value to, then [`added`](Self::added).
+    pub(crate) fn buf(&mut self) -> &mut Vec<u8> {
+        debug_assert!(self.held.is_none(), "nothing goes after a held-back item");
+        &mut self.buf
+    }
+
+    /// The buffer's length: where the next item starts.
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// One more item was appended.
+    pub(crate) fn added(&mut self) {
+        self.count += 1;
+    }
+
+    /// Holds the last item (written after `mark`) back for the next batch.
+    pub(crate) fn hold_back(&mut self, mark: usize) {
+        self.count -= 1;
+        self.held = Some(mark);
+    }
+
+    /// How many items the batch holds.
+    pub(crate) fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The end of the batch's items.
+    fn end(&self) -> usize {
+        self.held.unwrap_or(self.buf.len())
+    }
+
+    /// The bytes of the items' values.
+    pub(crate) fn values_len(&self) -> usize {
+        self.end() - ROOM
+    }
+
+    /// The length of the envelope as [`payload`](Self::payload) will write it.
+    pub(crate) fn payload_len(&self) -> usize {
+        let header = if self.count < 15 { 1 } else { 3 };
+        header + 1 + self.values_len()
+    }
+
+    /// The envelope: the header written in front of the items.
+    pub(crate) fn payload(&mut self) -> &[u8] {
+        debug_assert!(self.count >= 1 && self.count <= MAX_BATCH);
+        let (elements, end) = (self.count + 1, self.end());
+        self.buf[ROOM - 1] = ITEM;
+        if elements < 16 {
+            self.buf[ROOM - 2] = 0x90 | elements as u8;
+            &self.buf[ROOM - 2..end]
+        } else {
+            let [a, b] = u16::try_from(elements).unwrap_or(u16::MAX).to_be_bytes();
+            self.buf[..ROOM - 1].copy_from_slice(&[0xdc, a, b]);
+            &self.buf[..end]
+        }
+    }
 }
 
 /// `[4]`, `[6]`: the envelopes without fields.
@@ -80,14 +208,21 @@ pub(crate) fn decode_stream_msg(payload: &[u8]) -> Result<StreamMsg<'_>, WireErr
     let len = r.read_array_len().map_err(|e| bad("stream message", e))?;
     let kind: u8 = r.read_int().map_err(|e| bad("stream message kind", e))?;
     let msg = match (kind, len) {
-        (ITEM, 2) => {
+        (ITEM, 2..) => {
+            let count = len - 1;
             let rest = r.remaining();
-            let mut item = Reader::new(rest);
-            item.skip_value(msgpack::MAX_DEPTH - 1)
-                .map_err(|e| bad("stream item", e))?;
-            let used = rest.len() - item.remaining().len();
-            r = item;
-            StreamMsg::Item(&rest[..used])
+            let mut items = Reader::new(rest);
+            for _ in 0..count {
+                items
+                    .skip_value(msgpack::MAX_DEPTH - 1)
+                    .map_err(|e| bad("stream item", e))?;
+            }
+            let used = rest.len() - items.remaining().len();
+            r = items;
+            StreamMsg::Items(Items {
+                values: &rest[..used],
+                count,
+            })
         }
         (END, 1) => StreamMsg::End,
         (GRANT, 2) => StreamMsg::Grant(r.read_int().map_err(|e| bad("grant", e))?),
@@ -161,12 +296,15 @@ mod tests {
 
     #[test]
     fn stream_messages_round_trip_in_their_shortest_form() {
-        let item = encode_item(&("a", 1u8)).unwrap();
+        let mut batch = ItemBatch::new();
+        super::super::value(batch.buf(), &("a", 1u8)).unwrap();
+        batch.added();
+        let item = batch.payload().to_vec();
         assert_eq!(&item[..], b"\x92\x03\x92\xa1a\x01");
-        assert_eq!(
-            decode_stream_msg(&item).unwrap(),
-            StreamMsg::Item(b"\x92\xa1a\x01")
-        );
+        let Ok(StreamMsg::Items(items)) = decode_stream_msg(&item) else {
+            panic!("not items: {item:x?}")
+        };
+        assert_eq!(items.iter().collect::<Vec<_>>(), [b"\x92\xa1a\x01"]);
         assert_eq!(&encode_bare(END)[..], b"\x91\x04");
         assert_eq!(decode_stream_msg(b"\x91\x04").unwrap(), StreamMsg::End);
         assert_eq!(&encode_bare(STOP)[..], b"\x91\x06");
@@ -180,13 +318,60 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_carries_its_items_in_order_under_the_shortest_header() {
+        let mut batch = ItemBatch::new();
+        for n in [1, 2, 14, 15, 16, 300, MAX_BATCH] {
+            batch.next(1 << 20);
+            for i in 0..n {
+                super::super::value(batch.buf(), &i).unwrap();
+                batch.added();
+            }
+            let len = batch.payload_len();
+            let payload = batch.payload().to_vec();
+            assert_eq!(payload.len(), len, "{n} items");
+            // The header is the shortest for n + 1 elements, then the kind.
+            let head: &[u8] = if n < 15 {
+                &[0x91 + n as u8, 3]
+            } else {
+                &[0xdc, ((n + 1) >> 8) as u8, (n + 1) as u8, 3]
+            };
+            assert_eq!(&payload[..head.len()], head, "{n} items");
+            let Ok(StreamMsg::Items(items)) = decode_stream_msg(&payload) else {
+                panic!("{n} items: not items")
+            };
+            assert_eq!(items.count(), n);
+            let got: Vec<u32> = items
+                .iter()
+                .map(|v| crate::wire::decode_value(v).unwrap())
+                .collect();
+            assert_eq!(got, (0..n).collect::<Vec<_>>());
+        }
+        batch.next(1 << 20);
+        super::super::value(batch.buf(), &7u8).unwrap();
+        batch.added();
+        // One held back is not sent, and is the next batch's first.
+        let mark = batch.len();
+        super::super::value(batch.buf(), &"next").unwrap();
+        batch.added();
+        batch.hold_back(mark);
+        assert_eq!((batch.count(), batch.payload_len()), (1, 3));
+        assert_eq!(batch.payload(), b"\x92\x03\x07");
+        batch.next(1 << 20);
+        assert_eq!(batch.count(), 1);
+        assert_eq!(batch.payload(), b"\x92\x03\xa4next");
+        batch.next(1 << 20);
+        assert_eq!((batch.count(), batch.values_len()), (0, 0));
+    }
+
+    #[test]
     fn malformed_stream_messages_are_errors() {
         for bad in [
             &b""[..],
             b"\x90",
             b"\x92\x03",                     // an item without its value
             b"\x92\x03\x01\x02",             // two values where one goes
-            b"\x93\x03\x01\x02",             // an item with three elements
+            b"\x93\x03\x01",                 // two items announced, one sent
+            b"\x93\x03\x01\xc1",             // a second item that is no value
             b"\x92\x04\x00",                 // an end with a field
             b"\x92\x05\xa1x",                // a grant that is not a number
             b"\x92\x05\xff",                 // a negative grant
