@@ -187,6 +187,15 @@ impl Msg {
 ///   sends and never reads cannot grow it. Reading never stops for output: two peers
 ///   exchanging large messages would otherwise wait on each other forever.
 ///
+///   The buffers that hold the output take up to twice it (they grow by doubling), and
+///   are not freed between large messages: while messages above 64 KiB go on, each is
+///   kept for the next once written (unless more than 256 KiB of it was left unused), and
+///   both are freed once the connection has written nothing above 64 KiB for 1 s.
+///   Otherwise, as for a connection that never sent a large message, a buffer with more
+///   than 64 KiB left unused is freed once written. So they hold no more than the output
+///   needed, at most a second after the last large message, and an idle connection no
+///   more than one that never sent a large message.
+///
 /// A `max_frame_size` or `receive_window` below 4096 counts as 4096 here: every peer
 /// accepts that much of early messages ([`proto::EARLY_CREDIT`](crate::proto::EARLY_CREDIT)),
 /// whatever it announced.
@@ -200,10 +209,16 @@ pub struct Buffered {
     pub received: u64,
     /// Bytes waiting to be written to the peer.
     pub output: usize,
+    /// For tests: the room the output buffers (the protocol's queue and the write buffer,
+    /// which trade places at each write) have left for output, as `BytesMut::capacity`
+    /// counts it; 0 once a connection that sent large messages has been quiet for a
+    /// second.
+    #[doc(hidden)]
+    pub output_room: usize,
 }
 
 impl Buffered {
-    /// The three parts added up.
+    /// `read`, `received` and `output` added up.
     pub fn total(&self) -> u64 {
         self.read as u64 + self.received + self.output as u64
     }
@@ -538,6 +553,7 @@ impl Connection {
             read: inner.read_buffer,
             received: inner.proto.received_unreleased(),
             output: inner.output_buffer + inner.proto.output_len(),
+            output_room: inner.write_room + inner.proto.output_capacity(),
         }
     }
 
@@ -674,6 +690,7 @@ impl Connection {
                 finished: false,
                 read_buffer: 0,
                 output_buffer: 0,
+                write_room: 0,
                 throttle: options.throttle,
             }),
             readable: Notify::new(),
@@ -695,6 +712,7 @@ impl Connection {
             linger_deadline: None,
             sleep: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
             sleep_deadline: None,
+            write_buf_release: None,
             first_wake: (!options.close_linger.is_zero()).then(|| now + options.close_linger),
             done: false,
             _permit: permit,
@@ -787,6 +805,19 @@ const LARGE_FRAME_START: usize = 64 * 1024;
 
 /// Buffers above this size are released once empty, so idle connections stay small.
 const KEEP_BUFFER: usize = 64 * 1024;
+
+/// While output above [`KEEP_BUFFER`] is being written, a written-out write buffer is
+/// kept for the next output unless more than this much room was left in it (instead of
+/// `KEEP_BUFFER`), and the output buffers are released once the connection has written
+/// nothing above `KEEP_BUFFER` for [`KEEP_LARGE_FOR`]. Freeing them after every large
+/// write made glibc give the top of its heap back to the kernel (`madvise`) at most
+/// messages and fault the pages in again for the next; keeping every buffer, however
+/// large, was worse still (BENCHMARKS.md, "64 KiB over TLS: the output buffers kept while
+/// large messages go on").
+const KEEP_LARGE_WRITE_BUFFER: usize = 256 * 1024;
+
+/// How long the output buffers outlive the last output above [`KEEP_BUFFER`].
+const KEEP_LARGE_FOR: Duration = Duration::from_secs(1);
 
 /// Which side of the handshake a connection is on (PROTOCOL.md §4).
 pub(crate) enum Side {
@@ -915,10 +946,11 @@ struct Inner {
     connected: bool,
     cause: Option<CloseCause>,
     finished: bool,
-    /// The driver's read buffer (its capacity) and the output waiting in its write buffer,
-    /// as of its last round.
+    /// The driver's read buffer (its capacity), the output waiting in its write buffer and
+    /// the room left in that buffer, as of its last round (or the buffer's release).
     read_buffer: usize,
     output_buffer: usize,
+    write_room: usize,
     /// The throttle the application wants; the driver applies it on its next round.
     throttle: Throttle,
 }
@@ -1154,6 +1186,10 @@ struct Driver<S: Transport> {
     linger_deadline: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     sleep_deadline: Option<Instant>,
+    /// When the output buffers are released: [`KEEP_LARGE_FOR`] after the last output
+    /// above [`KEEP_BUFFER`]; `None` when no such output was written since the last
+    /// release.
+    write_buf_release: Option<Instant>,
     /// The latest the timer is first armed for: the connection's start plus the linger.
     /// A close within that time then finds the timer armed no later than its linger
     /// deadline and leaves it alone: moving a timer earlier than the runtime's next
@@ -1266,6 +1302,10 @@ impl<S: Transport> Driver<S> {
         last: bool,
     ) -> Result<bool, io::Error> {
         let mut progress = false;
+        if self.write_buf.len() > KEEP_BUFFER {
+            // Large output: keep the output buffers until `KEEP_LARGE_FOR` after the last.
+            self.write_buf_release = Some(now + KEEP_LARGE_FOR);
+        }
         if last && !self.shutdown && self.send_bucket.is_none() && !self.write_buf.is_empty() {
             match self.io.write_last(&self.write_buf) {
                 Some(Ok(n)) => {
@@ -1302,11 +1342,41 @@ impl<S: Transport> Driver<S> {
                 Poll::Ready(Err(e)) => return Err(e),
             }
         }
-        if self.write_buf.capacity() > KEEP_BUFFER {
+        if self.write_buf_release.is_some() {
+            self.keep_write_buf();
+        } else if self.write_buf.capacity() > KEEP_BUFFER {
             self.write_buf = BytesMut::new();
         }
         self.flush(cx)?;
         Ok(progress)
+    }
+
+    /// While large output goes on: keeps the drained write buffer for the next (it goes
+    /// back to the protocol for its sends at the next `take_output`), unless more than
+    /// [`KEEP_LARGE_WRITE_BUFFER`] of it was left unused.
+    #[cold]
+    fn keep_write_buf(&mut self) {
+        // After `advance`, `capacity` is the room left beyond the bytes written. (Counting
+        // the written bytes' room back in here, with `try_reclaim`, and freeing by that
+        // instead made the faults come back: BENCHMARKS.md.)
+        if self.write_buf.capacity() > KEEP_LARGE_WRITE_BUFFER {
+            self.write_buf = BytesMut::new();
+        }
+    }
+
+    /// The connection wrote no large output for [`KEEP_LARGE_FOR`]: frees the output
+    /// buffers, or looks again later if output waits.
+    #[cold]
+    fn release_output_buffers(&mut self, now: Instant) {
+        if !self.write_buf.is_empty() {
+            self.write_buf_release = Some(now + KEEP_LARGE_FOR);
+            return;
+        }
+        self.write_buf_release = None;
+        self.write_buf = BytesMut::new();
+        let mut inner = self.shared.lock();
+        inner.proto.free_output_buffer();
+        inner.write_room = 0;
     }
 
     fn flush(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
@@ -1459,6 +1529,7 @@ impl<S: Transport> Future for Driver<S> {
                 inner.proto.handle_written(this.write_buf.len());
                 inner.read_buffer = this.read_buf.capacity();
                 inner.output_buffer = this.write_buf.len();
+                inner.write_room = this.write_buf.capacity();
                 let wake = inner.pump(this.shared.id);
                 if this.handoff.is_some() {
                     handoff = match &inner.cause {
@@ -1597,11 +1668,15 @@ impl<S: Transport> Future for Driver<S> {
             }
 
             if !progress {
+                if this.write_buf_release.is_some_and(|at| now >= at) {
+                    this.release_output_buffers(now);
+                }
                 let deadline = [
                     deadline,
                     this.linger_deadline,
                     this.throttled_until,
                     stall_deadline,
+                    this.write_buf_release,
                 ]
                 .into_iter()
                 .flatten()
@@ -1851,5 +1926,32 @@ mod tests {
         a.set_throttle(Throttle::NONE);
         let again = transfer(&a, &b, 50, 10_000).await;
         assert!(again < Duration::from_millis(5), "{again:?}");
+    }
+
+    /// The output buffers grown for large messages are kept while those go on (glibc would
+    /// trim and fault their pages back each time) and freed once the connection is quiet.
+    #[tokio::test(start_paused = true)]
+    async fn large_output_buffers_are_kept_while_used_and_freed_when_quiet() {
+        let (a, b) = pair(&Options::default(), &Options::default()).await;
+        transfer(&a, &b, 1, 100_000).await;
+        let kept = a.buffered().output_room;
+        assert!(kept > 0, "{:?}", a.buffered());
+        // Another large message within `KEEP_LARGE_FOR` postpones the release; small ones
+        // do not.
+        tokio::time::sleep(KEEP_LARGE_FOR / 2).await;
+        assert_eq!(a.buffered().output_room, kept);
+        transfer(&a, &b, 1, 100_000).await;
+        tokio::time::sleep(KEEP_LARGE_FOR * 3 / 4).await;
+        assert!(a.buffered().output_room > 0, "{:?}", a.buffered());
+        transfer(&a, &b, 10, 1_000).await;
+        tokio::time::sleep(KEEP_LARGE_FOR / 2).await;
+        assert_eq!(a.buffered().output_room, 0);
+
+        // However large, they go once the connection is quiet.
+        transfer(&a, &b, 1, 4 * KEEP_LARGE_WRITE_BUFFER).await;
+        assert!(a.buffered().output_room > 0, "{:?}", a.buffered());
+        tokio::time::sleep(KEEP_LARGE_FOR + Duration::from_millis(1)).await;
+        assert_eq!(a.buffered().output_room, 0);
+        assert_eq!(a.buffered().output, 0);
     }
 }
