@@ -1668,19 +1668,24 @@ impl<S: Transport> Future for Driver<S> {
             }
 
             if !progress {
-                if this.write_buf_release.is_some_and(|at| now >= at) {
-                    this.release_output_buffers(now);
-                }
-                let deadline = [
+                let mut deadline = [
                     deadline,
                     this.linger_deadline,
                     this.throttled_until,
                     stall_deadline,
-                    this.write_buf_release,
                 ]
                 .into_iter()
                 .flatten()
                 .min();
+                // Apart, so that connections that never sent large output pay one branch.
+                if let Some(release) = this.write_buf_release {
+                    if now >= release {
+                        this.release_output_buffers(now);
+                    }
+                    if let Some(release) = this.write_buf_release {
+                        deadline = Some(deadline.map_or(release, |d| d.min(release)));
+                    }
+                }
                 if let Some(mut deadline) = deadline {
                     if let Some(first) = this.first_wake.take() {
                         deadline = deadline.min(first);
