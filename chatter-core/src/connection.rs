@@ -209,10 +209,9 @@ pub struct Buffered {
     pub received: u64,
     /// Bytes waiting to be written to the peer.
     pub output: usize,
-    /// For tests: the room the output buffers (the protocol's queue and the write buffer,
-    /// which trade places at each write) have left for output, as `BytesMut::capacity`
-    /// counts it; 0 once a connection that sent large messages has been quiet for a
-    /// second.
+    /// For tests: the room left in the protocol's output buffer (which trades places with
+    /// the driver's write buffer at each of its rounds), as `BytesMut::capacity` counts
+    /// it; 0 once a connection that sent large messages has been quiet for a second.
     #[doc(hidden)]
     pub output_room: usize,
 }
@@ -553,7 +552,7 @@ impl Connection {
             read: inner.read_buffer,
             received: inner.proto.received_unreleased(),
             output: inner.output_buffer + inner.proto.output_len(),
-            output_room: inner.write_room + inner.proto.output_capacity(),
+            output_room: inner.proto.output_capacity(),
         }
     }
 
@@ -690,7 +689,6 @@ impl Connection {
                 finished: false,
                 read_buffer: 0,
                 output_buffer: 0,
-                write_room: 0,
                 throttle: options.throttle,
             }),
             readable: Notify::new(),
@@ -946,11 +944,10 @@ struct Inner {
     connected: bool,
     cause: Option<CloseCause>,
     finished: bool,
-    /// The driver's read buffer (its capacity), the output waiting in its write buffer and
-    /// the room left in that buffer, as of its last round (or the buffer's release).
+    /// The driver's read buffer (its capacity) and the output waiting in its write buffer,
+    /// as of its last round.
     read_buffer: usize,
     output_buffer: usize,
-    write_room: usize,
     /// The throttle the application wants; the driver applies it on its next round.
     throttle: Throttle,
 }
@@ -1303,8 +1300,7 @@ impl<S: Transport> Driver<S> {
     ) -> Result<bool, io::Error> {
         let mut progress = false;
         if self.write_buf.len() > KEEP_BUFFER {
-            // Large output: keep the output buffers until `KEEP_LARGE_FOR` after the last.
-            self.write_buf_release = Some(now + KEEP_LARGE_FOR);
+            self.large_output(now);
         }
         if last && !self.shutdown && self.send_bucket.is_none() && !self.write_buf.is_empty() {
             match self.io.write_last(&self.write_buf) {
@@ -1342,24 +1338,31 @@ impl<S: Transport> Driver<S> {
                 Poll::Ready(Err(e)) => return Err(e),
             }
         }
-        if self.write_buf_release.is_some() {
-            self.keep_write_buf();
-        } else if self.write_buf.capacity() > KEEP_BUFFER {
-            self.write_buf = BytesMut::new();
+        // After `advance`, `capacity` is the room left beyond the bytes written.
+        if self.write_buf.capacity() > KEEP_BUFFER {
+            self.free_or_keep_write_buf();
         }
         self.flush(cx)?;
         Ok(progress)
     }
 
-    /// While large output goes on: keeps the drained write buffer for the next (it goes
-    /// back to the protocol for its sends at the next `take_output`), unless more than
-    /// [`KEEP_LARGE_WRITE_BUFFER`] of it was left unused.
+    /// Output above [`KEEP_BUFFER`] is being written: the output buffers are kept until
+    /// [`KEEP_LARGE_FOR`] after the last.
     #[cold]
-    fn keep_write_buf(&mut self) {
-        // After `advance`, `capacity` is the room left beyond the bytes written. (Counting
-        // the written bytes' room back in here, with `try_reclaim`, and freeing by that
-        // instead made the faults come back: BENCHMARKS.md.)
-        if self.write_buf.capacity() > KEEP_LARGE_WRITE_BUFFER {
+    #[inline(never)]
+    fn large_output(&mut self, now: Instant) {
+        self.write_buf_release = Some(now + KEEP_LARGE_FOR);
+    }
+
+    /// The written-out write buffer has more than [`KEEP_BUFFER`] of room left: frees it,
+    /// unless large output goes on and no more than [`KEEP_LARGE_WRITE_BUFFER`] was left
+    /// (then it goes back to the protocol for its sends at the next `take_output`).
+    /// (Counting the written bytes' room back in, with `try_reclaim`, and keeping by that
+    /// instead made the faults come back: BENCHMARKS.md.)
+    #[cold]
+    #[inline(never)]
+    fn free_or_keep_write_buf(&mut self) {
+        if self.write_buf_release.is_none() || self.write_buf.capacity() > KEEP_LARGE_WRITE_BUFFER {
             self.write_buf = BytesMut::new();
         }
     }
@@ -1367,6 +1370,7 @@ impl<S: Transport> Driver<S> {
     /// The connection wrote no large output for [`KEEP_LARGE_FOR`]: frees the output
     /// buffers, or looks again later if output waits.
     #[cold]
+    #[inline(never)]
     fn release_output_buffers(&mut self, now: Instant) {
         if !self.write_buf.is_empty() {
             self.write_buf_release = Some(now + KEEP_LARGE_FOR);
@@ -1374,9 +1378,7 @@ impl<S: Transport> Driver<S> {
         }
         self.write_buf_release = None;
         self.write_buf = BytesMut::new();
-        let mut inner = self.shared.lock();
-        inner.proto.free_output_buffer();
-        inner.write_room = 0;
+        self.shared.lock().proto.free_output_buffer();
     }
 
     fn flush(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
@@ -1529,7 +1531,6 @@ impl<S: Transport> Future for Driver<S> {
                 inner.proto.handle_written(this.write_buf.len());
                 inner.read_buffer = this.read_buf.capacity();
                 inner.output_buffer = this.write_buf.len();
-                inner.write_room = this.write_buf.capacity();
                 let wake = inner.pump(this.shared.id);
                 if this.handoff.is_some() {
                     handoff = match &inner.cause {
