@@ -187,6 +187,15 @@ impl Msg {
 ///   sends and never reads cannot grow it. Reading never stops for output: two peers
 ///   exchanging large messages would otherwise wait on each other forever.
 ///
+///   The buffers that hold the output take up to twice it (they grow by doubling), and
+///   are not freed between large messages: while messages above 64 KiB go on, each is
+///   kept for the next once written (unless more than 256 KiB of it was left unused), and
+///   both are freed once the connection has written nothing above 64 KiB for 1 s.
+///   Otherwise, as for a connection that never sent a large message, a buffer with more
+///   than 64 KiB left unused is freed once written. So they hold no more than the output
+///   needed, at most a second after the last large message, and an idle connection no
+///   more than one that never sent a large message.
+///
 /// A `max_frame_size` or `receive_window` below 4096 counts as 4096 here: every peer
 /// accepts that much of early messages ([`proto::EARLY_CREDIT`](crate::proto::EARLY_CREDIT)),
 /// whatever it announced.
@@ -200,10 +209,15 @@ pub struct Buffered {
     pub received: u64,
     /// Bytes waiting to be written to the peer.
     pub output: usize,
+    /// For tests: the room left in the protocol's output buffer (which trades places with
+    /// the driver's write buffer at each of its rounds), as `BytesMut::capacity` counts
+    /// it; 0 once a connection that sent large messages has been quiet for a second.
+    #[doc(hidden)]
+    pub output_room: usize,
 }
 
 impl Buffered {
-    /// The three parts added up.
+    /// `read`, `received` and `output` added up.
     pub fn total(&self) -> u64 {
         self.read as u64 + self.received + self.output as u64
     }
@@ -538,6 +552,7 @@ impl Connection {
             read: inner.read_buffer,
             received: inner.proto.received_unreleased(),
             output: inner.output_buffer + inner.proto.output_len(),
+            output_room: inner.proto.output_capacity(),
         }
     }
 
@@ -695,6 +710,7 @@ impl Connection {
             linger_deadline: None,
             sleep: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
             sleep_deadline: None,
+            write_buf_release: None,
             first_wake: (!options.close_linger.is_zero()).then(|| now + options.close_linger),
             done: false,
             _permit: permit,
@@ -787,6 +803,19 @@ const LARGE_FRAME_START: usize = 64 * 1024;
 
 /// Buffers above this size are released once empty, so idle connections stay small.
 const KEEP_BUFFER: usize = 64 * 1024;
+
+/// While output above [`KEEP_BUFFER`] is being written, a written-out write buffer is
+/// kept for the next output unless more than this much room was left in it (instead of
+/// `KEEP_BUFFER`), and the output buffers are released once the connection has written
+/// nothing above `KEEP_BUFFER` for [`KEEP_LARGE_FOR`]. Freeing them after every large
+/// write made glibc give the top of its heap back to the kernel (`madvise`) at most
+/// messages and fault the pages in again for the next; keeping every buffer, however
+/// large, was worse still (BENCHMARKS.md, "64 KiB over TLS: the output buffers kept while
+/// large messages go on").
+const KEEP_LARGE_WRITE_BUFFER: usize = 256 * 1024;
+
+/// How long the output buffers outlive the last output above [`KEEP_BUFFER`].
+const KEEP_LARGE_FOR: Duration = Duration::from_secs(1);
 
 /// Which side of the handshake a connection is on (PROTOCOL.md §4).
 pub(crate) enum Side {
@@ -1154,6 +1183,10 @@ struct Driver<S: Transport> {
     linger_deadline: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     sleep_deadline: Option<Instant>,
+    /// When the output buffers are released: [`KEEP_LARGE_FOR`] after the last output
+    /// above [`KEEP_BUFFER`]; `None` when no such output was written since the last
+    /// release.
+    write_buf_release: Option<Instant>,
     /// The latest the timer is first armed for: the connection's start plus the linger.
     /// A close within that time then finds the timer armed no later than its linger
     /// deadline and leaves it alone: moving a timer earlier than the runtime's next
@@ -1266,6 +1299,9 @@ impl<S: Transport> Driver<S> {
         last: bool,
     ) -> Result<bool, io::Error> {
         let mut progress = false;
+        if self.write_buf.len() > KEEP_BUFFER {
+            self.large_output(now);
+        }
         if last && !self.shutdown && self.send_bucket.is_none() && !self.write_buf.is_empty() {
             match self.io.write_last(&self.write_buf) {
                 Some(Ok(n)) => {
@@ -1302,11 +1338,47 @@ impl<S: Transport> Driver<S> {
                 Poll::Ready(Err(e)) => return Err(e),
             }
         }
+        // After `advance`, `capacity` is the room left beyond the bytes written.
         if self.write_buf.capacity() > KEEP_BUFFER {
-            self.write_buf = BytesMut::new();
+            self.free_or_keep_write_buf();
         }
         self.flush(cx)?;
         Ok(progress)
+    }
+
+    /// Output above [`KEEP_BUFFER`] is being written: the output buffers are kept until
+    /// [`KEEP_LARGE_FOR`] after the last.
+    #[cold]
+    #[inline(never)]
+    fn large_output(&mut self, now: Instant) {
+        self.write_buf_release = Some(now + KEEP_LARGE_FOR);
+    }
+
+    /// The written-out write buffer has more than [`KEEP_BUFFER`] of room left: frees it,
+    /// unless large output goes on and no more than [`KEEP_LARGE_WRITE_BUFFER`] was left
+    /// (then it goes back to the protocol for its sends at the next `take_output`).
+    /// (Counting the written bytes' room back in, with `try_reclaim`, and keeping by that
+    /// instead made the faults come back: BENCHMARKS.md.)
+    #[cold]
+    #[inline(never)]
+    fn free_or_keep_write_buf(&mut self) {
+        if self.write_buf_release.is_none() || self.write_buf.capacity() > KEEP_LARGE_WRITE_BUFFER {
+            self.write_buf = BytesMut::new();
+        }
+    }
+
+    /// The connection wrote no large output for [`KEEP_LARGE_FOR`]: frees the output
+    /// buffers, or looks again later if output waits.
+    #[cold]
+    #[inline(never)]
+    fn release_output_buffers(&mut self, now: Instant) {
+        if !self.write_buf.is_empty() {
+            self.write_buf_release = Some(now + KEEP_LARGE_FOR);
+            return;
+        }
+        self.write_buf_release = None;
+        self.write_buf = BytesMut::new();
+        self.shared.lock().proto.free_output_buffer();
     }
 
     fn flush(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
@@ -1597,7 +1669,7 @@ impl<S: Transport> Future for Driver<S> {
             }
 
             if !progress {
-                let deadline = [
+                let mut deadline = [
                     deadline,
                     this.linger_deadline,
                     this.throttled_until,
@@ -1606,6 +1678,15 @@ impl<S: Transport> Future for Driver<S> {
                 .into_iter()
                 .flatten()
                 .min();
+                // Apart, so that connections that never sent large output pay one branch.
+                if let Some(release) = this.write_buf_release {
+                    if now >= release {
+                        this.release_output_buffers(now);
+                    }
+                    if let Some(release) = this.write_buf_release {
+                        deadline = Some(deadline.map_or(release, |d| d.min(release)));
+                    }
+                }
                 if let Some(mut deadline) = deadline {
                     if let Some(first) = this.first_wake.take() {
                         deadline = deadline.min(first);
@@ -1851,5 +1932,32 @@ mod tests {
         a.set_throttle(Throttle::NONE);
         let again = transfer(&a, &b, 50, 10_000).await;
         assert!(again < Duration::from_millis(5), "{again:?}");
+    }
+
+    /// The output buffers grown for large messages are kept while those go on (glibc would
+    /// trim and fault their pages back each time) and freed once the connection is quiet.
+    #[tokio::test(start_paused = true)]
+    async fn large_output_buffers_are_kept_while_used_and_freed_when_quiet() {
+        let (a, b) = pair(&Options::default(), &Options::default()).await;
+        transfer(&a, &b, 1, 100_000).await;
+        let kept = a.buffered().output_room;
+        assert!(kept > 0, "{:?}", a.buffered());
+        // Another large message within `KEEP_LARGE_FOR` postpones the release; small ones
+        // do not.
+        tokio::time::sleep(KEEP_LARGE_FOR / 2).await;
+        assert_eq!(a.buffered().output_room, kept);
+        transfer(&a, &b, 1, 100_000).await;
+        tokio::time::sleep(KEEP_LARGE_FOR * 3 / 4).await;
+        assert!(a.buffered().output_room > 0, "{:?}", a.buffered());
+        transfer(&a, &b, 10, 1_000).await;
+        tokio::time::sleep(KEEP_LARGE_FOR / 2).await;
+        assert_eq!(a.buffered().output_room, 0);
+
+        // However large, they go once the connection is quiet.
+        transfer(&a, &b, 1, 4 * KEEP_LARGE_WRITE_BUFFER).await;
+        assert!(a.buffered().output_room > 0, "{:?}", a.buffered());
+        tokio::time::sleep(KEEP_LARGE_FOR + Duration::from_millis(1)).await;
+        assert_eq!(a.buffered().output_room, 0);
+        assert_eq!(a.buffered().output, 0);
     }
 }

@@ -120,7 +120,9 @@ impl Options {
     /// (default 1 MiB), on top of the peer's flow control: the peer's window says what *it*
     /// agrees to buffer, this says what *this side* buffers for it. A peer that announces
     /// a huge window and never reads makes this side hold at most this much plus one
-    /// message. Must be at least 64.
+    /// message. The buffers that held output above 64 KiB are kept for the next while
+    /// such messages go on, and freed once the connection has written nothing above
+    /// 64 KiB for 1 s. Must be at least 64.
     pub fn send_buffer(mut self, bytes: u32) -> Self {
         self.proto.send_buffer = bytes;
         self

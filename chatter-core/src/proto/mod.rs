@@ -767,6 +767,20 @@ impl Protocol {
         self.out.len()
     }
 
+    /// Capacity of the output queue's buffer. [`take_output`](Self::take_output) swaps it
+    /// with an empty `dst`, which then becomes the buffer the next output is queued in.
+    pub fn output_capacity(&self) -> usize {
+        self.out.capacity()
+    }
+
+    /// Frees the output queue's buffer if nothing waits in it, so that a connection gone
+    /// quiet after large messages does not hold it.
+    pub fn free_output_buffer(&mut self) {
+        if self.out.is_empty() {
+            self.out = BytesMut::new();
+        }
+    }
+
     /// Tells the protocol how many bytes of the output it handed out are still waiting to
     /// be written. While output and these add up to
     /// [`Config::send_buffer`], [`send`](Self::send) refuses messages; once they fall
