@@ -29,6 +29,13 @@ pub trait Service: Send + Sync + 'static {
     fn description(&self) -> Option<&'static crate::introspect::InterfaceDescription> {
         None
     }
+
+    /// Adds the shapes of the types [`description`](Self::description) names to `shapes`,
+    /// traced now ([`introspect::describe`](crate::introspect::describe) calls it).
+    #[doc(hidden)]
+    fn __shapes(&self, shapes: &mut crate::introspect::shape::ShapeList) {
+        let _ = shapes;
+    }
 }
 
 /// A boxed, sendable future.
