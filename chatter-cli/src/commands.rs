@@ -1,8 +1,10 @@
 //! The commands: each connects, asks, prints and closes.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chatter_rpc::__private::{ArgError, ArgsWriter, ClientCore, Method};
+use chatter_rpc::introspect::shape::Shape;
 use chatter_rpc::introspect::{
     InterfaceDescription, IntrospectClient, IntrospectError, MethodDescription, MethodKind, OBJECT,
 };
@@ -14,6 +16,7 @@ use crate::connect::ConnectArgs;
 use crate::error::CliError;
 use crate::json::{parse_args, Json};
 use crate::output;
+use crate::shapes;
 
 /// How long introspection calls may take.
 const INTROSPECT_DEADLINE: Duration = Duration::from_secs(10);
@@ -80,6 +83,9 @@ pub(crate) async fn describe(connect: &ConnectArgs, object: &str) -> Result<(), 
             for line in method.docs.lines() {
                 output::line(&format!("      {line}"));
             }
+            for line in shape_lines(method, &description.shapes) {
+                output::line(&format!("      {line}"));
+            }
         }
     }
     peer.close().await;
@@ -96,7 +102,7 @@ pub(crate) async fn call(
     let (object, method) = split_target(target, "METHOD")?;
     let peer = connect.peer(false).await?;
     let described = check_method(&peer, connect, object, method, Use::Call).await?;
-    let values = parse_json_args(args, described.as_ref())?;
+    let values = parse_json_args(args, connect, object, described.as_ref())?;
     let client = ClientCore::new(&peer, object).with_deadline(deadline);
     let reply = client
         .call::<Json, Json, _>(method_ref(method), values.len() as u32, write_args(values))
@@ -132,7 +138,7 @@ pub(crate) async fn watch(
     let (object, method) = split_target(target, "METHOD")?;
     let peer = connect.peer(false).await?;
     let described = check_method(&peer, connect, object, method, Use::Watch).await?;
-    let values = parse_json_args(args, described.as_ref())?;
+    let values = parse_json_args(args, connect, object, described.as_ref())?;
     // The deadline covers opening the stream only (PROTOCOL.md, "Streams").
     let client = ClientCore::new(&peer, object).with_deadline(deadline);
     let opened = client
@@ -203,10 +209,10 @@ pub(crate) async fn emit(
     let (object, method) = split_target(target, "SIGNAL")?;
     let peer = connect.peer(acknowledged).await?;
     let described = check_method(&peer, connect, object, method, Use::Emit).await?;
-    let values = parse_json_args(args, described.as_ref())?;
+    let values = parse_json_args(args, connect, object, described.as_ref())?;
     let declared = described
         .as_ref()
-        .and_then(|m| m.ttl_ms)
+        .and_then(|d| d.method.ttl_ms)
         .map(Duration::from_millis);
     let ttl = ttl.or(declared).unwrap_or(Duration::from_secs(30));
     let client = ClientCore::new(&peer, object).with_ttl(ttl);
@@ -222,9 +228,10 @@ pub(crate) async fn emit(
             .map_err(|e| {
                 let error = CliError::new(format!("{object}.{method}: {e}"));
                 match (&e, &described) {
-                    (AckError::Failed, Some(m)) => {
-                        error.hint(format!("it takes {}; did its handler panic?", signature(m)))
-                    }
+                    (AckError::Failed, Some(d)) => error.hint(format!(
+                        "it takes {}; did its handler panic?",
+                        signature(&d.method)
+                    )),
                     (AckError::Failed, None) => error.hint(
                         "no such object or method, arguments that do not fit, or a handler \
                          that panicked (the receiver does not say which)",
@@ -409,6 +416,57 @@ enum Use {
     Watch,
 }
 
+/// A method as the peer describes it, with the shapes of the types its interface names.
+#[derive(Debug, Clone)]
+struct Described {
+    method: MethodDescription,
+    shapes: BTreeMap<String, Shape>,
+    /// The command that uses it.
+    used: Use,
+}
+
+impl Described {
+    /// The shapes of the arguments that say more than their type names, and a command
+    /// line with JSON that fits them: the hint for arguments that do not fit.
+    fn argument_hint(&self, connect: &ConnectArgs, object: &str) -> Option<String> {
+        let m = &self.method;
+        let mut lines: Vec<String> = m
+            .args
+            .iter()
+            .filter(|a| a.stream.is_none())
+            .filter_map(|a| Some(shapes::lines(&a.name, &a.ty, self.shapes.get(&*a.ty)?)))
+            .flatten()
+            .collect();
+        if lines.is_empty() {
+            return None;
+        }
+        let examples: Option<Vec<String>> = m
+            .args
+            .iter()
+            .filter(|a| a.stream.is_none())
+            .map(|a| {
+                self.shapes
+                    .get(&*a.ty)
+                    .map(|s| shell_quote(&shapes::example(s).to_string()))
+            })
+            .collect();
+        if let Some(examples) = examples {
+            let command = match self.used {
+                Use::Call => "call",
+                Use::Emit => "emit",
+                Use::Watch => "watch",
+            };
+            lines.push(format!(
+                "for example: chatter {command} {} {object}.{} {}",
+                connect.url,
+                m.name,
+                examples.join(" ")
+            ));
+        }
+        Some(lines.join("\n"))
+    }
+}
+
 /// Checks `object.method` against the peer's description, when it has one: the object
 /// and method exist, and the method is what the command `used` handles. Returns the
 /// method's description.
@@ -418,7 +476,7 @@ async fn check_method(
     object: &str,
     method: &str,
     used: Use,
-) -> Result<Option<MethodDescription>, CliError> {
+) -> Result<Option<Described>, CliError> {
     let Some(description) = describe_object(peer, connect, object).await? else {
         return Ok(None);
     };
@@ -435,7 +493,11 @@ async fn check_method(
         )));
     };
     kind_fits(connect, object, found, used)?;
-    Ok(Some(found.clone()))
+    Ok(Some(Described {
+        method: found.clone(),
+        shapes: description.shapes.clone(),
+        used,
+    }))
 }
 
 /// Whether the command `used` can run the method `m`: a clear refusal naming the right
@@ -496,34 +558,85 @@ fn kind_fits(
 /// The command line's JSON arguments, checked against the method's arity when known.
 fn parse_json_args(
     args: &[String],
-    described: Option<&MethodDescription>,
+    connect: &ConnectArgs,
+    object: &str,
+    described: Option<&Described>,
 ) -> Result<Vec<Value>, CliError> {
     let values = parse_args(args, |i| {
         described
-            .and_then(|m| m.args.get(i))
+            .and_then(|d| d.method.args.get(i))
             .map(|a| format!("{}: {}", a.name, a.ty))
     })
-    .map_err(|e| {
-        let error = CliError::new(e);
-        match described {
-            Some(m) => error.hint(format!("it takes {}", signature(m))),
-            None => error,
-        }
-    })?;
-    if let Some(m) = described {
+    .map_err(|e| takes(CliError::new(e), connect, object, described))?;
+    if let Some(d) = described {
+        let m = &d.method;
         if values.len() != m.args.len() {
-            return Err(CliError::new(format!(
+            let error = CliError::new(format!(
                 "`{}` takes {} argument{}, {} given",
                 m.name,
                 m.args.len(),
                 if m.args.len() == 1 { "" } else { "s" },
                 values.len()
-            ))
-            .hint(format!("it takes {}", signature(m)))
-            .hint("give each argument as one JSON value, in order"));
+            ));
+            return Err(takes(error, connect, object, described)
+                .hint("give each argument as one JSON value, in order"));
         }
     }
     Ok(values)
+}
+
+/// `error` with what the method takes, when it is known: its signature, and the shapes of
+/// its arguments with an example.
+fn takes(
+    error: CliError,
+    connect: &ConnectArgs,
+    object: &str,
+    described: Option<&Described>,
+) -> CliError {
+    let Some(d) = described else {
+        return error;
+    };
+    let error = error.hint(format!("it takes {}", signature(&d.method)));
+    match d.argument_hint(connect, object) {
+        Some(hint) => error.hint(hint),
+        None => error,
+    }
+}
+
+/// `text` as one shell word: as it is when it has no special characters, else in single
+/// quotes.
+fn shell_quote(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.,:/+=@".contains(c))
+    {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+/// The shapes of `m`'s arguments, return value and error, where they say more than the
+/// types' names: the lines `chatter describe` prints under a method.
+fn shape_lines(m: &MethodDescription, known: &BTreeMap<String, Shape>) -> Vec<String> {
+    let mut named: Vec<(&str, &str)> = m
+        .args
+        .iter()
+        .map(|a| (&*a.name, a.stream.as_deref().unwrap_or(&a.ty)))
+        .collect();
+    match &m.result_stream {
+        Some(item) => named.push(("items", item)),
+        None => named.push(("returns", &m.returns)),
+    }
+    if let Some(error) = &m.error {
+        named.push(("error", error));
+    }
+    named
+        .into_iter()
+        .filter_map(|(name, ty)| Some(shapes::lines(name, ty, known.get(ty)?)))
+        .flatten()
+        .collect()
 }
 
 /// What a failed call means.
@@ -532,7 +645,7 @@ fn call_failed(
     object: &str,
     method: &str,
     error: CallError<Json>,
-    described: Option<&MethodDescription>,
+    described: Option<&Described>,
     deadline: Duration,
 ) -> CliError {
     let target = format!("{object}.{method}");
@@ -545,7 +658,7 @@ fn call_failed(
                 );
             }
             let kind = described
-                .and_then(|m| m.error.as_deref())
+                .and_then(|d| d.method.error.as_deref())
                 .map_or_else(String::new, |ty| format!(" ({ty})"));
             let mut e = CliError::new(format!("{target} failed{kind}: {remote}"));
             e = e.hint(format!("error value: {}", error.0));
@@ -563,13 +676,12 @@ fn call_failed(
                 connect.url
             ))
         }
-        CallError::BadArguments { what } => {
-            let e = CliError::new(format!("the arguments do not fit {target}: {what}"));
-            match described {
-                Some(m) => e.hint(format!("it takes {}", signature(m))),
-                None => e,
-            }
-        }
+        CallError::BadArguments { what } => takes(
+            CliError::new(format!("the arguments do not fit {target}: {what}")),
+            connect,
+            object,
+            described,
+        ),
         CallError::DeadlineExceeded => {
             CliError::new(format!("{target}: no reply within {deadline:?}"))
                 .hint("--deadline waits longer")
@@ -748,6 +860,57 @@ mod tests {
             signature_line(&log),
             "signal  log(line: String)  [ttl 5s, persistent]"
         );
+    }
+
+    #[test]
+    fn json_examples_are_quoted_for_the_shell_when_needed() {
+        assert_eq!(shell_quote("0.0"), "0.0");
+        assert_eq!(shell_quote("-3"), "-3");
+        assert_eq!(shell_quote(r#""Empty""#), r#"'"Empty"'"#);
+        assert_eq!(shell_quote(r#"{"a":"it's"}"#), r#"'{"a":"it'\''s"}'"#);
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn shape_lines_cover_arguments_streams_returns_and_errors() {
+        use chatter_rpc::__private::{describe_call, describe_stream, describe_stream_arg};
+        use chatter_rpc::introspect::shape::trace;
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Point {
+            x: f64,
+        }
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        enum E {
+            Bad,
+        }
+        let mut known = BTreeMap::new();
+        known.insert("Point".to_owned(), trace::<Point>().expect("traced"));
+        known.insert("E".to_owned(), trace::<E>().expect("traced"));
+        known.insert("u8".to_owned(), Shape::U8);
+        static ARGS: [chatter_rpc::__private::ArgDescription; 2] = [
+            chatter_rpc::__private::describe_arg("p", "Point"),
+            chatter_rpc::__private::describe_arg("n", "u8"),
+        ];
+        let m = describe_call("f", "", &ARGS, "Point", Some("E"), false);
+        assert_eq!(
+            shape_lines(&m, &known),
+            [
+                "p: Point { x: f64 }",
+                "returns: Point { x: f64 }",
+                "error: E = Bad"
+            ]
+        );
+        static UP: [chatter_rpc::__private::ArgDescription; 1] =
+            [describe_stream_arg("points", "Receiver<Point>", "Point")];
+        let up = describe_stream("up", "", &UP, "u8", None, false, Some("Point"));
+        assert_eq!(
+            shape_lines(&up, &known),
+            ["points: Point { x: f64 }", "items: Point { x: f64 }"]
+        );
+        // A peer without shapes: nothing.
+        assert!(shape_lines(&m, &BTreeMap::new()).is_empty());
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod connect;
 mod error;
 mod json;
 mod output;
+mod shapes;
 
 use connect::ConnectArgs;
 use error::CliError;
@@ -34,8 +35,8 @@ methods, watch their streams and send signals with JSON arguments, ping it, read
 const AFTER_HELP: &str = "\
 URLs are chatter addresses: tcp://HOST:PORT, tls://HOST:PORT or unix:///PATH.
 
-Output is a table or pretty JSON on a terminal, one JSON value per line when piped (or with
---json). Exit status: 0 on success, 1 on an error (local or remote), 2 for a bad command line.
+Output is a table or pretty JSON on a terminal (or with --pretty), one JSON value per line
+when piped (or with --json). Exit status: 0 on success, 1 on an error (local or remote), 2 for a bad command line.
 
 Examples:
   chatter list tcp://127.0.0.1:7000
@@ -64,9 +65,18 @@ enum Command {
         connect: ConnectArgs,
     },
     /// Describe an object: its methods with argument names and types, and their docs.
-    #[command(after_help = "Examples:
+    #[command(
+        after_help = "Under each method, the shapes of its argument, return and error types when they
+say more than the type's name: `p: Point { x: f64, y: f64 }`, `figure: Figure =
+Circle { r: f64 } | Square(f64) | Empty`. A struct is written in JSON as an object
+keyed by field name, a unit variant as \"Empty\", another variant as {\"Square\": 2.0}.
+With --json, the description's \"shapes\" map gives each type's shape in full.
+
+Examples:
   chatter describe tcp://127.0.0.1:7000 calc
-  chatter describe tcp://127.0.0.1:7000 chatter.introspect")]
+  chatter describe tcp://127.0.0.1:7000 calc --json | jq .shapes
+  chatter describe tcp://127.0.0.1:7000 chatter.introspect"
+    )]
     Describe {
         #[command(flatten)]
         connect: ConnectArgs,

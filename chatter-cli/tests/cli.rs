@@ -30,6 +30,13 @@ pub struct Point {
     y: i64,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Figure {
+    Circle { r: f64 },
+    Square(f64),
+    Empty,
+}
+
 /// A calculator.
 #[remote]
 pub trait Calc {
@@ -46,6 +53,8 @@ pub trait Calc {
     async fn log(&self, line: String);
     /// How many lines arrived.
     async fn logged(&self) -> u64;
+    /// The area of a figure (a circle's is 3 r², roughly), times `scale`.
+    async fn area(&self, figure: Figure, scale: f64) -> f64;
 }
 
 struct Calculator {
@@ -70,6 +79,14 @@ impl Calc for Calculator {
     }
     async fn logged(&self) -> u64 {
         self.logged.load(Ordering::SeqCst)
+    }
+    async fn area(&self, figure: Figure, scale: f64) -> f64 {
+        scale
+            * match figure {
+                Figure::Circle { r } => 3.0 * r * r,
+                Figure::Square(side) => side * side,
+                Figure::Empty => 0.0,
+            }
     }
 }
 
@@ -314,7 +331,7 @@ fn list_shows_the_objects_and_their_methods() {
     assert_eq!(
         objects[0],
         json!({"object": "calc", "interface": "Calc",
-               "methods": ["add", "div", "mirror", "sleep", "log", "logged"]})
+               "methods": ["add", "div", "mirror", "sleep", "log", "logged", "area"]})
     );
     assert_eq!(objects[1]["object"], "chatter.introspect");
     // Stream methods are named as such.
@@ -360,6 +377,106 @@ fn describe_gives_arguments_types_and_docs() {
 }
 
 #[test]
+fn describe_shows_the_shapes_of_structs_and_enums() {
+    let s = servers();
+    let calc = &ok(&["describe", &s.tcp, "calc"])[0];
+    let shapes = &calc["shapes"];
+    assert_eq!(
+        shapes["Point"],
+        json!({"kind": "struct", "name": "Point", "content": {"kind": "struct", "fields": [
+            {"name": "x", "shape": {"kind": "i64"}},
+            {"name": "y", "shape": {"kind": "i64"}}]}})
+    );
+    assert_eq!(
+        shapes["Figure"]["variants"],
+        json!([
+            {"name": "Circle", "content": {"kind": "struct", "fields": [
+                {"name": "r", "shape": {"kind": "f64"}}]}},
+            {"name": "Square", "content": {"kind": "newtype", "item": {"kind": "f64"}}},
+            {"name": "Empty", "content": {"kind": "unit"}}])
+    );
+    assert_eq!(shapes["i64"], json!({"kind": "i64"}));
+    assert_eq!(shapes["CalcError"]["kind"], "enum");
+
+    // For a person: under each method, the shapes that say more than the type names.
+    let out = chatter(&["describe", &s.tcp, "calc", "--pretty"]);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stderr}");
+    for line in [
+        "  call    area(figure: Figure, scale: f64) -> f64\n      \
+         The area of a figure (a circle's is 3 r², roughly), times `scale`.\n      \
+         figure: Figure = Circle { r: f64 } | Square(f64) | Empty\n",
+        "      p: Point { x: i64, y: i64 }\n      returns: Point { x: i64, y: i64 }\n",
+        "      error: CalcError = DivisionByZero\n",
+    ] {
+        assert!(stdout.contains(line), "{line}\nnot in:\n{stdout}");
+    }
+    // `add(a: i64, b: i64)`: nothing to add.
+    assert!(
+        stdout.contains("  call    add(a: i64, b: i64) -> i64\n      Adds two numbers.\n\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn arguments_that_do_not_fit_show_the_shape_expected() {
+    let s = servers();
+    let figure = "figure: Figure = Circle { r: f64 } | Square(f64) | Empty";
+    let example = r#"calc.area '{"Circle":{"r":0.0}}' 0.0"#;
+    // The callee refuses a variant it does not have: the shape and a call that fits.
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.area", r#"{"Triangle": 1}"#, "2"]);
+    assert!(
+        stderr.contains("the arguments do not fit calc.area"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(figure), "{stderr}");
+    assert!(
+        stderr.contains(&format!("for example: chatter call {} {example}", s.tcp)),
+        "{stderr}"
+    );
+    // The example fits, and so does each kind of variant.
+    assert_eq!(
+        ok(&[
+            "call",
+            &s.tcp,
+            "calc.area",
+            r#"{"Circle":{"r":0.0}}"#,
+            "0.0"
+        ]),
+        [json!(0.0)]
+    );
+    assert_eq!(
+        ok(&["call", &s.tcp, "calc.area", r#"{"Circle": {"r": 2}}"#, "1"]),
+        [json!(12.0)]
+    );
+    assert_eq!(
+        ok(&["call", &s.tcp, "calc.area", r#"{"Square": 3}"#, "2"]),
+        [json!(18.0)]
+    );
+    assert_eq!(
+        ok(&["call", &s.tcp, "calc.area", r#""Empty""#, "2"]),
+        [json!(0.0)]
+    );
+    // A struct without one of its fields.
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.mirror", r#"{"x": 1}"#]);
+    assert!(stderr.contains("p: Point { x: i64, y: i64 }"), "{stderr}");
+    assert!(
+        stderr.contains(r#"calc.mirror '{"x":0,"y":0}'"#),
+        "{stderr}"
+    );
+    // Too few arguments, and one that is not JSON: the shapes as well.
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.area", r#""Empty""#]);
+    assert!(stderr.contains("takes 2 arguments, 1 given"), "{stderr}");
+    assert!(stderr.contains(figure), "{stderr}");
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.area", "Empty", "1"]);
+    assert!(stderr.contains("is not JSON"), "{stderr}");
+    assert!(stderr.contains(figure), "{stderr}");
+    // Plain arguments have no shape to add.
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.add", "1", r#""two""#]);
+    assert!(!stderr.contains("for example"), "{stderr}");
+}
+
+#[test]
 fn call_translates_json_both_ways() {
     let s = servers();
     assert_eq!(ok(&["call", &s.tcp, "calc.add", "2", "3"]), [json!(5)]);
@@ -392,7 +509,7 @@ fn mistakes_are_explained() {
     let (stderr, _) = fails(&["call", &s.tcp, "calc.sub", "1", "2"]);
     assert!(stderr.contains("has no method `sub`"), "{stderr}");
     assert!(
-        stderr.contains("add, div, mirror, sleep, log, logged"),
+        stderr.contains("add, div, mirror, sleep, log, logged, area"),
         "{stderr}"
     );
 
