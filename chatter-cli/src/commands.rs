@@ -17,6 +17,7 @@ use crate::error::CliError;
 use crate::json::{parse_args, Json};
 use crate::output;
 use crate::shapes;
+use crate::stdin::StdinFeed;
 
 /// How long introspection calls may take.
 const INTROSPECT_DEADLINE: Duration = Duration::from_secs(10);
@@ -92,21 +93,40 @@ pub(crate) async fn describe(connect: &ConnectArgs, object: &str) -> Result<(), 
     Ok(())
 }
 
-/// `chatter call URL OBJECT.METHOD ARGS... --deadline D`.
+/// `chatter call URL OBJECT.METHOD ARGS... --deadline D [--stdin]`.
 pub(crate) async fn call(
     connect: &ConnectArgs,
     target: &str,
     args: &[String],
     deadline: Duration,
+    stdin: bool,
 ) -> Result<(), CliError> {
     let (object, method) = split_target(target, "METHOD")?;
     let peer = connect.peer(false).await?;
-    let described = check_method(&peer, connect, object, method, Use::Call).await?;
+    let described = check_method(&peer, connect, object, method, Use::Call, stdin).await?;
     let values = parse_json_args(args, connect, object, described.as_ref())?;
     let client = ClientCore::new(&peer, object).with_deadline(deadline);
-    let reply = client
-        .call::<Json, Json, _>(method_ref(method), values.len() as u32, write_args(values))
-        .await;
+    let (count, args) = (values.len() as u32, write_args(values));
+    let reply = if stdin {
+        let (mut feed, input) = StdinFeed::start();
+        let reply =
+            client.call_input::<Json, Json, _, Value>(method_ref(method), count, args, input);
+        tokio::select! {
+            reply = reply => reply,
+            (error, held) = feed.failed() => {
+                // The call's future is gone (which cancels the call), and the connection
+                // closes before the stream's sender goes: the callee sees the call fail,
+                // never a stream that ended normally.
+                peer.close().await;
+                drop(held);
+                return Err(error);
+            }
+        }
+    } else {
+        client
+            .call::<Json, Json, _>(method_ref(method), count, args)
+            .await
+    };
     let result = match reply {
         Ok(Json(value)) => {
             output::value(&value, connect.json_output());
@@ -125,30 +145,60 @@ pub(crate) async fn call(
     result
 }
 
-/// `chatter watch URL OBJECT.METHOD ARGS... --deadline D --idle-timeout T --count N`: the
-/// items of a method returning a stream, one JSON value each.
+/// The options of `chatter watch`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Watch {
+    /// `--deadline`: how long opening the stream may take.
+    pub(crate) deadline: Duration,
+    /// `--idle-timeout`: how long to wait for each item.
+    pub(crate) idle_timeout: Option<Duration>,
+    /// `--count`: stop after this many items.
+    pub(crate) count: Option<u64>,
+    /// `--stdin`: send stdin's JSON lines as the argument stream.
+    pub(crate) stdin: bool,
+}
+
+/// `chatter watch URL OBJECT.METHOD ARGS... --deadline D --idle-timeout T --count N
+/// [--stdin]`: the items of a method returning a stream, one JSON value each.
 pub(crate) async fn watch(
     connect: &ConnectArgs,
     target: &str,
     args: &[String],
-    deadline: Duration,
-    idle_timeout: Option<Duration>,
-    count: Option<u64>,
+    options: Watch,
 ) -> Result<(), CliError> {
+    let Watch {
+        deadline,
+        idle_timeout,
+        count,
+        stdin,
+    } = options;
     let (object, method) = split_target(target, "METHOD")?;
     let peer = connect.peer(false).await?;
-    let described = check_method(&peer, connect, object, method, Use::Watch).await?;
+    let described = check_method(&peer, connect, object, method, Use::Watch, stdin).await?;
     let values = parse_json_args(args, connect, object, described.as_ref())?;
     // The deadline covers opening the stream only (PROTOCOL.md, "Streams").
     let client = ClientCore::new(&peer, object).with_deadline(deadline);
-    let opened = client
-        .call_stream::<Json, Json, _, ()>(
-            method_ref(method),
-            values.len() as u32,
-            write_args(values),
-            None,
-        )
-        .await;
+    let (mut feed, input) = match stdin {
+        true => {
+            let (feed, input) = StdinFeed::start();
+            (Some(feed), Some(input))
+        }
+        false => (None, None),
+    };
+    let opened = client.call_stream::<Json, Json, _, Value>(
+        method_ref(method),
+        values.len() as u32,
+        write_args(values),
+        input,
+    );
+    let opened = tokio::select! {
+        opened = opened => opened,
+        (error, held) = feed_failed(&mut feed) => {
+            peer.close().await;
+            drop(held);
+            return Err(error);
+        }
+    };
     let mut stream = match opened {
         Ok(stream) => stream,
         Err(CallError::BadReply { what }) if what.contains("not a stream") => {
@@ -176,7 +226,16 @@ pub(crate) async fn watch(
             drop(stream);
             break Ok(());
         }
-        match stream.recv().await {
+        let next = tokio::select! {
+            next = stream.recv() => next,
+            (error, held) = feed_failed(&mut feed) => {
+                drop(stream);
+                peer.close().await;
+                drop(held);
+                return Err(error);
+            }
+        };
+        match next {
             Some(Ok(Json(item))) => {
                 output::value(&item, json);
                 seen += 1;
@@ -198,6 +257,16 @@ pub(crate) async fn watch(
     result
 }
 
+/// [`StdinFeed::failed`] of `feed`; never resolves without one.
+async fn feed_failed(
+    feed: &mut Option<StdinFeed>,
+) -> (CliError, Option<chatter_rpc::stream::Sender<Value>>) {
+    match feed {
+        Some(feed) => feed.failed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// `chatter emit URL OBJECT.SIGNAL ARGS... --ttl T`.
 pub(crate) async fn emit(
     connect: &ConnectArgs,
@@ -208,7 +277,7 @@ pub(crate) async fn emit(
 ) -> Result<(), CliError> {
     let (object, method) = split_target(target, "SIGNAL")?;
     let peer = connect.peer(acknowledged).await?;
-    let described = check_method(&peer, connect, object, method, Use::Emit).await?;
+    let described = check_method(&peer, connect, object, method, Use::Emit, false).await?;
     let values = parse_json_args(args, connect, object, described.as_ref())?;
     let declared = described
         .as_ref()
@@ -468,14 +537,15 @@ impl Described {
 }
 
 /// Checks `object.method` against the peer's description, when it has one: the object
-/// and method exist, and the method is what the command `used` handles. Returns the
-/// method's description.
+/// and method exist, and the method is what the command `used` handles (with an argument
+/// stream from stdin if `stdin`). Returns the method's description.
 async fn check_method(
     peer: &Peer,
     connect: &ConnectArgs,
     object: &str,
     method: &str,
     used: Use,
+    stdin: bool,
 ) -> Result<Option<Described>, CliError> {
     let Some(description) = describe_object(peer, connect, object).await? else {
         return Ok(None);
@@ -492,7 +562,7 @@ async fn check_method(
             connect.url
         )));
     };
-    kind_fits(connect, object, found, used)?;
+    kind_fits(connect, object, found, used, stdin)?;
     Ok(Some(Described {
         method: found.clone(),
         shapes: description.shapes.clone(),
@@ -500,29 +570,54 @@ async fn check_method(
     }))
 }
 
-/// Whether the command `used` can run the method `m`: a clear refusal naming the right
-/// command when not.
+/// Whether the command `used` can run the method `m` (with an argument stream from stdin
+/// if `stdin`): a clear refusal naming the right command or option when not.
 fn kind_fits(
     connect: &ConnectArgs,
     object: &str,
     m: &MethodDescription,
     used: Use,
+    stdin: bool,
 ) -> Result<(), CliError> {
     let target = format!("{object}.{}", m.name);
     let url = &connect.url;
-    if let Some((arg, item)) = m
+    let input = m
         .args
         .iter()
-        .find_map(|a| a.stream.as_deref().map(|item| (&a.name, item)))
-    {
-        return Err(CliError::new(format!(
-            "`{target}` takes a stream of {item} as its argument `{arg}`: the chatter \
-             command-line tool cannot send argument streams, so it cannot call it"
-        ))
-        .hint(format!("it takes {}", signature(m)))
-        .hint("call it from a program (its generated client takes a stream::Receiver)"));
+        .find_map(|a| a.stream.as_deref().map(|item| (&a.name, item)));
+    let command = if m.result_stream.is_some() {
+        "watch"
+    } else {
+        "call"
+    };
+    match (input, stdin) {
+        (Some((arg, item)), false) => {
+            return Err(CliError::new(format!(
+                "`{target}` takes a stream of {item} as its argument `{arg}`"
+            ))
+            .hint(format!("it takes {}", signature(m)))
+            .hint(format!(
+                "give the stream's items on stdin, one JSON value per line, with --stdin: \
+                 ... | chatter {command} {url} {target} ... --stdin"
+            )));
+        }
+        (None, true) if used != Use::Emit => {
+            return Err(CliError::new(format!(
+                "`{target}` takes no argument stream: --stdin is for methods that do"
+            ))
+            .hint(format!("it takes {}", signature(m))));
+        }
+        _ => {}
     }
     match (used, m.kind) {
+        // Only an argument stream: one reply.
+        (Use::Call, MethodKind::Stream) if m.result_stream.is_none() => Ok(()),
+        (Use::Watch, MethodKind::Stream) if m.result_stream.is_none() => Err(CliError::new(
+            format!("`{target}` returns one value, not a stream"),
+        )
+        .hint(format!(
+            "call it with `chatter call {url} {target} ... --stdin`"
+        ))),
         (Use::Call, MethodKind::Signal) => Err(CliError::new(format!(
             "`{target}` is a signal: it has no reply"
         ))
@@ -562,20 +657,32 @@ fn parse_json_args(
     object: &str,
     described: Option<&Described>,
 ) -> Result<Vec<Value>, CliError> {
+    // The argument stream, if any, is not among the arguments on the command line.
+    let plain: Vec<_> = described
+        .map(|d| {
+            d.method
+                .args
+                .iter()
+                .filter(|a| a.stream.is_none())
+                .collect()
+        })
+        .unwrap_or_default();
     let values = parse_args(args, |i| {
-        described
-            .and_then(|d| d.method.args.get(i))
-            .map(|a| format!("{}: {}", a.name, a.ty))
+        plain.get(i).map(|a| format!("{}: {}", a.name, a.ty))
     })
     .map_err(|e| takes(CliError::new(e), connect, object, described))?;
     if let Some(d) = described {
-        let m = &d.method;
-        if values.len() != m.args.len() {
+        if values.len() != plain.len() {
             let error = CliError::new(format!(
-                "`{}` takes {} argument{}, {} given",
-                m.name,
-                m.args.len(),
-                if m.args.len() == 1 { "" } else { "s" },
+                "`{}` takes {} argument{}{}, {} given",
+                d.method.name,
+                plain.len(),
+                if plain.len() == 1 { "" } else { "s" },
+                if plain.len() < d.method.args.len() {
+                    " besides its argument stream"
+                } else {
+                    ""
+                },
                 values.len()
             ));
             return Err(takes(error, connect, object, described)

@@ -25,6 +25,7 @@ mod error;
 mod json;
 mod output;
 mod shapes;
+mod stdin;
 
 use connect::ConnectArgs;
 use error::CliError;
@@ -89,10 +90,14 @@ Examples:
 strings in double quotes (quote them for the shell too), structs as objects, enums
 as \"Variant\" or {\"Variant\": ...}. `chatter describe` shows what a method takes.
 
+A method that takes an argument stream gets its items from stdin with --stdin, one JSON
+value per line; the end of stdin ends the stream.
+
 Examples:
   chatter call tcp://127.0.0.1:7000 calc.add 2 3
   chatter call tcp://127.0.0.1:7000 users.find '\"ada\"' '{\"active\": true}'
-  chatter call tcp://127.0.0.1:7000 calc.slow_square 4 2000 --deadline 500ms"
+  chatter call tcp://127.0.0.1:7000 calc.slow_square 4 2000 --deadline 500ms
+  seq 1 100 | chatter call tcp://127.0.0.1:7000 stats.sum --stdin"
     )]
     Call {
         #[command(flatten)]
@@ -105,6 +110,9 @@ Examples:
         /// How long to wait for the reply: 500ms, 30s, 2m (a number alone is seconds).
         #[arg(long, value_name = "TIME", default_value = "30s", value_parser = connect::parse_duration)]
         deadline: std::time::Duration,
+        /// Send stdin, one JSON value per line, as the method's argument stream.
+        #[arg(long)]
+        stdin: bool,
     },
     /// Send a signal (a one-way method) with JSON arguments.
     #[command(
@@ -138,6 +146,8 @@ Examples:
 after --count items, which cancels the stream on the server), 1 when it fails.
 --deadline covers opening the stream only; --idle-timeout bounds the wait for each item.
 
+With --stdin, stdin's lines (one JSON value each) are the method's argument stream.
+
 Examples:
   chatter watch tcp://127.0.0.1:7000 sensors.readings '\"kitchen\"'
   chatter watch tcp://127.0.0.1:7000 sensors.readings '\"kitchen\"' --count 10 --idle-timeout 5s"
@@ -160,6 +170,9 @@ Examples:
         /// Stop after N items (the stream is cancelled on the server).
         #[arg(short, long, value_name = "N")]
         count: Option<u64>,
+        /// Send stdin, one JSON value per line, as the method's argument stream.
+        #[arg(long)]
+        stdin: bool,
     },
     /// Subscribe to a broker's topics: one JSON line per message (needs the broker: not in
     /// this build).
@@ -232,7 +245,8 @@ async fn run(command: Command) -> Result<(), CliError> {
             target,
             args,
             deadline,
-        } => commands::call(&connect, &target, &args, deadline).await,
+            stdin,
+        } => commands::call(&connect, &target, &args, deadline, stdin).await,
         Command::Emit {
             connect,
             target,
@@ -247,7 +261,16 @@ async fn run(command: Command) -> Result<(), CliError> {
             deadline,
             idle_timeout,
             count,
-        } => commands::watch(&connect, &target, &args, deadline, idle_timeout, count).await,
+            stdin,
+        } => {
+            let watch = commands::Watch {
+                deadline,
+                idle_timeout,
+                count,
+                stdin,
+            };
+            commands::watch(&connect, &target, &args, watch).await
+        }
         Command::Subscribe { .. } => Err(CliError::new(
             "`chatter subscribe` needs the pub/sub broker (issue 18), which this build of \
              chatter does not have",

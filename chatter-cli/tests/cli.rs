@@ -7,7 +7,7 @@ use std::fmt::Debug;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -111,10 +111,43 @@ pub trait Feeds {
     async fn silent(&self) -> Receiver<u64>;
     /// Sums an argument stream.
     async fn sum(&self, items: Receiver<u64>) -> u64;
+    /// Each item of an argument stream, doubled.
+    async fn doubled(&self, items: Receiver<i64>) -> Receiver<i64>;
+    /// Sums an argument stream, telling the tests how it went (`Tally`).
+    async fn tally(&self, items: Receiver<u64>) -> u64;
+}
+
+/// What the tests see of `Feeds::tally`: the items it read and how its stream ended.
+#[derive(Default)]
+struct Tally {
+    seen: AtomicU64,
+    /// "ended" (normally), "failed", or "dropped" (the handler was cancelled).
+    outcome: std::sync::Mutex<Option<&'static str>>,
+}
+
+impl Tally {
+    fn end(&self, how: &'static str) {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        outcome.get_or_insert(how);
+    }
+
+    fn outcome(&self) -> Option<&'static str> {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Records "dropped" unless the tally ended first.
+struct TallyGuard(Arc<Tally>);
+
+impl Drop for TallyGuard {
+    fn drop(&mut self) {
+        self.0.end("dropped");
+    }
 }
 
 struct FeedServer {
     cancelled: Arc<AtomicU64>,
+    tally: Arc<Tally>,
 }
 
 impl Feeds for FeedServer {
@@ -167,6 +200,38 @@ impl Feeds for FeedServer {
         }
         sum
     }
+    async fn doubled(&self, mut items: Receiver<i64>) -> Receiver<i64> {
+        let (tx, rx) = channel(4);
+        tokio::spawn(async move {
+            while let Some(Ok(item)) = items.recv().await {
+                if tx.send(item * 2).await.is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+    async fn tally(&self, mut items: Receiver<u64>) -> u64 {
+        let guard = TallyGuard(self.tally.clone());
+        let mut sum = 0;
+        loop {
+            match items.recv().await {
+                Some(Ok(item)) => {
+                    sum += item;
+                    guard.0.seen.fetch_add(1, Ordering::SeqCst);
+                }
+                Some(Err(_)) => {
+                    guard.0.end("failed");
+                    break;
+                }
+                None => {
+                    guard.0.end("ended");
+                    break;
+                }
+            }
+        }
+        sum
+    }
 }
 
 /// The servers every test talks to, started once.
@@ -175,6 +240,7 @@ struct Servers {
     unix: String,
     tls: String,
     no_introspection: String,
+    tally: Arc<Tally>,
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -192,6 +258,7 @@ fn servers() -> &'static Servers {
             .expect("runtime");
         let logged = Arc::new(AtomicU64::new(0));
         let cancelled = Arc::new(AtomicU64::new(0));
+        let tally = Arc::new(Tally::default());
         let pki = tests::pki();
         let dir = std::env::temp_dir().join(format!("chatter-cli-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -228,6 +295,7 @@ fn servers() -> &'static Servers {
                 let listener = listen(address, options).await.expect("listen");
                 let logged = logged.clone();
                 let cancelled = cancelled.clone();
+                let tally = tally.clone();
                 let options = PeerOptions::default().introspection(introspection);
                 let server = serve(listener, options, move |peer: &Peer| {
                     let calc = Calculator {
@@ -236,6 +304,7 @@ fn servers() -> &'static Servers {
                     peer.register("calc", CalcServer::new(calc));
                     let feeds = FeedServer {
                         cancelled: cancelled.clone(),
+                        tally: tally.clone(),
                     };
                     peer.register("feeds", FeedsServer::new(feeds));
                 });
@@ -250,6 +319,7 @@ fn servers() -> &'static Servers {
             unix: addresses[1].clone(),
             tls,
             no_introspection: addresses[3].clone(),
+            tally,
             ca,
             cert,
             key,
@@ -264,6 +334,32 @@ fn chatter<S: AsRef<OsStr>>(args: &[S]) -> Output {
         .args(args)
         .output()
         .expect("run chatter")
+}
+
+/// Runs `chatter args` with `input` on its stdin.
+fn chatter_with_stdin<S: AsRef<OsStr>>(args: &[S], input: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatter"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run chatter");
+    if let Some(mut stdin) = child.stdin.take() {
+        // It may exit before reading it all (a line that is not JSON).
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    child.wait_with_output().expect("run chatter")
+}
+
+/// The JSON lines of a successful run's stdout.
+fn json_lines(out: &Output) -> Vec<Value> {
+    let (stdout, stderr) = texts(out);
+    assert!(out.status.success(), "failed:\n{stderr}\n{stdout}");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
 }
 
 /// Runs `chatter args` and expects success: its stdout lines as JSON.
@@ -338,7 +434,7 @@ fn list_shows_the_objects_and_their_methods() {
     assert_eq!(objects[2]["object"], "feeds");
     assert_eq!(
         objects[2]["streams"],
-        json!(["numbers", "endless", "open", "silent", "sum"])
+        json!(["numbers", "endless", "open", "silent", "sum", "doubled", "tally"])
     );
     // Over a Unix socket as well.
     assert_eq!(ok(&["list", &s.unix]).len(), 3);
@@ -708,19 +804,87 @@ fn the_wrong_command_for_a_method_names_the_right_one() {
     assert!(stderr.contains("chatter call"), "{stderr}");
     let (stderr, _) = fails(&["watch", &s.tcp, "calc.log", "\"x\""]);
     assert!(stderr.contains("chatter emit"), "{stderr}");
-    // Argument streams: not from the command line.
+    // Argument streams: from stdin, and only with --stdin.
     for command in ["call", "watch"] {
         let (stderr, _) = fails(&[command, &s.tcp, "feeds.sum"]);
         assert!(
-            stderr.contains("cannot send argument streams"),
+            stderr.contains("takes a stream of u64 as its argument `items`"),
             "{command}: {stderr}"
         );
+        assert!(stderr.contains("--stdin"), "{command}: {stderr}");
     }
+    let (stderr, _) = fails(&["watch", &s.tcp, "feeds.sum", "--stdin"]);
+    assert!(stderr.contains("returns one value"), "{stderr}");
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.add", "1", "2", "--stdin"]);
+    assert!(stderr.contains("takes no argument stream"), "{stderr}");
     // Without introspection the peer's answer says it.
     let (stderr, _) = fails(&["watch", &s.no_introspection, "calc.add", "1", "2"]);
     assert!(stderr.contains("chatter call"), "{stderr}");
     let (stderr, _) = fails(&["call", &s.no_introspection, "feeds.numbers", "3"]);
     assert!(stderr.contains("chatter watch"), "{stderr}");
+}
+
+#[test]
+fn stdin_lines_are_an_argument_stream() {
+    let s = servers();
+    let sum = |input: &str| {
+        json_lines(&chatter_with_stdin(
+            &["call", &s.tcp, "feeds.sum", "--stdin"],
+            input,
+        ))
+    };
+    assert_eq!(sum("1\n2\n\n39\n"), [json!(42)]);
+    assert_eq!(sum(""), [json!(0)]);
+    // Over a Unix socket, and with a method that streams back.
+    assert_eq!(
+        json_lines(&chatter_with_stdin(
+            &["call", &s.unix, "feeds.sum", "--stdin"],
+            "5\n"
+        )),
+        [json!(5)]
+    );
+    let doubled = chatter_with_stdin(&["watch", &s.tcp, "feeds.doubled", "--stdin"], "1\n-2\n3\n");
+    assert_eq!(json_lines(&doubled), [json!(2), json!(-4), json!(6)]);
+}
+
+#[test]
+fn a_bad_stdin_line_fails_the_call_instead_of_ending_the_stream() {
+    let s = servers();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatter"))
+        .args(["call", &s.tcp, "feeds.tally", "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run chatter");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"1\n2\n").expect("write");
+    stdin.flush().expect("flush");
+    // The callee has read both items: its handler runs, reading its argument stream.
+    wait_until("the callee reads two items", || {
+        s.tally.seen.load(Ordering::SeqCst) >= 2
+    });
+    stdin.write_all(b"three\n4\n").expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().expect("run chatter");
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}\n{stdout}");
+    assert!(stderr.contains("stdin line 3 is not JSON"), "{stderr}");
+    assert!(stderr.contains("cancelled after 2 items"), "{stderr}");
+    assert!(stdout.is_empty(), "no reply printed: {stdout}");
+    // The callee's stream failed (or its handler was dropped): it did not end normally,
+    // which would have made the callee act on a cut input (here, reply with 3).
+    wait_until("the callee's stream to end", || s.tally.outcome().is_some());
+    assert_ne!(s.tally.outcome(), Some("ended"));
+}
+
+/// Polls `done` (the callee runs in this process) for up to 10 s.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]
