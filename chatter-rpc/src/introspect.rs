@@ -3,8 +3,8 @@
 //! `#[remote]` records a static [`InterfaceDescription`] of each trait (its name, doc
 //! comments and methods: calls and signals, argument names and types, return and error
 //! types), which the generated `{Trait}Server` gives through
-//! [`Service::description`](crate::Service::description), and [`describe`] completes
-//! with the [`Shape`](shape::Shape) of each type, traced when asked. Every [`Peer`](crate::Peer)
+//! [`Service::description`], and [`describe`] completes
+//! with the [`Shape`] of each type, traced when asked. Every [`Peer`](crate::Peer)
 //! serves the built-in object [`OBJECT`] (`chatter.introspect`, an [`Introspect`], made on
 //! first use: no cost to a peer until then) unless
 //! [`PeerOptions::introspection`](crate::PeerOptions::introspection) turns it off (an
@@ -59,7 +59,7 @@
 //! `Deserialize` every argument type already has needs nothing more and describes the
 //! wire exactly. Its limit: types whose `Deserialize` validates or decides by what arrives
 //! (untagged enums, `flatten`) cannot be traced and are described by name alone
-//! ([`Shape::Opaque`](shape::Shape::Opaque)). Shapes are traced when the introspection
+//! ([`Shape::Opaque`]). Shapes are traced when the introspection
 //! object is asked for a description, not before: a peer that is never asked pays nothing
 //! for them.
 //!
@@ -235,7 +235,7 @@ pub struct ArgDescription {
 pub struct ObjectSummary {
     /// The name the object is registered under.
     pub object: String,
-    /// Its trait's name; `None` for a [`Service`](crate::Service) without a description.
+    /// Its trait's name; `None` for a [`Service`] without a description.
     #[serde(default)]
     pub interface: Option<String>,
     /// Its methods' names, in declaration order (empty without a description).
@@ -269,7 +269,7 @@ pub enum IntrospectError {
         /// The names this peer serves, sorted.
         known: Vec<String>,
     },
-    /// The object is a hand-written [`Service`](crate::Service) without a description.
+    /// The object is a hand-written [`Service`] without a description.
     #[error("object `{object}` has no description (not made by #[remote])")]
     NotDescribed {
         /// The name asked for.
