@@ -102,11 +102,11 @@ fn returns_and_error(m: &Method) -> (String, Option<String>) {
     }
 }
 
-/// `fn __shapes(&self, shapes)` of the server's `Service` impl: adds the shape of each
-/// type the description names (keyed by the name it has there), traced when called. Each
-/// type goes through a `ShapeProbe`, which picks the tracer for a `DeserializeOwned` type
-/// and nothing for another: a type that cannot be received is reported once, where it is
-/// received, and not again here.
+/// `fn __shapes(&self)` of the server's `Service` impl: the shape of each type the
+/// description names (keyed by the name it has there), traced on the first call and kept
+/// in a `static` (per trait, not per peer). Each type goes through a `ShapeProbe`, which
+/// picks the tracer for a `DeserializeOwned` type and nothing for another: a type that
+/// cannot be received is reported once, where it is received, and not again here.
 pub(crate) fn shapes_fn(tr: &Trait) -> TokenStream {
     let krate = &tr.krate;
     let p = quote!(#krate::__private);
@@ -125,10 +125,13 @@ pub(crate) fn shapes_fn(tr: &Trait) -> TokenStream {
         })
         .collect();
     quote! {
-        fn __shapes(&self, __shapes: &mut #p::ShapeList) {
-            #[allow(unused_imports)]
-            use #p::{ProbeTraced as _, ProbeUntraced as _};
-            #(#adds)*
+        fn __shapes(&self) -> #p::Option<&'static #p::ShapeList> {
+            static __SHAPES: #p::ShapeCache = #p::ShapeCache::new();
+            #p::Some(__SHAPES.get_or_trace(|__shapes| {
+                #[allow(unused_imports)]
+                use #p::{ProbeTraced as _, ProbeUntraced as _};
+                #(#adds)*
+            }))
         }
     }
 }

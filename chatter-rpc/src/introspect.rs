@@ -60,8 +60,9 @@
 //! wire exactly. Its limit: types whose `Deserialize` validates or decides by what arrives
 //! (untagged enums, `flatten`) cannot be traced and are described by name alone
 //! ([`Shape::Opaque`]). Shapes are traced when the introspection
-//! object is asked for a description, not before: a peer that is never asked pays nothing
-//! for them.
+//! object is first asked for a description of a trait, not before, and then kept for the
+//! process (one copy per trait, in a `static` of the generated server): a peer pays
+//! nothing for them.
 //!
 //! ```
 //! use chatter_rpc::introspect::{describe, shape::{Content, Shape}};
@@ -100,7 +101,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::peer::PeerState;
 use crate::{remote, Service};
-use shape::{Shape, ShapeList};
+use shape::Shape;
 
 /// The name under which every peer serves its [`Introspect`] object (unless
 /// [`PeerOptions::introspection`](crate::PeerOptions::introspection) is off).
@@ -141,13 +142,14 @@ impl InterfaceDescription {
 /// types traced (what the introspection object answers); `None` for a service without a
 /// description.
 ///
-/// Tracing runs each type's `Deserialize` a few times over sample values: cheap, but done
-/// on every call, so keep the result rather than calling this per request.
+/// The shapes are traced on the first call for a trait (running each type's `Deserialize`
+/// a few times over sample values, within bounds) and kept for the process's lifetime in a
+/// `static` of the generated server: per trait, not per peer, and nothing until asked.
 pub fn describe(service: &dyn Service) -> Option<InterfaceDescription> {
     let mut description = service.description()?.clone();
-    let mut shapes = ShapeList::default();
-    service.__shapes(&mut shapes);
-    description.shapes = shapes.0;
+    if let Some(shapes) = service.__shapes() {
+        description.shapes = shapes.0.clone();
+    }
     Some(description)
 }
 

@@ -30,11 +30,11 @@ pub trait Service: Send + Sync + 'static {
         None
     }
 
-    /// Adds the shapes of the types [`description`](Self::description) names to `shapes`,
-    /// traced now ([`introspect::describe`](crate::introspect::describe) calls it).
+    /// The shapes of the types [`description`](Self::description) names, traced on the
+    /// first call ([`introspect::describe`](crate::introspect::describe) calls it).
     #[doc(hidden)]
-    fn __shapes(&self, shapes: &mut crate::introspect::shape::ShapeList) {
-        let _ = shapes;
+    fn __shapes(&self) -> Option<&'static crate::introspect::shape::ShapeList> {
+        None
     }
 }
 

@@ -285,6 +285,30 @@ impl ShapeList {
     }
 }
 
+/// The [`ShapeList`] of one trait, made on first use and kept: a `static` in generated
+/// code (a type of ours, so that a wrong `crate` path in `#[remote]` is one error, not one
+/// per std type named).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct ShapeCache(std::sync::OnceLock<ShapeList>);
+
+impl ShapeCache {
+    /// An empty cache.
+    #[allow(clippy::new_without_default)] // a `const` for a `static`
+    pub const fn new() -> Self {
+        ShapeCache(std::sync::OnceLock::new())
+    }
+
+    /// The list, made by `add` on the first call.
+    pub fn get_or_trace(&self, add: impl FnOnce(&mut ShapeList)) -> &ShapeList {
+        self.0.get_or_init(|| {
+            let mut list = ShapeList::default();
+            add(&mut list);
+            list
+        })
+    }
+}
+
 /// [`trace`] of one type.
 #[doc(hidden)]
 pub type ShapeFn = fn() -> Result<Shape, TraceError>;
