@@ -499,25 +499,25 @@ impl Described {
     /// line with JSON that fits them: the hint for arguments that do not fit.
     fn argument_hint(&self, connect: &ConnectArgs, object: &str) -> Option<String> {
         let m = &self.method;
+        // An argument stream's item type is described by its items' shape.
         let mut lines: Vec<String> = m
             .args
             .iter()
-            .filter(|a| a.stream.is_none())
-            .filter_map(|a| Some(shapes::lines(&a.name, &a.ty, self.shapes.get(&*a.ty)?)))
+            .filter_map(|a| {
+                let ty = a.stream.as_deref().unwrap_or(&a.ty);
+                Some(shapes::lines(&a.name, ty, self.shapes.get(ty)?))
+            })
             .flatten()
             .collect();
         if lines.is_empty() {
             return None;
         }
+        let example = |ty: &str| self.shapes.get(ty).map(|s| shapes::example(s).to_string());
         let examples: Option<Vec<String>> = m
             .args
             .iter()
             .filter(|a| a.stream.is_none())
-            .map(|a| {
-                self.shapes
-                    .get(&*a.ty)
-                    .map(|s| shell_quote(&shapes::example(s).to_string()))
-            })
+            .map(|a| example(&a.ty).map(|e| shell_quote(&e)))
             .collect();
         if let Some(examples) = examples {
             let command = match self.used {
@@ -525,12 +525,24 @@ impl Described {
                 Use::Emit => "emit",
                 Use::Watch => "watch",
             };
-            lines.push(format!(
-                "for example: chatter {command} {} {object}.{} {}",
-                connect.url,
-                m.name,
-                examples.join(" ")
-            ));
+            let stdin = if m.argument_stream().is_some() {
+                " --stdin"
+            } else {
+                ""
+            };
+            let mut line = format!(
+                "for example: chatter {command} {} {object}.{}",
+                connect.url, m.name
+            );
+            for example in examples {
+                line.push(' ');
+                line.push_str(&example);
+            }
+            line.push_str(stdin);
+            lines.push(line);
+        }
+        if let Some(item) = m.argument_stream().and_then(example) {
+            lines.push(format!("with stdin lines like: {item}"));
         }
         Some(lines.join("\n"))
     }

@@ -115,6 +115,8 @@ pub trait Feeds {
     async fn doubled(&self, items: Receiver<i64>) -> Receiver<i64>;
     /// Sums an argument stream, telling the tests how it went (`Tally`).
     async fn tally(&self, items: Receiver<u64>) -> u64;
+    /// The points of an argument stream whose `x` is `at`.
+    async fn plot(&self, at: i64, points: Receiver<Point>) -> u64;
 }
 
 /// What the tests see of `Feeds::tally`: the items it read and how its stream ended.
@@ -210,6 +212,13 @@ impl Feeds for FeedServer {
             }
         });
         rx
+    }
+    async fn plot(&self, at: i64, mut points: Receiver<Point>) -> u64 {
+        let mut count = 0;
+        while let Some(Ok(point)) = points.recv().await {
+            count += u64::from(point.x == at);
+        }
+        count
     }
     async fn tally(&self, mut items: Receiver<u64>) -> u64 {
         let guard = TallyGuard(self.tally.clone());
@@ -434,7 +443,7 @@ fn list_shows_the_objects_and_their_methods() {
     assert_eq!(objects[2]["object"], "feeds");
     assert_eq!(
         objects[2]["streams"],
-        json!(["numbers", "endless", "open", "silent", "sum", "doubled", "tally"])
+        json!(["numbers", "endless", "open", "silent", "sum", "doubled", "tally", "plot"])
     );
     // Over a Unix socket as well.
     assert_eq!(ok(&["list", &s.unix]).len(), 3);
@@ -842,6 +851,34 @@ fn stdin_lines_are_an_argument_stream() {
             "5\n"
         )),
         [json!(5)]
+    );
+    // Items that are structs, and an ordinary argument beside the stream.
+    let plot = chatter_with_stdin(
+        &["call", &s.tcp, "feeds.plot", "1", "--stdin"],
+        "{\"x\": 1, \"y\": 2}\n{\"x\": 2, \"y\": 2}\n{\"x\": 1, \"y\": 0}\n",
+    );
+    assert_eq!(json_lines(&plot), [json!(2)]);
+    // The wrong number of arguments: the shape of the items and what to write.
+    let out = chatter_with_stdin(&["call", &s.tcp, "feeds.plot", "--stdin"], "");
+    let (_, stderr) = texts(&out);
+    assert!(
+        stderr.contains("takes 1 argument besides its argument stream, 0 given"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("points: Point { x: i64, y: i64 }"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "for example: chatter call {} feeds.plot 0 --stdin",
+            s.tcp
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(r#"with stdin lines like: {"x":0,"y":0}"#),
+        "{stderr}"
     );
     let doubled = chatter_with_stdin(&["watch", &s.tcp, "feeds.doubled", "--stdin"], "1\n-2\n3\n");
     assert_eq!(json_lines(&doubled), [json!(2), json!(-4), json!(6)]);
