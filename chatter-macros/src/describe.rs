@@ -1,7 +1,8 @@
 //! The static description of a remote trait (chatter-rpc's `introspect` module):
 //! `{Trait}Server`'s `Service::description`, a `static` built at compile time from the
 //! model: names, doc comments, argument names and types as written, return and error
-//! types, signal options, stream item types.
+//! types, signal options, stream item types; and `Service::__shapes`, which traces the
+//! serde shape of each of those types when first asked (chatter-rpc's `introspect::shape`).
 
 use proc_macro2::{Delimiter, Spacing, TokenStream, TokenTree};
 use quote::{quote, ToTokens};
