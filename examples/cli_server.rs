@@ -8,6 +8,7 @@
 //! chatter list tcp://127.0.0.1:7000
 //! chatter describe tcp://127.0.0.1:7000 calc
 //! chatter call tcp://127.0.0.1:7000 calc.add 2 3
+//! chatter call tcp://127.0.0.1:7000 calc.area '{"Square": 2}'
 //! chatter call tcp://127.0.0.1:7000 calc.div 1 0
 //! chatter watch tcp://127.0.0.1:7000 calc.count 5 --count 3
 //! chatter emit tcp://127.0.0.1:7000 calc.log '"hello"'
@@ -35,6 +36,15 @@ pub struct Point {
     pub y: f64,
 }
 
+/// A figure, to show how an enum is written as JSON: `"Empty"`, `{"Square": 2}`,
+/// `{"Circle": {"r": 1}}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Figure {
+    Circle { r: f64 },
+    Square(f64),
+    Empty,
+}
+
 /// A calculator to try the `chatter` tool on.
 #[remote]
 pub trait Calculator {
@@ -44,6 +54,8 @@ pub trait Calculator {
     async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError>;
     /// The distance of a point from the origin.
     async fn norm(&self, p: Point) -> f64;
+    /// The area of a figure.
+    async fn area(&self, figure: Figure) -> f64;
     /// Prints a line on the server's console.
     #[signal(ttl = "5s")]
     async fn log(&self, line: String);
@@ -68,6 +80,14 @@ impl Calculator for Calc {
 
     async fn norm(&self, p: Point) -> f64 {
         p.x.hypot(p.y)
+    }
+
+    async fn area(&self, figure: Figure) -> f64 {
+        match figure {
+            Figure::Circle { r } => std::f64::consts::PI * r * r,
+            Figure::Square(side) => side * side,
+            Figure::Empty => 0.0,
+        }
     }
 
     async fn log(&self, line: String) {

@@ -1,8 +1,10 @@
 //! The commands: each connects, asks, prints and closes.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chatter_rpc::__private::{ArgError, ArgsWriter, ClientCore, Method};
+use chatter_rpc::introspect::shape::Shape;
 use chatter_rpc::introspect::{
     InterfaceDescription, IntrospectClient, IntrospectError, MethodDescription, MethodKind, OBJECT,
 };
@@ -14,6 +16,8 @@ use crate::connect::ConnectArgs;
 use crate::error::CliError;
 use crate::json::{parse_args, Json};
 use crate::output;
+use crate::shapes;
+use crate::stdin::StdinFeed;
 
 /// How long introspection calls may take.
 const INTROSPECT_DEADLINE: Duration = Duration::from_secs(10);
@@ -80,27 +84,49 @@ pub(crate) async fn describe(connect: &ConnectArgs, object: &str) -> Result<(), 
             for line in method.docs.lines() {
                 output::line(&format!("      {line}"));
             }
+            for line in shape_lines(method, &description.shapes) {
+                output::line(&format!("      {line}"));
+            }
         }
     }
     peer.close().await;
     Ok(())
 }
 
-/// `chatter call URL OBJECT.METHOD ARGS... --deadline D`.
+/// `chatter call URL OBJECT.METHOD ARGS... --deadline D [--stdin]`.
 pub(crate) async fn call(
     connect: &ConnectArgs,
     target: &str,
     args: &[String],
     deadline: Duration,
+    stdin: bool,
 ) -> Result<(), CliError> {
     let (object, method) = split_target(target, "METHOD")?;
     let peer = connect.peer(false).await?;
-    let described = check_method(&peer, connect, object, method, Use::Call).await?;
-    let values = parse_json_args(args, described.as_ref())?;
+    let described = check_method(&peer, connect, object, method, Use::Call, stdin).await?;
+    let values = parse_json_args(args, connect, object, described.as_ref())?;
     let client = ClientCore::new(&peer, object).with_deadline(deadline);
-    let reply = client
-        .call::<Json, Json, _>(method_ref(method), values.len() as u32, write_args(values))
-        .await;
+    let (count, args) = (values.len() as u32, write_args(values));
+    let reply = if stdin {
+        let (mut feed, input) = StdinFeed::start();
+        let reply =
+            client.call_input::<Json, Json, _, Value>(method_ref(method), count, args, input);
+        tokio::select! {
+            reply = reply => reply,
+            (error, held) = feed.failed() => {
+                // The call's future is gone (which cancels the call), and the connection
+                // closes before the stream's sender goes: the callee sees the call fail,
+                // never a stream that ended normally.
+                peer.close().await;
+                drop(held);
+                return Err(error);
+            }
+        }
+    } else {
+        client
+            .call::<Json, Json, _>(method_ref(method), count, args)
+            .await
+    };
     let result = match reply {
         Ok(Json(value)) => {
             output::value(&value, connect.json_output());
@@ -119,30 +145,60 @@ pub(crate) async fn call(
     result
 }
 
-/// `chatter watch URL OBJECT.METHOD ARGS... --deadline D --idle-timeout T --count N`: the
-/// items of a method returning a stream, one JSON value each.
+/// The options of `chatter watch`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Watch {
+    /// `--deadline`: how long opening the stream may take.
+    pub(crate) deadline: Duration,
+    /// `--idle-timeout`: how long to wait for each item.
+    pub(crate) idle_timeout: Option<Duration>,
+    /// `--count`: stop after this many items.
+    pub(crate) count: Option<u64>,
+    /// `--stdin`: send stdin's JSON lines as the argument stream.
+    pub(crate) stdin: bool,
+}
+
+/// `chatter watch URL OBJECT.METHOD ARGS... --deadline D --idle-timeout T --count N
+/// [--stdin]`: the items of a method returning a stream, one JSON value each.
 pub(crate) async fn watch(
     connect: &ConnectArgs,
     target: &str,
     args: &[String],
-    deadline: Duration,
-    idle_timeout: Option<Duration>,
-    count: Option<u64>,
+    options: Watch,
 ) -> Result<(), CliError> {
+    let Watch {
+        deadline,
+        idle_timeout,
+        count,
+        stdin,
+    } = options;
     let (object, method) = split_target(target, "METHOD")?;
     let peer = connect.peer(false).await?;
-    let described = check_method(&peer, connect, object, method, Use::Watch).await?;
-    let values = parse_json_args(args, described.as_ref())?;
+    let described = check_method(&peer, connect, object, method, Use::Watch, stdin).await?;
+    let values = parse_json_args(args, connect, object, described.as_ref())?;
     // The deadline covers opening the stream only (PROTOCOL.md, "Streams").
     let client = ClientCore::new(&peer, object).with_deadline(deadline);
-    let opened = client
-        .call_stream::<Json, Json, _, ()>(
-            method_ref(method),
-            values.len() as u32,
-            write_args(values),
-            None,
-        )
-        .await;
+    let (mut feed, input) = match stdin {
+        true => {
+            let (feed, input) = StdinFeed::start();
+            (Some(feed), Some(input))
+        }
+        false => (None, None),
+    };
+    let opened = client.call_stream::<Json, Json, _, Value>(
+        method_ref(method),
+        values.len() as u32,
+        write_args(values),
+        input,
+    );
+    let opened = tokio::select! {
+        opened = opened => opened,
+        (error, held) = feed_failed(&mut feed) => {
+            peer.close().await;
+            drop(held);
+            return Err(error);
+        }
+    };
     let mut stream = match opened {
         Ok(stream) => stream,
         Err(CallError::BadReply { what }) if what.contains("not a stream") => {
@@ -170,7 +226,16 @@ pub(crate) async fn watch(
             drop(stream);
             break Ok(());
         }
-        match stream.recv().await {
+        let next = tokio::select! {
+            next = stream.recv() => next,
+            (error, held) = feed_failed(&mut feed) => {
+                drop(stream);
+                peer.close().await;
+                drop(held);
+                return Err(error);
+            }
+        };
+        match next {
             Some(Ok(Json(item))) => {
                 output::value(&item, json);
                 seen += 1;
@@ -192,6 +257,16 @@ pub(crate) async fn watch(
     result
 }
 
+/// [`StdinFeed::failed`] of `feed`; never resolves without one.
+async fn feed_failed(
+    feed: &mut Option<StdinFeed>,
+) -> (CliError, Option<chatter_rpc::stream::Sender<Value>>) {
+    match feed {
+        Some(feed) => feed.failed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// `chatter emit URL OBJECT.SIGNAL ARGS... --ttl T`.
 pub(crate) async fn emit(
     connect: &ConnectArgs,
@@ -202,11 +277,11 @@ pub(crate) async fn emit(
 ) -> Result<(), CliError> {
     let (object, method) = split_target(target, "SIGNAL")?;
     let peer = connect.peer(acknowledged).await?;
-    let described = check_method(&peer, connect, object, method, Use::Emit).await?;
-    let values = parse_json_args(args, described.as_ref())?;
+    let described = check_method(&peer, connect, object, method, Use::Emit, false).await?;
+    let values = parse_json_args(args, connect, object, described.as_ref())?;
     let declared = described
         .as_ref()
-        .and_then(|m| m.ttl_ms)
+        .and_then(|d| d.method.ttl_ms)
         .map(Duration::from_millis);
     let ttl = ttl.or(declared).unwrap_or(Duration::from_secs(30));
     let client = ClientCore::new(&peer, object).with_ttl(ttl);
@@ -222,9 +297,10 @@ pub(crate) async fn emit(
             .map_err(|e| {
                 let error = CliError::new(format!("{object}.{method}: {e}"));
                 match (&e, &described) {
-                    (AckError::Failed, Some(m)) => {
-                        error.hint(format!("it takes {}; did its handler panic?", signature(m)))
-                    }
+                    (AckError::Failed, Some(d)) => error.hint(format!(
+                        "it takes {}; did its handler panic?",
+                        signature(&d.method)
+                    )),
                     (AckError::Failed, None) => error.hint(
                         "no such object or method, arguments that do not fit, or a handler \
                          that panicked (the receiver does not say which)",
@@ -409,16 +485,80 @@ enum Use {
     Watch,
 }
 
+/// A method as the peer describes it, with the shapes of the types its interface names.
+#[derive(Debug, Clone)]
+struct Described {
+    method: MethodDescription,
+    shapes: BTreeMap<String, Shape>,
+    /// The command that uses it.
+    used: Use,
+}
+
+impl Described {
+    /// The shapes of the arguments that say more than their type names, and a command
+    /// line with JSON that fits them: the hint for arguments that do not fit.
+    fn argument_hint(&self, connect: &ConnectArgs, object: &str) -> Option<String> {
+        let m = &self.method;
+        // An argument stream's item type is described by its items' shape.
+        let mut lines: Vec<String> = m
+            .args
+            .iter()
+            .filter_map(|a| {
+                let ty = a.stream.as_deref().unwrap_or(&a.ty);
+                Some(shapes::lines(&a.name, ty, self.shapes.get(ty)?))
+            })
+            .flatten()
+            .collect();
+        if lines.is_empty() {
+            return None;
+        }
+        let example = |ty: &str| self.shapes.get(ty).map(|s| shapes::example(s).to_string());
+        let examples: Option<Vec<String>> = m
+            .args
+            .iter()
+            .filter(|a| a.stream.is_none())
+            .map(|a| example(&a.ty).map(|e| shell_quote(&e)))
+            .collect();
+        if let Some(examples) = examples {
+            let command = match self.used {
+                Use::Call => "call",
+                Use::Emit => "emit",
+                Use::Watch => "watch",
+            };
+            let stdin = if m.argument_stream().is_some() {
+                " --stdin"
+            } else {
+                ""
+            };
+            let mut line = format!(
+                "for example: chatter {command} {} {object}.{}",
+                connect.url, m.name
+            );
+            for example in examples {
+                line.push(' ');
+                line.push_str(&example);
+            }
+            line.push_str(stdin);
+            lines.push(line);
+        }
+        if let Some(item) = m.argument_stream().and_then(example) {
+            lines.push(format!("with stdin lines like: {item}"));
+        }
+        Some(lines.join("\n"))
+    }
+}
+
 /// Checks `object.method` against the peer's description, when it has one: the object
-/// and method exist, and the method is what the command `used` handles. Returns the
-/// method's description.
+/// and method exist, and the method is what the command `used` handles (with an argument
+/// stream from stdin if `stdin`). Returns the method's description.
 async fn check_method(
     peer: &Peer,
     connect: &ConnectArgs,
     object: &str,
     method: &str,
     used: Use,
-) -> Result<Option<MethodDescription>, CliError> {
+    stdin: bool,
+) -> Result<Option<Described>, CliError> {
     let Some(description) = describe_object(peer, connect, object).await? else {
         return Ok(None);
     };
@@ -434,33 +574,62 @@ async fn check_method(
             connect.url
         )));
     };
-    kind_fits(connect, object, found, used)?;
-    Ok(Some(found.clone()))
+    kind_fits(connect, object, found, used, stdin)?;
+    Ok(Some(Described {
+        method: found.clone(),
+        shapes: description.shapes.clone(),
+        used,
+    }))
 }
 
-/// Whether the command `used` can run the method `m`: a clear refusal naming the right
-/// command when not.
+/// Whether the command `used` can run the method `m` (with an argument stream from stdin
+/// if `stdin`): a clear refusal naming the right command or option when not.
 fn kind_fits(
     connect: &ConnectArgs,
     object: &str,
     m: &MethodDescription,
     used: Use,
+    stdin: bool,
 ) -> Result<(), CliError> {
     let target = format!("{object}.{}", m.name);
     let url = &connect.url;
-    if let Some((arg, item)) = m
+    let input = m
         .args
         .iter()
-        .find_map(|a| a.stream.as_deref().map(|item| (&a.name, item)))
-    {
-        return Err(CliError::new(format!(
-            "`{target}` takes a stream of {item} as its argument `{arg}`: the chatter \
-             command-line tool cannot send argument streams, so it cannot call it"
-        ))
-        .hint(format!("it takes {}", signature(m)))
-        .hint("call it from a program (its generated client takes a stream::Receiver)"));
+        .find_map(|a| a.stream.as_deref().map(|item| (&a.name, item)));
+    let command = if m.result_stream.is_some() {
+        "watch"
+    } else {
+        "call"
+    };
+    match (input, stdin) {
+        (Some((arg, item)), false) => {
+            return Err(CliError::new(format!(
+                "`{target}` takes a stream of {item} as its argument `{arg}`"
+            ))
+            .hint(format!("it takes {}", signature(m)))
+            .hint(format!(
+                "give the stream's items on stdin, one JSON value per line, with --stdin: \
+                 ... | chatter {command} {url} {target} ... --stdin"
+            )));
+        }
+        (None, true) if used != Use::Emit => {
+            return Err(CliError::new(format!(
+                "`{target}` takes no argument stream: --stdin is for methods that do"
+            ))
+            .hint(format!("it takes {}", signature(m))));
+        }
+        _ => {}
     }
     match (used, m.kind) {
+        // Only an argument stream: one reply.
+        (Use::Call, MethodKind::Stream) if m.result_stream.is_none() => Ok(()),
+        (Use::Watch, MethodKind::Stream) if m.result_stream.is_none() => Err(CliError::new(
+            format!("`{target}` returns one value, not a stream"),
+        )
+        .hint(format!(
+            "call it with `chatter call {url} {target} ... --stdin`"
+        ))),
         (Use::Call, MethodKind::Signal) => Err(CliError::new(format!(
             "`{target}` is a signal: it has no reply"
         ))
@@ -496,34 +665,97 @@ fn kind_fits(
 /// The command line's JSON arguments, checked against the method's arity when known.
 fn parse_json_args(
     args: &[String],
-    described: Option<&MethodDescription>,
+    connect: &ConnectArgs,
+    object: &str,
+    described: Option<&Described>,
 ) -> Result<Vec<Value>, CliError> {
+    // The argument stream, if any, is not among the arguments on the command line.
+    let plain: Vec<_> = described
+        .map(|d| {
+            d.method
+                .args
+                .iter()
+                .filter(|a| a.stream.is_none())
+                .collect()
+        })
+        .unwrap_or_default();
     let values = parse_args(args, |i| {
-        described
-            .and_then(|m| m.args.get(i))
-            .map(|a| format!("{}: {}", a.name, a.ty))
+        plain.get(i).map(|a| format!("{}: {}", a.name, a.ty))
     })
-    .map_err(|e| {
-        let error = CliError::new(e);
-        match described {
-            Some(m) => error.hint(format!("it takes {}", signature(m))),
-            None => error,
-        }
-    })?;
-    if let Some(m) = described {
-        if values.len() != m.args.len() {
-            return Err(CliError::new(format!(
-                "`{}` takes {} argument{}, {} given",
-                m.name,
-                m.args.len(),
-                if m.args.len() == 1 { "" } else { "s" },
+    .map_err(|e| takes(CliError::new(e), connect, object, described))?;
+    if let Some(d) = described {
+        if values.len() != plain.len() {
+            let error = CliError::new(format!(
+                "`{}` takes {} argument{}{}, {} given",
+                d.method.name,
+                plain.len(),
+                if plain.len() == 1 { "" } else { "s" },
+                if plain.len() < d.method.args.len() {
+                    " besides its argument stream"
+                } else {
+                    ""
+                },
                 values.len()
-            ))
-            .hint(format!("it takes {}", signature(m)))
-            .hint("give each argument as one JSON value, in order"));
+            ));
+            return Err(takes(error, connect, object, described)
+                .hint("give each argument as one JSON value, in order"));
         }
     }
     Ok(values)
+}
+
+/// `error` with what the method takes, when it is known: its signature, and the shapes of
+/// its arguments with an example.
+fn takes(
+    error: CliError,
+    connect: &ConnectArgs,
+    object: &str,
+    described: Option<&Described>,
+) -> CliError {
+    let Some(d) = described else {
+        return error;
+    };
+    let error = error.hint(format!("it takes {}", signature(&d.method)));
+    match d.argument_hint(connect, object) {
+        Some(hint) => error.hint(hint),
+        None => error,
+    }
+}
+
+/// `text` as one shell word: as it is when it has no special characters, else in single
+/// quotes.
+fn shell_quote(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.,:/+=@".contains(c))
+    {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+/// The shapes of `m`'s arguments, return value and error, where they say more than the
+/// types' names: the lines `chatter describe` prints under a method.
+fn shape_lines(m: &MethodDescription, known: &BTreeMap<String, Shape>) -> Vec<String> {
+    let mut named: Vec<(&str, &str)> = m
+        .args
+        .iter()
+        .map(|a| (&*a.name, a.stream.as_deref().unwrap_or(&a.ty)))
+        .collect();
+    match &m.result_stream {
+        Some(item) => named.push(("items", item)),
+        None => named.push(("returns", &m.returns)),
+    }
+    if let Some(error) = &m.error {
+        named.push(("error", error));
+    }
+    named
+        .into_iter()
+        .filter_map(|(name, ty)| Some(shapes::lines(name, ty, known.get(ty)?)))
+        .flatten()
+        .collect()
 }
 
 /// What a failed call means.
@@ -532,7 +764,7 @@ fn call_failed(
     object: &str,
     method: &str,
     error: CallError<Json>,
-    described: Option<&MethodDescription>,
+    described: Option<&Described>,
     deadline: Duration,
 ) -> CliError {
     let target = format!("{object}.{method}");
@@ -545,7 +777,7 @@ fn call_failed(
                 );
             }
             let kind = described
-                .and_then(|m| m.error.as_deref())
+                .and_then(|d| d.method.error.as_deref())
                 .map_or_else(String::new, |ty| format!(" ({ty})"));
             let mut e = CliError::new(format!("{target} failed{kind}: {remote}"));
             e = e.hint(format!("error value: {}", error.0));
@@ -563,13 +795,12 @@ fn call_failed(
                 connect.url
             ))
         }
-        CallError::BadArguments { what } => {
-            let e = CliError::new(format!("the arguments do not fit {target}: {what}"));
-            match described {
-                Some(m) => e.hint(format!("it takes {}", signature(m))),
-                None => e,
-            }
-        }
+        CallError::BadArguments { what } => takes(
+            CliError::new(format!("the arguments do not fit {target}: {what}")),
+            connect,
+            object,
+            described,
+        ),
         CallError::DeadlineExceeded => {
             CliError::new(format!("{target}: no reply within {deadline:?}"))
                 .hint("--deadline waits longer")
@@ -748,6 +979,57 @@ mod tests {
             signature_line(&log),
             "signal  log(line: String)  [ttl 5s, persistent]"
         );
+    }
+
+    #[test]
+    fn json_examples_are_quoted_for_the_shell_when_needed() {
+        assert_eq!(shell_quote("0.0"), "0.0");
+        assert_eq!(shell_quote("-3"), "-3");
+        assert_eq!(shell_quote(r#""Empty""#), r#"'"Empty"'"#);
+        assert_eq!(shell_quote(r#"{"a":"it's"}"#), r#"'{"a":"it'\''s"}'"#);
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn shape_lines_cover_arguments_streams_returns_and_errors() {
+        use chatter_rpc::__private::{describe_call, describe_stream, describe_stream_arg};
+        use chatter_rpc::introspect::shape::trace;
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Point {
+            x: f64,
+        }
+        #[derive(serde::Deserialize)]
+        #[allow(dead_code)]
+        enum E {
+            Bad,
+        }
+        let mut known = BTreeMap::new();
+        known.insert("Point".to_owned(), trace::<Point>().expect("traced"));
+        known.insert("E".to_owned(), trace::<E>().expect("traced"));
+        known.insert("u8".to_owned(), Shape::U8);
+        static ARGS: [chatter_rpc::__private::ArgDescription; 2] = [
+            chatter_rpc::__private::describe_arg("p", "Point"),
+            chatter_rpc::__private::describe_arg("n", "u8"),
+        ];
+        let m = describe_call("f", "", &ARGS, "Point", Some("E"), false);
+        assert_eq!(
+            shape_lines(&m, &known),
+            [
+                "p: Point { x: f64 }",
+                "returns: Point { x: f64 }",
+                "error: E = Bad"
+            ]
+        );
+        static UP: [chatter_rpc::__private::ArgDescription; 1] =
+            [describe_stream_arg("points", "Receiver<Point>", "Point")];
+        let up = describe_stream("up", "", &UP, "u8", None, false, Some("Point"));
+        assert_eq!(
+            shape_lines(&up, &known),
+            ["points: Point { x: f64 }", "items: Point { x: f64 }"]
+        );
+        // A peer without shapes: nothing.
+        assert!(shape_lines(&m, &BTreeMap::new()).is_empty());
     }
 
     #[test]

@@ -39,12 +39,16 @@ pub(crate) struct ConnectArgs {
     /// Print one JSON value per line, also on a terminal.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Print for a person (tables, pretty JSON), also when piped.
+    #[arg(long, conflicts_with = "json")]
+    pub(crate) pretty: bool,
 }
 
 impl ConnectArgs {
-    /// Whether output is JSON lines: asked for, or stdout is not a terminal.
+    /// Whether output is JSON lines: asked for, or stdout is not a terminal (and
+    /// `--pretty` was not asked for).
     pub(crate) fn json_output(&self) -> bool {
-        self.json || !std::io::stdout().is_terminal()
+        self.json || (!self.pretty && !std::io::stdout().is_terminal())
     }
 
     /// Connects and wraps the connection in a peer that serves nothing.

@@ -24,6 +24,8 @@ mod connect;
 mod error;
 mod json;
 mod output;
+mod shapes;
+mod stdin;
 
 use connect::ConnectArgs;
 use error::CliError;
@@ -34,8 +36,8 @@ methods, watch their streams and send signals with JSON arguments, ping it, read
 const AFTER_HELP: &str = "\
 URLs are chatter addresses: tcp://HOST:PORT, tls://HOST:PORT or unix:///PATH.
 
-Output is a table or pretty JSON on a terminal, one JSON value per line when piped (or with
---json). Exit status: 0 on success, 1 on an error (local or remote), 2 for a bad command line.
+Output is a table or pretty JSON on a terminal (or with --pretty), one JSON value per line
+when piped (or with --json). Exit status: 0 on success, 1 on an error (local or remote), 2 for a bad command line.
 
 Examples:
   chatter list tcp://127.0.0.1:7000
@@ -64,9 +66,18 @@ enum Command {
         connect: ConnectArgs,
     },
     /// Describe an object: its methods with argument names and types, and their docs.
-    #[command(after_help = "Examples:
+    #[command(
+        after_help = "Under each method, the shapes of its argument, return and error types when they
+say more than the type's name: `p: Point { x: f64, y: f64 }`, `figure: Figure =
+Circle { r: f64 } | Square(f64) | Empty`. A struct is written in JSON as an object
+keyed by field name, a unit variant as \"Empty\", another variant as {\"Square\": 2.0}.
+With --json, the description's \"shapes\" map gives each type's shape in full.
+
+Examples:
   chatter describe tcp://127.0.0.1:7000 calc
-  chatter describe tcp://127.0.0.1:7000 chatter.introspect")]
+  chatter describe tcp://127.0.0.1:7000 calc --json | jq .shapes
+  chatter describe tcp://127.0.0.1:7000 chatter.introspect"
+    )]
     Describe {
         #[command(flatten)]
         connect: ConnectArgs,
@@ -79,10 +90,14 @@ enum Command {
 strings in double quotes (quote them for the shell too), structs as objects, enums
 as \"Variant\" or {\"Variant\": ...}. `chatter describe` shows what a method takes.
 
+A method that takes an argument stream gets its items from stdin with --stdin, one JSON
+value per line; the end of stdin ends the stream.
+
 Examples:
   chatter call tcp://127.0.0.1:7000 calc.add 2 3
   chatter call tcp://127.0.0.1:7000 users.find '\"ada\"' '{\"active\": true}'
-  chatter call tcp://127.0.0.1:7000 calc.slow_square 4 2000 --deadline 500ms"
+  chatter call tcp://127.0.0.1:7000 calc.slow_square 4 2000 --deadline 500ms
+  seq 1 100 | chatter call tcp://127.0.0.1:7000 stats.sum --stdin"
     )]
     Call {
         #[command(flatten)]
@@ -95,6 +110,9 @@ Examples:
         /// How long to wait for the reply: 500ms, 30s, 2m (a number alone is seconds).
         #[arg(long, value_name = "TIME", default_value = "30s", value_parser = connect::parse_duration)]
         deadline: std::time::Duration,
+        /// Send stdin, one JSON value per line, as the method's argument stream.
+        #[arg(long)]
+        stdin: bool,
     },
     /// Send a signal (a one-way method) with JSON arguments.
     #[command(
@@ -128,6 +146,8 @@ Examples:
 after --count items, which cancels the stream on the server), 1 when it fails.
 --deadline covers opening the stream only; --idle-timeout bounds the wait for each item.
 
+With --stdin, stdin's lines (one JSON value each) are the method's argument stream.
+
 Examples:
   chatter watch tcp://127.0.0.1:7000 sensors.readings '\"kitchen\"'
   chatter watch tcp://127.0.0.1:7000 sensors.readings '\"kitchen\"' --count 10 --idle-timeout 5s"
@@ -150,6 +170,9 @@ Examples:
         /// Stop after N items (the stream is cancelled on the server).
         #[arg(short, long, value_name = "N")]
         count: Option<u64>,
+        /// Send stdin, one JSON value per line, as the method's argument stream.
+        #[arg(long)]
+        stdin: bool,
     },
     /// Subscribe to a broker's topics: one JSON line per message (needs the broker: not in
     /// this build).
@@ -222,7 +245,8 @@ async fn run(command: Command) -> Result<(), CliError> {
             target,
             args,
             deadline,
-        } => commands::call(&connect, &target, &args, deadline).await,
+            stdin,
+        } => commands::call(&connect, &target, &args, deadline, stdin).await,
         Command::Emit {
             connect,
             target,
@@ -237,7 +261,16 @@ async fn run(command: Command) -> Result<(), CliError> {
             deadline,
             idle_timeout,
             count,
-        } => commands::watch(&connect, &target, &args, deadline, idle_timeout, count).await,
+            stdin,
+        } => {
+            let watch = commands::Watch {
+                deadline,
+                idle_timeout,
+                count,
+                stdin,
+            };
+            commands::watch(&connect, &target, &args, watch).await
+        }
         Command::Subscribe { .. } => Err(CliError::new(
             "`chatter subscribe` needs the pub/sub broker (issue 18), which this build of \
              chatter does not have",

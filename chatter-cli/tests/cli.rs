@@ -7,7 +7,7 @@ use std::fmt::Debug;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -30,6 +30,13 @@ pub struct Point {
     y: i64,
 }
 
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Figure {
+    Circle { r: f64 },
+    Square(f64),
+    Empty,
+}
+
 /// A calculator.
 #[remote]
 pub trait Calc {
@@ -46,6 +53,8 @@ pub trait Calc {
     async fn log(&self, line: String);
     /// How many lines arrived.
     async fn logged(&self) -> u64;
+    /// The area of a figure (a circle's is 3 r², roughly), times `scale`.
+    async fn area(&self, figure: Figure, scale: f64) -> f64;
 }
 
 struct Calculator {
@@ -71,6 +80,14 @@ impl Calc for Calculator {
     async fn logged(&self) -> u64 {
         self.logged.load(Ordering::SeqCst)
     }
+    async fn area(&self, figure: Figure, scale: f64) -> f64 {
+        scale
+            * match figure {
+                Figure::Circle { r } => 3.0 * r * r,
+                Figure::Square(side) => side * side,
+                Figure::Empty => 0.0,
+            }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, thiserror::Error)]
@@ -94,10 +111,45 @@ pub trait Feeds {
     async fn silent(&self) -> Receiver<u64>;
     /// Sums an argument stream.
     async fn sum(&self, items: Receiver<u64>) -> u64;
+    /// Each item of an argument stream, doubled.
+    async fn doubled(&self, items: Receiver<i64>) -> Receiver<i64>;
+    /// Sums an argument stream, telling the tests how it went (`Tally`).
+    async fn tally(&self, items: Receiver<u64>) -> u64;
+    /// The points of an argument stream whose `x` is `at`.
+    async fn plot(&self, at: i64, points: Receiver<Point>) -> u64;
+}
+
+/// What the tests see of `Feeds::tally`: the items it read and how its stream ended.
+#[derive(Default)]
+struct Tally {
+    seen: AtomicU64,
+    /// "ended" (normally), "failed", or "dropped" (the handler was cancelled).
+    outcome: std::sync::Mutex<Option<&'static str>>,
+}
+
+impl Tally {
+    fn end(&self, how: &'static str) {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        outcome.get_or_insert(how);
+    }
+
+    fn outcome(&self) -> Option<&'static str> {
+        *self.outcome.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Records "dropped" unless the tally ended first.
+struct TallyGuard(Arc<Tally>);
+
+impl Drop for TallyGuard {
+    fn drop(&mut self) {
+        self.0.end("dropped");
+    }
 }
 
 struct FeedServer {
     cancelled: Arc<AtomicU64>,
+    tally: Arc<Tally>,
 }
 
 impl Feeds for FeedServer {
@@ -150,6 +202,45 @@ impl Feeds for FeedServer {
         }
         sum
     }
+    async fn doubled(&self, mut items: Receiver<i64>) -> Receiver<i64> {
+        let (tx, rx) = channel(4);
+        tokio::spawn(async move {
+            while let Some(Ok(item)) = items.recv().await {
+                if tx.send(item * 2).await.is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+    async fn plot(&self, at: i64, mut points: Receiver<Point>) -> u64 {
+        let mut count = 0;
+        while let Some(Ok(point)) = points.recv().await {
+            count += u64::from(point.x == at);
+        }
+        count
+    }
+    async fn tally(&self, mut items: Receiver<u64>) -> u64 {
+        let guard = TallyGuard(self.tally.clone());
+        let mut sum = 0;
+        loop {
+            match items.recv().await {
+                Some(Ok(item)) => {
+                    sum += item;
+                    guard.0.seen.fetch_add(1, Ordering::SeqCst);
+                }
+                Some(Err(_)) => {
+                    guard.0.end("failed");
+                    break;
+                }
+                None => {
+                    guard.0.end("ended");
+                    break;
+                }
+            }
+        }
+        sum
+    }
 }
 
 /// The servers every test talks to, started once.
@@ -158,6 +249,7 @@ struct Servers {
     unix: String,
     tls: String,
     no_introspection: String,
+    tally: Arc<Tally>,
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -175,6 +267,7 @@ fn servers() -> &'static Servers {
             .expect("runtime");
         let logged = Arc::new(AtomicU64::new(0));
         let cancelled = Arc::new(AtomicU64::new(0));
+        let tally = Arc::new(Tally::default());
         let pki = tests::pki();
         let dir = std::env::temp_dir().join(format!("chatter-cli-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -211,6 +304,7 @@ fn servers() -> &'static Servers {
                 let listener = listen(address, options).await.expect("listen");
                 let logged = logged.clone();
                 let cancelled = cancelled.clone();
+                let tally = tally.clone();
                 let options = PeerOptions::default().introspection(introspection);
                 let server = serve(listener, options, move |peer: &Peer| {
                     let calc = Calculator {
@@ -219,6 +313,7 @@ fn servers() -> &'static Servers {
                     peer.register("calc", CalcServer::new(calc));
                     let feeds = FeedServer {
                         cancelled: cancelled.clone(),
+                        tally: tally.clone(),
                     };
                     peer.register("feeds", FeedsServer::new(feeds));
                 });
@@ -233,6 +328,7 @@ fn servers() -> &'static Servers {
             unix: addresses[1].clone(),
             tls,
             no_introspection: addresses[3].clone(),
+            tally,
             ca,
             cert,
             key,
@@ -247,6 +343,32 @@ fn chatter<S: AsRef<OsStr>>(args: &[S]) -> Output {
         .args(args)
         .output()
         .expect("run chatter")
+}
+
+/// Runs `chatter args` with `input` on its stdin.
+fn chatter_with_stdin<S: AsRef<OsStr>>(args: &[S], input: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatter"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run chatter");
+    if let Some(mut stdin) = child.stdin.take() {
+        // It may exit before reading it all (a line that is not JSON).
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    child.wait_with_output().expect("run chatter")
+}
+
+/// The JSON lines of a successful run's stdout.
+fn json_lines(out: &Output) -> Vec<Value> {
+    let (stdout, stderr) = texts(out);
+    assert!(out.status.success(), "failed:\n{stderr}\n{stdout}");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
 }
 
 /// Runs `chatter args` and expects success: its stdout lines as JSON.
@@ -314,14 +436,14 @@ fn list_shows_the_objects_and_their_methods() {
     assert_eq!(
         objects[0],
         json!({"object": "calc", "interface": "Calc",
-               "methods": ["add", "div", "mirror", "sleep", "log", "logged"]})
+               "methods": ["add", "div", "mirror", "sleep", "log", "logged", "area"]})
     );
     assert_eq!(objects[1]["object"], "chatter.introspect");
     // Stream methods are named as such.
     assert_eq!(objects[2]["object"], "feeds");
     assert_eq!(
         objects[2]["streams"],
-        json!(["numbers", "endless", "open", "silent", "sum"])
+        json!(["numbers", "endless", "open", "silent", "sum", "doubled", "tally", "plot"])
     );
     // Over a Unix socket as well.
     assert_eq!(ok(&["list", &s.unix]).len(), 3);
@@ -360,6 +482,106 @@ fn describe_gives_arguments_types_and_docs() {
 }
 
 #[test]
+fn describe_shows_the_shapes_of_structs_and_enums() {
+    let s = servers();
+    let calc = &ok(&["describe", &s.tcp, "calc"])[0];
+    let shapes = &calc["shapes"];
+    assert_eq!(
+        shapes["Point"],
+        json!({"kind": "struct", "name": "Point", "content": {"kind": "struct", "fields": [
+            {"name": "x", "shape": {"kind": "i64"}},
+            {"name": "y", "shape": {"kind": "i64"}}]}})
+    );
+    assert_eq!(
+        shapes["Figure"]["variants"],
+        json!([
+            {"name": "Circle", "content": {"kind": "struct", "fields": [
+                {"name": "r", "shape": {"kind": "f64"}}]}},
+            {"name": "Square", "content": {"kind": "newtype", "item": {"kind": "f64"}}},
+            {"name": "Empty", "content": {"kind": "unit"}}])
+    );
+    assert_eq!(shapes["i64"], json!({"kind": "i64"}));
+    assert_eq!(shapes["CalcError"]["kind"], "enum");
+
+    // For a person: under each method, the shapes that say more than the type names.
+    let out = chatter(&["describe", &s.tcp, "calc", "--pretty"]);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stderr}");
+    for line in [
+        "  call    area(figure: Figure, scale: f64) -> f64\n      \
+         The area of a figure (a circle's is 3 r², roughly), times `scale`.\n      \
+         figure: Figure = Circle { r: f64 } | Square(f64) | Empty\n",
+        "      p: Point { x: i64, y: i64 }\n      returns: Point { x: i64, y: i64 }\n",
+        "      error: CalcError = DivisionByZero\n",
+    ] {
+        assert!(stdout.contains(line), "{line}\nnot in:\n{stdout}");
+    }
+    // `add(a: i64, b: i64)`: nothing to add.
+    assert!(
+        stdout.contains("  call    add(a: i64, b: i64) -> i64\n      Adds two numbers.\n\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn arguments_that_do_not_fit_show_the_shape_expected() {
+    let s = servers();
+    let figure = "figure: Figure = Circle { r: f64 } | Square(f64) | Empty";
+    let example = r#"calc.area '{"Circle":{"r":0.0}}' 0.0"#;
+    // The callee refuses a variant it does not have: the shape and a call that fits.
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.area", r#"{"Triangle": 1}"#, "2"]);
+    assert!(
+        stderr.contains("the arguments do not fit calc.area"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(figure), "{stderr}");
+    assert!(
+        stderr.contains(&format!("for example: chatter call {} {example}", s.tcp)),
+        "{stderr}"
+    );
+    // The example fits, and so does each kind of variant.
+    assert_eq!(
+        ok(&[
+            "call",
+            &s.tcp,
+            "calc.area",
+            r#"{"Circle":{"r":0.0}}"#,
+            "0.0"
+        ]),
+        [json!(0.0)]
+    );
+    assert_eq!(
+        ok(&["call", &s.tcp, "calc.area", r#"{"Circle": {"r": 2}}"#, "1"]),
+        [json!(12.0)]
+    );
+    assert_eq!(
+        ok(&["call", &s.tcp, "calc.area", r#"{"Square": 3}"#, "2"]),
+        [json!(18.0)]
+    );
+    assert_eq!(
+        ok(&["call", &s.tcp, "calc.area", r#""Empty""#, "2"]),
+        [json!(0.0)]
+    );
+    // A struct without one of its fields.
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.mirror", r#"{"x": 1}"#]);
+    assert!(stderr.contains("p: Point { x: i64, y: i64 }"), "{stderr}");
+    assert!(
+        stderr.contains(r#"calc.mirror '{"x":0,"y":0}'"#),
+        "{stderr}"
+    );
+    // Too few arguments, and one that is not JSON: the shapes as well.
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.area", r#""Empty""#]);
+    assert!(stderr.contains("takes 2 arguments, 1 given"), "{stderr}");
+    assert!(stderr.contains(figure), "{stderr}");
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.area", "Empty", "1"]);
+    assert!(stderr.contains("is not JSON"), "{stderr}");
+    assert!(stderr.contains(figure), "{stderr}");
+    // Plain arguments have no shape to add.
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.add", "1", r#""two""#]);
+    assert!(!stderr.contains("for example"), "{stderr}");
+}
+
+#[test]
 fn call_translates_json_both_ways() {
     let s = servers();
     assert_eq!(ok(&["call", &s.tcp, "calc.add", "2", "3"]), [json!(5)]);
@@ -392,7 +614,7 @@ fn mistakes_are_explained() {
     let (stderr, _) = fails(&["call", &s.tcp, "calc.sub", "1", "2"]);
     assert!(stderr.contains("has no method `sub`"), "{stderr}");
     assert!(
-        stderr.contains("add, div, mirror, sleep, log, logged"),
+        stderr.contains("add, div, mirror, sleep, log, logged, area"),
         "{stderr}"
     );
 
@@ -591,19 +813,115 @@ fn the_wrong_command_for_a_method_names_the_right_one() {
     assert!(stderr.contains("chatter call"), "{stderr}");
     let (stderr, _) = fails(&["watch", &s.tcp, "calc.log", "\"x\""]);
     assert!(stderr.contains("chatter emit"), "{stderr}");
-    // Argument streams: not from the command line.
+    // Argument streams: from stdin, and only with --stdin.
     for command in ["call", "watch"] {
         let (stderr, _) = fails(&[command, &s.tcp, "feeds.sum"]);
         assert!(
-            stderr.contains("cannot send argument streams"),
+            stderr.contains("takes a stream of u64 as its argument `items`"),
             "{command}: {stderr}"
         );
+        assert!(stderr.contains("--stdin"), "{command}: {stderr}");
     }
+    let (stderr, _) = fails(&["watch", &s.tcp, "feeds.sum", "--stdin"]);
+    assert!(stderr.contains("returns one value"), "{stderr}");
+    let (stderr, _) = fails(&["call", &s.tcp, "calc.add", "1", "2", "--stdin"]);
+    assert!(stderr.contains("takes no argument stream"), "{stderr}");
     // Without introspection the peer's answer says it.
     let (stderr, _) = fails(&["watch", &s.no_introspection, "calc.add", "1", "2"]);
     assert!(stderr.contains("chatter call"), "{stderr}");
     let (stderr, _) = fails(&["call", &s.no_introspection, "feeds.numbers", "3"]);
     assert!(stderr.contains("chatter watch"), "{stderr}");
+}
+
+#[test]
+fn stdin_lines_are_an_argument_stream() {
+    let s = servers();
+    let sum = |input: &str| {
+        json_lines(&chatter_with_stdin(
+            &["call", &s.tcp, "feeds.sum", "--stdin"],
+            input,
+        ))
+    };
+    assert_eq!(sum("1\n2\n\n39\n"), [json!(42)]);
+    assert_eq!(sum(""), [json!(0)]);
+    // Over a Unix socket, and with a method that streams back.
+    assert_eq!(
+        json_lines(&chatter_with_stdin(
+            &["call", &s.unix, "feeds.sum", "--stdin"],
+            "5\n"
+        )),
+        [json!(5)]
+    );
+    // Items that are structs, and an ordinary argument beside the stream.
+    let plot = chatter_with_stdin(
+        &["call", &s.tcp, "feeds.plot", "1", "--stdin"],
+        "{\"x\": 1, \"y\": 2}\n{\"x\": 2, \"y\": 2}\n{\"x\": 1, \"y\": 0}\n",
+    );
+    assert_eq!(json_lines(&plot), [json!(2)]);
+    // The wrong number of arguments: the shape of the items and what to write.
+    let out = chatter_with_stdin(&["call", &s.tcp, "feeds.plot", "--stdin"], "");
+    let (_, stderr) = texts(&out);
+    assert!(
+        stderr.contains("takes 1 argument besides its argument stream, 0 given"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("points: Point { x: i64, y: i64 }"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "for example: chatter call {} feeds.plot 0 --stdin",
+            s.tcp
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(r#"with stdin lines like: {"x":0,"y":0}"#),
+        "{stderr}"
+    );
+    let doubled = chatter_with_stdin(&["watch", &s.tcp, "feeds.doubled", "--stdin"], "1\n-2\n3\n");
+    assert_eq!(json_lines(&doubled), [json!(2), json!(-4), json!(6)]);
+}
+
+#[test]
+fn a_bad_stdin_line_fails_the_call_instead_of_ending_the_stream() {
+    let s = servers();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatter"))
+        .args(["call", &s.tcp, "feeds.tally", "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run chatter");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"1\n2\n").expect("write");
+    stdin.flush().expect("flush");
+    // The callee has read both items: its handler runs, reading its argument stream.
+    wait_until("the callee reads two items", || {
+        s.tally.seen.load(Ordering::SeqCst) >= 2
+    });
+    stdin.write_all(b"three\n4\n").expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().expect("run chatter");
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}\n{stdout}");
+    assert!(stderr.contains("stdin line 3 is not JSON"), "{stderr}");
+    assert!(stderr.contains("cancelled after 2 items"), "{stderr}");
+    assert!(stdout.is_empty(), "no reply printed: {stdout}");
+    // The callee's stream failed (or its handler was dropped): it did not end normally,
+    // which would have made the callee act on a cut input (here, reply with 3).
+    wait_until("the callee's stream to end", || s.tally.outcome().is_some());
+    assert_ne!(s.tally.outcome(), Some("ended"));
+}
+
+/// Polls `done` (the callee runs in this process) for up to 10 s.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]

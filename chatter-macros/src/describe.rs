@@ -1,7 +1,8 @@
 //! The static description of a remote trait (chatter-rpc's `introspect` module):
 //! `{Trait}Server`'s `Service::description`, a `static` built at compile time from the
 //! model: names, doc comments, argument names and types as written, return and error
-//! types, signal options, stream item types.
+//! types, signal options, stream item types; and `Service::__shapes`, which traces the
+//! serde shape of each of those types when first asked (chatter-rpc's `introspect::shape`).
 
 use proc_macro2::{Delimiter, Spacing, TokenStream, TokenTree};
 use quote::{quote, ToTokens};
@@ -64,19 +65,7 @@ fn method(p: &TokenStream, m: &Method) -> TokenStream {
         let persistent = signal.persistent;
         return quote!(#p::describe_signal(#name, #docs, #args, #ttl, #persistent));
     }
-    let (returns, error) = match (&m.output, &m.return_type) {
-        (Output::Unit, _) => ("()".to_owned(), None),
-        (Output::Plain(ty), _) => (type_name(ty), None),
-        // `#[result]` on an alias: its parts named through the alias, as the reader wrote it.
-        (Output::Result { ok, .. }, Some(written)) if is_qualified(ok) => {
-            let written = type_name(written);
-            (
-                format!("<{written} as Result>::Ok"),
-                Some(format!("<{written} as Result>::Err")),
-            )
-        }
-        (Output::Result { ok, err }, _) => (type_name(ok), Some(type_name(err))),
-    };
+    let (returns, error) = returns_and_error(m);
     let error = match error {
         Some(error) => quote!(#p::Some(#error)),
         None => quote!(#p::None),
@@ -95,6 +84,118 @@ fn method(p: &TokenStream, m: &Method) -> TokenStream {
         ));
     }
     quote!(#p::describe_call(#name, #docs, #args, #returns, #error, #idempotent))
+}
+
+/// A call's `returns` and `error` as the description writes them.
+fn returns_and_error(m: &Method) -> (String, Option<String>) {
+    match (&m.output, &m.return_type) {
+        (Output::Unit, _) => ("()".to_owned(), None),
+        (Output::Plain(ty), _) => (type_name(ty), None),
+        // `#[result]` on an alias: its parts named through the alias, as the reader wrote it.
+        (Output::Result { ok, .. }, Some(written)) if is_qualified(ok) => {
+            let written = type_name(written);
+            (
+                format!("<{written} as Result>::Ok"),
+                Some(format!("<{written} as Result>::Err")),
+            )
+        }
+        (Output::Result { ok, err }, _) => (type_name(ok), Some(type_name(err))),
+    }
+}
+
+/// `fn __shapes(&self)` of the server's `Service` impl: the shape of each type the
+/// description names (keyed by the name it has there), traced on the first call and kept
+/// in a `static` (per trait, not per peer). Each type goes through a `ShapeProbe`, which
+/// picks the tracer for a `DeserializeOwned` type and nothing for another: a type that
+/// cannot be received is reported once, where it is received, and not again here.
+pub(crate) fn shapes_fn(tr: &Trait) -> TokenStream {
+    let krate = &tr.krate;
+    let p = quote!(#krate::__private);
+    let mut seen = std::collections::HashSet::new();
+    let adds: Vec<_> = tr
+        .methods
+        .iter()
+        .flat_map(described_types)
+        .filter(|t| seen.insert(t.name.clone()))
+        .map(|Described { name, ty, part }| {
+            let probe = quote!((&&#p::ShapeProbe::<#ty>::NEW).__chatter_shape_fn());
+            match part {
+                Some(part) => quote!(__shapes.add_part(#name, #probe, #part);),
+                None => quote!(__shapes.add(#name, #probe);),
+            }
+        })
+        .collect();
+    quote! {
+        fn __shapes(&self) -> #p::Option<&'static #p::ShapeList> {
+            static __SHAPES: #p::ShapeCache = #p::ShapeCache::new();
+            #p::Some(__SHAPES.get_or_trace(|__shapes| {
+                #[allow(unused_imports)]
+                use #p::{ProbeTraced as _, ProbeUntraced as _};
+                #(#adds)*
+            }))
+        }
+    }
+}
+
+/// A type a description names, and how to trace it.
+struct Described {
+    /// The name the description gives it.
+    name: String,
+    /// The type to trace.
+    ty: TokenStream,
+    /// `Some("Ok")` or `Some("Err")`: the named type is that part of the `Result` `ty`
+    /// (a `#[result]` alias, whose parts are traced through the alias as written, so that
+    /// an alias that is not a `Result` is reported once, by the server, and not here too).
+    part: Option<&'static str>,
+}
+
+/// The types a method's description names, with those names: each argument's (an
+/// argument stream's item), the return type (a returned stream's item instead), the error.
+fn described_types(m: &Method) -> Vec<Described> {
+    let plain = |name: String, ty: TokenStream| Described {
+        name,
+        ty,
+        part: None,
+    };
+    let mut types: Vec<Described> = m
+        .args
+        .iter()
+        .map(|a| {
+            let ty = a.stream.as_ref().unwrap_or(&a.ty);
+            plain(type_name(ty), ty.to_token_stream())
+        })
+        .collect();
+    if m.signal.is_some() {
+        types.push(plain("()".to_owned(), quote!(())));
+        return types;
+    }
+    let (returns, error) = returns_and_error(m);
+    match (&m.output, &m.result_stream, &m.return_type) {
+        (_, Some(item), _) => types.push(plain(type_name(item), item.to_token_stream())),
+        (Output::Unit, None, _) => types.push(plain(returns, quote!(()))),
+        (Output::Plain(ty), None, _) => types.push(plain(returns, ty.to_token_stream())),
+        (Output::Result { ok, .. }, None, Some(written)) if is_qualified(ok) => {
+            types.push(Described {
+                name: returns,
+                ty: written.to_token_stream(),
+                part: Some("Ok"),
+            })
+        }
+        (Output::Result { ok, .. }, None, _) => types.push(plain(returns, ok.to_token_stream())),
+    }
+    match (&m.output, error, &m.return_type) {
+        (Output::Result { err, .. }, Some(error), Some(written)) if is_qualified(err) => types
+            .push(Described {
+                name: error,
+                ty: written.to_token_stream(),
+                part: Some("Err"),
+            }),
+        (Output::Result { err, .. }, Some(error), _) => {
+            types.push(plain(error, err.to_token_stream()))
+        }
+        _ => {}
+    }
+    types
 }
 
 fn is_qualified(ty: &Type) -> bool {

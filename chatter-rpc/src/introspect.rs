@@ -3,7 +3,8 @@
 //! `#[remote]` records a static [`InterfaceDescription`] of each trait (its name, doc
 //! comments and methods: calls and signals, argument names and types, return and error
 //! types), which the generated `{Trait}Server` gives through
-//! [`Service::description`](crate::Service::description). Every [`Peer`](crate::Peer)
+//! [`Service::description`], and [`describe`] completes
+//! with the [`Shape`] of each type, traced when asked. Every [`Peer`](crate::Peer)
 //! serves the built-in object [`OBJECT`] (`chatter.introspect`, an [`Introspect`], made on
 //! first use: no cost to a peer until then) unless
 //! [`PeerOptions::introspection`](crate::PeerOptions::introspection) turns it off (an
@@ -46,25 +47,61 @@
 //!
 //! # How types are described
 //!
-//! Types are described by their **Rust names as written in the trait** (`Vec<Point>`,
-//! `Option<u64>`), not by a schema of their shape. `#[remote]` sees only the tokens of the
-//! trait: the fields of `Point` live in another item, possibly in another crate, that the
-//! macro cannot read. A schema would need something implemented for every argument type
-//! (a derive of our own, or a dependency such as schemars), a new requirement on every
-//! type users send today; or tracing each type's `Deserialize` at run time (what
-//! serde-reflection does), which fails for types with hand-written or untagged
-//! deserializers. The name plus the type's own documentation is enough to write the JSON
-//! for a call (`PROTOCOL.md`, "Values", gives each shape), and the description is a map
-//! that can gain a `schema` entry later without breaking readers (unknown keys are
-//! skipped).
+//! Each type is named **as written in the trait** (`Vec<Point>`, `Option<u64>`), and the
+//! description's [`shapes`](InterfaceDescription::shapes) give each name its **shape,
+//! derived from serde** ([`shape`]): primitives with their width, options, sequences,
+//! tuples, maps, structs with their fields and enums with every variant and its content,
+//! as they travel (field and variant names after `rename_all`), recursive types by
+//! reference. Why serde and not a schema of our own: `#[remote]` sees only the tokens of the
+//! trait (the fields of `Point` live in another item, possibly in another crate), so a
+//! schema would need a derive of ours or a dependency such as schemars on every type users
+//! send, a new requirement, and one that can disagree with what serde writes. Tracing the
+//! `Deserialize` every argument type already has needs nothing more and describes the
+//! wire exactly. Its limit: types whose `Deserialize` validates or decides by what arrives
+//! (untagged enums, `flatten`) cannot be traced and are described by name alone
+//! ([`Shape::Opaque`]). Shapes are traced when the introspection
+//! object is first asked for a description of a trait, not before, and then kept for the
+//! process (one copy per trait, in a `static` of the generated server): a peer pays
+//! nothing for them.
+//!
+//! ```
+//! use chatter_rpc::introspect::{describe, shape::{Content, Shape}};
+//! use chatter_rpc::remote;
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! pub enum Figure { Circle { r: f64 }, Square(f64), Empty }
+//!
+//! #[remote]
+//! pub trait Geometry {
+//!     async fn area(&self, figure: Figure) -> f64;
+//! }
+//! struct G;
+//! impl Geometry for G {
+//!     async fn area(&self, figure: Figure) -> f64 { 0.0 }
+//! }
+//!
+//! let description = describe(&GeometryServer::new(G)).expect("described");
+//! let Some(Shape::Enum { name, variants, .. }) = description.shape("Figure") else {
+//!     panic!("an enum");
+//! };
+//! assert_eq!(name, "Figure");
+//! let names: Vec<_> = variants.iter().map(|v| v.name.as_str()).collect();
+//! assert_eq!(names, ["Circle", "Square", "Empty"]);
+//! assert_eq!(variants[2].content, Content::Unit);
+//! assert_eq!(description.shape("f64"), Some(&Shape::F64));
+//! ```
+
+pub mod shape;
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, Weak};
 
 use serde::{Deserialize, Serialize};
 
 use crate::peer::PeerState;
 use crate::{remote, Service};
+use shape::Shape;
 
 /// The name under which every peer serves its [`Introspect`] object (unless
 /// [`PeerOptions::introspection`](crate::PeerOptions::introspection) is off).
@@ -83,6 +120,37 @@ pub struct InterfaceDescription {
     pub docs: Cow<'static, str>,
     /// The methods, in declaration order.
     pub methods: Cow<'static, [MethodDescription]>,
+    /// The [`Shape`] of each type the methods name, keyed by the type as written: each
+    /// argument's `ty` (an argument stream's item type instead), each method's `returns`
+    /// (but not a `Receiver<T>`: its `result_stream` instead), `error` and
+    /// `result_stream`. Empty in the static description `#[remote]` records ([`describe`]
+    /// and the introspection object trace them when asked); left out of the wire form when
+    /// empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub shapes: BTreeMap<String, Shape>,
+}
+
+impl InterfaceDescription {
+    /// The shape of the type written `ty` (as in [`ArgDescription::ty`]), if
+    /// [`shapes`](Self::shapes) has it.
+    pub fn shape(&self, ty: &str) -> Option<&Shape> {
+        self.shapes.get(ty)
+    }
+}
+
+/// The description of `service` with the [`shapes`](InterfaceDescription::shapes) of its
+/// types traced (what the introspection object answers); `None` for a service without a
+/// description.
+///
+/// The shapes are traced on the first call for a trait (running each type's `Deserialize`
+/// a few times over sample values, within bounds) and kept for the process's lifetime in a
+/// `static` of the generated server: per trait, not per peer, and nothing until asked.
+pub fn describe(service: &dyn Service) -> Option<InterfaceDescription> {
+    let mut description = service.description()?.clone();
+    if let Some(shapes) = service.__shapes() {
+        description.shapes = shapes.0.clone();
+    }
+    Some(description)
 }
 
 /// One method of an [`InterfaceDescription`].
@@ -169,7 +237,7 @@ pub struct ArgDescription {
 pub struct ObjectSummary {
     /// The name the object is registered under.
     pub object: String,
-    /// Its trait's name; `None` for a [`Service`](crate::Service) without a description.
+    /// Its trait's name; `None` for a [`Service`] without a description.
     #[serde(default)]
     pub interface: Option<String>,
     /// Its methods' names, in declaration order (empty without a description).
@@ -203,7 +271,7 @@ pub enum IntrospectError {
         /// The names this peer serves, sorted.
         known: Vec<String>,
     },
-    /// The object is a hand-written [`Service`](crate::Service) without a description.
+    /// The object is a hand-written [`Service`] without a description.
     #[error("object `{object}` has no description (not made by #[remote])")]
     NotDescribed {
         /// The name asked for.
@@ -252,12 +320,10 @@ pub(crate) fn serves_builtin(
     peer.options.introspection && !objects.contains_key(OBJECT)
 }
 
-/// The description of the built-in object: the generated server's `static` (a `Weak`
-/// that points nowhere does not allocate).
-fn builtin_description() -> &'static InterfaceDescription {
-    IntrospectServer::new(Builtin { peer: Weak::new() })
-        .description()
-        .expect("#[remote] describes Introspect")
+/// The built-in object, standing for itself in its own list (a `Weak` that points
+/// nowhere does not allocate).
+fn builtin_service() -> Arc<dyn Service> {
+    Arc::new(IntrospectServer::new(Builtin { peer: Weak::new() }))
 }
 
 /// The [`Introspect`] of one peer (weak: the peer's serving tasks hold it while it
@@ -267,18 +333,18 @@ struct Builtin {
 }
 
 impl Builtin {
-    /// The registered objects, sorted by name, with their descriptions.
-    fn objects(&self) -> Vec<(String, Option<&'static InterfaceDescription>)> {
+    /// The registered objects, sorted by name.
+    fn objects(&self) -> Vec<(String, Arc<dyn Service>)> {
         let Some(peer) = self.peer.upgrade() else {
             return Vec::new();
         };
         let objects = peer.objects.read().unwrap_or_else(PoisonError::into_inner);
         let mut list: Vec<_> = objects
             .iter()
-            .map(|(name, service)| (name.clone(), service.description()))
+            .map(|(name, service)| (name.clone(), service.clone()))
             .collect();
         if serves_builtin(&peer, &objects) {
-            list.push((OBJECT.to_owned(), Some(builtin_description())));
+            list.push((OBJECT.to_owned(), builtin_service()));
         }
         list.sort_by(|a, b| a.0.cmp(&b.0));
         list
@@ -289,6 +355,7 @@ impl Introspect for Builtin {
     async fn list(&self) -> Vec<ObjectSummary> {
         self.objects()
             .into_iter()
+            .map(|(object, service)| (object, service.description()))
             .map(|(object, description)| ObjectSummary {
                 object,
                 interface: description.map(|d| d.name.to_string()),
@@ -311,8 +378,9 @@ impl Introspect for Builtin {
     async fn describe(&self, object: String) -> Result<InterfaceDescription, IntrospectError> {
         let objects = self.objects();
         match objects.iter().find(|(name, _)| *name == object) {
-            Some((_, Some(description))) => Ok((*description).clone()),
-            Some((_, None)) => Err(IntrospectError::NotDescribed { object }),
+            Some((_, service)) => {
+                describe(&**service).ok_or(IntrospectError::NotDescribed { object })
+            }
             None => Err(IntrospectError::NoSuchObject {
                 object,
                 known: objects.into_iter().map(|(name, _)| name).collect(),
@@ -365,6 +433,7 @@ fn counters(stats: &crate::PeerStats) -> Vec<PeerCounter> {
 /// make a `static`; the types are `#[non_exhaustive]`). Generated code only.
 pub(crate) mod build {
     use std::borrow::Cow;
+    use std::collections::BTreeMap;
 
     use super::{ArgDescription, InterfaceDescription, MethodDescription, MethodKind};
 
@@ -378,6 +447,7 @@ pub(crate) mod build {
             name: Cow::Borrowed(name),
             docs: Cow::Borrowed(docs),
             methods: Cow::Borrowed(methods),
+            shapes: BTreeMap::new(),
         }
     }
 
@@ -508,14 +578,9 @@ mod tests {
         let reply = wire::encode_ok(&list).expect("encode");
         assert_eq!(&reply[..], doc_block("Its reply, one object"));
 
-        static ARGS: [ArgDescription; 2] = [
-            build::describe_arg("a", "i64"),
-            build::describe_arg("b", "i64"),
-        ];
-        static METHODS: [MethodDescription; 1] = [build::describe_call(
-            "add", "Adds.", &ARGS, "i64", None, false,
-        )];
-        let calc = build::describe_interface("Calc", "", &METHODS);
+        // The description the built-in object answers: `describe` of a real server, its
+        // `shapes` traced.
+        let calc = describe(&CalcServer::new(C)).expect("described");
         let reply = wire::encode_ok(&calc).expect("encode");
         assert_eq!(&reply[..], doc_block("The reply of `describe(\"calc\")`"));
         // And it decodes back, owned.
@@ -524,6 +589,43 @@ mod tests {
         };
         let back: InterfaceDescription = wire::decode_value(value).expect("decodes");
         assert_eq!(back, calc);
+        assert_eq!(back.shape("i64"), Some(&Shape::I64));
+
+        // The shapes of a struct and of an enum.
+        let mut bytes = Vec::new();
+        wire::value(&mut bytes, &shape::trace::<Point>().expect("traced")).expect("encode");
+        assert_eq!(bytes, doc_block("The shape of `struct Point"));
+        let mut bytes = Vec::new();
+        wire::value(&mut bytes, &shape::trace::<Op>().expect("traced")).expect("encode");
+        assert_eq!(bytes, doc_block("The shape of `enum Op"));
+    }
+
+    #[remote(crate = "crate")]
+    trait Calc {
+        /// Adds.
+        async fn add(&self, a: i64, b: i64) -> i64;
+    }
+
+    struct C;
+
+    impl Calc for C {
+        async fn add(&self, a: i64, b: i64) -> i64 {
+            a + b
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    struct Point {
+        x: f64,
+        y: f64,
+    }
+
+    #[derive(Deserialize)]
+    #[allow(dead_code)]
+    enum Op {
+        Neg,
+        Scale(f64),
     }
 
     #[test]

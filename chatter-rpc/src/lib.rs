@@ -181,6 +181,9 @@ pub use service::Service;
 pub mod __private {
     pub use crate::client::{ClientCore, Method};
     pub use crate::introspect::build::*;
+    pub use crate::introspect::shape::{
+        ProbeTraced, ProbeUntraced, ShapeCache, ShapeList, ShapeProbe,
+    };
     pub use crate::introspect::{ArgDescription, InterfaceDescription, MethodDescription};
     pub use crate::service::{
         reply_app_error, reply_ok, BoxFuture, Ctx, CtxDisplay, CtxError, CtxNone, Dispatch,

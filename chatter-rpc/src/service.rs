@@ -29,6 +29,13 @@ pub trait Service: Send + Sync + 'static {
     fn description(&self) -> Option<&'static crate::introspect::InterfaceDescription> {
         None
     }
+
+    /// The shapes of the types [`description`](Self::description) names, traced on the
+    /// first call ([`introspect::describe`](crate::introspect::describe) calls it).
+    #[doc(hidden)]
+    fn __shapes(&self) -> Option<&'static crate::introspect::shape::ShapeList> {
+        None
+    }
 }
 
 /// A boxed, sendable future.

@@ -5,8 +5,9 @@
 mod common;
 
 use chatter_rpc::__private::{Dispatch, Handlers};
+use chatter_rpc::introspect::shape::{Content, Shape};
 use chatter_rpc::introspect::{
-    IntrospectClient, IntrospectError, MethodKind, ObjectSummary, OBJECT,
+    describe, IntrospectClient, IntrospectError, MethodKind, ObjectSummary, OBJECT,
 };
 use chatter_rpc::{remote, CallError, Peer, PeerOptions, Service};
 use common::{connections, within};
@@ -126,6 +127,102 @@ fn remote_records_every_method_shape() {
     assert_eq!((audit.ttl_ms, audit.persistent), (Some(120_000), true));
 
     assert!(Raw.description().is_none());
+    assert!(describe(&Raw).is_none());
+    // The static description has no shapes: they are traced when asked.
+    assert!(d.shapes.is_empty());
+}
+
+#[test]
+fn describe_traces_a_shape_for_every_type_named() {
+    let d = describe(&ShapesServer::new(S)).expect("described");
+    let keys: Vec<&str> = d.shapes.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "()",
+            "<Res<u8> as Result>::Err",
+            "<Res<u8> as Result>::Ok",
+            "NotFound",
+            "Option<Vec<u8>>",
+            "Result<u8, String>",
+            "String",
+            "[u8; 4]",
+            "std::collections::HashMap<String, (i64, bool)>",
+            "u32",
+        ]
+    );
+    let not_found = Shape::Struct {
+        name: "NotFound".into(),
+        content: Content::Unit,
+    };
+    assert_eq!(d.shape("NotFound"), Some(&not_found));
+    assert_eq!(d.shape("<Res<u8> as Result>::Err"), Some(&not_found));
+    assert_eq!(d.shape("<Res<u8> as Result>::Ok"), Some(&Shape::U8));
+    assert_eq!(
+        d.shape("[u8; 4]"),
+        Some(&Shape::Tuple {
+            items: vec![Shape::U8; 4]
+        })
+    );
+    let Some(Shape::Map { key, value }) = d.shape("std::collections::HashMap<String, (i64, bool)>")
+    else {
+        panic!("a map: {:?}", d.shapes);
+    };
+    assert_eq!(
+        (&**key, &**value),
+        (
+            &Shape::Str,
+            &Shape::Tuple {
+                items: vec![Shape::I64, Shape::Bool]
+            }
+        )
+    );
+    // `#[plain]`: the `Result` is a value, an enum of two variants.
+    let Some(Shape::Enum { name, variants }) = d.shape("Result<u8, String>") else {
+        panic!("an enum: {:?}", d.shapes);
+    };
+    assert_eq!(name, "Result");
+    assert_eq!(
+        variants.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["Ok", "Err"]
+    );
+    // Deterministic.
+    assert_eq!(describe(&ShapesServer::new(S)), Some(d));
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Figure {
+    Circle { r: f64 },
+    Square(f64),
+}
+
+/// Streams name their item types.
+#[remote]
+pub trait Streamed {
+    async fn figures(&self, every: u64) -> chatter_rpc::stream::Receiver<Figure>;
+    async fn total(&self, items: chatter_rpc::stream::Receiver<u16>) -> Result<u64, NotFound>;
+}
+
+struct Figures;
+
+impl Streamed for Figures {
+    async fn figures(&self, _every: u64) -> chatter_rpc::stream::Receiver<Figure> {
+        chatter_rpc::stream::channel(1).1
+    }
+    async fn total(&self, _items: chatter_rpc::stream::Receiver<u16>) -> Result<u64, NotFound> {
+        Ok(0)
+    }
+}
+
+#[test]
+fn stream_item_types_have_shapes_and_receivers_none() {
+    let d = describe(&StreamedServer::new(Figures)).expect("described");
+    let keys: Vec<&str> = d.shapes.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["Figure", "NotFound", "u16", "u64"]);
+    let Some(Shape::Enum { variants, .. }) = d.shape("Figure") else {
+        panic!("an enum: {:?}", d.shapes);
+    };
+    assert_eq!(variants.len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -148,10 +245,8 @@ async fn the_builtin_object_lists_and_describes_what_the_peer_serves() {
     let shapes = within(introspect.describe("shapes".into()))
         .await
         .expect("describe");
-    assert_eq!(
-        &shapes,
-        ShapesServer::new(S).description().expect("described")
-    );
+    assert_eq!(shapes, describe(&ShapesServer::new(S)).expect("described"));
+    assert_eq!(shapes.shape("u32"), Some(&Shape::U32));
     // The introspection object describes itself.
     let own = within(introspect.describe(OBJECT.into()))
         .await
