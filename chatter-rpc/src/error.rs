@@ -111,6 +111,21 @@ pub enum CallError<E = Infallible> {
         /// The callee's message.
         what: String,
     },
+    /// The call was routed through a broker (a [`Peer::routed`](crate::Peer::routed)
+    /// handle) to a name that no connected peer holds. Nothing ran.
+    #[error("no such peer: `{peer}` is not registered with the broker")]
+    NoSuchPeer {
+        /// The peer name the call addressed.
+        peer: String,
+    },
+    /// The call was routed through a broker and the callee's connection to the broker
+    /// closed before it answered: the broker's counterpart of
+    /// [`ConnectionLost`](Self::ConnectionLost). The callee may or may not have run it.
+    #[error("routed peer lost: {what}")]
+    PeerLost {
+        /// The broker's message: which peer, and why its connection ended.
+        what: String,
+    },
 }
 
 impl<E> CallError<E> {
@@ -138,6 +153,7 @@ impl<E> CallError<E> {
             CallError::DeadlineExceeded
                 | CallError::ConnectionLost(_)
                 | CallError::OutcomeUnknown(_)
+                | CallError::PeerLost { .. }
         )
     }
 
@@ -165,6 +181,8 @@ impl<E> CallError<E> {
             CallError::ShuttingDown => CallError::ShuttingDown,
             CallError::MetadataTooLarge { what } => CallError::MetadataTooLarge { what },
             CallError::TooManyStreams { what } => CallError::TooManyStreams { what },
+            CallError::NoSuchPeer { peer } => CallError::NoSuchPeer { peer },
+            CallError::PeerLost { what } => CallError::PeerLost { what },
         }
     }
 }
