@@ -1,0 +1,394 @@
+//! The broker end to end: real TCP connections on 127.0.0.1, a broker, a callee registered
+//! under a name and a caller that reaches it through the broker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatter_broker::{Broker, BrokerOptions, Bus, BusError, BusOptions, RegisterError};
+use chatter_core::Options;
+use chatter_rpc::{remote, CallError, PeerOptions};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::timeout;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum CalcError {
+    DivisionByZero,
+}
+
+impl std::fmt::Display for CalcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("division by zero")
+    }
+}
+
+#[remote]
+pub trait Calculator {
+    async fn add(&self, a: i64, b: i64) -> i64;
+    async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError>;
+    async fn boom(&self) -> i64;
+    /// Waits until released; tells the probe when it starts and when it is dropped.
+    async fn wait(&self) -> i64;
+    #[signal(ttl = "5s")]
+    async fn note(&self, text: String);
+}
+
+/// What the test sees of the callee's handlers.
+struct Probe {
+    started: mpsc::UnboundedReceiver<()>,
+    dropped: mpsc::UnboundedReceiver<()>,
+    notes: mpsc::UnboundedReceiver<String>,
+    release: Arc<Notify>,
+}
+
+struct Calc {
+    started: mpsc::UnboundedSender<()>,
+    dropped: mpsc::UnboundedSender<()>,
+    notes: mpsc::UnboundedSender<String>,
+    release: Arc<Notify>,
+}
+
+fn calc() -> (Calc, Probe) {
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let (dropped_tx, dropped) = mpsc::unbounded_channel();
+    let (notes_tx, notes) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let calc = Calc {
+        started: started_tx,
+        dropped: dropped_tx,
+        notes: notes_tx,
+        release: release.clone(),
+    };
+    (
+        calc,
+        Probe {
+            started,
+            dropped,
+            notes,
+            release,
+        },
+    )
+}
+
+/// Sends on drop: the handler's future was dropped (cancelled, deadline, finished).
+struct OnDrop(mpsc::UnboundedSender<()>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+impl Calculator for Calc {
+    async fn add(&self, a: i64, b: i64) -> i64 {
+        a + b
+    }
+    async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError> {
+        a.checked_div(b).ok_or(CalcError::DivisionByZero)
+    }
+    async fn boom(&self) -> i64 {
+        panic!("the calculator exploded")
+    }
+    async fn wait(&self) -> i64 {
+        let _guard = OnDrop(self.dropped.clone());
+        let _ = self.started.send(());
+        self.release.notified().await;
+        42
+    }
+    async fn note(&self, text: String) {
+        let _ = self.notes.send(text);
+    }
+}
+
+/// A broker, a callee `calc-1` serving `calc`, and a caller `app`.
+struct Setup {
+    broker: Broker,
+    callee: Bus,
+    caller: Bus,
+    probe: Probe,
+}
+
+async fn setup() -> Setup {
+    setup_with(BrokerOptions::default(), BusOptions::new()).await
+}
+
+async fn setup_with(options: BrokerOptions, callee_options: BusOptions) -> Setup {
+    let broker = Broker::listen("tcp://127.0.0.1:0", options)
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    let (calc, probe) = calc();
+    let callee = chatter_broker::connect_unnamed(&address, callee_options)
+        .await
+        .expect("callee connects");
+    callee.register("calc", CalculatorServer::new(calc));
+    callee
+        .claim("calc-1", false)
+        .await
+        .expect("callee registers");
+    let caller = chatter_broker::connect(&address, "app")
+        .await
+        .expect("caller connects");
+    Setup {
+        broker,
+        callee,
+        caller,
+        probe,
+    }
+}
+
+impl Setup {
+    fn calc(&self) -> CalculatorClient {
+        CalculatorClient::new(&self.caller.peer("calc-1"), "calc")
+    }
+}
+
+/// Long enough for anything that should happen at once, short against every default.
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    timeout(Duration::from_secs(10), f).await.expect("in time")
+}
+
+#[tokio::test]
+async fn routed_call_returns_the_result() {
+    let s = setup().await;
+    assert_eq!(within(s.calc().add(2, 3)).await.expect("call"), 5);
+    assert_eq!(s.broker.names(), ["app", "calc-1"]);
+    // Many at once, over the one connection each side has to the broker.
+    let calc = s.calc();
+    let calls = (0..100).map(|i| {
+        let calc = calc.clone();
+        tokio::spawn(async move { calc.add(i, 1).await })
+    });
+    for (i, call) in calls.enumerate() {
+        let sum = within(call).await.expect("task").expect("call");
+        assert_eq!(sum, i as i64 + 1);
+    }
+    let stats = s.broker.stats();
+    assert_eq!((stats.held_bytes, stats.queued), (0, 0), "{stats:?}");
+}
+
+#[tokio::test]
+async fn typed_errors_and_panics_come_through() {
+    let s = setup().await;
+    match within(s.calc().div(1, 0)).await {
+        Err(CallError::App { error, remote }) => {
+            assert_eq!(error, CalcError::DivisionByZero);
+            assert_eq!(remote.message, "division by zero");
+        }
+        other => panic!("expected the app error, got {other:?}"),
+    }
+    match within(s.calc().boom()).await {
+        Err(CallError::RemotePanic { message }) => {
+            assert!(message.contains("the calculator exploded"), "{message}")
+        }
+        other => panic!("expected a remote panic, got {other:?}"),
+    }
+    // The callee keeps serving.
+    assert_eq!(within(s.calc().add(1, 1)).await.expect("call"), 2);
+}
+
+#[tokio::test]
+async fn a_signal_reaches_the_named_peer() {
+    let mut s = setup().await;
+    within(
+        s.calc()
+            .with_ttl(Duration::from_secs(2))
+            .note("hello".into()),
+    )
+    .await
+    .expect("queued");
+    assert_eq!(within(s.probe.notes.recv()).await.as_deref(), Some("hello"));
+}
+
+#[tokio::test]
+async fn an_unknown_name_fails_at_once() {
+    let s = setup().await;
+    let nobody = CalculatorClient::new(&s.caller.peer("calc-9"), "calc")
+        .with_deadline(Duration::from_secs(3600));
+    match within(nobody.add(1, 2)).await {
+        Err(CallError::NoSuchPeer { peer }) => assert_eq!(peer, "calc-9"),
+        other => panic!("expected NoSuchPeer, got {other:?}"),
+    }
+    assert_eq!(s.broker.stats().no_such_peer, 1);
+    // An object the named peer does not host is the callee's answer, as directly.
+    let wrong = CalculatorClient::new(&s.caller.peer("calc-1"), "abacus");
+    assert!(matches!(
+        within(wrong.add(1, 2)).await,
+        Err(CallError::NoSuchObject { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_name_held_by_a_connected_peer_is_refused_or_taken_over() {
+    let s = setup().await;
+    let address = s.broker.addresses()[0].clone();
+    match chatter_broker::connect(&address, "calc-1").await {
+        Err(BusError::Refused(RegisterError::NameTaken { name })) => assert_eq!(name, "calc-1"),
+        other => panic!("expected NameTaken, got {other:?}"),
+    }
+    match chatter_broker::connect(&address, "a/b").await {
+        Err(BusError::Refused(RegisterError::InvalidName { .. })) => {}
+        other => panic!("expected InvalidName, got {other:?}"),
+    }
+    match s.caller.claim("other", false).await {
+        Err(BusError::Refused(RegisterError::AlreadyRegistered { name })) => {
+            assert_eq!(name, "app")
+        }
+        other => panic!("expected AlreadyRegistered, got {other:?}"),
+    }
+    // The original holder still serves.
+    assert_eq!(within(s.calc().add(1, 2)).await.expect("call"), 3);
+
+    // Taking over disconnects the holder and gives the name to the newcomer.
+    let usurper =
+        chatter_broker::connect_with(&address, "calc-1", BusOptions::new().take_over(true))
+            .await
+            .expect("take over");
+    let cause = within(s.callee.closed()).await;
+    assert!(cause.to_string().contains("taken over"), "{cause}");
+    // The newcomer serves nothing yet: the call reaches it, not the old holder.
+    assert!(matches!(
+        within(s.calc().add(1, 2)).await,
+        Err(CallError::NoSuchObject { .. })
+    ));
+    drop(usurper);
+}
+
+#[tokio::test]
+async fn the_callees_disconnect_fails_the_call_in_flight() {
+    let mut s = setup().await;
+    let calc = s.calc().with_deadline(Duration::from_secs(3600));
+    let call = tokio::spawn(async move { calc.wait().await });
+    within(s.probe.started.recv())
+        .await
+        .expect("handler started");
+    // Cut off, not closed gracefully (which answers running calls with `Cancelled`).
+    let conn = s.callee.connection().expect("connected");
+    conn.close().await;
+    match within(call).await.expect("task") {
+        Err(e @ CallError::PeerLost { .. }) => {
+            assert!(e.to_string().contains("calc-1"), "{e}");
+            assert!(e.is_outcome_unknown());
+        }
+        other => panic!("expected PeerLost, got {other:?}"),
+    }
+    // And the name is free again.
+    match within(s.calc().add(1, 1)).await {
+        Err(CallError::NoSuchPeer { .. }) => {}
+        other => panic!("expected NoSuchPeer, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn dropping_the_call_cancels_the_handler() {
+    let mut s = setup().await;
+    let calc = s.calc().with_deadline(Duration::from_secs(3600));
+    let call = tokio::spawn(async move { calc.wait().await });
+    within(s.probe.started.recv())
+        .await
+        .expect("handler started");
+    call.abort();
+    // The cancel went through the broker, with the call's id on the callee's connection.
+    within(s.probe.dropped.recv())
+        .await
+        .expect("handler dropped");
+    // The callee's `cancelled` reply found no caller: nothing is left in the broker.
+    assert_eq!(within(s.calc().add(1, 1)).await.expect("call"), 2);
+}
+
+#[tokio::test]
+async fn a_callers_disconnect_cancels_its_calls() {
+    let mut s = setup().await;
+    let calc = s.calc().with_deadline(Duration::from_secs(3600));
+    let _call = tokio::spawn(async move { calc.wait().await });
+    within(s.probe.started.recv())
+        .await
+        .expect("handler started");
+    s.caller.close().await;
+    within(s.probe.dropped.recv())
+        .await
+        .expect("handler dropped");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_holds_through_the_broker() {
+    let mut s = setup().await;
+    let start = tokio::time::Instant::now();
+    let err = s
+        .calc()
+        .with_deadline(Duration::from_secs(2))
+        .wait()
+        .await
+        .expect_err("the handler never finishes");
+    assert!(matches!(err, CallError::DeadlineExceeded), "{err:?}");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    // The callee got the deadline too, and dropped the handler when it passed.
+    s.probe.dropped.recv().await.expect("handler dropped");
+}
+
+/// A callee that never finishes its handlers stops taking requests; the broker then holds
+/// at most the caller's window of them, and the caller waits.
+#[tokio::test]
+async fn a_slow_callee_does_not_make_the_broker_buffer_without_bound() {
+    const WINDOW: u32 = 64 * 1024;
+    let small = Options::default()
+        .receive_window(WINDOW)
+        .max_frame_size(WINDOW - 64);
+    let options = BrokerOptions::new().connection(small.clone());
+    let callee_options = BusOptions::new()
+        .connection(small)
+        .peer(PeerOptions::default().max_concurrent_handlers(1));
+    let mut s = setup_with(options, callee_options).await;
+    let calc = s.calc().with_deadline(Duration::from_secs(3600));
+    // One handler runs and never ends; everything after it waits at the callee, then in
+    // the broker, then at the caller.
+    let first = tokio::spawn({
+        let calc = calc.clone();
+        async move { calc.wait().await }
+    });
+    within(s.probe.started.recv())
+        .await
+        .expect("handler started");
+    let text = "x".repeat(1000);
+    let mut sent = 0;
+    let mut stalled = false;
+    for _ in 0..2000 {
+        let note = calc.with_ttl(Duration::from_secs(3600)).note(text.clone());
+        match timeout(Duration::from_millis(200), note).await {
+            Ok(result) => {
+                result.expect("signal queued");
+                sent += 1;
+            }
+            Err(_) => {
+                stalled = true;
+                break;
+            }
+        }
+    }
+    let held = s.broker.stats().held_bytes;
+    assert!(
+        held > 0,
+        "the broker holds nothing: the test did not fill it"
+    );
+    assert!(
+        held <= u64::from(WINDOW) * 2,
+        "the broker holds {held} bytes, over its windows ({WINDOW} per connection)"
+    );
+    assert!(
+        stalled || s.caller.queued() > 0,
+        "the caller never had to wait ({sent} signals sent)"
+    );
+    // Released, everything drains: the broker gives its credit back.
+    s.probe.release.notify_waiters();
+    assert_eq!(within(first).await.expect("task").expect("call"), 42);
+    s.probe.release.notify_one();
+    within(async {
+        while s.broker.stats().held_bytes > 0 {
+            s.probe.notes.recv().await;
+        }
+    })
+    .await;
+}
