@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chatter_broker::{Broker, BrokerOptions, Bus, BusError, BusOptions, RegisterError};
 use chatter_core::Options;
+use chatter_rpc::stream::{self, Receiver};
 use chatter_rpc::{remote, CallError, PeerOptions};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::timeout;
@@ -30,6 +31,10 @@ pub trait Calculator {
     async fn wait(&self) -> i64;
     #[signal(ttl = "5s")]
     async fn note(&self, text: String);
+    /// A result stream: 0, 1, …, n − 1.
+    async fn count(&self, n: u32) -> Receiver<u32>;
+    /// An argument stream, added up.
+    async fn sum(&self, input: Receiver<u32>) -> u64;
 }
 
 /// What the test sees of the callee's handlers.
@@ -96,6 +101,24 @@ impl Calculator for Calc {
     }
     async fn note(&self, text: String) {
         let _ = self.notes.send(text);
+    }
+    async fn count(&self, n: u32) -> Receiver<u32> {
+        let (tx, rx) = stream::channel(4);
+        tokio::spawn(async move {
+            for i in 0..n {
+                if tx.send(i).await.is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+    async fn sum(&self, mut input: Receiver<u32>) -> u64 {
+        let mut sum = 0;
+        while let Some(Ok(i)) = input.recv().await {
+            sum += u64::from(i);
+        }
+        sum
     }
 }
 
@@ -391,4 +414,75 @@ async fn a_slow_callee_does_not_make_the_broker_buffer_without_bound() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn streams_go_through_both_ways() {
+    let s = setup().await;
+    // A result stream larger than the caller's stream window: credit goes back through
+    // the broker (`[15, call, bytes]` rewritten to the callee's call id).
+    let mut items = within(s.calc().count(20_000)).await.expect("stream opens");
+    let mut expected = 0;
+    while let Some(item) = within(items.recv()).await {
+        assert_eq!(item.expect("item"), expected);
+        expected += 1;
+    }
+    assert_eq!(expected, 20_000);
+    // An argument stream: `[14, call]` opens its own conversation through the broker.
+    let (tx, rx) = stream::channel(4);
+    let feed = tokio::spawn(async move {
+        for i in 0..1000u32 {
+            if tx.send(i).await.is_err() {
+                break;
+            }
+        }
+    });
+    assert_eq!(within(s.calc().sum(rx)).await.expect("sum"), 999 * 1000 / 2);
+    within(feed).await.expect("feeder");
+    let stats = s.broker.stats();
+    assert_eq!((stats.held_bytes, stats.queued), (0, 0), "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_signal_that_outlives_its_ttl_in_the_broker_is_dropped() {
+    const WINDOW: u32 = 16 * 1024;
+    let small = Options::default()
+        .receive_window(WINDOW)
+        .max_frame_size(WINDOW - 64);
+    let callee_options = BusOptions::new()
+        .connection(small)
+        .peer(PeerOptions::default().max_concurrent_handlers(1));
+    let mut s = setup_with(BrokerOptions::default(), callee_options).await;
+    let calc = s.calc().with_deadline(Duration::from_secs(3600));
+    let first = tokio::spawn({
+        let calc = calc.clone();
+        async move { calc.wait().await }
+    });
+    s.probe.started.recv().await.expect("handler started");
+    // Fill the callee's window with signals it cannot start, so that later ones wait in
+    // the broker; each has a 1 s TTL.
+    let text = "y".repeat(1000);
+    for _ in 0..40 {
+        calc.with_ttl(Duration::from_secs(1))
+            .note(text.clone())
+            .await
+            .expect("queued");
+    }
+    let waiting = async {
+        while s.broker.stats().queued == 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    within(waiting).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.probe.release.notify_one();
+    assert_eq!(first.await.expect("task").expect("call"), 42);
+    // Whatever waited in the broker for more than its TTL never reaches the handler.
+    let expired = async {
+        while s.broker.stats().signals_expired == 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    within(expired).await;
+    assert_eq!(s.broker.stats().queued, 0);
 }
