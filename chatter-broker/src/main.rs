@@ -10,7 +10,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Where to listen: tcp://HOST:PORT, unix:PATH, or tls://HOST:PORT (with --tls-cert and
+    /// Where to listen: tcp://HOST:PORT, unix:PATH (or unix://PATH), or tls://HOST:PORT (with --tls-cert and
     /// --tls-key). Repeat for several.
     #[arg(long, required = true)]
     listen: Vec<String>,
@@ -56,6 +56,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .max_name_len(args.max_name_len);
     let mut brokers = Vec::new();
     for address in &args.listen {
+        // `unix:PATH` for `unix://PATH`.
+        let address = match address.strip_prefix("unix:") {
+            Some(path) if !path.starts_with("//") => format!("unix://{path}"),
+            _ => address.clone(),
+        };
         let broker = Broker::listen(address.as_str(), options.clone()).await?;
         for a in broker.addresses() {
             println!("chatter-broker listening on {a}");

@@ -378,7 +378,10 @@ impl Link {
                 if let Some(pair) = routes.map.get(&key) {
                     return Some(pair.clone());
                 }
-                // Only a conversation the broker opened can be waiting for its route.
+                // Only a conversation the broker opened can be waiting for its route: its
+                // opening is being sent, and the reply came before the writer recorded it
+                // (a window of a few instructions; every other conversation the broker
+                // opened keeps its route until its last message, see `lost_a`).
                 if routes.opening == 0 || !key.owner {
                     return None;
                 }
@@ -706,15 +709,22 @@ fn lost_a(pair: &Arc<Pair>, why: &str) {
         // Not opened on `b` yet: the writer skips it (`a` is closed).
         return;
     };
-    lock(&pair.b.routes).map.remove(&conv.id());
     if pair.ended.swap(true, Ordering::AcqRel) {
+        lock(&pair.b.routes).map.remove(&conv.id());
         return;
     }
     if !pair.b_turn.load(Ordering::Acquire) {
+        lock(&pair.b.routes).map.remove(&conv.id());
         let failure = envelope::failure(envelope::FAILURE_PEER_LOST, why);
         pair.b.answer(conv, failure, None);
-    } else if conv.is_owner() {
-        pair.b.one_shot(envelope::cancel(conv.first_id()));
+    } else {
+        // `b` holds the turn and will still speak (its answer to the cancel): the route
+        // stays until then, so that its reader finds it and drops what `b` says (a
+        // conversation without a route is one whose opening is being sent, which the
+        // reader waits for).
+        if conv.is_owner() {
+            pair.b.one_shot(envelope::cancel(conv.first_id()));
+        }
     }
 }
 

@@ -330,6 +330,15 @@ async fn a_callers_disconnect_cancels_its_calls() {
     within(s.probe.dropped.recv())
         .await
         .expect("handler dropped");
+    // The callee's answer to the cancel had nobody to go to; the broker dropped it and
+    // serves the next caller.
+    let address = s.broker.addresses()[0].clone();
+    let next = chatter_broker::connect(&address, "app-2")
+        .await
+        .expect("connects");
+    let calc = CalculatorClient::new(&next.peer("calc-1"), "calc");
+    assert_eq!(within(calc.add(2, 2)).await.expect("call"), 4);
+    assert!(s.broker.stats().discarded >= 1);
 }
 
 #[tokio::test(start_paused = true)]
