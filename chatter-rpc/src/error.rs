@@ -146,7 +146,7 @@ impl<E> CallError<E> {
     }
 
     /// True for failures where the callee may or may not have run the handler to completion
-    /// (deadline exceeded, connection lost): the call's effect is unknown.
+    /// (deadline exceeded, connection lost, a routed callee lost): the call's effect is unknown.
     pub fn is_outcome_unknown(&self) -> bool {
         matches!(
             self,
