@@ -495,3 +495,53 @@ async fn a_signal_that_outlives_its_ttl_in_the_broker_is_dropped() {
     within(expired).await;
     assert_eq!(s.broker.stats().queued, 0);
 }
+
+/// A peer that speaks chatter-core but sends envelopes the broker cannot route: each is
+/// answered (when it passed the turn) or dropped, and the broker keeps serving.
+#[tokio::test]
+async fn garbage_envelopes_are_answered_or_dropped_never_fatal() {
+    use chatter_core::SendOptions;
+    let s = setup().await;
+    let raw = chatter_core::connect(&s.broker.addresses()[0], Options::default())
+        .await
+        .expect("connects");
+    let request = || SendOptions::new().last(false);
+    let cases: [&[u8]; 5] = [
+        // not MessagePack at all, a bare integer, an unknown kind, a call with too few
+        // elements, a call whose duration is negative: answered (they pass the turn)
+        b"\xc1",
+        &[0x05],
+        &[0x92, 0x63, 0x00],
+        &[0x93, 0x00, 0xa1, 0x78, 0xa1, 0x79],
+        &[0x95, 0x00, 0xa3, 0x61, 0x2f, 0x62, 0xa1, 0x6d, 0xff, 0xc0],
+    ];
+    for payload in cases {
+        let conv = raw.send_bytes(payload, request()).await.expect("sent");
+        let reply = within(raw.receive()).await.expect("answered");
+        assert_eq!(reply.conversation, conv);
+        assert!(reply.last);
+        // `[2, 7, "…"]`: a protocol failure.
+        assert_eq!(&reply.payload[..3], &[0x93, 0x02, 0x07], "{payload:x?}");
+    }
+    // One-shots nobody may answer: a cancel of a call that does not exist, garbage, a
+    // reliable signal. Dropped.
+    for payload in [
+        &[0x92, 0x02, 0x07][..],
+        b"\xc1",
+        &[0x94, 0x04, 0x01, 0x01, 0x00],
+    ] {
+        raw.send_bytes(payload, SendOptions::new())
+            .await
+            .expect("sent");
+    }
+    // Still serving, this connection and the others.
+    assert_eq!(within(s.calc().add(1, 2)).await.expect("call"), 3);
+    let ping = [0x95, 0x00, 0xa3, 0x61, 0x2f, 0x62, 0xa1, 0x6d, 0x05, 0xc0]; // a/b.m()
+    let conv = raw.send_bytes(&ping, request()).await.expect("sent");
+    let reply = within(raw.receive()).await.expect("answered");
+    assert_eq!(reply.conversation, conv);
+    // `[2, 11, "a"]`: nobody is `a`.
+    assert_eq!(&reply.payload[..], &[0x93, 0x02, 0x0b, 0xa1, 0x61]);
+    let stats = s.broker.stats();
+    assert!(stats.discarded >= 2 && stats.unsupported == 1, "{stats:?}");
+}
