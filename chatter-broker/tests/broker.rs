@@ -545,3 +545,28 @@ async fn garbage_envelopes_are_answered_or_dropped_never_fatal() {
     let stats = s.broker.stats();
     assert!(stats.discarded >= 2 && stats.unsupported == 1, "{stats:?}");
 }
+
+/// A result stream whose callee vanishes ends with an error naming the peer; it does not
+/// hang. (chatter-rpc reports failure 12 inside a stream as `StreamError::Protocol` with
+/// the broker's message: its stream code maps only the failures a direct callee sends.)
+#[tokio::test]
+async fn a_stream_whose_callee_vanishes_ends_with_an_error() {
+    let s = setup().await;
+    let mut items = within(s.calc().count(u32::MAX))
+        .await
+        .expect("stream opens");
+    assert_eq!(within(items.recv()).await.map(Result::ok), Some(Some(0)));
+    let conn = s.callee.connection().expect("connected");
+    conn.close().await;
+    let error = within(async {
+        loop {
+            match items.recv().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e,
+                None => panic!("the stream ended without an error"),
+            }
+        }
+    })
+    .await;
+    assert!(error.to_string().contains("calc-1"), "{error}");
+}
