@@ -12,6 +12,7 @@
 //! - Each destination has one FIFO queue of what could not be sent at once, drained by its
 //!   writer in order, so messages of one conversation never overtake each other.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -167,12 +168,29 @@ impl Link {
     /// cancels everything relayed through it.
     pub(crate) async fn run(self: Arc<Self>) {
         let writer = tokio::spawn(self.clone().write_loop());
+        let reading = Reading {
+            link: Arc::as_ptr(&self) as usize,
+            pending: Cell::new(0),
+        };
+        let cause = READING.scope(reading, self.read_loop()).await;
+        self.close_down(&cause);
+        let _ = writer.await;
+    }
+
+    /// Takes messages and routes them until the connection closes; returns why it closed.
+    async fn read_loop(self: &Arc<Self>) -> String {
         let mut events = Vec::with_capacity(BATCH);
-        let cause = loop {
+        loop {
             events.clear();
-            match self.conn.next_events_holding(&mut events, BATCH, 0).await {
-                Ok(_) => {}
-                Err(closed) => break closed.to_string(),
+            // What this reader forwarded at once goes back in the same call (one lock
+            // instead of one per message).
+            let release = READING.with(|r| r.pending.take());
+            if let Err(closed) = self
+                .conn
+                .next_events_holding(&mut events, BATCH, release)
+                .await
+            {
+                return closed.to_string();
             }
             for event in events.drain(..) {
                 // The broker sets no conversation timeouts: only messages arrive.
@@ -184,9 +202,7 @@ impl Link {
                     self.relay(msg).await;
                 }
             }
-        };
-        self.close_down(&cause);
-        let _ = writer.await;
+        }
     }
 
     /// An opening message: a request to route, a cancel or stream envelope naming a call,
@@ -386,6 +402,10 @@ impl Link {
                     return None;
                 }
             }
+            // Nothing this reader holds back may wait on the writer (whose send can need
+            // the peer to get its credit first).
+            let release = READING.with(|r| r.pending.take());
+            self.conn.release(release);
             opened.await;
         }
     }
@@ -682,12 +702,37 @@ impl Link {
 
 type Credit = Option<(Arc<Link>, u32)>;
 
-/// Gives a message's credit back to the connection it came from.
+/// Gives a message's credit back to the connection it came from: at once, or with the
+/// next batch when the reader of that connection forwarded it itself.
 fn give_back(credit: Credit) {
-    if let Some((link, credit)) = credit {
-        link.conn.release(u64::from(credit));
-        link.state.counters.released(u64::from(credit));
+    let Some((link, credit)) = credit else { return };
+    let credit = u64::from(credit);
+    link.state.counters.released(credit);
+    let batched = READING
+        .try_with(|r| {
+            let own = r.link == Arc::as_ptr(&link) as usize;
+            if own {
+                r.pending.set(r.pending.get() + credit);
+            }
+            own
+        })
+        .unwrap_or(false);
+    if !batched {
+        link.conn.release(credit);
     }
+}
+
+tokio::task_local! {
+    /// In a link's reader task: credit of that link's messages the reader forwarded,
+    /// given back with its next `next_events_holding`.
+    static READING: Reading;
+}
+
+/// See [`READING`].
+struct Reading {
+    /// The link (its address, compared only).
+    link: usize,
+    pending: Cell<u64>,
 }
 
 /// `b`'s side of the pair is gone: the caller (if it waits for an answer) gets *peer lost*.
