@@ -65,6 +65,19 @@ impl BrokerOptions {
 }
 
 /// A snapshot of a broker's counters ([`Broker::stats`]).
+///
+/// ```
+/// use chatter_broker::{Broker, BrokerOptions};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default()).await?;
+/// let _bus = chatter_broker::connect(&broker.addresses()[0], "a").await?;
+/// let stats = broker.stats();
+/// assert_eq!((stats.connections, stats.names), (1, 1));
+/// assert_eq!(stats.held_bytes, 0); // nothing waits in the broker
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BrokerStats {

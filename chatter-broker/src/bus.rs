@@ -138,7 +138,32 @@ pub async fn connect_with(
 }
 
 /// Connects to the broker without a name: the peer can call the broker's peers, and
-/// serves nothing until it [`claim`](Bus::claim)s a name.
+/// serves nothing until it [`claim`](Bus::claim)s a name. Register objects between the
+/// two, and no call can find the name before its objects are there:
+///
+/// ```
+/// use chatter_broker::{Broker, BusOptions};
+/// use chatter_rpc::remote;
+///
+/// #[remote]
+/// pub trait Clock {
+///     async fn now(&self) -> u64;
+/// }
+/// struct C;
+/// impl Clock for C {
+///     async fn now(&self) -> u64 { 42 }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let broker = Broker::listen("tcp://127.0.0.1:0", Default::default()).await?;
+/// # let address = &broker.addresses()[0];
+/// let bus = chatter_broker::connect_unnamed(address, BusOptions::new()).await?;
+/// bus.register("clock", ClockServer::new(C));
+/// bus.claim("clock-1", false).await?;
+/// assert_eq!(broker.names(), ["clock-1"]);
+/// # Ok(()) }
+/// ```
 pub async fn connect_unnamed(
     address: impl ToAddress,
     options: BusOptions,

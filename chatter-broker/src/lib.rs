@@ -96,7 +96,22 @@ pub use envelope::ROUTE_SEPARATOR;
 /// take_over: bool) -> Result<(), RegisterError>`).
 pub const BROKER_OBJECT: &str = "chatter.broker";
 
-/// Why the broker refused a name.
+/// Why the broker refused a name ([`BusError::Refused`]).
+///
+/// ```
+/// use chatter_broker::{Broker, BusError, RegisterError};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let broker = Broker::listen("tcp://127.0.0.1:0", Default::default()).await?;
+/// # let address = &broker.addresses()[0];
+/// let _first = chatter_broker::connect(address, "pump-1").await?;
+/// match chatter_broker::connect(address, "pump-1").await {
+///     Err(BusError::Refused(RegisterError::NameTaken { name })) => assert_eq!(name, "pump-1"),
+///     other => panic!("{other:?}"),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegisterError {
