@@ -98,11 +98,10 @@ pub struct BrokerStats {
     pub no_such_peer: u64,
     /// Signals whose TTL ran out while they waited in the broker.
     pub signals_expired: u64,
-    /// Messages dropped because their conversation's other side was gone, or that the
-    /// broker could not route and could not answer.
+    /// Messages dropped because their conversation's other side was gone (or, for an
+    /// ack, the signal's sender), or that the broker could not route and could not
+    /// answer.
     pub discarded: u64,
-    /// Reliable signals and acks, which this broker does not relay yet.
-    pub unsupported: u64,
 }
 
 /// A running broker: peers connect to it, register names, and call each other through it.
@@ -191,7 +190,6 @@ impl Broker {
             no_such_peer: get(&c.no_such_peer),
             signals_expired: get(&c.signals_expired),
             discarded: get(&c.discarded),
-            unsupported: get(&c.unsupported),
         }
     }
 
@@ -310,7 +308,6 @@ pub(crate) struct Counters {
     pub(crate) no_such_peer: AtomicU64,
     pub(crate) signals_expired: AtomicU64,
     pub(crate) discarded: AtomicU64,
-    pub(crate) unsupported: AtomicU64,
 }
 
 impl Counters {

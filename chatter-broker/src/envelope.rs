@@ -16,10 +16,13 @@ const STREAM_CALL_WITH_CONTEXT: u8 = 13;
 pub(crate) const CANCEL: u8 = 2;
 pub(crate) const ARGUMENT_STREAM: u8 = 14;
 pub(crate) const RESULT_CREDIT: u8 = 15;
-/// Reliable signals and their acks (not relayed yet: `docs/design/broker.md`).
+/// Reliable signals and their acks: `[3, stream, seq, object, method, ttl, …]`,
+/// `[4, stream, seq, status]`.
 const RELIABLE_SIGNAL: u8 = 3;
 const ACK: u8 = 4;
 const RELIABLE_SIGNAL_WITH_CONTEXT: u8 = 11;
+/// An ack's status for a signal that was not run.
+pub(crate) const ACK_FAILED: u64 = 2;
 
 /// The separator between a peer's name and its object's in a routed object name.
 pub const ROUTE_SEPARATOR: char = '/';
@@ -45,14 +48,20 @@ pub(crate) enum Envelope<'a> {
         /// Where the call id begins and ends in the payload.
         at: (usize, usize),
     },
-    /// A reliable signal or an ack, which the broker does not relay yet.
-    Reliable,
+    /// An acknowledgement of a reliable signal, naming the sender's stream.
+    Ack {
+        stream: u64,
+        /// Where the stream id begins and ends in the payload.
+        at: (usize, usize),
+    },
 }
 
 /// A request's head.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Request<'a> {
     pub(crate) kind: u8,
+    /// A reliable signal's stream id, and where its sequence number is in the payload.
+    pub(crate) reliable: Option<(u64, (usize, usize))>,
     /// The peer name before the first `/`; `None` for an object of the broker itself.
     pub(crate) target: Option<&'a str>,
     /// The object name the callee sees (after the `/`).
@@ -69,7 +78,10 @@ pub(crate) struct Request<'a> {
 impl Request<'_> {
     /// True for calls and stream calls (answered with a reply), false for signals.
     pub(crate) fn is_call(&self) -> bool {
-        !matches!(self.kind, SIGNAL | SIGNAL_WITH_CONTEXT)
+        !matches!(
+            self.kind,
+            SIGNAL | SIGNAL_WITH_CONTEXT | RELIABLE_SIGNAL | RELIABLE_SIGNAL_WITH_CONTEXT
+        )
     }
 
     /// Where the rest of the envelope (after the duration) begins in the payload.
@@ -97,12 +109,17 @@ impl Request<'_> {
     }
 
     /// The head as the callee gets it: the same envelope with the object name without its
-    /// route, up to (not including) the duration.
-    pub(crate) fn rewritten_head(&self, payload: &[u8]) -> Vec<u8> {
+    /// route (and a reliable signal's stream id replaced by `stream`), up to (not
+    /// including) the duration.
+    pub(crate) fn rewritten_head(&self, payload: &[u8], stream: Option<u64>) -> Vec<u8> {
         let method = &payload[self.method.0..self.method.1];
-        let mut head = Vec::with_capacity(16 + self.object.len() + method.len());
+        let mut head = Vec::with_capacity(32 + self.object.len() + method.len());
         msgpack::write_array_len(&mut head, self.len);
         msgpack::write_uint(&mut head, u64::from(self.kind));
+        if let Some((original, seq)) = self.reliable {
+            msgpack::write_uint(&mut head, stream.unwrap_or(original));
+            head.extend_from_slice(&payload[seq.0..seq.1]);
+        }
         msgpack::write_str(&mut head, self.object);
         head.extend_from_slice(method);
         head
@@ -126,17 +143,31 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Envelope<'_>, Unroutable> {
         | CALL_WITH_CONTEXT
         | SIGNAL_WITH_CONTEXT
         | STREAM_CALL
-        | STREAM_CALL_WITH_CONTEXT => {
+        | STREAM_CALL_WITH_CONTEXT
+        | RELIABLE_SIGNAL
+        | RELIABLE_SIGNAL_WITH_CONTEXT => {
             let expected = match kind {
                 CALL | SIGNAL => 5,
                 CALL_WITH_CONTEXT | SIGNAL_WITH_CONTEXT | STREAM_CALL => 6,
-                _ => 7,
+                STREAM_CALL_WITH_CONTEXT | RELIABLE_SIGNAL => 7,
+                _ => 8,
             };
             if len != expected {
                 return Err(Unroutable(format!(
                     "envelope kind {kind} with {len} elements (expected {expected})"
                 )));
             }
+            let reliable = if matches!(kind, RELIABLE_SIGNAL | RELIABLE_SIGNAL_WITH_CONTEXT) {
+                let stream = r
+                    .read_uint()
+                    .map_err(|e| Unroutable(format!("stream id: {e}")))?;
+                let start = r.position();
+                r.read_uint()
+                    .map_err(|e| Unroutable(format!("sequence number: {e}")))?;
+                Some((stream, (start, r.position())))
+            } else {
+                None
+            };
             let name = r
                 .read_str()
                 .map_err(|e| Unroutable(format!("object name: {e}")))?;
@@ -153,6 +184,7 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Envelope<'_>, Unroutable> {
             };
             Ok(Envelope::Request(Request {
                 kind,
+                reliable,
                 target,
                 object,
                 method,
@@ -178,7 +210,21 @@ pub(crate) fn parse(payload: &[u8]) -> Result<Envelope<'_>, Unroutable> {
                 at: (start, r.position()),
             })
         }
-        RELIABLE_SIGNAL | ACK | RELIABLE_SIGNAL_WITH_CONTEXT => Ok(Envelope::Reliable),
+        ACK => {
+            if len != 4 {
+                return Err(Unroutable(format!(
+                    "envelope kind {kind} with {len} elements (expected 4)"
+                )));
+            }
+            let start = r.position();
+            let stream = r
+                .read_uint()
+                .map_err(|e| Unroutable(format!("stream id: {e}")))?;
+            Ok(Envelope::Ack {
+                stream,
+                at: (start, r.position()),
+            })
+        }
         _ => Err(Unroutable(format!("unknown envelope kind {kind}"))),
     }
 }
@@ -211,6 +257,17 @@ pub(crate) fn app_error(message: &str, error: &[u8]) -> Vec<u8> {
     msgpack::write_str(&mut w, message);
     msgpack::write_array_len(&mut w, 0);
     w.extend_from_slice(error);
+    w
+}
+
+/// `[4, stream, seq, status]`: an ack, `seq` as it arrived (encoded).
+pub(crate) fn ack(stream: u64, seq: &[u8], status: u64) -> Vec<u8> {
+    let mut w = Vec::with_capacity(24);
+    msgpack::write_array_len(&mut w, 4);
+    msgpack::write_uint(&mut w, u64::from(ACK));
+    msgpack::write_uint(&mut w, stream);
+    w.extend_from_slice(seq);
+    msgpack::write_uint(&mut w, status);
     w
 }
 
@@ -250,7 +307,7 @@ mod tests {
         assert_eq!(request.object, "calc");
         assert_eq!(request.duration_ms, 1500);
         assert!(request.is_call());
-        let mut out = request.rewritten_head(&payload);
+        let mut out = request.rewritten_head(&payload, None);
         msgpack::write_uint(&mut out, request.duration_ms);
         out.extend_from_slice(&payload[request.tail()..]);
         // PROTOCOL.md's unrouted `add(2, 3)` on "calc".
@@ -303,6 +360,35 @@ mod tests {
                 at: (2, 5)
             })
         );
+    }
+
+    /// PROTOCOL.md's reliable signal `log.line("hi")`, stream 7, seq 300, routed to `n`,
+    /// and its ack.
+    #[test]
+    fn reliable_signals_and_acks_name_their_stream() {
+        let payload =
+            hex("97 03 07 cd 01 2c a5 6e 2f 6c 6f 67 a4 6c 69 6e 65 cd 0f a0 91 a2 68 69");
+        let Ok(Envelope::Request(request)) = parse(&payload) else {
+            panic!("not a request");
+        };
+        assert!(!request.is_call());
+        assert_eq!(request.target, Some("n"));
+        let mut out = request.rewritten_head(&payload, Some(9));
+        msgpack::write_uint(&mut out, 4000);
+        out.extend_from_slice(&payload[request.tail()..]);
+        assert_eq!(
+            out,
+            hex("97 03 09 cd 01 2c a3 6c 6f 67 a4 6c 69 6e 65 cd 0f a0 91 a2 68 69")
+        );
+        let acked = hex("94 04 07 cd 01 2c 00");
+        assert_eq!(
+            parse(&acked),
+            Ok(Envelope::Ack {
+                stream: 7,
+                at: (2, 3)
+            })
+        );
+        assert_eq!(ack(7, &hex("cd 01 2c"), 0), hex("94 04 07 cd 01 2c 00"));
     }
 
     #[test]

@@ -53,7 +53,7 @@
 //! in the broker) and the call ids in cancels and stream envelopes; arguments, results,
 //! errors and stream items pass as bytes. `docs/design/broker.md` in the repository has
 //! the whole design, and what is not built yet (pub/sub, broadcast, presence, access
-//! control, introspection, reliable signals).
+//! control, introspection).
 //!
 //! - **Names**: one per connection, at most [`BrokerOptions::max_name_len`] bytes, without
 //!   `/` or control characters. A name held by a connected peer is refused
@@ -64,7 +64,10 @@
 //!   [`CallError::NoSuchPeer`](chatter_rpc::CallError::NoSuchPeer); when the callee's
 //!   connection closes before it answered, with
 //!   [`CallError::PeerLost`](chatter_rpc::CallError::PeerLost). When a caller disconnects,
-//!   its calls are cancelled at their callees. A signal to an unknown name is dropped.
+//!   its calls are cancelled at their callees. A signal to an unknown name is dropped; an
+//!   acknowledged one (`PeerOptions::acknowledged_signals`) is acknowledged as failed.
+//!   Acknowledgements of signals travel back to their senders, so
+//!   `Sent::acknowledged` means that the handler at the named peer finished.
 //! - **Memory**: a message's flow-control credit goes back to its sender only once the
 //!   broker has handed it to the destination's connection, so per connection the broker
 //!   holds at most: the connection's `receive_window` of its input (wherever it waits:

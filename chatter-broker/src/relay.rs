@@ -16,7 +16,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
 use bytes::Bytes;
 use chatter_core::proto::{ConversationId, IdBuildHasher};
@@ -44,8 +44,26 @@ pub(crate) struct Link {
     /// Wakes a reader that waits for an opening the writer is sending (see [`Routes`]).
     opened: Notify,
     closed: AtomicBool,
+    /// Reliable-signal streams relayed to this link: the id this link sees → the sending
+    /// link and the id it chose.
+    streams_in: Mutex<HashMap<u64, (Weak<Link>, u64)>>,
+    /// Reliable-signal streams this link sends through the broker: (destination, its own
+    /// id) → the id the destination sees. At most [`MAX_STREAMS_PER_LINK`].
+    streams_out: Mutex<Vec<StreamOut>>,
     state: Arc<BrokerState>,
 }
+
+/// One of a link's reliable-signal streams to one destination.
+struct StreamOut {
+    dest: Weak<Link>,
+    own: u64,
+    there: u64,
+}
+
+/// How many (destination, stream) pairs of reliable signals one connection may send: a
+/// peer uses one stream id for all its reliable signals, so one per destination it
+/// signals; beyond, reliable signals are refused (acked as failed).
+const MAX_STREAMS_PER_LINK: usize = 1024;
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -148,6 +166,8 @@ impl Link {
             wake: Notify::new(),
             opened: Notify::new(),
             closed: AtomicBool::new(false),
+            streams_in: Mutex::default(),
+            streams_out: Mutex::default(),
             state,
         })
     }
@@ -214,11 +234,7 @@ impl Link {
         match envelope::parse(&msg.payload) {
             Ok(Envelope::Request(request)) => self.request(&msg, request, credit),
             Ok(Envelope::CallRef { kind, call, at }) => self.call_ref(&msg, kind, call, at, credit),
-            Ok(Envelope::Reliable) => {
-                tracing::debug!(from = %self.display_name(), "reliable signal or ack dropped: not relayed by this broker yet");
-                self.state.counters.bump(&self.state.counters.unsupported);
-                give_back(credit);
-            }
+            Ok(Envelope::Ack { stream, at }) => self.ack(&msg, stream, at, credit),
             Err(envelope::Unroutable(why)) if answerable => {
                 let why = format!("the broker cannot route this request: {why}");
                 self.answer(
@@ -249,10 +265,18 @@ impl Link {
             give_back(credit);
             return;
         }
+        let dest = request.target.and_then(|target| self.state.lookup(target));
+        if let (Some((stream, seq)), None) = (request.reliable, &dest) {
+            // A reliable signal nobody can run: acked as failed, so that its sender
+            // learns it at once instead of re-sending it until its TTL.
+            self.state.counters.bump(&self.state.counters.no_such_peer);
+            let ack = envelope::ack(stream, &msg.payload[seq.0..seq.1], envelope::ACK_FAILED);
+            return self.one_shot_with(ack, credit);
+        }
         let Some(target) = request.target else {
             return self.broker_request(msg, &request, credit);
         };
-        let Some(dest) = self.state.lookup(target) else {
+        let Some(dest) = dest else {
             self.state.counters.bump(&self.state.counters.no_such_peer);
             if call {
                 let failure = envelope::failure(envelope::FAILURE_NO_SUCH_PEER, target);
@@ -263,7 +287,18 @@ impl Link {
             }
             return;
         };
-        let head = request.rewritten_head(&msg.payload);
+        let stream = match request.reliable {
+            None => None,
+            Some((stream, seq)) => match self.stream_to(&dest, stream) {
+                Some(there) => Some(there),
+                None => {
+                    let seq = &msg.payload[seq.0..seq.1];
+                    let ack = envelope::ack(stream, seq, envelope::ACK_FAILED);
+                    return self.one_shot_with(ack, credit);
+                }
+            },
+        };
+        let head = request.rewritten_head(&msg.payload, stream);
         let patch = Patch::Duration {
             ms: request.duration_ms,
             received: Instant::now(),
@@ -456,12 +491,75 @@ impl Link {
     }
 
     fn one_shot(self: &Arc<Self>, payload: Vec<u8>) {
+        self.one_shot_with(payload, None);
+    }
+
+    /// A one-shot message of the broker's own, giving back `credit` once it went.
+    fn one_shot_with(self: &Arc<Self>, payload: Vec<u8>, credit: Credit) {
         self.forward(Forward {
             target: Target::OneShot,
             head: Vec::new(),
             patch: Patch::None,
             tail: payload.into(),
-            credit: None,
+            credit,
+        });
+    }
+
+    /// The stream id `dest` sees for this link's reliable-signal stream `own`: the same
+    /// id, unless another sender's stream already has it there (then one the broker
+    /// chooses). `None` beyond [`MAX_STREAMS_PER_LINK`].
+    fn stream_to(self: &Arc<Self>, dest: &Arc<Link>, own: u64) -> Option<u64> {
+        let mut out = lock(&self.streams_out);
+        if let Some(known) = out
+            .iter()
+            .find(|s| s.own == own && std::ptr::eq(s.dest.as_ptr(), Arc::as_ptr(dest)))
+        {
+            return Some(known.there);
+        }
+        out.retain(|s| s.dest.strong_count() > 0);
+        if out.len() >= MAX_STREAMS_PER_LINK {
+            self.state.counters.bump(&self.state.counters.discarded);
+            return None;
+        }
+        let mut streams = lock(&dest.streams_in);
+        let mut there = own;
+        let mut salt = 0u64;
+        while streams.contains_key(&there) {
+            salt += 1;
+            there = random_id(own, salt);
+        }
+        streams.insert(there, (Arc::downgrade(self), own));
+        out.push(StreamOut {
+            dest: Arc::downgrade(dest),
+            own,
+            there,
+        });
+        Some(there)
+    }
+
+    /// An ack from this link (the receiver of reliable signals): to the sender of the
+    /// stream, with the sender's stream id.
+    fn ack(self: &Arc<Self>, msg: &Msg, stream: u64, at: (usize, usize), credit: Credit) {
+        let sender = lock(&self.streams_in).get(&stream).cloned();
+        let Some((sender, own)) = sender.and_then(|(link, own)| Some((link.upgrade()?, own)))
+        else {
+            // The sender is gone: it re-sends on its next connection and gets the ack then.
+            self.state.counters.bump(&self.state.counters.discarded);
+            give_back(credit);
+            return;
+        };
+        if !msg.last {
+            give_back(credit);
+            return;
+        }
+        let mut head = msg.payload[..at.0].to_vec();
+        msgpack::write_uint(&mut head, own);
+        sender.forward(Forward {
+            target: Target::OneShot,
+            head,
+            patch: Patch::None,
+            tail: msg.payload.slice(at.1..),
+            credit,
         });
     }
 
@@ -688,6 +786,18 @@ impl Link {
         for item in queued {
             self.discard(item, &why);
         }
+        let streams = std::mem::take(&mut *lock(&self.streams_out));
+        for stream in streams {
+            if let Some(dest) = stream.dest.upgrade() {
+                let mut there = lock(&dest.streams_in);
+                let ours = there
+                    .get(&stream.there)
+                    .is_some_and(|(link, _)| std::ptr::eq(link.as_ptr(), Arc::as_ptr(self)));
+                if ours {
+                    there.remove(&stream.there);
+                }
+            }
+        }
         let routes = std::mem::take(&mut lock(&self.routes).map);
         for (key, pair) in routes {
             if Arc::ptr_eq(&pair.a, self) && pair.a_conv.id() == key {
@@ -771,6 +881,12 @@ fn lost_a(pair: &Arc<Pair>, why: &str) {
             pair.b.one_shot(envelope::cancel(conv.first_id()));
         }
     }
+}
+
+/// A stream id other than `own`, for a sender whose id collides at a destination.
+fn random_id(own: u64, salt: u64) -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one((own, salt)) | 1
 }
 
 /// The application error reply of a refused registration.
