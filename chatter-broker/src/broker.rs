@@ -31,6 +31,7 @@ use crate::RegisterError;
 pub struct BrokerOptions {
     connection: Options,
     max_name_len: usize,
+    max_routes_per_peer: usize,
 }
 
 impl Default for BrokerOptions {
@@ -46,6 +47,7 @@ impl BrokerOptions {
         BrokerOptions {
             connection: Options::default(),
             max_name_len: 255,
+            max_routes_per_peer: 32_768,
         }
     }
 
@@ -60,6 +62,17 @@ impl BrokerOptions {
     /// The longest peer name accepted, in bytes (default 255).
     pub fn max_name_len(mut self, bytes: usize) -> Self {
         self.max_name_len = bytes;
+        self
+    }
+
+    /// The most conversations relayed through one peer's connection at once (default
+    /// 32 768): a routed call (or stream) to a peer that has this many is answered
+    /// *peer busy* ([`CallError::PeerBusy`](chatter_rpc::CallError::PeerBusy)) instead of
+    /// opening one more. Keep it at most the peers' own `max_conversations` (chatter-core's
+    /// limit on what the other side may open, 65 536 by default), which a peer enforces by
+    /// closing the connection.
+    pub fn max_routes_per_peer(mut self, routes: usize) -> Self {
+        self.max_routes_per_peer = routes;
         self
     }
 }
@@ -96,6 +109,9 @@ pub struct BrokerStats {
     pub forwarded: u64,
     /// Requests for a name nobody holds.
     pub no_such_peer: u64,
+    /// Routed calls refused because their peer had
+    /// [`BrokerOptions::max_routes_per_peer`] conversations open.
+    pub busy: u64,
     /// Signals whose TTL ran out while they waited in the broker.
     pub signals_expired: u64,
     /// Messages dropped because their conversation's other side was gone (or, for an
@@ -188,6 +204,7 @@ impl Broker {
             queued: get(&c.queued),
             forwarded: get(&c.forwarded),
             no_such_peer: get(&c.no_such_peer),
+            busy: get(&c.busy),
             signals_expired: get(&c.signals_expired),
             discarded: get(&c.discarded),
         }
@@ -211,11 +228,16 @@ impl Drop for Broker {
 #[derive(Debug)]
 pub(crate) struct BrokerState {
     names: Mutex<HashMap<Arc<str>, Arc<Link>>>,
-    options: BrokerOptions,
+    pub(crate) options: BrokerOptions,
     pub(crate) counters: Counters,
 }
 
 impl BrokerState {
+    /// See [`BrokerOptions::max_routes_per_peer`].
+    pub(crate) fn max_routes_per_peer(&self) -> usize {
+        self.options.max_routes_per_peer
+    }
+
     /// The live link registered as `name`.
     pub(crate) fn lookup(&self, name: &str) -> Option<Arc<Link>> {
         lock(&self.names)
@@ -306,6 +328,7 @@ pub(crate) struct Counters {
     pub(crate) queued: AtomicU64,
     pub(crate) forwarded: AtomicU64,
     pub(crate) no_such_peer: AtomicU64,
+    pub(crate) busy: AtomicU64,
     pub(crate) signals_expired: AtomicU64,
     pub(crate) discarded: AtomicU64,
 }

@@ -34,6 +34,7 @@ pub(crate) const FAILURE_BAD_ARGUMENTS: u64 = 5;
 pub(crate) const FAILURE_PROTOCOL: u64 = 7;
 pub(crate) const FAILURE_NO_SUCH_PEER: u64 = 11;
 pub(crate) const FAILURE_PEER_LOST: u64 = 12;
+pub(crate) const FAILURE_PEER_BUSY: u64 = 13;
 
 /// What an opening message's payload is, as far as routing needs to know.
 #[derive(Debug, PartialEq, Eq)]

@@ -306,6 +306,15 @@ impl Link {
         };
         let tail = msg.payload.slice(request.tail()..);
         let target = if call {
+            let max = self.state.max_routes_per_peer();
+            if lock(&dest.routes).map.len() >= max {
+                let why = format!(
+                    "peer `{target}` has {max} conversations open through the broker, its limit"
+                );
+                self.state.counters.bump(&self.state.counters.busy);
+                let failure = envelope::failure(envelope::FAILURE_PEER_BUSY, &why);
+                return self.answer(msg.conversation, failure, credit);
+            }
             let pair = self.pair(msg.conversation, &dest, true);
             Target::Open { pair, token: true }
         } else {

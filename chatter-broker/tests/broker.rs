@@ -655,3 +655,48 @@ async fn colliding_stream_ids_of_two_senders_are_told_apart() {
         assert_eq!(&ack.payload[..], &[0x94, 0x04, 0x07, 0x01, 0x00]);
     }
 }
+
+/// A peer with as many conversations open through the broker as the broker allows gets
+/// no more: the next call fails with `PeerBusy` instead of the peer closing its
+/// connection for too many conversations.
+#[tokio::test]
+async fn a_peer_at_its_route_limit_is_busy() {
+    let mut s = setup_with(
+        BrokerOptions::new().max_routes_per_peer(2),
+        BusOptions::new(),
+    )
+    .await;
+    let calc = s.calc().with_deadline(Duration::from_secs(3600));
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let calc = calc.clone();
+        waiting.push(tokio::spawn(async move { calc.wait().await }));
+        within(s.probe.started.recv())
+            .await
+            .expect("handler started");
+    }
+    match within(calc.add(1, 1)).await {
+        Err(CallError::PeerBusy { what }) => assert!(what.contains("calc-1"), "{what}"),
+        other => panic!("expected PeerBusy, got {other:?}"),
+    }
+    assert_eq!(s.broker.stats().busy, 1);
+    // Once one ends, there is room again.
+    s.probe.release.notify_one();
+    let done = within(futures_first(waiting)).await;
+    assert_eq!(done, 42);
+    assert_eq!(within(calc.add(1, 1)).await.expect("call"), 2);
+}
+
+/// The value of whichever task finishes first.
+async fn futures_first(tasks: Vec<tokio::task::JoinHandle<Result<i64, CallError>>>) -> i64 {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for task in tasks {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(v)) = task.await {
+                let _ = tx.send(v);
+            }
+        });
+    }
+    rx.recv().await.expect("one finishes")
+}

@@ -674,6 +674,7 @@ fn outcome_name<E>(e: &CallError<E>) -> &'static str {
         CallError::TooManyStreams { .. } => "too_many_streams",
         CallError::NoSuchPeer { .. } => "no_such_peer",
         CallError::PeerLost { .. } => "peer_lost",
+        CallError::PeerBusy { .. } => "peer_busy",
     }
 }
 
@@ -935,6 +936,7 @@ fn failure<E>(
         Ok(FailureKind::TooManyStreams) => CallError::TooManyStreams { what: message },
         Ok(FailureKind::NoSuchPeer) => CallError::NoSuchPeer { peer: message },
         Ok(FailureKind::PeerLost) => CallError::PeerLost { what: message },
+        Ok(FailureKind::PeerBusy) => CallError::PeerBusy { what: message },
         Ok(FailureKind::MetadataTooLarge) => CallError::MetadataTooLarge {
             what: format!("refused by the callee: {message}"),
         },

@@ -126,6 +126,14 @@ pub enum CallError<E = Infallible> {
         /// The broker's message: which peer, and why its connection ended.
         what: String,
     },
+    /// The call was routed through a broker to a peer that has as many calls open through
+    /// the broker as the broker allows (so that it is never opened more conversations
+    /// than it accepts). Nothing ran; trying again later may succeed.
+    #[error("routed peer busy: {what}")]
+    PeerBusy {
+        /// The broker's message: which peer, and the limit.
+        what: String,
+    },
 }
 
 impl<E> CallError<E> {
@@ -183,6 +191,7 @@ impl<E> CallError<E> {
             CallError::TooManyStreams { what } => CallError::TooManyStreams { what },
             CallError::NoSuchPeer { peer } => CallError::NoSuchPeer { peer },
             CallError::PeerLost { what } => CallError::PeerLost { what },
+            CallError::PeerBusy { what } => CallError::PeerBusy { what },
         }
     }
 }

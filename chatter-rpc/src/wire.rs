@@ -63,6 +63,9 @@ pub(crate) enum FailureKind {
     NoSuchPeer = 11,
     /// The peer a routed call went to disconnected before it answered (sent by a broker).
     PeerLost = 12,
+    /// The peer a routed call went to has as many calls open through the broker as the
+    /// broker allows (sent by a broker).
+    PeerBusy = 13,
 }
 
 impl FailureKind {
@@ -80,6 +83,7 @@ impl FailureKind {
             10 => FailureKind::TooManyStreams,
             11 => FailureKind::NoSuchPeer,
             12 => FailureKind::PeerLost,
+            13 => FailureKind::PeerBusy,
             _ => return None,
         })
     }
