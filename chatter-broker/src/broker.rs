@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chatter_core::{Address, CloseCode, ListenError, Options, Server, ToAddress};
 use tokio::task::JoinHandle;
@@ -32,6 +33,7 @@ pub struct BrokerOptions {
     connection: Options,
     max_name_len: usize,
     max_routes_per_peer: usize,
+    slow_peer_timeout: Option<Duration>,
 }
 
 impl Default for BrokerOptions {
@@ -48,6 +50,7 @@ impl BrokerOptions {
             connection: Options::default(),
             max_name_len: 255,
             max_routes_per_peer: 32_768,
+            slow_peer_timeout: None,
         }
     }
 
@@ -73,6 +76,18 @@ impl BrokerOptions {
     /// closing the connection.
     pub fn max_routes_per_peer(mut self, routes: usize) -> Self {
         self.max_routes_per_peer = routes;
+        self
+    }
+
+    /// Disconnect a peer that gives back no flow-control credit for this long while
+    /// messages wait for it (default `None`: never). Such a peer holds what waits for it,
+    /// and so its senders' windows: a caller that stops reading its replies holds its
+    /// callees' windows, and their replies to everyone else wait behind. BUS/RT's policy
+    /// (it disconnects a client whose queue is full), with time instead of a queue size.
+    /// A callee whose handlers are all busy for longer takes no new requests for as long,
+    /// and would be disconnected too: set it above your longest handler.
+    pub fn slow_peer_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.slow_peer_timeout = timeout;
         self
     }
 }
@@ -112,6 +127,8 @@ pub struct BrokerStats {
     /// Routed calls refused because their peer had
     /// [`BrokerOptions::max_routes_per_peer`] conversations open.
     pub busy: u64,
+    /// Peers disconnected by [`BrokerOptions::slow_peer_timeout`].
+    pub slow_peers_closed: u64,
     /// Signals whose TTL ran out while they waited in the broker.
     pub signals_expired: u64,
     /// Messages dropped because their conversation's other side was gone (or, for an
@@ -205,6 +222,7 @@ impl Broker {
             forwarded: get(&c.forwarded),
             no_such_peer: get(&c.no_such_peer),
             busy: get(&c.busy),
+            slow_peers_closed: get(&c.slow_peers_closed),
             signals_expired: get(&c.signals_expired),
             discarded: get(&c.discarded),
         }
@@ -233,6 +251,11 @@ pub(crate) struct BrokerState {
 }
 
 impl BrokerState {
+    /// See [`BrokerOptions::slow_peer_timeout`].
+    pub(crate) fn slow_peer_timeout(&self) -> Option<Duration> {
+        self.options.slow_peer_timeout
+    }
+
     /// See [`BrokerOptions::max_routes_per_peer`].
     pub(crate) fn max_routes_per_peer(&self) -> usize {
         self.options.max_routes_per_peer
@@ -329,6 +352,7 @@ pub(crate) struct Counters {
     pub(crate) forwarded: AtomicU64,
     pub(crate) no_such_peer: AtomicU64,
     pub(crate) busy: AtomicU64,
+    pub(crate) slow_peers_closed: AtomicU64,
     pub(crate) signals_expired: AtomicU64,
     pub(crate) discarded: AtomicU64,
 }

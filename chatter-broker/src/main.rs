@@ -29,6 +29,14 @@ struct Args {
     /// The longest peer name accepted, in bytes.
     #[arg(long, default_value_t = 255)]
     max_name_len: usize,
+    /// The most conversations relayed through one peer's connection at once; calls beyond
+    /// fail with "peer busy". At most the peers' own limit (65536 by default).
+    #[arg(long, default_value_t = 32_768)]
+    max_routes_per_peer: usize,
+    /// Disconnect a peer that takes no message for this many seconds while messages wait
+    /// for it (off when not given).
+    #[arg(long, value_name = "SECONDS")]
+    slow_peer_timeout: Option<u64>,
 }
 
 #[tokio::main]
@@ -53,7 +61,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let options = BrokerOptions::new()
         .connection(connection)
-        .max_name_len(args.max_name_len);
+        .max_name_len(args.max_name_len)
+        .max_routes_per_peer(args.max_routes_per_peer)
+        .slow_peer_timeout(args.slow_peer_timeout.map(std::time::Duration::from_secs));
     let mut brokers = Vec::new();
     for address in &args.listen {
         // `unix:PATH` for `unix://PATH`.

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
 use bytes::Bytes;
 use chatter_core::proto::{ConversationId, IdBuildHasher};
-use chatter_core::{Connection, Conversation, Event, Msg, SendError, SendOptions};
+use chatter_core::{CloseCode, Connection, Conversation, Event, Msg, SendError, SendOptions};
 use chatter_msgpack as msgpack;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -647,7 +647,7 @@ impl Link {
         };
         let sent = if let Target::Open { pair, .. } = &item.target {
             lock(&self.routes).opening += 1;
-            let sent = self.conn.send_bytes(payload, options).await;
+            let sent = self.send_waiting(payload, options).await;
             {
                 let mut routes = lock(&self.routes);
                 if let Ok(conv) = &sent {
@@ -659,9 +659,38 @@ impl Link {
             self.opened.notify_waiters();
             sent
         } else {
-            self.conn.send_bytes(payload, options).await
+            self.send_waiting(payload, options).await
         };
         self.settle(item, sent);
+    }
+
+    /// Sends, waiting for credit; with [`BrokerOptions::slow_peer_timeout`], a peer that
+    /// gives none back for that long is disconnected.
+    ///
+    /// [`BrokerOptions::slow_peer_timeout`]: crate::BrokerOptions::slow_peer_timeout
+    async fn send_waiting(
+        &self,
+        payload: &[u8],
+        options: SendOptions,
+    ) -> Result<Conversation, SendError> {
+        let send = self.conn.send_bytes(payload, options);
+        let Some(limit) = self.state.slow_peer_timeout() else {
+            return send.await;
+        };
+        match tokio::time::timeout(limit, send).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                self.state
+                    .counters
+                    .bump(&self.state.counters.slow_peers_closed);
+                let reason = format!(
+                    "this peer took no message from the broker for {limit:?} (slow_peer_timeout)"
+                );
+                tracing::debug!(peer = %self.display_name(), "{reason}");
+                self.conn.close_with(CloseCode::Busy, &reason).await;
+                Err(SendError::Closed(self.conn.closed().await))
+            }
+        }
     }
 
     /// The bytes and options of `item` as sent now (its durations shortened by its wait).

@@ -700,3 +700,40 @@ async fn futures_first(tasks: Vec<tokio::task::JoinHandle<Result<i64, CallError>
     }
     rx.recv().await.expect("one finishes")
 }
+
+/// With `slow_peer_timeout`, a peer that gives back no credit while messages wait for it
+/// is disconnected, and what waited is dropped (its senders' credit comes back).
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_takes_nothing_is_disconnected_after_the_slow_peer_timeout() {
+    const WINDOW: u32 = 16 * 1024;
+    let small = Options::default()
+        .receive_window(WINDOW)
+        .max_frame_size(WINDOW - 64);
+    let options = BrokerOptions::new().slow_peer_timeout(Some(Duration::from_secs(5)));
+    let callee_options = BusOptions::new()
+        .connection(small)
+        .peer(PeerOptions::default().max_concurrent_handlers(1));
+    let mut s = setup_with(options, callee_options).await;
+    let calc = s.calc().with_deadline(Duration::from_secs(3600));
+    let _first = tokio::spawn({
+        let calc = calc.clone();
+        async move { calc.wait().await }
+    });
+    s.probe.started.recv().await.expect("handler started");
+    let text = "z".repeat(1000);
+    for _ in 0..40 {
+        calc.with_ttl(Duration::from_secs(3600))
+            .note(text.clone())
+            .await
+            .expect("queued");
+    }
+    let cause = within(s.callee.closed()).await;
+    assert!(cause.to_string().contains("slow_peer_timeout"), "{cause}");
+    assert_eq!(s.broker.stats().slow_peers_closed, 1);
+    // The caller is not stuck: its calls fail at once now (the peer is lost, or its name
+    // already gone).
+    match within(calc.add(1, 1)).await {
+        Err(CallError::NoSuchPeer { .. } | CallError::PeerLost { .. }) => {}
+        other => panic!("expected NoSuchPeer or PeerLost, got {other:?}"),
+    }
+}
