@@ -5,6 +5,13 @@
 pub mod numbers;
 pub mod proxy;
 
+/// The README's examples, compiled and run as doctests so they stay true (in builds with
+/// TLS, which one of them shows). Here rather than in chatter-rpc because the README also
+/// shows chatter-broker, which depends on chatter-rpc.
+#[cfg(all(doctest, feature = "tls"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 #[cfg(feature = "tls")]

@@ -108,10 +108,16 @@ impl ClientCore {
         let (default_deadline, default_ttl) =
             (options.default_deadline, options.default_signal_ttl);
         let (max_metadata, start_traces) = (options.max_metadata_bytes, options.start_traces);
+        // A routed handle's clients address `{route}/{object}` (`Peer::routed`), joined
+        // here once so that calls pay nothing for it.
+        let object = match peer.route() {
+            None => WireName::new(object),
+            Some(route) => WireName::new(&format!("{route}/{object}")),
+        };
         ClientCore {
             shared: Arc::new(Shared {
                 peer,
-                object: WireName::new(object),
+                object,
                 default_deadline: default_deadline.min(MAX_DURATION),
                 default_ttl: default_ttl.min(MAX_DURATION),
                 max_metadata,
@@ -666,6 +672,9 @@ fn outcome_name<E>(e: &CallError<E>) -> &'static str {
         CallError::ShuttingDown => "shutting_down",
         CallError::MetadataTooLarge { .. } => "metadata_too_large",
         CallError::TooManyStreams { .. } => "too_many_streams",
+        CallError::NoSuchPeer { .. } => "no_such_peer",
+        CallError::PeerLost { .. } => "peer_lost",
+        CallError::PeerBusy { .. } => "peer_busy",
     }
 }
 
@@ -925,6 +934,9 @@ fn failure<E>(
         Ok(FailureKind::Protocol) => CallError::Protocol(message),
         Ok(FailureKind::ShuttingDown) => CallError::ShuttingDown,
         Ok(FailureKind::TooManyStreams) => CallError::TooManyStreams { what: message },
+        Ok(FailureKind::NoSuchPeer) => CallError::NoSuchPeer { peer: message },
+        Ok(FailureKind::PeerLost) => CallError::PeerLost { what: message },
+        Ok(FailureKind::PeerBusy) => CallError::PeerBusy { what: message },
         Ok(FailureKind::MetadataTooLarge) => CallError::MetadataTooLarge {
             what: format!("refused by the callee: {message}"),
         },

@@ -111,6 +111,29 @@ pub enum CallError<E = Infallible> {
         /// The callee's message.
         what: String,
     },
+    /// The call was routed through a broker (a [`Peer::routed`](crate::Peer::routed)
+    /// handle) to a name that no connected peer holds. Nothing ran.
+    #[error("no such peer: `{peer}` is not registered with the broker")]
+    NoSuchPeer {
+        /// The peer name the call addressed.
+        peer: String,
+    },
+    /// The call was routed through a broker and the callee's connection to the broker
+    /// closed before it answered: the broker's counterpart of
+    /// [`ConnectionLost`](Self::ConnectionLost). The callee may or may not have run it.
+    #[error("routed peer lost: {what}")]
+    PeerLost {
+        /// The broker's message: which peer, and why its connection ended.
+        what: String,
+    },
+    /// The call was routed through a broker to a peer that has as many calls open through
+    /// the broker as the broker allows (so that it is never opened more conversations
+    /// than it accepts). Nothing ran; trying again later may succeed.
+    #[error("routed peer busy: {what}")]
+    PeerBusy {
+        /// The broker's message: which peer, and the limit.
+        what: String,
+    },
 }
 
 impl<E> CallError<E> {
@@ -131,13 +154,14 @@ impl<E> CallError<E> {
     }
 
     /// True for failures where the callee may or may not have run the handler to completion
-    /// (deadline exceeded, connection lost): the call's effect is unknown.
+    /// (deadline exceeded, connection lost, a routed callee lost): the call's effect is unknown.
     pub fn is_outcome_unknown(&self) -> bool {
         matches!(
             self,
             CallError::DeadlineExceeded
                 | CallError::ConnectionLost(_)
                 | CallError::OutcomeUnknown(_)
+                | CallError::PeerLost { .. }
         )
     }
 
@@ -165,6 +189,9 @@ impl<E> CallError<E> {
             CallError::ShuttingDown => CallError::ShuttingDown,
             CallError::MetadataTooLarge { what } => CallError::MetadataTooLarge { what },
             CallError::TooManyStreams { what } => CallError::TooManyStreams { what },
+            CallError::NoSuchPeer { peer } => CallError::NoSuchPeer { peer },
+            CallError::PeerLost { what } => CallError::PeerLost { what },
+            CallError::PeerBusy { what } => CallError::PeerBusy { what },
         }
     }
 }

@@ -222,9 +222,3 @@ pub mod __fuzz {
         crate::wire::decode_reply(payload).is_ok()
     }
 }
-
-/// The README's examples, compiled and run as doctests so they stay true (in builds with
-/// TLS, which one of them shows).
-#[cfg(all(doctest, feature = "tls"))]
-#[doc = include_str!("../../README.md")]
-pub struct ReadmeDoctests;

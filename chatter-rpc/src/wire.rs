@@ -59,6 +59,13 @@ pub(crate) enum FailureKind {
     MetadataTooLarge = 9,
     /// A stream call beyond the callee's `max_streams` open streams on the connection.
     TooManyStreams = 10,
+    /// A routed call to a name no peer holds (sent by a broker).
+    NoSuchPeer = 11,
+    /// The peer a routed call went to disconnected before it answered (sent by a broker).
+    PeerLost = 12,
+    /// The peer a routed call went to has as many calls open through the broker as the
+    /// broker allows (sent by a broker).
+    PeerBusy = 13,
 }
 
 impl FailureKind {
@@ -74,6 +81,9 @@ impl FailureKind {
             8 => FailureKind::ShuttingDown,
             9 => FailureKind::MetadataTooLarge,
             10 => FailureKind::TooManyStreams,
+            11 => FailureKind::NoSuchPeer,
+            12 => FailureKind::PeerLost,
+            13 => FailureKind::PeerBusy,
             _ => return None,
         })
     }

@@ -114,6 +114,9 @@ pub struct Peer {
     /// The one connection of a peer made from a connection (calls and signals go straight
     /// to it); `None` for a reconnecting peer, whose connections come and go.
     pub(crate) plain: Option<Arc<Inner>>,
+    /// The route prefix of a handle made by [`routed`](Self::routed): clients made from
+    /// it address `{route}/{object}`. `None` for every other handle.
+    route: Option<Arc<str>>,
     _owner: Arc<Owner>,
 }
 
@@ -169,6 +172,7 @@ impl Peer {
             }),
             state,
             plain: Some(inner.clone()),
+            route: None,
         };
         setup(&peer);
         // The receive task runs until the connection closed; it keeps what it needs.
@@ -253,7 +257,43 @@ impl Peer {
             }),
             state,
             plain: None,
+            route: None,
         })
+    }
+
+    /// A handle on this same peer whose clients address their object as `{route}/{object}`
+    /// instead of `object`: for a broker that relays calls to the peer registered under
+    /// the name `route` (chatter-broker's `Bus::peer` makes these). Calls, signals and
+    /// streams of clients made from the handle go over this peer's connection as usual;
+    /// objects, counters, events and closing are those of this peer. Routes do not nest:
+    /// the handle's route replaces this one's.
+    ///
+    /// Nothing is added per call: the object's name is joined with the route once, when
+    /// a client is made (`{Trait}Client::new(&handle, object)`).
+    ///
+    /// ```
+    /// use chatter_rpc::{connect, listen, Options, Peer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+    /// let peer = Peer::new(connect(&server.addresses()[0], Options::default()).await?);
+    /// let calc_1 = peer.routed("calc-1");
+    /// assert_eq!(calc_1.route(), Some("calc-1"));
+    /// assert_eq!(peer.route(), None);
+    /// // `CalculatorClient::new(&calc_1, "calc")` calls the object `calc-1/calc`.
+    /// # Ok(()) }
+    /// ```
+    pub fn routed(&self, route: &str) -> Peer {
+        Peer {
+            route: Some(route.into()),
+            ..self.clone()
+        }
+    }
+
+    /// The route prefix of a handle made by [`routed`](Self::routed); `None` otherwise.
+    pub fn route(&self) -> Option<&str> {
+        self.route.as_deref()
     }
 
     /// Hosts `object` under `name` on every connection of this peer, replacing (and

@@ -1,0 +1,372 @@
+//! [`Broker`]: accepts connections, keeps the registry of names, and runs one relay
+//! ([`Link`]) per connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chatter_core::{Address, CloseCode, ListenError, Options, Server, ToAddress};
+use tokio::task::JoinHandle;
+
+use crate::envelope::ROUTE_SEPARATOR;
+use crate::relay::{lock, Link};
+use crate::RegisterError;
+
+/// A broker's settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use chatter_broker::BrokerOptions;
+/// use chatter_core::Options;
+///
+/// let options = BrokerOptions::new()
+///     .connection(Options::default().receive_window(1 << 20).keepalive(
+///         Duration::from_secs(5),
+///         Duration::from_secs(5),
+///     ))
+///     .max_name_len(64);
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    connection: Options,
+    max_name_len: usize,
+    max_routes_per_peer: usize,
+    slow_peer_timeout: Option<Duration>,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        BrokerOptions::new()
+    }
+}
+
+impl BrokerOptions {
+    /// The defaults: chatter-core's default [`Options`] for every connection, names of up
+    /// to 255 bytes.
+    pub fn new() -> Self {
+        BrokerOptions {
+            connection: Options::default(),
+            max_name_len: 255,
+            max_routes_per_peer: 32_768,
+            slow_peer_timeout: None,
+        }
+    }
+
+    /// The options of the listener and of every accepted connection. Their
+    /// `receive_window` is what the broker holds at most of each peer's input (see the
+    /// crate docs for the whole bound), their `max_connections` how many peers it takes.
+    pub fn connection(mut self, options: Options) -> Self {
+        self.connection = options;
+        self
+    }
+
+    /// The longest peer name accepted, in bytes (default 255).
+    pub fn max_name_len(mut self, bytes: usize) -> Self {
+        self.max_name_len = bytes;
+        self
+    }
+
+    /// The most conversations relayed through one peer's connection at once (default
+    /// 32 768): a routed call (or stream) to a peer that has this many is answered
+    /// *peer busy* ([`CallError::PeerBusy`](chatter_rpc::CallError::PeerBusy)) instead of
+    /// opening one more. Keep it at most the peers' own `max_conversations` (chatter-core's
+    /// limit on what the other side may open, 65 536 by default), which a peer enforces by
+    /// closing the connection.
+    pub fn max_routes_per_peer(mut self, routes: usize) -> Self {
+        self.max_routes_per_peer = routes;
+        self
+    }
+
+    /// Disconnect a peer that gives back no flow-control credit for this long while
+    /// messages wait for it (default `None`: never). Such a peer holds what waits for it,
+    /// and so its senders' windows: a caller that stops reading its replies holds its
+    /// callees' windows, and their replies to everyone else wait behind. BUS/RT's policy
+    /// (it disconnects a client whose queue is full), with time instead of a queue size.
+    /// A callee whose handlers are all busy for longer takes no new requests for as long,
+    /// and would be disconnected too: set it above your longest handler.
+    pub fn slow_peer_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.slow_peer_timeout = timeout;
+        self
+    }
+}
+
+/// A snapshot of a broker's counters ([`Broker::stats`]).
+///
+/// ```
+/// use chatter_broker::{Broker, BrokerOptions};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default()).await?;
+/// let _bus = chatter_broker::connect(&broker.addresses()[0], "a").await?;
+/// let stats = broker.stats();
+/// assert_eq!((stats.connections, stats.names), (1, 1));
+/// assert_eq!(stats.held_bytes, 0); // nothing waits in the broker
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Connections open now.
+    pub connections: u64,
+    /// Names registered now.
+    pub names: u64,
+    /// Flow-control bytes of messages the broker has taken from its connections and not
+    /// yet forwarded (or dropped): what it holds of its peers' input. At most the sum of
+    /// the connections' `receive_window`s.
+    pub held_bytes: u64,
+    /// Messages waiting for their destination's credit now (part of `held_bytes`, plus
+    /// the broker's own answers).
+    pub queued: u64,
+    /// Messages forwarded (and answers sent) since the start.
+    pub forwarded: u64,
+    /// Requests for a name nobody holds.
+    pub no_such_peer: u64,
+    /// Routed calls refused because their peer had
+    /// [`BrokerOptions::max_routes_per_peer`] conversations open.
+    pub busy: u64,
+    /// Peers disconnected by [`BrokerOptions::slow_peer_timeout`].
+    pub slow_peers_closed: u64,
+    /// Signals whose TTL ran out while they waited in the broker.
+    pub signals_expired: u64,
+    /// Messages dropped because their conversation's other side was gone (or, for an
+    /// ack, the signal's sender), or that the broker could not route and could not
+    /// answer.
+    pub discarded: u64,
+}
+
+/// A running broker: peers connect to it, register names, and call each other through it.
+///
+/// ```
+/// use chatter_broker::{Broker, BrokerOptions};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default()).await?;
+/// let calc = chatter_broker::connect(&broker.addresses()[0], "calc-1").await?;
+/// assert_eq!(broker.names(), ["calc-1"]);
+/// calc.close().await;
+/// broker.close().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Broker {
+    state: Arc<BrokerState>,
+    server: Arc<Server>,
+    accept: JoinHandle<()>,
+}
+
+impl Broker {
+    /// Listens on `address` (`tcp://`, `unix://`, or `tls://` with a server TLS
+    /// configuration in the options) and serves every connection accepted there.
+    pub async fn listen(
+        address: impl ToAddress,
+        options: BrokerOptions,
+    ) -> Result<Broker, ListenError> {
+        let server = chatter_core::listen(address, options.connection.clone()).await?;
+        Ok(Broker::serve(server, options))
+    }
+
+    /// Serves the connections `server` accepts (for a listener made some other way). The
+    /// connections' options are the server's; `options.connection` is not used.
+    pub fn serve(server: Server, options: BrokerOptions) -> Broker {
+        let state = Arc::new(BrokerState {
+            names: Mutex::default(),
+            options,
+            counters: Counters::default(),
+        });
+        let server = Arc::new(server);
+        let accept = tokio::spawn({
+            let (server, state) = (server.clone(), state.clone());
+            async move {
+                while let Some(conn) = server.accept().await {
+                    let link = Link::new(conn, state.clone());
+                    state.counters.connections.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(link.run());
+                }
+            }
+        });
+        Broker {
+            state,
+            server,
+            accept,
+        }
+    }
+
+    /// The addresses the broker listens on (with the actual port for a port 0).
+    pub fn addresses(&self) -> &[Address] {
+        self.server.addresses()
+    }
+
+    /// The names registered now, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.state.names)
+            .keys()
+            .map(|n| n.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> BrokerStats {
+        let c = &self.state.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BrokerStats {
+            connections: get(&c.connections),
+            names: lock(&self.state.names).len() as u64,
+            held_bytes: get(&c.held_bytes),
+            queued: get(&c.queued),
+            forwarded: get(&c.forwarded),
+            no_such_peer: get(&c.no_such_peer),
+            busy: get(&c.busy),
+            slow_peers_closed: get(&c.slow_peers_closed),
+            signals_expired: get(&c.signals_expired),
+            discarded: get(&c.discarded),
+        }
+    }
+
+    /// Stops accepting and closes every connection (code *going away*): their peers'
+    /// routed calls fail. Returns when the connections are closed.
+    pub async fn close(&self) {
+        self.accept.abort();
+        self.server.close().await;
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// What the links of one broker share.
+#[derive(Debug)]
+pub(crate) struct BrokerState {
+    names: Mutex<HashMap<Arc<str>, Arc<Link>>>,
+    pub(crate) options: BrokerOptions,
+    pub(crate) counters: Counters,
+}
+
+impl BrokerState {
+    /// See [`BrokerOptions::slow_peer_timeout`].
+    pub(crate) fn slow_peer_timeout(&self) -> Option<Duration> {
+        self.options.slow_peer_timeout
+    }
+
+    /// See [`BrokerOptions::max_routes_per_peer`].
+    pub(crate) fn max_routes_per_peer(&self) -> usize {
+        self.options.max_routes_per_peer
+    }
+
+    /// The live link registered as `name`.
+    pub(crate) fn lookup(&self, name: &str) -> Option<Arc<Link>> {
+        lock(&self.names)
+            .get(name)
+            .filter(|link| !link.is_closed())
+            .cloned()
+    }
+
+    /// Registers `link` as `name`; with `take_over`, a connected peer holding the name
+    /// loses it and is disconnected.
+    pub(crate) fn register(
+        &self,
+        link: &Arc<Link>,
+        name: &str,
+        take_over: bool,
+    ) -> Result<(), RegisterError> {
+        self.check_name(name)?;
+        let mut names = lock(&self.names);
+        let mut own = lock(&link.name);
+        if let Some(current) = &*own {
+            return if &**current == name {
+                Ok(())
+            } else {
+                Err(RegisterError::AlreadyRegistered {
+                    name: current.to_string(),
+                })
+            };
+        }
+        let name: Arc<str> = name.into();
+        if let Some(holder) = names.get(&name).filter(|l| !l.is_closed()) {
+            if !take_over {
+                return Err(RegisterError::NameTaken {
+                    name: name.to_string(),
+                });
+            }
+            let holder = holder.clone();
+            *lock(&holder.name) = None;
+            let reason = format!("the name `{name}` was taken over by another connection");
+            tokio::spawn(
+                async move { holder.conn.close_with(CloseCode::GoingAway, &reason).await },
+            );
+        }
+        names.insert(name.clone(), link.clone());
+        *own = Some(name);
+        Ok(())
+    }
+
+    /// Forgets `link`'s name (if it still holds it).
+    pub(crate) fn unregister(&self, link: &Arc<Link>) {
+        let mut names = lock(&self.names);
+        if let Some(name) = lock(&link.name).as_ref() {
+            if names.get(name).is_some_and(|l| Arc::ptr_eq(l, link)) {
+                names.remove(name);
+            }
+        }
+        self.counters.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), RegisterError> {
+        let invalid = |reason: String| RegisterError::InvalidName {
+            name: name.to_owned(),
+            reason,
+        };
+        if name.is_empty() {
+            return Err(invalid("empty".into()));
+        }
+        if name.len() > self.options.max_name_len {
+            return Err(invalid(format!(
+                "{} bytes, over the broker's limit of {}",
+                name.len(),
+                self.options.max_name_len
+            )));
+        }
+        if name.contains(ROUTE_SEPARATOR) || name.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "contains `{ROUTE_SEPARATOR}` or a control character"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The broker's counters ([`BrokerStats`]).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) connections: AtomicU64,
+    pub(crate) held_bytes: AtomicU64,
+    pub(crate) queued: AtomicU64,
+    pub(crate) forwarded: AtomicU64,
+    pub(crate) no_such_peer: AtomicU64,
+    pub(crate) busy: AtomicU64,
+    pub(crate) slow_peers_closed: AtomicU64,
+    pub(crate) signals_expired: AtomicU64,
+    pub(crate) discarded: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn held(&self, bytes: u64) {
+        self.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn released(&self, bytes: u64) {
+        self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,155 @@
+//! # chatter-broker
+//!
+//! A broker for chatter RPC: peers connect to it, register a name, and call each other's
+//! objects through it by name, with every chatter guarantee intact: deadlines,
+//! cancellation when a call is dropped, typed errors and panics, signal TTLs, streams and
+//! flow control end to end.
+//!
+//! ```
+//! use chatter_broker::{Broker, BrokerOptions};
+//! use chatter_rpc::{remote, CallError};
+//!
+//! #[derive(Debug, serde::Serialize, serde::Deserialize)]
+//! pub enum CalcError { DivisionByZero }
+//!
+//! #[remote]
+//! pub trait Calculator {
+//!     async fn add(&self, a: i64, b: i64) -> i64;
+//!     async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError>;
+//! }
+//!
+//! struct Calc;
+//! impl Calculator for Calc {
+//!     async fn add(&self, a: i64, b: i64) -> i64 { a + b }
+//!     async fn div(&self, a: i64, b: i64) -> Result<i64, CalcError> {
+//!         a.checked_div(b).ok_or(CalcError::DivisionByZero)
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default()).await?;
+//! let address = &broker.addresses()[0];
+//!
+//! // A peer that serves a calculator under the name "calc-1"…
+//! let calc = chatter_broker::connect(address, "calc-1").await?;
+//! calc.register("calc", CalculatorServer::new(Calc));
+//!
+//! // …and one that calls it through the broker, as over a direct connection.
+//! let bus = chatter_broker::connect(address, "app").await?;
+//! let client = CalculatorClient::new(&bus.peer("calc-1"), "calc");
+//! assert_eq!(client.add(2, 3).await?, 5);
+//! assert!(matches!(client.div(1, 0).await, Err(CallError::App { error: CalcError::DivisionByZero, .. })));
+//! # Ok(()) }
+//! ```
+//!
+//! ## How it works
+//!
+//! The broker relays chatter-core *conversations*, not decoded values: a call addressed to
+//! `calc-1/calc` (what `bus.peer("calc-1")` makes a client address) opens a conversation on
+//! the connection of the peer registered as `calc-1`, as a call of `calc`; everything said
+//! in either conversation is forwarded to the other. The broker rewrites only the object
+//! name, the relative durations (deadline, TTL: shortened by the time the message waited
+//! in the broker) and the call ids in cancels and stream envelopes; arguments, results,
+//! errors and stream items pass as bytes. `docs/design/broker.md` in the repository has
+//! the whole design, and what is not built yet (pub/sub, broadcast, presence, access
+//! control, introspection).
+//!
+//! - **Names**: one per connection, at most [`BrokerOptions::max_name_len`] bytes, without
+//!   `/` or control characters. A name held by a connected peer is refused
+//!   ([`RegisterError::NameTaken`]) unless the newcomer asks to take it over
+//!   ([`BusOptions::take_over`]), which disconnects the holder. A name is free again once
+//!   its connection closed.
+//! - **Failures**: a call to a name nobody holds fails at once with
+//!   [`CallError::NoSuchPeer`](chatter_rpc::CallError::NoSuchPeer); when the callee's
+//!   connection closes before it answered, with
+//!   [`CallError::PeerLost`](chatter_rpc::CallError::PeerLost). When a caller disconnects,
+//!   its calls are cancelled at their callees. A signal to an unknown name is dropped; an
+//!   acknowledged one (`PeerOptions::acknowledged_signals`) is acknowledged as failed.
+//!   Acknowledgements of signals travel back to their senders, so
+//!   `Sent::acknowledged` means that the handler at the named peer finished.
+//! - **Memory**: a message's flow-control credit goes back to its sender only once the
+//!   broker has handed it to the destination's connection, so per connection the broker
+//!   holds at most: the connection's `receive_window` of its input (wherever it waits:
+//!   [`BrokerStats::held_bytes`]), plus chatter-core's own buffers (read buffer ≤
+//!   2 × (`max_frame_size` + 4) + 64 KiB, output ≤ `send_buffer` + one message), plus a
+//!   route of about 300 bytes for each conversation it opened (at most `max_conversations`
+//!   of them, chatter-core's limit on what a peer may open). The options are the
+//!   [`BrokerOptions::connection`] ones. Every task is per connection (a reader and a
+//!   writer), none per message.
+
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+#![forbid(unsafe_code)]
+
+mod broker;
+mod bus;
+mod envelope;
+mod relay;
+
+pub use broker::{Broker, BrokerOptions, BrokerStats};
+pub use bus::{connect, connect_unnamed, connect_with, Bus, BusError, BusOptions};
+pub use envelope::ROUTE_SEPARATOR;
+
+/// The name of the broker's own object, which registers names (`register(name: String,
+/// take_over: bool) -> Result<(), RegisterError>`).
+pub const BROKER_OBJECT: &str = "chatter.broker";
+
+/// Why the broker refused a name ([`BusError::Refused`]).
+///
+/// ```
+/// use chatter_broker::{Broker, BusError, RegisterError};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let broker = Broker::listen("tcp://127.0.0.1:0", Default::default()).await?;
+/// # let address = &broker.addresses()[0];
+/// let _first = chatter_broker::connect(address, "pump-1").await?;
+/// match chatter_broker::connect(address, "pump-1").await {
+///     Err(BusError::Refused(RegisterError::NameTaken { name })) => assert_eq!(name, "pump-1"),
+///     other => panic!("{other:?}"),
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegisterError {
+    /// Another connected peer holds the name (connect with [`BusOptions::take_over`] to
+    /// evict it).
+    #[error("the name `{name}` is held by another connected peer")]
+    NameTaken {
+        /// The name asked for.
+        name: String,
+    },
+    /// The name is not allowed.
+    #[error("`{name}` is not a valid peer name: {reason}")]
+    InvalidName {
+        /// The name asked for.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// This connection registered another name already.
+    #[error("this connection is registered as `{name}` already")]
+    AlreadyRegistered {
+        /// The name it holds.
+        name: String,
+    },
+}
+
+/// The broker's own object as its clients see it. The broker answers these calls itself,
+/// at the connection level (`relay.rs`); the trait gives clients their typed client.
+mod api {
+    #![allow(dead_code, unreachable_pub, missing_docs)]
+
+    use crate::RegisterError;
+
+    #[chatter_rpc::remote]
+    pub trait BrokerApi {
+        async fn register(&self, name: String, take_over: bool) -> Result<(), RegisterError>;
+    }
+}
