@@ -546,9 +546,8 @@ async fn garbage_envelopes_are_answered_or_dropped_never_fatal() {
     assert!(stats.discarded >= 3, "{stats:?}");
 }
 
-/// A result stream whose callee vanishes ends with an error naming the peer; it does not
-/// hang. (chatter-rpc reports failure 12 inside a stream as `StreamError::Protocol` with
-/// the broker's message: its stream code maps only the failures a direct callee sends.)
+/// A result stream whose callee vanishes ends with `ConnectionLost` naming the peer (the
+/// broker's failure 12 inside the stream); it does not hang.
 #[tokio::test]
 async fn a_stream_whose_callee_vanishes_ends_with_an_error() {
     let s = setup().await;
@@ -568,7 +567,10 @@ async fn a_stream_whose_callee_vanishes_ends_with_an_error() {
         }
     })
     .await;
-    assert!(error.to_string().contains("calc-1"), "{error}");
+    assert!(
+        matches!(&error, chatter_rpc::stream::StreamError::ConnectionLost(m) if m.contains("calc-1")),
+        "{error:?}"
+    );
 }
 
 /// Acknowledged (reliable) signals: the broker relays them and routes the receiver's ack

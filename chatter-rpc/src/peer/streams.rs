@@ -466,6 +466,8 @@ fn stream_failure(payload: &[u8]) -> StreamError {
             Ok(FailureKind::ShuttingDown) => {
                 StreamError::ConnectionLost(format!("the callee is shutting down: {message}"))
             }
+            // A broker's word that the peer behind it disconnected mid-stream.
+            Ok(FailureKind::PeerLost) => StreamError::ConnectionLost(message),
             Ok(FailureKind::BadArguments) => StreamError::BadItem(message),
             _ => StreamError::Protocol(message),
         },
