@@ -267,6 +267,21 @@ impl<T> Receiver<T> {
     }
 
     /// The next item, `None` once the stream ended normally.
+    ///
+    /// An error (`Some(Err(_))`) ends the stream too, and is the only sign that it was cut
+    /// short: a loop written `while let Some(Ok(item)) = rx.recv().await` takes a lost
+    /// connection or an item of the wrong type for the end. Match the error:
+    ///
+    /// ```
+    /// # use chatter_rpc::stream::{Receiver, StreamError};
+    /// async fn total(mut rx: Receiver<u64>) -> Result<u64, StreamError> {
+    ///     let mut sum = 0;
+    ///     while let Some(item) = rx.recv().await {
+    ///         sum += item?;
+    ///     }
+    ///     Ok(sum)
+    /// }
+    /// ```
     pub async fn recv(&mut self) -> Option<Result<T, StreamError>> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }

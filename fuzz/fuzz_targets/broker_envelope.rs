@@ -1,0 +1,12 @@
+//! chatter-broker's reading of an opening message: the envelope kinds it routes, the
+//! `peer/object` name, call ids and stream ids, and the head it rewrites for the callee
+//! (through the hidden `chatter_broker::__fuzz` entry point). Checks that nothing panics,
+//! slices out of range or allocates without bound (an error is a fine answer).
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    chatter_broker::__fuzz::route_envelope(data);
+});
