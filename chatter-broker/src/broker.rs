@@ -178,12 +178,17 @@ impl Broker {
             counters: Counters::default(),
         });
         let server = Arc::new(server);
+        // One per broker; aborted when the `Broker` is dropped.
         let accept = tokio::spawn({
             let (server, state) = (server.clone(), state.clone());
             async move {
                 while let Some(conn) = server.accept().await {
                     let link = Link::new(conn, state.clone());
                     state.counters.connections.fetch_add(1, Ordering::Relaxed);
+                    // One per accepted connection: the listener's `max_connections`
+                    // (`BrokerOptions::connection`, default 10,000) bounds them, and each
+                    // ends with its connection (at the latest `close_linger` after the
+                    // close), after failing or cancelling what it relayed.
                     tokio::spawn(link.run());
                 }
             }
@@ -299,6 +304,9 @@ impl BrokerState {
             let holder = holder.clone();
             *lock(&holder.name) = None;
             let reason = format!("the name `{name}` was taken over by another connection");
+            // At most one per connection that registers (a connection holds one name, and
+            // the holder taken over is closed), so `max_connections` bounds these too;
+            // each ends within the holder's `close_linger`.
             tokio::spawn(
                 async move { holder.conn.close_with(CloseCode::GoingAway, &reason).await },
             );

@@ -86,6 +86,12 @@ struct Routes {
 /// What waits for a link's credit.
 #[derive(Default)]
 struct Out {
+    /// Not capped by a length of its own: every item holds the flow-control credit of the
+    /// message it forwards until it is sent or dropped, so what waits here from one sender
+    /// is within that sender's `receive_window`, and all of it within the sum of the
+    /// senders' windows (docs/SECURITY.md, the broker's row). The broker's own messages
+    /// (answers, failures, cancels of a lost caller's calls) are one per request or per
+    /// relayed conversation, which `max_routes_per_peer` and `max_conversations` bound.
     queue: VecDeque<Forward>,
     /// The writer is delivering an item it took from the queue.
     busy: bool,
@@ -187,6 +193,7 @@ impl Link {
     /// Serves the link until its connection closes: reads, routes, and on close fails or
     /// cancels everything relayed through it.
     pub(crate) async fn run(self: Arc<Self>) {
+        // One per link, awaited below: it returns once `close_down` marks the link closed.
         let writer = tokio::spawn(self.clone().write_loop());
         let reading = Reading {
             link: Arc::as_ptr(&self) as usize,

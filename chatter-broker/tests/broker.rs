@@ -53,6 +53,8 @@ struct Calc {
 }
 
 fn calc() -> (Calc, Probe) {
+    // Unbounded: test probes, one message per handler the test itself starts (a few
+    // hundred at most), read by the test.
     let (started_tx, started) = mpsc::unbounded_channel();
     let (dropped_tx, dropped) = mpsc::unbounded_channel();
     let (notes_tx, notes) = mpsc::unbounded_channel();
@@ -691,6 +693,7 @@ async fn a_peer_at_its_route_limit_is_busy() {
 
 /// The value of whichever task finishes first.
 async fn futures_first(tasks: Vec<tokio::task::JoinHandle<Result<i64, CallError>>>) -> i64 {
+    // Unbounded: at most one value per task given.
     let (tx, mut rx) = mpsc::unbounded_channel();
     for task in tasks {
         let tx = tx.clone();

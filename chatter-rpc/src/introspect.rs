@@ -460,21 +460,8 @@ pub(crate) mod build {
         error: Option<&'static str>,
         idempotent: bool,
     ) -> MethodDescription {
-        MethodDescription {
-            name: Cow::Borrowed(name),
-            kind: MethodKind::Call,
-            docs: Cow::Borrowed(docs),
-            args: Cow::Borrowed(args),
-            returns: Cow::Borrowed(returns),
-            error: match error {
-                Some(error) => Some(Cow::Borrowed(error)),
-                None => None,
-            },
-            idempotent,
-            ttl_ms: None,
-            persistent: false,
-            result_stream: None,
-        }
+        let call = (name, docs, args, returns, error, idempotent);
+        described(MethodKind::Call, call, None)
     }
 
     /// A stream call's description: a method returning a stream of `result_stream`
@@ -489,24 +476,8 @@ pub(crate) mod build {
         idempotent: bool,
         result_stream: Option<&'static str>,
     ) -> MethodDescription {
-        MethodDescription {
-            name: Cow::Borrowed(name),
-            kind: MethodKind::Stream,
-            docs: Cow::Borrowed(docs),
-            args: Cow::Borrowed(args),
-            returns: Cow::Borrowed(returns),
-            error: match error {
-                Some(error) => Some(Cow::Borrowed(error)),
-                None => None,
-            },
-            idempotent,
-            ttl_ms: None,
-            persistent: false,
-            result_stream: match result_stream {
-                Some(item) => Some(Cow::Borrowed(item)),
-                None => None,
-            },
-        }
+        let call = (name, docs, args, returns, error, idempotent);
+        described(MethodKind::Stream, call, result_stream)
     }
 
     /// A signal's description.
@@ -550,6 +521,41 @@ pub(crate) mod build {
             name: Cow::Borrowed(name),
             ty: Cow::Borrowed(ty),
             stream: Some(Cow::Borrowed(item)),
+        }
+    }
+
+    /// A call's or stream call's description: `(name, docs, args, returns, error,
+    /// idempotent)`, and the result stream's item type.
+    #[allow(clippy::type_complexity)]
+    const fn described(
+        kind: MethodKind,
+        (name, docs, args, returns, error, idempotent): (
+            &'static str,
+            &'static str,
+            &'static [ArgDescription],
+            &'static str,
+            Option<&'static str>,
+            bool,
+        ),
+        result_stream: Option<&'static str>,
+    ) -> MethodDescription {
+        MethodDescription {
+            name: Cow::Borrowed(name),
+            kind,
+            docs: Cow::Borrowed(docs),
+            args: Cow::Borrowed(args),
+            returns: Cow::Borrowed(returns),
+            error: match error {
+                Some(error) => Some(Cow::Borrowed(error)),
+                None => None,
+            },
+            idempotent,
+            ttl_ms: None,
+            persistent: false,
+            result_stream: match result_stream {
+                Some(item) => Some(Cow::Borrowed(item)),
+                None => None,
+            },
         }
     }
 }

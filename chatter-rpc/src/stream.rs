@@ -412,12 +412,7 @@ impl Inbox {
     /// One item of `cost` arrived (tests: what `push_items` does per item).
     #[cfg(test)]
     pub(crate) fn push(&self, item: bytes::Bytes, cost: u64) -> Result<(), Overrun> {
-        let waker = {
-            let mut state = self.lock();
-            state.window.reserve(cost)?;
-            state.window.queue(item, cost);
-            state.window.waker.take()
-        };
+        let waker = self.lock().window.push(item, cost)?;
         if let Some(waker) = waker {
             waker.wake();
         }

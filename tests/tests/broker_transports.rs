@@ -14,6 +14,7 @@ pub trait Echo {
     async fn tell(&self, text: String);
 }
 
+/// Tells the test each signal it handled (unbounded: one per signal the test sends).
 struct E(mpsc::UnboundedSender<String>);
 
 impl Echo for E {
