@@ -89,7 +89,9 @@
 mod broker;
 mod bus;
 mod envelope;
+mod pubsub;
 mod relay;
+mod subscription;
 
 pub use broker::{Broker, BrokerOptions, BrokerStats};
 
@@ -113,6 +115,10 @@ pub mod __fuzz {
 }
 pub use bus::{connect, connect_unnamed, connect_with, Bus, BusError, BusOptions};
 pub use envelope::ROUTE_SEPARATOR;
+pub use subscription::{
+    Presence, PublishError, PublishReport, SlowSubscriber, SubscribeError, SubscribeOptions,
+    Subscription,
+};
 
 /// The name of the broker's own object, which registers names (`register(name: String,
 /// take_over: bool) -> Result<(), RegisterError>`).

@@ -940,6 +940,10 @@ fn failure<E>(
         Ok(FailureKind::MetadataTooLarge) => CallError::MetadataTooLarge {
             what: format!("refused by the callee: {message}"),
         },
+        // Only a stream's end may say it; as a call's answer it is out of place.
+        Ok(FailureKind::Lagging) => CallError::Protocol(format!(
+            "failure kind 14 (lagging) as a call's answer: {message}"
+        )),
         Err(kind) => CallError::Protocol(format!("unknown failure kind {kind}: {message}")),
     }
 }

@@ -66,6 +66,9 @@ pub(crate) enum FailureKind {
     /// The peer a routed call went to has as many calls open through the broker as the
     /// broker allows (sent by a broker).
     PeerBusy = 13,
+    /// A subscription's reader fell further behind than its queue allows, and its policy
+    /// ends it (sent by a broker, in a stream).
+    Lagging = 14,
 }
 
 impl FailureKind {
@@ -84,6 +87,7 @@ impl FailureKind {
             11 => FailureKind::NoSuchPeer,
             12 => FailureKind::PeerLost,
             13 => FailureKind::PeerBusy,
+            14 => FailureKind::Lagging,
             _ => return None,
         })
     }
