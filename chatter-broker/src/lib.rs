@@ -52,8 +52,7 @@
 //! name, the relative durations (deadline, TTL: shortened by the time the message waited
 //! in the broker) and the call ids in cancels and stream envelopes; arguments, results,
 //! errors and stream items pass as bytes. `docs/design/broker.md` in the repository has
-//! the whole design, and what is not built yet (pub/sub, broadcast, presence, access
-//! control, introspection).
+//! the whole design, and what is not built yet (access control, introspection).
 //!
 //! - **Names**: one per connection, at most [`BrokerOptions::max_name_len`] bytes, without
 //!   `/` or control characters. A name held by a connected peer is refused
@@ -68,6 +67,12 @@
 //!   acknowledged one (`PeerOptions::acknowledged_signals`) is acknowledged as failed.
 //!   Acknowledgements of signals travel back to their senders, so
 //!   `Sent::acknowledged` means that the handler at the named peer finished.
+//! - **Publish/subscribe**: [`Bus::publish`] a value on a `/`-separated topic,
+//!   [`Bus::subscribe`] with an MQTT-style pattern (`+`, `#`) and receive `(topic, value)`
+//!   in publish order; a slow subscriber drops, ends or holds publishers back, as its
+//!   [`SlowSubscriber`] policy says. [`Bus::publish_acked`] reports who got it,
+//!   [`Bus::presence`] who comes and goes, and a signal through `bus.peer("sensor-*")`
+//!   reaches every matching peer.
 //! - **Memory**: a message's flow-control credit goes back to its sender only once the
 //!   broker has handed it to the destination's connection, so per connection the broker
 //!   holds at most: the connection's `receive_window` of its input (wherever it waits:

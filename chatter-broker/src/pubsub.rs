@@ -122,6 +122,17 @@ impl Entry for Arc<Sub> {
     }
 }
 
+/// One item of a subscription's stream: `[topic, value]`, or `[topic, value, missed]`
+/// (topic and value encoded already).
+fn write_item(out: &mut Vec<u8>, topic: &[u8], value: &[u8], missed: u64) {
+    msgpack::write_array_len(out, if missed > 0 { 3 } else { 2 });
+    out.extend_from_slice(topic);
+    out.extend_from_slice(value);
+    if missed > 0 {
+        msgpack::write_uint(out, missed);
+    }
+}
+
 /// Every subscription, by pattern level.
 pub(crate) struct Topics<S = Arc<Sub>> {
     root: Node<S>,
@@ -631,12 +642,7 @@ impl Sub {
             } else {
                 0
             };
-            msgpack::write_array_len(&mut payload, if missed > 0 { 3 } else { 2 });
-            payload.extend_from_slice(&item.topic);
-            payload.extend_from_slice(&item.value);
-            if missed > 0 {
-                msgpack::write_uint(&mut payload, missed);
-            }
+            write_item(&mut payload, &item.topic, &item.value, missed);
             keep.push(item.keep);
         }
         let cost = payload.len() as u64 + ITEM_COST * keep.len() as u64;
@@ -709,6 +715,22 @@ mod tests {
         }
         fn same(&self, other: &Self) -> bool {
             Arc::ptr_eq(self, other)
+        }
+    }
+
+    /// PROTOCOL.md's item examples ("The broker").
+    #[test]
+    fn items_are_written_as_protocol_md_shows() {
+        let doc = include_str!("../../chatter-rpc/PROTOCOL.md");
+        for (missed, hex) in [
+            (0, "92 03 92 a3 74 2f 31 07"),
+            (5, "92 03 93 a3 74 2f 31 07 05"),
+        ] {
+            let mut out = vec![0x92, 0x03];
+            write_item(&mut out, b"\xa3t/1", &[0x07], missed);
+            let written: Vec<String> = out.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(written.join(" "), hex);
+            assert!(doc.contains(hex), "PROTOCOL.md shows {hex}");
         }
     }
 
