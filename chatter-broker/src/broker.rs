@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::envelope::ROUTE_SEPARATOR;
 use crate::pubsub::{Publication, Topics, PRESENCE_PREFIX};
 use crate::relay::{lock, Link};
-use crate::{Presence, RegisterError};
+use crate::{AccessControl, Presence, RegisterError};
 
 /// A broker's settings.
 ///
@@ -38,6 +38,7 @@ pub struct BrokerOptions {
     pub(crate) max_topic_len: usize,
     pub(crate) max_subscriptions_per_peer: usize,
     pub(crate) max_subscription_queue: usize,
+    pub(crate) access: Option<AccessControl>,
 }
 
 impl Default for BrokerOptions {
@@ -58,6 +59,7 @@ impl BrokerOptions {
             max_topic_len: 1024,
             max_subscriptions_per_peer: 64,
             max_subscription_queue: 1 << 20,
+            access: None,
         }
     }
 
@@ -117,6 +119,14 @@ impl BrokerOptions {
     /// it. Each waiting publication counts its topic, its value and 64 bytes.
     pub fn max_subscription_queue(mut self, bytes: usize) -> Self {
         self.max_subscription_queue = bytes;
+        self
+    }
+
+    /// Restricts what each peer may do, by its identity ([`AccessControl`]). Without it
+    /// (the default) every peer may register any free name, call any peer, and publish and
+    /// subscribe to any topic.
+    pub fn access_control(mut self, access: AccessControl) -> Self {
+        self.access = Some(access);
         self
     }
 }
@@ -180,6 +190,9 @@ pub struct BrokerStats {
     /// it under the subscription's `queue_bytes`; `Backpressure` under the publishers'
     /// windows (it is then part of `held_bytes` too).
     pub queued_publication_bytes: u64,
+    /// Requests refused by the [`AccessControl`] (calls, signals, registrations,
+    /// publications, subscriptions, unknown credentials).
+    pub denied: u64,
 }
 
 /// A running broker: peers connect to it, register names, and call each other through it.
@@ -282,6 +295,7 @@ impl Broker {
             dropped_deliveries: get(&c.dropped_deliveries),
             broadcasts: get(&c.broadcasts),
             queued_publication_bytes: get(&c.queued_publications),
+            denied: get(&c.denied),
         }
     }
 
@@ -486,6 +500,7 @@ pub(crate) struct Counters {
     pub(crate) dropped_deliveries: AtomicU64,
     pub(crate) broadcasts: AtomicU64,
     pub(crate) queued_publications: AtomicU64,
+    pub(crate) denied: AtomicU64,
 }
 
 impl Counters {

@@ -33,11 +33,23 @@ static SUBSCRIBE: Method = Method {
 /// let options = BusOptions::new().take_over(true).peer(PeerOptions::default());
 /// # let _ = options;
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct BusOptions {
     connection: Options,
     peer: PeerOptions,
     take_over: bool,
+    credential: Option<String>,
+}
+
+impl std::fmt::Debug for BusOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusOptions")
+            .field("connection", &self.connection)
+            .field("peer", &self.peer)
+            .field("take_over", &self.take_over)
+            .field("credential", &self.credential.as_ref().map(|_| "…"))
+            .finish()
+    }
 }
 
 impl BusOptions {
@@ -66,6 +78,15 @@ impl BusOptions {
         self.take_over = yes;
         self
     }
+
+    /// A credential to present to the broker before anything else, for its access control
+    /// ([`AccessControl::credential`](crate::AccessControl::credential)): the connection
+    /// then has the identity it stands for. An unknown credential fails the connect with
+    /// [`BusError::Authenticate`] ([`CallError::PermissionDenied`]). Send it over TLS only.
+    pub fn credential(mut self, token: &str) -> Self {
+        self.credential = Some(token.to_owned());
+        self
+    }
 }
 
 /// Why [`connect`] failed.
@@ -79,9 +100,12 @@ pub enum BusError {
     #[error("the broker refused the name: {0}")]
     Refused(RegisterError),
     /// Registering failed for another reason (the connection dropped, the other side is
-    /// not a chatter broker, …).
+    /// not a chatter broker, the access control does not allow the name, …).
     #[error("registering with the broker failed: {0}")]
     Register(CallError<RegisterError>),
+    /// The broker did not take the credential ([`BusOptions::credential`]).
+    #[error("the broker refused the credential: {0}")]
+    Authenticate(CallError),
 }
 
 /// A [`Peer`] connected to a broker: it serves the objects registered on it to every peer
@@ -185,7 +209,15 @@ pub async fn connect_unnamed(
     options: BusOptions,
 ) -> Result<Bus, BusError> {
     let conn = chatter_core::connect(address, options.connection).await?;
-    Ok(Bus::from_peer(Peer::with_options(conn, options.peer)))
+    let bus = Bus::from_peer(Peer::with_options(conn, options.peer));
+    if let Some(token) = options.credential {
+        let broker = BrokerApiClient::new(&bus.peer, BROKER_OBJECT);
+        if let Err(e) = broker.authenticate(token).await {
+            bus.close().await;
+            return Err(BusError::Authenticate(e));
+        }
+    }
+    Ok(bus)
 }
 
 impl Bus {

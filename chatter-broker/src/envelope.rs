@@ -36,6 +36,7 @@ pub(crate) const FAILURE_NO_SUCH_PEER: u64 = 11;
 pub(crate) const FAILURE_PEER_LOST: u64 = 12;
 pub(crate) const FAILURE_PEER_BUSY: u64 = 13;
 pub(crate) const FAILURE_LAGGING: u64 = 14;
+pub(crate) const FAILURE_PERMISSION_DENIED: u64 = 15;
 /// A stream's opening `[0, nil]` and a failure's kind *cancelled*.
 pub(crate) const FAILURE_CANCELLED: u64 = 2;
 
@@ -292,6 +293,15 @@ pub(crate) fn failure(kind: u64, message: &str) -> Vec<u8> {
 /// `[0, nil]`: a call's reply without a value.
 pub(crate) fn ok_unit() -> Vec<u8> {
     vec![0x92, 0x00, 0xc0]
+}
+
+/// `[0, value]` with a string value.
+pub(crate) fn ok_value_str(value: &str) -> Vec<u8> {
+    let mut w = Vec::with_capacity(8 + value.len());
+    msgpack::write_array_len(&mut w, 2);
+    msgpack::write_uint(&mut w, 0);
+    msgpack::write_str(&mut w, value);
+    w
 }
 
 /// `[1, [message, []], error]`: an application error, `error` already encoded.

@@ -52,7 +52,7 @@
 //! name, the relative durations (deadline, TTL: shortened by the time the message waited
 //! in the broker) and the call ids in cancels and stream envelopes; arguments, results,
 //! errors and stream items pass as bytes. `docs/design/broker.md` in the repository has
-//! the whole design, and what is not built yet (access control, introspection).
+//! the whole design, and what is not built yet (introspection).
 //!
 //! - **Names**: one per connection, at most [`BrokerOptions::max_name_len`] bytes, without
 //!   `/` or control characters. A name held by a connected peer is refused
@@ -73,6 +73,10 @@
 //!   [`SlowSubscriber`] policy says. [`Bus::publish_acked`] reports who got it,
 //!   [`Bus::presence`] who comes and goes, and a signal through `bus.peer("sensor-*")`
 //!   reaches every matching peer.
+//! - **Access control**: [`BrokerOptions::access_control`] restricts, per identity (a TLS
+//!   client certificate's CN, or a [`BusOptions::credential`]), which names a peer may
+//!   register, which peers it may call and which topics it may publish and subscribe to
+//!   ([`AccessControl`], [`Rules`]).
 //! - **Memory**: a message's flow-control credit goes back to its sender only once the
 //!   broker has handed it to the destination's connection, so per connection the broker
 //!   holds at most: the connection's `receive_window` of its input (wherever it waits:
@@ -91,6 +95,7 @@
 )]
 #![forbid(unsafe_code)]
 
+mod access;
 mod broker;
 mod bus;
 mod envelope;
@@ -98,6 +103,7 @@ mod pubsub;
 mod relay;
 mod subscription;
 
+pub use access::{AccessControl, Rules};
 pub use broker::{Broker, BrokerOptions, BrokerStats};
 
 /// Entry points for the fuzz targets (`fuzz/fuzz_targets/broker_envelope.rs`): not part of
@@ -181,5 +187,7 @@ mod api {
     #[chatter_rpc::remote]
     pub trait BrokerApi {
         async fn register(&self, name: String, take_over: bool) -> Result<(), RegisterError>;
+        /// Presents a credential; answers the identity it stands for.
+        async fn authenticate(&self, credential: String) -> String;
     }
 }

@@ -30,6 +30,8 @@ use crate::subscription::{PublishReport, SlowSubscriber};
 
 /// The topics on which the broker publishes presence: `$broker/presence/{name}`.
 pub(crate) const PRESENCE_PREFIX: &str = "$broker/presence/";
+/// Topics only the broker publishes on.
+pub(crate) const RESERVED_PREFIX: &str = "$broker/";
 
 /// A stream message's cost beyond its payload, per item (chatter-rpc PROTOCOL.md "Credit").
 const ITEM_COST: u64 = 64;

@@ -25,6 +25,7 @@ use chatter_msgpack as msgpack;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::access::Rules;
 use crate::broker::BrokerState;
 use crate::envelope::{self, Envelope, Request};
 use crate::pubsub::{self, Acked, Held, Keep, Publication, Sub};
@@ -54,6 +55,11 @@ pub(crate) struct Link {
     /// This link's subscriptions, by the id of their stream call (at most
     /// `BrokerOptions::max_subscriptions_per_peer`).
     pub(crate) subs: Mutex<HashMap<u64, Arc<Sub>>>,
+    /// Who this peer is, for access control: its client certificate's CN, or what its
+    /// credential stands for.
+    identity: Mutex<Option<Arc<str>>>,
+    /// What it may do; `None`: the broker has no access control.
+    rules: Mutex<Option<Arc<Rules>>>,
     pub(crate) state: Arc<BrokerState>,
 }
 
@@ -175,6 +181,11 @@ enum Skip {
 
 impl Link {
     pub(crate) fn new(conn: Connection, state: Arc<BrokerState>) -> Arc<Link> {
+        let identity = state
+            .options
+            .access
+            .as_ref()
+            .and_then(|_| certificate_identity(&conn));
         Arc::new(Link {
             conn,
             name: Mutex::new(None),
@@ -186,8 +197,37 @@ impl Link {
             streams_in: Mutex::default(),
             streams_out: Mutex::default(),
             subs: Mutex::default(),
+            identity: Mutex::new(identity.clone()),
+            rules: Mutex::new(
+                state
+                    .options
+                    .access
+                    .as_ref()
+                    .map(|a| a.rules(identity.as_deref())),
+            ),
             state,
         })
+    }
+
+    /// Whether the access control lets this peer do what `allowed` checks; a denial is
+    /// counted.
+    fn permit(&self, allowed: impl FnOnce(&Rules) -> bool) -> bool {
+        let rules = lock(&self.rules).clone();
+        let yes = rules.is_none_or(|rules| allowed(&rules));
+        if !yes {
+            self.state.counters.bump(&self.state.counters.denied);
+        }
+        yes
+    }
+
+    /// The failure that answers a denied request.
+    fn denial(&self, what: &str) -> Vec<u8> {
+        let who = match &*lock(&self.identity) {
+            Some(identity) => format!("identity `{identity}`"),
+            None => "an anonymous peer".to_owned(),
+        };
+        let why = format!("the broker's access control does not let {who} {what}");
+        envelope::failure(envelope::FAILURE_PERMISSION_DENIED, &why)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -289,6 +329,10 @@ impl Link {
         };
         if target.contains('*') {
             return self.broadcast(msg, &request, target, credit);
+        }
+        if !self.permit(|rules| rules.may_call(target)) {
+            let answer = self.denial(&format!("call or signal the peer `{target}`"));
+            return self.refuse(msg, &request, credit, answer);
         }
         let dest = self.state.lookup(target);
         if let (Some((stream, seq)), None) = (request.reliable, &dest) {
@@ -524,6 +568,8 @@ impl Link {
         }
         let answer = if request.object != BROKER_OBJECT {
             envelope::failure(envelope::FAILURE_NO_SUCH_OBJECT, request.object)
+        } else if method == b"authenticate" {
+            self.authenticate(msg, request)
         } else if method != b"register" {
             let method = String::from_utf8_lossy(method).into_owned();
             envelope::failure(envelope::FAILURE_NO_SUCH_METHOD, &method)
@@ -534,6 +580,9 @@ impl Link {
                     "the broker's `register` takes a plain call (kind 0 or 9)",
                 ),
                 Some(args) => match envelope::register_args(args) {
+                    Ok((name, _)) if !self.permit(|rules| rules.may_register(&name)) => {
+                        self.denial(&format!("register the name `{name}`"))
+                    }
                     Ok((name, take_over)) => match self.state.register(self, &name, take_over) {
                         Ok(()) => envelope::ok_unit(),
                         Err(e) => app_error(&e),
@@ -546,6 +595,37 @@ impl Link {
             }
         };
         self.answer(msg.conversation, answer, credit);
+    }
+
+    /// `authenticate(credential)`: the identity the credential stands for becomes this
+    /// connection's (its rules apply from the next request on). Without access control
+    /// any credential is accepted and means nothing.
+    fn authenticate(self: &Arc<Self>, msg: &Msg, request: &Request<'_>) -> Vec<u8> {
+        let Some(args) = request.args(&msg.payload) else {
+            return envelope::failure(
+                envelope::FAILURE_PROTOCOL,
+                "the broker's `authenticate` takes a plain call (kind 0 or 9)",
+            );
+        };
+        let token = match chatter_core::codec::decode::<(String,)>(args) {
+            Ok((token,)) => token,
+            Err(e) => {
+                let why = format!("arguments of `authenticate`: cannot decode (String,): {e}");
+                return envelope::failure(envelope::FAILURE_BAD_ARGUMENTS, &why);
+            }
+        };
+        let Some(access) = &self.state.options.access else {
+            return envelope::ok_value_str("");
+        };
+        let Some(identity) = access.identity_of(&token) else {
+            self.state.counters.bump(&self.state.counters.denied);
+            let why = "the broker's access control does not know this credential";
+            return envelope::failure(envelope::FAILURE_PERMISSION_DENIED, why);
+        };
+        let identity: Arc<str> = identity.into();
+        *lock(&self.rules) = Some(access.rules(Some(&identity)));
+        *lock(&self.identity) = Some(identity.clone());
+        envelope::ok_value_str(&identity)
     }
 
     /// `publish(topic, value)`: a signal (or reliable signal), or a call for an
@@ -574,7 +654,7 @@ impl Link {
             Err(what) => {
                 counters.bump(&counters.discarded);
                 let why = format!("arguments of `publish`: cannot decode (String, value): {what}");
-                return self.refuse_publication(
+                return self.refuse(
                     msg,
                     request,
                     credit,
@@ -582,13 +662,27 @@ impl Link {
                 );
             }
         };
-        if let Err(why) = pubsub::check_topic(topic, self.state.options.max_topic_len) {
+        let checked =
+            pubsub::check_topic(topic, self.state.options.max_topic_len).and_then(|()| match topic
+                .starts_with(pubsub::RESERVED_PREFIX)
+            {
+                true => Err(format!(
+                    "topics under `{}` are the broker's own",
+                    pubsub::RESERVED_PREFIX
+                )),
+                false => Ok(()),
+            });
+        if let Err(why) = checked {
             counters.bump(&counters.discarded);
             let error = crate::PublishError::InvalidTopic {
                 topic: topic.to_owned(),
                 reason: why,
             };
-            return self.refuse_publication(msg, request, credit, app_error(&error));
+            return self.refuse(msg, request, credit, app_error(&error));
+        }
+        if !self.permit(|rules| rules.may_publish(topic)) {
+            let answer = self.denial(&format!("publish on `{topic}`"));
+            return self.refuse(msg, request, credit, answer);
         }
         counters.bump(&counters.publications);
         let mut subs = Vec::new();
@@ -622,15 +716,9 @@ impl Link {
         }
     }
 
-    /// A publication the broker cannot take: a call is answered `answer`, a reliable
-    /// signal acked as failed, a signal dropped.
-    fn refuse_publication(
-        self: &Arc<Self>,
-        msg: &Msg,
-        request: &Request<'_>,
-        credit: Credit,
-        answer: Vec<u8>,
-    ) {
+    /// A request the broker refuses: a call is answered `answer`, a reliable signal acked
+    /// as failed, a signal dropped.
+    fn refuse(self: &Arc<Self>, msg: &Msg, request: &Request<'_>, credit: Credit, answer: Vec<u8>) {
         if request.is_call() {
             self.answer(msg.conversation, answer, credit);
         } else if let Some((stream, seq)) = request.reliable {
@@ -676,6 +764,9 @@ impl Link {
                 pattern: pattern.clone(),
                 reason,
             })
+        } else if !self.permit(|rules| rules.may_subscribe(&pattern)) {
+            let answer = self.denial(&format!("subscribe to `{pattern}`"));
+            return self.answer(conv, answer, credit);
         } else if lock(&self.subs).len() >= options.max_subscriptions_per_peer {
             Some(SubscribeError::TooManySubscriptions {
                 limit: options.max_subscriptions_per_peer,
@@ -734,6 +825,10 @@ impl Link {
         let received = Instant::now();
         for dest in dests {
             if Arc::ptr_eq(&dest, self) {
+                continue;
+            }
+            let name = lock(&dest.name).clone();
+            if !name.is_some_and(|name| self.permit(|rules| rules.may_call(&name))) {
                 continue;
             }
             dest.forward(Forward {
@@ -1243,6 +1338,18 @@ fn lost_a(pair: &Arc<Pair>, why: &str) {
 fn random_id(own: u64, salt: u64) -> u64 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one((own, salt)) | 1
+}
+
+/// The identity in `conn`'s TLS client certificate (its subject's CN), if it has one.
+#[cfg(feature = "tls")]
+fn certificate_identity(conn: &Connection) -> Option<Arc<str>> {
+    let leaf = conn.peer_certificates()?.first()?;
+    crate::access::common_name(leaf).map(Arc::from)
+}
+
+#[cfg(not(feature = "tls"))]
+fn certificate_identity(_: &Connection) -> Option<Arc<str>> {
+    None
 }
 
 /// The application error reply of a refused request of the broker's own.

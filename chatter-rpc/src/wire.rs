@@ -69,6 +69,8 @@ pub(crate) enum FailureKind {
     /// A subscription's reader fell further behind than its queue allows, and its policy
     /// ends it (sent by a broker, in a stream).
     Lagging = 14,
+    /// The broker's access control does not let the sender do this (sent by a broker).
+    PermissionDenied = 15,
 }
 
 impl FailureKind {
@@ -88,6 +90,7 @@ impl FailureKind {
             12 => FailureKind::PeerLost,
             13 => FailureKind::PeerBusy,
             14 => FailureKind::Lagging,
+            15 => FailureKind::PermissionDenied,
             _ => return None,
         })
     }
