@@ -111,6 +111,7 @@ pub struct Rules {
     call: Vec<String>,
     publish: Vec<String>,
     subscribe: Vec<String>,
+    introspect: bool,
 }
 
 impl Rules {
@@ -127,6 +128,22 @@ impl Rules {
             .publish("#")
             .subscribe("#")
             .subscribe("$broker/#")
+            .introspect()
+    }
+
+    /// Allows asking the broker for its peers and counters ([`BrokerApi::peers`],
+    /// [`BrokerApi::stats`], `chatter.introspect`'s `stats`): they show every peer's
+    /// name, address, identity and subscriptions.
+    ///
+    /// [`BrokerApi::peers`]: crate::BrokerApi::peers
+    /// [`BrokerApi::stats`]: crate::BrokerApi::stats
+    pub fn introspect(mut self) -> Self {
+        self.introspect = true;
+        self
+    }
+
+    pub(crate) fn may_introspect(&self) -> bool {
+        self.introspect
     }
 
     /// Allows registering the names that match `glob`.

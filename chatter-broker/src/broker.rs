@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chatter_core::{Address, CloseCode, ListenError, Options, Server, ToAddress};
@@ -145,7 +145,8 @@ impl BrokerOptions {
 /// assert_eq!(stats.held_bytes, 0); // nothing waits in the broker
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct BrokerStats {
     /// Connections open now.
@@ -232,6 +233,7 @@ impl Broker {
     pub fn serve(server: Server, options: BrokerOptions) -> Broker {
         let state = Arc::new(BrokerState {
             names: Mutex::default(),
+            links: Mutex::default(),
             topics: Mutex::default(),
             options,
             counters: Counters::default(),
@@ -276,27 +278,7 @@ impl Broker {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> BrokerStats {
-        let c = &self.state.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        BrokerStats {
-            connections: get(&c.connections),
-            names: lock(&self.state.names).len() as u64,
-            held_bytes: get(&c.held_bytes),
-            queued: get(&c.queued),
-            forwarded: get(&c.forwarded),
-            no_such_peer: get(&c.no_such_peer),
-            busy: get(&c.busy),
-            slow_peers_closed: get(&c.slow_peers_closed),
-            signals_expired: get(&c.signals_expired),
-            discarded: get(&c.discarded),
-            subscriptions: lock(&self.state.topics).len() as u64,
-            publications: get(&c.publications),
-            deliveries: get(&c.deliveries),
-            dropped_deliveries: get(&c.dropped_deliveries),
-            broadcasts: get(&c.broadcasts),
-            queued_publication_bytes: get(&c.queued_publications),
-            denied: get(&c.denied),
-        }
+        self.state.stats()
     }
 
     /// Stops accepting and closes every connection (code *going away*): their peers'
@@ -317,6 +299,8 @@ impl Drop for Broker {
 #[derive(Debug)]
 pub(crate) struct BrokerState {
     names: Mutex<HashMap<Arc<str>, Arc<Link>>>,
+    /// Every open connection (registered or not), by address, for introspection.
+    links: Mutex<HashMap<usize, Weak<Link>>>,
     /// Every subscription. Locked after `names` when both are.
     pub(crate) topics: Mutex<Topics>,
     pub(crate) options: BrokerOptions,
@@ -446,9 +430,48 @@ impl BrokerState {
         }
     }
 
+    /// Keeps `link` in the list of connections ([`BrokerApi::peers`](crate::BrokerApi::peers)).
+    pub(crate) fn opened(&self, link: &Arc<Link>) {
+        lock(&self.links).insert(Arc::as_ptr(link) as usize, Arc::downgrade(link));
+    }
+
+    /// Every open connection.
+    pub(crate) fn links(&self) -> Vec<Arc<Link>> {
+        lock(&self.links)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// The counters now.
+    pub(crate) fn stats(&self) -> BrokerStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BrokerStats {
+            connections: get(&c.connections),
+            names: lock(&self.names).len() as u64,
+            held_bytes: get(&c.held_bytes),
+            queued: get(&c.queued),
+            forwarded: get(&c.forwarded),
+            no_such_peer: get(&c.no_such_peer),
+            busy: get(&c.busy),
+            slow_peers_closed: get(&c.slow_peers_closed),
+            signals_expired: get(&c.signals_expired),
+            discarded: get(&c.discarded),
+            subscriptions: lock(&self.topics).len() as u64,
+            publications: get(&c.publications),
+            deliveries: get(&c.deliveries),
+            dropped_deliveries: get(&c.dropped_deliveries),
+            broadcasts: get(&c.broadcasts),
+            queued_publication_bytes: get(&c.queued_publications),
+            denied: get(&c.denied),
+        }
+    }
+
     /// Forgets `link`'s name (if it still holds it).
     pub(crate) fn unregister(&self, link: &Arc<Link>) {
         let mut names = lock(&self.names);
+        lock(&self.links).remove(&(Arc::as_ptr(link) as usize));
         let name = lock(&link.name).clone();
         if let Some(name) = name {
             if names.get(&name).is_some_and(|l| Arc::ptr_eq(l, link)) {

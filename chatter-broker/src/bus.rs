@@ -10,7 +10,7 @@ use chatter_rpc::{CallError, Peer, PeerOptions, Sent, SignalError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::api::BrokerApiClient;
+use crate::introspect::BrokerApiClient;
 use crate::subscription::{Delivery, Presence, PublishError, PublishReport, SubscribeError};
 use crate::{RegisterError, SubscribeOptions, Subscription, BROKER_OBJECT};
 

@@ -52,7 +52,8 @@
 //! name, the relative durations (deadline, TTL: shortened by the time the message waited
 //! in the broker) and the call ids in cancels and stream envelopes; arguments, results,
 //! errors and stream items pass as bytes. `docs/design/broker.md` in the repository has
-//! the whole design, and what is not built yet (introspection).
+//! the whole design. The broker tells its peers, subscriptions and counters through its
+//! own object ([`BrokerApi`]) and chatter-rpc's `chatter.introspect`.
 //!
 //! - **Names**: one per connection, at most [`BrokerOptions::max_name_len`] bytes, without
 //!   `/` or control characters. A name held by a connected peer is refused
@@ -99,6 +100,7 @@ mod access;
 mod broker;
 mod bus;
 mod envelope;
+mod introspect;
 mod pubsub;
 mod relay;
 mod subscription;
@@ -126,13 +128,15 @@ pub mod __fuzz {
 }
 pub use bus::{connect, connect_unnamed, connect_with, Bus, BusError, BusOptions};
 pub use envelope::ROUTE_SEPARATOR;
+pub use introspect::{BrokerApi, BrokerApiClient, BrokerApiServer, PeerInfo, SubscriptionInfo};
 pub use subscription::{
     Presence, PublishError, PublishReport, SlowSubscriber, SubscribeError, SubscribeOptions,
     Subscription,
 };
 
-/// The name of the broker's own object, which registers names (`register(name: String,
-/// take_over: bool) -> Result<(), RegisterError>`).
+/// The name of the broker's own object ([`BrokerApi`]): it registers names, takes
+/// credentials, publications and subscriptions, and tells the broker's counters and
+/// peers.
 pub const BROKER_OBJECT: &str = "chatter.broker";
 
 /// Why the broker refused a name ([`BusError::Refused`]).
@@ -175,19 +179,4 @@ pub enum RegisterError {
         /// The name it holds.
         name: String,
     },
-}
-
-/// The broker's own object as its clients see it. The broker answers these calls itself,
-/// at the connection level (`relay.rs`); the trait gives clients their typed client.
-mod api {
-    #![allow(dead_code, unreachable_pub, missing_docs)]
-
-    use crate::RegisterError;
-
-    #[chatter_rpc::remote]
-    pub trait BrokerApi {
-        async fn register(&self, name: String, take_over: bool) -> Result<(), RegisterError>;
-        /// Presents a credential; answers the identity it stands for.
-        async fn authenticate(&self, credential: String) -> String;
-    }
 }

@@ -544,6 +544,22 @@ impl Sub {
         }
     }
 
+    /// What [`BrokerApi::peers`](crate::BrokerApi::peers) says about it.
+    pub(crate) fn info(&self) -> crate::SubscriptionInfo {
+        let (queued, queued_bytes) = {
+            let st = lock(&self.state);
+            (st.queue.len() as u64, st.queued as u64)
+        };
+        crate::SubscriptionInfo {
+            pattern: self.pattern.to_string(),
+            policy: self.policy,
+            queued,
+            queued_bytes,
+            delivered: self.delivered.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+        }
+    }
+
     /// More stream credit from the subscriber (`[15, call, bytes]`).
     pub(crate) fn grant(self: &Arc<Self>, bytes: u64) {
         {

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use crate::access::Rules;
 use crate::broker::BrokerState;
 use crate::envelope::{self, Envelope, Request};
+use crate::introspect::{self, PeerInfo, SubscriptionInfo};
 use crate::pubsub::{self, Acked, Held, Keep, Publication, Sub};
 use crate::{SubscribeError, BROKER_OBJECT};
 
@@ -186,7 +187,7 @@ impl Link {
             .access
             .as_ref()
             .and_then(|_| certificate_identity(&conn));
-        Arc::new(Link {
+        let link = Arc::new(Link {
             conn,
             name: Mutex::new(None),
             routes: Mutex::default(),
@@ -206,7 +207,24 @@ impl Link {
                     .map(|a| a.rules(identity.as_deref())),
             ),
             state,
-        })
+        });
+        link.state.opened(&link);
+        link
+    }
+
+    /// What [`BrokerApi::peers`](crate::BrokerApi::peers) says about this connection.
+    pub(crate) fn info(&self) -> PeerInfo {
+        let mut subscriptions: Vec<SubscriptionInfo> =
+            lock(&self.subs).values().map(|sub| sub.info()).collect();
+        subscriptions.sort_by(|a, b| a.pattern.cmp(&b.pattern));
+        PeerInfo {
+            name: lock(&self.name).as_deref().map(str::to_owned),
+            address: self.conn.remote_address().to_string(),
+            identity: lock(&self.identity).as_deref().map(str::to_owned),
+            queued: lock(&self.out).queue.len() as u64,
+            routes: lock(&self.routes).map.len() as u64,
+            subscriptions,
+        }
     }
 
     /// Whether the access control lets this peer do what `allowed` checks; a denial is
@@ -566,8 +584,21 @@ impl Link {
         if request.object == BROKER_OBJECT && method == b"subscribe" {
             return self.subscribe(msg, request, credit);
         }
-        let answer = if request.object != BROKER_OBJECT {
+        let answer = if request.object == chatter_rpc::introspect::OBJECT {
+            self.introspect(method, msg, request)
+        } else if request.object != BROKER_OBJECT {
             envelope::failure(envelope::FAILURE_NO_SUCH_OBJECT, request.object)
+        } else if method == b"stats" || method == b"peers" {
+            if !self.permit(Rules::may_introspect) {
+                self.denial("ask the broker for its peers and counters")
+            } else if method == b"stats" {
+                ok_value(&self.state.stats())
+            } else {
+                let mut peers: Vec<PeerInfo> =
+                    self.state.links().iter().map(|l| l.info()).collect();
+                peers.sort_by(|a, b| (a.name.is_none(), &a.name).cmp(&(b.name.is_none(), &b.name)));
+                ok_value(&peers)
+            }
         } else if method == b"authenticate" {
             self.authenticate(msg, request)
         } else if method != b"register" {
@@ -595,6 +626,83 @@ impl Link {
             }
         };
         self.answer(msg.conversation, answer, credit);
+    }
+
+    /// chatter-rpc's `chatter.introspect`, for the broker's own object: `list`, `describe`,
+    /// `stats` (the broker's counters; access control as `peers`) and `ping`.
+    fn introspect(self: &Arc<Self>, method: &[u8], msg: &Msg, request: &Request<'_>) -> Vec<u8> {
+        let description = introspect::description();
+        match method {
+            b"ping" => envelope::ok_unit(),
+            b"list" => ok_value(&[introspect::Summary {
+                object: BROKER_OBJECT,
+                interface: description.map(|d| d.name.to_string()),
+                methods: description
+                    .map(|d| d.methods.iter().map(|m| m.name.to_string()).collect())
+                    .unwrap_or_default(),
+            }]),
+            b"stats" if !self.permit(Rules::may_introspect) => {
+                self.denial("ask the broker for its peers and counters")
+            }
+            b"stats" => {
+                let stats = self.state.stats();
+                let counters = [
+                    ("connections", stats.connections),
+                    ("names", stats.names),
+                    ("held_bytes", stats.held_bytes),
+                    ("queued", stats.queued),
+                    ("forwarded", stats.forwarded),
+                    ("no_such_peer", stats.no_such_peer),
+                    ("busy", stats.busy),
+                    ("slow_peers_closed", stats.slow_peers_closed),
+                    ("signals_expired", stats.signals_expired),
+                    ("discarded", stats.discarded),
+                    ("subscriptions", stats.subscriptions),
+                    ("publications", stats.publications),
+                    ("deliveries", stats.deliveries),
+                    ("dropped_deliveries", stats.dropped_deliveries),
+                    ("broadcasts", stats.broadcasts),
+                    ("queued_publication_bytes", stats.queued_publication_bytes),
+                    ("denied", stats.denied),
+                ];
+                let counters: Vec<introspect::Counter> = counters
+                    .into_iter()
+                    .map(|(name, value)| introspect::Counter { name, value })
+                    .collect();
+                ok_value(&counters)
+            }
+            b"describe" => {
+                let object = request
+                    .args(&msg.payload)
+                    .and_then(|args| chatter_core::codec::decode::<(String,)>(args).ok());
+                match (object, description) {
+                    (Some((object,)), Some(description)) if object == BROKER_OBJECT => {
+                        ok_value(description)
+                    }
+                    (Some((object,)), _) => {
+                        let error = introspect::DescribeError::NoSuchObject {
+                            object: object.clone(),
+                            known: vec![BROKER_OBJECT.to_owned()],
+                        };
+                        let message =
+                            format!("no object `{object}` (this broker serves: {BROKER_OBJECT})");
+                        let mut value = Vec::new();
+                        match chatter_core::codec::encode(&mut value, &error) {
+                            Ok(()) => envelope::app_error(&message, &value),
+                            Err(e) => envelope::failure(envelope::FAILURE_PROTOCOL, &e.to_string()),
+                        }
+                    }
+                    (None, _) => envelope::failure(
+                        envelope::FAILURE_BAD_ARGUMENTS,
+                        "arguments of `describe`: cannot decode (String,)",
+                    ),
+                }
+            }
+            other => {
+                let method = String::from_utf8_lossy(other).into_owned();
+                envelope::failure(envelope::FAILURE_NO_SUCH_METHOD, &method)
+            }
+        }
     }
 
     /// `authenticate(credential)`: the identity the credential stands for becomes this
@@ -1350,6 +1458,15 @@ fn certificate_identity(conn: &Connection) -> Option<Arc<str>> {
 #[cfg(not(feature = "tls"))]
 fn certificate_identity(_: &Connection) -> Option<Arc<str>> {
     None
+}
+
+/// `[0, value]`: a reply with `value`.
+fn ok_value<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    let mut payload = vec![0x92, 0x00];
+    match chatter_core::codec::encode(&mut payload, value) {
+        Ok(()) => payload,
+        Err(e) => envelope::failure(envelope::FAILURE_PROTOCOL, &e.to_string()),
+    }
 }
 
 /// The application error reply of a refused request of the broker's own.
