@@ -81,6 +81,113 @@ impl AccessControl {
         self
     }
 
+    /// Reads access control from text, one rule per line (words separated by spaces, so
+    /// names, patterns and tokens cannot contain any; a line that begins with `#`, and the
+    /// words after a rule's own from one that begins with `#`, are comments):
+    ///
+    /// ```text
+    /// credential TOKEN IDENTITY          # TOKEN makes a connection IDENTITY
+    /// identity NAME register GLOB        # NAME may register names matching GLOB
+    /// identity NAME call GLOB            # … call and signal peers matching GLOB
+    /// identity NAME publish PATTERN      # … publish on topics PATTERN matches
+    /// identity NAME subscribe PATTERN    # … subscribe to what PATTERN covers
+    /// identity NAME introspect           # … ask for the broker's peers and counters
+    /// identity NAME all                  # … everything (Rules::all)
+    /// anonymous register GLOB            # the same for connections without an identity
+    /// ```
+    ///
+    /// ```
+    /// use chatter_broker::AccessControl;
+    ///
+    /// let access = AccessControl::parse(
+    ///     "identity sensors register sensor-*\n\
+    ///      identity sensors publish sensors/#\n\
+    ///      credential s3cret dashboard   # a token for the dashboard\n\
+    ///      identity dashboard subscribe sensors/#\n",
+    /// )?;
+    /// # let _ = access;
+    /// # Ok::<(), String>(())
+    /// ```
+    ///
+    /// An unknown word, a missing or extra one, or an invalid pattern is an error that
+    /// names its line.
+    pub fn parse(text: &str) -> Result<AccessControl, String> {
+        let mut access = AccessControl::new();
+        let mut rules: HashMap<Option<String>, Rules> = HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let fail = |why: &str| Err(format!("line {}: {why}: `{}`", n + 1, line.trim()));
+            let mut words: Vec<&str> = line.split_whitespace().collect();
+            // A comment runs from a word that begins with `#` after the rule's words (a
+            // pattern may be `#` itself, so the rule's arity decides where it ends).
+            let arity = match words.as_slice() {
+                [first, ..] if first.starts_with('#') => 0,
+                ["credential", ..] => 3,
+                [_, _, "introspect" | "all", ..] | ["anonymous", "introspect" | "all", ..] => words
+                    .iter()
+                    .position(|w| *w == "introspect" || *w == "all")
+                    .map_or(0, |i| i + 1),
+                ["anonymous", ..] => 3,
+                _ => 4,
+            };
+            if words.len() > arity {
+                if !words[arity].starts_with('#') {
+                    return fail("unexpected words at the end");
+                }
+                words.truncate(arity);
+            }
+            let (who, rest) = match words.as_slice() {
+                [] => continue,
+                ["credential", token, identity] => {
+                    access = access.credential(token, identity);
+                    continue;
+                }
+                ["credential", ..] => return fail("expected `credential TOKEN IDENTITY`"),
+                ["identity", name, rest @ ..] => (Some((*name).to_owned()), rest),
+                ["anonymous", rest @ ..] => (None, rest),
+                _ => return fail("expected `credential`, `identity NAME` or `anonymous`"),
+            };
+            let entry = rules.entry(who).or_default();
+            let taken = std::mem::take(entry);
+            *entry = match rest {
+                ["register", glob] => taken.register(glob),
+                ["call", glob] => taken.call(glob),
+                ["publish", pattern] | ["subscribe", pattern] => {
+                    if let Err(why) = pubsub::check_pattern(pattern, usize::MAX) {
+                        return fail(&why);
+                    }
+                    if rest[0] == "publish" {
+                        taken.publish(pattern)
+                    } else {
+                        taken.subscribe(pattern)
+                    }
+                }
+                ["introspect"] => taken.introspect(),
+                ["all"] => {
+                    let all = Rules::all();
+                    Rules {
+                        register: [taken.register, all.register].concat(),
+                        call: [taken.call, all.call].concat(),
+                        publish: [taken.publish, all.publish].concat(),
+                        subscribe: [taken.subscribe, all.subscribe].concat(),
+                        introspect: true,
+                    }
+                }
+                _ => {
+                    return fail(
+                        "expected `register GLOB`, `call GLOB`, `publish PATTERN`, `subscribe PATTERN`, `introspect` or `all`",
+                    )
+                }
+            };
+        }
+        for (who, rules) in rules {
+            access = match who {
+                Some(identity) => access.identity(&identity, rules),
+                None => access.anonymous(rules),
+            };
+        }
+        Ok(access)
+    }
+
     /// The rules of `identity` (the anonymous ones for `None` or an unknown identity).
     pub(crate) fn rules(&self, identity: Option<&str>) -> Arc<Rules> {
         identity
@@ -360,6 +467,40 @@ mod tests {
         assert!(!none.may_publish("x") && !none.may_subscribe("x"));
         let all = Rules::all();
         assert!(all.may_subscribe("$broker/presence/+") && all.may_subscribe("#"));
+    }
+
+    #[test]
+    fn rules_are_read_from_text() {
+        let access = AccessControl::parse(
+            "# sensors\n\
+             identity sensors register sensor-*\n\
+             identity sensors publish sensors/#   # their readings\n\
+             identity sensors subscribe #\n\
+             credential tok ops\n\
+             identity ops all\n\
+             anonymous subscribe public/#\n",
+        )
+        .expect("valid");
+        let sensors = access.rules(Some("sensors"));
+        assert!(sensors.may_register("sensor-1") && sensors.may_publish("sensors/1/t"));
+        assert!(!sensors.may_call("x") && !sensors.may_introspect());
+        assert_eq!(access.identity_of("tok"), Some("ops"));
+        assert!(access.rules(Some("ops")).may_introspect());
+        let anonymous = access.rules(None);
+        assert!(anonymous.may_subscribe("public/x") && !anonymous.may_register("x"));
+        assert_eq!(access.rules(Some("unknown")), anonymous);
+        for bad in [
+            "identity x",
+            "identity x fly away",
+            "credential tok",
+            "someone register x",
+            "identity x subscribe a/#/b",
+            "identity x register",
+            "identity x register a b",
+        ] {
+            let e = AccessControl::parse(bad).expect_err(bad);
+            assert!(e.starts_with("line 1:"), "{e}");
+        }
     }
 
     #[test]

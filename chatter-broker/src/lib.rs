@@ -114,7 +114,9 @@ pub use broker::{Broker, BrokerOptions, BrokerStats};
 pub mod __fuzz {
     /// Reads an opening message's envelope as the broker does, and when it routes,
     /// everything the relay then takes from the payload: the method, a plain call's
-    /// arguments and the head rewritten for the callee. Must never panic.
+    /// arguments, the head rewritten for the callee (or for a broadcast), and the
+    /// arguments of the broker's own `publish`, `subscribe` and `authenticate` with the
+    /// topic and pattern checks and access rules they go through. Must never panic.
     pub fn route_envelope(payload: &[u8]) {
         if let Ok(crate::envelope::Envelope::Request(request)) = crate::envelope::parse(payload) {
             let _ = request.is_call();
@@ -122,8 +124,36 @@ pub mod __fuzz {
             let _ = request.args(payload);
             let _ = request.rewritten_head(payload, Some(7));
             let _ = request.rewritten_head(payload, None);
+            let _ = request.plain_head(payload);
             let _ = payload.get(request.tail()..);
+            if let Some((_, args)) = request.window_and_args(payload) {
+                if let Ok((topic, (a, b))) = crate::envelope::publish_args(args) {
+                    let _ = args.get(a..b);
+                    let _ = crate::pubsub::check_topic(topic, 1024);
+                    let _ = crate::pubsub::matches("a/+/#", topic);
+                }
+                if let Ok((pattern, _)) = crate::envelope::subscribe_args(args) {
+                    if crate::pubsub::check_pattern(&pattern, 1024).is_ok() {
+                        let _ = crate::access::covers("a/+/#", &pattern);
+                        let _ = crate::access::covers(&pattern, "a/+/#");
+                    }
+                }
+                let _ = chatter_core::codec::decode::<(String,)>(args);
+            }
         }
+    }
+
+    /// Reads access control rules as the binary's `--access` file (operator input, but a
+    /// parser all the same). Must never panic.
+    pub fn access_rules(text: &[u8]) {
+        if let Ok(text) = std::str::from_utf8(text) {
+            let _ = crate::AccessControl::parse(text);
+        }
+    }
+
+    /// Reads a certificate's common name as the access control does. Must never panic.
+    pub fn common_name(der: &[u8]) {
+        let _ = crate::access::common_name(der);
     }
 }
 pub use bus::{connect, connect_unnamed, connect_with, Bus, BusError, BusOptions};

@@ -37,6 +37,23 @@ struct Args {
     /// for it (off when not given).
     #[arg(long, value_name = "SECONDS")]
     slow_peer_timeout: Option<u64>,
+    /// Require TLS client certificates signed by this CA (PEM) on tls:// addresses; a
+    /// certificate's common name is its peer's identity for --access.
+    #[cfg(feature = "tls")]
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<std::path::PathBuf>,
+    /// Access control rules, one per line: `identity NAME register|call GLOB`, `identity
+    /// NAME publish|subscribe PATTERN`, `identity NAME introspect|all`, `credential TOKEN
+    /// IDENTITY`, `anonymous …` (chatter_broker::AccessControl::parse). Without it every
+    /// peer may do everything.
+    #[arg(long, value_name = "FILE")]
+    access: Option<std::path::PathBuf>,
+    /// The most subscriptions one connection may hold.
+    #[arg(long, default_value_t = 64)]
+    max_subscriptions_per_peer: usize,
+    /// The most bytes of publications waiting for one subscriber (drop and end policies).
+    #[arg(long, default_value_t = 1 << 20)]
+    max_subscription_queue: usize,
 }
 
 #[tokio::main]
@@ -56,14 +73,26 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut connection = Options::default().receive_window(args.receive_window);
     #[cfg(feature = "tls")]
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        let tls = chatter_core::tls::ServerTls::from_pem_files(cert, key)?;
+        let mut tls = chatter_core::tls::ServerTls::from_pem_files(cert, key)?;
+        if let Some(ca) = &args.client_ca {
+            tls = tls.require_client_certificates_pem_file(ca)?;
+        }
         connection = connection.tls_server(tls);
     }
-    let options = BrokerOptions::new()
+    let mut options = BrokerOptions::new()
         .connection(connection)
         .max_name_len(args.max_name_len)
         .max_routes_per_peer(args.max_routes_per_peer)
-        .slow_peer_timeout(args.slow_peer_timeout.map(std::time::Duration::from_secs));
+        .slow_peer_timeout(args.slow_peer_timeout.map(std::time::Duration::from_secs))
+        .max_subscriptions_per_peer(args.max_subscriptions_per_peer)
+        .max_subscription_queue(args.max_subscription_queue);
+    if let Some(path) = &args.access {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let access = chatter_broker::AccessControl::parse(&text)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        options = options.access_control(access);
+    }
     let mut brokers = Vec::new();
     for address in &args.listen {
         // `unix:PATH` for `unix://PATH`.
