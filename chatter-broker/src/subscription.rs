@@ -207,16 +207,19 @@ impl<T: DeserializeOwned + Send + 'static> Subscription<T> {
     pub(crate) fn new(pattern: String, rx: Receiver<Delivery<T>>) -> Self {
         Subscription {
             pattern,
-            rx,
+            // Publications come from many publishers: one of the wrong type is an error
+            // item for this subscriber, not the end of its subscription.
+            rx: rx.keep_after_bad_items(),
             missed: 0,
         }
     }
 
     /// The next publication as `(topic, value)`; `None` once the subscription ended
-    /// normally (the broker closed). An error ends it too: the connection to the broker
-    /// closed ([`StreamError::ConnectionLost`]), the policy
-    /// [`SlowSubscriber::End`] ended it ([`StreamError::Lagged`]), or a value did not
-    /// decode as `T` ([`StreamError::BadItem`]; the subscription goes on after it).
+    /// normally. A publication whose value does not decode as `T` (another publisher's
+    /// type on a matching topic) is a [`StreamError::BadItem`], and the subscription goes
+    /// on after it; any other error ends it: the connection to the broker closed
+    /// ([`StreamError::ConnectionLost`]) or the policy [`SlowSubscriber::End`] ended it
+    /// ([`StreamError::Lagged`]).
     pub async fn recv(&mut self) -> Option<Result<(String, T), StreamError>> {
         let delivery = self.rx.recv().await?;
         Some(delivery.map(|d| {

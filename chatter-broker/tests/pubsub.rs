@@ -547,3 +547,23 @@ async fn a_subscription_ends_with_its_subscriber_or_when_dropped() {
     let report = publisher.publish_acked("t", &1u32).await.expect("ok");
     assert_eq!(report.subscribers, 0);
 }
+
+#[tokio::test]
+async fn a_publication_of_the_wrong_type_is_an_error_item_not_the_end() {
+    let broker = broker().await;
+    let subscriber = bus(&broker, "s").await;
+    let mut numbers = subscriber.subscribe::<u32>("n").await.expect("subscribe");
+    let publisher = bus(&broker, "p").await;
+    publisher.publish("n", &1u32).await.expect("publish");
+    publisher
+        .publish("n", &"not a number")
+        .await
+        .expect("publish");
+    publisher.publish("n", &3u32).await.expect("publish");
+    assert_eq!(next(&mut numbers).await.1, 1);
+    assert!(matches!(
+        within(numbers.recv()).await,
+        Some(Err(StreamError::BadItem(_)))
+    ));
+    assert_eq!(next(&mut numbers).await.1, 3);
+}

@@ -31,7 +31,7 @@
 //!   [`StreamError::Cancelled`] (the other side gave up), [`StreamError::RemotePanic`]
 //!   (the code feeding it panicked), [`StreamError::IdleTimeout`],
 //!   [`StreamError::BadItem`] (an item that does not decode as `T`; the rest of the stream
-//!   is dropped) or [`StreamError::Protocol`]. A normal end is `None` with no error.
+//!   is dropped, unless [`Receiver::keep_after_bad_items`]) or [`StreamError::Protocol`]. A normal end is `None` with no error.
 //!   Application errors in the middle of a stream are items: use `Receiver<Result<T, E>>`.
 //! - **Dropping either end stops the other promptly.** Dropping a `Receiver` tells its
 //!   writer to stop (a [`Sender::send`] then fails with [`Closed`], and
@@ -451,6 +451,9 @@ struct RemoteReceiver<T> {
     end: std::sync::Arc<dyn RemoteEnd>,
     /// Set once the stream ended for the reader (its end or error was returned).
     done: bool,
+    /// An item that does not decode is an error item, and the stream goes on
+    /// ([`Receiver::keep_after_bad_items`]).
+    keep_after_bad: bool,
     /// `T`'s decoder, chosen where `T: DeserializeOwned` is known, so that `Receiver<T>`
     /// itself needs no bound.
     decode: fn(bytes::Bytes) -> Result<T, crate::wire::WireError>,
@@ -463,8 +466,23 @@ impl<T: serde::de::DeserializeOwned + 'static> Receiver<T> {
             inbox,
             end,
             done: false,
+            keep_after_bad: false,
             decode: decode_item::<T>,
         }))
+    }
+}
+
+impl<T> Receiver<T> {
+    /// Makes an item that does not decode as `T` an error item
+    /// ([`StreamError::BadItem`]) after which the stream goes on, instead of the end of the
+    /// stream (the default, which also stops the writer). For streams whose items come
+    /// from many writers, where one writer's bad item should not end it for the others: a
+    /// broker's subscription is one. Only a remote stream can have bad items.
+    pub fn keep_after_bad_items(mut self) -> Self {
+        if let ReceiverInner::Remote(remote) = &mut self.inner {
+            remote.keep_after_bad = true;
+        }
+        self
     }
 }
 
@@ -523,6 +541,7 @@ impl<T> RemoteReceiver<T> {
         match (item, end) {
             (Some(item), _) => match (self.decode)(item) {
                 Ok(value) => Poll::Ready(Some(Ok(value))),
+                Err(e) if self.keep_after_bad => Poll::Ready(Some(Err(StreamError::BadItem(e.0)))),
                 Err(e) => {
                     // The rest of the stream is of no use: stop the writer.
                     self.done = true;
@@ -892,6 +911,7 @@ fn failed<T: Send + 'static>(error: StreamError) -> Receiver<T> {
         inbox: std::sync::Arc::new(inbox),
         end: std::sync::Arc::new(Nobody),
         done: false,
+        keep_after_bad: false,
         decode: |_| Err(crate::wire::WireError("no items".into())),
     }))
 }
