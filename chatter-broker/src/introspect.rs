@@ -120,7 +120,7 @@ pub(crate) struct Summary {
 /// An entry of `chatter.introspect`'s `stats` (chatter-rpc's `PeerCounter`).
 #[derive(Serialize)]
 pub(crate) struct Counter {
-    pub(crate) name: &'static str,
+    pub(crate) name: String,
     pub(crate) value: u64,
 }
 

@@ -645,29 +645,22 @@ impl Link {
                 self.denial("ask the broker for its peers and counters")
             }
             b"stats" => {
-                let stats = self.state.stats();
-                let counters = [
-                    ("connections", stats.connections),
-                    ("names", stats.names),
-                    ("held_bytes", stats.held_bytes),
-                    ("queued", stats.queued),
-                    ("forwarded", stats.forwarded),
-                    ("no_such_peer", stats.no_such_peer),
-                    ("busy", stats.busy),
-                    ("slow_peers_closed", stats.slow_peers_closed),
-                    ("signals_expired", stats.signals_expired),
-                    ("discarded", stats.discarded),
-                    ("subscriptions", stats.subscriptions),
-                    ("publications", stats.publications),
-                    ("deliveries", stats.deliveries),
-                    ("dropped_deliveries", stats.dropped_deliveries),
-                    ("broadcasts", stats.broadcasts),
-                    ("queued_publication_bytes", stats.queued_publication_bytes),
-                    ("denied", stats.denied),
-                ];
-                let counters: Vec<introspect::Counter> = counters
-                    .into_iter()
-                    .map(|(name, value)| introspect::Counter { name, value })
+                // The counters as chatter-rpc's `PeerCounter`s, named as `BrokerStats`'s
+                // fields, in their order: read back from the struct's own encoding.
+                let mut map = Vec::new();
+                if let Err(e) = chatter_core::codec::encode(&mut map, &self.state.stats()) {
+                    return envelope::failure(envelope::FAILURE_PROTOCOL, &e.to_string());
+                }
+                let mut r = msgpack::Reader::new(&map);
+                let len = r.read_map_len().unwrap_or(0);
+                let counters: Vec<introspect::Counter> = (0..len)
+                    .map_while(|_| {
+                        let name = r.read_str().ok()?.to_owned();
+                        Some(introspect::Counter {
+                            name,
+                            value: r.read_uint().ok()?,
+                        })
+                    })
                     .collect();
                 ok_value(&counters)
             }

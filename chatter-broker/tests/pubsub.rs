@@ -149,41 +149,60 @@ async fn bad_patterns_topics_and_too_many_subscriptions_are_refused_clearly() {
     );
 }
 
-#[tokio::test]
-async fn a_subscriber_that_stops_reading_loses_the_oldest_and_holds_no_one_up() {
-    const N: u32 = 2000;
-    const QUEUE: usize = 8 * 1024;
+/// A slow subscriber (a small stream window, reading nothing yet) subscribed to
+/// `readings` with `options`, and `n` readings published while it does not read: returns
+/// once a fast subscriber has them all, so that the broker took every one (and the
+/// publisher was never held up).
+struct Lagging {
+    broker: Broker,
+    lagging: Subscription<Reading>,
+    _buses: Vec<Bus>,
+}
+
+async fn lagging(options: SubscribeOptions, n: u32) -> Lagging {
     let broker = broker().await;
     let slow = small_window_bus(&broker, "slow").await;
     let fast = bus(&broker, "fast").await;
-    let mut lagging = slow
-        .subscribe_with::<Reading>(
-            "readings",
-            SubscribeOptions::new()
-                .policy(SlowSubscriber::DropOldest)
-                .queue_bytes(QUEUE),
-        )
+    let lagging = slow
+        .subscribe_with::<Reading>("readings", options)
         .await
         .expect("slow subscribes");
     let mut keeping_up = fast.subscribe::<Reading>("readings").await.expect("fast");
-
     let publisher = bus(&broker, "sensor").await;
-    let feeder = tokio::spawn(async move {
-        for seq in 0..N {
+    within(async {
+        for seq in 0..n {
             publisher
                 .publish("readings", &reading(seq))
                 .await
                 .expect("publish");
         }
-        publisher
-    });
-    // The fast subscriber gets everything while the slow one reads nothing.
-    for seq in 0..N {
+    })
+    .await;
+    for seq in 0..n {
         assert_eq!(next(&mut keeping_up).await.1 .0, seq);
     }
-    let _publisher = within(feeder)
-        .await
-        .expect("the publisher was never held up");
+    Lagging {
+        broker,
+        lagging,
+        _buses: vec![slow, fast, publisher],
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_loses_the_oldest_and_holds_no_one_up() {
+    const N: u32 = 2000;
+    const QUEUE: usize = 8 * 1024;
+    let Lagging {
+        broker,
+        mut lagging,
+        _buses,
+    } = lagging(
+        SubscribeOptions::new()
+            .policy(SlowSubscriber::DropOldest)
+            .queue_bytes(QUEUE),
+        N,
+    )
+    .await;
     let stats = broker.stats();
     assert!(
         stats.queued_publication_bytes <= QUEUE as u64,
@@ -216,27 +235,17 @@ async fn a_subscriber_that_stops_reading_loses_the_oldest_and_holds_no_one_up() 
 #[tokio::test]
 async fn drop_newest_keeps_the_oldest() {
     const N: u32 = 2000;
-    let broker = broker().await;
-    let slow = small_window_bus(&broker, "slow").await;
-    let fast = bus(&broker, "fast").await;
-    let options = SubscribeOptions::new()
-        .policy(SlowSubscriber::DropNewest)
-        .queue_bytes(8 * 1024);
-    let mut lagging = slow
-        .subscribe_with::<Reading>("readings", options)
-        .await
-        .expect("slow");
-    let mut keeping_up = fast.subscribe::<Reading>("readings").await.expect("fast");
-    let publisher = bus(&broker, "sensor").await;
-    for seq in 0..N {
-        publisher
-            .publish("readings", &reading(seq))
-            .await
-            .expect("publish");
-    }
-    for seq in 0..N {
-        assert_eq!(next(&mut keeping_up).await.1 .0, seq);
-    }
+    let Lagging {
+        broker,
+        mut lagging,
+        _buses,
+    } = lagging(
+        SubscribeOptions::new()
+            .policy(SlowSubscriber::DropNewest)
+            .queue_bytes(8 * 1024),
+        N,
+    )
+    .await;
     // It read nothing while they were published: it keeps the oldest, without a gap,
     // and is told (with the items it gets) how many it lost.
     let mut received = 0u32;
@@ -252,27 +261,17 @@ async fn drop_newest_keeps_the_oldest() {
 
 #[tokio::test]
 async fn the_end_policy_ends_a_lagging_subscription_with_a_clear_error() {
-    let broker = broker().await;
-    let slow = small_window_bus(&broker, "slow").await;
-    let fast = bus(&broker, "fast").await;
-    let options = SubscribeOptions::new()
-        .policy(SlowSubscriber::End)
-        .queue_bytes(4 * 1024);
-    let mut lagging = slow
-        .subscribe_with::<Reading>("readings", options)
-        .await
-        .expect("slow");
-    let mut keeping_up = fast.subscribe::<Reading>("readings").await.expect("fast");
-    let publisher = bus(&broker, "sensor").await;
-    for seq in 0..500 {
-        publisher
-            .publish("readings", &reading(seq))
-            .await
-            .expect("publish");
-    }
-    for seq in 0..500 {
-        assert_eq!(next(&mut keeping_up).await.1 .0, seq);
-    }
+    let Lagging {
+        broker,
+        mut lagging,
+        _buses,
+    } = lagging(
+        SubscribeOptions::new()
+            .policy(SlowSubscriber::End)
+            .queue_bytes(4 * 1024),
+        500,
+    )
+    .await;
     let mut expected = 0;
     loop {
         match within(lagging.recv()).await {
