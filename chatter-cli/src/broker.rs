@@ -129,6 +129,8 @@ pub(crate) async fn subscribe(connect: &ConnectArgs, options: Subscribe) -> Resu
                 eprintln!("warning: a publication could not be read, skipped: {what}");
             }
             Some(Err(error)) => break Err(subscription_ended(connect, &pattern, seen, error)),
+            // The broker ended it without an error (its closing shows as a lost
+            // connection instead).
             None => break Ok(()),
         }
     };

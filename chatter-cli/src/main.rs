@@ -75,8 +75,8 @@ It connects without a name: the broker serves unnamed connections. So the subscr
 not show in presence, and a `chatter publish --ack` report names it by its address.
 
 Runs until Ctrl-C or --count N publications (exit 0), or until the broker ends the
-subscription (exit 0 when it closes it normally, 1 when it ends it because this subscriber
-fell behind, or the connection drops).
+subscription: exit 1 when it ends it because this subscriber fell behind, or when the
+connection drops (the broker stopping included).
 
 Examples:
   chatter subscribe tcp://127.0.0.1:7000 'sensors/+/temp'
