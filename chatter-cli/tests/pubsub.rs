@@ -24,16 +24,17 @@ struct TestBroker {
 
 impl TestBroker {
     fn start() -> TestBroker {
+        TestBroker::listen("tcp://127.0.0.1:0".to_owned())
+    }
+
+    fn listen(address: String) -> TestBroker {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
         let broker = runtime
-            .block_on(Broker::listen(
-                "tcp://127.0.0.1:0",
-                BrokerOptions::default(),
-            ))
+            .block_on(Broker::listen(address.as_str(), BrokerOptions::default()))
             .expect("listen");
         let url = broker.addresses()[0].to_string();
         TestBroker {
@@ -501,4 +502,20 @@ fn a_broker_that_goes_away_ends_the_subscription_with_an_error() {
         stderr.contains("the connection to the broker at") && stderr.contains("after 1 message:"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_broker_on_a_unix_socket() {
+    let b = TestBroker::listen(format!("unix://{}", tests::unix_path().display()));
+    assert!(b.url.starts_with("unix://"), "{}", b.url);
+    let sub = Subscriber::spawn(&[&b.url, "a/#", "--count", "1"]);
+    b.wait_for_subscriptions(1);
+    let report = ok(&["publish", &b.url, "a/b", "null", "--ack"]);
+    assert_eq!(
+        report,
+        "{\"subscribers\":1,\"delivered\":1,\"missed\":[]}\n"
+    );
+    let (status, lines, stderr) = sub.finish();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(lines, [r#"{"topic":"a/b","value":null}"#]);
 }
