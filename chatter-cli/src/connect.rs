@@ -53,6 +53,20 @@ impl ConnectArgs {
 
     /// Connects and wraps the connection in a peer that serves nothing.
     pub(crate) async fn peer(&self, acknowledged_signals: bool) -> Result<Peer, CliError> {
+        let (address, options) = self.target()?;
+        let connection = chatter_rpc::connect(&address, options)
+            .await
+            .map_err(|e| self.connect_failed(&address, e))?;
+        let peer_options = PeerOptions::default()
+            .introspection(false)
+            .acknowledged_signals(acknowledged_signals);
+        Ok(Peer::with_options(connection, peer_options))
+    }
+
+    /// The URL as an address, and the connection's options (timeouts, TLS): what
+    /// [`peer`](Self::peer) connects with, for commands that connect another way (the
+    /// broker's client).
+    pub(crate) fn target(&self) -> Result<(Address, Options), CliError> {
         let address: Address = self.url.parse().map_err(|e| {
             CliError::new(format!("{e}")).hint(
                 "URLs look like tcp://127.0.0.1:7000, tls://host:7443 or unix:///run/app.sock",
@@ -62,13 +76,7 @@ impl ConnectArgs {
             .connect_timeout(self.connect_timeout)
             .handshake_timeout(self.connect_timeout);
         let options = self.tls(&address, options)?;
-        let connection = chatter_rpc::connect(&address, options)
-            .await
-            .map_err(|e| self.connect_failed(&address, e))?;
-        let peer_options = PeerOptions::default()
-            .introspection(false)
-            .acknowledged_signals(acknowledged_signals);
-        Ok(Peer::with_options(connection, peer_options))
+        Ok((address, options))
     }
 
     #[cfg(feature = "tls")]
@@ -121,7 +129,7 @@ impl ConnectArgs {
     }
 
     /// A failed connect, said so that the user knows what to do.
-    fn connect_failed(&self, address: &Address, error: ConnectError) -> CliError {
+    pub(crate) fn connect_failed(&self, address: &Address, error: ConnectError) -> CliError {
         let tls = matches!(address, Address::Tls { .. });
         match &error {
             ConnectError::Io { source, .. }

@@ -115,17 +115,23 @@ pub(crate) fn parse_args(
     args.iter()
         .enumerate()
         .map(|(i, text)| {
-            serde_json::from_str(text).map_err(|e| {
-                let which = describe(i).map_or_else(String::new, |d| format!(" ({d})"));
-                let quoted = if text.starts_with('"') {
-                    String::new()
-                } else {
-                    format!("; a string needs JSON quotes, quoted for the shell too: '\"{text}\"'")
-                };
-                format!("argument {}{which} is not JSON: {e}: {text}{quoted}", i + 1)
-            })
+            let which = describe(i).map_or_else(String::new, |d| format!(" ({d})"));
+            parse_value(text, &format!("argument {}{which}", i + 1))
         })
         .collect()
+}
+
+/// Parses one JSON value from the command line; the error says `what` it was and, when it
+/// looks like a bare string, how to quote it.
+pub(crate) fn parse_value(text: &str, what: &str) -> Result<Value, String> {
+    serde_json::from_str(text).map_err(|e| {
+        let quoted = if text.starts_with('"') {
+            String::new()
+        } else {
+            format!("; a string needs JSON quotes, quoted for the shell too: '\"{text}\"'")
+        };
+        format!("{what} is not JSON: {e}: {text}{quoted}")
+    })
 }
 
 #[cfg(test)]

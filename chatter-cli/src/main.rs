@@ -1,6 +1,7 @@
 //! `chatter`: list, describe, call, watch the streams of, signal, ping and read the
 //! counters of a running chatter RPC peer from the shell, through the peer's built-in `chatter.introspect` object
-//! (chatter-rpc's `introspect` module).
+//! (chatter-rpc's `introspect` module); and publish and subscribe through a chatter broker
+//! (chatter-broker's client).
 //!
 //! Arguments and replies are JSON (translated to and from MessagePack as chatter-rpc's
 //! `PROTOCOL.md` "Values" describes). Output is a table or pretty JSON on a terminal, one
@@ -19,6 +20,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod broker;
 mod commands;
 mod connect;
 mod error;
@@ -31,7 +33,8 @@ use connect::ConnectArgs;
 use error::CliError;
 
 const ABOUT: &str = "Talk to a running chatter RPC peer: list its objects, describe them, call \
-methods, watch their streams and send signals with JSON arguments, ping it, read its counters.";
+methods, watch their streams and send signals with JSON arguments, ping it, read its counters; \
+publish and subscribe through a chatter broker.";
 
 const AFTER_HELP: &str = "\
 URLs are chatter addresses: tcp://HOST:PORT, tls://HOST:PORT or unix:///PATH.
@@ -45,7 +48,61 @@ Examples:
   chatter call tcp://127.0.0.1:7000 calc.add 2 3
   chatter watch tcp://127.0.0.1:7000 sensors.readings '\"kitchen\"' --count 10
   chatter emit unix:///run/app.sock log.line '\"hello\"' --ttl 5s
-  chatter ping tls://example.com:7443 --ca ca.pem -c 3";
+  chatter ping tls://example.com:7443 --ca ca.pem -c 3
+  chatter subscribe tcp://127.0.0.1:7000 'sensors/+/temp'      (through a chatter-broker)
+  chatter publish tcp://127.0.0.1:7000 sensors/7/temp 21.5";
+
+const SUBSCRIBE_HELP: &str = "\
+Prints one line per publication. On a terminal (or with --pretty): TOPIC  VALUE, the value as
+JSON. Piped (or with --json): one JSON object per line,
+  {\"topic\":\"sensors/7/temp\",\"value\":21.5}
+with \"missed\":N added when the broker dropped N publications for this subscriber before
+this one.
+
+Patterns are topics whose levels (separated by /) may be + (any one level) or, as the last
+level, # (any number of levels, none included: sensors/# matches sensors too); quote them
+for the shell. A pattern that begins with a wildcard does not match the broker's own topics
+($broker/...). --presence subscribes to $broker/presence/+: first every peer registered
+now, then each that registers or disconnects, as NAME  online|offline on a terminal and
+values {\"peer\":NAME,\"online\":true|false} when piped.
+
+When this subscriber falls behind, the broker keeps up to --queue-bytes (256 KiB, each
+publication counting its topic, its value and 64 bytes) waiting for it, then follows
+--policy: drop-oldest (the default), drop-newest, end (the broker ends the subscription:
+exit status 1) or backpressure (nothing is lost: the publishers wait).
+
+It connects without a name: the broker serves unnamed connections. So the subscriber does
+not show in presence, and a `chatter publish --ack` report names it by its address.
+
+Runs until Ctrl-C or --count N publications (exit 0), or until the broker ends the
+subscription: exit 1 when it ends it because this subscriber fell behind, or when the
+connection drops (the broker stopping included).
+
+Examples:
+  chatter subscribe tcp://127.0.0.1:7000 'sensors/+/temp'
+  chatter subscribe tcp://127.0.0.1:7000 '#' --count 10 | jq .value
+  chatter subscribe tcp://127.0.0.1:7000 'alarms/#' --policy backpressure
+  chatter subscribe tcp://127.0.0.1:7000 --presence";
+
+const PUBLISH_HELP: &str = "\
+VALUE is one JSON value, as an argument of `chatter call`: numbers as they are, strings in
+double quotes (quoted for the shell too), objects, arrays. It travels as MessagePack; a
+subscriber in Rust decodes it as its own type.
+
+Without --ack, it exits once the broker took the publication (status 1 if the broker
+refused it: an invalid topic). With --ack, it waits until every subscription that matched
+the topic had the publication delivered or dropped, and prints the report:
+  {\"subscribers\":2,\"delivered\":1,\"missed\":[\"dashboard\"]}
+(subscribers by name, unnamed ones by address). Exit status 1 if the broker refused the
+topic; a subscriber that missed the publication is not an error.
+
+It connects without a name: the broker serves unnamed connections.
+
+Examples:
+  chatter publish tcp://127.0.0.1:7000 sensors/7/temp 21.5
+  chatter publish tcp://127.0.0.1:7000 alarms/boiler '{\"level\": \"high\"}' --ack
+  chatter publish tcp://127.0.0.1:7000 log/app '\"started\"' --ttl 5s
+  for i in 1 2 3; do chatter publish tcp://127.0.0.1:7000 counter $i; done";
 
 /// The command line.
 #[derive(Debug, Parser)]
@@ -174,15 +231,48 @@ Examples:
         #[arg(long)]
         stdin: bool,
     },
-    /// Subscribe to a broker's topics: one JSON line per message (needs the broker: not in
-    /// this build).
-    #[command(after_help = "Example:
-  chatter subscribe tcp://127.0.0.1:7000 'sensors.*'")]
+    /// Subscribe to a broker's topics: one line per publication, with its topic.
+    #[command(after_help = SUBSCRIBE_HELP)]
     Subscribe {
         #[command(flatten)]
         connect: ConnectArgs,
-        /// The topic pattern.
-        pattern: String,
+        /// The topic pattern: levels separated by /, + for any one level, a last # for any
+        /// number of levels.
+        #[arg(required_unless_present = "presence")]
+        pattern: Option<String>,
+        /// Subscribe to presence ($broker/presence/+): the peers registered with the
+        /// broker, then each that comes or goes.
+        #[arg(long, conflicts_with = "pattern")]
+        presence: bool,
+        /// What the broker does when this subscriber falls behind (default: drop-oldest).
+        #[arg(long, value_enum, value_name = "POLICY")]
+        policy: Option<broker::Policy>,
+        /// How many bytes of publications may wait at the broker for this subscriber
+        /// (default 262144; the broker caps it).
+        #[arg(long, value_name = "BYTES")]
+        queue_bytes: Option<usize>,
+        /// Stop after N publications (the subscription is cancelled at the broker).
+        #[arg(short, long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// Publish a JSON value on a broker's topic.
+    #[command(after_help = PUBLISH_HELP)]
+    Publish {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        /// The topic: levels separated by /, without + or #.
+        topic: String,
+        /// The value: one JSON value.
+        #[arg(allow_negative_numbers = true)]
+        value: String,
+        /// How long the publication may wait at the broker for a subscriber (with --ack,
+        /// also how long to wait for the report): 500ms, 30s, 2m.
+        #[arg(long, value_name = "TIME", default_value = "30s", value_parser = connect::parse_duration)]
+        ttl: std::time::Duration,
+        /// Wait until every matching subscriber got it or lost it, and print the report
+        /// (subscribers, delivered, missed).
+        #[arg(long)]
+        ack: bool,
     },
     /// Measure round trips to a peer, like ping(8).
     #[command(
@@ -271,11 +361,30 @@ async fn run(command: Command) -> Result<(), CliError> {
             };
             commands::watch(&connect, &target, &args, watch).await
         }
-        Command::Subscribe { .. } => Err(CliError::new(
-            "`chatter subscribe` needs the pub/sub broker (issue 18), which this build of \
-             chatter does not have",
-        )
-        .hint("the broker is not merged yet; rebuild chatter-cli once it is")),
+        Command::Subscribe {
+            connect,
+            pattern,
+            presence,
+            policy,
+            queue_bytes,
+            count,
+        } => {
+            let subscribe = broker::Subscribe {
+                pattern: pattern.unwrap_or_else(|| broker::PRESENCE.to_owned()),
+                presence,
+                policy,
+                queue_bytes,
+                count,
+            };
+            broker::subscribe(&connect, subscribe).await
+        }
+        Command::Publish {
+            connect,
+            topic,
+            value,
+            ttl,
+            ack,
+        } => broker::publish(&connect, &topic, &value, ttl, ack).await,
         Command::Ping {
             connect,
             count,

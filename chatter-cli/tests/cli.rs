@@ -1,6 +1,7 @@
 //! The `chatter` binary against real servers in this process: TCP, a Unix socket, mutual
 //! TLS with the repository's test PKI, and a peer with introspection off. Output is piped,
-//! so every command prints JSON lines.
+//! so every command prints JSON lines. `subscribe` and `publish` (a broker's) are in
+//! `pubsub.rs`.
 
 use std::ffi::OsStr;
 use std::fmt::Debug;
@@ -413,6 +414,7 @@ fn every_command_has_help_with_examples() {
         "emit",
         "watch",
         "subscribe",
+        "publish",
         "ping",
         "stats",
     ] {
@@ -708,13 +710,6 @@ fn ping_and_stats() {
     assert_eq!(stats[0]["calls_received"], 1, "{stats:?}");
     assert_eq!(stats[0]["connects"], 1);
     assert!(stats[0]["handler_panics"].is_u64());
-}
-
-#[test]
-fn subscribe_says_it_is_not_in_this_build() {
-    let s = servers();
-    let (stderr, _) = fails(&["subscribe", &s.tcp, "x.*"]);
-    assert!(stderr.contains("broker"), "{stderr}");
 }
 
 #[test]
