@@ -15,8 +15,8 @@ use chatter_core::{
 use tokio::sync::Semaphore;
 
 use crate::harness::{
-    connect_loop, idle_rss, nanos, run_connections, share, take_credit, Done, LocalFuture,
-    Measured, ServerInfo,
+    connect_loop, connect_task, idle_rss, nanos, run_connections, share, take_credit, Done,
+    LocalFuture, Measured, ServerInfo, Tasks,
 };
 use crate::raw::request;
 use crate::tls::Tls;
@@ -55,11 +55,12 @@ pub fn server(
         let addr = listener.addresses()[0].to_string();
         let listener = Arc::new(listener);
         let counter = done.clone();
+        let tasks = Tasks::of(spec.kind);
         let accept = {
             let listener = listener.clone();
-            tokio::task::spawn_local(async move {
+            tasks.spawn(async move {
                 while let Some(conn) = listener.accept().await {
-                    tokio::task::spawn_local(serve(conn, counter.clone()));
+                    tasks.spawn(serve(conn, counter.clone()));
                 }
             })
         };
@@ -190,14 +191,17 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
                 let addr: Address = info.addr.parse().expect("server address");
                 let options = options(tls.as_ref(), false);
                 let request = SendOptions::new().last(false);
-                connect_loop(spec.warmup, spec.total, |_| async {
-                    let conn = connect_early(&addr, options.clone())
-                        .await
-                        .expect("connect (chatter-core)");
-                    let conv = conn.send_bytes(&req, request).await.expect("send (core)");
-                    let reply = conn.receive().await.expect("reply (core)");
-                    assert_eq!(reply.conversation, conv);
-                    assert_eq!(reply.payload.len(), req.len());
+                connect_task(async move {
+                    connect_loop(spec.warmup, spec.total, |_| async {
+                        let conn = connect_early(&addr, options.clone())
+                            .await
+                            .expect("connect (chatter-core)");
+                        let conv = conn.send_bytes(&req, request).await.expect("send (core)");
+                        let reply = conn.receive().await.expect("reply (core)");
+                        assert_eq!(reply.conversation, conv);
+                        assert_eq!(reply.payload.len(), req.len());
+                    })
+                    .await
                 })
                 .await
             }

@@ -338,6 +338,55 @@ where
     (start.elapsed(), all)
 }
 
+/// Where a workload's application code runs on its thread's current-thread runtime.
+///
+/// Most workloads run it in the thread's `LocalSet` (on `block_on`, and `spawn_local`
+/// for the server's tasks). The connect workload runs it as tasks of the runtime itself
+/// (`tokio::spawn`), for every system: a library's own tasks (chatter's connection
+/// drivers, chatter-rpc's receive tasks, tarpc's dispatch) are runtime tasks, and one of
+/// them waking code in the `LocalSet` makes the current-thread scheduler poll its I/O
+/// driver once more (a zero-timeout `epoll_wait`) before it gets to the `block_on`
+/// future, which a raw echo, woken by its sockets alone, never pays. Run as runtime tasks,
+/// application and library wake each other as tasks of one run queue (BENCHMARKS.md,
+/// "Third round").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tasks {
+    Local,
+    Runtime,
+}
+
+impl Tasks {
+    /// Runtime tasks for the connect workload, the `LocalSet` for the others.
+    pub fn of(kind: crate::workload::Kind) -> Tasks {
+        match kind {
+            crate::workload::Kind::Connect => Tasks::Runtime,
+            _ => Tasks::Local,
+        }
+    }
+
+    /// Spawns `task` where this says.
+    pub fn spawn<F>(self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match self {
+            Tasks::Local => tokio::task::spawn_local(task),
+            Tasks::Runtime => tokio::spawn(task),
+        }
+    }
+}
+
+/// Runs a connect workload's client loop as a runtime task (see [`Tasks`]).
+pub async fn connect_task<F>(client: F) -> Measured
+where
+    F: Future<Output = Measured> + Send + 'static,
+{
+    tokio::spawn(client)
+        .await
+        .expect("the connect loop panicked")
+}
+
 /// The connect workload: `warmup` then `total` connections one after the other, each made
 /// by `one` (connect, one call, close); the rate is connections per second, the latency
 /// that of a whole connection.
@@ -346,9 +395,18 @@ where
     F: Fn(u64) -> Fut,
     Fut: Future<Output = ()>,
 {
-    drive_calls(warmup, 1, &one).await;
+    for i in 0..warmup {
+        one(i).await;
+    }
+    // One after the other, as `drive_calls` with a window of 1 (whose other branch would
+    // keep this future from being `Send`: see `connect_task`).
+    let mut latencies = Vec::with_capacity(total as usize);
     let start = Instant::now();
-    let latencies = drive_calls(total, 1, &one).await;
+    for i in 0..total {
+        let t = Instant::now();
+        one(i).await;
+        latencies.push(nanos(t));
+    }
     Measured {
         ops: total,
         elapsed: start.elapsed(),

@@ -16,14 +16,14 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::codec::{Framed, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::harness::{
-    connect_loop, idle_rss, nanos, run_connections, share, take_credit, Done, LocalFuture,
-    Measured, ServerInfo,
+    connect_loop, connect_task, idle_rss, nanos, run_connections, share, take_credit, Done,
+    LocalFuture, Measured, ServerInfo, Tasks,
 };
 use crate::tls::{Tls, SERVER_NAME};
 use crate::workload::{Kind, Spec};
 
-trait Io: AsyncRead + AsyncWrite + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 type Reader = FramedRead<Box<dyn AsyncRead + Unpin>, LengthDelimitedCodec>;
 type Writer = FramedWrite<Box<dyn AsyncWrite + Unpin>, LengthDelimitedCodec>;
@@ -52,13 +52,14 @@ pub fn server(
         let addr = listener.local_addr().expect("local address").to_string();
         let acceptor = tls.map(|t| TlsAcceptor::from(t.rustls_server));
         let counter = done.clone();
-        let accept = tokio::task::spawn_local(async move {
+        let tasks = Tasks::of(spec.kind);
+        let accept = tasks.spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.expect("accept");
                 stream.set_nodelay(true).expect("TCP_NODELAY");
                 let acceptor = acceptor.clone();
                 let counter = counter.clone();
-                tokio::task::spawn_local(async move {
+                tasks.spawn(async move {
                     let io: Box<dyn Io> = match acceptor {
                         Some(a) => Box::new(a.accept(stream).await.expect("TLS accept")),
                         None => Box::new(stream),
@@ -248,17 +249,20 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
             }
             Kind::Connect => {
                 let addr: std::net::SocketAddr = info.addr.parse().expect("server address");
-                connect_loop(spec.warmup, spec.total, |_| async {
-                    let stream = TcpStream::connect(addr).await.expect("connect (raw)");
-                    stream.set_nodelay(true).expect("TCP_NODELAY");
-                    let mut framed = Framed::new(stream, LengthDelimitedCodec::new());
-                    framed.send(req.clone()).await.expect("send (raw)");
-                    let reply = framed
-                        .next()
-                        .await
-                        .expect("reply (raw)")
-                        .expect("read (raw)");
-                    assert_eq!(reply.len(), req.len());
+                connect_task(async move {
+                    connect_loop(spec.warmup, spec.total, |_| async {
+                        let stream = TcpStream::connect(addr).await.expect("connect (raw)");
+                        stream.set_nodelay(true).expect("TCP_NODELAY");
+                        let mut framed = Framed::new(stream, LengthDelimitedCodec::new());
+                        framed.send(req.clone()).await.expect("send (raw)");
+                        let reply = framed
+                            .next()
+                            .await
+                            .expect("reply (raw)")
+                            .expect("read (raw)");
+                        assert_eq!(reply.len(), req.len());
+                    })
+                    .await
                 })
                 .await
             }

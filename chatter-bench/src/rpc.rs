@@ -11,8 +11,8 @@ use chatter_rpc::{serve, Peer, PeerOptions};
 
 use crate::core::{options, scheme};
 use crate::harness::{
-    connect_loop, drive_calls, idle_rss, run_connections, share, Done, LocalFuture, Measured,
-    ServerInfo,
+    connect_loop, connect_task, drive_calls, idle_rss, run_connections, share, Done, LocalFuture,
+    Measured, ServerInfo,
 };
 use crate::raw::request;
 use crate::tls::Tls;
@@ -164,18 +164,21 @@ pub fn client(spec: Spec, info: ServerInfo, tls: Option<Tls>) -> LocalFuture<Mea
             Kind::Connect => {
                 let addr: chatter_core::Address = info.addr.parse().expect("server address");
                 let options = options(tls.as_ref(), false);
-                connect_loop(spec.warmup, spec.total, |i| {
-                    let options = options.clone();
-                    let addr = &addr;
-                    async move {
-                        let conn = chatter_core::connect_early(addr, options)
-                            .await
-                            .expect("connect (chatter-rpc)");
-                        let peer = Peer::new(conn);
-                        let client = BenchClient::new(&peer, "bench");
-                        let sum = client.add(i as i32, 2).await.expect("add (chatter-rpc)");
-                        assert_eq!(sum, (i as i32).wrapping_add(2));
-                    }
+                connect_task(async move {
+                    connect_loop(spec.warmup, spec.total, |i| {
+                        let options = options.clone();
+                        let addr = &addr;
+                        async move {
+                            let conn = chatter_core::connect_early(addr, options)
+                                .await
+                                .expect("connect (chatter-rpc)");
+                            let peer = Peer::new(conn);
+                            let client = BenchClient::new(&peer, "bench");
+                            let sum = client.add(i as i32, 2).await.expect("add (chatter-rpc)");
+                            assert_eq!(sum, (i as i32).wrapping_add(2));
+                        }
+                    })
+                    .await
                 })
                 .await
             }

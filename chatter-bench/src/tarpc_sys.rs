@@ -15,8 +15,8 @@ use tokio_serde::formats::Bincode;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::harness::{
-    connect_loop, drive_calls, idle_rss, run_connections, share, Done, LocalFuture, Measured,
-    ServerInfo,
+    connect_loop, connect_task, drive_calls, idle_rss, run_connections, share, Done, LocalFuture,
+    Measured, ServerInfo, Tasks,
 };
 use crate::raw::request;
 use crate::tls::Tls;
@@ -53,7 +53,7 @@ async fn spawn(fut: impl Future<Output = ()> + Send + 'static) {
 }
 
 pub fn server(
-    _spec: Spec,
+    spec: Spec,
     done: Arc<Done>,
     _tls: Option<Tls>,
 ) -> LocalFuture<(ServerInfo, Box<dyn Any>)> {
@@ -63,7 +63,7 @@ pub fn server(
             .expect("bind the tarpc listener");
         let addr = listener.local_addr().expect("local address").to_string();
         let service = Impl { done: done.clone() };
-        let accept = tokio::task::spawn_local(async move {
+        let accept = Tasks::of(spec.kind).spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.expect("accept");
                 stream.set_nodelay(true).expect("TCP_NODELAY");
@@ -171,16 +171,20 @@ pub fn client(spec: Spec, info: ServerInfo, _tls: Option<Tls>) -> LocalFuture<Me
                 }
             }
             Kind::Connect => {
-                connect_loop(spec.warmup, spec.total, |i| {
-                    let addr = &info.addr;
-                    async move {
-                        let client = open(addr).await;
-                        let sum = client
-                            .add(context::current(), i as i32, 2)
-                            .await
-                            .expect("add (tarpc)");
-                        assert_eq!(sum, (i as i32).wrapping_add(2));
-                    }
+                let addr = info.addr.clone();
+                connect_task(async move {
+                    connect_loop(spec.warmup, spec.total, |i| {
+                        let addr = &addr;
+                        async move {
+                            let client = open(addr).await;
+                            let sum = client
+                                .add(context::current(), i as i32, 2)
+                                .await
+                                .expect("add (tarpc)");
+                            assert_eq!(sum, (i as i32).wrapping_add(2));
+                        }
+                    })
+                    .await
                 })
                 .await
             }

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
@@ -760,6 +761,39 @@ impl Inner {
     }
 
     async fn close_gracefully(&self) {
+        self.begin_close();
+        self.finish_close().await;
+    }
+
+    /// The rest of a graceful close after [`begin_close`](Self::begin_close): waits (at
+    /// most [`CLOSE_GRACE`]) for the cancelled handlers' replies, then closes.
+    async fn finish_close(&self) {
+        let _ = tokio::time::timeout(CLOSE_GRACE, until_zero(&self.active, &self.idle)).await;
+        self.conn.close().await;
+    }
+
+    /// Closes now if no call handler runs: starts the connection's close (its end is seen
+    /// by whoever receives from it, as any close is) and returns true. Otherwise refuses
+    /// new calls and cancels the waiting ones as [`close_gracefully`](Self::close_gracefully)
+    /// does, and returns false: the close is then left to
+    /// [`finish_close`](Self::finish_close), which waits for the running handlers' replies.
+    fn close_if_idle(&self) -> bool {
+        self.begin_close();
+        // No handler starts once `begin_close` set `closing`, so none can start between
+        // this check and the close.
+        if self.active.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        // `close` starts the close when first polled, then waits for the transport to be
+        // closed, which nobody needs to see here.
+        let close = pin!(self.conn.close());
+        let _ = close.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        true
+    }
+
+    /// The part of a graceful close that does not wait: new calls are refused, running
+    /// handlers cancelled, calls waiting for a handler slot answered as cancelled.
+    fn begin_close(&self) {
         {
             let mut inflight = lock(&self.inflight);
             inflight.closing = true;
@@ -776,8 +810,6 @@ impl Inner {
             }
         }
         self.conn.release(release);
-        let _ = tokio::time::timeout(CLOSE_GRACE, until_zero(&self.active, &self.idle)).await;
-        self.conn.close().await;
     }
 
     /// True once a close or a graceful shutdown began: calls are refused.

@@ -833,9 +833,13 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
             taken = inner.conn.next_events_holding(&mut events, READ_BATCH, release) => taken,
             () = inner.shutdown.notified(), if !closing => {
                 closing = true;
-                let inner = inner.clone();
-                // Once per connection: `closing` stays set.
-                tokio::spawn(async move { inner.close_gracefully().await });
+                // Without running handlers the connection closes here, and this loop sees
+                // its close next; otherwise a task waits for their replies first. Once per
+                // connection: `closing` stays set.
+                if !inner.close_if_idle() {
+                    let inner = inner.clone();
+                    tokio::spawn(async move { inner.finish_close().await });
+                }
                 continue;
             }
             () = expiry => {
