@@ -39,6 +39,7 @@ pub struct BusOptions {
     peer: PeerOptions,
     take_over: bool,
     credential: Option<String>,
+    local_buffer: Option<usize>,
 }
 
 impl std::fmt::Debug for BusOptions {
@@ -48,6 +49,7 @@ impl std::fmt::Debug for BusOptions {
             .field("peer", &self.peer)
             .field("take_over", &self.take_over)
             .field("credential", &self.credential.as_ref().map(|_| "…"))
+            .field("local_buffer", &self.local_buffer)
             .finish()
     }
 }
@@ -86,6 +88,30 @@ impl BusOptions {
     pub fn credential(mut self, token: &str) -> Self {
         self.credential = Some(token.to_owned());
         self
+    }
+
+    /// The in-memory pipe of an in-process client
+    /// ([`Broker::connect_local_with`](crate::Broker::connect_local_with)): at most this
+    /// many bytes wait in each direction (default [`LOCAL_BUFFER`](crate::LOCAL_BUFFER),
+    /// 256 KiB), where a socket's kernel buffers would hold them. Not used over a socket.
+    pub fn local_buffer(mut self, bytes: usize) -> Self {
+        self.local_buffer = Some(bytes.max(1));
+        self
+    }
+
+    /// The pipe's size for an in-process client (`local.rs`).
+    pub(crate) fn local_buffer_bytes(&self) -> usize {
+        self.local_buffer.unwrap_or(crate::LOCAL_BUFFER)
+    }
+
+    /// The connection's options (`local.rs`).
+    pub(crate) fn connection_options(&self) -> &Options {
+        &self.connection
+    }
+
+    /// Whether the name is to be taken over (`local.rs`).
+    pub(crate) fn takes_over(&self) -> bool {
+        self.take_over
     }
 }
 
@@ -208,16 +234,8 @@ pub async fn connect_unnamed(
     address: impl ToAddress,
     options: BusOptions,
 ) -> Result<Bus, BusError> {
-    let conn = chatter_core::connect(address, options.connection).await?;
-    let bus = Bus::from_peer(Peer::with_options(conn, options.peer));
-    if let Some(token) = options.credential {
-        let broker = BrokerApiClient::new(&bus.peer, BROKER_OBJECT);
-        if let Err(e) = broker.authenticate(token).await {
-            bus.close().await;
-            return Err(BusError::Authenticate(e));
-        }
-    }
-    Ok(bus)
+    let conn = chatter_core::connect(address, options.connection.clone()).await?;
+    Bus::on_connection(conn, options).await
 }
 
 impl Bus {
@@ -411,6 +429,23 @@ impl Bus {
     /// The peer itself (also reachable through `Deref`).
     pub fn as_peer(&self) -> &Peer {
         &self.peer
+    }
+
+    /// A bus on `conn`, a new connection to a broker (a socket's, or an in-process pipe's:
+    /// `local.rs`), authenticated with the options' credential.
+    pub(crate) async fn on_connection(
+        conn: chatter_core::Connection,
+        options: BusOptions,
+    ) -> Result<Bus, BusError> {
+        let bus = Bus::from_peer(Peer::with_options(conn, options.peer));
+        if let Some(token) = options.credential {
+            let broker = BrokerApiClient::new(&bus.peer, BROKER_OBJECT);
+            if let Err(e) = broker.authenticate(token).await {
+                bus.close().await;
+                return Err(BusError::Authenticate(e));
+            }
+        }
+        Ok(bus)
     }
 }
 

@@ -101,6 +101,7 @@ mod broker;
 mod bus;
 mod envelope;
 mod introspect;
+mod local;
 mod pubsub;
 mod relay;
 mod subscription;
@@ -159,6 +160,7 @@ pub mod __fuzz {
 pub use bus::{connect, connect_unnamed, connect_with, Bus, BusError, BusOptions};
 pub use envelope::ROUTE_SEPARATOR;
 pub use introspect::{BrokerApi, BrokerApiClient, BrokerApiServer, PeerInfo, SubscriptionInfo};
+pub use local::LOCAL_BUFFER;
 pub use subscription::{
     Presence, PublishError, PublishReport, SlowSubscriber, SubscribeError, SubscribeOptions,
     Subscription,
