@@ -103,6 +103,7 @@ mod envelope;
 mod introspect;
 mod local;
 mod pubsub;
+mod reconnect;
 mod relay;
 mod subscription;
 
