@@ -9,9 +9,10 @@ use chatter_core::{Address, ListenError, Server};
 
 use crate::{Broker, BrokerOptions, Bus, BusError, BusOptions};
 
-/// The default [`BusOptions::local_buffer`]: 256 KiB each way, about what a Unix socket's
-/// kernel buffers hold by default.
-pub const LOCAL_BUFFER: usize = 256 * 1024;
+/// The default [`BusOptions::local_buffer`]: 64 KiB each way. Larger pipes (256 KiB,
+/// 1 MiB) measured no faster for 100-byte calls and signals (`examples/local_bench.rs`),
+/// and each in-process connection holds up to twice this much in its pipe.
+pub const LOCAL_BUFFER: usize = 64 * 1024;
 
 impl Broker {
     /// A broker without a listener, for in-process clients only
