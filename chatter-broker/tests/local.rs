@@ -299,7 +299,8 @@ async fn an_in_process_callees_disconnect_fails_the_call_and_a_callers_cancels()
     other.close().await;
     within(probe.dropped.recv()).await.expect("handler dropped");
 
-    // The callee's connection cut (not a graceful close) fails the caller's call.
+    // The callee's connection cut (not a graceful close) fails the caller's call. One task
+    // per call the test makes.
     let call = tokio::spawn({
         let calc = calc.clone();
         async move { calc.wait().await }
@@ -326,7 +327,7 @@ async fn closing_the_broker_ends_its_in_process_clients() {
     let caller = broker.connect_local("app").await.expect("caller");
     let calc = CalculatorClient::new(&caller.peer("calc-1"), "calc")
         .with_deadline(Duration::from_secs(3600));
-    // A call in flight when the broker closes fails, not hangs.
+    // A call in flight when the broker closes fails, not hangs (one task, for this call).
     let call = tokio::spawn(async move { calc.wait().await });
     broker.close().await;
     for bus in [&callee, &caller] {
@@ -400,6 +401,7 @@ async fn a_slow_in_process_callee_does_not_make_the_broker_buffer_without_bound(
         .expect("caller");
     let calc = CalculatorClient::new(&caller.peer("calc-1"), "calc")
         .with_deadline(Duration::from_secs(3600));
+    // One task, for the call that holds the callee's only handler.
     let first = tokio::spawn({
         let calc = calc.clone();
         async move { calc.wait().await }

@@ -108,6 +108,7 @@ async fn a_broker_restarted_on_the_same_unix_path_gets_the_name_back_before_anyt
     assert_ne!(bus.state(), ConnectionState::Connected);
     // While the broker is down: a signal waits in the outbox, a call for a connection.
     drop(within(me.note("queued".into())).await.expect("queued"));
+    // One task, for the call that waits for the connection.
     let call = tokio::spawn({
         let me = me.clone();
         async move { me.add(1, 1).await }

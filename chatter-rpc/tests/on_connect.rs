@@ -118,6 +118,7 @@ async fn the_hook_runs_before_queued_signals_and_waiting_calls() {
     for n in 1..=3 {
         drop(within(log.note(n)).await.expect("queued"));
     }
+    // One task, for the call that waits for the connection.
     let call = tokio::spawn({
         let log = log.clone();
         async move { log.call(9).await }
