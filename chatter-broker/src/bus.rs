@@ -127,7 +127,8 @@ impl BusOptions {
     /// `options`' backoff, and **claims its name again on every new connection** before
     /// anything else is sent on it: before queued and stored signals are (re-)sent and
     /// before calls waiting for the connection go out, so a restarted broker knows the
-    /// name again before the peer's first message. [`connect_with`] then returns at once,
+    /// name again before the peer's first message (the [`credential`](Self::credential),
+    /// if any, is presented again just before). [`connect_with`] then returns at once,
     /// without waiting for the first connection: [`Bus::wait_connected`](chatter_rpc::Peer::wait_connected)
     /// waits until connected *and* named.
     ///
@@ -137,8 +138,10 @@ impl BusOptions {
     /// reported as [`PeerEvent::OnConnectFailed`](chatter_rpc::PeerEvent::OnConnectFailed)
     /// and retried after the backoff, or, with [`take_over`](Self::take_over), the stale
     /// holder is disconnected and the name taken at once. Hooks of `options`'
-    /// [`on_connect`](ReconnectOptions::on_connect) run after the name is claimed. Not
-    /// used by in-process clients, whose pipe drops only with the broker.
+    /// [`on_connect`](ReconnectOptions::on_connect) run after the name is claimed.
+    /// Subscriptions ([`Bus::subscribe`]) live on one connection: when it drops they end
+    /// with an error; subscribe again after [`PeerEvent::Connected`](chatter_rpc::PeerEvent::Connected).
+    /// Not used by in-process clients, whose pipe drops only with the broker.
     ///
     /// ```
     /// use std::time::Duration;

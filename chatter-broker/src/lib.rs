@@ -99,8 +99,9 @@
 //! - **Reconnecting buses**: with [`BusOptions::reconnect`], a bus reconnects after its
 //!   connection drops (a broker restart, a network cut) and claims its name again on each
 //!   new connection *before* it sends anything else there (chatter-rpc's
-//!   `ReconnectOptions::on_connect` hook): no queued signal or waiting call reaches a
-//!   restarted broker from a nameless peer. A refusal (the name still held by the old,
+//!   `ReconnectOptions::on_connect` hook, after presenting its credential again): no
+//!   queued signal or waiting call reaches a restarted broker from a nameless peer.
+//!   Subscriptions end with their connection and are made again by the application. A refusal (the name still held by the old,
 //!   not yet noticed dead connection) counts as a failed attempt and is retried per the
 //!   backoff, or the holder is evicted with [`BusOptions::take_over`].
 //!

@@ -464,3 +464,91 @@ async fn the_deadline_holds_between_in_process_clients() {
     );
     probe.dropped.recv().await.expect("handler dropped");
 }
+
+fn sensor_access() -> chatter_broker::AccessControl {
+    use chatter_broker::{AccessControl, Rules};
+    AccessControl::new()
+        .credential("sensor-token", "sensors")
+        .credential("dashboard-token", "dashboard")
+        .identity(
+            "sensors",
+            Rules::none().register("sensor-*").publish("sensors/#"),
+        )
+        .identity(
+            "dashboard",
+            Rules::none().register("dashboard").subscribe("sensors/#"),
+        )
+}
+
+/// An in-process client presents its credential as a socket client does, and publishes to
+/// and subscribes with socket clients, under the broker's access control.
+#[tokio::test]
+async fn in_process_clients_authenticate_and_publish_and_subscribe_with_socket_clients() {
+    let options = BrokerOptions::new().access_control(sensor_access());
+    let broker = Broker::listen("tcp://127.0.0.1:0", options)
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    let dashboard = chatter_broker::connect_with(
+        &address,
+        "dashboard",
+        BusOptions::new().credential("dashboard-token"),
+    )
+    .await
+    .expect("socket dashboard");
+    let mut readings = within(dashboard.subscribe::<f64>("sensors/+/temp"))
+        .await
+        .expect("subscribes");
+    let sensor = broker
+        .connect_local_with("sensor-1", BusOptions::new().credential("sensor-token"))
+        .await
+        .expect("in-process sensor");
+    within(sensor.publish("sensors/1/temp", &21.5))
+        .await
+        .expect("published");
+    let (topic, value) = within(readings.recv())
+        .await
+        .expect("open")
+        .expect("a reading");
+    assert_eq!((topic.as_str(), value), ("sensors/1/temp", 21.5));
+
+    // And the other way round: an in-process subscriber, a socket publisher.
+    let local_dashboard = broker
+        .connect_local_unnamed(BusOptions::new().credential("dashboard-token"))
+        .await
+        .expect("in-process dashboard");
+    let mut local_readings = within(local_dashboard.subscribe::<f64>("sensors/#"))
+        .await
+        .expect("subscribes");
+    let socket_sensor = chatter_broker::connect_with(
+        &address,
+        "sensor-2",
+        BusOptions::new().credential("sensor-token"),
+    )
+    .await
+    .expect("socket sensor");
+    within(socket_sensor.publish("sensors/2/temp", &19.0))
+        .await
+        .expect("published");
+    let (topic, value) = within(local_readings.recv())
+        .await
+        .expect("open")
+        .expect("a reading");
+    assert_eq!((topic.as_str(), value), ("sensors/2/temp", 19.0));
+
+    // The rules hold for in-process clients too.
+    match broker
+        .connect_local_with("pump-1", BusOptions::new().credential("sensor-token"))
+        .await
+    {
+        Err(BusError::Register(CallError::PermissionDenied { .. })) => {}
+        other => panic!("expected a denied name, got {other:?}"),
+    }
+    match broker
+        .connect_local_with("sensor-3", BusOptions::new().credential("wrong"))
+        .await
+    {
+        Err(BusError::Authenticate(CallError::PermissionDenied { .. })) => {}
+        other => panic!("expected a refused credential, got {other:?}"),
+    }
+}

@@ -325,3 +325,89 @@ async fn a_reconnecting_bus_refuses_a_bad_address_at_once() {
     }
     let _ = Bus::clone;
 }
+
+/// Under access control, a reconnecting bus presents its credential again on each new
+/// connection before it claims its name: a restarted broker knows who it is first.
+#[tokio::test]
+async fn a_reconnecting_bus_presents_its_credential_again_before_its_name() {
+    use chatter_broker::{AccessControl, Rules};
+    let access = || {
+        AccessControl::new()
+            .credential("sensor-token", "sensors")
+            .identity("sensors", Rules::none().register("sensor-*"))
+    };
+    let path = socket_path("credential");
+    let address = Address::Unix { path: path.clone() };
+    let options = || BrokerOptions::new().access_control(access());
+    let broker = Broker::listen(&address, options()).await.expect("listen");
+    let bus = chatter_broker::connect_with(
+        &address,
+        "sensor-1",
+        BusOptions::new()
+            .credential("sensor-token")
+            .reconnect(fast()),
+    )
+    .await
+    .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    assert_eq!(broker.names(), ["sensor-1"]);
+    let mut events = bus.events();
+    broker.close().await;
+    next(&mut events, disconnected).await;
+    let broker = Broker::listen(&address, options())
+        .await
+        .expect("listen again");
+    next(&mut events, connected).await;
+    assert_eq!(broker.names(), ["sensor-1"]);
+    bus.close().await;
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A reconnecting bus publishes like any bus; its subscriptions live on one connection:
+/// when it drops they end with an error, and a new subscription after the reconnect
+/// receives again.
+#[tokio::test]
+async fn a_reconnecting_buses_subscription_ends_with_its_connection_and_can_be_made_again() {
+    let path = socket_path("subscribe");
+    let address = Address::Unix { path: path.clone() };
+    let broker = Broker::listen(&address, BrokerOptions::default())
+        .await
+        .expect("listen");
+    let bus =
+        chatter_broker::connect_with(&address, "watcher", BusOptions::new().reconnect(fast()))
+            .await
+            .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
+        .await
+        .expect("subscribes");
+    within(bus.publish("counts/a", &1u32))
+        .await
+        .expect("published");
+    let (topic, value) = within(readings.recv()).await.expect("open").expect("item");
+    assert_eq!((topic.as_str(), value), ("counts/a", 1));
+
+    let mut events = bus.events();
+    broker.close().await;
+    next(&mut events, disconnected).await;
+    match within(readings.recv()).await {
+        Some(Err(_)) | None => {}
+        Some(Ok(item)) => panic!("expected the end of the subscription, got {item:?}"),
+    }
+    let broker = Broker::listen(&address, BrokerOptions::default())
+        .await
+        .expect("listen again");
+    next(&mut events, connected).await;
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
+        .await
+        .expect("subscribes again");
+    within(bus.publish("counts/b", &2u32))
+        .await
+        .expect("published");
+    let (topic, value) = within(readings.recv()).await.expect("open").expect("item");
+    assert_eq!((topic.as_str(), value), ("counts/b", 2));
+    bus.close().await;
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+}
