@@ -94,7 +94,7 @@
 //!   (`max_connections` counts it), routing, flow control and disconnects, and the
 //!   broker's close ends it. Each adds at most 2 × [`BusOptions::local_buffer`] (default
 //!   [`LOCAL_BUFFER`], 64 KiB) to the memory above. A routed round trip between two
-//!   in-process clients is measured 2.5-4.5 times faster than over a Unix socket
+//!   in-process clients is measured 2.2-3.8 times faster than over a Unix socket
 //!   (`examples/local_bench.rs`).
 //! - **Reconnecting buses**: with [`BusOptions::reconnect`], a bus reconnects after its
 //!   connection drops (a broker restart, a network cut) and claims its name again on each
