@@ -129,6 +129,11 @@ impl BrokerOptions {
         self.access = Some(access);
         self
     }
+
+    /// The connections' options (`local.rs`).
+    pub(crate) fn connection_options(&self) -> &Options {
+        &self.connection
+    }
 }
 
 /// A snapshot of a broker's counters ([`Broker::stats`]).
@@ -286,6 +291,12 @@ impl Broker {
     pub async fn close(&self) {
         self.accept.abort();
         self.server.close().await;
+    }
+
+    /// The server whose accept path the broker serves (in-process clients are handed to
+    /// it: `local.rs`).
+    pub(crate) fn server(&self) -> &Server {
+        &self.server
     }
 }
 

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use chatter_core::{ConnectError, Options, ToAddress};
 use chatter_rpc::__private::{ClientCore, Method};
-use chatter_rpc::{CallError, Peer, PeerOptions, Sent, SignalError};
+use chatter_rpc::{
+    CallError, Peer, PeerOptions, ReconnectError, ReconnectOptions, Sent, SignalError,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -39,6 +41,8 @@ pub struct BusOptions {
     peer: PeerOptions,
     take_over: bool,
     credential: Option<String>,
+    local_buffer: Option<usize>,
+    reconnect: Option<ReconnectOptions>,
 }
 
 impl std::fmt::Debug for BusOptions {
@@ -48,6 +52,8 @@ impl std::fmt::Debug for BusOptions {
             .field("peer", &self.peer)
             .field("take_over", &self.take_over)
             .field("credential", &self.credential.as_ref().map(|_| "…"))
+            .field("local_buffer", &self.local_buffer)
+            .field("reconnect", &self.reconnect)
             .finish()
     }
 }
@@ -87,6 +93,92 @@ impl BusOptions {
         self.credential = Some(token.to_owned());
         self
     }
+
+    /// The in-memory pipe of an in-process client
+    /// ([`Broker::connect_local_with`](crate::Broker::connect_local_with)): at most this
+    /// many bytes wait in each direction (default [`LOCAL_BUFFER`](crate::LOCAL_BUFFER),
+    /// 64 KiB), where a socket's kernel buffers would hold them: the broker's process holds
+    /// up to twice this per in-process client on top of what it holds per connection
+    /// (crate docs, *Memory*). A larger pipe lets a writer run further ahead of its
+    /// reader; it was measured no faster for small messages. Not used over a socket.
+    pub fn local_buffer(mut self, bytes: usize) -> Self {
+        self.local_buffer = Some(bytes.max(1));
+        self
+    }
+
+    /// The pipe's size for an in-process client (`local.rs`).
+    pub(crate) fn local_buffer_bytes(&self) -> usize {
+        self.local_buffer.unwrap_or(crate::LOCAL_BUFFER)
+    }
+
+    /// The connection's options (`local.rs`).
+    pub(crate) fn connection_options(&self) -> &Options {
+        &self.connection
+    }
+
+    /// Whether the name is to be taken over (`local.rs`).
+    pub(crate) fn takes_over(&self) -> bool {
+        self.take_over
+    }
+
+    /// Stay connected: the bus's peer is a reconnecting one
+    /// ([`Peer::reconnecting`](chatter_rpc::Peer::reconnecting)) that connects again after
+    /// its connection drops (a broker restart, a network cut), following
+    /// `options`' backoff, and **claims its name again on every new connection** before
+    /// anything else is sent on it: before queued and stored signals are (re-)sent and
+    /// before calls waiting for the connection go out, so a restarted broker knows the
+    /// name again before the peer's first message (the [`credential`](Self::credential),
+    /// if any, is presented again just before). [`connect_with`] then returns at once,
+    /// without waiting for the first connection: [`Bus::wait_connected`](chatter_rpc::Peer::wait_connected)
+    /// waits until connected *and* named.
+    ///
+    /// A name refused on a new connection (most often [`RegisterError::NameTaken`]: the
+    /// broker has not yet noticed the old connection dead, which keepalive notices within
+    /// its interval + timeout) closes that connection and counts as a failed attempt:
+    /// reported as [`PeerEvent::OnConnectFailed`](chatter_rpc::PeerEvent::OnConnectFailed)
+    /// and retried after the backoff, or, with [`take_over`](Self::take_over), the stale
+    /// holder is disconnected and the name taken at once. Hooks of `options`'
+    /// [`on_connect`](ReconnectOptions::on_connect) run after the name is claimed.
+    /// Subscriptions ([`Bus::subscribe`]) live on one connection: when it drops they end
+    /// with an error; subscribe again after [`PeerEvent::Connected`](chatter_rpc::PeerEvent::Connected).
+    /// Not used by in-process clients, whose pipe drops only with the broker.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use chatter_broker::{Broker, BusOptions};
+    /// use chatter_rpc::{Backoff, ReconnectOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let broker = Broker::listen("tcp://127.0.0.1:0", Default::default()).await?;
+    /// # let address = &broker.addresses()[0];
+    /// let reconnect = ReconnectOptions::default()
+    ///     .backoff(Backoff::exponential(Duration::from_millis(50), Duration::from_secs(5)));
+    /// let bus = chatter_broker::connect_with(address, "pump-1", BusOptions::new().reconnect(reconnect)).await?;
+    /// assert!(bus.wait_connected(Duration::from_secs(5)).await);
+    /// assert_eq!(broker.names(), ["pump-1"]);
+    /// # Ok(()) }
+    /// ```
+    pub fn reconnect(mut self, options: ReconnectOptions) -> Self {
+        self.reconnect = Some(options);
+        self
+    }
+
+    /// Whether the bus is to reconnect ([`reconnect`](Self::reconnect)).
+    pub(crate) fn reconnects(&self) -> bool {
+        self.reconnect.is_some()
+    }
+
+    /// The options of a reconnecting bus, for `reconnect.rs`.
+    pub(crate) fn into_reconnecting(self) -> crate::reconnect::Parts {
+        crate::reconnect::Parts {
+            reconnect: self.reconnect.unwrap_or_default(),
+            connection: self.connection,
+            peer: self.peer,
+            take_over: self.take_over,
+            credential: self.credential,
+        }
+    }
 }
 
 /// Why [`connect`] failed.
@@ -106,6 +198,10 @@ pub enum BusError {
     /// The broker did not take the credential ([`BusOptions::credential`]).
     #[error("the broker refused the credential: {0}")]
     Authenticate(CallError),
+    /// A reconnecting bus ([`BusOptions::reconnect`]) could not be started: the address
+    /// does not parse, or the signal store cannot be opened.
+    #[error("cannot start a reconnecting bus: {0}")]
+    Reconnect(#[from] ReconnectError),
 }
 
 /// A [`Peer`] connected to a broker: it serves the objects registered on it to every peer
@@ -147,6 +243,9 @@ pub struct Bus {
     peer: Peer,
     /// The broker's own object, for publish and subscribe.
     broker: ClientCore,
+    /// The name a reconnecting bus claims on each new connection (`reconnect.rs`); `None`
+    /// for a bus on one connection.
+    reclaim: Option<std::sync::Arc<crate::reconnect::Reclaim>>,
 }
 
 /// Connects to the broker at `address` and registers this peer as `name`, refusing a name
@@ -166,6 +265,9 @@ pub async fn connect_with(
     name: &str,
     options: BusOptions,
 ) -> Result<Bus, BusError> {
+    if options.reconnects() {
+        return crate::reconnect::start(address, Some(name), options.into_reconnecting());
+    }
     let take_over = options.take_over;
     let bus = connect_unnamed(address, options).await?;
     match bus.claim(name, take_over).await {
@@ -208,16 +310,11 @@ pub async fn connect_unnamed(
     address: impl ToAddress,
     options: BusOptions,
 ) -> Result<Bus, BusError> {
-    let conn = chatter_core::connect(address, options.connection).await?;
-    let bus = Bus::from_peer(Peer::with_options(conn, options.peer));
-    if let Some(token) = options.credential {
-        let broker = BrokerApiClient::new(&bus.peer, BROKER_OBJECT);
-        if let Err(e) = broker.authenticate(token).await {
-            bus.close().await;
-            return Err(BusError::Authenticate(e));
-        }
+    if options.reconnects() {
+        return crate::reconnect::start(address, None, options.into_reconnecting());
     }
-    Ok(bus)
+    let conn = chatter_core::connect(address, options.connection.clone()).await?;
+    Bus::on_connection(conn, options).await
 }
 
 impl Bus {
@@ -233,8 +330,14 @@ impl Bus {
 
     /// Registers this connection as `name` with the broker (once per connection: a second
     /// name is refused with [`RegisterError::AlreadyRegistered`], the same name again is
-    /// fine). With `take_over`, a connected peer holding the name is disconnected.
+    /// fine). With `take_over`, a connected peer holding the name is disconnected. On a
+    /// reconnecting bus ([`BusOptions::reconnect`]) the call waits for a connection (within
+    /// the peer's default deadline), and a name claimed is claimed again on every new
+    /// connection; a claim that fails leaves the name claimed before, if any.
     pub async fn claim(&self, name: &str, take_over: bool) -> Result<(), BusError> {
+        if let Some(reclaim) = &self.reclaim {
+            return reclaim.claim(&self.peer, name, take_over).await;
+        }
         let broker = BrokerApiClient::new(&self.peer, BROKER_OBJECT);
         match broker.register(name.to_owned(), take_over).await {
             Ok(()) => Ok(()),
@@ -405,12 +508,47 @@ impl Bus {
 
     fn from_peer(peer: Peer) -> Bus {
         let broker = ClientCore::new(&peer, BROKER_OBJECT);
-        Bus { peer, broker }
+        Bus {
+            peer,
+            broker,
+            reclaim: None,
+        }
     }
 
     /// The peer itself (also reachable through `Deref`).
     pub fn as_peer(&self) -> &Peer {
         &self.peer
+    }
+
+    /// A bus on `conn`, a new connection to a broker (a socket's, or an in-process pipe's:
+    /// `local.rs`), authenticated with the options' credential.
+    pub(crate) async fn on_connection(
+        conn: chatter_core::Connection,
+        options: BusOptions,
+    ) -> Result<Bus, BusError> {
+        let bus = Bus::from_peer(Peer::with_options(conn, options.peer));
+        if let Some(token) = options.credential {
+            let broker = BrokerApiClient::new(&bus.peer, BROKER_OBJECT);
+            if let Err(e) = broker.authenticate(token).await {
+                bus.close().await;
+                return Err(BusError::Authenticate(e));
+            }
+        }
+        Ok(bus)
+    }
+
+    /// A reconnecting bus on `peer`, which claims `reclaim`'s name on each connection
+    /// (`reconnect.rs`).
+    pub(crate) fn reconnecting(
+        peer: Peer,
+        reclaim: std::sync::Arc<crate::reconnect::Reclaim>,
+    ) -> Bus {
+        let broker = ClientCore::new(&peer, BROKER_OBJECT);
+        Bus {
+            peer,
+            broker,
+            reclaim: Some(reclaim),
+        }
     }
 }
 

@@ -87,6 +87,46 @@
 //!   of them, chatter-core's limit on what a peer may open). The options are the
 //!   [`BrokerOptions::connection`] ones. Every task is per connection (a reader and a
 //!   writer), none per message.
+//! - **In-process clients**: [`Broker::connect_local`] gives a [`Bus`] in the broker's own
+//!   process over an in-memory pipe instead of a socket (and [`Broker::in_process`] a
+//!   broker with no listener at all). The pipe goes through the broker's accept path, so
+//!   such a client is indistinguishable from a socket client: same handshake, limits
+//!   (`max_connections` counts it), routing, flow control and disconnects, and the
+//!   broker's close ends it. Each adds at most 2 × [`BusOptions::local_buffer`] (default
+//!   [`LOCAL_BUFFER`], 64 KiB) to the memory above. A routed round trip between two
+//!   in-process clients is measured 2.2-3.8 times faster than over a Unix socket
+//!   (`examples/local_bench.rs`).
+//! - **Reconnecting buses**: with [`BusOptions::reconnect`], a bus reconnects after its
+//!   connection drops (a broker restart, a network cut) and claims its name again on each
+//!   new connection *before* it sends anything else there (chatter-rpc's
+//!   `ReconnectOptions::on_connect` hook, after presenting its credential again): no
+//!   queued signal or waiting call reaches a restarted broker from a nameless peer.
+//!   Subscriptions end with their connection and are made again by the application. A refusal (the name still held by the old,
+//!   not yet noticed dead connection) counts as a failed attempt and is retried per the
+//!   backoff, or the holder is evicted with [`BusOptions::take_over`].
+//!
+//! ```
+//! use std::time::Duration;
+//! use chatter_broker::{Broker, BrokerOptions, BusOptions};
+//! use chatter_rpc::ReconnectOptions;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default()).await?;
+//! let address = broker.addresses()[0].clone();
+//! // In the broker's process, without a socket:
+//! let local = broker.connect_local("local-1").await?;
+//! // Elsewhere, staying connected (and named) across broker restarts:
+//! let remote = chatter_broker::connect_with(
+//!     &address,
+//!     "remote-1",
+//!     BusOptions::new().reconnect(ReconnectOptions::default()),
+//! )
+//! .await?;
+//! assert!(remote.wait_connected(Duration::from_secs(5)).await);
+//! assert_eq!(broker.names(), ["local-1", "remote-1"]);
+//! # drop(local); Ok(()) }
+//! ```
 
 #![warn(
     missing_docs,
@@ -101,7 +141,9 @@ mod broker;
 mod bus;
 mod envelope;
 mod introspect;
+mod local;
 mod pubsub;
+mod reconnect;
 mod relay;
 mod subscription;
 
@@ -159,6 +201,7 @@ pub mod __fuzz {
 pub use bus::{connect, connect_unnamed, connect_with, Bus, BusError, BusOptions};
 pub use envelope::ROUTE_SEPARATOR;
 pub use introspect::{BrokerApi, BrokerApiClient, BrokerApiServer, PeerInfo, SubscriptionInfo};
+pub use local::LOCAL_BUFFER;
 pub use subscription::{
     Presence, PublishError, PublishReport, SlowSubscriber, SubscribeError, SubscribeOptions,
     Subscription,

@@ -64,6 +64,7 @@ pub mod codec;
 mod connection;
 pub mod error;
 mod options;
+mod over;
 pub mod proto;
 mod server;
 mod throttle;
@@ -79,6 +80,7 @@ pub use error::{
     InvalidOptions, ListenError, ProtocolError, SendError,
 };
 pub use options::Options;
+pub use over::connect_over;
 pub use proto::Keepalive;
 pub use server::{Rejection, Server};
 pub use throttle::{Rate, Throttle};

@@ -80,6 +80,9 @@ pub struct Server {
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     unix_paths: Vec<PathBuf>,
+    /// The accept path of transports handed in by [`accept_over`](Self::accept_over):
+    /// the listeners' own, without TLS.
+    handed: AcceptContext,
 }
 
 /// The connection limit and what it refused.
@@ -369,7 +372,73 @@ impl Server {
             stop,
             tasks: Mutex::new(tasks),
             unix_paths,
+            handed: AcceptContext { tls: None, ..ctx },
         })
+    }
+}
+
+impl Server {
+    /// A server without a listener: it accepts only the transports handed to it with
+    /// [`accept_over`](Self::accept_over) (peers in the same process, over in-memory
+    /// pipes). Its [`addresses`](Self::addresses) are empty. Must be called within a tokio
+    /// runtime.
+    ///
+    /// ```
+    /// use chatter_core::{Options, Server};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = Server::in_process(Options::default().max_connections(16))?;
+    /// assert!(server.addresses().is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn in_process(options: Options) -> Result<Server, ListenError> {
+        options.validate()?;
+        Server::start(Vec::new(), None, options).map_err(|source| ListenError::Io {
+            address: "an in-process server".to_owned(),
+            source,
+        })
+    }
+
+    /// Accepts a connection over `io`, a byte stream the application opened (the other
+    /// end of a `tokio::io::duplex` pipe whose near end goes to
+    /// [`connect_over`](crate::connect_over), say), through the same path as a socket
+    /// accepted by a listener: the chatter handshake and its timeout, the server's
+    /// options and limits ([`Options::max_connections`] counts it; beyond the limit it is
+    /// refused with [`CloseCode::Busy`]), then [`accept`](Self::accept); closing the
+    /// server closes it. `local` and `remote` are the addresses the connection reports.
+    /// Never TLS, even on a `tls://` server: the stream is the application's. A closed
+    /// server drops `io` (the other end reads the end of stream).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use chatter_core::{connect_over, listen, Address, Options};
+    ///
+    /// let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+    /// let (near, far) = tokio::io::duplex(64 * 1024);
+    /// let here = Address::Unix { path: "in-process".into() };
+    /// server.accept_over(far, server.addresses()[0].clone(), here.clone());
+    /// let client = connect_over(near, here, server.addresses()[0].clone(), Options::default()).await?;
+    /// assert_eq!(server.connections(), 1);
+    /// # drop(client); Ok(()) }
+    /// ```
+    pub fn accept_over<S>(&self, io: S, local: Address, remote: Address)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        if self.is_closed() {
+            return;
+        }
+        let ctx = &self.handed;
+        let io = crate::over::Opened(io);
+        let addrs = (LazyAddress::ready(local), LazyAddress::ready(remote));
+        match ctx.limits.connections.clone().try_acquire_owned() {
+            // Bounded by `max_connections`, as a listener's: the permit moves into the
+            // connection's driver.
+            Ok(permit) => start(io, addrs, None, ctx, permit),
+            Err(_) => refuse(io, addrs.1.get(), ctx),
+        }
     }
 }
 
@@ -466,6 +535,14 @@ struct AcceptContext {
     tls: Option<TlsAcceptor>,
     tracked: Arc<Tracked>,
     stop: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for AcceptContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcceptContext")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An accepted transport and its local and remote address.

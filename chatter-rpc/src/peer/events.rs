@@ -55,6 +55,16 @@ pub enum PeerEvent {
         /// Why the previous attempt or connection failed.
         last_error: String,
     },
+    /// A connection was made, but one of its
+    /// [`ReconnectOptions::on_connect`](crate::ReconnectOptions::on_connect) hooks failed:
+    /// the connection was closed, and the attempt counts as failed
+    /// ([`PeerEvent::Reconnecting`] or [`PeerEvent::GaveUp`] follows).
+    OnConnectFailed {
+        /// The address connected to.
+        remote: Address,
+        /// The hook's error.
+        error: String,
+    },
     /// The backoff gave up; the peer is closed.
     GaveUp {
         /// Why the last attempt failed.

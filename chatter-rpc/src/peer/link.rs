@@ -5,14 +5,17 @@
 //! [`ReconnectOptions`] say.
 
 use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chatter_core::{connect, Address, AddressError, CloseCause, Options};
+use chatter_core::{connect, Address, AddressError, CloseCause, CloseCode, Options};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
@@ -22,7 +25,7 @@ use super::events::{ConnectionState, PeerEvent};
 use super::options::{bump, PeerOptions};
 use super::outbox::{Item, Outbox};
 use super::signals::{run_sender, sweep};
-use super::{Inner, PeerState, Queue, MAX_DURATION};
+use super::{Inner, Peer, PeerState, Queue, MAX_DURATION};
 
 /// How a peer makes its connections.
 pub(crate) enum Link {
@@ -215,6 +218,7 @@ pub struct ReconnectOptions {
     pub(crate) backoff: Backoff,
     pub(crate) window: Option<usize>,
     pub(crate) store: Option<PathBuf>,
+    pub(crate) on_connect: Vec<OnConnect>,
 }
 
 impl ReconnectOptions {
@@ -256,6 +260,93 @@ impl ReconnectOptions {
     pub fn store(mut self, path: impl Into<PathBuf>) -> Self {
         self.store = Some(path.into());
         self
+    }
+
+    /// Runs `hook` on every new connection before the connection is used: before the
+    /// peer counts as connected ([`Peer::wait_connected`](crate::Peer::wait_connected),
+    /// [`PeerEvent::Connected`]), before queued and stored signals are sent or re-sent on
+    /// it, and before calls waiting for a connection go out. What the hook needs the other
+    /// side to know first goes here: chatter-broker's reconnecting `Bus` claims its name
+    /// again this way.
+    ///
+    /// The hook gets a [`Peer`] handle *pinned to the new connection*: calls (and stream
+    /// calls) made with clients of it go out on that connection at once (signals sent
+    /// through it wait in the outbox like the peer's). Keep it only for the hook's
+    /// duration: it does not follow later connections, and it does not keep the peer
+    /// open. Incoming calls are served on the connection while the hook runs.
+    ///
+    /// When the hook fails, the connection is closed (code *normal*, the error as
+    /// reason), the failure is reported ([`PeerEvent::OnConnectFailed`], then
+    /// [`PeerEvent::Reconnecting`] with the error as `last_error`) and counted as a failed
+    /// attempt: the next one follows [`backoff`](Self::backoff) and its `max_attempts`.
+    /// Hooks added by several calls run in the order added, each after the previous one
+    /// succeeded.
+    ///
+    /// ```
+    /// use chatter_rpc::{Peer, ReconnectOptions};
+    ///
+    /// let options = ReconnectOptions::default().on_connect(|peer: Peer| async move {
+    ///     // e.g. `SessionClient::new(&peer, "session").resume(token).await`
+    ///     let _ = peer;
+    ///     Ok::<(), std::convert::Infallible>(())
+    /// });
+    /// # let _ = options;
+    /// ```
+    pub fn on_connect<F, Fut, E>(mut self, hook: F) -> Self
+    where
+        F: Fn(Peer) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: fmt::Display,
+    {
+        self.on_connect.push(OnConnect::new(hook));
+        self
+    }
+
+    /// [`on_connect`](Self::on_connect), but `hook` runs before the hooks added so far:
+    /// for a layer that wraps a peer (chatter-broker's `Bus`) and takes the application's
+    /// options, whose own first step must come before the application's hooks.
+    pub fn on_connect_first<F, Fut, E>(mut self, hook: F) -> Self
+    where
+        F: Fn(Peer) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: fmt::Display,
+    {
+        self.on_connect.insert(0, OnConnect::new(hook));
+        self
+    }
+}
+
+/// What an on-connect hook's future resolves to, its error as text.
+type HookFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// A hook of [`ReconnectOptions::on_connect`]. Equal when it is the same hook (options are
+/// compared for tests and for "did anything change").
+#[derive(Clone)]
+pub(crate) struct OnConnect(Arc<dyn Fn(Peer) -> HookFuture + Send + Sync>);
+
+impl OnConnect {
+    fn new<F, Fut, E>(hook: F) -> Self
+    where
+        F: Fn(Peer) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: fmt::Display,
+    {
+        OnConnect(Arc::new(move |peer| {
+            let run = hook(peer);
+            Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+        }))
+    }
+}
+
+impl fmt::Debug for OnConnect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnConnect(..)")
+    }
+}
+
+impl PartialEq for OnConnect {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -343,7 +434,7 @@ async fn supervise(state: Arc<PeerState>) {
     let mut rng = random_u64() | 1;
     let mut generation = 0u64;
     let window = sv.reconnect.window.unwrap_or(128);
-    loop {
+    'supervise: loop {
         if *stop.borrow() {
             break;
         }
@@ -352,12 +443,31 @@ async fn supervise(state: Arc<PeerState>) {
             _ = stop.wait_for(|s| *s) => break,
         };
         let last_error = match attempt {
-            Ok(conn) => {
-                failures = 0;
+            Ok(conn) => 'connected: {
                 generation += 1;
                 let remote = conn.remote_address().clone();
-                state.start_connection(generation);
                 let (inner, mut reader) = Inner::start_with_reader(state.clone(), conn, generation);
+                // The on-connect hooks run before anything of the peer's own is sent on
+                // the connection, and before it is published for calls.
+                match run_on_connect(&state, &inner, &mut stop).await {
+                    Hooked::Done => {}
+                    Hooked::Stopped => {
+                        inner.shutdown.notify_one();
+                        break 'supervise;
+                    }
+                    Hooked::Failed(error) => {
+                        failures = failures.saturating_add(1);
+                        let reason = format!("on-connect hook failed: {error}");
+                        inner.conn.close_with(CloseCode::Normal, &reason).await;
+                        // Its receive task ends once the connection closed and the hook's
+                        // calls were told.
+                        let _ = (&mut reader).await;
+                        state.emit(PeerEvent::OnConnectFailed { remote, error });
+                        break 'connected reason;
+                    }
+                }
+                failures = 0;
+                state.start_connection(generation);
                 sv.current.send_modify(|c| {
                     c.inner = Some(inner.clone());
                     c.generation = generation;
@@ -379,7 +489,7 @@ async fn supervise(state: Arc<PeerState>) {
                     // `close` and `shutdown` close the connection themselves; for a peer
                     // whose last handle was dropped, this does.
                     inner.shutdown.notify_one();
-                    break;
+                    break 'supervise;
                 }
                 let cause = inner.conn.close_cause().unwrap_or(CloseCause::Local);
                 state.connection_lost();
@@ -429,6 +539,38 @@ async fn supervise(state: Arc<PeerState>) {
     }
     // Stopped: what is left is dropped (and stays stored), the objects go.
     state.finish(None);
+}
+
+/// How a new connection's on-connect hooks went.
+enum Hooked {
+    /// All succeeded (or there are none).
+    Done,
+    /// The peer was stopped meanwhile.
+    Stopped,
+    /// One failed, with this error.
+    Failed(String),
+}
+
+/// Runs the [`ReconnectOptions::on_connect`] hooks on `inner`'s connection, in order.
+async fn run_on_connect(
+    state: &Arc<PeerState>,
+    inner: &Arc<Inner>,
+    stop: &mut watch::Receiver<bool>,
+) -> Hooked {
+    let Link::Reconnecting(sv) = &state.link else {
+        return Hooked::Done;
+    };
+    for hook in &sv.reconnect.on_connect {
+        let run = (hook.0)(Peer::pinned(state.clone(), inner.clone()));
+        let result = tokio::select! {
+            result = run => result,
+            _ = stop.wait_for(|s| *s) => return Hooked::Stopped,
+        };
+        if let Err(error) = result {
+            return Hooked::Failed(error);
+        }
+    }
+    Hooked::Done
 }
 
 pub(crate) fn random_u64() -> u64 {

@@ -118,7 +118,10 @@ pub struct Peer {
     /// The route prefix of a handle made by [`routed`](Self::routed): clients made from
     /// it address `{route}/{object}`. `None` for every other handle.
     route: Option<Arc<str>>,
-    _owner: Arc<Owner>,
+    /// Closes the peer when the last user-held handle goes; `None` on a handle pinned to
+    /// one connection of a reconnecting peer ([`pinned`](Self::pinned)), which owns
+    /// nothing.
+    _owner: Option<Arc<Owner>>,
 }
 
 impl fmt::Debug for Peer {
@@ -167,10 +170,10 @@ impl Peer {
         bump(&state.stats.connects);
         let inner = Inner::new(state.clone(), connection, 1);
         let peer = Peer {
-            _owner: Arc::new(Owner {
+            _owner: Some(Arc::new(Owner {
                 state: state.clone(),
                 plain: Some(inner.clone()),
-            }),
+            })),
             state,
             plain: Some(inner.clone()),
             route: None,
@@ -252,10 +255,10 @@ impl Peer {
         let state =
             link::start_reconnecting(address.to_address()?, options, peer_options, reconnect)?;
         Ok(Peer {
-            _owner: Arc::new(Owner {
+            _owner: Some(Arc::new(Owner {
                 state: state.clone(),
                 plain: None,
-            }),
+            })),
             state,
             plain: None,
             route: None,
@@ -474,8 +477,36 @@ impl Peer {
     /// The current connection's part of the peer, if there is one.
     pub(crate) fn current(&self) -> Option<Arc<Inner>> {
         match (&self.state.link, &self.plain) {
+            (Link::Reconnecting(_), Some(pinned)) => Some(pinned.clone()),
             (Link::Reconnecting(supervisor), _) => supervisor.current.borrow().inner.clone(),
             (Link::Plain, plain) => plain.clone(),
+        }
+    }
+}
+
+impl Peer {
+    /// A handle on a reconnecting peer pinned to one of its connections, for the
+    /// [`ReconnectOptions::on_connect`](crate::ReconnectOptions::on_connect) hooks: its
+    /// clients' calls go to `inner` (as a plain peer's go to its connection), and it owns
+    /// nothing (dropping it closes nothing).
+    pub(crate) fn pinned(state: Arc<PeerState>, inner: Arc<Inner>) -> Peer {
+        Peer {
+            state,
+            plain: Some(inner),
+            route: None,
+            _owner: None,
+        }
+    }
+
+    /// A handle pinned to a connection is for calls: its signals go through the outbox,
+    /// as the peer's own.
+    pub(crate) fn unpinned(&self) -> Option<Peer> {
+        match (&self.state.link, &self.plain) {
+            (Link::Reconnecting(_), Some(_)) => Some(Peer {
+                plain: None,
+                ..self.clone()
+            }),
+            _ => None,
         }
     }
 }

@@ -40,6 +40,9 @@ pub(crate) enum Attempt {
 impl Peer {
     /// Sends or queues a signal without waiting (generated clients call this first).
     pub(crate) fn try_signal(&self, payload: Payload, ttl: Duration, persistent: bool) -> Attempt {
+        if let Some(unpinned) = self.unpinned() {
+            return unpinned.try_signal(payload, ttl, persistent);
+        }
         let state = &*self.state;
         if state.is_shutting_down() {
             return Attempt::Done(Err(SignalError::ShuttingDown));

@@ -1,0 +1,413 @@
+//! Reconnecting buses (`BusOptions::reconnect`): the name is claimed again on every new
+//! connection before anything else goes out on it, across a broker restart on the same
+//! address, a dropped connection, and a name still held by someone else.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chatter_broker::{Broker, BrokerOptions, Bus, BusError, BusOptions, RegisterError};
+use chatter_core::Address;
+use chatter_rpc::{
+    remote, Backoff, CallError, ConnectionState, Events, PeerEvent, ReconnectOptions,
+};
+use tokio::sync::mpsc;
+
+#[remote]
+pub trait Desk {
+    async fn add(&self, a: i64, b: i64) -> i64;
+    #[signal(ttl = "30s")]
+    async fn note(&self, text: String);
+}
+
+struct D(mpsc::UnboundedSender<String>);
+
+impl Desk for D {
+    async fn add(&self, a: i64, b: i64) -> i64 {
+        a + b
+    }
+    async fn note(&self, text: String) {
+        let _ = self.0.send(text);
+    }
+}
+
+/// A desk, and what its `note`s receive. Unbounded: one message per note the test sends.
+fn desk() -> (DeskServer<D>, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (DeskServer::new(D(tx)), rx)
+}
+
+fn fast() -> ReconnectOptions {
+    let backoff =
+        Backoff::exponential(Duration::from_millis(5), Duration::from_millis(50)).jitter(0.0);
+    ReconnectOptions::default().backoff(backoff)
+}
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .expect("in time")
+}
+
+/// The next event that `pick` recognises, skipping others (failing on a give-up).
+async fn next<T>(events: &mut Events, mut pick: impl FnMut(&PeerEvent) -> Option<T>) -> T {
+    within(async {
+        loop {
+            let event = events.next().await.expect("the peer is alive");
+            if let Some(found) = pick(&event) {
+                return found;
+            }
+            if let PeerEvent::GaveUp { last_error } = event {
+                panic!("gave up: {last_error}");
+            }
+        }
+    })
+    .await
+}
+
+fn connected(event: &PeerEvent) -> Option<()> {
+    matches!(event, PeerEvent::Connected { .. }).then_some(())
+}
+
+fn disconnected(event: &PeerEvent) -> Option<()> {
+    matches!(event, PeerEvent::Disconnected { .. }).then_some(())
+}
+
+/// A Unix socket path of its own for each test.
+fn socket_path(test: &str) -> std::path::PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "chatter-reconnect-{}-{test}-{n}.sock",
+        std::process::id()
+    ))
+}
+
+/// The bus sends a signal and a call to itself, by name, while the broker is down. Both go
+/// out on the new connection only after the name is claimed there, so both arrive: with
+/// the name claimed later, the broker would answer *no such peer*.
+#[tokio::test]
+async fn a_broker_restarted_on_the_same_unix_path_gets_the_name_back_before_anything_else() {
+    let path = socket_path("restart");
+    let address = Address::Unix { path: path.clone() };
+    let broker = Broker::listen(&address, BrokerOptions::default())
+        .await
+        .expect("listen");
+    let bus = chatter_broker::connect_unnamed(&address, BusOptions::new().reconnect(fast()))
+        .await
+        .expect("starts");
+    let (server, mut notes) = desk();
+    bus.register("desk", server);
+    within(bus.claim("x", false)).await.expect("claims");
+    assert_eq!(broker.names(), ["x"]);
+    let me = DeskClient::new(&bus.peer("x"), "desk");
+    assert_eq!(within(me.add(2, 3)).await.expect("call to itself"), 5);
+
+    let mut events = bus.events();
+    broker.close().await;
+    next(&mut events, disconnected).await;
+    assert_ne!(bus.state(), ConnectionState::Connected);
+    // While the broker is down: a signal waits in the outbox, a call for a connection.
+    drop(within(me.note("queued".into())).await.expect("queued"));
+    // One task, for the call that waits for the connection.
+    let call = tokio::spawn({
+        let me = me.clone();
+        async move { me.add(1, 1).await }
+    });
+
+    let broker = Broker::listen(&address, BrokerOptions::default())
+        .await
+        .expect("listen again");
+    next(&mut events, connected).await;
+    // Connected means named: the hook ran first.
+    assert_eq!(broker.names(), ["x"]);
+    assert_eq!(
+        within(call).await.expect("task").expect("the waiting call"),
+        2
+    );
+    assert_eq!(within(notes.recv()).await.as_deref(), Some("queued"));
+    assert_eq!(broker.stats().no_such_peer, 0);
+    bus.close().await;
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Two reconnecting buses on a fixed TCP port: after the restart each finds the other by
+/// name again.
+#[tokio::test]
+async fn two_reconnecting_buses_find_each_other_after_a_restart_on_the_same_port() {
+    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    let mut buses = Vec::new();
+    let mut all_events = Vec::new();
+    for name in ["calc-1", "app"] {
+        let bus = chatter_broker::connect_with(&address, name, BusOptions::new().reconnect(fast()))
+            .await
+            .expect("starts");
+        bus.register("desk", desk().0);
+        assert!(bus.wait_connected(Duration::from_secs(20)).await);
+        all_events.push(bus.events());
+        buses.push(bus);
+    }
+    assert_eq!(broker.names(), ["app", "calc-1"]);
+    broker.close().await;
+    for events in &mut all_events {
+        next(events, disconnected).await;
+    }
+    let broker = Broker::listen(&address, BrokerOptions::default())
+        .await
+        .expect("the same port again");
+    for events in &mut all_events {
+        next(events, connected).await;
+    }
+    assert_eq!(broker.names(), ["app", "calc-1"]);
+    let (calc, app) = (&buses[0], &buses[1]);
+    let to_calc = DeskClient::new(&app.peer("calc-1"), "desk");
+    assert_eq!(within(to_calc.add(20, 22)).await.expect("app → calc-1"), 42);
+    let to_app = DeskClient::new(&calc.peer("app"), "desk");
+    assert_eq!(within(to_app.add(1, 2)).await.expect("calc-1 → app"), 3);
+    for bus in &buses {
+        bus.close().await;
+    }
+}
+
+/// A dropped connection (the broker stays up): the bus reconnects and claims its name
+/// again; a claim the broker refused is not what it claims.
+#[tokio::test]
+async fn a_dropped_connection_reconnects_under_the_same_name() {
+    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    let bus = chatter_broker::connect_with(&address, "pump-1", BusOptions::new().reconnect(fast()))
+        .await
+        .expect("starts");
+    bus.register("desk", desk().0);
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    match within(bus.claim("pump-2", false)).await {
+        Err(BusError::Refused(RegisterError::AlreadyRegistered { name })) => {
+            assert_eq!(name, "pump-1")
+        }
+        other => panic!("expected AlreadyRegistered, got {other:?}"),
+    }
+    let mut events = bus.events();
+    bus.connection().expect("connected").close().await;
+    next(&mut events, disconnected).await;
+    next(&mut events, connected).await;
+    assert_eq!(broker.names(), ["pump-1"]);
+    let caller = chatter_broker::connect(&address, "app")
+        .await
+        .expect("caller");
+    let pump = DeskClient::new(&caller.peer("pump-1"), "desk");
+    assert_eq!(within(pump.add(1, 1)).await.expect("call"), 2);
+    bus.close().await;
+}
+
+/// A name someone else holds when the bus reconnects: the attempt fails clearly and is
+/// retried, and the bus gets its name once the holder is gone.
+#[tokio::test]
+async fn a_name_held_at_reconnect_is_reported_and_retried_until_free() {
+    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    let bus = chatter_broker::connect_with(&address, "calc-1", BusOptions::new().reconnect(fast()))
+        .await
+        .expect("starts");
+    let (server, _notes) = desk();
+    bus.register("desk", server);
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    let mut events = bus.events();
+    // Someone takes the name over: the broker disconnects the bus, which reconnects and
+    // finds its name taken.
+    let squatter =
+        chatter_broker::connect_with(&address, "calc-1", BusOptions::new().take_over(true))
+            .await
+            .expect("takes over");
+    next(&mut events, disconnected).await;
+    let error = next(&mut events, |e| match e {
+        PeerEvent::OnConnectFailed { error, .. } => Some(error.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(
+        error.contains("the name `calc-1` is held by another connected peer"),
+        "{error}"
+    );
+    let last_error = next(&mut events, |e| match e {
+        PeerEvent::Reconnecting { last_error, .. } => Some(last_error.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(last_error.contains("is held by another"), "{last_error}");
+    assert_eq!(broker.names(), ["calc-1"]);
+    squatter.close().await;
+    next(&mut events, connected).await;
+    assert_eq!(broker.names(), ["calc-1"]);
+    let caller = chatter_broker::connect(&address, "app")
+        .await
+        .expect("caller");
+    let calc = DeskClient::new(&caller.peer("calc-1"), "desk");
+    assert_eq!(within(calc.add(3, 4)).await.expect("reaches the bus"), 7);
+    bus.close().await;
+}
+
+/// With `take_over`, a reconnecting bus evicts whoever holds its name.
+#[tokio::test]
+async fn a_reconnecting_bus_with_take_over_evicts_the_holder() {
+    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    let options = BusOptions::new().take_over(true).reconnect(fast());
+    let bus = chatter_broker::connect_with(&address, "calc-1", options)
+        .await
+        .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    let mut events = bus.events();
+    let squatter =
+        chatter_broker::connect_with(&address, "calc-1", BusOptions::new().take_over(true))
+            .await
+            .expect("takes over");
+    next(&mut events, disconnected).await;
+    next(&mut events, connected).await;
+    let cause = within(squatter.closed()).await;
+    assert!(cause.to_string().contains("taken over"), "{cause}");
+    assert_eq!(broker.names(), ["calc-1"]);
+    bus.close().await;
+}
+
+/// The reconnect policy applies to refusals: after `max_attempts` refused names, the bus
+/// gives up, with the refusal as its last error.
+#[tokio::test]
+async fn a_name_refused_on_every_attempt_gives_up_as_the_backoff_says() {
+    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    let _holder = chatter_broker::connect(&address, "calc-1")
+        .await
+        .expect("holder");
+    let reconnect = ReconnectOptions::default().backoff(
+        Backoff::exponential(Duration::from_millis(5), Duration::from_millis(5)).max_attempts(2),
+    );
+    let bus =
+        chatter_broker::connect_with(&address, "calc-1", BusOptions::new().reconnect(reconnect))
+            .await
+            .expect("starts");
+    let mut events = bus.events();
+    let last_error = within(async {
+        loop {
+            if let Some(PeerEvent::GaveUp { last_error }) = events.next().await {
+                break last_error;
+            }
+        }
+    })
+    .await;
+    assert!(last_error.contains("is held by another"), "{last_error}");
+    within(bus.closed()).await;
+    assert_eq!(bus.state(), ConnectionState::Closed);
+    // A call on it fails at once, as on any closed reconnecting peer.
+    let calc = DeskClient::new(&bus.peer("calc-1"), "desk");
+    assert!(matches!(
+        within(calc.add(1, 1)).await,
+        Err(CallError::NotConnected { .. })
+    ));
+}
+
+/// An invalid address is refused when the bus is made.
+#[tokio::test]
+async fn a_reconnecting_bus_refuses_a_bad_address_at_once() {
+    match chatter_broker::connect_with("nonsense", "x", BusOptions::new().reconnect(fast())).await {
+        Err(BusError::Reconnect(_)) => {}
+        other => panic!("expected a reconnect error, got {other:?}"),
+    }
+    let _ = Bus::clone;
+}
+
+/// Under access control, a reconnecting bus presents its credential again on each new
+/// connection before it claims its name: a restarted broker knows who it is first.
+#[tokio::test]
+async fn a_reconnecting_bus_presents_its_credential_again_before_its_name() {
+    use chatter_broker::{AccessControl, Rules};
+    let access = || {
+        AccessControl::new()
+            .credential("sensor-token", "sensors")
+            .identity("sensors", Rules::none().register("sensor-*"))
+    };
+    let path = socket_path("credential");
+    let address = Address::Unix { path: path.clone() };
+    let options = || BrokerOptions::new().access_control(access());
+    let broker = Broker::listen(&address, options()).await.expect("listen");
+    let bus = chatter_broker::connect_with(
+        &address,
+        "sensor-1",
+        BusOptions::new()
+            .credential("sensor-token")
+            .reconnect(fast()),
+    )
+    .await
+    .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    assert_eq!(broker.names(), ["sensor-1"]);
+    let mut events = bus.events();
+    broker.close().await;
+    next(&mut events, disconnected).await;
+    let broker = Broker::listen(&address, options())
+        .await
+        .expect("listen again");
+    next(&mut events, connected).await;
+    assert_eq!(broker.names(), ["sensor-1"]);
+    bus.close().await;
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A reconnecting bus publishes like any bus; its subscriptions live on one connection:
+/// when it drops they end with an error, and a new subscription after the reconnect
+/// receives again.
+#[tokio::test]
+async fn a_reconnecting_buses_subscription_ends_with_its_connection_and_can_be_made_again() {
+    let path = socket_path("subscribe");
+    let address = Address::Unix { path: path.clone() };
+    let broker = Broker::listen(&address, BrokerOptions::default())
+        .await
+        .expect("listen");
+    let bus =
+        chatter_broker::connect_with(&address, "watcher", BusOptions::new().reconnect(fast()))
+            .await
+            .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
+        .await
+        .expect("subscribes");
+    within(bus.publish("counts/a", &1u32))
+        .await
+        .expect("published");
+    let (topic, value) = within(readings.recv()).await.expect("open").expect("item");
+    assert_eq!((topic.as_str(), value), ("counts/a", 1));
+
+    let mut events = bus.events();
+    broker.close().await;
+    next(&mut events, disconnected).await;
+    match within(readings.recv()).await {
+        Some(Err(_)) | None => {}
+        Some(Ok(item)) => panic!("expected the end of the subscription, got {item:?}"),
+    }
+    let broker = Broker::listen(&address, BrokerOptions::default())
+        .await
+        .expect("listen again");
+    next(&mut events, connected).await;
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
+        .await
+        .expect("subscribes again");
+    within(bus.publish("counts/b", &2u32))
+        .await
+        .expect("published");
+    let (topic, value) = within(readings.recv()).await.expect("open").expect("item");
+    assert_eq!((topic.as_str(), value), ("counts/b", 2));
+    bus.close().await;
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+}
