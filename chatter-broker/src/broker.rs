@@ -3,15 +3,16 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chatter_core::{Address, CloseCode, ListenError, Options, Server, ToAddress};
 use tokio::task::JoinHandle;
 
 use crate::envelope::ROUTE_SEPARATOR;
+use crate::pubsub::{Publication, Topics, PRESENCE_PREFIX};
 use crate::relay::{lock, Link};
-use crate::RegisterError;
+use crate::{AccessControl, Presence, RegisterError};
 
 /// A broker's settings.
 ///
@@ -34,6 +35,10 @@ pub struct BrokerOptions {
     max_name_len: usize,
     max_routes_per_peer: usize,
     slow_peer_timeout: Option<Duration>,
+    pub(crate) max_topic_len: usize,
+    pub(crate) max_subscriptions_per_peer: usize,
+    pub(crate) max_subscription_queue: usize,
+    pub(crate) access: Option<AccessControl>,
 }
 
 impl Default for BrokerOptions {
@@ -51,6 +56,10 @@ impl BrokerOptions {
             max_name_len: 255,
             max_routes_per_peer: 32_768,
             slow_peer_timeout: None,
+            max_topic_len: 1024,
+            max_subscriptions_per_peer: 64,
+            max_subscription_queue: 1 << 20,
+            access: None,
         }
     }
 
@@ -90,6 +99,36 @@ impl BrokerOptions {
         self.slow_peer_timeout = timeout;
         self
     }
+
+    /// The longest topic or subscription pattern accepted, in bytes (default 1024).
+    pub fn max_topic_len(mut self, bytes: usize) -> Self {
+        self.max_topic_len = bytes;
+        self
+    }
+
+    /// The most subscriptions one connection may hold at once (default 64); one more is
+    /// refused with [`SubscribeError::TooManySubscriptions`](crate::SubscribeError::TooManySubscriptions).
+    pub fn max_subscriptions_per_peer(mut self, subscriptions: usize) -> Self {
+        self.max_subscriptions_per_peer = subscriptions;
+        self
+    }
+
+    /// The most bytes a subscription with a drop or end policy may have waiting for its
+    /// subscriber (default 1 MiB): a subscriber's
+    /// [`SubscribeOptions::queue_bytes`](crate::SubscribeOptions::queue_bytes) is capped to
+    /// it. Each waiting publication counts its topic, its value and 64 bytes.
+    pub fn max_subscription_queue(mut self, bytes: usize) -> Self {
+        self.max_subscription_queue = bytes;
+        self
+    }
+
+    /// Restricts what each peer may do, by its identity ([`AccessControl`]). Without it
+    /// (the default) every peer may register any free name, call any peer, and publish and
+    /// subscribe to any topic.
+    pub fn access_control(mut self, access: AccessControl) -> Self {
+        self.access = Some(access);
+        self
+    }
 }
 
 /// A snapshot of a broker's counters ([`Broker::stats`]).
@@ -106,7 +145,8 @@ impl BrokerOptions {
 /// assert_eq!(stats.held_bytes, 0); // nothing waits in the broker
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct BrokerStats {
     /// Connections open now.
@@ -135,6 +175,25 @@ pub struct BrokerStats {
     /// ack, the signal's sender), or that the broker could not route and could not
     /// answer.
     pub discarded: u64,
+    /// Subscriptions open now.
+    pub subscriptions: u64,
+    /// Publications taken (valid topic) since the start.
+    pub publications: u64,
+    /// Copies of publications delivered to subscribers (handed to their connections).
+    pub deliveries: u64,
+    /// Copies dropped by a subscription's policy because its subscriber was too slow (an
+    /// expired one counts in `signals_expired`).
+    pub dropped_deliveries: u64,
+    /// Signals sent to a name pattern (`sensor-*`).
+    pub broadcasts: u64,
+    /// Bytes of publications waiting in subscriptions' queues now (each counts its topic,
+    /// its value and 64), for their subscribers' stream credit. A drop or end policy keeps
+    /// it under the subscription's `queue_bytes`; `Backpressure` under the publishers'
+    /// windows (it is then part of `held_bytes` too).
+    pub queued_publication_bytes: u64,
+    /// Requests refused by the [`AccessControl`] (calls, signals, registrations,
+    /// publications, subscriptions, unknown credentials).
+    pub denied: u64,
 }
 
 /// A running broker: peers connect to it, register names, and call each other through it.
@@ -174,6 +233,8 @@ impl Broker {
     pub fn serve(server: Server, options: BrokerOptions) -> Broker {
         let state = Arc::new(BrokerState {
             names: Mutex::default(),
+            links: Mutex::default(),
+            topics: Mutex::default(),
             options,
             counters: Counters::default(),
         });
@@ -217,20 +278,7 @@ impl Broker {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> BrokerStats {
-        let c = &self.state.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        BrokerStats {
-            connections: get(&c.connections),
-            names: lock(&self.state.names).len() as u64,
-            held_bytes: get(&c.held_bytes),
-            queued: get(&c.queued),
-            forwarded: get(&c.forwarded),
-            no_such_peer: get(&c.no_such_peer),
-            busy: get(&c.busy),
-            slow_peers_closed: get(&c.slow_peers_closed),
-            signals_expired: get(&c.signals_expired),
-            discarded: get(&c.discarded),
-        }
+        self.state.stats()
     }
 
     /// Stops accepting and closes every connection (code *going away*): their peers'
@@ -251,6 +299,10 @@ impl Drop for Broker {
 #[derive(Debug)]
 pub(crate) struct BrokerState {
     names: Mutex<HashMap<Arc<str>, Arc<Link>>>,
+    /// Every open connection (registered or not), by address, for introspection.
+    links: Mutex<HashMap<usize, Weak<Link>>>,
+    /// Every subscription. Locked after `names` when both are.
+    pub(crate) topics: Mutex<Topics>,
     pub(crate) options: BrokerOptions,
     pub(crate) counters: Counters,
 }
@@ -311,17 +363,120 @@ impl BrokerState {
                 async move { holder.conn.close_with(CloseCode::GoingAway, &reason).await },
             );
         }
+        let joined = !names.contains_key(&name);
         names.insert(name.clone(), link.clone());
-        *own = Some(name);
+        *own = Some(name.clone());
+        drop(own);
+        if joined {
+            self.announce(&name, true);
+        }
         Ok(())
+    }
+
+    /// Runs `f` on the registered names, with no name registered or unregistered
+    /// meanwhile.
+    pub(crate) fn with_names(&self, f: impl FnOnce(&mut dyn Iterator<Item = &str>)) {
+        let names = lock(&self.names);
+        f(&mut names
+            .iter()
+            .filter(|(_, l)| !l.is_closed())
+            .map(|(n, _)| &**n));
+    }
+
+    /// The live links whose names match `pattern` (`*` stands for any characters).
+    pub(crate) fn matching_names(&self, pattern: &str) -> Vec<Arc<Link>> {
+        lock(&self.names)
+            .iter()
+            .filter(|(n, l)| !l.is_closed() && glob(pattern, n))
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// The presence publication for `name`.
+    pub(crate) fn presence(&self, name: &str, online: bool) -> Publication {
+        let topic = format!("{PRESENCE_PREFIX}{name}");
+        let mut encoded = Vec::with_capacity(topic.len() + 5);
+        chatter_msgpack::write_str(&mut encoded, &topic);
+        let mut value = Vec::new();
+        let presence = Presence {
+            peer: name.to_owned(),
+            online,
+        };
+        if chatter_core::codec::encode(&mut value, &presence).is_err() {
+            value = vec![0xc0];
+        }
+        Publication {
+            topic: encoded.into(),
+            value: value.into(),
+            // Presence does not expire: a subscriber that lags loses it by its policy.
+            expires: tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600),
+            held: None,
+            acked: None,
+        }
+    }
+
+    /// Publishes `name`'s presence (called with the names lock held, so that it is
+    /// ordered with the snapshot a new presence subscriber gets).
+    fn announce(&self, name: &str, online: bool) {
+        let topic = format!("{PRESENCE_PREFIX}{name}");
+        let mut subs = Vec::new();
+        lock(&self.topics).matching(&topic, &mut subs);
+        if subs.is_empty() {
+            return;
+        }
+        let publication = self.presence(name, online);
+        for sub in subs {
+            sub.push(&publication);
+        }
+    }
+
+    /// Keeps `link` in the list of connections ([`BrokerApi::peers`](crate::BrokerApi::peers)).
+    pub(crate) fn opened(&self, link: &Arc<Link>) {
+        lock(&self.links).insert(Arc::as_ptr(link) as usize, Arc::downgrade(link));
+    }
+
+    /// Every open connection.
+    pub(crate) fn links(&self) -> Vec<Arc<Link>> {
+        lock(&self.links)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// The counters now.
+    pub(crate) fn stats(&self) -> BrokerStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BrokerStats {
+            connections: get(&c.connections),
+            names: lock(&self.names).len() as u64,
+            held_bytes: get(&c.held_bytes),
+            queued: get(&c.queued),
+            forwarded: get(&c.forwarded),
+            no_such_peer: get(&c.no_such_peer),
+            busy: get(&c.busy),
+            slow_peers_closed: get(&c.slow_peers_closed),
+            signals_expired: get(&c.signals_expired),
+            discarded: get(&c.discarded),
+            subscriptions: lock(&self.topics).len() as u64,
+            publications: get(&c.publications),
+            deliveries: get(&c.deliveries),
+            dropped_deliveries: get(&c.dropped_deliveries),
+            broadcasts: get(&c.broadcasts),
+            queued_publication_bytes: get(&c.queued_publications),
+            denied: get(&c.denied),
+        }
     }
 
     /// Forgets `link`'s name (if it still holds it).
     pub(crate) fn unregister(&self, link: &Arc<Link>) {
         let mut names = lock(&self.names);
-        if let Some(name) = lock(&link.name).as_ref() {
-            if names.get(name).is_some_and(|l| Arc::ptr_eq(l, link)) {
-                names.remove(name);
+        lock(&self.links).remove(&(Arc::as_ptr(link) as usize));
+        let name = lock(&link.name).clone();
+        if let Some(name) = name {
+            if names.get(&name).is_some_and(|l| Arc::ptr_eq(l, link)) {
+                names.remove(&name);
+                self.announce(&name, false);
             }
         }
         self.counters.connections.fetch_sub(1, Ordering::Relaxed);
@@ -363,6 +518,12 @@ pub(crate) struct Counters {
     pub(crate) slow_peers_closed: AtomicU64,
     pub(crate) signals_expired: AtomicU64,
     pub(crate) discarded: AtomicU64,
+    pub(crate) publications: AtomicU64,
+    pub(crate) deliveries: AtomicU64,
+    pub(crate) dropped_deliveries: AtomicU64,
+    pub(crate) broadcasts: AtomicU64,
+    pub(crate) queued_publications: AtomicU64,
+    pub(crate) denied: AtomicU64,
 }
 
 impl Counters {
@@ -376,5 +537,57 @@ impl Counters {
 
     pub(crate) fn released(&self, bytes: u64) {
         self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_queued_publications(&self, bytes: u64) {
+        self.queued_publications.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn remove_queued_publications(&self, bytes: u64) {
+        self.queued_publications.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Whether `name` matches `pattern`, in which `*` stands for any characters (none
+/// included).
+pub(crate) fn glob(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let Some(first) = parts.next() else {
+        return pattern == name;
+    };
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn name_patterns() {
+        assert!(glob("sensor-*", "sensor-1"));
+        assert!(glob("sensor-*", "sensor-"));
+        assert!(!glob("sensor-*", "sensors"));
+        assert!(glob("*", "anything"));
+        assert!(glob("*-1", "pump-1"));
+        assert!(!glob("*-1", "pump-2"));
+        assert!(glob("a*b*c", "a-b-c"));
+        assert!(glob("a*b*c", "abc"));
+        assert!(!glob("a*b*c", "acb"));
+        assert!(!glob("ab*ba", "aba"));
+        assert!(glob("exact", "exact"));
+        assert!(!glob("exact", "exactly"));
     }
 }

@@ -35,6 +35,10 @@ pub(crate) const FAILURE_PROTOCOL: u64 = 7;
 pub(crate) const FAILURE_NO_SUCH_PEER: u64 = 11;
 pub(crate) const FAILURE_PEER_LOST: u64 = 12;
 pub(crate) const FAILURE_PEER_BUSY: u64 = 13;
+pub(crate) const FAILURE_LAGGING: u64 = 14;
+pub(crate) const FAILURE_PERMISSION_DENIED: u64 = 15;
+/// A stream's opening `[0, nil]` and a failure's kind *cancelled*.
+pub(crate) const FAILURE_CANCELLED: u64 = 2;
 
 /// What an opening message's payload is, as far as routing needs to know.
 #[derive(Debug, PartialEq, Eq)]
@@ -107,6 +111,48 @@ impl Request<'_> {
             _ => return None,
         }
         Some(r.remaining())
+    }
+
+    /// The arguments of any request kind, after its context (if any), with a stream call's
+    /// window; `None` if the envelope is cut short before them.
+    pub(crate) fn window_and_args<'p>(&self, payload: &'p [u8]) -> Option<(u64, &'p [u8])> {
+        let mut r = Reader::new(&payload[self.tail..]);
+        let window = match self.kind {
+            STREAM_CALL | STREAM_CALL_WITH_CONTEXT => r.read_uint().ok()?,
+            _ => 0,
+        };
+        if matches!(
+            self.kind,
+            CALL_WITH_CONTEXT
+                | SIGNAL_WITH_CONTEXT
+                | STREAM_CALL_WITH_CONTEXT
+                | RELIABLE_SIGNAL_WITH_CONTEXT
+        ) {
+            r.skip_value(msgpack::MAX_DEPTH).ok()?;
+        }
+        Some((window, r.remaining()))
+    }
+
+    /// The head as a plain signal's (kind 1, or 10 with a context): a reliable signal's
+    /// stream id and sequence number left out, up to (not including) the duration.
+    pub(crate) fn plain_head(&self, payload: &[u8]) -> Vec<u8> {
+        let (kind, len) = match self.kind {
+            RELIABLE_SIGNAL => (SIGNAL, self.len - 2),
+            RELIABLE_SIGNAL_WITH_CONTEXT => (SIGNAL_WITH_CONTEXT, self.len - 2),
+            kind => (kind, self.len),
+        };
+        let method = &payload[self.method.0..self.method.1];
+        let mut head = Vec::with_capacity(32 + self.object.len() + method.len());
+        msgpack::write_array_len(&mut head, len);
+        msgpack::write_uint(&mut head, u64::from(kind));
+        msgpack::write_str(&mut head, self.object);
+        head.extend_from_slice(method);
+        head
+    }
+
+    /// True for stream calls (kinds 12 and 13).
+    pub(crate) fn is_stream_call(&self) -> bool {
+        matches!(self.kind, STREAM_CALL | STREAM_CALL_WITH_CONTEXT)
     }
 
     /// The head as the callee gets it: the same envelope with the object name without its
@@ -249,6 +295,15 @@ pub(crate) fn ok_unit() -> Vec<u8> {
     vec![0x92, 0x00, 0xc0]
 }
 
+/// `[0, value]` with a string value.
+pub(crate) fn ok_value_str(value: &str) -> Vec<u8> {
+    let mut w = Vec::with_capacity(8 + value.len());
+    msgpack::write_array_len(&mut w, 2);
+    msgpack::write_uint(&mut w, 0);
+    msgpack::write_str(&mut w, value);
+    w
+}
+
 /// `[1, [message, []], error]`: an application error, `error` already encoded.
 pub(crate) fn app_error(message: &str, error: &[u8]) -> Vec<u8> {
     let mut w = Vec::with_capacity(8 + message.len() + error.len());
@@ -279,6 +334,50 @@ pub(crate) fn cancel(call: u64) -> Vec<u8> {
     msgpack::write_uint(&mut w, u64::from(CANCEL));
     msgpack::write_uint(&mut w, call);
     w
+}
+
+/// The arguments of the broker's `publish(topic, value)`: the topic, and where the value's
+/// bytes are in `args`.
+pub(crate) fn publish_args(args: &[u8]) -> Result<(&str, (usize, usize)), String> {
+    let mut r = Reader::new(args);
+    let len = r.read_array_len().map_err(|e| e.to_string())?;
+    if len != 2 {
+        return Err(format!("{len} arguments, expected 2 (topic, value)"));
+    }
+    let topic = r.read_str().map_err(|e| format!("topic: {e}"))?;
+    let start = r.position();
+    r.skip_value(msgpack::MAX_DEPTH)
+        .map_err(|e| format!("value: {e}"))?;
+    let end = r.position();
+    if !r.remaining().is_empty() {
+        return Err("bytes after the arguments".into());
+    }
+    Ok((topic, (start, end)))
+}
+
+/// The arguments of the broker's `subscribe(pattern, options)` (`options` may be left out).
+pub(crate) fn subscribe_args(args: &[u8]) -> Result<(String, crate::SubscribeOptions), String> {
+    let mut r = Reader::new(args);
+    let len = r.read_array_len().map_err(|e| e.to_string())?;
+    if !(1..=2).contains(&len) {
+        return Err(format!("{len} arguments, expected (pattern, options)"));
+    }
+    let pattern = r
+        .read_str()
+        .map_err(|e| format!("pattern: {e}"))?
+        .to_owned();
+    let options = if len == 2 {
+        r.read_value::<crate::SubscribeOptions>(msgpack::MAX_DEPTH - 1)
+            .map_err(|e| format!("options: {e}"))?
+    } else {
+        crate::SubscribeOptions::default()
+    };
+    Ok((pattern, options))
+}
+
+/// `[3, …]` is an item message; `[0, nil]` opens a stream (the same bytes as `ok_unit`).
+pub(crate) fn stream_open() -> Vec<u8> {
+    ok_unit()
 }
 
 /// The arguments of the broker's `register(name, force)`.

@@ -52,8 +52,8 @@
 //! name, the relative durations (deadline, TTL: shortened by the time the message waited
 //! in the broker) and the call ids in cancels and stream envelopes; arguments, results,
 //! errors and stream items pass as bytes. `docs/design/broker.md` in the repository has
-//! the whole design, and what is not built yet (pub/sub, broadcast, presence, access
-//! control, introspection).
+//! the whole design. The broker tells its peers, subscriptions and counters through its
+//! own object ([`BrokerApi`]) and chatter-rpc's `chatter.introspect`.
 //!
 //! - **Names**: one per connection, at most [`BrokerOptions::max_name_len`] bytes, without
 //!   `/` or control characters. A name held by a connected peer is refused
@@ -68,6 +68,16 @@
 //!   acknowledged one (`PeerOptions::acknowledged_signals`) is acknowledged as failed.
 //!   Acknowledgements of signals travel back to their senders, so
 //!   `Sent::acknowledged` means that the handler at the named peer finished.
+//! - **Publish/subscribe**: [`Bus::publish`] a value on a `/`-separated topic,
+//!   [`Bus::subscribe`] with an MQTT-style pattern (`+`, `#`) and receive `(topic, value)`
+//!   in publish order; a slow subscriber drops, ends or holds publishers back, as its
+//!   [`SlowSubscriber`] policy says. [`Bus::publish_acked`] reports who got it,
+//!   [`Bus::presence`] who comes and goes, and a signal through `bus.peer("sensor-*")`
+//!   reaches every matching peer.
+//! - **Access control**: [`BrokerOptions::access_control`] restricts, per identity (a TLS
+//!   client certificate's CN, or a [`BusOptions::credential`]), which names a peer may
+//!   register, which peers it may call and which topics it may publish and subscribe to
+//!   ([`AccessControl`], [`Rules`]).
 //! - **Memory**: a message's flow-control credit goes back to its sender only once the
 //!   broker has handed it to the destination's connection, so per connection the broker
 //!   holds at most: the connection's `receive_window` of its input (wherever it waits:
@@ -86,11 +96,16 @@
 )]
 #![forbid(unsafe_code)]
 
+mod access;
 mod broker;
 mod bus;
 mod envelope;
+mod introspect;
+mod pubsub;
 mod relay;
+mod subscription;
 
+pub use access::{AccessControl, Rules};
 pub use broker::{Broker, BrokerOptions, BrokerStats};
 
 /// Entry points for the fuzz targets (`fuzz/fuzz_targets/broker_envelope.rs`): not part of
@@ -113,9 +128,15 @@ pub mod __fuzz {
 }
 pub use bus::{connect, connect_unnamed, connect_with, Bus, BusError, BusOptions};
 pub use envelope::ROUTE_SEPARATOR;
+pub use introspect::{BrokerApi, BrokerApiClient, BrokerApiServer, PeerInfo, SubscriptionInfo};
+pub use subscription::{
+    Presence, PublishError, PublishReport, SlowSubscriber, SubscribeError, SubscribeOptions,
+    Subscription,
+};
 
-/// The name of the broker's own object, which registers names (`register(name: String,
-/// take_over: bool) -> Result<(), RegisterError>`).
+/// The name of the broker's own object ([`BrokerApi`]): it registers names, takes
+/// credentials, publications and subscriptions, and tells the broker's counters and
+/// peers.
 pub const BROKER_OBJECT: &str = "chatter.broker";
 
 /// Why the broker refused a name ([`BusError::Refused`]).
@@ -158,17 +179,4 @@ pub enum RegisterError {
         /// The name it holds.
         name: String,
     },
-}
-
-/// The broker's own object as its clients see it. The broker answers these calls itself,
-/// at the connection level (`relay.rs`); the trait gives clients their typed client.
-mod api {
-    #![allow(dead_code, unreachable_pub, missing_docs)]
-
-    use crate::RegisterError;
-
-    #[chatter_rpc::remote]
-    pub trait BrokerApi {
-        async fn register(&self, name: String, take_over: bool) -> Result<(), RegisterError>;
-    }
 }

@@ -25,9 +25,12 @@ use chatter_msgpack as msgpack;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::access::Rules;
 use crate::broker::BrokerState;
 use crate::envelope::{self, Envelope, Request};
-use crate::{RegisterError, BROKER_OBJECT};
+use crate::introspect::{self, PeerInfo, SubscriptionInfo};
+use crate::pubsub::{self, Acked, Held, Keep, Publication, Sub};
+use crate::{SubscribeError, BROKER_OBJECT};
 
 /// How many events the reader takes from its connection at once.
 const BATCH: usize = 64;
@@ -50,7 +53,15 @@ pub(crate) struct Link {
     /// Reliable-signal streams this link sends through the broker: (destination, its own
     /// id) → the id the destination sees. At most [`MAX_STREAMS_PER_LINK`].
     streams_out: Mutex<Vec<StreamOut>>,
-    state: Arc<BrokerState>,
+    /// This link's subscriptions, by the id of their stream call (at most
+    /// `BrokerOptions::max_subscriptions_per_peer`).
+    pub(crate) subs: Mutex<HashMap<u64, Arc<Sub>>>,
+    /// Who this peer is, for access control: its client certificate's CN, or what its
+    /// credential stands for.
+    identity: Mutex<Option<Arc<str>>>,
+    /// What it may do; `None`: the broker has no access control.
+    rules: Mutex<Option<Arc<Rules>>>,
+    pub(crate) state: Arc<BrokerState>,
 }
 
 /// One of a link's reliable-signal streams to one destination.
@@ -138,6 +149,13 @@ enum Target {
     },
     /// The broker's own answer, ending a conversation of this link.
     Answer(Conversation),
+    /// A message of the broker's own in a conversation of this link, ending it or not
+    /// (a subscription's opening and end).
+    Say { conv: Conversation, last: bool },
+    /// A batch of a subscription's items, and what they keep until sent.
+    Items { sub: Arc<Sub>, keep: Vec<Keep> },
+    /// A one-shot copy of a broadcast signal, holding its share of the sender's credit.
+    Copy(#[allow(dead_code)] Arc<Held>),
 }
 
 /// What is written between `head` and `tail` when the message is sent.
@@ -164,7 +182,12 @@ enum Skip {
 
 impl Link {
     pub(crate) fn new(conn: Connection, state: Arc<BrokerState>) -> Arc<Link> {
-        Arc::new(Link {
+        let identity = state
+            .options
+            .access
+            .as_ref()
+            .and_then(|_| certificate_identity(&conn));
+        let link = Arc::new(Link {
             conn,
             name: Mutex::new(None),
             routes: Mutex::default(),
@@ -174,8 +197,55 @@ impl Link {
             closed: AtomicBool::new(false),
             streams_in: Mutex::default(),
             streams_out: Mutex::default(),
+            subs: Mutex::default(),
+            identity: Mutex::new(identity.clone()),
+            rules: Mutex::new(
+                state
+                    .options
+                    .access
+                    .as_ref()
+                    .map(|a| a.rules(identity.as_deref())),
+            ),
             state,
-        })
+        });
+        link.state.opened(&link);
+        link
+    }
+
+    /// What [`BrokerApi::peers`](crate::BrokerApi::peers) says about this connection.
+    pub(crate) fn info(&self) -> PeerInfo {
+        let mut subscriptions: Vec<SubscriptionInfo> =
+            lock(&self.subs).values().map(|sub| sub.info()).collect();
+        subscriptions.sort_by(|a, b| a.pattern.cmp(&b.pattern));
+        PeerInfo {
+            name: lock(&self.name).as_deref().map(str::to_owned),
+            address: self.conn.remote_address().to_string(),
+            identity: lock(&self.identity).as_deref().map(str::to_owned),
+            queued: lock(&self.out).queue.len() as u64,
+            routes: lock(&self.routes).map.len() as u64,
+            subscriptions,
+        }
+    }
+
+    /// Whether the access control lets this peer do what `allowed` checks; a denial is
+    /// counted.
+    fn permit(&self, allowed: impl FnOnce(&Rules) -> bool) -> bool {
+        let rules = lock(&self.rules).clone();
+        let yes = rules.is_none_or(|rules| allowed(&rules));
+        if !yes {
+            self.state.counters.bump(&self.state.counters.denied);
+        }
+        yes
+    }
+
+    /// The failure that answers a denied request.
+    fn denial(&self, what: &str) -> Vec<u8> {
+        let who = match &*lock(&self.identity) {
+            Some(identity) => format!("identity `{identity}`"),
+            None => "an anonymous peer".to_owned(),
+        };
+        let why = format!("the broker's access control does not let {who} {what}");
+        envelope::failure(envelope::FAILURE_PERMISSION_DENIED, &why)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -272,7 +342,17 @@ impl Link {
             give_back(credit);
             return;
         }
-        let dest = request.target.and_then(|target| self.state.lookup(target));
+        let Some(target) = request.target else {
+            return self.broker_request(msg, &request, credit);
+        };
+        if target.contains('*') {
+            return self.broadcast(msg, &request, target, credit);
+        }
+        if !self.permit(|rules| rules.may_call(target)) {
+            let answer = self.denial(&format!("call or signal the peer `{target}`"));
+            return self.refuse(msg, &request, credit, answer);
+        }
+        let dest = self.state.lookup(target);
         if let (Some((stream, seq)), None) = (request.reliable, &dest) {
             // A reliable signal nobody can run: acked as failed, so that its sender
             // learns it at once instead of re-sending it until its TTL.
@@ -280,9 +360,6 @@ impl Link {
             let ack = envelope::ack(stream, &msg.payload[seq.0..seq.1], envelope::ACK_FAILED);
             return self.one_shot_with(ack, credit);
         }
-        let Some(target) = request.target else {
-            return self.broker_request(msg, &request, credit);
-        };
         let Some(dest) = dest else {
             self.state.counters.bump(&self.state.counters.no_such_peer);
             if call {
@@ -364,6 +441,32 @@ impl Link {
             owner: false,
             first: call,
         };
+        let sub = lock(&self.subs).get(&call).cloned();
+        if let Some(sub) = sub {
+            // A subscription of this link's: its reader's credit, or its cancel.
+            match kind {
+                envelope::RESULT_CREDIT => {
+                    let bytes = msgpack::Reader::new(&msg.payload[at.1..]).read_uint();
+                    give_back(credit);
+                    match bytes {
+                        Ok(bytes) => sub.grant(bytes),
+                        Err(e) => sub.end(
+                            envelope::FAILURE_PROTOCOL,
+                            &format!("a subscription's credit envelope: {e}"),
+                        ),
+                    }
+                }
+                envelope::CANCEL => {
+                    give_back(credit);
+                    sub.end(envelope::FAILURE_CANCELLED, "subscription cancelled");
+                }
+                _ => {
+                    self.state.counters.bump(&self.state.counters.discarded);
+                    give_back(credit);
+                }
+            }
+            return;
+        }
         let pair = lock(&self.routes).map.get(&key).cloned();
         // Only the caller names its call; an unknown or finished call is ignored, as a
         // callee ignores a cancel for one.
@@ -463,26 +566,57 @@ impl Link {
 
     /// A request for the broker itself (an object name without a route).
     fn broker_request(self: &Arc<Self>, msg: &Msg, request: &Request<'_>, credit: Credit) {
-        if !request.is_call() {
+        let method = request.method(&msg.payload);
+        let call = request.is_call();
+        if request.object == BROKER_OBJECT && method == b"publish" {
+            return self.publish(msg, request, credit);
+        }
+        if !call {
             tracing::debug!(object = request.object, "signal to the broker dropped");
+            self.state.counters.bump(&self.state.counters.discarded);
+            if let Some((stream, seq)) = request.reliable {
+                let ack = envelope::ack(stream, &msg.payload[seq.0..seq.1], envelope::ACK_FAILED);
+                return self.one_shot_with(ack, credit);
+            }
             give_back(credit);
             return;
         }
-        let answer = if request.object != BROKER_OBJECT {
+        if request.object == BROKER_OBJECT && method == b"subscribe" {
+            return self.subscribe(msg, request, credit);
+        }
+        let answer = if request.object == chatter_rpc::introspect::OBJECT {
+            self.introspect(method, msg, request)
+        } else if request.object != BROKER_OBJECT {
             envelope::failure(envelope::FAILURE_NO_SUCH_OBJECT, request.object)
-        } else if request.method(&msg.payload) != b"register" {
-            let method = String::from_utf8_lossy(request.method(&msg.payload)).into_owned();
+        } else if method == b"stats" || method == b"peers" {
+            if !self.permit(Rules::may_introspect) {
+                self.denial("ask the broker for its peers and counters")
+            } else if method == b"stats" {
+                ok_value(&self.state.stats())
+            } else {
+                let mut peers: Vec<PeerInfo> =
+                    self.state.links().iter().map(|l| l.info()).collect();
+                peers.sort_by(|a, b| (a.name.is_none(), &a.name).cmp(&(b.name.is_none(), &b.name)));
+                ok_value(&peers)
+            }
+        } else if method == b"authenticate" {
+            self.authenticate(msg, request)
+        } else if method != b"register" {
+            let method = String::from_utf8_lossy(method).into_owned();
             envelope::failure(envelope::FAILURE_NO_SUCH_METHOD, &method)
         } else {
             match request.args(&msg.payload) {
                 None => envelope::failure(
                     envelope::FAILURE_PROTOCOL,
-                    "the broker's own methods take plain calls (kind 0 or 9)",
+                    "the broker's `register` takes a plain call (kind 0 or 9)",
                 ),
                 Some(args) => match envelope::register_args(args) {
+                    Ok((name, _)) if !self.permit(|rules| rules.may_register(&name)) => {
+                        self.denial(&format!("register the name `{name}`"))
+                    }
                     Ok((name, take_over)) => match self.state.register(self, &name, take_over) {
                         Ok(()) => envelope::ok_unit(),
-                        Err(e) => register_error(&e),
+                        Err(e) => app_error(&e),
                     },
                     Err(what) => envelope::failure(
                         envelope::FAILURE_BAD_ARGUMENTS,
@@ -494,15 +628,369 @@ impl Link {
         self.answer(msg.conversation, answer, credit);
     }
 
+    /// chatter-rpc's `chatter.introspect`, for the broker's own object: `list`, `describe`,
+    /// `stats` (the broker's counters; access control as `peers`) and `ping`.
+    fn introspect(self: &Arc<Self>, method: &[u8], msg: &Msg, request: &Request<'_>) -> Vec<u8> {
+        let description = introspect::description();
+        match method {
+            b"ping" => envelope::ok_unit(),
+            b"list" => ok_value(&[introspect::Summary {
+                object: BROKER_OBJECT,
+                interface: description.map(|d| d.name.to_string()),
+                methods: description
+                    .map(|d| d.methods.iter().map(|m| m.name.to_string()).collect())
+                    .unwrap_or_default(),
+            }]),
+            b"stats" if !self.permit(Rules::may_introspect) => {
+                self.denial("ask the broker for its peers and counters")
+            }
+            b"stats" => {
+                let stats = self.state.stats();
+                let counters = [
+                    ("connections", stats.connections),
+                    ("names", stats.names),
+                    ("held_bytes", stats.held_bytes),
+                    ("queued", stats.queued),
+                    ("forwarded", stats.forwarded),
+                    ("no_such_peer", stats.no_such_peer),
+                    ("busy", stats.busy),
+                    ("slow_peers_closed", stats.slow_peers_closed),
+                    ("signals_expired", stats.signals_expired),
+                    ("discarded", stats.discarded),
+                    ("subscriptions", stats.subscriptions),
+                    ("publications", stats.publications),
+                    ("deliveries", stats.deliveries),
+                    ("dropped_deliveries", stats.dropped_deliveries),
+                    ("broadcasts", stats.broadcasts),
+                    ("queued_publication_bytes", stats.queued_publication_bytes),
+                    ("denied", stats.denied),
+                ];
+                let counters: Vec<introspect::Counter> = counters
+                    .into_iter()
+                    .map(|(name, value)| introspect::Counter { name, value })
+                    .collect();
+                ok_value(&counters)
+            }
+            b"describe" => {
+                let object = request
+                    .args(&msg.payload)
+                    .and_then(|args| chatter_core::codec::decode::<(String,)>(args).ok());
+                match (object, description) {
+                    (Some((object,)), Some(description)) if object == BROKER_OBJECT => {
+                        ok_value(description)
+                    }
+                    (Some((object,)), _) => {
+                        let error = introspect::DescribeError::NoSuchObject {
+                            object: object.clone(),
+                            known: vec![BROKER_OBJECT.to_owned()],
+                        };
+                        let message =
+                            format!("no object `{object}` (this broker serves: {BROKER_OBJECT})");
+                        let mut value = Vec::new();
+                        match chatter_core::codec::encode(&mut value, &error) {
+                            Ok(()) => envelope::app_error(&message, &value),
+                            Err(e) => envelope::failure(envelope::FAILURE_PROTOCOL, &e.to_string()),
+                        }
+                    }
+                    (None, _) => envelope::failure(
+                        envelope::FAILURE_BAD_ARGUMENTS,
+                        "arguments of `describe`: cannot decode (String,)",
+                    ),
+                }
+            }
+            other => {
+                let method = String::from_utf8_lossy(other).into_owned();
+                envelope::failure(envelope::FAILURE_NO_SUCH_METHOD, &method)
+            }
+        }
+    }
+
+    /// `authenticate(credential)`: the identity the credential stands for becomes this
+    /// connection's (its rules apply from the next request on). Without access control
+    /// any credential is accepted and means nothing.
+    fn authenticate(self: &Arc<Self>, msg: &Msg, request: &Request<'_>) -> Vec<u8> {
+        let Some(args) = request.args(&msg.payload) else {
+            return envelope::failure(
+                envelope::FAILURE_PROTOCOL,
+                "the broker's `authenticate` takes a plain call (kind 0 or 9)",
+            );
+        };
+        let token = match chatter_core::codec::decode::<(String,)>(args) {
+            Ok((token,)) => token,
+            Err(e) => {
+                let why = format!("arguments of `authenticate`: cannot decode (String,): {e}");
+                return envelope::failure(envelope::FAILURE_BAD_ARGUMENTS, &why);
+            }
+        };
+        let Some(access) = &self.state.options.access else {
+            return envelope::ok_value_str("");
+        };
+        let Some(identity) = access.identity_of(&token) else {
+            self.state.counters.bump(&self.state.counters.denied);
+            let why = "the broker's access control does not know this credential";
+            return envelope::failure(envelope::FAILURE_PERMISSION_DENIED, why);
+        };
+        let identity: Arc<str> = identity.into();
+        *lock(&self.rules) = Some(access.rules(Some(&identity)));
+        *lock(&self.identity) = Some(identity.clone());
+        envelope::ok_value_str(&identity)
+    }
+
+    /// `publish(topic, value)`: a signal (or reliable signal), or a call for an
+    /// acknowledged publication, answered with a `PublishReport` once every copy was
+    /// delivered or dropped.
+    fn publish(self: &Arc<Self>, msg: &Msg, request: &Request<'_>, credit: Credit) {
+        let acked = request.is_call();
+        if request.is_stream_call() {
+            let why = "`publish` is a call or a signal, not a stream call";
+            return self.answer(
+                msg.conversation,
+                envelope::failure(envelope::FAILURE_PROTOCOL, why),
+                credit,
+            );
+        }
+        let parsed = request
+            .window_and_args(&msg.payload)
+            .ok_or_else(|| "the envelope ends before its arguments".to_owned())
+            .and_then(|(_, args)| {
+                let base = msg.payload.len() - args.len();
+                envelope::publish_args(args).map(|(topic, (a, b))| (topic, (base + a, base + b)))
+            });
+        let counters = &self.state.counters;
+        let (topic, at) = match parsed {
+            Ok(parsed) => parsed,
+            Err(what) => {
+                counters.bump(&counters.discarded);
+                let why = format!("arguments of `publish`: cannot decode (String, value): {what}");
+                return self.refuse(
+                    msg,
+                    request,
+                    credit,
+                    envelope::failure(envelope::FAILURE_BAD_ARGUMENTS, &why),
+                );
+            }
+        };
+        let checked =
+            pubsub::check_topic(topic, self.state.options.max_topic_len).and_then(|()| match topic
+                .starts_with(pubsub::RESERVED_PREFIX)
+            {
+                true => Err(format!(
+                    "topics under `{}` are the broker's own",
+                    pubsub::RESERVED_PREFIX
+                )),
+                false => Ok(()),
+            });
+        if let Err(why) = checked {
+            counters.bump(&counters.discarded);
+            let error = crate::PublishError::InvalidTopic {
+                topic: topic.to_owned(),
+                reason: why,
+            };
+            return self.refuse(msg, request, credit, app_error(&error));
+        }
+        if !self.permit(|rules| rules.may_publish(topic)) {
+            let answer = self.denial(&format!("publish on `{topic}`"));
+            return self.refuse(msg, request, credit, answer);
+        }
+        counters.bump(&counters.publications);
+        let mut subs = Vec::new();
+        lock(&self.state.topics).matching(topic, &mut subs);
+        let mut encoded = Vec::with_capacity(topic.len() + 5);
+        msgpack::write_str(&mut encoded, topic);
+        let ttl = std::time::Duration::from_millis(request.duration_ms.min(u64::from(u32::MAX)));
+        let (held, acked) = if acked {
+            let n = u32::try_from(subs.len()).unwrap_or(u32::MAX);
+            (
+                None,
+                Some(Acked::new(self.clone(), msg.conversation, credit, n)),
+            )
+        } else {
+            (Some(Held::new(credit)), None)
+        };
+        let publication = Publication {
+            topic: encoded.into(),
+            value: msg.payload.slice(at.0..at.1),
+            expires: Instant::now() + ttl,
+            held,
+            acked,
+        };
+        for sub in &subs {
+            sub.push(&publication);
+        }
+        // The reliable signal's ack: the broker took it (its copies are on their way).
+        if let Some((stream, seq)) = request.reliable {
+            let ack = envelope::ack(stream, &msg.payload[seq.0..seq.1], 0);
+            self.one_shot(ack);
+        }
+    }
+
+    /// A request the broker refuses: a call is answered `answer`, a reliable signal acked
+    /// as failed, a signal dropped.
+    fn refuse(self: &Arc<Self>, msg: &Msg, request: &Request<'_>, credit: Credit, answer: Vec<u8>) {
+        if request.is_call() {
+            self.answer(msg.conversation, answer, credit);
+        } else if let Some((stream, seq)) = request.reliable {
+            let ack = envelope::ack(stream, &msg.payload[seq.0..seq.1], envelope::ACK_FAILED);
+            self.one_shot_with(ack, credit);
+        } else {
+            give_back(credit);
+        }
+    }
+
+    /// `subscribe(pattern, options)`: a stream call whose items are the publications on
+    /// matching topics.
+    fn subscribe(self: &Arc<Self>, msg: &Msg, request: &Request<'_>, credit: Credit) {
+        let conv = msg.conversation;
+        if !request.is_stream_call() {
+            let why = "`subscribe` returns a stream: call it with a stream call (kind 12 or 13)";
+            return self.answer(
+                conv,
+                envelope::failure(envelope::FAILURE_PROTOCOL, why),
+                credit,
+            );
+        }
+        let options = &self.state.options;
+        let parsed = request
+            .window_and_args(&msg.payload)
+            .ok_or_else(|| "the envelope ends before its arguments".to_owned())
+            .and_then(|(window, args)| Ok((window, envelope::subscribe_args(args)?)));
+        let (window, (pattern, wanted)) = match parsed {
+            Ok(parsed) => parsed,
+            Err(what) => {
+                let why = format!(
+                    "arguments of `subscribe`: cannot decode (String, SubscribeOptions): {what}"
+                );
+                return self.answer(
+                    conv,
+                    envelope::failure(envelope::FAILURE_BAD_ARGUMENTS, &why),
+                    credit,
+                );
+            }
+        };
+        let refused = if let Err(reason) = pubsub::check_pattern(&pattern, options.max_topic_len) {
+            Some(SubscribeError::InvalidPattern {
+                pattern: pattern.clone(),
+                reason,
+            })
+        } else if !self.permit(|rules| rules.may_subscribe(&pattern)) {
+            let answer = self.denial(&format!("subscribe to `{pattern}`"));
+            return self.answer(conv, answer, credit);
+        } else if lock(&self.subs).len() >= options.max_subscriptions_per_peer {
+            Some(SubscribeError::TooManySubscriptions {
+                limit: options.max_subscriptions_per_peer,
+            })
+        } else {
+            None
+        };
+        if let Some(error) = refused {
+            self.state.counters.bump(&self.state.counters.discarded);
+            return self.answer(conv, app_error(&error), credit);
+        }
+        let queue_bytes = wanted.queue_bytes.min(options.max_subscription_queue);
+        let sub = Sub::new(
+            self.clone(),
+            conv,
+            &pattern,
+            wanted.policy,
+            queue_bytes,
+            window,
+        );
+        // The opening first, then items: both go through this link's queue in order.
+        self.say(conv, envelope::stream_open(), false);
+        give_back(credit);
+        lock(&self.subs).insert(conv.first_id(), sub.clone());
+        // Presence: who is there now, then who comes and goes (the names lock orders the
+        // snapshot against `register` and `unregister`, which publish under it).
+        self.state.with_names(|names| {
+            lock(&self.state.topics).insert(sub.clone());
+            for name in names {
+                let topic = format!("{}{name}", pubsub::PRESENCE_PREFIX);
+                if pubsub::matches(&sub.pattern, &topic) {
+                    sub.push(&self.state.presence(name, true));
+                }
+            }
+        });
+    }
+
+    /// A signal to every registered peer whose name matches `target` (`*` for any
+    /// characters), but the sender: a copy each, the sender's credit given back when the
+    /// last copy went. A reliable signal is sent on as plain signals and acked as handled
+    /// once the broker took it; a call to a pattern is refused.
+    fn broadcast(self: &Arc<Self>, msg: &Msg, request: &Request<'_>, target: &str, credit: Credit) {
+        if request.is_call() {
+            let why = format!("`{target}` is a name pattern: only signals can be broadcast");
+            return self.answer(
+                msg.conversation,
+                envelope::failure(envelope::FAILURE_PROTOCOL, &why),
+                credit,
+            );
+        }
+        let dests = self.state.matching_names(target);
+        self.state.counters.bump(&self.state.counters.broadcasts);
+        let held = Held::new(credit);
+        let head = request.plain_head(&msg.payload);
+        let tail = msg.payload.slice(request.tail()..);
+        let received = Instant::now();
+        for dest in dests {
+            if Arc::ptr_eq(&dest, self) {
+                continue;
+            }
+            let name = lock(&dest.name).clone();
+            if !name.is_some_and(|name| self.permit(|rules| rules.may_call(&name))) {
+                continue;
+            }
+            dest.forward(Forward {
+                target: Target::Copy(held.clone()),
+                head: head.clone(),
+                patch: Patch::Duration {
+                    ms: request.duration_ms,
+                    received,
+                    signal: true,
+                },
+                tail: tail.clone(),
+                credit: None,
+            });
+        }
+        if let Some((stream, seq)) = request.reliable {
+            let ack = envelope::ack(stream, &msg.payload[seq.0..seq.1], 0);
+            self.one_shot(ack);
+        }
+    }
+
     /// Queues (or sends) the broker's own answer in `conv`, giving back `credit` (the
     /// request's) once it went.
-    fn answer(self: &Arc<Self>, conv: Conversation, payload: Vec<u8>, credit: Credit) {
+    pub(crate) fn answer(self: &Arc<Self>, conv: Conversation, payload: Vec<u8>, credit: Credit) {
         self.forward(Forward {
             target: Target::Answer(conv),
             head: Vec::new(),
             patch: Patch::None,
             tail: payload.into(),
             credit,
+        });
+    }
+
+    /// A message of the broker's own in `conv`, ending it with `last`.
+    pub(crate) fn say(self: &Arc<Self>, conv: Conversation, payload: Vec<u8>, last: bool) {
+        self.forward(Forward {
+            target: Target::Say { conv, last },
+            head: Vec::new(),
+            patch: Patch::None,
+            tail: payload.into(),
+            credit: None,
+        });
+    }
+
+    /// A batch of `sub`'s items; `sub.settled` is told when it went or could not.
+    pub(crate) fn send_items(self: &Arc<Self>, sub: &Arc<Sub>, payload: Vec<u8>, keep: Vec<Keep>) {
+        self.forward(Forward {
+            target: Target::Items {
+                sub: sub.clone(),
+                keep,
+            },
+            head: Vec::new(),
+            patch: Patch::None,
+            tail: payload.into(),
+            credit: None,
         });
     }
 
@@ -713,7 +1201,15 @@ impl Link {
                 }
                 SendOptions::new().last(false).token(*token)
             }
-            Target::OneShot => SendOptions::new(),
+            Target::OneShot | Target::Copy(_) => SendOptions::new(),
+            Target::Say { conv, last } => SendOptions::new()
+                .conversation(*conv)
+                .last(*last)
+                .token(*last),
+            Target::Items { sub, .. } => SendOptions::new()
+                .conversation(sub.conv)
+                .last(false)
+                .token(false),
             Target::Continue {
                 pair,
                 to_b,
@@ -763,8 +1259,12 @@ impl Link {
         match sent {
             Ok(conv) => {
                 self.state.counters.bump(&self.state.counters.forwarded);
-                if let Target::Continue { last: true, .. } = item.target {
-                    lock(&self.routes).map.remove(&conv.id());
+                match item.target {
+                    Target::Continue { last: true, .. } => {
+                        lock(&self.routes).map.remove(&conv.id());
+                    }
+                    Target::Items { sub, keep } => sub.settled(true, keep),
+                    _ => {}
                 }
                 give_back(item.credit);
             }
@@ -774,6 +1274,11 @@ impl Link {
             Err(e) => {
                 tracing::debug!(to = %self.display_name(), error = %e, "message not forwarded");
                 self.state.counters.bump(&self.state.counters.discarded);
+                if let Target::Items { sub, keep } = item.target {
+                    sub.settled(false, keep);
+                    give_back(item.credit);
+                    return;
+                }
                 if let Target::Open { pair, .. } = &item.target {
                     lock(&pair.a.routes).map.remove(&pair.a_conv.id());
                     if pair.b_turn.load(Ordering::Acquire) {
@@ -799,6 +1304,9 @@ impl Link {
             Skip::Expired => counters.bump(&counters.signals_expired),
             Skip::Orphaned => counters.bump(&counters.discarded),
         }
+        if let Target::Items { sub, keep } = item.target {
+            sub.settled(false, keep);
+        }
         give_back(item.credit);
     }
 
@@ -806,8 +1314,10 @@ impl Link {
     /// opened fails for its caller.
     fn discard(&self, item: Forward, why: &str) {
         self.state.counters.bump(&self.state.counters.discarded);
-        if let Target::Open { pair, .. } = &item.target {
-            lost_b(pair, why);
+        match item.target {
+            Target::Open { pair, .. } => lost_b(&pair, why),
+            Target::Items { sub, keep } => sub.settled(false, keep),
+            _ => {}
         }
         give_back(item.credit);
     }
@@ -843,6 +1353,10 @@ impl Link {
                 }
             }
         }
+        let subs: Vec<Arc<Sub>> = lock(&self.subs).values().cloned().collect();
+        for sub in subs {
+            sub.retire();
+        }
         let routes = std::mem::take(&mut lock(&self.routes).map);
         for (key, pair) in routes {
             if Arc::ptr_eq(&pair.a, self) && pair.a_conv.id() == key {
@@ -855,11 +1369,11 @@ impl Link {
     }
 }
 
-type Credit = Option<(Arc<Link>, u32)>;
+pub(crate) type Credit = Option<(Arc<Link>, u32)>;
 
 /// Gives a message's credit back to the connection it came from: at once, or with the
 /// next batch when the reader of that connection forwarded it itself.
-fn give_back(credit: Credit) {
+pub(crate) fn give_back(credit: Credit) {
     let Some((link, credit)) = credit else { return };
     let credit = u64::from(credit);
     link.state.counters.released(credit);
@@ -934,8 +1448,29 @@ fn random_id(own: u64, salt: u64) -> u64 {
     std::collections::hash_map::RandomState::new().hash_one((own, salt)) | 1
 }
 
-/// The application error reply of a refused registration.
-fn register_error(e: &RegisterError) -> Vec<u8> {
+/// The identity in `conn`'s TLS client certificate (its subject's CN), if it has one.
+#[cfg(feature = "tls")]
+fn certificate_identity(conn: &Connection) -> Option<Arc<str>> {
+    let leaf = conn.peer_certificates()?.first()?;
+    crate::access::common_name(leaf).map(Arc::from)
+}
+
+#[cfg(not(feature = "tls"))]
+fn certificate_identity(_: &Connection) -> Option<Arc<str>> {
+    None
+}
+
+/// `[0, value]`: a reply with `value`.
+fn ok_value<T: serde::Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    let mut payload = vec![0x92, 0x00];
+    match chatter_core::codec::encode(&mut payload, value) {
+        Ok(()) => payload,
+        Err(e) => envelope::failure(envelope::FAILURE_PROTOCOL, &e.to_string()),
+    }
+}
+
+/// The application error reply of a refused request of the broker's own.
+fn app_error<E: serde::Serialize + std::fmt::Display>(e: &E) -> Vec<u8> {
     let mut value = Vec::new();
     match chatter_core::codec::encode(&mut value, e) {
         Ok(()) => envelope::app_error(&e.to_string(), &value),

@@ -675,6 +675,7 @@ fn outcome_name<E>(e: &CallError<E>) -> &'static str {
         CallError::NoSuchPeer { .. } => "no_such_peer",
         CallError::PeerLost { .. } => "peer_lost",
         CallError::PeerBusy { .. } => "peer_busy",
+        CallError::PermissionDenied { .. } => "permission_denied",
     }
 }
 
@@ -937,9 +938,14 @@ fn failure<E>(
         Ok(FailureKind::NoSuchPeer) => CallError::NoSuchPeer { peer: message },
         Ok(FailureKind::PeerLost) => CallError::PeerLost { what: message },
         Ok(FailureKind::PeerBusy) => CallError::PeerBusy { what: message },
+        Ok(FailureKind::PermissionDenied) => CallError::PermissionDenied { what: message },
         Ok(FailureKind::MetadataTooLarge) => CallError::MetadataTooLarge {
             what: format!("refused by the callee: {message}"),
         },
+        // Only a stream's end may say it; as a call's answer it is out of place.
+        Ok(FailureKind::Lagging) => CallError::Protocol(format!(
+            "failure kind 14 (lagging) as a call's answer: {message}"
+        )),
         Err(kind) => CallError::Protocol(format!("unknown failure kind {kind}: {message}")),
     }
 }

@@ -134,6 +134,13 @@ pub enum CallError<E = Infallible> {
         /// The broker's message: which peer, and the limit.
         what: String,
     },
+    /// A broker's access control does not let this peer do this (call that peer,
+    /// register that name, publish or subscribe to that topic). Nothing ran.
+    #[error("permission denied: {what}")]
+    PermissionDenied {
+        /// The broker's message: what was denied, and to whom.
+        what: String,
+    },
 }
 
 impl<E> CallError<E> {
@@ -192,6 +199,7 @@ impl<E> CallError<E> {
             CallError::NoSuchPeer { peer } => CallError::NoSuchPeer { peer },
             CallError::PeerLost { what } => CallError::PeerLost { what },
             CallError::PeerBusy { what } => CallError::PeerBusy { what },
+            CallError::PermissionDenied { what } => CallError::PermissionDenied { what },
         }
     }
 }

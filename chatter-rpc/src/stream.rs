@@ -82,6 +82,10 @@ pub enum StreamError {
     /// The other side broke the stream protocol (for example it sent beyond its credit).
     #[error("stream protocol error: {0}")]
     Protocol(String),
+    /// The reader fell further behind than the writer keeps for it, and the writer ended
+    /// the stream (a broker's subscription with the policy `SlowSubscriber::End`).
+    #[error("stream ended: the reader fell too far behind: {0}")]
+    Lagged(String),
 }
 
 /// Makes a stream: items sent into the [`Sender`] come out of the [`Receiver`], in order.

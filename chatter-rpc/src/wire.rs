@@ -66,6 +66,11 @@ pub(crate) enum FailureKind {
     /// The peer a routed call went to has as many calls open through the broker as the
     /// broker allows (sent by a broker).
     PeerBusy = 13,
+    /// A subscription's reader fell further behind than its queue allows, and its policy
+    /// ends it (sent by a broker, in a stream).
+    Lagging = 14,
+    /// The broker's access control does not let the sender do this (sent by a broker).
+    PermissionDenied = 15,
 }
 
 impl FailureKind {
@@ -84,6 +89,8 @@ impl FailureKind {
             11 => FailureKind::NoSuchPeer,
             12 => FailureKind::PeerLost,
             13 => FailureKind::PeerBusy,
+            14 => FailureKind::Lagging,
+            15 => FailureKind::PermissionDenied,
             _ => return None,
         })
     }

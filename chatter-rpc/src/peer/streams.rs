@@ -468,6 +468,8 @@ fn stream_failure(payload: &[u8]) -> StreamError {
             }
             // A broker's word that the peer behind it disconnected mid-stream.
             Ok(FailureKind::PeerLost) => StreamError::ConnectionLost(message),
+            Ok(FailureKind::Lagging) => StreamError::Lagged(message),
+            Ok(FailureKind::PermissionDenied) => StreamError::Protocol(message),
             Ok(FailureKind::BadArguments) => StreamError::BadItem(message),
             _ => StreamError::Protocol(message),
         },
