@@ -32,7 +32,10 @@
 //!   `#[remote]` generated client on `bus.peer("s")`.
 //! - `pub-1`, `pub-16`: one publisher, fire and forget, to 1 and 16 subscribers of the
 //!   topic; messages delivered per second (all subscribers together), first publish to last
-//!   receipt. BUS/RT: `publish` with `QoS::No`, subscribers `subscribe` the exact topic.
+//!   receipt. BUS/RT: `publish` with `QoS::No`, subscribers `subscribe` the exact topic;
+//!   chatter: `bus.publish(topic, &bytes)` (a signal to the broker), subscribers
+//!   `subscribe_with::<Bytes>(topic)` with `SlowSubscriber::Backpressure` (lossless: the
+//!   default drops the oldest beyond 256 KiB, and every row here counts every message).
 //! - `memory`: the broker process's RSS delta with 1,000 idle peers connected and registered
 //!   under a name, per peer (`malloc_trim` before each reading; lower is better).
 
@@ -45,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chatter_broker::{Broker, BrokerOptions, Bus};
+use chatter_broker::{Broker, BrokerOptions, Bus, SlowSubscriber, SubscribeOptions};
 use tokio::sync::Notify;
 
 use crate::harness::{
@@ -57,9 +60,12 @@ use crate::report::median;
 /// Application payload of every message and call.
 pub const PAYLOAD: usize = 100;
 
-/// Whether chatter-broker has pub/sub yet (`Bus::publish` / `Bus::subscribe`): until it
-/// has, chatter's pub rows are reported as not built.
-pub const CHATTER_PUBSUB: bool = false;
+/// Whether chatter-broker has pub/sub (`Bus::publish` / `Bus::subscribe`); before it had,
+/// chatter's pub rows were reported as not built.
+pub const CHATTER_PUBSUB: bool = true;
+
+/// The topic of the pub cases.
+pub const TOPIC: &str = "bench/t";
 
 /// Whether this build has BUS/RT (`--features busrt`).
 pub const BUSRT_BUILT: bool = cfg!(feature = "busrt");
@@ -463,7 +469,6 @@ impl Tally {
     }
 
     /// A receiver is gone: [`Tally::wait`] fails with `why`.
-    #[cfg_attr(not(feature = "busrt"), allow(dead_code))]
     pub fn fail(&self, why: String) {
         self.failed.lock().expect("tally lock").get_or_insert(why);
         self.notify.notify_one();
@@ -745,7 +750,63 @@ async fn chatter_case(case: Case, size: Size, host: &mut Host) -> Outcome {
             let latencies = drive_calls(size.total, size.width, call).await;
             phase.end(host, Instant::now(), size.total, latencies)
         }
-        Case::Pub1 | Case::Pub16 => unreachable!("chatter-broker has no pub/sub yet"),
+        Case::Pub1 | Case::Pub16 => {
+            // Lossless, as every row here counts every message: with the default policy
+            // (drop the oldest beyond 256 KiB) a publisher this fast would lose some.
+            let options = SubscribeOptions::new().policy(SlowSubscriber::Backpressure);
+            let mut subscribers = Vec::with_capacity(size.width);
+            for i in 0..size.width {
+                let s = bus(&addr, &format!("sub-{i}")).await;
+                let mut sub = s
+                    .subscribe_with::<Bytes>(TOPIC, options.clone())
+                    .await
+                    .expect("subscribe (chatter)");
+                let tally = tally.clone();
+                tokio::task::spawn_local(async move {
+                    let mut got = 0u64;
+                    while let Some(item) = sub.recv().await {
+                        match item {
+                            Ok((_, value)) => {
+                                debug_assert_eq!(value.len(), PAYLOAD);
+                                got += 1;
+                                tally.add(1);
+                            }
+                            Err(e) => {
+                                tally.fail(format!(
+                                    "chatter subscription sub-{i} failed after {got} messages: {e}"
+                                ));
+                                return;
+                            }
+                        }
+                    }
+                    tally.fail(format!(
+                        "chatter subscription sub-{i} ended after {got} messages"
+                    ));
+                });
+                subscribers.push(s);
+            }
+            let n = size.width as u64;
+            let p = bus(&addr, "p").await;
+            let publish = |count: u64| {
+                let (p, payload) = (&p, &payload);
+                async move {
+                    for i in 0..count {
+                        p.publish(TOPIC, payload).await.expect("publish (chatter)");
+                        if i % 256 == 255 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                }
+            };
+            tally.expect(size.warmup * n);
+            publish(size.warmup).await;
+            tally.wait().await;
+            tally.expect((size.warmup + size.total) * n);
+            let phase = Phase::begin(host);
+            publish(size.total).await;
+            let end = tally.wait().await;
+            phase.end(host, end, size.total * n, Vec::new())
+        }
         Case::Memory => {
             let n = size.total;
             memory(host, n, || async move {

@@ -17,12 +17,9 @@ use busrt::rpc::{Rpc, RpcClient, RpcEvent, RpcHandlers, RpcResult};
 use busrt::{async_trait, Frame, QoS};
 
 use crate::broker::{
-    memory, one_by_one, Case, Host, Outcome, Phase, Size, Sys, Tally, Transport, PAYLOAD,
+    memory, one_by_one, Case, Host, Outcome, Phase, Size, Sys, Tally, Transport, PAYLOAD, TOPIC,
 };
 use crate::harness::drive_calls;
-
-/// The topic of the pub cases.
-const TOPIC: &str = "bench/t";
 
 /// Starts BUS/RT's broker on `transport`; returns the address its clients connect to.
 pub async fn listen(transport: Transport) -> (String, Box<dyn Any>) {
