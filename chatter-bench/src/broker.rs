@@ -74,17 +74,35 @@ pub const BUSRT_BUILT: bool = cfg!(feature = "busrt");
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sys {
     Chatter,
+    /// BUS/RT at its defaults (a queue of 8,192 frames per client in the broker).
     Busrt,
+    /// BUS/RT with the broker's queue per client raised to [`BIG_QUEUE`] frames
+    /// (`Broker::set_queue_size`), for the one-way rows only: at its default, its broker
+    /// disconnects a receiver that falls 8,192 frames behind an unpaced sender.
+    BusrtBigQueue,
 }
 
-pub const SYSTEMS: [Sys; 2] = [Sys::Chatter, Sys::Busrt];
+pub const SYSTEMS: [Sys; 3] = [Sys::Chatter, Sys::Busrt, Sys::BusrtBigQueue];
+
+/// The broker's queue per client of [`Sys::BusrtBigQueue`], in frames.
+pub const BIG_QUEUE: usize = 1 << 20;
 
 impl Sys {
     pub fn name(self) -> &'static str {
         match self {
             Sys::Chatter => "chatter",
             Sys::Busrt => "busrt",
+            Sys::BusrtBigQueue => "busrt-q1m",
         }
+    }
+
+    fn is_busrt(self) -> bool {
+        self != Sys::Chatter
+    }
+
+    /// Whether this system has a row for `case`.
+    fn runs(self, case: Case) -> bool {
+        self != Sys::BusrtBigQueue || matches!(case, Case::Send | Case::Pub1 | Case::Pub16)
     }
 
     pub fn parse(s: &str) -> Option<Sys> {
@@ -316,7 +334,8 @@ pub fn host(mut argv: impl Iterator<Item = String>) {
     local.block_on(&rt, async move {
         let (addr, keep) = match sys {
             Sys::Chatter => chatter_listen(transport).await,
-            Sys::Busrt => busrt_listen(transport).await,
+            Sys::Busrt => busrt_listen(transport, None).await,
+            Sys::BusrtBigQueue => busrt_listen(transport, Some(BIG_QUEUE)).await,
         };
         println!("ADDR {addr}");
         let _ = std::io::stdout().flush();
@@ -360,12 +379,12 @@ async fn chatter_listen(transport: Transport) -> (String, Box<dyn Any>) {
 }
 
 #[cfg(feature = "busrt")]
-async fn busrt_listen(transport: Transport) -> (String, Box<dyn Any>) {
-    crate::busrt_sys::listen(transport).await
+async fn busrt_listen(transport: Transport, queue: Option<usize>) -> (String, Box<dyn Any>) {
+    crate::busrt_sys::listen(transport, queue).await
 }
 
 #[cfg(not(feature = "busrt"))]
-async fn busrt_listen(_: Transport) -> (String, Box<dyn Any>) {
+async fn busrt_listen(_: Transport, _: Option<usize>) -> (String, Box<dyn Any>) {
     panic!("this chatter-bench was built without the `busrt` feature")
 }
 
@@ -617,7 +636,7 @@ pub fn child(mut argv: impl Iterator<Item = String>) {
     let outcome = local.block_on(&rt, async {
         match sys {
             Sys::Chatter => chatter_case(case, size, &mut host).await,
-            Sys::Busrt => busrt_case(case, size, &mut host).await,
+            Sys::Busrt | Sys::BusrtBigQueue => busrt_case(case, size, &mut host).await,
         }
     });
     println!("{}", outcome.line());
@@ -877,7 +896,7 @@ pub fn run(
 ) -> String {
     let systems: Vec<Sys> = SYSTEMS
         .into_iter()
-        .filter(|&s| s != Sys::Busrt || BUSRT_BUILT)
+        .filter(|&s| !s.is_busrt() || BUSRT_BUILT)
         .collect();
     if !BUSRT_BUILT {
         eprintln!("broker: built without `--features busrt`: chatter's broker only");
@@ -887,7 +906,7 @@ pub fn run(
         for transport in TRANSPORTS {
             for case in CASES {
                 for run in 0..runs {
-                    for &sys in &systems {
+                    for &sys in systems.iter().filter(|s| s.runs(case)) {
                         let args: Vec<String> = [
                             "--child",
                             "broker",
@@ -955,21 +974,24 @@ fn markdown(r: &Results, layouts: &[Layout], runs: usize, command: &str) -> Stri
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "Broker: chatter-broker vs BUS/RT (busrt 0.5.6). Medians of {runs} run(s), the two \
-         systems alternately; {PAYLOAD}-byte payloads; broker in its own process (one \
+        "Broker: chatter-broker vs BUS/RT (busrt 0.5.6). Medians of {runs} run(s), the \
+         systems alternately; ratios are chatter over BUS/RT's better configuration; {PAYLOAD}-byte payloads; broker in its own process (one \
          current-thread runtime), every client in another.\n\nCommand: `{command}`\n"
     );
     for &l in layouts {
         let _ = writeln!(md, "### Layout `{}`\n", l.name());
         let _ = writeln!(
             md,
-            "| transport | row | metric | chatter | busrt | chatter/busrt | ahead? |"
+            "| transport | row | metric | chatter | busrt | busrt, queue 2^20 | chatter/busrt (best) | ahead? | CPU µs/op chatter (broker + clients) | CPU µs/op busrt (best) | CPU chatter/busrt |"
         );
-        let _ = writeln!(md, "|---|---|---|---:|---:|---:|---|");
+        let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|");
         for t in TRANSPORTS {
             for c in CASES {
                 let (unit, higher) = c.metric();
                 let cell = |s: Sys| {
+                    if r.get(l, t, c, s).is_empty() {
+                        return "–".to_string();
+                    }
                     if r.not_built(l, t, c, s) {
                         return "not built yet".to_string();
                     }
@@ -980,13 +1002,32 @@ fn markdown(r: &Results, layouts: &[Layout], runs: usize, command: &str) -> Stri
                     }
                     v
                 };
-                let ratio = r.med(l, t, c, Sys::Chatter, |o| o.value)
-                    / r.med(l, t, c, Sys::Busrt, |o| o.value);
+                // BUS/RT's better figure of the two configurations.
+                let value = |s: Sys| r.med(l, t, c, s, |o| o.value);
+                let (best, best_sys) = [Sys::Busrt, Sys::BusrtBigQueue]
+                    .into_iter()
+                    .map(|s| (value(s), s))
+                    .filter(|(v, _)| !v.is_nan())
+                    .fold((f64::NAN, Sys::Busrt), |acc, (v, s)| {
+                        let better = acc.0.is_nan() || if higher { v > acc.0 } else { v < acc.0 };
+                        if better {
+                            (v, s)
+                        } else {
+                            acc
+                        }
+                    });
+                let ratio = value(Sys::Chatter) / best;
                 let (ratio_s, ahead) = if ratio.is_nan() || ratio.is_infinite() {
                     ("–".to_string(), "–")
                 } else {
                     let ahead = if higher { ratio > 1.0 } else { ratio < 1.0 };
                     (format!("{ratio:.2}x"), if ahead { "yes" } else { "**no**" })
+                };
+                let cpu = |s: Sys| r.med(l, t, c, s, |o| o.broker_cpu_ns + o.clients_cpu_ns) / 1e3;
+                let (cpu_c, cpu_b) = if c == Case::Memory {
+                    (f64::NAN, f64::NAN)
+                } else {
+                    (cpu(Sys::Chatter), cpu(best_sys))
                 };
                 let unit = if higher {
                     unit.to_string()
@@ -995,11 +1036,19 @@ fn markdown(r: &Results, layouts: &[Layout], runs: usize, command: &str) -> Stri
                 };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {unit} | {} | {} | {ratio_s} | {ahead} |",
+                    "| {} | {} | {unit} | {} | {} | {} | {ratio_s} | {ahead} | {} | {} | {} |",
                     t.name(),
                     c.label(),
                     cell(Sys::Chatter),
                     cell(Sys::Busrt),
+                    cell(Sys::BusrtBigQueue),
+                    fmt(cpu_c),
+                    fmt(cpu_b),
+                    if cpu_c.is_nan() || cpu_b.is_nan() {
+                        "–".to_string()
+                    } else {
+                        format!("{:.2}x", cpu_c / cpu_b)
+                    },
                 );
             }
         }

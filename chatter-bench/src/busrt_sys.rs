@@ -22,8 +22,11 @@ use crate::broker::{
 use crate::harness::drive_calls;
 
 /// Starts BUS/RT's broker on `transport`; returns the address its clients connect to.
-pub async fn listen(transport: Transport) -> (String, Box<dyn Any>) {
+pub async fn listen(transport: Transport, queue: Option<usize>) -> (String, Box<dyn Any>) {
     let mut broker = Broker::new();
+    if let Some(frames) = queue {
+        broker.set_queue_size(frames);
+    }
     let addr = match transport {
         Transport::Unix => {
             let path = Transport::unix_path(Sys::Busrt);
@@ -57,9 +60,41 @@ async fn client(addr: &str, name: &str) -> Client {
         .unwrap_or_else(|e| panic!("connect {name} to busrt: {e}"))
 }
 
-/// A client named `name` whose every incoming frame is counted in `tally`.
-async fn sink(addr: &str, name: &str, tally: &Arc<Tally>) -> Client {
+/// Pings `c` every half timeout, as BUS/RT's `RpcClient` does for its client: its broker
+/// drops a client that sent nothing for 1.25 timeouts (1.25 s by default), so a client that
+/// only receives must ping.
+fn keep_alive(c: Client) -> Arc<tokio::sync::Mutex<Client>> {
+    let c = Arc::new(tokio::sync::Mutex::new(c));
+    let pinged = c.clone();
+    tokio::task::spawn_local(async move {
+        loop {
+            tokio::time::sleep(busrt::DEFAULT_TIMEOUT / 2).await;
+            if pinged.lock().await.ping().await.is_err() {
+                return;
+            }
+        }
+    });
+    c
+}
+
+/// A client named `name` whose every incoming frame is counted in `tally`, subscribed to
+/// `topic` if given, and pinged.
+async fn sink(
+    addr: &str,
+    name: &str,
+    tally: &Arc<Tally>,
+    topic: Option<&str>,
+) -> Arc<tokio::sync::Mutex<Client>> {
     let mut c = client(addr, name).await;
+    if let Some(topic) = topic {
+        c.subscribe(topic, QoS::Processed)
+            .await
+            .expect("subscribe (busrt)")
+            .expect("a confirmation")
+            .await
+            .expect("the broker's ack")
+            .expect("subscribed (busrt)");
+    }
     let rx = c.take_event_channel().expect("event channel");
     let tally = tally.clone();
     let name = name.to_string();
@@ -77,7 +112,7 @@ async fn sink(addr: &str, name: &str, tally: &Arc<Tally>) -> Client {
              (BUS/RT disconnects a client whose queue of 8,192 frames is full)"
         ));
     });
-    c
+    keep_alive(c)
 }
 
 struct Echo;
@@ -129,7 +164,7 @@ pub async fn run(case: Case, size: Size, host: &mut Host) -> Outcome {
     let tally = Tally::new();
     match case {
         Case::Send => {
-            let _b = sink(&addr, "b", &tally).await;
+            let _b = sink(&addr, "b", &tally, None).await;
             let mut a = client(&addr, "a").await;
             tally.expect(size.warmup);
             send_no(&mut a, "b", &payload, size.warmup, false).await;
@@ -141,7 +176,7 @@ pub async fn run(case: Case, size: Size, host: &mut Host) -> Outcome {
             phase.end(host, end, size.total, Vec::new())
         }
         Case::SendConfirmed => {
-            let _b = sink(&addr, "b", &tally).await;
+            let _b = sink(&addr, "b", &tally, None).await;
             let a = tokio::sync::Mutex::new(client(&addr, "a").await);
             let op = |_| async {
                 let confirm = a
@@ -180,15 +215,7 @@ pub async fn run(case: Case, size: Size, host: &mut Host) -> Outcome {
         Case::Pub1 | Case::Pub16 => {
             let mut subscribers = Vec::with_capacity(size.width);
             for i in 0..size.width {
-                let mut s = sink(&addr, &format!("sub-{i}"), &tally).await;
-                s.subscribe(TOPIC, QoS::Processed)
-                    .await
-                    .expect("subscribe (busrt)")
-                    .expect("a confirmation")
-                    .await
-                    .expect("the broker's ack")
-                    .expect("subscribed (busrt)");
-                subscribers.push(s);
+                subscribers.push(sink(&addr, &format!("sub-{i}"), &tally, Some(TOPIC)).await);
             }
             let n = size.width as u64;
             let mut p = client(&addr, "p").await;
@@ -206,7 +233,8 @@ pub async fn run(case: Case, size: Size, host: &mut Host) -> Outcome {
             memory(host, n, || async move {
                 let mut clients = Vec::with_capacity(n as usize);
                 for i in 0..n {
-                    clients.push(client(&addr, &format!("idle-{i}")).await);
+                    // Pinged, or the broker would drop them after 1.25 s.
+                    clients.push(keep_alive(client(&addr, &format!("idle-{i}")).await));
                 }
                 Box::new(clients) as Box<dyn Any>
             })
