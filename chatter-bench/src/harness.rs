@@ -60,7 +60,7 @@ pub fn cpu_count() -> usize {
 }
 
 /// Pins the calling thread to one CPU.
-fn pin_to(cpu: usize) {
+pub fn pin_to(cpu: usize) {
     // SAFETY: `set` is a plain bit set; pid 0 is the calling thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();

@@ -16,6 +16,9 @@
 //! per layout, talking over 127.0.0.1. The parent runs the systems alternately, `--runs`
 //! times, and reports medians and ratios.
 
+mod broker;
+#[cfg(feature = "busrt")]
+mod busrt_sys;
 mod core;
 mod harness;
 mod raw;
@@ -44,6 +47,8 @@ struct Args {
     workloads: Vec<Workload>,
     /// Whether to measure the throttle (chatter-core only).
     throttle: bool,
+    /// Whether to compare chatter-broker with BUS/RT (`--only broker`; `broker.rs`).
+    broker: bool,
     systems: Vec<System>,
     layouts: Vec<Layout>,
     out: std::path::PathBuf,
@@ -53,7 +58,8 @@ const USAGE: &str =
     "usage: chatter-bench [--quick] [--raw-per-frame] [--stream-window BYTES] [--runs N] [--only WORKLOAD,...] \
 [--systems raw,tarpc,core,rpc] [--layouts split,onecore] [--out DIR]
 workloads: latency, pipelined, fanin, payload, signals, idle, tls-pipelined, tls-payload,
-connect, stream-items, stream-bytes, stream-fanout, throttle (chatter-core's bandwidth throttle, achieved against set rate: a table of its own)";
+connect, stream-items, stream-bytes, stream-fanout, throttle (chatter-core's bandwidth throttle, achieved against set rate: a table of its own),
+broker (chatter-broker vs BUS/RT, issue 18 item 8: a table of its own, not run by default; BUS/RT needs --features busrt)";
 
 fn list<T>(value: Option<String>, what: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
     let value = value.unwrap_or_else(|| panic!("{what} needs a value\n{USAGE}"));
@@ -72,6 +78,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
         runs: 0,
         workloads: workload::ALL.to_vec(),
         throttle: true,
+        broker: false,
         systems: workload::SYSTEMS.to_vec(),
         layouts: vec![Layout::Split, Layout::OneCore],
         out: "target/bench".into(),
@@ -100,9 +107,10 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Args {
             "--only" => {
                 let names = list(it.next(), "workload", |s| Some(s.to_string()));
                 args.throttle = names.iter().any(|s| s == "throttle");
+                args.broker = names.iter().any(|s| s == "broker");
                 args.workloads = names
                     .iter()
-                    .filter(|s| *s != "throttle")
+                    .filter(|s| *s != "throttle" && *s != "broker")
                     .map(|s| {
                         Workload::parse(s)
                             .unwrap_or_else(|| panic!("unknown workload {s:?}\n{USAGE}"))
@@ -135,9 +143,17 @@ fn main() {
         if argv.peek().map(String::as_str) == Some("throttle") {
             argv.next();
             throttle::child(argv);
+        } else if argv.peek().map(String::as_str) == Some("broker") {
+            argv.next();
+            broker::child(argv);
         } else {
             child(argv);
         }
+        return;
+    }
+    if argv.peek().map(String::as_str) == Some("--broker-host") {
+        argv.next();
+        broker::host(argv);
         return;
     }
     let mut args = parse_args(argv);
@@ -197,6 +213,14 @@ fn main() {
         eprintln!("wrote {}", args.out.join("throttle.md").display());
     } else if args.throttle {
         eprintln!("throttle measures chatter-core only: not run, core is not in --systems");
+    }
+    if args.broker {
+        let md = broker::run(&args.layouts, args.runs, &command, |a| {
+            child_output(a, args.quick)
+        });
+        println!("{md}");
+        std::fs::write(args.out.join("broker.md"), &md).expect("write broker.md");
+        eprintln!("wrote {}", args.out.join("broker.md").display());
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
 }
