@@ -73,8 +73,10 @@ impl AccessControl {
         self
     }
 
-    /// A credential (a secret token) that makes a connection that presents it `identity`.
-    /// Send credentials over TLS only: the broker compares them as given.
+    /// A credential (a secret token) that makes a connection that presents it `identity`
+    /// (replacing a certificate's identity, if it had one). Send credentials over TLS
+    /// only: the broker compares them as given, and does not limit how many a connection
+    /// tries (each wrong one is counted in `denied`), so use long random tokens.
     pub fn credential(mut self, token: &str, identity: &str) -> Self {
         self.credentials
             .insert(token.to_owned(), identity.to_owned());
@@ -92,6 +94,7 @@ impl AccessControl {
     /// identity NAME publish PATTERN      # … publish on topics PATTERN matches
     /// identity NAME subscribe PATTERN    # … subscribe to what PATTERN covers
     /// identity NAME introspect           # … ask for the broker's peers and counters
+    /// identity NAME backpressure         # … subscribe with the Backpressure policy
     /// identity NAME all                  # … everything (Rules::all)
     /// anonymous register GLOB            # the same for connections without an identity
     /// ```
@@ -122,9 +125,10 @@ impl AccessControl {
             let arity = match words.as_slice() {
                 [first, ..] if first.starts_with('#') => 0,
                 ["credential", ..] => 3,
-                [_, _, "introspect" | "all", ..] | ["anonymous", "introspect" | "all", ..] => words
+                [_, _, "introspect" | "all" | "backpressure", ..]
+                | ["anonymous", "introspect" | "all" | "backpressure", ..] => words
                     .iter()
-                    .position(|w| *w == "introspect" || *w == "all")
+                    .position(|w| matches!(*w, "introspect" | "all" | "backpressure"))
                     .map_or(0, |i| i + 1),
                 ["anonymous", ..] => 3,
                 _ => 4,
@@ -162,6 +166,7 @@ impl AccessControl {
                     }
                 }
                 ["introspect"] => taken.introspect(),
+                ["backpressure"] => taken.backpressure(),
                 ["all"] => {
                     let all = Rules::all();
                     Rules {
@@ -170,6 +175,7 @@ impl AccessControl {
                         publish: [taken.publish, all.publish].concat(),
                         subscribe: [taken.subscribe, all.subscribe].concat(),
                         introspect: true,
+                        backpressure: true,
                     }
                 }
                 _ => {
@@ -219,6 +225,7 @@ pub struct Rules {
     publish: Vec<String>,
     subscribe: Vec<String>,
     introspect: bool,
+    backpressure: bool,
 }
 
 impl Rules {
@@ -236,6 +243,19 @@ impl Rules {
             .subscribe("#")
             .subscribe("$broker/#")
             .introspect()
+            .backpressure()
+    }
+
+    /// Allows subscriptions with the [`Backpressure`](crate::SlowSubscriber::Backpressure)
+    /// policy, which hold their publishers back while they do not read: give it only to
+    /// subscribers trusted to keep reading.
+    pub fn backpressure(mut self) -> Self {
+        self.backpressure = true;
+        self
+    }
+
+    pub(crate) fn may_backpressure(&self) -> bool {
+        self.backpressure
     }
 
     /// Allows asking the broker for its peers and counters ([`BrokerApi::peers`],

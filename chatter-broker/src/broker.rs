@@ -38,6 +38,7 @@ pub struct BrokerOptions {
     pub(crate) max_topic_len: usize,
     pub(crate) max_subscriptions_per_peer: usize,
     pub(crate) max_subscription_queue: usize,
+    pub(crate) max_backpressure_queue: usize,
     pub(crate) access: Option<AccessControl>,
 }
 
@@ -59,6 +60,7 @@ impl BrokerOptions {
             max_topic_len: 1024,
             max_subscriptions_per_peer: 64,
             max_subscription_queue: 1 << 20,
+            max_backpressure_queue: 16 << 20,
             access: None,
         }
     }
@@ -119,6 +121,20 @@ impl BrokerOptions {
     /// it. Each waiting publication counts its topic, its value and 64 bytes.
     pub fn max_subscription_queue(mut self, bytes: usize) -> Self {
         self.max_subscription_queue = bytes;
+        self
+    }
+
+    /// The most bytes of publications that may wait for one subscription with the
+    /// [`Backpressure`](crate::SlowSubscriber::Backpressure) policy (default 16 MiB, twice
+    /// the default receive window): its publishers are held back by their credit well
+    /// before, but credit does not bound the broker's own publications (presence), a
+    /// publisher that disconnects and comes back, or the copies of one publication in many
+    /// subscriptions. Beyond it the subscription ends ([`StreamError::Lagged`]). Keep it
+    /// above the publishers' `receive_window`, or backpressure turns into ending.
+    ///
+    /// [`StreamError::Lagged`]: chatter_rpc::stream::StreamError::Lagged
+    pub fn max_backpressure_queue(mut self, bytes: usize) -> Self {
+        self.max_backpressure_queue = bytes;
         self
     }
 
@@ -388,10 +404,9 @@ impl BrokerState {
     /// meanwhile.
     pub(crate) fn with_names(&self, f: impl FnOnce(&mut dyn Iterator<Item = &str>)) {
         let names = lock(&self.names);
-        f(&mut names
-            .iter()
-            .filter(|(_, l)| !l.is_closed())
-            .map(|(n, _)| &**n));
+        // Closing links included: their `offline` follows under this lock, so a snapshot
+        // that left them out would show an `offline` without its `online`.
+        f(&mut names.keys().map(|n| &**n));
     }
 
     /// The live links whose names match `pattern` (`*` stands for any characters).

@@ -28,6 +28,7 @@ pub(crate) const ACK_FAILED: u64 = 2;
 pub const ROUTE_SEPARATOR: char = '/';
 
 /// Failure kinds of chatter-rpc's replies that the broker sends itself.
+pub(crate) const FAILURE_DEADLINE_EXCEEDED: u64 = 1;
 pub(crate) const FAILURE_NO_SUCH_OBJECT: u64 = 3;
 pub(crate) const FAILURE_NO_SUCH_METHOD: u64 = 4;
 pub(crate) const FAILURE_BAD_ARGUMENTS: u64 = 5;

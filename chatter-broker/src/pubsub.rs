@@ -301,6 +301,8 @@ pub(crate) struct Acked {
     subscribers: u32,
     delivered: AtomicU32,
     missed: Mutex<Vec<String>>,
+    /// The publisher may learn who missed it (it may introspect the broker).
+    reveal: bool,
 }
 
 impl Acked {
@@ -309,6 +311,7 @@ impl Acked {
         conv: Conversation,
         credit: Credit,
         subscribers: u32,
+        reveal: bool,
     ) -> Arc<Acked> {
         Arc::new(Acked {
             link,
@@ -317,14 +320,18 @@ impl Acked {
             subscribers,
             delivered: AtomicU32::new(0),
             missed: Mutex::default(),
+            reveal,
         })
     }
 
     fn settled(&self, delivered: bool, sub: &Sub) {
         if delivered {
             self.delivered.fetch_add(1, Ordering::Relaxed);
-        } else {
-            lock(&self.missed).push(sub.link.display_name());
+        } else if self.reveal {
+            // Names only (never addresses), and only to a publisher that may see them.
+            if let Some(name) = lock(&sub.link.name).as_deref() {
+                lock(&self.missed).push(name.to_owned());
+            }
         }
     }
 }
@@ -466,6 +473,20 @@ impl Sub {
         let size = item.size();
         let idle = !st.in_flight && st.queue.is_empty() && st.credit >= size as u64;
         if self.policy == SlowSubscriber::Backpressure {
+            // Each copy holds its publication's credit, so publishers wait; but credit
+            // bounds nothing for the broker's own publications (presence), for a publisher
+            // that disconnects and comes back, or across many subscriptions of one
+            // publication: the subscription's cap (`max_backpressure_queue`) is the bound.
+            if st.queued + size > self.queue_bytes {
+                drop(st);
+                self.count_dropped(1);
+                self.lost(item.keep);
+                let why = format!(
+                    "subscription `{}`: the subscriber fell {} bytes behind (the broker's max_backpressure_queue)",
+                    self.pattern, self.queue_bytes
+                );
+                return self.end(crate::envelope::FAILURE_LAGGING, &why);
+            }
             item.keep.held = p.held.clone();
         } else if !idle {
             // It may wait: its own copy, so that it does not keep the publisher's frame

@@ -32,6 +32,9 @@ use crate::introspect::{self, PeerInfo, SubscriptionInfo};
 use crate::pubsub::{self, Acked, Held, Keep, Publication, Sub};
 use crate::{SubscribeError, BROKER_OBJECT};
 
+/// A broadcast copy is not queued for a destination with this many messages waiting.
+const MAX_BROADCAST_BACKLOG: usize = 1024;
+
 /// How many events the reader takes from its connection at once.
 const BATCH: usize = 64;
 
@@ -240,6 +243,15 @@ impl Link {
             self.state.counters.bump(&self.state.counters.denied);
         }
         yes
+    }
+
+    /// Whether the access control lets this peer do what `allowed` checks, without
+    /// counting a denial (for what is shown or not, rather than refused).
+    fn may(&self, allowed: impl FnOnce(&Rules) -> bool) -> bool {
+        self.state.options.access.is_none()
+            || lock(&self.rules)
+                .clone()
+                .is_none_or(|rules| allowed(&rules))
     }
 
     /// The failure that answers a denied request.
@@ -738,6 +750,11 @@ impl Link {
     /// delivered or dropped.
     fn publish(self: &Arc<Self>, msg: &Msg, request: &Request<'_>, credit: Credit) {
         let acked = request.is_call();
+        if acked && request.duration_ms == 0 {
+            // chatter-rpc's rule for a call with no time left (PROTOCOL.md, "Durations").
+            let answer = envelope::failure(envelope::FAILURE_DEADLINE_EXCEEDED, "deadline 0");
+            return self.answer(msg.conversation, answer, credit);
+        }
         if request.is_stream_call() {
             let why = "`publish` is a call or a signal, not a stream call";
             return self.answer(
@@ -797,9 +814,16 @@ impl Link {
         let ttl = std::time::Duration::from_millis(request.duration_ms.min(u64::from(u32::MAX)));
         let (held, acked) = if acked {
             let n = u32::try_from(subs.len()).unwrap_or(u32::MAX);
+            let reveal = self.may(Rules::may_introspect);
             (
                 None,
-                Some(Acked::new(self.clone(), msg.conversation, credit, n)),
+                Some(Acked::new(
+                    self.clone(),
+                    msg.conversation,
+                    credit,
+                    n,
+                    reveal,
+                )),
             )
         } else {
             (Some(Held::new(credit)), None)
@@ -883,7 +907,16 @@ impl Link {
             self.state.counters.bump(&self.state.counters.discarded);
             return self.answer(conv, app_error(&error), credit);
         }
-        let queue_bytes = wanted.queue_bytes.min(options.max_subscription_queue);
+        if wanted.policy == crate::SlowSubscriber::Backpressure
+            && !self.permit(Rules::may_backpressure)
+        {
+            let answer = self.denial("hold publishers back (the `backpressure` policy)");
+            return self.answer(conv, answer, credit);
+        }
+        let queue_bytes = match wanted.policy {
+            crate::SlowSubscriber::Backpressure => options.max_backpressure_queue,
+            _ => wanted.queue_bytes.min(options.max_subscription_queue),
+        };
         let sub = Sub::new(
             self.clone(),
             conv,
@@ -934,6 +967,12 @@ impl Link {
             }
             let name = lock(&dest.name).clone();
             if !name.is_some_and(|name| self.permit(|rules| rules.may_call(&name))) {
+                continue;
+            }
+            // The copies share the sender's credit, so that credit does not bound them per
+            // destination: one that has this many messages waiting gets no more copies.
+            if lock(&dest.out).queue.len() >= MAX_BROADCAST_BACKLOG {
+                self.state.counters.bump(&self.state.counters.discarded);
                 continue;
             }
             dest.forward(Forward {
@@ -1271,6 +1310,14 @@ impl Link {
             Err(e) => {
                 tracing::debug!(to = %self.display_name(), error = %e, "message not forwarded");
                 self.state.counters.bump(&self.state.counters.discarded);
+                if let Target::Answer(conv) = item.target {
+                    // The broker's own answer did not fit (a long peer list, say): the
+                    // caller gets a short failure instead of waiting for nothing.
+                    let why = format!("the broker's answer could not be sent: {e}");
+                    let failure = envelope::failure(envelope::FAILURE_PROTOCOL, &why);
+                    self.answer(conv, failure, item.credit);
+                    return;
+                }
                 if let Target::Items { sub, keep } = item.target {
                     sub.settled(false, keep);
                     give_back(item.credit);

@@ -30,8 +30,12 @@ pub enum SlowSubscriber {
     /// flow-control credit, so a publisher can be at most its connection's
     /// `receive_window` ahead of its slowest such subscriber, and then waits, for *all*
     /// of its traffic through the broker (calls and replies included). `queue_bytes` does
-    /// not apply; the publishers' windows bound what waits. For subscribers that must not
-    /// miss a publication and that are trusted to keep reading.
+    /// not apply: the broker's [`max_backpressure_queue`](crate::BrokerOptions::max_backpressure_queue)
+    /// (16 MiB) caps what waits, beyond which the subscription ends as with `End` (credit
+    /// does not bound the broker's own publications, a publisher that reconnects, or one
+    /// publication's copies in many subscriptions). For subscribers that must not miss a
+    /// publication and that are trusted to keep reading; under access control it needs
+    /// [`Rules::backpressure`](crate::Rules::backpressure).
     Backpressure,
 }
 
@@ -132,8 +136,10 @@ pub struct PublishReport {
     pub subscribers: u32,
     /// Of those, how many got it.
     pub delivered: u32,
-    /// The subscribers (their names, or addresses if unnamed) that did not: their policy
-    /// dropped it, it expired, or they went away first.
+    /// The names of the named subscribers that did not get it (their policy dropped it,
+    /// it expired, or they went away first); unnamed ones are only counted
+    /// (`subscribers - delivered`). Empty when the broker's access control does not let
+    /// the publisher introspect (names are what `peers()` shows).
     pub missed: Vec<String>,
 }
 

@@ -140,3 +140,29 @@ async fn only_identities_allowed_to_introspect_see_the_peers() {
     }
     assert_eq!(broker.stats().denied, 3);
 }
+
+#[tokio::test]
+async fn an_answer_too_large_for_the_callers_frames_fails_instead_of_hanging() {
+    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
+        .await
+        .expect("listen");
+    let address = &broker.addresses()[0];
+    let crowd = chatter_broker::connect(address, "crowd")
+        .await
+        .expect("crowd");
+    let mut subscriptions = Vec::new();
+    for i in 0..20 {
+        let pattern = format!("{}/{i}", "p".repeat(200));
+        subscriptions.push(crowd.subscribe::<u32>(&pattern).await.expect("subscribe"));
+    }
+    let small = chatter_core::Options::default()
+        .max_frame_size(2048)
+        .receive_window(64 * 1024);
+    let ops = chatter_broker::connect_with(address, "ops", BusOptions::new().connection(small))
+        .await
+        .expect("ops");
+    match BrokerApiClient::new(&ops, BROKER_OBJECT).peers().await {
+        Err(CallError::Protocol(why)) => assert!(why.contains("could not be sent"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
