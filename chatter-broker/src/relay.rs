@@ -103,7 +103,9 @@ struct Out {
     /// Not capped by a length of its own: every item holds the flow-control credit of the
     /// message it forwards until it is sent or dropped, so what waits here from one sender
     /// is within that sender's `receive_window`, and all of it within the sum of the
-    /// senders' windows (docs/SECURITY.md, the broker's row). The broker's own messages
+    /// senders' windows (docs/SECURITY.md, the broker's row). Broadcast copies share their
+    /// sender's credit, so a destination gets none while [`MAX_BROADCAST_BACKLOG`] wait
+    /// here; a subscription has at most one batch here at a time. The broker's own messages
     /// (answers, failures, cancels of a lost caller's calls) are one per request or per
     /// relayed conversation, which `max_routes_per_peer` and `max_conversations` bound.
     queue: VecDeque<Forward>,

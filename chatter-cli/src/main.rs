@@ -72,7 +72,8 @@ publication counting its topic, its value and 64 bytes) waiting for it, then fol
 exit status 1) or backpressure (nothing is lost: the publishers wait).
 
 It connects without a name: the broker serves unnamed connections. So the subscriber does
-not show in presence, and a `chatter publish --ack` report names it by its address.
+not show in presence, and a `chatter publish --ack` report counts it among the subscribers
+that missed a publication without naming it.
 
 Runs until Ctrl-C or --count N publications (exit 0), or until the broker ends the
 subscription: exit 1 when it ends it because this subscriber fell behind, or when the
