@@ -339,6 +339,8 @@ pub fn host(mut argv: impl Iterator<Item = String>) {
         };
         println!("ADDR {addr}");
         let _ = std::io::stdout().flush();
+        // One per broker host process: answers `stat` until its stdin closes (the parent
+        // stopped or died), then ends the process.
         std::thread::spawn(move || {
             let stdin = std::io::stdin();
             for line in stdin.lock().lines() {
@@ -399,6 +401,8 @@ pub struct Host {
 impl Host {
     fn start(sys: Sys, transport: Transport, cpu: usize) -> Host {
         let exe = std::env::current_exe().expect("current exe");
+        // One broker host process per measured case: `stop` closes its stdin and waits for
+        // it (killing it after 2 s), and it exits by itself if this process dies first.
         let mut child = Command::new(exe)
             .args([
                 "--broker-host",
@@ -781,6 +785,7 @@ async fn chatter_case(case: Case, size: Size, host: &mut Host) -> Outcome {
                     .await
                     .expect("subscribe (chatter)");
                 let tally = tally.clone();
+                // One per subscriber of the case (1 or 16), ending with its subscription.
                 tokio::task::spawn_local(async move {
                     let mut got = 0u64;
                     while let Some(item) = sub.recv().await {

@@ -66,6 +66,7 @@ async fn client(addr: &str, name: &str) -> Client {
 fn keep_alive(c: Client) -> Arc<tokio::sync::Mutex<Client>> {
     let c = Arc::new(tokio::sync::Mutex::new(c));
     let pinged = c.clone();
+    // One per receive-only client of the case; ends when a ping fails (the client closed).
     tokio::task::spawn_local(async move {
         loop {
             tokio::time::sleep(busrt::DEFAULT_TIMEOUT / 2).await;
@@ -98,6 +99,8 @@ async fn sink(
     let rx = c.take_event_channel().expect("event channel");
     let tally = tally.clone();
     let name = name.to_string();
+    // One per receiving client of the case; ends when the client's event channel closes
+    // (its connection ended).
     tokio::task::spawn_local(async move {
         let mut got = 0u64;
         while let Ok(frame) = rx.recv().await {

@@ -58,6 +58,10 @@ pub fn server(
         let tasks = Tasks::of(spec.kind);
         let accept = {
             let listener = listener.clone();
+            // One per measured case, aborted with the case's server. It spawns one `serve`
+            // per accepted connection: only the bench's own clients connect (the case's
+            // `conns`, or for the connect workload one at a time), and each `serve` ends
+            // with its connection.
             tasks.spawn(async move {
                 while let Some(conn) = listener.accept().await {
                     tasks.spawn(serve(conn, counter.clone()));

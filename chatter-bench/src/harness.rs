@@ -364,7 +364,8 @@ impl Tasks {
         }
     }
 
-    /// Spawns `task` where this says.
+    /// Spawns `task` where this says. Callers bound what they spawn: an accept loop per
+    /// measured case and a task per connection the bench's own clients open.
     pub fn spawn<F>(self, task: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
@@ -382,6 +383,7 @@ pub async fn connect_task<F>(client: F) -> Measured
 where
     F: Future<Output = Measured> + Send + 'static,
 {
+    // One per connect run, awaited here.
     tokio::spawn(client)
         .await
         .expect("the connect loop panicked")

@@ -53,6 +53,9 @@ pub fn server(
         let acceptor = tls.map(|t| TlsAcceptor::from(t.rustls_server));
         let counter = done.clone();
         let tasks = Tasks::of(spec.kind);
+        // One per measured case, aborted with the case's server; one task per accepted
+        // connection, which only the bench's own clients open (the case's `conns`, or one at
+        // a time for the connect workload), each ending with its connection.
         let accept = tasks.spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.expect("accept");

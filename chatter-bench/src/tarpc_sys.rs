@@ -63,6 +63,8 @@ pub fn server(
             .expect("bind the tarpc listener");
         let addr = listener.local_addr().expect("local address").to_string();
         let service = Impl { done: done.clone() };
+        // One per measured case, aborted with the case's server; one channel task per
+        // accepted connection (the bench's own clients only), ending with it.
         let accept = Tasks::of(spec.kind).spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.expect("accept");
