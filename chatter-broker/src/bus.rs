@@ -269,14 +269,10 @@ pub async fn connect_with(
         return crate::reconnect::start(address, Some(name), options.into_reconnecting());
     }
     let take_over = options.take_over;
-    let bus = connect_unnamed(address, options).await?;
-    match bus.claim(name, take_over).await {
-        Ok(()) => Ok(bus),
-        Err(e) => {
-            bus.close().await;
-            Err(e)
-        }
-    }
+    connect_unnamed(address, options)
+        .await?
+        .named(name, take_over)
+        .await
 }
 
 /// Connects to the broker without a name: the peer can call the broker's peers, and
@@ -335,14 +331,21 @@ impl Bus {
     /// the peer's default deadline), and a name claimed is claimed again on every new
     /// connection; a claim that fails leaves the name claimed before, if any.
     pub async fn claim(&self, name: &str, take_over: bool) -> Result<(), BusError> {
-        if let Some(reclaim) = &self.reclaim {
-            return reclaim.claim(&self.peer, name, take_over).await;
+        match &self.reclaim {
+            Some(reclaim) => reclaim.claim(&self.peer, name, take_over).await,
+            None => crate::reconnect::register(&self.peer, name, take_over).await,
         }
-        let broker = BrokerApiClient::new(&self.peer, BROKER_OBJECT);
-        match broker.register(name.to_owned(), take_over).await {
-            Ok(()) => Ok(()),
-            Err(CallError::App { error, .. }) => Err(BusError::Refused(error)),
-            Err(e) => Err(BusError::Register(e)),
+    }
+
+    /// This bus once it [`claim`](Self::claim)ed `name`; closed if that fails (what
+    /// `connect_with` and `Broker::connect_local_with` do after connecting).
+    pub(crate) async fn named(self, name: &str, take_over: bool) -> Result<Bus, BusError> {
+        match self.claim(name, take_over).await {
+            Ok(()) => Ok(self),
+            Err(e) => {
+                self.close().await;
+                Err(e)
+            }
         }
     }
 
@@ -507,12 +510,7 @@ impl Bus {
     }
 
     fn from_peer(peer: Peer) -> Bus {
-        let broker = ClientCore::new(&peer, BROKER_OBJECT);
-        Bus {
-            peer,
-            broker,
-            reclaim: None,
-        }
+        Bus::reconnecting_or_not(peer, None)
     }
 
     /// The peer itself (also reachable through `Deref`).
@@ -543,11 +541,18 @@ impl Bus {
         peer: Peer,
         reclaim: std::sync::Arc<crate::reconnect::Reclaim>,
     ) -> Bus {
+        Bus::reconnecting_or_not(peer, Some(reclaim))
+    }
+
+    fn reconnecting_or_not(
+        peer: Peer,
+        reclaim: Option<std::sync::Arc<crate::reconnect::Reclaim>>,
+    ) -> Bus {
         let broker = ClientCore::new(&peer, BROKER_OBJECT);
         Bus {
             peer,
             broker,
-            reclaim: Some(reclaim),
+            reclaim,
         }
     }
 }

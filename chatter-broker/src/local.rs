@@ -79,14 +79,10 @@ impl Broker {
         options: BusOptions,
     ) -> Result<Bus, BusError> {
         let take_over = options.takes_over();
-        let bus = self.connect_local_unnamed(options).await?;
-        match bus.claim(name, take_over).await {
-            Ok(()) => Ok(bus),
-            Err(e) => {
-                bus.close().await;
-                Err(e)
-            }
-        }
+        self.connect_local_unnamed(options)
+            .await?
+            .named(name, take_over)
+            .await
     }
 
     /// Connects a client in this process without a name (as

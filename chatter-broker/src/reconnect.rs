@@ -92,7 +92,7 @@ pub(crate) fn start(
 }
 
 /// The broker's `register` call, on `peer`'s connection.
-async fn register(peer: &Peer, name: &str, take_over: bool) -> Result<(), BusError> {
+pub(crate) async fn register(peer: &Peer, name: &str, take_over: bool) -> Result<(), BusError> {
     let broker = BrokerApiClient::new(peer, BROKER_OBJECT);
     match broker.register(name.to_owned(), take_over).await {
         Ok(()) => Ok(()),
