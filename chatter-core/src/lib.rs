@@ -57,7 +57,8 @@
     unreachable_pub,
     rust_2018_idioms
 )]
-#![forbid(unsafe_code)]
+// One audited exception: `transport::set_defer_accept` (a socket option socket2 lacks).
+#![deny(unsafe_code)]
 
 mod address;
 pub mod codec;

@@ -146,6 +146,36 @@ pub(crate) fn set_user_timeout<S: std::os::fd::AsFd>(socket: &S, options: &Optio
     true
 }
 
+/// Sets `TCP_DEFER_ACCEPT` on a listener (Linux only; a failure is only logged: the
+/// listener works without it). The kernel then completes `accept` only once the client's
+/// first bytes arrived, which in chatter is always the client's hello (PROTOCOL.md §4: the
+/// server says nothing first). The server is woken once per connection instead of twice
+/// (the connect, then the hello), and a peer that connects and says nothing costs the
+/// kernel a pending connection for up to `seconds` (then it is accepted, and the handshake
+/// timeout applies) instead of costing the server a task and buffers.
+///
+/// socket2 has no setter for this option, hence the one `unsafe` block of chatter-core.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub(crate) fn set_defer_accept<S: std::os::fd::AsRawFd>(listener: &S, seconds: u64) {
+    let value = libc::c_int::try_from(seconds.max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `listener` owns an open descriptor for the duration of the call; `value` is a
+    // live `c_int` and its size is the length passed, as TCP_DEFER_ACCEPT expects.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&value).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let error = io::Error::last_os_error();
+        tracing::debug!(%error, "could not set TCP_DEFER_ACCEPT");
+    }
+}
+
 /// Whether a socket has the [`Options::tcp_user_timeout`] that [`set_user_timeout`] sets.
 pub(crate) fn has_user_timeout(stream: &TcpStream, options: &Options) -> bool {
     #[cfg(target_os = "linux")]
