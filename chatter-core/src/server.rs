@@ -251,9 +251,8 @@ impl Server {
     /// from systemd, or to choose socket options chatter does not set). TLS when `options`
     /// has `Options::tls_server` settings; its addresses are then `tls://`.
     /// chatter sets `TCP_NODELAY` and `TCP_USER_TIMEOUT` on the listener, so that accepted
-    /// sockets inherit them, and on Linux `TCP_DEFER_ACCEPT` (the kernel hands a connection
-    /// over once the client's first bytes, its hello, arrived). Must be called within a
-    /// tokio runtime.
+    /// sockets inherit them, and `TCP_DEFER_ACCEPT` when [`Options::tcp_defer_accept`] asks
+    /// for it. Must be called within a tokio runtime.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -581,9 +580,15 @@ impl TcpAcceptor {
             .set_tcp_nodelay(true)
             .is_ok()
             && set_user_timeout(&listener, options);
-        // The client speaks first (its hello), so accept once its bytes are there.
+        // The client speaks first (its hello), so the kernel may hold a connection until
+        // its bytes are there.
         #[cfg(target_os = "linux")]
-        crate::transport::set_defer_accept(&listener, options.proto.handshake_timeout.as_secs());
+        if options.tcp_defer_accept {
+            crate::transport::set_defer_accept(
+                &listener,
+                options.proto.handshake_timeout.as_secs(),
+            );
+        }
         TcpAcceptor {
             listener,
             local,
@@ -819,11 +824,7 @@ mod tests {
             let acceptor = TcpAcceptor::new(listener, local, &options);
             acceptor.inherits.store(inherits, Ordering::Relaxed);
             for _ in 0..2 {
-                let mut client = tokio::net::TcpStream::connect(local).await.unwrap();
-                // The listener defers accepting until the client's first bytes (Linux).
-                tokio::io::AsyncWriteExt::write_all(&mut client, &[0])
-                    .await
-                    .unwrap();
+                let _client = tokio::net::TcpStream::connect(local).await.unwrap();
                 let (stream, _) = acceptor.accept(&options).await.unwrap();
                 assert!(stream.nodelay().unwrap());
                 assert!(has_user_timeout(&stream, &options));

@@ -294,8 +294,8 @@ async fn connections_beyond_the_limit_are_refused_with_busy_until_some_close() {
         let server = limits.listen().await;
         let addr = server.addresses()[0].clone();
 
-        // Two handshake (the server application keeps their connections), two send one byte
-        // and nothing more (they hold a slot for the handshake timeout).
+        // Two handshake (the server application keeps their connections), two never say
+        // anything (they hold a slot for the handshake timeout).
         let opened = Instant::now();
         let mut handshaken = Vec::new();
         let mut accepted = Vec::new();
@@ -306,24 +306,12 @@ async fn connections_beyond_the_limit_are_refused_with_busy_until_some_close() {
         }
         let mut silent = Vec::new();
         for _ in 0..2 {
-            silent.push(almost_silent(&server).await);
+            silent.push(TcpStream::connect(socket_addr(&server)).await.expect("connect"));
         }
         wait_until(|| server.connections() == LIMIT).await;
 
-        // Peers that connect and say nothing at all do not reach the server (Linux: it
-        // listens with TCP_DEFER_ACCEPT and chatter's client speaks first): they take no
-        // slot, and the next peer that speaks is refused as before.
-        #[cfg(target_os = "linux")]
-        let _quiet = {
-            let mut quiet = Vec::new();
-            for _ in 0..3 {
-                quiet.push(TcpStream::connect(socket_addr(&server)).await.expect("connect"));
-            }
-            quiet
-        };
-
         let start = Instant::now();
-        let mut refused = almost_silent(&server).await;
+        let mut refused = TcpStream::connect(socket_addr(&server)).await.expect("the kernel accepts");
         let bytes = read_to_end(&mut refused).await;
         let dropped_after = start.elapsed();
         let expected = format!("server at its connection limit of {LIMIT} connections; try again later");
@@ -376,6 +364,57 @@ async fn connections_beyond_the_limit_are_refused_with_busy_until_some_close() {
         assert!(released_after <= SLACK, "{released_after:?}");
         assert!(silent_held <= limits.handshake_timeout + limits.close_linger + SLACK, "{silent_held:?}");
         drop((handshaken, silent, clients));
+    })
+    .await
+    .expect("hang guard");
+}
+
+// Attack 5, with `tcp_defer_accept` (Linux): peers that connect and say nothing stay in the
+// kernel and take no slot, so those that speak are served.
+#[cfg(target_os = "linux")]
+#[tokio::test(start_paused = true)]
+async fn with_defer_accept_silent_peers_take_no_slot() {
+    timeout(HANG_GUARD, async {
+        const LIMIT: usize = 2;
+        let limits = Limits {
+            max_connections: LIMIT,
+            ..Limits::default()
+        };
+        let server = listen("tcp://127.0.0.1:0", limits.options().tcp_defer_accept(true))
+            .await
+            .expect("listen");
+        let addr = server.addresses()[0].clone();
+        let mut silent = Vec::new();
+        for _ in 0..LIMIT + 1 {
+            silent.push(
+                TcpStream::connect(socket_addr(&server))
+                    .await
+                    .expect("connect"),
+            );
+        }
+        // Without the option the three would hold both slots and the third be refused; the
+        // clients below would be refused too.
+        let mut clients = Vec::new();
+        for _ in 0..LIMIT {
+            let client = connect(&addr, Options::default()).await.expect("a slot");
+            let served = server.accept().await.expect("accept");
+            assert_delivers(&client, &served, "request").await;
+            clients.push((client, served));
+        }
+        assert_eq!(server.connections(), LIMIT);
+        assert_eq!(server.refused(), 0);
+
+        // One byte is enough for the kernel to hand a connection over: at the limit, it is
+        // refused with busy.
+        let mut speaking = silent.pop().expect("one");
+        speaking.write_all(&[0]).await.expect("write");
+        let bytes = read_to_end(&mut speaking).await;
+        assert!(
+            matches!(frames(&bytes)[..], [Frame::Close(CloseCode::Busy, _)]),
+            "{bytes:?}"
+        );
+        assert_eq!(server.refused(), 1);
+        drop((silent, clients));
     })
     .await
     .expect("hang guard");
@@ -647,16 +686,6 @@ async fn accept_from(server: &Server, attacker: &TcpStream) -> Connection {
         }
     );
     conn
-}
-
-/// Connects and sends one byte (the start of a length prefix), then nothing: enough for the
-/// kernel to hand the connection to the server.
-async fn almost_silent(server: &Server) -> TcpStream {
-    let mut stream = TcpStream::connect(socket_addr(server))
-        .await
-        .expect("connect");
-    stream.write_all(&[0]).await.expect("write one byte");
-    stream
 }
 
 fn socket_addr(server: &Server) -> SocketAddr {
