@@ -1,14 +1,16 @@
 //! [`serve`]: accept connections and serve objects on each.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chatter_core::proto::IdBuildHasher;
 use chatter_core::{Address, Server};
 use tokio::task::JoinHandle;
 
-use crate::peer::{Peer, PeerOptions};
+use crate::peer::{lock, OnEnd, Peer, PeerOptions};
 
 /// Serves RPC on every connection `listener` accepts: each connection gets a [`Peer`]
 /// with `options`, and `setup` registers that peer's objects (and may keep the peer to
@@ -35,30 +37,45 @@ where
     F: Fn(&Peer) + Send + Sync + 'static,
 {
     let listener = Arc::new(listener);
-    let peers: Arc<Mutex<Vec<Peer>>> = Arc::default();
+    // The peers of open connections, each removed by its receive task when its connection
+    // ended: a map, not a list pruned at each accept, which cost a pass over every open
+    // connection per accept and kept closed peers until the next one.
+    let peers: Arc<Mutex<Peers>> = Arc::default();
     let shutting_down = Arc::new(AtomicBool::new(false));
     let accept = {
         let listener = listener.clone();
         let peers = peers.clone();
         let shutting_down = shutting_down.clone();
         tokio::spawn(async move {
+            let mut next_id = 0u64;
             while let Some(conn) = listener.accept().await {
-                // Set up before its receive task starts: the objects `setup` registers are
-                // there for the peer's first message.
-                let peer = Peer::with_setup(conn, options.clone(), |peer| {
-                    if shutting_down.load(Ordering::Acquire) {
-                        // Accepted during a graceful shutdown: refuse its calls clearly.
-                        peer.begin_shutdown();
+                let id = next_id;
+                next_id += 1;
+                let list = Arc::downgrade(&peers);
+                let forget: OnEnd = Box::new(move || {
+                    if let Some(list) = list.upgrade() {
+                        // Dropped after the lock is released.
+                        let peer = lock(&list).remove(&id);
+                        drop(peer);
                     }
-                    setup(peer);
                 });
-                {
-                    let mut peers = peers.lock().unwrap_or_else(PoisonError::into_inner);
-                    peers.retain(|p| p.state() != crate::ConnectionState::Closed);
-                    // Held here, the peer lives as long as its connection (closed ones
-                    // are dropped at the next accept).
-                    peers.push(peer);
-                }
+                // Set up before its receive task starts: the objects `setup` registers are
+                // there for the peer's first message, and the peer is listed before its
+                // end can remove it.
+                Peer::with_setup_and_end(
+                    conn,
+                    options.clone(),
+                    |peer| {
+                        if shutting_down.load(Ordering::Acquire) {
+                            // Accepted during a graceful shutdown: refuse its calls clearly.
+                            peer.begin_shutdown();
+                        }
+                        setup(peer);
+                        // Held here, the peer lives as long as its connection.
+                        lock(&peers).insert(id, peer.clone());
+                    },
+                    Some(forget),
+                );
             }
         })
     };
@@ -70,11 +87,14 @@ where
     }
 }
 
+/// The peers of a server's open connections, by the order they were accepted in.
+type Peers = HashMap<u64, Peer, IdBuildHasher>;
+
 /// A running [`serve`] loop.
 pub struct RpcServer {
     listener: Arc<Server>,
     accept: JoinHandle<()>,
-    peers: Arc<Mutex<Vec<Peer>>>,
+    peers: Arc<Mutex<Peers>>,
     shutting_down: Arc<AtomicBool>,
 }
 
@@ -90,6 +110,28 @@ impl RpcServer {
     /// The addresses the listener is bound to.
     pub fn addresses(&self) -> &[Address] {
         self.listener.addresses()
+    }
+
+    /// The peers of the connections open now (a snapshot), to call clients back: each is
+    /// the [`Peer`] `setup` was given. A peer is in it from before its first message until
+    /// its connection ended.
+    ///
+    /// ```
+    /// use chatter_rpc::{listen, serve, Options, Peer, PeerOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let server = serve(listen("tcp://127.0.0.1:0", Options::default()).await?,
+    ///     PeerOptions::default(), |_: &Peer| {});
+    /// let client = Peer::new(chatter_rpc::connect(&server.addresses()[0], Options::default()).await?);
+    /// while server.peers().is_empty() {
+    ///     tokio::task::yield_now().await;
+    /// }
+    /// assert_eq!(server.peers().len(), 1);
+    /// # drop(client); Ok(()) }
+    /// ```
+    pub fn peers(&self) -> Vec<Peer> {
+        lock(&self.peers).values().cloned().collect()
     }
 
     /// Stops accepting and closes the listener (and, with chatter-core's default options,
@@ -117,11 +159,7 @@ impl RpcServer {
     /// ```
     pub async fn shutdown(&self, grace: Duration) {
         self.shutting_down.store(true, Ordering::Release);
-        let peers: Vec<Peer> = self
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let peers = self.peers();
         for peer in &peers {
             peer.begin_shutdown();
         }

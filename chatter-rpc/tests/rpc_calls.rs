@@ -372,6 +372,49 @@ async fn serve_hosts_objects_on_every_connection() {
     server.close().await;
 }
 
+/// `serve` holds a peer from before its first message until its connection ended, and
+/// lets go of it then, not at the next accept (`RpcServer::peers`).
+#[tokio::test(start_paused = true)]
+async fn serve_holds_each_peer_until_its_connection_ends() {
+    let listener = chatter_core::listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .unwrap();
+    let server = serve(listener, PeerOptions::default(), |peer: &Peer| {
+        let (calc, _probe) = Calc::new();
+        peer.register("calc", CalculatorServer::new(calc));
+    });
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let conn = chatter_core::connect(&server.addresses()[0], Options::default())
+            .await
+            .unwrap();
+        let peer = Peer::new(conn);
+        let calc = CalculatorClient::new(&peer, "calc");
+        assert_eq!(calc.add(i, 1).await.unwrap(), i + 1);
+        clients.push(peer);
+    }
+    assert_eq!(server.peers().len(), 3);
+    // The server's handles are the peers of the open connections.
+    for held in server.peers() {
+        assert_eq!(held.state(), chatter_rpc::ConnectionState::Connected);
+    }
+    clients.remove(0).close().await;
+    within(async {
+        while server.peers().len() != 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    drop(clients);
+    within(async {
+        while !server.peers().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    server.close().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn dropping_every_peer_handle_closes_the_connection() {
     let p = pair().await;

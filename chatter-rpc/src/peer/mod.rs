@@ -157,6 +157,17 @@ impl Peer {
         options: PeerOptions,
         setup: impl FnOnce(&Peer),
     ) -> Self {
+        Peer::with_setup_and_end(connection, options, setup, None)
+    }
+
+    /// [`with_setup`](Self::with_setup), with `on_end` run by the receive task when it
+    /// ends (after the connection closed and everything waiting on it was told).
+    pub(crate) fn with_setup_and_end(
+        connection: Connection,
+        options: PeerOptions,
+        setup: impl FnOnce(&Peer),
+        on_end: Option<OnEnd>,
+    ) -> Self {
         let acknowledged = options.acknowledged_signals;
         let stream = if acknowledged {
             link::random_u64() | 1
@@ -169,6 +180,7 @@ impl Peer {
         let state = Arc::new(PeerState::new(options, Link::Plain, stream, None));
         bump(&state.stats.connects);
         let inner = Inner::new(state.clone(), connection, 1);
+        *lock(&inner.on_end) = on_end;
         let peer = Peer {
             _owner: Some(Arc::new(Owner {
                 state: state.clone(),
@@ -729,7 +741,13 @@ pub(crate) struct Inner {
     /// This connection's streams, made on the first stream call either way (boxed: most
     /// connections have none).
     pub(super) streams: OnceLock<Box<streams::Streams>>,
+    /// Run once by the receive task when it ends (the connection closed and everything
+    /// waiting on it was told): [`serve`](crate::serve) forgets the peer then.
+    pub(super) on_end: Mutex<Option<OnEnd>>,
 }
+
+/// What [`Inner::on_end`] runs.
+pub(crate) type OnEnd = Box<dyn FnOnce() + Send>;
 
 #[derive(Default)]
 struct InFlight {
@@ -783,6 +801,7 @@ impl Inner {
             peer_window: AtomicU64::new(0),
             shutdown: Notify::new(),
             streams: OnceLock::new(),
+            on_end: Mutex::new(None),
         });
         if shutting_down {
             // Made during a graceful shutdown: refuse its calls clearly.

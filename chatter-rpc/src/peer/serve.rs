@@ -881,6 +881,10 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     };
     inner.conn.release(batch.release);
     inner.finish(cause);
+    let on_end = super::lock(&inner.on_end).take();
+    if let Some(on_end) = on_end {
+        on_end();
+    }
 }
 
 /// Logs a reply (or refusal) the connection would not take (it closed).
