@@ -37,9 +37,10 @@ where
     F: Fn(&Peer) + Send + Sync + 'static,
 {
     let listener = Arc::new(listener);
-    // The peers of open connections, each removed by its receive task when its connection
-    // ended: a map, not a list pruned at each accept, which cost a pass over every open
-    // connection per accept and kept closed peers until the next one.
+    // The peers of open connections (at most the listener's `max_connections`), each
+    // removed by its receive task when its connection ended: a map, not a list pruned at
+    // each accept, which cost a pass over every open connection per accept and kept
+    // closed peers until the next one.
     let peers: Arc<Mutex<Peers>> = Arc::default();
     let shutting_down = Arc::new(AtomicBool::new(false));
     let accept = {
