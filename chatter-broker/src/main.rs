@@ -54,6 +54,11 @@ struct Args {
     /// The most bytes of publications waiting for one subscriber (drop and end policies).
     #[arg(long, default_value_t = 1 << 20)]
     max_subscription_queue: usize,
+    /// Linux: the kernel hands a TCP connection to the broker only once the client's first
+    /// bytes arrived (TCP_DEFER_ACCEPT), so peers that connect and say nothing take no
+    /// connection slot. For an exposed broker; costs some first-reply latency.
+    #[arg(long)]
+    defer_accept: bool,
 }
 
 #[tokio::main]
@@ -70,7 +75,9 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     #[allow(unused_mut)]
-    let mut connection = Options::default().receive_window(args.receive_window);
+    let mut connection = Options::default()
+        .receive_window(args.receive_window)
+        .tcp_defer_accept(args.defer_accept);
     #[cfg(feature = "tls")]
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let mut tls = chatter_core::tls::ServerTls::from_pem_files(cert, key)?;

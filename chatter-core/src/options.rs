@@ -150,7 +150,7 @@ impl Options {
     ///   the kernel holds it as a pending connection (within the listen backlog) and
     ///   hands it over only after about the handshake timeout (rounded up to the kernel's
     ///   SYN-ACK retransmissions: 15 s for 10 s), when the handshake timeout starts;
-    /// - the server wakes once per connection instead of twice, which saves CPU (2-4% per
+    /// - the server wakes once per connection instead of twice, which saves CPU (1-4% per
     ///   short connection in `chatter-bench --only connect`, both ends on one core), but
     ///   its own setup of the connection no longer overlaps the client's, which adds to
     ///   the first reply's latency (4-10% fewer sequential connections per second with
