@@ -350,24 +350,33 @@ async fn both_sides_call_each_other_over_one_connection() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn serve_hosts_objects_on_every_connection() {
+/// A server that registers a calculator on every connection it accepts.
+async fn serve_calculators() -> chatter_rpc::RpcServer {
     let listener = chatter_core::listen("tcp://127.0.0.1:0", Options::default())
         .await
         .unwrap();
-    let server = serve(listener, PeerOptions::default(), |peer: &Peer| {
+    serve(listener, PeerOptions::default(), |peer: &Peer| {
         let (calc, _probe) = Calc::new();
         peer.register("calc", CalculatorServer::new(calc));
-    });
-    let address = server.addresses()[0].clone();
+    })
+}
+
+/// A client of `server` that made one call (`i + j`).
+async fn calculator_client(server: &chatter_rpc::RpcServer, i: i64, j: i64) -> Peer {
+    let conn = chatter_core::connect(&server.addresses()[0], Options::default())
+        .await
+        .unwrap();
+    let peer = Peer::new(conn);
+    let calc = CalculatorClient::new(&peer, "calc");
+    assert_eq!(calc.add(i, j).await.unwrap(), i + j);
+    peer
+}
+
+#[tokio::test(start_paused = true)]
+async fn serve_hosts_objects_on_every_connection() {
+    let server = serve_calculators().await;
     for i in 0..3 {
-        let conn = chatter_core::connect(&address, Options::default())
-            .await
-            .unwrap();
-        let peer = Peer::new(conn);
-        let calc = CalculatorClient::new(&peer, "calc");
-        assert_eq!(calc.add(i, i).await.unwrap(), 2 * i);
-        peer.close().await;
+        calculator_client(&server, i, i).await.close().await;
     }
     server.close().await;
 }
@@ -376,22 +385,10 @@ async fn serve_hosts_objects_on_every_connection() {
 /// lets go of it then, not at the next accept (`RpcServer::peers`).
 #[tokio::test(start_paused = true)]
 async fn serve_holds_each_peer_until_its_connection_ends() {
-    let listener = chatter_core::listen("tcp://127.0.0.1:0", Options::default())
-        .await
-        .unwrap();
-    let server = serve(listener, PeerOptions::default(), |peer: &Peer| {
-        let (calc, _probe) = Calc::new();
-        peer.register("calc", CalculatorServer::new(calc));
-    });
+    let server = serve_calculators().await;
     let mut clients = Vec::new();
     for i in 0..3 {
-        let conn = chatter_core::connect(&server.addresses()[0], Options::default())
-            .await
-            .unwrap();
-        let peer = Peer::new(conn);
-        let calc = CalculatorClient::new(&peer, "calc");
-        assert_eq!(calc.add(i, 1).await.unwrap(), i + 1);
-        clients.push(peer);
+        clients.push(calculator_client(&server, i, 1).await);
     }
     assert_eq!(server.peers().len(), 3);
     // The server's handles are the peers of the open connections.
