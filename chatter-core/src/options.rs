@@ -109,7 +109,8 @@ impl Options {
     }
 
     /// How long a closing connection has to finish (default 2 s): to write what it still
-    /// has queued and for the peer to acknowledge the close. When the time is up the
+    /// has queued, then to read and discard what the peer still sends (it closes as soon as
+    /// the peer ended its side or a read finds nothing, PROTOCOL.md §10). When the time is up the
     /// connection is dropped whatever is left, with a reset on TCP if output was still
     /// unsent, so a peer that stops reading cannot hold a connection (its task, socket and
     /// buffers) open. After a keepalive timeout the connection is dropped at once.

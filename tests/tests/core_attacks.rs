@@ -420,6 +420,49 @@ async fn with_defer_accept_silent_peers_take_no_slot() {
     .expect("hang guard");
 }
 
+// A peer that reads the server's close but keeps its own side open holds nothing: once the
+// close frame and the FIN are out and nothing waits to be read, the server closes the
+// socket without waiting for the peer's end of stream (PROTOCOL.md §10) or the linger.
+#[tokio::test(start_paused = true)]
+async fn a_closing_side_does_not_wait_for_the_peers_end_of_stream() {
+    timeout(HANG_GUARD, async {
+        let limits = Limits::default();
+        let server = limits.listen().await;
+        let mut peer = handshake(
+            &server,
+            Hello {
+                max_frame_size: 1 << 20,
+                receive_window: 1 << 20,
+            },
+        )
+        .await;
+        let conn = accept_from(&server, &peer).await;
+        let start = Instant::now();
+        conn.close().await;
+        // The hello, then the close frame, then the end of stream: no reset.
+        let bytes = read_to_end(&mut peer).await;
+        let frames = frames(&bytes);
+        assert!(
+            matches!(
+                frames[..],
+                [Frame::Hello(_), Frame::Close(CloseCode::Normal, _)]
+            ),
+            "{frames:?}"
+        );
+        wait_until(|| server.connections() == 0).await;
+        let released = start.elapsed();
+        assert!(
+            released < limits.close_linger,
+            "held {released:?} for a peer that keeps its side open"
+        );
+        // The peer's side is still open: it may still write (into the void) without harm.
+        let _ = peer.write_all(b"late").await;
+        drop(peer);
+    })
+    .await
+    .expect("hang guard");
+}
+
 // Attack 6: the server closes a connection whose peer never reads and has MiBs queued.
 #[tokio::test(start_paused = true)]
 async fn close_with_unflushed_output_finishes_within_close_linger() {
