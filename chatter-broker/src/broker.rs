@@ -528,6 +528,14 @@ impl BrokerState {
                 "contains `{ROUTE_SEPARATOR}` or a control character"
             )));
         }
+        // A `*` in the peer part of `peer/object` makes a request a broadcast (signals) or
+        // a refused call, so a peer registered under such a name could never be called:
+        // refuse it rather than let it wait for calls that cannot reach it.
+        if name.contains('*') {
+            return Err(invalid(
+                "contains `*`, which makes `name/object` a name pattern (broadcast)".into(),
+            ));
+        }
         Ok(())
     }
 }

@@ -599,6 +599,13 @@ impl Link {
             give_back(credit);
             return;
         }
+        if request.duration_ms == 0 {
+            // chatter-rpc's rule for a call with no time left (PROTOCOL.md, "Durations"):
+            // answered at once, not run, for every method of the broker's own as for
+            // `publish` (a `register` or `subscribe` with deadline 0 used to take effect).
+            let answer = envelope::failure(envelope::FAILURE_DEADLINE_EXCEEDED, "deadline 0");
+            return self.answer(msg.conversation, answer, credit);
+        }
         if request.object == BROKER_OBJECT && method == b"subscribe" {
             return self.subscribe(msg, request, credit);
         }
