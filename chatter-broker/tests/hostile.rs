@@ -431,3 +431,233 @@ async fn the_brokers_own_methods_answer_every_bad_request_clearly() {
     let stats = until(&broker, |s| s.held_bytes == 0 && s.queued == 0).await;
     assert_eq!(stats.subscriptions, 0, "{stats:?}");
 }
+
+/// `[kind, call, …]` one-shots (cancel, grant, argument stream) and acks that name nothing
+/// of the sender's are dropped, not answered and not fatal; grants that overflow a
+/// subscription's credit saturate; a subscription still delivers after all of it.
+#[tokio::test]
+async fn references_to_nothing_are_dropped_and_grants_saturate() {
+    let broker = listen(BrokerOptions::default()).await;
+    let (_bus, good) = bystander(&broker, "good").await;
+    let hostile = raw(&broker).await;
+    let sub = ask(
+        &hostile,
+        &stream_call("subscribe", 4096, &encoded(&("t/#",))),
+    )
+    .await;
+    assert_eq!(said(&sub.payload), Said::Ok);
+    let call = sub.conversation.first_id();
+    let before = broker.stats().discarded;
+    let one_shots: Vec<Vec<u8>> = vec![
+        encoded(&(2, 987_654u64)),       // cancel, unknown call
+        encoded(&(2, u64::MAX)),         // cancel, the largest id
+        encoded(&(15, 987_654u64, 100)), // grant, unknown call
+        encoded(&(14, 987_654u64)),      // argument stream opening, as a one-shot
+        encoded(&(4, 31u64, 1, 0)),      // ack, unknown stream
+        encoded(&(15, call, u64::MAX)),  // grants that overflow the credit
+        encoded(&(15, call, u64::MAX)),
+        encoded(&(14, call)), // an argument stream for a subscription
+    ];
+    for payload in &one_shots {
+        hostile
+            .send_bytes(payload, SendOptions::new())
+            .await
+            .expect("sent");
+    }
+    // Nothing answers them: the next message this connection gets is its publication.
+    let publish = call_publish("t/1", 7);
+    hostile
+        .send_bytes(&publish, SendOptions::new())
+        .await
+        .expect("sent");
+    let item = within(hostile.receive()).await.expect("item");
+    assert_eq!(item.conversation, sub.conversation);
+    assert_eq!(
+        &item.payload[..],
+        &[0x92, 0x03, 0x92, 0xa3, b't', b'/', b'1', 0x07]
+    );
+    assert_eq!(within(good.add(1, 1)).await.expect("served"), 2);
+    let stats = until(&broker, |s| s.held_bytes == 0).await;
+    assert!(
+        stats.discarded >= before + 6,
+        "the one-shots naming nothing are counted: {stats:?}"
+    );
+    assert_eq!(stats.subscriptions, 1);
+}
+
+/// `publish(topic, value)` as a signal, TTL 5 s.
+fn call_publish(topic: &str, value: u64) -> Vec<u8> {
+    request(1, BROKER, "publish", 5000, &[], &encoded(&(topic, value)))
+}
+
+/// A peer that subscribes and cancels in a tight loop (pipelined, without waiting for the
+/// answers), then fills its subscriptions to the limit and asks one more, leaves nothing
+/// behind: the subscriptions it cancelled are gone, the one over the limit is refused with
+/// `TooManySubscriptions`, and its close takes the rest.
+#[tokio::test]
+async fn subscribing_and_cancelling_in_a_loop_leaves_nothing_behind() {
+    let broker = listen(BrokerOptions::default().max_subscriptions_per_peer(8)).await;
+    let (_bus, good) = bystander(&broker, "good").await;
+    let hostile = raw(&broker).await;
+    const ROUNDS: usize = 300;
+    let subscribe = stream_call("subscribe", 4096, &encoded(&("churn/+",)));
+    for _ in 0..ROUNDS {
+        let conv = hostile
+            .send_bytes(&subscribe, SendOptions::new().last(false))
+            .await
+            .expect("sent");
+        hostile
+            .send_bytes(&encoded(&(2, conv.first_id())), SendOptions::new())
+            .await
+            .expect("sent");
+    }
+    // Each gets its opening and then its end (failure 2, `last`), in that order.
+    let mut ended = 0;
+    while ended < ROUNDS {
+        let msg = within(hostile.receive()).await.expect("answers");
+        if msg.last {
+            assert_eq!(said(&msg.payload), Said::Failure(2));
+            ended += 1;
+        } else {
+            assert_eq!(said(&msg.payload), Said::Ok);
+        }
+    }
+    assert_eq!(broker.stats().subscriptions, 0);
+    for i in 0..8 {
+        let sub = ask(
+            &hostile,
+            &stream_call("subscribe", 4096, &encoded(&(format!("k/{i}"),))),
+        )
+        .await;
+        assert_eq!(said(&sub.payload), Said::Ok);
+    }
+    let over = ask(&hostile, &subscribe).await;
+    assert_eq!(
+        said(&over.payload),
+        Said::App("TooManySubscriptions".into())
+    );
+    assert!(over.last);
+    assert_eq!(broker.stats().subscriptions, 8);
+    assert_eq!(within(good.add(1, 1)).await.expect("served"), 2);
+    hostile.close().await;
+    let stats = until(&broker, |s| s.subscriptions == 0 && s.connections == 1).await;
+    assert_eq!(stats.queued_publication_bytes, 0, "{stats:?}");
+}
+
+/// The peers the broker knows, as `peers()` tells them (asked by hand).
+async fn peers(conn: &Connection) -> Vec<PeerInfo> {
+    let reply = ask(conn, &call("peers", &encoded(&()))).await;
+    let (status, peers): (u8, Vec<PeerInfo>) =
+        msgpack::decode(&reply.payload).expect("a peer list");
+    assert_eq!(status, 0);
+    peers
+}
+
+/// Subscribers that never read and never grant, one per policy that queues, each asking
+/// for far more `queue_bytes` than the broker allows: a publisher floods them, and what
+/// waits for each stays within the broker's `max_subscription_queue` (docs/SECURITY.md,
+/// "publications waiting for one of its subscriptions"), by the broker's own counters;
+/// the publisher is never held up, and a bystander is served.
+#[tokio::test]
+async fn never_reading_subscribers_hold_no_more_than_the_brokers_cap() {
+    const CAP: usize = 16 * 1024;
+    let broker = listen(BrokerOptions::default().max_subscription_queue(CAP)).await;
+    let (_bus, good) = bystander(&broker, "good").await;
+    let publisher = raw(&broker).await;
+    let mut subscribers = Vec::new();
+    for policy in ["drop_oldest", "drop_newest", "end"] {
+        let conn = raw(&broker).await;
+        let mut args = Vec::new();
+        msgpack::write_array_len(&mut args, 2);
+        msgpack::write_str(&mut args, "flood/#");
+        msgpack::write_map_len(&mut args, 2);
+        msgpack::write_str(&mut args, "policy");
+        msgpack::write_str(&mut args, policy);
+        msgpack::write_str(&mut args, "queue_bytes");
+        msgpack::write_uint(&mut args, u64::MAX);
+        // A window of two items: then it never grants (nor reads beyond the opening).
+        let opening = ask(&conn, &stream_call("subscribe", 2 * (64 + 200), &args)).await;
+        assert_eq!(said(&opening.payload), Said::Ok, "{policy}");
+        subscribers.push((policy, conn));
+    }
+    let value = "v".repeat(100);
+    for i in 0..1000 {
+        let p = request(
+            1,
+            BROKER,
+            "publish",
+            60_000,
+            &[],
+            &encoded(&(format!("flood/{i}"), &value)),
+        );
+        publisher
+            .send_bytes(&p, SendOptions::new())
+            .await
+            .expect("the publisher is never held up");
+    }
+    // An acknowledged publication nobody subscribed to, after the flood: the broker takes
+    // a connection's messages in order, so its report means the flood was taken.
+    let report = ask(&publisher, &call("publish", &encoded(&("barrier", 1)))).await;
+    assert_eq!(said(&report.payload), Said::Ok);
+    let stats = broker.stats();
+    assert!(
+        stats.queued_publication_bytes <= 2 * CAP as u64,
+        "two queueing subscriptions of at most {CAP} bytes: {stats:?}"
+    );
+    for info in peers(&publisher).await {
+        for sub in info.subscriptions {
+            assert!(sub.queued_bytes <= CAP as u64, "{sub:?}");
+        }
+    }
+    assert!(stats.dropped_deliveries > 1000, "{stats:?}");
+    assert_eq!(within(good.add(2, 2)).await.expect("served"), 4);
+    // The `end` subscriber's stream ended with failure 14, after its two items.
+    let (_, end) = &subscribers[2];
+    let mut last = None;
+    while last.is_none() {
+        let msg = within(end.receive()).await.expect("items, then the end");
+        if msg.last {
+            last = Some(said(&msg.payload));
+        }
+    }
+    assert_eq!(last, Some(Said::Failure(14)));
+}
+
+/// Patterns and topics at the length limit made of empty levels (1025 of them): matched,
+/// delivered and removed like any other, no deep recursion trouble.
+#[tokio::test]
+async fn the_deepest_patterns_and_topics_work() {
+    let broker = listen(BrokerOptions::default()).await;
+    let conn = raw(&broker).await;
+    let deep = "/".repeat(1024);
+    let mut hash = "/".repeat(1022);
+    hash.push('#');
+    let mut plus = "+/".repeat(511);
+    plus.push('+');
+    for pattern in [&deep, &hash] {
+        let sub = ask(
+            &conn,
+            &stream_call("subscribe", 1 << 20, &encoded(&(pattern,))),
+        )
+        .await;
+        assert_eq!(said(&sub.payload), Said::Ok);
+    }
+    let sub = ask(
+        &conn,
+        &stream_call("subscribe", 1 << 20, &encoded(&(&plus,))),
+    )
+    .await;
+    assert_eq!(said(&sub.payload), Said::Ok);
+    let publisher = raw(&broker).await;
+    let report = ask(&publisher, &call("publish", &encoded(&(&deep, 1)))).await;
+    let (status, report): (u8, chatter_broker::PublishReport) =
+        msgpack::decode(&report.payload).expect("a report");
+    assert_eq!((status, report.subscribers, report.delivered), (0, 2, 2));
+    let topic = "a/".repeat(511) + "a";
+    let report = ask(&publisher, &call("publish", &encoded(&(&topic, 1)))).await;
+    let (_, report): (u8, chatter_broker::PublishReport) =
+        msgpack::decode(&report.payload).expect("a report");
+    assert_eq!((report.subscribers, report.delivered), (1, 1));
+    conn.close().await;
+    until(&broker, |s| s.subscriptions == 0 && s.connections == 1).await;
+}
