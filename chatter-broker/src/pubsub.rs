@@ -178,21 +178,45 @@ impl<S: Entry> Node<S> {
             && self.here.is_empty()
     }
 
-    fn collect(&self, levels: &[&str], first: bool, out: &mut Vec<S>) {
-        let dollar = first && levels.first().is_some_and(|l| l.starts_with('$'));
-        if !dollar {
-            out.extend(self.hash.iter().cloned());
+    /// Whether the node on a path holds nothing but the path's next node (`last`: nothing
+    /// at all), so that pruning may remove it.
+    fn holds_only_the_path(&self, last: bool) -> bool {
+        if last {
+            return self.is_empty();
         }
-        match levels.split_first() {
-            None => out.extend(self.here.iter().cloned()),
-            Some((level, rest)) => {
-                if let Some(child) = self.children.get(*level) {
-                    child.collect(rest, false, out);
-                }
-                if let (Some(plus), false) = (&self.plus, dollar) {
-                    plus.collect(rest, false, out);
-                }
-            }
+        self.hash.is_empty()
+            && self.here.is_empty()
+            && self.children.len() + usize::from(self.plus.is_some()) == 1
+    }
+
+    /// The child along `level` of a pattern.
+    fn step(&self, level: &str) -> Option<&Node<S>> {
+        match level {
+            "+" => self.plus.as_deref(),
+            _ => self.children.get(level),
+        }
+    }
+
+    fn step_mut(&mut self, level: &str) -> Option<&mut Node<S>> {
+        match level {
+            "+" => self.plus.as_deref_mut(),
+            _ => self.children.get_mut(level),
+        }
+    }
+}
+
+/// Dropped without recursion: a trie is as deep as its longest pattern has levels, which
+/// `max_topic_len` lets an operator raise far beyond what a task's stack holds (a
+/// recursive drop of a 200,000-level pattern overflowed the stack and aborted the
+/// process).
+impl<S> Drop for Node<S> {
+    fn drop(&mut self) {
+        let mut below: Vec<Node<S>> = self.children.drain().map(|(_, node)| node).collect();
+        below.extend(self.plus.take().map(|node| *node));
+        while let Some(mut node) = below.pop() {
+            below.extend(node.children.drain().map(|(_, node)| node));
+            below.extend(node.plus.take().map(|node| *node));
+            // `node` drops here with no children left.
         }
     }
 }
@@ -229,49 +253,85 @@ impl<S: Entry> Topics<S> {
         self.len += 1;
     }
 
+    /// Takes `sub` out and prunes the nodes left empty. Without recursion, as
+    /// [`Topics::matching`].
     pub(crate) fn remove(&mut self, sub: &S) {
-        let levels: Vec<&str> = sub.pattern().split('/').collect();
-        if remove_at(&mut self.root, &levels, sub) {
-            self.len -= 1;
+        let mut levels: Vec<&str> = sub.pattern().split('/').collect();
+        let in_hash = levels.last() == Some(&"#");
+        if in_hash {
+            levels.pop();
         }
-    }
-
-    /// The subscriptions whose pattern matches `topic`, each once.
-    pub(crate) fn matching(&self, topic: &str, out: &mut Vec<S>) {
-        let levels: Vec<&str> = topic.split('/').collect();
-        self.root.collect(&levels, true, out);
-    }
-}
-
-/// Removes `sub` below `node` (following `levels`) and prunes the nodes left empty.
-fn remove_at<S: Entry>(node: &mut Node<S>, levels: &[&str], sub: &S) -> bool {
-    let take = |list: &mut Vec<S>| {
+        let mut node = &mut self.root;
+        for level in &levels {
+            match node.step_mut(level) {
+                Some(next) => node = next,
+                None => return,
+            }
+        }
+        let list = if in_hash {
+            &mut node.hash
+        } else {
+            &mut node.here
+        };
         let before = list.len();
         list.retain(|s| !s.same(sub));
-        before != list.len()
-    };
-    match levels.split_first() {
-        None => take(&mut node.here),
-        Some((&"#", _)) => take(&mut node.hash),
-        Some((&"+", rest)) => {
-            let Some(plus) = node.plus.as_mut() else {
-                return false;
-            };
-            let removed = remove_at(plus, rest, sub);
-            if plus.is_empty() {
-                node.plus = None;
-            }
-            removed
+        if before == list.len() {
+            return;
         }
-        Some((level, rest)) => {
-            let Some(child) = node.children.get_mut(*level) else {
-                return false;
-            };
-            let removed = remove_at(child, rest, sub);
-            if child.is_empty() {
-                node.children.remove(*level);
+        self.len -= 1;
+        // The highest node of the path below which nothing but the path is left: it goes,
+        // and the path below it with it.
+        let mut cut = None;
+        let mut node = &self.root;
+        for (depth, level) in levels.iter().enumerate() {
+            let Some(next) = node.step(level) else { return };
+            node = next;
+            if !node.holds_only_the_path(depth + 1 == levels.len()) {
+                cut = None;
+            } else if cut.is_none() {
+                cut = Some(depth);
             }
-            removed
+        }
+        let Some(cut) = cut else { return };
+        let mut parent = &mut self.root;
+        for level in &levels[..cut] {
+            match parent.step_mut(level) {
+                Some(next) => parent = next,
+                None => return,
+            }
+        }
+        match levels[cut] {
+            "+" => parent.plus = None,
+            level => {
+                parent.children.remove(level);
+            }
+        }
+    }
+
+    /// The subscriptions whose pattern matches `topic`, each once. Without recursion (an
+    /// explicit stack): the depth is the topic's number of levels, which `max_topic_len`
+    /// lets an operator raise far beyond what a task's stack holds.
+    pub(crate) fn matching(&self, topic: &str, out: &mut Vec<S>) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let dollar = levels.first().is_some_and(|l| l.starts_with('$'));
+        let mut stack: Vec<(&Node<S>, usize)> = vec![(&self.root, 0)];
+        while let Some((node, depth)) = stack.pop() {
+            // A pattern that begins with a wildcard does not match a `$` topic.
+            let wild_ok = !(depth == 0 && dollar);
+            if wild_ok {
+                out.extend(node.hash.iter().cloned());
+            }
+            match levels.get(depth) {
+                None => out.extend(node.here.iter().cloned()),
+                Some(level) => {
+                    if let Some(child) = node.children.get(*level) {
+                        stack.push((child, depth + 1));
+                    }
+                    if let (Some(plus), true) = (&node.plus, wild_ok) {
+                        stack.push((plus, depth + 1));
+                    }
+                }
+            }
         }
     }
 }
@@ -879,5 +939,33 @@ mod tests {
         }
         assert_eq!(topics_trie.len(), 0);
         assert!(topics_trie.root.is_empty());
+    }
+
+    /// Patterns far deeper than a stack can recurse (an operator may raise
+    /// `max_topic_len`): inserted, matched, removed and dropped without recursion, and
+    /// pruning keeps what other patterns share.
+    #[test]
+    fn deep_patterns_need_no_deep_stack() {
+        let deep: Arc<str> = "/".repeat(100_000).into();
+        let plus: Arc<str> = format!("{}+", "/".repeat(100_000)).into();
+        let hash: Arc<str> = format!("{}#", "/".repeat(50_000)).into();
+        let mut trie = Topics::default();
+        for sub in [&deep, &plus, &hash] {
+            trie.insert(sub.clone());
+        }
+        let mut found = Vec::new();
+        trie.matching(&deep, &mut found);
+        assert_eq!(found.len(), 3);
+        trie.remove(&plus);
+        found.clear();
+        trie.matching(&deep, &mut found);
+        assert_eq!(found.len(), 2, "the shared path stays for the others");
+        trie.remove(&deep);
+        trie.remove(&hash);
+        assert!(trie.root.is_empty());
+        // And a deep trie dropped whole.
+        let mut trie = Topics::default();
+        trie.insert(deep.clone());
+        drop(trie);
     }
 }

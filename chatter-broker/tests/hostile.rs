@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use chatter_broker::{AccessControl, Broker, BrokerOptions, BrokerStats, PeerInfo, Rules};
+use chatter_broker::{Broker, BrokerOptions, BrokerStats, PeerInfo};
 use chatter_core::{Connection, Msg, Options, SendOptions};
 use chatter_msgpack::{self as msgpack, Reader};
 use common::{calc, CalculatorClient, CalculatorServer};
@@ -658,6 +658,30 @@ async fn the_deepest_patterns_and_topics_work() {
     let (_, report): (u8, chatter_broker::PublishReport) =
         msgpack::decode(&report.payload).expect("a report");
     assert_eq!((report.subscribers, report.delivered), (1, 1));
+    conn.close().await;
+    until(&broker, |s| s.subscriptions == 0 && s.connections == 1).await;
+}
+
+/// With `max_topic_len` raised (an operator's choice), one peer's pattern and topic of
+/// 200,000 empty levels: subscribed, matched, delivered and removed with its connection.
+/// (The topic trie recursed once per level: this overflowed the stack and aborted the
+/// whole broker.)
+#[tokio::test]
+async fn a_pattern_deeper_than_any_stack_does_not_abort_the_broker() {
+    let broker = listen(BrokerOptions::default().max_topic_len(1 << 20)).await;
+    let conn = raw(&broker).await;
+    let deep = "/".repeat(200_000);
+    let sub = ask(
+        &conn,
+        &stream_call("subscribe", 1 << 20, &encoded(&(&deep,))),
+    )
+    .await;
+    assert_eq!(said(&sub.payload), Said::Ok);
+    let publisher = raw(&broker).await;
+    let report = ask(&publisher, &call("publish", &encoded(&(&deep, 1)))).await;
+    let (status, report): (u8, chatter_broker::PublishReport) =
+        msgpack::decode(&report.payload).expect("a report");
+    assert_eq!((status, report.subscribers, report.delivered), (0, 1, 1));
     conn.close().await;
     until(&broker, |s| s.subscriptions == 0 && s.connections == 1).await;
 }
