@@ -102,7 +102,10 @@ impl BrokerOptions {
         self
     }
 
-    /// The longest topic or subscription pattern accepted, in bytes (default 1024).
+    /// The longest topic or subscription pattern accepted, in bytes (default 1024). It
+    /// also bounds what a subscription's pattern costs in the broker's topic trie: about
+    /// 500 bytes per level no other pattern shares, so up to about 500 × this many bytes
+    /// for a pattern of empty levels (docs/SECURITY.md).
     pub fn max_topic_len(mut self, bytes: usize) -> Self {
         self.max_topic_len = bytes;
         self
