@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use chatter_broker::{Broker, BrokerOptions, BrokerStats, PeerInfo};
+use chatter_broker::{AccessControl, Broker, BrokerOptions, BrokerStats, PeerInfo};
 use chatter_core::{Connection, Msg, Options, SendOptions};
 use chatter_msgpack::{self as msgpack, Reader};
 use common::{calc, CalculatorClient, CalculatorServer};
@@ -684,4 +684,163 @@ async fn a_pattern_deeper_than_any_stack_does_not_abort_the_broker() {
     assert_eq!((status, report.subscribers, report.delivered), (0, 1, 1));
     conn.close().await;
     until(&broker, |s| s.subscriptions == 0 && s.connections == 1).await;
+}
+
+/// A reliable signal `[3, stream, seq, object, method, ttl, args]`, TTL 5 s.
+fn reliable(stream: u64, seq: u64, object: &str, method: &str, args: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    msgpack::write_array_len(&mut p, 7);
+    msgpack::write_uint(&mut p, 3);
+    msgpack::write_uint(&mut p, stream);
+    msgpack::write_uint(&mut p, seq);
+    msgpack::write_str(&mut p, object);
+    msgpack::write_str(&mut p, method);
+    msgpack::write_uint(&mut p, 5000);
+    p.extend_from_slice(args);
+    p
+}
+
+/// Under access control, what a peer's rules deny is refused in every form it can take
+/// (call: failure 15; reliable signal: acked *failed*; signal: dropped), each counted in
+/// `denied`; junk and unknown credentials do not change who a connection is; and what
+/// its rules allow still works.
+#[tokio::test]
+async fn denials_of_every_kind_are_clear_counted_and_change_nothing() {
+    let access = AccessControl::parse(
+        "credential good-token writer   # the only credential\n\
+         identity writer publish w/#\n\
+         identity writer subscribe w/#\n\
+         identity writer call svc\n",
+    )
+    .expect("rules");
+    let broker = listen(BrokerOptions::default().access_control(access)).await;
+    let conn = raw(&broker).await;
+    let anonymous: Vec<(&str, Vec<u8>)> = vec![
+        ("register", call("register", &encoded(&("x", false)))),
+        (
+            "subscribe",
+            stream_call("subscribe", 4096, &encoded(&("w/#",))),
+        ),
+        ("publish", call("publish", &encoded(&("w/1", 1)))),
+        ("stats", call("stats", &encoded(&()))),
+        ("peers", call("peers", &encoded(&()))),
+        (
+            "introspect stats",
+            request(0, "chatter.introspect", "stats", 5000, &[], &encoded(&())),
+        ),
+        ("call", request(0, "svc/obj", "m", 5000, &[], &encoded(&()))),
+    ];
+    for (what, payload) in &anonymous {
+        let reply = ask(&conn, payload).await;
+        assert_eq!(said(&reply.payload), Said::Failure(15), "anonymous {what}");
+    }
+    let mut count = anonymous.len() as u64;
+    assert_eq!(broker.stats().denied, count);
+
+    let who = ask(&conn, &call("authenticate", &encoded(&("good-token",)))).await;
+    let (status, identity): (u8, String) = msgpack::decode(&who.payload).expect("an identity");
+    assert_eq!((status, identity.as_str()), (0, "writer"));
+    // Junk, and an unknown credential: refused, and the connection is still `writer`.
+    let junk = ask(&conn, &call("authenticate", &encoded(&(7,)))).await;
+    assert_eq!(said(&junk.payload), Said::Failure(5));
+    let unknown = ask(&conn, &call("authenticate", &encoded(&("bad-token",)))).await;
+    assert_eq!(said(&unknown.payload), Said::Failure(15));
+    count += 1;
+    let mut backpressure = Vec::new();
+    msgpack::write_array_len(&mut backpressure, 2);
+    msgpack::write_str(&mut backpressure, "w/#");
+    msgpack::write_map_len(&mut backpressure, 1);
+    msgpack::write_str(&mut backpressure, "policy");
+    msgpack::write_str(&mut backpressure, "backpressure");
+    let refused = ask(&conn, &stream_call("subscribe", 4096, &backpressure)).await;
+    assert_eq!(said(&refused.payload), Said::Failure(15), "backpressure");
+    count += 1;
+    let wide = ask(&conn, &stream_call("subscribe", 4096, &encoded(&("#",)))).await;
+    assert_eq!(said(&wide.payload), Said::Failure(15), "wider than allowed");
+    count += 1;
+    let sub = ask(&conn, &stream_call("subscribe", 4096, &encoded(&("w/#",)))).await;
+    assert_eq!(said(&sub.payload), Said::Ok, "allowed");
+    let publish = ask(&conn, &call("publish", &encoded(&("x/1", 1)))).await;
+    assert_eq!(
+        said(&publish.payload),
+        Said::Failure(15),
+        "publish elsewhere"
+    );
+    count += 1;
+
+    // Reliable signals: denied ones acked failed (2), allowed ones acked (0).
+    let acks = [
+        (reliable(5, 1, BROKER, "publish", &encoded(&("x/1", 1))), 2),
+        (reliable(5, 2, "other/obj", "m", &encoded(&())), 2),
+        (reliable(5, 3, BROKER, "publish", &encoded(&("w/1", 1))), 0),
+    ];
+    count += 2;
+    let mut item = None;
+    for (payload, status) in acks {
+        conn.send_bytes(&payload, SendOptions::new())
+            .await
+            .expect("sent");
+        loop {
+            let msg = within(conn.receive()).await.expect("an ack");
+            if msg.conversation == sub.conversation {
+                item = Some(msg);
+                continue;
+            }
+            let (kind, stream, _seq, got): (u8, u64, u64, u64) =
+                msgpack::decode(&msg.payload).expect("an ack");
+            assert_eq!((kind, stream, got), (4, 5, status));
+            break;
+        }
+    }
+    // A plain signal that is denied is dropped: the next item is the allowed one after it.
+    conn.send_bytes(&call_publish("x/2", 2), SendOptions::new())
+        .await
+        .expect("sent");
+    count += 1;
+    conn.send_bytes(&call_publish("w/2", 2), SendOptions::new())
+        .await
+        .expect("sent");
+    let mut topics = Vec::new();
+    if let Some(item) = item {
+        topics.push(item.payload.to_vec());
+    }
+    while topics.len() < 2 {
+        let msg = within(conn.receive()).await.expect("items");
+        assert_eq!(msg.conversation, sub.conversation);
+        topics.push(msg.payload.to_vec());
+    }
+    assert_eq!(
+        topics,
+        [
+            vec![0x92, 0x03, 0x92, 0xa3, b'w', b'/', b'1', 0x01],
+            vec![0x92, 0x03, 0x92, 0xa3, b'w', b'/', b'2', 0x02]
+        ]
+    );
+    assert_eq!(broker.stats().denied, count);
+}
+
+/// A rule file with a mistake is refused with the line named, never half-read.
+#[test]
+fn malformed_rule_files_are_refused_with_their_line() {
+    for (text, line) in [
+        ("identity x publish a/#/b", 1),
+        ("identity x subscribe a+", 1),
+        ("# fine\nidentity x", 2),
+        ("credential lonely", 1),
+        ("credential a b c", 1),
+        ("identity x subscribe + extra", 1),
+        ("identity x publish", 1),
+        ("anonymous register", 1),
+        ("anonymous frobnicate x", 1),
+        ("\n\nbogus", 3),
+        ("identity x introspect please", 1),
+        // After a `#` pattern, a comment needs its own `#`.
+        ("identity x subscribe # everything", 1),
+    ] {
+        match AccessControl::parse(text) {
+            Err(why) => assert!(why.starts_with(&format!("line {line}:")), "{text:?}: {why}"),
+            Ok(_) => panic!("{text:?} was accepted"),
+        }
+    }
+    assert!(AccessControl::parse("identity x subscribe # # everything\n\n# a comment\n").is_ok());
 }
