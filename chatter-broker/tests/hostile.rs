@@ -844,3 +844,83 @@ fn malformed_rule_files_are_refused_with_their_line() {
     }
     assert!(AccessControl::parse("identity x subscribe # # everything\n\n# a comment\n").is_ok());
 }
+
+/// A broadcast to a pattern that matches 40 peers that never read: each destination gets
+/// at most 1 024 messages queued (docs/SECURITY.md, "broadcast copies waiting for one
+/// destination"), the copies beyond are dropped and counted, the sender is not held up,
+/// and a bystander is served.
+#[tokio::test]
+async fn a_broadcast_to_peers_that_never_read_is_bounded_per_destination() {
+    let broker = listen(BrokerOptions::default()).await;
+    let (_bus, good) = bystander(&broker, "good").await;
+    let small = Options::default().max_frame_size(2048).receive_window(4096);
+    let mut silent = Vec::new();
+    for i in 0..40 {
+        let conn = chatter_core::connect(&broker.addresses()[0], small.clone())
+            .await
+            .expect("connect");
+        let reply = ask(
+            &conn,
+            &call("register", &encoded(&(format!("n-{i}"), false))),
+        )
+        .await;
+        assert_eq!(said(&reply.payload), Said::Ok);
+        silent.push(conn); // and never read again
+    }
+    let sender = raw(&broker).await;
+    const SIGNALS: u64 = 3000;
+    for i in 0..SIGNALS {
+        let signal = request(1, "n-*/obj", "m", 60_000, &[], &encoded(&(i,)));
+        within(sender.send_bytes(&signal, SendOptions::new()))
+            .await
+            .expect("the sender is not held up");
+    }
+    // Taken in order: once this is answered, every broadcast before it was.
+    let barrier = ask(&sender, &call("publish", &encoded(&("barrier", 1)))).await;
+    assert_eq!(said(&barrier.payload), Said::Ok);
+    let stats = broker.stats();
+    assert_eq!(stats.broadcasts, SIGNALS);
+    let mut seen = 0;
+    for peer in peers(&sender).await {
+        if peer.name.as_deref().is_some_and(|n| n.starts_with("n-")) {
+            assert!(peer.queued <= 1024, "{peer:?}");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 40);
+    assert!(
+        stats.discarded >= 40 * (SIGNALS - 1024 - 100),
+        "copies beyond the backlog are dropped and counted: {stats:?}"
+    );
+    assert_eq!(within(good.add(3, 4)).await.expect("served"), 7);
+    drop(silent);
+}
+
+/// Reliable signals on 1 025 streams to one destination: the 1 025th (stream, destination)
+/// pair is over the broker's limit of 1 024 per connection and acked *failed* at once by
+/// the broker; the others reach the callee and are acked by it.
+#[tokio::test]
+async fn reliable_signal_streams_beyond_the_limit_are_acked_failed() {
+    let broker = listen(BrokerOptions::default()).await;
+    let (_bus, good) = bystander(&broker, "good").await;
+    let sender = raw(&broker).await;
+    for stream in 1..=1025u64 {
+        let signal = reliable(stream, 1, "good/calc", "note", &encoded(&("x",)));
+        sender
+            .send_bytes(&signal, SendOptions::new())
+            .await
+            .expect("sent");
+    }
+    let mut failed = Vec::new();
+    for _ in 0..1025 {
+        let msg = within(sender.receive()).await.expect("an ack");
+        let (kind, stream, seq, status): (u8, u64, u64, u64) =
+            msgpack::decode(&msg.payload).expect("an ack");
+        assert_eq!((kind, seq), (4, 1));
+        if status != 0 {
+            failed.push((stream, status));
+        }
+    }
+    assert_eq!(failed, [(1025, 2)]);
+    assert_eq!(within(good.add(1, 2)).await.expect("served"), 3);
+}
