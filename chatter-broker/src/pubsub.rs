@@ -473,6 +473,12 @@ struct SubState {
     ended: bool,
     /// Publications dropped since the last batch was taken: told with the next item.
     missed: u64,
+    /// The `missed` the batch in flight tells, given back to `missed` if it is refused.
+    missed_in_flight: u64,
+    /// The largest batch payload the subscriber's frames take, once a batch was refused
+    /// as too large (`usize::MAX` until then: chatter-core does not tell a peer's
+    /// `max_frame_size` before).
+    frame: usize,
 }
 
 impl std::fmt::Debug for Sub {
@@ -502,6 +508,7 @@ impl Sub {
             window,
             state: Mutex::new(SubState {
                 credit: window,
+                frame: usize::MAX,
                 ..SubState::default()
             }),
             delivered: AtomicU64::new(0),
@@ -664,20 +671,21 @@ impl Sub {
             } else {
                 self.take_batch(&mut st)
             };
-            let Some((payload, keep)) = batch else {
+            let Some((payload, items)) = batch else {
                 st.pumping = false;
                 return;
             };
             st.in_flight = true;
             drop(st);
-            self.link.send_items(self, payload, keep);
+            self.link.send_items(self, payload, items);
             st = lock(&self.state);
         }
     }
 
-    /// The next batch `[3, item, …]` within the credit, and what its items keep; drops
-    /// expired items on the way.
-    fn take_batch(&self, st: &mut SubState) -> Option<(Vec<u8>, Vec<Keep>)> {
+    /// The next batch `[3, item, …]` within the credit and the subscriber's frames, and
+    /// its items (kept until it was sent, to be queued again if its frame was too large);
+    /// drops expired items on the way.
+    fn take_batch(&self, st: &mut SubState) -> Option<(Vec<u8>, Vec<Item>)> {
         let now = Instant::now();
         let mut items: Vec<Item> = Vec::new();
         let mut bytes = 0usize;
@@ -695,9 +703,11 @@ impl Sub {
             // The cost of the batch with this item: its payload (≤ bytes + header) and 64
             // per item.
             let cost = (bytes + len + 6) as u64 + ITEM_COST * (items.len() as u64 + 1);
-            let full = !items.is_empty() && (bytes + len > GATHER || items.len() >= MAX_BATCH);
-            if items.is_empty() && cost > self.window {
-                // Larger than the subscriber's whole window: it would wait forever.
+            let full = !items.is_empty()
+                && (bytes + len > GATHER || bytes + len + 6 > st.frame || items.len() >= MAX_BATCH);
+            if items.is_empty() && (cost > self.window || len + 6 > st.frame) {
+                // Larger than the subscriber's whole window, or than its frames: it would
+                // wait forever, or never be sent.
                 if let Some(item) = self.dequeue(st) {
                     st.missed += 1;
                     self.count_dropped(1);
@@ -734,26 +744,60 @@ impl Sub {
         let n = u32::try_from(items.len()).unwrap_or(u32::MAX);
         msgpack::write_array_len(&mut payload, n.saturating_add(1));
         msgpack::write_uint(&mut payload, 3);
-        let mut keep = Vec::with_capacity(items.len());
-        for (i, item) in items.into_iter().enumerate() {
-            let missed = if i == 0 {
-                std::mem::take(&mut st.missed)
-            } else {
-                0
-            };
+        st.missed_in_flight = std::mem::take(&mut st.missed);
+        for (i, item) in items.iter().enumerate() {
+            let missed = if i == 0 { st.missed_in_flight } else { 0 };
             write_item(&mut payload, &item.topic, &item.value, missed);
-            keep.push(item.keep);
         }
-        let cost = payload.len() as u64 + ITEM_COST * keep.len() as u64;
+        let cost = payload.len() as u64 + ITEM_COST * items.len() as u64;
         st.credit = st.credit.saturating_sub(cost);
-        Some((payload, keep))
+        Some((payload, items))
+    }
+
+    /// The subscriber's connection refused the batch `send_items` was given (`payload`
+    /// bytes) as larger than its frames, whose payload can be at most `frame` bytes: its
+    /// items are queued again, to go in batches that fit, and its credit comes back; a
+    /// single item that does not fit is dropped and told as missed. (Batches gather up to
+    /// 8 KiB, and chatter-core lets a peer take frames as small as 64 bytes: such a
+    /// subscriber used to lose every batch of several items, silently.)
+    pub(crate) fn refused(self: &Arc<Self>, items: Vec<Item>, payload: usize, frame: usize) {
+        let mut lost = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            st.frame = st.frame.min(frame);
+            st.credit = st
+                .credit
+                .saturating_add(payload as u64 + ITEM_COST * items.len() as u64);
+            st.missed += std::mem::take(&mut st.missed_in_flight);
+            st.in_flight = false;
+            if items.len() == 1 || st.ended {
+                if !st.ended {
+                    st.missed += 1;
+                }
+                lost = items;
+            } else {
+                let counters = &self.state().counters;
+                for item in items.into_iter().rev() {
+                    st.queued += item.size();
+                    counters.add_queued_publications(item.size() as u64);
+                    st.queue.push_front(item);
+                }
+            }
+        }
+        if !lost.is_empty() {
+            self.count_dropped(lost.len() as u64);
+        }
+        for item in lost {
+            self.lost(item.keep);
+        }
+        self.pump();
     }
 
     /// The link sent (or could not send) the batch `send_items` was given.
-    pub(crate) fn settled(self: &Arc<Self>, sent: bool, keep: Vec<Keep>) {
-        let n = keep.len() as u64;
-        for k in keep {
-            if let Some(acked) = &k.acked {
+    pub(crate) fn settled(self: &Arc<Self>, sent: bool, items: Vec<Item>) {
+        let n = items.len() as u64;
+        for item in items {
+            if let Some(acked) = &item.keep.acked {
                 acked.settled(sent, self);
             }
         }

@@ -29,7 +29,7 @@ use crate::access::Rules;
 use crate::broker::BrokerState;
 use crate::envelope::{self, Envelope, Request};
 use crate::introspect::{self, PeerInfo, SubscriptionInfo};
-use crate::pubsub::{self, Acked, Held, Keep, Publication, Sub};
+use crate::pubsub::{self, Acked, Held, Item, Publication, Sub};
 use crate::{SubscribeError, BROKER_OBJECT};
 
 /// A broadcast copy is not queued for a destination with this many messages waiting.
@@ -157,8 +157,9 @@ enum Target {
     /// A message of the broker's own in a conversation of this link, ending it or not
     /// (a subscription's opening and end).
     Say { conv: Conversation, last: bool },
-    /// A batch of a subscription's items, and what they keep until sent.
-    Items { sub: Arc<Sub>, keep: Vec<Keep> },
+    /// A batch of a subscription's items (kept until sent: queued again if the batch is
+    /// too large for the subscriber's frames).
+    Items { sub: Arc<Sub>, items: Vec<Item> },
     /// A one-shot copy of a broadcast signal, holding its share of the sender's credit.
     Copy(#[allow(dead_code)] Arc<Held>),
 }
@@ -1026,11 +1027,11 @@ impl Link {
     }
 
     /// A batch of `sub`'s items; `sub.settled` is told when it went or could not.
-    pub(crate) fn send_items(self: &Arc<Self>, sub: &Arc<Sub>, payload: Vec<u8>, keep: Vec<Keep>) {
+    pub(crate) fn send_items(self: &Arc<Self>, sub: &Arc<Sub>, payload: Vec<u8>, items: Vec<Item>) {
         self.forward(Forward {
             target: Target::Items {
                 sub: sub.clone(),
-                keep,
+                items,
             },
             head: Vec::new(),
             patch: Patch::None,
@@ -1308,7 +1309,7 @@ impl Link {
                     Target::Continue { last: true, .. } => {
                         lock(&self.routes).map.remove(&conv.id());
                     }
-                    Target::Items { sub, keep } => sub.settled(true, keep),
+                    Target::Items { sub, items } => sub.settled(true, items),
                     _ => {}
                 }
                 give_back(item.credit);
@@ -1327,8 +1328,17 @@ impl Link {
                     self.answer(conv, failure, item.credit);
                     return;
                 }
-                if let Target::Items { sub, keep } = item.target {
-                    sub.settled(false, keep);
+                if let Target::Items { sub, items } = item.target {
+                    match e {
+                        SendError::TooLarge { size, max } => {
+                            // The frame's header is what it adds to the payload; ids grow
+                            // by up to 16 bytes, hence the margin.
+                            let header = size.saturating_sub(item.tail.len());
+                            let frame = (max as usize).saturating_sub(header + 16);
+                            sub.refused(items, item.tail.len(), frame);
+                        }
+                        _ => sub.settled(false, items),
+                    }
                     give_back(item.credit);
                     return;
                 }
@@ -1357,8 +1367,8 @@ impl Link {
             Skip::Expired => counters.bump(&counters.signals_expired),
             Skip::Orphaned => counters.bump(&counters.discarded),
         }
-        if let Target::Items { sub, keep } = item.target {
-            sub.settled(false, keep);
+        if let Target::Items { sub, items } = item.target {
+            sub.settled(false, items);
         }
         give_back(item.credit);
     }
@@ -1369,7 +1379,7 @@ impl Link {
         self.state.counters.bump(&self.state.counters.discarded);
         match item.target {
             Target::Open { pair, .. } => lost_b(&pair, why),
-            Target::Items { sub, keep } => sub.settled(false, keep),
+            Target::Items { sub, items } => sub.settled(false, items),
             _ => {}
         }
         give_back(item.credit);
