@@ -1320,9 +1320,13 @@ impl Link {
             Err(e) => {
                 tracing::debug!(to = %self.display_name(), error = %e, "message not forwarded");
                 self.state.counters.bump(&self.state.counters.discarded);
-                if let Target::Answer(conv) = item.target {
+                if let (Target::Answer(conv), SendError::TooLarge { .. }) = (&item.target, &e) {
                     // The broker's own answer did not fit (a long peer list, say): the
-                    // caller gets a short failure instead of waiting for nothing.
+                    // caller gets a short failure instead of waiting for nothing. Only
+                    // then: a short answer would fail as this one did for any other
+                    // cause (the conversation ended, not the broker's turn), and would
+                    // be answered again, without end (a stack overflow).
+                    let conv = *conv;
                     let why = format!("the broker's answer could not be sent: {e}");
                     let failure = envelope::failure(envelope::FAILURE_PROTOCOL, &why);
                     self.answer(conv, failure, item.credit);
@@ -1338,6 +1342,37 @@ impl Link {
                             sub.refused(items, item.tail.len(), frame);
                         }
                         _ => sub.settled(false, items),
+                    }
+                    give_back(item.credit);
+                    return;
+                }
+                if let (
+                    Target::Continue {
+                        pair,
+                        to_b: false,
+                        last,
+                        ..
+                    },
+                    SendError::TooLarge { .. },
+                ) = (&item.target, &e)
+                {
+                    // A callee's message that cannot reach its caller (larger than the
+                    // caller's frames): the caller used to wait for it until its deadline,
+                    // and its route stayed until it disconnected. It gets a failure in its
+                    // place (the broker speaks for the callee, which held the turn), and
+                    // the callee's side ends as when a caller vanishes.
+                    let why = format!(
+                        "the broker could not forward a message from {} in this call: {e}",
+                        pair.b.display_name()
+                    );
+                    lock(&self.routes).map.remove(&pair.a_conv.id());
+                    let b_turn = pair.b_turn.load(Ordering::Acquire);
+                    if !*last {
+                        lost_a(pair, &why);
+                    }
+                    if *last || b_turn {
+                        let failure = envelope::failure(envelope::FAILURE_PROTOCOL, &why);
+                        self.answer(pair.a_conv, failure, None);
                     }
                     give_back(item.credit);
                     return;

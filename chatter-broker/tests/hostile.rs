@@ -1030,3 +1030,89 @@ async fn a_subscriber_with_small_frames_gets_every_publication_or_is_told() {
         "{stats:?}"
     );
 }
+
+/// A callee (by hand) answers a routed call with a reply larger than the caller's frames:
+/// the caller gets a failure at once instead of waiting for its deadline, and the broker
+/// keeps no route for the call.
+#[tokio::test]
+async fn a_reply_too_large_for_the_callers_frames_fails_the_call_at_once() {
+    let broker = listen(BrokerOptions::default()).await;
+    let callee = raw(&broker).await;
+    let registered = ask(&callee, &call("register", &encoded(&("big", false)))).await;
+    assert_eq!(said(&registered.payload), Said::Ok);
+    let small = Options::default()
+        .max_frame_size(2048)
+        .receive_window(1 << 20);
+    let caller = chatter_core::connect(&broker.addresses()[0], small)
+        .await
+        .expect("connect");
+    let plain = request(0, "big/obj", "m", 600_000, &[], &encoded(&()));
+    let conv = caller
+        .send_bytes(&plain, SendOptions::new().last(false))
+        .await
+        .expect("sent");
+    let routed = within(callee.receive()).await.expect("the call");
+    let reply = encoded(&(0, "x".repeat(4000)));
+    callee
+        .send_bytes(&reply, SendOptions::new().conversation(routed.conversation))
+        .await
+        .expect("the callee's frames take it");
+    let answer = within(caller.receive())
+        .await
+        .expect("an answer, not a wait");
+    assert_eq!(answer.conversation, conv);
+    assert!(answer.last);
+    assert_eq!(said(&answer.payload), Said::Failure(7));
+
+    // A result stream whose item is too large: the caller's stream fails, the callee's
+    // handler is cancelled.
+    let mut window = Vec::new();
+    msgpack::write_uint(&mut window, 1 << 20);
+    let stream = request(12, "big/obj", "s", 600_000, &[&window], &encoded(&()));
+    let conv = caller
+        .send_bytes(&stream, SendOptions::new().last(false))
+        .await
+        .expect("sent");
+    let routed = within(callee.receive()).await.expect("the stream call");
+    let at = SendOptions::new()
+        .conversation(routed.conversation)
+        .last(false)
+        .token(false);
+    callee
+        .send_bytes(&[0x92, 0x00, 0xc0], at.clone())
+        .await
+        .expect("opening");
+    let item = encoded(&(3, "x".repeat(4000)));
+    callee.send_bytes(&item, at).await.expect("item");
+    let opening = within(caller.receive()).await.expect("the opening");
+    assert_eq!(
+        (opening.conversation, said(&opening.payload)),
+        (conv, Said::Ok)
+    );
+    let end = within(caller.receive())
+        .await
+        .expect("a failure, not a wait");
+    assert_eq!(end.conversation, conv);
+    assert!(end.last);
+    assert_eq!(said(&end.payload), Said::Failure(7));
+    let cancel = within(callee.receive()).await.expect("a cancel");
+    let (kind, id): (u8, u64) = msgpack::decode(&cancel.payload).expect("[2, call]");
+    assert_eq!((kind, id), (2, routed.conversation.first_id()));
+    // The callee ends its side, as a handler does when cancelled.
+    let done = SendOptions::new()
+        .conversation(routed.conversation)
+        .last(true);
+    callee
+        .send_bytes(&envelope_failure(2), done)
+        .await
+        .expect("end");
+    let barrier = ask(&callee, &call("stats", &encoded(&()))).await;
+    assert_eq!(said(&barrier.payload), Said::Ok);
+    let peers = peers(&callee).await;
+    assert!(peers.iter().all(|p| p.routes == 0), "{peers:?}");
+}
+
+/// `[2, kind, "…"]`.
+fn envelope_failure(kind: u64) -> Vec<u8> {
+    encoded(&(2, kind, "failed"))
+}
