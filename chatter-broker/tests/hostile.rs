@@ -1079,7 +1079,7 @@ async fn a_reply_too_large_for_the_callers_frames_fails_the_call_at_once() {
         .last(false)
         .token(false);
     callee
-        .send_bytes(&[0x92, 0x00, 0xc0], at.clone())
+        .send_bytes(&[0x92, 0x00, 0xc0], at)
         .await
         .expect("opening");
     let item = encoded(&(3, "x".repeat(4000)));
