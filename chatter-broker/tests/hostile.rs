@@ -1116,3 +1116,87 @@ async fn a_reply_too_large_for_the_callers_frames_fails_the_call_at_once() {
 fn envelope_failure(kind: u64) -> Vec<u8> {
     encoded(&(2, kind, "failed"))
 }
+
+/// A presence subscription whose snapshot alone overflows it (policy `end`, a queue of 1
+/// byte, a window of one item) while 30 names are registered: it ends with failure 14 in
+/// the middle of its snapshot (under the broker's names lock), and nothing is stuck: names
+/// still come and go, a bystander is served.
+#[tokio::test]
+async fn a_presence_snapshot_that_overflows_an_end_subscription_ends_it_cleanly() {
+    let broker = listen(BrokerOptions::default()).await;
+    let (_bus, good) = bystander(&broker, "good").await;
+    let mut named = Vec::new();
+    for i in 0..30 {
+        let conn = raw(&broker).await;
+        let reply = ask(
+            &conn,
+            &call("register", &encoded(&(format!("p-{i}"), false))),
+        )
+        .await;
+        assert_eq!(said(&reply.payload), Said::Ok);
+        named.push(conn);
+    }
+    let watcher = raw(&broker).await;
+    let mut args = Vec::new();
+    msgpack::write_array_len(&mut args, 2);
+    msgpack::write_str(&mut args, "$broker/presence/+");
+    msgpack::write_map_len(&mut args, 2);
+    msgpack::write_str(&mut args, "policy");
+    msgpack::write_str(&mut args, "end");
+    msgpack::write_str(&mut args, "queue_bytes");
+    msgpack::write_uint(&mut args, 1);
+    let opening = ask(&watcher, &stream_call("subscribe", 120, &args)).await;
+    assert_eq!(said(&opening.payload), Said::Ok);
+    let end = within(async {
+        loop {
+            let msg = watcher.receive().await.expect("items, then the end");
+            if msg.last {
+                return msg;
+            }
+        }
+    })
+    .await;
+    assert_eq!(said(&end.payload), Said::Failure(14));
+    // Names still come and go; the bystander is served.
+    named.pop().expect("one").close().await;
+    let newcomer = raw(&broker).await;
+    let reply = ask(&newcomer, &call("register", &encoded(&("p-new", false)))).await;
+    assert_eq!(said(&reply.payload), Said::Ok);
+    assert_eq!(within(good.add(5, 5)).await.expect("served"), 10);
+    let stats = until(&broker, |s| s.subscriptions == 0 && s.names == 31).await;
+    assert_eq!(stats.queued_publication_bytes, 0, "{stats:?}");
+}
+
+/// A window of 0 (`[12, …, window 0, …]`): the subscription is made, and every publication
+/// costs more than the whole window, so it is dropped and counted (PROTOCOL.md: "an item
+/// that costs more than the subscriber's whole window is dropped"), even after grants:
+/// nothing waits in the broker for a subscriber that cannot take it.
+#[tokio::test]
+async fn a_subscription_with_a_zero_window_holds_nothing() {
+    let broker = listen(BrokerOptions::default()).await;
+    let conn = raw(&broker).await;
+    let sub = ask(&conn, &stream_call("subscribe", 0, &encoded(&("z/#",)))).await;
+    assert_eq!(said(&sub.payload), Said::Ok);
+    let grant = encoded(&(15, sub.conversation.first_id(), 1u64 << 20));
+    conn.send_bytes(&grant, SendOptions::new())
+        .await
+        .expect("sent");
+    let publisher = raw(&broker).await;
+    for i in 0..10u64 {
+        let p = call_publish("z/1", i);
+        publisher
+            .send_bytes(&p, SendOptions::new())
+            .await
+            .expect("sent");
+    }
+    let report = ask(&publisher, &call("publish", &encoded(&("z/2", 1)))).await;
+    let (_, report): (u8, chatter_broker::PublishReport) =
+        msgpack::decode(&report.payload).expect("a report");
+    assert_eq!((report.subscribers, report.delivered), (1, 0));
+    let stats = broker.stats();
+    assert_eq!(
+        (stats.dropped_deliveries, stats.queued_publication_bytes),
+        (11, 0),
+        "{stats:?}"
+    );
+}
