@@ -145,6 +145,13 @@ enum Target {
     Open { pair: Arc<Pair>, token: bool },
     /// A one-shot message.
     OneShot,
+    /// A reliable signal from `from` (its stream id there, and its sequence number as
+    /// encoded): acked *failed* to its sender if it cannot be sent.
+    Reliable {
+        from: Arc<Link>,
+        stream: u64,
+        seq: Vec<u8>,
+    },
     /// A message in the pair's conversation, on `b` (`to_b`) or on `a`.
     Continue {
         pair: Arc<Pair>,
@@ -420,6 +427,12 @@ impl Link {
             }
             let pair = self.pair(msg.conversation, &dest, true);
             Target::Open { pair, token: true }
+        } else if let Some((stream, seq)) = request.reliable {
+            Target::Reliable {
+                from: self.clone(),
+                stream,
+                seq: msg.payload[seq.0..seq.1].to_vec(),
+            }
         } else {
             Target::OneShot
         };
@@ -1247,7 +1260,7 @@ impl Link {
                 }
                 SendOptions::new().last(false).token(*token)
             }
-            Target::OneShot | Target::Copy(_) => SendOptions::new(),
+            Target::OneShot | Target::Reliable { .. } | Target::Copy(_) => SendOptions::new(),
             Target::Say { conv, last } => SendOptions::new()
                 .conversation(*conv)
                 .last(*last)
@@ -1376,6 +1389,11 @@ impl Link {
                     }
                     give_back(item.credit);
                     return;
+                }
+                if let Target::Reliable { from, stream, seq } = &item.target {
+                    // Larger than the destination's frames, say: it will never be sent, so
+                    // its sender learns it now instead of sending it again until its TTL.
+                    from.one_shot(envelope::ack(*stream, seq, envelope::ACK_FAILED));
                 }
                 if let Target::Open { pair, .. } = &item.target {
                     lock(&pair.a.routes).map.remove(&pair.a_conv.id());

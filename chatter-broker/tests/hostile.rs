@@ -1200,3 +1200,36 @@ async fn a_subscription_with_a_zero_window_holds_nothing() {
         "{stats:?}"
     );
 }
+
+/// A reliable signal larger than its destination's frames: acked *failed* at once, so that
+/// its sender does not send it again and again until its TTL (it was dropped silently).
+#[tokio::test]
+async fn a_reliable_signal_too_large_for_its_destination_is_acked_failed() {
+    let broker = listen(BrokerOptions::default()).await;
+    let small = Options::default()
+        .max_frame_size(2048)
+        .receive_window(1 << 20);
+    let tiny = chatter_core::connect(&broker.addresses()[0], small)
+        .await
+        .expect("connect");
+    let reply = ask(&tiny, &call("register", &encoded(&("tiny", false)))).await;
+    assert_eq!(said(&reply.payload), Said::Ok);
+    let sender = raw(&broker).await;
+    let big = reliable(9, 300, "tiny/obj", "m", &encoded(&("x".repeat(4000),)));
+    sender
+        .send_bytes(&big, SendOptions::new())
+        .await
+        .expect("sent");
+    let ack = within(sender.receive()).await.expect("an ack");
+    let (kind, stream, seq, status): (u8, u64, u64, u64) =
+        msgpack::decode(&ack.payload).expect("[4, stream, seq, status]");
+    assert_eq!((kind, stream, seq, status), (4, 9, 300, 2));
+    // A small one still goes through.
+    let small = reliable(9, 301, "tiny/obj", "m", &encoded(&("x",)));
+    sender
+        .send_bytes(&small, SendOptions::new())
+        .await
+        .expect("sent");
+    let got = within(tiny.receive()).await.expect("the small one");
+    assert!(got.first && got.last);
+}
