@@ -1390,6 +1390,39 @@ impl Link {
                     give_back(item.credit);
                     return;
                 }
+                if let (
+                    Target::Continue {
+                        pair,
+                        to_b: true,
+                        last: false,
+                        ..
+                    },
+                    SendError::TooLarge { .. },
+                ) = (&item.target, &e)
+                {
+                    if !pair.b_turn.load(Ordering::Acquire)
+                        && !pair.ended.swap(true, Ordering::AcqRel)
+                    {
+                        // A caller's message the callee cannot take (an argument stream's
+                        // item larger than its frames): dropping it alone would let the
+                        // stream go on without it, and the callee compute on what is left.
+                        // The broker holds the caller's turn there: it fails the stream
+                        // (PROTOCOL.md, "the argument stream failed"), and drops the rest.
+                        if let Some(conv) = pair.b_conv.get().copied() {
+                            lock(&self.routes).map.remove(&conv.id());
+                            let why = format!(
+                                "the broker could not forward a message from {} to {}: {e}",
+                                pair.a.display_name(),
+                                self.display_name()
+                            );
+                            let failure = envelope::failure(envelope::FAILURE_PROTOCOL, &why);
+                            self.answer(conv, failure, None);
+                        }
+                        lock(&pair.a.routes).map.remove(&pair.a_conv.id());
+                    }
+                    give_back(item.credit);
+                    return;
+                }
                 if let Target::Reliable { from, stream, seq } = &item.target {
                     // Larger than the destination's frames, say: it will never be sent, so
                     // its sender learns it now instead of sending it again until its TTL.

@@ -1233,3 +1233,66 @@ async fn a_reliable_signal_too_large_for_its_destination_is_acked_failed() {
     let got = within(tiny.receive()).await.expect("the small one");
     assert!(got.first && got.last);
 }
+
+/// A caller's argument-stream item larger than the callee's frames: the callee's stream
+/// fails (`[2, 7, …]`, `last`) instead of going on without the item (its handler would
+/// have computed on what was left), and the rest of that stream is dropped.
+#[tokio::test]
+async fn an_argument_item_too_large_for_the_callees_frames_fails_its_stream() {
+    let broker = listen(BrokerOptions::default()).await;
+    let small = Options::default()
+        .max_frame_size(2048)
+        .receive_window(1 << 20);
+    let callee = chatter_core::connect(&broker.addresses()[0], small)
+        .await
+        .expect("connect");
+    let registered = ask(&callee, &call("register", &encoded(&("sum", false)))).await;
+    assert_eq!(said(&registered.payload), Said::Ok);
+    let caller = raw(&broker).await;
+    let plain = request(0, "sum/obj", "sum", 600_000, &[], &encoded(&((),)));
+    let call_conv = caller
+        .send_bytes(&plain, SendOptions::new().last(false))
+        .await
+        .expect("sent");
+    let routed = within(callee.receive()).await.expect("the call");
+    assert!(routed.first);
+    // `[14, call]` opens the argument stream; the caller keeps the turn.
+    let stream_conv = caller
+        .send_bytes(
+            &encoded(&(14, call_conv.first_id())),
+            SendOptions::new().last(false).token(false),
+        )
+        .await
+        .expect("sent");
+    let opened = within(callee.receive())
+        .await
+        .expect("the stream's opening");
+    let (kind, id): (u8, u64) = msgpack::decode(&opened.payload).expect("[14, call]");
+    assert_eq!((kind, id), (14, routed.conversation.first_id()));
+    let at = SendOptions::new()
+        .conversation(stream_conv)
+        .last(false)
+        .token(false);
+    caller
+        .send_bytes(&encoded(&(3, 1)), at)
+        .await
+        .expect("a small item");
+    caller
+        .send_bytes(&encoded(&(3, "x".repeat(4000))), at)
+        .await
+        .expect("a large item");
+    caller
+        .send_bytes(&encoded(&(3, 2)), at)
+        .await
+        .expect("a small item after it");
+    let first = within(callee.receive()).await.expect("the first item");
+    assert_eq!(&first.payload[..], &[0x92, 0x03, 0x01]);
+    let failed = within(callee.receive()).await.expect("the stream fails");
+    assert_eq!(failed.conversation, opened.conversation);
+    assert!(failed.last);
+    assert_eq!(said(&failed.payload), Said::Failure(7));
+    // The item after it is not delivered: the callee's next message is the broker's
+    // answer to this.
+    let barrier = ask(&callee, &call("stats", &encoded(&()))).await;
+    assert_eq!(said(&barrier.payload), Said::Ok);
+}
