@@ -102,7 +102,10 @@ impl BrokerOptions {
         self
     }
 
-    /// The longest topic or subscription pattern accepted, in bytes (default 1024).
+    /// The longest topic or subscription pattern accepted, in bytes (default 1024). It
+    /// also bounds what a subscription's pattern costs in the broker's topic trie: about
+    /// 500 bytes per level no other pattern shares, so up to about 500 × this many bytes
+    /// for a pattern of empty levels (docs/SECURITY.md).
     pub fn max_topic_len(mut self, bytes: usize) -> Self {
         self.max_topic_len = bytes;
         self
@@ -527,6 +530,14 @@ impl BrokerState {
             return Err(invalid(format!(
                 "contains `{ROUTE_SEPARATOR}` or a control character"
             )));
+        }
+        // A `*` in the peer part of `peer/object` makes a request a broadcast (signals) or
+        // a refused call, so a peer registered under such a name could never be called:
+        // refuse it rather than let it wait for calls that cannot reach it.
+        if name.contains('*') {
+            return Err(invalid(
+                "contains `*`, which makes `name/object` a name pattern (broadcast)".into(),
+            ));
         }
         Ok(())
     }

@@ -56,7 +56,7 @@
 //! own object ([`BrokerApi`]) and chatter-rpc's `chatter.introspect`.
 //!
 //! - **Names**: one per connection, at most [`BrokerOptions::max_name_len`] bytes, without
-//!   `/` or control characters. A name held by a connected peer is refused
+//!   `/`, `*` (which makes `name/object` a broadcast) or control characters. A name held by a connected peer is refused
 //!   ([`RegisterError::NameTaken`]) unless the newcomer asks to take it over
 //!   ([`BusOptions::take_over`]), which disconnects the holder. A name is free again once
 //!   its connection closed.

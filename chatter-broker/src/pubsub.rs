@@ -178,21 +178,45 @@ impl<S: Entry> Node<S> {
             && self.here.is_empty()
     }
 
-    fn collect(&self, levels: &[&str], first: bool, out: &mut Vec<S>) {
-        let dollar = first && levels.first().is_some_and(|l| l.starts_with('$'));
-        if !dollar {
-            out.extend(self.hash.iter().cloned());
+    /// Whether the node on a path holds nothing but the path's next node (`last`: nothing
+    /// at all), so that pruning may remove it.
+    fn holds_only_the_path(&self, last: bool) -> bool {
+        if last {
+            return self.is_empty();
         }
-        match levels.split_first() {
-            None => out.extend(self.here.iter().cloned()),
-            Some((level, rest)) => {
-                if let Some(child) = self.children.get(*level) {
-                    child.collect(rest, false, out);
-                }
-                if let (Some(plus), false) = (&self.plus, dollar) {
-                    plus.collect(rest, false, out);
-                }
-            }
+        self.hash.is_empty()
+            && self.here.is_empty()
+            && self.children.len() + usize::from(self.plus.is_some()) == 1
+    }
+
+    /// The child along `level` of a pattern.
+    fn step(&self, level: &str) -> Option<&Node<S>> {
+        match level {
+            "+" => self.plus.as_deref(),
+            _ => self.children.get(level),
+        }
+    }
+
+    fn step_mut(&mut self, level: &str) -> Option<&mut Node<S>> {
+        match level {
+            "+" => self.plus.as_deref_mut(),
+            _ => self.children.get_mut(level),
+        }
+    }
+}
+
+/// Dropped without recursion: a trie is as deep as its longest pattern has levels, which
+/// `max_topic_len` lets an operator raise far beyond what a task's stack holds (a
+/// recursive drop of a 200,000-level pattern overflowed the stack and aborted the
+/// process).
+impl<S> Drop for Node<S> {
+    fn drop(&mut self) {
+        let mut below: Vec<Node<S>> = self.children.drain().map(|(_, node)| node).collect();
+        below.extend(self.plus.take().map(|node| *node));
+        while let Some(mut node) = below.pop() {
+            below.extend(node.children.drain().map(|(_, node)| node));
+            below.extend(node.plus.take().map(|node| *node));
+            // `node` drops here with no children left.
         }
     }
 }
@@ -229,49 +253,85 @@ impl<S: Entry> Topics<S> {
         self.len += 1;
     }
 
+    /// Takes `sub` out and prunes the nodes left empty. Without recursion, as
+    /// [`Topics::matching`].
     pub(crate) fn remove(&mut self, sub: &S) {
-        let levels: Vec<&str> = sub.pattern().split('/').collect();
-        if remove_at(&mut self.root, &levels, sub) {
-            self.len -= 1;
+        let mut levels: Vec<&str> = sub.pattern().split('/').collect();
+        let in_hash = levels.last() == Some(&"#");
+        if in_hash {
+            levels.pop();
         }
-    }
-
-    /// The subscriptions whose pattern matches `topic`, each once.
-    pub(crate) fn matching(&self, topic: &str, out: &mut Vec<S>) {
-        let levels: Vec<&str> = topic.split('/').collect();
-        self.root.collect(&levels, true, out);
-    }
-}
-
-/// Removes `sub` below `node` (following `levels`) and prunes the nodes left empty.
-fn remove_at<S: Entry>(node: &mut Node<S>, levels: &[&str], sub: &S) -> bool {
-    let take = |list: &mut Vec<S>| {
+        let mut node = &mut self.root;
+        for level in &levels {
+            match node.step_mut(level) {
+                Some(next) => node = next,
+                None => return,
+            }
+        }
+        let list = if in_hash {
+            &mut node.hash
+        } else {
+            &mut node.here
+        };
         let before = list.len();
         list.retain(|s| !s.same(sub));
-        before != list.len()
-    };
-    match levels.split_first() {
-        None => take(&mut node.here),
-        Some((&"#", _)) => take(&mut node.hash),
-        Some((&"+", rest)) => {
-            let Some(plus) = node.plus.as_mut() else {
-                return false;
-            };
-            let removed = remove_at(plus, rest, sub);
-            if plus.is_empty() {
-                node.plus = None;
-            }
-            removed
+        if before == list.len() {
+            return;
         }
-        Some((level, rest)) => {
-            let Some(child) = node.children.get_mut(*level) else {
-                return false;
-            };
-            let removed = remove_at(child, rest, sub);
-            if child.is_empty() {
-                node.children.remove(*level);
+        self.len -= 1;
+        // The highest node of the path below which nothing but the path is left: it goes,
+        // and the path below it with it.
+        let mut cut = None;
+        let mut node = &self.root;
+        for (depth, level) in levels.iter().enumerate() {
+            let Some(next) = node.step(level) else { return };
+            node = next;
+            if !node.holds_only_the_path(depth + 1 == levels.len()) {
+                cut = None;
+            } else if cut.is_none() {
+                cut = Some(depth);
             }
-            removed
+        }
+        let Some(cut) = cut else { return };
+        let mut parent = &mut self.root;
+        for level in &levels[..cut] {
+            match parent.step_mut(level) {
+                Some(next) => parent = next,
+                None => return,
+            }
+        }
+        match levels[cut] {
+            "+" => parent.plus = None,
+            level => {
+                parent.children.remove(level);
+            }
+        }
+    }
+
+    /// The subscriptions whose pattern matches `topic`, each once. Without recursion (an
+    /// explicit stack): the depth is the topic's number of levels, which `max_topic_len`
+    /// lets an operator raise far beyond what a task's stack holds.
+    pub(crate) fn matching(&self, topic: &str, out: &mut Vec<S>) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let dollar = levels.first().is_some_and(|l| l.starts_with('$'));
+        let mut stack: Vec<(&Node<S>, usize)> = vec![(&self.root, 0)];
+        while let Some((node, depth)) = stack.pop() {
+            // A pattern that begins with a wildcard does not match a `$` topic.
+            let wild_ok = !(depth == 0 && dollar);
+            if wild_ok {
+                out.extend(node.hash.iter().cloned());
+            }
+            match levels.get(depth) {
+                None => out.extend(node.here.iter().cloned()),
+                Some(level) => {
+                    if let Some(child) = node.children.get(*level) {
+                        stack.push((child, depth + 1));
+                    }
+                    if let (Some(plus), true) = (&node.plus, wild_ok) {
+                        stack.push((plus, depth + 1));
+                    }
+                }
+            }
         }
     }
 }
@@ -413,6 +473,12 @@ struct SubState {
     ended: bool,
     /// Publications dropped since the last batch was taken: told with the next item.
     missed: u64,
+    /// The `missed` the batch in flight tells, given back to `missed` if it is refused.
+    missed_in_flight: u64,
+    /// The largest batch payload the subscriber's frames take, once a batch was refused
+    /// as too large (`usize::MAX` until then: chatter-core does not tell a peer's
+    /// `max_frame_size` before).
+    frame: usize,
 }
 
 impl std::fmt::Debug for Sub {
@@ -442,6 +508,7 @@ impl Sub {
             window,
             state: Mutex::new(SubState {
                 credit: window,
+                frame: usize::MAX,
                 ..SubState::default()
             }),
             delivered: AtomicU64::new(0),
@@ -604,20 +671,21 @@ impl Sub {
             } else {
                 self.take_batch(&mut st)
             };
-            let Some((payload, keep)) = batch else {
+            let Some((payload, items)) = batch else {
                 st.pumping = false;
                 return;
             };
             st.in_flight = true;
             drop(st);
-            self.link.send_items(self, payload, keep);
+            self.link.send_items(self, payload, items);
             st = lock(&self.state);
         }
     }
 
-    /// The next batch `[3, item, …]` within the credit, and what its items keep; drops
-    /// expired items on the way.
-    fn take_batch(&self, st: &mut SubState) -> Option<(Vec<u8>, Vec<Keep>)> {
+    /// The next batch `[3, item, …]` within the credit and the subscriber's frames, and
+    /// its items (kept until it was sent, to be queued again if its frame was too large);
+    /// drops expired items on the way.
+    fn take_batch(&self, st: &mut SubState) -> Option<(Vec<u8>, Vec<Item>)> {
         let now = Instant::now();
         let mut items: Vec<Item> = Vec::new();
         let mut bytes = 0usize;
@@ -635,9 +703,11 @@ impl Sub {
             // The cost of the batch with this item: its payload (≤ bytes + header) and 64
             // per item.
             let cost = (bytes + len + 6) as u64 + ITEM_COST * (items.len() as u64 + 1);
-            let full = !items.is_empty() && (bytes + len > GATHER || items.len() >= MAX_BATCH);
-            if items.is_empty() && cost > self.window {
-                // Larger than the subscriber's whole window: it would wait forever.
+            let full = !items.is_empty()
+                && (bytes + len > GATHER || bytes + len + 6 > st.frame || items.len() >= MAX_BATCH);
+            if items.is_empty() && (cost > self.window || len + 6 > st.frame) {
+                // Larger than the subscriber's whole window, or than its frames: it would
+                // wait forever, or never be sent.
                 if let Some(item) = self.dequeue(st) {
                     st.missed += 1;
                     self.count_dropped(1);
@@ -674,26 +744,60 @@ impl Sub {
         let n = u32::try_from(items.len()).unwrap_or(u32::MAX);
         msgpack::write_array_len(&mut payload, n.saturating_add(1));
         msgpack::write_uint(&mut payload, 3);
-        let mut keep = Vec::with_capacity(items.len());
-        for (i, item) in items.into_iter().enumerate() {
-            let missed = if i == 0 {
-                std::mem::take(&mut st.missed)
-            } else {
-                0
-            };
+        st.missed_in_flight = std::mem::take(&mut st.missed);
+        for (i, item) in items.iter().enumerate() {
+            let missed = if i == 0 { st.missed_in_flight } else { 0 };
             write_item(&mut payload, &item.topic, &item.value, missed);
-            keep.push(item.keep);
         }
-        let cost = payload.len() as u64 + ITEM_COST * keep.len() as u64;
+        let cost = payload.len() as u64 + ITEM_COST * items.len() as u64;
         st.credit = st.credit.saturating_sub(cost);
-        Some((payload, keep))
+        Some((payload, items))
+    }
+
+    /// The subscriber's connection refused the batch `send_items` was given (`payload`
+    /// bytes) as larger than its frames, whose payload can be at most `frame` bytes: its
+    /// items are queued again, to go in batches that fit, and its credit comes back; a
+    /// single item that does not fit is dropped and told as missed. (Batches gather up to
+    /// 8 KiB, and chatter-core lets a peer take frames as small as 64 bytes: such a
+    /// subscriber used to lose every batch of several items, silently.)
+    pub(crate) fn refused(self: &Arc<Self>, items: Vec<Item>, payload: usize, frame: usize) {
+        let mut lost = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            st.frame = st.frame.min(frame);
+            st.credit = st
+                .credit
+                .saturating_add(payload as u64 + ITEM_COST * items.len() as u64);
+            st.missed += std::mem::take(&mut st.missed_in_flight);
+            st.in_flight = false;
+            if items.len() == 1 || st.ended {
+                if !st.ended {
+                    st.missed += 1;
+                }
+                lost = items;
+            } else {
+                let counters = &self.state().counters;
+                for item in items.into_iter().rev() {
+                    st.queued += item.size();
+                    counters.add_queued_publications(item.size() as u64);
+                    st.queue.push_front(item);
+                }
+            }
+        }
+        if !lost.is_empty() {
+            self.count_dropped(lost.len() as u64);
+        }
+        for item in lost {
+            self.lost(item.keep);
+        }
+        self.pump();
     }
 
     /// The link sent (or could not send) the batch `send_items` was given.
-    pub(crate) fn settled(self: &Arc<Self>, sent: bool, keep: Vec<Keep>) {
-        let n = keep.len() as u64;
-        for k in keep {
-            if let Some(acked) = &k.acked {
+    pub(crate) fn settled(self: &Arc<Self>, sent: bool, items: Vec<Item>) {
+        let n = items.len() as u64;
+        for item in items {
+            if let Some(acked) = &item.keep.acked {
                 acked.settled(sent, self);
             }
         }
@@ -879,5 +983,33 @@ mod tests {
         }
         assert_eq!(topics_trie.len(), 0);
         assert!(topics_trie.root.is_empty());
+    }
+
+    /// Patterns far deeper than a stack can recurse (an operator may raise
+    /// `max_topic_len`): inserted, matched, removed and dropped without recursion, and
+    /// pruning keeps what other patterns share.
+    #[test]
+    fn deep_patterns_need_no_deep_stack() {
+        let deep: Arc<str> = "/".repeat(100_000).into();
+        let plus: Arc<str> = format!("{}+", "/".repeat(100_000)).into();
+        let hash: Arc<str> = format!("{}#", "/".repeat(50_000)).into();
+        let mut trie = Topics::default();
+        for sub in [&deep, &plus, &hash] {
+            trie.insert(sub.clone());
+        }
+        let mut found = Vec::new();
+        trie.matching(&deep, &mut found);
+        assert_eq!(found.len(), 3);
+        trie.remove(&plus);
+        found.clear();
+        trie.matching(&deep, &mut found);
+        assert_eq!(found.len(), 2, "the shared path stays for the others");
+        trie.remove(&deep);
+        trie.remove(&hash);
+        assert!(trie.root.is_empty());
+        // And a deep trie dropped whole.
+        let mut trie = Topics::default();
+        trie.insert(deep.clone());
+        drop(trie);
     }
 }

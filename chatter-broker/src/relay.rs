@@ -29,7 +29,7 @@ use crate::access::Rules;
 use crate::broker::BrokerState;
 use crate::envelope::{self, Envelope, Request};
 use crate::introspect::{self, PeerInfo, SubscriptionInfo};
-use crate::pubsub::{self, Acked, Held, Keep, Publication, Sub};
+use crate::pubsub::{self, Acked, Held, Item, Publication, Sub};
 use crate::{SubscribeError, BROKER_OBJECT};
 
 /// A broadcast copy is not queued for a destination with this many messages waiting.
@@ -145,6 +145,13 @@ enum Target {
     Open { pair: Arc<Pair>, token: bool },
     /// A one-shot message.
     OneShot,
+    /// A reliable signal from `from` (its stream id there, and its sequence number as
+    /// encoded): acked *failed* to its sender if it cannot be sent.
+    Reliable {
+        from: Arc<Link>,
+        stream: u64,
+        seq: Vec<u8>,
+    },
     /// A message in the pair's conversation, on `b` (`to_b`) or on `a`.
     Continue {
         pair: Arc<Pair>,
@@ -157,8 +164,9 @@ enum Target {
     /// A message of the broker's own in a conversation of this link, ending it or not
     /// (a subscription's opening and end).
     Say { conv: Conversation, last: bool },
-    /// A batch of a subscription's items, and what they keep until sent.
-    Items { sub: Arc<Sub>, keep: Vec<Keep> },
+    /// A batch of a subscription's items (kept until sent: queued again if the batch is
+    /// too large for the subscriber's frames).
+    Items { sub: Arc<Sub>, items: Vec<Item> },
     /// A one-shot copy of a broadcast signal, holding its share of the sender's credit.
     Copy(#[allow(dead_code)] Arc<Held>),
 }
@@ -419,6 +427,12 @@ impl Link {
             }
             let pair = self.pair(msg.conversation, &dest, true);
             Target::Open { pair, token: true }
+        } else if let Some((stream, seq)) = request.reliable {
+            Target::Reliable {
+                from: self.clone(),
+                stream,
+                seq: msg.payload[seq.0..seq.1].to_vec(),
+            }
         } else {
             Target::OneShot
         };
@@ -598,6 +612,13 @@ impl Link {
             }
             give_back(credit);
             return;
+        }
+        if request.duration_ms == 0 {
+            // chatter-rpc's rule for a call with no time left (PROTOCOL.md, "Durations"):
+            // answered at once, not run, for every method of the broker's own as for
+            // `publish` (a `register` or `subscribe` with deadline 0 used to take effect).
+            let answer = envelope::failure(envelope::FAILURE_DEADLINE_EXCEEDED, "deadline 0");
+            return self.answer(msg.conversation, answer, credit);
         }
         if request.object == BROKER_OBJECT && method == b"subscribe" {
             return self.subscribe(msg, request, credit);
@@ -1019,11 +1040,11 @@ impl Link {
     }
 
     /// A batch of `sub`'s items; `sub.settled` is told when it went or could not.
-    pub(crate) fn send_items(self: &Arc<Self>, sub: &Arc<Sub>, payload: Vec<u8>, keep: Vec<Keep>) {
+    pub(crate) fn send_items(self: &Arc<Self>, sub: &Arc<Sub>, payload: Vec<u8>, items: Vec<Item>) {
         self.forward(Forward {
             target: Target::Items {
                 sub: sub.clone(),
-                keep,
+                items,
             },
             head: Vec::new(),
             patch: Patch::None,
@@ -1239,7 +1260,7 @@ impl Link {
                 }
                 SendOptions::new().last(false).token(*token)
             }
-            Target::OneShot | Target::Copy(_) => SendOptions::new(),
+            Target::OneShot | Target::Reliable { .. } | Target::Copy(_) => SendOptions::new(),
             Target::Say { conv, last } => SendOptions::new()
                 .conversation(*conv)
                 .last(*last)
@@ -1301,7 +1322,7 @@ impl Link {
                     Target::Continue { last: true, .. } => {
                         lock(&self.routes).map.remove(&conv.id());
                     }
-                    Target::Items { sub, keep } => sub.settled(true, keep),
+                    Target::Items { sub, items } => sub.settled(true, items),
                     _ => {}
                 }
                 give_back(item.credit);
@@ -1312,18 +1333,100 @@ impl Link {
             Err(e) => {
                 tracing::debug!(to = %self.display_name(), error = %e, "message not forwarded");
                 self.state.counters.bump(&self.state.counters.discarded);
-                if let Target::Answer(conv) = item.target {
+                if let (Target::Answer(conv), SendError::TooLarge { .. }) = (&item.target, &e) {
                     // The broker's own answer did not fit (a long peer list, say): the
-                    // caller gets a short failure instead of waiting for nothing.
+                    // caller gets a short failure instead of waiting for nothing. Only
+                    // then: a short answer would fail as this one did for any other
+                    // cause (the conversation ended, not the broker's turn), and would
+                    // be answered again, without end (a stack overflow).
+                    let conv = *conv;
                     let why = format!("the broker's answer could not be sent: {e}");
                     let failure = envelope::failure(envelope::FAILURE_PROTOCOL, &why);
                     self.answer(conv, failure, item.credit);
                     return;
                 }
-                if let Target::Items { sub, keep } = item.target {
-                    sub.settled(false, keep);
+                if let Target::Items { sub, items } = item.target {
+                    match e {
+                        SendError::TooLarge { size, max } => {
+                            // The frame's header is what it adds to the payload; ids grow
+                            // by up to 16 bytes, hence the margin.
+                            let header = size.saturating_sub(item.tail.len());
+                            let frame = (max as usize).saturating_sub(header + 16);
+                            sub.refused(items, item.tail.len(), frame);
+                        }
+                        _ => sub.settled(false, items),
+                    }
                     give_back(item.credit);
                     return;
+                }
+                if let (
+                    Target::Continue {
+                        pair,
+                        to_b: false,
+                        last,
+                        ..
+                    },
+                    SendError::TooLarge { .. },
+                ) = (&item.target, &e)
+                {
+                    // A callee's message that cannot reach its caller (larger than the
+                    // caller's frames): the caller used to wait for it until its deadline,
+                    // and its route stayed until it disconnected. It gets a failure in its
+                    // place (the broker speaks for the callee, which held the turn), and
+                    // the callee's side ends as when a caller vanishes.
+                    let why = format!(
+                        "the broker could not forward a message from {} in this call: {e}",
+                        pair.b.display_name()
+                    );
+                    lock(&self.routes).map.remove(&pair.a_conv.id());
+                    let b_turn = pair.b_turn.load(Ordering::Acquire);
+                    if !*last {
+                        lost_a(pair, &why);
+                    }
+                    if *last || b_turn {
+                        let failure = envelope::failure(envelope::FAILURE_PROTOCOL, &why);
+                        self.answer(pair.a_conv, failure, None);
+                    }
+                    give_back(item.credit);
+                    return;
+                }
+                if let (
+                    Target::Continue {
+                        pair,
+                        to_b: true,
+                        last: false,
+                        ..
+                    },
+                    SendError::TooLarge { .. },
+                ) = (&item.target, &e)
+                {
+                    if !pair.b_turn.load(Ordering::Acquire)
+                        && !pair.ended.swap(true, Ordering::AcqRel)
+                    {
+                        // A caller's message the callee cannot take (an argument stream's
+                        // item larger than its frames): dropping it alone would let the
+                        // stream go on without it, and the callee compute on what is left.
+                        // The broker holds the caller's turn there: it fails the stream
+                        // (PROTOCOL.md, "the argument stream failed"), and drops the rest.
+                        if let Some(conv) = pair.b_conv.get().copied() {
+                            lock(&self.routes).map.remove(&conv.id());
+                            let why = format!(
+                                "the broker could not forward a message from {} to {}: {e}",
+                                pair.a.display_name(),
+                                self.display_name()
+                            );
+                            let failure = envelope::failure(envelope::FAILURE_PROTOCOL, &why);
+                            self.answer(conv, failure, None);
+                        }
+                        lock(&pair.a.routes).map.remove(&pair.a_conv.id());
+                    }
+                    give_back(item.credit);
+                    return;
+                }
+                if let Target::Reliable { from, stream, seq } = &item.target {
+                    // Larger than the destination's frames, say: it will never be sent, so
+                    // its sender learns it now instead of sending it again until its TTL.
+                    from.one_shot(envelope::ack(*stream, seq, envelope::ACK_FAILED));
                 }
                 if let Target::Open { pair, .. } = &item.target {
                     lock(&pair.a.routes).map.remove(&pair.a_conv.id());
@@ -1350,8 +1453,8 @@ impl Link {
             Skip::Expired => counters.bump(&counters.signals_expired),
             Skip::Orphaned => counters.bump(&counters.discarded),
         }
-        if let Target::Items { sub, keep } = item.target {
-            sub.settled(false, keep);
+        if let Target::Items { sub, items } = item.target {
+            sub.settled(false, items);
         }
         give_back(item.credit);
     }
@@ -1362,7 +1465,7 @@ impl Link {
         self.state.counters.bump(&self.state.counters.discarded);
         match item.target {
             Target::Open { pair, .. } => lost_b(&pair, why),
-            Target::Items { sub, keep } => sub.settled(false, keep),
+            Target::Items { sub, items } => sub.settled(false, items),
             _ => {}
         }
         give_back(item.credit);
