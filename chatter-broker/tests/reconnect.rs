@@ -613,3 +613,67 @@ async fn a_subscription_ends_when_its_reconnecting_bus_is_closed_or_dropped() {
     assert!(within(b.recv()).await.is_none());
     let _ = std::fs::remove_file(&path);
 }
+
+/// A subscription waiting for a connection ends once the bus gives up reconnecting.
+#[tokio::test]
+async fn a_subscription_ends_when_its_bus_gives_up_reconnecting() {
+    let path = socket_path("gives-up");
+    let address = Address::Unix { path: path.clone() };
+    let broker = Broker::listen(&address, BrokerOptions::default())
+        .await
+        .expect("listen");
+    let reconnect = ReconnectOptions::default().backoff(
+        Backoff::exponential(Duration::from_millis(5), Duration::from_millis(5)).max_attempts(2),
+    );
+    let bus =
+        chatter_broker::connect_with(&address, "watcher", BusOptions::new().reconnect(reconnect))
+            .await
+            .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
+        .await
+        .expect("subscribes");
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+    match within(readings.recv()).await {
+        Some(Err(StreamError::ConnectionLost(_))) => {}
+        other => panic!("expected ConnectionLost, got {other:?}"),
+    }
+    assert_eq!(bus.state(), ConnectionState::Closed);
+    assert!(within(readings.recv()).await.is_none());
+    assert_eq!(readings.resubscribed(), 0);
+}
+
+/// A connection dropped while the broker stays up: the subscription is made again on the
+/// same broker, which holds one subscription for it, not two.
+#[tokio::test]
+async fn a_subscription_subscribes_again_after_a_dropped_connection() {
+    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    let bus =
+        chatter_broker::connect_with(&address, "watcher", BusOptions::new().reconnect(fast()))
+            .await
+            .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
+        .await
+        .expect("subscribes");
+    let publisher = chatter_broker::connect(&address, "counter")
+        .await
+        .expect("publisher");
+    let mut events = bus.events();
+    bus.connection().expect("connected").close().await;
+    next(&mut events, disconnected).await;
+    next(&mut events, connected).await;
+    let (topic, _, _) = publish_until_received(&publisher, &mut readings).await;
+    assert_eq!(topic, "counts/b");
+    assert_eq!(readings.resubscribed(), 1);
+    // The old connection's subscription went with it: the broker retires a closed
+    // connection's subscriptions in the same step as it forgets its name, which the bus
+    // had to get back before it subscribed again.
+    assert_eq!(broker.stats().subscriptions, 1);
+    bus.close().await;
+    broker.close().await;
+}
