@@ -677,3 +677,59 @@ async fn a_subscription_subscribes_again_after_a_dropped_connection() {
     bus.close().await;
     broker.close().await;
 }
+
+/// Access rules that changed while the bus was away: the restarted broker denies the
+/// pattern, and the subscription ends with the denial.
+#[tokio::test]
+async fn a_subscription_denied_by_new_access_rules_ends_with_the_denial() {
+    use chatter_broker::{AccessControl, Rules};
+    let access = |rules: Rules| {
+        AccessControl::new()
+            .credential("watcher-token", "watchers")
+            .identity("watchers", rules)
+    };
+    let path = socket_path("denied");
+    let address = Address::Unix { path: path.clone() };
+    let before = Rules::none().register("watcher").subscribe("counts/#");
+    let broker = Broker::listen(
+        &address,
+        BrokerOptions::new().access_control(access(before)),
+    )
+    .await
+    .expect("listen");
+    let bus = chatter_broker::connect_with(
+        &address,
+        "watcher",
+        BusOptions::new()
+            .credential("watcher-token")
+            .reconnect(fast()),
+    )
+    .await
+    .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
+        .await
+        .expect("subscribes");
+    let mut events = bus.events();
+    broker.close().await;
+    next(&mut events, disconnected).await;
+    let after = Rules::none().register("watcher").subscribe("other/#");
+    let broker = Broker::listen(&address, BrokerOptions::new().access_control(access(after)))
+        .await
+        .expect("listen again");
+    match within(readings.recv()).await {
+        Some(Err(StreamError::ConnectionLost(why))) => {
+            assert!(
+                why.contains("refused to subscribe to `counts/#` again"),
+                "{why}"
+            );
+            assert!(why.contains("permission denied"), "{why}");
+        }
+        other => panic!("expected the denial, got {other:?}"),
+    }
+    assert!(within(readings.recv()).await.is_none());
+    assert_eq!(broker.names(), ["watcher"]);
+    bus.close().await;
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+}
