@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use chatter_core::{ConnectError, Options, ToAddress};
 use chatter_rpc::__private::{ClientCore, Method};
+use chatter_rpc::stream::Receiver;
 use chatter_rpc::{
     CallError, Peer, PeerOptions, ReconnectError, ReconnectOptions, Sent, SignalError,
 };
@@ -139,8 +140,10 @@ impl BusOptions {
     /// and retried after the backoff, or, with [`take_over`](Self::take_over), the stale
     /// holder is disconnected and the name taken at once. Hooks of `options`'
     /// [`on_connect`](ReconnectOptions::on_connect) run after the name is claimed.
-    /// Subscriptions ([`Bus::subscribe`]) live on one connection: when it drops they end
-    /// with an error; subscribe again after [`PeerEvent::Connected`](chatter_rpc::PeerEvent::Connected).
+    /// Subscriptions ([`Bus::subscribe`], [`Bus::presence`]) subscribe again by themselves,
+    /// with the same pattern and options, once a new connection is there: publications
+    /// made while disconnected are lost ([`Subscription::recv`] and
+    /// [`Subscription::resubscribed`] say how an application learns of the gap).
     /// Not used by in-process clients, whose pipe drops only with the broker.
     ///
     /// ```
@@ -246,6 +249,9 @@ pub struct Bus {
     /// The name a reconnecting bus claims on each new connection (`reconnect.rs`); `None`
     /// for a bus on one connection.
     reclaim: Option<std::sync::Arc<crate::reconnect::Reclaim>>,
+    /// A reconnecting bus's connections, on which its subscriptions subscribe again
+    /// (`reconnect.rs`); `None` for a bus on one connection.
+    connections: Option<std::sync::Arc<crate::reconnect::Connections>>,
 }
 
 /// Connects to the broker at `address` and registers this peer as `name`, refusing a name
@@ -450,6 +456,10 @@ impl Bus {
     /// Values are decoded as `T`; publishers of other shapes on matching topics give
     /// this subscription [`StreamError::BadItem`](chatter_rpc::stream::StreamError::BadItem)
     /// items.
+    ///
+    /// On a reconnecting bus ([`BusOptions::reconnect`]) the call waits for a connection
+    /// (within the peer's default deadline), and the subscription subscribes again after
+    /// each reconnect ([`Subscription::recv`]).
     pub async fn subscribe<T: DeserializeOwned + Send + 'static>(
         &self,
         pattern: &str,
@@ -466,24 +476,25 @@ impl Bus {
         pattern: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription<T>, CallError<SubscribeError>> {
-        let rx = self
-            .broker
-            .call_stream::<Delivery<T>, SubscribeError, _, ()>(
-                &SUBSCRIBE,
-                2,
-                |w| {
-                    w.arg(pattern)?;
-                    w.arg(&options)
-                },
-                None,
-            )
-            .await?;
-        Ok(Subscription::new(pattern.to_owned(), rx))
+        // Read before the call: the subscription is on this connection or a later one.
+        let again = self
+            .connections
+            .as_ref()
+            .map(|c| (c.clone(), c.generation()));
+        let rx = subscribe_on(&self.broker, pattern, &options).await?;
+        let again = again.map(|(connections, generation)| {
+            crate::subscription::Again::new(connections, options, generation)
+        });
+        Ok(Subscription::new(pattern.to_owned(), rx, again))
     }
 
     /// Presence: every peer registered with the broker now (online), then each one that
     /// registers (online) or whose connection closes (offline), in the broker's order.
-    /// The subscription to `$broker/presence/+`.
+    /// The subscription to `$broker/presence/+`. On a reconnecting bus it subscribes again
+    /// after a reconnect and begins again with a snapshot of who is online: the first item
+    /// `recv` returns once [`Subscription::resubscribed`] grew is the snapshot's first.
+    /// Forget who was online before then: peers that left during the gap are not told as
+    /// offline.
     ///
     /// ```
     /// use chatter_broker::Broker;
@@ -540,8 +551,11 @@ impl Bus {
     pub(crate) fn reconnecting(
         peer: Peer,
         reclaim: std::sync::Arc<crate::reconnect::Reclaim>,
+        connections: std::sync::Arc<crate::reconnect::Connections>,
     ) -> Bus {
-        Bus::reconnecting_or_not(peer, Some(reclaim))
+        let mut bus = Bus::reconnecting_or_not(peer, Some(reclaim));
+        bus.connections = Some(connections);
+        bus
     }
 
     fn reconnecting_or_not(
@@ -553,8 +567,29 @@ impl Bus {
             peer,
             broker,
             reclaim,
+            connections: None,
         }
     }
+}
+
+/// The broker's `subscribe(pattern, options)` through `broker` (the bus's client, or one
+/// pinned to a new connection, for a subscription subscribing again).
+pub(crate) async fn subscribe_on<T: DeserializeOwned + Send + 'static>(
+    broker: &ClientCore,
+    pattern: &str,
+    options: &SubscribeOptions,
+) -> Result<Receiver<Delivery<T>>, CallError<SubscribeError>> {
+    broker
+        .call_stream::<Delivery<T>, SubscribeError, _, ()>(
+            &SUBSCRIBE,
+            2,
+            |w| {
+                w.arg(pattern)?;
+                w.arg(options)
+            },
+            None,
+        )
+        .await
 }
 
 impl Deref for Bus {

@@ -100,10 +100,12 @@
 //!   connection drops (a broker restart, a network cut) and claims its name again on each
 //!   new connection *before* it sends anything else there (chatter-rpc's
 //!   `ReconnectOptions::on_connect` hook, after presenting its credential again): no
-//!   queued signal or waiting call reaches a restarted broker from a nameless peer.
-//!   Subscriptions end with their connection and are made again by the application. A refusal (the name still held by the old,
-//!   not yet noticed dead connection) counts as a failed attempt and is retried per the
-//!   backoff, or the holder is evicted with [`BusOptions::take_over`].
+//!   queued signal or waiting call reaches a restarted broker from a nameless peer. A
+//!   refused name (still held by the old, not yet noticed dead connection) counts as a
+//!   failed attempt and is retried per the backoff, or the holder is evicted with
+//!   [`BusOptions::take_over`]. Subscriptions subscribe again by themselves on the new
+//!   connection ([`Subscription::recv`]): what was published in between is lost, and
+//!   [`Subscription::resubscribed`] counts the gaps.
 //!
 //! ```
 //! use std::time::Duration;

@@ -3,8 +3,11 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
+use chatter_rpc::__private::ClientCore;
 use chatter_rpc::stream::{Receiver, StreamError};
+use chatter_rpc::CallError;
 use serde::de::{DeserializeOwned, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -194,10 +197,49 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for Delivery<T> {
 /// The publications on the topics that match a subscription's pattern, in the order the
 /// broker took them from their publishers ([`Bus::subscribe`](crate::Bus::subscribe)).
 /// Dropping it ends the subscription.
+///
+/// A subscription is a stream on one connection to the broker. On a reconnecting bus
+/// ([`BusOptions::reconnect`](crate::BusOptions::reconnect)) it outlives its connection:
+/// [`recv`](Self::recv) subscribes again, with the same pattern and options, on the next
+/// connection. What was published in between is lost (see [`resubscribed`](Self::resubscribed)).
 pub struct Subscription<T> {
     pattern: String,
     rx: Receiver<Delivery<T>>,
     missed: u64,
+    /// How to subscribe again after a reconnect: `Some` on a reconnecting bus, until the
+    /// subscription ended. Boxed: a plain bus's subscriptions carry one pointer for it.
+    again: Option<Box<Again>>,
+    resubscribed: u64,
+}
+
+/// What a subscription of a reconnecting bus needs to subscribe again.
+pub(crate) struct Again {
+    connections: Arc<crate::reconnect::Connections>,
+    options: SubscribeOptions,
+    /// The generation of the latest connection subscribed on or found lost: a later one
+    /// is tried next.
+    tried: u64,
+    /// Set from the loss of a connection until subscribed again: why it was lost (the
+    /// error `recv` ends with if no connection comes back). Kept here rather than in
+    /// `recv`'s future, so that a `recv` dropped while waiting (a `select!`, a timeout)
+    /// leaves the next one to go on.
+    lost: Option<String>,
+}
+
+impl Again {
+    /// For a subscription made on a connection of generation `generation` or later.
+    pub(crate) fn new(
+        connections: Arc<crate::reconnect::Connections>,
+        options: SubscribeOptions,
+        generation: u64,
+    ) -> Box<Self> {
+        Box::new(Again {
+            connections,
+            options,
+            tried: generation,
+            lost: None,
+        })
+    }
 }
 
 impl<T> fmt::Debug for Subscription<T> {
@@ -205,18 +247,25 @@ impl<T> fmt::Debug for Subscription<T> {
         f.debug_struct("Subscription")
             .field("pattern", &self.pattern)
             .field("missed", &self.missed)
+            .field("resubscribed", &self.resubscribed)
             .finish_non_exhaustive()
     }
 }
 
 impl<T: DeserializeOwned + Send + 'static> Subscription<T> {
-    pub(crate) fn new(pattern: String, rx: Receiver<Delivery<T>>) -> Self {
+    pub(crate) fn new(
+        pattern: String,
+        rx: Receiver<Delivery<T>>,
+        again: Option<Box<Again>>,
+    ) -> Self {
         Subscription {
             pattern,
             // Publications come from many publishers: one of the wrong type is an error
             // item for this subscriber, not the end of its subscription.
             rx: rx.keep_after_bad_items(),
             missed: 0,
+            again,
+            resubscribed: 0,
         }
     }
 
@@ -226,24 +275,144 @@ impl<T: DeserializeOwned + Send + 'static> Subscription<T> {
     /// on after it; any other error ends it: the connection to the broker closed
     /// ([`StreamError::ConnectionLost`]) or the policy [`SlowSubscriber::End`] ended it
     /// ([`StreamError::Lagged`]).
+    ///
+    /// On a reconnecting bus ([`BusOptions::reconnect`](crate::BusOptions::reconnect)) a
+    /// lost connection does not end the subscription: `recv` waits for the bus to
+    /// reconnect (and claim its name), subscribes again on the new connection with the
+    /// same pattern and options, counts it in [`resubscribed`](Self::resubscribed) and
+    /// returns the first publication of the new subscription. It waits as long as the bus
+    /// reconnects (no deadline, as for a publication); if the connection drops again
+    /// before the broker answered, it waits for the next one. It ends with
+    /// [`StreamError::ConnectionLost`] (the lost connection's reason) when no connection
+    /// will come back: the bus was closed, shut down or dropped (every handle on its
+    /// peer), or it gave up reconnecting. It ends with [`StreamError::ConnectionLost`]
+    /// saying that the broker refused to subscribe again, and why, when the new
+    /// connection's broker refused the subscription (its access rules changed, or
+    /// [`SubscribeError::TooManySubscriptions`]). Then, as after any error that ends it,
+    /// `recv` returns `None`. Dropping a `recv` while it waits (a `select!`, a timeout) is
+    /// safe: the next call goes on where it was.
+    ///
+    /// The gap is not an item of its own: items stay publications, so that a loop that
+    /// stops at the first error (`while let Some(Ok(…))`) is not ended by a reconnect the
+    /// bus handled, and the counter costs nothing to those that do not care; one that
+    /// does compares [`resubscribed`](Self::resubscribed) after each item with its value
+    /// after the one before (or watches the bus's [`events`](chatter_rpc::Peer::events)).
+    ///
+    /// Order: within one connection, publications arrive in the broker's order; across a
+    /// reconnect there is a gap, never an item of the old subscription after one of the
+    /// new (the old stream has ended, with all it carried, before the new one is made).
     pub async fn recv(&mut self) -> Option<Result<(String, T), StreamError>> {
-        let delivery = self.rx.recv().await?;
-        Some(delivery.map(|d| {
-            self.missed += d.missed;
-            (d.topic, d.value)
-        }))
+        loop {
+            if self
+                .again
+                .as_ref()
+                .is_some_and(|again| again.lost.is_some())
+            {
+                if let Err(e) = self.subscribe_again().await {
+                    // Ended: later calls return `None`, as the lost stream does.
+                    self.again = None;
+                    return Some(Err(e));
+                }
+            }
+            let delivery = match self.rx.recv().await? {
+                Err(StreamError::ConnectionLost(reason)) if self.again.is_some() => {
+                    if let Some(again) = &mut self.again {
+                        again.lost = Some(reason);
+                    }
+                    continue;
+                }
+                delivery => delivery,
+            };
+            return Some(delivery.map(|d| {
+                self.missed += d.missed;
+                (d.topic, d.value)
+            }));
+        }
+    }
+
+    /// Subscribes again after the loss of the connection (`Again::lost`), on the next
+    /// connection of a reconnecting bus; `Err` when the subscription ends instead.
+    async fn subscribe_again(&mut self) -> Result<(), StreamError> {
+        let Subscription {
+            pattern,
+            rx,
+            again,
+            resubscribed,
+            ..
+        } = self;
+        let Some(again) = again else {
+            return Ok(());
+        };
+        loop {
+            let Some((generation, peer)) = again.connections.after(again.tried).await else {
+                return Err(StreamError::ConnectionLost(again_lost(&again.lost)));
+            };
+            let broker = ClientCore::new(&peer, crate::BROKER_OBJECT);
+            match crate::bus::subscribe_on::<T>(&broker, pattern, &again.options).await {
+                Ok(new) => {
+                    *rx = new.keep_after_bad_items();
+                    *resubscribed += 1;
+                    again.tried = generation;
+                    again.lost = None;
+                    return Ok(());
+                }
+                // The broker did not answer in time: ask again on the same connection (if
+                // it is lost meanwhile, the next try says so at once).
+                Err(CallError::DeadlineExceeded) => {}
+                // This connection was lost too: wait for the next.
+                Err(
+                    CallError::ConnectionLost(_)
+                    | CallError::OutcomeUnknown(_)
+                    | CallError::NotConnected { .. },
+                ) => again.tried = generation,
+                // Closing: no connection will come.
+                Err(CallError::ShuttingDown) => {
+                    return Err(StreamError::ConnectionLost(again_lost(&again.lost)))
+                }
+                Err(refused) => {
+                    let why = match refused {
+                        CallError::App { error, .. } => error.to_string(),
+                        other => other.to_string(),
+                    };
+                    return Err(StreamError::ConnectionLost(format!(
+                        "{}; the broker refused to subscribe to `{pattern}` again on the new \
+                         connection: {why}",
+                        again_lost(&again.lost)
+                    )));
+                }
+            }
+        }
     }
 
     /// How many publications for this subscription the broker dropped (by its
     /// [`SlowSubscriber`] policy, or because they expired), as far as the items received
     /// so far tell: each item carries the count of drops since the item before it, so
-    /// drops after the last item received are told with the next one.
+    /// drops after the last item received are told with the next one. It does not count
+    /// what was published while a reconnecting bus was disconnected: no broker saw this
+    /// subscription then, so none can count it ([`resubscribed`](Self::resubscribed)).
     pub fn missed(&self) -> u64 {
         self.missed
+    }
+
+    /// How many times this subscription was made again after its bus reconnected
+    /// ([`recv`](Self::recv)); always 0 on a bus that does not reconnect. Each time is a
+    /// gap: what was published between the loss of the connection and the new
+    /// subscription is lost and not counted in [`missed`](Self::missed). It grows before
+    /// the new subscription's first item is returned: when it is higher after a `recv`
+    /// than after the one before, the item that `recv` returned is the first after a gap
+    /// (for [`Bus::presence`](crate::Bus::presence): the first of a fresh snapshot of who
+    /// is online).
+    pub fn resubscribed(&self) -> u64 {
+        self.resubscribed
     }
 
     /// The pattern subscribed to.
     pub fn pattern(&self) -> &str {
         &self.pattern
     }
+}
+
+/// Why the connection was lost, for the error a subscription that cannot go on ends with.
+fn again_lost(lost: &Option<String>) -> String {
+    lost.clone().unwrap_or_else(|| "connection lost".to_owned())
 }

@@ -1,12 +1,16 @@
 //! Reconnecting buses (`BusOptions::reconnect`): the name is claimed again on every new
 //! connection before anything else goes out on it, across a broker restart on the same
-//! address, a dropped connection, and a name still held by someone else.
+//! address, a dropped connection, and a name still held by someone else; subscriptions
+//! subscribe again by themselves.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chatter_broker::{Broker, BrokerOptions, Bus, BusError, BusOptions, RegisterError};
+use chatter_broker::{
+    Broker, BrokerOptions, Bus, BusError, BusOptions, RegisterError, Subscription,
+};
 use chatter_core::Address;
+use chatter_rpc::stream::StreamError;
 use chatter_rpc::{
     remote, Backoff, CallError, ConnectionState, Events, PeerEvent, ReconnectOptions,
 };
@@ -364,12 +368,10 @@ async fn a_reconnecting_bus_presents_its_credential_again_before_its_name() {
     let _ = std::fs::remove_file(&path);
 }
 
-/// A reconnecting bus publishes like any bus; its subscriptions live on one connection:
-/// when it drops they end with an error, and a new subscription after the reconnect
-/// receives again.
-#[tokio::test]
-async fn a_reconnecting_buses_subscription_ends_with_its_connection_and_can_be_made_again() {
-    let path = socket_path("subscribe");
+/// A subscriber on a Unix path for the subscription tests: a broker, and a reconnecting
+/// bus named `watcher` on it, connected.
+async fn watcher(test: &str) -> (std::path::PathBuf, Address, Broker, Bus) {
+    let path = socket_path(test);
     let address = Address::Unix { path: path.clone() };
     let broker = Broker::listen(&address, BrokerOptions::default())
         .await
@@ -379,6 +381,45 @@ async fn a_reconnecting_buses_subscription_ends_with_its_connection_and_can_be_m
             .await
             .expect("starts");
     assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    (path, address, broker, bus)
+}
+
+/// Publishes 2, 3, … on `counts/b` from `publisher` (each acknowledged by the broker)
+/// until `readings` has an item: the first publication of the new subscription, whenever
+/// it began. No sleep: the publications are what the subscriber waits for. Returns the
+/// item, and the number whose publication was on its way when it came (dropped then: it
+/// may or may not have reached the broker).
+async fn publish_until_received(
+    publisher: &Bus,
+    readings: &mut Subscription<u32>,
+) -> (String, u32, u32) {
+    within(async {
+        let recv = readings.recv();
+        tokio::pin!(recv);
+        let mut n = 2u32;
+        loop {
+            tokio::select! {
+                item = &mut recv => {
+                    let (topic, value) = item.expect("open").expect("an item");
+                    return (topic, value, n);
+                }
+                report = publisher.publish_acked("counts/b", &n) => {
+                    report.expect("published");
+                    n += 1;
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// A subscription of a reconnecting bus outlives a broker restart: `recv` does not end
+/// while the bus reconnects, subscribes again on the new connection with the same
+/// pattern, counts it, and goes on in publish order, without the application
+/// subscribing again.
+#[tokio::test]
+async fn a_reconnecting_buses_subscription_subscribes_again_after_a_broker_restart() {
+    let (path, address, broker, bus) = watcher("subscribe").await;
     let mut readings = within(bus.subscribe::<u32>("counts/#"))
         .await
         .expect("subscribes");
@@ -387,26 +428,307 @@ async fn a_reconnecting_buses_subscription_ends_with_its_connection_and_can_be_m
         .expect("published");
     let (topic, value) = within(readings.recv()).await.expect("open").expect("item");
     assert_eq!((topic.as_str(), value), ("counts/a", 1));
+    assert_eq!(readings.resubscribed(), 0);
 
     let mut events = bus.events();
     broker.close().await;
     next(&mut events, disconnected).await;
-    match within(readings.recv()).await {
-        Some(Err(_)) | None => {}
-        Some(Ok(item)) => panic!("expected the end of the subscription, got {item:?}"),
-    }
+    // While the broker is down, `recv` waits (it does not end with `ConnectionLost`); a
+    // `recv` dropped while it waits leaves the next one to go on.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), readings.recv())
+            .await
+            .is_err(),
+        "recv returned while the broker was down"
+    );
     let broker = Broker::listen(&address, BrokerOptions::default())
         .await
         .expect("listen again");
     next(&mut events, connected).await;
+    let publisher = chatter_broker::connect(&address, "counter")
+        .await
+        .expect("publisher");
+    let (topic, first, sent) = publish_until_received(&publisher, &mut readings).await;
+    assert_eq!(topic, "counts/b");
+    // `sent` itself, when its publication was on its way as the item came.
+    assert!((2..=sent).contains(&first), "{first} not in 2..={sent}");
+    assert_eq!(readings.resubscribed(), 1);
+    assert_eq!(readings.missed(), 0);
+    // In order, from the new subscription on: every later publication, none lost (but
+    // `sent`, whose acknowledged publication was dropped when the first item came, may
+    // or may not have reached the broker).
+    let last = sent + 20;
+    for n in sent + 1..=last {
+        within(publisher.publish("counts/b", &n))
+            .await
+            .expect("published");
+    }
+    let mut expected = first + 1;
+    while expected <= last {
+        let (_, value) = within(readings.recv()).await.expect("open").expect("item");
+        assert!(
+            value == expected || (expected == sent && value == sent + 1),
+            "got {value}, expected {expected}"
+        );
+        expected = value + 1;
+    }
+    assert_eq!(broker.stats().subscriptions, 1);
+    assert_eq!(readings.resubscribed(), 1);
+    bus.close().await;
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Presence subscribes again too, and begins again with a fresh snapshot of who is online
+/// at the new broker: the bus itself (named again before it subscribes), then newcomers.
+#[tokio::test]
+async fn presence_subscribes_again_with_a_fresh_snapshot_after_a_restart() {
+    let (path, address, broker, bus) = watcher("presence").await;
+    let mut presence = within(bus.presence()).await.expect("subscribes");
+    let (_, me) = within(presence.recv()).await.expect("open").expect("item");
+    assert_eq!((me.peer.as_str(), me.online), ("watcher", true));
+
+    let mut events = bus.events();
+    broker.close().await;
+    next(&mut events, disconnected).await;
+    let broker = Broker::listen(&address, BrokerOptions::default())
+        .await
+        .expect("listen again");
+    // The old broker may have told of departures before it closed: those come before the
+    // gap. The first item after it is the new snapshot's.
+    let first = within(async {
+        loop {
+            let (_, p) = presence.recv().await.expect("open").expect("item");
+            if presence.resubscribed() > 0 {
+                break p;
+            }
+        }
+    })
+    .await;
+    assert_eq!((first.peer.as_str(), first.online), ("watcher", true));
+    assert_eq!(presence.resubscribed(), 1);
+    let pump = chatter_broker::connect(&address, "pump-2")
+        .await
+        .expect("pump");
+    let (_, joined) = within(presence.recv()).await.expect("open").expect("item");
+    assert_eq!((joined.peer.as_str(), joined.online), ("pump-2", true));
+    pump.close().await;
+    let (_, left) = within(presence.recv()).await.expect("open").expect("item");
+    assert_eq!((left.peer.as_str(), left.online), ("pump-2", false));
+    bus.close().await;
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A bus that does not reconnect keeps the old behaviour: its subscription ends with
+/// `ConnectionLost` when the broker goes away, then `None`.
+#[tokio::test]
+async fn a_plain_buses_subscription_still_ends_with_connection_lost() {
+    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    let bus = chatter_broker::connect(&address, "plain")
+        .await
+        .expect("connects");
     let mut readings = within(bus.subscribe::<u32>("counts/#"))
         .await
-        .expect("subscribes again");
-    within(bus.publish("counts/b", &2u32))
+        .expect("subscribes");
+    broker.close().await;
+    match within(readings.recv()).await {
+        Some(Err(StreamError::ConnectionLost(_))) => {}
+        other => panic!("expected ConnectionLost, got {other:?}"),
+    }
+    assert!(within(readings.recv()).await.is_none());
+    assert_eq!(readings.resubscribed(), 0);
+}
+
+/// A broker that refuses the subscription on the new connection (here: a restarted
+/// broker that allows no subscription) ends it with an error that says so, and why;
+/// the bus itself stays connected and named.
+#[tokio::test]
+async fn a_subscription_refused_after_a_reconnect_ends_with_the_refusal() {
+    let (path, address, broker, bus) = watcher("refused").await;
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
         .await
-        .expect("published");
-    let (topic, value) = within(readings.recv()).await.expect("open").expect("item");
-    assert_eq!((topic.as_str(), value), ("counts/b", 2));
+        .expect("subscribes");
+    let mut events = bus.events();
+    broker.close().await;
+    next(&mut events, disconnected).await;
+    let broker = Broker::listen(
+        &address,
+        BrokerOptions::default().max_subscriptions_per_peer(0),
+    )
+    .await
+    .expect("listen again");
+    match within(readings.recv()).await {
+        Some(Err(StreamError::ConnectionLost(why))) => {
+            assert!(
+                why.contains("refused to subscribe to `counts/#` again"),
+                "{why}"
+            );
+            assert!(why.contains("holds 0 subscriptions"), "{why}");
+        }
+        other => panic!("expected the refusal, got {other:?}"),
+    }
+    assert!(within(readings.recv()).await.is_none());
+    assert_eq!(readings.resubscribed(), 0);
+    assert_eq!(broker.names(), ["watcher"]);
+    bus.close().await;
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+}
+
+/// No connection will come back once the bus is closed or dropped: a subscription
+/// waiting for one ends with `ConnectionLost`, as on a plain bus.
+#[tokio::test]
+async fn a_subscription_ends_when_its_reconnecting_bus_is_closed_or_dropped() {
+    let (path, address, broker, closed) = watcher("closed").await;
+    let dropped =
+        chatter_broker::connect_with(&address, "dropped", BusOptions::new().reconnect(fast()))
+            .await
+            .expect("starts");
+    assert!(dropped.wait_connected(Duration::from_secs(20)).await);
+    let mut a = within(closed.subscribe::<u32>("a")).await.expect("a");
+    let mut b = within(dropped.subscribe::<u32>("b")).await.expect("b");
+    // The futures of `recv` stay `Send` (for a subscriber task).
+    fn send<F: Send>(f: F) -> F {
+        f
+    }
+    let mut events = (closed.events(), dropped.events());
+    broker.close().await;
+    next(&mut events.0, disconnected).await;
+    next(&mut events.1, disconnected).await;
+    // Both wait for a connection when the bus goes.
+    let (a_end, ()) =
+        within(async { tokio::join!(send(a.recv()), async { closed.close().await }) }).await;
+    let (b_end, ()) = within(async { tokio::join!(send(b.recv()), async { drop(dropped) }) }).await;
+    for end in [a_end, b_end] {
+        match end {
+            Some(Err(StreamError::ConnectionLost(_))) => {}
+            other => panic!("expected ConnectionLost, got {other:?}"),
+        }
+    }
+    assert!(within(a.recv()).await.is_none());
+    assert!(within(b.recv()).await.is_none());
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A subscription waiting for a connection ends once the bus gives up reconnecting.
+#[tokio::test]
+async fn a_subscription_ends_when_its_bus_gives_up_reconnecting() {
+    let path = socket_path("gives-up");
+    let address = Address::Unix { path: path.clone() };
+    let broker = Broker::listen(&address, BrokerOptions::default())
+        .await
+        .expect("listen");
+    let reconnect = ReconnectOptions::default().backoff(
+        Backoff::exponential(Duration::from_millis(5), Duration::from_millis(5)).max_attempts(2),
+    );
+    let bus =
+        chatter_broker::connect_with(&address, "watcher", BusOptions::new().reconnect(reconnect))
+            .await
+            .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
+        .await
+        .expect("subscribes");
+    broker.close().await;
+    let _ = std::fs::remove_file(&path);
+    match within(readings.recv()).await {
+        Some(Err(StreamError::ConnectionLost(_))) => {}
+        other => panic!("expected ConnectionLost, got {other:?}"),
+    }
+    assert_eq!(bus.state(), ConnectionState::Closed);
+    assert!(within(readings.recv()).await.is_none());
+    assert_eq!(readings.resubscribed(), 0);
+}
+
+/// A connection dropped while the broker stays up: the subscription is made again on the
+/// same broker, which holds one subscription for it, not two.
+#[tokio::test]
+async fn a_subscription_subscribes_again_after_a_dropped_connection() {
+    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    let bus =
+        chatter_broker::connect_with(&address, "watcher", BusOptions::new().reconnect(fast()))
+            .await
+            .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
+        .await
+        .expect("subscribes");
+    let publisher = chatter_broker::connect(&address, "counter")
+        .await
+        .expect("publisher");
+    let mut events = bus.events();
+    bus.connection().expect("connected").close().await;
+    next(&mut events, disconnected).await;
+    next(&mut events, connected).await;
+    let (topic, _, _) = publish_until_received(&publisher, &mut readings).await;
+    assert_eq!(topic, "counts/b");
+    assert_eq!(readings.resubscribed(), 1);
+    // The old connection's subscription went with it: the broker retires a closed
+    // connection's subscriptions in the same step as it forgets its name, which the bus
+    // had to get back before it subscribed again.
+    assert_eq!(broker.stats().subscriptions, 1);
+    bus.close().await;
+    broker.close().await;
+}
+
+/// Access rules that changed while the bus was away: the restarted broker denies the
+/// pattern, and the subscription ends with the denial.
+#[tokio::test]
+async fn a_subscription_denied_by_new_access_rules_ends_with_the_denial() {
+    use chatter_broker::{AccessControl, Rules};
+    let access = |rules: Rules| {
+        AccessControl::new()
+            .credential("watcher-token", "watchers")
+            .identity("watchers", rules)
+    };
+    let path = socket_path("denied");
+    let address = Address::Unix { path: path.clone() };
+    let before = Rules::none().register("watcher").subscribe("counts/#");
+    let broker = Broker::listen(
+        &address,
+        BrokerOptions::new().access_control(access(before)),
+    )
+    .await
+    .expect("listen");
+    let bus = chatter_broker::connect_with(
+        &address,
+        "watcher",
+        BusOptions::new()
+            .credential("watcher-token")
+            .reconnect(fast()),
+    )
+    .await
+    .expect("starts");
+    assert!(bus.wait_connected(Duration::from_secs(20)).await);
+    let mut readings = within(bus.subscribe::<u32>("counts/#"))
+        .await
+        .expect("subscribes");
+    let mut events = bus.events();
+    broker.close().await;
+    next(&mut events, disconnected).await;
+    let after = Rules::none().register("watcher").subscribe("other/#");
+    let broker = Broker::listen(&address, BrokerOptions::new().access_control(access(after)))
+        .await
+        .expect("listen again");
+    match within(readings.recv()).await {
+        Some(Err(StreamError::ConnectionLost(why))) => {
+            assert!(
+                why.contains("refused to subscribe to `counts/#` again"),
+                "{why}"
+            );
+            assert!(why.contains("permission denied"), "{why}");
+        }
+        other => panic!("expected the denial, got {other:?}"),
+    }
+    assert!(within(readings.recv()).await.is_none());
+    assert_eq!(broker.names(), ["watcher"]);
     bus.close().await;
     broker.close().await;
     let _ = std::fs::remove_file(&path);
