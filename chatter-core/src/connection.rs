@@ -860,6 +860,13 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn write_last(&self, _buf: &[u8]) -> Option<io::Result<usize>> {
         None
     }
+
+    /// After the shutdown: whether closing now leaves nothing unsent to the kernel, so that
+    /// the close need not wait for the peer's end of stream (PROTOCOL.md §10). False where
+    /// it cannot tell: the connection then drains until the end of stream or the linger.
+    fn all_sent(&self) -> bool {
+        false
+    }
 }
 
 impl Transport for tokio::net::TcpStream {
@@ -869,6 +876,11 @@ impl Transport for tokio::net::TcpStream {
 
     fn shutdown_after_eof(&self) -> bool {
         false
+    }
+
+    #[cfg(target_os = "linux")]
+    fn all_sent(&self) -> bool {
+        crate::transport::unsent(self) == Some(0)
     }
 
     /// With `MSG_MORE`: the kernel holds the bytes until the shutdown that follows at once,
@@ -884,6 +896,11 @@ impl Transport for tokio::net::UnixStream {
     fn shutdown_after_eof(&self) -> bool {
         false
     }
+
+    /// What was written is in the peer socket's queue already, and stays with it.
+    fn all_sent(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(feature = "tls")]
@@ -891,12 +908,20 @@ impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {
     fn abort(&self) {
         self.get_ref().0.abort();
     }
+
+    fn all_sent(&self) -> bool {
+        self.get_ref().0.all_sent()
+    }
 }
 
 #[cfg(feature = "tls")]
 impl<S: Transport> Transport for tokio_rustls::client::TlsStream<S> {
     fn abort(&self) {
         self.get_ref().0.abort();
+    }
+
+    fn all_sent(&self) -> bool {
+        self.get_ref().0.all_sent()
     }
 }
 
@@ -1656,14 +1681,17 @@ impl<S: Transport> Future for Driver<S> {
                 }
             }
             if closed && this.write_buf.is_empty() && !this.need_flush {
-                if this.shutdown && this.read_open && read_nothing {
-                    // Our close frame and end of stream are out (the shutdown is done) and
-                    // nothing waits to be read: close the socket now rather than wait for
-                    // the peer's end of stream (PROTOCOL.md §10). Input that still arrives
-                    // makes the kernel reset the connection, but after the close frame and
-                    // the FIN it already sent, which the peer reads first; waiting instead
-                    // costs a wake-up when the peer's FIN arrives (measured: one context
-                    // switch per short connection with both ends on one core).
+                if this.shutdown && this.read_open && read_nothing && this.io.all_sent() {
+                    // Our close frame and end of stream are sent (the shutdown is done, and
+                    // the kernel holds nothing unsent) and nothing waits to be read: close
+                    // the socket now rather than wait for the peer's end of stream
+                    // (PROTOCOL.md §10). Input that still arrives makes the kernel reset
+                    // the connection, but after the close frame and the FIN it sent, which
+                    // the peer reads first; waiting instead costs a wake-up when the
+                    // peer's FIN arrives (measured: one context switch per short
+                    // connection with both ends on one core). With output unsent (a peer
+                    // that does not read) the drain and the linger go on as before, so
+                    // that the abort at the linger frees what the kernel holds.
                     this.finish();
                     return Poll::Ready(());
                 }

@@ -57,7 +57,8 @@
     unreachable_pub,
     rust_2018_idioms
 )]
-// One audited exception: `transport::set_defer_accept` (a socket option socket2 lacks).
+// Audited exceptions, in `transport.rs`: `set_defer_accept` and `unsent` (a socket option
+// and an ioctl socket2 lacks).
 #![deny(unsafe_code)]
 
 mod address;

@@ -176,6 +176,32 @@ pub(crate) fn set_defer_accept<S: std::os::fd::AsRawFd>(listener: &S, seconds: u
     }
 }
 
+/// How many bytes of a TCP socket's output (its FIN included) the kernel has not sent yet
+/// (Linux `SIOCOUTQNSD`); `None` when it cannot tell. Sent but unacknowledged bytes are not
+/// counted: the kernel retransmits those after the socket is closed, within the user
+/// timeout, as for any close; unsent ones would wait there for a peer that does not read.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub(crate) fn unsent<S: std::os::fd::AsRawFd>(socket: &S) -> Option<usize> {
+    /// `linux/sockios.h`, the same on every architecture; not in the libc crate.
+    const SIOCOUTQNSD: libc::Ioctl = 0x894B;
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: `socket` owns an open descriptor for the duration of the call, and
+    // SIOCOUTQNSD writes one `c_int` to the live local it is given.
+    let rc = unsafe {
+        libc::ioctl(
+            socket.as_raw_fd(),
+            SIOCOUTQNSD,
+            std::ptr::from_mut(&mut unsent),
+        )
+    };
+    if rc == 0 {
+        usize::try_from(unsent).ok()
+    } else {
+        None
+    }
+}
+
 /// Whether a socket has the [`Options::tcp_user_timeout`] that [`set_user_timeout`] sets.
 pub(crate) fn has_user_timeout(stream: &TcpStream, options: &Options) -> bool {
     #[cfg(target_os = "linux")]
@@ -280,6 +306,40 @@ pub(crate) fn unix_address(addr: Option<tokio::net::unix::SocketAddr>) -> Addres
 mod tests {
     use super::*;
     use crate::AddressError;
+
+    /// `unsent` counts what the kernel could not send yet (a peer that does not read), and
+    /// nothing once the peer took it all.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn unsent_counts_what_a_peer_that_does_not_read_leaves_in_the_kernel() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut reader = socket.connect(addr).await.unwrap();
+        let (writer, _) = listener.accept().await.unwrap();
+        assert_eq!(unsent(&writer), Some(0));
+        // Write until the kernel takes no more: the peer's window is full, the rest waits.
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0;
+        loop {
+            match writer.try_write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let waiting = unsent(&writer).expect("SIOCOUTQNSD");
+        assert!(waiting > 0 && waiting < written, "{waiting} of {written}");
+        // The peer reads everything: nothing is left unsent.
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read = 0;
+        while read < written {
+            read += reader.read(&mut buf).await.unwrap();
+        }
+        assert_eq!(unsent(&writer), Some(0));
+    }
 
     /// Without the `tls` feature, a `tls://` address is a clear error from both ends,
     /// before anything is bound or connected; with it, the address is usable.

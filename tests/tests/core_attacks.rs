@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use chatter_core::proto::frame::{Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER};
 use chatter_core::{
     connect, listen, Address, Buffered, CloseCause, CloseCode, ConnectError, Connection, Options,
-    ProtocolError, Server,
+    ProtocolError, SendOptions, Server,
 };
 use tests::assert_delivers;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -458,6 +458,55 @@ async fn a_closing_side_does_not_wait_for_the_peers_end_of_stream() {
         // The peer's side is still open: it may still write (into the void) without harm.
         let _ = peer.write_all(b"late").await;
         drop(peer);
+    })
+    .await
+    .expect("hang guard");
+}
+
+// ... unless what it sent is still in its kernel, unsent (a peer that does not read): then
+// it waits out the linger and resets, so that the kernel does not keep the bytes either.
+#[tokio::test(start_paused = true)]
+async fn a_closing_side_with_output_its_kernel_could_not_send_waits_the_linger_then_resets() {
+    timeout(HANG_GUARD, async {
+        let limits = Limits::default();
+        let server = limits.listen().await;
+        // A peer with a small receive buffer that reads nothing after the hello.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let mut peer = socket.connect(socket_addr(&server)).await.expect("connect");
+        let mut hello = BytesMut::new();
+        Frame::Hello(Hello {
+            max_frame_size: 1 << 20,
+            receive_window: 1 << 20,
+        })
+        .encode(&mut hello);
+        peer.write_all(&hello).await.expect("hello");
+        let conn = accept_from(&server, &peer).await;
+        // More than the peer's window, less than the server's kernel takes at once: all of
+        // it leaves chatter's buffers, part of it stays unsent in the kernel.
+        conn.send_bytes(&[1u8; 12 * 1024], SendOptions::new())
+            .await
+            .expect("send");
+        wait_until(|| conn.buffered().output == 0).await;
+        let start = Instant::now();
+        conn.close().await;
+        wait_until(|| server.connections() == 0).await;
+        let released = start.elapsed();
+        assert!(
+            released >= limits.close_linger,
+            "let go after {released:?}, leaving unsent bytes to the kernel"
+        );
+        assert!(released <= limits.close_linger + SLACK, "{released:?}");
+        // The peer reads what was sent, then learns of the reset: the rest was dropped.
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = loop {
+            match peer.read(&mut buf).await {
+                Ok(0) => break None,
+                Ok(_) => {}
+                Err(e) => break Some(e.kind()),
+            }
+        };
+        assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset));
     })
     .await
     .expect("hang guard");
