@@ -134,7 +134,8 @@ pub(crate) struct Item {
     /// never re-sends handed it to its connection).
     pub(crate) payload: Bytes,
     pub(crate) expires: Instant,
-    /// The connection generation it was last sent on.
+    /// The connection generation it was last sent on (set just before it is handed to
+    /// that connection, so that nothing reports it never delivered meanwhile).
     pub(crate) sent_gen: Option<u64>,
     /// Stored in the peer's store (deleted from it when it leaves the outbox).
     pub(crate) persistent: bool,

@@ -382,8 +382,33 @@ pub(crate) async fn run_sender(inner: Arc<Inner>, window: usize) {
         } else {
             payload
         };
+        // Marked as sent on this connection *before* it is handed over, not after: in
+        // between, the sweep (on another thread) or an eviction would find it unsent and
+        // report it expired or dropped as never delivered, while the receiver, which gets
+        // the TTL left rounded up to a millisecond, may still run it (seen as "handled
+        // and reported as never delivered" in
+        // `thousands_of_signals_through_repeated_cuts_arrive_once_in_order_or_are_reported`).
+        // Marked, the sweep leaves it to this task, which expires it itself at its TTL if
+        // the send is still waiting then. Gone already (expired, dropped, acknowledged):
+        // not sent.
+        {
+            let mut outbox = lock(&queue.outbox);
+            match outbox.get_mut(seq) {
+                Some(it) => it.sent_gen = Some(generation),
+                None => continue,
+            }
+        }
         let send = inner.conn.send_bytes(&bytes, signal_options(&inner));
-        match tokio::time::timeout_at(expires, send).await {
+        let sent = tokio::time::timeout_at(expires, send).await;
+        if !matches!(sent, Ok(Ok(_))) {
+            // Not handed over after all: it is as sent (or not) as before.
+            if let Some(it) = lock(&queue.outbox).get_mut(seq) {
+                it.sent_gen = sent_before;
+            }
+            // The sweep may have skipped it while it was marked.
+            queue.changed.notify_waiters();
+        }
+        match sent {
             Ok(Ok(_)) => {
                 bump(&state.stats.signals_sent);
                 if sent_before.is_some() {
@@ -399,12 +424,10 @@ pub(crate) async fn run_sender(inner: Arc<Inner>, window: usize) {
                     continue;
                 }
                 outbox.cursor = outbox.cursor.max(seq + 1);
-                if let Some(it) = outbox.get_mut(seq) {
-                    it.sent_gen = Some(generation);
-                    if !resends {
-                        // Never sent again: only its acknowledgement is awaited.
-                        it.payload = Bytes::new();
-                    }
+                // (`sent_gen` was set before the send.)
+                if let (Some(it), false) = (outbox.get_mut(seq), resends) {
+                    // Never sent again: only its acknowledgement is awaited.
+                    it.payload = Bytes::new();
                 }
             }
             Ok(Err(e)) => {
