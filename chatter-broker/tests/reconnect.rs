@@ -34,6 +34,27 @@ impl Desk for D {
     }
 }
 
+/// A broker on a TCP port of its own, and its address.
+async fn tcp_broker() -> (Broker, Address) {
+    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
+        .await
+        .expect("listen");
+    let address = broker.addresses()[0].clone();
+    (broker, address)
+}
+
+/// A new peer calls `name`'s desk through the broker at `address`: `a + b` comes back.
+async fn assert_reaches(address: &Address, name: &str, a: i64, b: i64) {
+    let caller = chatter_broker::connect(address, "app")
+        .await
+        .expect("caller");
+    let desk = DeskClient::new(&caller.peer(name), "desk");
+    assert_eq!(
+        within(desk.add(a, b)).await.expect("reaches the bus"),
+        a + b
+    );
+}
+
 /// A desk, and what its `note`s receive. Unbounded: one message per note the test sends.
 fn desk() -> (DeskServer<D>, mpsc::UnboundedReceiver<String>) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -139,10 +160,7 @@ async fn a_broker_restarted_on_the_same_unix_path_gets_the_name_back_before_anyt
 /// name again.
 #[tokio::test]
 async fn two_reconnecting_buses_find_each_other_after_a_restart_on_the_same_port() {
-    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
-        .await
-        .expect("listen");
-    let address = broker.addresses()[0].clone();
+    let (broker, address) = tcp_broker().await;
     let mut buses = Vec::new();
     let mut all_events = Vec::new();
     for name in ["calc-1", "app"] {
@@ -180,10 +198,7 @@ async fn two_reconnecting_buses_find_each_other_after_a_restart_on_the_same_port
 /// again; a claim the broker refused is not what it claims.
 #[tokio::test]
 async fn a_dropped_connection_reconnects_under_the_same_name() {
-    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
-        .await
-        .expect("listen");
-    let address = broker.addresses()[0].clone();
+    let (broker, address) = tcp_broker().await;
     let bus = chatter_broker::connect_with(&address, "pump-1", BusOptions::new().reconnect(fast()))
         .await
         .expect("starts");
@@ -200,11 +215,7 @@ async fn a_dropped_connection_reconnects_under_the_same_name() {
     next(&mut events, disconnected).await;
     next(&mut events, connected).await;
     assert_eq!(broker.names(), ["pump-1"]);
-    let caller = chatter_broker::connect(&address, "app")
-        .await
-        .expect("caller");
-    let pump = DeskClient::new(&caller.peer("pump-1"), "desk");
-    assert_eq!(within(pump.add(1, 1)).await.expect("call"), 2);
+    assert_reaches(&address, "pump-1", 1, 1).await;
     bus.close().await;
 }
 
@@ -212,10 +223,7 @@ async fn a_dropped_connection_reconnects_under_the_same_name() {
 /// retried, and the bus gets its name once the holder is gone.
 #[tokio::test]
 async fn a_name_held_at_reconnect_is_reported_and_retried_until_free() {
-    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
-        .await
-        .expect("listen");
-    let address = broker.addresses()[0].clone();
+    let (broker, address) = tcp_broker().await;
     let bus = chatter_broker::connect_with(&address, "calc-1", BusOptions::new().reconnect(fast()))
         .await
         .expect("starts");
@@ -249,21 +257,14 @@ async fn a_name_held_at_reconnect_is_reported_and_retried_until_free() {
     squatter.close().await;
     next(&mut events, connected).await;
     assert_eq!(broker.names(), ["calc-1"]);
-    let caller = chatter_broker::connect(&address, "app")
-        .await
-        .expect("caller");
-    let calc = DeskClient::new(&caller.peer("calc-1"), "desk");
-    assert_eq!(within(calc.add(3, 4)).await.expect("reaches the bus"), 7);
+    assert_reaches(&address, "calc-1", 3, 4).await;
     bus.close().await;
 }
 
 /// With `take_over`, a reconnecting bus evicts whoever holds its name.
 #[tokio::test]
 async fn a_reconnecting_bus_with_take_over_evicts_the_holder() {
-    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
-        .await
-        .expect("listen");
-    let address = broker.addresses()[0].clone();
+    let (broker, address) = tcp_broker().await;
     let options = BusOptions::new().take_over(true).reconnect(fast());
     let bus = chatter_broker::connect_with(&address, "calc-1", options)
         .await
@@ -286,10 +287,7 @@ async fn a_reconnecting_bus_with_take_over_evicts_the_holder() {
 /// gives up, with the refusal as its last error.
 #[tokio::test]
 async fn a_name_refused_on_every_attempt_gives_up_as_the_backoff_says() {
-    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
-        .await
-        .expect("listen");
-    let address = broker.addresses()[0].clone();
+    let (_broker, address) = tcp_broker().await;
     let _holder = chatter_broker::connect(&address, "calc-1")
         .await
         .expect("holder");
@@ -524,10 +522,7 @@ async fn presence_subscribes_again_with_a_fresh_snapshot_after_a_restart() {
 /// `ConnectionLost` when the broker goes away, then `None`.
 #[tokio::test]
 async fn a_plain_buses_subscription_still_ends_with_connection_lost() {
-    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
-        .await
-        .expect("listen");
-    let address = broker.addresses()[0].clone();
+    let (broker, address) = tcp_broker().await;
     let bus = chatter_broker::connect(&address, "plain")
         .await
         .expect("connects");
@@ -648,10 +643,7 @@ async fn a_subscription_ends_when_its_bus_gives_up_reconnecting() {
 /// same broker, which holds one subscription for it, not two.
 #[tokio::test]
 async fn a_subscription_subscribes_again_after_a_dropped_connection() {
-    let broker = Broker::listen("tcp://127.0.0.1:0", BrokerOptions::default())
-        .await
-        .expect("listen");
-    let address = broker.addresses()[0].clone();
+    let (broker, address) = tcp_broker().await;
     let bus =
         chatter_broker::connect_with(&address, "watcher", BusOptions::new().reconnect(fast()))
             .await
