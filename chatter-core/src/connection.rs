@@ -711,7 +711,7 @@ impl Connection {
             sleep: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
             sleep_deadline: None,
             write_buf_release: None,
-            first_wake: (!options.close_linger.is_zero()).then(|| now + options.close_linger),
+            first_wake: first_wake_after(options).map(|after| now + after),
             done: false,
             _permit: permit,
             throttle: Throttle::NONE,
@@ -721,7 +721,7 @@ impl Connection {
             answering: accepting,
             handoff: None,
             held: None,
-            hold_deferred: false,
+            hold_rounds: 0,
             eof_probed: false,
             read_grown: false,
         };
@@ -788,6 +788,18 @@ impl Connection {
 }
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How long after its start a connection's driver arms its timer at the latest the first
+/// time (its linger; see `Driver::first_wake`), or `None` when it arms its first deadline
+/// as it is. A connect arms its own timer no later than this (`transport::timed`), so
+/// that the driver's does not move the runtime's next wake-up earlier.
+pub(crate) fn first_wake_after(options: &Options) -> Option<Duration> {
+    (!options.close_linger.is_zero()).then_some(options.close_linger)
+}
+
+/// How many rounds of the scheduler a server's hello waits for the application's first
+/// answer at most (see `Driver::hold_hello`).
+const HOLD_ROUNDS: u8 = 3;
 
 /// Far enough ahead to mean "no deadline" for the driver's sleep.
 const FAR_FUTURE: Duration = Duration::from_secs(86400 * 365);
@@ -1245,8 +1257,8 @@ struct Driver<S: Transport> {
     /// Our hello, held back while the write buffer is this long: messages came with the
     /// peer's hello, and the application's first answer may leave in the same write.
     held: Option<usize>,
-    /// The hold's round was taken: the next poll ends it.
-    hold_deferred: bool,
+    /// The rounds of the scheduler the hold took (at most two, see `hold_hello`).
+    hold_rounds: u8,
     /// After the peer's close, one more read looked for its end of stream.
     eof_probed: bool,
     /// A read filled the read buffer once: reads are made in [`READ_CHUNK`]s from then
@@ -1437,25 +1449,39 @@ impl<S: Transport> Driver<S> {
         Ok(())
     }
 
-    /// Holds our hello back for one round of the scheduler when it answers a hello that
-    /// came with messages (PROTOCOL.md §4): the application then usually answers them
-    /// before the driver runs again, and hello and answer leave in one write (one segment,
-    /// one wake-up of the peer) instead of two. The driver defers itself as
-    /// `tokio::task::yield_now` does, so it runs again once the tasks that were ready ran
-    /// (on a current-thread runtime: when its run queue is empty), whether or not the
-    /// application answered; any output the application queued ends the hold at once.
+    /// Holds our hello back for up to [`HOLD_ROUNDS`] rounds of the scheduler when it
+    /// answers a hello that came with messages (PROTOCOL.md §4): the application then
+    /// usually answers them before the driver runs again, and hello and answer leave in one
+    /// write (one segment, one wake-up of the peer) instead of two. Any output the
+    /// application queued ends the hold at once, and it ends after the last round whether
+    /// or not the application answered.
+    ///
+    /// - The first rounds: the driver wakes itself, which puts it at the back of the run
+    ///   queue, behind the tasks of the runtime it woke (the application's receiving task,
+    ///   or an accept loop that spawns one: two hops). This costs one poll of the driver.
+    /// - The last round, when the application's task was not ahead of it (a task of a
+    ///   `LocalSet` or the `block_on` future, which a current-thread runtime polls only
+    ///   once its run queue is empty, or a task on another worker): the driver defers
+    ///   itself as `tokio::task::yield_now` does, so it runs again after the runtime polled
+    ///   its I/O and its `block_on` future. That costs a zero-timeout `epoll_wait`, which
+    ///   is why it is not the first resort.
+    ///
     /// Returns true when the driver is to return `Pending` now.
     fn hold_hello(&mut self, cx: &mut Context<'_>, closed: bool) -> bool {
         let Some(len) = self.held else {
             return false;
         };
-        if closed || self.write_buf.len() != len || self.hold_deferred {
+        if closed || self.write_buf.len() != len || self.hold_rounds == HOLD_ROUNDS {
             self.held = None;
             return false;
         }
-        self.hold_deferred = true;
-        // The first poll of `yield_now` defers the waker and returns `Pending`.
-        let _ = pin!(tokio::task::yield_now()).poll(cx);
+        self.hold_rounds += 1;
+        if self.hold_rounds < HOLD_ROUNDS {
+            cx.waker().wake_by_ref();
+        } else {
+            // The first poll of `yield_now` defers the waker and returns `Pending`.
+            let _ = pin!(tokio::task::yield_now()).poll(cx);
+        }
         true
     }
 

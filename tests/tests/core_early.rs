@@ -114,3 +114,196 @@ async fn a_busy_server_is_the_close_cause() {
     assert_eq!(server.refused(), 1);
     drop(first);
 }
+
+/// A server's side of a pipe that records how many bytes each write took.
+struct Recorder {
+    io: tokio::io::DuplexStream,
+    writes: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl tokio::io::AsyncRead for Recorder {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Recorder {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        // Locked across the write, so that a reader on another thread that read these
+        // bytes finds them recorded.
+        let writes = std::sync::Arc::clone(&self.writes);
+        let mut writes = writes.lock().unwrap();
+        let polled = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            writes.push(n);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Reads one length-prefixed frame (PROTOCOL.md §3), prefix included.
+async fn read_frame(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    let mut frame = vec![0u8; 4];
+    io.read_exact(&mut frame).await.expect("a length prefix");
+    let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+    frame.resize(4 + len, 0);
+    io.read_exact(&mut frame[4..]).await.expect("a frame");
+    frame
+}
+
+/// A client's hello and one request behind it, as `connect_early` sends them.
+async fn hello_and_request() -> Vec<u8> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("tcp://{}", listener.local_addr().unwrap());
+    let client = connect_early(address, Options::default())
+        .await
+        .expect("connect_early");
+    client
+        .send(&("echo", 1u32), SendOptions::new().last(false))
+        .await
+        .expect("early send");
+    let (mut raw, _) = listener.accept().await.unwrap();
+    let mut bytes = read_frame(&mut raw).await;
+    bytes.extend(read_frame(&mut raw).await);
+    bytes
+}
+
+/// Where the server's application answers from.
+#[derive(Debug, Clone, Copy)]
+enum Answerer {
+    /// The runtime's `block_on` future itself.
+    BlockOn,
+    /// A task of the runtime (`tokio::spawn`).
+    Task,
+    /// A task an accept-loop task spawns for the connection: two hops from the driver.
+    TaskPerConnection,
+    /// A task of a `LocalSet` (`spawn_local`).
+    Local,
+}
+
+/// Answers the request; returns the connection, open (a close would add its close frame to
+/// the writes).
+async fn answer(peer: chatter_core::Connection) -> chatter_core::Connection {
+    let request = peer.receive().await.expect("request");
+    peer.send(&2u32, SendOptions::new().conversation(request.conversation))
+        .await
+        .expect("answer");
+    peer
+}
+
+/// Answers, then keeps the connection open until the client's end goes.
+async fn answer_and_wait(peer: chatter_core::Connection) {
+    answer(peer).await.closed().await;
+}
+
+/// A server answering a hello that came with a request holds its own hello back until the
+/// application answered, and both leave in one write (one segment, one wake-up of the
+/// client), wherever the application answers from: on a current-thread runtime, and on a
+/// multi-threaded one with one worker (where a task woken by the driver goes into the
+/// worker's LIFO slot, and the driver, waking itself, to the back of its queue).
+#[test]
+fn the_servers_hello_and_first_answer_leave_in_one_write() {
+    let current_thread = [
+        Answerer::BlockOn,
+        Answerer::Task,
+        Answerer::TaskPerConnection,
+        Answerer::Local,
+    ]
+    .map(|a| (false, a));
+    let multi_thread = [Answerer::Task, Answerer::TaskPerConnection].map(|a| (true, a));
+    for (multi, answerer) in current_thread.into_iter().chain(multi_thread) {
+        let rt = if multi {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async move {
+            let sent = hello_and_request().await;
+            let server = chatter_core::Server::in_process(Options::default()).expect("server");
+            let here = chatter_core::Address::Unix {
+                path: "in-process".into(),
+            };
+            let (mut near, far) = tokio::io::duplex(64 * 1024);
+            let writes = std::sync::Arc::default();
+            let recorder = Recorder {
+                io: far,
+                writes: std::sync::Arc::clone(&writes),
+            };
+            server.accept_over(recorder, here.clone(), here);
+            let server = std::sync::Arc::new(server);
+            // The application waits for connections before the client's bytes arrive, as
+            // a server's accept loop does.
+            let mut _open = None;
+            match answerer {
+                Answerer::BlockOn => {
+                    near.write_all(&sent).await.expect("hello and request");
+                    _open = Some(answer(server.accept().await.expect("accept")).await);
+                }
+                Answerer::Task => {
+                    let server = server.clone();
+                    tokio::spawn(
+                        async move { answer_and_wait(server.accept().await.unwrap()).await },
+                    );
+                }
+                Answerer::TaskPerConnection => {
+                    let server = server.clone();
+                    tokio::spawn(async move {
+                        while let Some(peer) = server.accept().await {
+                            tokio::spawn(answer_and_wait(peer));
+                        }
+                    });
+                }
+                Answerer::Local => {
+                    let server = server.clone();
+                    tokio::task::spawn_local(async move {
+                        answer_and_wait(server.accept().await.unwrap()).await
+                    });
+                }
+            }
+            if !matches!(answerer, Answerer::BlockOn) {
+                tokio::task::yield_now().await;
+                near.write_all(&sent).await.expect("hello and request");
+            }
+            let hello = read_frame(&mut near).await;
+            let reply = read_frame(&mut near).await;
+            let writes = writes.lock().unwrap().clone();
+            assert_eq!(
+                writes.first(),
+                Some(&(hello.len() + reply.len())),
+                "{answerer:?} (multi-threaded: {multi}): the writes were {writes:?}, hello {} \
+                 and answer {} bytes",
+                hello.len(),
+                reply.len()
+            );
+        });
+    }
+}
