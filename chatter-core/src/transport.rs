@@ -1,15 +1,19 @@
 //! Opening transports: [`connect`] and [`listen`].
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
+use std::task::Poll;
+use std::time::Duration;
 
 use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
 #[cfg(feature = "tls")]
 use tokio_rustls::TlsConnector;
 
 use crate::address::LazyAddress;
-use crate::connection::Side;
+use crate::connection::{first_wake_after, Side};
 use crate::error::{CloseCause, ConnectError, ListenError};
 #[cfg(feature = "tls")]
 use crate::error::{InvalidOptions, ProtocolError};
@@ -106,12 +110,10 @@ async fn open(
             set_user_timeout(&stream, &options);
             let addrs = io_result(name, tcp_addresses(&stream, remote, true))?;
             let handshake = connector.connect(server_name, stream);
-            let stream = match tokio::time::timeout(options.proto.handshake_timeout, handshake)
-                .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(handshake_failed(name, CloseCause::Tls(e.to_string()))),
-                Err(_) => {
+            let stream = match timed(&options, options.proto.handshake_timeout, handshake).await {
+                Some(Ok(stream)) => stream,
+                Some(Err(e)) => return Err(handshake_failed(name, CloseCause::Tls(e.to_string()))),
+                None => {
                     return Err(handshake_failed(
                         name,
                         CloseCause::Protocol(ProtocolError::HandshakeTimeout),
@@ -234,12 +236,42 @@ async fn within<T>(
     address: &Address,
     fut: impl Future<Output = io::Result<T>>,
 ) -> Result<T, ConnectError> {
-    match tokio::time::timeout(options.connect_timeout, fut).await {
-        Ok(r) => io_result(address, r),
-        Err(_) => Err(ConnectError::Timeout {
+    match timed(options, options.connect_timeout, fut).await {
+        Some(r) => io_result(address, r),
+        None => Err(ConnectError::Timeout {
             address: address.to_string(),
         }),
     }
+}
+
+/// Runs `fut` for at most `limit`, as `tokio::time::timeout` does (`None` when the time
+/// ran out), with its timer first armed no later than the connection's driver will first
+/// arm its own (`first_wake_after`; else the handshake timeout, its first deadline), and
+/// moved to the real limit if it fires before `fut` is done.
+///
+/// Why: arming a timer earlier than the runtime's next wake-up makes tokio unpark its
+/// driver (an eventfd write and one more `epoll_wait`). With the connect's timer at, say,
+/// 10 s and the driver's first at 2 s, every connection paid that once; with the connect's
+/// timer at 2 s, the driver's (armed later, for later) does not move the wake-up earlier.
+async fn timed<T>(options: &Options, limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    let start = Instant::now();
+    let first = first_wake_after(options).unwrap_or(options.proto.handshake_timeout);
+    let end = start + limit;
+    let mut fut = pin!(fut);
+    let mut sleep = pin!(tokio::time::sleep_until(start + first.min(limit)));
+    poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            if sleep.deadline() >= end {
+                return Poll::Ready(None);
+            }
+            sleep.as_mut().reset(end);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Connects to the first address `host` resolves to that accepts; returns the stream and
@@ -339,6 +371,38 @@ mod tests {
             read += reader.read(&mut buf).await.unwrap();
         }
         assert_eq!(unsent(&writer), Some(0));
+    }
+
+    /// `timed` gives up at its limit and not before, whether its timer first fires before
+    /// the limit (and is moved to it) or at it: a connect that takes longer than the
+    /// driver's first wake-up (the linger, 2 s here) but less than the limit completes.
+    #[tokio::test(start_paused = true)]
+    async fn timed_ends_at_its_limit_whatever_its_first_arming() {
+        let options = Options::default().close_linger(Duration::from_secs(2));
+        let took = |after: u64| tokio::time::sleep(Duration::from_secs(after));
+        let cases = [
+            // (limit, the future's time, done)
+            (10, 5, true),
+            (10, 11, false),
+            (3, 5, false),
+            (1, 5, false),
+            (2, 1, true),
+        ];
+        for (limit, after, done) in cases {
+            let start = Instant::now();
+            let out = timed(&options, Duration::from_secs(limit), took(after)).await;
+            let elapsed = start.elapsed();
+            assert_eq!(out.is_some(), done, "limit {limit} s, took {after} s");
+            let expected = Duration::from_secs(if done { after } else { limit });
+            assert_eq!(elapsed, expected, "limit {limit} s, took {after} s");
+        }
+        // Without a linger the first arming is the handshake timeout.
+        let options = Options::default().close_linger(Duration::ZERO);
+        let start = Instant::now();
+        assert!(timed(&options, Duration::from_secs(30), took(20))
+            .await
+            .is_some());
+        assert_eq!(start.elapsed(), Duration::from_secs(20));
     }
 
     /// Without the `tls` feature, a `tls://` address is a clear error from both ends,
