@@ -1536,6 +1536,20 @@ impl<S: Transport> Future for Driver<S> {
         if this.done {
             return Poll::Ready(());
         }
+        // The rounds of a held hello after the first (see `hold_hello`): while the
+        // connection is open and the application queued nothing, the round ends here,
+        // without a read or a pass of the protocol; anything else runs the full round.
+        if this.held.is_some() && this.hold_rounds > 0 {
+            let quiet = {
+                let inner = this.shared.lock();
+                inner.proto.is_open()
+                    && !inner.proto.has_output()
+                    && inner.throttle == this.throttle
+            };
+            if quiet && this.hold_hello(cx, false) {
+                return Poll::Pending;
+            }
+        }
         for _ in 0..DRIVER_BUDGET {
             let now = Instant::now();
             let mut progress = false;
