@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 use crate::error::AddressError;
+use crate::transport::SocketName;
 
 /// Where to connect or listen.
 ///
@@ -186,15 +187,35 @@ impl From<std::net::SocketAddr> for Address {
 /// ask, and turning an IP address into a string is a measurable part of opening one.
 #[derive(Debug)]
 pub(crate) struct LazyAddress {
-    socket: Option<(SocketAddr, bool)>,
+    source: Source,
     address: OnceLock<Address>,
+}
+
+#[derive(Debug)]
+enum Source {
+    /// The address is in `address` from the start.
+    Ready,
+    /// A TCP socket address (`tls://` when the flag is set).
+    Socket(SocketAddr, bool),
+    /// A connected TCP socket's own address, asked of the socket (`getsockname`) only when
+    /// first needed (`tls://` when the flag is set).
+    Name(SocketName, bool),
 }
 
 impl LazyAddress {
     /// A TCP socket address: `tcp://` or, with `tls`, `tls://`.
     pub(crate) fn socket(addr: SocketAddr, tls: bool) -> Self {
         LazyAddress {
-            socket: Some((addr, tls)),
+            source: Source::Socket(addr, tls),
+            address: OnceLock::new(),
+        }
+    }
+
+    /// A TCP socket's own address, asked of it when first needed. Its owner calls
+    /// [`release`](Self::release) before the socket is closed (see [`SocketName`]).
+    pub(crate) fn name(name: SocketName, tls: bool) -> Self {
+        LazyAddress {
+            source: Source::Name(name, tls),
             address: OnceLock::new(),
         }
     }
@@ -202,7 +223,7 @@ impl LazyAddress {
     /// An address already known in full.
     pub(crate) fn ready(address: Address) -> Self {
         LazyAddress {
-            socket: None,
+            source: Source::Ready,
             address: OnceLock::from(address),
         }
     }
@@ -210,15 +231,26 @@ impl LazyAddress {
     /// The same socket address under `tls://`.
     #[cfg(feature = "tls")]
     pub(crate) fn tls(self) -> Self {
-        match self.socket {
-            Some((addr, _)) => LazyAddress::socket(addr, true),
-            None => self,
+        match self.source {
+            Source::Socket(addr, _) => LazyAddress::socket(addr, true),
+            _ => self,
         }
     }
 
     pub(crate) fn get(&self) -> &Address {
         self.address.get_or_init(|| {
-            let (addr, tls) = self.socket.expect("a lazy address has its socket address");
+            let (addr, tls) = match &self.source {
+                Source::Socket(addr, tls) => (*addr, *tls),
+                // Unknown only if asked after `release(false)`, which nothing does (the
+                // owner releases without resolving when no one is left to ask), or if the
+                // socket cannot tell: the unspecified address, rather than a panic.
+                Source::Name(name, tls) => (
+                    name.resolve()
+                        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    *tls,
+                ),
+                Source::Ready => unreachable!("a ready address is set when it is made"),
+            };
             let host = addr.ip().to_string();
             let port = addr.port();
             if tls {
@@ -227,6 +259,20 @@ impl LazyAddress {
                 Address::Tcp { host, port }
             }
         })
+    }
+
+    /// Called by the owner of the socket before it closes it: resolves the address first
+    /// if it may still be asked for (`keep`), then forgets the socket.
+    pub(crate) fn release(&self, keep: bool) {
+        let Source::Name(name, _) = &self.source else {
+            return;
+        };
+        // Resolved before the release, not under its lock: `get` takes that lock inside
+        // the `OnceLock`'s initialisation, and the reverse order could deadlock.
+        if keep {
+            self.get();
+        }
+        name.release();
     }
 }
 

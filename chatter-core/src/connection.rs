@@ -1504,6 +1504,11 @@ impl<S: Transport> Driver<S> {
 impl<S: Transport> Driver<S> {
     fn finish(&mut self) {
         self.done = true;
+        // Before the socket closes (when the driver is dropped, after this): its own
+        // address, if not asked for yet, is asked now only if a handle is left to ask.
+        self.shared
+            .local
+            .release(Arc::strong_count(&self.shared) > 1);
         let mut inner = self.shared.lock();
         if inner.cause.is_none() {
             inner

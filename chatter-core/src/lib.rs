@@ -58,7 +58,8 @@
     rust_2018_idioms
 )]
 // Audited exceptions, in `transport.rs`: `set_defer_accept` and `unsent` (a socket option
-// and an ioctl socket2 lacks).
+// and an ioctl socket2 lacks), and `SocketName` (a descriptor borrowed under a lock that its
+// socket's owner takes before closing it).
 #![deny(unsafe_code)]
 
 mod address;

@@ -3,6 +3,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::task::Poll;
 use std::time::Duration;
@@ -92,7 +93,15 @@ async fn open(
         Address::Tcp { host, port } => {
             let (stream, remote) = within(&options, name, tcp_connect(host, *port)).await?;
             set_user_timeout(&stream, &options);
-            let addrs = io_result(name, tcp_addresses(&stream, remote, false))?;
+            // SAFETY: the stream goes to the connection's driver below, which releases the
+            // name (`Driver::finish`, run before the driver and its socket are dropped)
+            // before the socket closes.
+            #[allow(unsafe_code)]
+            let local = unsafe { SocketName::new(stream.as_raw_fd()) };
+            let addrs = (
+                LazyAddress::name(local, false),
+                LazyAddress::socket(remote, false),
+            );
             Connection::start(stream, addrs, None, &options, Side::Connecting)
         }
         #[cfg(not(feature = "tls"))]
@@ -201,6 +210,46 @@ pub(crate) fn unsent<S: std::os::fd::AsRawFd>(socket: &S) -> Option<usize> {
         usize::try_from(unsent).ok()
     } else {
         None
+    }
+}
+
+/// A connected socket's descriptor, kept to ask the socket its own address
+/// (`getsockname`) only if someone asks for it: most short connections never do, and the
+/// system call is a measurable part of opening one.
+///
+/// The descriptor is used only while it is here, under this lock; the socket's owner
+/// takes it out ([`release`](Self::release)) before it closes the socket, so it is never
+/// used once closed (and perhaps reused for another file).
+#[derive(Debug)]
+pub(crate) struct SocketName {
+    fd: std::sync::Mutex<Option<std::os::fd::RawFd>>,
+}
+
+impl SocketName {
+    /// # Safety
+    ///
+    /// `fd` must stay open until [`release`](Self::release) is called or this value is
+    /// dropped, whichever comes first.
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn new(fd: std::os::fd::RawFd) -> Self {
+        SocketName {
+            fd: std::sync::Mutex::new(Some(fd)),
+        }
+    }
+
+    /// The socket's own address, or `None` once released or if the socket cannot tell.
+    #[allow(unsafe_code)]
+    pub(crate) fn resolve(&self) -> Option<SocketAddr> {
+        let fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the descriptor is here, so it is open (the promise of `new`), and it
+        // stays open while this lock is held: `release` takes the lock first.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw((*fd)?) };
+        socket2::SockRef::from(&fd).local_addr().ok()?.as_socket()
+    }
+
+    /// Forgets the descriptor: the socket may be closed once this returns.
+    pub(crate) fn release(&self) {
+        self.fd.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -313,8 +362,11 @@ pub async fn listen(address: impl ToAddress, options: Options) -> Result<Server,
     Server::bind(address, options).await
 }
 
-/// The local and remote address of a TCP stream connected to `remote`, as `tcp://` or
-/// (under TLS) `tls://` URLs, formatted when first asked for. Costs one `getsockname`.
+/// The local and remote address of a TCP stream connected to `remote` under TLS, as
+/// `tls://` URLs, formatted when first asked for. Costs one `getsockname` (a plain TCP
+/// client asks its socket only when asked, through [`SocketName`]; a TLS handshake costs
+/// far more than the system call).
+#[cfg(feature = "tls")]
 pub(crate) fn tcp_addresses(
     stream: &TcpStream,
     remote: SocketAddr,
@@ -371,6 +423,34 @@ mod tests {
             read += reader.read(&mut buf).await.unwrap();
         }
         assert_eq!(unsent(&writer), Some(0));
+    }
+
+    /// A client's local address is asked of its socket only when wanted, and is still
+    /// there after the connection closed and its driver let the socket go.
+    #[tokio::test]
+    async fn a_clients_local_address_is_there_while_open_and_after_the_close() {
+        let server = listen("tcp://127.0.0.1:0", Options::default())
+            .await
+            .expect("listen");
+        let asked_open = connect(&server.addresses()[0], Options::default())
+            .await
+            .expect("connect");
+        let peer = server.accept().await.expect("accept");
+        assert_eq!(asked_open.local_address(), peer.remote_address());
+        assert!(matches!(asked_open.local_address(), Address::Tcp { port, .. } if *port != 0));
+
+        let asked_closed = connect(&server.addresses()[0], Options::default())
+            .await
+            .expect("connect");
+        let peer = server.accept().await.expect("accept");
+        // Not asked before the close: `close` returns once the driver finished, which
+        // released the socket (asking it first, since this handle could still ask).
+        asked_closed.close().await;
+        assert_eq!(asked_closed.local_address(), peer.remote_address());
+        let Address::Tcp { host, port } = asked_closed.local_address() else {
+            panic!("a tcp:// address");
+        };
+        assert_eq!((host.as_str(), *port != 0), ("127.0.0.1", true));
     }
 
     /// `timed` gives up at its limit and not before, whether its timer first fires before
