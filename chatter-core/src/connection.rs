@@ -723,6 +723,7 @@ impl Connection {
             held: None,
             hold_rounds: 0,
             eof_probed: false,
+            read_drained: false,
             read_grown: false,
         };
         driver.apply(options.throttle, now);
@@ -879,6 +880,26 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn all_sent(&self) -> bool {
         false
     }
+
+    /// Whether the peer's end of stream has arrived, as far as the transport knows without
+    /// a read (the `EPOLLRDHUP` that tokio keeps for a socket). Asked only after a read
+    /// that took everything the socket had: nothing is left to read then but the end of
+    /// stream. False where it cannot tell: a read finds out.
+    fn read_closed(&self) -> bool {
+        false
+    }
+}
+
+/// Whether tokio saw the peer's end of stream on a socket (its readiness keeps
+/// `READ_CLOSED` once seen). The readiness future is polled once, with a waker that does
+/// nothing: it answers at once when readiness is known and registers nothing once dropped.
+fn socket_read_closed<F>(ready: F) -> bool
+where
+    F: Future<Output = io::Result<tokio::io::Ready>>,
+{
+    let mut ready = pin!(ready);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    matches!(ready.as_mut().poll(&mut cx), Poll::Ready(Ok(r)) if r.is_read_closed())
 }
 
 impl Transport for tokio::net::TcpStream {
@@ -893,6 +914,10 @@ impl Transport for tokio::net::TcpStream {
     #[cfg(target_os = "linux")]
     fn all_sent(&self) -> bool {
         crate::transport::unsent(self) == Some(0)
+    }
+
+    fn read_closed(&self) -> bool {
+        socket_read_closed(self.ready(tokio::io::Interest::READABLE))
     }
 
     /// With `MSG_MORE`: the kernel holds the bytes until the shutdown that follows at once,
@@ -912,6 +937,10 @@ impl Transport for tokio::net::UnixStream {
     /// What was written is in the peer socket's queue already, and stays with it.
     fn all_sent(&self) -> bool {
         true
+    }
+
+    fn read_closed(&self) -> bool {
+        socket_read_closed(self.ready(tokio::io::Interest::READABLE))
     }
 }
 
@@ -1261,6 +1290,8 @@ struct Driver<S: Transport> {
     hold_rounds: u8,
     /// After the peer's close, one more read looked for its end of stream.
     eof_probed: bool,
+    /// The latest read took everything the socket had (it returned less than asked for).
+    read_drained: bool,
     /// A read filled the read buffer once: reads are made in [`READ_CHUNK`]s from then
     /// on, instead of into the [`FIRST_READ`] bytes a connection starts with.
     read_grown: bool,
@@ -1338,6 +1369,8 @@ impl<S: Transport> Driver<S> {
                     bucket.take(n as u64);
                 }
                 self.read_grown |= n == spare;
+                // Less than asked for: the read took everything the socket had.
+                self.read_drained = n < limit.map_or(spare, |needed| needed.min(spare));
                 ReadOutcome::Data
             }
             Poll::Ready(Err(e)) => {
@@ -1746,9 +1779,14 @@ impl<S: Transport> Future for Driver<S> {
                     // read once more before shutting down. Where the end of stream is
                     // there, closing the socket ends ours as well as a shutdown would (the
                     // peer sends nothing after its close, so nothing unread can turn it
-                    // into a reset), one system call less.
+                    // into a reset), one system call less. Where the socket already
+                    // reported it (and the last read emptied the socket), that read is
+                    // not needed either: it would return the end of stream.
                     this.eof_probed = true;
                     progress = true;
+                    if this.read_drained && this.io.read_closed() {
+                        this.read_open = false;
+                    }
                 } else if !this.shutdown && (this.read_open || this.io.shutdown_after_eof()) {
                     match Pin::new(&mut this.io).poll_shutdown(cx) {
                         Poll::Ready(_) => {

@@ -453,6 +453,36 @@ mod tests {
         assert_eq!((host.as_str(), *port != 0), ("127.0.0.1", true));
     }
 
+    /// A socket tells the peer's end of stream once it arrived (the `EPOLLRDHUP` that tokio
+    /// keeps), and not before: the receiving side of a close skips its last read on it.
+    #[tokio::test]
+    async fn a_socket_tells_the_peers_end_of_stream_once_it_arrived() {
+        use crate::connection::Transport;
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        peer.write_all(b"hello").await.unwrap();
+        ours.readable().await.unwrap();
+        assert!(!ours.read_closed(), "data, but no end of stream yet");
+        let mut buf = [0u8; 16];
+        assert_eq!(ours.try_read(&mut buf).unwrap(), 5);
+        // Nothing more: tokio forgets the readiness, so the wait below is for the FIN.
+        let empty = ours.try_read(&mut buf).expect_err("nothing more to read");
+        assert_eq!(empty.kind(), io::ErrorKind::WouldBlock);
+        peer.shutdown().await.unwrap();
+        ours.readable().await.unwrap();
+        assert!(ours.read_closed(), "the peer's FIN arrived");
+
+        let (mut a, b) = UnixStream::pair().unwrap();
+        assert!(!b.read_closed());
+        a.shutdown().await.unwrap();
+        b.readable().await.unwrap();
+        assert!(b.read_closed());
+    }
+
     /// `timed` gives up at its limit and not before, whether its timer first fires before
     /// the limit (and is moved to it) or at it: a connect that takes longer than the
     /// driver's first wake-up (the linger, 2 s here) but less than the limit completes.
