@@ -612,3 +612,62 @@ async fn a_call_dropped_while_it_waits_for_window_room_is_never_sent() {
         "dropped calls were sent"
     );
 }
+
+/// Replies as large as the caller asks, at once or after a sleep.
+#[remote]
+pub trait Blobs {
+    async fn blob(&self, n: u64, sleep_ms: u64) -> String;
+}
+
+struct Blob;
+
+impl Blobs for Blob {
+    async fn blob(&self, n: u64, sleep_ms: u64) -> String {
+        if sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+        }
+        "x".repeat(n as usize)
+    }
+}
+
+/// chatter-rpc PROTOCOL.md: the callee answers every call exactly once. A reply larger
+/// than the caller's frames (its `max_frame_size`) cannot be sent; the caller gets a
+/// protocol failure in its place, at once, instead of nothing until its deadline (and a
+/// conversation that stays open on both sides). Both the reply of a handler that finished
+/// at once and that of one that ran in a task.
+#[tokio::test(start_paused = true)]
+async fn a_reply_larger_than_the_callers_frames_is_answered_with_a_failure() {
+    let listener = chatter_rpc::listen(
+        "tcp://127.0.0.1:0",
+        Options::default().close_connections_with_server(false),
+    )
+    .await
+    .unwrap();
+    let small = Options::default()
+        .max_frame_size(1024)
+        .receive_window(1024 + 64);
+    let client_conn = chatter_rpc::connect(&listener.addresses()[0], small)
+        .await
+        .unwrap();
+    let server = Peer::new(listener.accept().await.unwrap());
+    server.register("blobs", BlobsServer::new(Blob));
+    let client = Peer::new(client_conn);
+    let blobs = BlobsClient::new(&client, "blobs").with_deadline(Duration::from_secs(60));
+    for sleep_ms in [0, 100] {
+        let start = Instant::now();
+        let err = within(blobs.blob(5000, sleep_ms)).await.unwrap_err();
+        let CallError::Protocol(why) = &err else {
+            panic!("expected a protocol failure, got {err:?}");
+        };
+        assert!(
+            why.contains("exceeds the peer's maximum frame size of 1024"),
+            "{why}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(1), "answered at once");
+        // The connection still serves.
+        assert_eq!(
+            within(blobs.blob(10, sleep_ms)).await.unwrap(),
+            "x".repeat(10)
+        );
+    }
+}

@@ -191,7 +191,7 @@ impl Inner {
                             }
                             sent => {
                                 if let Err(e) = sent {
-                                    reply_not_sent(conv, &e);
+                                    self.reply_failed(conv, &e);
                                 }
                                 batch.slot = true;
                                 batch.release += u64::from(credit);
@@ -428,7 +428,13 @@ impl Inner {
     /// bounded by the credit of the requests they answer.
     pub(super) fn answer(&self, conv: Conversation, payload: Payload, credit: u32) -> u64 {
         let options = SendOptions::new().conversation(conv);
-        match self.conn.try_send(&payload, options) {
+        let mut payload = payload;
+        let mut sent = self.conn.try_send(&payload, options);
+        if let Some(failure) = sent.as_ref().err().and_then(too_large_failure) {
+            sent = self.conn.try_send(&failure, options);
+            payload = failure;
+        }
+        match sent {
             Err(SendError::WouldBlock) => {
                 self.queue_holding(payload, options, credit);
                 0
@@ -438,6 +444,20 @@ impl Inner {
                 u64::from(credit)
             }
             Ok(_) => u64::from(credit),
+        }
+    }
+
+    /// A reply the connection refused: one larger than the caller accepts is answered
+    /// with a short failure in its place ([`too_large_failure`]); any other refusal (the
+    /// connection closed) is logged.
+    #[cold]
+    #[inline(never)]
+    fn reply_failed(&self, conv: Conversation, error: &SendError) {
+        match too_large_failure(error) {
+            Some(failure) => {
+                self.answer(conv, failure, 0);
+            }
+            None => reply_not_sent(conv, error),
         }
     }
 
@@ -887,6 +907,27 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     }
 }
 
+/// The failure that answers a call in place of a reply larger than the caller accepts
+/// (its `max_frame_size`, or its window less 64), or `None` for any other refusal. The
+/// callee answers every call exactly once (PROTOCOL.md): without it the caller would wait
+/// for nothing until its deadline, and the call's conversation would stay open on both
+/// sides. Kind 7 (*protocol*), as a broker answers a message it cannot forward; the
+/// message is cut to fit the caller's frames (a failure's envelope and a message header
+/// take at most 32 bytes besides it).
+#[cold]
+fn too_large_failure(error: &SendError) -> Option<Payload> {
+    let SendError::TooLarge { max, .. } = error else {
+        return None;
+    };
+    let why = format!("the reply could not be sent: {error}");
+    let mut cut = why.len().min((*max as usize).saturating_sub(32));
+    while !why.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    tracing::debug!(error = %error, "reply too large for the caller, answered with a failure");
+    Some(wire::encode_failure(FailureKind::Protocol, &why[..cut]))
+}
+
 /// Logs a reply (or refusal) the connection would not take (it closed).
 #[cold]
 #[inline(never)]
@@ -1052,7 +1093,7 @@ async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Payload,
         other => other,
     };
     if let Err(e) = sent {
-        reply_not_sent(conv, &e);
+        inner.reply_failed(conv, &e);
     }
     inner.call_done();
 }
