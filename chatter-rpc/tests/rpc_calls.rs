@@ -671,3 +671,44 @@ async fn a_reply_larger_than_the_callers_frames_is_answered_with_a_failure() {
         );
     }
 }
+
+/// chatter-rpc PROTOCOL.md, "Malformed requests": a misplaced envelope (a signal, cancel or
+/// ack that passes the turn instead of ending its conversation) is answered with a kind 7
+/// failure *saying what was wrong*: which envelope it is and how it must be sent, not a
+/// dump of the decoder's structures (names as lists of byte values).
+#[tokio::test(start_paused = true)]
+async fn a_misplaced_envelope_is_answered_with_what_was_wrong() {
+    use chatter_core::SendOptions;
+    let (raw, server_conn) = common::connections(Options::default()).await;
+    let server = Peer::new(server_conn);
+    let (calc, _probe) = Calc::new();
+    server.register("calc", CalculatorServer::new(calc));
+    let request = SendOptions::new().last(false);
+    let cases: [(&[u8], &str); 3] = [
+        // The signal `calc.record(1)` with a 1 s TTL, sent as a call (flags 03).
+        (
+            b"\x95\x01\xa4calc\xa6record\xcd\x03\xe8\x91\x01",
+            "misplaced envelope: a signal (kind 1) is a one-shot message (flags 07 or 05), this one has flags 03",
+        ),
+        // Cancel of call 5.
+        (
+            b"\x92\x02\x05",
+            "misplaced envelope: a cancel (kind 2) is a one-shot message (flags 07 or 05), this one has flags 03",
+        ),
+        // An ack.
+        (
+            b"\x94\x04\x07\x01\x00",
+            "misplaced envelope: an ack (kind 4) is a one-shot message (flags 07 or 05), this one has flags 03",
+        ),
+    ];
+    for (envelope, expected) in cases {
+        let conv = raw.send_bytes(envelope, request).await.unwrap();
+        let reply = within(raw.receive()).await.unwrap();
+        assert_eq!(reply.conversation, conv);
+        assert!(reply.last);
+        let (status, kind, message): (u8, u8, String) =
+            reply.decode().expect("a failure [2, kind, message]");
+        assert_eq!((status, kind), (2, 7));
+        assert_eq!(message, expected);
+    }
+}

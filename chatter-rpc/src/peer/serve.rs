@@ -384,7 +384,7 @@ impl Inner {
                 self.on_result_grant(call, bytes);
             }
             Ok(other) => {
-                let mut what = format!("misplaced envelope {other:?}");
+                let mut what = misplaced(&other, &msg);
                 // Small whatever the envelope held: answers queued for a peer that does not
                 // read are bounded by the credit of the requests they answer.
                 truncate(&mut what, MAX_ERROR_TEXT);
@@ -787,6 +787,39 @@ pub(super) async fn work(inner: Arc<Inner>, mut item: Waiting) {
             None => return,
         }
     }
+}
+
+/// What is wrong with an envelope that came in a message of the wrong kind (PROTOCOL.md,
+/// "Caller → callee envelopes"): which envelope it is, how it must be sent and how it was.
+#[cold]
+#[inline(never)]
+fn misplaced(envelope: &Incoming<'_>, msg: &Msg) -> String {
+    const ONE_SHOT: &str = "is a one-shot message (flags 07 or 05)";
+    const CALL: &str = "opens a conversation and passes the turn (flags 03)";
+    let with = |context: &Option<&[u8]>, plain: u8, rich: u8| {
+        if context.is_some() {
+            rich
+        } else {
+            plain
+        }
+    };
+    let (name, kind, rule) = match envelope {
+        Incoming::Call { context, .. } => ("a call", with(context, 0, 9), CALL),
+        Incoming::Signal { context, .. } => ("a signal", with(context, 1, 10), ONE_SHOT),
+        Incoming::Cancel { .. } => ("a cancel", 2, ONE_SHOT),
+        Incoming::Reliable { context, .. } => ("a reliable signal", with(context, 3, 11), ONE_SHOT),
+        Incoming::Ack { .. } => ("an ack", 4, ONE_SHOT),
+        Incoming::StreamCall { context, .. } => ("a stream call", with(context, 12, 13), CALL),
+        Incoming::OpenArgument { .. } => (
+            "an argument stream's opening",
+            14,
+            "opens a conversation and keeps the turn (flags 01)",
+        ),
+        Incoming::GrantResult { .. } => ("a result credit", 15, ONE_SHOT),
+    };
+    // An opening message: the owner bit is set.
+    let flags = 1 | u8::from(msg.token) << 1 | u8::from(msg.last) << 2;
+    format!("misplaced envelope: {name} (kind {kind}) {rule}, this one has flags {flags:02x}")
 }
 
 /// The longest error text this side puts in a failure reply to a malformed request.
