@@ -617,6 +617,8 @@ async fn a_call_dropped_while_it_waits_for_window_room_is_never_sent() {
 #[remote]
 pub trait Blobs {
     async fn blob(&self, n: u64, sleep_ms: u64) -> String;
+    /// A stream method that fails before its stream opens, with an error of `n` bytes.
+    async fn refuse(&self, n: u64) -> Result<chatter_rpc::stream::Receiver<u64>, String>;
 }
 
 struct Blob;
@@ -627,6 +629,10 @@ impl Blobs for Blob {
             tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
         }
         "x".repeat(n as usize)
+    }
+
+    async fn refuse(&self, n: u64) -> Result<chatter_rpc::stream::Receiver<u64>, String> {
+        Err("x".repeat(n as usize))
     }
 }
 
@@ -669,6 +675,19 @@ async fn a_reply_larger_than_the_callers_frames_is_answered_with_a_failure() {
             within(blobs.blob(10, sleep_ms)).await.unwrap(),
             "x".repeat(10)
         );
+    }
+    // The reply of a stream call that does not open its stream (its application error).
+    let err = within(blobs.refuse(5000)).await.unwrap_err();
+    let CallError::Protocol(why) = &err else {
+        panic!("expected a protocol failure, got {err:?}");
+    };
+    assert!(
+        why.contains("exceeds the peer's maximum frame size of 1024"),
+        "{why}"
+    );
+    match within(blobs.refuse(10)).await {
+        Err(CallError::App { error, .. }) => assert_eq!(error, "x".repeat(10)),
+        other => panic!("expected the application error, got {other:?}"),
     }
 }
 

@@ -948,7 +948,7 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
 /// message is cut to fit the caller's frames (a failure's envelope and a message header
 /// take at most 32 bytes besides it).
 #[cold]
-fn too_large_failure(error: &SendError) -> Option<Payload> {
+pub(super) fn too_large_failure(error: &SendError) -> Option<Payload> {
     let SendError::TooLarge { max, .. } = error else {
         return None;
     };

@@ -1124,7 +1124,17 @@ async fn serve_stream_call(
         }
     };
     let last = SendOptions::new().conversation(conv);
-    if let Err(e) = inner.conn.send_bytes(&end, last).await {
+    let mut sent = inner.conn.send_bytes(&end, last).await;
+    // A reply larger than the caller's frames (a value or an application error): the call
+    // is still answered, with a failure in its place.
+    if let Some(failure) = sent
+        .as_ref()
+        .err()
+        .and_then(super::serve::too_large_failure)
+    {
+        sent = inner.conn.send_bytes(&failure, last).await;
+    }
+    if let Err(e) = sent {
         tracing::debug!(conversation = id, error = %e, "stream call not ended");
     }
     inner.stream_call_done(id);
