@@ -666,7 +666,7 @@ async fn a_reply_larger_than_the_callers_frames_is_answered_with_a_failure() {
             panic!("expected a protocol failure, got {err:?}");
         };
         assert!(
-            why.contains("exceeds the peer's maximum frame size of 1024"),
+            why.contains("exceeds the 1024 bytes the peer accepts"),
             "{why}"
         );
         assert!(start.elapsed() < Duration::from_secs(1), "answered at once");
@@ -682,7 +682,7 @@ async fn a_reply_larger_than_the_callers_frames_is_answered_with_a_failure() {
         panic!("expected a protocol failure, got {err:?}");
     };
     assert!(
-        why.contains("exceeds the peer's maximum frame size of 1024"),
+        why.contains("exceeds the 1024 bytes the peer accepts"),
         "{why}"
     );
     match within(blobs.refuse(10)).await {
