@@ -294,11 +294,14 @@ pub enum SendError {
     #[error("{0} belongs to another connection")]
     WrongConnection(Conversation),
     /// The message is larger than the peer accepts.
-    #[error("message of {size} bytes exceeds the peer's maximum frame size of {max}")]
+    #[error(
+        "message of {size} bytes exceeds the {max} bytes the peer accepts (its max_frame_size, or its receive_window less 64)"
+    )]
     TooLarge {
         /// The frame body size.
         size: usize,
-        /// The peer's maximum.
+        /// The largest body the peer accepts: its `max_frame_size`, or its
+        /// `receive_window` less 64 if that is smaller.
         max: u32,
     },
     /// The value could not be encoded.

@@ -612,3 +612,122 @@ async fn a_call_dropped_while_it_waits_for_window_room_is_never_sent() {
         "dropped calls were sent"
     );
 }
+
+/// Replies as large as the caller asks, at once or after a sleep.
+#[remote]
+pub trait Blobs {
+    async fn blob(&self, n: u64, sleep_ms: u64) -> String;
+    /// A stream method that fails before its stream opens, with an error of `n` bytes.
+    async fn refuse(&self, n: u64) -> Result<chatter_rpc::stream::Receiver<u64>, String>;
+}
+
+struct Blob;
+
+impl Blobs for Blob {
+    async fn blob(&self, n: u64, sleep_ms: u64) -> String {
+        if sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+        }
+        "x".repeat(n as usize)
+    }
+
+    async fn refuse(&self, n: u64) -> Result<chatter_rpc::stream::Receiver<u64>, String> {
+        Err("x".repeat(n as usize))
+    }
+}
+
+/// chatter-rpc PROTOCOL.md: the callee answers every call exactly once. A reply larger
+/// than the caller's frames (its `max_frame_size`) cannot be sent; the caller gets a
+/// protocol failure in its place, at once, instead of nothing until its deadline (and a
+/// conversation that stays open on both sides). Both the reply of a handler that finished
+/// at once and that of one that ran in a task.
+#[tokio::test(start_paused = true)]
+async fn a_reply_larger_than_the_callers_frames_is_answered_with_a_failure() {
+    let listener = chatter_rpc::listen(
+        "tcp://127.0.0.1:0",
+        Options::default().close_connections_with_server(false),
+    )
+    .await
+    .unwrap();
+    let small = Options::default()
+        .max_frame_size(1024)
+        .receive_window(1024 + 64);
+    let client_conn = chatter_rpc::connect(&listener.addresses()[0], small)
+        .await
+        .unwrap();
+    let server = Peer::new(listener.accept().await.unwrap());
+    server.register("blobs", BlobsServer::new(Blob));
+    let client = Peer::new(client_conn);
+    let blobs = BlobsClient::new(&client, "blobs").with_deadline(Duration::from_secs(60));
+    for sleep_ms in [0, 100] {
+        let start = Instant::now();
+        let err = within(blobs.blob(5000, sleep_ms)).await.unwrap_err();
+        let CallError::Protocol(why) = &err else {
+            panic!("expected a protocol failure, got {err:?}");
+        };
+        assert!(
+            why.contains("exceeds the 1024 bytes the peer accepts"),
+            "{why}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(1), "answered at once");
+        // The connection still serves.
+        assert_eq!(
+            within(blobs.blob(10, sleep_ms)).await.unwrap(),
+            "x".repeat(10)
+        );
+    }
+    // The reply of a stream call that does not open its stream (its application error).
+    let err = within(blobs.refuse(5000)).await.unwrap_err();
+    let CallError::Protocol(why) = &err else {
+        panic!("expected a protocol failure, got {err:?}");
+    };
+    assert!(
+        why.contains("exceeds the 1024 bytes the peer accepts"),
+        "{why}"
+    );
+    match within(blobs.refuse(10)).await {
+        Err(CallError::App { error, .. }) => assert_eq!(error, "x".repeat(10)),
+        other => panic!("expected the application error, got {other:?}"),
+    }
+}
+
+/// chatter-rpc PROTOCOL.md, "Malformed requests": a misplaced envelope (a signal, cancel or
+/// ack that passes the turn instead of ending its conversation) is answered with a kind 7
+/// failure *saying what was wrong*: which envelope it is and how it must be sent, not a
+/// dump of the decoder's structures (names as lists of byte values).
+#[tokio::test(start_paused = true)]
+async fn a_misplaced_envelope_is_answered_with_what_was_wrong() {
+    use chatter_core::SendOptions;
+    let (raw, server_conn) = common::connections(Options::default()).await;
+    let server = Peer::new(server_conn);
+    let (calc, _probe) = Calc::new();
+    server.register("calc", CalculatorServer::new(calc));
+    let request = SendOptions::new().last(false);
+    let cases: [(&[u8], &str); 3] = [
+        // The signal `calc.record(1)` with a 1 s TTL, sent as a call (flags 03).
+        (
+            b"\x95\x01\xa4calc\xa6record\xcd\x03\xe8\x91\x01",
+            "misplaced envelope: a signal (kind 1) is a one-shot message (flags 07 or 05), this one has flags 03",
+        ),
+        // Cancel of call 5.
+        (
+            b"\x92\x02\x05",
+            "misplaced envelope: a cancel (kind 2) is a one-shot message (flags 07 or 05), this one has flags 03",
+        ),
+        // An ack.
+        (
+            b"\x94\x04\x07\x01\x00",
+            "misplaced envelope: an ack (kind 4) is a one-shot message (flags 07 or 05), this one has flags 03",
+        ),
+    ];
+    for (envelope, expected) in cases {
+        let conv = raw.send_bytes(envelope, request).await.unwrap();
+        let reply = within(raw.receive()).await.unwrap();
+        assert_eq!(reply.conversation, conv);
+        assert!(reply.last);
+        let (status, kind, message): (u8, u8, String) =
+            reply.decode().expect("a failure [2, kind, message]");
+        assert_eq!((status, kind), (2, 7));
+        assert_eq!(message, expected);
+    }
+}

@@ -1226,3 +1226,76 @@ mod renamed {
         async fn up(&self, items: rpc::stream::Receiver<u64>) -> u64;
     }
 }
+
+/// Two peers over TCP whose `small` side announces frames of 4 KiB (the other keeps the
+/// defaults): the client calls the [`Feeder`] the server hosts.
+async fn small_frames(small_client: bool) -> (chatter_core::Server, Peer, FeedsClient) {
+    let small = Options::default()
+        .max_frame_size(4096)
+        .receive_window(8192)
+        .no_keepalive();
+    let big = Options::default().no_keepalive();
+    let (server_conn, client_conn) = if small_client {
+        (big, small)
+    } else {
+        (small, big)
+    };
+    let (listener, client, accepted) = pair_with(Transport::Tcp, server_conn, client_conn).await;
+    let (tx, _reports) = mpsc::unbounded_channel();
+    let (counter, _counted) = watch::channel(0);
+    let server = Peer::new(accepted);
+    server.register(
+        "feeds",
+        FeedsServer::new(Feeder {
+            reports: tx,
+            counted: Arc::new(counter),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        }),
+    );
+    let feeds = FeedsClient::new(&Peer::new(client), "feeds");
+    (listener, server, feeds)
+}
+
+/// chatter-core PROTOCOL.md §2: a side never sends a frame longer than the peer's
+/// `max_frame_size`. A stream writer batches the items it has ready into one message
+/// (chatter-rpc PROTOCOL.md, "Items"); those batches must fit the reader's frames, not
+/// only its window: a reader that announced small frames saw its streams end with
+/// "cancelled" as soon as items came faster than one per message. An item too large for
+/// the reader's frames on its own ends the stream with a protocol error that says so.
+#[tokio::test]
+async fn batches_of_items_fit_a_reader_with_small_frames() {
+    // A result stream to a caller with small frames: 20 000 numbers of 5 bytes each, all
+    // ready at once (batches of up to 8 KiB).
+    let (_listener, _server, feeds) = small_frames(true).await;
+    let from = 1 << 20;
+    let mut rx = within(feeds.numbers(from, 20_000)).await.expect("opened");
+    let (items, error) = within(drain(&mut rx)).await;
+    assert_eq!(error, None, "after {} items", items.len());
+    assert_eq!(items, (from..from + 20_000).collect::<Vec<_>>());
+    // One item larger than the caller's frames.
+    let mut rx = within(feeds.download(5000, 5000)).await.expect("opened");
+    match within(drain(&mut rx)).await {
+        (items, Some(StreamError::Protocol(what))) => {
+            assert!(items.is_empty());
+            assert!(what.contains("cannot fit the reader's frames"), "{what}");
+        }
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    assert_eq!(within(feeds.ping()).await.expect("ping"), 1);
+
+    // An argument stream to a callee with small frames: 64 KiB in chunks of 100 bytes,
+    // all ready at once.
+    let (_listener, _server, feeds) = small_frames(false).await;
+    let (tx, rx) = stream::channel(1024);
+    for start in (0..64 * 1024).step_by(100) {
+        let end = (start + 100).min(64 * 1024);
+        tx.send(bytes::Bytes::from(pattern(start, end)))
+            .await
+            .expect("queued");
+    }
+    drop(tx);
+    assert_eq!(
+        within(feeds.upload(rx)).await.expect("answered"),
+        (64 * 1024, true)
+    );
+}

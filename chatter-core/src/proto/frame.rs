@@ -144,7 +144,9 @@ impl Frame {
         };
         let (frame, used) = match kind {
             KIND_HELLO => {
-                needs(5, "hello")?;
+                // The magic and the version first: a later version may change or drop the
+                // fields after them (PROTOCOL.md §4), and is told so by its version.
+                needs(3, "hello")?;
                 let magic = r.read_str().map_err(malformed)?;
                 if magic != MAGIC {
                     return Err(ProtocolError::NotChatter {
@@ -158,6 +160,7 @@ impl Frame {
                         ours: VERSION,
                     });
                 }
+                needs(5, "hello")?;
                 let max_frame_size = r.read_uint().map_err(malformed)?;
                 let receive_window = r.read_uint().map_err(malformed)?;
                 let hello = Hello {

@@ -892,7 +892,7 @@ fn oversized_frames_close_with_a_protocol_error() {
 fn strangers_are_told_apart_from_chatter_peers() {
     let now = Instant::now();
     type Check = fn(&ProtocolError) -> bool;
-    let cases: [(&[u8], Check); 4] = [
+    let cases: [(&[u8], Check); 6] = [
         (
             b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
             |e| matches!(e, ProtocolError::NotChatter { first_bytes } if first_bytes.starts_with(b"GET / HTTP")),
@@ -909,6 +909,21 @@ fn strangers_are_told_apart_from_chatter_peers() {
         (
             &[
                 0, 0, 0, 13, 0x95, 0, 0xa7, b'c', b'h', b'a', b't', b't', b'e', b'r', 2, 1, 1,
+            ],
+            |e| *e == ProtocolError::UnsupportedVersion { peer: 2, ours: 1 },
+        ),
+        // A version 2 hello that dropped or changed the fields after the version
+        // (PROTOCOL.md §4: the version is checked before they are read): its version is
+        // named, not taken for a stranger's bytes.
+        (
+            &[
+                0, 0, 0, 11, 0x93, 0, 0xa7, b'c', b'h', b'a', b't', b't', b'e', b'r', 2,
+            ],
+            |e| *e == ProtocolError::UnsupportedVersion { peer: 2, ours: 1 },
+        ),
+        (
+            &[
+                0, 0, 0, 12, 0x94, 0, 0xa7, b'c', b'h', b'a', b't', b't', b'e', b'r', 2, 0x80,
             ],
             |e| *e == ProtocolError::UnsupportedVersion { peer: 2, ours: 1 },
         ),

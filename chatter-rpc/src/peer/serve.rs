@@ -191,7 +191,7 @@ impl Inner {
                             }
                             sent => {
                                 if let Err(e) = sent {
-                                    reply_not_sent(conv, &e);
+                                    self.reply_failed(conv, &e);
                                 }
                                 batch.slot = true;
                                 batch.release += u64::from(credit);
@@ -384,7 +384,7 @@ impl Inner {
                 self.on_result_grant(call, bytes);
             }
             Ok(other) => {
-                let mut what = format!("misplaced envelope {other:?}");
+                let mut what = misplaced(&other, &msg);
                 // Small whatever the envelope held: answers queued for a peer that does not
                 // read are bounded by the credit of the requests they answer.
                 truncate(&mut what, MAX_ERROR_TEXT);
@@ -428,7 +428,13 @@ impl Inner {
     /// bounded by the credit of the requests they answer.
     pub(super) fn answer(&self, conv: Conversation, payload: Payload, credit: u32) -> u64 {
         let options = SendOptions::new().conversation(conv);
-        match self.conn.try_send(&payload, options) {
+        let mut payload = payload;
+        let mut sent = self.conn.try_send(&payload, options);
+        if let Some(failure) = sent.as_ref().err().and_then(too_large_failure) {
+            sent = self.conn.try_send(&failure, options);
+            payload = failure;
+        }
+        match sent {
             Err(SendError::WouldBlock) => {
                 self.queue_holding(payload, options, credit);
                 0
@@ -438,6 +444,20 @@ impl Inner {
                 u64::from(credit)
             }
             Ok(_) => u64::from(credit),
+        }
+    }
+
+    /// A reply the connection refused: one larger than the caller accepts is answered
+    /// with a short failure in its place ([`too_large_failure`]); any other refusal (the
+    /// connection closed) is logged.
+    #[cold]
+    #[inline(never)]
+    fn reply_failed(&self, conv: Conversation, error: &SendError) {
+        match too_large_failure(error) {
+            Some(failure) => {
+                self.answer(conv, failure, 0);
+            }
+            None => reply_not_sent(conv, error),
         }
     }
 
@@ -769,6 +789,39 @@ pub(super) async fn work(inner: Arc<Inner>, mut item: Waiting) {
     }
 }
 
+/// What is wrong with an envelope that came in a message of the wrong kind (PROTOCOL.md,
+/// "Caller → callee envelopes"): which envelope it is, how it must be sent and how it was.
+#[cold]
+#[inline(never)]
+fn misplaced(envelope: &Incoming<'_>, msg: &Msg) -> String {
+    const ONE_SHOT: &str = "is a one-shot message (flags 07 or 05)";
+    const CALL: &str = "opens a conversation and passes the turn (flags 03)";
+    let with = |context: &Option<&[u8]>, plain: u8, rich: u8| {
+        if context.is_some() {
+            rich
+        } else {
+            plain
+        }
+    };
+    let (name, kind, rule) = match envelope {
+        Incoming::Call { context, .. } => ("a call", with(context, 0, 9), CALL),
+        Incoming::Signal { context, .. } => ("a signal", with(context, 1, 10), ONE_SHOT),
+        Incoming::Cancel { .. } => ("a cancel", 2, ONE_SHOT),
+        Incoming::Reliable { context, .. } => ("a reliable signal", with(context, 3, 11), ONE_SHOT),
+        Incoming::Ack { .. } => ("an ack", 4, ONE_SHOT),
+        Incoming::StreamCall { context, .. } => ("a stream call", with(context, 12, 13), CALL),
+        Incoming::OpenArgument { .. } => (
+            "an argument stream's opening",
+            14,
+            "opens a conversation and keeps the turn (flags 01)",
+        ),
+        Incoming::GrantResult { .. } => ("a result credit", 15, ONE_SHOT),
+    };
+    // An opening message: the owner bit is set.
+    let flags = 1 | u8::from(msg.token) << 1 | u8::from(msg.last) << 2;
+    format!("misplaced envelope: {name} (kind {kind}) {rule}, this one has flags {flags:02x}")
+}
+
 /// The longest error text this side puts in a failure reply to a malformed request.
 const MAX_ERROR_TEXT: usize = 200;
 
@@ -885,6 +938,27 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     if let Some(on_end) = on_end {
         on_end();
     }
+}
+
+/// The failure that answers a call in place of a reply larger than the caller accepts
+/// (its `max_frame_size`, or its window less 64), or `None` for any other refusal. The
+/// callee answers every call exactly once (PROTOCOL.md): without it the caller would wait
+/// for nothing until its deadline, and the call's conversation would stay open on both
+/// sides. Kind 7 (*protocol*), as a broker answers a message it cannot forward; the
+/// message is cut to fit the caller's frames (a failure's envelope and a message header
+/// take at most 32 bytes besides it).
+#[cold]
+pub(super) fn too_large_failure(error: &SendError) -> Option<Payload> {
+    let SendError::TooLarge { max, .. } = error else {
+        return None;
+    };
+    let why = format!("the reply could not be sent: {error}");
+    let mut cut = why.len().min((*max as usize).saturating_sub(32));
+    while !why.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    tracing::debug!(error = %error, "reply too large for the caller, answered with a failure");
+    Some(wire::encode_failure(FailureKind::Protocol, &why[..cut]))
 }
 
 /// Logs a reply (or refusal) the connection would not take (it closed).
@@ -1052,7 +1126,7 @@ async fn send_call_reply(inner: &Arc<Inner>, conv: Conversation, reply: Payload,
         other => other,
     };
     if let Err(e) = sent {
-        reply_not_sent(conv, &e);
+        inner.reply_failed(conv, &e);
     }
     inner.call_done();
 }

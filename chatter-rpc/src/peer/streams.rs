@@ -627,6 +627,10 @@ async fn write_items<C: Future + Unpin>(
 ) -> Written {
     let items = in_conversation(conv);
     let mut batch = envelope::ItemBatch::new();
+    // The longest envelope the reader's frames take (chatter-core PROTOCOL.md §2: its
+    // `max_frame_size`), learnt when the connection refused a longer one: batches stay
+    // within it from then on.
+    let mut room = usize::MAX;
     loop {
         // Empty, or with the item the last batch had no room or credit for.
         batch.next(KEEP_BATCH);
@@ -653,10 +657,22 @@ async fn write_items<C: Future + Unpin>(
             Err(e) => return Written::Source(Finish::Failed(e)),
         }
         let finish =
-            std::future::poll_fn(|cx| Poll::Ready(gather(source, cx, outlet, &mut batch))).await;
-        if let Err(e) = inner.conn.send_bytes(batch.payload(), items).await {
-            tracing::debug!(error = %e, "stream items not sent");
-            return Written::Lost;
+            std::future::poll_fn(|cx| Poll::Ready(gather(source, cx, outlet, &mut batch, room)))
+                .await;
+        match inner.conn.send_bytes(batch.payload(), items).await {
+            Ok(_) => {}
+            Err(SendError::TooLarge { size, max }) => {
+                // What the message header adds to the envelope; ids grow by up to 8 bytes.
+                let header = size.saturating_sub(batch.payload_len());
+                room = (max as usize).saturating_sub(header + 8);
+                if let Err(written) = send_split(inner, items, outlet, &batch, room).await {
+                    return written;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "stream items not sent");
+                return Written::Lost;
+            }
         }
         if let Some(finish) = finish {
             return Written::Source(finish);
@@ -664,11 +680,62 @@ async fn write_items<C: Future + Unpin>(
     }
 }
 
+/// Sends the items of `batch`, whose envelope the reader's frames refused, in batches
+/// whose envelopes take at most `room` bytes. Their extra envelope headers cost credit
+/// beyond what `batch` took, taken here. An item that does not fit `room` alone fails the
+/// stream, as one larger than the reader's window does.
+#[cold]
+async fn send_split(
+    inner: &Inner,
+    options: SendOptions,
+    outlet: &Outlet,
+    batch: &envelope::ItemBatch,
+    room: usize,
+) -> Result<(), Written> {
+    let mut parts = vec![envelope::ItemBatch::new()];
+    for item in batch.items() {
+        // The envelope's header grows by 2 bytes from 15 items on.
+        if item.len() + 4 > room {
+            return Err(Written::Source(Finish::Failed(StreamError::Protocol(
+                format!(
+                    "an item of {} bytes cannot fit the reader's frames ({room} bytes of envelope)",
+                    item.len()
+                ),
+            ))));
+        }
+        let part = parts.last_mut().expect("one part at least");
+        if part.count() > 0
+            && (part.payload_len() + item.len() + 2 > room || part.count() == envelope::MAX_BATCH)
+        {
+            parts.push(envelope::ItemBatch::new());
+        }
+        let part = parts.last_mut().expect("one part at least");
+        part.buf().extend_from_slice(item);
+        part.added();
+    }
+    let taken = cost(batch.payload_len(), batch.count());
+    let total: u64 = parts.iter().map(|p| cost(p.payload_len(), p.count())).sum();
+    if total > taken {
+        match outlet.take(total - taken).await {
+            Ok(()) => {}
+            Err(StreamError::Cancelled) => return Err(Written::Cancelled),
+            Err(e) => return Err(Written::Source(Finish::Failed(e))),
+        }
+    }
+    for mut part in parts {
+        if let Err(e) = inner.conn.send_bytes(part.payload(), options).await {
+            tracing::debug!(error = %e, "stream items not sent");
+            return Err(Written::Lost);
+        }
+    }
+    Ok(())
+}
+
 /// Adds to `batch` the items `source` has ready now, while the batch's items take less
 /// than [`GATHER_BYTES`], as long as the reader's credit covers them, the batch stays
-/// within [`BATCH_BYTES`] and [`MAX_BATCH`] items. An item pulled that does not fit is
-/// held back for the next batch. Returns how the source ended, if it did (after the
-/// batch's items).
+/// within [`BATCH_BYTES`] and [`MAX_BATCH`] items, and its envelope within `room` bytes
+/// (the reader's frames, once known). An item pulled that does not fit is held back for
+/// the next batch. Returns how the source ended, if it did (after the batch's items).
 ///
 /// [`MAX_BATCH`]: envelope::MAX_BATCH
 fn gather(
@@ -676,6 +743,7 @@ fn gather(
     cx: &mut Context<'_>,
     outlet: &Outlet,
     batch: &mut envelope::ItemBatch,
+    room: usize,
 ) -> Option<Finish> {
     if batch.values_len() >= GATHER_BYTES {
         return None;
@@ -696,7 +764,7 @@ fn gather(
         }
         batch.added();
         let delta = cost(batch.payload_len(), batch.count()) - before;
-        if batch.values_len() > BATCH_BYTES || delta > credit {
+        if batch.values_len() > BATCH_BYTES || batch.payload_len() > room || delta > credit {
             // Too large for this batch, beyond the credit, or the reader is gone: the
             // next batch starts with it (and waits for credit or sees the cancel).
             batch.hold_back(mark);
@@ -1056,7 +1124,17 @@ async fn serve_stream_call(
         }
     };
     let last = SendOptions::new().conversation(conv);
-    if let Err(e) = inner.conn.send_bytes(&end, last).await {
+    let mut sent = inner.conn.send_bytes(&end, last).await;
+    // A reply larger than the caller's frames (a value or an application error): the call
+    // is still answered, with a failure in its place.
+    if let Some(failure) = sent
+        .as_ref()
+        .err()
+        .and_then(super::serve::too_large_failure)
+    {
+        sent = inner.conn.send_bytes(&failure, last).await;
+    }
+    if let Err(e) = sent {
         tracing::debug!(conversation = id, error = %e, "stream call not ended");
     }
     inner.stream_call_done(id);

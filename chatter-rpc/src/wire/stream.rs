@@ -159,6 +159,15 @@ impl ItemBatch {
         self.end() - ROOM
     }
 
+    /// Each item's value, in order (not the one held back).
+    pub(crate) fn items(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        Items {
+            values: &self.buf[ROOM..self.end()],
+            count: self.count,
+        }
+        .iter()
+    }
+
     /// The length of the envelope as [`payload`](Self::payload) will write it.
     pub(crate) fn payload_len(&self) -> usize {
         let header = if self.count < 15 { 1 } else { 3 };
