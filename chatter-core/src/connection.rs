@@ -1515,6 +1515,10 @@ impl<S: Transport> Driver<S> {
         let mut wake = inner.pump(self.shared.id);
         inner.finished = true;
         inner.driver = None;
+        // The driver's buffers go with it (below): `buffered` no longer counts them.
+        inner.read_buffer = 0;
+        inner.output_buffer = 0;
+        inner.proto.free_output_buffer();
         let cause = inner.cause.clone();
         drop(inner);
         wake.state = true;

@@ -861,13 +861,15 @@ impl Protocol {
     /// unable to send a frame of the maximum size while this side has nothing buffered.
     #[inline]
     pub fn release(&mut self, cost: u32) {
-        if !self.is_open() {
-            return;
-        }
         // Never more than was received: credit given back twice would let the peer send
         // beyond the window (and the peer would take the window frame for an error).
         let cost = (cost as u64).min(self.rx_used);
         self.rx_used -= cost;
+        if !self.is_open() {
+            // Nothing is announced after a close, but messages taken after it (they stay
+            // available) no longer count as received and unreleased.
+            return;
+        }
         self.rx_unannounced += cost;
         if self.rx_unannounced >= self.window_threshold {
             if self.out.len() + self.unwritten <= self.send_buffer {

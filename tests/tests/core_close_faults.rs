@@ -1,0 +1,260 @@
+//! Fault injection on the close and teardown paths of chatter-core: hostile peers (a raw
+//! `TcpStream` speaking PROTOCOL.md's frames) and applications that close at awkward
+//! moments. What is checked is what README, docs/SECURITY.md and PROTOCOL.md §10 promise:
+//! every connection ends within `close_linger` whatever the peer does, nothing it held
+//! (task, socket, buffers, the counters of [`Connection::buffered`]) outlives that, the
+//! close cause is the right one, and what was received before a close is delivered.
+//!
+//! The tests run on tokio's paused clock, over 127.0.0.1 port 0.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use chatter_core::proto::frame::{
+    CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_TOKEN,
+};
+use chatter_core::{
+    connect, connect_early, listen, Address, CloseCause, ConnectionClosed, Options, SendError,
+    SendOptions, Server,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{sleep, timeout, Instant};
+
+/// The linger the tests configure (the default).
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Timer granularity and scheduling on the paused clock.
+const SLACK: Duration = Duration::from_millis(50);
+
+/// Only stops a hung test: on the paused clock it fires once every task waits.
+const HANG_GUARD: Duration = Duration::from_secs(600);
+
+fn options() -> Options {
+    Options::default().close_linger(LINGER)
+}
+
+async fn server() -> Server {
+    listen("tcp://127.0.0.1:0", options())
+        .await
+        .expect("listen")
+}
+
+fn socket_addr(server: &Server) -> SocketAddr {
+    match &server.addresses()[0] {
+        Address::Tcp { host, port } => format!("{host}:{port}").parse().expect("an IP"),
+        other => panic!("not TCP: {other}"),
+    }
+}
+
+fn encode(frames: &[Frame]) -> BytesMut {
+    let mut bytes = BytesMut::new();
+    for frame in frames {
+        frame.encode(&mut bytes);
+    }
+    bytes
+}
+
+fn hello() -> Frame {
+    Frame::Hello(Hello {
+        max_frame_size: 1 << 20,
+        receive_window: 1 << 20,
+    })
+}
+
+/// A one-shot message from the raw peer (it owns the conversation).
+fn message(id: u64, payload: &[u8]) -> Frame {
+    let header = MessageHeader {
+        id,
+        first: id,
+        flags: FLAG_OWNER | FLAG_LAST,
+    };
+    Frame::Message(header, Bytes::copy_from_slice(payload))
+}
+
+/// A request from the raw peer: it opens a conversation and passes the turn.
+fn request(id: u64, payload: &[u8]) -> Frame {
+    let header = MessageHeader {
+        id,
+        first: id,
+        flags: FLAG_OWNER | FLAG_TOKEN,
+    };
+    Frame::Message(header, Bytes::copy_from_slice(payload))
+}
+
+fn close(code: CloseCode, reason: &str) -> Frame {
+    Frame::Close(code, reason.to_string())
+}
+
+/// Decodes a byte stream into frames; panics on a partial or malformed frame.
+fn frames(mut bytes: &[u8]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        let (prefix, rest) = bytes.split_first_chunk::<4>().expect("a length prefix");
+        let len = u32::from_be_bytes(*prefix) as usize;
+        let (body, rest) = rest.split_at(len);
+        frames.push(Frame::decode(Bytes::copy_from_slice(body)).expect("a frame"));
+        bytes = rest;
+    }
+    frames
+}
+
+/// The complete frames at the start of `bytes`.
+fn parsed(mut bytes: &[u8]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while let Some((prefix, rest)) = bytes.split_first_chunk::<4>() {
+        let len = u32::from_be_bytes(*prefix) as usize;
+        if rest.len() < len {
+            break;
+        }
+        let (body, rest) = rest.split_at(len);
+        frames.push(Frame::decode(Bytes::copy_from_slice(body)).expect("a frame"));
+        bytes = rest;
+    }
+    frames
+}
+
+/// Reads until end of stream or an error; returns what arrived and how it ended.
+async fn read_all(stream: &mut TcpStream) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => return (bytes, None),
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) => return (bytes, Some(e.kind())),
+        }
+    }
+}
+
+/// Waits until `condition` holds, checking every millisecond of virtual time.
+async fn wait_until(mut condition: impl FnMut() -> bool) {
+    while !condition() {
+        sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A raw peer with a small receive buffer that sends its hello and then reads nothing.
+async fn non_reader(server: &Server) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut peer = socket.connect(socket_addr(server)).await.expect("connect");
+    // A window far larger than what the server can buffer: only the kernel stops it.
+    let hello = Frame::Hello(Hello {
+        max_frame_size: 1 << 30,
+        receive_window: 1 << 30,
+    });
+    peer.write_all(&encode(&[hello])).await.expect("hello");
+    peer
+}
+
+fn assert_nothing_buffered(conn: &chatter_core::Connection) {
+    let b = conn.buffered();
+    assert_eq!(
+        (b.read, b.received, b.output, b.output_room),
+        (0, 0, 0, 0),
+        "a finished connection still counts buffers: {b:?}"
+    );
+}
+
+// Once `close` returned the driver is gone, and with it its buffers: `buffered` must not
+// keep reporting the last read and write buffers it saw.
+#[tokio::test(start_paused = true)]
+async fn a_finished_connection_reports_no_buffers() {
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let client = connect(&server.addresses()[0], options())
+            .await
+            .expect("connect");
+        let accepted = server.accept().await.expect("accept");
+        client
+            .send_bytes(&[7u8; 3000], SendOptions::new())
+            .await
+            .expect("send");
+        accepted.receive().await.expect("receive");
+        accepted.close().await;
+        client.close().await;
+        assert_nothing_buffered(&accepted);
+        assert_nothing_buffered(&client);
+    })
+    .await
+    .expect("hang guard");
+}
+
+// A peer that stops reading while we have output: the close frame cannot be sent, the
+// linger fires and resets, `close` returns by then, and the output the driver dropped is
+// no longer counted.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_reading_when_we_close_is_reset_at_the_linger_and_nothing_stays_counted()
+{
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let mut peer = non_reader(&server).await;
+        let conn = server.accept().await.expect("accept");
+        let sender = {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let payload = vec![0x55u8; 64 * 1024];
+                let mut sent = 0usize;
+                while conn.send_bytes(&payload, SendOptions::new()).await.is_ok() {
+                    sent += 1;
+                }
+                sent
+            })
+        };
+        wait_until(|| conn.buffered().output >= 256 * 1024).await;
+        let start = Instant::now();
+        conn.close().await;
+        let took = start.elapsed();
+        assert!(took >= LINGER && took <= LINGER + SLACK, "{took:?}");
+        let sent = sender.await.expect("sender");
+        assert!(sent > 0);
+        assert!(matches!(conn.close_cause(), Some(CloseCause::Local)));
+        assert_nothing_buffered(&conn);
+        wait_until(|| server.connections() == 0).await;
+        let (_, end) = read_all(&mut peer).await;
+        assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset));
+    })
+    .await
+    .expect("hang guard");
+}
+
+// Messages that arrived before the peer's close are delivered, and taking them after the
+// close gives their credit back as before it: `buffered().received` falls to 0.
+#[tokio::test(start_paused = true)]
+async fn messages_taken_after_the_peers_close_are_no_longer_counted() {
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let mut peer = TcpStream::connect(socket_addr(&server))
+            .await
+            .expect("connect");
+        peer.write_all(&encode(&[hello()])).await.expect("hello");
+        let conn = server.accept().await.expect("accept");
+        let frames_out = [
+            message(1, b"one"),
+            message(2, &[2u8; 2000]),
+            message(3, b"three"),
+            close(CloseCode::Normal, "bye"),
+        ];
+        peer.write_all(&encode(&frames_out)).await.expect("write");
+        let cause = conn.closed().await;
+        assert!(
+            matches!(&cause, CloseCause::Peer { code: CloseCode::Normal, reason } if reason == "bye"),
+            "{cause:?}"
+        );
+        assert!(conn.buffered().received > 0);
+        for expected in [&b"one"[..], &[2u8; 2000][..], &b"three"[..]] {
+            let msg = conn.receive().await.expect("delivered after the close");
+            assert_eq!(&msg.payload[..], expected);
+        }
+        assert!(matches!(
+            conn.receive().await,
+            Err(ConnectionClosed(CloseCause::Peer { .. }))
+        ));
+        assert_eq!(conn.buffered().received, 0, "{:?}", conn.buffered());
+        drop(peer);
+    })
+    .await
+    .expect("hang guard");
+}
