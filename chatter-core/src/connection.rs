@@ -1610,8 +1610,12 @@ impl<S: Transport> Future for Driver<S> {
                 let wake = inner.pump(this.shared.id);
                 if this.handoff.is_some() {
                     handoff = match &inner.cause {
+                        // The handshake completed, even if the connection closed since (a
+                        // client's hello, early messages and close frame in one read): the
+                        // application gets it, and the messages that came before the close.
+                        _ if inner.connected => Some(Ok(())),
                         Some(cause) => Some(Err(cause.clone())),
-                        None => inner.connected.then_some(Ok(())),
+                        None => None,
                     };
                 }
                 let io_failed = matches!(inner.cause, Some(CloseCause::Io(_)));

@@ -258,3 +258,84 @@ async fn messages_taken_after_the_peers_close_are_no_longer_counted() {
     .await
     .expect("hang guard");
 }
+
+// A client's hello, an early message and its close frame in one write (`connect_early`, a
+// send and a close before the driver ran): the handshake completed, so the server hands
+// the connection to its application, which gets the message and then the peer's close.
+#[tokio::test(start_paused = true)]
+async fn hello_early_message_and_close_in_one_write_are_delivered() {
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let client = connect_early(&server.addresses()[0], options())
+            .await
+            .expect("connect");
+        client
+            .send_bytes(b"fire and forget", SendOptions::new())
+            .await
+            .expect("early send");
+        client.close().await;
+        let accepted = timeout(Duration::from_secs(5), server.accept())
+            .await
+            .expect("the connection is handed over")
+            .expect("open");
+        let msg = accepted.receive().await.expect("the early message");
+        assert_eq!(&msg.payload[..], b"fire and forget");
+        assert!(matches!(
+            accepted.receive().await,
+            Err(ConnectionClosed(CloseCause::Peer {
+                code: CloseCode::Normal,
+                ..
+            }))
+        ));
+    })
+    .await
+    .expect("hang guard");
+}
+
+// The same from a raw peer: hello, a request and a close frame in one write.
+#[tokio::test(start_paused = true)]
+async fn raw_hello_request_and_close_in_one_write_are_delivered() {
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let mut peer = TcpStream::connect(socket_addr(&server))
+            .await
+            .expect("connect");
+        let out = [
+            hello(),
+            request(1, b"question"),
+            close(CloseCode::GoingAway, "leaving"),
+        ];
+        peer.write_all(&encode(&out)).await.expect("write");
+        let accepted = timeout(Duration::from_secs(5), server.accept())
+            .await
+            .expect("the connection is handed over")
+            .expect("open");
+        let msg = accepted.receive().await.expect("the request");
+        assert_eq!(&msg.payload[..], b"question");
+        // Answering it fails with the peer's close, not a hang.
+        let reply = accepted
+            .send_bytes(b"answer", SendOptions::new().conversation(msg.conversation))
+            .await;
+        assert!(
+            matches!(
+                reply,
+                Err(SendError::Closed(CloseCause::Peer {
+                    code: CloseCode::GoingAway,
+                    ..
+                }))
+            ),
+            "{reply:?}"
+        );
+        // The peer gets the server's hello and nothing else (no close frame back).
+        let (bytes, end) = read_all(&mut peer).await;
+        assert_eq!(end, None);
+        assert!(
+            matches!(frames(&bytes)[..], [Frame::Hello(_)]),
+            "{:?}",
+            frames(&bytes)
+        );
+        wait_until(|| server.connections() == 0).await;
+    })
+    .await
+    .expect("hang guard");
+}
