@@ -1644,6 +1644,12 @@ impl<S: Transport> Future for Driver<S> {
             }
 
             if io_failed {
+                // Output left to the kernel (a peer that ended its side without a close
+                // frame and reads nothing) is dropped with the connection, not left to an
+                // orphaned socket the peer can keep alive.
+                if !this.write_buf.is_empty() || !this.io.all_sent() {
+                    this.io.abort();
+                }
                 this.finish();
                 return Poll::Ready(());
             }
@@ -1750,6 +1756,12 @@ impl<S: Transport> Future for Driver<S> {
                 // Drain input until the peer hangs up, so that unread data does not turn our
                 // close into a reset that could destroy the close frame in flight.
                 if !this.read_open && (this.shutdown || !this.io.shutdown_after_eof()) {
+                    // The peer ended its side: closing now is fine, but not with our output
+                    // still unsent in the kernel (a peer that closed and reads nothing
+                    // would keep the orphaned socket and its bytes alive); drop it.
+                    if !this.io.all_sent() {
+                        this.io.abort();
+                    }
                     this.finish();
                     return Poll::Ready(());
                 }

@@ -339,3 +339,60 @@ async fn raw_hello_request_and_close_in_one_write_are_delivered() {
     .await
     .expect("hang guard");
 }
+
+// A peer that half-closes (FIN) without a close frame while it reads nothing and the
+// server's output waits for it: an I/O error, and the output left in the kernel is
+// dropped with a reset, not left to an orphaned socket that the peer may keep alive for
+// as long as it likes.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_half_closes_without_a_close_frame_while_output_waits_is_reset() {
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let mut peer = non_reader(&server).await;
+        let conn = server.accept().await.expect("accept");
+        // More than the peer's window, less than the server's kernel takes at once.
+        conn.send_bytes(&[1u8; 12 * 1024], SendOptions::new())
+            .await
+            .expect("send");
+        wait_until(|| conn.buffered().output == 0).await;
+        peer.shutdown().await.expect("FIN");
+        let cause = conn.closed().await;
+        assert!(
+            matches!(&cause, CloseCause::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+            "{cause:?}"
+        );
+        wait_until(|| server.connections() == 0).await;
+        let (_, end) = read_all(&mut peer).await;
+        assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset));
+    })
+    .await
+    .expect("hang guard");
+}
+
+// The same with a close frame and a FIN: the peer closed properly but reads nothing, and
+// what the server had written before it learnt of the close waits in its kernel. The
+// driver may end at the peer's end of stream, but not leave those bytes to the kernel.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_closes_and_reads_nothing_does_not_leave_our_output_in_the_kernel() {
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let mut peer = non_reader(&server).await;
+        let conn = server.accept().await.expect("accept");
+        conn.send_bytes(&[1u8; 12 * 1024], SendOptions::new())
+            .await
+            .expect("send");
+        wait_until(|| conn.buffered().output == 0).await;
+        peer.write_all(&encode(&[close(CloseCode::Normal, "done")]))
+            .await
+            .expect("close");
+        peer.shutdown().await.expect("FIN");
+        let start = Instant::now();
+        assert!(matches!(conn.closed().await, CloseCause::Peer { .. }));
+        wait_until(|| server.connections() == 0).await;
+        assert!(start.elapsed() <= LINGER + SLACK, "{:?}", start.elapsed());
+        let (_, end) = read_all(&mut peer).await;
+        assert_eq!(end, Some(std::io::ErrorKind::ConnectionReset));
+    })
+    .await
+    .expect("hang guard");
+}
