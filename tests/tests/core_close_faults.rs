@@ -340,6 +340,235 @@ async fn raw_hello_request_and_close_in_one_write_are_delivered() {
     .expect("hang guard");
 }
 
+// A peer that sends a close frame and then more messages, pings and a second close frame,
+// and keeps its side open: the first close counts, nothing after it is delivered or
+// answered (no pong, no window, no close frame back), and the connection ends at once.
+#[tokio::test(start_paused = true)]
+async fn input_after_the_peers_close_frame_is_discarded() {
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let mut peer = TcpStream::connect(socket_addr(&server))
+            .await
+            .expect("connect");
+        peer.write_all(&encode(&[hello()])).await.expect("hello");
+        let conn = server.accept().await.expect("accept");
+        let start = Instant::now();
+        let out = [
+            message(1, b"before"),
+            close(CloseCode::Other(77), "first"),
+            message(2, b"after"),
+            Frame::Ping,
+            Frame::Window(1 << 30),
+            close(CloseCode::ProtocolError, "second"),
+            Frame::Ping,
+        ];
+        peer.write_all(&encode(&out)).await.expect("write");
+        let msg = conn.receive().await.expect("before");
+        assert_eq!(&msg.payload[..], b"before");
+        let end = conn.receive().await;
+        assert!(
+            matches!(&end, Err(ConnectionClosed(CloseCause::Peer { code: CloseCode::Other(77), reason })) if reason == "first"),
+            "{end:?}"
+        );
+        // Keeps writing after the close, while the server tears down.
+        for _ in 0..10 {
+            if peer.write_all(&encode(&[Frame::Ping])).await.is_err() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        wait_until(|| server.connections() == 0).await;
+        assert!(start.elapsed() < LINGER, "{:?}", start.elapsed());
+        let (bytes, _) = read_all(&mut peer).await;
+        assert!(matches!(frames(&bytes)[..], [Frame::Hello(_)]), "{:?}", frames(&bytes));
+    })
+    .await
+    .expect("hang guard");
+}
+
+// Close frames that break the rules: a reason that is not UTF-8, and one larger than the
+// frame limit. Both are protocol errors, answered with a close frame of code 1; neither
+// panics.
+#[tokio::test(start_paused = true)]
+async fn malformed_close_frames_are_protocol_errors() {
+    timeout(HANG_GUARD, async {
+        let server = listen("tcp://127.0.0.1:0", options().max_frame_size(64 * 1024))
+            .await
+            .expect("listen");
+        // [5, 0, <str8 of 2 bytes: ff fe>]
+        let bad_utf8: &[u8] = &[0x93, 0x05, 0x00, 0xd9, 0x02, 0xff, 0xfe];
+        // [5, 0, <str32 of 1 MiB>]
+        let mut huge = vec![0x93, 0x05, 0x00, 0xdb];
+        huge.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        huge.extend(std::iter::repeat_n(b'x', 1 << 20));
+        for body in [bad_utf8.to_vec(), huge] {
+            let mut peer = TcpStream::connect(socket_addr(&server))
+                .await
+                .expect("connect");
+            peer.write_all(&encode(&[hello()])).await.expect("hello");
+            let conn = server.accept().await.expect("accept");
+            let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+            bytes.extend_from_slice(&body);
+            let _ = peer.write_all(&bytes).await;
+            let cause = conn.closed().await;
+            assert!(matches!(cause, CloseCause::Protocol(_)), "{cause:?}");
+            let (got, _) = read_all(&mut peer).await;
+            let got = frames(&got);
+            assert!(
+                matches!(
+                    &got[..],
+                    [Frame::Hello(_), Frame::Close(CloseCode::ProtocolError, _)]
+                ),
+                "{got:?}"
+            );
+            wait_until(|| server.connections() == 0).await;
+        }
+        // A long but valid reason is delivered as sent.
+        let mut peer = TcpStream::connect(socket_addr(&server))
+            .await
+            .expect("connect");
+        peer.write_all(&encode(&[hello()])).await.expect("hello");
+        let conn = server.accept().await.expect("accept");
+        let reason = "é".repeat(20_000);
+        peer.write_all(&encode(&[close(CloseCode::Busy, &reason)]))
+            .await
+            .expect("close");
+        let cause = conn.closed().await;
+        assert!(
+            matches!(&cause, CloseCause::Peer { code: CloseCode::Busy, reason: r } if *r == reason),
+            "{cause:?}"
+        );
+    })
+    .await
+    .expect("hang guard");
+}
+
+// Both sides close at the same moment: each sees its own close, and neither waits the
+// linger for the other.
+#[tokio::test(start_paused = true)]
+async fn simultaneous_close_ends_both_sides_without_the_linger() {
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let client = connect(&server.addresses()[0], options())
+            .await
+            .expect("connect");
+        let accepted = server.accept().await.expect("accept");
+        let start = Instant::now();
+        tokio::join!(client.close(), accepted.close());
+        assert!(start.elapsed() < LINGER, "{:?}", start.elapsed());
+        assert!(matches!(client.close_cause(), Some(CloseCause::Local)));
+        assert!(matches!(accepted.close_cause(), Some(CloseCause::Local)));
+        wait_until(|| server.connections() == 0).await;
+    })
+    .await
+    .expect("hang guard");
+}
+
+// `close` from several tasks at once, with a `receive` and a send blocked on flow control
+// waiting: every close returns, the waiters wake with the local close, and the peer sees
+// one close frame.
+#[tokio::test(start_paused = true)]
+async fn concurrent_closes_wake_every_waiter() {
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let mut peer = TcpStream::connect(socket_addr(&server))
+            .await
+            .expect("connect");
+        // The smallest window: the second 4 KiB message waits for credit.
+        let small = Frame::Hello(Hello {
+            max_frame_size: 4096,
+            receive_window: 4096,
+        });
+        peer.write_all(&encode(&[small])).await.expect("hello");
+        let conn = server.accept().await.expect("accept");
+        conn.send_bytes(&[1u8; 3000], SendOptions::new())
+            .await
+            .expect("first");
+        let blocked = {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.send_bytes(&[2u8; 3000], SendOptions::new()).await })
+        };
+        let receiving = {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.receive().await.map(|m| m.payload) })
+        };
+        tokio::task::yield_now().await;
+        assert!(!blocked.is_finished());
+        let closers: Vec<_> = (0..5)
+            .map(|_| {
+                let conn = conn.clone();
+                tokio::spawn(async move { conn.close().await })
+            })
+            .collect();
+        for closer in closers {
+            closer.await.expect("close returns");
+        }
+        assert!(matches!(
+            blocked.await.expect("send task"),
+            Err(SendError::Closed(CloseCause::Local))
+        ));
+        assert!(matches!(
+            receiving.await.expect("receive task"),
+            Err(ConnectionClosed(CloseCause::Local))
+        ));
+        let (bytes, _) = read_all(&mut peer).await;
+        let got = frames(&bytes);
+        assert!(
+            matches!(
+                &got[..],
+                [
+                    Frame::Hello(_),
+                    Frame::Message(..),
+                    Frame::Close(CloseCode::Normal, _)
+                ]
+            ),
+            "{got:?}"
+        );
+    })
+    .await
+    .expect("hang guard");
+}
+
+// A peer that resets right after our close frame reached it: `close` returns at once,
+// with the cause it had.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_resets_after_our_close() {
+    timeout(HANG_GUARD, async {
+        let server = server().await;
+        let mut peer = TcpStream::connect(socket_addr(&server))
+            .await
+            .expect("connect");
+        peer.write_all(&encode(&[hello()])).await.expect("hello");
+        let conn = server.accept().await.expect("accept");
+        // Unread input on the peer's side makes its close a reset.
+        conn.send_bytes(b"unread", SendOptions::new())
+            .await
+            .expect("send");
+        let start = Instant::now();
+        let closing = {
+            let conn = conn.clone();
+            tokio::spawn(async move { conn.close().await })
+        };
+        // Reads until the close frame arrived.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !parsed(&got).iter().any(|f| matches!(f, Frame::Close(..))) {
+            let n = peer.read(&mut buf).await.expect("read");
+            assert!(n > 0, "end of stream before the close frame");
+            got.extend_from_slice(&buf[..n]);
+        }
+        peer.set_zero_linger().expect("SO_LINGER");
+        peer.write_all(&encode(&[message(1, b"late")])).await.ok();
+        drop(peer);
+        closing.await.expect("close returns");
+        assert!(start.elapsed() < LINGER, "{:?}", start.elapsed());
+        assert!(matches!(conn.close_cause(), Some(CloseCause::Local)));
+        wait_until(|| server.connections() == 0).await;
+    })
+    .await
+    .expect("hang guard");
+}
+
 // A peer that half-closes (FIN) without a close frame while it reads nothing and the
 // server's output waits for it: an I/O error, and the output left in the kernel is
 // dropped with a reset, not left to an orphaned socket that the peer may keep alive for
