@@ -765,8 +765,11 @@ impl Connection {
     /// Waits for the handshake to complete.
     pub(crate) async fn handshake(&self) -> Result<(), CloseCause> {
         self.wait_state(|inner| match &inner.cause {
+            // Completed, even if the connection closed since (the peer's hello, messages
+            // and close frame in one read): its messages are delivered as after any close.
+            _ if inner.connected => Some(Ok(())),
             Some(cause) => Some(Err(cause.clone())),
-            None => inner.connected.then_some(Ok(())),
+            None => None,
         })
         .await
     }

@@ -625,3 +625,49 @@ async fn a_peer_that_closes_and_reads_nothing_does_not_leave_our_output_in_the_k
     .await
     .expect("hang guard");
 }
+
+// The client's side of the same: a server whose hello, first message and close frame
+// arrive in one read. The handshake completed, so `connect` succeeds, and the message is
+// delivered before the server's close.
+#[tokio::test(start_paused = true)]
+async fn connect_succeeds_when_the_servers_hello_message_and_close_arrive_together() {
+    timeout(HANG_GUARD, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let raw_server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while parsed(&got).is_empty() {
+                let n = stream.read(&mut buf).await.expect("read");
+                assert!(n > 0, "no hello");
+                got.extend_from_slice(&buf[..n]);
+            }
+            let out = [
+                hello(),
+                message(1, b"welcome"),
+                close(CloseCode::GoingAway, "maintenance"),
+            ];
+            stream.write_all(&encode(&out)).await.expect("write");
+            read_all(&mut stream).await
+        });
+        let client = connect(format!("tcp://{addr}"), options())
+            .await
+            .expect("the handshake completed");
+        let msg = client.receive().await.expect("the server's message");
+        assert_eq!(&msg.payload[..], b"welcome");
+        let end = client.receive().await;
+        assert!(
+            matches!(&end, Err(ConnectionClosed(CloseCause::Peer { code: CloseCode::GoingAway, reason })) if reason == "maintenance"),
+            "{end:?}"
+        );
+        // After its hello the client sent nothing: no close frame back.
+        drop(client);
+        let (bytes, _) = raw_server.await.expect("raw server");
+        assert!(bytes.is_empty(), "{:?}", frames(&bytes));
+    })
+    .await
+    .expect("hang guard");
+}
