@@ -304,3 +304,67 @@ async fn a_reconnecting_peer_dropped_while_it_reconnects_leaves_no_task() {
     .await
     .expect("hang guard");
 }
+
+// A hostile callee answers the calls of a peer with a close frame of a megabyte of reason:
+// each waiting caller's `ConnectionLost` carries the close cause, so without a cut on the
+// reason they would hold a copy each (20 callers, 40 MiB). Each holds at most 1 KiB.
+#[tokio::test(start_paused = true)]
+async fn a_huge_close_reason_is_not_copied_to_every_waiting_caller() {
+    use bytes::BytesMut;
+    use chatter_core::proto::frame::{CloseCode, Frame, Hello};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    timeout(HANG_GUARD, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (go, ready) = tokio::sync::oneshot::channel::<()>();
+        let hostile = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut out = BytesMut::new();
+            Frame::Hello(Hello {
+                max_frame_size: 1 << 20,
+                receive_window: 1 << 20,
+            })
+            .encode(&mut out);
+            stream.write_all(&out).await.expect("hello");
+            ready.await.expect("go");
+            out.clear();
+            Frame::Close(CloseCode::GoingAway, "x".repeat(1 << 20)).encode(&mut out);
+            stream.write_all(&out).await.expect("close");
+            let mut sink = Vec::new();
+            let _ = stream.read_to_end(&mut sink).await;
+        });
+        let conn = connect(format!("tcp://{addr}"), Options::default())
+            .await
+            .expect("connect");
+        let peer = Peer::new(conn);
+        let work = WorkClient::new(&peer, "work").with_deadline(Duration::from_secs(300));
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let work = work.clone();
+                tokio::spawn(async move { work.wait(1).await })
+            })
+            .collect();
+        // Every call task runs (and sends) before this one goes on.
+        tokio::task::yield_now().await;
+        go.send(()).expect("the hostile callee waits");
+        for call in calls {
+            match call.await.expect("caller") {
+                Err(CallError::ConnectionLost(CloseCause::Peer { reason, .. })) => {
+                    assert!(
+                        reason.capacity() <= 1024,
+                        "a caller holds {} bytes",
+                        reason.capacity()
+                    )
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        drop(peer);
+        hostile.await.expect("hostile callee");
+    })
+    .await
+    .expect("hang guard");
+}

@@ -985,7 +985,10 @@ impl Protocol {
                         self.push_event(Event::Writable);
                     }
                 }
-                Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
+                Frame::Close(code, reason) => self.close_with(CloseCause::Peer {
+                    code,
+                    reason: cut_reason(reason),
+                }),
                 other => self.protocol_error(ProtocolError::Unexpected(format!(
                     "expected hello, got {}",
                     kind_name(&other)
@@ -1025,7 +1028,10 @@ impl Protocol {
                     self.push_event(Event::Writable);
                 }
             }
-            Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
+            Frame::Close(code, reason) => self.close_with(CloseCause::Peer {
+                code,
+                reason: cut_reason(reason),
+            }),
             Frame::Hello(_) => {
                 self.protocol_error(ProtocolError::Unexpected("second hello".into()))
             }
@@ -1177,6 +1183,21 @@ impl Hasher for IdHasher {
     fn write_u64(&mut self, n: u64) {
         self.add(n);
     }
+}
+
+/// A peer's close reason, cut (at a character boundary) to [`MAX_CLOSE_REASON`] bytes as
+/// this side's own are: it is for logs, and the close cause that carries it is copied
+/// into every error that reports the close, so a peer must not make it megabytes.
+fn cut_reason(mut reason: String) -> String {
+    if reason.len() > MAX_CLOSE_REASON {
+        let mut end = MAX_CLOSE_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.shrink_to_fit();
+    }
+    reason
 }
 
 fn kind_name(frame: &Frame) -> &'static str {
