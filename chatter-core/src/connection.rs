@@ -713,7 +713,7 @@ impl Connection {
             write_buf_release: None,
             first_wake: first_wake_after(options).map(|after| now + after),
             done: false,
-            _permit: permit,
+            permit: permit.map(Arc::new),
             throttle: Throttle::NONE,
             send_bucket: None,
             receive_bucket: None,
@@ -1244,8 +1244,9 @@ struct Driver<S: Transport> {
     /// early, nothing is due and the next round arms the real deadline.
     first_wake: Option<Instant>,
     done: bool,
-    /// The server's connection-limit slot, released when the driver ends.
-    _permit: Option<OwnedSemaphorePermit>,
+    /// The server's connection-limit slot, released when the driver ends (and, once
+    /// handed to the server's accept queue, the connection was taken from it).
+    permit: Option<Arc<OwnedSemaphorePermit>>,
     /// The throttle applied, and its buckets.
     throttle: Throttle,
     send_bucket: Option<Bucket>,
@@ -1528,7 +1529,7 @@ impl<S: Transport> Driver<S> {
         self.shared.notify(wake);
         // A connection that ended before its handshake completed is a rejection.
         if let (Some((handoff, conn)), Some(cause)) = (self.handoff.take(), cause) {
-            handoff.complete(conn, Err(cause));
+            handoff.complete(conn, Err(cause), None);
         }
         self.read_buf = BytesMut::new();
         self.write_buf = BytesMut::new();
@@ -1642,7 +1643,7 @@ impl<S: Transport> Future for Driver<S> {
             this.shared.notify(wake);
             if let Some(result) = handoff {
                 if let Some((handoff, conn)) = this.handoff.take() {
-                    handoff.complete(conn, result);
+                    handoff.complete(conn, result, this.permit.clone());
                 }
             }
 

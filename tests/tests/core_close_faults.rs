@@ -699,3 +699,61 @@ async fn a_huge_close_reason_is_cut_before_the_application_sees_it() {
     .await
     .expect("hang guard");
 }
+
+// docs/SECURITY.md: handshaken connections waiting for `Server::accept` count against
+// `max_connections`, so a server holds at most that many connections' buffers. A peer
+// that handshakes, sends messages and closes leaves its connection (and the messages,
+// which `accept` still delivers) waiting for the application; its driver ended, but the
+// connection must keep counting until it is accepted, or a peer that repeats this while
+// the application is slow to accept makes the server hold any number of them.
+#[tokio::test(start_paused = true)]
+async fn closed_connections_waiting_for_accept_count_against_max_connections() {
+    const LIMIT: usize = 4;
+    timeout(HANG_GUARD, async {
+        let server = listen("tcp://127.0.0.1:0", options().max_connections(LIMIT))
+            .await
+            .expect("listen");
+        let mut served = 0;
+        for _ in 0..3 * LIMIT {
+            let mut peer = TcpStream::connect(socket_addr(&server))
+                .await
+                .expect("connect");
+            peer.write_all(&encode(&[hello()])).await.expect("hello");
+            // The server's hello (or its refusal), then messages and a close frame.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while parsed(&got).is_empty() {
+                let n = peer.read(&mut buf).await.expect("read");
+                assert!(n > 0, "end of stream before the server's first frame");
+                got.extend_from_slice(&buf[..n]);
+            }
+            if matches!(parsed(&got)[0], Frame::Close(CloseCode::Busy, _)) {
+                continue;
+            }
+            served += 1;
+            let out = [message(1, &[9u8; 3000]), close(CloseCode::Normal, "bye")];
+            peer.write_all(&encode(&out))
+                .await
+                .expect("messages and close");
+            read_all(&mut peer).await;
+            // Its driver ends; the connection waits for `accept`.
+            wait_until(|| server.connections() <= served).await;
+        }
+        let mut waiting = 0;
+        while let Ok(Some(conn)) = timeout(Duration::from_secs(1), server.accept()).await {
+            let msg = conn.receive().await.expect("its message");
+            assert_eq!(msg.payload.len(), 3000);
+            waiting += 1;
+        }
+        assert_eq!(waiting, served);
+        assert!(
+            waiting <= LIMIT,
+            "{waiting} connections held for accept with max_connections {LIMIT}"
+        );
+        assert!(server.refused() > 0);
+        // Once taken, they no longer count.
+        wait_until(|| server.connections() == 0).await;
+    })
+    .await
+    .expect("hang guard");
+}
