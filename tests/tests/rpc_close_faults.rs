@@ -368,3 +368,60 @@ async fn a_huge_close_reason_is_not_copied_to_every_waiting_caller() {
     .await
     .expect("hang guard");
 }
+
+// A call blocked on the callee's flow-control window (a callee that announced the
+// smallest window and reads nothing) when the caller closes: it fails with
+// `ConnectionLost` at once, and the close does not wait for the callee.
+#[tokio::test(start_paused = true)]
+async fn a_call_blocked_on_flow_control_when_the_caller_closes() {
+    use bytes::BytesMut;
+    use chatter_core::proto::frame::{Frame, Hello};
+    use tokio::io::AsyncWriteExt;
+
+    timeout(HANG_GUARD, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let silent = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut out = BytesMut::new();
+            Frame::Hello(Hello {
+                max_frame_size: 4096,
+                receive_window: 4096,
+            })
+            .encode(&mut out);
+            stream.write_all(&out).await.expect("hello");
+            // Reads nothing; keeps the socket until the test ends.
+            stream
+        });
+        let conn = connect(format!("tcp://{addr}"), Options::default())
+            .await
+            .expect("connect");
+        let _stream = silent.await.expect("silent callee");
+        let peer = Peer::new(conn.clone());
+        let work = WorkClient::new(&peer, "work").with_deadline(Duration::from_secs(300));
+        // Each request costs about 100 bytes of the 4096 (a quarter kept for replies):
+        // the later ones wait for credit that never comes.
+        let calls: Vec<_> = (0..60)
+            .map(|_| {
+                let work = work.clone();
+                tokio::spawn(async move { work.wait(1).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let start = Instant::now();
+        peer.close().await;
+        for call in calls {
+            let result = call.await.expect("caller");
+            assert!(
+                matches!(result, Err(CallError::ConnectionLost(CloseCause::Local))),
+                "{result:?}"
+            );
+        }
+        assert!(start.elapsed() <= CLOSE_BOUND, "{:?}", start.elapsed());
+        assert!(conn.is_closed());
+    })
+    .await
+    .expect("hang guard");
+}
