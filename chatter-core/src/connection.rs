@@ -713,7 +713,7 @@ impl Connection {
             write_buf_release: None,
             first_wake: first_wake_after(options).map(|after| now + after),
             done: false,
-            _permit: permit,
+            permit: permit.map(Arc::new),
             throttle: Throttle::NONE,
             send_bucket: None,
             receive_bucket: None,
@@ -766,8 +766,11 @@ impl Connection {
     /// Waits for the handshake to complete.
     pub(crate) async fn handshake(&self) -> Result<(), CloseCause> {
         self.wait_state(|inner| match &inner.cause {
+            // Completed, even if the connection closed since (the peer's hello, messages
+            // and close frame in one read): its messages are delivered as after any close.
+            _ if inner.connected => Some(Ok(())),
             Some(cause) => Some(Err(cause.clone())),
-            None => inner.connected.then_some(Ok(())),
+            None => None,
         })
         .await
     }
@@ -1270,8 +1273,9 @@ struct Driver<S: Transport> {
     /// early, nothing is due and the next round arms the real deadline.
     first_wake: Option<Instant>,
     done: bool,
-    /// The server's connection-limit slot, released when the driver ends.
-    _permit: Option<OwnedSemaphorePermit>,
+    /// The server's connection-limit slot, released when the driver ends (and, once
+    /// handed to the server's accept queue, the connection was taken from it).
+    permit: Option<Arc<OwnedSemaphorePermit>>,
     /// The throttle applied, and its buckets.
     throttle: Throttle,
     send_bucket: Option<Bucket>,
@@ -1553,13 +1557,17 @@ impl<S: Transport> Driver<S> {
         let mut wake = inner.pump(self.shared.id);
         inner.finished = true;
         inner.driver = None;
+        // The driver's buffers go with it (below): `buffered` no longer counts them.
+        inner.read_buffer = 0;
+        inner.output_buffer = 0;
+        inner.proto.free_output_buffer();
         let cause = inner.cause.clone();
         drop(inner);
         wake.state = true;
         self.shared.notify(wake);
         // A connection that ended before its handshake completed is a rejection.
         if let (Some((handoff, conn)), Some(cause)) = (self.handoff.take(), cause) {
-            handoff.complete(conn, Err(cause));
+            handoff.complete(conn, Err(cause), None);
         }
         self.read_buf = BytesMut::new();
         self.write_buf = BytesMut::new();
@@ -1658,8 +1666,12 @@ impl<S: Transport> Future for Driver<S> {
                 let wake = inner.pump(this.shared.id);
                 if this.handoff.is_some() {
                     handoff = match &inner.cause {
+                        // The handshake completed, even if the connection closed since (a
+                        // client's hello, early messages and close frame in one read): the
+                        // application gets it, and the messages that came before the close.
+                        _ if inner.connected => Some(Ok(())),
                         Some(cause) => Some(Err(cause.clone())),
-                        None => inner.connected.then_some(Ok(())),
+                        None => None,
                     };
                 }
                 let io_failed = matches!(inner.cause, Some(CloseCause::Io(_)));
@@ -1683,11 +1695,17 @@ impl<S: Transport> Future for Driver<S> {
             this.shared.notify(wake);
             if let Some(result) = handoff {
                 if let Some((handoff, conn)) = this.handoff.take() {
-                    handoff.complete(conn, result);
+                    handoff.complete(conn, result, this.permit.clone());
                 }
             }
 
             if io_failed {
+                // Output left to the kernel (a peer that ended its side without a close
+                // frame and reads nothing) is dropped with the connection, not left to an
+                // orphaned socket the peer can keep alive.
+                if !this.write_buf.is_empty() || !this.io.all_sent() {
+                    this.io.abort();
+                }
                 this.finish();
                 return Poll::Ready(());
             }
@@ -1799,6 +1817,12 @@ impl<S: Transport> Future for Driver<S> {
                 // Drain input until the peer hangs up, so that unread data does not turn our
                 // close into a reset that could destroy the close frame in flight.
                 if !this.read_open && (this.shutdown || !this.io.shutdown_after_eof()) {
+                    // The peer ended its side: closing now is fine, but not with our output
+                    // still unsent in the kernel (a peer that closed and reads nothing
+                    // would keep the orphaned socket and its bytes alive); drop it.
+                    if !this.io.all_sent() {
+                        this.io.abort();
+                    }
                     this.finish();
                     return Poll::Ready(());
                 }

@@ -25,7 +25,8 @@ pub enum CloseCause {
     Peer {
         /// The peer's close code.
         code: CloseCode,
-        /// The peer's reason, as it sent it.
+        /// The peer's reason, as it sent it, cut to its first 1024 bytes (at a character
+        /// boundary): a peer cannot make every error that reports the close carry megabytes.
         reason: String,
     },
     /// The peer did not answer a keepalive ping in time, or took none of this side's

@@ -73,7 +73,7 @@ pub struct Rejection {
 #[derive(Debug)]
 pub struct Server {
     addresses: Vec<Address>,
-    incoming: tokio::sync::Mutex<mpsc::Receiver<Connection>>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Queued>>,
     rejections: tokio::sync::Mutex<mpsc::Receiver<Rejection>>,
     tracked: Arc<Tracked>,
     limits: Arc<Limits>,
@@ -145,7 +145,7 @@ impl Server {
             _ = stop.wait_for(|&s| s) => return None,
         };
         tokio::select! {
-            conn = incoming.recv() => conn,
+            queued = incoming.recv() => queued.map(|q| q.conn),
             _ = stop.wait_for(|&s| s) => None,
         }
     }
@@ -171,8 +171,9 @@ impl Server {
         self.limits.refused.load(Ordering::Relaxed)
     }
 
-    /// How many connections the server holds now, counting those still in their handshake
-    /// and those closing (until their task ended).
+    /// How many connections the server holds now, counting those still in their handshake,
+    /// those closing (until their task ended), and handshaken ones waiting for
+    /// [`accept`](Self::accept), closed or not.
     pub fn connections(&self) -> usize {
         self.limits.max - self.limits.connections.available_permits()
     }
@@ -531,7 +532,7 @@ type TlsAcceptor = std::convert::Infallible;
 struct AcceptContext {
     limits: Arc<Limits>,
     options: Options,
-    tx: mpsc::Sender<Connection>,
+    tx: mpsc::Sender<Queued>,
     rejected: mpsc::Sender<Rejection>,
     tls: Option<TlsAcceptor>,
     tracked: Arc<Tracked>,
@@ -772,23 +773,40 @@ fn start<S: Transport>(
 /// Where an accepted connection goes once its handshake is over: into the queue of
 /// [`Server::accept`], or, if it failed, into the rejections.
 pub(crate) struct Handoff {
-    queue: mpsc::Sender<Connection>,
+    queue: mpsc::Sender<Queued>,
     rejected: mpsc::Sender<Rejection>,
+}
+
+/// A handshaken connection waiting for [`Server::accept`], with its `max_connections`
+/// slot: a connection whose driver ended meanwhile (its peer sent messages and closed)
+/// still counts until it is taken, so that the connections waiting are bounded as the
+/// open ones are.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    conn: Connection,
+    _slot: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 impl Handoff {
     /// Called by the connection's driver once, when the handshake completed (`Ok`) or the
-    /// connection closed before that.
-    pub(crate) fn complete(self, conn: Connection, result: Result<(), CloseCause>) {
+    /// connection closed before that; `slot` is the connection's share of its
+    /// `max_connections` permit, kept while it waits for `accept`.
+    pub(crate) fn complete(
+        self,
+        conn: Connection,
+        result: Result<(), CloseCause>,
+        slot: Option<Arc<OwnedSemaphorePermit>>,
+    ) {
         match result {
-            Ok(()) => match self.queue.try_send(conn) {
+            Ok(()) => match self.queue.try_send(Queued { conn, _slot: slot }) {
                 Ok(()) => {}
                 // The application is behind with `accept`: wait for room. At most one such
                 // task per connection, and connections are bounded by `max_connections`
-                // (the connection holds its permit); it ends when the server is dropped.
-                Err(mpsc::error::TrySendError::Full(conn)) => {
+                // (the connection holds its permit until it is accepted); it ends when
+                // the server is dropped.
+                Err(mpsc::error::TrySendError::Full(queued)) => {
                     let queue = self.queue;
-                    tokio::spawn(async move { drop(queue.send(conn).await) });
+                    tokio::spawn(async move { drop(queue.send(queued).await) });
                 }
                 // The server closed: dropping the connection closes it.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}

@@ -861,13 +861,15 @@ impl Protocol {
     /// unable to send a frame of the maximum size while this side has nothing buffered.
     #[inline]
     pub fn release(&mut self, cost: u32) {
-        if !self.is_open() {
-            return;
-        }
         // Never more than was received: credit given back twice would let the peer send
         // beyond the window (and the peer would take the window frame for an error).
         let cost = (cost as u64).min(self.rx_used);
         self.rx_used -= cost;
+        if !self.is_open() {
+            // Nothing is announced after a close, but messages taken after it (they stay
+            // available) no longer count as received and unreleased.
+            return;
+        }
         self.rx_unannounced += cost;
         if self.rx_unannounced >= self.window_threshold {
             if self.out.len() + self.unwritten <= self.send_buffer {
@@ -983,7 +985,10 @@ impl Protocol {
                         self.push_event(Event::Writable);
                     }
                 }
-                Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
+                Frame::Close(code, reason) => self.close_with(CloseCause::Peer {
+                    code,
+                    reason: cut_reason(reason),
+                }),
                 other => self.protocol_error(ProtocolError::Unexpected(format!(
                     "expected hello, got {}",
                     kind_name(&other)
@@ -1023,7 +1028,10 @@ impl Protocol {
                     self.push_event(Event::Writable);
                 }
             }
-            Frame::Close(code, reason) => self.close_with(CloseCause::Peer { code, reason }),
+            Frame::Close(code, reason) => self.close_with(CloseCause::Peer {
+                code,
+                reason: cut_reason(reason),
+            }),
             Frame::Hello(_) => {
                 self.protocol_error(ProtocolError::Unexpected("second hello".into()))
             }
@@ -1175,6 +1183,21 @@ impl Hasher for IdHasher {
     fn write_u64(&mut self, n: u64) {
         self.add(n);
     }
+}
+
+/// A peer's close reason, cut (at a character boundary) to [`MAX_CLOSE_REASON`] bytes as
+/// this side's own are: it is for logs, and the close cause that carries it is copied
+/// into every error that reports the close, so a peer must not make it megabytes.
+fn cut_reason(mut reason: String) -> String {
+    if reason.len() > MAX_CLOSE_REASON {
+        let mut end = MAX_CLOSE_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.shrink_to_fit();
+    }
+    reason
 }
 
 fn kind_name(frame: &Frame) -> &'static str {

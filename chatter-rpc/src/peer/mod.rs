@@ -907,7 +907,10 @@ impl Inner {
         // any more (their callers learn of the close), signals are dropped and counted,
         // and reliable signals are left for the sender to re-send (it had no
         // acknowledgement), which keeps them in order across the reconnect.
+        let mut release = 0;
         for item in self.slots.drain(|_| true) {
+            // Dropped with the item: `buffered().received` no longer counts its bytes.
+            release += u64::from(item.credit);
             match item.kind {
                 Kind::Call(_) => self.call_done(),
                 Kind::Signal => {
@@ -921,6 +924,7 @@ impl Inner {
                 Kind::Duplicate { .. } => {}
             }
         }
+        self.conn.release(release);
         self.peer.connection_closed(&cause);
     }
 
