@@ -1290,7 +1290,8 @@ struct Driver<S: Transport> {
     /// Our hello, held back while the write buffer is this long: messages came with the
     /// peer's hello, and the application's first answer may leave in the same write.
     held: Option<usize>,
-    /// The rounds of the scheduler the hold took (at most two, see `hold_hello`).
+    /// The rounds of the scheduler the hold took (at most [`HOLD_ROUNDS`], see
+    /// `hold_hello`).
     hold_rounds: u8,
     /// After the peer's close, one more read looked for its end of stream.
     eof_probed: bool,
