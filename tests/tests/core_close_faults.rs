@@ -149,6 +149,20 @@ async fn non_reader(server: &Server) -> TcpStream {
     peer
 }
 
+/// A non-reading peer (see [`non_reader`]) and its accepted connection, which wrote more
+/// than the peer's window: the driver handed it all to the kernel, which holds what the
+/// peer has no room for.
+async fn output_left_in_the_kernel(server: &Server) -> (TcpStream, chatter_core::Connection) {
+    let peer = non_reader(server).await;
+    let conn = server.accept().await.expect("accept");
+    // More than the peer's window, less than the server's kernel takes at once.
+    conn.send_bytes(&[1u8; 12 * 1024], SendOptions::new())
+        .await
+        .expect("send");
+    wait_until(|| conn.buffered().output == 0).await;
+    (peer, conn)
+}
+
 fn assert_nothing_buffered(conn: &chatter_core::Connection) {
     let b = conn.buffered();
     assert_eq!(
@@ -562,13 +576,7 @@ async fn a_peer_that_resets_after_our_close() {
 async fn a_peer_that_half_closes_without_a_close_frame_while_output_waits_is_reset() {
     timeout(HANG_GUARD, async {
         let server = server().await;
-        let mut peer = non_reader(&server).await;
-        let conn = server.accept().await.expect("accept");
-        // More than the peer's window, less than the server's kernel takes at once.
-        conn.send_bytes(&[1u8; 12 * 1024], SendOptions::new())
-            .await
-            .expect("send");
-        wait_until(|| conn.buffered().output == 0).await;
+        let (mut peer, conn) = output_left_in_the_kernel(&server).await;
         peer.shutdown().await.expect("FIN");
         let cause = conn.closed().await;
         assert!(
@@ -590,12 +598,7 @@ async fn a_peer_that_half_closes_without_a_close_frame_while_output_waits_is_res
 async fn a_peer_that_closes_and_reads_nothing_does_not_leave_our_output_in_the_kernel() {
     timeout(HANG_GUARD, async {
         let server = server().await;
-        let mut peer = non_reader(&server).await;
-        let conn = server.accept().await.expect("accept");
-        conn.send_bytes(&[1u8; 12 * 1024], SendOptions::new())
-            .await
-            .expect("send");
-        wait_until(|| conn.buffered().output == 0).await;
+        let (mut peer, conn) = output_left_in_the_kernel(&server).await;
         peer.write_all(&encode(&[close(CloseCode::Normal, "done")]))
             .await
             .expect("close");

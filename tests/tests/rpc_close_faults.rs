@@ -70,6 +70,22 @@ struct Pair {
     _listener: Server,
 }
 
+/// A raw peer accepted on `listener` that has sent its hello, announcing `size` as both
+/// its `max_frame_size` and its `receive_window`, and nothing else.
+async fn raw_callee(listener: &tokio::net::TcpListener, size: u32) -> tokio::net::TcpStream {
+    use chatter_core::proto::frame::{Frame, Hello};
+    use tokio::io::AsyncWriteExt;
+    let (mut stream, _) = listener.accept().await.expect("accept");
+    let mut out = bytes::BytesMut::new();
+    Frame::Hello(Hello {
+        max_frame_size: size,
+        receive_window: size,
+    })
+    .encode(&mut out);
+    stream.write_all(&out).await.expect("hello");
+    stream
+}
+
 async fn pair(server_options: PeerOptions) -> Pair {
     let listener = listen("tcp://127.0.0.1:0", Options::default())
         .await
@@ -311,7 +327,7 @@ async fn a_reconnecting_peer_dropped_while_it_reconnects_leaves_no_task() {
 #[tokio::test(start_paused = true)]
 async fn a_huge_close_reason_is_not_copied_to_every_waiting_caller() {
     use bytes::BytesMut;
-    use chatter_core::proto::frame::{CloseCode, Frame, Hello};
+    use chatter_core::proto::frame::{CloseCode, Frame};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     timeout(HANG_GUARD, async {
@@ -321,16 +337,9 @@ async fn a_huge_close_reason_is_not_copied_to_every_waiting_caller() {
         let addr = listener.local_addr().expect("address");
         let (go, ready) = tokio::sync::oneshot::channel::<()>();
         let hostile = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
-            let mut out = BytesMut::new();
-            Frame::Hello(Hello {
-                max_frame_size: 1 << 20,
-                receive_window: 1 << 20,
-            })
-            .encode(&mut out);
-            stream.write_all(&out).await.expect("hello");
+            let mut stream = raw_callee(&listener, 1 << 20).await;
             ready.await.expect("go");
-            out.clear();
+            let mut out = BytesMut::new();
             Frame::Close(CloseCode::GoingAway, "x".repeat(1 << 20)).encode(&mut out);
             stream.write_all(&out).await.expect("close");
             let mut sink = Vec::new();
@@ -374,26 +383,14 @@ async fn a_huge_close_reason_is_not_copied_to_every_waiting_caller() {
 // `ConnectionLost` at once, and the close does not wait for the callee.
 #[tokio::test(start_paused = true)]
 async fn a_call_blocked_on_flow_control_when_the_caller_closes() {
-    use bytes::BytesMut;
-    use chatter_core::proto::frame::{Frame, Hello};
-    use tokio::io::AsyncWriteExt;
-
     timeout(HANG_GUARD, async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("address");
         let silent = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await.expect("accept");
-            let mut out = BytesMut::new();
-            Frame::Hello(Hello {
-                max_frame_size: 4096,
-                receive_window: 4096,
-            })
-            .encode(&mut out);
-            stream.write_all(&out).await.expect("hello");
             // Reads nothing; keeps the socket until the test ends.
-            stream
+            raw_callee(&listener, 4096).await
         });
         let conn = connect(format!("tcp://{addr}"), Options::default())
             .await
