@@ -84,7 +84,10 @@ impl BrokerOptions {
     /// *peer busy* ([`CallError::PeerBusy`](chatter_rpc::CallError::PeerBusy)) instead of
     /// opening one more. Keep it at most the peers' own `max_conversations` (chatter-core's
     /// limit on what the other side may open, 65 536 by default), which a peer enforces by
-    /// closing the connection.
+    /// closing the connection, and at most the `max_conversations` of the broker's own
+    /// connections: chatter-core holds the conversations a side opens to that limit too,
+    /// and a relayed call beyond it would wait in the peer's queue, ahead of everything
+    /// queued for that peer after it.
     pub fn max_routes_per_peer(mut self, routes: usize) -> Self {
         self.max_routes_per_peer = routes;
         self

@@ -182,6 +182,11 @@ impl Options {
     /// about 40 bytes here (more in the layer above, e.g. a call in progress), so the
     /// default bounds that state at a few MiB per connection; beyond it, the peer's next
     /// conversation is a protocol error.
+    ///
+    /// It is also the most this side opens at once: the peer's limit is not announced, so
+    /// a send that would open one more conversation waits until one of those it opened
+    /// ended (as a send waits for flow-control credit), rather than exceed a peer that has
+    /// the same limit and lose the connection. Keep it the same on both sides.
     pub fn max_conversations(mut self, limit: usize) -> Self {
         self.proto.max_conversations = limit;
         self

@@ -91,7 +91,9 @@ pub struct Config {
     pub keepalive: Option<Keepalive>,
     /// How long the peer has to complete the handshake.
     pub handshake_timeout: Duration,
-    /// How many conversations the peer may hold open at once.
+    /// How many conversations the peer may hold open at once; also the most this side
+    /// opens at once ([`Protocol::send`] refuses one more with [`SendRefused::NoCredit`]
+    /// until one of them ended).
     pub max_conversations: usize,
     /// How many bytes of output may wait to be written before [`Protocol::send`] refuses
     /// messages ([`SendRefused::NoCredit`]) until the driver reports, with
@@ -242,7 +244,9 @@ pub enum SendRefused {
         /// The peer's limit.
         max: u32,
     },
-    /// Not enough flow-control credit now; an [`Event::Writable`] follows when there is more.
+    /// Not enough flow-control credit now, or (for a message that opens a conversation)
+    /// this side already holds [`Config::max_conversations`] conversations it opened; an
+    /// [`Event::Writable`] follows when there is more credit or one of them ended.
     NoCredit,
 }
 
@@ -458,6 +462,16 @@ impl Protocol {
             // Before the peer's hello, the early credit stands in for its window.
             State::Open | State::Handshaking { .. } => {}
             State::Closed => return Err(SendRefused::Closed),
+        }
+        // Opening one more conversation than this side would accept from its peer waits
+        // for one to end, as a send waits for credit: the peer's limit is not announced,
+        // and one over it is a protocol error that closes the connection (§6.4).
+        if args.conversation.is_none()
+            && !args.last
+            && self.conversations.len() - self.peer_opened >= self.config.max_conversations
+        {
+            self.send_blocked = true;
+            return Err(SendRefused::NoCredit);
         }
         let id = self.next_tx_id;
         let peer_window = self.peer_window();
@@ -1129,6 +1143,10 @@ impl Protocol {
         }
         if !conversation.owner {
             self.peer_opened -= 1;
+        } else if self.send_blocked && self.is_open() {
+            // A sender may wait to open a conversation (`send_reserving`): room for one.
+            self.send_blocked = false;
+            self.push_event(Event::Writable);
         }
     }
 

@@ -1065,6 +1065,48 @@ fn too_many_open_conversations_is_a_protocol_error() {
     ));
 }
 
+/// A side holds no more conversations it opened than it accepts from its peer
+/// (`max_conversations`): one more waits, as for credit, and goes once one of them ended.
+#[test]
+fn opening_more_conversations_than_the_limit_waits_for_one_to_end() {
+    let limited = Config {
+        max_conversations: 2,
+        ..Config::default()
+    };
+    let mut p = Pair::with(Config::default(), limited);
+    let first = p.b.send(p.now, open(false, true), b"1").unwrap();
+    p.b.send(p.now, open(false, true), b"2").unwrap();
+    assert!(matches!(
+        p.b.send(p.now, open(false, true), b"3"),
+        Err(SendRefused::NoCredit)
+    ));
+    // One-shot messages open nothing: they go.
+    p.b.send(p.now, SendArgs::new(), b"one-shot").unwrap();
+    p.flush();
+    let requests: Vec<_> = messages(&mut p.a).into_iter().filter(|m| !m.last).collect();
+    assert_eq!(requests.len(), 2);
+    assert!(p.a.is_open(), "the peer saw no more than the limit");
+    // The peer ends the first: room for one more, and b is told.
+    let reply = SendArgs {
+        conversation: Some(requests[0].conversation),
+        ..SendArgs::new()
+    };
+    p.a.send(p.now, reply, b"done").unwrap();
+    p.flush();
+    let got = events(&mut p.b);
+    assert!(
+        got.iter()
+            .any(|e| matches!(e, Event::Message(m) if m.conversation == first)),
+        "{got:?}"
+    );
+    assert!(got.iter().any(|e| matches!(e, Event::Writable)), "{got:?}");
+    p.b.send(p.now, open(false, true), b"3").unwrap();
+    assert!(matches!(
+        p.b.send(p.now, open(false, true), b"4"),
+        Err(SendRefused::NoCredit)
+    ));
+}
+
 #[test]
 fn events_come_out_in_order_and_messages_can_be_taken_apart() {
     let mut pair = Pair::new();
