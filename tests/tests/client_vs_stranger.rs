@@ -13,7 +13,7 @@ use chatter_core::{
     connect, connect_early, CloseCause, CloseCode, ConnectError, Options, ProtocolError,
 };
 use chatter_rpc::stream::Receiver;
-use chatter_rpc::{remote, CallError, Peer};
+use chatter_rpc::{remote, CallError, Peer, PeerOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -197,6 +197,11 @@ fn dec(b: &[u8], p: &mut usize) -> V {
     }
 }
 
+/// A message's cost (§8.1): its body as it travelled, plus 64.
+fn cost(f: &Frame) -> u64 {
+    pack(&V::Arr(f.header.clone())).len() as u64 + f.payload.len() as u64 + 64
+}
+
 fn unpack(b: &[u8]) -> V {
     let mut p = 0;
     let v = dec(b, &mut p);
@@ -286,6 +291,9 @@ struct Stranger {
 impl Stranger {
     async fn accept(listener: &TcpListener) -> Self {
         let (stream, _) = listener.accept().await.expect("accept");
+        // Without it, Nagle holds small writes for the client's delayed ACK (40 ms of
+        // real time), which the paused clock would fill with jumps to the next timer.
+        stream.set_nodelay(true).expect("nodelay");
         Stranger {
             stream,
             next_id: 1,
@@ -1290,6 +1298,7 @@ async fn an_eager_hello_and_unusual_encodings_are_accepted() {
         let (listener, address) = bind().await;
         let client = tokio::spawn(async move { connect(address, Options::default()).await });
         let (stream, _) = listener.accept().await.unwrap();
+        stream.set_nodelay(true).unwrap();
         let mut s = Stranger {
             stream,
             next_id: 1,
@@ -1698,6 +1707,324 @@ async fn a_fin_without_a_close_frame_is_an_io_error() {
         assert!(start.elapsed() < Duration::from_secs(1));
         // The client sends no close frame for it: it just ends its stream.
         assert!(s.read().await.is_none());
+    })
+    .await
+    .expect("no hang");
+}
+
+/// A `Peer` with the given client options, connected to a stranger with default limits,
+/// serving `calc`.
+async fn serving(options: Options) -> (Peer, Stranger, mpsc::UnboundedReceiver<u64>) {
+    let (listener, address) = bind().await;
+    let client = tokio::spawn(async move { connect(address, options).await });
+    let mut s = Stranger::accept(&listener).await;
+    s.client_hello().await;
+    s.write(&hello(4 << 20, 8 << 20)).await;
+    let peer = Peer::new(client.await.unwrap().expect("connect"));
+    let (tx, notes) = mpsc::unbounded_channel();
+    peer.register("calc", CalcServer::new(Local { notes: tx }));
+    (peer, s, notes)
+}
+
+// chatter-core §8.3 with the client as the receiver: a server that calls the client and
+// never sends beyond the window the client announced gets its credit back, at the latest
+// when `receive_window − (max_frame_size + 64)` is held back, so it always progresses.
+#[tokio::test(start_paused = true)]
+async fn the_client_returns_credit_so_a_server_within_its_window_progresses() {
+    guard(async {
+        for (max_frame, window_size, size) in [(4096u32, 4160u32, 4000usize), (8192, 20000, 3000)] {
+            let options = Options::default()
+                .max_frame_size(max_frame)
+                .receive_window(window_size);
+            let (_peer, mut s, _notes) = serving(options).await;
+            assert_eq!(s.client_hello[3].uint(), max_frame as u64);
+            assert_eq!(s.client_hello[4].uint(), window_size as u64);
+            let bound = (window_size - max_frame - 64) as u64;
+            let mut credit = window_size as u64;
+            let mut sent = Vec::new();
+            let mut replies = 0;
+            let total = 12;
+            while replies < total {
+                let payload = V::Arr(vec![
+                    int(0),
+                    st("calc"),
+                    st("echo"),
+                    int(60_000),
+                    V::Arr(vec![st(&"z".repeat(size))]),
+                ]);
+                if sent.len() < total {
+                    let m = s.msg(None, OWNER | TOKEN, &payload);
+                    let c = m.len() as u64 - 4 + 64;
+                    if c <= credit {
+                        credit -= c;
+                        sent.push(c);
+                        s.write(&m).await;
+                        continue;
+                    }
+                    s.next_id -= 1;
+                }
+                // Out of credit (or done sending): read a window frame or a reply.
+                let f = s.read().await.expect("the client keeps the connection");
+                match f.kind() {
+                    4 => {
+                        credit += f.header[1].uint();
+                        assert!(credit <= window_size as u64, "over-credited");
+                    }
+                    1 => {
+                        assert_eq!(f.flags(), TOKEN | LAST);
+                        replies += 1;
+                    }
+                    2 => s.write(&frame(&[int(3)], &[])).await,
+                    _ => panic!("{f:?}"),
+                }
+            }
+            // All answered, so all consumed: at most `bound` is still held back.
+            while let Ok(Some(f)) = timeout(Duration::from_secs(1), s.read()).await {
+                if f.kind() == 4 {
+                    credit += f.header[1].uint();
+                }
+            }
+            assert!(
+                window_size as u64 - credit <= bound,
+                "held back {} > {bound}",
+                window_size as u64 - credit
+            );
+        }
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-rpc envelopes as the client writes them: a signal's TTL (30 s by default) and
+// flags, a method without arguments.
+#[tokio::test(start_paused = true)]
+async fn the_client_writes_signals_as_documented() {
+    guard(async {
+        let (_peer, calc, mut s) = connected(4096, 8192).await;
+        calc.note(9).await.unwrap();
+        let f = s.message().await;
+        assert_eq!(f.flags(), OWNER | TOKEN | LAST);
+        assert_eq!(f.first(), f.id());
+        assert_eq!(
+            f.envelope(),
+            V::Arr(vec![
+                int(1),
+                st("calc"),
+                st("note"),
+                int(30_000),
+                V::Arr(vec![int(9)])
+            ])
+        );
+    })
+    .await
+    .expect("no hang");
+}
+
+// §10: a hello and a close in one write.
+#[tokio::test(start_paused = true)]
+async fn a_hello_and_a_close_in_one_write() {
+    guard(async {
+        let (listener, address) = bind().await;
+        let client = tokio::spawn(async move { connect(address, Options::default()).await });
+        let mut s = Stranger::accept(&listener).await;
+        s.client_hello().await;
+        let mut out = hello(4096, 8192);
+        out.extend(close(3, "bye"));
+        s.write(&out).await;
+        // Either outcome is the server's close; today `connect` returns the connection.
+        match client.await.unwrap() {
+            Ok(conn) => {
+                let c = conn.closed().await;
+                assert!(
+                    matches!(
+                        c,
+                        CloseCause::Peer {
+                            code: CloseCode::GoingAway,
+                            ..
+                        }
+                    ),
+                    "{c:?}"
+                );
+            }
+            Err(e) => assert!(
+                matches!(
+                    &e,
+                    ConnectError::Handshake {
+                        cause: CloseCause::Peer {
+                            code: CloseCode::GoingAway,
+                            ..
+                        },
+                        ..
+                    }
+                ),
+                "{e:?}"
+            ),
+        }
+    })
+    .await
+    .expect("no hang");
+}
+
+// §2, §10: against a server with the smallest frames (64 bytes), the client's own close
+// reason is cut to fit, and a reply too large for it becomes a kind 7 failure that fits
+// (chatter-rpc "Callee → caller replies"); a window frame of 0 is legal (§8.2).
+#[tokio::test(start_paused = true)]
+async fn with_64_byte_frames_the_clients_replies_and_close_fit() {
+    guard(async {
+        let (listener, address) = bind().await;
+        let client = tokio::spawn(async move { connect(address, Options::default()).await });
+        let mut s = Stranger::accept(&listener).await;
+        s.client_hello().await;
+        s.write(&hello(64, 256)).await;
+        let peer = Peer::new(client.await.unwrap().expect("connect"));
+        let (tx, _notes) = mpsc::unbounded_channel();
+        peer.register("calc", CalcServer::new(Local { notes: tx }));
+        s.write(&window(0)).await;
+
+        let call = s.msg(
+            None,
+            OWNER | TOKEN,
+            &V::Arr(vec![
+                int(0),
+                st("calc"),
+                st("echo"),
+                int(1000),
+                V::Arr(vec![st(&"q".repeat(100))]),
+            ]),
+        );
+        s.write(&call).await;
+        let r = loop {
+            let f = s.read().await.expect("the reply");
+            if f.kind() == 1 {
+                break f;
+            }
+        };
+        assert!(cost(&r) - 64 <= 64, "the reply fits 64 bytes: {r:?}");
+        let e = r.envelope();
+        assert_eq!(e.arr()[0..2], [int(2), int(7)], "{e:?}");
+
+        // A stray message: the client closes with code 1 and a reason cut to fit.
+        let stray = s.msg(Some(99), TOKEN | LAST, &V::Nil);
+        s.write(&stray).await;
+        let mut len = [0u8; 4];
+        loop {
+            s.stream.read_exact(&mut len).await.unwrap();
+            let n = u32::from_be_bytes(len) as usize;
+            assert!(n <= 64, "a frame of {n} bytes to a peer that accepts 64");
+            let mut body = vec![0; n];
+            s.stream.read_exact(&mut body).await.unwrap();
+            let mut p = 0;
+            let h = dec(&body, &mut p);
+            if h.arr()[0].uint() == 5 {
+                assert_eq!(h.arr()[1].uint(), 1);
+                assert!(h.arr()[2].str().starts_with("message in unknown"), "{h:?}");
+                break;
+            }
+        }
+        assert!(matches!(cause(&peer).await, CloseCause::Protocol(_)));
+    })
+    .await
+    .expect("no hang");
+}
+
+// §2, §4: a first frame above 256 bytes is "not chatter", even a hello or a close.
+#[tokio::test(start_paused = true)]
+async fn a_first_frame_above_256_bytes_is_not_chatter() {
+    guard(async {
+        let long = frame(
+            &[
+                int(0),
+                st("chatter"),
+                int(1),
+                int(4096),
+                int(8192),
+                st(&"e".repeat(250)),
+            ],
+            &[],
+        );
+        let (err, f) = handshake_error(long).await;
+        assert!(
+            matches!(
+                &err,
+                ConnectError::Handshake {
+                    cause: CloseCause::Protocol(ProtocolError::NotChatter { .. }),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_close_1(f, "does not speak chatter");
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-rpc "Streams", Credit: a server that sends exactly what the reader granted,
+// alone and in batches, and waits for `[15, call, bytes]` grants, gets its stream through;
+// items after the call's deadline are fine (the deadline covers opening only).
+#[tokio::test(start_paused = true)]
+async fn a_result_stream_within_its_credit_gets_grants_and_finishes() {
+    guard(async {
+        let (listener, address) = bind().await;
+        let client = tokio::spawn(async move { connect(address, Options::default()).await });
+        let mut s = Stranger::accept(&listener).await;
+        s.client_hello().await;
+        s.write(&hello(4096, 8192)).await;
+        let conn = client.await.unwrap().expect("connect");
+        let peer = Peer::with_options(conn, PeerOptions::default().stream_window(1024));
+        let streams = StreamsClient::new(&peer, "calc").with_deadline(Duration::from_secs(1));
+        let total = 300u64;
+        let reader = tokio::spawn(async move {
+            let mut rx = streams.count(total).await.expect("the stream opens");
+            let mut n = 0;
+            while let Some(item) = rx.recv().await {
+                assert_eq!(item.expect("an item"), n);
+                n += 1;
+            }
+            n
+        });
+        let c = s.message().await;
+        let window_bytes = c.envelope().arr()[4].uint();
+        assert_eq!(window_bytes, 1024);
+        let mut credit = window_bytes;
+        let open = s.msg(Some(c.id()), 0, &V::Arr(vec![int(0), V::Nil]));
+        s.write(&open).await;
+        sleep(Duration::from_secs(5)).await;
+        let mut next = 0u64;
+        let mut grants = 0;
+        while next < total {
+            // One to three items per message.
+            let batch = (next % 3 + 1).min(total - next);
+            let mut env = vec![int(3)];
+            env.extend((next..next + batch).map(|i| V::Int(i as i128)));
+            let env = V::Arr(env);
+            let item_cost = pack(&env).len() as u64 + 64 * batch;
+            if item_cost <= credit {
+                credit -= item_cost;
+                let m = s.msg(Some(c.id()), 0, &env);
+                s.write(&m).await;
+                next += batch;
+                continue;
+            }
+            // Out of credit: wait for a grant.
+            let f = s.message().await;
+            let e = f.envelope();
+            assert_eq!(f.flags(), OWNER | TOKEN | LAST, "{f:?}");
+            assert_eq!(e.arr()[0].uint(), 15, "{e:?}");
+            assert_eq!(e.arr()[1].uint(), c.id());
+            let g = e.arr()[2].uint();
+            assert!(
+                g >= window_bytes / 2,
+                "grants in steps of at least half: {g}"
+            );
+            credit += g;
+            assert!(credit <= window_bytes);
+            grants += 1;
+        }
+        assert!(grants >= 10, "{grants}");
+        let end = s.msg(Some(c.id()), TOKEN | LAST, &V::Arr(vec![int(4)]));
+        s.write(&end).await;
+        assert_eq!(reader.await.unwrap(), total);
     })
     .await
     .expect("no hang");
