@@ -26,6 +26,8 @@ const HANG_GUARD: Duration = Duration::from_secs(600);
 pub trait Calc {
     async fn add(&self, a: i64, b: i64) -> i64;
     async fn echo(&self, s: String) -> String;
+    /// Sleeps `ms` on the (paused) clock.
+    async fn wait(&self, ms: u64) -> u64;
     #[signal]
     async fn note(&self, n: u64);
 }
@@ -41,6 +43,10 @@ impl Calc for Local {
     }
     async fn echo(&self, s: String) -> String {
         s
+    }
+    async fn wait(&self, ms: u64) -> u64 {
+        sleep(Duration::from_millis(ms)).await;
+        ms
     }
     async fn note(&self, n: u64) {
         let _ = self.notes.send(n);
@@ -2025,6 +2031,330 @@ async fn a_result_stream_within_its_credit_gets_grants_and_finishes() {
         let end = s.msg(Some(c.id()), TOKEN | LAST, &V::Arr(vec![int(4)]));
         s.write(&end).await;
         assert_eq!(reader.await.unwrap(), total);
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-rpc "cancellation", server to client: the server cancels its call of a slow
+// method the client serves; the client answers `cancelled` at once, ending the call.
+#[tokio::test(start_paused = true)]
+async fn the_server_cancels_its_call_to_the_client() {
+    guard(async {
+        let (_peer, mut s, _notes) = serving(Options::default()).await;
+        let start = Instant::now();
+        let call = s.msg(
+            None,
+            OWNER | TOKEN,
+            &V::Arr(vec![
+                int(0),
+                st("calc"),
+                st("wait"),
+                int(60_000),
+                V::Arr(vec![int(30_000)]),
+            ]),
+        );
+        s.write(&call).await;
+        sleep(Duration::from_secs(1)).await;
+        let cancel = s.msg(None, OWNER | TOKEN | LAST, &V::Arr(vec![int(2), int(1)]));
+        s.write(&cancel).await;
+        let r = s.message().await;
+        assert_eq!((r.first(), r.flags()), (1, TOKEN | LAST), "{r:?}");
+        let e = r.envelope();
+        assert_eq!(e.arr()[0..2], [int(2), int(2)], "cancelled: {e:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-core §9: partial frames count as traffic: a server that drips one frame a byte
+// every 15 s is never cut off by keepalive (20 s + 20 s), and the frame then counts.
+#[tokio::test(start_paused = true)]
+async fn a_frame_dripped_slowly_keeps_the_connection_alive() {
+    guard(async {
+        let (peer, _calc, mut s) = connected(4096, 8192).await;
+        // A ping with a long extension field, so that it has many bytes to drip.
+        let mut body = vec![0x92, 0x02, 0xa8];
+        body.extend(b"slowness");
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend(body);
+        for b in bytes {
+            s.write(&[b]).await;
+            sleep(Duration::from_secs(15)).await;
+            assert!(!peer.connection().unwrap().is_closed());
+        }
+        let f = s.read().await.expect("the pong");
+        assert_eq!(f.header, vec![int(3)]);
+        assert!(!peer.connection().unwrap().is_closed());
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-core §4.1: the early debt is exact: a window frame one byte beyond paying it
+// back and restoring the announced window is a protocol error.
+#[tokio::test(start_paused = true)]
+async fn one_byte_of_credit_beyond_the_early_debt_is_a_protocol_error() {
+    guard(async {
+        let (listener, address) = bind().await;
+        let peer = Peer::new(connect_early(address, Options::default()).await.unwrap());
+        let calc = CalcClient::new(&peer, "calc");
+        let call = tokio::spawn(async move { calc.echo("d".repeat(1000)).await });
+        let mut s = Stranger::accept(&listener).await;
+        s.client_hello().await;
+        let (c, _) = s.call("echo").await;
+        let early = cost(&c);
+        assert!(early > 200);
+        let mut out = hello(128, 200);
+        out.extend(window(early));
+        s.write(&out).await;
+        // Paid back exactly: the client's credit is the window, 200. Not one more.
+        s.write(&window(1)).await;
+        let err = call.await.unwrap().expect_err("closed");
+        assert!(
+            matches!(
+                &err,
+                CallError::ConnectionLost(CloseCause::Protocol(ProtocolError::Unexpected(w)))
+                    if w.contains("exceeds the announced window of 200")
+            ),
+            "{err:?}"
+        );
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-rpc "Reliable signals" and `Peer::reconnecting` against the stranger: a server
+// that vanishes with a call and an unacknowledged signal in flight. The call fails with
+// `OutcomeUnknown` (not re-sent); the reconnecting peer connects again, re-sends the
+// signal with the same stream and seq and less TTL, and the server's ack completes it.
+#[tokio::test(start_paused = true)]
+async fn a_reconnecting_client_resends_unacknowledged_signals_to_a_new_connection() {
+    guard(async {
+        let (listener, address) = bind().await;
+        let peer = Peer::reconnecting(
+            address.as_str(),
+            Options::default(),
+            chatter_rpc::PeerOptions::default(),
+            chatter_rpc::ReconnectOptions::default(),
+        )
+        .expect("reconnecting");
+        let calc = CalcClient::new(&peer, "calc").with_deadline(Duration::from_secs(60));
+        let mut s = Stranger::accept(&listener).await;
+        s.client_hello().await;
+        s.write(&hello(4096, 8192)).await;
+
+        let sent = calc.note(5).await.expect("queued");
+        let sig = s.message().await;
+        assert_eq!(sig.flags(), OWNER | TOKEN | LAST);
+        let e = sig.envelope();
+        let e = e.arr().to_vec();
+        assert_eq!(e[0].uint(), 3, "a reliable signal: {e:?}");
+        let (stream, seq, ttl) = (e[1].uint(), e[2].uint(), e[5].uint());
+        assert_eq!(seq, 1);
+        assert_eq!((e[3].str(), e[4].str()), ("calc", "note"));
+
+        let call = tokio::spawn({
+            let calc = calc.clone();
+            async move { calc.add(1, 2).await }
+        });
+        let _ = s.call("add").await;
+        sleep(Duration::from_secs(1)).await;
+        drop(s);
+        let err = call.await.unwrap().expect_err("lost");
+        assert!(matches!(&err, CallError::OutcomeUnknown(_)), "{err:?}");
+
+        let mut s = Stranger::accept(&listener).await;
+        s.client_hello().await;
+        s.write(&hello(4096, 8192)).await;
+        let again = s.message().await;
+        let e = again.envelope();
+        let e = e.arr();
+        assert_eq!(
+            (e[0].uint(), e[1].uint(), e[2].uint()),
+            (3, stream, seq),
+            "{e:?}"
+        );
+        assert!(
+            e[5].uint() < ttl,
+            "the copy carries less TTL: {} vs {ttl}",
+            e[5].uint()
+        );
+        let ack = s.msg(
+            None,
+            OWNER | TOKEN | LAST,
+            &V::Arr(vec![
+                int(4),
+                V::Int(stream as i128),
+                V::Int(seq as i128),
+                int(0),
+            ]),
+        );
+        s.write(&ack).await;
+        sent.acknowledged(Duration::from_secs(10))
+            .await
+            .expect("acknowledged");
+
+        let call = tokio::spawn(async move { calc.add(2, 2).await });
+        let (c, _) = s.call("add").await;
+        let r = s.reply(&c, V::Arr(vec![int(0), int(4)]));
+        s.write(&r).await;
+        assert_eq!(call.await.unwrap().unwrap(), 4);
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-core §10 (close code 4 instead of the hello: "trying again later may succeed")
+// and `Peer::reconnecting`: the client tries again, and a call made meanwhile waits for the
+// connection within its deadline.
+#[tokio::test(start_paused = true)]
+async fn a_reconnecting_client_tries_again_after_busy() {
+    guard(async {
+        let (listener, address) = bind().await;
+        let peer = Peer::reconnecting(
+            address.as_str(),
+            Options::default(),
+            chatter_rpc::PeerOptions::default(),
+            chatter_rpc::ReconnectOptions::default(),
+        )
+        .expect("reconnecting");
+        let calc = CalcClient::new(&peer, "calc").with_deadline(Duration::from_secs(60));
+        let call = tokio::spawn(async move { calc.add(3, 4).await });
+        for _ in 0..2 {
+            let mut s = Stranger::accept(&listener).await;
+            s.client_hello().await;
+            s.write(&close(4, "server at its connection limit")).await;
+            s.stream.shutdown().await.unwrap();
+            assert!(s.read().await.is_none());
+        }
+        let mut s = Stranger::accept(&listener).await;
+        s.client_hello().await;
+        s.write(&hello(4096, 8192)).await;
+        let (c, _) = s.call("add").await;
+        let r = s.reply(&c, V::Arr(vec![int(0), int(7)]));
+        s.write(&r).await;
+        assert_eq!(call.await.unwrap().unwrap(), 7);
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-rpc "Streams": how a result stream from the stranger can end, and a stream
+// call answered with a plain value; each reaches the reader as a clear outcome.
+#[tokio::test(start_paused = true)]
+async fn each_end_of_a_result_stream_reaches_the_reader() {
+    guard(async {
+        use chatter_rpc::stream::StreamError;
+        let (peer, calc, mut s) = connected(4096, 8192).await;
+        let ends: Vec<(V, &str)> = vec![
+            (V::Arr(vec![int(2), int(6), st("boom")]), "panic"),
+            (V::Arr(vec![int(2), int(2), st("stop")]), "cancelled"),
+            (V::Arr(vec![int(2), int(14), st("slow")]), "lagged"),
+            (V::Arr(vec![int(2), int(7), st("odd")]), "protocol"),
+            (V::Arr(vec![int(2), int(8), st("closing")]), "any"),
+            (V::Arr(vec![int(3), st("not a number")]), "bad item"),
+        ];
+        for (end, want) in ends {
+            let streams = StreamsClient::new(&peer, "calc");
+            let reader = tokio::spawn(async move {
+                let mut rx = streams.count(1).await.expect("the stream opens");
+                let mut got = Vec::new();
+                while let Some(item) = rx.recv().await {
+                    got.push(item);
+                }
+                got
+            });
+            let c = s.message().await;
+            let mut out = s.msg(Some(c.id()), 0, &V::Arr(vec![int(0), V::Nil]));
+            out.extend(s.msg(Some(c.id()), 0, &V::Arr(vec![int(3), int(0)])));
+            let bad_item = want == "bad item";
+            let flags = if bad_item { 0 } else { TOKEN | LAST };
+            out.extend(s.msg(Some(c.id()), flags, &end));
+            s.write(&out).await;
+            if bad_item {
+                // The reader fails the stream and the caller cancels the call.
+                let cancel = s.message().await;
+                assert_eq!(
+                    cancel.envelope(),
+                    V::Arr(vec![int(2), V::Int(c.id() as i128)])
+                );
+                let r = s.msg(
+                    Some(c.id()),
+                    TOKEN | LAST,
+                    &V::Arr(vec![int(2), int(2), st("ok")]),
+                );
+                s.write(&r).await;
+            }
+            let got = reader.await.unwrap();
+            assert_eq!(got[0], Ok(0), "{want}: {got:?}");
+            let last = got.last().unwrap();
+            let ok = match (want, last) {
+                ("panic", Err(StreamError::RemotePanic(m))) => m.contains("boom"),
+                ("cancelled", Err(StreamError::Cancelled)) => true,
+                ("lagged", Err(StreamError::Lagged(m))) => m.contains("slow"),
+                ("protocol", Err(StreamError::Protocol(m))) => m.contains("odd"),
+                ("any", Err(_)) => true,
+                ("bad item", Err(StreamError::BadItem(_))) => true,
+                _ => false,
+            };
+            assert!(ok, "{want}: {got:?}");
+        }
+        // A stream call answered as a plain call: a value with `last` for a method whose
+        // result is a stream.
+        let streams = StreamsClient::new(&peer, "calc");
+        let opened = tokio::spawn(async move { streams.count(1).await.map(|_| ()) });
+        let c = s.message().await;
+        let r = s.msg(Some(c.id()), TOKEN | LAST, &V::Arr(vec![int(0), int(5)]));
+        s.write(&r).await;
+        let err = opened.await.unwrap().expect_err("not a stream");
+        assert!(
+            matches!(&err, CallError::BadReply { what } if what.contains("not a stream")),
+            "{err:?}"
+        );
+        // The connection lives.
+        let call = tokio::spawn(async move { calc.add(1, 1).await });
+        let (c, _) = s.call("add").await;
+        let r = s.reply(&c, V::Arr(vec![int(0), int(2)]));
+        s.write(&r).await;
+        assert_eq!(call.await.unwrap().unwrap(), 2);
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-rpc "What a caller does with a reply it cannot use": after an answer without
+// `last` (the callee keeps the turn), what the callee sends later in the conversation is
+// ignored, and the connection stays open.
+#[tokio::test(start_paused = true)]
+async fn after_an_answer_without_last_later_messages_are_ignored() {
+    guard(async {
+        let (peer, calc, mut s) = connected(4096, 8192).await;
+        let call = tokio::spawn({
+            let calc = calc.clone();
+            async move { calc.add(1, 2).await }
+        });
+        let (c, _) = s.call("add").await;
+        let r = s.msg(Some(c.id()), 0, &V::Arr(vec![int(0), int(3)]));
+        s.write(&r).await;
+        let err = call.await.unwrap().expect_err("no last");
+        assert!(matches!(&err, CallError::Protocol(_)), "{err:?}");
+        let more = s.msg(Some(c.id()), 0, &V::Arr(vec![int(0), int(4)]));
+        let end = s.msg(Some(c.id()), TOKEN | LAST, &V::Arr(vec![int(0), int(5)]));
+        let mut out = more;
+        out.extend(end);
+        s.write(&out).await;
+        let call = tokio::spawn(async move { calc.add(2, 2).await });
+        let (c, _) = s.call("add").await;
+        let r = s.reply(&c, V::Arr(vec![int(0), int(4)]));
+        s.write(&r).await;
+        assert_eq!(call.await.unwrap().unwrap(), 4);
+        assert!(!peer.connection().unwrap().is_closed());
     })
     .await
     .expect("no hang");
