@@ -831,6 +831,32 @@ async fn wrong_hellos_fail_connect_clearly() {
         );
         assert_close_1(f, "version 2");
 
+        // §4: the version is checked before the limits are counted.
+        let (err, f) = handshake_error(frame(&[int(0), st("chatter"), int(2)], &[])).await;
+        assert!(
+            matches!(
+                &err,
+                ConnectError::Handshake {
+                    cause: CloseCause::Protocol(ProtocolError::UnsupportedVersion { .. }),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_close_1(f, "version 2");
+        // ...and a version-1 hello without them is a first frame that does not decode.
+        let (err, _) = handshake_error(frame(&[int(0), st("chatter"), int(1)], &[])).await;
+        assert!(
+            matches!(
+                &err,
+                ConnectError::Handshake {
+                    cause: CloseCause::Protocol(ProtocolError::NotChatter { .. }),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+
         let magic = frame(&[int(0), st("chatty"), int(1), int(4096), int(8192)], &[]);
         let (err, f) = handshake_error(magic).await;
         assert!(
@@ -2355,6 +2381,85 @@ async fn after_an_answer_without_last_later_messages_are_ignored() {
         s.write(&r).await;
         assert_eq!(call.await.unwrap().unwrap(), 4);
         assert!(!peer.connection().unwrap().is_closed());
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-core §4.1: before the server's hello the client's largest message body is 4032
+// (cost 4096, the whole early credit); one byte more waits for the hello.
+#[tokio::test(start_paused = true)]
+async fn the_early_limit_is_4032_bytes_of_body() {
+    guard(async {
+        for (n, early) in [(4008usize, true), (4009, false)] {
+            let (listener, address) = bind().await;
+            let peer = Peer::new(connect_early(address, Options::default()).await.unwrap());
+            // The default deadline, 30 s: `cd 75 30`. Body: 5 bytes of header + 19 of
+            // envelope around the string + the string.
+            let calc = CalcClient::new(&peer, "calc");
+            let arg = "b".repeat(n);
+            let call = tokio::spawn(async move { calc.echo(arg).await });
+            let mut s = Stranger::accept(&listener).await;
+            s.client_hello().await;
+            let first = timeout(Duration::from_secs(2), s.message()).await;
+            assert_eq!(first.is_ok(), early, "body {}", 24 + n);
+            s.write(&hello(8192, 16384)).await;
+            let c = match first {
+                Ok(c) => c,
+                Err(_) => s.message().await,
+            };
+            assert_eq!(cost(&c) - 64, 24 + n as u64);
+            let arg = c.envelope().arr()[4].arr()[0].clone();
+            let r = s.reply(&c, V::Arr(vec![int(0), arg]));
+            s.write(&r).await;
+            assert_eq!(call.await.unwrap().unwrap().len(), n);
+        }
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-core §2, §4.1: the client's effective frame limit is max(max_frame_size, 4096):
+// a server's 4096-byte body is accepted by a client that announced 1024, 4097 is not.
+#[tokio::test(start_paused = true)]
+async fn the_clients_effective_frame_limit_is_at_least_4096() {
+    guard(async {
+        for (body, ok) in [(4096usize, true), (4097, false)] {
+            let (listener, address) = bind().await;
+            let options = Options::default().max_frame_size(1024).receive_window(8192);
+            let client = tokio::spawn(async move { connect(address, options).await });
+            let mut s = Stranger::accept(&listener).await;
+            s.client_hello().await;
+            assert_eq!(s.client_hello[3].uint(), 1024);
+            s.write(&hello(4096, 8192)).await;
+            let peer = Peer::new(client.await.unwrap().expect("connect"));
+            let calc = CalcClient::new(&peer, "calc");
+            let call = tokio::spawn(async move { calc.echo("?".into()).await });
+            let (c, _) = s.call("echo").await;
+            // Header 94 01 01 01 06 (5 bytes), envelope 92 00 da xx xx (5) + the string.
+            let r = s.reply(&c, V::Arr(vec![int(0), st(&"r".repeat(body - 10))]));
+            assert_eq!(r.len(), 4 + body);
+            s.write(&r).await;
+            let got = call.await.unwrap();
+            if ok {
+                assert_eq!(got.unwrap().len(), body - 10);
+            } else {
+                let err = got.expect_err("too large");
+                assert!(
+                    matches!(
+                        &err,
+                        CallError::ConnectionLost(CloseCause::Protocol(
+                            ProtocolError::FrameTooLarge { .. }
+                        ))
+                    ),
+                    "{err:?}"
+                );
+                assert_close_1(
+                    s.read().await,
+                    "frame of 4097 bytes exceeds the maximum of 4096",
+                );
+            }
+        }
     })
     .await
     .expect("no hang");
