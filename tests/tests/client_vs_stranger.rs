@@ -1231,6 +1231,7 @@ async fn a_server_that_vanishes_mid_call_fails_every_caller_promptly() {
 pub trait Streams {
     async fn count(&self, n: u64) -> Receiver<u64>;
     async fn sum(&self, items: Receiver<u64>) -> u64;
+    async fn total_len(&self, items: Receiver<String>) -> u64;
 }
 
 // §4.1: early messages that cost more than the server's small window are a debt that its
@@ -2460,6 +2461,64 @@ async fn the_clients_effective_frame_limit_is_at_least_4096() {
                 );
             }
         }
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-rpc "Streams": an argument-stream item too large for the server's frames cannot
+// be sent: the client fails its argument stream (`[2, kind, message]` ending U), the call
+// itself goes on, and the connection lives.
+#[tokio::test(start_paused = true)]
+async fn an_argument_item_too_large_for_the_server_fails_the_stream_only() {
+    guard(async {
+        let (peer, calc, mut s) = connected(128, 192).await;
+        let streams = StreamsClient::new(&peer, "calc");
+        let (tx, rx) = chatter_rpc::stream::channel::<String>(4);
+        let sending = tokio::spawn(async move {
+            let first = tx.send("small".into()).await.is_ok();
+            let big = tx.send("L".repeat(300)).await;
+            (first, big.is_ok())
+        });
+        let call = tokio::spawn(async move { streams.total_len(rx).await });
+        let c = s.message().await;
+        assert_eq!(c.envelope().arr()[0].uint(), 12);
+        // The stranger consumes each message at once and returns its credit (§8.3: with
+        // a 192-byte window the threshold is 1 byte), or the client would rightly wait.
+        let mut grant = window(cost(&c));
+        grant.extend(s.msg(Some(c.id()), 0, &V::Arr(vec![int(5), int(100_000)])));
+        s.write(&grant).await;
+        let u = s.message().await;
+        s.write(&window(cost(&u))).await;
+        assert_eq!(u.envelope(), V::Arr(vec![int(14), V::Int(c.id() as i128)]));
+        let mut got = Vec::new();
+        let end = loop {
+            let f = s.message().await;
+            s.write(&window(cost(&f))).await;
+            assert_eq!(f.first(), u.id(), "{f:?}");
+            let e = f.envelope();
+            if f.flags() & LAST != 0 {
+                break e;
+            }
+            got.extend(e.arr()[1..].iter().map(|v| v.str().to_owned()));
+        };
+        assert_eq!(got, vec!["small".to_owned()]);
+        assert_eq!(
+            end.arr()[0].uint(),
+            2,
+            "the argument stream failed: {end:?}"
+        );
+        let r = s.msg(Some(c.id()), TOKEN | LAST, &V::Arr(vec![int(0), int(5)]));
+        s.write(&r).await;
+        assert_eq!(call.await.unwrap().unwrap(), 5);
+        let (first, big) = sending.await.unwrap();
+        assert!(first);
+        let _ = big;
+        let next = tokio::spawn(async move { calc.add(1, 1).await });
+        let (c, _) = s.call("add").await;
+        let r = s.reply(&c, V::Arr(vec![int(0), int(2)]));
+        s.write(&r).await;
+        assert_eq!(next.await.unwrap().unwrap(), 2);
     })
     .await
     .expect("no hang");
