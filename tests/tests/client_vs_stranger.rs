@@ -2523,3 +2523,55 @@ async fn an_argument_item_too_large_for_the_server_fails_the_stream_only() {
     .await
     .expect("no hang");
 }
+
+// chatter-rpc "Streams", Credit: an argument-stream item that costs more than the whole
+// window the server granted cannot be sent: the items before it arrive, then the client
+// fails its argument stream instead of waiting for credit that cannot come.
+#[tokio::test(start_paused = true)]
+async fn an_argument_item_larger_than_the_granted_window_fails_the_stream_only() {
+    guard(async {
+        let (peer, calc, mut s) = connected(4096, 8192).await;
+        let streams = StreamsClient::new(&peer, "calc");
+        let (tx, rx) = chatter_rpc::stream::channel::<String>(4);
+        let sending = tokio::spawn(async move {
+            let first = tx.send("small".into()).await.is_ok();
+            let _ = tx.send("W".repeat(300)).await;
+            first
+        });
+        let call = tokio::spawn(async move { streams.total_len(rx).await });
+        let c = s.message().await;
+        let grant = s.msg(Some(c.id()), 0, &V::Arr(vec![int(5), int(200)]));
+        s.write(&grant).await;
+        let u = s.message().await;
+        assert_eq!(u.envelope(), V::Arr(vec![int(14), V::Int(c.id() as i128)]));
+        let mut got = Vec::new();
+        let end = loop {
+            let f = s.message().await;
+            assert_eq!(f.first(), u.id(), "{f:?}");
+            let e = f.envelope();
+            if f.flags() & LAST != 0 {
+                break e;
+            }
+            got.extend(e.arr()[1..].iter().map(|v| v.str().to_owned()));
+            // 72 bytes read, less than half the window: no grant yet (and none could
+            // make room for an item that costs more than the whole window).
+        };
+        assert_eq!(got, vec!["small".to_owned()]);
+        assert_eq!(
+            end.arr()[0].uint(),
+            2,
+            "the argument stream failed: {end:?}"
+        );
+        let r = s.msg(Some(c.id()), TOKEN | LAST, &V::Arr(vec![int(0), int(5)]));
+        s.write(&r).await;
+        assert_eq!(call.await.unwrap().unwrap(), 5);
+        assert!(sending.await.unwrap());
+        let next = tokio::spawn(async move { calc.add(1, 1).await });
+        let (c, _) = s.call("add").await;
+        let r = s.reply(&c, V::Arr(vec![int(0), int(2)]));
+        s.write(&r).await;
+        assert_eq!(next.await.unwrap().unwrap(), 2);
+    })
+    .await
+    .expect("no hang");
+}

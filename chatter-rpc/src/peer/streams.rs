@@ -414,6 +414,11 @@ fn route_reply(st: &mut State, msg: Msg) -> Then {
         }
         StreamMsg::Grant(bytes) => match &mut call.input {
             Some(input) => {
+                if input.source.is_some() && !call.cancelled {
+                    // The first grant is the callee's whole window (PROTOCOL.md, Streams):
+                    // an item that costs more can never be sent, however long it waits.
+                    input.outlet = Arc::new(Outlet::new(bytes, 0));
+                }
                 input.outlet.grant(bytes);
                 if let Some(source) = input.source.take() {
                     then.start_input = Some((id, input.outlet.clone(), source));
