@@ -2575,3 +2575,137 @@ async fn an_argument_item_larger_than_the_granted_window_fails_the_stream_only()
     .await
     .expect("no hang");
 }
+
+// chatter-rpc "Streams": a server that refuses a stream call before granting (failure 10)
+// gets no argument stream; one that stops reading (`[6]`) gets the end of `U` once it
+// answers, and the client's sender learns that its reader is gone.
+#[tokio::test(start_paused = true)]
+async fn refusal_and_stop_of_an_argument_stream() {
+    guard(async {
+        let (peer, _calc, mut s) = connected(4096, 8192).await;
+        let streams = StreamsClient::new(&peer, "calc");
+        let (_tx, rx) = chatter_rpc::stream::channel::<u64>(4);
+        let call = tokio::spawn({
+            let streams = streams.clone();
+            async move { streams.sum(rx).await }
+        });
+        let c = s.message().await;
+        let r = s.msg(
+            Some(c.id()),
+            TOKEN | LAST,
+            &V::Arr(vec![int(2), int(10), st("max")]),
+        );
+        s.write(&r).await;
+        let err = call.await.unwrap().expect_err("refused");
+        assert!(
+            matches!(&err, CallError::TooManyStreams { what } if what == "max"),
+            "{err:?}"
+        );
+
+        let (tx, rx) = chatter_rpc::stream::channel::<u64>(4);
+        let sending = tokio::spawn(async move {
+            let mut n = 0;
+            while tx.send(n).await.is_ok() {
+                n += 1;
+            }
+            n
+        });
+        let call = tokio::spawn(async move { streams.sum(rx).await });
+        let c = s.message().await;
+        // The refused call opened no U: this is the next call.
+        assert_eq!(c.envelope().arr()[0].uint(), 12, "{:?}", c.envelope());
+        let grant = s.msg(Some(c.id()), 0, &V::Arr(vec![int(5), int(1000)]));
+        s.write(&grant).await;
+        let u = s.message().await;
+        assert_eq!(u.envelope(), V::Arr(vec![int(14), V::Int(c.id() as i128)]));
+        let first = s.message().await;
+        assert_eq!(first.first(), u.id());
+        let mut out = s.msg(Some(c.id()), 0, &V::Arr(vec![int(6)]));
+        out.extend(s.msg(Some(c.id()), TOKEN | LAST, &V::Arr(vec![int(0), int(0)])));
+        s.write(&out).await;
+        assert_eq!(call.await.unwrap().unwrap(), 0);
+        let end = loop {
+            let f = s.message().await;
+            assert_eq!(f.first(), u.id(), "{f:?}");
+            if f.flags() & LAST != 0 {
+                break f;
+            }
+        };
+        assert_eq!(end.envelope(), V::Arr(vec![int(4)]), "U ends normally");
+        sending.await.unwrap();
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-rpc "Streams", Opening: for a method with an argument stream the callee's first
+// grant opens the call and the deadline stops applying; without a grant the deadline
+// fails the call.
+#[tokio::test(start_paused = true)]
+async fn an_argument_stream_call_is_open_from_the_first_grant() {
+    guard(async {
+        let (peer, _calc, mut s) = connected(4096, 8192).await;
+        let streams = StreamsClient::new(&peer, "calc").with_deadline(Duration::from_secs(1));
+        let (tx, rx) = chatter_rpc::stream::channel::<u64>(4);
+        drop(tx);
+        let call = tokio::spawn({
+            let streams = streams.clone();
+            async move { streams.sum(rx).await }
+        });
+        let c = s.message().await;
+        assert_eq!(c.envelope().arr()[3].uint(), 1000);
+        sleep(Duration::from_millis(500)).await;
+        let grant = s.msg(Some(c.id()), 0, &V::Arr(vec![int(5), int(1000)]));
+        s.write(&grant).await;
+        let u = s.message().await;
+        let end = s.message().await;
+        assert_eq!(
+            (end.first(), end.envelope()),
+            (u.id(), V::Arr(vec![int(4)]))
+        );
+        sleep(Duration::from_secs(5)).await;
+        let r = s.msg(Some(c.id()), TOKEN | LAST, &V::Arr(vec![int(0), int(0)]));
+        s.write(&r).await;
+        assert_eq!(call.await.unwrap().unwrap(), 0);
+
+        let (_tx, rx) = chatter_rpc::stream::channel::<u64>(4);
+        let start = Instant::now();
+        let err = streams.sum(rx).await.expect_err("no grant");
+        assert!(matches!(err, CallError::DeadlineExceeded), "{err:?}");
+        assert!(start.elapsed() < Duration::from_millis(1100));
+    })
+    .await
+    .expect("no hang");
+}
+
+// chatter-rpc "Streams": items before the stream opened (no `[0, nil]` first) are not a
+// stream: the call fails with a protocol error at once, the connection lives.
+#[tokio::test(start_paused = true)]
+async fn items_before_the_stream_opened_fail_the_call() {
+    guard(async {
+        let (peer, calc, mut s) = connected(4096, 8192).await;
+        let streams = StreamsClient::new(&peer, "calc");
+        let opened = tokio::spawn(async move { streams.count(1).await.map(|_| ()) });
+        let c = s.message().await;
+        let item = s.msg(Some(c.id()), 0, &V::Arr(vec![int(3), int(0)]));
+        s.write(&item).await;
+        let err = opened.await.unwrap().expect_err("not opened");
+        assert!(matches!(&err, CallError::Protocol(_)), "{err:?}");
+        // The client gives the call up and cancels it; the server ends it.
+        let cancel = s.message().await;
+        assert_eq!(
+            cancel.envelope(),
+            V::Arr(vec![int(2), V::Int(c.id() as i128)])
+        );
+        let end = s.msg(Some(c.id()), TOKEN | LAST, &V::Arr(vec![int(4)]));
+        s.write(&end).await;
+        let call = tokio::spawn(async move { calc.add(1, 1).await });
+        let (c, _) = s.call("add").await;
+        let r = s.reply(&c, V::Arr(vec![int(0), int(2)]));
+        s.write(&r).await;
+        assert_eq!(call.await.unwrap().unwrap(), 2);
+        assert!(!peer.connection().unwrap().is_closed());
+    })
+    .await
+    .expect("no hang");
+}
