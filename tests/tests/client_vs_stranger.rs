@@ -2709,3 +2709,80 @@ async fn items_before_the_stream_opened_fail_the_call() {
     .await
     .expect("no hang");
 }
+
+// chatter-rpc "Streams", Credit: the client returns the connection's credit for stream
+// items once they are in the stream's buffer, so a server that honours the client's small
+// connection window can fill an unread stream's (larger) window and still answer calls.
+#[tokio::test(start_paused = true)]
+async fn an_unread_result_stream_stalls_only_itself() {
+    guard(async {
+        let (listener, address) = bind().await;
+        let options = Options::default().max_frame_size(4096).receive_window(8192);
+        let client = tokio::spawn(async move { connect(address, options).await });
+        let mut s = Stranger::accept(&listener).await;
+        s.client_hello().await;
+        s.write(&hello(4096, 65536)).await;
+        let conn = client.await.unwrap().expect("connect");
+        let peer = Peer::with_options(conn, PeerOptions::default().stream_window(64 * 1024));
+        let streams = StreamsClient::new(&peer, "calc");
+        let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+        let reader = tokio::spawn(async move {
+            let rx = streams.count(50).await.expect("opens");
+            let _ = opened_tx.send(());
+            // Never reads: holds the receiver until the test ends.
+            std::future::pending::<()>().await;
+            drop(rx);
+        });
+        let c = s.message().await;
+        let mut credit = 8192u64; // the client's connection window, from its hello
+        let open = s.msg(Some(c.id()), 0, &V::Arr(vec![int(0), V::Nil]));
+        credit -= open.len() as u64 - 4 + 64;
+        s.write(&open).await;
+        opened_rx.await.unwrap();
+        let mut sent = 0;
+        while sent < 50 {
+            // 1000-byte items (bin, not the u64 `count` declares: items are decoded when
+            // read, and this reader never reads).
+            let m = s.msg(
+                Some(c.id()),
+                0,
+                &V::Arr(vec![int(3), V::Bin(vec![sent as u8; 1000])]),
+            );
+            let m_cost = m.len() as u64 - 4 + 64;
+            if m_cost <= credit {
+                credit -= m_cost;
+                s.write(&m).await;
+                sent += 1;
+                continue;
+            }
+            s.next_id -= 1;
+            let f = s.read().await.expect("a window frame");
+            match f.kind() {
+                4 => credit += f.header[1].uint(),
+                2 => s.write(&frame(&[int(3)], &[])).await,
+                _ => panic!("{f:?}"),
+            }
+        }
+        // The reader has read nothing; a call still gets through both ways.
+        let calc = CalcClient::new(&peer, "calc");
+        let call = tokio::spawn(async move { calc.add(20, 22).await });
+        loop {
+            let f = s.read().await.expect("frames");
+            match f.kind() {
+                4 => credit += f.header[1].uint(),
+                1 => {
+                    let r = s.reply(&f, V::Arr(vec![int(0), int(42)]));
+                    assert!(r.len() as u64 - 4 + 64 <= credit, "credit for the reply");
+                    s.write(&r).await;
+                    break;
+                }
+                2 => s.write(&frame(&[int(3)], &[])).await,
+                _ => panic!("{f:?}"),
+            }
+        }
+        assert_eq!(call.await.unwrap().unwrap(), 42);
+        reader.abort();
+    })
+    .await
+    .expect("no hang");
+}
