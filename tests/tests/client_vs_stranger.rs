@@ -2786,3 +2786,61 @@ async fn an_unread_result_stream_stalls_only_itself() {
     .await
     .expect("no hang");
 }
+
+// chatter-rpc "Reliable signals": the server's ack statuses reach the sender: 1 expired,
+// 2 failed, an unknown status as failed; an ack for an unknown stream is ignored.
+#[tokio::test(start_paused = true)]
+async fn reliable_signal_acks_of_each_status_reach_the_sender() {
+    guard(async {
+        use chatter_rpc::AckError;
+        let (listener, address) = bind().await;
+        let peer = Peer::reconnecting(
+            address.as_str(),
+            Options::default(),
+            PeerOptions::default(),
+            chatter_rpc::ReconnectOptions::default(),
+        )
+        .expect("reconnecting");
+        let calc = CalcClient::new(&peer, "calc");
+        let mut s = Stranger::accept(&listener).await;
+        s.client_hello().await;
+        s.write(&hello(4096, 8192)).await;
+        for status in [1u64, 2, 9] {
+            let sent = calc.note(status).await.expect("queued");
+            let f = s.message().await;
+            let e = f.envelope();
+            let (stream, seq) = (e.arr()[1].uint(), e.arr()[2].uint());
+            let stray = s.msg(
+                None,
+                OWNER | TOKEN | LAST,
+                &V::Arr(vec![
+                    int(4),
+                    V::Int((stream ^ 1) as i128),
+                    V::Int(seq as i128),
+                    int(0),
+                ]),
+            );
+            let ack = s.msg(
+                None,
+                OWNER | TOKEN | LAST,
+                &V::Arr(vec![
+                    int(4),
+                    V::Int(stream as i128),
+                    V::Int(seq as i128),
+                    V::Int(status as i128),
+                ]),
+            );
+            let mut out = stray;
+            out.extend(ack);
+            s.write(&out).await;
+            let got = sent.acknowledged(Duration::from_secs(10)).await;
+            let ok = matches!(
+                (status, &got),
+                (1, Err(AckError::Expired { .. })) | (2 | 9, Err(AckError::Failed))
+            );
+            assert!(ok, "status {status}: {got:?}");
+        }
+    })
+    .await
+    .expect("no hang");
+}
