@@ -2844,3 +2844,38 @@ async fn reliable_signal_acks_of_each_status_reach_the_sender() {
     .await
     .expect("no hang");
 }
+
+// chatter-core §10: the client closing towards a server that stopped reading finishes
+// within the close linger (2 s; `Peer::close` adds at most 5 s for handlers, none here),
+// and every caller fails.
+#[tokio::test(start_paused = true)]
+async fn closing_towards_a_server_that_stopped_reading_ends_within_the_linger() {
+    guard(async {
+        let (peer, calc, s) = connected(4 << 20, 64 << 20).await;
+        let calls: Vec<_> = (0..32)
+            .map(|_| {
+                let calc = calc.clone();
+                tokio::spawn(async move { calc.echo("x".repeat(1 << 20)).await })
+            })
+            .collect();
+        // Until the client's output backs up (the kernel's buffers are full).
+        let conn = peer.connection().unwrap();
+        while conn.buffered().output < 512 * 1024 {
+            tokio::task::yield_now().await;
+        }
+        let start = Instant::now();
+        peer.close().await;
+        assert!(
+            start.elapsed() <= Duration::from_secs(7),
+            "{:?}",
+            start.elapsed()
+        );
+        for call in calls {
+            let err = call.await.unwrap().expect_err("closed");
+            assert!(matches!(&err, CallError::ConnectionLost(_)), "{err:?}");
+        }
+        drop(s);
+    })
+    .await
+    .expect("no hang");
+}
