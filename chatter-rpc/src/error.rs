@@ -77,7 +77,10 @@ pub enum CallError<E = Infallible> {
         /// The panic message.
         message: String,
     },
-    /// The peer broke the RPC protocol (a malformed envelope, an unknown error kind, …).
+    /// The peer broke the RPC protocol (a malformed envelope, an unknown error kind, …),
+    /// or the request is larger than the callee accepts (its `max_frame_size`, or its
+    /// `receive_window` less 64): such a request is not sent, and the connection stays
+    /// open.
     #[error("RPC protocol error: {0}")]
     Protocol(String),
     /// A reconnecting [`Peer`](crate::Peer) was not connected and did not

@@ -414,6 +414,11 @@ fn route_reply(st: &mut State, msg: Msg) -> Then {
         }
         StreamMsg::Grant(bytes) => match &mut call.input {
             Some(input) => {
+                if input.source.is_some() && !call.cancelled {
+                    // The first grant is the callee's whole window (PROTOCOL.md, Streams):
+                    // an item that costs more can never be sent, however long it waits.
+                    input.outlet = Arc::new(Outlet::new(bytes, 0));
+                }
                 input.outlet.grant(bytes);
                 if let Some(source) = input.source.take() {
                     then.start_input = Some((id, input.outlet.clone(), source));
@@ -683,7 +688,8 @@ async fn write_items<C: Future + Unpin>(
 /// Sends the items of `batch`, whose envelope the reader's frames refused, in batches
 /// whose envelopes take at most `room` bytes. Their extra envelope headers cost credit
 /// beyond what `batch` took, taken here. An item that does not fit `room` alone fails the
-/// stream, as one larger than the reader's window does.
+/// stream, as one larger than the reader's window does, once the items before it are
+/// sent: the reader gets every item up to the one that could not go, then the failure.
 #[cold]
 async fn send_split(
     inner: &Inner,
@@ -693,15 +699,17 @@ async fn send_split(
     room: usize,
 ) -> Result<(), Written> {
     let mut parts = vec![envelope::ItemBatch::new()];
+    let mut too_large = None;
     for item in batch.items() {
         // The envelope's header grows by 2 bytes from 15 items on.
         if item.len() + 4 > room {
-            return Err(Written::Source(Finish::Failed(StreamError::Protocol(
+            too_large = Some(Written::Source(Finish::Failed(StreamError::Protocol(
                 format!(
                     "an item of {} bytes cannot fit the reader's frames ({room} bytes of envelope)",
                     item.len()
                 ),
             ))));
+            break;
         }
         let part = parts.last_mut().expect("one part at least");
         if part.count() > 0
@@ -723,12 +731,15 @@ async fn send_split(
         }
     }
     for mut part in parts {
+        if part.count() == 0 {
+            continue;
+        }
         if let Err(e) = inner.conn.send_bytes(part.payload(), options).await {
             tracing::debug!(error = %e, "stream items not sent");
             return Err(Written::Lost);
         }
     }
-    Ok(())
+    too_large.map_or(Ok(()), Err)
 }
 
 /// Adds to `batch` the items `source` has ready now, while the batch's items take less
