@@ -795,6 +795,17 @@ async fn a_reply_right_before_the_close_is_delivered() {
 
 // ---- what a broken or hostile server may do -------------------------------------------
 
+/// The protocol error a failed handshake reports; panics on any other error.
+fn handshake_protocol_error(err: &ConnectError) -> &ProtocolError {
+    match err {
+        ConnectError::Handshake {
+            cause: CloseCause::Protocol(e),
+            ..
+        } => e,
+        other => panic!("expected a protocol error in the handshake, got {other:?}"),
+    }
+}
+
 async fn handshake_error(answer: Vec<u8>) -> (ConnectError, Option<Frame>) {
     let (listener, address) = bind().await;
     let client = tokio::spawn(async move { connect(address, Options::default()).await });
@@ -821,11 +832,8 @@ async fn wrong_hellos_fail_connect_clearly() {
         let (err, f) = handshake_error(v2).await;
         assert!(
             matches!(
-                &err,
-                ConnectError::Handshake {
-                    cause: CloseCause::Protocol(ProtocolError::UnsupportedVersion { .. }),
-                    ..
-                }
+                handshake_protocol_error(&err),
+                ProtocolError::UnsupportedVersion { .. }
             ),
             "{err:?}"
         );
@@ -835,11 +843,8 @@ async fn wrong_hellos_fail_connect_clearly() {
         let (err, f) = handshake_error(frame(&[int(0), st("chatter"), int(2)], &[])).await;
         assert!(
             matches!(
-                &err,
-                ConnectError::Handshake {
-                    cause: CloseCause::Protocol(ProtocolError::UnsupportedVersion { .. }),
-                    ..
-                }
+                handshake_protocol_error(&err),
+                ProtocolError::UnsupportedVersion { .. }
             ),
             "{err:?}"
         );
@@ -848,11 +853,8 @@ async fn wrong_hellos_fail_connect_clearly() {
         let (err, _) = handshake_error(frame(&[int(0), st("chatter"), int(1)], &[])).await;
         assert!(
             matches!(
-                &err,
-                ConnectError::Handshake {
-                    cause: CloseCause::Protocol(ProtocolError::NotChatter { .. }),
-                    ..
-                }
+                handshake_protocol_error(&err),
+                ProtocolError::NotChatter { .. }
             ),
             "{err:?}"
         );
@@ -861,11 +863,8 @@ async fn wrong_hellos_fail_connect_clearly() {
         let (err, f) = handshake_error(magic).await;
         assert!(
             matches!(
-                &err,
-                ConnectError::Handshake {
-                    cause: CloseCause::Protocol(ProtocolError::NotChatter { .. }),
-                    ..
-                }
+                handshake_protocol_error(&err),
+                ProtocolError::NotChatter { .. }
             ),
             "{err:?}"
         );
@@ -874,11 +873,8 @@ async fn wrong_hellos_fail_connect_clearly() {
         let (err, f) = handshake_error(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()).await;
         assert!(
             matches!(
-                &err,
-                ConnectError::Handshake {
-                    cause: CloseCause::Protocol(ProtocolError::NotChatter { .. }),
-                    ..
-                }
+                handshake_protocol_error(&err),
+                ProtocolError::NotChatter { .. }
             ),
             "{err:?}"
         );
@@ -887,26 +883,14 @@ async fn wrong_hellos_fail_connect_clearly() {
         let small = hello(63, 8192);
         let (err, f) = handshake_error(small).await;
         assert!(
-            matches!(
-                &err,
-                ConnectError::Handshake {
-                    cause: CloseCause::Protocol(ProtocolError::Malformed(_)),
-                    ..
-                }
-            ),
+            matches!(handshake_protocol_error(&err), ProtocolError::Malformed(_)),
             "{err:?}"
         );
         assert_close_1(f, "at least 64");
 
         let (err, f) = handshake_error(ping()).await;
         assert!(
-            matches!(
-                &err,
-                ConnectError::Handshake {
-                    cause: CloseCause::Protocol(ProtocolError::Unexpected(_)),
-                    ..
-                }
-            ),
+            matches!(handshake_protocol_error(&err), ProtocolError::Unexpected(_)),
             "{err:?}"
         );
         assert_close_1(f, "expected hello, got ping");
@@ -948,11 +932,8 @@ async fn a_server_that_never_says_hello_is_cut_off_by_the_handshake_timeout() {
         let took = start.elapsed();
         assert!(
             matches!(
-                &err,
-                ConnectError::Handshake {
-                    cause: CloseCause::Protocol(ProtocolError::HandshakeTimeout),
-                    ..
-                }
+                handshake_protocol_error(&err),
+                ProtocolError::HandshakeTimeout
             ),
             "{err:?}"
         );
@@ -1978,11 +1959,8 @@ async fn a_first_frame_above_256_bytes_is_not_chatter() {
         let (err, f) = handshake_error(long).await;
         assert!(
             matches!(
-                &err,
-                ConnectError::Handshake {
-                    cause: CloseCause::Protocol(ProtocolError::NotChatter { .. }),
-                    ..
-                }
+                handshake_protocol_error(&err),
+                ProtocolError::NotChatter { .. }
             ),
             "{err:?}"
         );
