@@ -795,6 +795,14 @@ async fn a_reply_right_before_the_close_is_delivered() {
 
 // ---- what a broken or hostile server may do -------------------------------------------
 
+/// The protocol error that closed the connection under a call; panics on any other error.
+fn lost_to_protocol_error(err: &CallError) -> &ProtocolError {
+    match err {
+        CallError::ConnectionLost(CloseCause::Protocol(e)) => e,
+        other => panic!("expected the connection lost to a protocol error, got {other:?}"),
+    }
+}
+
 /// The protocol error a failed handshake reports; panics on any other error.
 fn handshake_protocol_error(err: &ConnectError) -> &ProtocolError {
     match err {
@@ -977,10 +985,8 @@ async fn a_reply_nobody_asked_for_closes_with_a_protocol_error() {
         let err = call.await.unwrap().expect_err("the connection closed");
         assert!(
             matches!(
-                &err,
-                CallError::ConnectionLost(CloseCause::Protocol(
-                    ProtocolError::UnknownConversation { .. }
-                ))
+                lost_to_protocol_error(&err),
+                ProtocolError::UnknownConversation { .. }
             ),
             "{err:?}"
         );
@@ -1096,10 +1102,8 @@ async fn an_oversized_frame_closes_with_frame_too_large() {
         let err = call.await.unwrap().expect_err("closed");
         assert!(
             matches!(
-                &err,
-                CallError::ConnectionLost(CloseCause::Protocol(
-                    ProtocolError::FrameTooLarge { .. }
-                ))
+                lost_to_protocol_error(&err),
+                ProtocolError::FrameTooLarge { .. }
             ),
             "{err:?}"
         );
@@ -2426,10 +2430,8 @@ async fn the_clients_effective_frame_limit_is_at_least_4096() {
                 let err = got.expect_err("too large");
                 assert!(
                     matches!(
-                        &err,
-                        CallError::ConnectionLost(CloseCause::Protocol(
-                            ProtocolError::FrameTooLarge { .. }
-                        ))
+                        lost_to_protocol_error(&err),
+                        ProtocolError::FrameTooLarge { .. }
                     ),
                     "{err:?}"
                 );
