@@ -6,6 +6,10 @@
 //! out of order, every failure kind and close code) and what a broken server may do (wrong
 //! hello, silence, garbage, replies nobody asked for, too much credit, not reading,
 //! vanishing), and checks that every caller gets the documented outcome, in time.
+//!
+//! Bounds: every task a test spawns is one per connect or call the test itself makes (a
+//! handful, counted in the test), awaited by it or dropped with its runtime; the stranger
+//! is never served by a spawned task per message.
 
 use std::time::Duration;
 
@@ -34,6 +38,8 @@ pub trait Calc {
 
 #[derive(Clone)]
 struct Local {
+    /// The notes (signals) the stranger sends: unbounded, as a test's stranger sends a
+    /// fixed handful and the test reads them all.
     notes: mpsc::UnboundedSender<u64>,
 }
 
