@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -585,6 +585,65 @@ impl Connection {
         self.shared().lock().throttle
     }
 
+    /// Runs `future` in this connection's own task, beside the driver that moves the
+    /// connection's bytes, until the future completes.
+    ///
+    /// This is for the loop that receives from the connection and answers it (chatter-rpc
+    /// runs its receive loop so). It saves a task per connection, and the scheduler's
+    /// rounds between the two: messages the driver reads are handed to the future, and
+    /// what the future sends is written, within the same poll of the task. The price: the
+    /// connection moves no bytes while the future runs, so it must not block, and work
+    /// that takes long belongs in a task of its own.
+    ///
+    /// The task ends when both the driver and the future ended (the socket closes when
+    /// the driver ends). One future per connection runs so: a second one, or one attached
+    /// after the connection's task ended, is spawned as a task of its own
+    /// (`tokio::spawn`, so this must be called within a tokio runtime). A panic of the
+    /// future ends the future, not the connection.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use chatter_core::{connect, listen, Options, SendOptions};
+    ///
+    /// let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+    /// let client = connect(&server.addresses()[0], Options::default()).await?;
+    /// let conn = server.accept().await.expect("open");
+    /// // An echo loop, run by the connection's own task.
+    /// conn.clone().attach(async move {
+    ///     while let Ok(msg) = conn.receive().await {
+    ///         let answer = SendOptions::new().conversation(msg.conversation);
+    ///         let _ = conn.send_bytes(&msg.payload, answer).await;
+    ///     }
+    /// });
+    /// client.send("echo?", SendOptions::new().last(false)).await?;
+    /// assert_eq!(client.receive().await?.decode::<String>()?, "echo?");
+    /// # Ok(()) }
+    /// ```
+    pub fn attach<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let shared = self.shared();
+        let mut inner = shared.lock();
+        if !matches!(inner.attachment, Attachment::Open) {
+            drop(inner);
+            // A task like the application's others: it exists because the application
+            // made it, as it would with `tokio::spawn`.
+            drop(tokio::spawn(future));
+            return;
+        }
+        inner.attachment = Attachment::Waiting(Box::pin(future));
+        shared.attach_pending.store(true, Ordering::Release);
+        let driver = inner.driver.clone();
+        drop(inner);
+        // Not polled yet, the task takes it on its first poll; ended, it took it on its
+        // way out (`Task::end`).
+        if let Some(w) = driver {
+            w.wake();
+        }
+    }
+
     /// True once the connection started closing.
     pub fn is_closed(&self) -> bool {
         self.shared().lock().cause.is_some()
@@ -690,10 +749,12 @@ impl Connection {
                 read_buffer: 0,
                 output_buffer: 0,
                 throttle: options.throttle,
+                attachment: Attachment::Open,
             }),
             readable: Notify::new(),
             writable: Notify::new(),
             state_changed: Notify::new(),
+            attach_pending: AtomicBool::new(false),
         });
         let mut driver = Driver {
             io,
@@ -725,6 +786,7 @@ impl Connection {
             eof_probed: false,
             read_drained: false,
             read_grown: false,
+            own_waker: None,
         };
         driver.apply(options.throttle, now);
         let handle = Arc::new(Handle { shared });
@@ -753,12 +815,12 @@ impl Connection {
                 remote = %shared.remote.get(),
                 side = if accepting { "accepted" } else { "connected" },
             );
-            tokio::spawn(tracing::Instrument::instrument(driver, span));
+            tokio::spawn(tracing::Instrument::instrument(Task::new(driver), span));
         } else {
             // Boxed: tokio moves a task's future several times while spawning it and
             // writes its whole stage when it ends; the driver is 440 bytes (TCP), its box a
             // pointer (connect + first call: -1.7k instructions per connection, -2% CPU).
-            tokio::spawn(Box::pin(driver));
+            tokio::spawn(Box::pin(Task::new(driver)));
         }
         Connection { handle }
     }
@@ -1007,6 +1069,8 @@ struct Shared {
     writable: Notify,
     /// Handshake completed, close started, or the driver finished.
     state_changed: Notify,
+    /// A future waits in [`Inner::attachment`] for the connection's task to take it.
+    attach_pending: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -1029,6 +1093,34 @@ struct Inner {
     output_buffer: usize,
     /// The throttle the application wants; the driver applies it on its next round.
     throttle: Throttle,
+    /// The future attached to the connection's task ([`Connection::attach`]).
+    attachment: Attachment,
+}
+
+/// A future to run in the connection's task ([`Connection::attach`]).
+type Attached = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where the connection's task stands with an attached future.
+enum Attachment {
+    /// None attached yet: one can be.
+    Open,
+    /// Attached, not taken by the task yet.
+    Waiting(Attached),
+    /// The task took one: later ones get tasks of their own.
+    Taken,
+    /// The task ended: attached futures get tasks of their own.
+    Ended,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Attachment::Open => "Open",
+            Attachment::Waiting(_) => "Waiting",
+            Attachment::Taken => "Taken",
+            Attachment::Ended => "Ended",
+        })
+    }
 }
 
 /// Who to wake after the lock is released.
@@ -1300,6 +1392,9 @@ struct Driver<S: Transport> {
     /// A read filled the read buffer once: reads are made in [`READ_CHUNK`]s from then
     /// on, instead of into the [`FIRST_READ`] bytes a connection starts with.
     read_grown: bool,
+    /// The waker that sends wake the driver with, when a future is attached to the
+    /// connection's task (see [`Task`]); the task's own otherwise.
+    own_waker: Option<Waker>,
 }
 
 enum ReadOutcome {
@@ -1608,12 +1703,9 @@ impl<S: Transport> Future for Driver<S> {
             // Everything that needs the protocol, under one lock.
             let (closed, io_failed, keepalive_failed, deadline, wake, new_throttle, peer_closed) = {
                 let mut inner = this.shared.lock();
-                if !inner
-                    .driver
-                    .as_ref()
-                    .is_some_and(|w| w.will_wake(cx.waker()))
-                {
-                    inner.driver = Some(cx.waker().clone());
+                let waker = this.own_waker.as_ref().unwrap_or(cx.waker());
+                if !inner.driver.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                    inner.driver = Some(waker.clone());
                 }
                 inner.clock = now.into_std();
                 let new_throttle = (inner.throttle != this.throttle).then_some(inner.throttle);
@@ -1889,6 +1981,143 @@ impl<S: Transport> Drop for Driver<S> {
             // The runtime is shutting down or the task was aborted: report it.
             self.finish();
         }
+    }
+}
+
+/// How many times one poll of a connection's task goes back and forth between its driver
+/// and its attached future before it lets other tasks run.
+const TASK_ROUNDS: usize = 16;
+
+/// A connection's task: its [`Driver`], and the future attached to the connection
+/// ([`Connection::attach`]) once there is one.
+///
+/// Without an attached future a poll is the driver's poll. With one, the two are polled
+/// in turn with wakers of their own ([`joint`](crate::joint)): the driver first, then the
+/// attached future if it was woken (by the messages the driver delivered, typically), then
+/// the driver again if the attached future queued output, and so on, within one poll of
+/// the task. The driver is dropped (and with it the socket) as soon as it ends; the task
+/// ends when the attached future ends too.
+struct Task<S: Transport> {
+    driver: Option<Driver<S>>,
+    shared: Arc<Shared>,
+    attached: Option<(Attached, crate::joint::Signals)>,
+    /// The attached future is to be polled in the next poll of the task (it was woken,
+    /// or the previous poll ran out of rounds).
+    attached_due: bool,
+}
+
+impl<S: Transport> Task<S> {
+    fn new(driver: Driver<S>) -> Self {
+        let shared = driver.shared.clone();
+        Task {
+            driver: Some(driver),
+            shared,
+            attached: None,
+            attached_due: false,
+        }
+    }
+
+    /// Takes a future waiting to be attached, if any.
+    fn take_attachment(&mut self) {
+        if !self.shared.attach_pending.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let mut inner = self.shared.lock();
+        if let Attachment::Waiting(future) =
+            std::mem::replace(&mut inner.attachment, Attachment::Taken)
+        {
+            drop(inner);
+            let signals = crate::joint::Signals::new();
+            if let Some(driver) = &mut self.driver {
+                driver.own_waker = Some(signals.driver_waker());
+            }
+            self.attached = Some((future, signals));
+            self.attached_due = true;
+        }
+    }
+
+    /// Whether the task ends (driver and attached future both ended): true unless a
+    /// future was attached meanwhile, which is then taken.
+    fn end(&mut self) -> bool {
+        let mut inner = self.shared.lock();
+        match std::mem::replace(&mut inner.attachment, Attachment::Ended) {
+            Attachment::Waiting(future) => {
+                inner.attachment = Attachment::Taken;
+                drop(inner);
+                self.shared.attach_pending.store(false, Ordering::Release);
+                self.attached = Some((future, crate::joint::Signals::new()));
+                self.attached_due = true;
+                false
+            }
+            _ => true,
+        }
+    }
+}
+
+impl<S: Transport> Future for Task<S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let mut run_driver = true;
+        for _ in 0..TASK_ROUNDS {
+            if let Some((_, signals)) = &mut this.attached {
+                signals.enter(cx.waker());
+            }
+            if run_driver {
+                if let Some(driver) = &mut this.driver {
+                    if Pin::new(driver).poll(cx).is_ready() {
+                        // Ended: its socket closes now, whatever the attached future does.
+                        this.driver = None;
+                    }
+                }
+            }
+            this.take_attachment();
+            let mut attached_done = false;
+            if let Some((future, signals)) = &mut this.attached {
+                if std::mem::take(&mut this.attached_due) | signals.attached.take() {
+                    let waker = signals.attached_waker();
+                    let mut acx = Context::from_waker(&waker);
+                    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        future.as_mut().poll(&mut acx)
+                    }));
+                    attached_done = match polled {
+                        Ok(poll) => poll.is_ready(),
+                        Err(_) => {
+                            // Not the connection's fault: it goes on without the future.
+                            tracing::error!(
+                                target: "chatter_core::connection",
+                                connection = this.shared.id,
+                                "a future attached to the connection panicked"
+                            );
+                            true
+                        }
+                    };
+                }
+            }
+            if attached_done {
+                this.attached = None;
+            }
+            let (driver_woken, attached_woken) = match &this.attached {
+                Some((_, signals)) => signals.leave(),
+                None => (false, false),
+            };
+            if this.driver.is_none() && this.attached.is_none() {
+                if this.end() {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            if !driver_woken && !attached_woken {
+                return Poll::Pending;
+            }
+            run_driver = driver_woken;
+            this.attached_due = attached_woken;
+        }
+        // Out of rounds: let other tasks run, then go on where this poll stopped.
+        this.attached_due = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 

@@ -66,6 +66,7 @@ mod address;
 pub mod codec;
 mod connection;
 pub mod error;
+mod joint;
 mod options;
 mod over;
 pub mod proto;

@@ -191,8 +191,8 @@ impl Peer {
             route: None,
         };
         setup(&peer);
-        // The receive task runs until the connection closed; it keeps what it needs.
-        drop(inner.start_reader());
+        // The receive loop runs until the connection closed; it keeps what it needs.
+        inner.attach_reader();
         peer
     }
 
@@ -777,6 +777,14 @@ impl Inner {
     /// connection closed. What it holds is bounded by the receive window.
     fn start_reader(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(run_reader(self.clone()))
+    }
+
+    /// Starts the receive loop in the connection's own task, beside its driver
+    /// ([`Connection::attach`]): no task of its own, and no round of the scheduler between
+    /// the driver reading messages and the loop answering them. It ends when the
+    /// connection closed; what it holds is bounded by the receive window.
+    fn attach_reader(self: &Arc<Self>) {
+        self.conn.attach(run_reader(self.clone()));
     }
 
     /// The part of `peer` for `connection`, its receive task not started yet.
