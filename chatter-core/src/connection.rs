@@ -2095,13 +2095,18 @@ impl<S: Transport> Future for Task<S> {
                     };
                 }
             }
-            if attached_done {
-                this.attached = None;
-            }
+            // Left before the attached future may go: its wakers must wake the task from
+            // now on (the driver's is registered with the connection until its next round).
             let (driver_woken, attached_woken) = match &this.attached {
                 Some((_, signals)) => signals.leave(),
                 None => (false, false),
             };
+            if attached_done {
+                this.attached = None;
+                if let Some(driver) = &mut this.driver {
+                    driver.own_waker = None;
+                }
+            }
             if this.driver.is_none() && this.attached.is_none() {
                 if this.end() {
                     return Poll::Ready(());

@@ -201,6 +201,9 @@ enum Answerer {
     TaskPerConnection,
     /// A task of a `LocalSet` (`spawn_local`).
     Local,
+    /// A future an accept-loop task attaches to the connection's own task
+    /// (`Connection::attach`).
+    Attached,
 }
 
 /// Answers the request; returns the connection, open (a close would add its close frame to
@@ -230,9 +233,15 @@ fn the_servers_hello_and_first_answer_leave_in_one_write() {
         Answerer::Task,
         Answerer::TaskPerConnection,
         Answerer::Local,
+        Answerer::Attached,
     ]
     .map(|a| (false, a));
-    let multi_thread = [Answerer::Task, Answerer::TaskPerConnection].map(|a| (true, a));
+    let multi_thread = [
+        Answerer::Task,
+        Answerer::TaskPerConnection,
+        Answerer::Attached,
+    ]
+    .map(|a| (true, a));
     for (multi, answerer) in current_thread.into_iter().chain(multi_thread) {
         let rt = if multi {
             tokio::runtime::Builder::new_multi_thread()
@@ -279,6 +288,14 @@ fn the_servers_hello_and_first_answer_leave_in_one_write() {
                     tokio::spawn(async move {
                         while let Some(peer) = server.accept().await {
                             tokio::spawn(answer_and_wait(peer));
+                        }
+                    });
+                }
+                Answerer::Attached => {
+                    let server = server.clone();
+                    tokio::spawn(async move {
+                        while let Some(peer) = server.accept().await {
+                            peer.clone().attach(answer_and_wait(peer));
                         }
                     });
                 }

@@ -1,0 +1,140 @@
+//! `Connection::attach`: a future run in the connection's own task, beside its driver.
+
+use chatter_core::{connect_over, Address, Connection, Options, SendOptions, Server};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// A server and a client connected to it over an in-memory pipe (no system I/O: on the
+/// paused clock, time moves only when every task waits for a timer); the server's end
+/// of the connection.
+async fn pair() -> (Server, Connection, Connection) {
+    let server = Server::in_process(Options::default()).expect("server");
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let name = || Address::Unix {
+        path: "in-process".into(),
+    };
+    server.accept_over(far, name(), name());
+    let client = connect_over(near, name(), name(), Options::default())
+        .await
+        .expect("connect");
+    let accepted = server.accept().await.expect("accept");
+    (server, client, accepted)
+}
+
+/// Answers every request with its own payload until the connection closes.
+async fn echo(conn: Connection) {
+    while let Ok(msg) = conn.receive().await {
+        let answer = SendOptions::new().conversation(msg.conversation);
+        if conn.send_bytes(&msg.payload, answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn call(client: &Connection, text: &str) -> String {
+    client
+        .send(text, SendOptions::new().last(false))
+        .await
+        .expect("request");
+    client
+        .receive()
+        .await
+        .expect("answer")
+        .decode::<String>()
+        .expect("a string")
+}
+
+fn alive() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attached_future_runs_without_a_task_of_its_own_and_ends_with_the_connection() {
+    let (_server, client, accepted) = pair().await;
+    let before = alive();
+    let (done_tx, done) = oneshot::channel();
+    accepted.clone().attach(async move {
+        echo(accepted).await;
+        let _ = done_tx.send(());
+    });
+    assert_eq!(alive(), before, "no task spawned for the attached future");
+    let start = Instant::now();
+    assert_eq!(call(&client, "one").await, "one");
+    assert_eq!(call(&client, "two").await, "two");
+    assert_eq!(Instant::now(), start, "an answer waited for a timer");
+    client.close().await;
+    done.await.expect("the attached future ran to its end");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_attached_future_and_one_attached_after_the_end_run_in_tasks() {
+    let (_server, client, accepted) = pair().await;
+    accepted.clone().attach(echo(accepted.clone()));
+    // The second one runs too, in a task of its own.
+    let (second_tx, second) = oneshot::channel();
+    accepted.attach(async move {
+        let _ = second_tx.send(());
+    });
+    second.await.expect("the second attached future ran");
+    assert_eq!(call(&client, "still").await, "still");
+
+    client.close().await;
+    accepted.closed().await;
+    // The connection's task ended with the echo: a late future still runs.
+    let (late_tx, late) = oneshot::channel();
+    accepted.attach(async move {
+        let _ = late_tx.send(());
+    });
+    late.await.expect("the future attached after the end ran");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_attached_future_leaves_the_connection_working() {
+    let (_server, client, accepted) = pair().await;
+    let (polled_tx, polled) = oneshot::channel();
+    accepted.attach(async move {
+        let _ = polled_tx.send(());
+        panic!("the attached future fails");
+    });
+    polled.await.expect("the attached future was polled");
+    // The driver goes on, woken as before (no timer needed to move the answer): the
+    // connection still answers, from another task now.
+    tokio::spawn(echo(accepted.clone()));
+    let start = Instant::now();
+    assert_eq!(call(&client, "after").await, "after");
+    assert_eq!(Instant::now(), start, "the answer waited for a timer");
+    assert!(!accepted.is_closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_connection_ends_while_its_attached_future_still_runs() {
+    let (_server, client, accepted) = pair().await;
+    let (release_tx, release) = oneshot::channel::<()>();
+    let (done_tx, done) = oneshot::channel();
+    let conn = accepted.clone();
+    accepted.attach(async move {
+        let cause = conn.closed().await;
+        // Not done yet when its connection ended.
+        let _ = release.await;
+        let _ = done_tx.send(cause);
+    });
+    client.close().await;
+    // Both ends closed, the attached future still waiting.
+    client.closed().await;
+    accepted.closed().await;
+    assert_eq!(
+        accepted.buffered().total(),
+        0,
+        "the driver's buffers are gone"
+    );
+    release_tx
+        .send(())
+        .expect("the attached future is still there");
+    let cause = done.await.expect("the attached future ended");
+    assert!(
+        matches!(cause, chatter_core::CloseCause::Peer { .. }),
+        "{cause:?}"
+    );
+}
