@@ -635,10 +635,14 @@ impl Connection {
         }
         inner.attachment = Attachment::Waiting(Box::pin(future));
         shared.attach_pending.store(true, Ordering::Release);
-        let driver = inner.driver.clone();
+        // Called from within the task (a server's `on_accept`), the task takes it before
+        // its poll ends; not polled yet, on its first poll; ended, on its way out
+        // (`Task::end`).
+        let driver = match POLLING.with(|p| p.get()) == shared.id {
+            true => None,
+            false => inner.driver.clone(),
+        };
         drop(inner);
-        // Not polled yet, the task takes it on its first poll; ended, it took it on its
-        // way out (`Task::end`).
         if let Some(w) = driver {
             w.wake();
         }
@@ -1608,6 +1612,18 @@ impl<S: Transport> Driver<S> {
             self.held = None;
             return false;
         }
+        if self.shared.attach_pending.load(Ordering::Acquire) {
+            // A future attached to the connection's task (the application's receive loop)
+            // is polled next in this poll of the task, and the driver again after it
+            // (`Task`): no round of the scheduler to wait for.
+            return true;
+        }
+        if self.own_waker.is_some() {
+            // The attached future ran since the hello came: what it answered at once was
+            // queued (and is in the write); the rest may take long.
+            self.held = None;
+            return false;
+        }
         self.hold_rounds += 1;
         if self.hold_rounds < HOLD_ROUNDS {
             cx.waker().wake_by_ref();
@@ -2018,9 +2034,9 @@ impl<S: Transport> Task<S> {
     }
 
     /// Takes a future waiting to be attached, if any.
-    fn take_attachment(&mut self) {
+    fn take_attachment(&mut self) -> bool {
         if !self.shared.attach_pending.swap(false, Ordering::AcqRel) {
-            return;
+            return false;
         }
         let mut inner = self.shared.lock();
         if let Attachment::Waiting(future) =
@@ -2033,7 +2049,9 @@ impl<S: Transport> Task<S> {
             }
             self.attached = Some((future, signals));
             self.attached_due = true;
+            return true;
         }
+        false
     }
 
     /// Whether the task ends (driver and attached future both ended): true unless a
@@ -2054,11 +2072,34 @@ impl<S: Transport> Task<S> {
     }
 }
 
+thread_local! {
+    /// The id of the connection whose task this thread polls (0: none), so that
+    /// [`Connection::attach`] called from within it (a server's `on_accept`, called by the
+    /// driver) does not wake the task it runs in.
+    static POLLING: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Sets [`POLLING`] for one poll of a connection's task.
+struct Polling(u64);
+
+impl Polling {
+    fn enter(id: u64) -> Self {
+        Polling(POLLING.with(|p| p.replace(id)))
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        POLLING.with(|p| p.set(self.0));
+    }
+}
+
 impl<S: Transport> Future for Task<S> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        let _polling = Polling::enter(this.shared.id);
         let mut run_driver = true;
         for _ in 0..TASK_ROUNDS {
             if let Some((_, signals)) = &mut this.attached {
@@ -2072,7 +2113,9 @@ impl<S: Transport> Future for Task<S> {
                     }
                 }
             }
-            this.take_attachment();
+            // A future attached just now has its first poll next, and the driver then
+            // gets another round (a held hello waits for it: see `hold_hello`).
+            let taken = this.take_attachment();
             let mut attached_done = false;
             if let Some((future, signals)) = &mut this.attached {
                 if std::mem::take(&mut this.attached_due) | signals.attached.take() {
@@ -2113,10 +2156,10 @@ impl<S: Transport> Future for Task<S> {
                 }
                 continue;
             }
-            if !driver_woken && !attached_woken {
+            if !driver_woken && !attached_woken && !taken {
                 return Poll::Pending;
             }
-            run_driver = driver_woken;
+            run_driver = driver_woken || taken;
             this.attached_due = attached_woken;
         }
         // Out of rounds: let other tasks run, then go on where this poll stopped.

@@ -5,7 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -83,6 +83,17 @@ pub struct Server {
     /// The accept path of transports handed in by [`accept_over`](Self::accept_over):
     /// the listeners' own, without TLS.
     handed: AcceptContext,
+    /// Set by [`on_accept`](Self::on_accept).
+    on_accept: Arc<OnceLock<OnAccept>>,
+}
+
+/// What [`Server::on_accept`] hands connections to.
+struct OnAccept(Box<dyn Fn(Connection) + Send + Sync>);
+
+impl std::fmt::Debug for OnAccept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnAccept")
+    }
 }
 
 /// The connection limit and what it refused.
@@ -148,6 +159,44 @@ impl Server {
             queued = incoming.recv() => queued.map(|q| q.conn),
             _ = stop.wait_for(|&s| s) => None,
         }
+    }
+
+    /// Hands every connection whose handshake completes from now on to `on_accept`,
+    /// instead of queueing it for [`accept`](Self::accept).
+    ///
+    /// `on_accept` is called in the connection's own task, the moment its handshake
+    /// completed: with [`Connection::attach`] it starts the connection's receive loop in
+    /// that task, so that a first request that came with the peer's hello is answered in
+    /// the same round, without a task or a wake-up in between. It must not block (the
+    /// connection moves no bytes meanwhile). A panic in it closes that connection.
+    ///
+    /// Connections queued before are still returned by `accept`. Only the first function
+    /// set is kept: returns `false` (and drops `on_accept`) if one was set before.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use chatter_core::{connect, listen, Connection, Options, SendOptions};
+    ///
+    /// async fn echo(conn: Connection) {
+    ///     while let Ok(msg) = conn.receive().await {
+    ///         let answer = SendOptions::new().conversation(msg.conversation);
+    ///         let _ = conn.send_bytes(&msg.payload, answer).await;
+    ///     }
+    /// }
+    ///
+    /// let server = listen("tcp://127.0.0.1:0", Options::default()).await?;
+    /// server.on_accept(|conn| conn.clone().attach(echo(conn)));
+    /// let client = connect(&server.addresses()[0], Options::default()).await?;
+    /// client.send("echo?", SendOptions::new().last(false)).await?;
+    /// assert_eq!(client.receive().await?.decode::<String>()?, "echo?");
+    /// # Ok(()) }
+    /// ```
+    pub fn on_accept<F>(&self, on_accept: F) -> bool
+    where
+        F: Fn(Connection) + Send + Sync + 'static,
+    {
+        self.on_accept.set(OnAccept(Box::new(on_accept))).is_ok()
     }
 
     /// The next peer that failed its handshake (logged at warn level either way), or `None`
@@ -325,9 +374,11 @@ impl Server {
             refused: AtomicU64::new(0),
         });
         let is_tls = tls.is_some();
+        let on_accept = Arc::new(OnceLock::new());
         let ctx = AcceptContext {
             limits: limits.clone(),
             options,
+            on_accept: on_accept.clone(),
             tx,
             rejected,
             tls,
@@ -375,6 +426,7 @@ impl Server {
             tasks: Mutex::new(tasks),
             unix_paths,
             handed: AcceptContext { tls: None, ..ctx },
+            on_accept,
         })
     }
 }
@@ -537,6 +589,7 @@ struct AcceptContext {
     tls: Option<TlsAcceptor>,
     tracked: Arc<Tracked>,
     stop: watch::Receiver<bool>,
+    on_accept: Arc<OnceLock<OnAccept>>,
 }
 
 impl std::fmt::Debug for AcceptContext {
@@ -759,6 +812,7 @@ fn start<S: Transport>(
         handoff: Some(Handoff {
             queue: ctx.tx.clone(),
             rejected: ctx.rejected.clone(),
+            on_accept: ctx.on_accept.clone(),
         }),
     };
     let conn = Connection::start(io, addrs, certs, &ctx.options, side);
@@ -775,6 +829,7 @@ fn start<S: Transport>(
 pub(crate) struct Handoff {
     queue: mpsc::Sender<Queued>,
     rejected: mpsc::Sender<Rejection>,
+    on_accept: Arc<OnceLock<OnAccept>>,
 }
 
 /// A handshaken connection waiting for [`Server::accept`], with its `max_connections`
@@ -798,6 +853,18 @@ impl Handoff {
         slot: Option<Arc<OwnedSemaphorePermit>>,
     ) {
         match result {
+            // Handed to the application's function, unless the server closed (then
+            // dropping the connection closes it, as a queued one is).
+            Ok(()) if !self.queue.is_closed() && self.on_accept.get().is_some() => {
+                if let Some(on_accept) = self.on_accept.get() {
+                    let remote = conn.remote_address().clone();
+                    let handed = std::panic::AssertUnwindSafe(|| (on_accept.0)(conn));
+                    if std::panic::catch_unwind(handed).is_err() {
+                        // What it held of the connection is dropped: the connection closes.
+                        tracing::error!(%remote, "the server's on_accept function panicked");
+                    }
+                }
+            }
             Ok(()) => match self.queue.try_send(Queued { conn, _slot: slot }) {
                 Ok(()) => {}
                 // The application is behind with `accept`: wait for room. At most one such

@@ -2,12 +2,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chatter_core::proto::IdBuildHasher;
-use chatter_core::{Address, Server};
+use chatter_core::{Address, Connection, Server};
 use tokio::task::JoinHandle;
 
 use crate::peer::{lock, OnEnd, Peer, PeerOptions};
@@ -43,40 +43,59 @@ where
     // closed peers until the next one.
     let peers: Arc<Mutex<Peers>> = Arc::default();
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let accept = {
-        let listener = listener.clone();
+    // Starts a peer for each handshaken connection: called in the connection's own task
+    // (the listener's `on_accept`), where the peer's receive loop then runs too, so that
+    // a first call that came with the hello is answered in the same round.
+    let start = {
         let peers = peers.clone();
         let shutting_down = shutting_down.clone();
-        tokio::spawn(async move {
-            let mut next_id = 0u64;
-            while let Some(conn) = listener.accept().await {
-                let id = next_id;
-                next_id += 1;
-                let list = Arc::downgrade(&peers);
-                let forget: OnEnd = Box::new(move || {
-                    if let Some(list) = list.upgrade() {
-                        // Dropped after the lock is released.
-                        let peer = lock(&list).remove(&id);
-                        drop(peer);
+        let next_id = AtomicU64::new(0);
+        Arc::new(move |conn: Connection| {
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            let list = Arc::downgrade(&peers);
+            let forget: OnEnd = Box::new(move || {
+                if let Some(list) = list.upgrade() {
+                    // Dropped after the lock is released.
+                    let peer = lock(&list).remove(&id);
+                    drop(peer);
+                }
+            });
+            // Set up before its receive loop starts: the objects `setup` registers are
+            // there for the peer's first message, and the peer is listed before its end
+            // can remove it.
+            Peer::with_setup_and_end(
+                conn,
+                options.clone(),
+                |peer| {
+                    if shutting_down.load(Ordering::Acquire) {
+                        // Accepted during a graceful shutdown: refuse its calls clearly.
+                        peer.begin_shutdown();
                     }
-                });
-                // Set up before its receive task starts: the objects `setup` registers are
-                // there for the peer's first message, and the peer is listed before its
-                // end can remove it.
-                Peer::with_setup_and_end(
-                    conn,
-                    options.clone(),
-                    |peer| {
-                        if shutting_down.load(Ordering::Acquire) {
-                            // Accepted during a graceful shutdown: refuse its calls clearly.
-                            peer.begin_shutdown();
-                        }
-                        setup(peer);
-                        // Held here, the peer lives as long as its connection.
-                        lock(&peers).insert(id, peer.clone());
-                    },
-                    Some(forget),
-                );
+                    setup(peer);
+                    // Held here, the peer lives as long as its connection.
+                    lock(&peers).insert(id, peer.clone());
+                },
+                Some(forget),
+            );
+        })
+    };
+    let handed = {
+        let start = start.clone();
+        listener.on_accept(move |conn| start(conn))
+    };
+    if !handed {
+        tracing::warn!(
+            "serve: the listener already hands its connections to an on_accept function; \
+             serving only those it queues for accept"
+        );
+    }
+    // Connections the listener queued before `on_accept` was set (or all of them, if it
+    // was set before).
+    let accept = {
+        let listener = listener.clone();
+        tokio::spawn(async move {
+            while let Some(conn) = listener.accept().await {
+                start(conn);
             }
         })
     };

@@ -138,3 +138,91 @@ async fn the_connection_ends_while_its_attached_future_still_runs() {
         "{cause:?}"
     );
 }
+
+/// A client connected over an in-memory pipe to `server`.
+async fn client_of(server: &Server) -> Connection {
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let name = || Address::Unix {
+        path: "in-process".into(),
+    };
+    server.accept_over(far, name(), name());
+    connect_over(near, name(), name(), Options::default())
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_accept_gets_the_connections_handshaken_after_it_and_accept_the_earlier_ones() {
+    let server = Server::in_process(Options::default()).expect("server");
+    let early = client_of(&server).await;
+    // The early client's handshake completes (its hello answered) before `on_accept`.
+    early
+        .send("queued", SendOptions::new())
+        .await
+        .expect("send");
+    let queued = server
+        .accept()
+        .await
+        .expect("the early connection is queued");
+    assert!(server.on_accept(|conn| conn.clone().attach(echo(conn))));
+    assert!(
+        !server.on_accept(|_| panic!("not called")),
+        "the first function is kept"
+    );
+    let late = client_of(&server).await;
+    let start = Instant::now();
+    assert_eq!(call(&late, "handed").await, "handed");
+    assert_eq!(Instant::now(), start, "the answer waited for a timer");
+    assert_eq!(
+        queued
+            .receive()
+            .await
+            .expect("message")
+            .decode::<String>()
+            .expect("text"),
+        "queued"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_on_accept_closes_that_connection_only() {
+    let server = Server::in_process(Options::default()).expect("server");
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    server.on_accept(move |conn| {
+        if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            panic!("the first connection is refused by a bug");
+        }
+        conn.clone().attach(echo(conn));
+    });
+    let first = client_of(&server).await;
+    let cause = first.closed().await;
+    assert!(
+        matches!(cause, chatter_core::CloseCause::Peer { .. }),
+        "{cause:?}"
+    );
+    let second = client_of(&server).await;
+    assert_eq!(call(&second, "served").await, "served");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_handshaken_after_its_server_closed_is_not_handed_to_on_accept() {
+    // Connections outlive their server, so one in its handshake at the close completes it.
+    let options = Options::default().close_connections_with_server(false);
+    let server = Server::in_process(options).expect("server");
+    let handed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = handed.clone();
+    server.on_accept(move |_| seen.store(true, std::sync::atomic::Ordering::SeqCst));
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let name = || Address::Unix {
+        path: "in-process".into(),
+    };
+    server.accept_over(far, name(), name());
+    server.close().await;
+    // The client's hello arrives after the close; the server's connection is dropped.
+    let client = connect_over(near, name(), name(), Options::default()).await;
+    if let Ok(client) = client {
+        client.closed().await;
+    }
+    assert!(!handed.load(std::sync::atomic::Ordering::SeqCst));
+}

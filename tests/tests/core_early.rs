@@ -204,6 +204,8 @@ enum Answerer {
     /// A future an accept-loop task attaches to the connection's own task
     /// (`Connection::attach`).
     Attached,
+    /// A future the server's `on_accept` attaches, in the connection's own task.
+    OnAccept,
 }
 
 /// Answers the request; returns the connection, open (a close would add its close frame to
@@ -234,12 +236,14 @@ fn the_servers_hello_and_first_answer_leave_in_one_write() {
         Answerer::TaskPerConnection,
         Answerer::Local,
         Answerer::Attached,
+        Answerer::OnAccept,
     ]
     .map(|a| (false, a));
     let multi_thread = [
         Answerer::Task,
         Answerer::TaskPerConnection,
         Answerer::Attached,
+        Answerer::OnAccept,
     ]
     .map(|a| (true, a));
     for (multi, answerer) in current_thread.into_iter().chain(multi_thread) {
@@ -298,6 +302,9 @@ fn the_servers_hello_and_first_answer_leave_in_one_write() {
                             peer.clone().attach(answer_and_wait(peer));
                         }
                     });
+                }
+                Answerer::OnAccept => {
+                    server.on_accept(|peer| peer.clone().attach(answer_and_wait(peer)));
                 }
                 Answerer::Local => {
                     let server = server.clone();
