@@ -16,7 +16,7 @@ use tokio::sync::Semaphore;
 
 use crate::harness::{
     connect_loop, connect_task, idle_rss, nanos, run_connections, share, take_credit, Done,
-    LocalFuture, Measured, ServerInfo, Tasks,
+    LocalFuture, Measured, ServerInfo,
 };
 use crate::raw::request;
 use crate::tls::Tls;
@@ -55,21 +55,12 @@ pub fn server(
         let addr = listener.addresses()[0].to_string();
         let listener = Arc::new(listener);
         let counter = done.clone();
-        let tasks = Tasks::of(spec.kind);
-        let accept = {
-            let listener = listener.clone();
-            // One per measured case, aborted with the case's server. It spawns one `serve`
-            // per accepted connection: only the bench's own clients connect (the case's
-            // `conns`, or for the connect workload one at a time), and each `serve` ends
-            // with its connection.
-            tasks.spawn(async move {
-                while let Some(conn) = listener.accept().await {
-                    tasks.spawn(serve(conn, counter.clone()));
-                }
-            })
-        };
+        // Each connection is served by a receive loop in its own task, started the moment
+        // its handshake completes (the way chatter-rpc's `serve` runs its peers); it ends
+        // with its connection.
+        listener.on_accept(move |conn| conn.clone().attach(serve(conn, counter.clone())));
         let info = ServerInfo { addr, done };
-        (info, Box::new((listener, accept)) as Box<dyn Any>)
+        (info, Box::new(listener) as Box<dyn Any>)
     })
 }
 

@@ -2042,11 +2042,17 @@ impl<S: Transport> Task<S> {
         if let Attachment::Waiting(future) =
             std::mem::replace(&mut inner.attachment, Attachment::Taken)
         {
-            drop(inner);
             let signals = crate::joint::Signals::new();
             if let Some(driver) = &mut self.driver {
-                driver.own_waker = Some(signals.driver_waker());
+                // Registered now, not at the driver's next round: what the attached future
+                // sends in its first poll marks the driver instead of waking the task.
+                let waker = signals.driver_waker();
+                if inner.driver.is_some() {
+                    inner.driver = Some(waker.clone());
+                }
+                driver.own_waker = Some(waker);
             }
+            drop(inner);
             self.attached = Some((future, signals));
             self.attached_due = true;
             return true;

@@ -857,11 +857,14 @@ impl Handoff {
             // dropping the connection closes it, as a queued one is).
             Ok(()) if !self.queue.is_closed() && self.on_accept.get().is_some() => {
                 if let Some(on_accept) = self.on_accept.get() {
-                    let remote = conn.remote_address().clone();
+                    // Its address is asked only if needed (it is made lazily).
+                    let kept = conn.clone();
                     let handed = std::panic::AssertUnwindSafe(|| (on_accept.0)(conn));
                     if std::panic::catch_unwind(handed).is_err() {
-                        // What it held of the connection is dropped: the connection closes.
+                        let remote = kept.remote_address();
                         tracing::error!(%remote, "the server's on_accept function panicked");
+                        // What it held of the connection is dropped, and `kept` with it
+                        // here: the connection closes.
                     }
                 }
             }
