@@ -2019,6 +2019,8 @@ struct Task<S: Transport> {
     /// The attached future is to be polled in the next poll of the task (it was woken,
     /// or the previous poll ran out of rounds).
     attached_due: bool,
+    /// The task ended (`end`): later attachments get tasks of their own.
+    ended: bool,
 }
 
 /// A connection's driver, or the connection's state once the driver ended. The task holds
@@ -2039,6 +2041,7 @@ impl<S: Transport> Task<S> {
             driver: Driving::Yes(driver),
             attached: None,
             attached_due: false,
+            ended: false,
         }
     }
 
@@ -2098,8 +2101,25 @@ impl<S: Transport> Task<S> {
                 self.attached_due = true;
                 false
             }
-            _ => true,
+            _ => {
+                self.ended = true;
+                true
+            }
         }
+    }
+}
+
+impl<S: Transport> Drop for Task<S> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        // Dropped before it ended (the runtime shut down, or the task was aborted): a
+        // future still waiting to be taken would keep a handle to the connection inside
+        // the connection's own state, and with it the connection, for ever.
+        let shared = self.shared().clone();
+        let waiting = std::mem::replace(&mut shared.lock().attachment, Attachment::Ended);
+        drop(waiting);
     }
 }
 

@@ -226,3 +226,38 @@ async fn a_connection_handshaken_after_its_server_closed_is_not_handed_to_on_acc
     }
     assert!(!handed.load(std::sync::atomic::Ordering::SeqCst));
 }
+
+/// Sets its flag when dropped.
+struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_future_attached_as_its_runtime_shuts_down_is_dropped_with_it() {
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let flag = DropFlag(dropped.clone());
+    let kept = runtime.block_on(async move {
+        let (server, client, accepted) = pair().await;
+        // Attached, and not taken yet: the connection's task has not run since.
+        let conn = accepted.clone();
+        accepted.attach(async move {
+            let _flag = flag;
+            echo(conn).await;
+        });
+        (server, client)
+    });
+    drop(runtime);
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the attached future (and the connection handle it holds) was kept"
+    );
+    drop(kept);
+}
