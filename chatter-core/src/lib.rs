@@ -38,6 +38,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Each connection has a task of its own, its driver, which moves its bytes. A server
+//! that answers each connection from a receive loop can run that loop in the same task:
+//! [`Server::on_accept`] hands it each connection the moment its handshake completes, and
+//! [`Connection::attach`] runs the loop beside the driver, which saves a task per
+//! connection and the scheduler's rounds between the two (chatter-rpc serves so).
+//!
 //! The protocol logic is a sans-IO state machine in [`proto`]; `PROTOCOL.md` in this crate
 //! describes the wire format byte by byte. Payloads sent with [`Connection::send`] are
 //! MessagePack written by [`codec`] (the `chatter-msgpack` crate), which writes what

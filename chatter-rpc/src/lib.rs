@@ -86,7 +86,9 @@
 //!   keeps serving.
 //! - **Concurrency and backpressure**: the callee runs at most
 //!   [`PeerOptions::max_concurrent_handlers`] handlers at once per connection (a handler
-//!   that completes on its first poll runs in the receive task; others get a task). A
+//!   that completes on its first poll runs in the receive loop, which runs in the
+//!   connection's own task beside its driver (`chatter_core::Connection::attach`); others
+//!   get a task, so a handler must not block before its first `.await`). A
 //!   call or signal that finds every slot taken waits, in arrival order, and a freed slot
 //!   goes to the oldest waiting call before any signal. Each received request holds its
 //!   flow-control credit until its handler finished or it was dropped (deadline, TTL,
