@@ -731,3 +731,49 @@ async fn a_misplaced_envelope_is_answered_with_what_was_wrong() {
         assert_eq!(message, expected);
     }
 }
+
+/// Many short connections at once on a multi-threaded runtime, each served by a receive
+/// loop running in its connection's own task (`serve` attaches it): every call is
+/// answered, with handlers that finish at once and handlers that wait, and every peer
+/// is forgotten once its connection ended. A wake-up lost between a driver and its
+/// attached loop hangs a call (the test's timeout then fails it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_short_connections_at_once_are_all_answered_and_forgotten() {
+    let listener = chatter_core::listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .unwrap();
+    let server = serve(listener, PeerOptions::default(), |peer: &Peer| {
+        let (calc, _probe) = Calc::new();
+        peer.register("calc", CalculatorServer::new(calc));
+    });
+    let address = server.addresses()[0].clone();
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..200i64 {
+        let address = address.clone();
+        clients.spawn(async move {
+            let conn = chatter_core::connect_early(&address, Options::default())
+                .await
+                .expect("connect");
+            let peer = Peer::new(conn);
+            let calc = CalculatorClient::new(&peer, "calc");
+            assert_eq!(calc.add(i, 1).await.expect("add"), i + 1);
+            // Several calls in flight, and one whose handler waits (a task of its own).
+            let (a, b, c) = tokio::join!(calc.div(i, 1), calc.add(i, i), calc.sleep(0));
+            assert_eq!(a.expect("div"), i);
+            assert_eq!(b.expect("add"), 2 * i);
+            assert_eq!(c.expect("sleep"), 0);
+        });
+    }
+    let all = async {
+        while let Some(done) = clients.join_next().await {
+            done.expect("a client failed");
+        }
+        // Every peer is forgotten once its connection ended.
+        while !server.peers().is_empty() {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("every call answered and every peer forgotten");
+}
