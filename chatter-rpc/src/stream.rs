@@ -401,9 +401,17 @@ impl Inbox {
         let waker = {
             let mut state = self.lock();
             state.window.reserve(total)?;
+            // A copy: the payload is a slice of the run of messages it arrived with (or of
+            // the read buffer), whose connection credit goes back as soon as the items are
+            // here. Kept as a slice, one tiny item would keep the whole run alive (a
+            // hostile writer puts each beside a large message the peer drops: 16 KiB held
+            // for 67 bytes of window); the copy makes the window bound the memory.
+            let copy = bytes::Bytes::copy_from_slice(payload);
             for item in items.iter() {
                 let of_item = cost(item.len(), 1) + std::mem::take(&mut header);
-                state.window.queue(payload.slice_ref(item), of_item);
+                // `item` lies in `payload` (the decoder borrows it from there).
+                let at = item.as_ptr() as usize - payload.as_ptr() as usize;
+                state.window.queue(copy.slice(at..at + item.len()), of_item);
             }
             state.window.waker.take()
         };

@@ -1,0 +1,284 @@
+//! chatter-rpc's layer attacked as a hostile peer would: a raw chatter-core `Connection`
+//! (the core layer is sound, `core_attacks.rs`) sends hand-made rpc envelopes to a
+//! `Peer`, and each test checks that the peer keeps the memory bound `docs/SECURITY.md`
+//! states (heap bytes counted by this file's allocator, and the crates' counters, never
+//! RSS), answers with the documented failure, and stays responsive.
+//!
+//! No test waits for time to pass as synchronisation: each waits for a counter or a
+//! message it needs (the paused clock only advances when every task waits).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatter_core::{Connection, Msg, Options, SendOptions, Server};
+use chatter_rpc::stream::Receiver;
+use chatter_rpc::{remote, Peer, PeerOptions};
+use tests::{pair_with, Transport};
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+
+/// The object name the attacked peer hosts [`Target`] under.
+const OBJECT: &str = "target";
+
+/// A hang guard only: on the paused clock it fires as soon as a hung test leaves every
+/// task waiting.
+const HANG_GUARD: Duration = Duration::from_secs(3600);
+
+/// An hour, in milliseconds: a deadline or TTL that does not pass during a test.
+const HOUR_MS: u64 = 3_600_000;
+
+#[remote]
+pub trait Attacked {
+    /// Waits for the gate, then counts the items of its argument stream.
+    async fn hold(&self, items: Receiver<u64>) -> u64;
+    /// Returns 1.
+    async fn ping(&self) -> u64;
+    /// Waits for the gate, then returns 1.
+    async fn wait(&self) -> u64;
+    /// Does nothing.
+    #[signal]
+    async fn tick(&self, n: u64, pad: String);
+}
+
+struct Target {
+    gate: Arc<Semaphore>,
+}
+
+impl Attacked for Target {
+    async fn hold(&self, mut items: Receiver<u64>) -> u64 {
+        let _permit = self.gate.acquire().await;
+        let mut n = 0;
+        while let Some(Ok(_)) = items.recv().await {
+            n += 1;
+        }
+        n
+    }
+
+    async fn ping(&self) -> u64 {
+        1
+    }
+
+    async fn wait(&self) -> u64 {
+        let _permit = self.gate.acquire().await;
+        1
+    }
+
+    async fn tick(&self, _n: u64, _pad: String) {}
+}
+
+/// A served peer (the accepted side, hosting [`Target`] with `options`) and a raw
+/// connection to it.
+struct Attack {
+    _server: Server,
+    raw: Connection,
+    peer: Peer,
+    gate: Arc<Semaphore>,
+}
+
+async fn attack(server: Options, options: PeerOptions) -> Attack {
+    let (server, raw, accepted) = pair_with(Transport::Tcp, server, Options::default()).await;
+    let peer = Peer::with_options(accepted, options);
+    let gate = Arc::new(Semaphore::new(0));
+    peer.register(OBJECT, AttackedServer::new(Target { gate: gate.clone() }));
+    Attack {
+        _server: server,
+        raw,
+        peer,
+        gate,
+    }
+}
+
+/// Options for a message that keeps the turn in an open conversation.
+fn keep(conv: chatter_core::Conversation) -> SendOptions {
+    SendOptions::new()
+        .conversation(conv)
+        .last(false)
+        .token(false)
+}
+
+async fn recv(raw: &Connection) -> Msg {
+    timeout(HANG_GUARD, raw.receive())
+        .await
+        .expect("hang")
+        .expect("a message")
+}
+
+/// Waits until `condition` holds, yielding to the other tasks (the clock is paused:
+/// nothing sleeps for real).
+async fn wait_until(mut condition: impl FnMut() -> bool) {
+    timeout(HANG_GUARD, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the condition held before the hang guard");
+}
+
+/// Lets every task that can run do so.
+async fn settle() {
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A call of `ping` by hand and its value: the peer still answers.
+async fn ping_raw(raw: &Connection) {
+    let conv = raw
+        .send(
+            &(0u8, OBJECT, "ping", HOUR_MS, ()),
+            SendOptions::new().last(false),
+        )
+        .await
+        .expect("ping");
+    let reply = recv(raw).await;
+    assert_eq!(reply.conversation, conv);
+    assert_eq!(reply.decode::<(u8, u64)>().expect("[0, 1]"), (0, 1));
+}
+
+/// The reply that ends a call, `[status, value]`, after any grants `[5, bytes]`.
+async fn final_reply(raw: &Connection) -> (u8, u64) {
+    loop {
+        let msg = recv(raw).await;
+        if msg.last {
+            return msg.decode().expect("[status, value]");
+        }
+    }
+}
+
+/// Opens a stream call of `hold` by hand and its argument stream, once the callee granted
+/// its window; returns the argument stream's conversation and the grant.
+async fn open_hold(raw: &Connection) -> (chatter_core::Conversation, u64) {
+    let call = raw
+        .send(
+            &(12u8, OBJECT, "hold", HOUR_MS, 0u64, ()),
+            SendOptions::new().last(false),
+        )
+        .await
+        .expect("stream call");
+    let grant = recv(raw).await;
+    assert_eq!(grant.conversation, call);
+    let (five, window) = grant.decode::<(u8, u64)>().expect("[5, window]");
+    assert_eq!(five, 5, "the callee's first grant");
+    let input = raw
+        .send(
+            &(14u8, call.first_id()),
+            SendOptions::new().last(false).token(false),
+        )
+        .await
+        .expect("open the argument stream");
+    (input, window)
+}
+
+// Argument streams.
+
+/// Tiny argument items, each sent right beside a large message the callee drops at once (a
+/// signal with TTL 0): the items are within the stream's window, so what the callee holds
+/// for them must be too. Before the fix each item kept the whole run of messages it
+/// arrived with (up to 16 KiB copied by chatter-core, or a read buffer), while the
+/// connection's credit for the run went back: about 8 MiB held for a 64 KiB window.
+#[tokio::test(start_paused = true)]
+async fn tiny_argument_items_do_not_pin_the_buffers_of_released_messages() {
+    const WINDOW: u64 = 64 * 1024;
+    const PAIRS: u64 = 900;
+    let a = attack(
+        Options::default(),
+        PeerOptions::default().stream_window(WINDOW),
+    )
+    .await;
+    let (input, window) = open_hold(&a.raw).await;
+    assert_eq!(window, WINDOW);
+    let filler = "f".repeat(8 * 1024);
+    let base = heap_live();
+    for n in 0..PAIRS {
+        // `[3, n]`: 3 bytes and 64 of the window each.
+        a.raw.send(&(3u8, n), keep(input)).await.expect("an item");
+        a.raw
+            .send(
+                &(1u8, OBJECT, "tick", 0u64, (n, &filler)),
+                SendOptions::new(),
+            )
+            .await
+            .expect("a filler");
+    }
+    let p = a.peer.clone();
+    wait_until(|| p.stats().signals_expired_on_arrival == PAIRS).await;
+    settle().await;
+    let held = heap_live() - base;
+    // What the window holds (its cost: 67 bytes each), the items' queue entries and the
+    // connection's read buffer (about 210 KB after the fix).
+    let bound = 4 * WINDOW as i64;
+    assert!(
+        held <= bound,
+        "{PAIRS} argument items of {} bytes of window kept {held} heap bytes (bound {bound})",
+        PAIRS * 67
+    );
+    // Nothing was lost: the handler reads every item once the gate opens.
+    a.gate.add_permits(1);
+    a.raw
+        .send(&(4u8,), SendOptions::new().conversation(input).token(false))
+        .await
+        .expect("the end");
+    assert_eq!(final_reply(&a.raw).await, (0, PAIRS));
+    ping_raw(&a.raw).await;
+}
+
+// The heap counter.
+
+/// Counts the heap bytes allocated and not freed on each thread, and otherwise leaves
+/// every allocation to the system allocator. A `#[tokio::test]` runs its runtime, and so
+/// both ends and every task, on the test's thread: the count on that thread is the
+/// memory the test's connections hold, with no other test's mixed in.
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<i64> = const { Cell::new(0) };
+}
+
+fn count(delta: i64) {
+    // `try_with`: the allocator runs while a thread's locals are being torn down too.
+    let _ = LIVE.try_with(|live| live.set(live.get() + delta));
+}
+
+/// Heap bytes live on this thread (allocated here and not freed here).
+fn heap_live() -> i64 {
+    LIVE.with(Cell::get)
+}
+
+// SAFETY: every method hands the call to `System` unchanged and returns its result; the
+// counting touches a const-initialised thread-local `Cell`, which never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            count(layout.size() as i64);
+        }
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            count(layout.size() as i64);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        count(-(layout.size() as i64));
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            count(new_size as i64 - layout.size() as i64);
+        }
+        new
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
