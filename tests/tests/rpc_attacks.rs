@@ -225,6 +225,75 @@ async fn tiny_argument_items_do_not_pin_the_buffers_of_released_messages() {
     ping_raw(&a.raw).await;
 }
 
+// Reliable signals.
+
+/// The most sender streams the duplicate table remembers (PROTOCOL.md, "Reliable
+/// signals": 4 096 per process).
+const DEDUP_STREAMS: i64 = 4096;
+
+/// Reliable signals on 16 000 distinct streams, all waiting for the one handler slot at
+/// once (so each is *running* in the duplicate table, which the table does not evict),
+/// then all handled and acknowledged. PROTOCOL.md says the table keeps 4 096 streams per
+/// process; before the fix it grew to one entry per stream and kept them after they
+/// finished (about 8.7 MB for 16 000 streams, never given back: each new stream evicts
+/// one old one).
+#[tokio::test(start_paused = true)]
+async fn the_duplicate_table_keeps_its_stream_bound_when_every_stream_is_running() {
+    const STREAMS: u64 = 16_000;
+    // Distinct from any other test's streams (the table is the process's).
+    const BASE: u64 = 0xa77a_c000_0000_0000;
+    let a = attack(
+        Options::default(),
+        PeerOptions::default().max_concurrent_handlers(1),
+    )
+    .await;
+    // The slot is taken until the gate opens.
+    let blocker = a
+        .raw
+        .send(
+            &(0u8, OBJECT, "wait", HOUR_MS, ()),
+            SendOptions::new().last(false),
+        )
+        .await
+        .expect("the blocking call");
+    let p = a.peer.clone();
+    wait_until(|| p.stats().calls_received == 1).await;
+    settle().await;
+    let base = heap_live();
+    for n in 0..STREAMS {
+        let signal = (3u8, BASE + n, 1u64, OBJECT, "tick", HOUR_MS, (n, ""));
+        a.raw
+            .send(&signal, SendOptions::new())
+            .await
+            .expect("a reliable signal");
+    }
+    let p = a.peer.clone();
+    wait_until(|| p.stats().requests_waiting == STREAMS).await;
+    a.gate.add_permits(1);
+    let mut acks = 0;
+    let mut answered = false;
+    while acks < STREAMS || !answered {
+        let msg = recv(&a.raw).await;
+        if msg.conversation == blocker {
+            answered = true;
+            continue;
+        }
+        let (four, _stream, seq, status) = msg.decode::<(u8, u64, u64, u8)>().expect("an ack");
+        assert_eq!((four, seq, status), (4, 1, 0), "acknowledged as handled");
+        acks += 1;
+    }
+    settle().await;
+    // Everything ran and was answered: what is left is the duplicate table's growth
+    // (about 450 bytes per stream), and the connection's own buffers.
+    let kept = heap_live() - base;
+    let bound = DEDUP_STREAMS * 1024;
+    assert!(
+        kept <= bound,
+        "{STREAMS} streams handled once each left {kept} heap bytes (bound {bound})"
+    );
+    ping_raw(&a.raw).await;
+}
+
 // The heap counter.
 
 /// Counts the heap bytes allocated and not freed on each thread, and otherwise leaves

@@ -8,7 +8,8 @@
 //! copy's outcome). A signal accepted but left unrun when its connection closed is
 //! *abandoned*: its re-sent copy is accepted as new. The table lives in this process
 //! (shared by every peer of it), holds at most [`MAX_STREAMS`] streams (the least recently
-//! used is forgotten first), and is lost when the process exits: a signal whose
+//! used of those with no signal running is forgotten first; when every one has one
+//! running, a signal on a further stream is handled without being remembered), and is lost when the process exits: a signal whose
 //! acknowledgement was lost *and* whose receiver restarted is run again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -72,8 +73,22 @@ pub(super) fn admit(stream: u64, seq: u64) -> Admit {
             .filter(|(_, s)| s.running.is_empty())
             .min_by_key(|(_, s)| s.used)
             .map(|(k, _)| *k);
-        if let Some(k) = idle {
-            all.map.remove(&k);
+        match idle {
+            Some(k) => {
+                all.map.remove(&k);
+            }
+            // Every stream remembered has a signal running (a peer can make that so with
+            // signals on as many streams, waiting for a handler slot): this one is handled
+            // as on a stream the table forgot, rather than growing the table past its
+            // bound, an entry per stream that it would keep once the signals finished.
+            None => {
+                return Admit::New(Admitted {
+                    stream,
+                    seq,
+                    tracked: false,
+                    done: false,
+                })
+            }
         }
     }
     let st = all.map.entry(stream).or_default();
@@ -84,6 +99,7 @@ pub(super) fn admit(stream: u64, seq: u64) -> Admit {
         return Admit::New(Admitted {
             stream,
             seq,
+            tracked: true,
             done: false,
         });
     }
@@ -122,13 +138,17 @@ fn complete(stream: u64, seq: u64, status: AckStatus) {
 pub(super) struct Admitted {
     pub(super) stream: u64,
     pub(super) seq: u64,
+    /// In the table (else admitted without being remembered: its outcome is not kept).
+    tracked: bool,
     done: bool,
 }
 
 impl Admitted {
     pub(super) fn finish(mut self, status: AckStatus) {
         self.done = true;
-        complete(self.stream, self.seq, status);
+        if self.tracked {
+            complete(self.stream, self.seq, status);
+        }
     }
 
     /// The signal will not run here after all (its connection closed while it waited for
@@ -137,6 +157,9 @@ impl Admitted {
     /// acknowledged either).
     pub(super) fn abandon(mut self) {
         self.done = true;
+        if !self.tracked {
+            return;
+        }
         let mut all = lock(streams());
         let Some(st) = all.map.get_mut(&self.stream) else {
             return;
@@ -150,7 +173,7 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        if !self.done {
+        if !self.done && self.tracked {
             complete(self.stream, self.seq, AckStatus::Failed);
         }
     }
