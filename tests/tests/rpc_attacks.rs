@@ -294,6 +294,137 @@ async fn the_duplicate_table_keeps_its_stream_bound_when_every_stream_is_running
     ping_raw(&a.raw).await;
 }
 
+// Calls.
+
+/// Calls to made-up methods and objects that wait for a handler slot (every slot is
+/// taken), then are refused with failure 3 or 4 when one frees. A refused call runs no
+/// handler, so it must not be timed: before the fix each waiting one was recorded in
+/// `chatter_rpc_handler_duration_seconds` under the names the peer made up, a new metric
+/// series per name (200 here), which a recorder such as a Prometheus exporter keeps for
+/// the life of the process: memory without bound, from input. Refused without waiting,
+/// such calls were not timed already.
+#[cfg(feature = "metrics")]
+#[tokio::test(start_paused = true)]
+async fn refused_calls_that_waited_make_no_metric_series_of_made_up_names() {
+    const CALLS: u64 = 100;
+    let capture = Capture::default();
+    let _guard = metrics::set_default_local_recorder(&capture);
+    let a = attack(
+        Options::default(),
+        PeerOptions::default().max_concurrent_handlers(1),
+    )
+    .await;
+    let blocker = a
+        .raw
+        .send(
+            &(0u8, OBJECT, "wait", HOUR_MS, ()),
+            SendOptions::new().last(false),
+        )
+        .await
+        .expect("the blocking call");
+    for n in 0..CALLS {
+        let name = format!("made-up-{n}");
+        for (object, method) in [(OBJECT, name.as_str()), (name.as_str(), "ping")] {
+            a.raw
+                .send(
+                    &(0u8, object, method, HOUR_MS, ()),
+                    SendOptions::new().last(false),
+                )
+                .await
+                .expect("a call");
+        }
+    }
+    let p = a.peer.clone();
+    wait_until(|| p.stats().requests_waiting == 2 * CALLS).await;
+    a.gate.add_permits(1);
+    let mut kinds = std::collections::BTreeMap::new();
+    for _ in 0..2 * CALLS + 1 {
+        let reply = recv(&a.raw).await;
+        if reply.conversation == blocker {
+            continue;
+        }
+        let (two, kind, _) = reply.decode::<(u8, u8, String)>().expect("a failure");
+        assert_eq!(two, 2);
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    // Failure 3 (no such object) and 4 (no such method), one for each call.
+    assert_eq!(kinds, [(3, CALLS), (4, CALLS)].into_iter().collect());
+    let made_up = capture.series_with("made-up");
+    assert!(
+        made_up.is_empty(),
+        "{} metric series named after methods and objects that do not exist, such as {:?}",
+        made_up.len(),
+        made_up.first()
+    );
+    // The call that ran is timed.
+    assert_eq!(capture.series_with("method=wait").len(), 1);
+    ping_raw(&a.raw).await;
+}
+
+/// The histograms registered with a recorder, by name and labels.
+#[cfg(feature = "metrics")]
+#[derive(Default)]
+struct Capture {
+    series: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+#[cfg(feature = "metrics")]
+impl Capture {
+    /// The series whose name and labels (`name{k=v,...}`) contain `text`.
+    fn series_with(&self, text: &str) -> Vec<String> {
+        let series = self.series.lock().expect("not poisoned");
+        series
+            .iter()
+            .filter(|s| s.contains(text))
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl metrics::Recorder for Capture {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        key: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let id = format!("{}{{{}}}", key.name(), labels.join(","));
+        self.series.lock().expect("not poisoned").insert(id);
+        metrics::Histogram::noop()
+    }
+}
+
 // The heap counter.
 
 /// Counts the heap bytes allocated and not freed on each thread, and otherwise leaves
