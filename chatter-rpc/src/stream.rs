@@ -407,11 +407,12 @@ impl Inbox {
             // hostile writer puts each beside a large message the peer drops: 16 KiB held
             // for 67 bytes of window); the copy makes the window bound the memory.
             let copy = bytes::Bytes::copy_from_slice(payload);
+            // The items are the payload's last bytes, back to back.
+            let mut at = payload.len() - items.values_len();
             for item in items.iter() {
                 let of_item = cost(item.len(), 1) + std::mem::take(&mut header);
-                // `item` lies in `payload` (the decoder borrows it from there).
-                let at = item.as_ptr() as usize - payload.as_ptr() as usize;
                 state.window.queue(copy.slice(at..at + item.len()), of_item);
+                at += item.len();
             }
             state.window.waker.take()
         };
