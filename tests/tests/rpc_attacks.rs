@@ -9,6 +9,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,8 @@ pub trait Attacked {
 
 struct Target {
     gate: Arc<Semaphore>,
+    /// `tick`s handled.
+    ticks: Arc<AtomicU64>,
 }
 
 impl Attacked for Target {
@@ -65,7 +68,9 @@ impl Attacked for Target {
         1
     }
 
-    async fn tick(&self, _n: u64, _pad: String) {}
+    async fn tick(&self, _n: u64, _pad: String) {
+        self.ticks.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A served peer (the accepted side, hosting [`Target`] with `options`) and a raw
@@ -75,18 +80,25 @@ struct Attack {
     raw: Connection,
     peer: Peer,
     gate: Arc<Semaphore>,
+    ticks: Arc<AtomicU64>,
 }
 
 async fn attack(server: Options, options: PeerOptions) -> Attack {
     let (server, raw, accepted) = pair_with(Transport::Tcp, server, Options::default()).await;
     let peer = Peer::with_options(accepted, options);
     let gate = Arc::new(Semaphore::new(0));
-    peer.register(OBJECT, AttackedServer::new(Target { gate: gate.clone() }));
+    let ticks = Arc::new(AtomicU64::new(0));
+    let target = Target {
+        gate: gate.clone(),
+        ticks: ticks.clone(),
+    };
+    peer.register(OBJECT, AttackedServer::new(target));
     Attack {
         _server: server,
         raw,
         peer,
         gate,
+        ticks,
     }
 }
 
@@ -292,6 +304,69 @@ async fn the_duplicate_table_keeps_its_stream_bound_when_every_stream_is_running
         "{STREAMS} streams handled once each left {kept} heap bytes (bound {bound})"
     );
     ping_raw(&a.raw).await;
+}
+
+/// Reliable signals on one stream, all waiting for the one handler slot when the
+/// connection closes: each is abandoned, and the table remembers it so that its re-sent
+/// copy runs. Before the fix it remembered up to 65 536 of them per stream (and 4 096
+/// streams per process: up to about 4 GiB, kept after the connections closed; 20 000
+/// here kept about 300 KB), beyond what PROTOCOL.md states, and an abandoned signal past
+/// that limit was taken for a duplicate when re-sent: acknowledged, never run. Now a
+/// stream with more than 1 024 abandoned signals is forgotten, as an evicted one is: every
+/// re-sent copy runs.
+#[tokio::test(start_paused = true)]
+async fn abandoned_reliable_signals_are_remembered_within_a_bound_and_none_is_lost() {
+    const SIGNALS: u64 = 20_000;
+    // Distinct from any other test's streams (the table is the process's).
+    const STREAM: u64 = 0xa77a_ab00_0000_0001;
+    let signal = |seq: u64| (3u8, STREAM, seq, OBJECT, "tick", HOUR_MS, (seq, ""));
+    let base = heap_live();
+    {
+        let a = attack(
+            Options::default(),
+            PeerOptions::default().max_concurrent_handlers(1),
+        )
+        .await;
+        a.raw
+            .send(
+                &(0u8, OBJECT, "wait", HOUR_MS, ()),
+                SendOptions::new().last(false),
+            )
+            .await
+            .expect("the blocking call");
+        for seq in 1..=SIGNALS {
+            a.raw
+                .send(&signal(seq), SendOptions::new())
+                .await
+                .expect("a reliable signal");
+        }
+        let p = a.peer.clone();
+        wait_until(|| p.stats().requests_waiting == SIGNALS).await;
+        a.raw.close().await;
+        timeout(HANG_GUARD, a.peer.closed()).await.expect("closed");
+        assert_eq!(a.ticks.load(Ordering::Relaxed), 0);
+    }
+    settle().await;
+    let kept = heap_live() - base;
+    let bound = 64 * 1024;
+    assert!(
+        kept <= bound,
+        "{SIGNALS} abandoned signals of one stream left {kept} heap bytes (bound {bound})"
+    );
+    // The sender re-sends them all on its next connection: each runs once.
+    let a = attack(Options::default(), PeerOptions::default()).await;
+    for seq in 1..=SIGNALS {
+        a.raw
+            .send(&signal(seq), SendOptions::new())
+            .await
+            .expect("a re-sent signal");
+    }
+    for _ in 0..SIGNALS {
+        let ack = recv(&a.raw).await;
+        let (four, _, _, status) = ack.decode::<(u8, u64, u64, u8)>().expect("an ack");
+        assert_eq!((four, status), (4, 0), "acknowledged as handled");
+    }
+    assert_eq!(a.ticks.load(Ordering::Relaxed), SIGNALS, "each ran once");
 }
 
 // Calls.

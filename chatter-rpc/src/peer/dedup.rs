@@ -24,8 +24,9 @@ use crate::wire::AckStatus;
 pub(crate) const MAX_STREAMS: usize = 4096;
 /// How many non-`Handled` outcomes are remembered per stream (for re-acknowledgements).
 const MAX_EXCEPTIONS: usize = 1024;
-/// How many abandoned signals are remembered per stream (see [`Admitted::abandon`]).
-const MAX_ABANDONED: usize = 65_536;
+/// How many abandoned signals are remembered per stream (see [`Admitted::abandon`]);
+/// beyond, the stream is forgotten.
+const MAX_ABANDONED: usize = 1024;
 
 #[derive(Default)]
 struct Streams {
@@ -45,6 +46,17 @@ struct StreamState {
     /// for a handler slot: a re-sent copy is accepted as new.
     abandoned: HashSet<u64>,
     used: u64,
+}
+
+impl StreamState {
+    /// A running signal finished or was abandoned: once none runs, the map's memory goes
+    /// back (a burst of signals waiting for handler slots could leave it large, kept for
+    /// as long as the table keeps the stream).
+    fn running_done(&mut self) {
+        if self.running.is_empty() && self.running.capacity() > 0 {
+            self.running = HashMap::new();
+        }
+    }
 }
 
 /// What the duplicate table says about an arriving reliable signal.
@@ -93,6 +105,13 @@ pub(super) fn admit(stream: u64, seq: u64) -> Admit {
     }
     let st = all.map.entry(stream).or_default();
     st.used = tick;
+    // Running first: a stream forgotten while signals of it ran (see `abandon`) does not
+    // start a copy of a running one.
+    if let Some(waiters) = st.running.get_mut(&seq) {
+        let (tx, rx) = oneshot::channel();
+        waiters.push(tx);
+        return Admit::Running(rx);
+    }
     if seq > st.high || st.abandoned.remove(&seq) {
         st.high = st.high.max(seq);
         st.running.insert(seq, Vec::new());
@@ -102,11 +121,6 @@ pub(super) fn admit(stream: u64, seq: u64) -> Admit {
             tracked: true,
             done: false,
         });
-    }
-    if let Some(waiters) = st.running.get_mut(&seq) {
-        let (tx, rx) = oneshot::channel();
-        waiters.push(tx);
-        return Admit::Running(rx);
     }
     let status = st
         .exceptions
@@ -122,6 +136,7 @@ fn complete(stream: u64, seq: u64, status: AckStatus) {
         return;
     };
     let waiters = st.running.remove(&seq).unwrap_or_default();
+    st.running_done();
     if status != AckStatus::Handled {
         if st.exceptions.len() >= MAX_EXCEPTIONS {
             st.exceptions.pop_front();
@@ -165,8 +180,15 @@ impl Admitted {
             return;
         };
         st.running.remove(&self.seq);
+        st.running_done();
         if st.abandoned.len() < MAX_ABANDONED {
             st.abandoned.insert(self.seq);
+        } else {
+            // Too many to remember: the stream is forgotten, as an evicted one is, so
+            // that every re-sent copy runs (none is taken for a duplicate and lost).
+            st.high = 0;
+            st.abandoned = HashSet::new();
+            st.exceptions = VecDeque::new();
         }
     }
 }
