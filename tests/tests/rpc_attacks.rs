@@ -38,6 +38,8 @@ pub trait Attacked {
     async fn ping(&self) -> u64;
     /// Waits for the gate, then returns 1.
     async fn wait(&self) -> u64;
+    /// `0..n`, as a result stream.
+    async fn numbers(&self, n: u64) -> Receiver<u64>;
     /// Does nothing.
     #[signal]
     async fn tick(&self, n: u64, pad: String);
@@ -66,6 +68,10 @@ impl Attacked for Target {
     async fn wait(&self) -> u64 {
         let _permit = self.gate.acquire().await;
         1
+    }
+
+    async fn numbers(&self, n: u64) -> Receiver<u64> {
+        Receiver::from_stream(futures::stream::iter(0..n))
     }
 
     async fn tick(&self, _n: u64, _pad: String) {
@@ -115,6 +121,13 @@ async fn recv(raw: &Connection) -> Msg {
         .await
         .expect("hang")
         .expect("a message")
+}
+
+/// `value` as a MessagePack payload.
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    chatter_core::codec::encode(&mut out, value).expect("encodes");
+    out
 }
 
 /// Waits until `condition` holds, yielding to the other tasks (the clock is paused:
@@ -234,6 +247,237 @@ async fn tiny_argument_items_do_not_pin_the_buffers_of_released_messages() {
         .await
         .expect("the end");
     assert_eq!(final_reply(&a.raw).await, (0, PAIRS));
+    ping_raw(&a.raw).await;
+}
+
+/// What PROTOCOL.md says a callee must refuse, sent by hand: each is answered with the
+/// failure kind it names, and the connection stays open.
+#[tokio::test(start_paused = true)]
+async fn requests_the_protocol_refuses_get_the_failure_it_names() {
+    let a = attack(
+        Options::default(),
+        PeerOptions::default().max_metadata_bytes(64).max_streams(1),
+    )
+    .await;
+    let big = "m".repeat(100);
+    let context: std::collections::BTreeMap<&str, &str> = [("user", big.as_str())].into();
+    let cases: Vec<(&str, Vec<u8>, u8)> = vec![
+        (
+            "a stream call of a method without a stream",
+            encode(&(12u8, OBJECT, "ping", HOUR_MS, 0u64, ())),
+            7,
+        ),
+        (
+            "an ordinary call of a method with a stream",
+            encode(&(0u8, OBJECT, "hold", HOUR_MS, ())),
+            7,
+        ),
+        (
+            "a call whose context is over the limit",
+            encode(&(9u8, OBJECT, "ping", HOUR_MS, &context, ())),
+            9,
+        ),
+        (
+            "a stream call whose context is over the limit",
+            encode(&(13u8, OBJECT, "hold", HOUR_MS, 0u64, &context, ())),
+            9,
+        ),
+        (
+            "a stream call with deadline 0",
+            encode(&(12u8, OBJECT, "hold", 0u64, 0u64, ())),
+            1,
+        ),
+        (
+            "a negative deadline",
+            encode(&(0u8, OBJECT, "ping", -5i64, ())),
+            7,
+        ),
+        (
+            "an envelope with an element too many",
+            encode(&(0u8, OBJECT, "ping", HOUR_MS, (), ())),
+            7,
+        ),
+        ("an unknown kind", encode(&(99u8, OBJECT)), 7),
+        (
+            "a signal passing the turn",
+            encode(&(1u8, OBJECT, "tick", HOUR_MS, (1u64, ""))),
+            7,
+        ),
+        (
+            "arguments of the wrong type",
+            encode(&(0u8, OBJECT, "wait", HOUR_MS, ("x",))),
+            5,
+        ),
+        ("not an array", encode(&"call"), 7),
+    ];
+    for (what, payload, kind) in &cases {
+        let conv = a
+            .raw
+            .try_send(payload, SendOptions::new().last(false))
+            .expect("room");
+        let reply = recv(&a.raw).await;
+        assert_eq!(reply.conversation, conv, "{what}");
+        assert!(reply.last, "{what}: the answer ends the call");
+        let (two, got, message) = reply
+            .decode::<(u8, u8, String)>()
+            .unwrap_or_else(|e| panic!("{what}: not a failure: {e}"));
+        assert_eq!((two, got), (2, *kind), "{what}: {message}");
+    }
+    // One stream call beyond `max_streams`: failure 10.
+    let (_input, _) = open_hold(&a.raw).await;
+    let conv = a
+        .raw
+        .send(
+            &(12u8, OBJECT, "hold", HOUR_MS, 0u64, ()),
+            SendOptions::new().last(false),
+        )
+        .await
+        .expect("a second stream call");
+    let reply = recv(&a.raw).await;
+    assert_eq!(reply.conversation, conv);
+    assert_eq!(reply.decode::<(u8, u8, String)>().expect("a failure").1, 10);
+    ping_raw(&a.raw).await;
+}
+
+/// Argument items beyond the callee's grant, a second opening, items after the call was
+/// cancelled and after the stream failed: the stream fails (its reader gets the items
+/// before the overrun, then an error), later items are dropped with their credit given
+/// back, and the connection serves on.
+#[tokio::test(start_paused = true)]
+async fn argument_items_beyond_the_grant_or_after_a_cancel_fail_that_stream_only() {
+    const WINDOW: u64 = 1024;
+    let a = attack(
+        Options::default(),
+        PeerOptions::default().stream_window(WINDOW),
+    )
+    .await;
+    let (input, window) = open_hold(&a.raw).await;
+    assert_eq!(window, WINDOW);
+    // `[3, n]` costs 67: 15 fit in 1 024, the 16th is beyond the grant.
+    for n in 0..40u64 {
+        a.raw.send(&(3u8, n), keep(input)).await.expect("an item");
+    }
+    a.gate.add_permits(1);
+    a.raw
+        .send(&(4u8,), SendOptions::new().conversation(input).token(false))
+        .await
+        .expect("the end");
+    assert_eq!(final_reply(&a.raw).await, (0, 15));
+
+    // Cancelled while its caller sends: the call ends with failure 2, the items sent
+    // after it (and a second opening) are dropped.
+    let (input, _) = open_hold(&a.raw).await;
+    let call_id = input.first_id() - 1;
+    a.raw
+        .send(&(3u8, 1u64), keep(input))
+        .await
+        .expect("an item");
+    a.raw
+        .send(&(2u8, call_id), SendOptions::new())
+        .await
+        .expect("a cancel");
+    for n in 0..100u64 {
+        a.raw
+            .send(&(3u8, n), keep(input))
+            .await
+            .expect("an item after the cancel");
+    }
+    a.raw
+        .send(
+            &(14u8, call_id),
+            SendOptions::new().last(false).token(false),
+        )
+        .await
+        .expect("a second opening");
+    a.raw
+        .send(&(4u8,), SendOptions::new().conversation(input).token(false))
+        .await
+        .expect("the end");
+    let (status, kind) = loop {
+        let msg = recv(&a.raw).await;
+        if msg.last {
+            let (status, kind, _) = msg.decode::<(u8, u8, String)>().expect("a failure");
+            break (status, kind);
+        }
+    };
+    assert_eq!((status, kind), (2, 2), "cancelled");
+    let conn = a.peer.connection().expect("its connection");
+    ping_raw(&a.raw).await;
+    assert_eq!(conn.buffered().received, 0, "every credit given back");
+}
+
+// Result streams.
+
+/// The items of result stream `call` that arrive until it ends, and how it ended (the
+/// envelope of its last message).
+async fn read_result(raw: &Connection, call: chatter_core::Conversation) -> (Vec<u64>, Msg) {
+    let mut items = Vec::new();
+    loop {
+        let msg = recv(raw).await;
+        assert_eq!(msg.conversation, call);
+        if msg.last {
+            return (items, msg);
+        }
+        // `[0, nil]` opens the stream; `[3, item, ...]` carries items.
+        let values: Vec<Option<u64>> = msg.decode().expect("a stream message");
+        if values.first() == Some(&Some(3)) {
+            items.extend(values[1..].iter().map(|v| v.expect("an item")));
+        }
+    }
+}
+
+/// Grants a hostile caller may send for a result stream: zero, the most a `u64` holds
+/// (twice, on top of the window), grants for calls that do not exist, and one after the
+/// stream ended. None breaks the stream or the connection: the items arrive
+/// once each, in order, and the stream ends.
+#[tokio::test(start_paused = true)]
+async fn absurd_result_grants_change_nothing_but_the_credit() {
+    const ITEMS: u64 = 2_000;
+    let a = attack(Options::default(), PeerOptions::default()).await;
+    // A window of 1 000 bytes: 14 items of 67 bytes, then it waits for grants.
+    let call = a
+        .raw
+        .send(
+            &(12u8, OBJECT, "numbers", HOUR_MS, 1_000u64, (ITEMS,)),
+            SendOptions::new().last(false),
+        )
+        .await
+        .expect("a stream call");
+    let id = call.first_id();
+    // Grants count once the stream is open (a reader grants what it read).
+    let opening = recv(&a.raw).await;
+    assert_eq!(opening.decode::<(u8, ())>().expect("[0, nil]"), (0, ()));
+    for grant in [
+        (15u8, id, 0u64),
+        (15u8, id + 1, u64::MAX),
+        (15u8, u64::MAX, 1),
+        (15u8, id, u64::MAX),
+        (15u8, id, u64::MAX),
+    ] {
+        a.raw
+            .send(&grant, SendOptions::new())
+            .await
+            .expect("a grant");
+    }
+    let (items, end) = read_result(&a.raw, call).await;
+    assert_eq!(items, (0..ITEMS).collect::<Vec<_>>());
+    assert_eq!(end.decode::<(u8,)>().expect("[4]"), (4,));
+    a.raw
+        .send(&(15u8, id, u64::MAX), SendOptions::new())
+        .await
+        .expect("a grant for the ended stream");
+    // A window of 0: no item fits it, the stream fails with failure 7.
+    let call = a
+        .raw
+        .send(
+            &(12u8, OBJECT, "numbers", HOUR_MS, 0u64, (ITEMS,)),
+            SendOptions::new().last(false),
+        )
+        .await
+        .expect("a stream call");
+    let (items, end) = read_result(&a.raw, call).await;
+    assert!(items.is_empty());
+    assert_eq!(end.decode::<(u8, u8, String)>().expect("a failure").1, 7);
     ping_raw(&a.raw).await;
 }
 
