@@ -40,6 +40,8 @@ pub trait Attacked {
     async fn wait(&self) -> u64;
     /// `0..n`, as a result stream.
     async fn numbers(&self, n: u64) -> Receiver<u64>;
+    /// `n` bytes of text.
+    async fn pad(&self, n: u64) -> String;
     /// Does nothing.
     #[signal]
     async fn tick(&self, n: u64, pad: String);
@@ -72,6 +74,10 @@ impl Attacked for Target {
 
     async fn numbers(&self, n: u64) -> Receiver<u64> {
         Receiver::from_stream(futures::stream::iter(0..n))
+    }
+
+    async fn pad(&self, n: u64) -> String {
+        "p".repeat(n as usize)
     }
 
     async fn tick(&self, _n: u64, _pad: String) {
@@ -479,6 +485,87 @@ async fn absurd_result_grants_change_nothing_but_the_credit() {
     assert!(items.is_empty());
     assert_eq!(end.decode::<(u8, u8, String)>().expect("a failure").1, 7);
     ping_raw(&a.raw).await;
+}
+
+// The caller's side, against a hostile callee.
+
+/// A hostile callee keeps a stream call of its caller waiting for credit (its window is
+/// full of replies it does not read), and meanwhile sends tiny messages without `last` in
+/// the conversation of another call it holds. While a stream call is being registered,
+/// the caller keeps messages it cannot place yet (a stream's first items may race its
+/// registration), up to `MAX_UNCLAIMED` (1 MiB)... of payload bytes: before the fix,
+/// 100 000 messages of one byte were all kept (about 10 MB, each a slice of the run it
+/// came in) for as long as the stream call waited. Each now counts the 64 bytes of
+/// overhead a window charges a message, and is kept as a copy.
+#[tokio::test(start_paused = true)]
+async fn messages_held_for_a_stream_call_being_registered_are_bounded_by_their_cost() {
+    const MESSAGES: u64 = 100_000;
+    const WINDOW: u32 = 16 * 1024;
+    let server = Options::default()
+        .receive_window(WINDOW)
+        .max_frame_size(8 * 1024);
+    // The caller's window is small, so that its connection's own queue (which keeps the
+    // capacity of its longest backlog) stays small beside what is measured.
+    let caller_options = Options::default()
+        .receive_window(256 * 1024)
+        .max_frame_size(64 * 1024);
+    let (_server, client, raw) = pair_with(Transport::Tcp, server, caller_options).await;
+    let caller = Peer::new(client);
+    let target = Target {
+        gate: Arc::new(Semaphore::new(0)),
+        ticks: Arc::default(),
+    };
+    caller.register(OBJECT, AttackedServer::new(target));
+    let target = AttackedClient::new(&caller, OBJECT).with_deadline(Duration::from_secs(3600));
+    // A call the callee holds (it never answers it).
+    let held = tokio::spawn({
+        let target = target.clone();
+        async move { target.ping().await }
+    });
+    let held_conv = recv(&raw).await.conversation;
+    // Replies (which keep no reserve) that the callee does not read fill its window.
+    for _ in 0..3 {
+        raw.send(
+            &(0u8, OBJECT, "pad", HOUR_MS, (5_000u64,)),
+            SendOptions::new().last(false),
+        )
+        .await
+        .expect("a call of the caller");
+    }
+    let c = caller.clone();
+    wait_until(|| c.stats().calls_received == 3).await;
+    settle().await;
+    // The stream call waits for the callee's window (calls keep a quarter of it free).
+    let stream = tokio::spawn({
+        let target = target.clone();
+        async move { target.numbers(3).await.map(|_| ()) }
+    });
+    settle().await;
+    let base = heap_live();
+    for _ in 0..MESSAGES {
+        raw.send(&(), keep(held_conv)).await.expect("a message");
+    }
+    // The caller took every message once it counted this signal (it takes them in order).
+    raw.send(&(1u8, OBJECT, "tick", 0u64, (0u64, "")), SendOptions::new())
+        .await
+        .expect("a barrier");
+    let c = caller.clone();
+    wait_until(|| c.stats().signals_expired_on_arrival == 1).await;
+    settle().await;
+    let kept = heap_live() - base;
+    assert!(
+        !stream.is_finished() && !held.is_finished(),
+        "both still wait"
+    );
+    // 1 MiB of cost (16 131 messages), each held as its `Msg` and a copy of its payload,
+    // and the caller's connection's queue at its peak (within 256 KiB of cost).
+    let bound = 4 * 1024 * 1024;
+    assert!(
+        kept <= bound,
+        "{MESSAGES} tiny messages while a stream call waited for credit kept {kept} heap bytes (bound {bound})"
+    );
+    stream.abort();
+    held.abort();
 }
 
 // Reliable signals.
