@@ -32,6 +32,46 @@ const MAX_ABANDONED: usize = 1024;
 struct Streams {
     map: HashMap<u64, StreamState>,
     tick: u64,
+    /// The last pass over the table found every stream running a signal, and none has
+    /// finished since: no pass can find one to forget.
+    all_running: bool,
+    /// Passes over the table made to forget streams (for tests).
+    passes: u64,
+}
+
+/// How many streams one pass over a full table forgets (the least recently used of those
+/// with no signal running): a pass costs the whole table, so a peer that sends each
+/// signal on a new stream makes one per this many signals, not one per signal (each under
+/// the process's lock).
+const FORGET_AT_ONCE: usize = MAX_STREAMS / 16;
+
+impl Streams {
+    /// Makes room for a new stream in a full table: forgets the [`FORGET_AT_ONCE`] least
+    /// recently used streams with no signal running. False if every stream has one.
+    fn make_room(&mut self) -> bool {
+        if self.all_running {
+            return false;
+        }
+        self.passes += 1;
+        let mut idle: Vec<(u64, u64)> = self
+            .map
+            .iter()
+            .filter(|(_, s)| s.running.is_empty())
+            .map(|(k, s)| (s.used, *k))
+            .collect();
+        if idle.is_empty() {
+            self.all_running = true;
+            return false;
+        }
+        let n = FORGET_AT_ONCE.min(idle.len());
+        if n < idle.len() {
+            idle.select_nth_unstable(n - 1);
+        }
+        for (_, k) in &idle[..n] {
+            self.map.remove(k);
+        }
+        true
+    }
 }
 
 #[derive(Default)]
@@ -75,33 +115,23 @@ fn streams() -> &'static Mutex<Streams> {
 }
 
 pub(super) fn admit(stream: u64, seq: u64) -> Admit {
-    let mut all = lock(streams());
+    admit_in(&mut lock(streams()), stream, seq)
+}
+
+fn admit_in(all: &mut Streams, stream: u64, seq: u64) -> Admit {
     all.tick += 1;
     let tick = all.tick;
-    if !all.map.contains_key(&stream) && all.map.len() >= MAX_STREAMS {
-        let idle = all
-            .map
-            .iter()
-            .filter(|(_, s)| s.running.is_empty())
-            .min_by_key(|(_, s)| s.used)
-            .map(|(k, _)| *k);
-        match idle {
-            Some(k) => {
-                all.map.remove(&k);
-            }
-            // Every stream remembered has a signal running (a peer can make that so with
-            // signals on as many streams, waiting for a handler slot): this one is handled
-            // as on a stream the table forgot, rather than growing the table past its
-            // bound, an entry per stream that it would keep once the signals finished.
-            None => {
-                return Admit::New(Admitted {
-                    stream,
-                    seq,
-                    tracked: false,
-                    done: false,
-                })
-            }
-        }
+    // Every stream remembered has a signal running (a peer can make that so with signals
+    // on as many streams, waiting for a handler slot): this one is handled as on a stream
+    // the table forgot, rather than growing the table past its bound, an entry per stream
+    // that it would keep once the signals finished.
+    if !all.map.contains_key(&stream) && all.map.len() >= MAX_STREAMS && !all.make_room() {
+        return Admit::New(Admitted {
+            stream,
+            seq,
+            tracked: false,
+            done: false,
+        });
     }
     let st = all.map.entry(stream).or_default();
     st.used = tick;
@@ -131,9 +161,21 @@ pub(super) fn admit(stream: u64, seq: u64) -> Admit {
 }
 
 fn complete(stream: u64, seq: u64, status: AckStatus) {
-    let mut all = lock(streams());
+    let waiters = complete_in(&mut lock(streams()), stream, seq, status);
+    for w in waiters {
+        let _ = w.send(status);
+    }
+}
+
+/// Records the outcome of `(stream, seq)`; returns who waits for it.
+fn complete_in(
+    all: &mut Streams,
+    stream: u64,
+    seq: u64,
+    status: AckStatus,
+) -> Vec<oneshot::Sender<AckStatus>> {
     let Some(st) = all.map.get_mut(&stream) else {
-        return;
+        return Vec::new();
     };
     let waiters = st.running.remove(&seq).unwrap_or_default();
     st.running_done();
@@ -143,10 +185,10 @@ fn complete(stream: u64, seq: u64, status: AckStatus) {
         }
         st.exceptions.push_back((seq, status));
     }
-    drop(all);
-    for w in waiters {
-        let _ = w.send(status);
+    if st.running.is_empty() {
+        all.all_running = false;
     }
+    waiters
 }
 
 /// An admitted reliable signal: completes as `Failed` if dropped before it finished.
@@ -181,6 +223,7 @@ impl Admitted {
         };
         st.running.remove(&self.seq);
         st.running_done();
+        let idle = st.running.is_empty();
         if st.abandoned.len() < MAX_ABANDONED {
             st.abandoned.insert(self.seq);
         } else {
@@ -190,6 +233,9 @@ impl Admitted {
             st.abandoned = HashSet::new();
             st.exceptions = VecDeque::new();
         }
+        if idle {
+            all.all_running = false;
+        }
     }
 }
 
@@ -198,5 +244,80 @@ impl Drop for Admitted {
         if !self.done && self.tracked {
             complete(self.stream, self.seq, AckStatus::Failed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that sends each reliable signal on a new stream: once the table is full,
+    /// making room takes a pass over the whole table (under the process's lock). Before,
+    /// every new stream made one (4 096 entries visited per signal); now one pass forgets
+    /// `FORGET_AT_ONCE` streams, least recently used first.
+    #[test]
+    fn new_streams_in_a_full_table_cost_a_pass_per_batch_not_per_signal() {
+        let mut table = Streams::default();
+        let admit_and_finish = |table: &mut Streams, stream: u64| {
+            let Admit::New(mut admitted) = admit_in(table, stream, 1) else {
+                panic!("new")
+            };
+            admitted.done = true;
+            complete_in(table, stream, 1, AckStatus::Handled);
+        };
+        let count = MAX_STREAMS as u64;
+        for stream in 0..count {
+            admit_and_finish(&mut table, stream);
+        }
+        assert_eq!(table.passes, 0);
+        // Stream 0 is used again: it is the most recently used now.
+        assert!(matches!(
+            admit_in(&mut table, 0, 1),
+            Admit::Done(AckStatus::Handled)
+        ));
+        let batch = FORGET_AT_ONCE as u64;
+        for stream in count..count + batch {
+            admit_and_finish(&mut table, stream);
+        }
+        // The least recently used went first: stream 0, used again, outlived the others
+        // of its time.
+        assert_eq!(table.passes, 1);
+        assert!(table.map.contains_key(&0));
+        assert!(!table.map.contains_key(&1));
+        for stream in count + batch..2 * count {
+            admit_and_finish(&mut table, stream);
+        }
+        assert!(table.map.len() <= MAX_STREAMS);
+        assert_eq!(
+            table.passes, 16,
+            "one pass per {FORGET_AT_ONCE} new streams"
+        );
+
+        // Every stream running: one pass finds that out, later new streams make none until
+        // one finished.
+        let mut table = Streams::default();
+        let mut running = Vec::new();
+        for stream in 0..count {
+            let Admit::New(mut admitted) = admit_in(&mut table, stream, 1) else {
+                panic!("new")
+            };
+            admitted.done = true;
+            running.push(admitted);
+        }
+        for stream in count..count + 100 {
+            let Admit::New(mut admitted) = admit_in(&mut table, stream, 1) else {
+                panic!("new, not remembered")
+            };
+            assert!(!admitted.tracked);
+            admitted.done = true;
+        }
+        assert_eq!(table.passes, 1);
+        complete_in(&mut table, 5, 1, AckStatus::Handled);
+        let Admit::New(mut admitted) = admit_in(&mut table, 2 * count, 1) else {
+            panic!("new")
+        };
+        assert!(admitted.tracked);
+        admitted.done = true;
+        assert_eq!(table.passes, 2);
     }
 }
