@@ -256,6 +256,58 @@ async fn tiny_argument_items_do_not_pin_the_buffers_of_released_messages() {
     ping_raw(&a.raw).await;
 }
 
+/// Calls whose context is as large as allowed and made of the smallest entries (empty
+/// keys and values), each running a handler that waits: a context of `max_metadata_bytes`
+/// decodes to up to 16 times that (32 bytes per 2-byte entry), held while its handler
+/// runs. SECURITY.md states that bound; this checks it holds (and stays stated).
+#[tokio::test(start_paused = true)]
+async fn running_handlers_hold_their_decoded_metadata_within_the_stated_bound() {
+    const HANDLERS: u64 = 64;
+    const METADATA: usize = 8192;
+    let a = attack(
+        Options::default(),
+        PeerOptions::default()
+            .max_concurrent_handlers(HANDLERS as usize)
+            .max_metadata_bytes(METADATA),
+    )
+    .await;
+    // A map32 of 4 093 empty entries: 5 + 4 093 * 2 = 8 191 bytes.
+    let mut context = vec![0xdf];
+    context.extend_from_slice(&4093u32.to_be_bytes());
+    context.extend(std::iter::repeat_n(0xa0, 2 * 4093));
+    // [9, object, "wait", deadline, context, nil]
+    let mut call = vec![0x96, 0x09];
+    call.extend(encode(&OBJECT));
+    call.extend(encode(&"wait"));
+    call.extend(encode(&HOUR_MS));
+    call.extend(&context);
+    call.push(0xc0);
+    let base = heap_live();
+    for _ in 0..HANDLERS {
+        a.raw
+            .try_send(&call, SendOptions::new().last(false))
+            .expect("room for a call");
+        settle().await;
+    }
+    let p = a.peer.clone();
+    wait_until(|| p.stats().calls_received == HANDLERS).await;
+    settle().await;
+    assert_eq!(a.peer.stats().requests_waiting, 0, "each runs");
+    let held = heap_live() - base;
+    // Each: 16 times the metadata limit, and its request and task (a few times the
+    // request's cost). Measured: 9.1 MB, 142 KB a handler.
+    let bound = HANDLERS as i64 * (16 * METADATA as i64 + 4 * (call.len() as i64 + 64));
+    assert!(
+        held <= bound,
+        "{HANDLERS} handlers with {} bytes of metadata each hold {held} heap bytes (bound {bound})",
+        context.len()
+    );
+    a.gate.add_permits(1);
+    for _ in 0..HANDLERS {
+        assert_eq!(final_reply(&a.raw).await, (0, 1));
+    }
+}
+
 /// What PROTOCOL.md says a callee must refuse, sent by hand: each is answered with the
 /// failure kind it names, and the connection stays open.
 #[tokio::test(start_paused = true)]
