@@ -752,6 +752,65 @@ async fn abandoned_reliable_signals_are_remembered_within_a_bound_and_none_is_lo
     assert_eq!(a.ticks.load(Ordering::Relaxed), SIGNALS, "each ran once");
 }
 
+/// Copies of a reliable signal whose first copy waits for the handler slot: each copy
+/// waits for the first one's outcome (to be acknowledged with it) holding its credit, in
+/// a task of its own. What they hold stays in proportion to that credit, as SECURITY.md
+/// states it: each task about 630 bytes for a copy charged about 105, so up to about 6
+/// times the window. Before the fix the task held the state of a handler it almost never
+/// runs (1 144 bytes a copy: 2.9 MB for a 256 KiB window, 11 times).
+#[tokio::test(start_paused = true)]
+async fn duplicate_reliable_signals_waiting_cost_memory_in_proportion_to_the_window() {
+    const WINDOW: u32 = 256 * 1024;
+    const STREAM: u64 = 0xa77a_d0b1_0000_0001;
+    let server = Options::default()
+        .receive_window(WINDOW)
+        .max_frame_size(64 * 1024);
+    let a = attack(server, PeerOptions::default().max_concurrent_handlers(1)).await;
+    a.raw
+        .send(
+            &(0u8, OBJECT, "wait", HOUR_MS, ()),
+            SendOptions::new().last(false),
+        )
+        .await
+        .expect("the blocking call");
+    let p = a.peer.clone();
+    wait_until(|| p.stats().calls_received == 1).await;
+    settle().await;
+    let base = heap_live();
+    let copy = (3u8, STREAM, 1u64, OBJECT, "tick", HOUR_MS, (1u64, ""));
+    let conn = a.peer.connection().expect("its connection");
+    // Copies until the window is full (the sender then waits for credit).
+    let mut sent = 0u64;
+    while conn.buffered().received + 256 < u64::from(WINDOW) {
+        let payload = encode(&copy);
+        match a.raw.try_send(&payload, SendOptions::new()) {
+            Ok(_) => sent += 1,
+            Err(_) => settle().await,
+        }
+        if sent.is_multiple_of(64) {
+            settle().await;
+        }
+    }
+    settle().await;
+    let held = heap_live() - base;
+    let charged = conn.buffered().received as i64;
+    let bound = 7 * charged;
+    assert!(
+        held <= bound,
+        "{sent} copies charged {charged} bytes hold {held} heap bytes (bound {bound})"
+    );
+    a.gate.add_permits(1);
+    let mut acks = 0;
+    while acks < sent {
+        let msg = recv(&a.raw).await;
+        if msg.last && msg.decode::<(u8, u64)>().is_ok() {
+            continue;
+        }
+        acks += 1;
+    }
+    assert_eq!(a.ticks.load(Ordering::Relaxed), 1, "run once");
+}
+
 // Calls.
 
 /// Calls to made-up methods and objects that wait for a handler slot (every slot is
