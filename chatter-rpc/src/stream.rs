@@ -401,9 +401,18 @@ impl Inbox {
         let waker = {
             let mut state = self.lock();
             state.window.reserve(total)?;
+            // A copy: the payload is a slice of the run of messages it arrived with (or of
+            // the read buffer), whose connection credit goes back as soon as the items are
+            // here. Kept as a slice, one tiny item would keep the whole run alive (a
+            // hostile writer puts each beside a large message the peer drops: 16 KiB held
+            // for 67 bytes of window); the copy makes the window bound the memory.
+            let copy = bytes::Bytes::copy_from_slice(payload);
+            // The items are the payload's last bytes, back to back.
+            let mut at = payload.len() - items.values_len();
             for item in items.iter() {
                 let of_item = cost(item.len(), 1) + std::mem::take(&mut header);
-                state.window.queue(payload.slice_ref(item), of_item);
+                state.window.queue(copy.slice(at..at + item.len()), of_item);
+                at += item.len();
             }
             state.window.waker.take()
         };

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -705,10 +705,15 @@ impl Inner {
                     rx
                 };
                 let mut handlers = Handlers::new();
+                // Whether a handler started: a refused call (no such object or method, bad
+                // arguments) is not timed, as when it is refused without waiting, so that
+                // names a peer makes up do not become metric labels.
+                let started = AtomicBool::new(false);
                 let work = async {
                     let (object, method, args) = (item.object(), item.method(), item.args());
                     match self.start_call(object, method, args, None, &mut handlers) {
                         Ok(()) => {
+                            started.store(true, Ordering::Relaxed);
                             let handler = CatchUnwind(handlers.call_mut());
                             self.handler_result(CallContext::scope(call, handler).await)
                         }
@@ -720,8 +725,10 @@ impl Inner {
                 if let Some(traced) = &traced.0 {
                     traced.handled(reply_outcome(&reply));
                 }
-                let names = (item.object().0, item.method().0);
-                timer.handled(names, "call", reply_outcome(&reply));
+                if started.load(Ordering::Relaxed) {
+                    let names = (item.object().0, item.method().0);
+                    timer.handled(names, "call", reply_outcome(&reply));
+                }
                 send_call_reply(self, conv, reply, item.credit).await;
             }
             Kind::Signal => {

@@ -68,8 +68,18 @@ struct State {
 
 /// At most this many bytes of stream messages wait for their call's registration; beyond,
 /// they are dropped (a well-behaved callee sends at most one window before it is read, and
-/// the registration takes microseconds).
+/// the registration takes microseconds). Each counts as in a window, with 64 bytes more
+/// than its payload ([`unclaimed_cost`]): a callee that sends tiny messages meanwhile (in
+/// the conversation of another call it holds, while a stream call waits for its credit)
+/// gets no more of them kept than the bytes say.
 const MAX_UNCLAIMED: usize = 1 << 20;
+
+/// What a message waiting for its call's registration counts against [`MAX_UNCLAIMED`]:
+/// its payload and the 64 bytes a window charges a message (chatter-core's
+/// `MESSAGE_OVERHEAD`), which cover the [`Msg`] kept.
+fn unclaimed_cost(msg: &Msg) -> usize {
+    msg.payload.len() + 64
+}
 
 /// A stream call this side made.
 struct CallerStream {
@@ -122,14 +132,19 @@ impl Inner {
                 if st.starting == 0 || msg.last {
                     return Some(msg);
                 }
-                if st.unclaimed_bytes + msg.payload.len() > MAX_UNCLAIMED {
+                let cost = unclaimed_cost(&msg);
+                if st.unclaimed_bytes + cost > MAX_UNCLAIMED {
                     tracing::warn!(
                         conversation = id,
                         "stream message dropped: too many for calls being registered"
                     );
                     return None;
                 }
-                st.unclaimed_bytes += msg.payload.len();
+                st.unclaimed_bytes += cost;
+                // A copy: its connection credit went back, and a slice would keep the
+                // whole run of messages it arrived with alive.
+                let mut msg = msg;
+                msg.payload = Bytes::copy_from_slice(&msg.payload);
                 st.unclaimed.push(msg);
                 return None;
             }
@@ -230,7 +245,7 @@ impl Inner {
                 if msg.conversation.first_id() == id {
                     thens.push(route_reply(&mut st, msg));
                 } else if st.starting > 0 {
-                    st.unclaimed_bytes += msg.payload.len();
+                    st.unclaimed_bytes += unclaimed_cost(&msg);
                     st.unclaimed.push(msg);
                 }
                 // Else: for no stream call (one being registered would still count).
