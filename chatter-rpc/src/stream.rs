@@ -401,12 +401,19 @@ impl Inbox {
         let waker = {
             let mut state = self.lock();
             state.window.reserve(total)?;
-            // A copy: the payload is a slice of the run of messages it arrived with (or of
-            // the read buffer), whose connection credit goes back as soon as the items are
-            // here. Kept as a slice, one tiny item would keep the whole run alive (a
-            // hostile writer puts each beside a large message the peer drops: 16 KiB held
-            // for 67 bytes of window); the copy makes the window bound the memory.
-            let copy = bytes::Bytes::copy_from_slice(payload);
+            // A small payload is copied: it is a slice of the run of messages it arrived
+            // with (or of the read buffer), whose connection credit goes back as soon as
+            // the items are here. Kept as a slice, one tiny item would keep the whole run
+            // alive (a hostile writer puts each beside a large message the peer drops:
+            // 16 KiB held for 67 bytes of window); the copy makes the window bound the
+            // memory. A payload of `SHARE_AT_LEAST` bytes or more is kept as it is: the
+            // allocation it shares is at most about twice its size (chatter-core slices
+            // only such runs), and copying it would cost a pass over every byte.
+            let copy = if payload.len() < chatter_core::proto::SHARE_AT_LEAST {
+                bytes::Bytes::copy_from_slice(payload)
+            } else {
+                payload.clone()
+            };
             // The items are the payload's last bytes, back to back.
             let mut at = payload.len() - items.values_len();
             for item in items.iter() {
