@@ -35,6 +35,7 @@ pub struct Options {
     pub(crate) tcp_user_timeout: Option<Duration>,
     pub(crate) tcp_defer_accept: bool,
     pub(crate) max_connections: usize,
+    pub(crate) listen_backlog: u32,
     pub(crate) throttle: Throttle,
     pub(crate) bind_connections: bool,
     #[cfg(feature = "tls")]
@@ -52,6 +53,7 @@ impl Default for Options {
             tcp_user_timeout: Some(Duration::from_secs(30)),
             tcp_defer_accept: false,
             max_connections: 10_000,
+            listen_backlog: 1024,
             throttle: Throttle::NONE,
             bind_connections: true,
             #[cfg(feature = "tls")]
@@ -168,6 +170,23 @@ impl Options {
         self
     }
 
+    /// For [`listen`](crate::listen): how many connections the kernel keeps waiting for
+    /// the server to accept them (the socket's listen backlog; default 1024, capped by the
+    /// system's limit, `net.core.somaxconn` on Linux). Beyond it the kernel drops a new
+    /// connection's SYN and the client retries after a second: with the 128 the standard
+    /// library and tokio use, a burst of a few hundred connections (clients reconnecting
+    /// after a restart) waits that second. Listeners handed in by the application keep
+    /// their own backlog. Must be at least 1.
+    ///
+    /// ```
+    /// let options = chatter_core::Options::default().listen_backlog(4096);
+    /// # let _ = options;
+    /// ```
+    pub fn listen_backlog(mut self, backlog: u32) -> Self {
+        self.listen_backlog = backlog;
+        self
+    }
+
     /// For [`listen`](crate::listen): how many connections the server holds at once,
     /// counting those still in their handshake (default 10,000). A peer that connects
     /// beyond the limit gets a close frame with [`CloseCode::Busy`](crate::CloseCode::Busy)
@@ -244,6 +263,11 @@ impl Options {
                         .into(),
                 ));
             }
+        }
+        if self.listen_backlog == 0 || self.listen_backlog > i32::MAX as u32 {
+            return Err(InvalidOptions(
+                "listen_backlog must be between 1 and 2^31 - 1".into(),
+            ));
         }
         if self.proto.send_buffer < MIN {
             return Err(InvalidOptions(format!(

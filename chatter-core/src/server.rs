@@ -278,7 +278,10 @@ impl Server {
                     .await
                     .map_err(io_error)?;
                 for addr in resolved {
-                    match TcpListener::bind(addr).await {
+                    match TcpListener::bind(addr).await.and_then(|l| {
+                        set_backlog(&l, &options)?;
+                        Ok(l)
+                    }) {
                         Ok(listener) => bound.push(Bound::Tcp(listener)),
                         Err(e) => last = Some(e),
                     }
@@ -290,7 +293,12 @@ impl Server {
                 }
             }
             Address::Unix { path } => bound.push(Bound::Unix {
-                listener: bind_unix(path).map_err(io_error)?,
+                listener: bind_unix(path)
+                    .and_then(|l| {
+                        set_backlog(&l, &options)?;
+                        Ok(l)
+                    })
+                    .map_err(io_error)?,
                 path: Some(path.clone()),
             }),
         }
@@ -510,6 +518,14 @@ enum Bound {
 /// that exited without removing it (a crash), which nothing listens on any more. A socket
 /// someone still listens on is an error that says so; a file that is not a socket is never
 /// removed.
+/// Sets the listen backlog of a listener chatter bound ([`Options::listen_backlog`]):
+/// tokio binds with 128. Listening again on a listening socket only changes its backlog.
+fn set_backlog<L: std::os::fd::AsFd>(listener: &L, options: &Options) -> io::Result<()> {
+    // `validate` keeps the backlog within an i32.
+    let backlog = i32::try_from(options.listen_backlog).unwrap_or(i32::MAX);
+    socket2::SockRef::from(listener).listen(backlog)
+}
+
 fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     match UnixListener::bind(path) {

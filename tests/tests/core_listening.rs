@@ -95,3 +95,36 @@ async fn a_file_that_is_not_a_socket_is_left_alone() {
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     std::fs::remove_file(&path).unwrap();
 }
+
+/// A burst of connections beyond the standard library's backlog of 128 waits for no SYN
+/// retransmission (a second): the kernel queues them all (`Options::listen_backlog`,
+/// default 1024). The server's accept loop does not run meanwhile (this thread never
+/// yields to it), so every connection waits in the backlog; one beyond it would time out.
+#[tokio::test]
+async fn a_burst_of_connections_beyond_128_waits_in_the_backlog() {
+    let system_cap: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    let burst = 300.min(system_cap.saturating_sub(10));
+    if burst <= 128 {
+        eprintln!("net.core.somaxconn is {system_cap}: no burst beyond 128 to try");
+        return;
+    }
+    let server = listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .unwrap();
+    let Address::Tcp { port, .. } = server.addresses()[0] else {
+        panic!("not TCP: {}", server.addresses()[0]);
+    };
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut held = Vec::with_capacity(burst);
+    for i in 0..burst {
+        // A dropped SYN is retried after a second: 300 ms tells the two apart.
+        let stream =
+            std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300))
+                .unwrap_or_else(|e| panic!("connection {i} of {burst} was not queued: {e}"));
+        held.push(stream);
+    }
+    assert_eq!(held.len(), burst);
+}
