@@ -2,6 +2,7 @@
 
 #![warn(missing_docs)]
 
+pub mod heap;
 pub mod numbers;
 pub mod proxy;
 

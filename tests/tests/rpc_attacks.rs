@@ -7,8 +7,6 @@
 //! No test waits for time to pass as synchronisation: each waits for a counter or a
 //! message it needs (the paused clock only advances when every task waits).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -222,7 +220,7 @@ async fn tiny_argument_items_do_not_pin_the_buffers_of_released_messages() {
     let (input, window) = open_hold(&a.raw).await;
     assert_eq!(window, WINDOW);
     let filler = "f".repeat(8 * 1024);
-    let base = heap_live();
+    let base = tests::heap::heap_live();
     for n in 0..PAIRS {
         // `[3, n]`: 3 bytes and 64 of the window each.
         a.raw.send(&(3u8, n), keep(input)).await.expect("an item");
@@ -237,7 +235,7 @@ async fn tiny_argument_items_do_not_pin_the_buffers_of_released_messages() {
     let p = a.peer.clone();
     wait_until(|| p.stats().signals_expired_on_arrival == PAIRS).await;
     settle().await;
-    let held = heap_live() - base;
+    let held = tests::heap::heap_live() - base;
     // What the window holds (its cost: 67 bytes each), the items' queue entries and the
     // connection's read buffer (about 210 KB after the fix).
     let bound = 4 * WINDOW as i64;
@@ -282,7 +280,7 @@ async fn running_handlers_hold_their_decoded_metadata_within_the_stated_bound() 
     call.extend(encode(&HOUR_MS));
     call.extend(&context);
     call.push(0xc0);
-    let base = heap_live();
+    let base = tests::heap::heap_live();
     for _ in 0..HANDLERS {
         a.raw
             .try_send(&call, SendOptions::new().last(false))
@@ -293,7 +291,7 @@ async fn running_handlers_hold_their_decoded_metadata_within_the_stated_bound() 
     wait_until(|| p.stats().calls_received == HANDLERS).await;
     settle().await;
     assert_eq!(a.peer.stats().requests_waiting, 0, "each runs");
-    let held = heap_live() - base;
+    let held = tests::heap::heap_live() - base;
     // Each: 16 times the metadata limit, and its request and task (a few times the
     // request's cost). Measured: 9.1 MB, 142 KB a handler.
     let bound = HANDLERS as i64 * (16 * METADATA as i64 + 4 * (call.len() as i64 + 64));
@@ -593,7 +591,7 @@ async fn messages_held_for_a_stream_call_being_registered_are_bounded_by_their_c
         async move { target.numbers(3).await.map(|_| ()) }
     });
     settle().await;
-    let base = heap_live();
+    let base = tests::heap::heap_live();
     for _ in 0..MESSAGES {
         raw.send(&(), keep(held_conv)).await.expect("a message");
     }
@@ -604,7 +602,7 @@ async fn messages_held_for_a_stream_call_being_registered_are_bounded_by_their_c
     let c = caller.clone();
     wait_until(|| c.stats().signals_expired_on_arrival == 1).await;
     settle().await;
-    let kept = heap_live() - base;
+    let kept = tests::heap::heap_live() - base;
     assert!(
         !stream.is_finished() && !held.is_finished(),
         "both still wait"
@@ -654,7 +652,7 @@ async fn the_duplicate_table_keeps_its_stream_bound_when_every_stream_is_running
     let p = a.peer.clone();
     wait_until(|| p.stats().calls_received == 1).await;
     settle().await;
-    let base = heap_live();
+    let base = tests::heap::heap_live();
     for n in 0..STREAMS {
         let signal = (3u8, BASE + n, 1u64, OBJECT, "tick", HOUR_MS, (n, ""));
         a.raw
@@ -680,7 +678,7 @@ async fn the_duplicate_table_keeps_its_stream_bound_when_every_stream_is_running
     settle().await;
     // Everything ran and was answered: what is left is the duplicate table's growth
     // (about 450 bytes per stream), and the connection's own buffers.
-    let kept = heap_live() - base;
+    let kept = tests::heap::heap_live() - base;
     let bound = DEDUP_STREAMS * 1024;
     assert!(
         kept <= bound,
@@ -703,7 +701,7 @@ async fn abandoned_reliable_signals_are_remembered_within_a_bound_and_none_is_lo
     // Distinct from any other test's streams (the table is the process's).
     const STREAM: u64 = 0xa77a_ab00_0000_0001;
     let signal = |seq: u64| (3u8, STREAM, seq, OBJECT, "tick", HOUR_MS, (seq, ""));
-    let base = heap_live();
+    let base = tests::heap::heap_live();
     {
         let a = attack(
             Options::default(),
@@ -730,7 +728,7 @@ async fn abandoned_reliable_signals_are_remembered_within_a_bound_and_none_is_lo
         assert_eq!(a.ticks.load(Ordering::Relaxed), 0);
     }
     settle().await;
-    let kept = heap_live() - base;
+    let kept = tests::heap::heap_live() - base;
     let bound = 64 * 1024;
     assert!(
         kept <= bound,
@@ -776,7 +774,7 @@ async fn duplicate_reliable_signals_waiting_cost_memory_in_proportion_to_the_win
     let p = a.peer.clone();
     wait_until(|| p.stats().calls_received == 1).await;
     settle().await;
-    let base = heap_live();
+    let base = tests::heap::heap_live();
     let copy = (3u8, STREAM, 1u64, OBJECT, "tick", HOUR_MS, (1u64, ""));
     let conn = a.peer.connection().expect("its connection");
     // Copies until the window is full (the sender then waits for credit).
@@ -792,7 +790,7 @@ async fn duplicate_reliable_signals_waiting_cost_memory_in_proportion_to_the_win
         }
     }
     settle().await;
-    let held = heap_live() - base;
+    let held = tests::heap::heap_live() - base;
     let charged = conn.buffered().received as i64;
     let bound = 7 * charged;
     assert!(
@@ -942,60 +940,5 @@ impl metrics::Recorder for Capture {
     }
 }
 
-// The heap counter.
-
-/// Counts the heap bytes allocated and not freed on each thread, and otherwise leaves
-/// every allocation to the system allocator. A `#[tokio::test]` runs its runtime, and so
-/// both ends and every task, on the test's thread: the count on that thread is the
-/// memory the test's connections hold, with no other test's mixed in.
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<i64> = const { Cell::new(0) };
-}
-
-fn count(delta: i64) {
-    // `try_with`: the allocator runs while a thread's locals are being torn down too.
-    let _ = LIVE.try_with(|live| live.set(live.get() + delta));
-}
-
-/// Heap bytes live on this thread (allocated here and not freed here).
-fn heap_live() -> i64 {
-    LIVE.with(Cell::get)
-}
-
-// SAFETY: every method hands the call to `System` unchanged and returns its result; the
-// counting touches a const-initialised thread-local `Cell`, which never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            count(layout.size() as i64);
-        }
-        ptr
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc_zeroed(layout) };
-        if !ptr.is_null() {
-            count(layout.size() as i64);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        count(-(layout.size() as i64));
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if !new.is_null() {
-            count(new_size as i64 - layout.size() as i64);
-        }
-        new
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: tests::heap::Counting = tests::heap::Counting;

@@ -27,8 +27,6 @@
 //! ready, tokio still moves the paused clock to the next timer, so a test keeps a timer
 //! running while it measures ([`watch`], as in `core_attacks.rs`).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -1212,7 +1210,7 @@ async fn waiting_tiny_signals_do_not_pin_the_buffers_of_released_messages() {
     let p = probe.clone();
     wait_until(|| p.started() == [1]).await;
 
-    let base = heap_live();
+    let base = tests::heap::heap_live();
     let watch = watch(&receiver, Duration::from_millis(1), no_lag());
     // A large message first, so that the read buffer grows to its kept size.
     let filler = "f".repeat(FILLER);
@@ -1254,7 +1252,7 @@ async fn waiting_tiny_signals_do_not_pin_the_buffers_of_released_messages() {
     let p = probe.clone();
     wait_until(|| p.ticks.load(Ordering::Acquire) == PAIRS).await;
     settle().await;
-    let after = heap_live() - base;
+    let after = tests::heap::heap_live() - base;
     // The backlog's own entries (see the test above) plus twice what is charged.
     let bound = 6 * held as i64 + 2 * i64::from(WINDOW);
     assert!(
@@ -1502,7 +1500,7 @@ fn watch(receiver: &Peer, every: Duration, lag: Box<dyn Fn() -> u64 + Send>) -> 
     let receiver = receiver.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
-    let base = heap_live();
+    let base = tests::heap::heap_live();
     let task = tokio::spawn(async move {
         let mut peaks = Peaks::default();
         loop {
@@ -1511,7 +1509,7 @@ fn watch(receiver: &Peer, every: Duration, lag: Box<dyn Fn() -> u64 + Send>) -> 
             peaks.buffered = peaks.buffered.max(buffered.total());
             peaks.waiting = peaks.waiting.max(receiver.stats().requests_waiting);
             peaks.lag = peaks.lag.max(lag());
-            peaks.heap = peaks.heap.max(heap_live() - base);
+            peaks.heap = peaks.heap.max(tests::heap::heap_live() - base);
             if stopped.load(Ordering::Acquire) {
                 return peaks;
             }
@@ -1544,58 +1542,5 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Counts the heap bytes allocated and not freed on each thread, and otherwise leaves
-/// every allocation to the system allocator. A `#[tokio::test]` runs its runtime, and so
-/// both peers and every task, on the test's thread: the count on that thread is the
-/// memory the test's connections hold, with no other test's mixed in.
-struct Counting;
-
-thread_local! {
-    static LIVE: Cell<i64> = const { Cell::new(0) };
-}
-
-fn count(delta: i64) {
-    // `try_with`: the allocator runs while a thread's locals are being torn down too.
-    let _ = LIVE.try_with(|live| live.set(live.get() + delta));
-}
-
-/// Heap bytes live on this thread (allocated here and not freed here).
-fn heap_live() -> i64 {
-    LIVE.with(Cell::get)
-}
-
-// SAFETY: every method hands the call to `System` unchanged and returns its result; the
-// counting touches a const-initialised thread-local `Cell`, which never allocates.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc(layout) };
-        if !ptr.is_null() {
-            count(layout.size() as i64);
-        }
-        ptr
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let ptr = unsafe { System.alloc_zeroed(layout) };
-        if !ptr.is_null() {
-            count(layout.size() as i64);
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        count(-(layout.size() as i64));
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let new = unsafe { System.realloc(ptr, layout, new_size) };
-        if !new.is_null() {
-            count(new_size as i64 - layout.size() as i64);
-        }
-        new
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: tests::heap::Counting = tests::heap::Counting;
