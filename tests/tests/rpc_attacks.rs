@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatter_core::{Connection, Msg, Options, SendOptions, Server};
+use chatter_core::{Connection, Conversation, Msg, Options, SendOptions, Server};
 use chatter_rpc::stream::Receiver;
 use chatter_rpc::{remote, Peer, PeerOptions};
 use tests::{pair_with, Transport};
@@ -110,6 +110,25 @@ async fn attack(server: Options, options: PeerOptions) -> Attack {
         gate,
         ticks,
     }
+}
+
+/// An attacked peer with one handler slot, taken by a call that waits for the gate:
+/// what the attacker sends next waits for that slot. Also returns the blocking call.
+async fn attack_with_the_slot_taken() -> (Attack, Conversation) {
+    let a = attack(
+        Options::default(),
+        PeerOptions::default().max_concurrent_handlers(1),
+    )
+    .await;
+    let blocker = a
+        .raw
+        .send(
+            &(0u8, OBJECT, "wait", HOUR_MS, ()),
+            SendOptions::new().last(false),
+        )
+        .await
+        .expect("the blocking call");
+    (a, blocker)
 }
 
 /// Options for a message that keeps the turn in an open conversation.
@@ -635,20 +654,8 @@ async fn the_duplicate_table_keeps_its_stream_bound_when_every_stream_is_running
     const STREAMS: u64 = 16_000;
     // Distinct from any other test's streams (the table is the process's).
     const BASE: u64 = 0xa77a_c000_0000_0000;
-    let a = attack(
-        Options::default(),
-        PeerOptions::default().max_concurrent_handlers(1),
-    )
-    .await;
     // The slot is taken until the gate opens.
-    let blocker = a
-        .raw
-        .send(
-            &(0u8, OBJECT, "wait", HOUR_MS, ()),
-            SendOptions::new().last(false),
-        )
-        .await
-        .expect("the blocking call");
+    let (a, blocker) = attack_with_the_slot_taken().await;
     let p = a.peer.clone();
     wait_until(|| p.stats().calls_received == 1).await;
     settle().await;
@@ -703,18 +710,7 @@ async fn abandoned_reliable_signals_are_remembered_within_a_bound_and_none_is_lo
     let signal = |seq: u64| (3u8, STREAM, seq, OBJECT, "tick", HOUR_MS, (seq, ""));
     let base = tests::heap::heap_live();
     {
-        let a = attack(
-            Options::default(),
-            PeerOptions::default().max_concurrent_handlers(1),
-        )
-        .await;
-        a.raw
-            .send(
-                &(0u8, OBJECT, "wait", HOUR_MS, ()),
-                SendOptions::new().last(false),
-            )
-            .await
-            .expect("the blocking call");
+        let (a, _blocker) = attack_with_the_slot_taken().await;
         for seq in 1..=SIGNALS {
             a.raw
                 .send(&signal(seq), SendOptions::new())
@@ -824,19 +820,7 @@ async fn refused_calls_that_waited_make_no_metric_series_of_made_up_names() {
     const CALLS: u64 = 100;
     let capture = Capture::default();
     let _guard = metrics::set_default_local_recorder(&capture);
-    let a = attack(
-        Options::default(),
-        PeerOptions::default().max_concurrent_handlers(1),
-    )
-    .await;
-    let blocker = a
-        .raw
-        .send(
-            &(0u8, OBJECT, "wait", HOUR_MS, ()),
-            SendOptions::new().last(false),
-        )
-        .await
-        .expect("the blocking call");
+    let (a, blocker) = attack_with_the_slot_taken().await;
     for n in 0..CALLS {
         let name = format!("made-up-{n}");
         for (object, method) in [(OBJECT, name.as_str()), (name.as_str(), "ping")] {
