@@ -829,6 +829,7 @@ fn start<S: Transport>(
             queue: ctx.tx.clone(),
             rejected: ctx.rejected.clone(),
             on_accept: ctx.on_accept.clone(),
+            stop: ctx.stop.clone(),
         }),
     };
     let conn = Connection::start(io, addrs, certs, &ctx.options, side);
@@ -846,6 +847,8 @@ pub(crate) struct Handoff {
     queue: mpsc::Sender<Queued>,
     rejected: mpsc::Sender<Rejection>,
     on_accept: Arc<OnceLock<OnAccept>>,
+    /// The server's close: the queue itself is closed only if no `accept` held it then.
+    stop: watch::Receiver<bool>,
 }
 
 /// A handshaken connection waiting for [`Server::accept`], with its `max_connections`
@@ -869,9 +872,11 @@ impl Handoff {
         slot: Option<Arc<OwnedSemaphorePermit>>,
     ) {
         match result {
-            // Handed to the application's function, unless the server closed (then
-            // dropping the connection closes it, as a queued one is).
-            Ok(()) if !self.queue.is_closed() && self.on_accept.get().is_some() => {
+            // The server closed: dropping the connection closes it. `accept` returns
+            // `None` from then on, and `on_accept` gets nothing more.
+            Ok(()) if self.queue.is_closed() || *self.stop.borrow() => {}
+            // Handed to the application's function.
+            Ok(()) if self.on_accept.get().is_some() => {
                 if let Some(on_accept) = self.on_accept.get() {
                     // Its address is asked only if needed (it is made lazily).
                     let kept = conn.clone();
@@ -894,7 +899,7 @@ impl Handoff {
                     let queue = self.queue;
                     tokio::spawn(async move { drop(queue.send(queued).await) });
                 }
-                // The server closed: dropping the connection closes it.
+                // The server closed meanwhile: dropping the connection closes it.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             },
             Err(cause) => reject(&self.rejected, conn.remote_address(), cause),

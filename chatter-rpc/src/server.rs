@@ -67,13 +67,18 @@ where
                 conn,
                 options.clone(),
                 |peer| {
-                    if shutting_down.load(Ordering::Acquire) {
+                    setup(peer);
+                    // Held here, the peer lives as long as its connection.
+                    let mut list = lock(&peers);
+                    list.insert(id, peer.clone());
+                    // Read under the lock `shutdown` takes its list of peers with: either
+                    // this peer is in that list, or the flag was set before it was taken.
+                    let late = shutting_down.load(Ordering::Acquire);
+                    drop(list);
+                    if late {
                         // Accepted during a graceful shutdown: refuse its calls clearly.
                         peer.begin_shutdown();
                     }
-                    setup(peer);
-                    // Held here, the peer lives as long as its connection.
-                    lock(&peers).insert(id, peer.clone());
                 },
                 Some(forget),
             );

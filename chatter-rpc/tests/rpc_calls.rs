@@ -777,3 +777,41 @@ async fn many_short_connections_at_once_are_all_answered_and_forgotten() {
         .await
         .expect("every call answered and every peer forgotten");
 }
+
+/// A connection whose `setup` runs while a graceful shutdown takes its list of peers is
+/// still shut down: its calls are refused, not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_peer_set_up_during_a_graceful_shutdown_refuses_calls() {
+    let options = Options::default().close_connections_with_server(false);
+    let listener = chatter_core::Server::in_process(options).unwrap();
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let (go_tx, go) = std::sync::mpsc::channel::<()>();
+    let go = std::sync::Mutex::new(go);
+    let name = || chatter_core::Address::Unix {
+        path: "in-process".into(),
+    };
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    listener.accept_over(far, name(), name());
+    let server = serve(listener, PeerOptions::default(), move |peer: &Peer| {
+        let (calc, _probe) = Calc::new();
+        peer.register("calc", CalculatorServer::new(calc));
+        // Blocks this connection's task (a worker of its own) until the shutdown took
+        // its list of peers.
+        let _ = entered_tx.send(());
+        let _ = go.lock().unwrap().recv();
+    });
+    // The server's hello leaves once `setup` returned.
+    let connecting = tokio::spawn(chatter_core::connect_over(
+        near,
+        name(),
+        name(),
+        Options::default(),
+    ));
+    entered.recv().await.expect("setup ran");
+    server.shutdown(Duration::from_secs(1)).await;
+    go_tx.send(()).unwrap();
+    let client = Peer::new(connecting.await.unwrap().unwrap());
+    let calc = CalculatorClient::new(&client, "calc");
+    let result = within(calc.add(1, 2)).await;
+    assert!(matches!(result, Err(CallError::ShuttingDown)), "{result:?}");
+}

@@ -227,6 +227,37 @@ async fn a_connection_handshaken_after_its_server_closed_is_not_handed_to_on_acc
     assert!(!handed.load(std::sync::atomic::Ordering::SeqCst));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_connection_handshaken_after_its_server_closed_is_not_handed_to_on_accept_while_accept_waits(
+) {
+    // As above, with a task waiting in `accept` (holding the accept queue) at the close.
+    let options = Options::default().close_connections_with_server(false);
+    let server = std::sync::Arc::new(Server::in_process(options).expect("server"));
+    let handed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = handed.clone();
+    server.on_accept(move |_| seen.store(true, std::sync::atomic::Ordering::SeqCst));
+    let waiting = {
+        let server = server.clone();
+        tokio::spawn(async move { server.accept().await.is_none() })
+    };
+    tokio::task::yield_now().await;
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let name = || Address::Unix {
+        path: "in-process".into(),
+    };
+    server.accept_over(far, name(), name());
+    server.close().await;
+    let client = connect_over(near, name(), name(), Options::default()).await;
+    if let Ok(client) = client {
+        client.closed().await;
+    }
+    assert!(
+        waiting.await.expect("accept"),
+        "accept ended with the close"
+    );
+    assert!(!handed.load(std::sync::atomic::Ordering::SeqCst));
+}
+
 /// Sets its flag when dropped.
 struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
