@@ -1619,8 +1619,11 @@ impl<S: Transport> Driver<S> {
             return true;
         }
         if self.own_waker.is_some() {
-            // The attached future ran since the hello came: what it answered at once was
-            // queued (and is in the write); the rest may take long.
+            // A future is attached and was polled in this task since it was taken (or
+            // since the hello came, when `on_accept` attached it): what it answered at
+            // once was queued and is in this write; the rest may take long. (One attached
+            // before the hello came, and not woken by it yet, misses the one write: the
+            // hello leaves alone, as without a hold.)
             self.held = None;
             return false;
         }

@@ -884,8 +884,12 @@ impl Handoff {
                     if std::panic::catch_unwind(handed).is_err() {
                         let remote = kept.remote_address();
                         tracing::error!(%remote, "the server's on_accept function panicked");
-                        // What it held of the connection is dropped, and `kept` with it
-                        // here: the connection closes.
+                        // Closed even if the function kept a handle before it panicked
+                        // (a future it attached, say).
+                        kept.start_close(
+                            CloseCode::GoingAway,
+                            "the server failed to set up the connection",
+                        );
                     }
                 }
             }
