@@ -278,10 +278,10 @@ impl Server {
                     .await
                     .map_err(io_error)?;
                 for addr in resolved {
-                    match TcpListener::bind(addr).await.and_then(|l| {
-                        set_backlog(&l, &options)?;
-                        Ok(l)
-                    }) {
+                    match TcpListener::bind(addr)
+                        .await
+                        .and_then(|l| with_backlog(l, &options))
+                    {
                         Ok(listener) => bound.push(Bound::Tcp(listener)),
                         Err(e) => last = Some(e),
                     }
@@ -294,10 +294,7 @@ impl Server {
             }
             Address::Unix { path } => bound.push(Bound::Unix {
                 listener: bind_unix(path)
-                    .and_then(|l| {
-                        set_backlog(&l, &options)?;
-                        Ok(l)
-                    })
+                    .and_then(|l| with_backlog(l, &options))
                     .map_err(io_error)?,
                 path: Some(path.clone()),
             }),
@@ -520,10 +517,11 @@ enum Bound {
 /// removed.
 /// Sets the listen backlog of a listener chatter bound ([`Options::listen_backlog`]):
 /// tokio binds with 128. Listening again on a listening socket only changes its backlog.
-fn set_backlog<L: std::os::fd::AsFd>(listener: &L, options: &Options) -> io::Result<()> {
+fn with_backlog<L: std::os::fd::AsFd>(listener: L, options: &Options) -> io::Result<L> {
     // `validate` keeps the backlog within an i32.
     let backlog = i32::try_from(options.listen_backlog).unwrap_or(i32::MAX);
-    socket2::SockRef::from(listener).listen(backlog)
+    socket2::SockRef::from(&listener).listen(backlog)?;
+    Ok(listener)
 }
 
 fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {
