@@ -628,8 +628,10 @@ impl Connection {
         let mut inner = shared.lock();
         if !matches!(inner.attachment, Attachment::Open) {
             drop(inner);
-            // A task like the application's others: it exists because the application
-            // made it, as it would with `tokio::spawn`.
+            // Only for a second attachment, or one after the connection's task ended: one
+            // task per `attach` call the application makes, as `tokio::spawn` would be
+            // (nothing a peer sends makes one). chatter-rpc attaches once per connection,
+            // so it has at most the one receive task per connection it always had.
             drop(tokio::spawn(future));
             return;
         }
@@ -800,11 +802,14 @@ impl Connection {
             };
             (h, conn)
         });
-        // One driver task per connection: an accepted one holds its server's
-        // `max_connections` permit, a connected one exists because the application
-        // connected. It ends at the latest `close_linger` after the connection closes
-        // (closed, keepalive or stall timeout, handshake timeout), and what it buffers is
-        // bounded as `Connection::buffered` documents (docs/SECURITY.md).
+        // One task per connection (`Task`: the driver, and at most one attached future):
+        // an accepted one holds its server's `max_connections` permit, a connected one
+        // exists because the application connected. Its driver, socket and buffers end at
+        // the latest `close_linger` after the connection closes (closed, keepalive or
+        // stall timeout, handshake timeout), and what it buffers is bounded as
+        // `Connection::buffered` documents (docs/SECURITY.md). The task itself lasts until
+        // the attached future also ended: chatter-rpc's receive loop ends once it saw the
+        // close; an application's lasts as long as the application wrote it to.
         // A span per connection around its driver (target `chatter_core::connection`,
         // level debug: the driver's events carry the connection's id and addresses),
         // made only when that level is enabled; otherwise the driver runs bare, for
@@ -2064,7 +2069,9 @@ impl<S: Transport> Task<S> {
 
     /// Takes a future waiting to be attached, if any.
     fn take_attachment(&mut self) -> bool {
-        if !self.shared().attach_pending.swap(false, Ordering::AcqRel) {
+        // A load first: this runs on every poll, and a swap writes the cache line.
+        let pending = &self.shared().attach_pending;
+        if !pending.load(Ordering::Acquire) || !pending.swap(false, Ordering::AcqRel) {
             return false;
         }
         let shared = self.shared().clone();

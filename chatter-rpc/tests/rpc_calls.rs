@@ -747,6 +747,7 @@ async fn many_short_connections_at_once_are_all_answered_and_forgotten() {
         peer.register("calc", CalculatorServer::new(calc));
     });
     let address = server.addresses()[0].clone();
+    // 200 client tasks, all joined below (within the test's timeout).
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..200i64 {
         let address = address.clone();
@@ -784,6 +785,7 @@ async fn many_short_connections_at_once_are_all_answered_and_forgotten() {
 async fn a_peer_set_up_during_a_graceful_shutdown_refuses_calls() {
     let options = Options::default().close_connections_with_server(false);
     let listener = chatter_core::Server::in_process(options).unwrap();
+    // One message: the test's only connection runs `setup` once.
     let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
     let (go_tx, go) = std::sync::mpsc::channel::<()>();
     let go = std::sync::Mutex::new(go);
@@ -800,7 +802,8 @@ async fn a_peer_set_up_during_a_graceful_shutdown_refuses_calls() {
         let _ = entered_tx.send(());
         let _ = go.lock().unwrap().recv();
     });
-    // The server's hello leaves once `setup` returned.
+    // The server's hello leaves once `setup` returned. The test's one connect, awaited
+    // below.
     let connecting = tokio::spawn(chatter_core::connect_over(
         near,
         name(),
