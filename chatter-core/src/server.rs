@@ -511,10 +511,6 @@ enum Bound {
     },
 }
 
-/// Binds a Unix socket at `path`, replacing a stale socket file: one left by a process
-/// that exited without removing it (a crash), which nothing listens on any more. A socket
-/// someone still listens on is an error that says so; a file that is not a socket is never
-/// removed.
 /// Sets the listen backlog of a listener chatter bound ([`Options::listen_backlog`]):
 /// tokio binds with 128. Listening again on a listening socket only changes its backlog.
 fn with_backlog<L: std::os::fd::AsFd>(listener: L, options: &Options) -> io::Result<L> {
@@ -524,6 +520,10 @@ fn with_backlog<L: std::os::fd::AsFd>(listener: L, options: &Options) -> io::Res
     Ok(listener)
 }
 
+/// Binds a Unix socket at `path`, replacing a stale socket file: one left by a process
+/// that exited without removing it (a crash), which nothing listens on any more. A socket
+/// someone still listens on is an error that says so; a file that is not a socket is never
+/// removed.
 fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     match UnixListener::bind(path) {
@@ -876,7 +876,8 @@ impl Handoff {
             // Handed to the application's function.
             Ok(()) if self.on_accept.get().is_some() => {
                 if let Some(on_accept) = self.on_accept.get() {
-                    // Its address is asked only if needed (it is made lazily).
+                    // A handle kept to close it should the function panic; its address
+                    // is asked only then (it is made lazily).
                     let kept = conn.clone();
                     let handed = std::panic::AssertUnwindSafe(|| (on_accept.0)(conn));
                     if std::panic::catch_unwind(handed).is_err() {
