@@ -123,10 +123,27 @@ pub enum Frame {
     Close(CloseCode, String),
 }
 
+/// A frame decoded from a slice ([`Frame::decode_parts`]).
+enum Parts {
+    /// Any frame but a message.
+    Whole(Frame),
+    /// A message's header, and where its payload starts in the body.
+    Message(MessageHeader, usize),
+}
+
 impl Frame {
     /// Decodes one frame body (without its length prefix).
     pub fn decode(body: Bytes) -> Result<Frame, ProtocolError> {
-        let mut r = Reader::new(&body);
+        Ok(match Frame::decode_parts(&body)? {
+            Parts::Whole(frame) => frame,
+            Parts::Message(header, at) => Frame::Message(header, body.slice(at..)),
+        })
+    }
+
+    /// Decodes one frame body from a slice: every frame but a message's payload, which is
+    /// left where it starts in `body` (so that only a message needs the body as `Bytes`).
+    fn decode_parts(body: &[u8]) -> Result<Parts, ProtocolError> {
+        let mut r = Reader::new(body);
         let malformed = |e: DecodeError| ProtocolError::Malformed(e.to_string());
         let fields = r.read_array_len().map_err(malformed)?;
         if fields == 0 {
@@ -182,14 +199,13 @@ impl Frame {
                 for _ in 4..fields {
                     r.skip_value(HEADER_MAX_DEPTH).map_err(malformed)?;
                 }
-                let payload = body.slice(r.position()..);
-                return Ok(Frame::Message(
+                return Ok(Parts::Message(
                     MessageHeader {
                         id,
                         first,
                         flags: flags as u8,
                     },
-                    payload,
+                    r.position(),
                 ));
             }
             KIND_PING => (Frame::Ping, 1),
@@ -220,7 +236,7 @@ impl Frame {
                 body.len() - r.position()
             )));
         }
-        Ok(frame)
+        Ok(Parts::Whole(frame))
     }
 
     /// Appends this frame, length prefix included, to `out`.
@@ -318,7 +334,7 @@ impl MessageHead {
 /// at most `max` bytes: the common case, which the receiver splits off in one go and
 /// decodes with [`plain_header`] (or, for a frame of the run whose header turns out not to
 /// be plain, [`Frame::decode`]). Anything after the run (an incomplete frame, another
-/// kind, a frame above `max`) is left to [`decode_frame`] and [`Frame::decode`], errors
+/// kind, a frame above `max`) is left to [`take_frame`], errors
 /// included.
 pub(crate) fn plain_messages_end(buf: &[u8], max: u32) -> usize {
     let mut end = 0;
@@ -408,29 +424,62 @@ fn finish(out: &mut BytesMut, start: usize) {
     out[start..start + LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
 }
 
-/// Splits the next complete frame body off `buf`.
+/// Decodes the next complete frame in `buf` and consumes it; returns it with its body's
+/// length.
 ///
 /// Returns `Ok(None)` when more bytes are needed. A length above `max` is an error before
-/// anything is allocated for it.
-pub fn decode_frame(buf: &mut BytesMut, max: u32) -> Result<Option<Bytes>, ProtocolError> {
-    if buf.len() < LENGTH_PREFIX {
+/// anything is allocated for it. On an error `buf` is left as it was. Only a message's
+/// body is split off `buf` (its payload is a slice of it); any other frame is decoded in
+/// place, so that the handshake's hellos and a close frame cost no allocation of a shared
+/// buffer (the split would make one).
+pub fn take_frame(buf: &mut BytesMut, max: u32) -> Result<Option<(Frame, usize)>, ProtocolError> {
+    let Some(len) = complete_frame_len(buf, max)? else {
         return Ok(None);
-    }
-    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    };
+    let total = LENGTH_PREFIX + len;
+    Ok(Some(
+        match Frame::decode_parts(&buf[LENGTH_PREFIX..total])? {
+            Parts::Whole(frame) => {
+                buf.advance(total);
+                (frame, len)
+            }
+            Parts::Message(header, at) => {
+                buf.advance(LENGTH_PREFIX);
+                let body = buf.split_to(len).freeze();
+                (Frame::Message(header, body.slice(at..)), len)
+            }
+        },
+    ))
+}
+
+/// The body length of the complete frame at the start of `buf`, `None` if it is not all
+/// there yet; an error for a length above `max`.
+fn complete_frame_len(buf: &[u8], max: u32) -> Result<Option<usize>, ProtocolError> {
+    let Some(prefix) = buf.first_chunk::<LENGTH_PREFIX>() else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(*prefix);
     if len > max {
         return Err(ProtocolError::FrameTooLarge {
             size: len as u64,
             max,
         });
     }
-    let total = LENGTH_PREFIX + len as usize;
-    if buf.len() < total {
-        // Nothing is reserved for the rest: the buffer grows as bytes arrive (a peer that
-        // announces a large frame and sends it slowly holds only what it sent).
+    // Nothing is reserved for the rest: the buffer grows as bytes arrive (a peer that
+    // announces a large frame and sends it slowly holds only what it sent).
+    Ok((buf.len() >= LENGTH_PREFIX + len as usize).then_some(len as usize))
+}
+
+/// Splits the next complete frame body off `buf`.
+///
+/// Returns `Ok(None)` when more bytes are needed. A length above `max` is an error before
+/// anything is allocated for it.
+pub fn decode_frame(buf: &mut BytesMut, max: u32) -> Result<Option<Bytes>, ProtocolError> {
+    let Some(len) = complete_frame_len(buf, max)? else {
         return Ok(None);
-    }
+    };
     buf.advance(LENGTH_PREFIX);
-    Ok(Some(buf.split_to(len as usize).freeze()))
+    Ok(Some(buf.split_to(len).freeze()))
 }
 
 #[cfg(test)]
@@ -441,6 +490,52 @@ mod tests {
         let mut out = BytesMut::new();
         frame.encode(&mut out);
         out.to_vec()
+    }
+
+    #[test]
+    fn take_frame_decodes_in_place_and_splits_off_only_a_message() {
+        let hello = Frame::Hello(Hello {
+            max_frame_size: 1 << 20,
+            receive_window: 1 << 16,
+        });
+        let message = Frame::Message(
+            MessageHeader {
+                id: 7,
+                first: 7,
+                flags: 0,
+            },
+            Bytes::from_static(b"payload"),
+        );
+        let close = Frame::Close(CloseCode::Normal, "bye".into());
+        let mut input = encoded(&hello);
+        input.extend(encoded(&message));
+        input.extend(encoded(&close));
+        input.extend(&[0, 0, 0, 9, 0x93]); // the start of a frame still arriving
+        let mut buf = BytesMut::from(&input[..]);
+        let total = buf.len();
+
+        let (frame, len) = take_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(frame, hello);
+        assert_eq!(len + LENGTH_PREFIX, encoded(&hello).len());
+        assert_eq!(buf.len(), total - encoded(&hello).len());
+
+        let (frame, _) = take_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(frame, message);
+        let (frame, _) = take_frame(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(frame, close);
+        assert_eq!(take_frame(&mut buf, 1 << 20).unwrap(), None);
+        assert_eq!(&buf[..], &[0, 0, 0, 9, 0x93]);
+
+        // An error leaves the input where it was, for the caller's error text.
+        let mut bad = BytesMut::from(&[0, 0, 0, 3, 0x93, 0, 0xa1][..]);
+        assert!(take_frame(&mut bad, 1 << 20).is_err());
+        assert_eq!(bad.len(), 7);
+        let mut large = BytesMut::from(&b"GET / HTTP/1.1"[..]);
+        assert!(matches!(
+            take_frame(&mut large, 1024),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+        assert_eq!(large.len(), 14);
     }
 
     fn roundtrip(frame: Frame) {

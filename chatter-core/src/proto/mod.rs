@@ -609,32 +609,17 @@ impl Protocol {
                 State::Open => self.frame_limit,
             };
             let handshaking = matches!(self.state, State::Handshaking { .. });
-            // The first frame's body, for the error text of a stranger (a cheap clone).
-            let mut first_body = None;
-            let result = frame::decode_frame(buf, max).and_then(|body| match body {
-                Some(body) => {
-                    let len = body.len();
-                    if handshaking {
-                        first_body = Some(body.clone());
-                    }
-                    Frame::decode(body).map(|f| Some((f, len)))
-                }
-                None => Ok(None),
-            });
-            match result {
+            match frame::take_frame(buf, max) {
                 Ok(None) => return,
                 Ok(Some((frame, body_len))) => self.handle_frame(now, frame, body_len),
                 Err(e) if handshaking => {
-                    // The first 16 bytes that arrived: the length prefix and the body's
-                    // start, or what is left in the buffer if no frame was split off.
-                    let first_bytes = match first_body {
-                        Some(body) => {
-                            let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
-                            bytes.extend_from_slice(&body[..body.len().min(12)]);
-                            bytes
-                        }
-                        None => buf[..buf.len().min(16)].to_vec(),
-                    };
+                    // The first 16 bytes that arrived, within the first frame if its
+                    // length is known (`take_frame` leaves `buf` as it was on an error):
+                    // the length prefix and the body's start.
+                    let frame_end = buf
+                        .first_chunk::<4>()
+                        .map_or(buf.len(), |p| 4 + u32::from_be_bytes(*p) as usize);
+                    let first_bytes = buf[..buf.len().min(16).min(frame_end)].to_vec();
                     let e = match e {
                         ProtocolError::UnsupportedVersion { .. } => e,
                         _ => ProtocolError::NotChatter { first_bytes },
@@ -1012,7 +997,7 @@ impl Protocol {
         }
         match frame {
             Frame::Message(header, mut payload) => {
-                // Frames outside a run of plain messages come from `decode_frame`, sliced
+                // Frames outside a run of plain messages come from `take_frame`, sliced
                 // from the read buffer: small ones get their own copy (see SHARE_AT_LEAST).
                 if body_len < SHARE_AT_LEAST {
                     payload = Bytes::copy_from_slice(&payload);
