@@ -4,6 +4,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
@@ -718,10 +719,17 @@ impl Listener for UnixListener {
     }
 }
 
-async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
+async fn accept_loop<L: Listener>(listener: L, ctx: AcceptContext) {
+    // One wait for the stop for the whole loop, not one per connection (each would
+    // register with the watch anew), and `biased`: no random draw per connection either.
+    let mut stop = ctx.stop.clone();
+    let mut stopped = pin!(async move {
+        let _ = stop.wait_for(|&s| s).await;
+    });
     loop {
         let accepted = tokio::select! {
-            _ = ctx.stop.wait_for(|&s| s) => return,
+            biased;
+            _ = &mut stopped => return,
             accepted = listener.accept(&ctx.options) => accepted,
         };
         match accepted {
@@ -744,7 +752,7 @@ async fn accept_loop<L: Listener>(listener: L, mut ctx: AcceptContext) {
                 // Typically out of file descriptors: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::select! {
-                    _ = ctx.stop.wait_for(|&s| s) => return,
+                    _ = &mut stopped => return,
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
             }
