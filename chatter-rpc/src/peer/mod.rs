@@ -698,9 +698,12 @@ impl PeerState {
         if let Link::Plain = self.link {
             // A plain link's one connection: the peer is closed.
             self.finish(Some(cause));
-            self.emit(PeerEvent::Disconnected {
-                cause: cause.clone(),
-            });
+            // Without a queue there are no subscribers: no copy of the cause for nobody.
+            if let Some(queue) = self.queue.get() {
+                queue.events.emit(PeerEvent::Disconnected {
+                    cause: cause.clone(),
+                });
+            }
         }
         // A reconnecting link's supervisor learns it from the receive task's end.
     }
@@ -880,7 +883,7 @@ impl Inner {
         let mut wakers = Vec::new();
         {
             let mut pending = lock(&self.pending);
-            pending.closed = Some(Box::new(cause.clone()));
+            pending.closed = true;
             // Waiting callers get the close cause; outcomes not yet taken stay for their
             // callers; abandoned calls are forgotten.
             pending.calls.retain(|_, slot| match slot {
@@ -934,6 +937,13 @@ impl Inner {
         }
         self.conn.release(release);
         self.peer.connection_closed(&cause);
+    }
+
+    /// Why the connection closed, for calls that learn it after [`finish`](Self::finish)
+    /// (which is given the same cause: the connection keeps the one it closed with).
+    /// [`CloseCause::Local`] if it did not close, which `finish` having run rules out.
+    pub(super) fn close_cause(&self) -> CloseCause {
+        self.conn.close_cause().unwrap_or(CloseCause::Local)
     }
 
     /// The peer's receive window ([`Connection::peer_window`]), which outgoing calls and
