@@ -1,7 +1,5 @@
 //! Calls this side makes: sending requests, waiting for outcomes, cancelling.
 
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,6 +13,7 @@ use chatter_core::{CloseCause, Conversation, Msg, SendError, SendOptions};
 use tokio::time::Instant;
 
 use crate::error::CallError;
+use crate::first_inline::{Entry, FirstInline};
 use crate::wire::{self};
 
 use super::events::ConnectionState;
@@ -28,7 +27,9 @@ pub(super) struct Pending {
     /// a call needs it rather than copied here at every close (a box and the reason's
     /// string, for most connections never read).
     pub(super) closed: bool,
-    pub(super) calls: HashMap<u64, Slot, IdBuildHasher>,
+    /// Inline first entry: a connection that makes one call at a time (as most short
+    /// ones do) never allocates the map's table.
+    pub(super) calls: FirstInline<u64, Slot, IdBuildHasher>,
 }
 
 /// The state of one outgoing call. The outcome is handed over in the slot itself (the

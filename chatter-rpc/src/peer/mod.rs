@@ -28,6 +28,7 @@ use chatter_core::{CloseCause, Connection, Options, SendError, SendOptions, ToAd
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
+use crate::first_inline::FirstInline;
 use crate::service::Service;
 use crate::store::Store;
 use crate::wire::{self, FailureKind, Payload};
@@ -544,7 +545,9 @@ impl Drop for Owner {
 /// What a peer has once, whatever its link and however many connections it made.
 pub(crate) struct PeerState {
     pub(crate) options: PeerOptions,
-    pub(crate) objects: RwLock<HashMap<String, Arc<dyn Service>>>,
+    /// Inline first entry: most peers host one object (a server's peer per connection,
+    /// each registering the same one), and a one-entry map then allocates no table.
+    pub(crate) objects: RwLock<FirstInline<String, Arc<dyn Service>>>,
     /// Bumped whenever `objects` changes; invalidates the receive task's memo.
     pub(crate) objects_generation: AtomicU64,
     pub(crate) stats: Stats,
@@ -609,7 +612,7 @@ impl PeerState {
         PeerState {
             resends,
             options,
-            objects: RwLock::new(HashMap::new()),
+            objects: RwLock::new(FirstInline::default()),
             objects_generation: AtomicU64::new(0),
             stats: Stats::default(),
             link,
