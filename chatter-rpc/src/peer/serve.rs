@@ -985,7 +985,7 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     inner.finish(cause);
     let on_end = super::lock(&inner.on_end).take();
     if let Some(on_end) = on_end {
-        on_end();
+        on_end.run();
     }
 }
 
