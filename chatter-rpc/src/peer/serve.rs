@@ -906,6 +906,12 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     // (release build), which takes every connection's receive task from 640 to 768 bytes
     // (tokio rounds a task up to a multiple of 128 bytes).
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // One wait for the shutdown request for the whole loop, not one per turn: a
+    // `Notified` made in the `select!` each turn was registered with the `Notify` (under
+    // its lock) when polled and taken off again (under the lock) when the turn ended.
+    // This one registers once; a `notify_one` before its first poll leaves a permit that
+    // the poll takes, as before.
+    let mut shutdown = pin!(inner.shutdown.notified());
     let cause = loop {
         // The take is polled first (`biased`), so the credit handed to it is given back
         // even when another branch wins.
@@ -933,7 +939,7 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
         let taken = tokio::select! {
             biased;
             taken = inner.conn.next_events_holding(&mut events, READ_BATCH, release) => taken,
-            () = inner.shutdown.notified(), if !closing => {
+            () = &mut shutdown, if !closing => {
                 closing = true;
                 // Without running handlers the connection closes here, and this loop sees
                 // its close next; otherwise a task waits for their replies first. Once per
