@@ -556,7 +556,7 @@ impl ClientCore {
             deadline,
             idempotent: self.idempotent,
             app: Some(app),
-            traced: Traced(CallTrace::start(self.object(), method.name, trace)),
+            traced: Traced(CallTrace::start(&self.shared.object, method.name, trace)),
             timer: Timer::start(),
             out: PhantomData,
         }
@@ -593,13 +593,17 @@ fn drop_cold<T>(value: T) {
 impl CallTrace {
     /// The call's span, if the `chatter_rpc::call` target is enabled at debug level.
     #[inline(always)]
-    fn start(object: &str, method: &str, trace: Option<TraceParent>) -> Option<Box<CallTrace>> {
+    fn start(
+        object: &WireName,
+        method: &str,
+        trace: Option<TraceParent>,
+    ) -> Option<Box<CallTrace>> {
         // One level check when off: not even a disabled span (which costs more with
         // `tracing`'s `log` feature).
         if !tracing::enabled!(target: "chatter_rpc::call", tracing::Level::DEBUG) {
             return None;
         }
-        CallTrace::start_enabled(object, method, trace)
+        CallTrace::start_enabled(object.as_str(), method, trace)
     }
 
     /// [`start`](Self::start), once the target is enabled.
@@ -756,8 +760,10 @@ where
         };
         let app = this.app.take().expect("kept until the call completes");
         let reply = reply.map_err(|e| e.map_app(|n| match n {}));
-        let (object, method) = (this.shared.object.as_str(), this.method.name);
-        let result = finish(reply, app, object, method);
+        // The object's name is read (checked as UTF-8 again) only for a failure that
+        // names it.
+        let object = || this.shared.object.as_str().to_owned();
+        let result = finish(reply, app, object, this.method.name);
         if let Some(traced) = this.traced.0.take() {
             traced.finish(&result);
         }
@@ -775,7 +781,11 @@ impl<T, E, F> Call<T, E, F> {
             Ok(_) => "ok",
             Err(e) => outcome_name(e),
         };
+        // Without the feature, not even the object's name is read.
+        #[cfg(feature = "metrics")]
         let object = self.shared.object.as_str();
+        #[cfg(not(feature = "metrics"))]
+        let object = "";
         self.timer.call_finished(object, self.method.name, outcome);
     }
 
@@ -841,7 +851,7 @@ fn opened_value<T: DeserializeOwned, E>(
     finish(
         reply.map_err(|e| e.map_app(|n| match n {})),
         app,
-        &object,
+        move || object,
         method,
     )
 }
@@ -855,7 +865,7 @@ fn opened_stream<T: DeserializeOwned + 'static, E>(
     match opened.map_err(|e| e.map_app(|n| match n {}))? {
         Opened::Stream(inbox, end) => Ok(Receiver::remote(inbox, end)),
         Opened::Reply(reply) => {
-            match finish::<serde::de::IgnoredAny, E>(Ok(reply), app, &object, method) {
+            match finish::<serde::de::IgnoredAny, E>(Ok(reply), app, move || object, method) {
                 Ok(_) => Err(CallError::BadReply {
                     what: "the callee answered a stream call with a value, not a stream".into(),
                 }),
@@ -893,11 +903,12 @@ fn outcome_reply(outcome: Outcome) -> Result<Bytes, CallError> {
     }
 }
 
-/// Decodes a reply (or passes a framework failure through).
+/// Decodes a reply (or passes a framework failure through). `object` makes the object's
+/// name, for the failures that name it.
 fn finish<T, E>(
     reply: Result<Bytes, CallError<E>>,
     app: impl FnOnce(&[u8], RemoteContext) -> CallError<E>,
-    object: &str,
+    object: impl FnOnce() -> String,
     method: &str,
 ) -> Result<T, CallError<E>>
 where
@@ -917,17 +928,15 @@ where
 fn failure<E>(
     kind: Result<FailureKind, u8>,
     message: String,
-    object: &str,
+    object: impl FnOnce() -> String,
     method: &str,
 ) -> CallError<E> {
     match kind {
         Ok(FailureKind::DeadlineExceeded) => CallError::DeadlineExceeded,
         Ok(FailureKind::Cancelled) => CallError::Cancelled,
-        Ok(FailureKind::NoSuchObject) => CallError::NoSuchObject {
-            object: object.to_owned(),
-        },
+        Ok(FailureKind::NoSuchObject) => CallError::NoSuchObject { object: object() },
         Ok(FailureKind::NoSuchMethod) => CallError::NoSuchMethod {
-            object: object.to_owned(),
+            object: object(),
             method: method.to_owned(),
         },
         Ok(FailureKind::BadArguments) => CallError::BadArguments { what: message },

@@ -315,7 +315,7 @@ pub(crate) fn builtin(peer: &Arc<PeerState>, object: &str) -> Option<Arc<dyn Ser
 /// registered under its name.
 pub(crate) fn serves_builtin(
     peer: &PeerState,
-    objects: &std::collections::HashMap<String, Arc<dyn Service>>,
+    objects: &crate::first_inline::FirstInline<String, Arc<dyn Service>>,
 ) -> bool {
     peer.options.introspection && !objects.contains_key(OBJECT)
 }

@@ -150,6 +150,7 @@
 mod client;
 mod context;
 mod error;
+mod first_inline;
 pub mod introspect;
 mod peer;
 mod server;

@@ -3,14 +3,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use chatter_core::proto::IdBuildHasher;
 use chatter_core::{Address, Connection, Server};
 use tokio::task::JoinHandle;
 
-use crate::peer::{lock, OnEnd, Peer, PeerOptions};
+use crate::peer::{lock, Peer, PeerOptions};
 
 /// Serves RPC on every connection `listener` accepts: each connection gets a [`Peer`]
 /// with `options`, and `setup` registers that peer's objects (and may keep the peer to
@@ -52,14 +52,10 @@ where
         let next_id = AtomicU64::new(0);
         Arc::new(move |conn: Connection| {
             let id = next_id.fetch_add(1, Ordering::Relaxed);
-            let list = Arc::downgrade(&peers);
-            let forget: OnEnd = Box::new(move || {
-                if let Some(list) = list.upgrade() {
-                    // Dropped after the lock is released.
-                    let peer = lock(&list).remove(&id);
-                    drop(peer);
-                }
-            });
+            let forget = Forget {
+                peers: Arc::downgrade(&peers),
+                id,
+            };
             // Set up before its receive loop starts: the objects `setup` registers are
             // there for the peer's first message, and the peer is listed before its end
             // can remove it.
@@ -114,6 +110,24 @@ where
 
 /// The peers of a server's open connections, by the order they were accepted in.
 type Peers = HashMap<u64, Peer, IdBuildHasher>;
+
+/// What the receive task of a server's peer does when its connection ended: takes the
+/// peer off the server's list. A struct rather than a boxed closure (the only thing a
+/// peer's end ever runs): no allocation per connection for it.
+pub(crate) struct Forget {
+    peers: Weak<Mutex<Peers>>,
+    id: u64,
+}
+
+impl Forget {
+    pub(crate) fn run(self) {
+        if let Some(list) = self.peers.upgrade() {
+            // Dropped after the lock is released.
+            let peer = lock(&list).remove(&self.id);
+            drop(peer);
+        }
+    }
+}
 
 /// A running [`serve`] loop.
 pub struct RpcServer {

@@ -379,25 +379,41 @@ pub(crate) fn decode_context(context: &[u8]) -> (crate::Metadata, Option<crate::
 }
 
 /// A name and its MessagePack string encoding, made once and copied into every envelope
-/// that names it.
+/// that names it. One allocation: the name is the encoding's tail (after its header), not
+/// a copy of its own. A client makes one per object it calls, that is, for a client made
+/// per connection, one per connection (three before: the name, the encoding, and the
+/// encoding shrunk to fit).
 pub(crate) struct WireName {
-    name: Box<str>,
     /// The encoded string: its header, then the name's bytes.
     encoded: Box<[u8]>,
+    /// Where the name starts in `encoded` (the header's length: 1, 2, 3 or 5).
+    start: u8,
 }
 
 impl WireName {
     pub(crate) fn new(name: &str) -> WireName {
-        let mut encoded = Vec::with_capacity(5 + name.len());
-        put_str(&mut encoded, name);
+        let header = match name.len() {
+            0..32 => 1,
+            32..0x100 => 2,
+            0x100..0x1_0000 => 3,
+            _ => 5,
+        };
+        let mut encoded = Vec::with_capacity(header + name.len());
+        // Not `put_str`: it reserves room for the longest header, which would grow this.
+        msgpack::write_str_len(&mut encoded, len32(name.len()));
+        encoded.extend_from_slice(name.as_bytes());
+        debug_assert_eq!(encoded.len(), header + name.len());
         WireName {
-            name: name.into(),
+            // Exactly the capacity asked for: no reallocation.
             encoded: encoded.into_boxed_slice(),
+            start: header as u8,
         }
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        &self.name
+        // The tail is the `&str` `new` was given, so this never fails; checking it again
+        // (a few instructions for a short name) keeps this crate free of `unsafe` here.
+        std::str::from_utf8(&self.encoded[usize::from(self.start)..]).unwrap_or_default()
     }
 
     pub(crate) fn encoded(&self) -> &[u8] {
@@ -900,6 +916,21 @@ pub(crate) mod protocol_doc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wire_names_of_every_header_length_encode_as_strings_and_keep_the_name() {
+        for len in [0, 1, 31, 32, 255, 256, 65_535, 65_536] {
+            let name = "é".repeat(len / 2) + &"n".repeat(len % 2);
+            let wire = WireName::new(&name);
+            assert_eq!(wire.as_str(), name, "length {len}");
+            let mut expected = Vec::new();
+            put_str(&mut expected, &name);
+            assert_eq!(wire.encoded(), expected.as_slice(), "length {len}");
+            let mut r = Reader::new(wire.encoded());
+            assert_eq!(r.read_str().expect("a string"), name, "length {len}");
+            assert!(r.is_empty(), "length {len}");
+        }
+    }
 
     #[test]
     fn values_nested_too_deep_say_so_by_type() {

@@ -1,7 +1,5 @@
 //! Calls this side makes: sending requests, waiting for outcomes, cancelling.
 
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,6 +13,7 @@ use chatter_core::{CloseCause, Conversation, Msg, SendError, SendOptions};
 use tokio::time::Instant;
 
 use crate::error::CallError;
+use crate::first_inline::{Entry, FirstInline};
 use crate::wire::{self};
 
 use super::events::ConnectionState;
@@ -23,10 +22,14 @@ use super::*;
 
 #[derive(Default)]
 pub(super) struct Pending {
-    /// Why the connection closed, once it did. Boxed: set only at the close, and inline
-    /// it would add 32 bytes to every connection.
-    pub(super) closed: Option<Box<CloseCause>>,
-    pub(super) calls: HashMap<u64, Slot, IdBuildHasher>,
+    /// Set once the receive task saw the connection close ([`Inner::finish`]): no reply
+    /// comes any more. The cause is the connection's ([`Inner::close_cause`]), read when
+    /// a call needs it rather than copied here at every close (a box and the reason's
+    /// string, for most connections never read).
+    pub(super) closed: bool,
+    /// Inline first entry: a connection that makes one call at a time (as most short
+    /// ones do) never allocates the map's table.
+    pub(super) calls: FirstInline<u64, Slot, IdBuildHasher>,
 }
 
 /// The state of one outgoing call. The outcome is handed over in the slot itself (the
@@ -144,14 +147,14 @@ impl Inner {
     /// caller's waker.
     pub(crate) fn poll_outcome(&self, id: u64, cx: &mut Context<'_>) -> Poll<Outcome> {
         let mut pending = lock(&self.pending);
-        let closed = pending.closed.as_deref().cloned();
-        match pending.calls.entry(id) {
+        let closed = pending.closed;
+        let lost = match pending.calls.entry(id) {
             Entry::Occupied(mut slot) => match slot.get_mut() {
                 Slot::Waiting(waker) => {
                     if !waker.will_wake(cx.waker()) {
                         *waker = cx.waker().clone();
                     }
-                    Poll::Pending
+                    return Poll::Pending;
                 }
                 Slot::Arrived { then_abandon, .. } => {
                     let outcome = if *then_abandon {
@@ -162,19 +165,25 @@ impl Inner {
                     let Slot::Arrived { outcome, .. } = outcome else {
                         unreachable!("matched as arrived")
                     };
-                    Poll::Ready(outcome)
+                    return Poll::Ready(outcome);
                 }
                 // Only the caller abandons its slot, and then it does not poll any more.
-                Slot::Abandoned => Poll::Ready(Outcome::Lost(closed.unwrap_or(CloseCause::Local))),
+                Slot::Abandoned => closed,
             },
-            Entry::Vacant(slot) => match closed {
-                Some(cause) => Poll::Ready(Outcome::Lost(cause)),
-                None => {
-                    slot.insert(Slot::Waiting(cx.waker().clone()));
-                    Poll::Pending
-                }
-            },
-        }
+            Entry::Vacant(_) if closed => true,
+            Entry::Vacant(slot) => {
+                slot.insert(Slot::Waiting(cx.waker().clone()));
+                return Poll::Pending;
+            }
+        };
+        // The cause is read without the lock (it takes the connection's).
+        drop(pending);
+        let cause = if lost {
+            self.close_cause()
+        } else {
+            CloseCause::Local
+        };
+        Poll::Ready(Outcome::Lost(cause))
     }
 
     pub(super) fn on_reply(&self, msg: Msg) {
@@ -267,7 +276,7 @@ impl Inner {
     /// cancel, and keeps the slot until the reply ends the conversation.
     pub(crate) fn abandon_call(&self, id: u64) {
         let mut pending = lock(&self.pending);
-        let closed = pending.closed.is_some();
+        let closed = pending.closed;
         let mut slot = match pending.calls.entry(id) {
             Entry::Occupied(slot) => slot,
             // Sent, but the caller's future was dropped before its first poll registered

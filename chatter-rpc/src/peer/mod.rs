@@ -28,6 +28,7 @@ use chatter_core::{CloseCause, Connection, Options, SendError, SendOptions, ToAd
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
+use crate::first_inline::FirstInline;
 use crate::service::Service;
 use crate::store::Store;
 use crate::wire::{self, FailureKind, Payload};
@@ -109,7 +110,6 @@ pub(crate) use signals::Attempt;
 /// `ReconnectOptions::outbox_capacity` and `when_full` are [`PeerOptions::max_queued_signals`]
 /// and [`PeerOptions::when_full`]; `peer()` is [`connection`](Self::connection);
 /// `Peer::flush_signals` is [`flush`](Self::flush); and generated clients take a `&Peer`.
-#[derive(Clone)]
 pub struct Peer {
     pub(crate) state: Arc<PeerState>,
     /// The one connection of a peer made from a connection (calls and signals go straight
@@ -118,10 +118,44 @@ pub struct Peer {
     /// The route prefix of a handle made by [`routed`](Self::routed): clients made from
     /// it address `{route}/{object}`. `None` for every other handle.
     route: Option<Arc<str>>,
-    /// Closes the peer when the last user-held handle goes; `None` on a handle pinned to
-    /// one connection of a reconnecting peer ([`pinned`](Self::pinned)), which owns
-    /// nothing.
-    _owner: Option<Arc<Owner>>,
+    /// Counted in [`PeerState::handles`]: the peer closes when the last such handle goes
+    /// (see the `Drop`). False on a handle pinned to one connection of a reconnecting
+    /// peer ([`pinned`](Self::pinned)), which owns nothing.
+    owns: bool,
+}
+
+impl Clone for Peer {
+    fn clone(&self) -> Self {
+        if self.owns {
+            // As `Arc::clone`: a new handle is made from one that holds the count up, so
+            // the count cannot reach zero meanwhile, and nothing is ordered by it.
+            self.state.handles.fetch_add(1, Ordering::Relaxed);
+        }
+        Peer {
+            state: self.state.clone(),
+            plain: self.plain.clone(),
+            route: self.route.clone(),
+            owns: self.owns,
+        }
+    }
+}
+
+/// The last user-held handle closes the peer (its receive task closes a plain peer's
+/// connection; a reconnecting peer's supervisor stops). A count in the peer's state
+/// rather than a reference-counted owner object: one allocation less per peer, that is
+/// per connection a server accepts.
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if !self.owns || self.state.handles.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        if let Some(inner) = &self.plain {
+            inner.shutdown.notify_one();
+        }
+        if let Link::Reconnecting(supervisor) = &self.state.link {
+            supervisor.stop();
+        }
+    }
 }
 
 impl fmt::Debug for Peer {
@@ -179,17 +213,8 @@ impl Peer {
         // is read only by a reconnecting link's sweep.
         let state = Arc::new(PeerState::new(options, Link::Plain, stream, None));
         bump(&state.stats.connects);
-        let inner = Inner::new(state.clone(), connection, 1);
-        *lock(&inner.on_end) = on_end;
-        let peer = Peer {
-            _owner: Some(Arc::new(Owner {
-                state: state.clone(),
-                plain: Some(inner.clone()),
-            })),
-            state,
-            plain: Some(inner.clone()),
-            route: None,
-        };
+        let inner = Inner::new(state.clone(), connection, 1, on_end);
+        let peer = Peer::owning(state, Some(inner.clone()));
         setup(&peer);
         // The receive loop runs until the connection closed; it keeps what it needs.
         inner.attach_reader();
@@ -266,15 +291,7 @@ impl Peer {
     ) -> Result<Peer, ReconnectError> {
         let state =
             link::start_reconnecting(address.to_address()?, options, peer_options, reconnect)?;
-        Ok(Peer {
-            _owner: Some(Arc::new(Owner {
-                state: state.clone(),
-                plain: None,
-            })),
-            state,
-            plain: None,
-            route: None,
-        })
+        Ok(Peer::owning(state, None))
     }
 
     /// A handle on this same peer whose clients address their object as `{route}/{object}`
@@ -301,10 +318,9 @@ impl Peer {
     /// # Ok(()) }
     /// ```
     pub fn routed(&self, route: &str) -> Peer {
-        Peer {
-            route: Some(route.into()),
-            ..self.clone()
-        }
+        let mut handle = self.clone();
+        handle.route = Some(route.into());
+        handle
     }
 
     /// The route prefix of a handle made by [`routed`](Self::routed); `None` otherwise.
@@ -497,6 +513,17 @@ impl Peer {
 }
 
 impl Peer {
+    /// The first handle of a new peer: it owns the peer (it is counted in `handles`).
+    fn owning(state: Arc<PeerState>, plain: Option<Arc<Inner>>) -> Peer {
+        state.handles.fetch_add(1, Ordering::Relaxed);
+        Peer {
+            state,
+            plain,
+            route: None,
+            owns: true,
+        }
+    }
+
     /// A handle on a reconnecting peer pinned to one of its connections, for the
     /// [`ReconnectOptions::on_connect`](crate::ReconnectOptions::on_connect) hooks: its
     /// clients' calls go to `inner` (as a plain peer's go to its connection), and it owns
@@ -506,7 +533,7 @@ impl Peer {
             state,
             plain: Some(inner),
             route: None,
-            _owner: None,
+            owns: false,
         }
     }
 
@@ -514,29 +541,12 @@ impl Peer {
     /// as the peer's own.
     pub(crate) fn unpinned(&self) -> Option<Peer> {
         match (&self.state.link, &self.plain) {
-            (Link::Reconnecting(_), Some(_)) => Some(Peer {
-                plain: None,
-                ..self.clone()
-            }),
+            (Link::Reconnecting(_), Some(_)) => {
+                let mut handle = self.clone();
+                handle.plain = None;
+                Some(handle)
+            }
             _ => None,
-        }
-    }
-}
-
-/// Dropped with the last user-held `Peer`: closes the peer (its receive task closes a
-/// plain peer's connection; a reconnecting peer's supervisor stops).
-struct Owner {
-    state: Arc<PeerState>,
-    plain: Option<Arc<Inner>>,
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        if let Some(inner) = &self.plain {
-            inner.shutdown.notify_one();
-        }
-        if let Link::Reconnecting(supervisor) = &self.state.link {
-            supervisor.stop();
         }
     }
 }
@@ -544,10 +554,14 @@ impl Drop for Owner {
 /// What a peer has once, whatever its link and however many connections it made.
 pub(crate) struct PeerState {
     pub(crate) options: PeerOptions,
-    pub(crate) objects: RwLock<HashMap<String, Arc<dyn Service>>>,
+    /// Inline first entry: most peers host one object (a server's peer per connection,
+    /// each registering the same one), and a one-entry map then allocates no table.
+    pub(crate) objects: RwLock<FirstInline<String, Arc<dyn Service>>>,
     /// Bumped whenever `objects` changes; invalidates the receive task's memo.
     pub(crate) objects_generation: AtomicU64,
     pub(crate) stats: Stats,
+    /// The user-held handles ([`Peer`]s that own the peer): the last one closes it.
+    handles: AtomicUsize,
     pub(crate) link: Link,
     /// Signals are acknowledged (always so on a reconnecting link).
     pub(crate) acknowledged: bool,
@@ -609,9 +623,10 @@ impl PeerState {
         PeerState {
             resends,
             options,
-            objects: RwLock::new(HashMap::new()),
+            objects: RwLock::new(FirstInline::default()),
             objects_generation: AtomicU64::new(0),
             stats: Stats::default(),
+            handles: AtomicUsize::new(0),
             link,
             acknowledged,
             stream,
@@ -698,9 +713,12 @@ impl PeerState {
         if let Link::Plain = self.link {
             // A plain link's one connection: the peer is closed.
             self.finish(Some(cause));
-            self.emit(PeerEvent::Disconnected {
-                cause: cause.clone(),
-            });
+            // Without a queue there are no subscribers: no copy of the cause for nobody.
+            if let Some(queue) = self.queue.get() {
+                queue.events.emit(PeerEvent::Disconnected {
+                    cause: cause.clone(),
+                });
+            }
         }
         // A reconnecting link's supervisor learns it from the receive task's end.
     }
@@ -747,7 +765,7 @@ pub(crate) struct Inner {
 }
 
 /// What [`Inner::on_end`] runs.
-pub(crate) type OnEnd = Box<dyn FnOnce() + Send>;
+pub(crate) type OnEnd = crate::server::Forget;
 
 #[derive(Default)]
 struct InFlight {
@@ -767,7 +785,7 @@ impl Inner {
         connection: Connection,
         generation: u64,
     ) -> (Arc<Inner>, tokio::task::JoinHandle<()>) {
-        let inner = Inner::new(peer, connection, generation);
+        let inner = Inner::new(peer, connection, generation, None);
         let reader = inner.start_reader();
         (inner, reader)
     }
@@ -787,8 +805,14 @@ impl Inner {
         self.conn.attach(run_reader(self.clone()));
     }
 
-    /// The part of `peer` for `connection`, its receive task not started yet.
-    fn new(peer: Arc<PeerState>, connection: Connection, generation: u64) -> Arc<Inner> {
+    /// The part of `peer` for `connection`, its receive task not started yet; `on_end`
+    /// for [`Inner::on_end`].
+    fn new(
+        peer: Arc<PeerState>,
+        connection: Connection,
+        generation: u64,
+        on_end: Option<OnEnd>,
+    ) -> Arc<Inner> {
         let shutting_down = peer.is_shutting_down();
         let inner = Arc::new_cyclic(|me| Inner {
             me: me.clone(),
@@ -809,7 +833,7 @@ impl Inner {
             peer_window: AtomicU64::new(0),
             shutdown: Notify::new(),
             streams: OnceLock::new(),
-            on_end: Mutex::new(None),
+            on_end: Mutex::new(on_end),
         });
         if shutting_down {
             // Made during a graceful shutdown: refuse its calls clearly.
@@ -880,7 +904,7 @@ impl Inner {
         let mut wakers = Vec::new();
         {
             let mut pending = lock(&self.pending);
-            pending.closed = Some(Box::new(cause.clone()));
+            pending.closed = true;
             // Waiting callers get the close cause; outcomes not yet taken stay for their
             // callers; abandoned calls are forgotten.
             pending.calls.retain(|_, slot| match slot {
@@ -934,6 +958,13 @@ impl Inner {
         }
         self.conn.release(release);
         self.peer.connection_closed(&cause);
+    }
+
+    /// Why the connection closed, for calls that learn it after [`finish`](Self::finish)
+    /// (which is given the same cause: the connection keeps the one it closed with).
+    /// [`CloseCause::Local`] if it did not close, which `finish` having run rules out.
+    pub(super) fn close_cause(&self) -> CloseCause {
+        self.conn.close_cause().unwrap_or(CloseCause::Local)
     }
 
     /// The peer's receive window ([`Connection::peer_window`]), which outgoing calls and

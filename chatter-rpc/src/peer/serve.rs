@@ -30,8 +30,50 @@ use super::*;
 #[derive(Default)]
 pub(super) struct LastObject {
     pub(super) generation: u64,
-    pub(super) name: String,
+    pub(super) name: MemoName,
     pub(super) service: Option<Arc<dyn Service>>,
+}
+
+/// How many bytes of a name [`MemoName`] keeps inline.
+const MEMO_INLINE: usize = 22;
+
+/// The memo's copy of the name it looked up: inline up to [`MEMO_INLINE`] bytes (most
+/// objects' names), so that the first call on a connection does not allocate a copy;
+/// longer ones on the heap. The size of the `String` it replaces (the receive task's
+/// future does not grow).
+pub(super) enum MemoName {
+    Inline { len: u8, bytes: [u8; MEMO_INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl Default for MemoName {
+    fn default() -> Self {
+        MemoName::Inline {
+            len: 0,
+            bytes: [0; MEMO_INLINE],
+        }
+    }
+}
+
+impl MemoName {
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        match self {
+            // `set` keeps `len` within `bytes`.
+            MemoName::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or(&[]),
+            MemoName::Heap(bytes) => bytes,
+        }
+    }
+
+    pub(super) fn set(&mut self, name: &[u8]) {
+        *self = match u8::try_from(name.len()) {
+            Ok(len) if name.len() <= MEMO_INLINE => {
+                let mut bytes = [0; MEMO_INLINE];
+                bytes[..name.len()].copy_from_slice(name);
+                MemoName::Inline { len, bytes }
+            }
+            _ => MemoName::Heap(name.into()),
+        };
+    }
 }
 
 /// An object found by a lookup: borrowed from the receive task's memo, or owned.
@@ -864,6 +906,12 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     // (release build), which takes every connection's receive task from 640 to 768 bytes
     // (tokio rounds a task up to a multiple of 128 bytes).
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // One wait for the shutdown request for the whole loop, not one per turn: a
+    // `Notified` made in the `select!` each turn was registered with the `Notify` (under
+    // its lock) when polled and taken off again (under the lock) when the turn ended.
+    // This one registers once; a `notify_one` before its first poll leaves a permit that
+    // the poll takes, as before.
+    let mut shutdown = pin!(inner.shutdown.notified());
     let cause = loop {
         // The take is polled first (`biased`), so the credit handed to it is given back
         // even when another branch wins.
@@ -891,7 +939,7 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
         let taken = tokio::select! {
             biased;
             taken = inner.conn.next_events_holding(&mut events, READ_BATCH, release) => taken,
-            () = inner.shutdown.notified(), if !closing => {
+            () = &mut shutdown, if !closing => {
                 closing = true;
                 // Without running handlers the connection closes here, and this loop sees
                 // its close next; otherwise a task waits for their replies first. Once per
@@ -943,7 +991,7 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     inner.finish(cause);
     let on_end = super::lock(&inner.on_end).take();
     if let Some(on_end) = on_end {
-        on_end();
+        on_end.run();
     }
 }
 
@@ -1281,8 +1329,7 @@ impl Inner {
             let object = std::str::from_utf8(object.as_bytes()).ok()?;
             let service = self.lookup(object)?;
             last.generation = generation;
-            last.name.clear();
-            last.name.push_str(object);
+            last.name.set(object.as_bytes());
             last.service = Some(service);
         }
         last.service.as_deref().map(Found::Memo)
@@ -1379,5 +1426,30 @@ async fn send_answers(
                 tokio::spawn(work(inner, next));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memo_names_keep_every_length_and_short_ones_inline() {
+        let mut name = MemoName::default();
+        assert_eq!(name.as_bytes(), b"");
+        for len in [0, 1, MEMO_INLINE - 1, MEMO_INLINE, MEMO_INLINE + 1, 300] {
+            let text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            name.set(&text);
+            assert_eq!(name.as_bytes(), text.as_slice(), "length {len}");
+            assert_eq!(
+                matches!(name, MemoName::Inline { .. }),
+                len <= MEMO_INLINE,
+                "length {len}"
+            );
+        }
+        // Shorter again after a long one: inline again, not a prefix of the old one.
+        name.set(b"calc");
+        assert_eq!(name.as_bytes(), b"calc");
+        assert!(std::mem::size_of::<MemoName>() <= std::mem::size_of::<String>());
     }
 }
