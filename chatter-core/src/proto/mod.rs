@@ -38,11 +38,10 @@
 //! ```
 
 pub mod frame;
-mod queue;
 mod timers;
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
@@ -53,7 +52,6 @@ use frame::{
     CloseCode, Frame, Hello, MessageHeader, FLAG_LAST, FLAG_OWNER, FLAG_TOKEN, LENGTH_PREFIX,
     MAX_HELLO,
 };
-use queue::Queue;
 use timers::{TimerKey, Timers};
 
 /// The smallest `max_frame_size` and `receive_window` a peer may announce.
@@ -330,10 +328,10 @@ pub struct Protocol {
     out: BytesMut,
     /// Events other than messages, each with the number of messages received before it,
     /// so that [`poll_event`](Self::poll_event) returns everything in order.
-    events: Queue<(u64, Event)>,
+    events: VecDeque<(u64, Event)>,
     /// Received messages, kept apart so that a driver can take them with
     /// [`poll_message`](Self::poll_message) without an [`Event`] around each.
-    messages: Queue<Message>,
+    messages: VecDeque<Message>,
     /// Messages received, and taken, since the start.
     messages_received: u64,
     messages_taken: u64,
@@ -399,8 +397,8 @@ impl Protocol {
             frame_limit,
             window_limit,
             out,
-            events: Queue::default(),
-            messages: Queue::default(),
+            events: VecDeque::new(),
+            messages: VecDeque::new(),
             messages_received: 0,
             messages_taken: 0,
             hello_sent: false,
