@@ -780,7 +780,6 @@ impl Connection {
             linger_deadline: None,
             sleep: Box::pin(tokio::time::sleep_until(now + FAR_FUTURE)),
             sleep_deadline: None,
-            sleep_waker: None,
             write_buf_release: None,
             first_wake: first_wake_after(options).map(|after| now + after),
             done: false,
@@ -1413,10 +1412,6 @@ struct Driver<S: Transport> {
     linger_deadline: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     sleep_deadline: Option<Instant>,
-    /// The waker the armed `sleep` was last polled with (and returned pending): until the
-    /// deadline, a round that neither moves the timer nor runs on another waker need not
-    /// poll it again (its entry keeps that waker).
-    sleep_waker: Option<Waker>,
     /// When the output buffers are released: [`KEEP_LARGE_FOR`] after the last output
     /// above [`KEEP_BUFFER`]; `None` when no such output was written since the last
     /// release.
@@ -2036,26 +2031,10 @@ impl<S: Transport> Future for Driver<S> {
                     if this.sleep_deadline.is_none_or(|armed| deadline < armed) {
                         this.sleep.as_mut().reset(deadline);
                         this.sleep_deadline = Some(deadline);
-                        this.sleep_waker = None;
                     }
-                    let registered = this.sleep_deadline.is_some_and(|armed| now < armed)
-                        && this
-                            .sleep_waker
-                            .as_ref()
-                            .is_some_and(|w| w.will_wake(cx.waker()));
-                    if !registered {
-                        if this.sleep.as_mut().poll(cx).is_ready() {
-                            this.sleep_deadline = None;
-                            this.sleep_waker = None;
-                            continue;
-                        }
-                        if !this
-                            .sleep_waker
-                            .as_ref()
-                            .is_some_and(|w| w.will_wake(cx.waker()))
-                        {
-                            this.sleep_waker = Some(cx.waker().clone());
-                        }
+                    if this.sleep.as_mut().poll(cx).is_ready() {
+                        this.sleep_deadline = None;
+                        continue;
                     }
                 }
                 if this.read_buf.is_empty() && this.read_buf.capacity() > KEEP_BUFFER {
