@@ -390,19 +390,39 @@ pub(crate) struct WireName {
     start: u8,
 }
 
+/// A msgpack `str` header (at most 5 bytes), written on the stack.
+#[derive(Default)]
+struct StrHeader {
+    bytes: [u8; 5],
+    len: usize,
+}
+
+impl msgpack::Output for StrHeader {
+    fn put_u8(&mut self, byte: u8) {
+        self.put_slice(&[byte]);
+    }
+
+    fn put_slice(&mut self, bytes: &[u8]) {
+        // A str header is at most 5 bytes: a longer write cannot come from
+        // `write_str_len`, and is cut rather than panic.
+        let end = (self.len + bytes.len()).min(self.bytes.len());
+        let n = end - self.len;
+        self.bytes[self.len..end].copy_from_slice(&bytes[..n]);
+        self.len = end;
+    }
+}
+
 impl WireName {
     pub(crate) fn new(name: &str) -> WireName {
-        let header = match name.len() {
-            0..32 => 1,
-            32..0x100 => 2,
-            0x100..0x1_0000 => 3,
-            _ => 5,
-        };
+        // The header first, on the stack (chatter-msgpack decides its length), so that
+        // the one allocation has the exact size: `put_str` reserves room for the longest
+        // header, which would grow the box.
+        let mut head = StrHeader::default();
+        msgpack::write_str_len(&mut head, len32(name.len()));
+        let header = head.len;
         let mut encoded = Vec::with_capacity(header + name.len());
-        // Not `put_str`: it reserves room for the longest header, which would grow this.
-        msgpack::write_str_len(&mut encoded, len32(name.len()));
+        encoded.extend_from_slice(&head.bytes[..header]);
         encoded.extend_from_slice(name.as_bytes());
-        debug_assert_eq!(encoded.len(), header + name.len());
         WireName {
             // Exactly the capacity asked for: no reallocation.
             encoded: encoded.into_boxed_slice(),

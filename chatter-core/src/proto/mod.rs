@@ -616,9 +616,9 @@ impl Protocol {
                     // The first 16 bytes that arrived, within the first frame if its
                     // length is known (`take_frame` leaves `buf` as it was on an error):
                     // the length prefix and the body's start.
-                    let frame_end = buf
-                        .first_chunk::<4>()
-                        .map_or(buf.len(), |p| 4 + u32::from_be_bytes(*p) as usize);
+                    let frame_end = buf.first_chunk::<LENGTH_PREFIX>().map_or(buf.len(), |p| {
+                        LENGTH_PREFIX + u32::from_be_bytes(*p) as usize
+                    });
                     let first_bytes = buf[..buf.len().min(16).min(frame_end)].to_vec();
                     let e = match e {
                         ProtocolError::UnsupportedVersion { .. } => e,
