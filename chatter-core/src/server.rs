@@ -157,8 +157,19 @@ impl Server {
             _ = stop.wait_for(|&s| s) => return None,
         };
         tokio::select! {
+            // The close first: after it, `accept` returns `None` even with connections
+            // queued.
+            biased;
+            _ = stop.wait_for(|&s| s) => {
+                // `close` drains the queue only if it can take it at once; a waiter that
+                // held it then (a task about to be polled, or an `accept` future kept but
+                // not polled) drains it here, so queued connections and their
+                // `max_connections` slots do not wait for the `Server` to be dropped.
+                incoming.close();
+                while incoming.try_recv().is_ok() {}
+                None
+            }
             queued = incoming.recv() => queued.map(|q| q.conn),
-            _ = stop.wait_for(|&s| s) => None,
         }
     }
 
@@ -241,6 +252,8 @@ impl Server {
         for task in tasks {
             let _ = task.await;
         }
+        // Not `lock().await`: an `accept` future that is kept but never polled again would
+        // hold the queue forever. Whoever holds it drains it when it sees the close.
         if let Ok(mut incoming) = self.incoming.try_lock() {
             incoming.close();
             while incoming.try_recv().is_ok() {}

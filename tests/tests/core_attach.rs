@@ -260,6 +260,48 @@ async fn a_connection_handshaken_after_its_server_closed_is_not_handed_to_on_acc
     assert!(!handed.load(std::sync::atomic::Ordering::SeqCst));
 }
 
+#[tokio::test(start_paused = true)]
+async fn close_releases_a_connection_queued_behind_an_accept_that_holds_the_queue() {
+    // An `accept` polled once holds the accept queue; the close cannot take it, so the
+    // queued connection (and its `max_connections` slot) is released by that `accept`
+    // when it sees the close.
+    let server = Server::in_process(Options::default()).expect("server");
+    let mut waiting = Box::pin(server.accept());
+    assert!(
+        futures_poll_once(waiting.as_mut()).await.is_none(),
+        "nothing to accept yet"
+    );
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let name = || Address::Unix {
+        path: "in-process".into(),
+    };
+    server.accept_over(far, name(), name());
+    let client = connect_over(near, name(), name(), Options::default())
+        .await
+        .expect("connect");
+    // The client's handshake completed after the server's: the connection is queued.
+    assert_eq!(server.connections(), 1);
+    server.close().await;
+    client.closed().await;
+    assert!(waiting.await.is_none(), "accept ends with the close");
+    assert_eq!(
+        server.connections(),
+        0,
+        "the queued connection's slot is released"
+    );
+}
+
+/// Polls `fut` once: its output if it was ready, `None` if it is pending.
+async fn futures_poll_once<F: std::future::Future + Unpin>(mut fut: F) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {
+            std::task::Poll::Ready(out) => Some(out),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
 /// Sets its flag when dropped.
 struct DropFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
