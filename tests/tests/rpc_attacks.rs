@@ -805,6 +805,65 @@ async fn duplicate_reliable_signals_waiting_cost_memory_in_proportion_to_the_win
     assert_eq!(a.ticks.load(Ordering::Relaxed), 1, "run once");
 }
 
+/// A reliable signal with context (kind 11) whose context is over the receiver's
+/// `max_metadata_bytes`: refused unrun and acknowledged *failed* (status 2), so that its
+/// sender stops re-sending it; a re-sent copy gets the same answer, and the stream goes
+/// on. Before the fix it was dropped without an acknowledgement: the sender kept it, and
+/// re-sent it on every reconnect until its TTL ran out (this test hung on the first ack).
+#[tokio::test(start_paused = true)]
+async fn a_reliable_signal_with_context_over_the_limit_is_acknowledged_failed() {
+    // Distinct from any other test's streams (the table is the process's).
+    const STREAM: u64 = 0xa77a_b16c_0000_0001;
+    let a = attack(
+        Options::default(),
+        PeerOptions::default().max_metadata_bytes(64),
+    )
+    .await;
+    let big = std::collections::BTreeMap::from([("k", "x".repeat(100))]);
+    let refused = (
+        11u8,
+        STREAM,
+        1u64,
+        OBJECT,
+        "tick",
+        HOUR_MS,
+        &big,
+        (1u64, ""),
+    );
+    for copy in 0..2 {
+        a.raw
+            .send(&refused, SendOptions::new())
+            .await
+            .expect("a reliable signal");
+        let ack = recv(&a.raw).await;
+        assert!(ack.last, "a one-shot ack");
+        let ack = ack.decode::<(u8, u64, u64, u8)>().expect("an ack");
+        assert_eq!(ack, (4, STREAM, 1, 2), "copy {copy}: acknowledged failed");
+    }
+    // The next one on the stream, with a context that fits, runs.
+    let fits = std::collections::BTreeMap::from([("k", "v")]);
+    let next = (
+        11u8,
+        STREAM,
+        2u64,
+        OBJECT,
+        "tick",
+        HOUR_MS,
+        &fits,
+        (2u64, ""),
+    );
+    a.raw.send(&next, SendOptions::new()).await.expect("sent");
+    let ack = recv(&a.raw).await.decode::<(u8, u64, u64, u8)>();
+    assert_eq!(ack.expect("an ack"), (4, STREAM, 2, 0), "handled");
+    assert_eq!(
+        a.ticks.load(Ordering::Relaxed),
+        1,
+        "only the one that fits ran"
+    );
+    assert_eq!(a.peer.stats().signals_failed, 1, "counted once");
+    ping_raw(&a.raw).await;
+}
+
 // Calls.
 
 /// Calls to made-up methods and objects that wait for a handler slot (every slot is

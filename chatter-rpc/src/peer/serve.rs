@@ -354,6 +354,9 @@ impl Inner {
                 let parts = (object, method, args);
                 self.on_reliable(&msg, (stream, seq), ttl, parts, context, batch);
             }
+            Ok(Incoming::ReliableTooLarge { stream, seq, what }) if msg.last => {
+                batch.release += self.reliable_too_large((stream, seq), &what.0, credit);
+            }
             Ok(Incoming::Ack {
                 stream,
                 seq,
@@ -857,6 +860,7 @@ fn misplaced(envelope: &Incoming<'_>, msg: &Msg) -> String {
         Incoming::Signal { context, .. } => ("a signal", with(context, 1, 10), ONE_SHOT),
         Incoming::Cancel { .. } => ("a cancel", 2, ONE_SHOT),
         Incoming::Reliable { context, .. } => ("a reliable signal", with(context, 3, 11), ONE_SHOT),
+        Incoming::ReliableTooLarge { .. } => ("a reliable signal", 11, ONE_SHOT),
         Incoming::Ack { .. } => ("an ack", 4, ONE_SHOT),
         Incoming::StreamCall { context, .. } => ("a stream call", with(context, 12, 13), CALL),
         Incoming::OpenArgument { .. } => (
