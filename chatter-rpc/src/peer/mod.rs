@@ -760,7 +760,8 @@ pub(crate) struct Inner {
     /// connections have none).
     pub(super) streams: OnceLock<Box<streams::Streams>>,
     /// Run once by the receive task when it ends (the connection closed and everything
-    /// waiting on it was told): [`serve`](crate::serve) forgets the peer then.
+    /// waiting on it was told), or when it panicked or was dropped unfinished (see
+    /// `serve::Reader`): [`serve`](crate::serve) forgets the peer then.
     pub(super) on_end: Mutex<Option<OnEnd>>,
 }
 

@@ -893,7 +893,41 @@ fn truncate(text: &mut String, max: usize) {
 /// How many events the receive task takes from the connection at once.
 pub(super) const READ_BATCH: usize = 64;
 
-pub(super) async fn run_reader(inner: Arc<Inner>) {
+/// The receive loop of `inner`'s connection: runs until the connection closed, then
+/// tells everything waiting on it and runs the peer's end hook ([`Inner::on_end`]).
+pub(super) fn run_reader(inner: Arc<Inner>) -> impl Future<Output = ()> + Send + 'static {
+    receive_loop(Reader(inner))
+}
+
+/// The receive loop's hold on its peer. Dropping it runs the peer's end hook
+/// ([`Inner::on_end`]: [`serve`](crate::serve) forgets the peer), so the hook runs
+/// however the loop ends: at its normal end (after everything waiting on the connection
+/// was told), in the unwind of a panic inside the loop (chatter-core catches a panic of
+/// an attached future and keeps the connection going without it; the loop does not
+/// catch panics of its own code or of a `tracing` subscriber or metrics recorder it
+/// calls), or when the loop's future is dropped unfinished (its runtime shut down).
+/// Without it a server kept listing the peer of a connection nobody read any more.
+/// The loop's argument itself, so the loop's future does not grow.
+struct Reader(Arc<Inner>);
+
+impl std::ops::Deref for Reader {
+    type Target = Arc<Inner>;
+
+    fn deref(&self) -> &Arc<Inner> {
+        &self.0
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let on_end = super::lock(&self.0.on_end).take();
+        if let Some(on_end) = on_end {
+            on_end.run();
+        }
+    }
+}
+
+async fn receive_loop(inner: Reader) {
     let mut closing = false;
     // Events are taken in batches: one connection lock and one wake-up registration (here
     // and for the shutdown signal) per batch, not per message.
@@ -993,10 +1027,7 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     };
     inner.conn.release(batch.release);
     inner.finish(cause);
-    let on_end = super::lock(&inner.on_end).take();
-    if let Some(on_end) = on_end {
-        on_end.run();
-    }
+    // `inner`, dropped last, runs the end hook now.
 }
 
 /// The failure that answers a call in place of a reply larger than the caller accepts
