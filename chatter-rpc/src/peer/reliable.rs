@@ -95,13 +95,16 @@ impl Inner {
         what: &str,
         credit: u32,
     ) -> u64 {
-        tracing::warn!(
-            peer = %self.conn.remote_address(),
-            stream,
-            seq,
-            error = what,
-            "reliable signal refused: metadata too large"
-        );
+        if let Some(warnings) = self.warnings.admit() {
+            tracing::warn!(
+                peer = %self.conn.remote_address(),
+                stream,
+                seq,
+                error = what,
+                warnings,
+                "reliable signal refused: metadata too large"
+            );
+        }
         let status = match admit(stream, seq) {
             Admit::New(admitted) => {
                 bump(&self.peer.stats.signals_failed);

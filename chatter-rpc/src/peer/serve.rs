@@ -515,7 +515,9 @@ impl Inner {
         what: &str,
         credit: u32,
     ) -> u64 {
-        tracing::warn!(peer = %self.conn.remote_address(), conversation = conv.first_id(), error = what, "protocol error from peer");
+        if let Some(warnings) = self.warnings.admit() {
+            tracing::warn!(peer = %self.conn.remote_address(), conversation = conv.first_id(), error = what, warnings, "protocol error from peer");
+        }
         if open {
             self.answer(
                 conv,
@@ -532,12 +534,15 @@ impl Inner {
     /// Returns the credit to give back now (see [`answer`](Self::answer)).
     #[cold]
     fn metadata_too_large(&self, conv: Conversation, open: bool, what: &str, credit: u32) -> u64 {
-        tracing::warn!(
-            peer = %self.conn.remote_address(),
-            conversation = conv.first_id(),
-            error = what,
-            "request refused: metadata too large"
-        );
+        if let Some(warnings) = self.warnings.admit() {
+            tracing::warn!(
+                peer = %self.conn.remote_address(),
+                conversation = conv.first_id(),
+                error = what,
+                warnings,
+                "request refused: metadata too large"
+            );
+        }
         if open {
             let refusal = wire::encode_failure(FailureKind::MetadataTooLarge, what);
             self.answer(conv, refusal, credit)
@@ -1027,6 +1032,15 @@ async fn receive_loop(inner: Reader) {
     };
     inner.conn.release(batch.release);
     inner.finish(cause);
+    let suppressed = inner.warnings.suppressed();
+    if suppressed > 0 {
+        tracing::warn!(
+            peer = %inner.conn.remote_address(),
+            suppressed,
+            "further warnings about this peer's messages were not logged (the first {} are, then every power of two)",
+            warnings::LOGGED_IN_FULL
+        );
+    }
     // `inner`, dropped last, runs the end hook now.
 }
 
@@ -1311,7 +1325,9 @@ impl Inner {
     #[cold]
     #[inline(never)]
     pub(super) fn signal_failed(&self, object: Name<'_>, method: Name<'_>, why: &str) {
-        tracing::warn!(peer = %self.conn.remote_address(), %object, %method, error = why, "signal not delivered");
+        if let Some(warnings) = self.warnings.admit() {
+            tracing::warn!(peer = %self.conn.remote_address(), %object, %method, error = why, warnings, "signal not delivered");
+        }
         bump(&self.peer.stats.signals_failed);
     }
 

@@ -35,6 +35,7 @@ use crate::wire::stream::{self as envelope, CallerStreamMsg, StreamMsg};
 use crate::wire::{self, FailureKind, Name, Payload, Reply as ReplyEnvelope};
 
 use super::calls::{call_options, send_failure, CallGuard};
+use super::warnings::Warnings;
 use super::{after, bump, lock, Inner, Outcome};
 
 /// The streams of one connection, made on its first stream call (either way).
@@ -134,10 +135,13 @@ impl Inner {
                 }
                 let cost = unclaimed_cost(&msg);
                 if st.unclaimed_bytes + cost > MAX_UNCLAIMED {
-                    tracing::warn!(
-                        conversation = id,
-                        "stream message dropped: too many for calls being registered"
-                    );
+                    if let Some(warnings) = self.warnings.admit() {
+                        tracing::warn!(
+                            conversation = id,
+                            warnings,
+                            "stream message dropped: too many for calls being registered"
+                        );
+                    }
                     return None;
                 }
                 st.unclaimed_bytes += cost;
@@ -148,7 +152,7 @@ impl Inner {
                 st.unclaimed.push(msg);
                 return None;
             }
-            route_reply(&mut st, msg)
+            route_reply(&mut st, msg, &self.warnings)
         };
         self.then(then);
         None
@@ -243,7 +247,7 @@ impl Inner {
             let mut thens = Vec::new();
             for msg in unclaimed {
                 if msg.conversation.first_id() == id {
-                    thens.push(route_reply(&mut st, msg));
+                    thens.push(route_reply(&mut st, msg, &self.warnings));
                 } else if st.starting > 0 {
                     st.unclaimed_bytes += unclaimed_cost(&msg);
                     st.unclaimed.push(msg);
@@ -351,7 +355,7 @@ impl Inner {
 }
 
 /// Routes a message of stream call `msg.conversation.first_id()` (registered).
-fn route_reply(st: &mut State, msg: Msg) -> Then {
+fn route_reply(st: &mut State, msg: Msg, warnings: &Warnings) -> Then {
     let id = msg.conversation.first_id();
     let mut then = Then::default();
     let Some(call) = st.calls.get_mut(&id) else {
@@ -407,24 +411,30 @@ fn route_reply(st: &mut State, msg: Msg) -> Then {
                 }
                 _ => fail_call(
                     st,
+                    warnings,
                     id,
                     "a stream call's reply without `last` that opens no stream",
                 ),
             };
         }
-        Err(e) => return fail_call(st, id, &format!("bad stream message: {}", e.0)),
+        Err(e) => return fail_call(st, warnings, id, &format!("bad stream message: {}", e.0)),
     };
     match decoded {
         StreamMsg::Items(items) if call.opened => {
             let Some(result) = &call.result else {
-                return fail_call(st, id, "an item for a call without a result stream");
+                return fail_call(
+                    st,
+                    warnings,
+                    id,
+                    "an item for a call without a result stream",
+                );
             };
             if let Err(over) = result.push_items(&msg.payload, items) {
                 let what = format!(
                     "the callee sent {} bytes beyond the {} granted",
                     over.cost, over.window
                 );
-                return fail_call(st, id, &what);
+                return fail_call(st, warnings, id, &what);
             }
         }
         StreamMsg::Grant(bytes) => match &mut call.input {
@@ -439,7 +449,14 @@ fn route_reply(st: &mut State, msg: Msg) -> Then {
                     then.start_input = Some((id, input.outlet.clone(), source));
                 }
             }
-            None => return fail_call(st, id, "credit for a call without an argument stream"),
+            None => {
+                return fail_call(
+                    st,
+                    warnings,
+                    id,
+                    "credit for a call without an argument stream",
+                )
+            }
         },
         StreamMsg::Stop => {
             if let Some(input) = &mut call.input {
@@ -447,19 +464,29 @@ fn route_reply(st: &mut State, msg: Msg) -> Then {
                 input.outlet.cancel();
             }
         }
-        other => return fail_call(st, id, &format!("unexpected stream message {other:?}")),
+        other => {
+            return fail_call(
+                st,
+                warnings,
+                id,
+                &format!("unexpected stream message {other:?}"),
+            )
+        }
     }
     then
 }
 
 /// A stream call's callee broke the protocol: the caller's streams fail, the callee is
 /// told to cancel (its end of the call comes later and is dropped).
-fn fail_call(st: &mut State, id: u64, what: &str) -> Then {
-    tracing::warn!(
-        conversation = id,
-        error = what,
-        "stream protocol error from peer"
-    );
+fn fail_call(st: &mut State, warnings: &Warnings, id: u64, what: &str) -> Then {
+    if let Some(warnings) = warnings.admit() {
+        tracing::warn!(
+            conversation = id,
+            error = what,
+            warnings,
+            "stream protocol error from peer"
+        );
+    }
     let mut then = Then::default();
     if let Some(call) = st.calls.get_mut(&id) {
         call.cancelled = true;
@@ -1042,7 +1069,9 @@ impl Inner {
             Err(e) => Err(e.0),
         };
         if let Err(what) = outcome {
-            tracing::warn!(conversation = conv, error = %what, "argument stream protocol error from peer");
+            if let Some(warnings) = self.warnings.admit() {
+                tracing::warn!(conversation = conv, error = %what, warnings, "argument stream protocol error from peer");
+            }
             inbox.finish(Err(StreamError::Protocol(what)));
             st.arguments.remove(&conv);
         }
