@@ -481,6 +481,44 @@ async fn argument_items_beyond_the_grant_or_after_a_cancel_fail_that_stream_only
     assert_eq!(conn.buffered().received, 0, "every credit given back");
 }
 
+/// Argument items beyond the grant fail the argument stream, and the callee tells the
+/// caller so at once with `[6]` in the call's conversation (PROTOCOL.md, Streams), while
+/// its handler still runs: the caller stops sending and ends its stream. Before the fix
+/// the callee said nothing (the field meant for it was never set), and the caller kept
+/// the stream open until the call ended.
+#[tokio::test(start_paused = true)]
+async fn argument_items_beyond_the_grant_make_the_callee_send_stop() {
+    const WINDOW: u64 = 1024;
+    let a = attack(
+        Options::default(),
+        PeerOptions::default().stream_window(WINDOW),
+    )
+    .await;
+    let (input, _) = open_hold(&a.raw).await;
+    let call_id = input.first_id() - 1;
+    // `[3, n]` costs 67: 15 fit in 1 024, the 16th is beyond the grant. The handler waits
+    // for the gate: it reads nothing, so the callee grants nothing meanwhile.
+    for n in 0..20u64 {
+        a.raw.send(&(3u8, n), keep(input)).await.expect("an item");
+    }
+    let stop = recv(&a.raw).await;
+    assert_eq!(
+        stop.conversation.first_id(),
+        call_id,
+        "in the call's conversation"
+    );
+    assert!(!stop.last && !stop.token, "keeps the call open");
+    assert_eq!(&stop.payload[..], b"\x91\x06", "[6]");
+    // The caller ends its stream; the handler reads the items before the overrun.
+    a.raw
+        .send(&(4u8,), SendOptions::new().conversation(input).token(false))
+        .await
+        .expect("the end");
+    a.gate.add_permits(1);
+    assert_eq!(final_reply(&a.raw).await, (0, 15));
+    ping_raw(&a.raw).await;
+}
+
 // Result streams.
 
 /// The items of result stream `call` that arrive until it ends, and how it ended (the

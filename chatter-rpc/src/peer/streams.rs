@@ -57,10 +57,11 @@ struct State {
     /// The result streams this side writes, by call id (the caller's grants go here).
     outlets: HashMap<u64, Arc<Outlet>, IdBuildHasher>,
     /// Argument streams of calls this side serves whose conversation is not open yet, by
-    /// call id.
-    inputs: HashMap<u64, Arc<Inbox>, IdBuildHasher>,
-    /// Open argument streams, by the first id of their conversation, with their call's id.
-    arguments: HashMap<u64, (u64, Arc<Inbox>), IdBuildHasher>,
+    /// call id, with the call's conversation.
+    inputs: HashMap<u64, (Conversation, Arc<Inbox>), IdBuildHasher>,
+    /// Open argument streams, by the first id of their conversation, with their call's
+    /// conversation (whose first id is the call's id).
+    arguments: HashMap<u64, (Conversation, Arc<Inbox>), IdBuildHasher>,
     /// Stream calls this side serves now (at most `max_streams`).
     serving: usize,
     /// The connection closed: nothing new starts.
@@ -107,8 +108,6 @@ struct Then {
     settle: Option<(u64, Outcome)>,
     cancel: Option<u64>,
     start_input: Option<(u64, Arc<Outlet>, ItemSource)>,
-    /// The callee's argument stream was refused (protocol error): tell the caller to stop.
-    stop: Option<Conversation>,
 }
 
 impl Inner {
@@ -165,10 +164,6 @@ impl Inner {
         }
         if let Some(id) = then.cancel {
             self.send_soon(wire::encode_cancel(id), SendOptions::new());
-        }
-        if let Some(conv) = then.stop {
-            let stop = envelope::encode_bare(envelope::STOP);
-            self.send_soon(stop, in_conversation(conv));
         }
         if let Some((id, outlet, source)) = then.start_input {
             if let Some(me) = self.me.upgrade() {
@@ -344,7 +339,7 @@ impl Inner {
         for (_, outlet) in st.outlets.drain() {
             outlet.cancel();
         }
-        for (_, inbox) in st.inputs.drain() {
+        for (_, (_, inbox)) in st.inputs.drain() {
             inbox.finish(lost());
         }
         for (_, (_, inbox)) in st.arguments.drain() {
@@ -984,7 +979,7 @@ impl Inner {
         };
         let has_input = inbox.is_some();
         if let Some(inbox) = inbox {
-            lock(&streams.state).inputs.insert(id, inbox);
+            lock(&streams.state).inputs.insert(id, (call.conv, inbox));
             // The caller opens the argument stream on this first grant.
             self.send_soon(envelope::encode_grant(window), in_conversation(call.conv));
         }
@@ -1026,7 +1021,7 @@ impl Inner {
         let conv = msg.conversation.first_id();
         let mut st = lock(&streams.state);
         if let Some(call) = call {
-            if let Some(inbox) = st.inputs.remove(&call) {
+            if let Some((call, inbox)) = st.inputs.remove(&call) {
                 if !msg.last {
                     st.arguments.insert(conv, (call, inbox));
                 } else {
@@ -1035,7 +1030,7 @@ impl Inner {
             }
             return credit;
         }
-        let Some((_, inbox)) = st.arguments.get(&conv) else {
+        let Some(&(call, ref inbox)) = st.arguments.get(&conv) else {
             // The call ended (its reader is gone): dropped.
             return credit;
         };
@@ -1074,6 +1069,13 @@ impl Inner {
             }
             inbox.finish(Err(StreamError::Protocol(what)));
             st.arguments.remove(&conv);
+            drop(st);
+            // The stream failed: the caller stops sending now, not when the call ends
+            // (PROTOCOL.md, Streams: `[6]`). Once per stream: its later messages find
+            // it gone.
+            let stop = envelope::encode_bare(envelope::STOP);
+            self.send_soon(stop, in_conversation(call));
+            return credit;
         }
         if msg.last {
             st.arguments.remove(&conv);
@@ -1098,14 +1100,14 @@ impl Inner {
             st.outlets.remove(&id);
             // The call is over: a reader of its argument stream (if the handler passed it
             // on) learns that the caller will send nothing more.
-            if let Some(inbox) = st.inputs.remove(&id) {
+            if let Some((_, inbox)) = st.inputs.remove(&id) {
                 inbox.finish(Err(StreamError::Cancelled));
             }
             st.arguments.retain(|_, (call, inbox)| {
-                if *call == id {
+                if call.first_id() == id {
                     inbox.finish(Err(StreamError::Cancelled));
                 }
-                *call != id
+                call.first_id() != id
             });
         }
         lock(&self.inflight).calls.remove(&id);
