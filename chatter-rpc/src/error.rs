@@ -295,7 +295,8 @@ pub enum SignalError {
     /// The signal's metadata (and trace context) is larger than this side's
     /// [`PeerOptions::max_metadata_bytes`](crate::PeerOptions::max_metadata_bytes): it
     /// was not sent. (A receiver with a lower limit drops it and counts it in its
-    /// [`PeerStats::signals_failed`](crate::PeerStats::signals_failed).)
+    /// [`PeerStats::signals_failed`](crate::PeerStats::signals_failed); an acknowledged
+    /// signal then ends with [`AckError::Failed`].)
     #[error("metadata too large: {what}")]
     MetadataTooLarge {
         /// The size and the limit.
@@ -325,8 +326,10 @@ pub enum AckError {
         /// Whether the receiver may have run it anyway.
         maybe_delivered: bool,
     },
-    /// The receiver could not run it: no such object or method, bad arguments, or the
-    /// handler panicked.
+    /// The receiver could not run it: no such object or method, bad arguments, metadata
+    /// over the receiver's
+    /// [`PeerOptions::max_metadata_bytes`](crate::PeerOptions::max_metadata_bytes), or the
+    /// handler panicked. Final: the signal is not sent again.
     #[error("the receiver could not handle the signal")]
     Failed,
     /// Dropped on this side before an acknowledgement: evicted from a full outbox

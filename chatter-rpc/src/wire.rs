@@ -146,6 +146,14 @@ pub(crate) enum Incoming<'a> {
         context: Option<&'a [u8]>,
         args: &'a [u8],
     },
+    /// A reliable signal (kind 11) whose context is over the receiver's limit: refused
+    /// unrun, and acknowledged *failed* so that its sender stops re-sending it. `what`
+    /// says the size and the limit.
+    ReliableTooLarge {
+        stream: u64,
+        seq: u64,
+        what: WireError,
+    },
     /// The receiver of a reliable signal finished with it.
     Ack {
         stream: u64,
@@ -1396,6 +1404,15 @@ mod tests {
                 context: Some(_),
                 ..
             })
+        ));
+        // Over the limit (5 bytes, limit 4): still addressed, to be acknowledged.
+        assert!(matches!(
+            decode_incoming(reliable, 4),
+            Ok(Incoming::ReliableTooLarge {
+                stream: 1,
+                seq: 2,
+                what,
+            }) if what.is_too_large()
         ));
     }
 

@@ -481,6 +481,44 @@ async fn argument_items_beyond_the_grant_or_after_a_cancel_fail_that_stream_only
     assert_eq!(conn.buffered().received, 0, "every credit given back");
 }
 
+/// Argument items beyond the grant fail the argument stream, and the callee tells the
+/// caller so at once with `[6]` in the call's conversation (PROTOCOL.md, Streams), while
+/// its handler still runs: the caller stops sending and ends its stream. Before the fix
+/// the callee said nothing (the field meant for it was never set), and the caller kept
+/// the stream open until the call ended.
+#[tokio::test(start_paused = true)]
+async fn argument_items_beyond_the_grant_make_the_callee_send_stop() {
+    const WINDOW: u64 = 1024;
+    let a = attack(
+        Options::default(),
+        PeerOptions::default().stream_window(WINDOW),
+    )
+    .await;
+    let (input, _) = open_hold(&a.raw).await;
+    let call_id = input.first_id() - 1;
+    // `[3, n]` costs 67: 15 fit in 1 024, the 16th is beyond the grant. The handler waits
+    // for the gate: it reads nothing, so the callee grants nothing meanwhile.
+    for n in 0..20u64 {
+        a.raw.send(&(3u8, n), keep(input)).await.expect("an item");
+    }
+    let stop = recv(&a.raw).await;
+    assert_eq!(
+        stop.conversation.first_id(),
+        call_id,
+        "in the call's conversation"
+    );
+    assert!(!stop.last && !stop.token, "keeps the call open");
+    assert_eq!(&stop.payload[..], b"\x91\x06", "[6]");
+    // The caller ends its stream; the handler reads the items before the overrun.
+    a.raw
+        .send(&(4u8,), SendOptions::new().conversation(input).token(false))
+        .await
+        .expect("the end");
+    a.gate.add_permits(1);
+    assert_eq!(final_reply(&a.raw).await, (0, 15));
+    ping_raw(&a.raw).await;
+}
+
 // Result streams.
 
 /// The items of result stream `call` that arrive until it ends, and how it ended (the
@@ -803,6 +841,65 @@ async fn duplicate_reliable_signals_waiting_cost_memory_in_proportion_to_the_win
         acks += 1;
     }
     assert_eq!(a.ticks.load(Ordering::Relaxed), 1, "run once");
+}
+
+/// A reliable signal with context (kind 11) whose context is over the receiver's
+/// `max_metadata_bytes`: refused unrun and acknowledged *failed* (status 2), so that its
+/// sender stops re-sending it; a re-sent copy gets the same answer, and the stream goes
+/// on. Before the fix it was dropped without an acknowledgement: the sender kept it, and
+/// re-sent it on every reconnect until its TTL ran out (this test hung on the first ack).
+#[tokio::test(start_paused = true)]
+async fn a_reliable_signal_with_context_over_the_limit_is_acknowledged_failed() {
+    // Distinct from any other test's streams (the table is the process's).
+    const STREAM: u64 = 0xa77a_b16c_0000_0001;
+    let a = attack(
+        Options::default(),
+        PeerOptions::default().max_metadata_bytes(64),
+    )
+    .await;
+    let big = std::collections::BTreeMap::from([("k", "x".repeat(100))]);
+    let refused = (
+        11u8,
+        STREAM,
+        1u64,
+        OBJECT,
+        "tick",
+        HOUR_MS,
+        &big,
+        (1u64, ""),
+    );
+    for copy in 0..2 {
+        a.raw
+            .send(&refused, SendOptions::new())
+            .await
+            .expect("a reliable signal");
+        let ack = recv(&a.raw).await;
+        assert!(ack.last, "a one-shot ack");
+        let ack = ack.decode::<(u8, u64, u64, u8)>().expect("an ack");
+        assert_eq!(ack, (4, STREAM, 1, 2), "copy {copy}: acknowledged failed");
+    }
+    // The next one on the stream, with a context that fits, runs.
+    let fits = std::collections::BTreeMap::from([("k", "v")]);
+    let next = (
+        11u8,
+        STREAM,
+        2u64,
+        OBJECT,
+        "tick",
+        HOUR_MS,
+        &fits,
+        (2u64, ""),
+    );
+    a.raw.send(&next, SendOptions::new()).await.expect("sent");
+    let ack = recv(&a.raw).await.decode::<(u8, u64, u64, u8)>();
+    assert_eq!(ack.expect("an ack"), (4, STREAM, 2, 0), "handled");
+    assert_eq!(
+        a.ticks.load(Ordering::Relaxed),
+        1,
+        "only the one that fits ran"
+    );
+    assert_eq!(a.peer.stats().signals_failed, 1, "counted once");
+    ping_raw(&a.raw).await;
 }
 
 // Calls.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chatter_core::{connect, listen, Options, SendOptions};
 use chatter_rpc::{
-    remote, CallContext, CallError, Metadata, Peer, PeerOptions, SignalError, TraceParent,
+    remote, AckError, CallContext, CallError, Metadata, Peer, PeerOptions, SignalError, TraceParent,
 };
 use serde::{Deserialize, Serialize};
 #[cfg(feature = "tls")]
@@ -287,6 +287,30 @@ async fn metadata_over_the_limit_fails_clearly_on_either_side() {
         .unwrap();
     assert_eq!(seen.metadata[0].1, fits);
     assert!(p.notes.try_recv().is_err());
+}
+
+/// An acknowledged signal whose metadata is over the receiver's (lower) limit: the
+/// receiver acknowledges it *failed*, so the sender learns it at once and does not keep
+/// it. Before the fix the receiver dropped it without an acknowledgement: the sender
+/// waited until its TTL (here the wait for the acknowledgement timed out).
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_signal_over_the_receivers_metadata_limit_fails_at_the_sender() {
+    let p = pair(
+        PeerOptions::default().acknowledged_signals(true),
+        PeerOptions::default().max_metadata_bytes(100),
+    )
+    .await;
+    let big = "y".repeat(120);
+    let sent = p.probe.with_metadata("k", &big).note().await.unwrap();
+    assert_eq!(
+        sent.acknowledged(Duration::from_secs(60)).await,
+        Err(AckError::Failed)
+    );
+    assert_eq!(p.client.stats().signals_failed_remotely, 1);
+    assert_eq!(p.server.stats().signals_failed, 1);
+    // The connection keeps serving, and a signal that fits is handled.
+    let sent = p.probe.with_metadata("k", "v").note().await.unwrap();
+    sent.acknowledged(Duration::from_secs(60)).await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]

@@ -1344,3 +1344,47 @@ fn window_frames_coalesce_while_the_output_is_not_taken() {
     }
     assert!(pair.a.is_open() && pair.b.is_open());
 }
+
+/// A burst of tiny messages grows the queue of received messages to hold them all (within
+/// the window); once they were taken, its memory goes back down to a small reserve, rather
+/// than staying at its peak for the connection's life.
+#[test]
+fn the_received_message_queue_gives_back_a_bursts_memory_once_drained() {
+    const BURST: usize = 100_000;
+    let mut p = Pair::new();
+    for n in 0..BURST {
+        p.a.send(p.now, SendArgs::new(), &[7])
+            .expect("within the window");
+        if n % 1000 == 999 {
+            p.flush();
+        }
+    }
+    p.flush();
+    assert_eq!(p.b.messages.len(), BURST);
+    assert!(p.b.messages.capacity() >= BURST);
+    let mut taken = 0;
+    while let Some(m) = p.b.poll_message() {
+        p.b.release(m.cost);
+        taken += 1;
+        if taken < BURST {
+            // Not shrunk while messages are left.
+            assert!(p.b.messages.capacity() >= BURST, "after {taken}");
+        }
+    }
+    assert_eq!(taken, BURST);
+    assert!(
+        p.b.messages.capacity() <= MESSAGES_KEPT,
+        "{} entries kept",
+        p.b.messages.capacity()
+    );
+    // Steady traffic below the reserve keeps its room: no reallocation per burst.
+    for _ in 0..100 {
+        p.a.send(p.now, SendArgs::new(), &[7]).expect("sent");
+    }
+    p.flush();
+    let capacity = p.b.messages.capacity();
+    while let Some(m) = p.b.poll_message() {
+        p.b.release(m.cost);
+    }
+    assert_eq!(p.b.messages.capacity(), capacity);
+}

@@ -45,6 +45,7 @@ mod serve;
 mod shutdown;
 mod signals;
 mod streams;
+mod warnings;
 
 use backlog::{Kind, Slots};
 pub(crate) use calls::Outcome;
@@ -760,8 +761,11 @@ pub(crate) struct Inner {
     /// connections have none).
     pub(super) streams: OnceLock<Box<streams::Streams>>,
     /// Run once by the receive task when it ends (the connection closed and everything
-    /// waiting on it was told): [`serve`](crate::serve) forgets the peer then.
+    /// waiting on it was told), or when it panicked or was dropped unfinished (see
+    /// `serve::Reader`): [`serve`](crate::serve) forgets the peer then.
     pub(super) on_end: Mutex<Option<OnEnd>>,
+    /// The limit on the warnings this connection's messages cause.
+    warnings: warnings::Warnings,
 }
 
 /// What [`Inner::on_end`] runs.
@@ -834,6 +838,7 @@ impl Inner {
             shutdown: Notify::new(),
             streams: OnceLock::new(),
             on_end: Mutex::new(on_end),
+            warnings: warnings::Warnings::default(),
         });
         if shutting_down {
             // Made during a graceful shutdown: refuse its calls clearly.

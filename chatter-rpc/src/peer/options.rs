@@ -132,7 +132,8 @@ impl PeerOptions {
     /// [`SignalError::MetadataTooLarge`](crate::SignalError::MetadataTooLarge)); a
     /// received call over the limit is answered with failure kind 9, which the caller
     /// sees as the same error, and a received signal over it is dropped, logged and
-    /// counted as failed. Part of a request's size, so already within the connection's
+    /// counted as failed (a reliable one is acknowledged *failed*, so that its sender
+    /// stops re-sending it and sees [`AckError::Failed`](crate::AckError::Failed)). Part of a request's size, so already within the connection's
     /// receive window; this bounds what decoding it allocates per handler.
     ///
     /// ```
@@ -290,14 +291,15 @@ pub struct PeerStats {
     /// Signals refused because the outbox was full ([`WhenFull::Error`]).
     pub signals_rejected: u64,
     /// Acknowledged signals the receiver could not handle (no such object or method, bad
-    /// arguments, a panicking handler).
+    /// arguments, metadata over its limit, a panicking handler).
     pub signals_failed_remotely: u64,
     /// Signals received whose handler ran.
     pub signals_delivered: u64,
     /// Signals received but dropped because their TTL ran out before a handler slot was
     /// free.
     pub signals_expired_on_arrival: u64,
-    /// Signals received for an unknown object or method, with bad arguments, or whose
+    /// Signals received for an unknown object or method, with bad arguments, with
+    /// metadata over [`max_metadata_bytes`](PeerOptions::max_metadata_bytes), or whose
     /// handler panicked.
     pub signals_failed: u64,
     /// Calls received (whatever their outcome).

@@ -81,6 +81,53 @@ impl Inner {
         self.wait(conv, false, item, credit, batch);
     }
 
+    /// A reliable signal whose context is over `max_metadata_bytes`: not run, and
+    /// acknowledged *failed* (PROTOCOL.md, "Reliable signals"), so that the sender
+    /// settles it instead of re-sending it until its TTL runs out. It goes through the
+    /// duplicate table like any other: a copy of a signal already done is acknowledged
+    /// with that outcome, one of a signal running with the running copy's. Returns the
+    /// credit to give back now.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn reliable_too_large(
+        self: &Arc<Self>,
+        (stream, seq): (u64, u64),
+        what: &str,
+        credit: u32,
+    ) -> u64 {
+        if let Some(warnings) = self.warnings.admit() {
+            tracing::warn!(
+                peer = %self.conn.remote_address(),
+                stream,
+                seq,
+                error = what,
+                warnings,
+                "reliable signal refused: metadata too large"
+            );
+        }
+        let status = match admit(stream, seq) {
+            Admit::New(admitted) => {
+                bump(&self.peer.stats.signals_failed);
+                admitted.finish(AckStatus::Failed);
+                AckStatus::Failed
+            }
+            Admit::Done(status) => status,
+            Admit::Running(outcome) => {
+                // Waits for the running copy holding this copy's credit, as a duplicate
+                // does (bounded by the window); if that copy is abandoned, this one
+                // cannot run in its place.
+                let inner = self.clone();
+                tokio::spawn(async move {
+                    let status = outcome.await.unwrap_or(AckStatus::Failed);
+                    let release = inner.acknowledge(stream, seq, status, credit);
+                    inner.conn.release(release);
+                });
+                return 0;
+            }
+        };
+        self.acknowledge(stream, seq, status, credit)
+    }
+
     /// A copy of a reliable signal that was running when this one arrived: acknowledged
     /// with the first copy's outcome. If the first copy was abandoned instead (its
     /// connection closed before it ran), this copy runs in its place. Returns the credit

@@ -354,6 +354,9 @@ impl Inner {
                 let parts = (object, method, args);
                 self.on_reliable(&msg, (stream, seq), ttl, parts, context, batch);
             }
+            Ok(Incoming::ReliableTooLarge { stream, seq, what }) if msg.last => {
+                batch.release += self.reliable_too_large((stream, seq), &what.0, credit);
+            }
             Ok(Incoming::Ack {
                 stream,
                 seq,
@@ -512,7 +515,9 @@ impl Inner {
         what: &str,
         credit: u32,
     ) -> u64 {
-        tracing::warn!(peer = %self.conn.remote_address(), conversation = conv.first_id(), error = what, "protocol error from peer");
+        if let Some(warnings) = self.warnings.admit() {
+            tracing::warn!(peer = %self.conn.remote_address(), conversation = conv.first_id(), error = what, warnings, "protocol error from peer");
+        }
         if open {
             self.answer(
                 conv,
@@ -529,12 +534,15 @@ impl Inner {
     /// Returns the credit to give back now (see [`answer`](Self::answer)).
     #[cold]
     fn metadata_too_large(&self, conv: Conversation, open: bool, what: &str, credit: u32) -> u64 {
-        tracing::warn!(
-            peer = %self.conn.remote_address(),
-            conversation = conv.first_id(),
-            error = what,
-            "request refused: metadata too large"
-        );
+        if let Some(warnings) = self.warnings.admit() {
+            tracing::warn!(
+                peer = %self.conn.remote_address(),
+                conversation = conv.first_id(),
+                error = what,
+                warnings,
+                "request refused: metadata too large"
+            );
+        }
         if open {
             let refusal = wire::encode_failure(FailureKind::MetadataTooLarge, what);
             self.answer(conv, refusal, credit)
@@ -857,6 +865,7 @@ fn misplaced(envelope: &Incoming<'_>, msg: &Msg) -> String {
         Incoming::Signal { context, .. } => ("a signal", with(context, 1, 10), ONE_SHOT),
         Incoming::Cancel { .. } => ("a cancel", 2, ONE_SHOT),
         Incoming::Reliable { context, .. } => ("a reliable signal", with(context, 3, 11), ONE_SHOT),
+        Incoming::ReliableTooLarge { .. } => ("a reliable signal", 11, ONE_SHOT),
         Incoming::Ack { .. } => ("an ack", 4, ONE_SHOT),
         Incoming::StreamCall { context, .. } => ("a stream call", with(context, 12, 13), CALL),
         Incoming::OpenArgument { .. } => (
@@ -889,7 +898,41 @@ fn truncate(text: &mut String, max: usize) {
 /// How many events the receive task takes from the connection at once.
 pub(super) const READ_BATCH: usize = 64;
 
-pub(super) async fn run_reader(inner: Arc<Inner>) {
+/// The receive loop of `inner`'s connection: runs until the connection closed, then
+/// tells everything waiting on it and runs the peer's end hook ([`Inner::on_end`]).
+pub(super) fn run_reader(inner: Arc<Inner>) -> impl Future<Output = ()> + Send + 'static {
+    receive_loop(Reader(inner))
+}
+
+/// The receive loop's hold on its peer. Dropping it runs the peer's end hook
+/// ([`Inner::on_end`]: [`serve`](crate::serve) forgets the peer), so the hook runs
+/// however the loop ends: at its normal end (after everything waiting on the connection
+/// was told), in the unwind of a panic inside the loop (chatter-core catches a panic of
+/// an attached future and keeps the connection going without it; the loop does not
+/// catch panics of its own code or of a `tracing` subscriber or metrics recorder it
+/// calls), or when the loop's future is dropped unfinished (its runtime shut down).
+/// Without it a server kept listing the peer of a connection nobody read any more.
+/// The loop's argument itself, so the loop's future does not grow.
+struct Reader(Arc<Inner>);
+
+impl std::ops::Deref for Reader {
+    type Target = Arc<Inner>;
+
+    fn deref(&self) -> &Arc<Inner> {
+        &self.0
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let on_end = super::lock(&self.0.on_end).take();
+        if let Some(on_end) = on_end {
+            on_end.run();
+        }
+    }
+}
+
+async fn receive_loop(inner: Reader) {
     let mut closing = false;
     // Events are taken in batches: one connection lock and one wake-up registration (here
     // and for the shutdown signal) per batch, not per message.
@@ -989,10 +1032,16 @@ pub(super) async fn run_reader(inner: Arc<Inner>) {
     };
     inner.conn.release(batch.release);
     inner.finish(cause);
-    let on_end = super::lock(&inner.on_end).take();
-    if let Some(on_end) = on_end {
-        on_end.run();
+    let suppressed = inner.warnings.suppressed();
+    if suppressed > 0 {
+        tracing::warn!(
+            peer = %inner.conn.remote_address(),
+            suppressed,
+            "further warnings about this peer's messages were not logged (the first {} are, then every power of two)",
+            warnings::LOGGED_IN_FULL
+        );
     }
+    // `inner`, dropped last, runs the end hook now.
 }
 
 /// The failure that answers a call in place of a reply larger than the caller accepts
@@ -1276,7 +1325,9 @@ impl Inner {
     #[cold]
     #[inline(never)]
     pub(super) fn signal_failed(&self, object: Name<'_>, method: Name<'_>, why: &str) {
-        tracing::warn!(peer = %self.conn.remote_address(), %object, %method, error = why, "signal not delivered");
+        if let Some(warnings) = self.warnings.admit() {
+            tracing::warn!(peer = %self.conn.remote_address(), %object, %method, error = why, warnings, "signal not delivered");
+        }
         bump(&self.peer.stats.signals_failed);
     }
 

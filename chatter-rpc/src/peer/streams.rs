@@ -35,6 +35,7 @@ use crate::wire::stream::{self as envelope, CallerStreamMsg, StreamMsg};
 use crate::wire::{self, FailureKind, Name, Payload, Reply as ReplyEnvelope};
 
 use super::calls::{call_options, send_failure, CallGuard};
+use super::warnings::Warnings;
 use super::{after, bump, lock, Inner, Outcome};
 
 /// The streams of one connection, made on its first stream call (either way).
@@ -56,10 +57,11 @@ struct State {
     /// The result streams this side writes, by call id (the caller's grants go here).
     outlets: HashMap<u64, Arc<Outlet>, IdBuildHasher>,
     /// Argument streams of calls this side serves whose conversation is not open yet, by
-    /// call id.
-    inputs: HashMap<u64, Arc<Inbox>, IdBuildHasher>,
-    /// Open argument streams, by the first id of their conversation, with their call's id.
-    arguments: HashMap<u64, (u64, Arc<Inbox>), IdBuildHasher>,
+    /// call id, with the call's conversation.
+    inputs: HashMap<u64, (Conversation, Arc<Inbox>), IdBuildHasher>,
+    /// Open argument streams, by the first id of their conversation, with their call's
+    /// conversation (whose first id is the call's id).
+    arguments: HashMap<u64, (Conversation, Arc<Inbox>), IdBuildHasher>,
     /// Stream calls this side serves now (at most `max_streams`).
     serving: usize,
     /// The connection closed: nothing new starts.
@@ -106,8 +108,6 @@ struct Then {
     settle: Option<(u64, Outcome)>,
     cancel: Option<u64>,
     start_input: Option<(u64, Arc<Outlet>, ItemSource)>,
-    /// The callee's argument stream was refused (protocol error): tell the caller to stop.
-    stop: Option<Conversation>,
 }
 
 impl Inner {
@@ -134,10 +134,13 @@ impl Inner {
                 }
                 let cost = unclaimed_cost(&msg);
                 if st.unclaimed_bytes + cost > MAX_UNCLAIMED {
-                    tracing::warn!(
-                        conversation = id,
-                        "stream message dropped: too many for calls being registered"
-                    );
+                    if let Some(warnings) = self.warnings.admit() {
+                        tracing::warn!(
+                            conversation = id,
+                            warnings,
+                            "stream message dropped: too many for calls being registered"
+                        );
+                    }
                     return None;
                 }
                 st.unclaimed_bytes += cost;
@@ -148,7 +151,7 @@ impl Inner {
                 st.unclaimed.push(msg);
                 return None;
             }
-            route_reply(&mut st, msg)
+            route_reply(&mut st, msg, &self.warnings)
         };
         self.then(then);
         None
@@ -161,10 +164,6 @@ impl Inner {
         }
         if let Some(id) = then.cancel {
             self.send_soon(wire::encode_cancel(id), SendOptions::new());
-        }
-        if let Some(conv) = then.stop {
-            let stop = envelope::encode_bare(envelope::STOP);
-            self.send_soon(stop, in_conversation(conv));
         }
         if let Some((id, outlet, source)) = then.start_input {
             if let Some(me) = self.me.upgrade() {
@@ -243,7 +242,7 @@ impl Inner {
             let mut thens = Vec::new();
             for msg in unclaimed {
                 if msg.conversation.first_id() == id {
-                    thens.push(route_reply(&mut st, msg));
+                    thens.push(route_reply(&mut st, msg, &self.warnings));
                 } else if st.starting > 0 {
                     st.unclaimed_bytes += unclaimed_cost(&msg);
                     st.unclaimed.push(msg);
@@ -340,7 +339,7 @@ impl Inner {
         for (_, outlet) in st.outlets.drain() {
             outlet.cancel();
         }
-        for (_, inbox) in st.inputs.drain() {
+        for (_, (_, inbox)) in st.inputs.drain() {
             inbox.finish(lost());
         }
         for (_, (_, inbox)) in st.arguments.drain() {
@@ -351,7 +350,7 @@ impl Inner {
 }
 
 /// Routes a message of stream call `msg.conversation.first_id()` (registered).
-fn route_reply(st: &mut State, msg: Msg) -> Then {
+fn route_reply(st: &mut State, msg: Msg, warnings: &Warnings) -> Then {
     let id = msg.conversation.first_id();
     let mut then = Then::default();
     let Some(call) = st.calls.get_mut(&id) else {
@@ -407,24 +406,30 @@ fn route_reply(st: &mut State, msg: Msg) -> Then {
                 }
                 _ => fail_call(
                     st,
+                    warnings,
                     id,
                     "a stream call's reply without `last` that opens no stream",
                 ),
             };
         }
-        Err(e) => return fail_call(st, id, &format!("bad stream message: {}", e.0)),
+        Err(e) => return fail_call(st, warnings, id, &format!("bad stream message: {}", e.0)),
     };
     match decoded {
         StreamMsg::Items(items) if call.opened => {
             let Some(result) = &call.result else {
-                return fail_call(st, id, "an item for a call without a result stream");
+                return fail_call(
+                    st,
+                    warnings,
+                    id,
+                    "an item for a call without a result stream",
+                );
             };
             if let Err(over) = result.push_items(&msg.payload, items) {
                 let what = format!(
                     "the callee sent {} bytes beyond the {} granted",
                     over.cost, over.window
                 );
-                return fail_call(st, id, &what);
+                return fail_call(st, warnings, id, &what);
             }
         }
         StreamMsg::Grant(bytes) => match &mut call.input {
@@ -439,7 +444,14 @@ fn route_reply(st: &mut State, msg: Msg) -> Then {
                     then.start_input = Some((id, input.outlet.clone(), source));
                 }
             }
-            None => return fail_call(st, id, "credit for a call without an argument stream"),
+            None => {
+                return fail_call(
+                    st,
+                    warnings,
+                    id,
+                    "credit for a call without an argument stream",
+                )
+            }
         },
         StreamMsg::Stop => {
             if let Some(input) = &mut call.input {
@@ -447,19 +459,29 @@ fn route_reply(st: &mut State, msg: Msg) -> Then {
                 input.outlet.cancel();
             }
         }
-        other => return fail_call(st, id, &format!("unexpected stream message {other:?}")),
+        other => {
+            return fail_call(
+                st,
+                warnings,
+                id,
+                &format!("unexpected stream message {other:?}"),
+            )
+        }
     }
     then
 }
 
 /// A stream call's callee broke the protocol: the caller's streams fail, the callee is
 /// told to cancel (its end of the call comes later and is dropped).
-fn fail_call(st: &mut State, id: u64, what: &str) -> Then {
-    tracing::warn!(
-        conversation = id,
-        error = what,
-        "stream protocol error from peer"
-    );
+fn fail_call(st: &mut State, warnings: &Warnings, id: u64, what: &str) -> Then {
+    if let Some(warnings) = warnings.admit() {
+        tracing::warn!(
+            conversation = id,
+            error = what,
+            warnings,
+            "stream protocol error from peer"
+        );
+    }
     let mut then = Then::default();
     if let Some(call) = st.calls.get_mut(&id) {
         call.cancelled = true;
@@ -957,7 +979,7 @@ impl Inner {
         };
         let has_input = inbox.is_some();
         if let Some(inbox) = inbox {
-            lock(&streams.state).inputs.insert(id, inbox);
+            lock(&streams.state).inputs.insert(id, (call.conv, inbox));
             // The caller opens the argument stream on this first grant.
             self.send_soon(envelope::encode_grant(window), in_conversation(call.conv));
         }
@@ -999,7 +1021,7 @@ impl Inner {
         let conv = msg.conversation.first_id();
         let mut st = lock(&streams.state);
         if let Some(call) = call {
-            if let Some(inbox) = st.inputs.remove(&call) {
+            if let Some((call, inbox)) = st.inputs.remove(&call) {
                 if !msg.last {
                     st.arguments.insert(conv, (call, inbox));
                 } else {
@@ -1008,7 +1030,7 @@ impl Inner {
             }
             return credit;
         }
-        let Some((_, inbox)) = st.arguments.get(&conv) else {
+        let Some(&(call, ref inbox)) = st.arguments.get(&conv) else {
             // The call ended (its reader is gone): dropped.
             return credit;
         };
@@ -1042,9 +1064,18 @@ impl Inner {
             Err(e) => Err(e.0),
         };
         if let Err(what) = outcome {
-            tracing::warn!(conversation = conv, error = %what, "argument stream protocol error from peer");
+            if let Some(warnings) = self.warnings.admit() {
+                tracing::warn!(conversation = conv, error = %what, warnings, "argument stream protocol error from peer");
+            }
             inbox.finish(Err(StreamError::Protocol(what)));
             st.arguments.remove(&conv);
+            drop(st);
+            // The stream failed: the caller stops sending now, not when the call ends
+            // (PROTOCOL.md, Streams: `[6]`). Once per stream: its later messages find
+            // it gone.
+            let stop = envelope::encode_bare(envelope::STOP);
+            self.send_soon(stop, in_conversation(call));
+            return credit;
         }
         if msg.last {
             st.arguments.remove(&conv);
@@ -1069,14 +1100,14 @@ impl Inner {
             st.outlets.remove(&id);
             // The call is over: a reader of its argument stream (if the handler passed it
             // on) learns that the caller will send nothing more.
-            if let Some(inbox) = st.inputs.remove(&id) {
+            if let Some((_, inbox)) = st.inputs.remove(&id) {
                 inbox.finish(Err(StreamError::Cancelled));
             }
             st.arguments.retain(|_, (call, inbox)| {
-                if *call == id {
+                if call.first_id() == id {
                     inbox.finish(Err(StreamError::Cancelled));
                 }
-                *call != id
+                call.first_id() != id
             });
         }
         lock(&self.inflight).calls.remove(&id);

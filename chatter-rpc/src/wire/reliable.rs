@@ -17,7 +17,8 @@ pub(crate) enum AckStatus {
     Handled = 0,
     /// The TTL ran out before a handler could start: dropped, never run.
     Expired = 1,
-    /// Not run: no such object or method, bad arguments, or the handler panicked.
+    /// Not run: no such object or method, bad arguments, a context over the receiver's
+    /// limit (kind 11), or the handler panicked.
     Failed = 2,
 }
 
@@ -108,7 +109,8 @@ pub(crate) fn encode_ack(stream: u64, seq: u64, status: AckStatus) -> super::Pay
 }
 
 /// The rest of a kind-3 envelope, after `[3,`, or with `max_context`, of a kind-11
-/// envelope (its context map before the arguments).
+/// envelope (its context map before the arguments). A context over `max_context` is
+/// [`Incoming::ReliableTooLarge`], not an error: the refusal is acknowledged.
 pub(super) fn decode_reliable(
     mut r: Reader<'_>,
     max_context: Option<usize>,
@@ -118,8 +120,13 @@ pub(super) fn decode_reliable(
     let object = super::read_name(&mut r, "object name")?;
     let method = super::read_name(&mut r, "method name")?;
     let ms: u64 = r.read_int().map_err(|e| bad("ttl", e))?;
-    let context = match max_context {
-        Some(max) => Some(super::read_context(&mut r, max)?),
+    let context = match max_context.map(|max| super::read_context(&mut r, max)) {
+        Some(Ok(context)) => Some(context),
+        // Still answerable: the stream and sequence number came first.
+        Some(Err(what)) if what.is_too_large() => {
+            return Ok(Incoming::ReliableTooLarge { stream, seq, what })
+        }
+        Some(Err(e)) => return Err(e),
         None => None,
     };
     let rd = r.remaining();

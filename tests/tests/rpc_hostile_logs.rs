@@ -1,0 +1,203 @@
+//! What chatter-rpc's receive loop does around its logging when a peer misbehaves, checked
+//! with `tracing` subscribers of this file's own, in a test binary of their own (as
+//! `rpc_spans.rs`: a callsite's interest is cached per process, so a subscriber set for
+//! one test only sees callsites no other test registered first without it).
+//!
+//! No test waits for time to pass as synchronisation: each waits for a condition it needs
+//! (the paused clock only advances when every task waits).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatter_core::{connect, listen, Options, SendOptions};
+use chatter_rpc::{serve, Peer, PeerOptions};
+use tokio::time::timeout;
+
+/// A hang guard only: on the paused clock it fires as soon as a hung test leaves every
+/// task waiting.
+const HANG_GUARD: Duration = Duration::from_secs(3600);
+
+/// Waits until `condition` holds, yielding to the other tasks.
+async fn wait_until(mut condition: impl FnMut() -> bool) {
+    timeout(HANG_GUARD, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the condition held before the hang guard");
+}
+
+/// The `message` of an event.
+struct Message(Option<String>);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+/// A subscriber that panics, once, on the first event whose message is `message`: a
+/// stand-in for any code the receive loop calls that panics (a subscriber, a metrics
+/// recorder, a bug of the loop's own).
+#[derive(Clone)]
+struct PanicOn {
+    message: &'static str,
+    fired: Arc<AtomicBool>,
+}
+
+impl tracing::Subscriber for PanicOn {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut message = Message(None);
+        event.record(&mut message);
+        if message.0.as_deref() == Some(self.message) && !self.fired.swap(true, Ordering::SeqCst) {
+            panic!("the subscriber panics on purpose");
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// The receive loop of a served peer panics (here in the subscriber, on the warning about
+/// a malformed message). chatter-core catches it and keeps the connection going without
+/// the loop; the server must still take the peer off its list, as it does when the
+/// connection ends. Before the fix the end hook ran only at the loop's normal end: the
+/// peer stayed listed (and held) for as long as the server ran.
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_the_receive_loop_still_takes_the_peer_off_the_servers_list() {
+    let subscriber = PanicOn {
+        message: "protocol error from peer",
+        fired: Arc::default(),
+    };
+    let _guard = tracing::subscriber::set_default(subscriber.clone());
+    let listener = listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .expect("listen");
+    let server = serve(listener, PeerOptions::default(), |_: &Peer| {});
+    let raw = connect(&server.addresses()[0], Options::default())
+        .await
+        .expect("connect");
+    wait_until(|| server.peers().len() == 1).await;
+    // A one-shot message that is not MessagePack: logged, which panics in the loop.
+    raw.send_bytes(b"\xc1", SendOptions::new())
+        .await
+        .expect("sent");
+    wait_until(|| subscriber.fired.load(Ordering::SeqCst)).await;
+    wait_until(|| server.peers().is_empty()).await;
+    server.close().await;
+}
+
+/// What a [`CountWarnings`] subscriber saw.
+#[derive(Default)]
+struct Counted {
+    /// Warning events of chatter-rpc.
+    warnings: u64,
+    /// The `suppressed` field of the last event that had one.
+    suppressed: Option<u64>,
+}
+
+/// A subscriber that counts chatter-rpc's warnings.
+#[derive(Clone, Default)]
+struct CountWarnings(Arc<std::sync::Mutex<Counted>>);
+
+impl CountWarnings {
+    fn warnings(&self) -> u64 {
+        self.0.lock().expect("not poisoned").warnings
+    }
+    fn suppressed(&self) -> Option<u64> {
+        self.0.lock().expect("not poisoned").suppressed
+    }
+}
+
+/// The `suppressed` field of an event.
+struct Suppressed(Option<u64>);
+
+impl tracing::field::Visit for Suppressed {
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if field.name() == "suppressed" {
+            self.0 = Some(value);
+        }
+    }
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+}
+
+impl tracing::Subscriber for CountWarnings {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let meta = event.metadata();
+        if *meta.level() != tracing::Level::WARN || !meta.target().starts_with("chatter_rpc") {
+            return;
+        }
+        let mut suppressed = Suppressed(None);
+        event.record(&mut suppressed);
+        let mut counted = self.0.lock().expect("not poisoned");
+        counted.warnings += 1;
+        if suppressed.0.is_some() {
+            counted.suppressed = suppressed.0;
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A peer that sends a thousand malformed messages gets each one handled as before (a
+/// one-shot one ignored, one that expects an answer answered with failure kind 7), but
+/// logs only the first eight in full, then every power of two, and one summary of the
+/// rest when its connection ends. Before the fix each one logged a warning: a peer could
+/// flood the logs at the rate it sends.
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_malformed_messages_logs_a_bounded_number_of_warnings() {
+    const FLOOD: u64 = 1000;
+    let counter = CountWarnings::default();
+    let _guard = tracing::subscriber::set_default(counter.clone());
+    let listener = listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .expect("listen");
+    let server = serve(listener, PeerOptions::default(), |_: &Peer| {});
+    let raw = connect(&server.addresses()[0], Options::default())
+        .await
+        .expect("connect");
+    for _ in 0..FLOOD - 1 {
+        raw.send_bytes(b"\xc1", SendOptions::new())
+            .await
+            .expect("sent");
+    }
+    // The last one expects an answer: still answered with a protocol failure.
+    let call = raw
+        .send_bytes(b"\xc1", SendOptions::new().last(false))
+        .await
+        .expect("sent");
+    let reply = timeout(HANG_GUARD, raw.receive())
+        .await
+        .expect("hang")
+        .expect("a reply");
+    assert_eq!(reply.conversation, call);
+    let (two, seven, _what) = reply.decode::<(u8, u8, String)>().expect("[2, 7, what]");
+    assert_eq!((two, seven), (2, 7));
+    // 1-8, 16, 32, 64, 128, 256, 512.
+    assert_eq!(counter.warnings(), 14);
+    assert_eq!(counter.suppressed(), None);
+    raw.close().await;
+    wait_until(|| server.peers().is_empty()).await;
+    assert_eq!(counter.warnings(), 15, "one summary");
+    assert_eq!(counter.suppressed(), Some(FLOOD - 14));
+    server.close().await;
+}
