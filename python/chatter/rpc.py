@@ -585,9 +585,13 @@ class Peer:
                             break
             elif kind == RELIABLE or kind == RELIABLE_CTX:
                 context = None
+                too_large = None
                 if kind == RELIABLE_CTX:
                     _, stream, seq, obj, method, ms, ctx, args = req
-                    context = _context(ctx, self.max_metadata_bytes)
+                    try:
+                        context = _context(ctx, self.max_metadata_bytes)
+                    except _TooLarge as e:
+                        too_large = e
                 else:
                     _, stream, seq, obj, method, ms, args = req
                 if not isinstance(ms, int) or ms < 0:
@@ -598,6 +602,14 @@ class Peer:
                     return
                 if len(self._reliable_seen) < 65536 or stream in self._reliable_seen:
                     self._reliable_seen[stream] = seq
+                if too_large is not None:
+                    # Not run, and acknowledged failed at once, so that the sender stops
+                    # re-sending it (PROTOCOL.md, "Reliable signals").
+                    self.connection.release(cost)
+                    self.stats.signals_failed += 1
+                    log.warning("reliable signal %s.%s refused: %s", obj, method, too_large)
+                    self._ack(stream, seq, 2)
+                    return
                 served = _Served(first, obj, method, args, cost, self._loop.time() + ms / 1000, False)
                 served.reliable = (stream, seq)
                 served.context = context
