@@ -76,6 +76,7 @@ pub struct Server {
     addresses: Vec<Address>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<Queued>>,
     rejections: tokio::sync::Mutex<mpsc::Receiver<Rejection>>,
+    rejected: Arc<Rejections>,
     tracked: Arc<Tracked>,
     limits: Arc<Limits>,
     stop: watch::Sender<bool>,
@@ -232,6 +233,13 @@ impl Server {
         self.limits.refused.load(Ordering::Relaxed)
     }
 
+    /// How many peers failed their handshake (each is logged, and queued for
+    /// [`next_rejection`](Self::next_rejection) if there is room). Past the first 8, only the
+    /// 16th, 32nd, 64th, ... are logged at warn level, the rest at debug level.
+    pub fn rejected(&self) -> u64 {
+        self.rejected.count.load(Ordering::Relaxed)
+    }
+
     /// How many connections the server holds now, counting those still in their handshake,
     /// those closing (until their task ended), and handshaken ones waiting for
     /// [`accept`](Self::accept), closed or not.
@@ -381,6 +389,10 @@ impl Server {
     fn start(bound: Vec<Bound>, tls: Option<TlsAcceptor>, options: Options) -> io::Result<Server> {
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let (rejected, rejections) = mpsc::channel(REJECTION_QUEUE);
+        let rejected = Arc::new(Rejections {
+            queue: rejected,
+            count: AtomicU64::new(0),
+        });
         let (stop, _) = watch::channel(false);
         let tracked = Arc::new(Tracked {
             enabled: options.bind_connections,
@@ -399,7 +411,7 @@ impl Server {
             options,
             on_accept: on_accept.clone(),
             tx,
-            rejected,
+            rejected: rejected.clone(),
             tls,
             tracked: tracked.clone(),
             stop: stop.subscribe(),
@@ -439,6 +451,7 @@ impl Server {
             addresses,
             incoming: tokio::sync::Mutex::new(rx),
             rejections: tokio::sync::Mutex::new(rejections),
+            rejected,
             tracked,
             limits,
             stop,
@@ -613,7 +626,7 @@ struct AcceptContext {
     limits: Arc<Limits>,
     options: Options,
     tx: mpsc::Sender<Queued>,
-    rejected: mpsc::Sender<Rejection>,
+    rejected: Arc<Rejections>,
     tls: Option<TlsAcceptor>,
     tracked: Arc<Tracked>,
     stop: watch::Receiver<bool>,
@@ -864,7 +877,7 @@ fn start<S: Transport>(
 /// [`Server::accept`], or, if it failed, into the rejections.
 pub(crate) struct Handoff {
     queue: mpsc::Sender<Queued>,
-    rejected: mpsc::Sender<Rejection>,
+    rejected: Arc<Rejections>,
     on_accept: Arc<OnceLock<OnAccept>>,
     /// The server's close: the queue itself is closed only if no `accept` held it then.
     stop: watch::Receiver<bool>,
@@ -932,9 +945,30 @@ impl Handoff {
 }
 
 /// Logs a peer that failed its handshake and queues it for [`Server::next_rejection`].
-fn reject(rejected: &mpsc::Sender<Rejection>, remote: &Address, cause: CloseCause) {
-    tracing::warn!(%remote, %cause, "rejected connection: handshake failed");
-    let _ = rejected.try_send(Rejection {
+/// How many of a server's handshake failures are logged at warn level before the limit
+/// applies (see [`reject`]).
+const REJECTIONS_LOGGED_IN_FULL: u64 = 8;
+
+/// Where a server's handshake failures go: the queue [`Server::next_rejection`] reads, and
+/// their count, which limits what is logged.
+#[derive(Debug)]
+struct Rejections {
+    queue: mpsc::Sender<Rejection>,
+    count: AtomicU64,
+}
+
+/// Counts a handshake failure, logs it, and queues it for [`Server::next_rejection`] if
+/// there is room. The first [`REJECTIONS_LOGGED_IN_FULL`] and then the 16th, 32nd, 64th,
+/// ... are logged at warn level (with the count so far), the others at debug level: a peer
+/// that fails its handshake in a loop cannot flood the log.
+fn reject(rejected: &Rejections, remote: &Address, cause: CloseCause) {
+    let n = rejected.count.fetch_add(1, Ordering::Relaxed) + 1;
+    if n <= REJECTIONS_LOGGED_IN_FULL || n.is_power_of_two() {
+        tracing::warn!(%remote, %cause, rejected = n, "rejected connection: handshake failed");
+    } else {
+        tracing::debug!(%remote, %cause, rejected = n, "rejected connection: handshake failed");
+    }
+    let _ = rejected.queue.try_send(Rejection {
         remote: remote.clone(),
         cause,
     });

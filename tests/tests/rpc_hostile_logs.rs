@@ -1,4 +1,5 @@
-//! What chatter-rpc's receive loop does around its logging when a peer misbehaves, checked
+//! What chatter-rpc's receive loop (and chatter-core's server, for handshake failures) does
+//! around its logging when a peer misbehaves, checked
 //! with `tracing` subscribers of this file's own, in a test binary of their own (as
 //! `rpc_spans.rs`: a callsite's interest is cached per process, so a subscriber set for
 //! one test only sees callsites no other test registered first without it).
@@ -107,11 +108,22 @@ struct Counted {
     suppressed: Option<u64>,
 }
 
-/// A subscriber that counts chatter-rpc's warnings.
-#[derive(Clone, Default)]
-struct CountWarnings(Arc<std::sync::Mutex<Counted>>);
+/// A subscriber that counts chatter-rpc's warnings (or, made by
+/// [`of`](CountWarnings::of), another crate's).
+#[derive(Clone)]
+struct CountWarnings(Arc<std::sync::Mutex<Counted>>, &'static str);
+
+impl Default for CountWarnings {
+    fn default() -> Self {
+        CountWarnings::of("chatter_rpc")
+    }
+}
 
 impl CountWarnings {
+    /// Counts the warnings whose target starts with `target`.
+    fn of(target: &'static str) -> Self {
+        CountWarnings(Arc::default(), target)
+    }
     fn warnings(&self) -> u64 {
         self.0.lock().expect("not poisoned").warnings
     }
@@ -143,7 +155,7 @@ impl tracing::Subscriber for CountWarnings {
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
     fn event(&self, event: &tracing::Event<'_>) {
         let meta = event.metadata();
-        if *meta.level() != tracing::Level::WARN || !meta.target().starts_with("chatter_rpc") {
+        if *meta.level() != tracing::Level::WARN || !meta.target().starts_with(self.1) {
             return;
         }
         let mut suppressed = Suppressed(None);
@@ -199,5 +211,47 @@ async fn a_flood_of_malformed_messages_logs_a_bounded_number_of_warnings() {
     wait_until(|| server.peers().is_empty()).await;
     assert_eq!(counter.warnings(), 15, "one summary");
     assert_eq!(counter.suppressed(), Some(FLOOD - 14));
+    server.close().await;
+}
+
+/// A peer that fails its handshake again and again (here: speaks HTTP) is rejected each
+/// time, and each is counted and queued for `next_rejection`, but only the first eight are
+/// logged at warn level, then every power of two. Before the fix each one logged a
+/// warning: a client reconnecting in a loop could flood the server's log.
+#[tokio::test(start_paused = true)]
+async fn handshake_failures_in_a_loop_log_a_bounded_number_of_warnings() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const FAILURES: u64 = 100;
+    let counter = CountWarnings::of("chatter_core");
+    let _guard = tracing::subscriber::set_default(counter.clone());
+    let server = listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .expect("listen");
+    let chatter_core::Address::Tcp { host, port } = server.addresses()[0].clone() else {
+        panic!("a TCP listener");
+    };
+    for _ in 0..FAILURES {
+        let mut stranger = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .expect("connect");
+        stranger
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("request");
+        // The server closes it: read to the end.
+        let mut answer = Vec::new();
+        let _ = timeout(HANG_GUARD, stranger.read_to_end(&mut answer))
+            .await
+            .expect("closed by the server");
+    }
+    wait_until(|| server.rejected() == FAILURES).await;
+    // 1-8, 16, 32, 64.
+    assert_eq!(counter.warnings(), 11);
+    let first = server.next_rejection().await.expect("queued");
+    assert!(
+        first.cause.to_string().to_lowercase().contains("chatter"),
+        "{}",
+        first.cause
+    );
     server.close().await;
 }
