@@ -58,6 +58,12 @@ __all__ = ["CallContext", "Peer", "PeerStats", "RemoteObject", "RemoteMethod", "
 
 log = logging.getLogger("chatter.rpc")
 
+#: How many of a connection's warnings about the peer's messages are logged before the
+#: limit applies: the first 8, then the 16th, 32nd, 64th, ... (each with the count so
+#: far), and a summary of the rest when the connection closes, as chatter-rpc does. A
+#: peer sending a malformed 20-byte message in a loop cannot flood the log.
+WARNINGS_LOGGED_IN_FULL = 8
+
 CALL, SIGNAL, CANCEL, RELIABLE, ACK = range(5)
 #: Calls, signals and reliable signals with a context map (metadata, trace context).
 CALL_CTX, SIGNAL_CTX, RELIABLE_CTX = 9, 10, 11
@@ -253,6 +259,8 @@ class Peer:
         self._reliable_seen: Dict[int, int] = {}
         self._names: Dict[str, bytes] = {}
         self._cause: Optional[CloseCause] = None
+        self._warnings = 0  # counted, see WARNINGS_LOGGED_IN_FULL
+        self._warnings_logged = 0
         connection.set_handler(self._on_message, self._on_timeout)
         connection.on_close(self._on_close)
 
@@ -534,7 +542,7 @@ class Peer:
             # (streams are not implemented here).
             self.connection.release(cost)
             self.stats.malformed += 1
-            log.warning("ignoring a message in a conversation the peer opened (first id %d)", first)
+            self._warn("ignoring a message in a conversation the peer opened (first id %d)", first)
             return
         try:
             req = _unpack(payload)
@@ -556,7 +564,7 @@ class Peer:
                         else:
                             self.connection.release(cost)
                             self.stats.signals_failed += 1
-                            log.warning("signal %s.%s dropped: %s", obj, method, e)
+                            self._warn("signal %s.%s dropped: %s", obj, method, e)
                         return
                 else:
                     _, obj, method, ms, args = req
@@ -607,7 +615,7 @@ class Peer:
                     # re-sending it (PROTOCOL.md, "Reliable signals").
                     self.connection.release(cost)
                     self.stats.signals_failed += 1
-                    log.warning("reliable signal %s.%s refused: %s", obj, method, too_large)
+                    self._warn("reliable signal %s.%s refused: %s", obj, method, too_large)
                     self._ack(stream, seq, 2)
                     return
                 served = _Served(first, obj, method, args, cost, self._loop.time() + ms / 1000, False)
@@ -621,6 +629,18 @@ class Peer:
         except Exception as e:
             self._malformed(first, last, cost, f"malformed request: {e}")
 
+    def _warn(self, fmt: str, *args: Any) -> None:
+        """Logs a warning the peer's messages caused, within the limit
+        (:data:`WARNINGS_LOGGED_IN_FULL`)."""
+        self._warnings += 1
+        n = self._warnings
+        if n <= WARNINGS_LOGGED_IN_FULL or n & (n - 1) == 0:
+            self._warnings_logged += 1
+            if n > WARNINGS_LOGGED_IN_FULL:
+                fmt += " (warning %d about this peer)"
+                args = args + (n,)
+            log.warning(fmt, *args)
+
     def _malformed(self, first: int, last: bool, cost: int, what: str) -> None:
         self.stats.malformed += 1
         conn = self.connection
@@ -630,7 +650,7 @@ class Peer:
             self._reply(served, _failure(7, what))
         else:
             conn.release(cost)
-            log.warning("%s (ignored)", what)
+            self._warn("%s (ignored)", what)
 
     def _serve(self, served: _Served) -> None:
         if self._slots > 0 and not self._waiting_calls and not self._waiting_signals:
@@ -830,6 +850,14 @@ class Peer:
 
     def _on_close(self, cause: CloseCause) -> None:
         self._cause = cause
+        suppressed = self._warnings - self._warnings_logged
+        if suppressed > 0:
+            log.warning(
+                "%d further warnings about this peer's messages were not logged "
+                "(the first %d are, then every power of two)",
+                suppressed,
+                WARNINGS_LOGGED_IN_FULL,
+            )
         calls, self._calls = self._calls, {}
         for fut, timer in calls.values():
             timer.cancel()
