@@ -24,6 +24,22 @@ use chatter_core::{connect, listen, Connection, Options, SendOptions, Server};
 #[cfg(feature = "tls")]
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
+/// Waits until `condition` holds, checking it every millisecond and yielding to the other
+/// tasks in between. On tokio's paused clock the millisecond is virtual: the clock moves on
+/// only while every task waits, so this costs no real time. Panics if the condition has
+/// not held after an hour (of virtual time on a paused clock): a hang guard, not a timing
+/// assertion.
+pub async fn wait_until(mut condition: impl FnMut() -> bool) {
+    let check = async {
+        while !condition() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(3600), check)
+        .await
+        .expect("the condition held within the hang guard");
+}
+
 /// The transports every end-to-end scenario runs over (TLS with the `tls` feature).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {

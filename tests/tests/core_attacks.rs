@@ -29,7 +29,7 @@ use chatter_core::{
     connect, listen, Address, Buffered, CloseCause, CloseCode, ConnectError, Connection, Options,
     ProtocolError, SendOptions, Server,
 };
-use tests::assert_delivers;
+use tests::{assert_delivers, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -870,12 +870,4 @@ fn max(a: Buffered, b: Buffered) -> Buffered {
     m.received = a.received.max(b.received);
     m.output = a.output.max(b.output);
     m
-}
-
-/// Waits until `condition` holds, checking every millisecond (of virtual time: the clock
-/// moves on only while every task waits).
-async fn wait_until(mut condition: impl FnMut() -> bool) {
-    while !condition() {
-        sleep(Duration::from_millis(1)).await;
-    }
 }

@@ -18,9 +18,10 @@ use chatter_core::{
     connect, connect_early, listen, Address, CloseCause, ConnectionClosed, Options, SendError,
     SendOptions, Server,
 };
+use tests::wait_until;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{sleep, timeout, Instant};
+use tokio::time::{timeout, Instant};
 
 /// The linger the tests configure (the default).
 const LINGER: Duration = Duration::from_secs(2);
@@ -125,13 +126,6 @@ async fn read_all(stream: &mut TcpStream) -> (Vec<u8>, Option<std::io::ErrorKind
             Ok(n) => bytes.extend_from_slice(&buf[..n]),
             Err(e) => return (bytes, Some(e.kind())),
         }
-    }
-}
-
-/// Waits until `condition` holds, checking every millisecond of virtual time.
-async fn wait_until(mut condition: impl FnMut() -> bool) {
-    while !condition() {
-        sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use chatter_core::{Connection, Conversation, Msg, Options, SendOptions, Server};
 use chatter_rpc::stream::Receiver;
 use chatter_rpc::{remote, Peer, PeerOptions};
-use tests::{pair_with, Transport};
+use tests::{pair_with, wait_until, Transport};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
 
@@ -151,18 +151,6 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     let mut out = Vec::new();
     chatter_core::codec::encode(&mut out, value).expect("encodes");
     out
-}
-
-/// Waits until `condition` holds, yielding to the other tasks (the clock is paused:
-/// nothing sleeps for real).
-async fn wait_until(mut condition: impl FnMut() -> bool) {
-    timeout(HANG_GUARD, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the condition held before the hang guard");
 }
 
 /// Lets every task that can run do so.

@@ -34,7 +34,7 @@ use std::time::Duration;
 use chatter_core::{connect, Connection, Msg, Options, SendError, SendOptions, Server};
 use chatter_rpc::{remote, CallError, Peer, PeerOptions, SignalError};
 use serde::Serialize;
-use tests::{pair_with, Transport};
+use tests::{pair_with, wait_until, Transport};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep, timeout, Instant};
@@ -1517,19 +1517,6 @@ fn watch(receiver: &Peer, every: Duration, lag: Box<dyn Fn() -> u64 + Send>) -> 
         }
     });
     Watch { stop, task }
-}
-
-/// Waits until `condition` holds, checking every millisecond of virtual time; fails the test
-/// if that takes longer than [`HANG_GUARD`].
-async fn wait_until(mut condition: impl FnMut() -> bool) {
-    let check = async {
-        while !condition() {
-            sleep(Duration::from_millis(1)).await;
-        }
-    };
-    timeout(HANG_GUARD, check)
-        .await
-        .expect("the condition never held");
 }
 
 /// Lets 100 ms of virtual time pass: whatever the peers would do with what they have, they

@@ -13,22 +13,12 @@ use std::time::Duration;
 
 use chatter_core::{connect, listen, Options, SendOptions};
 use chatter_rpc::{serve, Peer, PeerOptions};
+use tests::wait_until;
 use tokio::time::timeout;
 
 /// A hang guard only: on the paused clock it fires as soon as a hung test leaves every
 /// task waiting.
 const HANG_GUARD: Duration = Duration::from_secs(3600);
-
-/// Waits until `condition` holds, yielding to the other tasks.
-async fn wait_until(mut condition: impl FnMut() -> bool) {
-    timeout(HANG_GUARD, async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("the condition held before the hang guard");
-}
 
 /// The `message` of an event.
 struct Message(Option<String>);
