@@ -22,9 +22,14 @@ use crate::raw::request;
 use crate::tls::Tls;
 use crate::workload::{Kind, Spec};
 
-/// Options for both ends: the defaults, plus TLS when asked.
+/// Options for both ends: the defaults, plus TLS when asked. With `CHATTER_BENCH_LEAN` set
+/// in the environment, without keepalive and `TCP_USER_TIMEOUT`: what those two hardening
+/// defaults cost a connection (BENCHMARKS.md, "Ninth round").
 pub fn options(tls: Option<&Tls>, server: bool) -> Options {
-    let options = Options::default();
+    let mut options = Options::default();
+    if std::env::var_os("CHATTER_BENCH_LEAN").is_some() {
+        options = options.no_keepalive().tcp_user_timeout(None);
+    }
     match tls {
         Some(t) if server => options.tls_server(t.chatter_server.clone()),
         Some(t) => options.tls_client(t.chatter_client.clone()),

@@ -202,6 +202,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("build a current-thread tokio runtime")
 }
 
+/// With `CHATTER_BENCH_PENDING_TIMER` set in the environment, each runtime keeps an
+/// hour-long sleep pending: a baseline that has a timer armed, as every chatter connection
+/// has (its keepalive, the handshake deadline, a call's deadline). tokio then parks with a
+/// timeout, which costs the kernel an hrtimer per park (BENCHMARKS.md, "Ninth round").
+fn keep_a_timer_pending_if_asked(local: &tokio::task::LocalSet) {
+    if std::env::var_os("CHATTER_BENCH_PENDING_TIMER").is_some() {
+        // Spawned into the set, so the sleep is made (and registered) inside the runtime.
+        local.spawn_local(async { tokio::time::sleep(Duration::from_secs(3600)).await });
+    }
+}
+
 /// Runs `server` and `client` as two current-thread runtimes on two threads pinned
 /// according to `layout`, and returns the client's measurement. The server thread is left
 /// running: the caller (a child process doing one measurement) exits afterwards.
@@ -214,6 +225,7 @@ pub fn run_pair(layout: Layout, server: ServerFn, client: ClientFn) -> Measured 
             pin_to(server_cpu);
             let rt = runtime();
             let local = tokio::task::LocalSet::new();
+            keep_a_timer_pending_if_asked(&local);
             local.block_on(&rt, async move {
                 let (info, keep) = server().await;
                 info_tx
@@ -231,6 +243,7 @@ pub fn run_pair(layout: Layout, server: ServerFn, client: ClientFn) -> Measured 
             pin_to(client_cpu);
             let rt = runtime();
             let local = tokio::task::LocalSet::new();
+            keep_a_timer_pending_if_asked(&local);
             local.block_on(&rt, client(info))
         })
         .expect("spawn the client thread")
