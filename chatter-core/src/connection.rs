@@ -524,6 +524,24 @@ impl Connection {
         self.wait_state(|inner| inner.finished.then_some(())).await;
     }
 
+    /// Starts closing the connection like [`close_with`](Self::close_with) and returns at
+    /// once, without waiting for the transport to close: for code that cannot wait, such as
+    /// a `Drop` impl or a callback. [`closed`](Self::closed) waits for the close. Does
+    /// nothing if the connection is already closing.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: chatter_core::Connection) {
+    /// use chatter_core::CloseCode;
+    ///
+    /// conn.begin_close(CloseCode::GoingAway, "shutting down");
+    /// let cause = conn.closed().await; // what the peer was told, or why it ended first
+    /// # drop(cause);
+    /// # }
+    /// ```
+    pub fn begin_close(&self, code: CloseCode, reason: &str) {
+        self.shared().close(code, reason);
+    }
+
     /// Waits until the connection is closed and returns why. Resolves as soon as the
     /// connection stopped working, while the transport may still be shutting down.
     pub async fn closed(&self) -> CloseCause {

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatter_core::{connect, listen, Options, SendOptions};
-use chatter_rpc::{serve, Peer, PeerOptions};
+use chatter_core::{connect, listen, CloseCause, CloseCode, Options, SendOptions};
+use chatter_rpc::{remote, serve, CallError, Peer, PeerOptions};
 use tests::wait_until;
 use tokio::time::timeout;
 
@@ -61,10 +61,10 @@ impl tracing::Subscriber for PanicOn {
 }
 
 /// The receive loop of a served peer panics (here in the subscriber, on the warning about
-/// a malformed message). chatter-core catches it and keeps the connection going without
-/// the loop; the server must still take the peer off its list, as it does when the
-/// connection ends. Before the fix the end hook ran only at the loop's normal end: the
-/// peer stayed listed (and held) for as long as the server ran.
+/// a malformed message). chatter-core catches it; the server must still take the peer off
+/// its list, as it does when the connection ends, and the connection must close. Before
+/// the fixes the end hook ran only at the loop's normal end (the peer stayed listed, and
+/// held, for as long as the server ran), and the connection stayed open without the loop.
 #[tokio::test(start_paused = true)]
 async fn a_panic_in_the_receive_loop_still_takes_the_peer_off_the_servers_list() {
     let subscriber = PanicOn {
@@ -86,7 +86,79 @@ async fn a_panic_in_the_receive_loop_still_takes_the_peer_off_the_servers_list()
         .expect("sent");
     wait_until(|| subscriber.fired.load(Ordering::SeqCst)).await;
     wait_until(|| server.peers().is_empty()).await;
+    // And the connection is closed, saying why, instead of staying open with nobody
+    // reading it.
+    assert_going_away_after_a_panic(raw.closed().await);
     server.close().await;
+}
+
+/// `cause` is the close a peer whose receive loop panicked sends.
+fn assert_going_away_after_a_panic(cause: CloseCause) {
+    match cause {
+        CloseCause::Peer {
+            code: CloseCode::GoingAway,
+            reason,
+        } => assert!(reason.contains("receive loop panicked"), "{reason}"),
+        other => panic!("expected the panicked peer's close, got {other:?}"),
+    }
+}
+
+/// A service the raw side below never answers.
+#[remote]
+pub trait Silent {
+    /// Never answered here.
+    async fn never(&self) -> u64;
+}
+
+/// The receive loop of a calling peer panics while a call waits for its reply. Nothing
+/// reads that connection any more, so the reply could never arrive: the call must fail at
+/// once with the connection's close, not at its deadline (an hour here), and the other
+/// side must learn of the close. Before the fix the call waited for its deadline and the
+/// connection stayed open.
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_the_receive_loop_fails_the_calls_waiting_on_it_at_once() {
+    let subscriber = PanicOn {
+        message: "protocol error from peer",
+        fired: Arc::default(),
+    };
+    let _guard = tracing::subscriber::set_default(subscriber.clone());
+    let listener = listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .expect("listen");
+    let conn = connect(&listener.addresses()[0], Options::default())
+        .await
+        .expect("connect");
+    let raw = listener.accept().await.expect("accept");
+    let caller = Peer::new(conn);
+    let silent = SilentClient::new(&caller, "silent").with_deadline(HANG_GUARD);
+    let call = tokio::spawn(async move { silent.never().await });
+    // The call arrived (and is never answered); then a one-shot message that is not
+    // MessagePack, which the caller's receive loop logs: the log panics.
+    let request = timeout(HANG_GUARD, raw.receive())
+        .await
+        .expect("the call arrives")
+        .expect("a message");
+    assert!(!request.last, "a call, which waits for its reply");
+    raw.send_bytes(b"\xc1", SendOptions::new())
+        .await
+        .expect("sent");
+    let started = tokio::time::Instant::now();
+    let outcome = timeout(HANG_GUARD, call)
+        .await
+        .expect("the call ends")
+        .expect("the call's task did not panic");
+    assert!(
+        matches!(outcome, Err(CallError::ConnectionLost(_))),
+        "{outcome:?}"
+    );
+    assert!(subscriber.fired.load(Ordering::SeqCst));
+    // No timer had to fire (the paused clock did not move a second).
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_going_away_after_a_panic(raw.closed().await);
 }
 
 /// What a [`CountWarnings`] subscriber saw.

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use chatter_core::proto::IdBuildHasher;
-use chatter_core::{CloseCause, Connection, Options, SendError, SendOptions, ToAddress};
+use chatter_core::{CloseCause, CloseCode, Connection, Options, SendError, SendOptions, ToAddress};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 
@@ -963,6 +963,20 @@ impl Inner {
         }
         self.conn.release(release);
         self.peer.connection_closed(&cause);
+    }
+
+    /// The receive loop panicked (see `Reader` in `serve.rs`): closes the connection
+    /// ([`CloseCode::GoingAway`], which the other side sees) and does what the loop's end
+    /// does, so that calls waiting here fail now with the close rather than at their
+    /// deadlines.
+    pub(super) fn end_after_a_panic(&self) {
+        self.conn
+            .begin_close(CloseCode::GoingAway, "the RPC receive loop panicked");
+        // Unless the loop panicked after its end had already done this.
+        let finished = lock(&self.pending).closed;
+        if !finished {
+            self.finish(self.close_cause());
+        }
     }
 
     /// Why the connection closed, for calls that learn it after [`finish`](Self::finish)

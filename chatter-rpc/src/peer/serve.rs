@@ -910,7 +910,8 @@ pub(super) fn run_reader(inner: Arc<Inner>) -> impl Future<Output = ()> + Send +
 /// was told), in the unwind of a panic inside the loop (chatter-core catches a panic of
 /// an attached future and keeps the connection going without it; the loop does not
 /// catch panics of its own code or of a `tracing` subscriber or metrics recorder it
-/// calls), or when the loop's future is dropped unfinished (its runtime shut down).
+/// calls, so after one it closes the connection: [`Inner::end_after_a_panic`]), or when
+/// the loop's future is dropped unfinished (its runtime shut down).
 /// Without it a server kept listing the peer of a connection nobody read any more.
 /// The loop's argument itself, so the loop's future does not grow.
 struct Reader(Arc<Inner>);
@@ -925,6 +926,18 @@ impl std::ops::Deref for Reader {
 
 impl Drop for Reader {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The loop panicked: nothing reads this connection any more. Without this the
+            // connection stayed open, the other side's calls went unanswered and this
+            // side's waited for their deadlines. Done in a task of its own, not here in the
+            // unwind, where a second panic (of a subscriber that panicked the loop, say)
+            // would abort the process. One task per panicked loop, so at most one per
+            // connection; it ends at once.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let inner = self.0.clone();
+                drop(runtime.spawn(async move { inner.end_after_a_panic() }));
+            }
+        }
         let on_end = super::lock(&self.0.on_end).take();
         if let Some(on_end) = on_end {
             on_end.run();
