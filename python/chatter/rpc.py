@@ -703,7 +703,7 @@ class Peer:
                 self._reply(served, _failure(f.code, f.message))
             else:
                 self.stats.signals_failed += 1
-                log.warning("signal %s.%s: %s", served.obj, served.method, f.message)
+                self._warn("signal %s.%s: %s", served.obj, served.method, f.message)
                 self._signal_done(served, 2)
             return
         except BaseException as e:  # the handler raised synchronously
@@ -749,7 +749,7 @@ class Peer:
                 self._reply(served, _failure(6, f"{type(e).__name__}: {e}"))
         else:
             self.stats.signals_failed += 1
-            log.warning("signal handler %s.%s raised %r", served.obj, served.method, e)
+            self._warn("signal handler %s.%s raised %r", served.obj, served.method, e)
             self._signal_done(served, 2)
 
     def _task_done(self, served: _Served, task: asyncio.Task) -> None:

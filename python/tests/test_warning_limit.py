@@ -56,3 +56,25 @@ def test_a_flood_of_malformed_messages_logs_a_bounded_number_of_warnings(caplog:
         ]
 
     asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_a_flood_of_signals_to_an_unknown_object_logs_a_bounded_number_of_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Signals the peer sends to an object this side does not host (or to a method it
+    does not have) are warnings its messages cause, as chatter-rpc's "signal not
+    delivered": within the same limit. Before, each was logged."""
+
+    async def body() -> None:
+        conn = StandIn()
+        peer = rpc.Peer(conn)  # type: ignore[arg-type]
+        caplog.set_level(logging.WARNING, logger="chatter.rpc")
+        for i in range(1000):
+            # A signal (kind 1): one-shot, to an object nobody registered.
+            conn.on_message(False, 2 * i + 1, True, True, False, msgpack.packb([1, "nope", "m", 1000, []]), 10)
+        assert peer.stats.signals_failed == 1000
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 14, lines
+        assert lines[-1].endswith("(warning 512 about this peer)")
+
+    asyncio.run(asyncio.wait_for(body(), 10))
