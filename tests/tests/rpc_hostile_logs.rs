@@ -161,6 +161,74 @@ async fn a_panic_in_the_receive_loop_fails_the_calls_waiting_on_it_at_once() {
     assert_going_away_after_a_panic(raw.closed().await);
 }
 
+/// A service whose signals never end: each holds its handler slot.
+#[remote]
+pub trait Busy {
+    /// Never returns.
+    #[signal]
+    async fn hold(&self);
+}
+
+struct Holds;
+
+impl Busy for Holds {
+    async fn hold(&self) {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The receive loop panics in its own end, after `finish` began (here in the subscriber,
+/// on the log line about a signal that waited for a handler slot when the connection
+/// closed). What `finish` had left to do must still be done: for a peer made from a
+/// connection, tell the peer it is closed (its `Disconnected` event, its hosted objects
+/// dropped, its queued signals settled). Before the fix `end_after_a_panic` saw `finish`
+/// had begun (`pending.closed`) and did nothing: the peer never learnt of the close.
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_the_receive_loops_end_still_finishes_the_peer() {
+    let subscriber = PanicOn {
+        message: "received signal dropped",
+        fired: Arc::default(),
+    };
+    let _guard = tracing::subscriber::set_default(subscriber.clone());
+    let listener = listen("tcp://127.0.0.1:0", Options::default())
+        .await
+        .expect("listen");
+    let conn = connect(&listener.addresses()[0], Options::default())
+        .await
+        .expect("connect");
+    let accepted = listener.accept().await.expect("accept");
+    let sender = Peer::new(conn);
+    let receiver = Peer::with_options(accepted, PeerOptions::default().max_concurrent_handlers(1));
+    receiver.register("busy", BusyServer::new(Holds));
+    let mut events = receiver.events();
+    let busy = BusyClient::new(&sender, "busy").with_ttl(HANG_GUARD);
+    // The first holds the one slot, the second waits for it.
+    busy.hold().await.expect("sent");
+    busy.hold().await.expect("sent");
+    wait_until(|| receiver.stats().requests_waiting == 1).await;
+    sender.close().await;
+    let disconnected = timeout(HANG_GUARD, async {
+        loop {
+            match events.next().await {
+                Some(chatter_rpc::PeerEvent::Disconnected { .. }) => break,
+                Some(_) => {}
+                None => panic!("events ended without Disconnected"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        subscriber.fired.load(Ordering::SeqCst),
+        "the subscriber panicked"
+    );
+    disconnected.expect("the receiver learnt of the close");
+    assert!(
+        receiver.objects().iter().all(|o| o != "busy"),
+        "{:?}",
+        receiver.objects()
+    );
+}
+
 /// What a [`CountWarnings`] subscriber saw.
 #[derive(Default)]
 struct Counted {

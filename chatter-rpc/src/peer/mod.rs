@@ -739,6 +739,10 @@ pub(crate) struct Inner {
     /// Set with `inflight.closing` by a close (a graceful shutdown sets
     /// `peer.shutting_down` first): lets the call fast path skip the `inflight` lock.
     closing: AtomicBool,
+    /// Set once [`finish`](Self::finish) ran to its end (`pending.closed` is set at its
+    /// start): a receive loop that panicked inside it is finished by
+    /// [`end_after_a_panic`](Self::end_after_a_panic).
+    finished: AtomicBool,
     /// Calls accepted and not answered yet, other than those answered inline (for graceful
     /// close and shutdown).
     active: AtomicUsize,
@@ -831,6 +835,7 @@ impl Inner {
             pending: Mutex::new(Pending::default()),
             inflight: Mutex::new(InFlight::default()),
             closing: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             idle: Notify::new(),
             sender: OnceLock::new(),
@@ -963,6 +968,7 @@ impl Inner {
         }
         self.conn.release(release);
         self.peer.connection_closed(&cause);
+        self.finished.store(true, Ordering::Release);
     }
 
     /// The receive loop panicked (see `Reader` in `serve.rs`): closes the connection
@@ -972,9 +978,11 @@ impl Inner {
     pub(super) fn end_after_a_panic(&self) {
         self.conn
             .begin_close(CloseCode::GoingAway, "the RPC receive loop panicked");
-        // Unless the loop panicked after its end had already done this.
-        let finished = lock(&self.pending).closed;
-        if !finished {
+        // Unless the loop's end had already done this. Not `pending.closed`, which `finish`
+        // sets at its start: a loop that panicked inside `finish` (a subscriber, on the
+        // line about a signal left waiting for a handler slot) left the rest undone, the
+        // peer's `connection_closed` included. What it did is done again harmlessly.
+        if !self.finished.load(Ordering::Acquire) {
             self.finish(self.close_cause());
         }
     }
