@@ -153,24 +153,19 @@ impl Server {
         if *stop.borrow() {
             return None;
         }
-        let mut incoming = tokio::select! {
-            guard = self.incoming.lock() => guard,
-            _ = stop.wait_for(|&s| s) => return None,
+        let mut held = HeldQueue {
+            queue: tokio::select! {
+                guard = self.incoming.lock() => guard,
+                _ = stop.wait_for(|&s| s) => return None,
+            },
+            stop: &self.stop,
         };
         tokio::select! {
             // The close first: after it, `accept` returns `None` even with connections
-            // queued.
+            // queued (`held` drains them).
             biased;
-            _ = stop.wait_for(|&s| s) => {
-                // `close` drains the queue only if it can take it at once; a waiter that
-                // held it then (a task about to be polled, or an `accept` future kept but
-                // not polled) drains it here, so queued connections and their
-                // `max_connections` slots do not wait for the `Server` to be dropped.
-                incoming.close();
-                while incoming.try_recv().is_ok() {}
-                None
-            }
-            queued = incoming.recv() => queued.map(|q| q.conn),
+            _ = stop.wait_for(|&s| s) => None,
+            queued = held.queue.recv() => queued.map(|q| q.conn),
         }
     }
 
@@ -261,7 +256,7 @@ impl Server {
             let _ = task.await;
         }
         // Not `lock().await`: an `accept` future that is kept but never polled again would
-        // hold the queue forever. Whoever holds it drains it when it sees the close.
+        // hold the queue forever. Whoever holds it drains it when it lets go (`HeldQueue`).
         if let Ok(mut incoming) = self.incoming.try_lock() {
             incoming.close();
             while incoming.try_recv().is_ok() {}
@@ -870,6 +865,25 @@ fn start<S: Transport>(
         // The server closed meanwhile (it closes what it tracked once its accept loops
         // ended; a TLS handshake may end later).
         conn.start_close(CloseCode::GoingAway, "server closing");
+    }
+}
+
+/// The accept queue as an [`accept`](Server::accept) holds it. `close` drains the queue
+/// only if it can take it at once; a waiter that held it then (a task about to be polled,
+/// or an `accept` future kept but not polled, then dropped) drains it when it lets go,
+/// polled again or not, so queued connections and their `max_connections` slots do not
+/// wait for the `Server` to be dropped.
+struct HeldQueue<'a> {
+    queue: tokio::sync::MutexGuard<'a, mpsc::Receiver<Queued>>,
+    stop: &'a watch::Sender<bool>,
+}
+
+impl Drop for HeldQueue<'_> {
+    fn drop(&mut self) {
+        if *self.stop.borrow() {
+            self.queue.close();
+            while self.queue.try_recv().is_ok() {}
+        }
     }
 }
 

@@ -291,6 +291,39 @@ async fn close_releases_a_connection_queued_behind_an_accept_that_holds_the_queu
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn close_releases_a_connection_queued_behind_an_accept_dropped_without_a_poll() {
+    // As above, but the `accept` that holds the queue is dropped after the close without
+    // being polled again (a `select!` whose other branch won, say). Before the fix the
+    // queue was drained only by a poll that saw the close, so the queued connection kept
+    // its `max_connections` slot until the `Server` was dropped (later `accept`s return
+    // `None` at once without taking the queue).
+    let server = Server::in_process(Options::default()).expect("server");
+    let mut waiting = Box::pin(server.accept());
+    assert!(
+        futures_poll_once(waiting.as_mut()).await.is_none(),
+        "nothing to accept yet"
+    );
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let name = || Address::Unix {
+        path: "in-process".into(),
+    };
+    server.accept_over(far, name(), name());
+    let client = connect_over(near, name(), name(), Options::default())
+        .await
+        .expect("connect");
+    assert_eq!(server.connections(), 1);
+    server.close().await;
+    client.closed().await;
+    drop(waiting);
+    assert!(server.accept().await.is_none(), "closed");
+    assert_eq!(
+        server.connections(),
+        0,
+        "the queued connection's slot is released"
+    );
+}
+
 /// Polls `fut` once: its output if it was ready, `None` if it is pending.
 async fn futures_poll_once<F: std::future::Future + Unpin>(mut fut: F) -> Option<F::Output> {
     std::future::poll_fn(|cx| {
