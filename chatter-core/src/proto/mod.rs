@@ -301,6 +301,10 @@ pub struct Protocol {
     peer_opened: usize,
     timers: Timers,
     last_rx: Instant,
+    /// When input that finds the queue of received messages drained may next give back its
+    /// room: [`SHRINK_EVERY`] after it last did, or after the connection's start
+    /// ([`Protocol::release_idle_memory`]).
+    shrink_after: Instant,
     ping_deadline: Option<Instant>,
     send_credit: u64,
     /// Early messages that cost more than the peer's window: window frames pay this back
@@ -345,6 +349,10 @@ pub struct Protocol {
 /// and 56 KiB at most.
 const MESSAGES_KEPT: usize = 1024;
 
+/// How often, at most, input finding the queue of received messages drained gives back a
+/// burst's room ([`Protocol::release_idle_memory`]).
+const SHRINK_EVERY: Duration = Duration::from_secs(1);
+
 impl Protocol {
     /// Starts the connecting side (the client) of a connection: queues this side's hello,
     /// which goes first, without waiting for anything from the peer (PROTOCOL.md §4).
@@ -387,6 +395,7 @@ impl Protocol {
             peer_opened: 0,
             timers: Timers::default(),
             last_rx: now,
+            shrink_after: now + SHRINK_EVERY,
             ping_deadline: None,
             send_max: 0,
             send_credit: 0,
@@ -586,6 +595,12 @@ impl Protocol {
         if self.is_open() && !buf.is_empty() {
             self.last_rx = now;
             self.ping_deadline = None;
+            if self.messages.capacity() > MESSAGES_KEPT
+                && self.messages.is_empty()
+                && now >= self.shrink_after
+            {
+                self.release_idle_memory(now);
+            }
         }
         loop {
             if let State::Open = self.state {
@@ -704,7 +719,7 @@ impl Protocol {
                 None if now >= self.last_rx + keepalive.interval => {
                     Frame::Ping.encode(&mut self.out);
                     self.ping_deadline = Some(now + keepalive.timeout);
-                    self.release_idle_memory();
+                    self.release_idle_memory(now);
                 }
                 None => {}
             }
@@ -843,19 +858,23 @@ impl Protocol {
         Some(message)
     }
 
-    /// Gives back the memory of an earlier burst of messages once the connection is idle:
-    /// when this side sends a keepalive ping (it heard nothing for the interval) or the
-    /// peer's ping arrives (the peer heard nothing from us), if every message was taken,
-    /// the queue of received messages keeps room for [`MESSAGES_KEPT`], not its peak (up
-    /// to `receive_window` / 64 messages: a window of tiny ones left it at 131 072 entries
-    /// of 56 bytes, 7 MiB, for the connection's life). Not when the queue drains: traffic
-    /// in bursts drains it after each, and shrinking it then made the next burst grow it
-    /// again (chatter-rpc's signals workload ran 13% slower).
+    /// Gives back the memory of an earlier burst of messages once it is drained: the queue
+    /// of received messages keeps room for [`MESSAGES_KEPT`], not its peak (up to
+    /// `receive_window` / 64 messages: a window of tiny ones left it at 131 072 entries of
+    /// 56 bytes, 7 MiB, for the connection's life). Called when the connection is idle
+    /// (this side sends a keepalive ping, having heard nothing for the interval, or the
+    /// peer's ping arrives), and when input finds the queue drained, at most every
+    /// [`SHRINK_EVERY`]: a peer that keeps the connection from going idle (a frame more
+    /// often than the keepalive interval) cannot keep the room either. Not at every drain:
+    /// traffic in bursts drains the queue after each, and shrinking it then made the next
+    /// burst grow it again (chatter-rpc's signals workload ran 13% slower); once a second
+    /// costs nothing measurable.
     #[cold]
     #[inline(never)]
-    fn release_idle_memory(&mut self) {
+    fn release_idle_memory(&mut self, now: Instant) {
         if self.messages.is_empty() && self.messages.capacity() > MESSAGES_KEPT {
             self.messages.shrink_to(MESSAGES_KEPT);
+            self.shrink_after = now + SHRINK_EVERY;
         }
     }
 
@@ -1030,7 +1049,7 @@ impl Protocol {
             }
             Frame::Ping => {
                 self.pong_due = true;
-                self.release_idle_memory();
+                self.release_idle_memory(now);
             }
             Frame::Pong => {}
             Frame::Window(mut n) => {

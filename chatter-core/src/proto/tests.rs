@@ -1408,3 +1408,44 @@ fn the_received_message_queue_gives_back_a_bursts_memory_when_the_connection_is_
         );
     }
 }
+
+/// A peer that keeps the connection from going idle (here with keepalive off on both sides,
+/// so no ping ever comes; a frame more often than the keepalive interval does the same)
+/// cannot keep a burst's room in the queue of received messages either: input that finds
+/// the queue drained gives it back, at most once a second.
+#[test]
+fn the_received_message_queue_gives_back_a_bursts_memory_on_input_without_keepalive() {
+    const BURST: usize = 100_000;
+    let config = Config {
+        keepalive: None,
+        ..Config::default()
+    };
+    let mut p = Pair::with(config.clone(), config);
+    for n in 0..BURST {
+        p.a.send(p.now, SendArgs::new(), &[7])
+            .expect("within the window");
+        if n % 1000 == 999 {
+            p.flush();
+        }
+    }
+    p.flush();
+    while let Some(m) = p.b.poll_message() {
+        p.b.release(m.cost);
+    }
+    // Drained; input within the second keeps the room (the next burst may be on its way).
+    p.a.send(p.now, SendArgs::new(), &[7]).expect("sent");
+    p.flush();
+    assert!(p.b.poll_message().is_some());
+    assert!(p.b.messages.capacity() >= BURST);
+    // A second later, the next input finds the queue drained and gives the room back.
+    p.advance(Duration::from_secs(1));
+    p.a.send(p.now, SendArgs::new(), &[7]).expect("sent");
+    p.flush();
+    assert!(
+        p.b.messages.capacity() <= MESSAGES_KEPT,
+        "{} entries kept",
+        p.b.messages.capacity()
+    );
+    assert!(p.b.poll_message().is_some());
+    assert!(p.a.is_open() && p.b.is_open());
+}
