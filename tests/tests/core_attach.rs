@@ -266,19 +266,7 @@ async fn close_releases_a_connection_queued_behind_an_accept_that_holds_the_queu
     // queued connection (and its `max_connections` slot) is released by that `accept`
     // when it sees the close.
     let server = Server::in_process(Options::default()).expect("server");
-    let mut waiting = Box::pin(server.accept());
-    assert!(
-        futures_poll_once(waiting.as_mut()).await.is_none(),
-        "nothing to accept yet"
-    );
-    let (near, far) = tokio::io::duplex(64 * 1024);
-    let name = || Address::Unix {
-        path: "in-process".into(),
-    };
-    server.accept_over(far, name(), name());
-    let client = connect_over(near, name(), name(), Options::default())
-        .await
-        .expect("connect");
+    let (waiting, client) = queue_one_behind_a_held_accept(&server).await;
     // The client's handshake completed after the server's: the connection is queued.
     assert_eq!(server.connections(), 1);
     server.close().await;
@@ -299,19 +287,7 @@ async fn close_releases_a_connection_queued_behind_an_accept_dropped_without_a_p
     // its `max_connections` slot until the `Server` was dropped (later `accept`s return
     // `None` at once without taking the queue).
     let server = Server::in_process(Options::default()).expect("server");
-    let mut waiting = Box::pin(server.accept());
-    assert!(
-        futures_poll_once(waiting.as_mut()).await.is_none(),
-        "nothing to accept yet"
-    );
-    let (near, far) = tokio::io::duplex(64 * 1024);
-    let name = || Address::Unix {
-        path: "in-process".into(),
-    };
-    server.accept_over(far, name(), name());
-    let client = connect_over(near, name(), name(), Options::default())
-        .await
-        .expect("connect");
+    let (waiting, client) = queue_one_behind_a_held_accept(&server).await;
     assert_eq!(server.connections(), 1);
     server.close().await;
     client.closed().await;
@@ -325,6 +301,31 @@ async fn close_releases_a_connection_queued_behind_an_accept_dropped_without_a_p
 }
 
 /// Polls `fut` once: its output if it was ready, `None` if it is pending.
+/// Polls an `accept` of `server` once (nothing to accept yet: it now holds the accept
+/// queue), then connects a client whose connection is queued behind it. Returns the
+/// waiting `accept` and the client.
+async fn queue_one_behind_a_held_accept(
+    server: &Server,
+) -> (
+    std::pin::Pin<Box<impl std::future::Future<Output = Option<Connection>> + '_>>,
+    Connection,
+) {
+    let mut waiting = Box::pin(server.accept());
+    assert!(
+        futures_poll_once(waiting.as_mut()).await.is_none(),
+        "nothing to accept yet"
+    );
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let name = || Address::Unix {
+        path: "in-process".into(),
+    };
+    server.accept_over(far, name(), name());
+    let client = connect_over(near, name(), name(), Options::default())
+        .await
+        .expect("connect");
+    (waiting, client)
+}
+
 async fn futures_poll_once<F: std::future::Future + Unpin>(mut fut: F) -> Option<F::Output> {
     std::future::poll_fn(|cx| {
         std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {

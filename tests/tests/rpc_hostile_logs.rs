@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chatter_core::{connect, listen, CloseCause, CloseCode, Options, SendOptions};
 use chatter_rpc::{remote, serve, CallError, Peer, PeerOptions};
-use tests::wait_until;
+use tests::{pair, wait_until, Transport};
 use tokio::time::timeout;
 
 /// A hang guard only: on the paused clock it fires as soon as a hung test leaves every
@@ -122,13 +122,7 @@ async fn a_panic_in_the_receive_loop_fails_the_calls_waiting_on_it_at_once() {
         fired: Arc::default(),
     };
     let _guard = tracing::subscriber::set_default(subscriber.clone());
-    let listener = listen("tcp://127.0.0.1:0", Options::default())
-        .await
-        .expect("listen");
-    let conn = connect(&listener.addresses()[0], Options::default())
-        .await
-        .expect("connect");
-    let raw = listener.accept().await.expect("accept");
+    let (_listener, conn, raw) = pair(Transport::Tcp).await;
     let caller = Peer::new(conn);
     let silent = SilentClient::new(&caller, "silent").with_deadline(HANG_GUARD);
     let call = tokio::spawn(async move { silent.never().await });
@@ -190,13 +184,7 @@ async fn a_panic_in_the_receive_loops_end_still_finishes_the_peer() {
         fired: Arc::default(),
     };
     let _guard = tracing::subscriber::set_default(subscriber.clone());
-    let listener = listen("tcp://127.0.0.1:0", Options::default())
-        .await
-        .expect("listen");
-    let conn = connect(&listener.addresses()[0], Options::default())
-        .await
-        .expect("connect");
-    let accepted = listener.accept().await.expect("accept");
+    let (_listener, conn, accepted) = pair(Transport::Tcp).await;
     let sender = Peer::new(conn);
     let receiver = Peer::with_options(accepted, PeerOptions::default().max_concurrent_handlers(1));
     receiver.register("busy", BusyServer::new(Holds));
