@@ -73,6 +73,7 @@ pub mod codec;
 mod connection;
 pub mod error;
 mod joint;
+mod log_limit;
 mod options;
 mod over;
 pub mod proto;
@@ -89,6 +90,7 @@ pub use error::{
     AddressError, CloseCause, CloseCode, ConnectError, ConnectionClosed, DecodeError,
     InvalidOptions, ListenError, ProtocolError, SendError,
 };
+pub use log_limit::LogLimit;
 pub use options::Options;
 pub use over::connect_over;
 pub use proto::Keepalive;

@@ -24,7 +24,7 @@ use crate::error::{CloseCause, CloseCode, ListenError};
 use crate::error::{InvalidOptions, ProtocolError};
 use crate::proto::frame::Frame;
 use crate::transport::{has_user_timeout, set_user_timeout, unix_address};
-use crate::{Address, Connection, Options};
+use crate::{Address, Connection, LogLimit, Options};
 
 /// How many handshaken connections wait for [`Server::accept`]; beyond it each waits for
 /// room in a task of its own (see [`Handoff`]).
@@ -232,7 +232,7 @@ impl Server {
     /// [`next_rejection`](Self::next_rejection) if there is room). Past the first 8, only the
     /// 16th, 32nd, 64th, ... are logged at warn level, the rest at debug level.
     pub fn rejected(&self) -> u64 {
-        self.rejected.count.load(Ordering::Relaxed)
+        self.rejected.count.count()
     }
 
     /// How many connections the server holds now, counting those still in their handshake,
@@ -258,8 +258,7 @@ impl Server {
         // Not `lock().await`: an `accept` future that is kept but never polled again would
         // hold the queue forever. Whoever holds it drains it when it lets go (`HeldQueue`).
         if let Ok(mut incoming) = self.incoming.try_lock() {
-            incoming.close();
-            while incoming.try_recv().is_ok() {}
+            drain(&mut incoming);
         }
         let conns = self.tracked.take();
         for conn in &conns {
@@ -386,7 +385,7 @@ impl Server {
         let (rejected, rejections) = mpsc::channel(REJECTION_QUEUE);
         let rejected = Arc::new(Rejections {
             queue: rejected,
-            count: AtomicU64::new(0),
+            count: LogLimit::default(),
         });
         let (stop, _) = watch::channel(false);
         let tracked = Arc::new(Tracked {
@@ -881,10 +880,16 @@ struct HeldQueue<'a> {
 impl Drop for HeldQueue<'_> {
     fn drop(&mut self) {
         if *self.stop.borrow() {
-            self.queue.close();
-            while self.queue.try_recv().is_ok() {}
+            drain(&mut self.queue);
         }
     }
+}
+
+/// Closes the accept queue and drops what waits in it: each queued connection closes and
+/// gives back its `max_connections` slot.
+fn drain(queue: &mut mpsc::Receiver<Queued>) {
+    queue.close();
+    while queue.try_recv().is_ok() {}
 }
 
 /// Where an accepted connection goes once its handshake is over: into the queue of
@@ -958,28 +963,23 @@ impl Handoff {
     }
 }
 
-/// Logs a peer that failed its handshake and queues it for [`Server::next_rejection`].
-/// How many of a server's handshake failures are logged at warn level before the limit
-/// applies (see [`reject`]).
-const REJECTIONS_LOGGED_IN_FULL: u64 = 8;
-
 /// Where a server's handshake failures go: the queue [`Server::next_rejection`] reads, and
 /// their count, which limits what is logged.
 #[derive(Debug)]
 struct Rejections {
     queue: mpsc::Sender<Rejection>,
-    count: AtomicU64,
+    count: LogLimit,
 }
 
 /// Counts a handshake failure, logs it, and queues it for [`Server::next_rejection`] if
-/// there is room. The first [`REJECTIONS_LOGGED_IN_FULL`] and then the 16th, 32nd, 64th,
-/// ... are logged at warn level (with the count so far), the others at debug level: a peer
+/// there is room. Those the [`LogLimit`] admits (the first 8, then the 16th, 32nd, 64th,
+/// ...) are logged at warn level, with the count so far, the others at debug level: a peer
 /// that fails its handshake in a loop cannot flood the log.
 fn reject(rejected: &Rejections, remote: &Address, cause: CloseCause) {
-    let n = rejected.count.fetch_add(1, Ordering::Relaxed) + 1;
-    if n <= REJECTIONS_LOGGED_IN_FULL || n.is_power_of_two() {
+    if let Some(n) = rejected.count.admit() {
         tracing::warn!(%remote, %cause, rejected = n, "rejected connection: handshake failed");
     } else {
+        let n = rejected.count.count();
         tracing::debug!(%remote, %cause, rejected = n, "rejected connection: handshake failed");
     }
     let _ = rejected.queue.try_send(Rejection {

@@ -1,6 +1,6 @@
 """A peer that sends malformed messages in a loop costs a bounded number of log lines:
 the first 8 warnings, then every power of two, and one summary when the connection closes
-(as chatter-rpc's limit, `peer/warnings.rs`)."""
+(as chatter-rpc's limit, chatter-core's `LogLimit`)."""
 
 import asyncio
 import logging

@@ -45,7 +45,6 @@ mod serve;
 mod shutdown;
 mod signals;
 mod streams;
-mod warnings;
 
 use backlog::{Kind, Slots};
 pub(crate) use calls::Outcome;
@@ -769,7 +768,7 @@ pub(crate) struct Inner {
     /// `serve::Reader`): [`serve`](crate::serve) forgets the peer then.
     pub(super) on_end: Mutex<Option<OnEnd>>,
     /// The limit on the warnings this connection's messages cause.
-    warnings: warnings::Warnings,
+    warnings: chatter_core::LogLimit,
 }
 
 /// What [`Inner::on_end`] runs.
@@ -843,7 +842,7 @@ impl Inner {
             shutdown: Notify::new(),
             streams: OnceLock::new(),
             on_end: Mutex::new(on_end),
-            warnings: warnings::Warnings::default(),
+            warnings: chatter_core::LogLimit::default(),
         });
         if shutting_down {
             // Made during a graceful shutdown: refuse its calls clearly.

@@ -113,9 +113,14 @@ impl Inner {
             }
             Admit::Done(status) => status,
             Admit::Running(outcome) => {
-                // Waits for the running copy holding this copy's credit, as a duplicate
-                // does (bounded by the window); if that copy is abandoned, this one
-                // cannot run in its place.
+                // Waits for the running copy's outcome, as a duplicate does; if that copy
+                // is abandoned, this one cannot run in its place. Bound: the task keeps
+                // this copy's flow-control credit until it ends (the `release` below), so
+                // a peer sending such copies faster than the first one finishes waits for
+                // credit once they fill `receive_window`: at most `receive_window` / 64
+                // such tasks per connection, about 630 bytes each (docs/SECURITY.md, "6 ×
+                // the window"). Each ends when the running copy finishes or is dropped
+                // (its sender then goes, and `outcome` fails).
                 let inner = self.clone();
                 tokio::spawn(async move {
                     let status = outcome.await.unwrap_or(AckStatus::Failed);

@@ -1051,7 +1051,7 @@ async fn receive_loop(inner: Reader) {
             peer = %inner.conn.remote_address(),
             suppressed,
             "further warnings about this peer's messages were not logged (the first {} are, then every power of two)",
-            warnings::LOGGED_IN_FULL
+            chatter_core::LogLimit::LOGGED_IN_FULL
         );
     }
     // `inner`, dropped last, runs the end hook now.

@@ -35,8 +35,8 @@ use crate::wire::stream::{self as envelope, CallerStreamMsg, StreamMsg};
 use crate::wire::{self, FailureKind, Name, Payload, Reply as ReplyEnvelope};
 
 use super::calls::{call_options, send_failure, CallGuard};
-use super::warnings::Warnings;
 use super::{after, bump, lock, Inner, Outcome};
+use chatter_core::LogLimit;
 
 /// The streams of one connection, made on its first stream call (either way).
 #[derive(Default)]
@@ -350,7 +350,7 @@ impl Inner {
 }
 
 /// Routes a message of stream call `msg.conversation.first_id()` (registered).
-fn route_reply(st: &mut State, msg: Msg, warnings: &Warnings) -> Then {
+fn route_reply(st: &mut State, msg: Msg, warnings: &LogLimit) -> Then {
     let id = msg.conversation.first_id();
     let mut then = Then::default();
     let Some(call) = st.calls.get_mut(&id) else {
@@ -473,7 +473,7 @@ fn route_reply(st: &mut State, msg: Msg, warnings: &Warnings) -> Then {
 
 /// A stream call's callee broke the protocol: the caller's streams fail, the callee is
 /// told to cancel (its end of the call comes later and is dropped).
-fn fail_call(st: &mut State, warnings: &Warnings, id: u64, what: &str) -> Then {
+fn fail_call(st: &mut State, warnings: &LogLimit, id: u64, what: &str) -> Then {
     if let Some(warnings) = warnings.admit() {
         tracing::warn!(
             conversation = id,
