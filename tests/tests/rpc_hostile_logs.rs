@@ -40,7 +40,26 @@ struct PanicOn {
     fired: Arc<AtomicBool>,
 }
 
-impl tracing::Subscriber for PanicOn {
+impl OnEvent for PanicOn {
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut message = Message(None);
+        event.record(&mut message);
+        if message.0.as_deref() == Some(self.message) && !self.fired.swap(true, Ordering::SeqCst) {
+            panic!("the subscriber panics on purpose");
+        }
+    }
+}
+
+/// What a test subscriber does with an event; [`Subscriber`] makes it a subscriber that
+/// records no spans.
+trait OnEvent: Send + Sync + 'static {
+    fn event(&self, event: &tracing::Event<'_>);
+}
+
+/// A `tracing` subscriber that hands each event to its [`OnEvent`].
+struct Subscriber<T>(T);
+
+impl<T: OnEvent> tracing::Subscriber for Subscriber<T> {
     fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
         true
     }
@@ -50,11 +69,7 @@ impl tracing::Subscriber for PanicOn {
     fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
     fn event(&self, event: &tracing::Event<'_>) {
-        let mut message = Message(None);
-        event.record(&mut message);
-        if message.0.as_deref() == Some(self.message) && !self.fired.swap(true, Ordering::SeqCst) {
-            panic!("the subscriber panics on purpose");
-        }
+        self.0.event(event);
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
@@ -71,7 +86,7 @@ async fn a_panic_in_the_receive_loop_still_takes_the_peer_off_the_servers_list()
         message: "protocol error from peer",
         fired: Arc::default(),
     };
-    let _guard = tracing::subscriber::set_default(subscriber.clone());
+    let _guard = tracing::subscriber::set_default(Subscriber(subscriber.clone()));
     let listener = listen("tcp://127.0.0.1:0", Options::default())
         .await
         .expect("listen");
@@ -121,7 +136,7 @@ async fn a_panic_in_the_receive_loop_fails_the_calls_waiting_on_it_at_once() {
         message: "protocol error from peer",
         fired: Arc::default(),
     };
-    let _guard = tracing::subscriber::set_default(subscriber.clone());
+    let _guard = tracing::subscriber::set_default(Subscriber(subscriber.clone()));
     let (_listener, conn, raw) = pair(Transport::Tcp).await;
     let caller = Peer::new(conn);
     let silent = SilentClient::new(&caller, "silent").with_deadline(HANG_GUARD);
@@ -183,7 +198,7 @@ async fn a_panic_in_the_receive_loops_end_still_finishes_the_peer() {
         message: "received signal dropped",
         fired: Arc::default(),
     };
-    let _guard = tracing::subscriber::set_default(subscriber.clone());
+    let _guard = tracing::subscriber::set_default(Subscriber(subscriber.clone()));
     let (_listener, conn, accepted) = pair(Transport::Tcp).await;
     let sender = Peer::new(conn);
     let receiver = Peer::with_options(accepted, PeerOptions::default().max_concurrent_handlers(1));
@@ -262,15 +277,7 @@ impl tracing::field::Visit for Suppressed {
     fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
 }
 
-impl tracing::Subscriber for CountWarnings {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+impl OnEvent for CountWarnings {
     fn event(&self, event: &tracing::Event<'_>) {
         let meta = event.metadata();
         if *meta.level() != tracing::Level::WARN || !meta.target().starts_with(self.1) {
@@ -284,8 +291,6 @@ impl tracing::Subscriber for CountWarnings {
             counted.suppressed = suppressed.0;
         }
     }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 /// A peer that sends a thousand malformed messages gets each one handled as before (a
@@ -297,7 +302,7 @@ impl tracing::Subscriber for CountWarnings {
 async fn a_flood_of_malformed_messages_logs_a_bounded_number_of_warnings() {
     const FLOOD: u64 = 1000;
     let counter = CountWarnings::default();
-    let _guard = tracing::subscriber::set_default(counter.clone());
+    let _guard = tracing::subscriber::set_default(Subscriber(counter.clone()));
     let listener = listen("tcp://127.0.0.1:0", Options::default())
         .await
         .expect("listen");
@@ -341,7 +346,7 @@ async fn handshake_failures_in_a_loop_log_a_bounded_number_of_warnings() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const FAILURES: u64 = 100;
     let counter = CountWarnings::of("chatter_core");
-    let _guard = tracing::subscriber::set_default(counter.clone());
+    let _guard = tracing::subscriber::set_default(Subscriber(counter.clone()));
     let server = listen("tcp://127.0.0.1:0", Options::default())
         .await
         .expect("listen");

@@ -48,6 +48,19 @@ impl Pair {
         }
     }
 
+    /// Sends `n` one-byte messages from `a` to `b`, delivered as they go (b takes none).
+    fn burst_of_tiny_messages(&mut self, n: usize) {
+        for i in 0..n {
+            self.a
+                .send(self.now, SendArgs::new(), &[7])
+                .expect("within the window");
+            if i % 1000 == 999 {
+                self.flush();
+            }
+        }
+        self.flush();
+    }
+
     /// Advances the clock, firing timers on both sides as they fall due.
     fn advance(&mut self, by: Duration) {
         let end = self.now + by;
@@ -1381,14 +1394,7 @@ fn the_received_message_queue_gives_back_a_bursts_memory_when_the_connection_is_
             )
         };
         let mut p = Pair::with(a, b);
-        for n in 0..BURST {
-            p.a.send(p.now, SendArgs::new(), &[7])
-                .expect("within the window");
-            if n % 1000 == 999 {
-                p.flush();
-            }
-        }
-        p.flush();
+        p.burst_of_tiny_messages(BURST);
         assert_eq!(p.b.messages.len(), BURST);
         let mut taken = 0;
         while let Some(m) = p.b.poll_message() {
@@ -1421,14 +1427,7 @@ fn the_received_message_queue_gives_back_a_bursts_memory_on_input_without_keepal
         ..Config::default()
     };
     let mut p = Pair::with(config.clone(), config);
-    for n in 0..BURST {
-        p.a.send(p.now, SendArgs::new(), &[7])
-            .expect("within the window");
-        if n % 1000 == 999 {
-            p.flush();
-        }
-    }
-    p.flush();
+    p.burst_of_tiny_messages(BURST);
     while let Some(m) = p.b.poll_message() {
         p.b.release(m.cost);
     }
